@@ -1,0 +1,14 @@
+//! The service-chain harness: real network namespaces and veth pairs, the real VNF binaries
+//! started inside them, real traffic. Every namespace name is unique per test, and every
+//! namespace and process is removed on drop, also when a test panics, so suites run in
+//! parallel.
+
+pub mod chain;
+pub mod netns;
+pub mod prereq;
+pub mod traffic;
+pub mod vnf;
+
+pub use chain::Chain;
+pub use netns::Netns;
+pub use vnf::Vnf;

@@ -1,0 +1,140 @@
+//! Command-line pieces shared by the VNF binaries: every flag has an environment variable,
+//! because in a service chain the operator sets the container's environment, not its command.
+
+use std::io::IsTerminal;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::routing::{RoutingConfig, RoutingMode, TableId};
+use crate::runtime::{OnExit, RuntimeConfig};
+use crate::side::{SideSelector, SideSelectors};
+
+pub const SELECTOR_HELP: &str = "SELECTOR is an interface name (eth1), a MAC address \
+(02:42:ac:11:00:02) or a CIDR that the side's IPv4 address falls in (10.0.1.0/24); prefix \
+name:, mac: or cidr: to be explicit.";
+
+/// How the VNF finds its sides and reaches each side's gateway.
+#[derive(Args, Debug, Clone)]
+pub struct SideArgs {
+    /// Interface of the left (protected) side [default: first Ethernet interface in order of appearance]
+    #[arg(long, env = "VNF_LEFT", value_name = "SELECTOR")]
+    pub left: Option<SideSelector>,
+
+    /// Interface of the right side [default: second Ethernet interface in order of appearance]
+    #[arg(long, env = "VNF_RIGHT", value_name = "SELECTOR")]
+    pub right: Option<SideSelector>,
+
+    /// Management interface, left alone on the main table [default: third Ethernet interface]
+    #[arg(long, env = "VNF_MGMT", value_name = "SELECTOR")]
+    pub mgmt: Option<SideSelector>,
+
+    /// Router of the left network [default: first host address of the left subnet]
+    #[arg(long, env = "VNF_LEFT_GATEWAY", value_name = "IPV4")]
+    pub left_gateway: Option<Ipv4Addr>,
+
+    /// Router of the right network [default: first host address of the right subnet]
+    #[arg(long, env = "VNF_RIGHT_GATEWAY", value_name = "IPV4")]
+    pub right_gateway: Option<Ipv4Addr>,
+
+    /// Give up when the left and right sides are not both up and addressed after this many
+    /// seconds (0 waits forever). Sides may appear late: docker network connect, late port plugging
+    #[arg(long, env = "VNF_SIDE_TIMEOUT", value_name = "SECONDS", default_value_t = 60)]
+    pub side_timeout: u64,
+
+    /// What happens to the installed routes and rules on SIGTERM/SIGINT: remove them, or keep
+    /// them so the kernel goes on forwarding. Sysctls are left as set either way
+    #[arg(long, env = "VNF_ON_EXIT", value_enum, default_value_t = OnExit::Remove)]
+    pub on_exit: OnExit,
+}
+
+impl SideArgs {
+    pub fn selectors(&self) -> SideSelectors {
+        SideSelectors {
+            left: self.left.clone(),
+            right: self.right.clone(),
+            management: self.mgmt.clone(),
+        }
+    }
+
+    pub fn runtime_config(&self, mut routing: RoutingConfig) -> RuntimeConfig {
+        routing.left_gateway = self.left_gateway;
+        routing.right_gateway = self.right_gateway;
+        RuntimeConfig {
+            selectors: self.selectors(),
+            routing,
+            side_timeout: (self.side_timeout > 0).then(|| Duration::from_secs(self.side_timeout)),
+            on_exit: self.on_exit,
+        }
+    }
+}
+
+/// Cross-mode routing tables, one per side.
+#[derive(Args, Debug, Clone)]
+pub struct CrossTableArgs {
+    /// Routing table holding the left subnet and the default via the left gateway;
+    /// traffic arriving on the right looks it up (1-252 or 256-4294967295)
+    #[arg(long, env = "VNF_LEFT_TABLE", value_name = "ID", default_value = "1001")]
+    pub left_table: TableId,
+
+    /// Routing table holding the right subnet and the default via the right gateway;
+    /// traffic arriving on the left looks it up
+    #[arg(long, env = "VNF_RIGHT_TABLE", value_name = "ID", default_value = "1002")]
+    pub right_table: TableId,
+}
+
+impl CrossTableArgs {
+    pub fn routing_config(&self) -> RoutingConfig {
+        RoutingConfig {
+            left_table: self.left_table,
+            right_table: self.right_table,
+            ..RoutingConfig::new(RoutingMode::Cross)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log line format on stderr; the level comes from RUST_LOG (default info)
+    #[arg(long, global = true, env = "VNF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    pub fn init(&self) {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        match self.log_format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,701 @@
+//! Dual-homed policy routing, nmstate style: build the desired routes and rules from the
+//! ready sides, diff them against what the kernel holds that carries our tag, apply the
+//! difference, read back and verify. Applying twice changes nothing; teardown removes
+//! exactly what carries our tag.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::AddressFamily;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::kernel::{is_errno, Kernel};
+use crate::side::{gateway_for, Assignment, ReadySide, Side};
+
+/// Route protocol number tagging every route we install (`ip route show proto 245`).
+pub const ROUTE_PROTOCOL: u8 = 245;
+/// Our rules sit in this priority range (and carry `ROUTE_PROTOCOL`): after the `local`
+/// rule at 0, so local delivery is decided first, and before `main` at 32766.
+pub const RULE_PRIORITY_FIRST: u32 = 1000;
+pub const RULE_PRIORITY_LAST: u32 = 1099;
+const RULE_PRIORITY_FROM_LEFT: u32 = RULE_PRIORITY_FIRST;
+const RULE_PRIORITY_FROM_RIGHT: u32 = RULE_PRIORITY_FIRST + 1;
+
+pub const MAIN_TABLE: u32 = 254;
+pub const DEFAULT_LEFT_TABLE: u32 = 1001;
+pub const DEFAULT_RIGHT_TABLE: u32 = 1002;
+/// rtm_table is a u8; larger ids travel in the RTA_TABLE/FRA_TABLE attribute.
+const RT_TABLE_UNSPEC: u8 = 0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// A table per side; traffic arriving on one side looks up the other side's table.
+    Cross,
+    /// `main` holds the default via the right side and the left networks via the left side.
+    Global,
+}
+
+/// A routing table id that is ours to fill: not unspec (0) and not default/main/local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct TableId(u32);
+
+impl TableId {
+    pub fn new(id: u32) -> Result<Self> {
+        match id {
+            0 => Err(Error::invalid("table id", id, "0 is not a table (RT_TABLE_UNSPEC); use 1-252 or 256-4294967295")),
+            253..=255 => Err(Error::invalid(
+                "table id",
+                id,
+                "253, 254 and 255 are the kernel's default, main and local tables; use 1-252 or 256-4294967295",
+            )),
+            _ => Ok(TableId(id)),
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl FromStr for TableId {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let id = text
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| Error::invalid("table id", text, "not a number in 1-4294967295"))?;
+        TableId::new(id)
+    }
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub mode: RoutingMode,
+    pub left_table: TableId,
+    pub right_table: TableId,
+    pub left_gateway: Option<Ipv4Addr>,
+    pub right_gateway: Option<Ipv4Addr>,
+    /// Global mode: networks behind the left gateway (static until DHCP supplies them).
+    pub left_routes: Vec<Ipv4Net>,
+}
+
+impl RoutingConfig {
+    pub fn new(mode: RoutingMode) -> Self {
+        RoutingConfig {
+            mode,
+            left_table: TableId(DEFAULT_LEFT_TABLE),
+            right_table: TableId(DEFAULT_RIGHT_TABLE),
+            left_gateway: None,
+            right_gateway: None,
+            left_routes: Vec::new(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.mode == RoutingMode::Cross && self.left_table == self.right_table {
+            return Err(Error::invalid(
+                "right table id",
+                self.right_table,
+                "equals the left table id; each side needs its own table",
+            ));
+        }
+        if let Some(default) = self.left_routes.iter().find(|r| r.prefix_len() == 0) {
+            return Err(Error::invalid(
+                "left route",
+                default,
+                "the default route always points right; list the left networks explicitly",
+            ));
+        }
+        Ok(())
+    }
+
+    fn table(&self, side: Side) -> u32 {
+        match side {
+            Side::Right => self.right_table.get(),
+            _ => self.left_table.get(),
+        }
+    }
+
+    fn gateway(&self, side: Side) -> Option<Ipv4Addr> {
+        match side {
+            Side::Right => self.right_gateway,
+            _ => self.left_gateway,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Link,
+    Universe,
+}
+
+/// One route as we install it and as we read it back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RouteSpec {
+    pub table: u32,
+    pub destination: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: u32,
+    pub source: Option<Ipv4Addr>,
+    pub scope: Scope,
+    pub metric: u32,
+}
+
+impl fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.destination)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        write!(f, " oif {} table {}", self.oif, self.table)?;
+        if let Some(source) = self.source {
+            write!(f, " src {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl RouteSpec {
+    fn to_message(&self) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        let header = &mut message.header;
+        header.address_family = AddressFamily::Inet;
+        header.destination_prefix_length = self.destination.prefix_len();
+        header.table = u8::try_from(self.table).unwrap_or(RT_TABLE_UNSPEC);
+        header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        header.scope = match self.scope {
+            Scope::Link => RouteScope::Link,
+            Scope::Universe => RouteScope::Universe,
+        };
+        header.kind = RouteType::Unicast;
+        let attributes = &mut message.attributes;
+        attributes.push(RouteAttribute::Table(self.table));
+        if self.destination.prefix_len() > 0 {
+            attributes.push(RouteAttribute::Destination(RouteAddress::Inet(self.destination.network())));
+        }
+        if let Some(gateway) = self.gateway {
+            attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        }
+        attributes.push(RouteAttribute::Oif(self.oif));
+        if let Some(source) = self.source {
+            attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet(source)));
+        }
+        attributes.push(RouteAttribute::Priority(self.metric));
+        message
+    }
+
+    /// Reads a kernel route back; `None` for routes that are not ours.
+    fn from_message(message: &RouteMessage) -> Option<RouteSpec> {
+        if message.header.address_family != AddressFamily::Inet
+            || message.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+        {
+            return None;
+        }
+        let mut spec = RouteSpec {
+            table: u32::from(message.header.table),
+            destination: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, message.header.destination_prefix_length).ok()?,
+            gateway: None,
+            oif: 0,
+            source: None,
+            scope: if message.header.scope == RouteScope::Link { Scope::Link } else { Scope::Universe },
+            metric: 0,
+        };
+        for attribute in &message.attributes {
+            match attribute {
+                RouteAttribute::Table(table) => spec.table = *table,
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                    spec.destination = Ipv4Net::new(*ip, spec.destination.prefix_len()).ok()?;
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => spec.gateway = Some(*ip),
+                RouteAttribute::Oif(oif) => spec.oif = *oif,
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => spec.source = Some(*ip),
+                RouteAttribute::Priority(metric) => spec.metric = *metric,
+                _ => {}
+            }
+        }
+        Some(spec)
+    }
+
+    /// What makes two routes collide in the kernel (EEXIST), whoever owns them.
+    fn collides_with(&self, message: &RouteMessage) -> bool {
+        let table = message
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(message.header.table));
+        let destination = message.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let metric = message
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            })
+            .unwrap_or(0);
+        message.header.address_family == AddressFamily::Inet
+            && table == self.table
+            && message.header.destination_prefix_length == self.destination.prefix_len()
+            && destination.unwrap_or(Ipv4Addr::UNSPECIFIED) == self.destination.network()
+            && metric == self.metric
+            && message.header.tos == 0
+    }
+}
+
+/// One policy rule: packets arriving on `iif` look up `table`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RuleSpec {
+    pub priority: u32,
+    pub iif: String,
+    pub table: u32,
+}
+
+impl fmt::Display for RuleSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: iif {} lookup {}", self.priority, self.iif, self.table)
+    }
+}
+
+impl RuleSpec {
+    fn to_message(&self) -> RuleMessage {
+        let mut message = RuleMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.table = u8::try_from(self.table).unwrap_or(RT_TABLE_UNSPEC);
+        // Without ToTable the kernel accepts the rule but every lookup through it fails.
+        message.header.action = RuleAction::ToTable;
+        message.attributes = vec![
+            RuleAttribute::Priority(self.priority),
+            RuleAttribute::Iifname(self.iif.clone()),
+            RuleAttribute::Table(self.table),
+            RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
+        ];
+        message
+    }
+
+    fn from_message(message: &RuleMessage) -> Option<RuleSpec> {
+        let mut ours = false;
+        let mut spec = RuleSpec {
+            priority: 0,
+            iif: String::new(),
+            table: u32::from(message.header.table),
+        };
+        for attribute in &message.attributes {
+            match attribute {
+                RuleAttribute::Protocol(p) => ours = *p == RouteProtocol::Other(ROUTE_PROTOCOL),
+                RuleAttribute::Priority(p) => spec.priority = *p,
+                RuleAttribute::Iifname(name) => spec.iif = name.clone(),
+                RuleAttribute::Table(t) => spec.table = *t,
+                _ => {}
+            }
+        }
+        if message.header.action != RuleAction::ToTable {
+            // A broken rule of ours can never equal a desired one, so the diff removes it.
+            spec.table = 0;
+        }
+        let in_range = (RULE_PRIORITY_FIRST..=RULE_PRIORITY_LAST).contains(&spec.priority);
+        (ours && in_range).then_some(spec)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RoutingState {
+    pub routes: BTreeSet<RouteSpec>,
+    pub rules: BTreeSet<RuleSpec>,
+}
+
+impl RoutingState {
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.rules.is_empty()
+    }
+}
+
+/// The routes and rules the ready sides call for. Sides that are not ready contribute
+/// nothing; cross rules wait for both sides so that one side's traffic never falls
+/// through to `main` half-configured.
+pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<RoutingState> {
+    let mut state = RoutingState::default();
+    let left = assignment.ready(Side::Left);
+    let right = assignment.ready(Side::Right);
+    match config.mode {
+        RoutingMode::Cross => {
+            for side in [left, right].into_iter().flatten() {
+                let table = config.table(side.side);
+                let gateway = gateway_for(side, config.gateway(side.side))?;
+                state.routes.insert(connected_route(side, table));
+                state.routes.insert(RouteSpec {
+                    gateway: Some(gateway),
+                    ..default_route(side, table)
+                });
+            }
+            if let (Some(left), Some(right)) = (left, right) {
+                state.rules.insert(RuleSpec {
+                    priority: RULE_PRIORITY_FROM_LEFT,
+                    iif: left.name.clone(),
+                    table: config.right_table.get(),
+                });
+                state.rules.insert(RuleSpec {
+                    priority: RULE_PRIORITY_FROM_RIGHT,
+                    iif: right.name.clone(),
+                    table: config.left_table.get(),
+                });
+            }
+        }
+        RoutingMode::Global => {
+            if let Some(right) = right {
+                let gateway = gateway_for(right, config.right_gateway)?;
+                state.routes.insert(RouteSpec {
+                    gateway: Some(gateway),
+                    ..default_route(right, MAIN_TABLE)
+                });
+            }
+            if let Some(left) = left {
+                let gateway = gateway_for(left, config.left_gateway)?;
+                let connected: Vec<Ipv4Net> = [Some(left), right].into_iter().flatten().map(ReadySide::subnet).collect();
+                for &network in &config.left_routes {
+                    if connected.contains(&network) {
+                        warn!(%network, "left route equals a connected subnet; the kernel already routes it");
+                        continue;
+                    }
+                    state.routes.insert(RouteSpec {
+                        destination: network,
+                        gateway: Some(gateway),
+                        ..default_route(left, MAIN_TABLE)
+                    });
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+fn connected_route(side: &ReadySide, table: u32) -> RouteSpec {
+    RouteSpec {
+        table,
+        destination: side.subnet(),
+        gateway: None,
+        oif: side.index,
+        source: Some(side.address.addr()),
+        scope: Scope::Link,
+        metric: 0,
+    }
+}
+
+fn default_route(side: &ReadySide, table: u32) -> RouteSpec {
+    RouteSpec {
+        table,
+        destination: Ipv4Net::default(),
+        gateway: None,
+        oif: side.index,
+        source: None,
+        scope: Scope::Universe,
+        metric: 0,
+    }
+}
+
+/// What one apply changed, for the log and the tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Changes {
+    pub added: RoutingState,
+    pub removed: RoutingState,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl fmt::Display for Changes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        parts.extend(self.removed.rules.iter().map(|r| format!("-rule {r}")));
+        parts.extend(self.removed.routes.iter().map(|r| format!("-route {r}")));
+        parts.extend(self.added.routes.iter().map(|r| format!("+route {r}")));
+        parts.extend(self.added.rules.iter().map(|r| format!("+rule {r}")));
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Owns our slice of the kernel's routing state.
+pub struct Reconciler {
+    kernel: Kernel,
+    /// Foreign routes we replaced (Docker's default via the first network in global
+    /// mode); put back at teardown.
+    displaced: Vec<RouteMessage>,
+}
+
+impl Reconciler {
+    pub fn new(kernel: Kernel) -> Self {
+        Reconciler {
+            kernel,
+            displaced: Vec::new(),
+        }
+    }
+
+    /// Everything in the kernel that carries our tag.
+    pub async fn current(&self) -> Result<RoutingState> {
+        Ok(RoutingState {
+            routes: self.kernel.routes_v4().await?.iter().filter_map(RouteSpec::from_message).collect(),
+            rules: self.kernel.rules_v4().await?.iter().filter_map(RuleSpec::from_message).collect(),
+        })
+    }
+
+    /// Makes the kernel hold exactly `desired` of our routes and rules, then verifies it.
+    pub async fn apply(&mut self, desired: &RoutingState) -> Result<Changes> {
+        let current = self.current().await?;
+        let changes = Changes {
+            added: RoutingState {
+                routes: desired.routes.difference(&current.routes).cloned().collect(),
+                rules: desired.rules.difference(&current.rules).cloned().collect(),
+            },
+            removed: RoutingState {
+                routes: current.routes.difference(&desired.routes).cloned().collect(),
+                rules: current.rules.difference(&desired.rules).cloned().collect(),
+            },
+        };
+        if changes.is_empty() {
+            return Ok(changes);
+        }
+
+        for rule in &changes.removed.rules {
+            ignore_missing(self.kernel.delete_rule(&rule.to_string(), rule.to_message()).await)?;
+        }
+        for route in &changes.removed.routes {
+            ignore_missing(self.kernel.delete_route(&route.to_string(), route.to_message()).await)?;
+        }
+        // Connected routes first: the kernel resolves a gateway through the same table.
+        let mut additions: Vec<&RouteSpec> = changes.added.routes.iter().collect();
+        additions.sort_by_key(|r| r.gateway.is_some());
+        for route in additions {
+            self.add_route(route).await?;
+        }
+        for rule in &changes.added.rules {
+            self.kernel.add_rule(&rule.to_string(), rule.to_message()).await?;
+        }
+
+        let after = self.current().await?;
+        if after != *desired {
+            return Err(Error::Verify(describe_difference(desired, &after)));
+        }
+        Ok(changes)
+    }
+
+    async fn add_route(&mut self, route: &RouteSpec) -> Result<()> {
+        let description = route.to_string();
+        match self.kernel.add_route(&description, route.to_message(), false).await {
+            Err(error) if is_errno(&error, libc::EEXIST) => {
+                let foreign = self
+                    .kernel
+                    .routes_v4()
+                    .await?
+                    .into_iter()
+                    .find(|m| route.collides_with(m) && RouteSpec::from_message(m).is_none());
+                if let Some(foreign) = foreign {
+                    info!(route = %description, "replacing a foreign route with the same destination; it is restored at teardown");
+                    self.displaced.push(restorable(foreign));
+                }
+                self.kernel.add_route(&description, route.to_message(), true).await
+            }
+            other => other,
+        }
+    }
+
+    /// Removes every route and rule we tagged and puts displaced foreign routes back.
+    pub async fn teardown(&mut self) -> Result<Changes> {
+        let changes = self.apply(&RoutingState::default()).await?;
+        for route in std::mem::take(&mut self.displaced) {
+            if let Err(error) = self.kernel.add_route("restore displaced route", route, false).await {
+                if !is_errno(&error, libc::EEXIST) {
+                    warn!(%error, "could not restore a displaced route");
+                }
+            }
+        }
+        Ok(changes)
+    }
+}
+
+/// A route that vanished under us (the kernel flushes routes of a downed link) is gone
+/// already, which is what a delete wants.
+fn ignore_missing(result: Result<()>) -> Result<()> {
+    match result {
+        Err(error) if [libc::ESRCH, libc::ENOENT, libc::ENODEV].iter().any(|&e| is_errno(&error, e)) => Ok(()),
+        other => other,
+    }
+}
+
+/// Keeps only what re-creating the route needs (dumps carry cache info the kernel refuses).
+fn restorable(mut route: RouteMessage) -> RouteMessage {
+    route.attributes.retain(|a| {
+        matches!(
+            a,
+            RouteAttribute::Table(_)
+                | RouteAttribute::Destination(_)
+                | RouteAttribute::Gateway(_)
+                | RouteAttribute::Oif(_)
+                | RouteAttribute::PrefSource(_)
+                | RouteAttribute::Priority(_)
+        )
+    });
+    route.header.flags = Default::default();
+    route
+}
+
+fn describe_difference(desired: &RoutingState, actual: &RoutingState) -> String {
+    let mut parts = Vec::new();
+    parts.extend(desired.routes.difference(&actual.routes).map(|r| format!("missing route {r}")));
+    parts.extend(actual.routes.difference(&desired.routes).map(|r| format!("unexpected route {r}")));
+    parts.extend(desired.rules.difference(&actual.rules).map(|r| format!("missing rule {r}")));
+    parts.extend(actual.rules.difference(&desired.rules).map(|r| format!("unexpected rule {r}")));
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::side::{assign, Interface, SideSelectors};
+
+    fn assignment(right_up: bool) -> Assignment {
+        let interfaces = [
+            Interface {
+                index: 2,
+                name: "eth0".into(),
+                mac: None,
+                ethernet: true,
+                up: true,
+                addresses: vec!["10.0.1.2/24".parse().unwrap()],
+            },
+            Interface {
+                index: 3,
+                name: "eth1".into(),
+                mac: None,
+                ethernet: true,
+                up: right_up,
+                addresses: vec!["10.0.2.2/24".parse().unwrap()],
+            },
+        ];
+        assign(&SideSelectors::default(), &interfaces).unwrap()
+    }
+
+    #[test]
+    fn cross_mode_builds_a_table_per_side_and_crossed_rules() {
+        let config = RoutingConfig::new(RoutingMode::Cross);
+        let state = desired_state(&config, &assignment(true)).unwrap();
+        let routes: Vec<String> = state.routes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            routes,
+            [
+                "0.0.0.0/0 via 10.0.1.1 oif 2 table 1001",
+                "10.0.1.0/24 oif 2 table 1001 src 10.0.1.2",
+                "0.0.0.0/0 via 10.0.2.1 oif 3 table 1002",
+                "10.0.2.0/24 oif 3 table 1002 src 10.0.2.2",
+            ]
+        );
+        let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(rules, ["1000: iif eth0 lookup 1002", "1001: iif eth1 lookup 1001"]);
+    }
+
+    #[test]
+    fn cross_rules_wait_for_both_sides() {
+        let state = desired_state(&RoutingConfig::new(RoutingMode::Cross), &assignment(false)).unwrap();
+        assert_eq!(state.routes.len(), 2);
+        assert!(state.rules.is_empty());
+    }
+
+    #[test]
+    fn global_mode_points_default_right_and_left_networks_left() {
+        let mut config = RoutingConfig::new(RoutingMode::Global);
+        config.left_routes = vec!["192.168.10.0/24".parse().unwrap(), "10.0.1.0/24".parse().unwrap()];
+        config.right_gateway = Some("10.0.2.254".parse().unwrap());
+        let state = desired_state(&config, &assignment(true)).unwrap();
+        let routes: Vec<String> = state.routes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            routes,
+            ["0.0.0.0/0 via 10.0.2.254 oif 3 table 254", "192.168.10.0/24 via 10.0.1.1 oif 2 table 254"]
+        );
+        assert!(state.rules.is_empty());
+    }
+
+    #[test]
+    fn messages_round_trip_including_large_table_ids() {
+        let route = RouteSpec {
+            table: 100_000,
+            destination: "10.0.1.0/24".parse().unwrap(),
+            gateway: None,
+            oif: 7,
+            source: Some("10.0.1.2".parse().unwrap()),
+            scope: Scope::Link,
+            metric: 0,
+        };
+        let message = route.to_message();
+        assert_eq!(message.header.table, RT_TABLE_UNSPEC);
+        assert_eq!(RouteSpec::from_message(&message), Some(route));
+
+        let rule = RuleSpec {
+            priority: 1000,
+            iif: "eth0".into(),
+            table: 70_000,
+        };
+        let mut message = rule.to_message();
+        assert_eq!(message.header.action, RuleAction::ToTable);
+        // The kernel reports RT_TABLE_COMPAT (252) in the header for ids above 255.
+        message.header.table = 252;
+        assert_eq!(RuleSpec::from_message(&message), Some(rule));
+    }
+
+    #[test]
+    fn foreign_routes_and_rules_are_not_ours() {
+        let mut route = RouteSpec {
+            table: 254,
+            destination: Ipv4Net::default(),
+            gateway: Some("10.0.1.1".parse().unwrap()),
+            oif: 2,
+            source: None,
+            scope: Scope::Universe,
+            metric: 0,
+        }
+        .to_message();
+        route.header.protocol = RouteProtocol::Boot;
+        assert_eq!(RouteSpec::from_message(&route), None);
+
+        let mut rule = RuleSpec { priority: 5000, iif: "eth0".into(), table: 1001 }.to_message();
+        assert_eq!(RuleSpec::from_message(&rule), None, "outside our priority range");
+        rule.attributes.retain(|a| !matches!(a, RuleAttribute::Protocol(_)));
+        assert_eq!(RuleSpec::from_message(&rule), None, "no protocol tag");
+    }
+
+    #[test]
+    fn table_ids_are_validated() {
+        for bad in ["0", "253", "254", "255", "-1", "x"] {
+            let error = bad.parse::<TableId>().unwrap_err().to_string();
+            assert!(error.contains("table id"), "{error}");
+        }
+        assert_eq!("100000".parse::<TableId>().unwrap().get(), 100_000);
+        let mut config = RoutingConfig::new(RoutingMode::Cross);
+        config.right_table = config.left_table;
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! The `run` loop shared by the VNFs: watch the namespace, assign sides, keep routing and
+//! sysctls converged on every link or address change, tear down on shutdown.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use crate::error::{Error, Result};
+use crate::kernel::Kernel;
+use crate::routing::{desired_state, Reconciler, RoutingConfig};
+use crate::side::{assign, Assignment, Interface, Side, SideSelectors};
+use crate::sysctl::Sysctls;
+
+/// How long a transient kernel error waits before the next attempt.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// How often the "waiting for" line repeats while a side is missing.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
+/// Re-converge now and then even without events, so a route someone deleted comes back.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// What happens to our routes and rules when the process exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Remove every route and rule we installed (sysctls stay as set).
+    Remove,
+    /// Leave routing in place, e.g. to keep forwarding while the process is upgraded.
+    Keep,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub selectors: SideSelectors,
+    pub routing: RoutingConfig,
+    /// None waits forever.
+    pub side_timeout: Option<Duration>,
+    pub on_exit: OnExit,
+}
+
+struct Runtime {
+    config: RuntimeConfig,
+    kernel: Kernel,
+    reconciler: Reconciler,
+    sysctls: Sysctls,
+    started: Instant,
+    interfaces: Vec<Interface>,
+    assignment: Assignment,
+    ready: bool,
+}
+
+/// Runs until `shutdown` completes (Ok) or a side never appears or the config is wrong (Err).
+/// `started` is when the process started, for the "forwarding ready" latency.
+pub async fn run(config: RuntimeConfig, started: Instant, shutdown: impl Future<Output = ()>) -> Result<()> {
+    config.selectors.validate()?;
+    config.routing.validate()?;
+    // Subscribe before the first dump so no change slips between them.
+    let mut events = Kernel::watch()?;
+    let kernel = Kernel::connect()?;
+    let mut runtime = Runtime {
+        reconciler: Reconciler::new(kernel.clone()),
+        kernel,
+        sysctls: Sysctls::default(),
+        started,
+        interfaces: Vec::new(),
+        assignment: Assignment::default(),
+        ready: false,
+        config,
+    };
+    info!(
+        mode = ?runtime.config.routing.mode,
+        left = %runtime.config.selectors.describe(Side::Left),
+        right = %runtime.config.selectors.describe(Side::Right),
+        "starting"
+    );
+
+    tokio::pin!(shutdown);
+    let mut waiting_log = tokio::time::interval(WAITING_LOG_EVERY);
+    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    resync.reset();
+    let give_up_at = runtime
+        .config
+        .side_timeout
+        .map(|timeout| tokio::time::Instant::from_std(started + timeout));
+    let outcome = loop {
+        let retry_at = match runtime.converge().await {
+            Ok(()) => None,
+            Err(error) if error.is_transient() => {
+                warn!(%error, "routing not converged; retrying");
+                Some(tokio::time::Instant::now() + RETRY_AFTER)
+            }
+            Err(error) => break Err(error),
+        };
+        tokio::select! {
+            () = &mut shutdown => {
+                info!("shutdown requested");
+                break Ok(());
+            }
+            event = events.next() => {
+                if event.is_none() {
+                    break Err(Error::Netlink {
+                        operation: "watch link and address events".into(),
+                        source: std::io::Error::other("event socket closed"),
+                    });
+                }
+                // A hot-plug comes as a burst of link and address events: converge once.
+                while events.try_recv().is_ok() {}
+            }
+            _ = waiting_log.tick() => runtime.log_waiting(),
+            () = sleep_until(give_up_at.filter(|_| !runtime.ready)) => break Err(runtime.timeout_error()),
+            _ = resync.tick() => {}
+            () = sleep_until(retry_at) => {}
+        }
+    };
+
+    if let Err(error) = &outcome {
+        error!(%error, "stopping");
+    }
+    match runtime.config.on_exit {
+        OnExit::Remove => match runtime.reconciler.teardown().await {
+            Ok(changes) if !changes.is_empty() => info!(%changes, "routing removed"),
+            Ok(_) => {}
+            Err(error) => error!(%error, "could not remove routing state"),
+        },
+        OnExit::Keep => info!("routing state left in place (--on-exit keep)"),
+    }
+    outcome
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Runtime {
+    async fn converge(&mut self) -> Result<()> {
+        let interfaces = self.kernel.interfaces().await?;
+        let assignment = assign(&self.config.selectors, &interfaces)?;
+        self.log_side_changes(&assignment);
+        self.assignment = assignment;
+        self.interfaces = interfaces;
+
+        let routed: Vec<&str> = [Side::Left, Side::Right]
+            .iter()
+            .filter_map(|&side| self.assignment.ready(side).map(|r| r.name.as_str()))
+            .collect();
+        if !routed.is_empty() {
+            self.sysctls.ensure_forwarding(&routed)?;
+        }
+        let desired = desired_state(&self.config.routing, &self.assignment)?;
+        let changes = self.reconciler.apply(&desired).await?;
+        if !changes.is_empty() {
+            info!(%changes, "routing converged");
+        }
+
+        let ready = routed.len() == 2;
+        if ready && !self.ready {
+            info!(
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "forwarding ready"
+            );
+        } else if !ready && self.ready {
+            warn!("a side went away; forwarding paused until it is back");
+        }
+        self.ready = ready;
+        Ok(())
+    }
+
+    fn log_side_changes(&self, next: &Assignment) {
+        for side in Side::ALL {
+            let before = self.assignment.ready(side);
+            let after = next.ready(side);
+            if before == after {
+                continue;
+            }
+            match after {
+                Some(ready) => info!(%side, interface = %ready.name, address = %ready.address, "side ready"),
+                None => {
+                    let reason = next.waiting_reason(side, &self.config.selectors);
+                    info!(%side, %reason, "side not ready");
+                }
+            }
+        }
+    }
+
+    fn missing_sides(&self) -> Vec<Side> {
+        [Side::Left, Side::Right]
+            .into_iter()
+            .filter(|&side| self.assignment.ready(side).is_none())
+            .collect()
+    }
+
+    fn waiting_detail(&self) -> String {
+        self.missing_sides()
+            .iter()
+            .map(|&side| format!("{side}: {}", self.assignment.waiting_reason(side, &self.config.selectors)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn log_waiting(&self) {
+        if !self.ready && self.started.elapsed() >= WAITING_LOG_EVERY / 2 {
+            info!(detail = %self.waiting_detail(), present = %self.present_interfaces(), "waiting for sides");
+        }
+    }
+
+    fn timeout_error(&self) -> Error {
+        Error::SideTimeout {
+            missing: self.missing_sides().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" and "),
+            waited_secs: self.started.elapsed().as_secs(),
+            detail: self.waiting_detail(),
+            present: self.present_interfaces(),
+        }
+    }
+
+    fn present_interfaces(&self) -> String {
+        let names: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter(|i| i.name != "lo")
+            .map(|i| {
+                let side = Side::ALL
+                    .into_iter()
+                    .find(|&side| self.assignment.interface(side).is_some_and(|a| a.index == i.index));
+                match side {
+                    Some(side) => format!("{} ({side})", i.name),
+                    None => i.name.clone(),
+                }
+            })
+            .collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
