@@ -5,19 +5,46 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
-use vnf_core::cli::{shutdown_signal, LogArgs, SideArgs, SELECTOR_HELP};
+use vnf_core::cli::{execute, print_status, shutdown_signal, LogArgs, SideArgs, SELECTOR_HELP};
 use vnf_core::routing::{RoutingConfig, RoutingMode};
 
 #[derive(Parser, Debug)]
-#[command(name = "dockvpn", version, about = "Dockvpn: container-native SSL VPN VNF giving remote users the networks behind its left side", after_help = SELECTOR_HELP)]
+#[command(
+    name = "dockvpn",
+    version,
+    about = "Dockvpn: container-native SSL VPN VNF giving remote users the networks behind its left side",
+    after_help = SELECTOR_HELP
+)]
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
 
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct LeftRoutes {
+    /// A network behind the left gateway, routed there and (later) pushed to VPN clients;
+    /// repeat the flag, or comma-separate in the env var
+    #[arg(
+        long = "left-route",
+        env = "VNF_LEFT_ROUTES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    left_routes: Vec<Ipv4Net>,
+}
+
+impl LeftRoutes {
+    fn routing_config(&self) -> RoutingConfig {
+        RoutingConfig {
+            left_routes: self.left_routes.iter().map(Ipv4Net::trunc).collect(),
+            ..RoutingConfig::new(RoutingMode::Global)
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -32,11 +59,19 @@ enum Command {
     Run {
         #[command(flatten)]
         sides: SideArgs,
-
-        /// A network behind the left gateway, routed there and (later) pushed to VPN clients;
-        /// repeat the flag, or comma-separate in the env var
-        #[arg(long = "left-route", env = "VNF_LEFT_ROUTES", value_name = "CIDR", value_delimiter = ',')]
-        left_routes: Vec<Ipv4Net>,
+        #[command(flatten)]
+        routes: LeftRoutes,
+    },
+    /// Show the sides and the installed routing; exits 1 unless converged.
+    #[command(after_help = SELECTOR_HELP)]
+    Status {
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sides: SideArgs,
+        #[command(flatten)]
+        routes: LeftRoutes,
     },
 }
 
@@ -44,28 +79,18 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     cli.log.init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("dockvpn: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+    execute("dockvpn", || async move {
+        match cli.command {
+            Command::Run { sides, routes } => {
+                let config = sides.runtime_config(routes.routing_config());
+                vnf_core::runtime::run(config, started, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status {
+                json,
+                sides,
+                routes,
+            } => print_status(&sides.runtime_config(routes.routing_config()), json).await,
         }
-    };
-    let result = match cli.command {
-        Command::Run { sides, left_routes } => {
-            let routing = RoutingConfig {
-                left_routes: left_routes.into_iter().map(|net| net.trunc()).collect(),
-                ..RoutingConfig::new(RoutingMode::Global)
-            };
-            let config = sides.runtime_config(routing);
-            runtime.block_on(vnf_core::runtime::run(config, started, shutdown_signal()))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("dockvpn: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -6,10 +6,17 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use vnf_core::cli::{shutdown_signal, CrossTableArgs, LogArgs, SideArgs, SELECTOR_HELP};
+use vnf_core::cli::{
+    execute, print_status, shutdown_signal, CrossTableArgs, LogArgs, SideArgs, SELECTOR_HELP,
+};
 
 #[derive(Parser, Debug)]
-#[command(name = "dockwall", version, about = "Dockwall: container-native firewall VNF between a left and a right network", after_help = SELECTOR_HELP)]
+#[command(
+    name = "dockwall",
+    version,
+    about = "Dockwall: container-native firewall VNF between a left and a right network",
+    after_help = SELECTOR_HELP
+)]
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
@@ -35,30 +42,37 @@ enum Command {
         #[command(flatten)]
         tables: CrossTableArgs,
     },
+    /// Show the sides and the installed routing as the kernel holds them; exits 1 unless
+    /// both sides are ready and routing is converged (usable as a health check). Takes the
+    /// same selectors as `run` (the container's VNF_* environment applies to both).
+    #[command(after_help = SELECTOR_HELP)]
+    Status {
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sides: SideArgs,
+        #[command(flatten)]
+        tables: CrossTableArgs,
+    },
 }
 
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     cli.log.init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("dockwall: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+    execute("dockwall", || async move {
+        match cli.command {
+            Command::Run { sides, tables } => {
+                let config = sides.runtime_config(tables.routing_config());
+                vnf_core::runtime::run(config, started, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status {
+                json,
+                sides,
+                tables,
+            } => print_status(&sides.runtime_config(tables.routing_config()), json).await,
         }
-    };
-    let result = match cli.command {
-        Command::Run { sides, tables } => {
-            let config = sides.runtime_config(tables.routing_config());
-            runtime.block_on(vnf_core::runtime::run(config, started, shutdown_signal()))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("dockwall: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -50,30 +50,67 @@ impl Chain {
             right_gateway: Netns::new("rgw"),
             right_host: Netns::new("rh"),
         };
-        link(&chain.left_host, "eth0", &format!("{LEFT_HOST}/24"), &chain.left_gateway, "lan", "192.168.10.1/24");
-        chain.left_host.ip(&["route", "add", "default", "via", "192.168.10.1"]);
-        link(&chain.left_gateway, "wan", &format!("{LEFT_GATEWAY}/24"), &chain.si, "eth0", &format!("{SI_LEFT}/24"));
-        chain.left_gateway.ip(&["route", "add", RIGHT_HOST_NET, "via", SI_LEFT]);
+        link(
+            &chain.left_host,
+            "eth0",
+            &format!("{LEFT_HOST}/24"),
+            &chain.left_gateway,
+            "lan",
+            "192.168.10.1/24",
+        );
+        chain
+            .left_host
+            .ip(&["route", "add", "default", "via", "192.168.10.1"]);
+        link(
+            &chain.left_gateway,
+            "wan",
+            &format!("{LEFT_GATEWAY}/24"),
+            &chain.si,
+            "eth0",
+            &format!("{SI_LEFT}/24"),
+        );
+        chain
+            .left_gateway
+            .ip(&["route", "add", RIGHT_HOST_NET, "via", SI_LEFT]);
         chain.left_gateway.set_sysctl("net.ipv4.ip_forward", 1);
 
-        link(&chain.right_host, "eth0", &format!("{RIGHT_HOST}/24"), &chain.right_gateway, "lan", "192.168.20.1/24");
-        chain.right_host.ip(&["route", "add", "default", "via", "192.168.20.1"]);
+        link(
+            &chain.right_host,
+            "eth0",
+            &format!("{RIGHT_HOST}/24"),
+            &chain.right_gateway,
+            "lan",
+            "192.168.20.1/24",
+        );
+        chain
+            .right_host
+            .ip(&["route", "add", "default", "via", "192.168.20.1"]);
         chain.right_gateway.set_sysctl("net.ipv4.ip_forward", 1);
         chain
     }
 
     /// Plugs the SI's right leg (eth1) into the right gateway.
     pub fn attach_right(&self) {
-        link(&self.si, "eth1", &format!("{SI_RIGHT}/24"), &self.right_gateway, "wan", &format!("{RIGHT_GATEWAY}/24"));
-        self.right_gateway.ip(&["route", "add", LEFT_HOST_NET, "via", SI_RIGHT]);
+        link(
+            &self.si,
+            "eth1",
+            &format!("{SI_RIGHT}/24"),
+            &self.right_gateway,
+            "wan",
+            &format!("{RIGHT_GATEWAY}/24"),
+        );
+        self.right_gateway
+            .ip(&["route", "add", LEFT_HOST_NET, "via", SI_RIGHT]);
     }
 
     /// The baseline the benchmark compares against: the SI as a plain router with two
     /// static routes in `main`, no extra tables or rules.
     pub fn route_si_statically(&self) {
         self.si.set_sysctl("net.ipv4.ip_forward", 1);
-        self.si.ip(&["route", "add", LEFT_HOST_NET, "via", LEFT_GATEWAY]);
-        self.si.ip(&["route", "add", RIGHT_HOST_NET, "via", RIGHT_GATEWAY]);
+        self.si
+            .ip(&["route", "add", LEFT_HOST_NET, "via", LEFT_GATEWAY]);
+        self.si
+            .ip(&["route", "add", RIGHT_HOST_NET, "via", RIGHT_GATEWAY]);
     }
 }
 
@@ -85,7 +122,19 @@ impl Default for Chain {
 
 /// A veth pair between two namespaces, both ends addressed and up.
 fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_address: &str) {
-    a.ip(&["link", "add", "name", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()]);
+    a.ip(&[
+        "link",
+        "add",
+        "name",
+        a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ]);
     a.ip(&["addr", "add", a_address, "dev", a_name]);
     b.ip(&["addr", "add", b_address, "dev", b_name]);
     a.ip(&["link", "set", a_name, "up"]);

@@ -60,7 +60,12 @@ impl Netns {
 
     pub fn set_sysctl(&self, key: &str, value: u32) {
         let output = self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
-        assert!(output.status.success(), "sysctl {key}={value} in {}: {}", self.name, String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "sysctl {key}={value} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// Everything routing-related in the namespace, to prove a step changed nothing.
@@ -82,7 +87,8 @@ impl Netns {
             scope
                 .spawn(move || {
                     let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                    setns(file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                    setns(file, CloneFlags::CLONE_NEWNET)
+                        .unwrap_or_else(|e| panic!("setns {path}: {e}"));
                     f()
                 })
                 .join()
@@ -109,7 +115,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Processes still inside keep veths alive but not the name; the VNF guard kills them first.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -121,9 +129,14 @@ pub fn run_checked(command: &mut Command) -> String {
 }
 
 pub fn try_run(command: &mut Command) -> Result<String> {
-    let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
     if !output.status.success() {
-        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -12,26 +12,41 @@ use nix::unistd::Pid;
 use crate::netns::Netns;
 
 /// The freshly built binary of a workspace package: `cargo build` runs once per test
-/// process, so a test never exercises a stale binary.
+/// process, so a test never exercises a stale binary. `DOCKNFV_PROFILE=release` builds and
+/// uses the release binary (the benchmark does).
 pub fn binary(name: &str) -> PathBuf {
+    let release = std::env::var("DOCKNFV_PROFILE").is_ok_and(|p| p == "release");
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(&cargo)
-            .args(["build", "--quiet", "--package", name, "--bin", name])
+        let mut command = Command::new(&cargo);
+        command.args(["build", "--quiet", "--package", name, "--bin", name]);
+        if release {
+            command.arg("--release");
+        }
+        let status = command
             .current_dir(&workspace)
             .status()
             .unwrap_or_else(|e| panic!("cannot run {cargo} build -p {name}: {e}"));
         assert!(status.success(), "cargo build -p {name} failed");
         built.push(name.to_string());
     }
-    let path = target.join("debug").join(name);
-    assert!(path.is_file(), "{} is missing after cargo build", path.display());
+    let path = target
+        .join(if release { "release" } else { "debug" })
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing after cargo build",
+        path.display()
+    );
     path
 }
 
@@ -58,10 +73,19 @@ impl Vnf {
     /// Starts `binary ARGS` in `ns` with /proc/sys mounted read-only, as in an unprivileged
     /// container.
     pub fn start_with_read_only_proc_sys(ns: &Netns, binary_name: &str, args: &[&str]) -> Vnf {
-        let script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"";
+        let script =
+            "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"";
         let mut command = ns.command("unshare");
         command
-            .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
             .arg(binary(binary_name))
             .args(args);
         Vnf::spawn(command)
@@ -76,17 +100,26 @@ impl Vnf {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let started = Instant::now();
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
         let log = Arc::new(Log::default());
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                sink.lines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line);
                 sink.changed.notify_all();
             }
         });
-        Vnf { child, log, started }
+        Vnf {
+            child,
+            log,
+            started,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -94,7 +127,11 @@ impl Vnf {
     }
 
     pub fn log(&self) -> String {
-        self.log.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+        self.log
+            .lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
     }
 
     /// Waits until a stderr line contains `needle`; returns that line.
@@ -108,7 +145,10 @@ impl Vnf {
             let now = Instant::now();
             if now >= deadline {
                 drop(lines);
-                return Err(format!("no log line with {needle:?} within {timeout:?}; log:\n{}", self.log()));
+                return Err(format!(
+                    "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                    self.log()
+                ));
             }
             lines = self
                 .log
@@ -136,7 +176,10 @@ impl Vnf {
                 return status;
             }
             if Instant::now() >= deadline {
-                panic!("process did not exit within {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "process did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

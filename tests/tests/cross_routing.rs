@@ -7,8 +7,14 @@ use docknfv_tests::traffic::{ping, ping_eventually, tcp_exchange};
 use docknfv_tests::{Chain, Vnf};
 
 fn assert_traffic_crosses(chain: &Chain) {
-    assert!(ping_eventually(&chain.left_host, RIGHT_HOST, 3), "left host cannot ping the right host");
-    assert!(ping(&chain.right_host, LEFT_HOST), "right host cannot ping the left host");
+    assert!(
+        ping_eventually(&chain.left_host, RIGHT_HOST, 3),
+        "left host cannot ping the right host"
+    );
+    assert!(
+        ping(&chain.right_host, LEFT_HOST),
+        "right host cannot ping the left host"
+    );
     tcp_exchange(&chain.left_host, &chain.right_host, RIGHT_HOST, 5001).expect("TCP left → right");
     tcp_exchange(&chain.right_host, &chain.left_host, LEFT_HOST, 5002).expect("TCP right → left");
 }
@@ -18,14 +24,24 @@ fn hosts_behind_both_gateways_reach_each_other_only_through_the_si() {
     let chain = Chain::new();
     // The SI knows only its connected subnets: without Dockwall nothing crosses.
     chain.si.set_sysctl("net.ipv4.ip_forward", 1);
-    assert!(!ping(&chain.left_host, RIGHT_HOST), "traffic crossed before Dockwall configured the SI");
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "traffic crossed before Dockwall configured the SI"
+    );
 
     let mut dockwall = Vnf::start(&chain.si, "dockwall", &["run"]);
     dockwall.wait_ready();
     assert_traffic_crosses(&chain);
 
-    assert!(dockwall.terminate().success(), "dockwall did not exit cleanly:\n{}", dockwall.log());
-    assert!(!ping(&chain.left_host, RIGHT_HOST), "traffic still crosses after Dockwall removed its routing");
+    assert!(
+        dockwall.terminate().success(),
+        "dockwall did not exit cleanly:\n{}",
+        dockwall.log()
+    );
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "traffic still crosses after Dockwall removed its routing"
+    );
 }
 
 #[test]
@@ -36,7 +52,11 @@ fn right_side_plugged_in_after_start_is_configured() {
         .wait_for_log("side ready side=left", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_secs(1));
-    assert!(!dockwall.log().contains("forwarding ready"), "ready with one side:\n{}", dockwall.log());
+    assert!(
+        !dockwall.log().contains("forwarding ready"),
+        "ready with one side:\n{}",
+        dockwall.log()
+    );
 
     chain.attach_right();
     dockwall.wait_ready();
@@ -47,12 +67,18 @@ fn right_side_plugged_in_after_start_is_configured() {
 fn strict_rp_filter_at_start_is_corrected() {
     let chain = Chain::new();
     for key in ["all", "eth0", "eth1"] {
-        chain.si.set_sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), 1);
+        chain
+            .si
+            .set_sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), 1);
     }
     let dockwall = Vnf::start(&chain.si, "dockwall", &["run"]);
     dockwall.wait_ready();
     for key in ["all", "eth0", "eth1"] {
-        assert_eq!(chain.si.sysctl(&format!("net.ipv4.conf.{key}.rp_filter")), 2, "{key}");
+        assert_eq!(
+            chain.si.sysctl(&format!("net.ipv4.conf.{key}.rp_filter")),
+            2,
+            "{key}"
+        );
     }
     assert_eq!(chain.si.sysctl("net.ipv4.ip_forward"), 1);
     assert_traffic_crosses(&chain);
@@ -70,9 +96,19 @@ fn strict_rp_filter_with_read_only_proc_sys_is_refused_with_the_flags_to_pass() 
     assert!(!status.success());
     let log = dockwall.log();
     assert!(log.contains("read-only"), "{log}");
-    assert!(log.contains("--sysctl net.ipv4.conf.all.rp_filter=2"), "{log}");
-    assert!(!log.contains("--sysctl net.ipv4.ip_forward"), "ip_forward was right: {log}");
-    assert_eq!(chain.si.routing_snapshot(), before, "routing changed although the start was refused");
+    assert!(
+        log.contains("--sysctl net.ipv4.conf.all.rp_filter=2"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("--sysctl net.ipv4.ip_forward"),
+        "ip_forward was right: {log}"
+    );
+    assert_eq!(
+        chain.si.routing_snapshot(),
+        before,
+        "routing changed although the start was refused"
+    );
     assert_eq!(chain.si.sysctl("net.ipv4.conf.all.rp_filter"), 1);
 }
 
@@ -93,9 +129,19 @@ fn a_changed_side_address_is_followed() {
     dockwall.wait_ready();
 
     let new_address = "10.0.1.3";
-    chain.si.ip(&["addr", "del", &format!("{SI_LEFT}/24"), "dev", "eth0"]);
-    chain.si.ip(&["addr", "add", &format!("{new_address}/24"), "dev", "eth0"]);
-    chain.left_gateway.ip(&["route", "replace", docknfv_tests::chain::RIGHT_HOST_NET, "via", new_address]);
+    chain
+        .si
+        .ip(&["addr", "del", &format!("{SI_LEFT}/24"), "dev", "eth0"]);
+    chain
+        .si
+        .ip(&["addr", "add", &format!("{new_address}/24"), "dev", "eth0"]);
+    chain.left_gateway.ip(&[
+        "route",
+        "replace",
+        docknfv_tests::chain::RIGHT_HOST_NET,
+        "via",
+        new_address,
+    ]);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let expected = format!("10.0.1.0/24 dev eth0 proto 245 scope link src {new_address}");
@@ -104,7 +150,11 @@ fn a_changed_side_address_is_followed() {
         if table.contains(&expected) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "table 1001 never followed the new address:\n{table}\n{}", dockwall.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "table 1001 never followed the new address:\n{table}\n{}",
+            dockwall.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_traffic_crosses(&chain);

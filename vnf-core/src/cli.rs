@@ -1,8 +1,10 @@
 //! Command-line pieces shared by the VNF binaries: every flag has an environment variable,
 //! because in a service chain the operator sets the container's environment, not its command.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::net::Ipv4Addr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -41,7 +43,12 @@ pub struct SideArgs {
 
     /// Give up when the left and right sides are not both up and addressed after this many
     /// seconds (0 waits forever). Sides may appear late: docker network connect, late port plugging
-    #[arg(long, env = "VNF_SIDE_TIMEOUT", value_name = "SECONDS", default_value_t = 60)]
+    #[arg(
+        long,
+        env = "VNF_SIDE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 60
+    )]
     pub side_timeout: u64,
 
     /// What happens to the installed routes and rules on SIGTERM/SIGINT: remove them, or keep
@@ -76,12 +83,22 @@ impl SideArgs {
 pub struct CrossTableArgs {
     /// Routing table holding the left subnet and the default via the left gateway;
     /// traffic arriving on the right looks it up (1-252 or 256-4294967295)
-    #[arg(long, env = "VNF_LEFT_TABLE", value_name = "ID", default_value = "1001")]
+    #[arg(
+        long,
+        env = "VNF_LEFT_TABLE",
+        value_name = "ID",
+        default_value = "1001"
+    )]
     pub left_table: TableId,
 
     /// Routing table holding the right subnet and the default via the right gateway;
     /// traffic arriving on the left looks it up
-    #[arg(long, env = "VNF_RIGHT_TABLE", value_name = "ID", default_value = "1002")]
+    #[arg(
+        long,
+        env = "VNF_RIGHT_TABLE",
+        value_name = "ID",
+        default_value = "1002"
+    )]
     pub right_table: TableId,
 }
 
@@ -122,19 +139,72 @@ impl LogArgs {
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Completes on the first SIGTERM or SIGINT. The handlers are installed at the call, not at
+/// the first poll, so a signal that arrives while the runtime is still starting up is not
+/// lost to the default action. Call it inside the tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                tracing::warn!("cannot install signal handlers; only Ctrl-C stops this process");
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        _ => {
-            tracing::warn!("cannot install signal handlers; only Ctrl-C stops this process");
-            let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs a subcommand on a current-thread runtime (one core is plenty and keeps RSS small)
+/// and turns an error into `program: message` on stderr with exit code 1.
+pub fn execute<F, Fut>(program: &str, task: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = crate::Result<ExitCode>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{program}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(async { task().await }) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("{program}: {error}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `status [--json]`: prints the side and routing state; exit code 1 unless converged.
+pub async fn print_status(config: &RuntimeConfig, json: bool) -> crate::Result<ExitCode> {
+    let status = crate::status::collect(config).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&status).map_err(|e| crate::Error::Io {
+            context: "render status as JSON".into(),
+            source: e.into(),
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(if status.converged {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

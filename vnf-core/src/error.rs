@@ -82,8 +82,13 @@ impl Error {
         }
     }
 
-    /// Configuration errors cannot be fixed by waiting; kernel errors during hot-plug may be.
+    /// Configuration errors cannot be fixed by waiting; kernel errors during hot-plug may be,
+    /// e.g. an interface's sysctl directory vanishing while it is unplugged.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Netlink { .. } | Error::Verify(_))
+        match self {
+            Error::Netlink { .. } | Error::Verify(_) => true,
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
     }
 }

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::StreamExt;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
@@ -33,10 +33,11 @@ pub type KernelEvents = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, 
 impl Kernel {
     /// Opens the socket and spawns its driver on the current tokio runtime.
     pub fn connect() -> Result<Self> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Netlink {
-            operation: "open socket".into(),
-            source,
-        })?;
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|source| Error::Netlink {
+                operation: "open socket".into(),
+                source,
+            })?;
         tokio::spawn(connection);
         Ok(Kernel { handle })
     }
@@ -86,11 +87,21 @@ impl Kernel {
         Ok(replies)
     }
 
-    async fn dump(&self, operation: &str, message: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
-        self.request(operation, message, NLM_F_REQUEST | NLM_F_DUMP).await
+    async fn dump(
+        &self,
+        operation: &str,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.request(operation, message, NLM_F_REQUEST | NLM_F_DUMP)
+            .await
     }
 
-    async fn change(&self, operation: String, message: RouteNetlinkMessage, flags: u16) -> Result<()> {
+    async fn change(
+        &self,
+        operation: String,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<()> {
         self.request(&operation, message, NLM_F_REQUEST | NLM_F_ACK | flags)
             .await
             .map(drop)
@@ -99,12 +110,18 @@ impl Kernel {
     /// Every interface of the namespace with its IPv4 addresses, primary first.
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
         let links = self
-            .dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))
+            .dump(
+                "dump links",
+                RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            )
             .await?;
         let mut address_request = AddressMessage::default();
         address_request.header.family = AddressFamily::Inet;
         let addresses = self
-            .dump("dump addresses", RouteNetlinkMessage::GetAddress(address_request))
+            .dump(
+                "dump addresses",
+                RouteNetlinkMessage::GetAddress(address_request),
+            )
             .await?;
 
         let mut interfaces: Vec<Interface> = links
@@ -127,7 +144,10 @@ impl Kernel {
             let Ok(net) = ipnet::Ipv4Net::new(local, address.header.prefix_len) else {
                 continue;
             };
-            if let Some(interface) = interfaces.iter_mut().find(|i| i.index == address.header.index) {
+            if let Some(interface) = interfaces
+                .iter_mut()
+                .find(|i| i.index == address.header.index)
+            {
                 interface.addresses.push(net);
             }
         }
@@ -137,7 +157,9 @@ impl Kernel {
     pub async fn routes_v4(&self) -> Result<Vec<RouteMessage>> {
         let mut request = RouteMessage::default();
         request.header.address_family = AddressFamily::Inet;
-        let replies = self.dump("dump routes", RouteNetlinkMessage::GetRoute(request)).await?;
+        let replies = self
+            .dump("dump routes", RouteNetlinkMessage::GetRoute(request))
+            .await?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -150,7 +172,9 @@ impl Kernel {
     pub async fn rules_v4(&self) -> Result<Vec<RuleMessage>> {
         let mut request = RuleMessage::default();
         request.header.family = AddressFamily::Inet;
-        let replies = self.dump("dump rules", RouteNetlinkMessage::GetRule(request)).await?;
+        let replies = self
+            .dump("dump rules", RouteNetlinkMessage::GetRule(request))
+            .await?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -162,15 +186,28 @@ impl Kernel {
 
     /// Adds a route; `replace` takes over an existing route with the same key instead of
     /// failing with EEXIST.
-    pub async fn add_route(&self, description: &str, route: RouteMessage, replace: bool) -> Result<()> {
+    pub async fn add_route(
+        &self,
+        description: &str,
+        route: RouteMessage,
+        replace: bool,
+    ) -> Result<()> {
         let flags = NLM_F_CREATE | if replace { NLM_F_REPLACE } else { NLM_F_EXCL };
-        self.change(format!("add route {description}"), RouteNetlinkMessage::NewRoute(route), flags)
-            .await
+        self.change(
+            format!("add route {description}"),
+            RouteNetlinkMessage::NewRoute(route),
+            flags,
+        )
+        .await
     }
 
     pub async fn delete_route(&self, description: &str, route: RouteMessage) -> Result<()> {
-        self.change(format!("delete route {description}"), RouteNetlinkMessage::DelRoute(route), 0)
-            .await
+        self.change(
+            format!("delete route {description}"),
+            RouteNetlinkMessage::DelRoute(route),
+            0,
+        )
+        .await
     }
 
     pub async fn add_rule(&self, description: &str, rule: RuleMessage) -> Result<()> {
@@ -183,8 +220,12 @@ impl Kernel {
     }
 
     pub async fn delete_rule(&self, description: &str, rule: RuleMessage) -> Result<()> {
-        self.change(format!("delete rule {description}"), RouteNetlinkMessage::DelRule(rule), 0)
-            .await
+        self.change(
+            format!("delete rule {description}"),
+            RouteNetlinkMessage::DelRule(rule),
+            0,
+        )
+        .await
     }
 }
 

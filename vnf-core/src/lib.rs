@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod routing;
 pub mod runtime;
 pub mod side;
+pub mod status;
 pub mod sysctl;
 
 pub use error::{Error, Result};

@@ -190,7 +190,9 @@ impl RouteSpec {
         let attributes = &mut message.attributes;
         attributes.push(RouteAttribute::Table(self.table));
         if self.destination.prefix_len() > 0 {
-            attributes.push(RouteAttribute::Destination(RouteAddress::Inet(self.destination.network())));
+            attributes.push(RouteAttribute::Destination(RouteAddress::Inet(
+                self.destination.network(),
+            )));
         }
         if let Some(gateway) = self.gateway {
             attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
@@ -212,11 +214,19 @@ impl RouteSpec {
         }
         let mut spec = RouteSpec {
             table: u32::from(message.header.table),
-            destination: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, message.header.destination_prefix_length).ok()?,
+            destination: Ipv4Net::new(
+                Ipv4Addr::UNSPECIFIED,
+                message.header.destination_prefix_length,
+            )
+            .ok()?,
             gateway: None,
             oif: 0,
             source: None,
-            scope: if message.header.scope == RouteScope::Link { Scope::Link } else { Scope::Universe },
+            scope: if message.header.scope == RouteScope::Link {
+                Scope::Link
+            } else {
+                Scope::Universe
+            },
             metric: 0,
         };
         for attribute in &message.attributes {
@@ -276,7 +286,11 @@ pub struct RuleSpec {
 
 impl fmt::Display for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: iif {} lookup {}", self.priority, self.iif, self.table)
+        write!(
+            f,
+            "{}: iif {} lookup {}",
+            self.priority, self.iif, self.table
+        )
     }
 }
 
@@ -374,7 +388,11 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
             }
             if let Some(left) = left {
                 let gateway = gateway_for(left, config.left_gateway)?;
-                let connected: Vec<Ipv4Net> = [Some(left), right].into_iter().flatten().map(ReadySide::subnet).collect();
+                let connected: Vec<Ipv4Net> = [Some(left), right]
+                    .into_iter()
+                    .flatten()
+                    .map(ReadySide::subnet)
+                    .collect();
                 for &network in &config.left_routes {
                     if connected.contains(&network) {
                         warn!(%network, "left route equals a connected subnet; the kernel already routes it");
@@ -459,8 +477,20 @@ impl Reconciler {
     /// Everything in the kernel that carries our tag.
     pub async fn current(&self) -> Result<RoutingState> {
         Ok(RoutingState {
-            routes: self.kernel.routes_v4().await?.iter().filter_map(RouteSpec::from_message).collect(),
-            rules: self.kernel.rules_v4().await?.iter().filter_map(RuleSpec::from_message).collect(),
+            routes: self
+                .kernel
+                .routes_v4()
+                .await?
+                .iter()
+                .filter_map(RouteSpec::from_message)
+                .collect(),
+            rules: self
+                .kernel
+                .rules_v4()
+                .await?
+                .iter()
+                .filter_map(RuleSpec::from_message)
+                .collect(),
         })
     }
 
@@ -469,11 +499,19 @@ impl Reconciler {
         let current = self.current().await?;
         let changes = Changes {
             added: RoutingState {
-                routes: desired.routes.difference(&current.routes).cloned().collect(),
+                routes: desired
+                    .routes
+                    .difference(&current.routes)
+                    .cloned()
+                    .collect(),
                 rules: desired.rules.difference(&current.rules).cloned().collect(),
             },
             removed: RoutingState {
-                routes: current.routes.difference(&desired.routes).cloned().collect(),
+                routes: current
+                    .routes
+                    .difference(&desired.routes)
+                    .cloned()
+                    .collect(),
                 rules: current.rules.difference(&desired.rules).cloned().collect(),
             },
         };
@@ -482,10 +520,18 @@ impl Reconciler {
         }
 
         for rule in &changes.removed.rules {
-            ignore_missing(self.kernel.delete_rule(&rule.to_string(), rule.to_message()).await)?;
+            ignore_missing(
+                self.kernel
+                    .delete_rule(&rule.to_string(), rule.to_message())
+                    .await,
+            )?;
         }
         for route in &changes.removed.routes {
-            ignore_missing(self.kernel.delete_route(&route.to_string(), route.to_message()).await)?;
+            ignore_missing(
+                self.kernel
+                    .delete_route(&route.to_string(), route.to_message())
+                    .await,
+            )?;
         }
         // Connected routes first: the kernel resolves a gateway through the same table.
         let mut additions: Vec<&RouteSpec> = changes.added.routes.iter().collect();
@@ -494,7 +540,9 @@ impl Reconciler {
             self.add_route(route).await?;
         }
         for rule in &changes.added.rules {
-            self.kernel.add_rule(&rule.to_string(), rule.to_message()).await?;
+            self.kernel
+                .add_rule(&rule.to_string(), rule.to_message())
+                .await?;
         }
 
         let after = self.current().await?;
@@ -506,7 +554,11 @@ impl Reconciler {
 
     async fn add_route(&mut self, route: &RouteSpec) -> Result<()> {
         let description = route.to_string();
-        match self.kernel.add_route(&description, route.to_message(), false).await {
+        match self
+            .kernel
+            .add_route(&description, route.to_message(), false)
+            .await
+        {
             Err(error) if is_errno(&error, libc::EEXIST) => {
                 let foreign = self
                     .kernel
@@ -518,7 +570,9 @@ impl Reconciler {
                     info!(route = %description, "replacing a foreign route with the same destination; it is restored at teardown");
                     self.displaced.push(restorable(foreign));
                 }
-                self.kernel.add_route(&description, route.to_message(), true).await
+                self.kernel
+                    .add_route(&description, route.to_message(), true)
+                    .await
             }
             other => other,
         }
@@ -528,7 +582,11 @@ impl Reconciler {
     pub async fn teardown(&mut self) -> Result<Changes> {
         let changes = self.apply(&RoutingState::default()).await?;
         for route in std::mem::take(&mut self.displaced) {
-            if let Err(error) = self.kernel.add_route("restore displaced route", route, false).await {
+            if let Err(error) = self
+                .kernel
+                .add_route("restore displaced route", route, false)
+                .await
+            {
                 if !is_errno(&error, libc::EEXIST) {
                     warn!(%error, "could not restore a displaced route");
                 }
@@ -542,7 +600,13 @@ impl Reconciler {
 /// already, which is what a delete wants.
 fn ignore_missing(result: Result<()>) -> Result<()> {
     match result {
-        Err(error) if [libc::ESRCH, libc::ENOENT, libc::ENODEV].iter().any(|&e| is_errno(&error, e)) => Ok(()),
+        Err(error)
+            if [libc::ESRCH, libc::ENOENT, libc::ENODEV]
+                .iter()
+                .any(|&e| is_errno(&error, e)) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -566,10 +630,30 @@ fn restorable(mut route: RouteMessage) -> RouteMessage {
 
 fn describe_difference(desired: &RoutingState, actual: &RoutingState) -> String {
     let mut parts = Vec::new();
-    parts.extend(desired.routes.difference(&actual.routes).map(|r| format!("missing route {r}")));
-    parts.extend(actual.routes.difference(&desired.routes).map(|r| format!("unexpected route {r}")));
-    parts.extend(desired.rules.difference(&actual.rules).map(|r| format!("missing rule {r}")));
-    parts.extend(actual.rules.difference(&desired.rules).map(|r| format!("unexpected rule {r}")));
+    parts.extend(
+        desired
+            .routes
+            .difference(&actual.routes)
+            .map(|r| format!("missing route {r}")),
+    );
+    parts.extend(
+        actual
+            .routes
+            .difference(&desired.routes)
+            .map(|r| format!("unexpected route {r}")),
+    );
+    parts.extend(
+        desired
+            .rules
+            .difference(&actual.rules)
+            .map(|r| format!("missing rule {r}")),
+    );
+    parts.extend(
+        actual
+            .rules
+            .difference(&desired.rules)
+            .map(|r| format!("unexpected rule {r}")),
+    );
     parts.join("; ")
 }
 
@@ -615,12 +699,16 @@ mod tests {
             ]
         );
         let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
-        assert_eq!(rules, ["1000: iif eth0 lookup 1002", "1001: iif eth1 lookup 1001"]);
+        assert_eq!(
+            rules,
+            ["1000: iif eth0 lookup 1002", "1001: iif eth1 lookup 1001"]
+        );
     }
 
     #[test]
     fn cross_rules_wait_for_both_sides() {
-        let state = desired_state(&RoutingConfig::new(RoutingMode::Cross), &assignment(false)).unwrap();
+        let state =
+            desired_state(&RoutingConfig::new(RoutingMode::Cross), &assignment(false)).unwrap();
         assert_eq!(state.routes.len(), 2);
         assert!(state.rules.is_empty());
     }
@@ -628,13 +716,19 @@ mod tests {
     #[test]
     fn global_mode_points_default_right_and_left_networks_left() {
         let mut config = RoutingConfig::new(RoutingMode::Global);
-        config.left_routes = vec!["192.168.10.0/24".parse().unwrap(), "10.0.1.0/24".parse().unwrap()];
+        config.left_routes = vec![
+            "192.168.10.0/24".parse().unwrap(),
+            "10.0.1.0/24".parse().unwrap(),
+        ];
         config.right_gateway = Some("10.0.2.254".parse().unwrap());
         let state = desired_state(&config, &assignment(true)).unwrap();
         let routes: Vec<String> = state.routes.iter().map(ToString::to_string).collect();
         assert_eq!(
             routes,
-            ["0.0.0.0/0 via 10.0.2.254 oif 3 table 254", "192.168.10.0/24 via 10.0.1.1 oif 2 table 254"]
+            [
+                "0.0.0.0/0 via 10.0.2.254 oif 3 table 254",
+                "192.168.10.0/24 via 10.0.1.1 oif 2 table 254"
+            ]
         );
         assert!(state.rules.is_empty());
     }
@@ -681,9 +775,19 @@ mod tests {
         route.header.protocol = RouteProtocol::Boot;
         assert_eq!(RouteSpec::from_message(&route), None);
 
-        let mut rule = RuleSpec { priority: 5000, iif: "eth0".into(), table: 1001 }.to_message();
-        assert_eq!(RuleSpec::from_message(&rule), None, "outside our priority range");
-        rule.attributes.retain(|a| !matches!(a, RuleAttribute::Protocol(_)));
+        let mut rule = RuleSpec {
+            priority: 5000,
+            iif: "eth0".into(),
+            table: 1001,
+        }
+        .to_message();
+        assert_eq!(
+            RuleSpec::from_message(&rule),
+            None,
+            "outside our priority range"
+        );
+        rule.attributes
+            .retain(|a| !matches!(a, RuleAttribute::Protocol(_)));
         assert_eq!(RuleSpec::from_message(&rule), None, "no protocol tag");
     }
 

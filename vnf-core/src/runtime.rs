@@ -53,7 +53,11 @@ struct Runtime {
 
 /// Runs until `shutdown` completes (Ok) or a side never appears or the config is wrong (Err).
 /// `started` is when the process started, for the "forwarding ready" latency.
-pub async fn run(config: RuntimeConfig, started: Instant, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    config: RuntimeConfig,
+    started: Instant,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     config.selectors.validate()?;
     config.routing.validate()?;
     // Subscribe before the first dump so no change slips between them.
@@ -178,7 +182,9 @@ impl Runtime {
                 continue;
             }
             match after {
-                Some(ready) => info!(%side, interface = %ready.name, address = %ready.address, "side ready"),
+                Some(ready) => {
+                    info!(%side, interface = %ready.name, address = %ready.address, "side ready")
+                }
                 None => {
                     let reason = next.waiting_reason(side, &self.config.selectors);
                     info!(%side, %reason, "side not ready");
@@ -197,7 +203,12 @@ impl Runtime {
     fn waiting_detail(&self) -> String {
         self.missing_sides()
             .iter()
-            .map(|&side| format!("{side}: {}", self.assignment.waiting_reason(side, &self.config.selectors)))
+            .map(|&side| {
+                format!(
+                    "{side}: {}",
+                    self.assignment.waiting_reason(side, &self.config.selectors)
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     }
@@ -210,7 +221,12 @@ impl Runtime {
 
     fn timeout_error(&self) -> Error {
         Error::SideTimeout {
-            missing: self.missing_sides().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" and "),
+            missing: self
+                .missing_sides()
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" and "),
             waited_secs: self.started.elapsed().as_secs(),
             detail: self.waiting_detail(),
             present: self.present_interfaces(),
@@ -223,9 +239,11 @@ impl Runtime {
             .iter()
             .filter(|i| i.name != "lo")
             .map(|i| {
-                let side = Side::ALL
-                    .into_iter()
-                    .find(|&side| self.assignment.interface(side).is_some_and(|a| a.index == i.index));
+                let side = Side::ALL.into_iter().find(|&side| {
+                    self.assignment
+                        .interface(side)
+                        .is_some_and(|a| a.index == i.index)
+                });
                 match side {
                     Some(side) => format!("{} ({side})", i.name),
                     None => i.name.clone(),

@@ -130,11 +130,20 @@ fn parse_cidr(text: &str) -> Result<SideSelector> {
 
 fn looks_like_mac(text: &str) -> bool {
     let parts: Vec<&str> = text.split([':', '-']).collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let error = || Error::invalid("side selector", text, "not a MAC address like 02:42:ac:11:00:02");
+    let error = || {
+        Error::invalid(
+            "side selector",
+            text,
+            "not a MAC address like 02:42:ac:11:00:02",
+        )
+    };
     if !looks_like_mac(text) {
         return Err(error());
     }
@@ -146,7 +155,10 @@ fn parse_mac(text: &str) -> Result<[u8; 6]> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Per-side selectors; a side without one takes the next interface in order of appearance.
@@ -227,9 +239,11 @@ impl Interface {
     /// The address the side uses: the one inside a CIDR selector, else the primary.
     fn side_address(&self, selector: Option<&SideSelector>) -> Option<Ipv4Net> {
         match selector {
-            Some(SideSelector::Cidr(net)) => {
-                self.addresses.iter().copied().find(|a| net.contains(&a.addr()))
-            }
+            Some(SideSelector::Cidr(net)) => self
+                .addresses
+                .iter()
+                .copied()
+                .find(|a| net.contains(&a.addr())),
             _ => self.addresses.first().copied(),
         }
     }
@@ -271,7 +285,13 @@ impl Assignment {
     /// Why a side is not ready, for the waiting log and the timeout error.
     pub fn waiting_reason(&self, side: Side, selectors: &SideSelectors) -> String {
         match self.interface(side) {
-            None => format!("no interface matches {}", selectors.describe(side)),
+            None if selectors.get(side).is_some() => {
+                format!("no interface matches {}", selectors.describe(side))
+            }
+            None => format!(
+                "no Ethernet interface #{} yet (order of appearance)",
+                side_position(side) + 1
+            ),
             Some(interface) if !interface.up => format!("{} is down", interface.name),
             Some(interface) => format!("{} has no IPv4 address yet", interface.name),
         }
@@ -293,7 +313,9 @@ pub fn assign(selectors: &SideSelectors, interfaces: &[Interface]) -> Result<Ass
     }
     for (i, &first) in Side::ALL.iter().enumerate() {
         for &second in &Side::ALL[i + 1..] {
-            if let (Some(a), Some(b)) = (chosen[side_position(first)], chosen[side_position(second)]) {
+            if let (Some(a), Some(b)) =
+                (chosen[side_position(first)], chosen[side_position(second)])
+            {
                 if a.index == b.index {
                     return Err(Error::AmbiguousInterface {
                         interface: a.name.clone(),
@@ -410,8 +432,14 @@ mod tests {
 
     #[test]
     fn selectors_parse_prefixed_and_bare() {
-        assert_eq!("eth1".parse::<SideSelector>().unwrap(), SideSelector::Name("eth1".into()));
-        assert_eq!("name:eth1".parse::<SideSelector>().unwrap(), SideSelector::Name("eth1".into()));
+        assert_eq!(
+            "eth1".parse::<SideSelector>().unwrap(),
+            SideSelector::Name("eth1".into())
+        );
+        assert_eq!(
+            "name:eth1".parse::<SideSelector>().unwrap(),
+            SideSelector::Name("eth1".into())
+        );
         assert_eq!(
             "02:42:AC:11:00:02".parse::<SideSelector>().unwrap(),
             SideSelector::Mac([2, 0x42, 0xac, 0x11, 0, 2])
@@ -420,7 +448,14 @@ mod tests {
             "10.0.1.7/24".parse::<SideSelector>().unwrap(),
             SideSelector::Cidr("10.0.1.0/24".parse().unwrap())
         );
-        for bad in ["", "mac:02:42", "cidr:10.0.0.0/33", "a/b", "much-too-long-name0", "cidr:fe80::/64"] {
+        for bad in [
+            "",
+            "mac:02:42",
+            "cidr:10.0.0.0/33",
+            "a/b",
+            "much-too-long-name0",
+            "cidr:fe80::/64",
+        ] {
             let error = bad.parse::<SideSelector>().unwrap_err().to_string();
             assert!(error.contains("side selector"), "{bad}: {error}");
         }
@@ -430,7 +465,12 @@ mod tests {
     fn default_order_skips_loopback_and_non_ethernet() {
         let mut tun = iface(5, "tun0", 9, &["10.8.0.1/24"]);
         tun.ethernet = false;
-        let interfaces = [lo(), iface(7, "eth1", 2, &["10.0.2.2/24"]), tun, iface(3, "eth0", 1, &["10.0.1.2/24"])];
+        let interfaces = [
+            lo(),
+            iface(7, "eth1", 2, &["10.0.2.2/24"]),
+            tun,
+            iface(3, "eth0", 1, &["10.0.1.2/24"]),
+        ];
         let a = assign(&SideSelectors::default(), &interfaces).unwrap();
         assert_eq!(ready_name(&a, Side::Left), Some("eth0"));
         assert_eq!(ready_name(&a, Side::Right), Some("eth1"));
@@ -471,7 +511,10 @@ mod tests {
             ..Default::default()
         };
         let a = assign(&selectors, &interfaces).unwrap();
-        assert_eq!(a.ready(Side::Left).unwrap().address, "172.16.5.2/16".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            a.ready(Side::Left).unwrap().address,
+            "172.16.5.2/16".parse::<Ipv4Net>().unwrap()
+        );
     }
 
     #[test]
@@ -483,8 +526,13 @@ mod tests {
         assert!(a.ready(Side::Right).is_none());
         let selectors = SideSelectors::default();
         assert_eq!(a.waiting_reason(Side::Left, &selectors), "eth0 is down");
-        assert_eq!(a.waiting_reason(Side::Right, &selectors), "eth1 has no IPv4 address yet");
-        assert!(a.waiting_reason(Side::Management, &selectors).contains("order of appearance (#3)"));
+        assert_eq!(
+            a.waiting_reason(Side::Right, &selectors),
+            "eth1 has no IPv4 address yet"
+        );
+        assert!(a
+            .waiting_reason(Side::Management, &selectors)
+            .contains("order of appearance (#3)"));
     }
 
     #[test]
@@ -494,14 +542,20 @@ mod tests {
             right: Some("name:eth0".parse().unwrap()),
             ..Default::default()
         };
-        assert!(matches!(same_name.validate(), Err(Error::OverlappingSelectors { .. })));
+        assert!(matches!(
+            same_name.validate(),
+            Err(Error::OverlappingSelectors { .. })
+        ));
         let nested = SideSelectors {
             left: Some("10.0.0.0/8".parse().unwrap()),
             management: Some("10.1.0.0/16".parse().unwrap()),
             ..Default::default()
         };
         let error = nested.validate().unwrap_err().to_string();
-        assert!(error.contains("left=cidr:10.0.0.0/8, mgmt=cidr:10.1.0.0/16"), "{error}");
+        assert!(
+            error.contains("left=cidr:10.0.0.0/8, mgmt=cidr:10.1.0.0/16"),
+            "{error}"
+        );
         let disjoint = SideSelectors {
             left: Some("10.0.1.0/24".parse().unwrap()),
             right: Some("10.0.2.0/24".parse().unwrap()),
@@ -529,13 +583,36 @@ mod tests {
             name: "eth0".into(),
             address: "10.0.1.2/24".parse().unwrap(),
         };
-        assert_eq!(gateway_for(&side, None).unwrap(), Ipv4Addr::new(10, 0, 1, 1));
-        assert_eq!(gateway_for(&side, Some("10.0.1.254".parse().unwrap())).unwrap(), Ipv4Addr::new(10, 0, 1, 254));
-        let outside = gateway_for(&side, Some("10.9.9.1".parse().unwrap())).unwrap_err().to_string();
-        assert!(outside.contains("--left-gateway inside 10.0.1.0/24"), "{outside}");
-        let own = ReadySide { address: "10.0.1.1/24".parse().unwrap(), ..side.clone() };
-        assert!(matches!(gateway_for(&own, None), Err(Error::GatewayIsOwnAddress { .. })));
-        let point_to_point = ReadySide { address: "10.0.1.1/32".parse().unwrap(), ..side };
-        assert!(matches!(gateway_for(&point_to_point, None), Err(Error::NoDefaultGateway { .. })));
+        assert_eq!(
+            gateway_for(&side, None).unwrap(),
+            Ipv4Addr::new(10, 0, 1, 1)
+        );
+        assert_eq!(
+            gateway_for(&side, Some("10.0.1.254".parse().unwrap())).unwrap(),
+            Ipv4Addr::new(10, 0, 1, 254)
+        );
+        let outside = gateway_for(&side, Some("10.9.9.1".parse().unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            outside.contains("--left-gateway inside 10.0.1.0/24"),
+            "{outside}"
+        );
+        let own = ReadySide {
+            address: "10.0.1.1/24".parse().unwrap(),
+            ..side.clone()
+        };
+        assert!(matches!(
+            gateway_for(&own, None),
+            Err(Error::GatewayIsOwnAddress { .. })
+        ));
+        let point_to_point = ReadySide {
+            address: "10.0.1.1/32".parse().unwrap(),
+            ..side
+        };
+        assert!(matches!(
+            gateway_for(&point_to_point, None),
+            Err(Error::NoDefaultGateway { .. })
+        ));
     }
 }

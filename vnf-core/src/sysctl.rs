@@ -48,14 +48,22 @@ impl Sysctls {
         })?;
         text.trim().parse().map_err(|_| Error::Io {
             context: format!("read sysctl {key}"),
-            source: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected value {text:?}")),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected value {text:?}"),
+            ),
         })
     }
 
     fn write(&self, key: &str, value: u32) -> Result<Write> {
         match fs::write(self.path(key), format!("{value}\n")) {
             Ok(()) => Ok(Write::Done),
-            Err(error) if matches!(error.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM)) => {
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
                 Ok(Write::ReadOnly)
             }
             Err(source) => Err(Error::Io {
@@ -109,7 +117,10 @@ fn refusal_message(forward: u32, all: u32, per_interface: &[(String, u32)]) -> O
     }
     // The kernel applies the larger of `all` and the interface's value.
     let strict: Vec<String> = if per_interface.is_empty() {
-        (all == RP_FILTER_STRICT).then(|| format!("{RP_FILTER_ALL} is 1 (strict)")).into_iter().collect()
+        (all == RP_FILTER_STRICT)
+            .then(|| format!("{RP_FILTER_ALL} is 1 (strict)"))
+            .into_iter()
+            .collect()
     } else {
         per_interface
             .iter()
@@ -159,7 +170,11 @@ mod tests {
     fn writable_values_are_corrected() {
         let (_tree, sysctls) = tree(
             "writable",
-            &[(FORWARD, 0), (RP_FILTER_ALL, 1), ("net.ipv4.conf.eth0.rp_filter", 1)],
+            &[
+                (FORWARD, 0),
+                (RP_FILTER_ALL, 1),
+                ("net.ipv4.conf.eth0.rp_filter", 1),
+            ],
         );
         sysctls.ensure_forwarding(&["eth0"]).unwrap();
         assert_eq!(sysctls.read(FORWARD).unwrap(), 1);
@@ -170,26 +185,50 @@ mod tests {
     #[test]
     fn missing_interface_sysctl_is_an_error_naming_it() {
         let (_tree, sysctls) = tree("missing", &[(FORWARD, 1), (RP_FILTER_ALL, 2)]);
-        let error = sysctls.ensure_forwarding(&["eth9"]).unwrap_err().to_string();
+        let error = sysctls
+            .ensure_forwarding(&["eth9"])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("net.ipv4.conf.eth9.rp_filter"), "{error}");
     }
 
     #[test]
     fn values_that_work_need_no_write() {
-        assert_eq!(refusal_message(1, 2, &[("net.ipv4.conf.eth0.rp_filter".into(), 1)]), None);
-        assert_eq!(refusal_message(1, 0, &[("net.ipv4.conf.eth0.rp_filter".into(), 0)]), None);
+        assert_eq!(
+            refusal_message(1, 2, &[("net.ipv4.conf.eth0.rp_filter".into(), 1)]),
+            None
+        );
+        assert_eq!(
+            refusal_message(1, 0, &[("net.ipv4.conf.eth0.rp_filter".into(), 0)]),
+            None
+        );
         assert_eq!(refusal_message(1, 2, &[]), None);
-        assert_eq!(refusal_message(1, 1, &[("net.ipv4.conf.eth0.rp_filter".into(), 2)]), None);
+        assert_eq!(
+            refusal_message(1, 1, &[("net.ipv4.conf.eth0.rp_filter".into(), 2)]),
+            None
+        );
     }
 
     #[test]
     fn strict_or_no_forwarding_names_the_flags() {
         let message = refusal_message(0, 1, &[("net.ipv4.conf.eth0.rp_filter".into(), 1)]).unwrap();
         assert!(message.contains("net.ipv4.ip_forward is 0"), "{message}");
-        assert!(message.contains("--sysctl net.ipv4.ip_forward=1 --sysctl net.ipv4.conf.all.rp_filter=2"), "{message}");
+        assert!(
+            message
+                .contains("--sysctl net.ipv4.ip_forward=1 --sysctl net.ipv4.conf.all.rp_filter=2"),
+            "{message}"
+        );
 
         let message = refusal_message(1, 0, &[("net.ipv4.conf.eth1.rp_filter".into(), 1)]).unwrap();
-        assert!(message.contains("net.ipv4.conf.eth1.rp_filter is 1 with net.ipv4.conf.all.rp_filter=0 (strict)"), "{message}");
-        assert!(message.contains("--sysctl net.ipv4.conf.all.rp_filter=2"), "{message}");
+        assert!(
+            message.contains(
+                "net.ipv4.conf.eth1.rp_filter is 1 with net.ipv4.conf.all.rp_filter=0 (strict)"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("--sysctl net.ipv4.conf.all.rp_filter=2"),
+            "{message}"
+        );
     }
 }

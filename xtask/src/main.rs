@@ -1,1 +1,174 @@
-fn main(){}
+//! `cargo xtask demo | test | bench | deps`: the README's commands. Each installs the Debian
+//! packages it needs first (idempotent: apt runs only when something is missing).
+
+use std::process::{exit, Command};
+
+/// Debian packages the namespace chain and its tests use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "iperf3",
+    "procps",
+    "util-linux",
+    "nftables",
+];
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  demo    build, bring up a namespace service chain, run `dockwall run` as the SI,
+          show traffic crossing it, tear down
+  test    fmt check, clippy -D warnings, and every test (unit + namespace end-to-end)
+  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 2 minutes)
+  deps    only install the Debian packages
+
+All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
+
+fn main() {
+    let command = std::env::args().nth(1).unwrap_or_default();
+    let result = match command.as_str() {
+        "deps" => install_debian_packages(),
+        "demo" => install_debian_packages().and_then(|()| {
+            cargo(&[
+                "run",
+                "--quiet",
+                "--package",
+                "docknfv-tests",
+                "--bin",
+                "chain-demo",
+            ])
+        }),
+        "test" => install_debian_packages().and_then(|()| test()),
+        "bench" => install_debian_packages().and_then(|()| {
+            cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "docknfv-tests",
+                "--bin",
+                "chain-bench",
+            ])
+        }),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    if let Err(error) = result {
+        eprintln!("xtask: {error}");
+        exit(1);
+    }
+}
+
+fn test() -> Result<(), String> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo_test(&["test", "--workspace", "--all-targets"])
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one line summing every suite.
+fn cargo_test(args: &[&str]) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args(args).stdout(std::process::Stdio::piped());
+    eprintln!("+ {command:?}");
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(result) = line.strip_prefix("test result: ") {
+                passed += count_before(result, " passed");
+                failed += count_before(result, " failed");
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    println!("\ntests: {passed} passed, {failed} failed");
+    if status.success() && passed > 0 {
+        Ok(())
+    } else if passed == 0 {
+        Err("no test ran".into())
+    } else {
+        Err(format!("{command:?} failed: {status}"))
+    }
+}
+
+/// The number just before `label` in a cargo "test result:" line.
+fn count_before(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim_start())
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args))
+}
+
+fn run(command: &mut Command) -> Result<(), String> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed: {status}"))
+    }
+}
+
+fn is_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn install_debian_packages() -> Result<(), String> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !is_root {
+        return Err(format!(
+            "missing Debian packages {missing:?}; run as root to install them (apt-get install {})",
+            missing.join(" ")
+        ));
+    }
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
