@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use vnf_core::cli::{execute, print_status, shutdown_signal, LogArgs, SideArgs, SELECTOR_HELP};
 use vnf_core::routing::{RoutingConfig, RoutingMode};
+use vnf_core::runtime::NoObserver;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +21,12 @@ use vnf_core::routing::{RoutingConfig, RoutingMode};
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
+
+    #[command(flatten)]
+    sides: SideArgs,
+
+    #[command(flatten)]
+    routes: LeftRoutes,
 
     #[command(subcommand)]
     command: Command,
@@ -55,23 +62,12 @@ enum Command {
     /// via the first network; restored on exit) and each --left-route via the left gateway;
     /// routes carry protocol 245. Sets net.ipv4.ip_forward=1 and rp_filter=2 (loose). On exit
     /// the routes are removed (see --on-exit); sysctls stay.
-    #[command(after_help = SELECTOR_HELP)]
-    Run {
-        #[command(flatten)]
-        sides: SideArgs,
-        #[command(flatten)]
-        routes: LeftRoutes,
-    },
+    Run,
     /// Show the sides and the installed routing; exits 1 unless converged.
-    #[command(after_help = SELECTOR_HELP)]
     Status {
         /// Print JSON for scripts
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        sides: SideArgs,
-        #[command(flatten)]
-        routes: LeftRoutes,
     },
 }
 
@@ -81,16 +77,12 @@ fn main() -> ExitCode {
     cli.log.init();
     execute("dockvpn", || async move {
         match cli.command {
-            Command::Run { sides, routes } => {
-                let config = sides.runtime_config(routes.routing_config());
-                vnf_core::runtime::run(config, started, shutdown_signal()).await?;
+            Command::Run => {
+                let config = cli.sides.runtime_config(cli.routes.routing_config());
+                vnf_core::runtime::run(config, started, shutdown_signal(), &mut NoObserver).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Status {
-                json,
-                sides,
-                routes,
-            } => print_status(&sides.runtime_config(routes.routing_config()), json).await,
+            Command::Status { json } => print_status(&cli.sides.runtime_config(cli.routes.routing_config()), json).await,
         }
     })
 }

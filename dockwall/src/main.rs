@@ -1,14 +1,19 @@
-//! Dockwall: the firewall service instance. It routes left↔right with no configuration
-//! (cross mode: a routing table per side and `ip rule` policy between them); the nftables
-//! firewall arrives in a later release.
+//! Dockwall: the firewall service instance. With no configuration it routes left↔right
+//! (cross mode: a routing table per side and `ip rule` policy between them); operators edit
+//! nftables filter and NAT rules with `docker exec <si> dockwall rule …`.
 
+mod commands;
+mod fwaas;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
-use vnf_core::cli::{
-    execute, print_status, shutdown_signal, CrossTableArgs, LogArgs, SideArgs, SELECTOR_HELP,
-};
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use vnf_core::cli::{execute, CrossTableArgs, LogArgs, SideArgs, SELECTOR_HELP};
+use vnf_core::firewall::{Action, Direction, PortRange, Protocol, Rate};
+use vnf_core::side::Side;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,43 +22,215 @@ use vnf_core::cli::{
     about = "Dockwall: container-native firewall VNF between a left and a right network",
     after_help = SELECTOR_HELP
 )]
-struct Cli {
+pub struct Cli {
     #[command(flatten)]
     log: LogArgs,
+
+    /// Where the rule set is stored (a volume in the image)
+    #[arg(long, global = true, env = "DOCKWALL_STATE_DIR", default_value = "/var/lib/dockwall", value_name = "DIR")]
+    state_dir: PathBuf,
+
+    /// Print the nft JSON an edit would apply and change nothing
+    #[arg(long, global = true)]
+    dry_run: bool,
+
+    #[command(flatten)]
+    sides: SideArgs,
+
+    #[command(flatten)]
+    tables: CrossTableArgs,
 
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
-    /// Find the sides, route between them (cross mode) and keep routing converged as
-    /// interfaces come and go, until SIGTERM/SIGINT.
+pub enum Command {
+    /// Find the sides, apply the stored firewall, route between the sides (cross mode) and
+    /// keep both converged as interfaces come and go, until SIGTERM/SIGINT.
     ///
     /// Installs a table per side (its subnet and a default via its gateway) and the rules
     /// `iif left lookup <right table>`, `iif right lookup <left table>` at priorities
     /// 1000-1001; routes and rules carry protocol 245. Sets net.ipv4.ip_forward=1 and
-    /// rp_filter=2 (loose) on all/left/right. On exit the routes and rules are removed
-    /// (see --on-exit); sysctls stay.
-    #[command(after_help = SELECTOR_HELP)]
-    Run {
-        #[command(flatten)]
-        sides: SideArgs,
-        #[command(flatten)]
-        tables: CrossTableArgs,
-    },
-    /// Show the sides and the installed routing as the kernel holds them; exits 1 unless
-    /// both sides are ready and routing is converged (usable as a health check). Takes the
-    /// same selectors as `run` (the container's VNF_* environment applies to both).
-    #[command(after_help = SELECTOR_HELP)]
+    /// rp_filter=2 (loose) on all/left/right. The firewall lives in the nftables table
+    /// `inet dockwall` and nothing else is touched. On exit routing and the table are removed
+    /// (see --on-exit); sysctls and the stored rules stay.
+    Run,
+    /// Sides, routing, and the rules with their packet/byte counters; exits 1 unless both
+    /// sides are ready and routing and firewall are converged (a health check)
     Status {
         /// Print JSON for scripts
         #[arg(long)]
         json: bool,
+    },
+    /// Filter rules, evaluated in order: the first match decides
+    #[command(subcommand)]
+    Rule(RuleCommand),
+    /// NAT: masquerade/SNAT out of a side, DNAT port-forwards
+    #[command(subcommand)]
+    Nat(NatCommand),
+    /// What happens to forwarded traffic that no rule decides
+    Default {
+        #[arg(value_enum)]
+        policy: DefaultPolicy,
+    },
+    /// Replace the filter rules with an OpenStack FWaaS v2 firewall group (or one policy)
+    Import {
+        /// FWaaS JSON: {"firewall_group", "firewall_policies", "firewall_rules"} or
+        /// {"firewall_policy", "firewall_rules"}
+        #[arg(long = "fwaas", value_name = "FILE")]
+        file: PathBuf,
+        /// What a lone firewall_policy filters: ingress (into the left side) or egress
+        #[arg(long = "as", value_enum, default_value = "ingress")]
+        role: fwaas::PolicyRole,
+    },
+    /// Print the filter rules as an FWaaS v2 firewall group
+    Export {
+        #[arg(long = "fwaas", required = true)]
+        fwaas: bool,
+    },
+    /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
+    /// file use)
+    Apply { file: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DefaultPolicy {
+    Allow,
+    Deny,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RuleCommand {
+    /// Append a rule (or place it with --before/--after ID, FWaaS insert_before/insert_after)
+    Add {
         #[command(flatten)]
-        sides: SideArgs,
+        spec: RuleSpec,
+        /// Insert before the rule with this id
+        #[arg(long, value_name = "ID", conflicts_with = "after")]
+        before: Option<u64>,
+        /// Insert after the rule with this id
+        #[arg(long, value_name = "ID")]
+        after: Option<u64>,
+    },
+    /// Insert a rule at position N (1 = first)
+    Insert {
+        position: usize,
         #[command(flatten)]
-        tables: CrossTableArgs,
+        spec: RuleSpec,
+    },
+    /// Delete the rule at position N, or the rule with --id
+    Delete(RuleSelector),
+    /// List the rules with their counters
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable the rule at position N or with --id
+    Enable(RuleSelector),
+    /// Disable the rule at position N or with --id (kept, not evaluated)
+    Disable(RuleSelector),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RuleSelector {
+    /// Position in `rule list` (1 = first)
+    #[arg(required_unless_present = "id", conflicts_with = "id")]
+    pub position: Option<usize>,
+    /// The rule's stable id
+    #[arg(long)]
+    pub id: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RuleSpec {
+    /// allow | deny | reject (TCP reset or ICMP unreachable) | limit (allow up to --rate)
+    #[arg(value_enum)]
+    pub action: Action,
+    /// Which traffic: left-to-right, right-to-left, both, or local (to the SI itself)
+    #[arg(long, short = 'd', value_enum, default_value = "both")]
+    pub direction: Direction,
+    /// tcp, udp, icmp, icmpv6, any, a name like gre, or a number 0-255
+    #[arg(long = "proto", default_value = "any")]
+    pub protocol: Protocol,
+    /// Source address or CIDR
+    #[arg(long = "from", value_name = "CIDR", value_parser = parse_net)]
+    pub source: Option<IpNet>,
+    /// Destination address or CIDR
+    #[arg(long = "to", value_name = "CIDR", value_parser = parse_net)]
+    pub destination: Option<IpNet>,
+    /// Source port or range (N, A:B)
+    #[arg(long = "sport", value_name = "PORTS")]
+    pub source_port: Option<PortRange>,
+    /// Destination port or range (N, A:B)
+    #[arg(long = "dport", alias = "port", value_name = "PORTS")]
+    pub destination_port: Option<PortRange>,
+    /// For limit: packets per second|minute|hour|day, e.g. 10/second
+    #[arg(long)]
+    pub rate: Option<Rate>,
+    /// A name for the rule
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub comment: Option<String>,
+    /// Log matching packets (kernel log, prefix "dockwall rule ID")
+    #[arg(long)]
+    pub log: bool,
+    /// Store the rule disabled
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)"))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NatCommand {
+    /// Add a NAT rule
+    #[command(subcommand)]
+    Add(NatSpec),
+    /// Delete the NAT rule at position N, or with --id
+    Delete(RuleSelector),
+    /// List the NAT rules with their counters
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum NatSpec {
+    /// Rewrite the source to the SI's address on the --out side
+    Masquerade {
+        #[arg(long, value_enum)]
+        out: Side,
+        /// Only for these sources
+        #[arg(long = "from", value_parser = parse_net)]
+        source: Option<IpNet>,
+    },
+    /// Rewrite the source to a fixed address
+    Snat {
+        #[arg(long, value_enum)]
+        out: Side,
+        #[arg(long = "to-address")]
+        to: std::net::IpAddr,
+        #[arg(long = "from", value_parser = parse_net)]
+        source: Option<IpNet>,
+    },
+    /// Port-forward: the SI's --in address (default right), --port, goes to --to ADDR:PORT
+    Dnat {
+        #[arg(long = "proto", default_value = "tcp")]
+        protocol: Protocol,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long = "in", value_enum, default_value = "right")]
+        inbound: Side,
     },
 }
 
@@ -61,18 +238,5 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     cli.log.init();
-    execute("dockwall", || async move {
-        match cli.command {
-            Command::Run { sides, tables } => {
-                let config = sides.runtime_config(tables.routing_config());
-                vnf_core::runtime::run(config, started, shutdown_signal()).await?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Status {
-                json,
-                sides,
-                tables,
-            } => print_status(&sides.runtime_config(tables.routing_config()), json).await,
-        }
-    })
+    execute("dockwall", || commands::dispatch(cli, started))
 }

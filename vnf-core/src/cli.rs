@@ -22,29 +22,30 @@ name:, mac: or cidr: to be explicit.";
 #[derive(Args, Debug, Clone)]
 pub struct SideArgs {
     /// Interface of the left (protected) side [default: first Ethernet interface in order of appearance]
-    #[arg(long, env = "VNF_LEFT", value_name = "SELECTOR")]
+    #[arg(long, global = true, env = "VNF_LEFT", value_name = "SELECTOR")]
     pub left: Option<SideSelector>,
 
     /// Interface of the right side [default: second Ethernet interface in order of appearance]
-    #[arg(long, env = "VNF_RIGHT", value_name = "SELECTOR")]
+    #[arg(long, global = true, env = "VNF_RIGHT", value_name = "SELECTOR")]
     pub right: Option<SideSelector>,
 
     /// Management interface, left alone on the main table [default: third Ethernet interface]
-    #[arg(long, env = "VNF_MGMT", value_name = "SELECTOR")]
+    #[arg(long, global = true, env = "VNF_MGMT", value_name = "SELECTOR")]
     pub mgmt: Option<SideSelector>,
 
     /// Router of the left network [default: first host address of the left subnet]
-    #[arg(long, env = "VNF_LEFT_GATEWAY", value_name = "IPV4")]
+    #[arg(long, global = true, env = "VNF_LEFT_GATEWAY", value_name = "IPV4")]
     pub left_gateway: Option<Ipv4Addr>,
 
     /// Router of the right network [default: first host address of the right subnet]
-    #[arg(long, env = "VNF_RIGHT_GATEWAY", value_name = "IPV4")]
+    #[arg(long, global = true, env = "VNF_RIGHT_GATEWAY", value_name = "IPV4")]
     pub right_gateway: Option<Ipv4Addr>,
 
     /// Give up when the left and right sides are not both up and addressed after this many
     /// seconds (0 waits forever). Sides may appear late: docker network connect, late port plugging
     #[arg(
         long,
+        global = true,
         env = "VNF_SIDE_TIMEOUT",
         value_name = "SECONDS",
         default_value_t = 60
@@ -53,7 +54,7 @@ pub struct SideArgs {
 
     /// What happens to the installed routes and rules on SIGTERM/SIGINT: remove them, or keep
     /// them so the kernel goes on forwarding. Sysctls are left as set either way
-    #[arg(long, env = "VNF_ON_EXIT", value_enum, default_value_t = OnExit::Remove)]
+    #[arg(long, global = true, env = "VNF_ON_EXIT", value_enum, default_value_t = OnExit::Remove)]
     pub on_exit: OnExit,
 }
 
@@ -85,6 +86,7 @@ pub struct CrossTableArgs {
     /// traffic arriving on the right looks it up (1-252 or 256-4294967295)
     #[arg(
         long,
+        global = true,
         env = "VNF_LEFT_TABLE",
         value_name = "ID",
         default_value = "1001"
@@ -95,6 +97,7 @@ pub struct CrossTableArgs {
     /// traffic arriving on the left looks it up
     #[arg(
         long,
+        global = true,
         env = "VNF_RIGHT_TABLE",
         value_name = "ID",
         default_value = "1002"

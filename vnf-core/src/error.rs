@@ -62,6 +62,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("{0}")]
+    Nft(String),
+
     #[error("kernel state differs from the desired state after applying: {0}")]
     Verify(String),
 

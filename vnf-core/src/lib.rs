@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod firewall;
 pub mod kernel;
 pub mod routing;
 pub mod runtime;

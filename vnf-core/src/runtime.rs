@@ -40,7 +40,30 @@ pub struct RuntimeConfig {
     pub on_exit: OnExit,
 }
 
-struct Runtime {
+/// Told about side changes before routing follows them, so that a firewall is in place
+/// before traffic is forwarded; and told at shutdown.
+pub trait SidesObserver {
+    fn sides_changed(&mut self, assignment: &Assignment) -> Result<()>;
+    fn shutdown(&mut self, on_exit: OnExit) -> Result<()>;
+}
+
+/// For VNFs with nothing to do on side changes.
+pub struct NoObserver;
+
+impl SidesObserver for NoObserver {
+    fn sides_changed(&mut self, _: &Assignment) -> Result<()> {
+        Ok(())
+    }
+
+    fn shutdown(&mut self, _: OnExit) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Runtime<'o> {
+    observer: &'o mut dyn SidesObserver,
+    /// Whether the observer has seen the current assignment.
+    observed: bool,
     config: RuntimeConfig,
     kernel: Kernel,
     reconciler: Reconciler,
@@ -57,6 +80,7 @@ pub async fn run(
     config: RuntimeConfig,
     started: Instant,
     shutdown: impl Future<Output = ()>,
+    observer: &mut dyn SidesObserver,
 ) -> Result<()> {
     config.selectors.validate()?;
     config.routing.validate()?;
@@ -64,6 +88,8 @@ pub async fn run(
     let mut events = Kernel::watch()?;
     let kernel = Kernel::connect()?;
     let mut runtime = Runtime {
+        observer,
+        observed: false,
         reconciler: Reconciler::new(kernel.clone()),
         kernel,
         sysctls: Sysctls::default(),
@@ -122,6 +148,9 @@ pub async fn run(
     if let Err(error) = &outcome {
         error!(%error, "stopping");
     }
+    if let Err(error) = runtime.observer.shutdown(runtime.config.on_exit) {
+        error!(%error, "shutdown incomplete");
+    }
     match runtime.config.on_exit {
         OnExit::Remove => match runtime.reconciler.teardown().await {
             Ok(changes) if !changes.is_empty() => info!(%changes, "routing removed"),
@@ -140,13 +169,20 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-impl Runtime {
+impl Runtime<'_> {
     async fn converge(&mut self) -> Result<()> {
         let interfaces = self.kernel.interfaces().await?;
         let assignment = assign(&self.config.selectors, &interfaces)?;
         self.log_side_changes(&assignment);
+        if assignment.ready != self.assignment.ready {
+            self.observed = false;
+        }
         self.assignment = assignment;
         self.interfaces = interfaces;
+        if !self.observed {
+            self.observer.sides_changed(&self.assignment)?;
+            self.observed = true;
+        }
 
         let routed: Vec<&str> = [Side::Left, Side::Right]
             .iter()

@@ -1,0 +1,398 @@
+//! What each subcommand does. Edits go through `vnf_core::firewall::edit`: one locked
+//! load → change → validate → apply → save, so a failed apply changes nothing anywhere.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+use tracing::info;
+use vnf_core::cli::shutdown_signal;
+use vnf_core::firewall::nft::{self, Counters};
+use vnf_core::firewall::store::{read_rule_set, Store};
+use vnf_core::firewall::{self, compile, EditOutcome, NatKind, NatRule, Policy, Rule, RuleSet};
+use vnf_core::runtime::{OnExit, SidesObserver};
+use vnf_core::side::{Assignment, SideSelectors};
+use vnf_core::{Error, Result};
+
+use crate::fwaas;
+use crate::{Cli, Command, DefaultPolicy, NatCommand, NatSpec, RuleCommand, RuleSelector, RuleSpec};
+
+pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
+    let store = Store::new(&cli.state_dir);
+    let selectors = cli.sides.selectors();
+    let editor = Editor { store: &store, selectors: &selectors, dry_run: cli.dry_run };
+    match cli.command {
+        Command::Run => {
+            let config = cli.sides.runtime_config(cli.tables.routing_config());
+            let mut observer = FirewallObserver { store: &store };
+            vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => status(&cli.sides.runtime_config(cli.tables.routing_config()), &store, json).await,
+        Command::Rule(RuleCommand::List { json }) => list_rules(&store, json),
+        Command::Rule(command) => editor.rule(command).await,
+        Command::Nat(NatCommand::List { json }) => list_nat(&store, json),
+        Command::Nat(command) => editor.nat(command).await,
+        Command::Default { policy } => {
+            let policy = match policy {
+                DefaultPolicy::Allow => Policy::Accept,
+                DefaultPolicy::Deny => Policy::Drop,
+            };
+            editor
+                .run(format!("default forward policy is now {policy:?}").to_lowercase(), |set| {
+                    set.default_policy = policy;
+                    Ok(())
+                })
+                .await
+        }
+        Command::Import { file, role } => {
+            let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
+                context: format!("read {}", file.display()),
+                source,
+            })?;
+            let mut count = 0;
+            let outcome = editor
+                .edit(|set| {
+                    count = fwaas::import(set, &text, role)?;
+                    Ok(())
+                })
+                .await?;
+            report(&outcome, &format!("imported {count} FWaaS rules from {}", file.display()))
+        }
+        Command::Export { .. } => {
+            let rule_set = store.lock()?.load()?;
+            let (document, skipped) = fwaas::export(&rule_set);
+            for reason in skipped {
+                eprintln!("dockwall: not exported: {reason}");
+            }
+            println!("{}", to_json(&document)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { file } => {
+            let new = read_rule_set(&file)?;
+            editor.run(format!("applied {} ({} rules)", file.display(), new.rules.len()), move |set| {
+                *set = new;
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+struct Editor<'a> {
+    store: &'a Store,
+    selectors: &'a SideSelectors,
+    dry_run: bool,
+}
+
+impl Editor<'_> {
+    async fn edit(&self, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<EditOutcome> {
+        firewall::edit(self.store, self.selectors, self.dry_run, change).await
+    }
+
+    async fn run(&self, message: String, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<ExitCode> {
+        let outcome = self.edit(change).await?;
+        report(&outcome, &message)
+    }
+
+    async fn rule(&self, command: RuleCommand) -> Result<ExitCode> {
+        match command {
+            RuleCommand::Add { spec, before, after } => {
+                let mut message = String::new();
+                let outcome = self
+                    .edit(|set| {
+                        let rule = new_rule(set, spec);
+                        let position = match (before, after) {
+                            (Some(id), _) => set.position_of(id).ok_or_else(|| unknown_id("before", id))?,
+                            (_, Some(id)) => set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1,
+                            _ => set.rules.len(),
+                        };
+                        message = format!("rule {} added at position {}", rule.id, position + 1);
+                        set.rules.insert(position, rule);
+                        Ok(())
+                    })
+                    .await?;
+                report(&outcome, &message)
+            }
+            RuleCommand::Insert { position, spec } => {
+                let mut message = String::new();
+                let outcome = self
+                    .edit(|set| {
+                        if position == 0 || position > set.rules.len() + 1 {
+                            return Err(out_of_range(position, set.rules.len() + 1));
+                        }
+                        let rule = new_rule(set, spec);
+                        message = format!("rule {} inserted at position {position}", rule.id);
+                        set.rules.insert(position - 1, rule);
+                        Ok(())
+                    })
+                    .await?;
+                report(&outcome, &message)
+            }
+            RuleCommand::Delete(selector) => {
+                let mut message = String::new();
+                let outcome = self
+                    .edit(|set| {
+                        let index = select(&set.rules, &selector, |r| r.id)?;
+                        let removed = set.rules.remove(index);
+                        message = format!("rule {} deleted (was at position {})", removed.id, index + 1);
+                        Ok(())
+                    })
+                    .await?;
+                report(&outcome, &message)
+            }
+            RuleCommand::Enable(selector) => self.set_enabled(&selector, true).await,
+            RuleCommand::Disable(selector) => self.set_enabled(&selector, false).await,
+            RuleCommand::List { .. } => Err(Error::invalid("command", "rule list", "listing is not an edit")),
+        }
+    }
+
+    async fn set_enabled(&self, selector: &RuleSelector, enabled: bool) -> Result<ExitCode> {
+        let mut message = String::new();
+        let outcome = self
+            .edit(|set| {
+                let index = select(&set.rules, selector, |r| r.id)?;
+                set.rules[index].enabled = enabled;
+                let state = if enabled { "enabled" } else { "disabled" };
+                message = format!("rule {} {state}", set.rules[index].id);
+                Ok(())
+            })
+            .await?;
+        report(&outcome, &message)
+    }
+
+    async fn nat(&self, command: NatCommand) -> Result<ExitCode> {
+        let mut message = String::new();
+        let outcome = match command {
+            NatCommand::Add(spec) => {
+                self.edit(|set| {
+                    let id = set.allocate_id();
+                    let kind = match spec {
+                        NatSpec::Masquerade { out, source } => NatKind::Masquerade { out, source },
+                        NatSpec::Snat { out, to, source } => NatKind::Snat { out, to, source },
+                        NatSpec::Dnat { protocol, port, to, inbound } => NatKind::Dnat { protocol, port, to, inbound },
+                    };
+                    set.nat.push(NatRule { id, kind, comment: None });
+                    message = format!("NAT rule {id} added");
+                    Ok(())
+                })
+                .await?
+            }
+            NatCommand::Delete(selector) => {
+                self.edit(|set| {
+                    let index = select(&set.nat, &selector, |r| r.id)?;
+                    let removed = set.nat.remove(index);
+                    message = format!("NAT rule {} deleted", removed.id);
+                    Ok(())
+                })
+                .await?
+            }
+            NatCommand::List { .. } => return Err(Error::invalid("command", "nat list", "listing is not an edit")),
+        };
+        report(&outcome, &message)
+    }
+}
+
+fn new_rule(set: &mut RuleSet, spec: RuleSpec) -> Rule {
+    Rule {
+        id: set.allocate_id(),
+        name: spec.name,
+        action: spec.action,
+        rate: spec.rate,
+        direction: spec.direction,
+        protocol: spec.protocol,
+        source: spec.source,
+        destination: spec.destination,
+        source_port: spec.source_port,
+        destination_port: spec.destination_port,
+        enabled: !spec.disabled,
+        log: spec.log,
+        comment: spec.comment,
+        external_id: None,
+    }
+}
+
+fn unknown_id(field: &'static str, id: u64) -> Error {
+    Error::invalid(field, id, "no rule has this id; see `dockwall rule list`")
+}
+
+fn out_of_range(position: usize, last: usize) -> Error {
+    Error::invalid("position", position, format!("use 1-{last}; see `dockwall rule list`"))
+}
+
+/// The index a selector points at: a 1-based position or a stable id.
+fn select<T>(items: &[T], selector: &RuleSelector, id_of: impl Fn(&T) -> u64) -> Result<usize> {
+    match (selector.position, selector.id) {
+        (_, Some(id)) => items.iter().position(|item| id_of(item) == id).ok_or_else(|| unknown_id("id", id)),
+        (Some(position), None) if (1..=items.len()).contains(&position) => Ok(position - 1),
+        (Some(position), None) => Err(out_of_range(position, items.len())),
+        (None, None) => Err(Error::invalid("position", "none", "give a position or --id")),
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|e| Error::Io {
+        context: "render JSON".into(),
+        source: e.into(),
+    })
+}
+
+fn report(outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
+    match (&outcome.dry_run, outcome.applied) {
+        (Some(batch), _) => println!("{batch}"),
+        (None, Some(kind)) => println!("{message} (applied: {})", format!("{kind:?}").to_lowercase()),
+        (None, None) => println!("{message}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn counter_of(counters: &Counters, comment: String) -> (u64, u64) {
+    counters.get(&comment).copied().unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct ListedRule<'a> {
+    position: usize,
+    #[serde(flatten)]
+    rule: &'a Rule,
+    packets: u64,
+    bytes: u64,
+}
+
+fn listed_rules<'a>(rule_set: &'a RuleSet, counters: &Counters) -> Vec<ListedRule<'a>> {
+    rule_set
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| {
+            let (packets, bytes) = counter_of(counters, compile::rule_comment(rule.id));
+            ListedRule { position: index + 1, rule, packets, bytes }
+        })
+        .collect()
+}
+
+fn describe(rule: &Rule) -> String {
+    let mut text = format!("{:?} {:?}", rule.action, rule.direction).to_lowercase();
+    if let Some(rate) = rule.rate {
+        text += &format!(" rate {}", String::from(rate));
+    }
+    text += &format!(" proto {}", rule.protocol);
+    for (label, value) in [
+        ("from", rule.source.map(|n| n.to_string())),
+        ("to", rule.destination.map(|n| n.to_string())),
+        ("sport", rule.source_port.map(String::from)),
+        ("dport", rule.destination_port.map(String::from)),
+        ("name", rule.name.clone()),
+        ("comment", rule.comment.clone()),
+    ] {
+        if let Some(value) = value {
+            text += &format!(" {label} {value}");
+        }
+    }
+    if rule.log {
+        text += " log";
+    }
+    if !rule.enabled {
+        text += " (disabled)";
+    }
+    text
+}
+
+fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
+    let rule_set = store.lock()?.load()?;
+    let counters = nft::counters()?;
+    let listed = listed_rules(&rule_set, &counters);
+    if json {
+        println!("{}", to_json(&json!({ "default_policy": rule_set.default_policy, "rules": listed }))?);
+    } else {
+        println!("default forward policy: {:?}", rule_set.default_policy);
+        for entry in &listed {
+            println!(
+                "{:>4}  id {:<5} {:<70} {:>10} pkts {:>12} bytes",
+                entry.position,
+                entry.rule.id,
+                describe(entry.rule),
+                entry.packets,
+                entry.bytes
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_nat(store: &Store, json: bool) -> Result<ExitCode> {
+    let rule_set = store.lock()?.load()?;
+    let counters = nft::counters()?;
+    let listed: Vec<_> = rule_set
+        .nat
+        .iter()
+        .enumerate()
+        .map(|(index, nat)| {
+            let (packets, bytes) = counter_of(&counters, compile::nat_comment(nat.id));
+            json!({ "position": index + 1, "id": nat.id, "kind": nat.kind, "packets": packets, "bytes": bytes })
+        })
+        .collect();
+    if json {
+        println!("{}", to_json(&listed)?);
+    } else {
+        for entry in &listed {
+            println!("{:>4}  id {:<5} {} {:>10} pkts", entry["position"], entry["id"], entry["kind"], entry["packets"]);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(config: &vnf_core::runtime::RuntimeConfig, store: &Store, json: bool) -> Result<ExitCode> {
+    let routing = vnf_core::status::collect(config).await?;
+    let rule_set = store.lock()?.load()?;
+    let assignment = firewall::current_assignment(&config.selectors).await?;
+    let firewall_converged = firewall::is_converged(&rule_set, &assignment)?;
+    let counters = nft::counters()?;
+    let healthy = routing.converged && firewall_converged;
+    if json {
+        let report = json!({
+            "healthy": healthy,
+            "routing": routing,
+            "firewall": {
+                "converged": firewall_converged,
+                "default_policy": rule_set.default_policy,
+                "rules": listed_rules(&rule_set, &counters),
+                "nat": rule_set.nat,
+            }
+        });
+        println!("{}", to_json(&report)?);
+    } else {
+        print!("{}", routing.render());
+        let state = if firewall_converged { "converged" } else { "NOT converged (is `run` running?)" };
+        println!(
+            "firewall (nft table inet {}): {state}; default {:?}; {} rules, {} NAT rules",
+            compile::TABLE,
+            rule_set.default_policy,
+            rule_set.rules.len(),
+            rule_set.nat.len()
+        );
+    }
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Keeps the firewall applied for the current sides while `run` runs.
+struct FirewallObserver<'a> {
+    store: &'a Store,
+}
+
+impl SidesObserver for FirewallObserver<'_> {
+    fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
+        let kind = firewall::apply_stored(self.store, assignment)?;
+        info!(applied = ?kind, "firewall applied");
+        Ok(())
+    }
+
+    fn shutdown(&mut self, on_exit: OnExit) -> Result<()> {
+        if on_exit == OnExit::Remove {
+            nft::delete_table()?;
+            info!("firewall table removed");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,606 @@
+//! Rule set → one nftables table. Consecutive rules of the same shape and verdict become one
+//! lookup in a named set with a counter per element, so 10,000 rules are a handful of set
+//! lookups, not a 10,000-rule linear chain; first-match order is kept because only runs of
+//! rules with the same verdict are merged, and an element that overlaps one already in the
+//! run starts a new run.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use nftables::expr::{Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, CT};
+use nftables::schema::{Chain, Rule as NftRule, Set, SetFlag, SetType, SetTypeValue};
+use nftables::stmt::{
+    AnonymousCounter, Counter, JumpTarget, Limit, Log, Match, NATFamily, Operator, Reject, RejectType, Statement, NAT,
+};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde::Serialize;
+
+use super::model::{Action, Direction, NatKind, Policy, PortRange, Protocol, Rule, RuleSet};
+use crate::side::{Assignment, ReadySide, Side};
+
+/// The one table Dockwall owns; nothing outside it is ever touched.
+pub const TABLE: &str = "dockwall";
+pub const CHAIN_FORWARD: &str = "filter_forward";
+pub const CHAIN_INPUT: &str = "filter_input";
+pub const CHAIN_FROM_LEFT: &str = "from_left";
+pub const CHAIN_FROM_RIGHT: &str = "from_right";
+pub const CHAIN_TO_SI: &str = "to_si";
+pub const CHAIN_PREROUTING: &str = "nat_prerouting";
+pub const CHAIN_POSTROUTING: &str = "nat_postrouting";
+const FILTER_PRIORITY: i32 = 0;
+const DSTNAT_PRIORITY: i32 = -100;
+const SRCNAT_PRIORITY: i32 = 100;
+
+/// The sides the firewall refers to by interface name and address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sides<'a> {
+    pub left: Option<&'a ReadySide>,
+    pub right: Option<&'a ReadySide>,
+}
+
+impl<'a> Sides<'a> {
+    pub fn from_assignment(assignment: &'a Assignment) -> Self {
+        Sides {
+            left: assignment.ready(Side::Left),
+            right: assignment.ready(Side::Right),
+        }
+    }
+
+    fn get(&self, side: Side) -> Option<&'a ReadySide> {
+        match side {
+            Side::Left => self.left,
+            Side::Right => self.right,
+            Side::Management => None,
+        }
+    }
+}
+
+/// A chain with its rules, in order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompiledChain {
+    pub chain: Chain<'static>,
+    pub rules: Vec<NftRule<'static>>,
+}
+
+/// The whole table, in a form that can be diffed against the previous compile.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Compiled {
+    pub chains: Vec<CompiledChain>,
+    pub sets: BTreeMap<String, Set<'static>>,
+}
+
+pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
+    let mut compiled = Compiled {
+        chains: Vec::new(),
+        sets: BTreeMap::new(),
+    };
+    let policy = match rule_set.default_policy {
+        Policy::Accept => NfChainPolicy::Accept,
+        Policy::Drop => NfChainPolicy::Drop,
+    };
+
+    let mut forward = vec![
+        conntrack_rule(&["established", "related"], Statement::Accept(None)),
+        conntrack_rule(&["invalid"], Statement::Drop(None)),
+    ];
+    forward.extend(dnat_allowances(rule_set, sides));
+    if let (Some(left), Some(right)) = (sides.left, sides.right) {
+        forward.push(jump_between(&left.name, &right.name, CHAIN_FROM_LEFT));
+        forward.push(jump_between(&right.name, &left.name, CHAIN_FROM_RIGHT));
+    }
+    compiled.chains.push(base_chain(CHAIN_FORWARD, NfHook::Forward, NfChainType::Filter, FILTER_PRIORITY, policy, forward));
+
+    let input = vec![
+        conntrack_rule(&["established", "related"], Statement::Accept(None)),
+        conntrack_rule(&["invalid"], Statement::Drop(None)),
+        rule(vec![matches(meta(MetaKey::Iifname), string("lo")), Statement::Accept(None)], None),
+        rule(vec![Statement::Jump(JumpTarget { target: CHAIN_TO_SI.into() })], None),
+    ];
+    compiled.chains.push(base_chain(CHAIN_INPUT, NfHook::Input, NfChainType::Filter, FILTER_PRIORITY, NfChainPolicy::Accept, input));
+
+    for (chain, set_prefix, directions) in [
+        (CHAIN_FROM_LEFT, "fl", [Direction::LeftToRight, Direction::Both]),
+        (CHAIN_FROM_RIGHT, "fr", [Direction::RightToLeft, Direction::Both]),
+        (CHAIN_TO_SI, "si", [Direction::Local, Direction::Local]),
+    ] {
+        let selected: Vec<&Rule> = rule_set
+            .rules
+            .iter()
+            .filter(|r| r.enabled && directions.contains(&r.direction))
+            .collect();
+        let rules = compile_filter_chain(&selected, chain, set_prefix, &mut compiled.sets);
+        compiled.chains.push(CompiledChain {
+            chain: Chain {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: chain.into(),
+                ..Chain::default()
+            },
+            rules,
+        });
+    }
+
+    let (prerouting, postrouting) = nat_rules(rule_set, sides);
+    compiled.chains.push(base_chain(CHAIN_PREROUTING, NfHook::Prerouting, NfChainType::NAT, DSTNAT_PRIORITY, NfChainPolicy::Accept, prerouting));
+    compiled.chains.push(base_chain(CHAIN_POSTROUTING, NfHook::Postrouting, NfChainType::NAT, SRCNAT_PRIORITY, NfChainPolicy::Accept, postrouting));
+    compiled
+}
+
+/// The comment that ties nft objects to a model rule, for counters.
+pub fn rule_comment(id: u64) -> String {
+    format!("rule {id}")
+}
+
+pub fn nat_comment(id: u64) -> String {
+    format!("nat {id}")
+}
+
+/// What a rule matches on, without the values: rules of one shape share a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    ip_version: Option<u8>,
+    protocol: Protocol,
+    source: bool,
+    destination: bool,
+    source_port: bool,
+    destination_port: bool,
+    action: Action,
+    log: bool,
+}
+
+impl Shape {
+    fn of(rule: &Rule) -> Shape {
+        Shape {
+            ip_version: rule.ip_version(),
+            protocol: rule.protocol,
+            source: rule.source.is_some(),
+            destination: rule.destination.is_some(),
+            source_port: rule.source_port.is_some(),
+            destination_port: rule.destination_port.is_some(),
+            action: rule.action,
+            log: rule.log,
+        }
+    }
+
+    /// Only rules with at least one value to look up, and without a per-rule limit, merge.
+    fn mergeable(&self) -> bool {
+        self.action != Action::Limit && (self.source || self.destination || self.source_port || self.destination_port)
+    }
+}
+
+/// A rule's match values as inclusive numeric ranges per field, for overlap checks.
+fn key_ranges(rule: &Rule) -> Vec<(u128, u128)> {
+    let mut ranges: Vec<(u128, u128)> = [rule.source, rule.destination]
+        .into_iter()
+        .flatten()
+        .map(|net| match net {
+            IpNet::V4(v4) => (u128::from(u32::from(v4.network())), u128::from(u32::from(v4.broadcast()))),
+            IpNet::V6(v6) => (u128::from(v6.network()), u128::from(v6.broadcast())),
+        })
+        .collect();
+    ranges.extend(
+        [rule.source_port, rule.destination_port]
+            .into_iter()
+            .flatten()
+            .map(|p| (u128::from(p.first), u128::from(p.last))),
+    );
+    ranges
+}
+
+fn overlaps(a: &[(u128, u128)], b: &[(u128, u128)]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.0 <= y.1 && y.0 <= x.1)
+}
+
+/// A run of rules that compiles into one set lookup.
+struct Run<'r> {
+    shape: Shape,
+    rules: Vec<&'r Rule>,
+    points: HashSet<Vec<(u128, u128)>>,
+    intervals: Vec<Vec<(u128, u128)>>,
+}
+
+impl<'r> Run<'r> {
+    fn new(rule: &'r Rule) -> Self {
+        let mut run = Run {
+            shape: Shape::of(rule),
+            rules: Vec::new(),
+            points: HashSet::new(),
+            intervals: Vec::new(),
+        };
+        run.push(rule);
+        run
+    }
+
+    fn push(&mut self, rule: &'r Rule) {
+        let key = key_ranges(rule);
+        if key.iter().all(|(lo, hi)| lo == hi) {
+            self.points.insert(key);
+        } else {
+            self.intervals.push(key);
+        }
+        self.rules.push(rule);
+    }
+
+    fn accepts(&self, rule: &Rule) -> bool {
+        if !self.shape.mergeable() || Shape::of(rule) != self.shape {
+            return false;
+        }
+        let key = key_ranges(rule);
+        let is_point = key.iter().all(|(lo, hi)| lo == hi);
+        if self.intervals.iter().any(|i| overlaps(i, &key)) {
+            return false;
+        }
+        if is_point {
+            !self.points.contains(&key)
+        } else {
+            !self.points.iter().any(|p| overlaps(p, &key))
+        }
+    }
+}
+
+fn compile_filter_chain(rules: &[&Rule], chain: &str, set_prefix: &str, sets: &mut BTreeMap<String, Set<'static>>) -> Vec<NftRule<'static>> {
+    let mut runs: Vec<Run> = Vec::new();
+    for &rule in rules {
+        match runs.last_mut() {
+            Some(run) if run.accepts(rule) => run.push(rule),
+            _ => runs.push(Run::new(rule)),
+        }
+    }
+    let mut compiled = Vec::new();
+    for run in runs {
+        if run.rules.len() == 1 {
+            compiled.extend(single_rule(chain, run.rules[0]));
+            continue;
+        }
+        // Named after the oldest rule in the run, so appending rules keeps the name stable.
+        let anchor = run.rules.iter().map(|r| r.id).min().unwrap_or_default();
+        let name = format!("{set_prefix}{anchor}");
+        let first = run.rules[0];
+        let (fields, types) = lookup_fields(first);
+        let elements = run
+            .rules
+            .iter()
+            .map(|r| {
+                Expression::Named(NamedExpression::Elem(Elem {
+                    val: Box::new(key_value(r)),
+                    timeout: None,
+                    expires: None,
+                    comment: Some(rule_comment(r.id).into()),
+                    counter: None,
+                }))
+            })
+            .collect::<Vec<_>>();
+        sets.insert(
+            name.clone(),
+            Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: name.clone().into(),
+                set_type: if types.len() == 1 {
+                    SetTypeValue::Single(types[0])
+                } else {
+                    SetTypeValue::Concatenated(types.into())
+                },
+                flags: Some([SetFlag::Interval].into_iter().collect()),
+                elem: Some(elements.into()),
+                ..Set::default()
+            },
+        );
+        let mut statements = protocol_match(first.protocol);
+        let left = if fields.len() == 1 {
+            fields.into_iter().next().unwrap_or_else(|| string(""))
+        } else {
+            Expression::Named(NamedExpression::Concat(fields))
+        };
+        statements.push(matches(left, string(&format!("@{name}"))));
+        statements.extend(verdict(first));
+        compiled.push(rule(statements, Some(format!("set {name}"))).with_chain(chain));
+    }
+    compiled
+}
+
+/// The payload expressions a rule looks up and the set types they have.
+fn lookup_fields(rule: &Rule) -> (Vec<Expression<'static>>, Vec<SetType>) {
+    let mut fields = Vec::new();
+    let mut types = Vec::new();
+    for (net, field) in [(rule.source, "saddr"), (rule.destination, "daddr")] {
+        if let Some(net) = net {
+            let (protocol, set_type) = match net {
+                IpNet::V4(_) => ("ip", SetType::Ipv4Addr),
+                IpNet::V6(_) => ("ip6", SetType::Ipv6Addr),
+            };
+            fields.push(payload(protocol, field));
+            types.push(set_type);
+        }
+    }
+    for (port, field) in [(rule.source_port, "sport"), (rule.destination_port, "dport")] {
+        if port.is_some() {
+            fields.push(payload("th", field));
+            types.push(SetType::InetService);
+        }
+    }
+    (fields, types)
+}
+
+fn key_value(rule: &Rule) -> Expression<'static> {
+    let mut values: Vec<Expression<'static>> = [rule.source, rule.destination].into_iter().flatten().map(net_value).collect();
+    values.extend([rule.source_port, rule.destination_port].into_iter().flatten().map(port_value));
+    if values.len() == 1 {
+        values.remove(0)
+    } else {
+        Expression::Named(NamedExpression::Concat(values))
+    }
+}
+
+fn net_value(net: IpNet) -> Expression<'static> {
+    if net.prefix_len() == net.max_prefix_len() {
+        string(&net.addr().to_string())
+    } else {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(string(&net.network().to_string())),
+            len: u32::from(net.prefix_len()),
+        }))
+    }
+}
+
+fn port_value(port: PortRange) -> Expression<'static> {
+    if port.is_single() {
+        Expression::Number(u32::from(port.first))
+    } else {
+        Expression::Range(Box::new(Range {
+            range: [Expression::Number(u32::from(port.first)), Expression::Number(u32::from(port.last))],
+        }))
+    }
+}
+
+/// A rule that did not merge: inline matches, its own counter.
+fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
+    let mut matching = protocol_match(model.protocol);
+    for (net, field) in [(model.source, "saddr"), (model.destination, "daddr")] {
+        if let Some(net) = net {
+            let protocol = if net.addr().is_ipv4() { "ip" } else { "ip6" };
+            matching.push(matches(payload(protocol, field), net_value(net)));
+        }
+    }
+    for (port, field) in [(model.source_port, "sport"), (model.destination_port, "dport")] {
+        if let Some(port) = port {
+            matching.push(matches(payload("th", field), port_value(port)));
+        }
+    }
+    if model.ip_version().is_some() && model.source.is_none() && model.destination.is_none() {
+        // icmp / icmpv6 already pin the family through l4proto.
+    }
+    let comment = Some(rule_comment(model.id));
+    let mut rules = Vec::new();
+    if let (Action::Limit, Some(rate)) = (model.action, model.rate) {
+        let mut over = matching.clone();
+        over.push(Statement::Limit(Limit {
+            rate: rate.packets,
+            rate_unit: None,
+            per: Some(rate.per.as_str().into()),
+            burst: None,
+            burst_unit: None,
+            inv: Some(true),
+        }));
+        over.push(counter());
+        over.push(Statement::Drop(None));
+        rules.push(rule(over, comment.clone()).with_chain(chain));
+    }
+    matching.push(counter());
+    matching.extend(verdict(model));
+    rules.push(rule(matching, comment).with_chain(chain));
+    rules
+}
+
+fn verdict(model: &Rule) -> Vec<Statement<'static>> {
+    let mut statements = Vec::new();
+    if model.log {
+        statements.push(Statement::Log(Some(Log {
+            prefix: Some(format!("dockwall rule {} ", model.id).into()),
+            group: None,
+            snaplen: None,
+            queue_threshold: None,
+            level: None,
+            flags: None,
+        })));
+    }
+    statements.push(match model.action {
+        Action::Allow | Action::Limit => Statement::Accept(None),
+        Action::Deny => Statement::Drop(None),
+        Action::Reject => Statement::Reject(Some(Reject {
+            _type: Some(if model.protocol == Protocol::Tcp { RejectType::TCPReset } else { RejectType::ICMPX }),
+            expr: None,
+        })),
+    });
+    if model.action == Action::Reject && model.protocol != Protocol::Tcp {
+        statements.pop();
+        statements.push(Statement::Reject(None));
+    }
+    statements
+}
+
+fn protocol_match(protocol: Protocol) -> Vec<Statement<'static>> {
+    match protocol.number() {
+        Some(number) => vec![matches(meta(MetaKey::L4proto), Expression::Number(u32::from(number)))],
+        None => Vec::new(),
+    }
+}
+
+fn dnat_allowances(rule_set: &RuleSet, sides: Sides<'_>) -> Vec<NftRule<'static>> {
+    let mut rules = Vec::new();
+    for nat in &rule_set.nat {
+        let NatKind::Dnat { protocol, to, inbound, .. } = &nat.kind else {
+            continue;
+        };
+        let (Some(inside), Some(outside)) = (sides.get(other_side(*inbound)), sides.get(*inbound)) else {
+            continue;
+        };
+        let IpAddr::V4(address) = to.ip() else { continue };
+        let mut statements = vec![
+            matches(meta(MetaKey::Iifname), string(&outside.name)),
+            matches(meta(MetaKey::Oifname), string(&inside.name)),
+        ];
+        statements.extend(protocol_match(*protocol));
+        statements.push(matches(payload("ip", "daddr"), string(&address.to_string())));
+        statements.push(matches(payload("th", "dport"), Expression::Number(u32::from(to.port()))));
+        statements.push(matches(ct("status"), string("dnat")));
+        statements.push(counter());
+        statements.push(Statement::Accept(None));
+        rules.push(rule(statements, Some(nat_comment(nat.id))).with_chain(CHAIN_FORWARD));
+    }
+    rules
+}
+
+fn other_side(side: Side) -> Side {
+    if side == Side::Left {
+        Side::Right
+    } else {
+        Side::Left
+    }
+}
+
+fn nat_rules(rule_set: &RuleSet, sides: Sides<'_>) -> (Vec<NftRule<'static>>, Vec<NftRule<'static>>) {
+    let (mut prerouting, mut postrouting) = (Vec::new(), Vec::new());
+    for nat in &rule_set.nat {
+        let comment = Some(nat_comment(nat.id));
+        match &nat.kind {
+            NatKind::Dnat { protocol, port, to, inbound } => {
+                let (Some(side), IpAddr::V4(to_address)) = (sides.get(*inbound), to.ip()) else {
+                    continue;
+                };
+                let mut statements = vec![matches(meta(MetaKey::Iifname), string(&side.name))];
+                statements.push(matches(payload("ip", "daddr"), string(&side.address.addr().to_string())));
+                statements.extend(protocol_match(*protocol));
+                statements.push(matches(payload("th", "dport"), Expression::Number(u32::from(*port))));
+                statements.push(counter());
+                statements.push(Statement::DNAT(Some(NAT {
+                    addr: Some(string(&to_address.to_string())),
+                    family: Some(NATFamily::IP),
+                    port: Some(Expression::Number(u32::from(to.port()))),
+                    flags: None,
+                })));
+                prerouting.push(rule(statements, comment).with_chain(CHAIN_PREROUTING));
+            }
+            NatKind::Masquerade { out, source } | NatKind::Snat { out, source, .. } => {
+                let Some(side) = sides.get(*out) else { continue };
+                let mut statements = vec![matches(meta(MetaKey::Oifname), string(&side.name))];
+                if let Some(source) = source {
+                    let protocol = if source.addr().is_ipv4() { "ip" } else { "ip6" };
+                    statements.push(matches(payload(protocol, "saddr"), net_value(*source)));
+                }
+                statements.push(counter());
+                statements.push(match &nat.kind {
+                    NatKind::Snat { to, .. } => Statement::SNAT(Some(NAT {
+                        addr: Some(string(&to.to_string())),
+                        family: Some(if to.is_ipv4() { NATFamily::IP } else { NATFamily::IP6 }),
+                        port: None,
+                        flags: None,
+                    })),
+                    _ => Statement::Masquerade(None),
+                });
+                postrouting.push(rule(statements, comment).with_chain(CHAIN_POSTROUTING));
+            }
+        }
+    }
+    (prerouting, postrouting)
+}
+
+fn base_chain(
+    name: &str,
+    hook: NfHook,
+    chain_type: NfChainType,
+    priority: i32,
+    policy: NfChainPolicy,
+    rules: Vec<NftRule<'static>>,
+) -> CompiledChain {
+    CompiledChain {
+        chain: Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.to_string().into(),
+            _type: Some(chain_type),
+            hook: Some(hook),
+            prio: Some(priority),
+            policy: Some(policy),
+            ..Chain::default()
+        },
+        rules: rules.into_iter().map(|r| r.with_chain(name)).collect(),
+    }
+}
+
+trait WithChain {
+    fn with_chain(self, chain: &str) -> Self;
+}
+
+impl WithChain for NftRule<'static> {
+    fn with_chain(mut self, chain: &str) -> Self {
+        self.chain = Cow::Owned(chain.to_string());
+        self
+    }
+}
+
+fn rule(statements: Vec<Statement<'static>>, comment: Option<String>) -> NftRule<'static> {
+    NftRule {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        chain: Cow::Borrowed(""),
+        expr: statements.into(),
+        handle: None,
+        index: None,
+        comment: comment.map(Cow::Owned),
+    }
+}
+
+fn conntrack_rule(states: &[&str], verdict: Statement<'static>) -> NftRule<'static> {
+    let right = if states.len() == 1 {
+        string(states[0])
+    } else {
+        Expression::List(states.iter().map(|s| string(s)).collect())
+    };
+    let op = if states.len() == 1 { Operator::EQ } else { Operator::IN };
+    rule(vec![Statement::Match(Match { left: ct("state"), right, op }), verdict], None)
+}
+
+fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
+    rule(
+        vec![
+            matches(meta(MetaKey::Iifname), string(from)),
+            matches(meta(MetaKey::Oifname), string(to)),
+            Statement::Jump(JumpTarget { target: chain.to_string().into() }),
+        ],
+        None,
+    )
+}
+
+fn matches(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op: Operator::EQ })
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.to_string().into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn payload(protocol: &str, field: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.to_string().into(),
+        field: field.to_string().into(),
+    })))
+}
+
+fn string(text: &str) -> Expression<'static> {
+    Expression::String(text.to_string().into())
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(Counter::Anonymous(Some(AnonymousCounter { packets: None, bytes: None })))
+}

@@ -1,0 +1,85 @@
+//! The nftables firewall shared by the VNFs: the rule model, its compiler to one nftables
+//! table, the atomic apply, and the persistent store.
+
+pub mod compile;
+pub mod model;
+pub mod nft;
+pub mod store;
+
+pub use model::{Action, Direction, NatKind, NatRule, Policy, PortRange, Protocol, Rate, Rule, RuleSet};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::kernel::Kernel;
+use crate::side::{assign, Assignment, SideSelectors};
+use compile::{compile, Sides};
+use nft::ApplyKind;
+use store::Store;
+
+/// What an edit did.
+#[derive(Debug, Serialize)]
+pub struct EditOutcome {
+    pub rule_set: RuleSet,
+    /// None for a dry run.
+    pub applied: Option<ApplyKind>,
+    /// The nft JSON that a dry run would apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<String>,
+}
+
+/// The sides as they are now, without waiting: rules for a missing side apply when `run`
+/// sees it come up.
+pub async fn current_assignment(selectors: &SideSelectors) -> Result<Assignment> {
+    selectors.validate()?;
+    let kernel = Kernel::connect()?;
+    assign(selectors, &kernel.interfaces().await?)
+}
+
+/// One edit, under the store's lock: load, change, validate, apply to the kernel, then save.
+/// Any error leaves both the kernel (nft transactions are atomic) and the file as they were.
+pub async fn edit(
+    store: &Store,
+    selectors: &SideSelectors,
+    dry_run: bool,
+    change: impl FnOnce(&mut RuleSet) -> Result<()>,
+) -> Result<EditOutcome> {
+    let locked = store.lock()?;
+    let old = locked.load()?;
+    let mut new = old.clone();
+    change(&mut new)?;
+    new.validate()?;
+    let assignment = current_assignment(selectors).await?;
+    let sides = Sides::from_assignment(&assignment);
+    let compiled = compile(&new, sides);
+    if dry_run {
+        return Ok(EditOutcome {
+            rule_set: new,
+            applied: None,
+            dry_run: Some(nft::render(nft::full_batch(&compiled))?),
+        });
+    }
+    let applied = nft::apply(Some(&compile(&old, sides)), &compiled)?;
+    if new != old {
+        locked.save(&new)?;
+    }
+    Ok(EditOutcome {
+        rule_set: new,
+        applied: Some(applied),
+        dry_run: None,
+    })
+}
+
+/// Loads the stored rule set and applies it for the given sides (what `run` does at start
+/// and whenever a side comes or goes).
+pub fn apply_stored(store: &Store, assignment: &Assignment) -> Result<ApplyKind> {
+    let locked = store.lock()?;
+    let rule_set = locked.load()?;
+    nft::apply(None, &compile(&rule_set, Sides::from_assignment(assignment)))
+}
+
+/// Whether the kernel holds exactly what the stored rules compile to for these sides.
+pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool> {
+    let expected = nft::fingerprint(&compile(rule_set, Sides::from_assignment(assignment)));
+    Ok(nft::kernel_fingerprint()?.as_deref() == Some(expected.as_str()))
+}

@@ -1,0 +1,262 @@
+//! Talking to nftables: one `nft -j -f -` transaction per change, so a change applies whole
+//! or not at all. A change that only adds or removes set elements or rewrites a few chains
+//! is sent as that difference (still one transaction); anything else replaces the table.
+//! A marker chain named after a fingerprint of what was applied tells whether the kernel
+//! still holds the previous compile, so the difference is only used when it is valid.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use nftables::expr::{Expression, NamedExpression};
+use nftables::schema::{Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Set, Table};
+use nftables::types::NfFamily;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::compile::{Compiled, TABLE};
+use crate::error::{Error, Result};
+
+const MARKER_PREFIX: &str = "applied_";
+
+/// How a change reached the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyKind {
+    Unchanged,
+    Incremental,
+    Full,
+}
+
+/// Packet and byte counts per rule comment ("rule 7", "nat 3").
+pub type Counters = BTreeMap<String, (u64, u64)>;
+
+fn table() -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+fn plain_chain(name: &str) -> Chain<'static> {
+    Chain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.to_string().into(),
+        ..Chain::default()
+    }
+}
+
+/// A stable 64-bit FNV-1a fingerprint of a compile.
+pub fn fingerprint(compiled: &Compiled) -> String {
+    let bytes = serde_json::to_vec(compiled).unwrap_or_default();
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+fn add(object: NfListObject<'static>) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(object))
+}
+
+/// The transaction that replaces the whole table: create it if missing, delete it, build it.
+pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
+    let mut batch = vec![
+        add(NfListObject::Table(table())),
+        NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
+        add(NfListObject::Table(table())),
+    ];
+    batch.extend(compiled.sets.values().map(|set| add(NfListObject::Set(Box::new(set.clone())))));
+    batch.extend(compiled.chains.iter().map(|c| add(NfListObject::Chain(c.chain.clone()))));
+    for chain in &compiled.chains {
+        batch.extend(chain.rules.iter().map(|r| add(NfListObject::Rule(r.clone()))));
+    }
+    batch.push(add(NfListObject::Chain(plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(compiled))))));
+    batch
+}
+
+fn element_value(element: &Expression<'static>) -> Expression<'static> {
+    match element {
+        Expression::Named(NamedExpression::Elem(elem)) => (*elem.val).clone(),
+        other => other.clone(),
+    }
+}
+
+fn elements(set: &Set<'static>) -> Vec<Expression<'static>> {
+    set.elem.as_deref().map(<[_]>::to_vec).unwrap_or_default()
+}
+
+fn element_batch(set: &Set<'static>, elements: Vec<Expression<'static>>) -> Element<'static> {
+    Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: set.name.clone(),
+        elem: elements.into(),
+    }
+}
+
+/// The transaction that turns `old` into `new` in place, or None when the shape changed
+/// too much (chain headers, set types) and the table must be replaced.
+pub fn incremental_batch(old: &Compiled, new: &Compiled) -> Option<Vec<NfObject<'static>>> {
+    let headers = |c: &Compiled| c.chains.iter().map(|c| c.chain.clone()).collect::<Vec<_>>();
+    if headers(old) != headers(new) {
+        return None;
+    }
+    let mut batch = Vec::new();
+    for (name, set) in &new.sets {
+        match old.sets.get(name) {
+            None => batch.push(add(NfListObject::Set(Box::new(set.clone())))),
+            Some(previous) => {
+                let same_header = Set { elem: None, ..previous.clone() } == Set { elem: None, ..set.clone() };
+                if !same_header {
+                    return None;
+                }
+                let (before, after) = (elements(previous), elements(set));
+                let removed: Vec<_> = before.iter().filter(|e| !after.contains(e)).map(element_value).collect();
+                let added: Vec<_> = after.iter().filter(|e| !before.contains(e)).cloned().collect();
+                if !removed.is_empty() {
+                    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Element(element_batch(set, removed)))));
+                }
+                if !added.is_empty() {
+                    batch.push(add(NfListObject::Element(element_batch(set, added))));
+                }
+            }
+        }
+    }
+    for (chain_old, chain_new) in old.chains.iter().zip(&new.chains) {
+        if chain_old.rules != chain_new.rules {
+            batch.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(chain_new.chain.clone()))));
+            batch.extend(chain_new.rules.iter().map(|r| add(NfListObject::Rule(r.clone()))));
+        }
+    }
+    for (name, set) in &old.sets {
+        if !new.sets.contains_key(name) {
+            batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(Box::new(Set { elem: None, ..set.clone() })))));
+        }
+    }
+    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(old)))))));
+    batch.push(add(NfListObject::Chain(plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(new))))));
+    Some(batch)
+}
+
+/// The batch as nft JSON. Sets get a `counter` statement, so every element counts its own
+/// packets (the crate does not model set statements).
+pub fn render(batch: Vec<NfObject<'static>>) -> Result<String> {
+    let document = Nftables { objects: batch.into() };
+    let mut value = serde_json::to_value(&document).map_err(json_error)?;
+    if let Some(objects) = value.get_mut("nftables").and_then(Value::as_array_mut) {
+        for object in objects {
+            if let Some(set) = object.get_mut("add").and_then(|a| a.get_mut("set")).and_then(Value::as_object_mut) {
+                set.insert("stmt".into(), serde_json::json!([{ "counter": null }]));
+            }
+        }
+    }
+    serde_json::to_string(&value).map_err(json_error)
+}
+
+fn json_error(error: serde_json::Error) -> Error {
+    Error::Io {
+        context: "render nftables JSON".into(),
+        source: error.into(),
+    }
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Io {
+            context: "run nft (install the nftables package)".into(),
+            source,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(|source| Error::Io {
+            context: "send the ruleset to nft".into(),
+            source,
+        })?;
+    }
+    let output = child.wait_with_output().map_err(|source| Error::Io {
+        context: "wait for nft".into(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(Error::Nft(format!(
+            "nft {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The fingerprint of what the kernel holds, from the marker chain (cheap: chain headers only).
+pub fn kernel_fingerprint() -> Result<Option<String>> {
+    let listing = nft(&["-j", "list", "chains", "inet"], None)?;
+    let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
+    Ok(value["nftables"].as_array().into_iter().flatten().find_map(|object| {
+        let chain = object.get("chain")?;
+        (chain["table"] == TABLE)
+            .then(|| chain["name"].as_str()?.strip_prefix(MARKER_PREFIX).map(str::to_string))
+            .flatten()
+    }))
+}
+
+/// Applies `new`, as a difference from `old` when the kernel provably holds `old`.
+pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
+    let in_kernel = kernel_fingerprint()?;
+    let new_fingerprint = fingerprint(new);
+    if in_kernel.as_deref() == Some(new_fingerprint.as_str()) {
+        return Ok(ApplyKind::Unchanged);
+    }
+    if let Some(old) = old.filter(|old| in_kernel.as_deref() == Some(fingerprint(old).as_str())) {
+        if let Some(batch) = incremental_batch(old, new) {
+            nft(&["-j", "-f", "-"], Some(&render(batch)?))?;
+            return Ok(ApplyKind::Incremental);
+        }
+    }
+    nft(&["-j", "-f", "-"], Some(&render(full_batch(new))?))?;
+    Ok(ApplyKind::Full)
+}
+
+/// Removes our table, if present.
+pub fn delete_table() -> Result<()> {
+    let batch = vec![add(NfListObject::Table(table())), NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table())))];
+    nft(&["-j", "-f", "-"], Some(&render(batch)?)).map(drop)
+}
+
+/// Per-rule counters read from our table only (the crate cannot parse every construct other
+/// tables may hold, and we never look at them).
+pub fn counters() -> Result<Counters> {
+    let listing = match nft(&["-j", "list", "table", "inet", TABLE], None) {
+        Ok(listing) => listing,
+        Err(Error::Nft(message)) if message.contains("No such file") => return Ok(Counters::new()),
+        Err(error) => return Err(error),
+    };
+    let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
+    let mut counters = Counters::new();
+    let mut add_up = |comment: Option<&str>, counter: &Value| {
+        if let Some(comment) = comment {
+            let entry = counters.entry(comment.to_string()).or_default();
+            entry.0 += counter["packets"].as_u64().unwrap_or(0);
+            entry.1 += counter["bytes"].as_u64().unwrap_or(0);
+        }
+    };
+    for object in value["nftables"].as_array().into_iter().flatten() {
+        if let Some(rule) = object.get("rule") {
+            let counter = rule["expr"].as_array().into_iter().flatten().find_map(|s| s.get("counter"));
+            if let Some(counter) = counter {
+                add_up(rule["comment"].as_str(), counter);
+            }
+        }
+        if let Some(set) = object.get("set") {
+            for element in set["elem"].as_array().into_iter().flatten() {
+                let elem = &element["elem"];
+                add_up(elem["comment"].as_str(), &elem["counter"]);
+            }
+        }
+    }
+    Ok(counters)
+}
