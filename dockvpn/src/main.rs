@@ -82,7 +82,9 @@ fn main() -> ExitCode {
                 vnf_core::runtime::run(config, started, shutdown_signal(), &mut NoObserver).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Status { json } => print_status(&cli.sides.runtime_config(cli.routes.routing_config()), json).await,
+            Command::Status { json } => {
+                print_status(&cli.sides.runtime_config(cli.routes.routing_config()), json).await
+            }
         }
     })
 }

@@ -16,12 +16,18 @@ use vnf_core::side::{Assignment, SideSelectors};
 use vnf_core::{Error, Result};
 
 use crate::fwaas;
-use crate::{Cli, Command, DefaultPolicy, NatCommand, NatSpec, RuleCommand, RuleSelector, RuleSpec};
+use crate::{
+    Cli, Command, DefaultPolicy, NatCommand, NatSpec, RuleCommand, RuleSelector, RuleSpec,
+};
 
 pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     let store = Store::new(&cli.state_dir);
     let selectors = cli.sides.selectors();
-    let editor = Editor { store: &store, selectors: &selectors, dry_run: cli.dry_run };
+    let editor = Editor {
+        store: &store,
+        selectors: &selectors,
+        dry_run: cli.dry_run,
+    };
     match cli.command {
         Command::Run => {
             let config = cli.sides.runtime_config(cli.tables.routing_config());
@@ -29,7 +35,14 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => status(&cli.sides.runtime_config(cli.tables.routing_config()), &store, json).await,
+        Command::Status { json } => {
+            status(
+                &cli.sides.runtime_config(cli.tables.routing_config()),
+                &store,
+                json,
+            )
+            .await
+        }
         Command::Rule(RuleCommand::List { json }) => list_rules(&store, json),
         Command::Rule(command) => editor.rule(command).await,
         Command::Nat(NatCommand::List { json }) => list_nat(&store, json),
@@ -40,10 +53,13 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 DefaultPolicy::Deny => Policy::Drop,
             };
             editor
-                .run(format!("default forward policy is now {policy:?}").to_lowercase(), |set| {
-                    set.default_policy = policy;
-                    Ok(())
-                })
+                .run(
+                    format!("default forward policy is now {policy:?}").to_lowercase(),
+                    |set| {
+                        set.default_policy = policy;
+                        Ok(())
+                    },
+                )
                 .await
         }
         Command::Import { file, role } => {
@@ -58,7 +74,10 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                     Ok(())
                 })
                 .await?;
-            report(&outcome, &format!("imported {count} FWaaS rules from {}", file.display()))
+            report(
+                &outcome,
+                &format!("imported {count} FWaaS rules from {}", file.display()),
+            )
         }
         Command::Export { .. } => {
             let rule_set = store.lock()?.load()?;
@@ -71,11 +90,15 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         }
         Command::Apply { file } => {
             let new = read_rule_set(&file)?;
-            editor.run(format!("applied {} ({} rules)", file.display(), new.rules.len()), move |set| {
-                *set = new;
-                Ok(())
-            })
-            .await
+            editor
+                .run(
+                    format!("applied {} ({} rules)", file.display(), new.rules.len()),
+                    move |set| {
+                        *set = new;
+                        Ok(())
+                    },
+                )
+                .await
         }
     }
 }
@@ -91,21 +114,33 @@ impl Editor<'_> {
         firewall::edit(self.store, self.selectors, self.dry_run, change).await
     }
 
-    async fn run(&self, message: String, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<ExitCode> {
+    async fn run(
+        &self,
+        message: String,
+        change: impl FnOnce(&mut RuleSet) -> Result<()>,
+    ) -> Result<ExitCode> {
         let outcome = self.edit(change).await?;
         report(&outcome, &message)
     }
 
     async fn rule(&self, command: RuleCommand) -> Result<ExitCode> {
         match command {
-            RuleCommand::Add { spec, before, after } => {
+            RuleCommand::Add {
+                spec,
+                before,
+                after,
+            } => {
                 let mut message = String::new();
                 let outcome = self
                     .edit(|set| {
                         let rule = new_rule(set, spec);
                         let position = match (before, after) {
-                            (Some(id), _) => set.position_of(id).ok_or_else(|| unknown_id("before", id))?,
-                            (_, Some(id)) => set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1,
+                            (Some(id), _) => set
+                                .position_of(id)
+                                .ok_or_else(|| unknown_id("before", id))?,
+                            (_, Some(id)) => {
+                                set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1
+                            }
                             _ => set.rules.len(),
                         };
                         message = format!("rule {} added at position {}", rule.id, position + 1);
@@ -136,7 +171,11 @@ impl Editor<'_> {
                     .edit(|set| {
                         let index = select(&set.rules, &selector, |r| r.id)?;
                         let removed = set.rules.remove(index);
-                        message = format!("rule {} deleted (was at position {})", removed.id, index + 1);
+                        message = format!(
+                            "rule {} deleted (was at position {})",
+                            removed.id,
+                            index + 1
+                        );
                         Ok(())
                     })
                     .await?;
@@ -144,7 +183,11 @@ impl Editor<'_> {
             }
             RuleCommand::Enable(selector) => self.set_enabled(&selector, true).await,
             RuleCommand::Disable(selector) => self.set_enabled(&selector, false).await,
-            RuleCommand::List { .. } => Err(Error::invalid("command", "rule list", "listing is not an edit")),
+            RuleCommand::List { .. } => Err(Error::invalid(
+                "command",
+                "rule list",
+                "listing is not an edit",
+            )),
         }
     }
 
@@ -171,9 +214,23 @@ impl Editor<'_> {
                     let kind = match spec {
                         NatSpec::Masquerade { out, source } => NatKind::Masquerade { out, source },
                         NatSpec::Snat { out, to, source } => NatKind::Snat { out, to, source },
-                        NatSpec::Dnat { protocol, port, to, inbound } => NatKind::Dnat { protocol, port, to, inbound },
+                        NatSpec::Dnat {
+                            protocol,
+                            port,
+                            to,
+                            inbound,
+                        } => NatKind::Dnat {
+                            protocol,
+                            port,
+                            to,
+                            inbound,
+                        },
                     };
-                    set.nat.push(NatRule { id, kind, comment: None });
+                    set.nat.push(NatRule {
+                        id,
+                        kind,
+                        comment: None,
+                    });
                     message = format!("NAT rule {id} added");
                     Ok(())
                 })
@@ -188,7 +245,13 @@ impl Editor<'_> {
                 })
                 .await?
             }
-            NatCommand::List { .. } => return Err(Error::invalid("command", "nat list", "listing is not an edit")),
+            NatCommand::List { .. } => {
+                return Err(Error::invalid(
+                    "command",
+                    "nat list",
+                    "listing is not an edit",
+                ))
+            }
         };
         report(&outcome, &message)
     }
@@ -218,16 +281,27 @@ fn unknown_id(field: &'static str, id: u64) -> Error {
 }
 
 fn out_of_range(position: usize, last: usize) -> Error {
-    Error::invalid("position", position, format!("use 1-{last}; see `dockwall rule list`"))
+    Error::invalid(
+        "position",
+        position,
+        format!("use 1-{last}; see `dockwall rule list`"),
+    )
 }
 
 /// The index a selector points at: a 1-based position or a stable id.
 fn select<T>(items: &[T], selector: &RuleSelector, id_of: impl Fn(&T) -> u64) -> Result<usize> {
     match (selector.position, selector.id) {
-        (_, Some(id)) => items.iter().position(|item| id_of(item) == id).ok_or_else(|| unknown_id("id", id)),
+        (_, Some(id)) => items
+            .iter()
+            .position(|item| id_of(item) == id)
+            .ok_or_else(|| unknown_id("id", id)),
         (Some(position), None) if (1..=items.len()).contains(&position) => Ok(position - 1),
         (Some(position), None) => Err(out_of_range(position, items.len())),
-        (None, None) => Err(Error::invalid("position", "none", "give a position or --id")),
+        (None, None) => Err(Error::invalid(
+            "position",
+            "none",
+            "give a position or --id",
+        )),
     }
 }
 
@@ -241,7 +315,10 @@ fn to_json(value: &impl Serialize) -> Result<String> {
 fn report(outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
     match (&outcome.dry_run, outcome.applied) {
         (Some(batch), _) => println!("{batch}"),
-        (None, Some(kind)) => println!("{message} (applied: {})", format!("{kind:?}").to_lowercase()),
+        (None, Some(kind)) => println!(
+            "{message} (applied: {})",
+            format!("{kind:?}").to_lowercase()
+        ),
         (None, None) => println!("{message}"),
     }
     Ok(ExitCode::SUCCESS)
@@ -267,7 +344,12 @@ fn listed_rules<'a>(rule_set: &'a RuleSet, counters: &Counters) -> Vec<ListedRul
         .enumerate()
         .map(|(index, rule)| {
             let (packets, bytes) = counter_of(counters, compile::rule_comment(rule.id));
-            ListedRule { position: index + 1, rule, packets, bytes }
+            ListedRule {
+                position: index + 1,
+                rule,
+                packets,
+                bytes,
+            }
         })
         .collect()
 }
@@ -304,7 +386,10 @@ fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
     let counters = nft::counters()?;
     let listed = listed_rules(&rule_set, &counters);
     if json {
-        println!("{}", to_json(&json!({ "default_policy": rule_set.default_policy, "rules": listed }))?);
+        println!(
+            "{}",
+            to_json(&json!({ "default_policy": rule_set.default_policy, "rules": listed }))?
+        );
     } else {
         println!("default forward policy: {:?}", rule_set.default_policy);
         for entry in &listed {
@@ -337,13 +422,20 @@ fn list_nat(store: &Store, json: bool) -> Result<ExitCode> {
         println!("{}", to_json(&listed)?);
     } else {
         for entry in &listed {
-            println!("{:>4}  id {:<5} {} {:>10} pkts", entry["position"], entry["id"], entry["kind"], entry["packets"]);
+            println!(
+                "{:>4}  id {:<5} {} {:>10} pkts",
+                entry["position"], entry["id"], entry["kind"], entry["packets"]
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(config: &vnf_core::runtime::RuntimeConfig, store: &Store, json: bool) -> Result<ExitCode> {
+async fn status(
+    config: &vnf_core::runtime::RuntimeConfig,
+    store: &Store,
+    json: bool,
+) -> Result<ExitCode> {
     let routing = vnf_core::status::collect(config).await?;
     let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
@@ -364,7 +456,11 @@ async fn status(config: &vnf_core::runtime::RuntimeConfig, store: &Store, json: 
         println!("{}", to_json(&report)?);
     } else {
         print!("{}", routing.render());
-        let state = if firewall_converged { "converged" } else { "NOT converged (is `run` running?)" };
+        let state = if firewall_converged {
+            "converged"
+        } else {
+            "NOT converged (is `run` running?)"
+        };
         println!(
             "firewall (nft table inet {}): {state}; default {:?}; {} rules, {} NAT rules",
             compile::TABLE,
@@ -373,7 +469,11 @@ async fn status(config: &vnf_core::runtime::RuntimeConfig, store: &Store, json: 
             rule_set.nat.len()
         );
     }
-    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Keeps the firewall applied for the current sides while `run` runs.

@@ -117,7 +117,9 @@ pub struct Document {
 }
 
 fn to_model(rule: &FirewallRule, direction: Direction, id: u64) -> Result<Rule> {
-    let field = |name: &'static str, value: &str, reason: String| Error::invalid(name, value, format!("firewall_rule {}: {reason}", rule.id));
+    let field = |name: &'static str, value: &str, reason: String| {
+        Error::invalid(name, value, format!("firewall_rule {}: {reason}", rule.id))
+    };
     let address = |name: &'static str, value: &Option<String>| -> Result<Option<IpNet>> {
         value
             .as_deref()
@@ -128,21 +130,37 @@ fn to_model(rule: &FirewallRule, direction: Direction, id: u64) -> Result<Rule> 
                     .map_err(|e| field(name, text, e.to_string()))?;
                 let version = if net.addr().is_ipv4() { 4 } else { 6 };
                 if version != rule.ip_version {
-                    return Err(field(name, text, format!("the rule says ip_version {}", rule.ip_version)));
+                    return Err(field(
+                        name,
+                        text,
+                        format!("the rule says ip_version {}", rule.ip_version),
+                    ));
                 }
                 Ok(net.trunc())
             })
             .transpose()
     };
     let port = |name: &'static str, value: &Option<String>| -> Result<Option<PortRange>> {
-        value.as_deref().map(|text| text.parse::<PortRange>().map_err(|e| field(name, text, e.to_string()))).transpose()
+        value
+            .as_deref()
+            .map(|text| {
+                text.parse::<PortRange>()
+                    .map_err(|e| field(name, text, e.to_string()))
+            })
+            .transpose()
     };
     if ![4, 6].contains(&rule.ip_version) {
-        return Err(field("ip_version", &rule.ip_version.to_string(), "use 4 or 6".into()));
+        return Err(field(
+            "ip_version",
+            &rule.ip_version.to_string(),
+            "use 4 or 6".into(),
+        ));
     }
     let mut protocol = match rule.protocol.as_deref() {
         None => Protocol::Any,
-        Some(text) => text.parse::<Protocol>().map_err(|e| field("protocol", text, e.to_string()))?,
+        Some(text) => text
+            .parse::<Protocol>()
+            .map_err(|e| field("protocol", text, e.to_string()))?,
     };
     if protocol == Protocol::Icmp && rule.ip_version == 6 {
         protocol = Protocol::Icmpv6;
@@ -176,14 +194,25 @@ fn to_model(rule: &FirewallRule, direction: Direction, id: u64) -> Result<Rule> 
 /// Replaces the filter rules of `rule_set` with the document's policies; NAT and the default
 /// policy stay. `single_as` says what a lone `firewall_policy` is.
 pub fn import(rule_set: &mut RuleSet, text: &str, single_as: PolicyRole) -> Result<usize> {
-    let document: Document = serde_json::from_str(text).map_err(|e| Error::invalid("FWaaS document", "", e))?;
-    let rules: HashMap<&str, &FirewallRule> = document.firewall_rules.iter().map(|r| (r.id.as_str(), r)).collect();
+    let document: Document =
+        serde_json::from_str(text).map_err(|e| Error::invalid("FWaaS document", "", e))?;
+    let rules: HashMap<&str, &FirewallRule> = document
+        .firewall_rules
+        .iter()
+        .map(|r| (r.id.as_str(), r))
+        .collect();
     let policy = |id: &str| -> Result<&FirewallPolicy> {
         document
             .firewall_policies
             .iter()
             .find(|p| p.id == id)
-            .ok_or_else(|| Error::invalid("firewall_policy_id", id, "no policy with this id in firewall_policies"))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "firewall_policy_id",
+                    id,
+                    "no policy with this id in firewall_policies",
+                )
+            })
     };
     let mut ordered: Vec<(&FirewallPolicy, Direction)> = Vec::new();
     match (&document.firewall_group, &document.firewall_policy) {
@@ -196,14 +225,24 @@ pub fn import(rule_set: &mut RuleSet, text: &str, single_as: PolicyRole) -> Resu
             }
         }
         (None, Some(single)) => ordered.push((single, single_as.direction())),
-        (None, None) => return Err(Error::invalid("FWaaS document", "", "needs firewall_group (with firewall_policies) or firewall_policy")),
+        (None, None) => {
+            return Err(Error::invalid(
+                "FWaaS document",
+                "",
+                "needs firewall_group (with firewall_policies) or firewall_policy",
+            ))
+        }
     }
     let mut imported = Vec::new();
     for (policy, direction) in ordered {
         for rule_id in &policy.firewall_rules {
-            let rule = rules
-                .get(rule_id.as_str())
-                .ok_or_else(|| Error::invalid("firewall_rules", rule_id, "the policy lists a rule that is not in firewall_rules"))?;
+            let rule = rules.get(rule_id.as_str()).ok_or_else(|| {
+                Error::invalid(
+                    "firewall_rules",
+                    rule_id,
+                    "the policy lists a rule that is not in firewall_rules",
+                )
+            })?;
             imported.push(to_model(rule, direction, rule_set.allocate_id())?);
         }
     }
@@ -214,7 +253,10 @@ pub fn import(rule_set: &mut RuleSet, text: &str, single_as: PolicyRole) -> Resu
 
 fn from_model(rule: &Rule) -> FirewallRule {
     FirewallRule {
-        id: rule.external_id.clone().unwrap_or_else(|| format!("dockwall-rule-{}", rule.id)),
+        id: rule
+            .external_id
+            .clone()
+            .unwrap_or_else(|| format!("dockwall-rule-{}", rule.id)),
         name: rule.name.clone(),
         description: rule.comment.clone(),
         protocol: match rule.protocol {
@@ -250,20 +292,34 @@ pub fn export(rule_set: &RuleSet) -> (Document, Vec<String>) {
         }),
         ..Document::default()
     };
-    let mut ingress = FirewallPolicy { id: "dockwall-ingress".into(), name: Some("ingress".into()), ..Default::default() };
-    let mut egress = FirewallPolicy { id: "dockwall-egress".into(), name: Some("egress".into()), ..Default::default() };
+    let mut ingress = FirewallPolicy {
+        id: "dockwall-ingress".into(),
+        name: Some("ingress".into()),
+        ..Default::default()
+    };
+    let mut egress = FirewallPolicy {
+        id: "dockwall-egress".into(),
+        name: Some("egress".into()),
+        ..Default::default()
+    };
     let mut skipped = Vec::new();
     for rule in &rule_set.rules {
         let policy = match rule.direction {
             Direction::RightToLeft => &mut ingress,
             Direction::LeftToRight => &mut egress,
             Direction::Both | Direction::Local => {
-                skipped.push(format!("rule {}: direction {:?} has no FWaaS form", rule.id, rule.direction));
+                skipped.push(format!(
+                    "rule {}: direction {:?} has no FWaaS form",
+                    rule.id, rule.direction
+                ));
                 continue;
             }
         };
         if rule.action == Action::Limit || rule.log {
-            skipped.push(format!("rule {}: rate limits and logging have no FWaaS form", rule.id));
+            skipped.push(format!(
+                "rule {}: rate limits and logging have no FWaaS form",
+                rule.id
+            ));
             continue;
         }
         let exported = from_model(rule);
@@ -295,13 +351,26 @@ mod tests {
     fn import_orders_by_policy_and_maps_directions() {
         let mut set = RuleSet::default();
         assert_eq!(import(&mut set, GROUP, PolicyRole::Ingress).unwrap(), 3);
-        let ids: Vec<_> = set.rules.iter().map(|r| r.external_id.as_deref().unwrap()).collect();
+        let ids: Vec<_> = set
+            .rules
+            .iter()
+            .map(|r| r.external_id.as_deref().unwrap())
+            .collect();
         assert_eq!(ids, ["r-ssh", "r-web", "r-dns"]);
         assert_eq!(set.rules[0].direction, Direction::RightToLeft);
         assert_eq!(set.rules[0].action, Action::Reject);
-        assert_eq!(set.rules[1].destination_port, Some(PortRange { first: 80, last: 81 }));
+        assert_eq!(
+            set.rules[1].destination_port,
+            Some(PortRange {
+                first: 80,
+                last: 81
+            })
+        );
         assert_eq!(set.rules[2].direction, Direction::LeftToRight);
-        assert_eq!(set.rules[2].destination.unwrap().to_string(), "192.0.2.53/32");
+        assert_eq!(
+            set.rules[2].destination.unwrap().to_string(),
+            "192.0.2.53/32"
+        );
         assert!(!set.rules[2].enabled);
     }
 
@@ -312,21 +381,43 @@ mod tests {
         let (document, skipped) = export(&set);
         assert!(skipped.is_empty(), "{skipped:?}");
         let mut again = RuleSet::default();
-        import(&mut again, &serde_json::to_string(&document).unwrap(), PolicyRole::Ingress).unwrap();
+        import(
+            &mut again,
+            &serde_json::to_string(&document).unwrap(),
+            PolicyRole::Ingress,
+        )
+        .unwrap();
         assert_eq!(again.rules, set.rules);
     }
 
     #[test]
     fn bad_documents_name_the_field() {
         let cases = [
-            (r#"{"firewall_policy": {"firewall_rules": ["a"]}, "firewall_rules": [{"id": "a", "action": "permit"}]}"#, "action"),
-            (r#"{"firewall_policy": {"firewall_rules": ["a"]}, "firewall_rules": [{"id": "a", "action": "allow", "ip_version": 4, "source_ip_address": "fd00::1"}]}"#, "ip_version 4"),
-            (r#"{"firewall_policy": {"firewall_rules": ["b"]}, "firewall_rules": [{"id": "a", "action": "allow"}]}"#, "not in firewall_rules"),
-            (r#"{"firewall_policy": {"firewall_rules": []}, "firewall_rules": [{"id": "a", "action": "allow", "colour": 1}]}"#, "unknown field `colour`"),
-            (r#"{"firewall_policy": {"firewall_rules": ["a"]}, "firewall_rules": [{"id": "a", "action": "allow", "protocol": "tcp", "destination_port": "0"}]}"#, "outside 1-65535"),
+            (
+                r#"{"firewall_policy": {"firewall_rules": ["a"]}, "firewall_rules": [{"id": "a", "action": "permit"}]}"#,
+                "action",
+            ),
+            (
+                r#"{"firewall_policy": {"firewall_rules": ["a"]}, "firewall_rules": [{"id": "a", "action": "allow", "ip_version": 4, "source_ip_address": "fd00::1"}]}"#,
+                "ip_version 4",
+            ),
+            (
+                r#"{"firewall_policy": {"firewall_rules": ["b"]}, "firewall_rules": [{"id": "a", "action": "allow"}]}"#,
+                "not in firewall_rules",
+            ),
+            (
+                r#"{"firewall_policy": {"firewall_rules": []}, "firewall_rules": [{"id": "a", "action": "allow", "colour": 1}]}"#,
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"firewall_policy": {"firewall_rules": ["a"]}, "firewall_rules": [{"id": "a", "action": "allow", "protocol": "tcp", "destination_port": "0"}]}"#,
+                "outside 1-65535",
+            ),
         ];
         for (text, needle) in cases {
-            let error = import(&mut RuleSet::default(), text, PolicyRole::Ingress).unwrap_err().to_string();
+            let error = import(&mut RuleSet::default(), text, PolicyRole::Ingress)
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(needle), "{text}: {error}");
         }
     }

@@ -27,7 +27,13 @@ pub struct Cli {
     log: LogArgs,
 
     /// Where the rule set is stored (a volume in the image)
-    #[arg(long, global = true, env = "DOCKWALL_STATE_DIR", default_value = "/var/lib/dockwall", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "DOCKWALL_STATE_DIR",
+        default_value = "/var/lib/dockwall",
+        value_name = "DIR"
+    )]
     state_dir: PathBuf,
 
     /// Print the nft JSON an edit would apply and change nothing
@@ -185,7 +191,9 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
     text.parse::<IpNet>()
         .map(|net| net.trunc())
         .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)"))
+        .map_err(|_| {
+            format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)")
+        })
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,6 +4,7 @@
 //! parallel.
 
 pub mod chain;
+pub mod dockwall;
 pub mod netns;
 pub mod prereq;
 pub mod traffic;

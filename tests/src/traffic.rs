@@ -78,3 +78,126 @@ pub fn tcp_exchange(
         result.and(served)
     })
 }
+
+/// How a connection attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Data went both ways.
+    Passed,
+    /// Actively refused: a TCP reset or an ICMP port unreachable.
+    Refused,
+    /// Nothing came back.
+    TimedOut,
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A TCP connection from `client` to `address:port`, served in `server`; also returns the
+/// peer address the server saw (to observe NAT).
+pub fn tcp_probe(
+    client: &Netns,
+    server: &Netns,
+    listen: &str,
+    connect: &str,
+    port: u16,
+    connect_port: u16,
+) -> (Probe, Option<SocketAddr>) {
+    let bind: SocketAddr = format!("{listen}:{port}").parse().expect("listen address");
+    let target: SocketAddr = format!("{connect}:{connect_port}")
+        .parse()
+        .expect("connect address");
+    let listener = server
+        .run(|| TcpListener::bind(bind))
+        .unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    std::thread::scope(|scope| {
+        let serve = scope.spawn(|| -> Option<SocketAddr> {
+            let deadline = std::time::Instant::now() + PROBE_TIMEOUT * 2;
+            while std::time::Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
+                        let mut byte = [0u8; 1];
+                        if stream.read_exact(&mut byte).is_ok() {
+                            let _ = stream.write_all(&byte);
+                        }
+                        return Some(peer);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            None
+        });
+        let probe = client.run(
+            || match TcpStream::connect_timeout(&target, PROBE_TIMEOUT) {
+                Ok(mut stream) => {
+                    let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
+                    let mut byte = [7u8; 1];
+                    match stream
+                        .write_all(&byte)
+                        .and_then(|()| stream.read_exact(&mut byte))
+                    {
+                        Ok(()) => Probe::Passed,
+                        Err(_) => Probe::TimedOut,
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    Probe::Refused
+                }
+                Err(_) => Probe::TimedOut,
+            },
+        );
+        let peer = serve.join().ok().flatten();
+        (probe, peer)
+    })
+}
+
+/// A UDP datagram from `client` to `address:port` echoed by `server`.
+pub fn udp_probe(client: &Netns, server: &Netns, address: &str, port: u16) -> Probe {
+    let bind: SocketAddr = format!("{address}:{port}").parse().expect("address");
+    let socket = server
+        .run(|| std::net::UdpSocket::bind(bind))
+        .unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+    socket
+        .set_read_timeout(Some(PROBE_TIMEOUT * 2))
+        .expect("timeout");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut buffer = [0u8; 16];
+            if let Ok((length, peer)) = socket.recv_from(&mut buffer) {
+                let _ = socket.send_to(&buffer[..length], peer);
+            }
+        });
+        let probe = client.run(|| {
+            let local = std::net::UdpSocket::bind("0.0.0.0:0").expect("client socket");
+            local
+                .set_read_timeout(Some(PROBE_TIMEOUT))
+                .expect("timeout");
+            local.connect(bind).expect("connect");
+            let _ = local.send(b"ping");
+            let mut buffer = [0u8; 16];
+            match local.recv(&mut buffer) {
+                Ok(_) => Probe::Passed,
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    Probe::Refused
+                }
+                Err(_) => Probe::TimedOut,
+            }
+        });
+        if probe != Probe::Passed {
+            // Unblock the server's receive so the scope ends promptly.
+            let _ = server
+                .run(|| std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"x", bind)));
+        }
+        probe
+    })
+}
+
+/// The summary line of one ping, to tell a drop from an ICMP unreachable.
+pub fn ping_output(from: &Netns, to: &str) -> String {
+    let output = from.exec("ping", &["-c", "1", "-W", "1", to]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

@@ -44,7 +44,7 @@ fn cross_state_reads_back_exactly_and_applying_twice_changes_nothing() {
         (first, second, read_back, want)
     });
     assert_eq!(want.routes.len(), 4);
-    assert_eq!(want.rules.len(), 2);
+    assert_eq!(want.rules.len(), 4);
     assert_eq!(
         first.added, want,
         "first apply adds exactly the desired state"
@@ -146,7 +146,7 @@ fn stale_state_from_a_killed_run_is_replaced() {
         )
     });
     assert_eq!(changes.removed.routes.len(), 4, "{changes}");
-    assert_eq!(changes.removed.rules.len(), 2, "{changes}");
+    assert_eq!(changes.removed.rules.len(), 4, "{changes}");
     assert_eq!(read_back, want);
     assert_eq!(chain.si.ip(&["route", "show", "table", "2001"]), "");
 }

@@ -29,6 +29,16 @@ pub const RULE_PRIORITY_FIRST: u32 = 1000;
 pub const RULE_PRIORITY_LAST: u32 = 1099;
 const RULE_PRIORITY_FROM_LEFT: u32 = RULE_PRIORITY_FIRST;
 const RULE_PRIORITY_FROM_RIGHT: u32 = RULE_PRIORITY_FIRST + 1;
+const RULE_PRIORITY_REPLY_LEFT: u32 = RULE_PRIORITY_FIRST + 2;
+const RULE_PRIORITY_REPLY_RIGHT: u32 = RULE_PRIORITY_FIRST + 3;
+
+/// Firewall marks for packets that arrived on the left / right side (the firewall sets
+/// them). With net.ipv4.fwmark_reflect=1 the replies the SI itself generates for forwarded
+/// packets (TCP resets, ICMP unreachable, fragmentation needed) carry the mark too; they have
+/// no incoming interface, so the iif rules miss them and `main` has no route to hosts behind
+/// the gateways. The mark rules send them back out of the side they came from.
+pub const LEFT_INGRESS_MARK: u32 = 0x0d0c_0001;
+pub const RIGHT_INGRESS_MARK: u32 = 0x0d0c_0002;
 
 pub const MAIN_TABLE: u32 = 254;
 pub const DEFAULT_LEFT_TABLE: u32 = 1001;
@@ -276,21 +286,27 @@ impl RouteSpec {
     }
 }
 
-/// One policy rule: packets arriving on `iif` look up `table`.
+/// One policy rule: packets arriving on `iif`, or carrying `fwmark`, look up `table`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct RuleSpec {
     pub priority: u32,
-    pub iif: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iif: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fwmark: Option<u32>,
     pub table: u32,
 }
 
 impl fmt::Display for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: iif {} lookup {}",
-            self.priority, self.iif, self.table
-        )
+        write!(f, "{}:", self.priority)?;
+        if let Some(iif) = &self.iif {
+            write!(f, " iif {iif}")?;
+        }
+        if let Some(mark) = self.fwmark {
+            write!(f, " fwmark {mark:#x}")?;
+        }
+        write!(f, " lookup {}", self.table)
     }
 }
 
@@ -303,10 +319,16 @@ impl RuleSpec {
         message.header.action = RuleAction::ToTable;
         message.attributes = vec![
             RuleAttribute::Priority(self.priority),
-            RuleAttribute::Iifname(self.iif.clone()),
             RuleAttribute::Table(self.table),
             RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
         ];
+        if let Some(iif) = &self.iif {
+            message.attributes.push(RuleAttribute::Iifname(iif.clone()));
+        }
+        if let Some(mark) = self.fwmark {
+            message.attributes.push(RuleAttribute::FwMark(mark));
+            message.attributes.push(RuleAttribute::FwMask(u32::MAX));
+        }
         message
     }
 
@@ -314,14 +336,16 @@ impl RuleSpec {
         let mut ours = false;
         let mut spec = RuleSpec {
             priority: 0,
-            iif: String::new(),
+            iif: None,
+            fwmark: None,
             table: u32::from(message.header.table),
         };
         for attribute in &message.attributes {
             match attribute {
                 RuleAttribute::Protocol(p) => ours = *p == RouteProtocol::Other(ROUTE_PROTOCOL),
                 RuleAttribute::Priority(p) => spec.priority = *p,
-                RuleAttribute::Iifname(name) => spec.iif = name.clone(),
+                RuleAttribute::Iifname(name) => spec.iif = Some(name.clone()),
+                RuleAttribute::FwMark(mark) => spec.fwmark = Some(*mark),
                 RuleAttribute::Table(t) => spec.table = *t,
                 _ => {}
             }
@@ -366,16 +390,33 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                 });
             }
             if let (Some(left), Some(right)) = (left, right) {
-                state.rules.insert(RuleSpec {
-                    priority: RULE_PRIORITY_FROM_LEFT,
-                    iif: left.name.clone(),
-                    table: config.right_table.get(),
-                });
-                state.rules.insert(RuleSpec {
-                    priority: RULE_PRIORITY_FROM_RIGHT,
-                    iif: right.name.clone(),
-                    table: config.left_table.get(),
-                });
+                let (left_table, right_table) = (config.left_table.get(), config.right_table.get());
+                state.rules.extend([
+                    RuleSpec {
+                        priority: RULE_PRIORITY_FROM_LEFT,
+                        iif: Some(left.name.clone()),
+                        fwmark: None,
+                        table: right_table,
+                    },
+                    RuleSpec {
+                        priority: RULE_PRIORITY_FROM_RIGHT,
+                        iif: Some(right.name.clone()),
+                        fwmark: None,
+                        table: left_table,
+                    },
+                    RuleSpec {
+                        priority: RULE_PRIORITY_REPLY_LEFT,
+                        iif: None,
+                        fwmark: Some(LEFT_INGRESS_MARK),
+                        table: left_table,
+                    },
+                    RuleSpec {
+                        priority: RULE_PRIORITY_REPLY_RIGHT,
+                        iif: None,
+                        fwmark: Some(RIGHT_INGRESS_MARK),
+                        table: right_table,
+                    },
+                ]);
             }
         }
         RoutingMode::Global => {
@@ -701,7 +742,12 @@ mod tests {
         let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
         assert_eq!(
             rules,
-            ["1000: iif eth0 lookup 1002", "1001: iif eth1 lookup 1001"]
+            [
+                "1000: iif eth0 lookup 1002",
+                "1001: iif eth1 lookup 1001",
+                "1002: fwmark 0xd0c0001 lookup 1001",
+                "1003: fwmark 0xd0c0002 lookup 1002"
+            ]
         );
     }
 
@@ -750,7 +796,8 @@ mod tests {
 
         let rule = RuleSpec {
             priority: 1000,
-            iif: "eth0".into(),
+            iif: Some("eth0".into()),
+            fwmark: Some(LEFT_INGRESS_MARK),
             table: 70_000,
         };
         let mut message = rule.to_message();
@@ -777,7 +824,8 @@ mod tests {
 
         let mut rule = RuleSpec {
             priority: 5000,
-            iif: "eth0".into(),
+            iif: Some("eth0".into()),
+            fwmark: None,
             table: 1001,
         }
         .to_message();

@@ -6,11 +6,12 @@ use std::fs;
 use std::io;
 use std::path::PathBuf;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 
 const FORWARD: &str = "net.ipv4.ip_forward";
+const FWMARK_REFLECT: &str = "net.ipv4.fwmark_reflect";
 const RP_FILTER_ALL: &str = "net.ipv4.conf.all.rp_filter";
 const RP_FILTER_LOOSE: u32 = 2;
 const RP_FILTER_STRICT: u32 = 1;
@@ -100,6 +101,10 @@ impl Sysctls {
             let key = format!("net.ipv4.conf.{interface}.rp_filter");
             per_interface.push((key.clone(), self.ensure(&key, RP_FILTER_LOOSE)?));
         }
+        if self.ensure(FWMARK_REFLECT, 1)? != 1 {
+            // Only the SI's own resets and ICMP errors for forwarded traffic depend on it.
+            warn!("{FWMARK_REFLECT} is 0 and /proc/sys is read-only: TCP resets and ICMP errors the SI sends for forwarded traffic get lost; pass --sysctl {FWMARK_REFLECT}=1");
+        }
         match refusal_message(forward, all, &per_interface) {
             None => Ok(()),
             Some(message) => Err(Error::Sysctl(message)),
@@ -172,6 +177,7 @@ mod tests {
             "writable",
             &[
                 (FORWARD, 0),
+                (FWMARK_REFLECT, 0),
                 (RP_FILTER_ALL, 1),
                 ("net.ipv4.conf.eth0.rp_filter", 1),
             ],
@@ -180,11 +186,16 @@ mod tests {
         assert_eq!(sysctls.read(FORWARD).unwrap(), 1);
         assert_eq!(sysctls.read(RP_FILTER_ALL).unwrap(), 2);
         assert_eq!(sysctls.read("net.ipv4.conf.eth0.rp_filter").unwrap(), 2);
+        assert_eq!(sysctls.read(FWMARK_REFLECT).unwrap(), 1);
+        assert_eq!(sysctls.read(FWMARK_REFLECT).unwrap(), 1);
     }
 
     #[test]
     fn missing_interface_sysctl_is_an_error_naming_it() {
-        let (_tree, sysctls) = tree("missing", &[(FORWARD, 1), (RP_FILTER_ALL, 2)]);
+        let (_tree, sysctls) = tree(
+            "missing",
+            &[(FORWARD, 1), (FWMARK_REFLECT, 1), (RP_FILTER_ALL, 2)],
+        );
         let error = sysctls
             .ensure_forwarding(&["eth9"])
             .unwrap_err()

@@ -9,15 +9,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use nftables::expr::{Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, CT};
+use nftables::expr::{
+    Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, CT,
+};
 use nftables::schema::{Chain, Rule as NftRule, Set, SetFlag, SetType, SetTypeValue};
 use nftables::stmt::{
-    AnonymousCounter, Counter, JumpTarget, Limit, Log, Match, NATFamily, Operator, Reject, RejectType, Statement, NAT,
+    AnonymousCounter, Counter, JumpTarget, Limit, Log, Mangle, Match, NATFamily, Operator, Reject,
+    RejectType, Statement, NAT,
 };
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 
 use super::model::{Action, Direction, NatKind, Policy, PortRange, Protocol, Rule, RuleSet};
+use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
 use crate::side::{Assignment, ReadySide, Side};
 
 /// The one table Dockwall owns; nothing outside it is ever touched.
@@ -28,8 +32,10 @@ pub const CHAIN_FROM_LEFT: &str = "from_left";
 pub const CHAIN_FROM_RIGHT: &str = "from_right";
 pub const CHAIN_TO_SI: &str = "to_si";
 pub const CHAIN_PREROUTING: &str = "nat_prerouting";
+pub const CHAIN_MARK_INGRESS: &str = "mark_ingress";
 pub const CHAIN_POSTROUTING: &str = "nat_postrouting";
 const FILTER_PRIORITY: i32 = 0;
+const MANGLE_PRIORITY: i32 = -150;
 const DSTNAT_PRIORITY: i32 = -100;
 const SRCNAT_PRIORITY: i32 = 100;
 
@@ -81,6 +87,35 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         Policy::Drop => NfChainPolicy::Drop,
     };
 
+    // The side a packet arrived on, for the routing's reply rules (see routing::LEFT_INGRESS_MARK).
+    let marks = [
+        (sides.left, LEFT_INGRESS_MARK),
+        (sides.right, RIGHT_INGRESS_MARK),
+    ]
+    .into_iter()
+    .filter_map(|(side, mark)| {
+        let side = side?;
+        Some(rule(
+            vec![
+                matches(meta(MetaKey::Iifname), string(&side.name)),
+                Statement::Mangle(Mangle {
+                    key: meta(MetaKey::Mark),
+                    value: Expression::Number(mark),
+                }),
+            ],
+            None,
+        ))
+    })
+    .collect();
+    compiled.chains.push(base_chain(
+        CHAIN_MARK_INGRESS,
+        NfHook::Prerouting,
+        NfChainType::Filter,
+        MANGLE_PRIORITY,
+        NfChainPolicy::Accept,
+        marks,
+    ));
+
     let mut forward = vec![
         conntrack_rule(&["established", "related"], Statement::Accept(None)),
         conntrack_rule(&["invalid"], Statement::Drop(None)),
@@ -90,19 +125,52 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         forward.push(jump_between(&left.name, &right.name, CHAIN_FROM_LEFT));
         forward.push(jump_between(&right.name, &left.name, CHAIN_FROM_RIGHT));
     }
-    compiled.chains.push(base_chain(CHAIN_FORWARD, NfHook::Forward, NfChainType::Filter, FILTER_PRIORITY, policy, forward));
+    compiled.chains.push(base_chain(
+        CHAIN_FORWARD,
+        NfHook::Forward,
+        NfChainType::Filter,
+        FILTER_PRIORITY,
+        policy,
+        forward,
+    ));
 
     let input = vec![
         conntrack_rule(&["established", "related"], Statement::Accept(None)),
         conntrack_rule(&["invalid"], Statement::Drop(None)),
-        rule(vec![matches(meta(MetaKey::Iifname), string("lo")), Statement::Accept(None)], None),
-        rule(vec![Statement::Jump(JumpTarget { target: CHAIN_TO_SI.into() })], None),
+        rule(
+            vec![
+                matches(meta(MetaKey::Iifname), string("lo")),
+                Statement::Accept(None),
+            ],
+            None,
+        ),
+        rule(
+            vec![Statement::Jump(JumpTarget {
+                target: CHAIN_TO_SI.into(),
+            })],
+            None,
+        ),
     ];
-    compiled.chains.push(base_chain(CHAIN_INPUT, NfHook::Input, NfChainType::Filter, FILTER_PRIORITY, NfChainPolicy::Accept, input));
+    compiled.chains.push(base_chain(
+        CHAIN_INPUT,
+        NfHook::Input,
+        NfChainType::Filter,
+        FILTER_PRIORITY,
+        NfChainPolicy::Accept,
+        input,
+    ));
 
     for (chain, set_prefix, directions) in [
-        (CHAIN_FROM_LEFT, "fl", [Direction::LeftToRight, Direction::Both]),
-        (CHAIN_FROM_RIGHT, "fr", [Direction::RightToLeft, Direction::Both]),
+        (
+            CHAIN_FROM_LEFT,
+            "fl",
+            [Direction::LeftToRight, Direction::Both],
+        ),
+        (
+            CHAIN_FROM_RIGHT,
+            "fr",
+            [Direction::RightToLeft, Direction::Both],
+        ),
         (CHAIN_TO_SI, "si", [Direction::Local, Direction::Local]),
     ] {
         let selected: Vec<&Rule> = rule_set
@@ -123,8 +191,22 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
     }
 
     let (prerouting, postrouting) = nat_rules(rule_set, sides);
-    compiled.chains.push(base_chain(CHAIN_PREROUTING, NfHook::Prerouting, NfChainType::NAT, DSTNAT_PRIORITY, NfChainPolicy::Accept, prerouting));
-    compiled.chains.push(base_chain(CHAIN_POSTROUTING, NfHook::Postrouting, NfChainType::NAT, SRCNAT_PRIORITY, NfChainPolicy::Accept, postrouting));
+    compiled.chains.push(base_chain(
+        CHAIN_PREROUTING,
+        NfHook::Prerouting,
+        NfChainType::NAT,
+        DSTNAT_PRIORITY,
+        NfChainPolicy::Accept,
+        prerouting,
+    ));
+    compiled.chains.push(base_chain(
+        CHAIN_POSTROUTING,
+        NfHook::Postrouting,
+        NfChainType::NAT,
+        SRCNAT_PRIORITY,
+        NfChainPolicy::Accept,
+        postrouting,
+    ));
     compiled
 }
 
@@ -166,7 +248,8 @@ impl Shape {
 
     /// Only rules with at least one value to look up, and without a per-rule limit, merge.
     fn mergeable(&self) -> bool {
-        self.action != Action::Limit && (self.source || self.destination || self.source_port || self.destination_port)
+        self.action != Action::Limit
+            && (self.source || self.destination || self.source_port || self.destination_port)
     }
 }
 
@@ -176,7 +259,10 @@ fn key_ranges(rule: &Rule) -> Vec<(u128, u128)> {
         .into_iter()
         .flatten()
         .map(|net| match net {
-            IpNet::V4(v4) => (u128::from(u32::from(v4.network())), u128::from(u32::from(v4.broadcast()))),
+            IpNet::V4(v4) => (
+                u128::from(u32::from(v4.network())),
+                u128::from(u32::from(v4.broadcast())),
+            ),
             IpNet::V6(v6) => (u128::from(v6.network()), u128::from(v6.broadcast())),
         })
         .collect();
@@ -240,7 +326,12 @@ impl<'r> Run<'r> {
     }
 }
 
-fn compile_filter_chain(rules: &[&Rule], chain: &str, set_prefix: &str, sets: &mut BTreeMap<String, Set<'static>>) -> Vec<NftRule<'static>> {
+fn compile_filter_chain(
+    rules: &[&Rule],
+    chain: &str,
+    set_prefix: &str,
+    sets: &mut BTreeMap<String, Set<'static>>,
+) -> Vec<NftRule<'static>> {
     let mut runs: Vec<Run> = Vec::new();
     for &rule in rules {
         match runs.last_mut() {
@@ -315,7 +406,10 @@ fn lookup_fields(rule: &Rule) -> (Vec<Expression<'static>>, Vec<SetType>) {
             types.push(set_type);
         }
     }
-    for (port, field) in [(rule.source_port, "sport"), (rule.destination_port, "dport")] {
+    for (port, field) in [
+        (rule.source_port, "sport"),
+        (rule.destination_port, "dport"),
+    ] {
         if port.is_some() {
             fields.push(payload("th", field));
             types.push(SetType::InetService);
@@ -325,8 +419,17 @@ fn lookup_fields(rule: &Rule) -> (Vec<Expression<'static>>, Vec<SetType>) {
 }
 
 fn key_value(rule: &Rule) -> Expression<'static> {
-    let mut values: Vec<Expression<'static>> = [rule.source, rule.destination].into_iter().flatten().map(net_value).collect();
-    values.extend([rule.source_port, rule.destination_port].into_iter().flatten().map(port_value));
+    let mut values: Vec<Expression<'static>> = [rule.source, rule.destination]
+        .into_iter()
+        .flatten()
+        .map(net_value)
+        .collect();
+    values.extend(
+        [rule.source_port, rule.destination_port]
+            .into_iter()
+            .flatten()
+            .map(port_value),
+    );
     if values.len() == 1 {
         values.remove(0)
     } else {
@@ -350,7 +453,10 @@ fn port_value(port: PortRange) -> Expression<'static> {
         Expression::Number(u32::from(port.first))
     } else {
         Expression::Range(Box::new(Range {
-            range: [Expression::Number(u32::from(port.first)), Expression::Number(u32::from(port.last))],
+            range: [
+                Expression::Number(u32::from(port.first)),
+                Expression::Number(u32::from(port.last)),
+            ],
         }))
     }
 }
@@ -364,7 +470,10 @@ fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
             matching.push(matches(payload(protocol, field), net_value(net)));
         }
     }
-    for (port, field) in [(model.source_port, "sport"), (model.destination_port, "dport")] {
+    for (port, field) in [
+        (model.source_port, "sport"),
+        (model.destination_port, "dport"),
+    ] {
         if let Some(port) = port {
             matching.push(matches(payload("th", field), port_value(port)));
         }
@@ -410,7 +519,11 @@ fn verdict(model: &Rule) -> Vec<Statement<'static>> {
         Action::Allow | Action::Limit => Statement::Accept(None),
         Action::Deny => Statement::Drop(None),
         Action::Reject => Statement::Reject(Some(Reject {
-            _type: Some(if model.protocol == Protocol::Tcp { RejectType::TCPReset } else { RejectType::ICMPX }),
+            _type: Some(if model.protocol == Protocol::Tcp {
+                RejectType::TCPReset
+            } else {
+                RejectType::ICMPX
+            }),
             expr: None,
         })),
     });
@@ -423,7 +536,10 @@ fn verdict(model: &Rule) -> Vec<Statement<'static>> {
 
 fn protocol_match(protocol: Protocol) -> Vec<Statement<'static>> {
     match protocol.number() {
-        Some(number) => vec![matches(meta(MetaKey::L4proto), Expression::Number(u32::from(number)))],
+        Some(number) => vec![matches(
+            meta(MetaKey::L4proto),
+            Expression::Number(u32::from(number)),
+        )],
         None => Vec::new(),
     }
 }
@@ -431,21 +547,41 @@ fn protocol_match(protocol: Protocol) -> Vec<Statement<'static>> {
 fn dnat_allowances(rule_set: &RuleSet, sides: Sides<'_>) -> Vec<NftRule<'static>> {
     let mut rules = Vec::new();
     for nat in &rule_set.nat {
-        let NatKind::Dnat { protocol, to, inbound, .. } = &nat.kind else {
+        let NatKind::Dnat {
+            protocol,
+            to,
+            inbound,
+            ..
+        } = &nat.kind
+        else {
             continue;
         };
-        let (Some(inside), Some(outside)) = (sides.get(other_side(*inbound)), sides.get(*inbound)) else {
+        let (Some(inside), Some(outside)) = (sides.get(other_side(*inbound)), sides.get(*inbound))
+        else {
             continue;
         };
-        let IpAddr::V4(address) = to.ip() else { continue };
+        let IpAddr::V4(address) = to.ip() else {
+            continue;
+        };
         let mut statements = vec![
             matches(meta(MetaKey::Iifname), string(&outside.name)),
             matches(meta(MetaKey::Oifname), string(&inside.name)),
         ];
         statements.extend(protocol_match(*protocol));
-        statements.push(matches(payload("ip", "daddr"), string(&address.to_string())));
-        statements.push(matches(payload("th", "dport"), Expression::Number(u32::from(to.port()))));
-        statements.push(matches(ct("status"), string("dnat")));
+        statements.push(matches(
+            payload("ip", "daddr"),
+            string(&address.to_string()),
+        ));
+        statements.push(matches(
+            payload("th", "dport"),
+            Expression::Number(u32::from(to.port())),
+        ));
+        // A bit test: `==` would demand that dnat is the only status bit set.
+        statements.push(Statement::Match(Match {
+            left: ct("status"),
+            right: string("dnat"),
+            op: Operator::IN,
+        }));
         statements.push(counter());
         statements.push(Statement::Accept(None));
         rules.push(rule(statements, Some(nat_comment(nat.id))).with_chain(CHAIN_FORWARD));
@@ -461,19 +597,33 @@ fn other_side(side: Side) -> Side {
     }
 }
 
-fn nat_rules(rule_set: &RuleSet, sides: Sides<'_>) -> (Vec<NftRule<'static>>, Vec<NftRule<'static>>) {
+fn nat_rules(
+    rule_set: &RuleSet,
+    sides: Sides<'_>,
+) -> (Vec<NftRule<'static>>, Vec<NftRule<'static>>) {
     let (mut prerouting, mut postrouting) = (Vec::new(), Vec::new());
     for nat in &rule_set.nat {
         let comment = Some(nat_comment(nat.id));
         match &nat.kind {
-            NatKind::Dnat { protocol, port, to, inbound } => {
+            NatKind::Dnat {
+                protocol,
+                port,
+                to,
+                inbound,
+            } => {
                 let (Some(side), IpAddr::V4(to_address)) = (sides.get(*inbound), to.ip()) else {
                     continue;
                 };
                 let mut statements = vec![matches(meta(MetaKey::Iifname), string(&side.name))];
-                statements.push(matches(payload("ip", "daddr"), string(&side.address.addr().to_string())));
+                statements.push(matches(
+                    payload("ip", "daddr"),
+                    string(&side.address.addr().to_string()),
+                ));
                 statements.extend(protocol_match(*protocol));
-                statements.push(matches(payload("th", "dport"), Expression::Number(u32::from(*port))));
+                statements.push(matches(
+                    payload("th", "dport"),
+                    Expression::Number(u32::from(*port)),
+                ));
                 statements.push(counter());
                 statements.push(Statement::DNAT(Some(NAT {
                     addr: Some(string(&to_address.to_string())),
@@ -484,7 +634,9 @@ fn nat_rules(rule_set: &RuleSet, sides: Sides<'_>) -> (Vec<NftRule<'static>>, Ve
                 prerouting.push(rule(statements, comment).with_chain(CHAIN_PREROUTING));
             }
             NatKind::Masquerade { out, source } | NatKind::Snat { out, source, .. } => {
-                let Some(side) = sides.get(*out) else { continue };
+                let Some(side) = sides.get(*out) else {
+                    continue;
+                };
                 let mut statements = vec![matches(meta(MetaKey::Oifname), string(&side.name))];
                 if let Some(source) = source {
                     let protocol = if source.addr().is_ipv4() { "ip" } else { "ip6" };
@@ -494,7 +646,11 @@ fn nat_rules(rule_set: &RuleSet, sides: Sides<'_>) -> (Vec<NftRule<'static>>, Ve
                 statements.push(match &nat.kind {
                     NatKind::Snat { to, .. } => Statement::SNAT(Some(NAT {
                         addr: Some(string(&to.to_string())),
-                        family: Some(if to.is_ipv4() { NATFamily::IP } else { NATFamily::IP6 }),
+                        family: Some(if to.is_ipv4() {
+                            NATFamily::IP
+                        } else {
+                            NATFamily::IP6
+                        }),
                         port: None,
                         flags: None,
                     })),
@@ -559,8 +715,17 @@ fn conntrack_rule(states: &[&str], verdict: Statement<'static>) -> NftRule<'stat
     } else {
         Expression::List(states.iter().map(|s| string(s)).collect())
     };
-    let op = if states.len() == 1 { Operator::EQ } else { Operator::IN };
-    rule(vec![Statement::Match(Match { left: ct("state"), right, op }), verdict], None)
+    rule(
+        vec![
+            Statement::Match(Match {
+                left: ct("state"),
+                right,
+                op: Operator::IN,
+            }),
+            verdict,
+        ],
+        None,
+    )
 }
 
 fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
@@ -568,14 +733,20 @@ fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
         vec![
             matches(meta(MetaKey::Iifname), string(from)),
             matches(meta(MetaKey::Oifname), string(to)),
-            Statement::Jump(JumpTarget { target: chain.to_string().into() }),
+            Statement::Jump(JumpTarget {
+                target: chain.to_string().into(),
+            }),
         ],
         None,
     )
 }
 
 fn matches(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
-    Statement::Match(Match { left, right, op: Operator::EQ })
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
 }
 
 fn meta(key: MetaKey) -> Expression<'static> {
@@ -591,10 +762,12 @@ fn ct(key: &str) -> Expression<'static> {
 }
 
 fn payload(protocol: &str, field: &str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: protocol.to_string().into(),
-        field: field.to_string().into(),
-    })))
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.to_string().into(),
+            field: field.to_string().into(),
+        },
+    )))
 }
 
 fn string(text: &str) -> Expression<'static> {
@@ -602,5 +775,8 @@ fn string(text: &str) -> Expression<'static> {
 }
 
 fn counter() -> Statement<'static> {
-    Statement::Counter(Counter::Anonymous(Some(AnonymousCounter { packets: None, bytes: None })))
+    Statement::Counter(Counter::Anonymous(Some(AnonymousCounter {
+        packets: None,
+        bytes: None,
+    })))
 }

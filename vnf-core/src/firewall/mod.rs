@@ -6,7 +6,9 @@ pub mod model;
 pub mod nft;
 pub mod store;
 
-pub use model::{Action, Direction, NatKind, NatRule, Policy, PortRange, Protocol, Rate, Rule, RuleSet};
+pub use model::{
+    Action, Direction, NatKind, NatRule, Policy, PortRange, Protocol, Rate, Rule, RuleSet,
+};
 
 use serde::Serialize;
 
@@ -75,7 +77,10 @@ pub async fn edit(
 pub fn apply_stored(store: &Store, assignment: &Assignment) -> Result<ApplyKind> {
     let locked = store.lock()?;
     let rule_set = locked.load()?;
-    nft::apply(None, &compile(&rule_set, Sides::from_assignment(assignment)))
+    nft::apply(
+        None,
+        &compile(&rule_set, Sides::from_assignment(assignment)),
+    )
 }
 
 /// Whether the kernel holds exactly what the stored rules compile to for these sides.

@@ -117,7 +117,9 @@ pub enum Direction {
 }
 
 /// An IP protocol: a name or a number 0-255.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub enum Protocol {
     #[default]
@@ -129,7 +131,13 @@ pub enum Protocol {
     Number(u8),
 }
 
-const PROTOCOL_NAMES: &[(&str, u8)] = &[("sctp", 132), ("gre", 47), ("esp", 50), ("ah", 51), ("ospf", 89)];
+const PROTOCOL_NAMES: &[(&str, u8)] = &[
+    ("sctp", 132),
+    ("gre", 47),
+    ("esp", 50),
+    ("ah", 51),
+    ("ospf", 89),
+];
 
 impl Protocol {
     pub fn carries_ports(self) -> bool {
@@ -214,7 +222,10 @@ pub struct PortRange {
 
 impl PortRange {
     pub fn single(port: u16) -> Self {
-        PortRange { first: port, last: port }
+        PortRange {
+            first: port,
+            last: port,
+        }
     }
 
     pub fn is_single(self) -> bool {
@@ -229,7 +240,11 @@ fn parse_port(text: &str, whole: &str) -> Result<u16> {
         .map_err(|_| Error::invalid("port", whole, "not a number; use N or FIRST:LAST"))?;
     match u16::try_from(value) {
         Ok(port) if port > 0 => Ok(port),
-        _ => Err(Error::invalid("port", whole, format!("{value} is outside 1-65535"))),
+        _ => Err(Error::invalid(
+            "port",
+            whole,
+            format!("{value} is outside 1-65535"),
+        )),
     }
 }
 
@@ -245,7 +260,11 @@ impl FromStr for PortRange {
             }
         };
         if first > last {
-            return Err(Error::invalid("port range", text, "the first port is above the last"));
+            return Err(Error::invalid(
+                "port range",
+                text,
+                "the first port is above the last",
+            ));
         }
         Ok(PortRange { first, last })
     }
@@ -305,7 +324,13 @@ impl FromStr for Rate {
     type Err = Error;
 
     fn from_str(text: &str) -> Result<Self> {
-        let error = || Error::invalid("rate", text, "use PACKETS/UNIT, e.g. 10/second, 30/minute, 100/hour, 1000/day");
+        let error = || {
+            Error::invalid(
+                "rate",
+                text,
+                "use PACKETS/UNIT, e.g. 10/second, 30/minute, 100/hour, 1000/day",
+            )
+        };
         let (count, unit) = text.split_once('/').ok_or_else(error)?;
         let packets: u32 = count.trim().parse().map_err(|_| error())?;
         if packets == 0 {
@@ -398,31 +423,84 @@ impl Rule {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let what = |field: &'static str, value: String, reason: &str| Err(Error::invalid(field, value, format!("rule {}: {reason}", self.id)));
+        let what = |field: &'static str, value: String, reason: &str| {
+            Err(Error::invalid(
+                field,
+                value,
+                format!("rule {}: {reason}", self.id),
+            ))
+        };
         if let (Some(source), Some(destination)) = (&self.source, &self.destination) {
             if family_of(source) != family_of(destination) {
-                return what("destination", destination.to_string(), "source and destination must both be IPv4 or both IPv6");
+                return what(
+                    "destination",
+                    destination.to_string(),
+                    "source and destination must both be IPv4 or both IPv6",
+                );
             }
         }
-        let family = self.source.as_ref().or(self.destination.as_ref()).map(family_of);
+        let family = self
+            .source
+            .as_ref()
+            .or(self.destination.as_ref())
+            .map(family_of);
         match (self.protocol, family) {
-            (Protocol::Icmp, Some(6)) => return what("protocol", "icmp".into(), "icmp is IPv4; use icmpv6 with IPv6 addresses"),
-            (Protocol::Icmpv6, Some(4)) => return what("protocol", "icmpv6".into(), "icmpv6 is IPv6; use icmp with IPv4 addresses"),
+            (Protocol::Icmp, Some(6)) => {
+                return what(
+                    "protocol",
+                    "icmp".into(),
+                    "icmp is IPv4; use icmpv6 with IPv6 addresses",
+                )
+            }
+            (Protocol::Icmpv6, Some(4)) => {
+                return what(
+                    "protocol",
+                    "icmpv6".into(),
+                    "icmpv6 is IPv6; use icmp with IPv4 addresses",
+                )
+            }
             _ => {}
         }
-        for port in [self.source_port, self.destination_port].into_iter().flatten() {
+        for port in [self.source_port, self.destination_port]
+            .into_iter()
+            .flatten()
+        {
             if !self.protocol.carries_ports() {
-                return what("protocol", self.protocol.to_string(), &format!("port {port} needs protocol tcp, udp or sctp"));
+                return what(
+                    "protocol",
+                    self.protocol.to_string(),
+                    &format!("port {port} needs protocol tcp, udp or sctp"),
+                );
             }
         }
         match (self.action, self.rate) {
-            (Action::Limit, None) => return what("rate", "none".into(), "action limit needs a rate such as 10/second"),
+            (Action::Limit, None) => {
+                return what(
+                    "rate",
+                    "none".into(),
+                    "action limit needs a rate such as 10/second",
+                )
+            }
             (Action::Limit, Some(_)) | (_, None) => {}
-            (_, Some(rate)) => return what("rate", String::from(rate), "a rate only goes with action limit"),
+            (_, Some(rate)) => {
+                return what(
+                    "rate",
+                    String::from(rate),
+                    "a rate only goes with action limit",
+                )
+            }
         }
-        if self.direction == Direction::Local && self.protocol == Protocol::Any && self.action != Action::Allow && self.source.is_none() {
+        if self.direction == Direction::Local
+            && self.protocol == Protocol::Any
+            && self.action != Action::Allow
+            && self.source.is_none()
+        {
             // Locking out every peer of the SI, management included, is almost always a mistake.
-            return what("direction", "local".into(), "denying all traffic to the SI would cut management off; give a source or protocol");
+            return what(
+                "direction",
+                "local".into(),
+                "denying all traffic to the SI would cut management off; give a source or protocol",
+            );
         }
         Ok(())
     }
@@ -436,20 +514,40 @@ impl NatRule {
             NatKind::Dnat { inbound, .. } => (*inbound, "in"),
         };
         if !side_ok(side) {
-            return Err(Error::invalid(field, side, format!("NAT rule {}: use left or right", self.id)));
+            return Err(Error::invalid(
+                field,
+                side,
+                format!("NAT rule {}: use left or right", self.id),
+            ));
         }
         match &self.kind {
-            NatKind::Snat { to, source: Some(source), .. } if to.is_ipv4() != matches!(source, IpNet::V4(_)) => {
-                Err(Error::invalid("to", to, format!("NAT rule {}: the address family differs from the source {source}", self.id)))
-            }
-            NatKind::Dnat { protocol, port, .. } if !protocol.carries_ports() || *port == 0 => Err(Error::invalid(
-                "protocol",
-                protocol,
-                format!("NAT rule {}: a port-forward needs tcp or udp and a port 1-65535", self.id),
+            NatKind::Snat {
+                to,
+                source: Some(source),
+                ..
+            } if to.is_ipv4() != matches!(source, IpNet::V4(_)) => Err(Error::invalid(
+                "to",
+                to,
+                format!(
+                    "NAT rule {}: the address family differs from the source {source}",
+                    self.id
+                ),
             )),
-            NatKind::Dnat { to, .. } if to.port() == 0 => {
-                Err(Error::invalid("to", to, format!("NAT rule {}: give the inner port, ADDRESS:PORT", self.id)))
+            NatKind::Dnat { protocol, port, .. } if !protocol.carries_ports() || *port == 0 => {
+                Err(Error::invalid(
+                    "protocol",
+                    protocol,
+                    format!(
+                        "NAT rule {}: a port-forward needs tcp or udp and a port 1-65535",
+                        self.id
+                    ),
+                ))
             }
+            NatKind::Dnat { to, .. } if to.port() == 0 => Err(Error::invalid(
+                "to",
+                to,
+                format!("NAT rule {}: give the inner port, ADDRESS:PORT", self.id),
+            )),
             _ => Ok(()),
         }
     }
@@ -459,7 +557,11 @@ impl RuleSet {
     /// Checks every rule and the set as a whole; the error names the rule and the field.
     pub fn validate(&self) -> Result<()> {
         if self.version != FORMAT_VERSION {
-            return Err(Error::invalid("version", self.version, format!("this dockwall reads format {FORMAT_VERSION}")));
+            return Err(Error::invalid(
+                "version",
+                self.version,
+                format!("this dockwall reads format {FORMAT_VERSION}"),
+            ));
         }
         let mut ids = std::collections::HashSet::new();
         for rule in &self.rules {
@@ -471,12 +573,20 @@ impl RuleSet {
         for nat in &self.nat {
             nat.validate()?;
             if !ids.insert(nat.id) {
-                return Err(Error::invalid("id", nat.id, "a NAT rule shares this id with another rule"));
+                return Err(Error::invalid(
+                    "id",
+                    nat.id,
+                    "a NAT rule shares this id with another rule",
+                ));
             }
         }
         if let Some(&max) = ids.iter().max() {
             if self.next_id <= max {
-                return Err(Error::invalid("next_id", self.next_id, format!("must be above the largest id in use ({max})")));
+                return Err(Error::invalid(
+                    "next_id",
+                    self.next_id,
+                    format!("must be above the largest id in use ({max})"),
+                ));
             }
         }
         Ok(())
@@ -494,7 +604,8 @@ impl RuleSet {
 
     /// Parses and validates a rule set from JSON (a state file or `apply FILE`).
     pub fn from_json(text: &str, origin: &str) -> Result<RuleSet> {
-        let set: RuleSet = serde_json::from_str(text).map_err(|e| Error::invalid("rule set", origin, e))?;
+        let set: RuleSet =
+            serde_json::from_str(text).map_err(|e| Error::invalid("rule set", origin, e))?;
         set.validate()?;
         Ok(set)
     }
@@ -514,7 +625,13 @@ mod tests {
     fn rules_parse_and_round_trip() {
         let text = r#"{"id":7,"action":"deny","direction":"left-to-right","protocol":"tcp","source":"10.0.0.0/8","destination_port":"1000:2000"}"#;
         let parsed = rule(text).unwrap();
-        assert_eq!(parsed.destination_port, Some(PortRange { first: 1000, last: 2000 }));
+        assert_eq!(
+            parsed.destination_port,
+            Some(PortRange {
+                first: 1000,
+                last: 2000
+            })
+        );
         assert!(parsed.enabled);
         let again: Rule = serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
         assert_eq!(again, parsed);
@@ -523,16 +640,46 @@ mod tests {
     #[test]
     fn bad_input_names_the_field_and_value() {
         let cases = [
-            (r#"{"id":1,"action":"deny","direction":"both","colour":"red"}"#, "unknown field `colour`"),
-            (r#"{"id":1,"action":"deny","direction":"both","source":"10.0.0.300/8"}"#, "invalid IP address"),
-            (r#"{"id":1,"action":"deny","direction":"both","protocol":"tcp","destination_port":"70000"}"#, "70000 is outside 1-65535"),
-            (r#"{"id":1,"action":"deny","direction":"both","protocol":"tcp","destination_port":"2000:1000"}"#, "first port is above the last"),
-            (r#"{"id":1,"action":"deny","direction":"both","source":"10.0.0.0/8","destination":"fd00::/64"}"#, "both be IPv4 or both IPv6"),
-            (r#"{"id":1,"action":"deny","direction":"both","protocol":"tpc"}"#, "unknown protocol name"),
-            (r#"{"id":1,"action":"deny","direction":"both","protocol":"icmp","source":"fd00::1/128"}"#, "use icmpv6"),
-            (r#"{"id":1,"action":"deny","direction":"both","destination_port":"22"}"#, "needs protocol tcp"),
-            (r#"{"id":1,"action":"limit","direction":"both"}"#, "needs a rate"),
-            (r#"{"id":1,"action":"deny","direction":"sideways"}"#, "unknown variant `sideways`"),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","colour":"red"}"#,
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","source":"10.0.0.300/8"}"#,
+                "invalid IP address",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","protocol":"tcp","destination_port":"70000"}"#,
+                "70000 is outside 1-65535",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","protocol":"tcp","destination_port":"2000:1000"}"#,
+                "first port is above the last",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","source":"10.0.0.0/8","destination":"fd00::/64"}"#,
+                "both be IPv4 or both IPv6",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","protocol":"tpc"}"#,
+                "unknown protocol name",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","protocol":"icmp","source":"fd00::1/128"}"#,
+                "use icmpv6",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","destination_port":"22"}"#,
+                "needs protocol tcp",
+            ),
+            (
+                r#"{"id":1,"action":"limit","direction":"both"}"#,
+                "needs a rate",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"sideways"}"#,
+                "unknown variant `sideways`",
+            ),
         ];
         for (json, needle) in cases {
             let error = rule(json).unwrap_err().to_string();
@@ -544,20 +691,38 @@ mod tests {
     fn rule_sets_check_ids_and_version() {
         let mut set = RuleSet::default();
         let id = set.allocate_id();
-        set.rules.push(rule(&format!(r#"{{"id":{id},"action":"allow","direction":"both"}}"#)).unwrap());
+        set.rules.push(
+            rule(&format!(
+                r#"{{"id":{id},"action":"allow","direction":"both"}}"#
+            ))
+            .unwrap(),
+        );
         set.validate().unwrap();
         set.next_id = 1;
         assert!(set.validate().unwrap_err().to_string().contains("next_id"));
         let text = r#"{"version":2}"#;
-        assert!(RuleSet::from_json(text, "x").unwrap_err().to_string().contains("format 1"));
+        assert!(RuleSet::from_json(text, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("format 1"));
     }
 
     #[test]
     fn nat_rules_validate_their_sides_and_ports() {
-        let nat: NatRule = serde_json::from_str(r#"{"id":1,"kind":{"dnat":{"protocol":"tcp","port":8080,"to":"192.168.10.2:80"}}}"#).unwrap();
+        let nat: NatRule = serde_json::from_str(
+            r#"{"id":1,"kind":{"dnat":{"protocol":"tcp","port":8080,"to":"192.168.10.2:80"}}}"#,
+        )
+        .unwrap();
         nat.validate().unwrap();
-        assert!(matches!(nat.kind, NatKind::Dnat { inbound: Side::Right, .. }));
-        let bad: NatRule = serde_json::from_str(r#"{"id":1,"kind":{"masquerade":{"out":"mgmt"}}}"#).unwrap();
+        assert!(matches!(
+            nat.kind,
+            NatKind::Dnat {
+                inbound: Side::Right,
+                ..
+            }
+        ));
+        let bad: NatRule =
+            serde_json::from_str(r#"{"id":1,"kind":{"masquerade":{"out":"mgmt"}}}"#).unwrap();
         assert!(bad.validate().is_err());
     }
 }

@@ -4,12 +4,16 @@
 //! A marker chain named after a fingerprint of what was applied tells whether the kernel
 //! still holds the previous compile, so the difference is only used when it is valid.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 use nftables::expr::{Expression, NamedExpression};
-use nftables::schema::{Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Set, Table};
+use nftables::schema::{
+    Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NftRule, Set,
+    Table,
+};
+use nftables::stmt::{AnonymousCounter, Counter, Statement};
 use nftables::types::NfFamily;
 use serde::Serialize;
 use serde_json::Value;
@@ -51,7 +55,9 @@ fn plain_chain(name: &str) -> Chain<'static> {
 /// A stable 64-bit FNV-1a fingerprint of a compile.
 pub fn fingerprint(compiled: &Compiled) -> String {
     let bytes = serde_json::to_vec(compiled).unwrap_or_default();
-    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     format!("{hash:016x}")
 }
 
@@ -66,12 +72,30 @@ pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
         NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
         add(NfListObject::Table(table())),
     ];
-    batch.extend(compiled.sets.values().map(|set| add(NfListObject::Set(Box::new(set.clone())))));
-    batch.extend(compiled.chains.iter().map(|c| add(NfListObject::Chain(c.chain.clone()))));
+    batch.extend(
+        compiled
+            .sets
+            .values()
+            .map(|set| add(NfListObject::Set(Box::new(set.clone())))),
+    );
+    batch.extend(
+        compiled
+            .chains
+            .iter()
+            .map(|c| add(NfListObject::Chain(c.chain.clone()))),
+    );
     for chain in &compiled.chains {
-        batch.extend(chain.rules.iter().map(|r| add(NfListObject::Rule(r.clone()))));
+        batch.extend(
+            chain
+                .rules
+                .iter()
+                .map(|r| add(NfListObject::Rule(r.clone()))),
+        );
     }
-    batch.push(add(NfListObject::Chain(plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(compiled))))));
+    batch.push(add(NfListObject::Chain(plain_chain(&format!(
+        "{MARKER_PREFIX}{}",
+        fingerprint(compiled)
+    )))));
     batch
 }
 
@@ -95,27 +119,89 @@ fn element_batch(set: &Set<'static>, elements: Vec<Expression<'static>>) -> Elem
     }
 }
 
+/// Counter values of a chain's rules, keyed by comment and occurrence (a limit rule is two
+/// nft rules with one comment).
+pub type ChainCounters = HashMap<(String, usize), (usize, usize)>;
+
+/// Re-adds a flushed chain's rules with the counts they had, so an edit elsewhere in the
+/// chain does not zero them.
+fn with_counters(rules: &[NftRule<'static>], counts: &ChainCounters) -> Vec<NftRule<'static>> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    rules
+        .iter()
+        .map(|rule| {
+            let Some(comment) = rule.comment.as_deref() else {
+                return rule.clone();
+            };
+            let occurrence = seen.entry(comment.to_string()).or_default();
+            let key = (comment.to_string(), *occurrence);
+            *occurrence += 1;
+            let Some(&(packets, bytes)) = counts.get(&key) else {
+                return rule.clone();
+            };
+            let expr = rule
+                .expr
+                .iter()
+                .map(|statement| match statement {
+                    Statement::Counter(Counter::Anonymous(_)) => {
+                        Statement::Counter(Counter::Anonymous(Some(AnonymousCounter {
+                            packets: Some(packets),
+                            bytes: Some(bytes),
+                        })))
+                    }
+                    other => other.clone(),
+                })
+                .collect::<Vec<_>>();
+            NftRule {
+                expr: expr.into(),
+                ..rule.clone()
+            }
+        })
+        .collect()
+}
+
 /// The transaction that turns `old` into `new` in place, or None when the shape changed
-/// too much (chain headers, set types) and the table must be replaced.
-pub fn incremental_batch(old: &Compiled, new: &Compiled) -> Option<Vec<NfObject<'static>>> {
+/// too much (chain headers, set types) and the table must be replaced. `counts` reads the
+/// counters of a chain about to be rewritten.
+pub fn incremental_batch(
+    old: &Compiled,
+    new: &Compiled,
+    counts: &dyn Fn(&str) -> Result<ChainCounters>,
+) -> Result<Option<Vec<NfObject<'static>>>> {
     let headers = |c: &Compiled| c.chains.iter().map(|c| c.chain.clone()).collect::<Vec<_>>();
     if headers(old) != headers(new) {
-        return None;
+        return Ok(None);
     }
     let mut batch = Vec::new();
     for (name, set) in &new.sets {
         match old.sets.get(name) {
             None => batch.push(add(NfListObject::Set(Box::new(set.clone())))),
             Some(previous) => {
-                let same_header = Set { elem: None, ..previous.clone() } == Set { elem: None, ..set.clone() };
+                let same_header = Set {
+                    elem: None,
+                    ..previous.clone()
+                } == Set {
+                    elem: None,
+                    ..set.clone()
+                };
                 if !same_header {
-                    return None;
+                    return Ok(None);
                 }
                 let (before, after) = (elements(previous), elements(set));
-                let removed: Vec<_> = before.iter().filter(|e| !after.contains(e)).map(element_value).collect();
-                let added: Vec<_> = after.iter().filter(|e| !before.contains(e)).cloned().collect();
+                let removed: Vec<_> = before
+                    .iter()
+                    .filter(|e| !after.contains(e))
+                    .map(element_value)
+                    .collect();
+                let added: Vec<_> = after
+                    .iter()
+                    .filter(|e| !before.contains(e))
+                    .cloned()
+                    .collect();
                 if !removed.is_empty() {
-                    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Element(element_batch(set, removed)))));
+                    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Element(
+                        element_batch(set, removed),
+                    ))));
                 }
                 if !added.is_empty() {
                     batch.push(add(NfListObject::Element(element_batch(set, added))));
@@ -125,28 +211,51 @@ pub fn incremental_batch(old: &Compiled, new: &Compiled) -> Option<Vec<NfObject<
     }
     for (chain_old, chain_new) in old.chains.iter().zip(&new.chains) {
         if chain_old.rules != chain_new.rules {
-            batch.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(chain_new.chain.clone()))));
-            batch.extend(chain_new.rules.iter().map(|r| add(NfListObject::Rule(r.clone()))));
+            let counts = counts(&chain_new.chain.name)?;
+            batch.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+                chain_new.chain.clone(),
+            ))));
+            batch.extend(
+                with_counters(&chain_new.rules, &counts)
+                    .into_iter()
+                    .map(|r| add(NfListObject::Rule(r))),
+            );
         }
     }
     for (name, set) in &old.sets {
         if !new.sets.contains_key(name) {
-            batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(Box::new(Set { elem: None, ..set.clone() })))));
+            batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(
+                Box::new(Set {
+                    elem: None,
+                    ..set.clone()
+                }),
+            ))));
         }
     }
-    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(old)))))));
-    batch.push(add(NfListObject::Chain(plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(new))))));
-    Some(batch)
+    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
+        plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(old))),
+    ))));
+    batch.push(add(NfListObject::Chain(plain_chain(&format!(
+        "{MARKER_PREFIX}{}",
+        fingerprint(new)
+    )))));
+    Ok(Some(batch))
 }
 
 /// The batch as nft JSON. Sets get a `counter` statement, so every element counts its own
 /// packets (the crate does not model set statements).
 pub fn render(batch: Vec<NfObject<'static>>) -> Result<String> {
-    let document = Nftables { objects: batch.into() };
+    let document = Nftables {
+        objects: batch.into(),
+    };
     let mut value = serde_json::to_value(&document).map_err(json_error)?;
     if let Some(objects) = value.get_mut("nftables").and_then(Value::as_array_mut) {
         for object in objects {
-            if let Some(set) = object.get_mut("add").and_then(|a| a.get_mut("set")).and_then(Value::as_object_mut) {
+            if let Some(set) = object
+                .get_mut("add")
+                .and_then(|a| a.get_mut("set"))
+                .and_then(Value::as_object_mut)
+            {
                 set.insert("stmt".into(), serde_json::json!([{ "counter": null }]));
             }
         }
@@ -164,7 +273,11 @@ fn json_error(error: serde_json::Error) -> Error {
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
     let mut child = Command::new("nft")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -173,10 +286,11 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
             source,
         })?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(|source| Error::Io {
-            context: "send the ruleset to nft".into(),
-            source,
-        })?;
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| Error::Io {
+                context: "send the ruleset to nft".into(),
+                source,
+            })?;
     }
     let output = child.wait_with_output().map_err(|source| Error::Io {
         context: "wait for nft".into(),
@@ -196,12 +310,21 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
 pub fn kernel_fingerprint() -> Result<Option<String>> {
     let listing = nft(&["-j", "list", "chains", "inet"], None)?;
     let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
-    Ok(value["nftables"].as_array().into_iter().flatten().find_map(|object| {
-        let chain = object.get("chain")?;
-        (chain["table"] == TABLE)
-            .then(|| chain["name"].as_str()?.strip_prefix(MARKER_PREFIX).map(str::to_string))
-            .flatten()
-    }))
+    Ok(value["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|object| {
+            let chain = object.get("chain")?;
+            (chain["table"] == TABLE)
+                .then(|| {
+                    chain["name"]
+                        .as_str()?
+                        .strip_prefix(MARKER_PREFIX)
+                        .map(str::to_string)
+                })
+                .flatten()
+        }))
 }
 
 /// Applies `new`, as a difference from `old` when the kernel provably holds `old`.
@@ -212,7 +335,7 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
         return Ok(ApplyKind::Unchanged);
     }
     if let Some(old) = old.filter(|old| in_kernel.as_deref() == Some(fingerprint(old).as_str())) {
-        if let Some(batch) = incremental_batch(old, new) {
+        if let Some(batch) = incremental_batch(old, new, &chain_counters)? {
             nft(&["-j", "-f", "-"], Some(&render(batch)?))?;
             return Ok(ApplyKind::Incremental);
         }
@@ -221,9 +344,47 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
     Ok(ApplyKind::Full)
 }
 
+/// The counters of one of our chains, read without touching sets (cheap with big sets).
+fn chain_counters(chain: &str) -> Result<ChainCounters> {
+    let listing = nft(&["-j", "list", "chain", "inet", TABLE, chain], None)?;
+    let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
+    let mut counts = ChainCounters::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for object in value["nftables"].as_array().into_iter().flatten() {
+        let Some(rule) = object.get("rule") else {
+            continue;
+        };
+        let (Some(comment), Some(counter)) = (
+            rule["comment"].as_str(),
+            rule["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|s| s.get("counter")),
+        ) else {
+            continue;
+        };
+        let occurrence = seen.entry(comment.to_string()).or_default();
+        let as_count = |v: &Value| {
+            v.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(0)
+        };
+        counts.insert(
+            (comment.to_string(), *occurrence),
+            (as_count(&counter["packets"]), as_count(&counter["bytes"])),
+        );
+        *occurrence += 1;
+    }
+    Ok(counts)
+}
+
 /// Removes our table, if present.
 pub fn delete_table() -> Result<()> {
-    let batch = vec![add(NfListObject::Table(table())), NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table())))];
+    let batch = vec![
+        add(NfListObject::Table(table())),
+        NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
+    ];
     nft(&["-j", "-f", "-"], Some(&render(batch)?)).map(drop)
 }
 
@@ -246,7 +407,11 @@ pub fn counters() -> Result<Counters> {
     };
     for object in value["nftables"].as_array().into_iter().flatten() {
         if let Some(rule) = object.get("rule") {
-            let counter = rule["expr"].as_array().into_iter().flatten().find_map(|s| s.get("counter"));
+            let counter = rule["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|s| s.get("counter"));
             if let Some(counter) = counter {
                 add_up(rule["comment"].as_str(), counter);
             }

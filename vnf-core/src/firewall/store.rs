@@ -54,7 +54,10 @@ impl Store {
             context: format!("lock {}", path.display()),
             source: errno.into(),
         })?;
-        Ok(Locked { store: self, _lock: lock })
+        Ok(Locked {
+            store: self,
+            _lock: lock,
+        })
     }
 }
 

@@ -1,0 +1,124 @@
+//! Dockwall as the SI of a chain, with its own state directory, and its CLI as an operator
+//! runs it through `docker exec` (here: `ip netns exec`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::chain::Chain;
+use crate::vnf::{binary, Vnf};
+
+/// A state directory removed on drop.
+pub struct StateDir(PathBuf);
+
+impl StateDir {
+    pub fn new() -> StateDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "dockwall-state-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        StateDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn rules_file(&self) -> PathBuf {
+        self.0.join("rules.json")
+    }
+}
+
+impl Default for StateDir {
+    fn default() -> Self {
+        StateDir::new()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Dockwall<'c> {
+    pub chain: &'c Chain,
+    pub state: StateDir,
+    pub process: Option<Vnf>,
+}
+
+impl<'c> Dockwall<'c> {
+    /// Starts `dockwall run` in the chain's SI and waits until it forwards.
+    pub fn start(chain: &'c Chain) -> Dockwall<'c> {
+        crate::prereq::require_command("nft", "nftables");
+        let mut dockwall = Dockwall {
+            chain,
+            state: StateDir::new(),
+            process: None,
+        };
+        dockwall.run();
+        dockwall
+    }
+
+    pub fn run(&mut self) {
+        let state = self.state.path().to_str().expect("utf-8 path").to_string();
+        let process = Vnf::start(&self.chain.si, "dockwall", &["--state-dir", &state, "run"]);
+        process.wait_ready();
+        self.process = Some(process);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            assert!(
+                process.terminate().success(),
+                "dockwall run did not exit cleanly:\n{}",
+                process.log()
+            );
+        }
+    }
+
+    /// `dockwall --state-dir … ARGS` in the SI.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = self
+            .chain
+            .si
+            .command(binary("dockwall").to_str().expect("utf-8 path"));
+        command
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .args(args)
+            .env_remove("RUST_LOG");
+        command
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run dockwall")
+    }
+
+    /// Runs the CLI and panics with its stderr unless it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "dockwall {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The nft table as the kernel holds it (empty when absent).
+    pub fn table(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .chain
+                .si
+                .exec("nft", &["list", "table", "inet", "dockwall"])
+                .stdout,
+        )
+        .into_owned()
+    }
+}

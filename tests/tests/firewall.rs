@@ -1,0 +1,613 @@
+//! Dockwall's firewall in the namespace chain: real nft, real traffic, the real CLI.
+
+use std::time::Duration;
+
+use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST, SI_RIGHT};
+use docknfv_tests::dockwall::Dockwall;
+use docknfv_tests::traffic::{ping, ping_output, tcp_probe, udp_probe, Probe};
+use docknfv_tests::Chain;
+
+fn tcp_left_to_right(chain: &Chain, port: u16) -> Probe {
+    tcp_probe(
+        &chain.left_host,
+        &chain.right_host,
+        RIGHT_HOST,
+        RIGHT_HOST,
+        port,
+        port,
+    )
+    .0
+}
+
+fn tcp_right_to_left(chain: &Chain, port: u16) -> Probe {
+    tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        LEFT_HOST,
+        port,
+        port,
+    )
+    .0
+}
+
+#[test]
+fn deny_and_reject_per_direction_for_tcp_udp_and_icmp() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    assert_eq!(
+        tcp_left_to_right(&chain, 7001),
+        Probe::Passed,
+        "no rules: everything passes"
+    );
+
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "--direction",
+        "left-to-right",
+        "--proto",
+        "tcp",
+        "--dport",
+        "7001",
+    ]);
+    assert_eq!(
+        tcp_left_to_right(&chain, 7001),
+        Probe::TimedOut,
+        "deny drops silently"
+    );
+    assert_eq!(
+        tcp_left_to_right(&chain, 7002),
+        Probe::Passed,
+        "other ports pass"
+    );
+    assert_eq!(
+        tcp_right_to_left(&chain, 7001),
+        Probe::Passed,
+        "the other direction passes"
+    );
+
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "reject",
+        "--direction",
+        "left-to-right",
+        "--proto",
+        "tcp",
+        "--dport",
+        "7003",
+    ]);
+    assert_eq!(
+        tcp_left_to_right(&chain, 7003),
+        Probe::Refused,
+        "reject answers TCP with a reset"
+    );
+
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "reject",
+        "--direction",
+        "right-to-left",
+        "--proto",
+        "udp",
+        "--dport",
+        "7004",
+    ]);
+    assert_eq!(
+        udp_probe(&chain.right_host, &chain.left_host, LEFT_HOST, 7004),
+        Probe::Refused,
+        "reject answers UDP with ICMP unreachable"
+    );
+    assert_eq!(
+        udp_probe(&chain.left_host, &chain.right_host, RIGHT_HOST, 7004),
+        Probe::Passed
+    );
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "--direction",
+        "both",
+        "--proto",
+        "udp",
+        "--dport",
+        "7005",
+    ]);
+    assert_eq!(
+        udp_probe(&chain.left_host, &chain.right_host, RIGHT_HOST, 7005),
+        Probe::TimedOut
+    );
+
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "reject",
+        "--direction",
+        "left-to-right",
+        "--proto",
+        "icmp",
+        "--to",
+        RIGHT_HOST,
+    ]);
+    let answer = ping_output(&chain.left_host, RIGHT_HOST);
+    assert!(
+        answer.contains("Unreachable"),
+        "reject answers ICMP with unreachable:\n{answer}"
+    );
+    assert!(
+        ping(&chain.right_host, LEFT_HOST),
+        "ICMP right→left is still allowed"
+    );
+
+    let listing = dockwall.ok(&["rule", "list", "--json"]);
+    let rules: serde_json::Value = serde_json::from_str(&listing).expect("rule list JSON");
+    assert_eq!(rules["rules"].as_array().map(Vec::len), Some(5));
+    assert!(
+        rules["rules"][0]["packets"].as_u64().unwrap_or(0) >= 1,
+        "the deny rule counted the dropped SYNs: {listing}"
+    );
+}
+
+#[test]
+fn established_replies_pass_while_new_right_to_left_is_denied() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    dockwall.ok(&["rule", "add", "deny", "--direction", "right-to-left"]);
+    assert_eq!(
+        tcp_left_to_right(&chain, 7101),
+        Probe::Passed,
+        "replies to a left-initiated flow come back"
+    );
+    assert!(ping(&chain.left_host, RIGHT_HOST));
+    assert_eq!(
+        tcp_right_to_left(&chain, 7102),
+        Probe::TimedOut,
+        "new right→left connections are dropped"
+    );
+    assert!(!ping(&chain.right_host, LEFT_HOST));
+}
+
+#[test]
+fn order_matters_and_an_inserted_allow_wins() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "icmp",
+    ]);
+    assert!(!ping(&chain.left_host, RIGHT_HOST));
+    dockwall.ok(&[
+        "rule",
+        "insert",
+        "1",
+        "allow",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "icmp",
+        "--to",
+        RIGHT_HOST,
+    ]);
+    assert!(
+        ping(&chain.left_host, RIGHT_HOST),
+        "the allow inserted before the deny decides"
+    );
+    dockwall.ok(&["rule", "disable", "1"]);
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "disabled, the allow no longer counts"
+    );
+    dockwall.ok(&["rule", "enable", "1"]);
+    assert!(ping(&chain.left_host, RIGHT_HOST));
+    // FWaaS insert_after: a deny after the allow changes nothing.
+    let listing: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    let allow_id = listing["rules"][0]["id"].as_u64().unwrap().to_string();
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "left-to-right",
+        "--to",
+        RIGHT_HOST,
+        "--after",
+        &allow_id,
+    ]);
+    assert!(ping(&chain.left_host, RIGHT_HOST));
+    dockwall.ok(&["rule", "delete", "--id", &allow_id]);
+    assert!(!ping(&chain.left_host, RIGHT_HOST));
+}
+
+#[test]
+fn default_deny_then_allow_opens_only_what_is_allowed() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    dockwall.ok(&["default", "deny"]);
+    assert!(!ping(&chain.left_host, RIGHT_HOST));
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "allow",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "tcp",
+        "--dport",
+        "7201",
+    ]);
+    assert_eq!(tcp_left_to_right(&chain, 7201), Probe::Passed);
+    assert_eq!(tcp_left_to_right(&chain, 7202), Probe::TimedOut);
+    dockwall.ok(&["default", "allow"]);
+    assert_eq!(tcp_left_to_right(&chain, 7202), Probe::Passed);
+}
+
+#[test]
+fn masquerade_out_of_the_right_side_hides_the_left_host() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    let (probe, peer) = tcp_probe(
+        &chain.left_host,
+        &chain.right_host,
+        RIGHT_HOST,
+        RIGHT_HOST,
+        7301,
+        7301,
+    );
+    assert_eq!(
+        (probe, peer.map(|p| p.ip().to_string())),
+        (Probe::Passed, Some(LEFT_HOST.to_string()))
+    );
+    dockwall.ok(&["nat", "add", "masquerade", "--out", "right"]);
+    let (probe, peer) = tcp_probe(
+        &chain.left_host,
+        &chain.right_host,
+        RIGHT_HOST,
+        RIGHT_HOST,
+        7302,
+        7302,
+    );
+    assert_eq!(probe, Probe::Passed);
+    assert_eq!(
+        peer.map(|p| p.ip().to_string()),
+        Some(SI_RIGHT.to_string()),
+        "the right host sees the SI's address"
+    );
+    let nat: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["nat", "list", "--json"])).unwrap();
+    assert!(nat[0]["packets"].as_u64().unwrap_or(0) >= 1, "{nat}");
+}
+
+#[test]
+fn dnat_port_forward_is_reachable_from_the_right_even_with_default_deny() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    dockwall.ok(&["default", "deny"]);
+    dockwall.ok(&[
+        "nat",
+        "add",
+        "dnat",
+        "--proto",
+        "tcp",
+        "--port",
+        "8080",
+        "--to",
+        &format!("{LEFT_HOST}:7401"),
+    ]);
+    let (probe, _) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        SI_RIGHT,
+        7401,
+        8080,
+    );
+    assert_eq!(
+        probe,
+        Probe::Passed,
+        "SI right address :8080 reaches the left host :7401"
+    );
+    assert_eq!(
+        tcp_right_to_left(&chain, 7401),
+        Probe::TimedOut,
+        "only the forwarded port is open"
+    );
+}
+
+#[test]
+fn rules_survive_a_restart_of_dockwall_run() {
+    let chain = Chain::new();
+    let mut dockwall = Dockwall::start(&chain);
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "icmp",
+    ]);
+    dockwall.ok(&["nat", "add", "masquerade", "--out", "right"]);
+    let before = dockwall.ok(&["rule", "list", "--json"]);
+    dockwall.stop();
+    assert_eq!(dockwall.table(), "", "SIGTERM removes the table");
+    dockwall.run();
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "the deny is back after the restart"
+    );
+    let after = dockwall.ok(&["rule", "list", "--json"]);
+    let ids = |text: &str| {
+        serde_json::from_str::<serde_json::Value>(text).unwrap()["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&before), ids(&after));
+    assert!(dockwall
+        .ok(&["status"])
+        .contains("firewall (nft table inet dockwall): converged"));
+}
+
+#[test]
+fn twenty_concurrent_rule_adds_all_land() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    let children: Vec<_> = (0..20)
+        .map(|i| {
+            let port = (9000 + i).to_string();
+            dockwall
+                .command(&["rule", "add", "deny", "--proto", "tcp", "--dport", &port])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn dockwall rule add")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().expect("wait").success());
+    }
+    let listing: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    let mut ports: Vec<String> = listing["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["destination_port"].as_str().unwrap().to_string())
+        .collect();
+    ports.sort();
+    let expected: Vec<String> = (9000..9020).map(|p| p.to_string()).collect();
+    assert_eq!(ports, expected);
+    let status = dockwall.cli(&["status"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    assert_eq!(tcp_left_to_right(&chain, 9013), Probe::TimedOut);
+}
+
+#[test]
+fn a_failing_apply_leaves_kernel_and_file_untouched() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--dport", "22"]);
+    let table = dockwall.table();
+    let file = std::fs::read(dockwall.state.rules_file()).unwrap();
+
+    // An nft that appends a command the kernel refuses: the whole transaction must abort.
+    let bin = dockwall.state.path().join("failing-nft");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = which("nft");
+    std::fs::write(
+        bin.join("nft"),
+        format!("#!/bin/sh\nif [ \"$2\" = \"-f\" ]; then sed 's/]}}$/,{{\"delete\":{{\"table\":{{\"family\":\"inet\",\"name\":\"no_such_table\"}}}}}}]}}/' | {real} \"$@\"; else exec {real} \"$@\"; fi\n"),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(bin.join("nft"))
+        .status()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for args in [
+        vec!["rule", "add", "deny", "--proto", "udp", "--dport", "53"],
+        vec!["rule", "add", "deny", "--proto", "tcp", "--dport", "23"],
+        vec!["default", "deny"],
+    ] {
+        let output = dockwall.command(&args).env("PATH", &path).output().unwrap();
+        assert!(
+            !output.status.success(),
+            "{args:?} succeeded through a failing nft"
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("nft -j -f - failed"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(dockwall.table(), table, "{args:?} changed the kernel");
+        assert_eq!(
+            std::fs::read(dockwall.state.rules_file()).unwrap(),
+            file,
+            "{args:?} changed the file"
+        );
+    }
+}
+
+fn which(command: &str) -> String {
+    let output = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--dport", "22"]);
+    let table = dockwall.table();
+    let file = std::fs::read(dockwall.state.rules_file()).unwrap();
+    let bad_set = dockwall.state.path().join("bad.json");
+    std::fs::write(&bad_set, r#"{"version":1,"rules":[{"id":1,"action":"deny","direction":"both","colour":"red"}],"next_id":2}"#).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["rule", "add", "deny", "--from", "10.0.0.300/8"],
+            "--from",
+        ),
+        (
+            vec!["rule", "add", "deny", "--proto", "tcp", "--dport", "70000"],
+            "70000 is outside 1-65535",
+        ),
+        (
+            vec![
+                "rule",
+                "add",
+                "deny",
+                "--proto",
+                "tcp",
+                "--dport",
+                "2000:1000",
+            ],
+            "first port is above the last",
+        ),
+        (vec!["rule", "delete", "99"], "position"),
+        (
+            vec!["rule", "delete", "--id", "4242"],
+            "no rule has this id",
+        ),
+        (vec!["rule", "insert", "9", "deny"], "use 1-2"),
+        (
+            vec![
+                "rule",
+                "add",
+                "deny",
+                "--from",
+                "10.0.0.0/8",
+                "--to",
+                "fd00::1",
+            ],
+            "both be IPv4 or both IPv6",
+        ),
+        (
+            vec!["rule", "add", "deny", "--proto", "tpc"],
+            "unknown protocol name",
+        ),
+        (
+            vec!["rule", "add", "deny", "--dport", "22"],
+            "needs protocol tcp",
+        ),
+        (
+            vec!["rule", "add", "limit", "--proto", "tcp"],
+            "needs a rate",
+        ),
+        (
+            vec!["apply", bad_set.to_str().unwrap()],
+            "unknown field `colour`",
+        ),
+        (
+            vec!["nat", "add", "masquerade", "--out", "mgmt"],
+            "use left or right",
+        ),
+    ];
+    for (args, needle) in cases {
+        let output = dockwall.cli(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(dockwall.table(), table, "{args:?} changed the kernel");
+        assert_eq!(
+            std::fs::read(dockwall.state.rules_file()).unwrap(),
+            file,
+            "{args:?} changed the file"
+        );
+    }
+
+    // A hand-edited, corrupt state file: edits and a start are refused, nothing runs open.
+    std::fs::write(dockwall.state.rules_file(), "{\"version\": 1, \"rules\": [").unwrap();
+    let output = dockwall.cli(&["rule", "add", "allow"]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("state file"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(dockwall.table(), table);
+}
+
+#[test]
+fn corrupt_state_file_at_start_refuses_to_run() {
+    let chain = Chain::new();
+    let state = docknfv_tests::dockwall::StateDir::new();
+    std::fs::create_dir_all(state.path()).unwrap();
+    std::fs::write(state.rules_file(), "not json").unwrap();
+    let mut process = docknfv_tests::Vnf::start(
+        &chain.si,
+        "dockwall",
+        &["--state-dir", state.path().to_str().unwrap(), "run"],
+    );
+    assert!(!process.wait_exit(Duration::from_secs(10)).success());
+    let log = process.log();
+    assert!(
+        log.contains("invalid state file") && log.contains("Fix or remove the file"),
+        "{log}"
+    );
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "the SI must not forward with an unreadable rule set"
+    );
+}
+
+#[test]
+fn fwaas_import_export_round_trip_through_the_cli() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    let document = dockwall.state.path().join("fwaas.json");
+    std::fs::write(
+        &document,
+        r#"{"firewall_policy": {"id": "p", "firewall_rules": ["r1", "r2"]},
+            "firewall_rules": [
+              {"id": "r1", "protocol": "icmp", "destination_ip_address": "192.168.10.2", "action": "deny", "ip_version": 4},
+              {"id": "r2", "protocol": "tcp", "destination_port": "22", "action": "allow", "ip_version": 4}]}"#,
+    )
+    .unwrap();
+    dockwall.ok(&["import", "--fwaas", document.to_str().unwrap()]);
+    assert!(
+        !ping(&chain.right_host, LEFT_HOST),
+        "the ingress deny filters right→left"
+    );
+    assert!(ping(&chain.left_host, RIGHT_HOST), "egress is untouched");
+    let exported = dockwall.ok(&["export", "--fwaas"]);
+    let before = dockwall.ok(&["rule", "list", "--json"]);
+    std::fs::write(&document, &exported).unwrap();
+    dockwall.ok(&["import", "--fwaas", document.to_str().unwrap()]);
+    let after = dockwall.ok(&["rule", "list", "--json"]);
+    let strip = |text: &str| {
+        let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
+        for rule in value["rules"].as_array_mut().unwrap() {
+            for volatile in ["id", "packets", "bytes"] {
+                rule.as_object_mut().unwrap().remove(volatile);
+            }
+        }
+        value
+    };
+    assert_eq!(strip(&before), strip(&after));
+    assert_eq!(dockwall.ok(&["export", "--fwaas"]), exported);
+}
