@@ -478,9 +478,6 @@ fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
             matching.push(matches(payload("th", field), port_value(port)));
         }
     }
-    if model.ip_version().is_some() && model.source.is_none() && model.destination.is_none() {
-        // icmp / icmpv6 already pin the family through l4proto.
-    }
     let comment = Some(rule_comment(model.id));
     let mut rules = Vec::new();
     if let (Action::Limit, Some(rate)) = (model.action, model.rate) {
@@ -518,19 +515,13 @@ fn verdict(model: &Rule) -> Vec<Statement<'static>> {
     statements.push(match model.action {
         Action::Allow | Action::Limit => Statement::Accept(None),
         Action::Deny => Statement::Drop(None),
-        Action::Reject => Statement::Reject(Some(Reject {
-            _type: Some(if model.protocol == Protocol::Tcp {
-                RejectType::TCPReset
-            } else {
-                RejectType::ICMPX
-            }),
+        Action::Reject if model.protocol == Protocol::Tcp => Statement::Reject(Some(Reject {
+            _type: Some(RejectType::TCPReset),
             expr: None,
         })),
+        // The inet default: ICMP(v6) port unreachable.
+        Action::Reject => Statement::Reject(None),
     });
-    if model.action == Action::Reject && model.protocol != Protocol::Tcp {
-        statements.pop();
-        statements.push(Statement::Reject(None));
-    }
     statements
 }
 
@@ -779,4 +770,161 @@ fn counter() -> Statement<'static> {
         packets: None,
         bytes: None,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::model::Rate;
+
+    fn side(side: Side, name: &str, address: &str) -> ReadySide {
+        ReadySide {
+            side,
+            index: 2,
+            name: name.into(),
+            address: address.parse().unwrap(),
+        }
+    }
+
+    fn deny_tcp_from(set: &mut RuleSet, source: &str, port: u16) -> u64 {
+        let id = set.allocate_id();
+        set.rules.push(Rule {
+            id,
+            name: None,
+            action: Action::Deny,
+            rate: None,
+            direction: Direction::LeftToRight,
+            protocol: Protocol::Tcp,
+            source: Some(source.parse().unwrap()),
+            destination: None,
+            source_port: None,
+            destination_port: Some(PortRange::single(port)),
+            enabled: true,
+            log: false,
+            comment: None,
+            external_id: None,
+        });
+        id
+    }
+
+    fn chain<'c>(compiled: &'c Compiled, name: &str) -> &'c CompiledChain {
+        compiled
+            .chains
+            .iter()
+            .find(|c| c.chain.name == name)
+            .unwrap()
+    }
+
+    fn compile_with_both_sides(set: &RuleSet) -> Compiled {
+        let (left, right) = (
+            side(Side::Left, "eth0", "10.0.1.2/24"),
+            side(Side::Right, "eth1", "10.0.2.2/24"),
+        );
+        compile(
+            set,
+            Sides {
+                left: Some(&left),
+                right: Some(&right),
+            },
+        )
+    }
+
+    #[test]
+    fn same_shape_rules_become_one_set_lookup() {
+        let mut set = RuleSet::default();
+        for i in 0..100 {
+            deny_tcp_from(
+                &mut set,
+                &format!("10.9.{}.{}/32", i / 250, i % 250 + 1),
+                22,
+            );
+        }
+        let compiled = compile_with_both_sides(&set);
+        assert_eq!(chain(&compiled, CHAIN_FROM_LEFT).rules.len(), 1);
+        let lookup = &compiled.sets["fl1"];
+        assert_eq!(lookup.elem.as_ref().unwrap().len(), 100);
+        assert!(chain(&compiled, CHAIN_FROM_RIGHT).rules.is_empty());
+    }
+
+    #[test]
+    fn order_is_kept_across_verdicts_and_overlaps() {
+        let mut set = RuleSet::default();
+        deny_tcp_from(&mut set, "10.0.0.0/8", 22);
+        deny_tcp_from(&mut set, "192.0.2.0/24", 22);
+        // Overlaps the first: must not join its set, or the order would be lost.
+        deny_tcp_from(&mut set, "10.1.0.0/16", 22);
+        let allow = deny_tcp_from(&mut set, "198.51.100.7/32", 22);
+        set.rules.last_mut().unwrap().action = Action::Allow;
+        let compiled = compile_with_both_sides(&set);
+        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules;
+        let comments: Vec<_> = rules
+            .iter()
+            .map(|r| r.comment.as_deref().unwrap_or_default())
+            .collect();
+        assert_eq!(comments, ["set fl1", "rule 3", &*rule_comment(allow)]);
+    }
+
+    #[test]
+    fn limit_is_a_drop_over_the_rate_then_an_accept() {
+        let mut set = RuleSet::default();
+        let id = deny_tcp_from(&mut set, "10.0.0.0/8", 22);
+        set.rules[0].action = Action::Limit;
+        set.rules[0].rate = Some("10/second".parse::<Rate>().unwrap());
+        let compiled = compile_with_both_sides(&set);
+        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules;
+        assert_eq!(rules.len(), 2);
+        assert!(rules
+            .iter()
+            .all(|r| r.comment.as_deref() == Some(&*rule_comment(id))));
+        assert!(matches!(rules[0].expr.last(), Some(Statement::Drop(_))));
+        assert!(matches!(rules[1].expr.last(), Some(Statement::Accept(_))));
+    }
+
+    #[test]
+    fn rules_wait_for_their_sides() {
+        let mut set = RuleSet::default();
+        deny_tcp_from(&mut set, "10.0.0.0/8", 22);
+        let left = side(Side::Left, "eth0", "10.0.1.2/24");
+        let compiled = compile(
+            &set,
+            Sides {
+                left: Some(&left),
+                right: None,
+            },
+        );
+        let forward = chain(&compiled, CHAIN_FORWARD);
+        assert!(
+            forward
+                .rules
+                .iter()
+                .all(|r| !r.expr.iter().any(|s| matches!(s, Statement::Jump(_)))),
+            "no jump without both sides"
+        );
+        assert_eq!(chain(&compiled, CHAIN_MARK_INGRESS).rules.len(), 1);
+    }
+
+    #[test]
+    fn appending_a_rule_of_the_same_shape_is_an_element_add() {
+        let mut set = RuleSet::default();
+        deny_tcp_from(&mut set, "10.9.0.1/32", 22);
+        deny_tcp_from(&mut set, "10.9.0.2/32", 22);
+        let old = compile_with_both_sides(&set);
+        deny_tcp_from(&mut set, "10.9.0.3/32", 22);
+        let new = compile_with_both_sides(&set);
+        let no_counters = |_: &str| Ok(Default::default());
+        let batch = crate::firewall::nft::incremental_batch(&old, &new, &no_counters)
+            .unwrap()
+            .unwrap();
+        let text = crate::firewall::nft::render(batch).unwrap();
+        assert!(text.contains(r#"{"add":{"element""#), "{text}");
+        assert!(!text.contains("flush"), "no chain rewritten: {text}");
+
+        set.default_policy = Policy::Drop;
+        let changed_policy = compile_with_both_sides(&set);
+        assert!(
+            crate::firewall::nft::incremental_batch(&new, &changed_policy, &no_counters)
+                .unwrap()
+                .is_none()
+        );
+    }
 }
