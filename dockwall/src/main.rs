@@ -57,8 +57,10 @@ pub enum Command {
     ///
     /// Installs a table per side (its subnet and a default via its gateway) and the rules
     /// `iif left lookup <right table>`, `iif right lookup <left table>` at priorities
-    /// 1000-1001; routes and rules carry protocol 245. Sets net.ipv4.ip_forward=1 and
-    /// rp_filter=2 (loose) on all/left/right. The firewall lives in the nftables table
+    /// 1000-1001, and at 1002-1003 rules that send the SI's own resets and ICMP errors back
+    /// out of the side the packet came from (by firewall mark); routes and rules carry
+    /// protocol 245. Sets net.ipv4.ip_forward=1, net.ipv4.fwmark_reflect=1 and rp_filter=2
+    /// (loose) on all/left/right. The firewall lives in the nftables table
     /// `inet dockwall` and nothing else is touched. On exit routing and the table are removed
     /// (see --on-exit); sysctls and the stored rules stay.
     Run,

@@ -10,6 +10,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "procps",
     "util-linux",
+    "iptables",
     "nftables",
 ];
 
@@ -19,7 +20,7 @@ commands:
   demo    build, bring up a namespace service chain, run `dockwall run` as the SI,
           show traffic crossing it, tear down
   test    fmt check, clippy -D warnings, and every test (unit + namespace end-to-end)
-  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 2 minutes)
+  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 4 minutes)
   deps    only install the Debian packages
 
 All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
@@ -40,15 +41,18 @@ fn main() {
         }),
         "test" => install_debian_packages().and_then(|()| test()),
         "bench" => install_debian_packages().and_then(|()| {
-            cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "docknfv-tests",
-                "--bin",
-                "chain-bench",
-            ])
+            for bench in ["chain-bench", "firewall-bench"] {
+                cargo(&[
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "--package",
+                    "docknfv-tests",
+                    "--bin",
+                    bench,
+                ])?;
+            }
+            Ok(())
         }),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

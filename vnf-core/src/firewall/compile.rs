@@ -1,8 +1,9 @@
-//! Rule set → one nftables table. Consecutive rules of the same shape and verdict become one
-//! lookup in a named set with a counter per element, so 10,000 rules are a handful of set
-//! lookups, not a 10,000-rule linear chain; first-match order is kept because only runs of
-//! rules with the same verdict are merged, and an element that overlaps one already in the
-//! run starts a new run.
+//! Rule set → one nftables table. Within a stretch of consecutive rules with the same verdict,
+//! rules of the same shape become one lookup in a named set with a counter per element, so
+//! 10,000 rules are a handful of set lookups, not a 10,000-rule linear chain. First-match
+//! order is kept: only rules with the same verdict are regrouped (whichever matches, the
+//! outcome is the same; a packet matching two of them may be counted on the other one), and
+//! an element that overlaps one already in a set goes to a new set.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
@@ -71,16 +72,54 @@ pub struct CompiledChain {
 }
 
 /// The whole table, in a form that can be diffed against the previous compile.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Compiled {
     pub chains: Vec<CompiledChain>,
     pub sets: BTreeMap<String, Set<'static>>,
+    /// Identifies what was compiled (rules, sides, compiler), cheaper than hashing the output.
+    pub fingerprint: String,
+}
+
+/// Bump when the compiler's output for the same input changes.
+const COMPILER_REVISION: u32 = 1;
+
+/// A 64-bit FNV-1a hash written to as a stream.
+struct Fnv(u64);
+
+impl std::io::Write for Fnv {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn fingerprint(rule_set: &RuleSet, sides: Sides<'_>) -> String {
+    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    // Serializing plain data into a hasher cannot fail.
+    let _ = serde_json::to_writer(
+        &mut hash,
+        &(
+            rule_set,
+            sides.left,
+            sides.right,
+            COMPILER_REVISION,
+            env!("CARGO_PKG_VERSION"),
+        ),
+    );
+    format!("{:016x}", hash.0)
 }
 
 pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
     let mut compiled = Compiled {
         chains: Vec::new(),
         sets: BTreeMap::new(),
+        fingerprint: fingerprint(rule_set, sides),
     };
     let policy = match rule_set.default_policy {
         Policy::Accept => NfChainPolicy::Accept,
@@ -246,9 +285,19 @@ impl Shape {
         }
     }
 
-    /// Only rules with at least one value to look up, and without a per-rule limit, merge.
+    /// Rules whose relative order does not matter among rules of the same verdict: not
+    /// limits (each has its own rate) and not logged (the first match logs).
+    fn groupable(&self) -> bool {
+        self.action != Action::Limit && !self.log
+    }
+
+    fn verdict(&self) -> Action {
+        self.action
+    }
+
+    /// Only groupable rules with at least one value to look up share a set.
     fn mergeable(&self) -> bool {
-        self.action != Action::Limit
+        self.groupable()
             && (self.source || self.destination || self.source_port || self.destination_port)
     }
 }
@@ -279,49 +328,65 @@ fn overlaps(a: &[(u128, u128)], b: &[(u128, u128)]) -> bool {
     a.iter().zip(b).all(|(x, y)| x.0 <= y.1 && y.0 <= x.1)
 }
 
-/// A run of rules that compiles into one set lookup.
+type Key = Vec<(u128, u128)>;
+
+/// A run of rules that compiles into one set lookup. Its elements never overlap, which
+/// keeps the overlap check cheap: single-field keys are disjoint intervals in a sorted map
+/// (one lookup), multi-field point keys a hash set; only multi-field keys with ranges are
+/// scanned.
 struct Run<'r> {
     shape: Shape,
     rules: Vec<&'r Rule>,
-    points: HashSet<Vec<(u128, u128)>>,
-    intervals: Vec<Vec<(u128, u128)>>,
+    single_field: BTreeMap<u128, u128>,
+    points: HashSet<Key>,
+    ranges: Vec<Key>,
 }
 
 impl<'r> Run<'r> {
-    fn new(rule: &'r Rule) -> Self {
+    fn new(rule: &'r Rule, key: Key) -> Self {
         let mut run = Run {
             shape: Shape::of(rule),
             rules: Vec::new(),
+            single_field: BTreeMap::new(),
             points: HashSet::new(),
-            intervals: Vec::new(),
+            ranges: Vec::new(),
         };
-        run.push(rule);
+        run.push(rule, key);
         run
     }
 
-    fn push(&mut self, rule: &'r Rule) {
-        let key = key_ranges(rule);
-        if key.iter().all(|(lo, hi)| lo == hi) {
-            self.points.insert(key);
-        } else {
-            self.intervals.push(key);
+    fn push(&mut self, rule: &'r Rule, key: Key) {
+        match key.as_slice() {
+            [(lo, hi)] => {
+                self.single_field.insert(*lo, *hi);
+            }
+            _ if key.iter().all(|(lo, hi)| lo == hi) => {
+                self.points.insert(key);
+            }
+            _ => self.ranges.push(key),
         }
         self.rules.push(rule);
     }
 
-    fn accepts(&self, rule: &Rule) -> bool {
+    fn accepts(&self, rule: &Rule, key: &Key) -> bool {
         if !self.shape.mergeable() || Shape::of(rule) != self.shape {
             return false;
         }
-        let key = key_ranges(rule);
-        let is_point = key.iter().all(|(lo, hi)| lo == hi);
-        if self.intervals.iter().any(|i| overlaps(i, &key)) {
+        if let [(lo, hi)] = key.as_slice() {
+            // The disjoint interval starting closest below `hi` is the only one that can overlap.
+            return !self
+                .single_field
+                .range(..=*hi)
+                .next_back()
+                .is_some_and(|(_, &end)| end >= *lo);
+        }
+        if self.ranges.iter().any(|r| overlaps(r, key)) {
             return false;
         }
-        if is_point {
-            !self.points.contains(&key)
+        if key.iter().all(|(lo, hi)| lo == hi) {
+            !self.points.contains(key)
         } else {
-            !self.points.iter().any(|p| overlaps(p, &key))
+            !self.points.iter().any(|p| overlaps(p, key))
         }
     }
 }
@@ -333,10 +398,25 @@ fn compile_filter_chain(
     sets: &mut BTreeMap<String, Set<'static>>,
 ) -> Vec<NftRule<'static>> {
     let mut runs: Vec<Run> = Vec::new();
+    let mut block_start = 0;
     for &rule in rules {
-        match runs.last_mut() {
-            Some(run) if run.accepts(rule) => run.push(rule),
-            _ => runs.push(Run::new(rule)),
+        // A block is a stretch of rules with one verdict: whichever of them matches, the
+        // outcome is the same, so within it rules may be grouped by shape in any order.
+        let same_verdict = runs.last().is_some_and(|run| {
+            run.shape.groupable()
+                && Shape::of(rule).groupable()
+                && run.shape.verdict() == Shape::of(rule).verdict()
+        });
+        if !same_verdict {
+            block_start = runs.len();
+        }
+        let key = key_ranges(rule);
+        match runs[block_start..]
+            .iter_mut()
+            .find(|run| run.accepts(rule, &key))
+        {
+            Some(run) => run.push(rule, key),
+            None => runs.push(Run::new(rule, key)),
         }
     }
     let mut compiled = Vec::new();
@@ -844,6 +924,25 @@ mod tests {
         let lookup = &compiled.sets["fl1"];
         assert_eq!(lookup.elem.as_ref().unwrap().len(), 100);
         assert!(chain(&compiled, CHAIN_FROM_RIGHT).rules.is_empty());
+    }
+
+    #[test]
+    fn interleaved_shapes_with_one_verdict_still_share_sets() {
+        let mut set = RuleSet::default();
+        for i in 0..50 {
+            deny_tcp_from(&mut set, &format!("10.9.0.{}/32", i + 1), 22);
+            let id = deny_tcp_from(&mut set, &format!("172.16.{i}.0/24"), 22);
+            let rule = set.rules.iter_mut().find(|r| r.id == id).unwrap();
+            rule.protocol = Protocol::Udp;
+            rule.destination_port = None;
+        }
+        let compiled = compile_with_both_sides(&set);
+        assert_eq!(chain(&compiled, CHAIN_FROM_LEFT).rules.len(), 2);
+        assert_eq!(compiled.sets.len(), 2);
+        assert!(compiled
+            .sets
+            .values()
+            .all(|s| s.elem.as_ref().unwrap().len() == 50));
     }
 
     #[test]

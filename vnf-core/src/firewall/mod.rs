@@ -11,8 +11,9 @@ pub use model::{
 };
 
 use serde::Serialize;
+use tracing::debug;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::side::{assign, Assignment, SideSelectors};
 use compile::{compile, Sides};
@@ -46,14 +47,31 @@ pub async fn edit(
     dry_run: bool,
     change: impl FnOnce(&mut RuleSet) -> Result<()>,
 ) -> Result<EditOutcome> {
+    let started = std::time::Instant::now();
     let locked = store.lock()?;
     let old = locked.load()?;
     let mut new = old.clone();
     change(&mut new)?;
     new.validate()?;
+    debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        rules = new.rules.len(),
+        "rule set loaded and changed"
+    );
     let assignment = current_assignment(selectors).await?;
     let sides = Sides::from_assignment(&assignment);
-    let compiled = compile(&new, sides);
+    // The old compile is the base of the difference sent to the kernel; both at once.
+    let (old_compiled, compiled) = std::thread::scope(|scope| {
+        let old_compiled = scope.spawn(|| compile(&old, sides));
+        let compiled = compile(&new, sides);
+        (old_compiled.join(), compiled)
+    });
+    let old_compiled =
+        old_compiled.map_err(|_| Error::Nft("compiling the previous rule set failed".into()))?;
+    debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "compiled"
+    );
     if dry_run {
         return Ok(EditOutcome {
             rule_set: new,
@@ -61,10 +79,16 @@ pub async fn edit(
             dry_run: Some(nft::render(nft::full_batch(&compiled))?),
         });
     }
-    let applied = nft::apply(Some(&compile(&old, sides)), &compiled)?;
+    let applied = nft::apply(Some(&old_compiled), &compiled)?;
+    debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        ?applied,
+        "applied"
+    );
     if new != old {
         locked.save(&new)?;
     }
+    debug!(elapsed_ms = started.elapsed().as_millis() as u64, "saved");
     Ok(EditOutcome {
         rule_set: new,
         applied: Some(applied),
@@ -75,16 +99,30 @@ pub async fn edit(
 /// Loads the stored rule set and applies it for the given sides (what `run` does at start
 /// and whenever a side comes or goes).
 pub fn apply_stored(store: &Store, assignment: &Assignment) -> Result<ApplyKind> {
-    let locked = store.lock()?;
-    let rule_set = locked.load()?;
-    nft::apply(
-        None,
-        &compile(&rule_set, Sides::from_assignment(assignment)),
-    )
+    let applied = {
+        let locked = store.lock()?;
+        let rule_set = locked.load()?;
+        nft::apply(
+            None,
+            &compile(&rule_set, Sides::from_assignment(assignment)),
+        )
+    };
+    release_freed_memory();
+    applied
+}
+
+/// A long-running process that compiled a big rule set hands the freed heap back, so its
+/// idle footprint is what it keeps, not what it once needed.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Whether the kernel holds exactly what the stored rules compile to for these sides.
 pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool> {
-    let expected = nft::fingerprint(&compile(rule_set, Sides::from_assignment(assignment)));
-    Ok(nft::kernel_fingerprint()?.as_deref() == Some(expected.as_str()))
+    let expected = compile(rule_set, Sides::from_assignment(assignment)).fingerprint;
+    Ok(nft::kernel_fingerprint()? == Some(expected))
 }

@@ -52,15 +52,6 @@ fn plain_chain(name: &str) -> Chain<'static> {
     }
 }
 
-/// A stable 64-bit FNV-1a fingerprint of a compile.
-pub fn fingerprint(compiled: &Compiled) -> String {
-    let bytes = serde_json::to_vec(compiled).unwrap_or_default();
-    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{hash:016x}")
-}
-
 fn add(object: NfListObject<'static>) -> NfObject<'static> {
     NfObject::CmdObject(NfCmd::Add(object))
 }
@@ -94,7 +85,7 @@ pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
     }
     batch.push(add(NfListObject::Chain(plain_chain(&format!(
         "{MARKER_PREFIX}{}",
-        fingerprint(compiled)
+        compiled.fingerprint
     )))));
     batch
 }
@@ -106,8 +97,17 @@ fn element_value(element: &Expression<'static>) -> Expression<'static> {
     }
 }
 
-fn elements(set: &Set<'static>) -> Vec<Expression<'static>> {
-    set.elem.as_deref().map(<[_]>::to_vec).unwrap_or_default()
+fn element_comment<'a>(element: &'a Expression<'static>) -> &'a str {
+    match element {
+        Expression::Named(NamedExpression::Elem(elem)) => {
+            elem.comment.as_deref().unwrap_or_default()
+        }
+        _ => "",
+    }
+}
+
+fn elements<'a>(set: &'a Set<'static>) -> &'a [Expression<'static>] {
+    set.elem.as_deref().unwrap_or_default()
 }
 
 fn element_batch(set: &Set<'static>, elements: Vec<Expression<'static>>) -> Element<'static> {
@@ -163,9 +163,9 @@ fn with_counters(rules: &[NftRule<'static>], counts: &ChainCounters) -> Vec<NftR
 /// The transaction that turns `old` into `new` in place, or None when the shape changed
 /// too much (chain headers, set types) and the table must be replaced. `counts` reads the
 /// counters of a chain about to be rewritten.
-pub fn incremental_batch(
-    old: &Compiled,
-    new: &Compiled,
+pub fn incremental_batch<'a>(
+    old: &'a Compiled,
+    new: &'a Compiled,
     counts: &dyn Fn(&str) -> Result<ChainCounters>,
 ) -> Result<Option<Vec<NfObject<'static>>>> {
     let headers = |c: &Compiled| c.chains.iter().map(|c| c.chain.clone()).collect::<Vec<_>>();
@@ -188,14 +188,20 @@ pub fn incremental_batch(
                     return Ok(None);
                 }
                 let (before, after) = (elements(previous), elements(set));
+                // Every element carries its rule's comment; compare by it, not pairwise.
+                let by_comment =
+                    |list: &'a [Expression<'static>]| -> HashMap<&'a str, &'a Expression<'static>> {
+                        list.iter().map(|e| (element_comment(e), e)).collect()
+                    };
+                let (before_map, after_map) = (by_comment(before), by_comment(after));
                 let removed: Vec<_> = before
                     .iter()
-                    .filter(|e| !after.contains(e))
+                    .filter(|e| after_map.get(element_comment(e)) != Some(e))
                     .map(element_value)
                     .collect();
                 let added: Vec<_> = after
                     .iter()
-                    .filter(|e| !before.contains(e))
+                    .filter(|e| before_map.get(element_comment(e)) != Some(e))
                     .cloned()
                     .collect();
                 if !removed.is_empty() {
@@ -233,11 +239,11 @@ pub fn incremental_batch(
         }
     }
     batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
-        plain_chain(&format!("{MARKER_PREFIX}{}", fingerprint(old))),
+        plain_chain(&format!("{MARKER_PREFIX}{}", old.fingerprint)),
     ))));
     batch.push(add(NfListObject::Chain(plain_chain(&format!(
         "{MARKER_PREFIX}{}",
-        fingerprint(new)
+        new.fingerprint
     )))));
     Ok(Some(batch))
 }
@@ -329,13 +335,22 @@ pub fn kernel_fingerprint() -> Result<Option<String>> {
 
 /// Applies `new`, as a difference from `old` when the kernel provably holds `old`.
 pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
+    let started = std::time::Instant::now();
     let in_kernel = kernel_fingerprint()?;
-    let new_fingerprint = fingerprint(new);
+    let new_fingerprint = &new.fingerprint;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "fingerprints"
+    );
     if in_kernel.as_deref() == Some(new_fingerprint.as_str()) {
         return Ok(ApplyKind::Unchanged);
     }
-    if let Some(old) = old.filter(|old| in_kernel.as_deref() == Some(fingerprint(old).as_str())) {
+    if let Some(old) = old.filter(|old| in_kernel.as_ref() == Some(&old.fingerprint)) {
         if let Some(batch) = incremental_batch(old, new, &chain_counters)? {
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "difference computed"
+            );
             nft(&["-j", "-f", "-"], Some(&render(batch)?))?;
             return Ok(ApplyKind::Incremental);
         }

@@ -1,0 +1,200 @@
+//! Dockwall firewall benchmarks for BENCHMARKS.md (run with `cargo xtask bench`):
+//! - iperf3 TCP left→right through Dockwall holding 10,000 deny rules that do not match the
+//!   flow, vs. Dockwall with no rules, vs. a plain SI whose FORWARD chain holds the same
+//!   10,000 rules linearly in iptables (what ufw builds); interleaved in one run;
+//! - `dockwall apply` of the 10,000 rules (a full table replace) and `dockwall rule add` as a
+//!   whole process with them present, medians;
+//! - RSS of an idle `dockwall run` holding them.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use docknfv_tests::chain::RIGHT_HOST;
+use docknfv_tests::dockwall::Dockwall;
+use docknfv_tests::prereq::require_command;
+use docknfv_tests::Chain;
+
+const RULES: usize = 10_000;
+const ROUNDS: usize = 3;
+const RULE_ADDS: usize = 20;
+const APPLIES: usize = 5;
+const IPERF_SECONDS: &str = "4";
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// 10,000 deny rules in two shapes, none matching the benchmark flow (TCP to port 5201 from
+/// 192.168.10.2): TCP from 10.x addresses to port 22, and UDP to 172.16.x networks.
+fn rule_set_json() -> String {
+    let rules: Vec<serde_json::Value> = (0..RULES)
+        .map(|i| {
+            let id = i + 1;
+            if i % 2 == 0 {
+                serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "tcp",
+                    "source": format!("10.{}.{}.{}/32", i >> 16 & 255, i >> 8 & 255, i & 255), "destination_port": "22"})
+            } else {
+                serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "udp",
+                    "destination": format!("172.{}.{}.0/24", 16 + (i >> 16 & 15), i >> 8 & 255)})
+            }
+        })
+        .collect();
+    serde_json::json!({"version": 1, "rules": rules, "next_id": RULES + 1}).to_string()
+}
+
+fn iptables_restore_input() -> String {
+    let mut text = String::from("*filter\n:FORWARD ACCEPT [0:0]\n");
+    for i in 0..RULES {
+        if i % 2 == 0 {
+            text += &format!(
+                "-A FORWARD -s 10.{}.{}.{}/32 -p tcp --dport 22 -j DROP\n",
+                i >> 16 & 255,
+                i >> 8 & 255,
+                i & 255
+            );
+        } else {
+            text += &format!(
+                "-A FORWARD -d 172.{}.{}.0/24 -p udp -j DROP\n",
+                16 + (i >> 16 & 15),
+                i >> 8 & 255
+            );
+        }
+    }
+    text + "COMMIT\n"
+}
+
+fn iperf(chain: &Chain) -> f64 {
+    let mut server = chain
+        .right_host
+        .command("iperf3")
+        .args(["-s", "-1", "-B", RIGHT_HOST])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let output = chain.left_host.exec(
+        "iperf3",
+        &[
+            "-c",
+            RIGHT_HOST,
+            "-t",
+            IPERF_SECONDS,
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ],
+    );
+    let _ = server.wait();
+    assert!(
+        output.status.success(),
+        "iperf3: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+fn timed(dockwall: &Dockwall, args: &[&str]) -> f64 {
+    let started = Instant::now();
+    dockwall.ok(args);
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+fn main() {
+    // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
+    unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
+    require_command("iperf3", "iperf3");
+    require_command("iptables-restore", "iptables");
+
+    let loaded_chain = Chain::new();
+    let mut loaded = Dockwall::start(&loaded_chain);
+    let file = loaded.state.path().join("10k.json");
+    std::fs::create_dir_all(loaded.state.path()).expect("state dir");
+    std::fs::write(&file, rule_set_json()).expect("write rule set");
+    let file = file.to_str().expect("utf-8").to_string();
+    let mut applies: Vec<f64> = (0..APPLIES)
+        .map(|_| timed(&loaded, &["apply", &file]))
+        .collect();
+    let mut adds: Vec<f64> = (0..RULE_ADDS)
+        .map(|i| {
+            timed(
+                &loaded,
+                &[
+                    "rule",
+                    "add",
+                    "deny",
+                    "--proto",
+                    "tcp",
+                    "--from",
+                    &format!("10.200.0.{}", i + 1),
+                    "--dport",
+                    "22",
+                ],
+            )
+        })
+        .collect();
+    // A restart loads all of them; measure the ready time and the idle RSS with them.
+    loaded.stop();
+    let restart = Instant::now();
+    loaded.run();
+    let ready_with_rules = restart.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_kib(loaded.process.as_ref().expect("running").pid());
+
+    let empty_chain = Chain::new();
+    let _empty = Dockwall::start(&empty_chain);
+    let iptables_chain = Chain::new();
+    iptables_chain.route_si_statically();
+    let mut restore = iptables_chain
+        .si
+        .command("iptables-restore")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("iptables-restore");
+    std::io::Write::write_all(
+        restore.stdin.as_mut().expect("stdin"),
+        iptables_restore_input().as_bytes(),
+    )
+    .expect("feed iptables-restore");
+    drop(restore.stdin.take());
+    assert!(restore.wait().expect("iptables-restore").success());
+
+    let (mut with_rules, mut without, mut linear) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        with_rules.push(iperf(&loaded_chain));
+        without.push(iperf(&empty_chain));
+        linear.push(iperf(&iptables_chain));
+    }
+    let (with_rules_median, without_median, linear_median) = (
+        median(&mut with_rules),
+        median(&mut without),
+        median(&mut linear),
+    );
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| iperf3 TCP through Dockwall with {RULES} non-matching deny rules, median of {ROUNDS} × {IPERF_SECONDS} s | {with_rules_median:.2} Gbit/s |");
+    println!("| same SI setup with no rules, interleaved | {without_median:.2} Gbit/s |");
+    println!(
+        "| **ratio {RULES} rules / no rules** | **{:.3}** |",
+        with_rules_median / without_median
+    );
+    println!("| plain SI with the {RULES} rules as a linear iptables FORWARD chain, interleaved | {linear_median:.2} Gbit/s ({:.3} of no rules) |", linear_median / without_median);
+    println!("| `dockwall apply` of {RULES} rules (whole process, full table replace), median of {APPLIES} | {:.0} ms |", median(&mut applies));
+    println!("| `dockwall rule add` with {RULES} rules present (whole process), median of {RULE_ADDS} | {:.0} ms |", median(&mut adds));
+    println!("| `dockwall run` restart → forwarding ready with {RULES} rules | {ready_with_rules:.0} ms |");
+    println!("| RSS of idle `dockwall run` with {RULES} rules | {rss} KiB |");
+    println!("\nthroughput samples (Gbit/s): with rules {with_rules:.2?}, no rules {without:.2?}, iptables linear {linear:.2?}");
+}
