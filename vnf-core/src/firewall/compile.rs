@@ -374,11 +374,11 @@ impl<'r> Run<'r> {
         }
         if let [(lo, hi)] = key.as_slice() {
             // The disjoint interval starting closest below `hi` is the only one that can overlap.
-            return !self
+            return self
                 .single_field
                 .range(..=*hi)
                 .next_back()
-                .is_some_and(|(_, &end)| end >= *lo);
+                .is_none_or(|(_, &end)| end < *lo);
         }
         if self.ranges.iter().any(|r| overlaps(r, key)) {
             return false;
