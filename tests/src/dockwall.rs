@@ -53,21 +53,44 @@ pub struct Dockwall<'c> {
 impl<'c> Dockwall<'c> {
     /// Starts `dockwall run` in the chain's SI and waits until it forwards.
     pub fn start(chain: &'c Chain) -> Dockwall<'c> {
-        crate::prereq::require_command("nft", "nftables");
-        let mut dockwall = Dockwall {
-            chain,
-            state: StateDir::new(),
-            process: None,
-        };
-        dockwall.run();
+        let mut dockwall = Dockwall::launch(chain);
+        dockwall.wait_ready();
         dockwall
     }
 
+    /// Starts `dockwall run` without waiting for both sides.
+    pub fn launch(chain: &'c Chain) -> Dockwall<'c> {
+        crate::prereq::require_command("nft", "nftables");
+        let state = StateDir::new();
+        let path = state.path().to_str().expect("utf-8 path").to_string();
+        let process = Vnf::start(
+            &chain.si,
+            "dockwall",
+            &["--state-dir", &path, "run", "--side-timeout", "30"],
+        );
+        Dockwall {
+            chain,
+            state,
+            process: Some(process),
+        }
+    }
+
+    /// Starts `dockwall run` again on the same state directory and waits until it forwards.
     pub fn run(&mut self) {
-        let state = self.state.path().to_str().expect("utf-8 path").to_string();
-        let process = Vnf::start(&self.chain.si, "dockwall", &["--state-dir", &state, "run"]);
-        process.wait_ready();
-        self.process = Some(process);
+        let path = self.state.path().to_str().expect("utf-8 path").to_string();
+        self.process = Some(Vnf::start(
+            &self.chain.si,
+            "dockwall",
+            &["--state-dir", &path, "run"],
+        ));
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        self.process
+            .as_ref()
+            .expect("dockwall run started")
+            .wait_ready();
     }
 
     pub fn stop(&mut self) {

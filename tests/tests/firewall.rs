@@ -152,6 +152,34 @@ fn deny_and_reject_per_direction_for_tcp_udp_and_icmp() {
 }
 
 #[test]
+fn rules_for_a_side_that_is_not_up_yet_apply_when_it_comes_up() {
+    let chain = Chain::without_right();
+    let mut dockwall = Dockwall::launch(&chain);
+    dockwall
+        .process
+        .as_ref()
+        .unwrap()
+        .wait_for_log("firewall applied", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "icmp",
+    ]);
+    chain.attach_right();
+    dockwall.wait_ready();
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "the deny applies once the right side is up"
+    );
+    assert_eq!(tcp_left_to_right(&chain, 7501), Probe::Passed);
+}
+
+#[test]
 fn established_replies_pass_while_new_right_to_left_is_denied() {
     let chain = Chain::new();
     let dockwall = Dockwall::start(&chain);

@@ -1,7 +1,8 @@
 //! Dockwall firewall benchmarks for BENCHMARKS.md (run with `cargo xtask bench`):
 //! - iperf3 TCP left→right through Dockwall holding 10,000 deny rules that do not match the
 //!   flow, vs. Dockwall with no rules, vs. a plain SI whose FORWARD chain holds the same
-//!   10,000 rules linearly in iptables (what ufw builds); interleaved in one run;
+//!   10,000 rules linearly in iptables behind an established-accept rule (what ufw builds);
+//!   and the new-connection rate through each, where every SYN walks the rules; interleaved;
 //! - `dockwall apply` of the 10,000 rules (a full table replace) and `dockwall rule add` as a
 //!   whole process with them present, medians;
 //! - RSS of an idle `dockwall run` holding them.
@@ -27,7 +28,7 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// 10,000 deny rules in two shapes, none matching the benchmark flow (TCP to port 5201 from
 /// 192.168.10.2): TCP from 10.x addresses to port 22, and UDP to 172.16.x networks.
-fn rule_set_json() -> String {
+fn rule_set_json(default_policy: &str) -> String {
     let rules: Vec<serde_json::Value> = (0..RULES)
         .map(|i| {
             let id = i + 1;
@@ -40,11 +41,12 @@ fn rule_set_json() -> String {
             }
         })
         .collect();
-    serde_json::json!({"version": 1, "rules": rules, "next_id": RULES + 1}).to_string()
+    serde_json::json!({"version": 1, "default_policy": default_policy, "rules": rules, "next_id": RULES + 1}).to_string()
 }
 
 fn iptables_restore_input() -> String {
-    let mut text = String::from("*filter\n:FORWARD ACCEPT [0:0]\n");
+    // As ufw builds it: established traffic first, then the rules one after another.
+    let mut text = String::from("*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
     for i in 0..RULES {
         if i % 2 == 0 {
             text += &format!(
@@ -98,6 +100,40 @@ fn iperf(chain: &Chain) -> f64 {
         / 1e9
 }
 
+/// New TCP connections per second from the left host to the right host: each SYN walks the
+/// rule set, where established packets skip it. Bounded by count and time.
+fn connection_rate(chain: &Chain, port: u16) -> f64 {
+    const CONNECTIONS: usize = 1000;
+    let address: std::net::SocketAddr = format!("{RIGHT_HOST}:{port}").parse().expect("address");
+    let listener = chain
+        .right_host
+        .run(|| std::net::TcpListener::bind(address))
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if listener.accept().is_err() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        let rate = chain.left_host.run(|| {
+            let started = Instant::now();
+            let mut made = 0;
+            while made < CONNECTIONS && started.elapsed() < Duration::from_secs(20) {
+                if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok() {
+                    made += 1;
+                }
+            }
+            made as f64 / started.elapsed().as_secs_f64()
+        });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        rate
+    })
+}
+
 fn timed(dockwall: &Dockwall, args: &[&str]) -> f64 {
     let started = Instant::now();
     dockwall.ok(args);
@@ -121,12 +157,18 @@ fn main() {
 
     let loaded_chain = Chain::new();
     let mut loaded = Dockwall::start(&loaded_chain);
-    let file = loaded.state.path().join("10k.json");
     std::fs::create_dir_all(loaded.state.path()).expect("state dir");
-    std::fs::write(&file, rule_set_json()).expect("write rule set");
-    let file = file.to_str().expect("utf-8").to_string();
+    // Alternating the default policy makes every apply a full table replace, ending on accept.
+    let files: Vec<String> = ["accept", "drop"]
+        .iter()
+        .map(|policy| {
+            let file = loaded.state.path().join(format!("10k-{policy}.json"));
+            std::fs::write(&file, rule_set_json(policy)).expect("write rule set");
+            file.to_str().expect("utf-8").to_string()
+        })
+        .collect();
     let mut applies: Vec<f64> = (0..APPLIES)
-        .map(|_| timed(&loaded, &["apply", &file]))
+        .map(|i| timed(&loaded, &["apply", &files[i % 2]]))
         .collect();
     let mut adds: Vec<f64> = (0..RULE_ADDS)
         .map(|i| {
@@ -173,10 +215,16 @@ fn main() {
     assert!(restore.wait().expect("iptables-restore").success());
 
     let (mut with_rules, mut without, mut linear) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    let (mut setup_with, mut setup_without, mut setup_linear) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
         with_rules.push(iperf(&loaded_chain));
         without.push(iperf(&empty_chain));
         linear.push(iperf(&iptables_chain));
+        let port = 6000 + round as u16;
+        setup_with.push(connection_rate(&loaded_chain, port));
+        setup_without.push(connection_rate(&empty_chain, port));
+        setup_linear.push(connection_rate(&iptables_chain, port));
     }
     let (with_rules_median, without_median, linear_median) = (
         median(&mut with_rules),
@@ -192,6 +240,17 @@ fn main() {
         with_rules_median / without_median
     );
     println!("| plain SI with the {RULES} rules as a linear iptables FORWARD chain, interleaved | {linear_median:.2} Gbit/s ({:.3} of no rules) |", linear_median / without_median);
+    let (setup_with, setup_without, setup_linear) = (
+        median(&mut setup_with),
+        median(&mut setup_without),
+        median(&mut setup_linear),
+    );
+    println!("| new TCP connections/s through Dockwall with {RULES} rules, median of {ROUNDS} × 1000 | {setup_with:.0}/s ({:.3} of no rules) |", setup_with / setup_without);
+    println!("| same with no rules | {setup_without:.0}/s |");
+    println!(
+        "| same through the linear iptables chain | {setup_linear:.0}/s ({:.3} of no rules) |",
+        setup_linear / setup_without
+    );
     println!("| `dockwall apply` of {RULES} rules (whole process, full table replace), median of {APPLIES} | {:.0} ms |", median(&mut applies));
     println!("| `dockwall rule add` with {RULES} rules present (whole process), median of {RULE_ADDS} | {:.0} ms |", median(&mut adds));
     println!("| `dockwall run` restart → forwarding ready with {RULES} rules | {ready_with_rules:.0} ms |");
