@@ -26,8 +26,8 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// 10,000 deny rules in two shapes, none matching the benchmark flow (TCP to port 5201 from
-/// 192.168.10.2): TCP from 10.x addresses to port 22, and UDP to 172.16.x networks.
+/// 10,000 distinct deny rules in two shapes, none matching the benchmark flow (TCP to port
+/// 5201 from 192.168.10.2): TCP from 10.x addresses to port 22, and UDP to 100.64.x.0/24.
 fn rule_set_json(default_policy: &str) -> String {
     let rules: Vec<serde_json::Value> = (0..RULES)
         .map(|i| {
@@ -36,8 +36,9 @@ fn rule_set_json(default_policy: &str) -> String {
                 serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "tcp",
                     "source": format!("10.{}.{}.{}/32", i >> 16 & 255, i >> 8 & 255, i & 255), "destination_port": "22"})
             } else {
+                let j = i / 2;
                 serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "udp",
-                    "destination": format!("172.{}.{}.0/24", 16 + (i >> 16 & 15), i >> 8 & 255)})
+                    "destination": format!("100.{}.{}.0/24", 64 + (j >> 8), j & 255)})
             }
         })
         .collect();
@@ -56,10 +57,11 @@ fn iptables_restore_input() -> String {
                 i & 255
             );
         } else {
+            let j = i / 2;
             text += &format!(
-                "-A FORWARD -d 172.{}.{}.0/24 -p udp -j DROP\n",
-                16 + (i >> 16 & 15),
-                i >> 8 & 255
+                "-A FORWARD -d 100.{}.{}.0/24 -p udp -j DROP\n",
+                64 + (j >> 8),
+                j & 255
             );
         }
     }

@@ -6,7 +6,7 @@
 //! an element that overlaps one already in a set goes to a new set.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -81,7 +81,7 @@ pub struct Compiled {
 }
 
 /// Bump when the compiler's output for the same input changes.
-const COMPILER_REVISION: u32 = 1;
+const COMPILER_REVISION: u32 = 3;
 
 /// A 64-bit FNV-1a hash written to as a stream.
 struct Fnv(u64);
@@ -199,6 +199,8 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         input,
     ));
 
+    // Which rule ids each set holds, to share a set between the two forward chains.
+    let mut set_members = HashMap::new();
     for (chain, set_prefix, directions) in [
         (
             CHAIN_FROM_LEFT,
@@ -217,7 +219,13 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
             .iter()
             .filter(|r| r.enabled && directions.contains(&r.direction))
             .collect();
-        let rules = compile_filter_chain(&selected, chain, set_prefix, &mut compiled.sets);
+        let rules = compile_filter_chain(
+            &selected,
+            chain,
+            set_prefix,
+            &mut compiled.sets,
+            &mut set_members,
+        );
         compiled.chains.push(CompiledChain {
             chain: Chain {
                 family: NfFamily::INet,
@@ -340,6 +348,8 @@ struct Run<'r> {
     single_field: BTreeMap<u128, u128>,
     points: HashSet<Key>,
     ranges: Vec<Key>,
+    /// Any element a prefix or port range: the set needs the interval flag.
+    has_ranges: bool,
 }
 
 impl<'r> Run<'r> {
@@ -350,12 +360,14 @@ impl<'r> Run<'r> {
             single_field: BTreeMap::new(),
             points: HashSet::new(),
             ranges: Vec::new(),
+            has_ranges: false,
         };
         run.push(rule, key);
         run
     }
 
     fn push(&mut self, rule: &'r Rule, key: Key) {
+        self.has_ranges |= key.iter().any(|(lo, hi)| lo != hi);
         match key.as_slice() {
             [(lo, hi)] => {
                 self.single_field.insert(*lo, *hi);
@@ -396,6 +408,7 @@ fn compile_filter_chain(
     chain: &str,
     set_prefix: &str,
     sets: &mut BTreeMap<String, Set<'static>>,
+    members: &mut HashMap<String, Vec<u64>>,
 ) -> Vec<NftRule<'static>> {
     let mut runs: Vec<Run> = Vec::new();
     let mut block_start = 0;
@@ -427,25 +440,34 @@ fn compile_filter_chain(
         }
         // Named after the oldest rule in the run, so appending rules keeps the name stable.
         let anchor = run.rules.iter().map(|r| r.id).min().unwrap_or_default();
-        let name = format!("{set_prefix}{anchor}");
         let first = run.rules[0];
         let (fields, types) = lookup_fields(first);
-        let elements = run
-            .rules
-            .iter()
-            .map(|r| {
-                Expression::Named(NamedExpression::Elem(Elem {
-                    val: Box::new(key_value(r)),
-                    timeout: None,
-                    expires: None,
-                    comment: Some(rule_comment(r.id).into()),
-                    counter: None,
-                }))
-            })
-            .collect::<Vec<_>>();
-        sets.insert(
-            name.clone(),
-            Set {
+        // A run of `both` rules usually comes out the same in both directions: one set serves
+        // both chains, halving what the kernel holds. Elements follow from their rules, so
+        // equal rule ids mean an equal set. Any difference gets a set per chain.
+        let ids: Vec<u64> = run.rules.iter().map(|r| r.id).collect();
+        let shared = format!("b{anchor}");
+        let both_only = run.rules.iter().all(|r| r.direction == Direction::Both);
+        let name = match members.get(&shared) {
+            Some(existing) if both_only && *existing == ids => shared,
+            None if both_only => shared,
+            _ => format!("{set_prefix}{anchor}"),
+        };
+        if !sets.contains_key(&name) {
+            let elements: Vec<Expression<'static>> = run
+                .rules
+                .iter()
+                .map(|r| {
+                    Expression::Named(NamedExpression::Elem(Elem {
+                        val: Box::new(key_value(r)),
+                        timeout: None,
+                        expires: None,
+                        comment: Some(rule_comment(r.id).into()),
+                        counter: None,
+                    }))
+                })
+                .collect();
+            let set = Set {
                 family: NfFamily::INet,
                 table: TABLE.into(),
                 name: name.clone().into(),
@@ -454,11 +476,15 @@ fn compile_filter_chain(
                 } else {
                     SetTypeValue::Concatenated(types.into())
                 },
-                flags: Some([SetFlag::Interval].into_iter().collect()),
+                flags: run
+                    .has_ranges
+                    .then(|| [SetFlag::Interval].into_iter().collect()),
                 elem: Some(elements.into()),
                 ..Set::default()
-            },
-        );
+            };
+            sets.insert(name.clone(), set);
+            members.insert(name.clone(), ids);
+        }
         let mut statements = protocol_match(first.protocol);
         let left = if fields.len() == 1 {
             fields.into_iter().next().unwrap_or_else(|| string(""))

@@ -10,8 +10,7 @@ use std::process::{Command, Stdio};
 
 use nftables::expr::{Expression, NamedExpression};
 use nftables::schema::{
-    Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NftRule, Set,
-    Table,
+    Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Rule as NftRule, Set, Table,
 };
 use nftables::stmt::{AnonymousCounter, Counter, Statement};
 use nftables::types::NfFamily;
@@ -251,22 +250,49 @@ pub fn incremental_batch<'a>(
 /// The batch as nft JSON. Sets get a `counter` statement, so every element counts its own
 /// packets (the crate does not model set statements).
 pub fn render(batch: Vec<NfObject<'static>>) -> Result<String> {
-    let document = Nftables {
-        objects: batch.into(),
-    };
-    let mut value = serde_json::to_value(&document).map_err(json_error)?;
-    if let Some(objects) = value.get_mut("nftables").and_then(Value::as_array_mut) {
-        for object in objects {
-            if let Some(set) = object
-                .get_mut("add")
-                .and_then(|a| a.get_mut("set"))
-                .and_then(Value::as_object_mut)
-            {
-                set.insert("stmt".into(), serde_json::json!([{ "counter": null }]));
-            }
-        }
+    /// `{"add": {"set": {…, "stmt": [{"counter": null}]}}}`: every element counts its packets.
+    #[derive(Serialize)]
+    struct AddCountingSet<'a> {
+        add: SetObject<'a>,
     }
-    serde_json::to_string(&value).map_err(json_error)
+    #[derive(Serialize)]
+    struct SetObject<'a> {
+        set: CountingSet<'a>,
+    }
+    #[derive(Serialize)]
+    struct CountingSet<'a> {
+        #[serde(flatten)]
+        set: &'a Set<'static>,
+        stmt: [CounterStatement; 1],
+    }
+    #[derive(Serialize)]
+    struct CounterStatement {
+        counter: (),
+    }
+    // Written object by object, without a serde_json::Value tree: for a big batch that tree
+    // costs more than nft itself.
+    let mut text = String::from(r#"{"nftables":["#);
+    for (index, object) in batch.iter().enumerate() {
+        if index > 0 {
+            text.push(',');
+        }
+        let rendered = match object {
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Set(set))) => {
+                serde_json::to_string(&AddCountingSet {
+                    add: SetObject {
+                        set: CountingSet {
+                            set,
+                            stmt: [CounterStatement { counter: () }],
+                        },
+                    },
+                })
+            }
+            other => serde_json::to_string(other),
+        };
+        text.push_str(&rendered.map_err(json_error)?);
+    }
+    text.push_str("]}");
+    Ok(text)
 }
 
 fn json_error(error: serde_json::Error) -> Error {
