@@ -38,6 +38,7 @@ struct LeftRoutes {
     /// repeat the flag, or comma-separate in the env var
     #[arg(
         long = "left-route",
+        global = true,
         env = "VNF_LEFT_ROUTES",
         value_name = "CIDR",
         value_delimiter = ','

@@ -60,6 +60,9 @@ pub struct Vnf {
     child: Child,
     log: Arc<Log>,
     pub started: Instant,
+    /// Dockwall's default state directory for this process (an explicit --state-dir wins),
+    /// so no test writes to /var/lib.
+    state_dir: PathBuf,
 }
 
 impl Vnf {
@@ -92,7 +95,14 @@ impl Vnf {
     }
 
     fn spawn(mut command: Command) -> Vnf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let state_dir = std::env::temp_dir().join(format!(
+            "vnf-state-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         command
+            .env("DOCKWALL_STATE_DIR", &state_dir)
             .env("RUST_LOG", "info")
             .env_remove("VNF_LEFT")
             .env_remove("VNF_RIGHT")
@@ -119,6 +129,7 @@ impl Vnf {
             child,
             log,
             started,
+            state_dir,
         }
     }
 
@@ -198,5 +209,6 @@ impl Drop for Vnf {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

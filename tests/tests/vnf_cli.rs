@@ -136,9 +136,11 @@ fn bad_input_is_refused_with_a_clear_message_and_nothing_changes() {
 #[test]
 fn status_reports_the_routing_and_fails_the_health_check_when_not_converged() {
     let chain = Chain::new();
+    let state = docknfv_tests::dockwall::StateDir::new();
+    let state_dir = state.path().to_str().unwrap();
     let dockwall_bin = docknfv_tests::vnf::binary("dockwall");
     let status = |json: bool| {
-        let mut args = vec!["status"];
+        let mut args = vec!["--state-dir", state_dir, "status"];
         if json {
             args.push("--json");
         }
@@ -150,7 +152,7 @@ fn status_reports_the_routing_and_fails_the_health_check_when_not_converged() {
     let text = String::from_utf8_lossy(&before.stdout);
     assert!(text.contains("NOT converged"), "{text}");
 
-    let mut dockwall = Vnf::start(&chain.si, "dockwall", &["run"]);
+    let mut dockwall = Vnf::start(&chain.si, "dockwall", &["--state-dir", state_dir, "run"]);
     dockwall.wait_ready();
     let during = status(true);
     assert!(
@@ -159,12 +161,15 @@ fn status_reports_the_routing_and_fails_the_health_check_when_not_converged() {
         String::from_utf8_lossy(&during.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&during.stdout).expect("status JSON");
+    assert_eq!(report["healthy"], true, "{report}");
+    assert_eq!(report["firewall"]["converged"], true, "{report}");
+    let report = &report["routing"];
     assert_eq!(report["converged"], true, "{report}");
     assert_eq!(report["sides"][0]["ready"]["name"], "eth0");
     assert_eq!(report["sides"][1]["ready"]["address"], "10.0.2.2/24");
     assert_eq!(
         report["routing"]["rules"].as_array().map(Vec::len),
-        Some(2),
+        Some(4),
         "{report}"
     );
     assert_eq!(
