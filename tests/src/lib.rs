@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod dockwall;
+pub mod measure;
 pub mod netns;
 pub mod prereq;
 pub mod traffic;

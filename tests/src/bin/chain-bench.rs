@@ -5,21 +5,15 @@
 //!   run so machine noise hits both alike;
 //! - RSS of an idle `dockwall run`.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use docknfv_tests::chain::RIGHT_HOST;
+use docknfv_tests::measure::{iperf_gbps, median, rss_kib, IPERF_SECONDS};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Vnf};
 
 const READY_RUNS: usize = 20;
-const THROUGHPUT_ROUNDS: usize = 5;
-const IPERF_SECONDS: &str = "4";
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
+const THROUGHPUT_ROUNDS: usize = 7;
 
 fn ready_times(chain: &Chain) -> (Vec<f64>, Vec<f64>) {
     let mut observed = Vec::new();
@@ -43,50 +37,6 @@ fn ready_times(chain: &Chain) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// One iperf3 TCP run left host → right host; Gbit/s received.
-fn iperf(chain: &Chain) -> f64 {
-    let mut server = chain
-        .right_host
-        .command("iperf3")
-        .args(["-s", "-1", "-B", RIGHT_HOST])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
-    let output = chain.left_host.exec(
-        "iperf3",
-        &[
-            "-c",
-            RIGHT_HOST,
-            "-t",
-            IPERF_SECONDS,
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ],
-    );
-    let _ = server.wait();
-    assert!(
-        output.status.success(),
-        "iperf3 client: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second")
-        / 1e9
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
-
 fn main() {
     // SAFETY: single-threaded at this point; the harness reads it when building binaries.
     unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
@@ -102,8 +52,8 @@ fn main() {
     baseline.route_si_statically();
     let (mut with_dockwall, mut plain) = (Vec::new(), Vec::new());
     for _ in 0..THROUGHPUT_ROUNDS {
-        with_dockwall.push(iperf(&chain));
-        plain.push(iperf(&baseline));
+        with_dockwall.push(iperf_gbps(&chain));
+        plain.push(iperf_gbps(&baseline));
     }
     std::thread::sleep(Duration::from_secs(1));
     let rss = rss_kib(dockwall.pid());

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::dockwall::Dockwall;
+use docknfv_tests::measure::{iperf_gbps, median, rss_kib, IPERF_SECONDS};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
 
@@ -19,12 +20,6 @@ const RULES: usize = 10_000;
 const ROUNDS: usize = 3;
 const RULE_ADDS: usize = 20;
 const APPLIES: usize = 5;
-const IPERF_SECONDS: &str = "4";
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
 
 /// 10,000 distinct deny rules in two shapes, none matching the benchmark flow (TCP to port
 /// 5201 from 192.168.10.2): TCP from 10.x addresses to port 22, and UDP to 100.64.x.0/24.
@@ -68,40 +63,6 @@ fn iptables_restore_input() -> String {
     text + "COMMIT\n"
 }
 
-fn iperf(chain: &Chain) -> f64 {
-    let mut server = chain
-        .right_host
-        .command("iperf3")
-        .args(["-s", "-1", "-B", RIGHT_HOST])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
-    let output = chain.left_host.exec(
-        "iperf3",
-        &[
-            "-c",
-            RIGHT_HOST,
-            "-t",
-            IPERF_SECONDS,
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ],
-    );
-    let _ = server.wait();
-    assert!(
-        output.status.success(),
-        "iperf3: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second")
-        / 1e9
-}
-
 /// New TCP connections per second from the left host to the right host: each SYN walks the
 /// rule set, where established packets skip it. Bounded by count and time.
 fn connection_rate(chain: &Chain, port: u16) -> f64 {
@@ -140,15 +101,6 @@ fn timed(dockwall: &Dockwall, args: &[&str]) -> f64 {
     let started = Instant::now();
     dockwall.ok(args);
     started.elapsed().as_secs_f64() * 1000.0
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("proc status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
 }
 
 fn main() {
@@ -220,9 +172,9 @@ fn main() {
     let (mut setup_with, mut setup_without, mut setup_linear) =
         (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        with_rules.push(iperf(&loaded_chain));
-        without.push(iperf(&empty_chain));
-        linear.push(iperf(&iptables_chain));
+        with_rules.push(iperf_gbps(&loaded_chain));
+        without.push(iperf_gbps(&empty_chain));
+        linear.push(iperf_gbps(&iptables_chain));
         let port = 6000 + round as u16;
         setup_with.push(connection_rate(&loaded_chain, port));
         setup_without.push(connection_rate(&empty_chain, port));

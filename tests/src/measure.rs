@@ -1,0 +1,59 @@
+//! Measurements the benchmark binaries share.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::chain::{Chain, RIGHT_HOST};
+
+/// How long one iperf3 run lasts.
+pub const IPERF_SECONDS: &str = "4";
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// One iperf3 TCP run from the left host to the right host; Gbit/s received.
+pub fn iperf_gbps(chain: &Chain) -> f64 {
+    let mut server = chain
+        .right_host
+        .command("iperf3")
+        .args(["-s", "-1", "-B", RIGHT_HOST])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 server (apt-get install iperf3)");
+    std::thread::sleep(Duration::from_millis(300));
+    let output = chain.left_host.exec(
+        "iperf3",
+        &[
+            "-c",
+            RIGHT_HOST,
+            "-t",
+            IPERF_SECONDS,
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ],
+    );
+    let _ = server.wait();
+    assert!(
+        output.status.success(),
+        "iperf3 client: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc/PID/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
