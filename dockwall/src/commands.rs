@@ -54,7 +54,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             };
             editor
                 .run(
-                    format!("default forward policy is now {policy:?}").to_lowercase(),
+                    format!("default forward policy is now {}", spelled(&policy)),
                     |set| {
                         set.default_policy = policy;
                         Ok(())
@@ -354,8 +354,16 @@ fn listed_rules<'a>(rule_set: &'a RuleSet, counters: &Counters) -> Vec<ListedRul
         .collect()
 }
 
+/// A value's name as the JSON and the CLI spell it (`left-to-right`, `reject`).
+fn spelled<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn describe(rule: &Rule) -> String {
-    let mut text = format!("{:?} {:?}", rule.action, rule.direction).to_lowercase();
+    let mut text = format!("{} {}", spelled(&rule.action), spelled(&rule.direction));
     if let Some(rate) = rule.rate {
         text += &format!(" rate {}", String::from(rate));
     }
@@ -391,7 +399,10 @@ fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
             to_json(&json!({ "default_policy": rule_set.default_policy, "rules": listed }))?
         );
     } else {
-        println!("default forward policy: {:?}", rule_set.default_policy);
+        println!(
+            "default forward policy: {}",
+            spelled(&rule_set.default_policy)
+        );
         for entry in &listed {
             println!(
                 "{:>4}  id {:<5} {:<70} {:>10} pkts {:>12} bytes",
@@ -462,9 +473,9 @@ async fn status(
             "NOT converged (is `run` running?)"
         };
         println!(
-            "firewall (nft table inet {}): {state}; default {:?}; {} rules, {} NAT rules",
+            "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules",
             compile::TABLE,
-            rule_set.default_policy,
+            spelled(&rule_set.default_policy),
             rule_set.rules.len(),
             rule_set.nat.len()
         );
