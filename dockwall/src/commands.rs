@@ -432,14 +432,33 @@ fn list_nat(store: &Store, json: bool) -> Result<ExitCode> {
     if json {
         println!("{}", to_json(&listed)?);
     } else {
-        for entry in &listed {
+        for (index, (nat, entry)) in rule_set.nat.iter().zip(&listed).enumerate() {
             println!(
-                "{:>4}  id {:<5} {} {:>10} pkts",
-                entry["position"], entry["id"], entry["kind"], entry["packets"]
+                "{:>4}  id {:<5} {:<70} {:>10} pkts {:>12} bytes",
+                index + 1,
+                nat.id,
+                describe_nat(&nat.kind),
+                entry["packets"],
+                entry["bytes"]
             );
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn describe_nat(kind: &NatKind) -> String {
+    let from =
+        |source: &Option<ipnet::IpNet>| source.map(|s| format!(" from {s}")).unwrap_or_default();
+    match kind {
+        NatKind::Masquerade { out, source } => format!("masquerade out {out}{}", from(source)),
+        NatKind::Snat { out, to, source } => format!("snat out {out}{} to {to}", from(source)),
+        NatKind::Dnat {
+            protocol,
+            port,
+            to,
+            inbound,
+        } => format!("dnat in {inbound} {protocol} port {port} to {to}"),
+    }
 }
 
 async fn status(
