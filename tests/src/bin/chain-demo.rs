@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST};
+use docknfv_tests::dockwall::Dockwall;
 use docknfv_tests::traffic::{ping, tcp_exchange};
 use docknfv_tests::{Chain, Vnf};
 
@@ -36,9 +37,11 @@ fn main() {
     );
 
     step("starting `dockwall run` in the SI");
-    let mut dockwall = Vnf::start(&chain.si, "dockwall", &["run"]);
-    dockwall.wait_ready();
-    println!("{}", dockwall.log());
+    let mut dockwall = Dockwall::start(&chain);
+    println!(
+        "{}",
+        dockwall.process.as_ref().map(Vnf::log).unwrap_or_default()
+    );
 
     step("what Dockwall installed (ip rule; ip route show table 1001 / 1002)");
     print!("{}", chain.si.ip(&["rule"]));
@@ -69,8 +72,34 @@ fn main() {
         all_ok &= ok;
     }
 
-    step("stopping Dockwall with SIGTERM: it removes its routes and rules");
-    let status = dockwall.terminate();
+    step("a firewall rule, as `docker exec <si> dockwall rule add …` would add it");
+    let edit = [
+        "rule",
+        "add",
+        "deny",
+        "--direction",
+        "left-to-right",
+        "--proto",
+        "icmp",
+    ];
+    print!("dockwall {}\n{}", edit.join(" "), dockwall.ok(&edit));
+    let blocked = !ping(&chain.left_host, RIGHT_HOST);
+    println!("ping {LEFT_HOST} → {RIGHT_HOST} {}", outcome(!blocked));
+    print!("dockwall rule list\n{}", dockwall.ok(&["rule", "list"]));
+    print!(
+        "dockwall rule delete 1\n{}",
+        dockwall.ok(&["rule", "delete", "1"])
+    );
+    let restored = ping(&chain.left_host, RIGHT_HOST);
+    println!("ping {LEFT_HOST} → {RIGHT_HOST} {}", outcome(restored));
+    all_ok &= blocked && restored;
+
+    step("stopping Dockwall with SIGTERM: it removes its routes, rules and nftables table");
+    let status = dockwall
+        .process
+        .as_mut()
+        .map(Vnf::terminate)
+        .expect("dockwall run is running");
     std::thread::sleep(Duration::from_millis(100));
     println!("exit: {status}; rules now:\n{}", chain.si.ip(&["rule"]));
     println!(
