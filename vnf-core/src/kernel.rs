@@ -10,7 +10,7 @@ use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
     NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, CacheInfo};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use netlink_packet_route::route::RouteMessage;
 use netlink_packet_route::rule::RuleMessage;
@@ -246,6 +246,68 @@ fn interface_from(link: &LinkMessage) -> Interface {
         ethernet: link.header.link_layer_type == LinkLayerType::Ether,
         up: link.header.flags.contains(LinkFlags::Up),
         addresses: Vec::new(),
+    }
+}
+
+/// An IPv4 address to put on an interface, with the lifetime a lease gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedAddress {
+    pub interface: u32,
+    pub address: ipnet::Ipv4Net,
+    /// Seconds until the kernel removes the address by itself.
+    pub valid_secs: u32,
+}
+
+impl TimedAddress {
+    fn message(&self) -> AddressMessage {
+        let mut message = AddressMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.prefix_len = self.address.prefix_len();
+        message.header.index = self.interface;
+        message.attributes = vec![
+            AddressAttribute::Local(IpAddr::V4(self.address.addr())),
+            AddressAttribute::Address(IpAddr::V4(self.address.addr())),
+        ];
+        if self.address.prefix_len() < 31 {
+            message
+                .attributes
+                .push(AddressAttribute::Broadcast(self.address.broadcast()));
+        }
+        message
+    }
+}
+
+impl Kernel {
+    /// Adds the address, or refreshes its lifetime when it is there already.
+    pub async fn put_address(&self, address: &TimedAddress) -> Result<()> {
+        let mut message = address.message();
+        let mut lifetime = CacheInfo::default();
+        lifetime.ifa_preferred = address.valid_secs;
+        lifetime.ifa_valid = address.valid_secs;
+        message
+            .attributes
+            .push(AddressAttribute::CacheInfo(lifetime));
+        self.change(
+            format!(
+                "add address {} to ifindex {}",
+                address.address, address.interface
+            ),
+            RouteNetlinkMessage::NewAddress(message),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+    }
+
+    pub async fn delete_address(&self, address: &TimedAddress) -> Result<()> {
+        self.change(
+            format!(
+                "delete address {} from ifindex {}",
+                address.address, address.interface
+            ),
+            RouteNetlinkMessage::DelAddress(address.message()),
+            0,
+        )
+        .await
     }
 }
 

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod error;
 pub mod firewall;
 pub mod kernel;
+pub mod lease;
 pub mod routing;
 pub mod runtime;
 pub mod side;

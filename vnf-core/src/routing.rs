@@ -23,6 +23,8 @@ use crate::side::{gateway_for, Assignment, ReadySide, Side};
 
 /// Route protocol number tagging every route we install (`ip route show proto 245`).
 pub const ROUTE_PROTOCOL: u8 = 245;
+/// RTPROT_DHCP: routes learned from a DHCP lease (`ip route show proto dhcp`).
+pub const DHCP_ROUTE_PROTOCOL: u8 = 16;
 /// Our rules sit in this priority range (and carry `ROUTE_PROTOCOL`): after the `local`
 /// rule at 0, so local delivery is decided first, and before `main` at 32766.
 pub const RULE_PRIORITY_FIRST: u32 = 1000;
@@ -161,6 +163,8 @@ pub enum Scope {
 /// One route as we install it and as we read it back.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct RouteSpec {
+    /// ROUTE_PROTOCOL, or DHCP_ROUTE_PROTOCOL for lease routes.
+    pub protocol: u8,
     pub table: u32,
     pub destination: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
@@ -191,7 +195,7 @@ impl RouteSpec {
         header.address_family = AddressFamily::Inet;
         header.destination_prefix_length = self.destination.prefix_len();
         header.table = u8::try_from(self.table).unwrap_or(RT_TABLE_UNSPEC);
-        header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        header.protocol = RouteProtocol::from(self.protocol);
         header.scope = match self.scope {
             Scope::Link => RouteScope::Link,
             Scope::Universe => RouteScope::Universe,
@@ -215,14 +219,15 @@ impl RouteSpec {
         message
     }
 
-    /// Reads a kernel route back; `None` for routes that are not ours.
-    fn from_message(message: &RouteMessage) -> Option<RouteSpec> {
+    /// Reads a kernel route back; `None` for routes that do not carry `protocol`.
+    fn from_message(message: &RouteMessage, protocol: u8) -> Option<RouteSpec> {
         if message.header.address_family != AddressFamily::Inet
-            || message.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+            || u8::from(message.header.protocol) != protocol
         {
             return None;
         }
         let mut spec = RouteSpec {
+            protocol,
             table: u32::from(message.header.table),
             destination: Ipv4Net::new(
                 Ipv4Addr::UNSPECIFIED,
@@ -453,6 +458,7 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
 
 fn connected_route(side: &ReadySide, table: u32) -> RouteSpec {
     RouteSpec {
+        protocol: ROUTE_PROTOCOL,
         table,
         destination: side.subnet(),
         gateway: None,
@@ -465,6 +471,7 @@ fn connected_route(side: &ReadySide, table: u32) -> RouteSpec {
 
 fn default_route(side: &ReadySide, table: u32) -> RouteSpec {
     RouteSpec {
+        protocol: ROUTE_PROTOCOL,
         table,
         destination: Ipv4Net::default(),
         gateway: None,
@@ -499,39 +506,69 @@ impl fmt::Display for Changes {
     }
 }
 
-/// Owns our slice of the kernel's routing state.
+/// Which slice of the kernel's routing state a reconciler owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slice {
+    /// Routes and rules tagged ROUTE_PROTOCOL: side tables, cross rules, global routes.
+    Sides,
+    /// Routes tagged DHCP_ROUTE_PROTOCOL through one interface in one table: one lease.
+    Lease { table: u32, oif: u32 },
+}
+
+/// Owns a slice of the kernel's routing state and converges it on a desired state.
 pub struct Reconciler {
     kernel: Kernel,
+    slice: Slice,
     /// Foreign routes we replaced (Docker's default via the first network in global
     /// mode); put back at teardown.
     displaced: Vec<RouteMessage>,
 }
 
 impl Reconciler {
+    /// The reconciler of the side routing (protocol 245).
     pub fn new(kernel: Kernel) -> Self {
         Reconciler {
             kernel,
+            slice: Slice::Sides,
             displaced: Vec::new(),
         }
     }
 
-    /// Everything in the kernel that carries our tag.
+    /// The reconciler of one lease's routes (proto dhcp via `oif` in `table`); it never
+    /// touches rules and never displaces a foreign route.
+    pub fn for_lease(kernel: Kernel, table: u32, oif: u32) -> Self {
+        Reconciler {
+            kernel,
+            slice: Slice::Lease { table, oif },
+            displaced: Vec::new(),
+        }
+    }
+
+    /// Everything in the kernel that belongs to this reconciler's slice.
     pub async fn current(&self) -> Result<RoutingState> {
-        Ok(RoutingState {
-            routes: self
-                .kernel
-                .routes_v4()
-                .await?
-                .iter()
-                .filter_map(RouteSpec::from_message)
-                .collect(),
-            rules: self
-                .kernel
-                .rules_v4()
-                .await?
-                .iter()
-                .filter_map(RuleSpec::from_message)
-                .collect(),
+        let routes = self.kernel.routes_v4().await?;
+        Ok(match self.slice {
+            Slice::Sides => RoutingState {
+                routes: routes
+                    .iter()
+                    .filter_map(|m| RouteSpec::from_message(m, ROUTE_PROTOCOL))
+                    .collect(),
+                rules: self
+                    .kernel
+                    .rules_v4()
+                    .await?
+                    .iter()
+                    .filter_map(RuleSpec::from_message)
+                    .collect(),
+            },
+            Slice::Lease { table, oif } => RoutingState {
+                routes: routes
+                    .iter()
+                    .filter_map(|m| RouteSpec::from_message(m, DHCP_ROUTE_PROTOCOL))
+                    .filter(|r| r.table == table && r.oif == oif)
+                    .collect(),
+                rules: BTreeSet::new(),
+            },
         })
     }
 
@@ -600,13 +637,13 @@ impl Reconciler {
             .add_route(&description, route.to_message(), false)
             .await
         {
-            Err(error) if is_errno(&error, libc::EEXIST) => {
-                let foreign = self
-                    .kernel
-                    .routes_v4()
-                    .await?
-                    .into_iter()
-                    .find(|m| route.collides_with(m) && RouteSpec::from_message(m).is_none());
+            Err(error) if is_errno(&error, libc::EEXIST) && self.slice == Slice::Sides => {
+                let foreign = self.kernel.routes_v4().await?.into_iter().find(|m| {
+                    route.collides_with(m)
+                        && [ROUTE_PROTOCOL, DHCP_ROUTE_PROTOCOL]
+                            .iter()
+                            .all(|&p| RouteSpec::from_message(m, p).is_none())
+                });
                 if let Some(foreign) = foreign {
                     info!(route = %description, "replacing a foreign route with the same destination; it is restored at teardown");
                     self.displaced.push(restorable(foreign));
@@ -782,6 +819,7 @@ mod tests {
     #[test]
     fn messages_round_trip_including_large_table_ids() {
         let route = RouteSpec {
+            protocol: ROUTE_PROTOCOL,
             table: 100_000,
             destination: "10.0.1.0/24".parse().unwrap(),
             gateway: None,
@@ -792,7 +830,10 @@ mod tests {
         };
         let message = route.to_message();
         assert_eq!(message.header.table, RT_TABLE_UNSPEC);
-        assert_eq!(RouteSpec::from_message(&message), Some(route));
+        assert_eq!(
+            RouteSpec::from_message(&message, ROUTE_PROTOCOL),
+            Some(route)
+        );
 
         let rule = RuleSpec {
             priority: 1000,
@@ -810,6 +851,7 @@ mod tests {
     #[test]
     fn foreign_routes_and_rules_are_not_ours() {
         let mut route = RouteSpec {
+            protocol: ROUTE_PROTOCOL,
             table: 254,
             destination: Ipv4Net::default(),
             gateway: Some("10.0.1.1".parse().unwrap()),
@@ -820,7 +862,7 @@ mod tests {
         }
         .to_message();
         route.header.protocol = RouteProtocol::Boot;
-        assert_eq!(RouteSpec::from_message(&route), None);
+        assert_eq!(RouteSpec::from_message(&route, ROUTE_PROTOCOL), None);
 
         let mut rule = RuleSpec {
             priority: 5000,
