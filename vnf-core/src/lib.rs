@@ -6,6 +6,7 @@
 //! loop that reacts to interfaces appearing late (`runtime`).
 
 pub mod cli;
+pub mod dhcp;
 pub mod error;
 pub mod firewall;
 pub mod kernel;

@@ -1,0 +1,814 @@
+//! A sans-IO DHCPv4 client (RFC 2131): fed received packets and the clock, it hands out
+//! packets to send, the next timer and lease events. No sockets, no sleeping, no reading
+//! the clock: the driver does that, so every state is unit-tested with a fake clock.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
+use dhcproto::Encodable;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::options::{self, Malformed, Packet, RouteSource};
+use crate::lease::LearnedRoute;
+
+/// What the client asks for, 121 before 3 and 33 so servers that honour the order prefer it.
+const PARAMETER_REQUEST_LIST: [u8; 13] = [1, 121, 3, 33, 249, 6, 15, 26, 28, 51, 54, 58, 59];
+const FIRST_RETRANSMIT: Duration = Duration::from_secs(4);
+const LAST_RETRANSMIT: Duration = Duration::from_secs(64);
+const MIN_RENEW_RETRY: Duration = Duration::from_secs(60);
+const REQUEST_ATTEMPTS: u32 = 4;
+const MIN_MESSAGE_SIZE: u16 = 576;
+const DEFAULT_LEASE_SECS: u32 = 3600;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub mac: [u8; 6],
+    /// Option 57 is at least this (and at least 576).
+    pub mtu: u16,
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Init,
+    Selecting,
+    Requesting,
+    InitReboot,
+    Bound,
+    Renewing,
+    Rebinding,
+    Stopped,
+}
+
+/// A bound lease, as events report it and as the driver stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub address: Ipv4Net,
+    pub server: Ipv4Addr,
+    pub routers: Vec<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub routes: Vec<LearnedRoute>,
+    pub route_source: RouteSource,
+    pub lease_secs: u32,
+    pub renew_secs: u32,
+    pub rebind_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Bound(Lease),
+    /// A renewal or rebinding ACK; routes may differ.
+    Renewed {
+        previous: Lease,
+        lease: Lease,
+    },
+    /// The lease ran out: remove its address and routes.
+    Expired(Lease),
+    /// The server refused: remove what the lease installed (if any), start over.
+    Nak,
+    Released(Lease),
+    /// A reply arrived but a classless route option in it was ignored.
+    RoutesRejected(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Broadcast,
+    /// RENEWING and RELEASE go to the server by unicast UDP from the leased address.
+    Server(Ipv4Addr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: Destination,
+    pub payload: Vec<u8>,
+}
+
+struct Offer {
+    address: Ipv4Addr,
+    server: Ipv4Addr,
+}
+
+pub struct Client {
+    config: ClientConfig,
+    state: State,
+    xid: u32,
+    rng: u64,
+    attempt: u32,
+    timer: Option<Instant>,
+    offer: Option<Offer>,
+    lease: Option<Lease>,
+    /// When the current lease was bound, for T1, T2 and expiry.
+    bound_at: Option<Instant>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Client {
+    /// A client with no lease: it sends DISCOVER at the first timeout, which is `now`.
+    pub fn new(config: ClientConfig, seed: u64, now: Instant) -> Client {
+        Client {
+            config,
+            state: State::Init,
+            xid: 0,
+            rng: seed | 1,
+            attempt: 0,
+            timer: Some(now),
+            offer: None,
+            lease: None,
+            bound_at: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// A client that first asks to keep a stored lease (INIT-REBOOT).
+    pub fn with_stored_lease(
+        config: ClientConfig,
+        seed: u64,
+        now: Instant,
+        lease: Lease,
+    ) -> Client {
+        let mut client = Client::new(config, seed, now);
+        client.state = State::InitReboot;
+        client.lease = Some(lease);
+        client.new_transaction();
+        client.send_request(now);
+        client
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timer
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64: enough for xids and jitter, and reproducible from the seed in tests.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// 4 s, 8 s, … 64 s, each ±1 s (RFC 2131 4.1).
+    fn backoff(&mut self) -> Duration {
+        let base = FIRST_RETRANSMIT
+            .saturating_mul(1 << self.attempt.min(4))
+            .min(LAST_RETRANSMIT);
+        let jitter_ms = self.random() % 2001;
+        base + Duration::from_millis(jitter_ms) - Duration::from_secs(1)
+    }
+
+    fn new_transaction(&mut self) {
+        self.xid = self.random() as u32;
+        self.attempt = 0;
+    }
+
+    fn lease_times(&self) -> Option<(Instant, Instant, Instant)> {
+        let (lease, bound_at) = (self.lease.as_ref()?, self.bound_at?);
+        let at = |secs: u32| bound_at + Duration::from_secs(u64::from(secs));
+        Some((
+            at(lease.renew_secs),
+            at(lease.rebind_secs),
+            at(lease.lease_secs),
+        ))
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.timer.is_none_or(|t| now < t) {
+            return;
+        }
+        match self.state {
+            State::Init => {
+                self.new_transaction();
+                self.state = State::Selecting;
+                self.send_discover(now);
+            }
+            State::Selecting => {
+                self.attempt += 1;
+                self.send_discover(now);
+            }
+            State::Requesting | State::InitReboot => {
+                self.attempt += 1;
+                if self.attempt >= REQUEST_ATTEMPTS {
+                    self.restart(now);
+                } else {
+                    self.send_request(now);
+                }
+            }
+            State::Bound => {
+                self.new_transaction();
+                self.state = State::Renewing;
+                self.send_request(now);
+            }
+            State::Renewing | State::Rebinding => {
+                let Some((_, rebind_at, expires_at)) = self.lease_times() else {
+                    self.restart(now);
+                    return;
+                };
+                if now >= expires_at {
+                    if let Some(lease) = self.lease.take() {
+                        self.events.push_back(Event::Expired(lease));
+                    }
+                    self.restart(now);
+                } else {
+                    if self.state == State::Renewing && now >= rebind_at {
+                        self.new_transaction();
+                        self.state = State::Rebinding;
+                    }
+                    self.send_request(now);
+                }
+            }
+            State::Stopped => self.timer = None,
+        }
+    }
+
+    fn restart(&mut self, now: Instant) {
+        self.state = State::Init;
+        self.offer = None;
+        self.bound_at = None;
+        self.timer = Some(now);
+    }
+
+    fn message(&self, kind: MessageType) -> Message {
+        let mut message = Message::default();
+        message
+            .set_opcode(Opcode::BootRequest)
+            .set_htype(HType::Eth)
+            .set_xid(self.xid)
+            .set_chaddr(&self.config.mac);
+        let options = message.opts_mut();
+        options.insert(DhcpOption::MessageType(kind));
+        let mut client_id = vec![1];
+        client_id.extend_from_slice(&self.config.mac);
+        options.insert(DhcpOption::ClientIdentifier(client_id));
+        if kind != MessageType::Release {
+            options.insert(DhcpOption::ParameterRequestList(
+                PARAMETER_REQUEST_LIST
+                    .iter()
+                    .map(|&c| OptionCode::from(c))
+                    .collect(),
+            ));
+            options.insert(DhcpOption::MaxMessageSize(
+                self.config.mtu.max(MIN_MESSAGE_SIZE),
+            ));
+            if let Some(hostname) = &self.config.hostname {
+                options.insert(DhcpOption::Hostname(hostname.clone()));
+            }
+        }
+        message
+    }
+
+    fn queue(&mut self, message: &Message, destination: Destination) {
+        // Encoding our own well-formed message cannot fail; skip the send if it ever does.
+        if let Ok(payload) = message.to_vec() {
+            self.transmits.push_back(Transmit {
+                destination,
+                payload,
+            });
+        }
+    }
+
+    fn send_discover(&mut self, now: Instant) {
+        let mut message = self.message(MessageType::Discover);
+        message.set_flags(Flags::default().set_broadcast());
+        self.queue(&message, Destination::Broadcast);
+        let wait = self.backoff();
+        self.timer = Some(now + wait);
+    }
+
+    fn send_request(&mut self, now: Instant) {
+        let mut message = self.message(MessageType::Request);
+        let destination = match (self.state, &self.offer, &self.lease) {
+            (State::Requesting, Some(offer), _) => {
+                message.set_flags(Flags::default().set_broadcast());
+                message
+                    .opts_mut()
+                    .insert(DhcpOption::RequestedIpAddress(offer.address));
+                message
+                    .opts_mut()
+                    .insert(DhcpOption::ServerIdentifier(offer.server));
+                Destination::Broadcast
+            }
+            (State::InitReboot, _, Some(lease)) => {
+                message.set_flags(Flags::default().set_broadcast());
+                message
+                    .opts_mut()
+                    .insert(DhcpOption::RequestedIpAddress(lease.address.addr()));
+                Destination::Broadcast
+            }
+            // RENEWING and REBINDING: ciaddr, and neither option 50 nor 54 (RFC 2131 4.3.2).
+            (State::Renewing, _, Some(lease)) => {
+                message.set_ciaddr(lease.address.addr());
+                Destination::Server(lease.server)
+            }
+            (State::Rebinding, _, Some(lease)) => {
+                message.set_ciaddr(lease.address.addr());
+                Destination::Broadcast
+            }
+            _ => return self.restart(now),
+        };
+        self.queue(&message, destination);
+        self.timer = Some(match (self.state, self.lease_times()) {
+            // Half the time left to the next deadline, at least a minute (RFC 2131 4.4.5).
+            (State::Renewing, Some((_, rebind_at, _))) => retry_before(now, rebind_at),
+            (State::Rebinding, Some((_, _, expires_at))) => retry_before(now, expires_at),
+            _ => {
+                let wait = self.backoff();
+                now + wait
+            }
+        });
+    }
+
+    /// Releases a bound lease (clean shutdown) and stops.
+    pub fn release(&mut self) {
+        if let (State::Bound | State::Renewing | State::Rebinding, Some(lease)) =
+            (self.state, self.lease.take())
+        {
+            let mut message = self.message(MessageType::Release);
+            message.set_ciaddr(lease.address.addr());
+            message
+                .opts_mut()
+                .insert(DhcpOption::ServerIdentifier(lease.server));
+            self.queue(&message, Destination::Server(lease.server));
+            self.events.push_back(Event::Released(lease));
+        }
+        self.state = State::Stopped;
+        self.timer = None;
+    }
+
+    /// Feeds a received packet. Err says why it was dropped; the state is then unchanged.
+    pub fn handle_packet(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Malformed> {
+        let packet = Packet::parse(bytes)?;
+        let header = &packet.header;
+        if header.op != 2 {
+            return Err(Malformed("not a BOOTREPLY".into()));
+        }
+        if header.xid != self.xid || header.chaddr != self.config.mac {
+            return Err(Malformed(format!(
+                "xid {:#x} or chaddr is not ours",
+                header.xid
+            )));
+        }
+        let kind = packet
+            .byte(options::MESSAGE_TYPE)
+            .ok_or_else(|| Malformed("no message type".into()))?;
+        match (self.state, kind) {
+            (State::Selecting, 2) => {
+                let server = packet
+                    .address(options::SERVER_ID)
+                    .ok_or_else(|| Malformed("OFFER without server id".into()))?;
+                if header.yiaddr.is_unspecified() {
+                    return Err(Malformed("OFFER without an address".into()));
+                }
+                self.offer = Some(Offer {
+                    address: header.yiaddr,
+                    server,
+                });
+                self.state = State::Requesting;
+                self.attempt = 0;
+                self.send_request(now);
+                Ok(())
+            }
+            (State::Requesting | State::InitReboot | State::Renewing | State::Rebinding, 5) => {
+                self.bind(now, &packet)
+            }
+            (State::Requesting | State::InitReboot | State::Renewing | State::Rebinding, 6) => {
+                self.events.push_back(Event::Nak);
+                self.lease = None;
+                self.restart(now);
+                Ok(())
+            }
+            (state, kind) => Err(Malformed(format!(
+                "message type {kind} is unexpected in {state:?}"
+            ))),
+        }
+    }
+
+    fn bind(&mut self, now: Instant, packet: &Packet) -> Result<(), Malformed> {
+        let address = packet.header.yiaddr;
+        if address.is_unspecified() {
+            return Err(Malformed("ACK without an address".into()));
+        }
+        let prefix = match packet.address(options::SUBNET_MASK) {
+            Some(mask) => {
+                let bits = u32::from(mask);
+                if bits.leading_ones() + bits.trailing_zeros() != 32 {
+                    return Err(Malformed(format!("subnet mask {mask} is not contiguous")));
+                }
+                bits.leading_ones() as u8
+            }
+            None => 24,
+        };
+        let server = packet
+            .address(options::SERVER_ID)
+            .or(self.lease.as_ref().map(|l| l.server))
+            .or(self.offer.as_ref().map(|o| o.server))
+            .ok_or_else(|| Malformed("ACK without server id".into()))?;
+        let lease_secs = packet
+            .u32(options::LEASE_TIME)
+            .filter(|&s| s > 0)
+            .unwrap_or(DEFAULT_LEASE_SECS);
+        let mut renew_secs = packet.u32(options::RENEWAL_TIME).unwrap_or(lease_secs / 2);
+        let mut rebind_secs = packet
+            .u32(options::REBINDING_TIME)
+            .unwrap_or(lease_secs / 8 * 7);
+        if !(renew_secs < rebind_secs && rebind_secs < lease_secs) {
+            renew_secs = lease_secs / 2;
+            rebind_secs = lease_secs / 8 * 7;
+        }
+        let (routes, route_source, rejected) = options::select_routes(packet);
+        if !rejected.is_empty() {
+            self.events.push_back(Event::RoutesRejected(rejected));
+        }
+        let lease = Lease {
+            address: Ipv4Net::new(address, prefix).map_err(|_| Malformed("bad prefix".into()))?,
+            server,
+            routers: packet.addresses(options::ROUTER),
+            dns: packet.addresses(options::DNS),
+            routes,
+            route_source,
+            lease_secs,
+            renew_secs,
+            rebind_secs,
+        };
+        let event = match (self.state, self.lease.take()) {
+            (State::Renewing | State::Rebinding, Some(previous)) => Event::Renewed {
+                previous,
+                lease: lease.clone(),
+            },
+            _ => Event::Bound(lease.clone()),
+        };
+        self.events.push_back(event);
+        self.lease = Some(lease);
+        self.bound_at = Some(now);
+        self.offer = None;
+        self.state = State::Bound;
+        self.timer = self.lease_times().map(|(renew_at, _, _)| renew_at);
+        Ok(())
+    }
+}
+
+fn retry_before(now: Instant, deadline: Instant) -> Instant {
+    let half = deadline.saturating_duration_since(now) / 2;
+    (now + half.max(MIN_RENEW_RETRY)).min(deadline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dhcproto::v4::DhcpOptions;
+    use dhcproto::{Decodable, Decoder};
+
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+    const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 50);
+
+    fn config() -> ClientConfig {
+        ClientConfig {
+            mac: MAC,
+            mtu: 1500,
+            hostname: Some("si".into()),
+        }
+    }
+
+    fn decode(transmit: &Transmit) -> Message {
+        Message::decode(&mut Decoder::new(&transmit.payload)).unwrap()
+    }
+
+    fn kind(message: &Message) -> MessageType {
+        message.opts().msg_type().unwrap()
+    }
+
+    fn reply(request: &Message, kind: MessageType, extra: &[DhcpOption]) -> Vec<u8> {
+        let mut message = Message::default();
+        message
+            .set_opcode(Opcode::BootReply)
+            .set_htype(HType::Eth)
+            .set_xid(request.xid())
+            .set_chaddr(&MAC);
+        if kind != MessageType::Nak {
+            message.set_yiaddr(ADDRESS);
+        }
+        let mut options = DhcpOptions::default();
+        options.insert(DhcpOption::MessageType(kind));
+        options.insert(DhcpOption::ServerIdentifier(SERVER));
+        for option in extra {
+            options.insert(option.clone());
+        }
+        message.set_opts(options);
+        message.to_vec().unwrap()
+    }
+
+    fn ack_options(lease_secs: u32, classless: &[u8]) -> Vec<DhcpOption> {
+        vec![
+            DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)),
+            DhcpOption::AddressLeaseTime(lease_secs),
+            DhcpOption::Router(vec![SERVER]),
+            DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+                OptionCode::from(121),
+                classless.to_vec(),
+            )),
+        ]
+    }
+
+    /// Drives a fresh client to BOUND; returns it and the time it bound.
+    fn bound(lease_secs: u32) -> (Client, Instant) {
+        let start = Instant::now();
+        let mut client = Client::new(config(), 42, start);
+        client.handle_timeout(start);
+        let discover = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(start, &reply(&discover, MessageType::Offer, &[]))
+            .unwrap();
+        let request = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(
+                start,
+                &reply(
+                    &request,
+                    MessageType::Ack,
+                    &ack_options(lease_secs, &[24, 192, 168, 10, 10, 0, 1, 1]),
+                ),
+            )
+            .unwrap();
+        (client, start)
+    }
+
+    #[test]
+    fn discover_offer_request_ack() {
+        let now = Instant::now();
+        let mut client = Client::new(config(), 1, now);
+        assert_eq!(client.poll_timeout(), Some(now));
+        client.handle_timeout(now);
+        let transmit = client.poll_transmit().unwrap();
+        assert_eq!(transmit.destination, Destination::Broadcast);
+        let discover = decode(&transmit);
+        assert_eq!(kind(&discover), MessageType::Discover);
+        let Some(DhcpOption::ParameterRequestList(list)) =
+            discover.opts().get(OptionCode::ParameterRequestList)
+        else {
+            panic!("no parameter request list")
+        };
+        let position = |code: u8| list.iter().position(|c| u8::from(*c) == code).unwrap();
+        assert!(
+            position(121) < position(3)
+                && position(121) < position(33)
+                && list.iter().any(|c| u8::from(*c) == 249)
+        );
+        assert_eq!(
+            discover.opts().get(OptionCode::MaxMessageSize),
+            Some(&DhcpOption::MaxMessageSize(1500))
+        );
+        let wait = client.poll_timeout().unwrap() - now;
+        assert!(
+            wait >= Duration::from_secs(3) && wait <= Duration::from_secs(5),
+            "{wait:?}"
+        );
+
+        client
+            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
+            .unwrap();
+        let request = decode(&client.poll_transmit().unwrap());
+        assert_eq!(kind(&request), MessageType::Request);
+        assert_eq!(request.xid(), discover.xid(), "one transaction");
+        assert_eq!(
+            request.opts().get(OptionCode::RequestedIpAddress),
+            Some(&DhcpOption::RequestedIpAddress(ADDRESS))
+        );
+        assert_eq!(
+            request.opts().get(OptionCode::ServerIdentifier),
+            Some(&DhcpOption::ServerIdentifier(SERVER))
+        );
+
+        client
+            .handle_packet(
+                now,
+                &reply(
+                    &request,
+                    MessageType::Ack,
+                    &ack_options(100, &[24, 192, 168, 10, 10, 0, 1, 1]),
+                ),
+            )
+            .unwrap();
+        let Some(Event::Bound(lease)) = client.poll_event() else {
+            panic!("not bound")
+        };
+        assert_eq!(lease.address, "10.0.1.50/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            lease.routes,
+            vec![LearnedRoute {
+                destination: "192.168.10.0/24".parse().unwrap(),
+                gateway: Some(SERVER)
+            }]
+        );
+        assert_eq!(lease.route_source, RouteSource::Classless);
+        assert_eq!((lease.renew_secs, lease.rebind_secs), (50, 84));
+        assert_eq!(client.poll_timeout(), Some(now + Duration::from_secs(50)));
+        assert_eq!(client.state(), State::Bound);
+    }
+
+    #[test]
+    fn retransmissions_back_off_and_keep_the_transaction() {
+        let start = Instant::now();
+        let mut client = Client::new(config(), 7, start);
+        client.handle_timeout(start);
+        let first = decode(&client.poll_transmit().unwrap());
+        let mut previous = start;
+        for (attempt, expected) in [8u64, 16, 32, 64, 64].into_iter().enumerate() {
+            let at = client.poll_timeout().unwrap();
+            client.handle_timeout(at);
+            let again = decode(&client.poll_transmit().unwrap());
+            assert_eq!(again.xid(), first.xid(), "attempt {attempt}");
+            let wait = client.poll_timeout().unwrap() - at;
+            assert!(
+                wait >= Duration::from_secs(expected - 1)
+                    && wait <= Duration::from_secs(expected + 1),
+                "{wait:?}"
+            );
+            assert!(at > previous);
+            previous = at;
+        }
+        // Early timer calls do nothing.
+        client.handle_timeout(previous);
+        assert!(client.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn nak_returns_to_init_with_a_fresh_transaction() {
+        let now = Instant::now();
+        let mut client = Client::new(config(), 3, now);
+        client.handle_timeout(now);
+        let discover = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
+            .unwrap();
+        let request = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(now, &reply(&request, MessageType::Nak, &[]))
+            .unwrap();
+        assert_eq!(client.poll_event(), Some(Event::Nak));
+        assert_eq!(client.state(), State::Init);
+        client.handle_timeout(now);
+        let again = decode(&client.poll_transmit().unwrap());
+        assert_eq!(kind(&again), MessageType::Discover);
+        assert_ne!(again.xid(), discover.xid());
+    }
+
+    #[test]
+    fn renewing_unicasts_without_50_and_54_and_reports_changed_routes() {
+        let (mut client, start) = bound(100);
+        client.poll_event();
+        let t1 = start + Duration::from_secs(50);
+        client.handle_timeout(t1);
+        assert_eq!(client.state(), State::Renewing);
+        let transmit = client.poll_transmit().unwrap();
+        assert_eq!(transmit.destination, Destination::Server(SERVER));
+        let request = decode(&transmit);
+        assert_eq!(request.ciaddr(), ADDRESS);
+        assert!(request.opts().get(OptionCode::RequestedIpAddress).is_none());
+        assert!(request.opts().get(OptionCode::ServerIdentifier).is_none());
+        client
+            .handle_packet(
+                t1,
+                &reply(
+                    &request,
+                    MessageType::Ack,
+                    &ack_options(100, &[16, 172, 16, 10, 0, 1, 1]),
+                ),
+            )
+            .unwrap();
+        let Some(Event::Renewed { previous, lease }) = client.poll_event() else {
+            panic!("no renewal")
+        };
+        assert_ne!(previous.routes, lease.routes);
+        assert_eq!(
+            lease.routes[0].destination,
+            "172.16.0.0/16".parse::<Ipv4Net>().unwrap()
+        );
+        assert_eq!(client.poll_timeout(), Some(t1 + Duration::from_secs(50)));
+    }
+
+    #[test]
+    fn unanswered_renewal_rebinds_by_broadcast_then_expires() {
+        let (mut client, start) = bound(1000);
+        client.poll_event();
+        let mut now = start + Duration::from_secs(500);
+        client.handle_timeout(now);
+        assert_eq!(client.state(), State::Renewing);
+        let mut rebinding_seen = false;
+        for _ in 0..20 {
+            client.poll_transmit();
+            now = client.poll_timeout().unwrap();
+            client.handle_timeout(now);
+            if client.state() == State::Rebinding && !rebinding_seen {
+                rebinding_seen = true;
+                assert!(now >= start + Duration::from_secs(875));
+                assert_eq!(
+                    client.poll_transmit().unwrap().destination,
+                    Destination::Broadcast
+                );
+            }
+            if client.state() == State::Init {
+                break;
+            }
+        }
+        assert!(rebinding_seen);
+        assert!(matches!(client.poll_event(), Some(Event::Expired(_))));
+        assert_eq!(now, start + Duration::from_secs(1000));
+    }
+
+    #[test]
+    fn init_reboot_asks_for_the_stored_address() {
+        let (mut first, _) = bound(100);
+        let Some(Event::Bound(stored)) = first.poll_event() else {
+            panic!()
+        };
+        let now = Instant::now();
+        let mut client = Client::with_stored_lease(config(), 9, now, stored.clone());
+        let request = decode(&client.poll_transmit().unwrap());
+        assert_eq!(kind(&request), MessageType::Request);
+        assert_eq!(
+            request.opts().get(OptionCode::RequestedIpAddress),
+            Some(&DhcpOption::RequestedIpAddress(ADDRESS))
+        );
+        assert!(request.opts().get(OptionCode::ServerIdentifier).is_none());
+        client
+            .handle_packet(
+                now,
+                &reply(
+                    &request,
+                    MessageType::Ack,
+                    &ack_options(100, &[24, 192, 168, 10, 10, 0, 1, 1]),
+                ),
+            )
+            .unwrap();
+        assert!(matches!(client.poll_event(), Some(Event::Bound(_))));
+
+        let mut refused = Client::with_stored_lease(config(), 10, now, stored);
+        let request = decode(&refused.poll_transmit().unwrap());
+        refused
+            .handle_packet(now, &reply(&request, MessageType::Nak, &[]))
+            .unwrap();
+        assert_eq!(refused.poll_event(), Some(Event::Nak));
+        assert_eq!(refused.state(), State::Init);
+    }
+
+    #[test]
+    fn release_on_shutdown() {
+        let (mut client, _) = bound(100);
+        client.poll_event();
+        client.release();
+        let transmit = client.poll_transmit().unwrap();
+        assert_eq!(transmit.destination, Destination::Server(SERVER));
+        let release = decode(&transmit);
+        assert_eq!(kind(&release), MessageType::Release);
+        assert_eq!(release.ciaddr(), ADDRESS);
+        assert!(matches!(client.poll_event(), Some(Event::Released(_))));
+        assert_eq!(
+            (client.state(), client.poll_timeout()),
+            (State::Stopped, None)
+        );
+    }
+
+    #[test]
+    fn bad_packets_are_dropped_and_change_nothing() {
+        let (mut client, start) = bound(100);
+        client.poll_event();
+        let timer = client.poll_timeout();
+        let mut foreign = reply(&Message::default(), MessageType::Ack, &[]);
+        for bytes in [
+            vec![],
+            vec![0u8; 300],
+            foreign.clone(),
+            foreign[..250].to_vec(),
+        ] {
+            assert!(client.handle_packet(start, &bytes).is_err());
+        }
+        foreign[0] = 1;
+        assert!(client.handle_packet(start, &foreign).is_err());
+        assert_eq!(
+            (client.state(), client.poll_timeout(), client.poll_event()),
+            (State::Bound, timer, None)
+        );
+    }
+}
