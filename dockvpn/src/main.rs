@@ -22,6 +22,16 @@ struct Cli {
     #[command(flatten)]
     log: LogArgs,
 
+    /// Where Dockvpn keeps its state (DHCP leases now; PKI and clients later; a volume in the image)
+    #[arg(
+        long,
+        global = true,
+        env = "DOCKVPN_STATE_DIR",
+        default_value = "/var/lib/dockvpn",
+        value_name = "DIR"
+    )]
+    state_dir: std::path::PathBuf,
+
     #[command(flatten)]
     sides: SideArgs,
 
@@ -79,12 +89,19 @@ fn main() -> ExitCode {
     execute("dockvpn", || async move {
         match cli.command {
             Command::Run => {
-                let config = cli.sides.runtime_config(cli.routes.routing_config());
+                let config = cli
+                    .sides
+                    .runtime_config(cli.routes.routing_config(), &cli.state_dir);
                 vnf_core::runtime::run(config, started, shutdown_signal(), &mut NoObserver).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { json } => {
-                print_status(&cli.sides.runtime_config(cli.routes.routing_config()), json).await
+                print_status(
+                    &cli.sides
+                        .runtime_config(cli.routes.routing_config(), &cli.state_dir),
+                    json,
+                )
+                .await
             }
         }
     })

@@ -30,14 +30,17 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Run => {
-            let config = cli.sides.runtime_config(cli.tables.routing_config());
+            let config = cli
+                .sides
+                .runtime_config(cli.tables.routing_config(), &cli.state_dir);
             let mut observer = FirewallObserver { store: &store };
             vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
             status(
-                &cli.sides.runtime_config(cli.tables.routing_config()),
+                &cli.sides
+                    .runtime_config(cli.tables.routing_config(), &cli.state_dir),
                 &store,
                 json,
             )

@@ -4,6 +4,7 @@
 //! parallel.
 
 pub mod chain;
+pub mod dnsmasq;
 pub mod dockwall;
 pub mod measure;
 pub mod netns;

@@ -60,7 +60,7 @@ pub struct Vnf {
     child: Child,
     log: Arc<Log>,
     pub started: Instant,
-    /// Dockwall's default state directory for this process (an explicit --state-dir wins),
+    /// The VNFs' default state directory for this process (an explicit --state-dir wins),
     /// so no test writes to /var/lib.
     state_dir: PathBuf,
 }
@@ -103,6 +103,7 @@ impl Vnf {
         ));
         command
             .env("DOCKWALL_STATE_DIR", &state_dir)
+            .env("DOCKVPN_STATE_DIR", &state_dir)
             .env("RUST_LOG", "info")
             .env_remove("VNF_LEFT")
             .env_remove("VNF_RIGHT")

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io::IsTerminal;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::routing::{RoutingConfig, RoutingMode, TableId};
-use crate::runtime::{OnExit, RuntimeConfig};
-use crate::side::{SideSelector, SideSelectors};
+use crate::runtime::{DhcpConfig, OnExit, RuntimeConfig};
+use crate::side::{Side, SideSelector, SideSelectors};
 
 pub const SELECTOR_HELP: &str = "SELECTOR is an interface name (eth1), a MAC address \
 (02:42:ac:11:00:02) or a CIDR that the side's IPv4 address falls in (10.0.1.0/24); prefix \
@@ -52,6 +53,25 @@ pub struct SideArgs {
     )]
     pub side_timeout: u64,
 
+    /// Learn this side's address, gateway and the networks behind it (option 121/249, else
+    /// 33 + 3) by DHCP; repeat or comma-separate. On exit the lease is released with
+    /// --on-exit remove, kept (address and routes stay) with --on-exit keep
+    #[arg(
+        long,
+        global = true,
+        env = "VNF_DHCP",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "SIDE"
+    )]
+    pub dhcp: Vec<Side>,
+
+    /// A command run on every lease change, dhclient-script style: VNF_DHCP_REASON
+    /// (bound|expired|nak|released), VNF_DHCP_INTERFACE, VNF_DHCP_ADDRESS, VNF_DHCP_ROUTES
+    /// ("dest,gateway ..."), and the lease as JSON on stdin
+    #[arg(long, global = true, env = "VNF_DHCP_HOOK", value_name = "COMMAND")]
+    pub dhcp_hook: Option<PathBuf>,
+
     /// What happens to the installed routes and rules on SIGTERM/SIGINT: remove them, or keep
     /// them so the kernel goes on forwarding. Sysctls are left as set either way
     #[arg(long, global = true, env = "VNF_ON_EXIT", value_enum, default_value_t = OnExit::Remove)]
@@ -67,7 +87,8 @@ impl SideArgs {
         }
     }
 
-    pub fn runtime_config(&self, mut routing: RoutingConfig) -> RuntimeConfig {
+    /// The runtime config; `state_dir` is where DHCP leases are kept.
+    pub fn runtime_config(&self, mut routing: RoutingConfig, state_dir: &Path) -> RuntimeConfig {
         routing.left_gateway = self.left_gateway;
         routing.right_gateway = self.right_gateway;
         RuntimeConfig {
@@ -75,6 +96,11 @@ impl SideArgs {
             routing,
             side_timeout: (self.side_timeout > 0).then(|| Duration::from_secs(self.side_timeout)),
             on_exit: self.on_exit,
+            dhcp: DhcpConfig {
+                sides: self.dhcp.clone(),
+                state_dir: state_dir.to_path_buf(),
+                hook: self.dhcp_hook.clone(),
+            },
         }
     }
 }

@@ -138,7 +138,8 @@ impl RoutingConfig {
         Ok(())
     }
 
-    fn table(&self, side: Side) -> u32 {
+    /// The cross-mode table of a side.
+    pub fn table(&self, side: Side) -> u32 {
         match side {
             Side::Right => self.right_table.get(),
             _ => self.left_table.get(),

@@ -2,15 +2,19 @@
 //! sysctls converged on every link or address change, tear down on shutdown.
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
+use crate::dhcp::driver::{lease_gateway, DhcpInterface, DhcpTask};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
-use crate::routing::{desired_state, Reconciler, RoutingConfig};
+use crate::routing::{desired_state, Reconciler, RoutingConfig, RoutingMode, MAIN_TABLE};
 use crate::side::{assign, Assignment, Interface, Side, SideSelectors};
 use crate::sysctl::Sysctls;
 
@@ -38,6 +42,16 @@ pub struct RuntimeConfig {
     /// None waits forever.
     pub side_timeout: Option<Duration>,
     pub on_exit: OnExit,
+    pub dhcp: DhcpConfig,
+}
+
+/// Which sides learn their address, routes and gateway by DHCP.
+#[derive(Debug, Clone, Default)]
+pub struct DhcpConfig {
+    pub sides: Vec<Side>,
+    /// Where leases are stored, so a restart asks for the same one (INIT-REBOOT).
+    pub state_dir: PathBuf,
+    pub hook: Option<PathBuf>,
 }
 
 /// Told about side changes before routing follows them, so that a firewall is in place
@@ -62,6 +76,9 @@ impl SidesObserver for NoObserver {
 
 struct Runtime<'o> {
     observer: &'o mut dyn SidesObserver,
+    dhcp_tasks: Vec<DhcpTask>,
+    /// Notified by the DHCP tasks after each lease change.
+    dhcp_changed: Arc<Notify>,
     /// Whether the observer has seen the current assignment.
     observed: bool,
     config: RuntimeConfig,
@@ -89,6 +106,8 @@ pub async fn run(
     let kernel = Kernel::connect()?;
     let mut runtime = Runtime {
         observer,
+        dhcp_tasks: Vec::new(),
+        dhcp_changed: Arc::new(Notify::new()),
         observed: false,
         reconciler: Reconciler::new(kernel.clone()),
         kernel,
@@ -107,6 +126,7 @@ pub async fn run(
     );
 
     tokio::pin!(shutdown);
+    let dhcp_changed = runtime.dhcp_changed.clone();
     let mut waiting_log = tokio::time::interval(WAITING_LOG_EVERY);
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.reset();
@@ -124,6 +144,7 @@ pub async fn run(
             Err(error) => break Err(error),
         };
         tokio::select! {
+            () = dhcp_changed.notified() => {}
             () = &mut shutdown => {
                 info!("shutdown requested");
                 break Ok(());
@@ -147,6 +168,10 @@ pub async fn run(
 
     if let Err(error) = &outcome {
         error!(%error, "stopping");
+    }
+    let release = runtime.config.on_exit == OnExit::Remove;
+    for task in runtime.dhcp_tasks.drain(..) {
+        task.stop(release).await;
     }
     if let Err(error) = runtime.observer.shutdown(runtime.config.on_exit) {
         error!(%error, "shutdown incomplete");
@@ -183,6 +208,7 @@ impl Runtime<'_> {
             self.observer.sides_changed(&self.assignment)?;
             self.observed = true;
         }
+        self.ensure_dhcp_clients();
 
         let routed: Vec<&str> = [Side::Left, Side::Right]
             .iter()
@@ -191,7 +217,7 @@ impl Runtime<'_> {
         if !routed.is_empty() {
             self.sysctls.ensure_forwarding(&routed)?;
         }
-        let desired = desired_state(&self.config.routing, &self.assignment)?;
+        let desired = desired_state(&self.routing_with_lease_gateways(), &self.assignment)?;
         let changes = self.reconciler.apply(&desired).await?;
         if !changes.is_empty() {
             info!(%changes, "routing converged");
@@ -208,6 +234,74 @@ impl Runtime<'_> {
         }
         self.ready = ready;
         Ok(())
+    }
+
+    /// Starts a DHCP client on every DHCP side whose interface is known (an address is not
+    /// needed: the client brings it), and replaces one whose interface changed.
+    fn ensure_dhcp_clients(&mut self) {
+        for &side in &self.config.dhcp.sides {
+            let Some(interface) = self.assignment.interface(side) else {
+                continue;
+            };
+            if self
+                .dhcp_tasks
+                .iter()
+                .any(|t| t.side == side && t.index == interface.index)
+            {
+                continue;
+            }
+            self.dhcp_tasks.retain(|t| t.side != side);
+            let Some(mac) = interface.mac else {
+                warn!(%side, interface = %interface.name, "no MAC address: DHCP cannot run here");
+                continue;
+            };
+            let table = match self.config.routing.mode {
+                RoutingMode::Cross => self.config.routing.table(side),
+                RoutingMode::Global => MAIN_TABLE,
+            };
+            info!(%side, interface = %interface.name, table, "starting the DHCP client");
+            self.dhcp_tasks.push(DhcpTask::spawn(
+                DhcpInterface {
+                    side,
+                    index: interface.index,
+                    name: interface.name.clone(),
+                    mac,
+                    table,
+                    state_dir: self.config.dhcp.state_dir.clone(),
+                    hook: self.config.dhcp.hook.clone(),
+                },
+                self.dhcp_changed.clone(),
+            ));
+        }
+    }
+
+    /// The routing config with each DHCP side's gateway taken from its lease, unless one was
+    /// given explicitly. A lease gateway outside the leased subnet is not used.
+    fn routing_with_lease_gateways(&self) -> RoutingConfig {
+        let mut routing = self.config.routing.clone();
+        for task in &self.dhcp_tasks {
+            let (Some(lease), Some(ready)) = (task.lease(), self.assignment.ready(task.side))
+            else {
+                continue;
+            };
+            let Some(gateway) = lease_gateway(&lease) else {
+                continue;
+            };
+            if !ready.subnet().contains(&gateway) {
+                warn!(side = %task.side, %gateway, "the lease's gateway is outside the side's subnet; not used for the side's default route");
+                continue;
+            }
+            match task.side {
+                Side::Left if routing.left_gateway.is_none() => {
+                    routing.left_gateway = Some(gateway)
+                }
+                Side::Right if routing.right_gateway.is_none() => {
+                    routing.right_gateway = Some(gateway)
+                }
+                _ => {}
+            }
+        }
+        routing
     }
 
     fn log_side_changes(&self, next: &Assignment) {

@@ -11,6 +11,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "iptables",
+    "dnsmasq-base",
     "nftables",
 ];
 

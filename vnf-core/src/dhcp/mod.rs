@@ -2,4 +2,6 @@
 //! state machine. Applying a lease to the kernel is `crate::lease`.
 
 pub mod client;
+pub mod driver;
 pub mod options;
+pub mod socket;

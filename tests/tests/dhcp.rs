@@ -1,0 +1,192 @@
+//! The DHCP client against a real dnsmasq in the left gateway's namespace: the SI's left leg
+//! starts without an address and learns address, gateway and the left networks.
+
+use std::time::{Duration, Instant};
+
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_GATEWAY, RIGHT_HOST};
+use docknfv_tests::dnsmasq::Dnsmasq;
+use docknfv_tests::traffic::{ping, ping_eventually};
+use docknfv_tests::{Chain, Vnf};
+
+const RANGE: &str = "10.0.1.50,10.0.1.99,255.255.255.0,2m";
+
+/// The chain with the SI's left address removed: DHCP has to supply it.
+fn chain_with_dhcp_left() -> Chain {
+    let chain = Chain::new();
+    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
+    chain
+}
+
+/// Waits until `check` passes, for at most `seconds`.
+fn eventually(seconds: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn neutron_style_routes_reach_dockvpn_main_table_but_not_the_left_default() {
+    let chain = chain_with_dhcp_left();
+    // Neutron: 121 with host routes (and 0.0.0.0/0 appended), 249 the same, and the router.
+    let _dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        RANGE,
+        &[
+            "option:classless-static-route,169.254.169.254/32,10.0.1.1,192.168.10.0/24,10.0.1.1,0.0.0.0/0,10.0.1.1",
+            "249,169.254.169.254/32,10.0.1.1,192.168.10.0/24,10.0.1.1,0.0.0.0/0,10.0.1.1",
+            "option:router,10.0.1.1",
+        ],
+    );
+    let mut dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockvpn.wait_ready();
+    let main = chain.si.ip(&["route", "show", "table", "main"]);
+    assert!(
+        main.contains(&format!("{LEFT_HOST_NET} via 10.0.1.1 dev eth0 proto dhcp")),
+        "{main}"
+    );
+    assert!(
+        main.contains("169.254.169.254 via 10.0.1.1 dev eth0 proto dhcp"),
+        "{main}"
+    );
+    assert!(
+        main.contains(&format!("default via {RIGHT_GATEWAY} dev eth1 proto 245")),
+        "{main}"
+    );
+    assert!(
+        !main.contains("default via 10.0.1.1"),
+        "the left default must not be installed:\n{main}"
+    );
+    let address = chain.si.ip(&["-4", "addr", "show", "dev", "eth0"]);
+    assert!(
+        address.contains("inet 10.0.1.") && address.contains("valid_lft"),
+        "{address}"
+    );
+    assert!(
+        ping(&chain.si, LEFT_HOST),
+        "the learned route reaches the left host"
+    );
+    assert!(ping(&chain.si, RIGHT_HOST));
+
+    assert!(dockvpn.terminate().success(), "{}", dockvpn.log());
+    let main = chain.si.ip(&["route", "show", "table", "main"]);
+    assert!(
+        !main.contains("proto dhcp"),
+        "released lease left routes:\n{main}"
+    );
+    assert!(
+        !chain
+            .si
+            .ip(&["-4", "addr", "show", "dev", "eth0"])
+            .contains("10.0.1."),
+        "released address stayed"
+    );
+}
+
+#[test]
+fn contrail_style_default_inside_121_gives_dockwall_its_left_gateway() {
+    let chain = chain_with_dhcp_left();
+    // The vRouter: 121 with the default route inside, no option 3.
+    let _dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        RANGE,
+        &[
+            "option:classless-static-route,0.0.0.0/0,10.0.1.1,172.16.0.0/12,10.0.1.1",
+            "option:router",
+        ],
+    );
+    let mut dockwall = Vnf::start(
+        &chain.si,
+        "dockwall",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockwall.wait_ready();
+    let table = chain.si.ip(&["route", "show", "table", "1001"]);
+    assert!(
+        table.contains("default via 10.0.1.1 dev eth0 proto 245"),
+        "the lease's gateway is the side's:\n{table}"
+    );
+    assert!(
+        table.contains("172.16.0.0/12 via 10.0.1.1 dev eth0 proto dhcp"),
+        "{table}"
+    );
+    // The left gateway routes the right hosts via the SI's first-leased address; point it at
+    // whatever address the SI got.
+    let address = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+    let si_left = address
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .expect("leased address")
+        .to_string();
+    chain.left_gateway.ip(&[
+        "route",
+        "replace",
+        docknfv_tests::chain::RIGHT_HOST_NET,
+        "via",
+        &si_left,
+    ]);
+    assert!(
+        ping_eventually(&chain.left_host, RIGHT_HOST, 3),
+        "left → right through the DHCP-configured SI"
+    );
+    assert!(ping(&chain.right_host, LEFT_HOST));
+    assert!(dockwall.terminate().success());
+}
+
+#[test]
+fn renewal_with_changed_routes_updates_the_kernel() {
+    let chain = chain_with_dhcp_left();
+    let options = |routes: &str| {
+        vec![
+            format!("option:classless-static-route,{routes}"),
+            "option:T1,4".to_string(),
+            "option:T2,8".to_string(),
+        ]
+    };
+    let first = options("192.168.10.0/24,10.0.1.1");
+    let dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        RANGE,
+        &first.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockvpn.wait_ready();
+    let main = || {
+        chain
+            .si
+            .ip(&["route", "show", "table", "main", "proto", "dhcp"])
+    };
+    assert!(
+        main().contains("192.168.10.0/24 via 10.0.1.1"),
+        "{}",
+        main()
+    );
+
+    let changed = options("10.30.0.0/16,10.0.1.1");
+    dnsmasq.reload(&changed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        eventually(15, || {
+            let routes = main();
+            routes.contains("10.30.0.0/16 via 10.0.1.1") && !routes.contains("192.168.10.0/24")
+        }),
+        "the renewal did not change the routes:\n{}\n{}",
+        main(),
+        dockvpn.log()
+    );
+}

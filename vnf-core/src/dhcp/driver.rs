@@ -1,0 +1,366 @@
+//! The thin tokio driver around the sans-IO client: one task per DHCP side moves packets
+//! between the client and the sockets, applies lease events to the kernel through
+//! `crate::lease`, stores the lease (a restart does INIT-REBOOT), publishes it on a watch
+//! channel (the live route feed Dockvpn pushes from) and runs the optional user hook.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::client::{Client, ClientConfig, Destination, Event, Lease, Transmit};
+use super::socket::{unicast_socket, PacketSocket, SERVER_PORT};
+use crate::error::{Error, Result};
+use crate::kernel::Kernel;
+use crate::lease::{BoundLease, LeaseApplier, LeaseTarget};
+use crate::side::Side;
+
+const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One interface to run DHCP on.
+#[derive(Debug, Clone)]
+pub struct DhcpInterface {
+    pub side: Side,
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    /// The table lease routes go into (the side table in cross mode, main in global mode).
+    pub table: u32,
+    pub state_dir: PathBuf,
+    /// A command run with every lease change (env + JSON on stdin), dhclient-script style.
+    pub hook: Option<PathBuf>,
+}
+
+impl DhcpInterface {
+    fn lease_file(&self) -> PathBuf {
+        lease_file(&self.state_dir, &self.name)
+    }
+}
+
+pub fn lease_file(state_dir: &Path, interface: &str) -> PathBuf {
+    state_dir.join(format!("dhcp-{interface}.json"))
+}
+
+/// A lease as stored in the state directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredLease {
+    pub lease: Lease,
+    pub acquired_unix: u64,
+}
+
+impl StoredLease {
+    pub fn expires_unix(&self) -> u64 {
+        self.acquired_unix + u64::from(self.lease.lease_secs)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn read_stored(path: &Path) -> Option<StoredLease> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str::<StoredLease>(&text) {
+        Ok(stored) => Some(stored),
+        Err(error) => {
+            warn!(file = %path.display(), %error, "ignoring an unreadable stored lease");
+            None
+        }
+    }
+}
+
+/// A running DHCP client task.
+pub struct DhcpTask {
+    pub side: Side,
+    pub index: u32,
+    feed: watch::Receiver<Option<Lease>>,
+    stop: Option<oneshot::Sender<bool>>,
+    handle: JoinHandle<()>,
+}
+
+impl DhcpTask {
+    /// Starts the client; `changed` is notified after every lease change has been applied.
+    pub fn spawn(interface: DhcpInterface, changed: Arc<Notify>) -> DhcpTask {
+        let (feed_sender, feed) = watch::channel(None);
+        let (stop, stop_receiver) = oneshot::channel();
+        let (side, index, name) = (interface.side, interface.index, interface.name.clone());
+        let handle = tokio::spawn(async move {
+            if let Err(error) = drive(interface, feed_sender, changed.clone(), stop_receiver).await
+            {
+                warn!(%side, interface = %name, %error, "DHCP client stopped");
+                changed.notify_one();
+            }
+        });
+        DhcpTask {
+            side,
+            index,
+            feed,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// The live route feed: the current lease, None while there is none.
+    pub fn feed(&self) -> watch::Receiver<Option<Lease>> {
+        self.feed.clone()
+    }
+
+    pub fn lease(&self) -> Option<Lease> {
+        self.feed.borrow().clone()
+    }
+
+    /// Stops the client; with `release` it sends DHCPRELEASE and removes the lease from the
+    /// kernel, otherwise address and routes stay for the next start's INIT-REBOOT.
+    pub async fn stop(mut self, release: bool) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(release);
+        }
+        let _ = (&mut self.handle).await;
+    }
+}
+
+impl Drop for DhcpTask {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.handle.abort();
+        }
+    }
+}
+
+struct Driver {
+    interface: DhcpInterface,
+    raw: PacketSocket,
+    unicast: Option<UdpSocket>,
+    applier: LeaseApplier,
+    feed: watch::Sender<Option<Lease>>,
+    changed: Arc<Notify>,
+}
+
+async fn drive(
+    interface: DhcpInterface,
+    feed: watch::Sender<Option<Lease>>,
+    changed: Arc<Notify>,
+    mut stop: oneshot::Receiver<bool>,
+) -> Result<()> {
+    let name = interface.name.clone();
+    let io_error = |context: &str| {
+        let context = format!("{context} on {name}");
+        move |source| Error::Io { context, source }
+    };
+    let raw = PacketSocket::open(interface.index)
+        .map_err(io_error("open the DHCP packet socket (needs NET_RAW)"))?;
+    let target = LeaseTarget {
+        interface: interface.index,
+        table: interface.table,
+        // The side routing owns default routes; the lease supplies their gateway.
+        install_default: false,
+    };
+    let config = ClientConfig {
+        mac: interface.mac,
+        mtu: 1500,
+        hostname: None,
+    };
+    let seed = unix_now() ^ u64::from(interface.index) << 32 ^ u64::from(std::process::id());
+    let now = Instant::now();
+    let mut client = match read_stored(&interface.lease_file())
+        .filter(|s| s.expires_unix() > unix_now())
+    {
+        Some(stored) => {
+            info!(side = %interface.side, address = %stored.lease.address, "asking to keep the stored lease (INIT-REBOOT)");
+            Client::with_stored_lease(config, seed, now, stored.lease)
+        }
+        None => Client::new(config, seed, now),
+    };
+    let mut driver = Driver {
+        applier: LeaseApplier::new(Kernel::connect()?, target),
+        interface,
+        raw,
+        unicast: None,
+        feed,
+        changed,
+    };
+    loop {
+        driver.flush(&mut client).await;
+        let deadline = client.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            received = driver.raw.recv() => {
+                let payload = received.map_err(io_error("receive DHCP"))?;
+                if let Err(reason) = client.handle_packet(Instant::now(), &payload) {
+                    debug!(%reason, "DHCP packet dropped");
+                }
+            }
+            () = sleep_until(deadline) => client.handle_timeout(Instant::now()),
+            release = &mut stop => {
+                if release.unwrap_or(false) {
+                    client.release();
+                    driver.flush(&mut client).await;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    /// Sends what the client queued and acts on its events.
+    async fn flush(&mut self, client: &mut Client) {
+        while let Some(transmit) = client.poll_transmit() {
+            if let Err(error) = self.send(&transmit) {
+                warn!(interface = %self.interface.name, %error, "could not send a DHCP packet");
+            }
+        }
+        while let Some(event) = client.poll_event() {
+            self.handle(event).await;
+        }
+    }
+
+    fn send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        match (transmit.destination, &self.unicast) {
+            (Destination::Server(server), Some(socket)) => socket
+                .send_to(&transmit.payload, SocketAddrV4::new(server, SERVER_PORT))
+                .map(drop),
+            // No usable address yet: a broadcast reaches the server too.
+            _ => self.raw.send_broadcast(&transmit.payload),
+        }
+    }
+
+    async fn handle(&mut self, event: Event) {
+        let side = self.interface.side;
+        match event {
+            Event::Bound(lease) | Event::Renewed { lease, .. } => {
+                let bound = BoundLease {
+                    address: lease.address,
+                    valid_secs: lease.lease_secs,
+                    routes: lease.routes.clone(),
+                };
+                match self.applier.apply(&bound).await {
+                    Ok(changes) => {
+                        info!(%side, address = %lease.address, routes = lease.routes.len(), source = ?lease.route_source, %changes, "DHCP lease applied")
+                    }
+                    Err(error) => warn!(%side, %error, "DHCP lease not fully applied"),
+                }
+                self.unicast = unicast_socket(lease.address.addr(), &self.interface.name)
+                    .map_err(
+                        |error| debug!(%error, "no unicast DHCP socket; renewals go by broadcast"),
+                    )
+                    .ok();
+                let stored = StoredLease {
+                    lease: lease.clone(),
+                    acquired_unix: unix_now(),
+                };
+                if let Err(error) = store(&self.interface.lease_file(), &stored) {
+                    warn!(%error, "could not store the DHCP lease");
+                }
+                self.publish("bound", Some(lease)).await;
+            }
+            Event::Expired(_) | Event::Nak | Event::Released(_) => {
+                let reason = match event {
+                    Event::Expired(_) => "expired",
+                    Event::Nak => "nak",
+                    _ => "released",
+                };
+                info!(%side, %reason, "DHCP lease gone; removing its address and routes");
+                if let Err(error) = self.applier.remove().await {
+                    warn!(%side, %error, "could not remove the DHCP lease");
+                }
+                self.unicast = None;
+                let _ = std::fs::remove_file(self.interface.lease_file());
+                self.publish(reason, None).await;
+            }
+            Event::RoutesRejected(reasons) => {
+                for reason in reasons {
+                    warn!(%side, %reason, "DHCP route option rejected");
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, reason: &str, lease: Option<Lease>) {
+        if let Some(hook) = &self.interface.hook {
+            run_hook(hook, reason, &self.interface.name, lease.as_ref()).await;
+        }
+        self.feed.send_replace(lease);
+        self.changed.notify_one();
+    }
+}
+
+fn store(path: &Path, stored: &StoredLease) -> std::io::Result<()> {
+    if let Some(directory) = path.parent() {
+        std::fs::create_dir_all(directory)?;
+    }
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(
+        &temporary,
+        serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Runs the hook with the lease in the environment and as JSON on stdin, bounded in time.
+async fn run_hook(hook: &Path, reason: &str, interface: &str, lease: Option<&Lease>) {
+    let routes = lease
+        .map(|l| {
+            l.routes
+                .iter()
+                .map(|r| match r.gateway {
+                    Some(gateway) => format!("{},{gateway}", r.destination),
+                    None => r.destination.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let mut command = tokio::process::Command::new(hook);
+    command
+        .env("VNF_DHCP_REASON", reason)
+        .env("VNF_DHCP_INTERFACE", interface)
+        .env(
+            "VNF_DHCP_ADDRESS",
+            lease.map(|l| l.address.to_string()).unwrap_or_default(),
+        )
+        .env("VNF_DHCP_ROUTES", routes)
+        .stdin(Stdio::piped())
+        .kill_on_drop(true);
+    let run = async {
+        let mut child = command.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&serde_json::to_vec(&lease).unwrap_or_default())
+                .await?;
+        }
+        child.wait().await
+    };
+    match tokio::time::timeout(HOOK_TIMEOUT, run).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => warn!(hook = %hook.display(), %status, "DHCP hook failed"),
+        Ok(Err(error)) => warn!(hook = %hook.display(), %error, "DHCP hook could not run"),
+        Err(_) => warn!(hook = %hook.display(), "DHCP hook timed out and was killed"),
+    }
+}
+
+/// The gateway a lease offers for its side: the default route's router, else option 3.
+pub fn lease_gateway(lease: &Lease) -> Option<Ipv4Addr> {
+    lease
+        .routes
+        .iter()
+        .find(|r| r.destination.prefix_len() == 0)
+        .and_then(|r| r.gateway)
+        .or_else(|| lease.routers.first().copied())
+}
