@@ -32,6 +32,8 @@ impl Dnsmasq {
                 "--port=0",
                 "--user=root",
                 "--bind-interfaces",
+                // As Neutron runs it: requests for addresses it did not lease get a NAK.
+                "--dhcp-authoritative",
                 &format!("--interface={interface}"),
                 &format!("--dhcp-range={range}"),
                 &format!("--dhcp-leasefile={}", files.path().join("leases").display()),

@@ -190,3 +190,88 @@ fn renewal_with_changed_routes_updates_the_kernel() {
         dockvpn.log()
     );
 }
+
+#[test]
+fn an_off_subnet_gateway_and_28_host_routes_are_installed() {
+    let chain = chain_with_dhcp_left();
+    chain
+        .left_gateway
+        .ip(&["addr", "add", "10.9.9.1/32", "dev", "wan"]);
+    let mut routes: Vec<String> = (1..=27)
+        .map(|i| format!("10.8.0.{i}/32,10.0.1.1"))
+        .collect();
+    routes.push("192.168.10.0/24,10.9.9.1".into());
+    let option = format!("option:classless-static-route,{}", routes.join(","));
+    let _dnsmasq = Dnsmasq::start(&chain.left_gateway, "wan", RANGE, &[option.as_str()]);
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockvpn.wait_ready();
+    let learned = chain
+        .si
+        .ip(&["route", "show", "table", "main", "proto", "dhcp"]);
+    assert_eq!(
+        learned.lines().filter(|l| l.starts_with("10.8.0.")).count(),
+        27,
+        "{learned}"
+    );
+    assert!(
+        learned.contains("10.9.9.1 dev eth0 scope link"),
+        "the off-subnet gateway gets a link route:\n{learned}"
+    );
+    assert!(
+        learned.contains("192.168.10.0/24 via 10.9.9.1 dev eth0"),
+        "{learned}"
+    );
+    assert!(
+        ping(&chain.si, LEFT_HOST),
+        "traffic goes through the off-subnet gateway"
+    );
+}
+
+#[test]
+fn a_stored_lease_the_server_refuses_is_naked_and_replaced() {
+    let chain = chain_with_dhcp_left();
+    let _dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        RANGE,
+        &["option:router,10.0.1.1"],
+    );
+    let state = docknfv_tests::dockwall::StateDir::new();
+    std::fs::create_dir_all(state.path()).unwrap();
+    let stale = serde_json::json!({
+        "lease": {"address": "10.0.1.200/24", "server": "10.0.1.1", "routers": ["10.0.1.1"], "dns": [], "routes": [],
+                  "route_source": "none", "lease_secs": 86400, "renew_secs": 43200, "rebind_secs": 75600},
+        "acquired_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+    });
+    std::fs::write(state.path().join("dhcp-eth0.json"), stale.to_string()).unwrap();
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &[
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "run",
+            "--dhcp",
+            "left",
+            "--side-timeout",
+            "30",
+        ],
+    );
+    dockvpn.wait_ready();
+    assert!(dockvpn.log().contains("INIT-REBOOT"), "{}", dockvpn.log());
+    assert!(dockvpn.log().contains("reason=nak"), "{}", dockvpn.log());
+    let address = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(
+        !address.contains("10.0.1.200") && address.contains("inet 10.0.1."),
+        "{address}"
+    );
+    let stored = std::fs::read_to_string(state.path().join("dhcp-eth0.json")).unwrap();
+    assert!(
+        !stored.contains("10.0.1.200"),
+        "the new lease replaced the stored one: {stored}"
+    );
+}
