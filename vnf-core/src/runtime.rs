@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
+use crate::dhcp::client::Lease;
 use crate::dhcp::driver::{lease_gateway, DhcpInterface, DhcpTask};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
@@ -187,6 +188,31 @@ pub async fn run(
     outcome
 }
 
+/// The routing config with each DHCP side's gateway taken from its lease, unless one was
+/// given explicitly. A lease gateway outside the side's subnet is not used.
+pub fn with_lease_gateways(
+    routing: &RoutingConfig,
+    assignment: &Assignment,
+    leases: impl Iterator<Item = (Side, Lease)>,
+) -> RoutingConfig {
+    let mut routing = routing.clone();
+    for (side, lease) in leases {
+        let (Some(gateway), Some(ready)) = (lease_gateway(&lease), assignment.ready(side)) else {
+            continue;
+        };
+        if !ready.subnet().contains(&gateway) {
+            warn!(%side, %gateway, "the lease's gateway is outside the side's subnet; not used for the side's default route");
+            continue;
+        }
+        match side {
+            Side::Left if routing.left_gateway.is_none() => routing.left_gateway = Some(gateway),
+            Side::Right if routing.right_gateway.is_none() => routing.right_gateway = Some(gateway),
+            _ => {}
+        }
+    }
+    routing
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -275,33 +301,12 @@ impl Runtime<'_> {
         }
     }
 
-    /// The routing config with each DHCP side's gateway taken from its lease, unless one was
-    /// given explicitly. A lease gateway outside the leased subnet is not used.
     fn routing_with_lease_gateways(&self) -> RoutingConfig {
-        let mut routing = self.config.routing.clone();
-        for task in &self.dhcp_tasks {
-            let (Some(lease), Some(ready)) = (task.lease(), self.assignment.ready(task.side))
-            else {
-                continue;
-            };
-            let Some(gateway) = lease_gateway(&lease) else {
-                continue;
-            };
-            if !ready.subnet().contains(&gateway) {
-                warn!(side = %task.side, %gateway, "the lease's gateway is outside the side's subnet; not used for the side's default route");
-                continue;
-            }
-            match task.side {
-                Side::Left if routing.left_gateway.is_none() => {
-                    routing.left_gateway = Some(gateway)
-                }
-                Side::Right if routing.right_gateway.is_none() => {
-                    routing.right_gateway = Some(gateway)
-                }
-                _ => {}
-            }
-        }
-        routing
+        let leases = self
+            .dhcp_tasks
+            .iter()
+            .filter_map(|t| Some((t.side, t.lease()?)));
+        with_lease_gateways(&self.config.routing, &self.assignment, leases)
     }
 
     fn log_side_changes(&self, next: &Assignment) {

@@ -5,10 +5,11 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::dhcp::driver::{lease_file, read_stored, StoredLease};
 use crate::error::Result;
 use crate::kernel::Kernel;
 use crate::routing::{desired_state, Reconciler, RouteSpec, RoutingMode, RoutingState};
-use crate::runtime::RuntimeConfig;
+use crate::runtime::{with_lease_gateways, RuntimeConfig};
 use crate::side::{assign, Interface, ReadySide, Side};
 
 #[derive(Debug, Serialize)]
@@ -25,6 +26,9 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 pub struct SideStatus {
     pub side: Side,
+    /// The stored DHCP lease of a DHCP side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<StoredLease>,
     pub selector: String,
     pub interface: Option<Interface>,
     pub ready: Option<ReadySide>,
@@ -40,7 +44,7 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
     let routing = Reconciler::new(kernel).current().await?;
 
     let mut problems = Vec::new();
-    let sides = Side::ALL
+    let sides: Vec<SideStatus> = Side::ALL
         .into_iter()
         .map(|side| {
             let ready = assignment.ready(side).cloned();
@@ -52,8 +56,18 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                     problems.push(format!("{side} side not ready: {reason}"));
                 }
             }
+            let dhcp = config
+                .dhcp
+                .sides
+                .contains(&side)
+                .then(|| assignment.interface(side))
+                .flatten()
+                .and_then(|interface| {
+                    read_stored(&lease_file(&config.dhcp.state_dir, &interface.name))
+                });
             SideStatus {
                 side,
+                dhcp,
                 selector: config.selectors.describe(side),
                 interface: assignment.interface(side).cloned(),
                 ready,
@@ -61,7 +75,11 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
             }
         })
         .collect();
-    match desired_state(&config.routing, &assignment) {
+    let leases = sides
+        .iter()
+        .filter_map(|s: &SideStatus| Some((s.side, s.dhcp.clone()?.lease)));
+    let routing_config = with_lease_gateways(&config.routing, &assignment, leases);
+    match desired_state(&routing_config, &assignment) {
         Ok(desired) if desired != routing => {
             problems.push("routing differs from the desired state (is `run` running?)".into())
         }
@@ -101,6 +119,29 @@ impl Status {
                 (None, Some(reason)) => writeln!(out, "  {:<5} - {reason}", side.side),
                 (None, None) => Ok(()),
             };
+        }
+        for side in &self.sides {
+            if let Some(stored) = &side.dhcp {
+                let routes: Vec<String> = stored
+                    .lease
+                    .routes
+                    .iter()
+                    .map(|r| match r.gateway {
+                        Some(gateway) => format!("{} via {gateway}", r.destination),
+                        None => format!("{} on-link", r.destination),
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  dhcp  {} lease {} from {} for {} s; routes ({:?}): {}",
+                    side.side,
+                    stored.lease.address,
+                    stored.lease.server,
+                    stored.lease.lease_secs,
+                    stored.lease.route_source,
+                    routes.join(", ")
+                );
+            }
         }
         for rule in &self.routing.rules {
             let _ = writeln!(out, "  rule  {rule}");
