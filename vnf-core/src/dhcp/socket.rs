@@ -201,6 +201,9 @@ pub fn udp_payload(packet: &[u8], checksum_ready: bool) -> Option<&[u8]> {
     let packet = packet.get(..total)?;
     let udp = packet.get(header_length..)?;
     let udp_length = usize::from(u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]));
+    if udp_length < UDP_HEADER {
+        return None;
+    }
     let udp = udp.get(..udp_length)?;
     let sent_checksum = u16::from_be_bytes([udp[6], udp[7]]);
     if checksum_ready && sent_checksum != 0 {
@@ -330,7 +333,10 @@ mod tests {
             Some(12),
             "checksum not ready yet: accepted"
         );
-        for truncated in [&packet[..3], &packet[..25], &[0x65u8; 40][..]] {
+        // Found by the fuzzer: a UDP length below the header's own size.
+        let mut short_udp = packet.clone();
+        short_udp[24..26].copy_from_slice(&0u16.to_be_bytes());
+        for truncated in [&packet[..3], &packet[..25], &[0x65u8; 40][..], &short_udp[..]] {
             assert_eq!(udp_payload(truncated, true), None);
         }
     }
