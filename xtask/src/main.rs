@@ -12,6 +12,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "iptables",
     "dnsmasq-base",
+    "isc-dhcp-client",
+    "busybox",
     "nftables",
 ];
 
@@ -42,7 +44,7 @@ fn main() {
         }),
         "test" => install_debian_packages().and_then(|()| test()),
         "bench" => install_debian_packages().and_then(|()| {
-            for bench in ["chain-bench", "firewall-bench"] {
+            for bench in ["chain-bench", "firewall-bench", "dhcp-bench"] {
                 cargo(&[
                     "run",
                     "--quiet",

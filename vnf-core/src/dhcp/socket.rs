@@ -336,7 +336,12 @@ mod tests {
         // Found by the fuzzer: a UDP length below the header's own size.
         let mut short_udp = packet.clone();
         short_udp[24..26].copy_from_slice(&0u16.to_be_bytes());
-        for truncated in [&packet[..3], &packet[..25], &[0x65u8; 40][..], &short_udp[..]] {
+        for truncated in [
+            &packet[..3],
+            &packet[..25],
+            &[0x65u8; 40][..],
+            &short_udp[..],
+        ] {
             assert_eq!(udp_payload(truncated, true), None);
         }
     }
