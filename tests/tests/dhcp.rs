@@ -275,3 +275,94 @@ fn a_stored_lease_the_server_refuses_is_naked_and_replaced() {
         "the new lease replaced the stored one: {stored}"
     );
 }
+
+#[test]
+fn a_restart_keeps_the_lease_through_init_reboot() {
+    let chain = chain_with_dhcp_left();
+    let _dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        RANGE,
+        &["option:classless-static-route,192.168.10.0/24,10.0.1.1"],
+    );
+    let state = docknfv_tests::dockwall::StateDir::new();
+    let state_dir = state.path().to_str().unwrap().to_string();
+    let args = [
+        "--state-dir",
+        state_dir.as_str(),
+        "run",
+        "--dhcp",
+        "left",
+        "--on-exit",
+        "keep",
+        "--side-timeout",
+        "30",
+    ];
+    let mut first = Vnf::start(&chain.si, "dockvpn", &args);
+    first.wait_ready();
+    let address = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(first.terminate().success());
+
+    let second = Vnf::start(&chain.si, "dockvpn", &args);
+    second.wait_ready();
+    assert!(second.log().contains("INIT-REBOOT"), "{}", second.log());
+    let again = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+    let inet = |text: &str| text.split_whitespace().nth(3).map(str::to_string);
+    assert_eq!(
+        inet(&again),
+        inet(&address),
+        "the same address after the restart"
+    );
+    assert!(chain
+        .si
+        .ip(&["route", "show", "proto", "dhcp"])
+        .contains("192.168.10.0/24 via 10.0.1.1"));
+}
+
+#[test]
+fn a_silent_server_leads_to_rebinding_and_expiry_removes_the_lease() {
+    let chain = chain_with_dhcp_left();
+    // dnsmasq's shortest lease is two minutes; renew after 4 s, rebind after 8 s.
+    let mut dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
+        &[
+            "option:classless-static-route,192.168.10.0/24,10.0.1.1",
+            "option:T1,4",
+            "option:T2,8",
+        ],
+    );
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockvpn.wait_ready();
+    let bound_at = Instant::now();
+    dnsmasq.stop();
+    let learned = || chain.si.ip(&["route", "show", "proto", "dhcp"]);
+    assert!(learned().contains("192.168.10.0/24"));
+    assert!(
+        eventually(150, || !learned().contains("192.168.10.0/24")),
+        "the lease never expired:\n{}",
+        dockvpn.log()
+    );
+    let waited = bound_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(100),
+        "routes went after {waited:?}, before the lease ran out"
+    );
+    assert!(
+        !chain
+            .si
+            .ip(&["-4", "addr", "show", "dev", "eth0"])
+            .contains("10.0.1."),
+        "the expired address stayed"
+    );
+    assert!(
+        dockvpn.log().contains("reason=expired"),
+        "{}",
+        dockvpn.log()
+    );
+}
