@@ -232,10 +232,12 @@ impl Kernel {
 fn interface_from(link: &LinkMessage) -> Interface {
     let mut name = String::new();
     let mut mac = None;
+    let mut mtu = 1500;
     for attribute in &link.attributes {
         match attribute {
             LinkAttribute::IfName(n) => name = n.clone(),
             LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            LinkAttribute::Mtu(value) => mtu = *value,
             _ => {}
         }
     }
@@ -245,6 +247,7 @@ fn interface_from(link: &LinkMessage) -> Interface {
         mac,
         ethernet: link.header.link_layer_type == LinkLayerType::Ether,
         up: link.header.flags.contains(LinkFlags::Up),
+        mtu,
         addresses: Vec::new(),
     }
 }

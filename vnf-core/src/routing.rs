@@ -749,6 +749,7 @@ mod tests {
                 mac: None,
                 ethernet: true,
                 up: true,
+                mtu: 1500,
                 addresses: vec!["10.0.1.2/24".parse().unwrap()],
             },
             Interface {
@@ -757,6 +758,7 @@ mod tests {
                 mac: None,
                 ethernet: true,
                 up: right_up,
+                mtu: 1500,
                 addresses: vec!["10.0.2.2/24".parse().unwrap()],
             },
         ];

@@ -292,6 +292,7 @@ impl Runtime<'_> {
                     index: interface.index,
                     name: interface.name.clone(),
                     mac,
+                    mtu: interface.mtu,
                     table,
                     state_dir: self.config.dhcp.state_dir.clone(),
                     hook: self.config.dhcp.hook.clone(),

@@ -237,6 +237,7 @@ pub struct Interface {
     /// Ethernet-like (veth, Docker and Contrail ports); loopback, tun and WireGuard are not.
     pub ethernet: bool,
     pub up: bool,
+    pub mtu: u32,
     /// IPv4 addresses with their prefix, primary first.
     pub addresses: Vec<Ipv4Net>,
 }
@@ -424,6 +425,7 @@ mod tests {
             mac: Some([2, 0, 0, 0, 0, mac]),
             ethernet: true,
             up: true,
+            mtu: 1500,
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         }
     }
@@ -435,6 +437,7 @@ mod tests {
             mac: None,
             ethernet: false,
             up: true,
+            mtu: 65536,
             addresses: vec!["127.0.0.1/8".parse().unwrap()],
         }
     }

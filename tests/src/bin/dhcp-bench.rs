@@ -96,6 +96,7 @@ fn vnf_core_client(client: &Netns, state: &StateDir) -> f64 {
                 index,
                 name: "eth0".into(),
                 mac: mac.try_into().unwrap(),
+                mtu: 1500,
                 table: 254,
                 state_dir: state.path().to_path_buf(),
                 hook: None,

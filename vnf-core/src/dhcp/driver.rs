@@ -31,6 +31,8 @@ pub struct DhcpInterface {
     pub index: u32,
     pub name: String,
     pub mac: [u8; 6],
+    /// Option 57 (maximum message size) is at least this.
+    pub mtu: u32,
     /// The table lease routes go into (the side table in cross mode, main in global mode).
     pub table: u32,
     pub state_dir: PathBuf,
@@ -167,7 +169,7 @@ async fn drive(
     };
     let config = ClientConfig {
         mac: interface.mac,
-        mtu: 1500,
+        mtu: u16::try_from(interface.mtu).unwrap_or(u16::MAX),
         hostname: None,
     };
     let seed = unix_now() ^ u64::from(interface.index) << 32 ^ u64::from(std::process::id());
