@@ -68,6 +68,21 @@ impl Netns {
         );
     }
 
+    /// A link of this namespace as vnf-core sees it (index, MAC, MTU, addresses).
+    pub fn link(&self, name: &str) -> vnf_core::side::Interface {
+        let interfaces = self.block_on(async {
+            vnf_core::kernel::Kernel::connect()
+                .expect("netlink")
+                .interfaces()
+                .await
+                .expect("dump links")
+        });
+        interfaces
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap_or_else(|| panic!("no link {name} in {}", self.name))
+    }
+
     /// Everything routing-related in the namespace, to prove a step changed nothing.
     pub fn routing_snapshot(&self) -> String {
         let mut snapshot = self.ip(&["-4", "rule", "show"]);

@@ -49,14 +49,7 @@ fn client_and_router() -> (Netns, Netns, u32) {
         "metric",
         "10",
     ]);
-    let index = client
-        .ip(&["-o", "link", "show", "eth0"])
-        .split(':')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let index = client.link("eth0").index;
     (client, router, index)
 }
 

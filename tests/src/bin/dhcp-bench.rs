@@ -69,24 +69,8 @@ fn routes_in(client: &Netns) -> bool {
 }
 
 fn vnf_core_client(client: &Netns, state: &StateDir) -> f64 {
-    let index: u32 = client
-        .ip(&["-o", "link", "show", "eth0"])
-        .split(':')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let mac = client.ip(&["-o", "link", "show", "eth0"]);
-    let mac = mac
-        .split("link/ether ")
-        .nth(1)
-        .and_then(|m| m.split_whitespace().next())
-        .expect("mac");
-    let mac: Vec<u8> = mac
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
+    let link = client.link("eth0");
+    let (index, mac) = (link.index, link.mac.expect("eth0 has a MAC"));
     let elapsed = client.block_on(async {
         let changed = Arc::new(Notify::new());
         let started = Instant::now();
@@ -95,7 +79,7 @@ fn vnf_core_client(client: &Netns, state: &StateDir) -> f64 {
                 side: Side::Left,
                 index,
                 name: "eth0".into(),
-                mac: mac.try_into().unwrap(),
+                mac,
                 mtu: 1500,
                 table: 254,
                 state_dir: state.path().to_path_buf(),
