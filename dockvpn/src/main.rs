@@ -1,6 +1,6 @@
 //! Dockvpn: the SSL VPN service instance. It routes in global mode: `main` holds the default
-//! via the right gateway and the left-side networks via the left gateway; the OpenVPN
-//! server and the DHCP-learned routes arrive in later releases.
+//! via the right gateway and the left-side networks via the left gateway, configured or
+//! learned by DHCP (`--dhcp left`); the OpenVPN server arrives in a later release.
 
 use std::process::ExitCode;
 use std::time::Instant;
