@@ -16,6 +16,7 @@ use nftables::stmt::{AnonymousCounter, Counter, Statement};
 use nftables::types::NfFamily;
 use serde::Serialize;
 use serde_json::Value;
+use tracing::debug;
 
 use super::compile::{Compiled, TABLE};
 use crate::error::{Error, Result};
@@ -171,7 +172,10 @@ pub fn incremental_batch<'a>(
     if headers(old) != headers(new) {
         return Ok(None);
     }
-    let mut batch = Vec::new();
+    // First: fails the whole transaction unless the kernel holds the old compile.
+    let mut batch = vec![NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
+        plain_chain(&format!("{MARKER_PREFIX}{}", old.fingerprint)),
+    )))];
     for (name, set) in &new.sets {
         match old.sets.get(name) {
             None => batch.push(add(NfListObject::Set(Box::new(set.clone())))),
@@ -237,9 +241,6 @@ pub fn incremental_batch<'a>(
             ))));
         }
     }
-    batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
-        plain_chain(&format!("{MARKER_PREFIX}{}", old.fingerprint)),
-    ))));
     batch.push(add(NfListObject::Chain(plain_chain(&format!(
         "{MARKER_PREFIX}{}",
         new.fingerprint
@@ -361,26 +362,30 @@ pub fn kernel_fingerprint() -> Result<Option<String>> {
 
 /// Applies `new`, as a difference from `old` when the kernel provably holds `old`.
 pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
-    let started = std::time::Instant::now();
-    let in_kernel = kernel_fingerprint()?;
-    let new_fingerprint = &new.fingerprint;
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "fingerprints"
-    );
-    if in_kernel.as_deref() == Some(new_fingerprint.as_str()) {
-        return Ok(ApplyKind::Unchanged);
-    }
-    if let Some(old) = old.filter(|old| in_kernel.as_ref() == Some(&old.fingerprint)) {
-        if let Some(batch) = incremental_batch(old, new, &chain_counters)? {
-            tracing::debug!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "difference computed"
-            );
-            nft(&["-j", "-f", "-"], Some(&render(batch)?))?;
-            return Ok(ApplyKind::Incremental);
+    match old {
+        // An edit: the difference goes out with the old marker's deletion as its first step,
+        // so it applies only if the kernel holds exactly the old compile (the transaction
+        // fails whole otherwise), without a separate listing.
+        Some(old) if old.fingerprint == new.fingerprint => Ok(ApplyKind::Unchanged),
+        Some(old) => {
+            if let Some(batch) = incremental_batch(old, new, &chain_counters)? {
+                match nft(&["-j", "-f", "-"], Some(&render(batch)?)) {
+                    Ok(_) => return Ok(ApplyKind::Incremental),
+                    Err(error) => debug!(%error, "difference not applicable; replacing the table"),
+                }
+            }
+            replace(new)
         }
+        // A (re)start or a side change: keep the table when it already holds this compile, so
+        // its counters survive.
+        None if kernel_fingerprint()?.as_ref() == Some(&new.fingerprint) => {
+            Ok(ApplyKind::Unchanged)
+        }
+        None => replace(new),
     }
+}
+
+fn replace(new: &Compiled) -> Result<ApplyKind> {
     nft(&["-j", "-f", "-"], Some(&render(full_batch(new))?))?;
     Ok(ApplyKind::Full)
 }
