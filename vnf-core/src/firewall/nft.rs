@@ -97,6 +97,53 @@ fn element_value(element: &Expression<'static>) -> Expression<'static> {
     }
 }
 
+/// The elements only in `before` and only in `after`. An edit usually inserts or removes a
+/// few elements and keeps the order of the rest: a linear walk finds that; anything else is
+/// matched by the rule comment every element carries.
+fn element_difference<'a>(
+    before: &'a [Expression<'static>],
+    after: &'a [Expression<'static>],
+) -> (Vec<&'a Expression<'static>>, Vec<Expression<'static>>) {
+    if let Some(added) = inserted(before, after) {
+        return (Vec::new(), added.into_iter().cloned().collect());
+    }
+    if let Some(removed) = inserted(after, before) {
+        return (removed, Vec::new());
+    }
+    let by_comment =
+        |list: &'a [Expression<'static>]| -> HashMap<&'a str, &'a Expression<'static>> {
+            list.iter().map(|e| (element_comment(e), e)).collect()
+        };
+    let (before_map, after_map) = (by_comment(before), by_comment(after));
+    let removed = before
+        .iter()
+        .filter(|e| after_map.get(element_comment(e)) != Some(e))
+        .collect();
+    let added = after
+        .iter()
+        .filter(|e| before_map.get(element_comment(e)) != Some(e))
+        .cloned()
+        .collect();
+    (removed, added)
+}
+
+/// When `longer` is `shorter` with elements inserted (order kept), those elements.
+fn inserted<'a>(
+    shorter: &[Expression<'static>],
+    longer: &'a [Expression<'static>],
+) -> Option<Vec<&'a Expression<'static>>> {
+    let mut extra = Vec::new();
+    let mut remaining = shorter.iter().peekable();
+    for element in longer {
+        if remaining.peek() == Some(&element) {
+            remaining.next();
+        } else {
+            extra.push(element);
+        }
+    }
+    remaining.peek().is_none().then_some(extra)
+}
+
 fn element_comment<'a>(element: &'a Expression<'static>) -> &'a str {
     match element {
         Expression::Named(NamedExpression::Elem(elem)) => {
@@ -180,33 +227,13 @@ pub fn incremental_batch<'a>(
         match old.sets.get(name) {
             None => batch.push(add(NfListObject::Set(Box::new(set.clone())))),
             Some(previous) => {
-                let same_header = Set {
-                    elem: None,
-                    ..previous.clone()
-                } == Set {
-                    elem: None,
-                    ..set.clone()
-                };
+                // The compiler sets only these; elements are compared below.
+                let same_header = previous.set_type == set.set_type && previous.flags == set.flags;
                 if !same_header {
                     return Ok(None);
                 }
-                let (before, after) = (elements(previous), elements(set));
-                // Every element carries its rule's comment; compare by it, not pairwise.
-                let by_comment =
-                    |list: &'a [Expression<'static>]| -> HashMap<&'a str, &'a Expression<'static>> {
-                        list.iter().map(|e| (element_comment(e), e)).collect()
-                    };
-                let (before_map, after_map) = (by_comment(before), by_comment(after));
-                let removed: Vec<_> = before
-                    .iter()
-                    .filter(|e| after_map.get(element_comment(e)) != Some(e))
-                    .map(element_value)
-                    .collect();
-                let added: Vec<_> = after
-                    .iter()
-                    .filter(|e| before_map.get(element_comment(e)) != Some(e))
-                    .cloned()
-                    .collect();
+                let (removed, added) = element_difference(elements(previous), elements(set));
+                let removed: Vec<_> = removed.into_iter().map(element_value).collect();
                 if !removed.is_empty() {
                     batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Element(
                         element_batch(set, removed),
@@ -233,10 +260,14 @@ pub fn incremental_batch<'a>(
     }
     for (name, set) in &old.sets {
         if !new.sets.contains_key(name) {
+            // Naming the set is enough; its elements need not travel (nor be copied).
             batch.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(
                 Box::new(Set {
-                    elem: None,
-                    ..set.clone()
+                    family: NfFamily::INet,
+                    table: TABLE.into(),
+                    name: set.name.clone(),
+                    set_type: set.set_type.clone(),
+                    ..Set::default()
                 }),
             ))));
         }
@@ -368,8 +399,15 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
         // fails whole otherwise), without a separate listing.
         Some(old) if old.fingerprint == new.fingerprint => Ok(ApplyKind::Unchanged),
         Some(old) => {
+            let started = std::time::Instant::now();
             if let Some(batch) = incremental_batch(old, new, &chain_counters)? {
-                match nft(&["-j", "-f", "-"], Some(&render(batch)?)) {
+                let text = render(batch)?;
+                debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    bytes = text.len(),
+                    "difference rendered"
+                );
+                match nft(&["-j", "-f", "-"], Some(&text)) {
                     Ok(_) => return Ok(ApplyKind::Incremental),
                     Err(error) => debug!(%error, "difference not applicable; replacing the table"),
                 }
