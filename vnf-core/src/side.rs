@@ -264,7 +264,7 @@ impl Interface {
 }
 
 /// A side whose interface is up and addressed: ready to route.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ReadySide {
     pub side: Side,
     pub index: u32,

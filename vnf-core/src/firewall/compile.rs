@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -83,36 +84,32 @@ pub struct Compiled {
 /// Bump when the compiler's output for the same input changes.
 const COMPILER_REVISION: u32 = 3;
 
-/// A 64-bit FNV-1a hash written to as a stream.
+/// A 64-bit FNV-1a hasher: deterministic across runs, unlike std's randomly keyed SipHash.
 struct Fnv(u64);
 
-impl std::io::Write for Fnv {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
-        Ok(bytes.len())
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
 fn fingerprint(rule_set: &RuleSet, sides: Sides<'_>) -> String {
     let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
-    // Serializing plain data into a hasher cannot fail.
-    let _ = serde_json::to_writer(
-        &mut hash,
-        &(
-            rule_set,
-            sides.left,
-            sides.right,
-            COMPILER_REVISION,
-            env!("CARGO_PKG_VERSION"),
-        ),
-    );
-    format!("{:016x}", hash.0)
+    (
+        rule_set,
+        sides.left,
+        sides.right,
+        COMPILER_REVISION,
+        env!("CARGO_PKG_VERSION"),
+    )
+        .hash(&mut hash);
+    format!("{:016x}", hash.finish())
 }
 
 pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {

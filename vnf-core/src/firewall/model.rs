@@ -15,7 +15,7 @@ use crate::side::Side;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// The whole firewall configuration of one SI.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSet {
     pub version: u32,
@@ -48,7 +48,7 @@ impl Default for RuleSet {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// The SI forwards with no configuration, as a router would.
@@ -58,7 +58,7 @@ pub enum Policy {
 }
 
 /// One filter rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Stable across edits; `delete --id` and counters use it.
@@ -361,7 +361,7 @@ impl From<Rate> for String {
 }
 
 /// A NAT rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatRule {
     pub id: u64,
@@ -370,7 +370,7 @@ pub struct NatRule {
     pub comment: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum NatKind {
     /// Rewrite the source to the SI's address on the `out` side.
