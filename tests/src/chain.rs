@@ -140,3 +140,27 @@ fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_add
     a.ip(&["link", "set", a_name, "up"]);
     b.ip(&["link", "set", b_name, "up"]);
 }
+
+/// A DHCP client's view: `client` with an unaddressed `eth0`, wired to `router`'s `lan`
+/// at 10.0.1.1/24, both up.
+pub fn client_and_router() -> (Netns, Netns) {
+    require_chain_tools();
+    let (client, router) = (Netns::new("dc"), Netns::new("dr"));
+    client.ip(&[
+        "link",
+        "add",
+        "name",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lan",
+        "netns",
+        router.name(),
+    ]);
+    client.ip(&["link", "set", "eth0", "up"]);
+    router.ip(&["addr", "add", "10.0.1.1/24", "dev", "lan"]);
+    router.ip(&["link", "set", "lan", "up"]);
+    (client, router)
+}

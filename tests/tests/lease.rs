@@ -18,26 +18,9 @@ fn learned(routes: &[(&str, &str)]) -> Vec<LearnedRoute> {
 
 /// A client namespace whose eth0 faces a router at 10.0.1.1 that also answers 10.9.9.1.
 fn client_and_router() -> (Netns, Netns, u32) {
-    docknfv_tests::prereq::require_chain_tools();
-    let (client, router) = (Netns::new("dc"), Netns::new("dr"));
-    client.ip(&[
-        "link",
-        "add",
-        "name",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "lan",
-        "netns",
-        router.name(),
-    ]);
-    client.ip(&["link", "set", "eth0", "up"]);
-    router.ip(&["addr", "add", "10.0.1.1/24", "dev", "lan"]);
+    let (client, router) = docknfv_tests::chain::client_and_router();
     router.ip(&["addr", "add", "10.9.9.1/32", "dev", "lan"]);
     router.ip(&["addr", "add", "192.168.10.1/24", "dev", "lo"]);
-    router.ip(&["link", "set", "lan", "up"]);
     router.ip(&[
         "route",
         "add",

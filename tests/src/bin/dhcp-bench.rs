@@ -7,10 +7,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use docknfv_tests::chain::client_and_router;
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::measure::median;
-use docknfv_tests::prereq::{require_chain_tools, require_command};
+use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Netns, Vnf};
 use tokio::sync::Notify;
 use vnf_core::dhcp::driver::{DhcpInterface, DhcpTask};
@@ -28,24 +29,7 @@ while [ $# -ge 2 ]; do ip route add "$1" via "$2" dev "$interface"; shift 2; don
 "#;
 
 fn client_and_server() -> (Netns, Netns, Dnsmasq) {
-    require_chain_tools();
-    let (client, server) = (Netns::new("bc"), Netns::new("bs"));
-    client.ip(&[
-        "link",
-        "add",
-        "name",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "lan",
-        "netns",
-        server.name(),
-    ]);
-    client.ip(&["link", "set", "eth0", "up"]);
-    server.ip(&["addr", "add", "10.0.1.1/24", "dev", "lan"]);
-    server.ip(&["link", "set", "lan", "up"]);
+    let (client, server) = client_and_router();
     let dnsmasq = Dnsmasq::start(
         &server,
         "lan",
