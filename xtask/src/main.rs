@@ -23,7 +23,7 @@ commands:
   demo    build, bring up a namespace service chain, run `dockwall run` as the SI,
           show traffic crossing it, tear down
   test    fmt check, clippy -D warnings, and every test (unit + namespace end-to-end)
-  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 4 minutes)
+  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 7 minutes)
   deps    only install the Debian packages
 
 All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
