@@ -1,28 +1,49 @@
-//! Dockvpn: the SSL VPN service instance. It routes in global mode: `main` holds the default
-//! via the right gateway and the left-side networks via the left gateway, configured or
-//! learned by DHCP (`--dhcp left`); the OpenVPN server arrives in a later release.
+//! Dockvpn: the SSL VPN service instance. Remote users connect with the stock OpenVPN client
+//! (UDP); Dockvpn pushes them exactly the networks behind its left side — configured with
+//! --left-route or learned by DHCP option 121 (`--dhcp left`) — and forwards their traffic
+//! there. The SI routes in global mode: `main` holds the default via the right gateway and
+//! the left networks via the left gateway.
 
+mod masquerade;
+mod openvpn;
+mod pki;
+mod vpn;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
-use vnf_core::cli::{execute, print_status, shutdown_signal, LogArgs, SideArgs, SELECTOR_HELP};
+use tokio::sync::watch;
+use tracing::{error, info};
+use vnf_core::cli::{execute, shutdown_signal, LogArgs, SideArgs, SELECTOR_HELP};
+use vnf_core::lease::LearnedRoute;
 use vnf_core::routing::{RoutingConfig, RoutingMode};
-use vnf_core::runtime::NoObserver;
+use vnf_core::runtime::{OnExit, SidesObserver};
+use vnf_core::side::{Assignment, Side};
+use vnf_core::{Error, Result};
+
+use openvpn::data::Cipher;
+use openvpn::server::EngineConfig;
+use pki::Pki;
+
+const DEFAULT_PORT: u16 = 1194;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "dockvpn",
     version,
-    about = "Dockvpn: container-native SSL VPN VNF giving remote users the networks behind its left side",
+    about = "Dockvpn: container-native SSL VPN VNF giving remote OpenVPN clients the networks behind its left side",
     after_help = SELECTOR_HELP
 )]
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
 
-    /// Where Dockvpn keeps its state (DHCP leases now; PKI and clients later; a volume in the image)
+    /// Where Dockvpn keeps its PKI, clients, DHCP leases and status (a volume in the image)
     #[arg(
         long,
         global = true,
@@ -31,6 +52,16 @@ struct Cli {
         value_name = "DIR"
     )]
     state_dir: std::path::PathBuf,
+
+    /// The VPN address pool; the server takes its first address, clients the next ones
+    #[arg(
+        long,
+        global = true,
+        env = "DOCKVPN_POOL",
+        default_value = "10.8.0.0/24",
+        value_name = "CIDR"
+    )]
+    pool: Ipv4Net,
 
     #[command(flatten)]
     sides: SideArgs,
@@ -44,8 +75,8 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct LeftRoutes {
-    /// A network behind the left gateway, routed there and (later) pushed to VPN clients;
-    /// repeat the flag, or comma-separate in the env var
+    /// A network behind the left gateway, routed there and pushed to VPN clients; repeat
+    /// the flag, or comma-separate in the env var
     #[arg(
         long = "left-route",
         global = true,
@@ -65,21 +96,126 @@ impl LeftRoutes {
     }
 }
 
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// UDP address the OpenVPN server listens on
+    #[arg(long, env = "DOCKVPN_LISTEN", default_value = "0.0.0.0:1194", value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+
+    /// Data-channel ciphers in order of preference (colon-separated)
+    #[arg(
+        long,
+        env = "DOCKVPN_DATA_CIPHERS",
+        default_value = "AES-256-GCM:AES-128-GCM",
+        value_name = "LIST",
+        value_parser = parse_ciphers
+    )]
+    data_ciphers: CipherList,
+
+    /// Also send clients' default route through the VPN (`redirect-gateway def1`)
+    #[arg(long, env = "DOCKVPN_REDIRECT_GATEWAY")]
+    redirect_gateway: bool,
+
+    /// Masquerade client traffic out of the left side; turn off when the left networks
+    /// route the pool back to the SI
+    #[arg(
+        long,
+        env = "DOCKVPN_MASQUERADE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    masquerade: bool,
+
+    /// Keepalive interval pushed to clients and used by the server (seconds)
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    ping: u64,
+
+    /// A client silent this long is disconnected (seconds)
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    ping_restart: u64,
+
+    /// Name of the tun device
+    #[arg(long, default_value = "dockvpn0", value_name = "NAME")]
+    tun: String,
+
+    /// Most clients connected (or connecting) at once
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_clients: usize,
+}
+
+#[derive(Debug, Clone)]
+struct CipherList(Vec<Cipher>);
+
+fn parse_ciphers(text: &str) -> std::result::Result<CipherList, String> {
+    let ciphers = text
+        .split(':')
+        .map(|name| {
+            Cipher::from_name(name).ok_or_else(|| {
+                format!("unknown data cipher {name:?}; supported: AES-256-GCM, AES-128-GCM")
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(CipherList(ciphers))
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Find the sides and route in global mode until SIGTERM/SIGINT.
+    /// Find the sides, route in global mode, and serve OpenVPN clients until SIGTERM/SIGINT.
     ///
-    /// In `main`: the default route via the right gateway (replacing a default Docker set
-    /// via the first network; restored on exit) and each --left-route via the left gateway;
-    /// routes carry protocol 245. Sets net.ipv4.ip_forward=1 and rp_filter=2 (loose). On exit
-    /// the routes are removed (see --on-exit); sysctls stay.
-    Run,
-    /// Show the sides and the installed routing; exits 1 unless converged.
+    /// Creates the PKI on first start. Pushes to each client its fixed address, the
+    /// --left-route networks and those learned by DHCP on the left (at connect time), and
+    /// masquerades their traffic out of the left side unless --masquerade false.
+    Run(ServeArgs),
+    /// Show the sides, the routing, and the VPN server (clients, bytes, routes pushed);
+    /// exits 1 unless routing is converged.
     Status {
         /// Print JSON for scripts
         #[arg(long)]
         json: bool,
     },
+    /// The certificate authority
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// VPN users: certificates, addresses and ready profiles
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Create the CA and the server certificate
+    Init {
+        /// Replace an existing PKI (every profile issued so far stops working)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCommand {
+    /// Issue a client certificate and give it a fixed VPN address
+    Add {
+        name: String,
+        /// A specific address in the pool [default: the next free one]
+        #[arg(long)]
+        address: Option<Ipv4Addr>,
+    },
+    /// Print the client's ready inline .ovpn profile
+    Config {
+        name: String,
+        /// What the client connects to [default: the SI's right-side address and the
+        /// running server's port]
+        #[arg(long, value_name = "HOST[:PORT]")]
+        remote: Option<String>,
+    },
+    /// List the clients and their addresses
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a client (it is disconnected and cannot connect again)
+    Remove { name: String },
 }
 
 fn main() -> ExitCode {
@@ -87,22 +223,259 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init();
     execute("dockvpn", || async move {
-        match cli.command {
-            Command::Run => {
-                let config = cli
-                    .sides
-                    .runtime_config(cli.routes.routing_config(), &cli.state_dir);
-                vnf_core::runtime::run(config, started, shutdown_signal(), &mut NoObserver).await?;
+        let pki = Pki::new(&cli.state_dir);
+        match &cli.command {
+            Command::Run(serve) => run(&cli, serve, started).await,
+            Command::Status { json } => status(&cli, *json).await,
+            Command::Pki(PkiCommand::Init { force }) => {
+                pki.init(*force)?;
+                println!("PKI created in {}", cli.state_dir.join("pki").display());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Status { json } => {
-                print_status(
-                    &cli.sides
-                        .runtime_config(cli.routes.routing_config(), &cli.state_dir),
-                    json,
-                )
-                .await
+            Command::Client(ClientCommand::Add { name, address }) => {
+                let record = pki.add_client(name, cli.pool, *address)?;
+                println!(
+                    "client {} added with address {}; `dockvpn client config {}` prints its profile",
+                    record.name, record.address, record.name
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Config { name, remote }) => {
+                let (host, port) = match remote {
+                    Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
+                    None => (right_address(&cli).await?.to_string(), running_port(&cli.state_dir)),
+                };
+                print!("{}", pki.profile(name, &host, port)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::List { json }) => {
+                let clients = pki.clients()?;
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&clients).expect("serializes"));
+                } else if clients.is_empty() {
+                    println!("no clients; add one with `dockvpn client add NAME`");
+                } else {
+                    println!("{:<24} ADDRESS", "NAME");
+                    for client in clients {
+                        println!("{:<24} {}", client.name, client.address);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Remove { name }) => {
+                pki.remove_client(name)?;
+                println!("client {name} removed");
+                Ok(ExitCode::SUCCESS)
             }
         }
     })
+}
+
+async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode> {
+    let pki = Pki::new(&cli.state_dir);
+    if pki.ensure()? {
+        info!(dir = %cli.state_dir.join("pki").display(), "PKI created");
+    }
+    if cli.pool.prefix_len() > 30 {
+        return Err(Error::invalid("--pool", cli.pool, "needs room for the server and at least one client: use /30 or larger"));
+    }
+    let engine = EngineConfig {
+        tls: pki.server_tls_config()?,
+        pool: cli.pool.trunc(),
+        ciphers: serve.data_ciphers.0.clone(),
+        ping: Duration::from_secs(serve.ping.max(1)),
+        ping_restart: Duration::from_secs(serve.ping_restart.max(serve.ping + 1)),
+        handshake_window: Duration::from_secs(60),
+        redirect_gateway: serve.redirect_gateway,
+        max_clients: serve.max_clients,
+        max_handshaking: 64.min(serve.max_clients),
+    };
+    let static_routes: BTreeSet<Ipv4Net> = cli.routes.left_routes.iter().map(Ipv4Net::trunc).collect();
+    let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut observer = VpnObserver {
+        static_routes,
+        routes: routes_tx,
+        pool: engine.pool,
+        masquerade: serve.masquerade,
+        masquerading: None,
+    };
+    let config = vpn::VpnConfig {
+        listen: serve.listen,
+        tun_name: serve.tun.clone(),
+        engine,
+        state_dir: cli.state_dir.clone(),
+    };
+    let failed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let vpn_task = tokio::spawn({
+        let failed = failed.clone();
+        async move {
+            let outcome = vpn::serve(config, routes_rx, stop_rx).await;
+            if outcome.is_err() {
+                failed.notify_one();
+            }
+            outcome
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = failed.notified() => {}
+        }
+        let _ = stop_tx.send(true);
+    };
+    let runtime_config = cli.sides.runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
+    let vpn_outcome = vpn_task
+        .await
+        .unwrap_or_else(|error| Err(Error::Vnf(format!("VPN task: {error}"))));
+    outcome?;
+    vpn_outcome?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Feeds the VPN server with the routes to push and keeps masquerade on the left interface.
+struct VpnObserver {
+    static_routes: BTreeSet<Ipv4Net>,
+    routes: watch::Sender<BTreeSet<Ipv4Net>>,
+    pool: Ipv4Net,
+    masquerade: bool,
+    /// The interface masquerade is installed on.
+    masquerading: Option<String>,
+}
+
+impl SidesObserver for VpnObserver {
+    fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
+        if !self.masquerade {
+            return Ok(());
+        }
+        let left = assignment.ready(Side::Left).map(|r| r.name.clone());
+        if left != self.masquerading {
+            if let Some(interface) = &left {
+                masquerade::apply(interface, self.pool)?;
+                info!(%interface, pool = %self.pool, "masquerading VPN clients out of the left side");
+            }
+            self.masquerading = left;
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self, on_exit: OnExit) -> Result<()> {
+        if on_exit == OnExit::Remove && self.masquerading.take().is_some() {
+            masquerade::remove()?;
+        }
+        Ok(())
+    }
+
+    fn left_routes_learned(&mut self, routes: &[LearnedRoute]) {
+        let mut pushed = self.static_routes.clone();
+        pushed.extend(
+            routes
+                .iter()
+                .map(|r| r.destination.trunc())
+                .filter(|d| d.prefix_len() > 0),
+        );
+        self.routes.send_if_modified(|current| {
+            let changed = *current != pushed;
+            *current = pushed;
+            changed
+        });
+    }
+}
+
+fn parse_remote(remote: &str, default_port: u16) -> Result<(String, u16)> {
+    match remote.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port.parse().map_err(|_| {
+                Error::invalid("--remote", remote, "the port after ':' must be a number 1-65535")
+            })?;
+            Ok((host.to_owned(), port))
+        }
+        None if !remote.is_empty() => Ok((remote.to_owned(), default_port)),
+        None => Err(Error::invalid("--remote", remote, "give HOST or HOST:PORT")),
+    }
+}
+
+/// The running server's port, from its status file; the default otherwise.
+fn running_port(state_dir: &Path) -> u16 {
+    std::fs::read_to_string(vpn::status_path(state_dir))
+        .ok()
+        .and_then(|text| serde_json::from_str::<vpn::VpnStatus>(&text).ok())
+        .map_or(DEFAULT_PORT, |status| status.listen.port())
+}
+
+async fn right_address(cli: &Cli) -> Result<Ipv4Addr> {
+    let kernel = vnf_core::kernel::Kernel::connect()?;
+    let interfaces = kernel.interfaces().await?;
+    let assignment = vnf_core::side::assign(&cli.sides.selectors(), &interfaces)?;
+    assignment
+        .ready(Side::Right)
+        .map(|ready| ready.address.addr())
+        .ok_or_else(|| {
+            Error::Vnf("the right side has no address yet, so the profile has no default remote; pass --remote HOST[:PORT]".into())
+        })
+}
+
+async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
+    let config = cli.sides.runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let routing = vnf_core::status::collect(&config).await?;
+    let vpn = read_vpn_status(&cli.state_dir);
+    if json {
+        let value = serde_json::json!({ "routing": routing, "vpn": vpn });
+        println!("{}", serde_json::to_string_pretty(&value).expect("serializes"));
+    } else {
+        print!("{}", routing.render());
+        match &vpn {
+            Some(vpn) => print!("{}", render_vpn(vpn)),
+            None => println!("VPN server: not running"),
+        }
+    }
+    Ok(if routing.converged && vpn.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The status file of a running server; None when absent or its process is gone.
+fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
+    let text = std::fs::read_to_string(vpn::status_path(state_dir)).ok()?;
+    let status: vpn::VpnStatus = match serde_json::from_str(&text) {
+        Ok(status) => status,
+        Err(error) => {
+            error!(%error, "status.json unreadable");
+            return None;
+        }
+    };
+    Path::new(&format!("/proc/{}", status.pid))
+        .exists()
+        .then_some(status)
+}
+
+fn render_vpn(vpn: &vpn::VpnStatus) -> String {
+    let mut out = format!(
+        "VPN server: udp {} tun {} pool {} (server {})\n  routes pushed: {}{}\n  clients connected: {}\n",
+        vpn.listen,
+        vpn.tun,
+        vpn.pool,
+        vpn.server_address,
+        if vpn.routes_pushed.is_empty() {
+            "none".to_owned()
+        } else {
+            vpn.routes_pushed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        },
+        if vpn.redirect_gateway { " + default (redirect-gateway)" } else { "" },
+        vpn.clients.len()
+    );
+    for client in &vpn.clients {
+        let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
+        out.push_str(&format!(
+            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s\n",
+            client.name, client.address, client.peer, client.cipher, client.bytes_in, client.bytes_out, since
+        ));
+    }
+    if vpn.dropped.total() > 0 {
+        out.push_str(&format!("  dropped input: {:?}\n", vpn.dropped));
+    }
+    out
 }

@@ -8,6 +8,7 @@ pub mod dnsmasq;
 pub mod dockwall;
 pub mod measure;
 pub mod netns;
+pub mod openvpn;
 pub mod prereq;
 pub mod traffic;
 pub mod vnf;

@@ -94,7 +94,27 @@ impl Vnf {
         Vnf::spawn(command)
     }
 
-    fn spawn(mut command: Command) -> Vnf {
+    /// The state directory the VNF uses, for its CLI subcommands run beside it.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    /// Runs `binary ARGS` (a CLI subcommand) in `ns` against this VNF's state directory.
+    pub fn cli(&self, ns: &Netns, binary_name: &str, args: &[&str]) -> std::process::Output {
+        let mut command = ns.command(binary(binary_name).to_str().expect("utf-8 path"));
+        command
+            .args(args)
+            .env("DOCKWALL_STATE_DIR", &self.state_dir)
+            .env("DOCKVPN_STATE_DIR", &self.state_dir)
+            .env_remove("VNF_LEFT")
+            .env_remove("VNF_RIGHT");
+        command
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+    }
+
+    /// Starts any program (not only a VNF) with its stderr captured like a VNF's log.
+    pub fn spawn(mut command: Command) -> Vnf {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let state_dir = std::env::temp_dir().join(format!(
             "vnf-state-{}-{}",

@@ -68,6 +68,10 @@ pub enum Error {
     #[error("kernel state differs from the desired state after applying: {0}")]
     Verify(String),
 
+    /// A VNF-specific failure whose message already names the cause and the fix.
+    #[error("{0}")]
+    Vnf(String),
+
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -15,6 +15,7 @@ use crate::dhcp::client::Lease;
 use crate::dhcp::driver::{lease_gateway, DhcpInterface, DhcpTask};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
+use crate::lease::LearnedRoute;
 use crate::routing::{desired_state, Reconciler, RoutingConfig, RoutingMode, MAIN_TABLE};
 use crate::side::{assign, Assignment, Interface, Side, SideSelectors};
 use crate::sysctl::Sysctls;
@@ -60,6 +61,9 @@ pub struct DhcpConfig {
 pub trait SidesObserver {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()>;
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()>;
+    /// The routes the left side's DHCP lease carries now (empty without a lease): Dockvpn
+    /// pushes them to its clients.
+    fn left_routes_learned(&mut self, _routes: &[LearnedRoute]) {}
 }
 
 /// For VNFs with nothing to do on side changes.
@@ -82,6 +86,8 @@ struct Runtime<'o> {
     dhcp_changed: Arc<Notify>,
     /// Whether the observer has seen the current assignment.
     observed: bool,
+    /// The left lease's routes as last told to the observer.
+    observed_left_routes: Option<Vec<LearnedRoute>>,
     config: RuntimeConfig,
     kernel: Kernel,
     reconciler: Reconciler,
@@ -110,6 +116,7 @@ pub async fn run(
         dhcp_tasks: Vec::new(),
         dhcp_changed: Arc::new(Notify::new()),
         observed: false,
+        observed_left_routes: None,
         reconciler: Reconciler::new(kernel.clone()),
         kernel,
         sysctls: Sysctls::default(),
@@ -235,6 +242,7 @@ impl Runtime<'_> {
             self.observed = true;
         }
         self.ensure_dhcp_clients();
+        self.tell_left_routes();
 
         let routed: Vec<&str> = [Side::Left, Side::Right]
             .iter()
@@ -299,6 +307,20 @@ impl Runtime<'_> {
                 },
                 self.dhcp_changed.clone(),
             ));
+        }
+    }
+
+    fn tell_left_routes(&mut self) {
+        let routes: Vec<LearnedRoute> = self
+            .dhcp_tasks
+            .iter()
+            .filter(|t| t.side == Side::Left)
+            .filter_map(|t| t.lease())
+            .flat_map(|lease| lease.routes)
+            .collect();
+        if self.observed_left_routes.as_ref() != Some(&routes) {
+            self.observer.left_routes_learned(&routes);
+            self.observed_left_routes = Some(routes);
         }
     }
 

@@ -15,6 +15,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "isc-dhcp-client",
     "busybox",
     "nftables",
+    "openvpn",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

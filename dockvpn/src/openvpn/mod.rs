@@ -1,0 +1,9 @@
+//! An OpenVPN-protocol server (UDP, TLS mode, no tls-auth) as a sans-IO engine: `server::Server`
+//! is fed datagrams, tun packets and time and returns datagrams, tun packets and events.
+
+pub mod data;
+pub mod keymethod;
+pub mod packet;
+pub mod reliable;
+pub mod server;
+pub mod session;

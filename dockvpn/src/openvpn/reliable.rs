@@ -1,0 +1,275 @@
+//! The control channel's reliability layer: every reliable control packet has a message id;
+//! the receiver ACKs each one it accepts (and each duplicate, in case the ACK was lost) and
+//! hands them on in order; the sender keeps a window of unacknowledged packets and resends
+//! them with exponential backoff.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::packet::{Opcode, MAX_ACKS};
+
+/// Unacknowledged packets in flight (OpenVPN's send buffer count).
+pub const SEND_WINDOW: usize = 6;
+/// How far ahead of the next expected id a packet is still buffered.
+pub const RECEIVE_WINDOW: u32 = 12;
+const FIRST_RESEND_AFTER: Duration = Duration::from_secs(1);
+const LONGEST_RESEND_AFTER: Duration = Duration::from_secs(8);
+
+#[derive(Debug)]
+struct InFlight {
+    id: u32,
+    opcode: Opcode,
+    payload: Vec<u8>,
+    /// None until first sent.
+    resend_at: Option<Instant>,
+    backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// New, in the window: buffered for in-order delivery and ACKed.
+    Accepted,
+    /// Already seen: ACKed again, otherwise ignored.
+    Duplicate,
+    /// Too far ahead: dropped without an ACK, the peer will resend.
+    OutOfWindow,
+}
+
+/// One reliable packet ready to go out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub id: u32,
+    pub opcode: Opcode,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+pub struct Reliable {
+    next_send_id: u32,
+    /// Ordered by id; the first SEND_WINDOW entries may be on the wire.
+    unacked: VecDeque<InFlight>,
+    next_receive_id: u32,
+    received: BTreeMap<u32, (Opcode, Vec<u8>)>,
+    pending_acks: Vec<u32>,
+}
+
+impl Reliable {
+    /// Queues a reliable message; it goes out when the send window has room.
+    pub fn send(&mut self, opcode: Opcode, payload: Vec<u8>) {
+        let id = self.next_send_id;
+        self.next_send_id = self.next_send_id.wrapping_add(1);
+        self.unacked.push_back(InFlight {
+            id,
+            opcode,
+            payload,
+            resend_at: None,
+            backoff: FIRST_RESEND_AFTER,
+        });
+    }
+
+    pub fn acknowledged(&mut self, id: u32) {
+        self.unacked.retain(|packet| packet.id != id);
+    }
+
+    pub fn receive(&mut self, id: u32, opcode: Opcode, payload: &[u8]) -> Received {
+        let ahead = id.wrapping_sub(self.next_receive_id);
+        if ahead >= u32::MAX / 2 || self.received.contains_key(&id) {
+            self.schedule_ack(id);
+            return Received::Duplicate;
+        }
+        if ahead >= RECEIVE_WINDOW {
+            return Received::OutOfWindow;
+        }
+        self.received.insert(id, (opcode, payload.to_vec()));
+        self.schedule_ack(id);
+        Received::Accepted
+    }
+
+    fn schedule_ack(&mut self, id: u32) {
+        if !self.pending_acks.contains(&id) {
+            self.pending_acks.push(id);
+        }
+    }
+
+    /// The next message in order, if it has arrived.
+    pub fn deliver(&mut self) -> Option<(Opcode, Vec<u8>)> {
+        let message = self.received.remove(&self.next_receive_id)?;
+        self.next_receive_id = self.next_receive_id.wrapping_add(1);
+        Some(message)
+    }
+
+    /// Up to MAX_ACKS ids to ACK now (piggybacked or in an ACK_V1).
+    pub fn take_acks(&mut self) -> Vec<u32> {
+        let n = self.pending_acks.len().min(MAX_ACKS);
+        self.pending_acks.drain(..n).collect()
+    }
+
+    pub fn has_pending_acks(&self) -> bool {
+        !self.pending_acks.is_empty()
+    }
+
+    /// Packets in the window that were never sent or whose resend time has come.
+    pub fn due(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut due = Vec::new();
+        for packet in self.unacked.iter_mut().take(SEND_WINDOW) {
+            if packet.resend_at.is_some_and(|at| at > now) {
+                continue;
+            }
+            if packet.resend_at.is_some() {
+                packet.backoff = (packet.backoff * 2).min(LONGEST_RESEND_AFTER);
+            }
+            packet.resend_at = Some(now + packet.backoff);
+            due.push(Outgoing {
+                id: packet.id,
+                opcode: packet.opcode,
+                payload: packet.payload.clone(),
+            });
+        }
+        due
+    }
+
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.unacked
+            .iter()
+            .take(SEND_WINDOW)
+            .map(|packet| packet.resend_at)
+            .min()
+            .flatten()
+    }
+
+    /// Nothing unacknowledged.
+    #[cfg(test)]
+    pub fn is_idle(&self) -> bool {
+        self.unacked.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(n: u8) -> Vec<u8> {
+        vec![n; 3]
+    }
+
+    /// Moves every due packet from `from` to `to`, passing each through `wire` (which may drop,
+    /// duplicate or reorder), then returns ACKs. Returns what `to` delivered in order.
+    fn exchange(
+        from: &mut Reliable,
+        to: &mut Reliable,
+        now: Instant,
+        wire: impl Fn(Vec<Outgoing>) -> Vec<Outgoing>,
+    ) -> Vec<Vec<u8>> {
+        for packet in wire(from.due(now)) {
+            to.receive(packet.id, packet.opcode, &packet.payload);
+        }
+        while to.has_pending_acks() {
+            for id in to.take_acks() {
+                from.acknowledged(id);
+            }
+        }
+        std::iter::from_fn(|| to.deliver().map(|(_, payload)| payload)).collect()
+    }
+
+    #[test]
+    fn window_limits_packets_in_flight() {
+        let mut sender = Reliable::default();
+        for n in 0..10 {
+            sender.send(Opcode::ControlV1, message(n));
+        }
+        let now = Instant::now();
+        assert_eq!(sender.due(now).len(), SEND_WINDOW);
+        assert!(sender.due(now).is_empty(), "nothing due before the resend time");
+        sender.acknowledged(0);
+        let next = sender.due(now);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].id, SEND_WINDOW as u32);
+    }
+
+    #[test]
+    fn loss_is_repaired_by_resending_with_backoff() {
+        let mut sender = Reliable::default();
+        let mut receiver = Reliable::default();
+        for n in 0..3 {
+            sender.send(Opcode::ControlV1, message(n));
+        }
+        let start = Instant::now();
+        // The wire drops packet 1 the first time.
+        let delivered = exchange(&mut sender, &mut receiver, start, |packets| {
+            packets.into_iter().filter(|p| p.id != 1).collect()
+        });
+        assert_eq!(delivered, vec![message(0)], "2 waits for 1");
+        assert_eq!(sender.next_timeout(), Some(start + FIRST_RESEND_AFTER));
+        assert!(sender.due(start + Duration::from_millis(500)).is_empty());
+        let delivered = exchange(
+            &mut sender,
+            &mut receiver,
+            start + FIRST_RESEND_AFTER,
+            |p| p,
+        );
+        assert_eq!(delivered, vec![message(1), message(2)]);
+        assert!(sender.is_idle());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut sender = Reliable::default();
+        sender.send(Opcode::ControlV1, message(0));
+        let mut now = Instant::now();
+        let mut gaps = Vec::new();
+        for _ in 0..6 {
+            assert_eq!(sender.due(now).len(), 1);
+            let next = sender.next_timeout().unwrap();
+            gaps.push((next - now).as_secs());
+            now = next;
+        }
+        assert_eq!(gaps, vec![1, 2, 4, 8, 8, 8]);
+    }
+
+    #[test]
+    fn reordering_and_duplicates_deliver_each_message_once_in_order() {
+        let mut sender = Reliable::default();
+        let mut receiver = Reliable::default();
+        for n in 0..5 {
+            sender.send(Opcode::ControlV1, message(n));
+        }
+        let delivered = exchange(&mut sender, &mut receiver, Instant::now(), |mut packets| {
+            packets.reverse();
+            let copies = packets.clone();
+            packets.extend(copies);
+            packets
+        });
+        assert_eq!(delivered, (0..5).map(message).collect::<Vec<_>>());
+        // A late duplicate is ACKed again but not delivered again.
+        assert_eq!(
+            receiver.receive(2, Opcode::ControlV1, &message(2)),
+            Received::Duplicate
+        );
+        assert_eq!(receiver.take_acks(), vec![2]);
+        assert_eq!(receiver.deliver(), None);
+    }
+
+    #[test]
+    fn packets_beyond_the_receive_window_are_dropped_unacked() {
+        let mut receiver = Reliable::default();
+        assert_eq!(
+            receiver.receive(RECEIVE_WINDOW, Opcode::ControlV1, b"x"),
+            Received::OutOfWindow
+        );
+        assert!(!receiver.has_pending_acks());
+        assert_eq!(
+            receiver.receive(RECEIVE_WINDOW - 1, Opcode::ControlV1, b"x"),
+            Received::Accepted
+        );
+    }
+
+    #[test]
+    fn acks_go_out_at_most_eight_at_a_time() {
+        let mut receiver = Reliable::default();
+        for id in 0..RECEIVE_WINDOW {
+            receiver.receive(id, Opcode::ControlV1, b"x");
+        }
+        assert_eq!(receiver.take_acks().len(), MAX_ACKS);
+        assert_eq!(receiver.take_acks().len(), RECEIVE_WINDOW as usize - MAX_ACKS);
+    }
+}

@@ -1,0 +1,625 @@
+//! The multi-client OpenVPN server engine, sans-IO: fed datagrams, tun packets and time; it
+//! queues datagrams to send, packets for tun and events. Clients are found by address for
+//! control packets and by peer id for DATA_V2.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use rand::RngCore;
+use serde::Serialize;
+
+use super::data::{classify, Cipher, DataChannel, DataError, Payload, OCC_EXIT, PING_MAGIC};
+use super::keymethod::{
+    self, PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
+};
+use super::packet::{decode, ControlPacket, Opcode, Packet};
+use super::session::Session;
+
+/// The options string sent in key-method 2; clients only compare it and warn on differences.
+const OPTIONS_STRING: &str =
+    "V4,dev-type tun,link-mtu 1521,tun-mtu 1500,proto UDPv4,auth [null-digest],keysize 256,key-method 2,tls-server";
+/// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
+const MAX_PUSH_MESSAGE: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Clients get addresses from here; the server holds the first host address.
+    pub pool: Ipv4Net,
+    /// In order of preference.
+    pub ciphers: Vec<Cipher>,
+    pub ping: Duration,
+    pub ping_restart: Duration,
+    /// A client that is not connected this long after its first packet is dropped.
+    pub handshake_window: Duration,
+    pub redirect_gateway: bool,
+    pub max_clients: usize,
+    /// Sessions still in the handshake; more HARD_RESETs are dropped.
+    pub max_handshaking: usize,
+}
+
+impl EngineConfig {
+    pub fn server_address(&self) -> Ipv4Addr {
+        self.pool.hosts().next().unwrap_or(self.pool.addr())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Connected {
+        name: String,
+        address: Ipv4Addr,
+        peer: SocketAddr,
+        cipher: Cipher,
+    },
+    Disconnected {
+        name: Option<String>,
+        address: Option<Ipv4Addr>,
+        peer: SocketAddr,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum Output {
+    Transmit { to: SocketAddr, datagram: Vec<u8> },
+    Tun(Vec<u8>),
+    Event(Event),
+}
+
+/// Dropped input, by cause (reported in status and logged rate-limited by the driver).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub malformed: u64,
+    pub unknown_session: u64,
+    pub refused_handshakes: u64,
+    pub unauthenticated_data: u64,
+    pub replayed_data: u64,
+    pub spoofed_source: u64,
+    pub no_client_for_destination: u64,
+}
+
+impl Counters {
+    pub fn total(&self) -> u64 {
+        self.malformed
+            + self.unknown_session
+            + self.refused_handshakes
+            + self.unauthenticated_data
+            + self.replayed_data
+            + self.spoofed_source
+            + self.no_client_for_destination
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientStatus {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub peer: SocketAddr,
+    pub cipher: Cipher,
+    #[serde(skip)]
+    pub connected_at: Instant,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Reads the client registry afresh (a client added a moment ago is not in the cache yet).
+pub type RegistryReader = Box<dyn FnMut() -> Option<HashMap<String, Ipv4Addr>> + Send>;
+
+pub struct Server {
+    config: EngineConfig,
+    read_registry: Option<RegistryReader>,
+    routes: BTreeSet<Ipv4Net>,
+    /// Certificate common name → the client's fixed address.
+    clients: HashMap<String, Ipv4Addr>,
+    sessions: HashMap<SocketAddr, Session>,
+    by_peer_id: HashMap<u32, SocketAddr>,
+    by_address: HashMap<Ipv4Addr, SocketAddr>,
+    next_peer_id: u32,
+    outputs: VecDeque<Output>,
+    pub counters: Counters,
+    pub last_drop: Option<String>,
+}
+
+impl Server {
+    pub fn new(config: EngineConfig) -> Server {
+        Server {
+            config,
+            read_registry: None,
+            routes: BTreeSet::new(),
+            clients: HashMap::new(),
+            sessions: HashMap::new(),
+            by_peer_id: HashMap::new(),
+            by_address: HashMap::new(),
+            next_peer_id: 0,
+            outputs: VecDeque::new(),
+            counters: Counters::default(),
+            last_drop: None,
+        }
+    }
+
+    pub fn set_registry_reader(&mut self, reader: RegistryReader) {
+        self.read_registry = Some(reader);
+    }
+
+    /// The networks pushed to clients that connect from now on.
+    pub fn set_routes(&mut self, routes: BTreeSet<Ipv4Net>) {
+        self.routes = routes;
+    }
+
+    pub fn routes(&self) -> &BTreeSet<Ipv4Net> {
+        &self.routes
+    }
+
+    /// The registered clients; a connected client no longer registered is disconnected.
+    pub fn set_clients(&mut self, clients: HashMap<String, Ipv4Addr>) {
+        self.clients = clients;
+        let removed: Vec<SocketAddr> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_active())
+            .filter(|s| {
+                let name = s.name.as_deref().unwrap_or_default();
+                self.clients.get(name) != s.address.as_ref()
+            })
+            .map(|s| s.peer)
+            .collect();
+        for peer in removed {
+            if let Some(session) = self.sessions.get_mut(&peer) {
+                session.send_text("AUTH_FAILED,client removed");
+                session.close("the client was removed or its address changed");
+            }
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    pub fn connected(&self) -> Vec<ClientStatus> {
+        let mut clients: Vec<ClientStatus> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_active())
+            .filter_map(|s| {
+                Some(ClientStatus {
+                    name: s.name.clone()?,
+                    address: s.address?,
+                    peer: s.peer,
+                    cipher: s.data.as_ref()?.cipher,
+                    connected_at: s.connected_at?,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                })
+            })
+            .collect();
+        clients.sort_by_key(|c| c.address);
+        clients
+    }
+
+    fn drop_input(&mut self, counter: fn(&mut Counters) -> &mut u64, why: String) {
+        *counter(&mut self.counters) += 1;
+        self.last_drop = Some(why);
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let packet = match decode(datagram) {
+            Ok(packet) => packet,
+            Err(error) => {
+                return self.drop_input(|c| &mut c.malformed, format!("from {from}: {error}"))
+            }
+        };
+        match packet {
+            Packet::Control(control) => self.handle_control(now, from, &control),
+            Packet::Data {
+                opcode: Opcode::DataV2,
+                peer_id: Some(peer_id),
+                datagram,
+                ..
+            } => self.handle_data(now, from, peer_id, datagram),
+            Packet::Data { .. } => self.drop_input(
+                |c| &mut c.malformed,
+                format!("from {from}: DATA_V1 (clients get a peer id and send DATA_V2)"),
+            ),
+        }
+        self.flush(now, Some(from));
+    }
+
+    fn handle_control(&mut self, now: Instant, from: SocketAddr, packet: &ControlPacket<'_>) {
+        let known = self.sessions.get(&from).map(|s| s.remote_id);
+        if packet.opcode == Opcode::HardResetClientV2 && known != Some(packet.session_id) {
+            if let Some(old) = self.sessions.get_mut(&from) {
+                old.close("the client started a new session");
+                self.reap(now);
+            }
+            if !self.admit_new_session(now, from, packet) {
+                return;
+            }
+        } else if known != Some(packet.session_id) {
+            let why = format!("from {from}: {:?} for no known session", packet.opcode);
+            return self.drop_input(|c| &mut c.unknown_session, why);
+        }
+        let mut random = [0u8; keymethod::SERVER_RANDOM_LEN];
+        rand::rng().fill_bytes(&mut random);
+        let session = self.sessions.get_mut(&from).expect("admitted above");
+        let requests = session.on_control(packet, now, OPTIONS_STRING, &random);
+        if requests.push {
+            self.push_reply(now, from);
+        }
+    }
+
+    fn admit_new_session(&mut self, now: Instant, from: SocketAddr, packet: &ControlPacket<'_>) -> bool {
+        let handshaking = self.sessions.values().filter(|s| s.data.is_none()).count();
+        if handshaking >= self.config.max_handshaking || self.sessions.len() >= self.config.max_clients {
+            let why = format!(
+                "from {from}: new session refused ({handshaking} handshakes in progress, {} sessions)",
+                self.sessions.len()
+            );
+            self.drop_input(|c| &mut c.refused_handshakes, why);
+            return false;
+        }
+        let mut local_id = [0u8; 8];
+        rand::rng().fill_bytes(&mut local_id);
+        let peer_id = self.allocate_peer_id();
+        match Session::new(self.config.tls.clone(), from, local_id, packet.session_id, peer_id, now) {
+            Ok(session) => {
+                self.sessions.insert(from, session);
+                self.by_peer_id.insert(peer_id, from);
+                true
+            }
+            Err(error) => {
+                self.drop_input(|c| &mut c.refused_handshakes, format!("TLS session: {error}"));
+                false
+            }
+        }
+    }
+
+    fn allocate_peer_id(&mut self) -> u32 {
+        // 24 bits on the wire; 0xFFFFFF means "no peer id".
+        loop {
+            let id = self.next_peer_id;
+            self.next_peer_id = (self.next_peer_id + 1) % 0x00ff_ffff;
+            if !self.by_peer_id.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The client finished key-method 2 and asked for its configuration: pick the cipher,
+    /// derive the keys, send PUSH_REPLY and start the data channel.
+    fn push_reply(&mut self, now: Instant, from: SocketAddr) {
+        let unknown = self.sessions.get(&from).and_then(|s| s.name.as_ref()).is_some_and(|name| !self.clients.contains_key(name));
+        if unknown {
+            if let Some(clients) = self.read_registry.as_mut().and_then(|read| read()) {
+                self.set_clients(clients);
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&from) else {
+            return;
+        };
+        let (Some(name), Some(client)) = (session.name.clone(), session.client.as_ref()) else {
+            return;
+        };
+        let peer_info = &client.peer_info;
+        let admission = admit(&self.clients, &self.config, &name, peer_info);
+        let (address, cipher) = match admission {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                session.send_text(&format!("AUTH_FAILED,{reason}"));
+                session.close(format!("refused {name}: {reason}"));
+                return;
+            }
+        };
+        let cc_exit = peer_info.proto() & IV_PROTO_CC_EXIT_NOTIFY != 0;
+        let material = match session.export_key_material() {
+            Ok(material) => material,
+            Err(error) => return session.close(format!("TLS exporter: {error}")),
+        };
+        session.data = Some(DataChannel::new(cipher, &material, true, 0, session.peer_id));
+        session.address = Some(address);
+        session.connected_at = Some(now);
+        for message in push_messages(&self.config, &self.routes, address, session.peer_id, cipher, cc_exit) {
+            session.send_text(&message);
+        }
+        if let Some(previous) = self.by_address.insert(address, from) {
+            if previous != from {
+                if let Some(old) = self.sessions.get_mut(&previous) {
+                    old.close(format!("{name} connected again from {from}"));
+                }
+            }
+        }
+        self.outputs.push_back(Output::Event(Event::Connected {
+            name,
+            address,
+            peer: from,
+            cipher,
+        }));
+    }
+
+    fn handle_data(&mut self, now: Instant, from: SocketAddr, peer_id: u32, datagram: &[u8]) {
+        let Some(&peer) = self.by_peer_id.get(&peer_id) else {
+            let why = format!("from {from}: data for unknown peer id {peer_id}");
+            return self.drop_input(|c| &mut c.unknown_session, why);
+        };
+        let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
+            let why = format!("from {from}: data before the session is up");
+            return self.drop_input(|c| &mut c.unknown_session, why);
+        };
+        let data = session.data.as_mut().expect("active");
+        let plaintext = match data.open(datagram) {
+            Ok(plaintext) => plaintext,
+            Err(DataError::Replayed(id)) => {
+                let why = format!("from {from}: replayed data packet id {id}");
+                return self.drop_input(|c| &mut c.replayed_data, why);
+            }
+            Err(error) => {
+                let why = format!("from {from}: data packet {error}");
+                return self.drop_input(|c| &mut c.unauthenticated_data, why);
+            }
+        };
+        session.last_received = now;
+        session.bytes_in += datagram.len() as u64;
+        if from != peer {
+            // Authenticated traffic from a new address: the client moved (NAT rebinding).
+            self.float(peer, from);
+        }
+        let session = self.sessions.get_mut(&from).expect("floated");
+        match classify(&plaintext) {
+            Payload::Ping => {}
+            Payload::Occ(OCC_EXIT) => session.close("the client exited"),
+            Payload::Occ(_) => {}
+            Payload::Ip(packet) => {
+                let source = ipv4_source(packet);
+                if source.is_some() && source == session.address {
+                    self.outputs.push_back(Output::Tun(packet.to_vec()));
+                } else {
+                    let why = format!(
+                        "from {from}: packet with source {source:?} from the client at {:?}",
+                        session.address
+                    );
+                    self.drop_input(|c| &mut c.spoofed_source, why);
+                }
+            }
+        }
+    }
+
+    fn float(&mut self, old: SocketAddr, new: SocketAddr) {
+        if self.sessions.contains_key(&new) {
+            return;
+        }
+        let Some(mut session) = self.sessions.remove(&old) else {
+            return;
+        };
+        session.peer = new;
+        self.by_peer_id.insert(session.peer_id, new);
+        if let Some(address) = session.address {
+            self.by_address.insert(address, new);
+        }
+        self.sessions.insert(new, session);
+    }
+
+    /// A packet read from tun, for the client whose address is its destination.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        // IPv6 on tun (router solicitations from the kernel) has nowhere to go yet.
+        let Some(destination) = ipv4_destination(packet) else {
+            return;
+        };
+        let Some(&peer) = self.by_address.get(&destination) else {
+            let why = format!("no client has {destination}");
+            return self.drop_input(|c| &mut c.no_client_for_destination, why);
+        };
+        self.send_data(now, peer, packet);
+    }
+
+    fn send_data(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) {
+        let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
+            return;
+        };
+        match session.data.as_mut().expect("active").seal(payload) {
+            Ok(datagram) => {
+                session.last_sent = now;
+                session.bytes_out += datagram.len() as u64;
+                self.outputs.push_back(Output::Transmit { to: peer, datagram });
+            }
+            Err(error) => session.close(format!("data channel: {error}")),
+        }
+    }
+
+    /// Resends, keepalives, timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut pings = Vec::new();
+        for session in self.sessions.values_mut() {
+            if session.data.is_none() && now >= session.created + self.config.handshake_window {
+                session.close(format!(
+                    "no connection within {} s",
+                    self.config.handshake_window.as_secs()
+                ));
+            } else if session.is_active() {
+                if now >= session.last_received + self.config.ping_restart {
+                    session.close(format!(
+                        "nothing received for {} s (ping-restart)",
+                        self.config.ping_restart.as_secs()
+                    ));
+                } else if now >= session.last_sent + self.config.ping {
+                    pings.push(session.peer);
+                }
+            }
+        }
+        for peer in pings {
+            self.send_data(now, peer, &PING_MAGIC);
+        }
+        self.flush(now, None);
+    }
+
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.sessions
+            .values()
+            .flat_map(|s| {
+                let timer = if s.data.is_none() {
+                    s.created + self.config.handshake_window
+                } else {
+                    (s.last_received + self.config.ping_restart).min(s.last_sent + self.config.ping)
+                };
+                [Some(timer), s.next_control_timeout()]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// Tells every connected client to reconnect later (the server is going away).
+    pub fn shutdown(&mut self, now: Instant) {
+        for session in self.sessions.values_mut() {
+            if session.is_active() {
+                session.send_text("RESTART");
+            }
+            session.close("the server is shutting down");
+        }
+        self.flush(now, None);
+    }
+
+    /// Queues due control packets (for one peer or all), then removes closed sessions.
+    fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
+        for session in self.sessions.values_mut() {
+            if only.is_some_and(|peer| peer != session.peer) {
+                continue;
+            }
+            for datagram in session.control_datagrams(now) {
+                self.outputs.push_back(Output::Transmit {
+                    to: session.peer,
+                    datagram,
+                });
+            }
+        }
+        self.reap(now);
+    }
+
+    fn reap(&mut self, _now: Instant) {
+        let closed: Vec<SocketAddr> = self
+            .sessions
+            .values()
+            .filter(|s| s.closing.is_some())
+            .map(|s| s.peer)
+            .collect();
+        for peer in closed {
+            let session = self.sessions.remove(&peer).expect("listed");
+            self.by_peer_id.remove(&session.peer_id);
+            if let Some(address) = session.address {
+                if self.by_address.get(&address) == Some(&peer) {
+                    self.by_address.remove(&address);
+                }
+            }
+            self.outputs.push_back(Output::Event(Event::Disconnected {
+                name: session.name,
+                address: session.address,
+                peer,
+                reason: session.closing.unwrap_or_default(),
+            }));
+        }
+    }
+}
+
+/// The client's address and data cipher, or why it may not connect.
+fn admit(
+    clients: &HashMap<String, Ipv4Addr>,
+    config: &EngineConfig,
+    name: &str,
+    peer_info: &PeerInfo,
+) -> Result<(Ipv4Addr, Cipher), String> {
+    let address = *clients
+        .get(name)
+        .ok_or_else(|| format!("no client named {name:?} (dockvpn client add {name})"))?;
+    if !config.pool.contains(&address) || address == config.server_address() {
+        return Err(format!(
+            "the address {address} of {name} is outside the pool {}",
+            config.pool
+        ));
+    }
+    let proto = peer_info.proto();
+    if proto & IV_PROTO_TLS_KEY_EXPORT == 0 || proto & IV_PROTO_DATA_V2 == 0 {
+        return Err("the client must support tls-ekm and DATA_V2 (OpenVPN 2.6 or later)".into());
+    }
+    let offered = peer_info.ciphers();
+    let cipher = config
+        .ciphers
+        .iter()
+        .copied()
+        .find(|c| offered.iter().any(|o| o.eq_ignore_ascii_case(c.name())))
+        .ok_or_else(|| {
+            let ours: Vec<&str> = config.ciphers.iter().map(|c| c.name()).collect();
+            format!(
+                "no common data cipher (client offers {}, server allows {})",
+                offered.join(":"),
+                ours.join(":")
+            )
+        })?;
+    Ok((address, cipher))
+}
+
+/// The PUSH_REPLY message(s): one unless the options exceed the bundle size, then several
+/// with `push-continuation 2` on all but the last (`push-continuation 1`).
+pub fn push_messages(
+    config: &EngineConfig,
+    routes: &BTreeSet<Ipv4Net>,
+    address: Ipv4Addr,
+    peer_id: u32,
+    cipher: Cipher,
+    cc_exit: bool,
+) -> Vec<String> {
+    let mut options = vec![
+        format!("route-gateway {}", config.server_address()),
+        "topology subnet".to_owned(),
+        format!("ping {}", config.ping.as_secs()),
+        format!("ping-restart {}", config.ping_restart.as_secs()),
+        format!("ifconfig {address} {}", config.pool.netmask()),
+        format!("peer-id {peer_id}"),
+        format!("cipher {}", cipher.name()),
+        if cc_exit {
+            "protocol-flags cc-exit tls-ekm".to_owned()
+        } else {
+            "key-derivation tls-ekm".to_owned()
+        },
+    ];
+    if config.redirect_gateway {
+        options.push("redirect-gateway def1".to_owned());
+    }
+    options.extend(
+        routes
+            .iter()
+            .filter(|r| r.prefix_len() > 0)
+            .map(|r| format!("route {} {}", r.network(), r.netmask())),
+    );
+    let mut messages = Vec::new();
+    let mut current = String::from("PUSH_REPLY");
+    // Room for ",push-continuation 2".
+    let budget = MAX_PUSH_MESSAGE - 24;
+    for option in options {
+        if current.len() + 1 + option.len() > budget {
+            messages.push(std::mem::replace(&mut current, String::from("PUSH_REPLY")));
+        }
+        current.push(',');
+        current.push_str(&option);
+    }
+    messages.push(current);
+    let last = messages.len() - 1;
+    if last > 0 {
+        for (i, message) in messages.iter_mut().enumerate() {
+            message.push_str(if i == last {
+                ",push-continuation 1"
+            } else {
+                ",push-continuation 2"
+            });
+        }
+    }
+    messages
+}
+
+fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+}
+
+fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
+}

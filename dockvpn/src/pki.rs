@@ -1,0 +1,412 @@
+//! Dockvpn's PKI and client registry, under `<state-dir>/pki`: a CA, the server certificate
+//! (EKU serverAuth, so `remote-cert-tls server` passes), one certificate per client (EKU
+//! clientAuth), and `clients.json` with each client's fixed VPN address. Keys are written
+//! with mode 0600; every change is serialized by a lock and written atomically.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use nix::fcntl::{Flock, FlockArg};
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use vnf_core::{Error, Result};
+
+const CA_NAME: &str = "Dockvpn CA";
+const SERVER_NAME: &str = "dockvpn-server";
+const CA_YEARS: i64 = 10;
+const LEAF_YEARS: i64 = 5;
+
+fn fail(message: impl Into<String>) -> Error {
+    Error::Vnf(message.into())
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+fn cert_error(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
+    move |error| fail(format!("{what}: {error}"))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registry {
+    clients: BTreeMap<String, ClientRecord>,
+}
+
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(state_dir: &Path) -> Pki {
+        Pki {
+            dir: state_dir.join("pki"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn client_path(&self, name: &str, extension: &str) -> PathBuf {
+        self.dir.join("clients").join(format!("{name}.{extension}"))
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path("ca.crt").exists() && self.path("server.crt").exists()
+    }
+
+    /// Holds the PKI lock until dropped.
+    fn lock(&self) -> Result<Flock<File>> {
+        fs::create_dir_all(self.dir.join("clients")).map_err(io(format!(
+            "create {} (is --state-dir writable?)",
+            self.dir.display()
+        )))?;
+        let file = File::create(self.path(".lock")).map_err(io("create the PKI lock file"))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| fail(format!("lock the PKI: {errno}")))
+    }
+
+    /// Creates the CA and server certificate. Refuses to replace an existing PKI unless
+    /// `force` (which makes every issued profile useless).
+    pub fn init(&self, force: bool) -> Result<()> {
+        let _lock = self.lock()?;
+        if self.exists() && !force {
+            return Err(fail(format!(
+                "a PKI already exists in {}; pass --force to replace it (every client profile issued so far stops working)",
+                self.dir.display()
+            )));
+        }
+        let ca_key = KeyPair::generate().map_err(cert_error("generate the CA key"))?;
+        let mut ca = leaf_params(CA_NAME, CA_YEARS)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).map_err(cert_error("sign the CA"))?;
+        let issuer = Issuer::new(ca, ca_key);
+
+        let server_key = KeyPair::generate().map_err(cert_error("generate the server key"))?;
+        let mut server = leaf_params(SERVER_NAME, LEAF_YEARS)?;
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server
+            .signed_by(&server_key, &issuer)
+            .map_err(cert_error("sign the server certificate"))?;
+
+        write_private(&self.path("ca.key"), &issuer.key().serialize_pem())?;
+        write_public(&self.path("ca.crt"), &ca_cert.pem())?;
+        write_private(&self.path("server.key"), &server_key.serialize_pem())?;
+        write_public(&self.path("server.crt"), &server_cert.pem())?;
+        Ok(())
+    }
+
+    /// `run` creates the PKI on first start so a new container works without set-up.
+    pub fn ensure(&self) -> Result<bool> {
+        if self.exists() {
+            return Ok(false);
+        }
+        self.init(false)?;
+        Ok(true)
+    }
+
+    fn require(&self) -> Result<()> {
+        if self.exists() {
+            Ok(())
+        } else {
+            Err(fail(format!(
+                "no PKI in {}; run `dockvpn pki init` first (or start `dockvpn run`, which creates it)",
+                self.dir.display()
+            )))
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<String> {
+        let path = self.path(name);
+        fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))
+    }
+
+    fn load_registry(&self) -> Result<Registry> {
+        let path = self.path("clients.json");
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|error| {
+                fail(format!(
+                    "{} is corrupt ({error}); restore it from a backup — clients cannot be added until it parses",
+                    path.display()
+                ))
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Err(error) => Err(io(format!("read {}", path.display()))(error)),
+        }
+    }
+
+    fn save_registry(&self, registry: &Registry) -> Result<()> {
+        let text = serde_json::to_string_pretty(registry).expect("registry serializes");
+        write_atomically(&self.path("clients.json"), text.as_bytes(), 0o644)
+    }
+
+    pub fn clients(&self) -> Result<Vec<ClientRecord>> {
+        Ok(self.load_registry()?.clients.into_values().collect())
+    }
+
+    /// Issues a certificate for `name` and gives it the next free address in `pool` (or
+    /// `address`).
+    pub fn add_client(
+        &self,
+        name: &str,
+        pool: Ipv4Net,
+        address: Option<Ipv4Addr>,
+    ) -> Result<ClientRecord> {
+        validate_name(name)?;
+        self.require()?;
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        if registry.clients.contains_key(name) {
+            return Err(fail(format!(
+                "client {name:?} exists; `dockvpn client config {name}` prints its profile, `dockvpn client remove {name}` removes it"
+            )));
+        }
+        let taken: Vec<Ipv4Addr> = registry.clients.values().map(|c| c.address).collect();
+        let server_address = pool.hosts().next();
+        let address = match address {
+            Some(address) => {
+                if !pool.contains(&address) || Some(address) == server_address || address == pool.broadcast() || address == pool.network() {
+                    return Err(Error::invalid("--address", address, format!("must be a client address inside the pool {pool} (not {}, the server's)", server_address.map(|a| a.to_string()).unwrap_or_default())));
+                }
+                if taken.contains(&address) {
+                    return Err(Error::invalid("--address", address, "already given to another client"));
+                }
+                address
+            }
+            None => pool
+                .hosts()
+                .skip(1)
+                .find(|a| !taken.contains(a))
+                .ok_or_else(|| fail(format!("the pool {pool} is full; remove a client or use a larger --pool")))?,
+        };
+
+        let issuer = Issuer::from_ca_cert_pem(
+            &self.read("ca.crt")?,
+            KeyPair::from_pem(&self.read("ca.key")?).map_err(cert_error("read the CA key"))?,
+        )
+        .map_err(cert_error("read the CA certificate"))?;
+        let key = KeyPair::generate().map_err(cert_error("generate the client key"))?;
+        let mut params = leaf_params(name, LEAF_YEARS)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(cert_error("sign the client certificate"))?;
+        write_private(&self.client_path(name, "key"), &key.serialize_pem())?;
+        write_public(&self.client_path(name, "crt"), &cert.pem())?;
+
+        let record = ClientRecord {
+            name: name.to_owned(),
+            address,
+            created: unix_now(),
+        };
+        registry.clients.insert(name.to_owned(), record.clone());
+        self.save_registry(&registry)?;
+        Ok(record)
+    }
+
+    pub fn remove_client(&self, name: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        if registry.clients.remove(name).is_none() {
+            return Err(fail(format!("no client named {name:?} (see `dockvpn client list`)")));
+        }
+        self.save_registry(&registry)?;
+        for extension in ["crt", "key"] {
+            let _ = fs::remove_file(self.client_path(name, extension));
+        }
+        Ok(())
+    }
+
+    /// A ready inline `.ovpn` profile for the stock OpenVPN client.
+    pub fn profile(&self, name: &str, remote_host: &str, remote_port: u16) -> Result<String> {
+        self.require()?;
+        if !self.load_registry()?.clients.contains_key(name) {
+            return Err(fail(format!("no client named {name:?}; add it with `dockvpn client add {name}`")));
+        }
+        let read_client = |extension: &str| {
+            let path = self.client_path(name, extension);
+            fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))
+        };
+        Ok(format!(
+            "# Dockvpn profile for {name}: openvpn --config {name}.ovpn\n\
+             client\n\
+             dev tun\n\
+             proto udp\n\
+             remote {remote_host} {remote_port}\n\
+             nobind\n\
+             remote-cert-tls server\n\
+             verb 3\n\
+             <ca>\n{ca}</ca>\n\
+             <cert>\n{cert}</cert>\n\
+             <key>\n{key}</key>\n",
+            ca = self.read("ca.crt")?,
+            cert = read_client("crt")?,
+            key = read_client("key")?,
+        ))
+    }
+
+    /// rustls config: TLS 1.2 and 1.3, client certificates required and verified against
+    /// the CA, no session tickets or resumption.
+    pub fn server_tls_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        self.require()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pem_error = |what: &'static str| move |error| fail(format!("read {what}: {error}"));
+        let ca = CertificateDer::from_pem_slice(self.read("ca.crt")?.as_bytes())
+            .map_err(pem_error("ca.crt"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca)
+            .map_err(|error| fail(format!("load the CA: {error}")))?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+                .build()
+                .map_err(|error| fail(format!("client verifier: {error}")))?;
+        let chain = vec![CertificateDer::from_pem_slice(self.read("server.crt")?.as_bytes())
+            .map_err(pem_error("server.crt"))?];
+        let key = PrivateKeyDer::from_pem_slice(self.read("server.key")?.as_bytes())
+            .map_err(pem_error("server.key"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|error| fail(format!("TLS versions: {error}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|error| fail(format!("server certificate: {error}")))?;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+}
+
+fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(cert_error("certificate parameters"))?;
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, common_name);
+    params.distinguished_name = name;
+    let now = time::OffsetDateTime::from(SystemTime::now());
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(365 * years);
+    let mut serial = [0u8; 16];
+    rand::rng().fill_bytes(&mut serial);
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    Ok(params)
+}
+
+/// A client name becomes a file name and a certificate CN.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "NAME",
+            name,
+            "use 1-64 characters from A-Z a-z 0-9 - _ . @, not starting with a dot",
+        ))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    write_atomically(path, text.as_bytes(), 0o600)
+}
+
+fn write_public(path: &Path, text: &str) -> Result<()> {
+    write_atomically(path, text.as_bytes(), 0o644)
+}
+
+/// temp file with `mode` + fsync + rename, so a crash leaves the old file or the new one.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let temporary = path.with_extension("tmp");
+    let context = || format!("write {}", path.display());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temporary)
+        .map_err(io(context()))?;
+    file.write_all(bytes).map_err(io(context()))?;
+    file.sync_all().map_err(io(context()))?;
+    fs::rename(&temporary, path).map_err(io(context()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_clients_with_stable_addresses_and_private_keys() {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let pki = Pki::new(&dir);
+        let pool: Ipv4Net = "10.8.0.0/29".parse().unwrap();
+        assert!(pki.add_client("alice", pool, None).is_err(), "no PKI yet");
+        pki.init(false).unwrap();
+        assert!(pki.init(false).is_err(), "refuses to replace");
+        let alice = pki.add_client("alice", pool, None).unwrap();
+        let bob = pki.add_client("bob", pool, None).unwrap();
+        assert_eq!(alice.address, Ipv4Addr::new(10, 8, 0, 2));
+        assert_eq!(bob.address, Ipv4Addr::new(10, 8, 0, 3));
+        assert!(pki.add_client("alice", pool, None).is_err());
+        assert!(pki.add_client("../x", pool, None).is_err());
+        assert!(pki.add_client("carol", pool, Some(Ipv4Addr::new(10, 8, 0, 1))).is_err());
+        use std::os::unix::fs::PermissionsExt;
+        for key in [pki.path("ca.key"), pki.client_path("alice", "key")] {
+            assert_eq!(fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let profile = pki.profile("alice", "10.0.2.2", 1194).unwrap();
+        assert!(profile.contains("remote 10.0.2.2 1194\n"));
+        assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
+        pki.server_tls_config().unwrap();
+        pki.remove_client("bob").unwrap();
+        let carol = pki.add_client("carol", pool, None).unwrap();
+        assert_eq!(carol.address, Ipv4Addr::new(10, 8, 0, 3), "freed address reused");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,271 @@
+//! The tokio driver around the OpenVPN engine: one UDP socket, one tun device, the engine's
+//! timer, and the feeds from the runtime (pushed routes, the left interface for masquerade).
+//! It writes `status.json` for `dockvpn status`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use vnf_core::{Error, Result};
+
+use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
+use crate::pki::{write_atomically, Pki};
+
+/// How often status.json is rewritten while nothing happens.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How often the client registry is re-read (a `client add`/`remove` from `docker exec`).
+const CLIENTS_EVERY: Duration = Duration::from_secs(2);
+/// At most one "dropped input" log line per this interval.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+
+pub struct VpnConfig {
+    pub listen: SocketAddr,
+    pub tun_name: String,
+    pub engine: EngineConfig,
+    pub state_dir: PathBuf,
+}
+
+/// What `run` writes and `status` reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VpnStatus {
+    pub pid: u32,
+    pub listen: SocketAddr,
+    pub tun: String,
+    pub pool: Ipv4Net,
+    pub server_address: Ipv4Addr,
+    pub routes_pushed: Vec<Ipv4Net>,
+    pub redirect_gateway: bool,
+    pub clients: Vec<ConnectedClient>,
+    pub dropped: Counters,
+    pub updated_unix: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConnectedClient {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub peer: SocketAddr,
+    pub cipher: String,
+    pub connected_since_unix: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+fn unix(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Serves until `stop` turns true. Errors only at start-up (socket, tun, PKI).
+pub async fn serve(
+    config: VpnConfig,
+    mut routes: watch::Receiver<BTreeSet<Ipv4Net>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let socket = UdpSocket::bind(config.listen).await.map_err(|source| Error::Io {
+        context: format!("listen on UDP {} (another server on the port? pass --listen)", config.listen),
+        source,
+    })?;
+    let server_address = config.engine.server_address();
+    let tun = tokio_tun::Tun::builder()
+        .name(&config.tun_name)
+        .address(server_address)
+        .netmask(config.engine.pool.netmask())
+        .mtu(1500)
+        .up()
+        .build()
+        .map_err(|error| {
+            Error::Vnf(format!(
+                "create the tun device {}: {error} (the container needs --cap-add NET_ADMIN and --device /dev/net/tun)",
+                config.tun_name
+            ))
+        })?
+        .pop()
+        .expect("one queue");
+    let pki = Pki::new(&config.state_dir);
+    let mut engine = Server::new(config.engine.clone());
+    engine.set_routes(routes.borrow_and_update().clone());
+    let registry = Pki::new(&config.state_dir);
+    engine.set_registry_reader(Box::new(move || {
+        let clients = registry.clients().ok()?;
+        Some(clients.into_iter().map(|c| (c.name, c.address)).collect())
+    }));
+    let mut registry_text = String::new();
+    reload_clients(&pki, &mut engine, &mut registry_text);
+    info!(
+        listen = %config.listen,
+        tun = %config.tun_name,
+        pool = %config.engine.pool,
+        ciphers = ?config.engine.ciphers.iter().map(|c| c.name()).collect::<Vec<_>>(),
+        routes = ?engine.routes(),
+        "VPN server listening"
+    );
+
+    let mut datagram = vec![0u8; 65536];
+    let mut packet = vec![0u8; 65536];
+    let mut status_tick = tokio::time::interval(STATUS_EVERY);
+    let mut clients_tick = tokio::time::interval(CLIENTS_EVERY);
+    let mut dropped_logged = Counters::default();
+    let mut last_drop_log: Option<Instant> = None;
+    let mut status_dirty = true;
+    loop {
+        let deadline = engine.next_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            received = socket.recv_from(&mut datagram) => match received {
+                Ok((len, from)) => engine.handle_datagram(Instant::now(), from, &datagram[..len]),
+                Err(error) => warn!(%error, "UDP receive failed"),
+            },
+            read = tun.recv(&mut packet) => match read {
+                Ok(len) => engine.handle_tun_packet(Instant::now(), &packet[..len]),
+                Err(error) => warn!(%error, "tun read failed"),
+            },
+            () = sleep_until(deadline) => engine.handle_timeout(Instant::now()),
+            changed = routes.changed() => {
+                if changed.is_ok() {
+                    let next = routes.borrow_and_update().clone();
+                    info!(routes = ?next, "routes for clients that connect from now on");
+                    engine.set_routes(next);
+                    status_dirty = true;
+                }
+            }
+            _ = clients_tick.tick() => reload_clients(&pki, &mut engine, &mut registry_text),
+            _ = status_tick.tick() => status_dirty = true,
+            _ = stop.changed() => {
+                engine.shutdown(Instant::now());
+                drain(&mut engine, &socket, &tun).await;
+                let _ = std::fs::remove_file(status_path(&config.state_dir));
+                info!("VPN server stopped");
+                return Ok(());
+            }
+        }
+        status_dirty |= drain(&mut engine, &socket, &tun).await;
+        if engine.counters != dropped_logged
+            && last_drop_log.is_none_or(|at| at.elapsed() >= DROP_LOG_EVERY)
+        {
+            warn!(
+                total = engine.counters.total(),
+                counters = ?engine.counters,
+                last = engine.last_drop.as_deref().unwrap_or_default(),
+                "dropped VPN input"
+            );
+            dropped_logged = engine.counters;
+            last_drop_log = Some(Instant::now());
+        }
+        if status_dirty {
+            write_status(&config, &engine);
+            status_dirty = false;
+        }
+    }
+}
+
+/// Sends what the engine queued; true when a client connected or left.
+async fn drain(engine: &mut Server, socket: &UdpSocket, tun: &tokio_tun::Tun) -> bool {
+    let mut changed = false;
+    while let Some(output) = engine.poll_output() {
+        match output {
+            Output::Transmit { to, datagram } => {
+                if let Err(error) = socket.send_to(&datagram, to).await {
+                    warn!(%to, %error, "UDP send failed");
+                }
+            }
+            Output::Tun(packet) => {
+                if let Err(error) = tun.send(&packet).await {
+                    warn!(%error, "tun write failed");
+                }
+            }
+            Output::Event(event) => {
+                changed = true;
+                match event {
+                    Event::Connected {
+                        name,
+                        address,
+                        peer,
+                        cipher,
+                    } => info!(client = %name, %address, %peer, %cipher, "client connected"),
+                    Event::Disconnected {
+                        name,
+                        address,
+                        peer,
+                        reason,
+                    } => info!(
+                        client = name.as_deref().unwrap_or("(unauthenticated)"),
+                        address = ?address,
+                        %peer,
+                        %reason,
+                        "client disconnected"
+                    ),
+                }
+            }
+        }
+    }
+    changed
+}
+
+fn reload_clients(pki: &Pki, engine: &mut Server, last_text: &mut String) {
+    match pki.clients() {
+        Ok(clients) => {
+            let text = format!("{clients:?}");
+            if text != *last_text {
+                engine.set_clients(
+                    clients
+                        .into_iter()
+                        .map(|c| (c.name, c.address))
+                        .collect::<HashMap<_, _>>(),
+                );
+                *last_text = text;
+            }
+        }
+        Err(error) => warn!(%error, "client registry unreadable; keeping the last one"),
+    }
+}
+
+fn write_status(config: &VpnConfig, engine: &Server) {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let status = VpnStatus {
+        pid: std::process::id(),
+        listen: config.listen,
+        tun: config.tun_name.clone(),
+        pool: config.engine.pool,
+        server_address: config.engine.server_address(),
+        routes_pushed: engine.routes().iter().copied().collect(),
+        redirect_gateway: config.engine.redirect_gateway,
+        clients: engine
+            .connected()
+            .into_iter()
+            .map(|c| ConnectedClient {
+                name: c.name,
+                address: c.address,
+                peer: c.peer,
+                cipher: c.cipher.name().to_owned(),
+                connected_since_unix: unix(wall - (now - c.connected_at)),
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+            })
+            .collect(),
+        dropped: engine.counters,
+        updated_unix: unix(wall),
+    };
+    let text = serde_json::to_string_pretty(&status).expect("status serializes");
+    if let Err(error) = write_atomically(&status_path(&config.state_dir), text.as_bytes(), 0o644) {
+        warn!(%error, "could not write status.json");
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
