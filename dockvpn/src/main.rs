@@ -99,7 +99,12 @@ impl LeftRoutes {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// UDP address the OpenVPN server listens on
-    #[arg(long, env = "DOCKVPN_LISTEN", default_value = "0.0.0.0:1194", value_name = "ADDR:PORT")]
+    #[arg(
+        long,
+        env = "DOCKVPN_LISTEN",
+        default_value = "0.0.0.0:1194",
+        value_name = "ADDR:PORT"
+    )]
     listen: SocketAddr,
 
     /// Data-channel ciphers in order of preference (colon-separated)
@@ -243,7 +248,10 @@ fn main() -> ExitCode {
             Command::Client(ClientCommand::Config { name, remote }) => {
                 let (host, port) = match remote {
                     Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
-                    None => (right_address(&cli).await?.to_string(), running_port(&cli.state_dir)),
+                    None => (
+                        right_address(&cli).await?.to_string(),
+                        running_port(&cli.state_dir),
+                    ),
                 };
                 print!("{}", pki.profile(name, &host, port)?);
                 Ok(ExitCode::SUCCESS)
@@ -251,7 +259,10 @@ fn main() -> ExitCode {
             Command::Client(ClientCommand::List { json }) => {
                 let clients = pki.clients()?;
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(&clients).expect("serializes"));
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&clients).expect("serializes")
+                    );
                 } else if clients.is_empty() {
                     println!("no clients; add one with `dockvpn client add NAME`");
                 } else {
@@ -277,7 +288,11 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         info!(dir = %cli.state_dir.join("pki").display(), "PKI created");
     }
     if cli.pool.prefix_len() > 30 {
-        return Err(Error::invalid("--pool", cli.pool, "needs room for the server and at least one client: use /30 or larger"));
+        return Err(Error::invalid(
+            "--pool",
+            cli.pool,
+            "needs room for the server and at least one client: use /30 or larger",
+        ));
     }
     let engine = EngineConfig {
         tls: pki.server_tls_config()?,
@@ -290,7 +305,8 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         max_clients: serve.max_clients,
         max_handshaking: 64.min(serve.max_clients),
     };
-    let static_routes: BTreeSet<Ipv4Net> = cli.routes.left_routes.iter().map(Ipv4Net::trunc).collect();
+    let static_routes: BTreeSet<Ipv4Net> =
+        cli.routes.left_routes.iter().map(Ipv4Net::trunc).collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut observer = VpnObserver {
@@ -324,7 +340,9 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         }
         let _ = stop_tx.send(true);
     };
-    let runtime_config = cli.sides.runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let runtime_config = cli
+        .sides
+        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
     let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await
@@ -387,7 +405,11 @@ fn parse_remote(remote: &str, default_port: u16) -> Result<(String, u16)> {
     match remote.rsplit_once(':') {
         Some((host, port)) => {
             let port = port.parse().map_err(|_| {
-                Error::invalid("--remote", remote, "the port after ':' must be a number 1-65535")
+                Error::invalid(
+                    "--remote",
+                    remote,
+                    "the port after ':' must be a number 1-65535",
+                )
             })?;
             Ok((host.to_owned(), port))
         }
@@ -417,12 +439,17 @@ async fn right_address(cli: &Cli) -> Result<Ipv4Addr> {
 }
 
 async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
-    let config = cli.sides.runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let config = cli
+        .sides
+        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
     let routing = vnf_core::status::collect(&config).await?;
     let vpn = read_vpn_status(&cli.state_dir);
     if json {
         let value = serde_json::json!({ "routing": routing, "vpn": vpn });
-        println!("{}", serde_json::to_string_pretty(&value).expect("serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("serializes")
+        );
     } else {
         print!("{}", routing.render());
         match &vpn {
@@ -471,7 +498,13 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
         out.push_str(&format!(
             "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s\n",
-            client.name, client.address, client.peer, client.cipher, client.bytes_in, client.bytes_out, since
+            client.name,
+            client.address,
+            client.peer,
+            client.cipher,
+            client.bytes_in,
+            client.bytes_out,
+            since
         ));
     }
     if vpn.dropped.total() > 0 {

@@ -194,11 +194,19 @@ impl Pki {
         let server_address = pool.hosts().next();
         let address = match address {
             Some(address) => {
-                if !pool.contains(&address) || Some(address) == server_address || address == pool.broadcast() || address == pool.network() {
+                if !pool.contains(&address)
+                    || Some(address) == server_address
+                    || address == pool.broadcast()
+                    || address == pool.network()
+                {
                     return Err(Error::invalid("--address", address, format!("must be a client address inside the pool {pool} (not {}, the server's)", server_address.map(|a| a.to_string()).unwrap_or_default())));
                 }
                 if taken.contains(&address) {
-                    return Err(Error::invalid("--address", address, "already given to another client"));
+                    return Err(Error::invalid(
+                        "--address",
+                        address,
+                        "already given to another client",
+                    ));
                 }
                 address
             }
@@ -206,7 +214,11 @@ impl Pki {
                 .hosts()
                 .skip(1)
                 .find(|a| !taken.contains(a))
-                .ok_or_else(|| fail(format!("the pool {pool} is full; remove a client or use a larger --pool")))?,
+                .ok_or_else(|| {
+                    fail(format!(
+                        "the pool {pool} is full; remove a client or use a larger --pool"
+                    ))
+                })?,
         };
 
         let issuer = Issuer::from_ca_cert_pem(
@@ -237,7 +249,9 @@ impl Pki {
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
         if registry.clients.remove(name).is_none() {
-            return Err(fail(format!("no client named {name:?} (see `dockvpn client list`)")));
+            return Err(fail(format!(
+                "no client named {name:?} (see `dockvpn client list`)"
+            )));
         }
         self.save_registry(&registry)?;
         for extension in ["crt", "key"] {
@@ -250,7 +264,9 @@ impl Pki {
     pub fn profile(&self, name: &str, remote_host: &str, remote_port: u16) -> Result<String> {
         self.require()?;
         if !self.load_registry()?.clients.contains_key(name) {
-            return Err(fail(format!("no client named {name:?}; add it with `dockvpn client add {name}`")));
+            return Err(fail(format!(
+                "no client named {name:?}; add it with `dockvpn client add {name}`"
+            )));
         }
         let read_client = |extension: &str| {
             let path = self.client_path(name, extension);
@@ -286,12 +302,16 @@ impl Pki {
         roots
             .add(ca)
             .map_err(|error| fail(format!("load the CA: {error}")))?;
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
-                .build()
-                .map_err(|error| fail(format!("client verifier: {error}")))?;
-        let chain = vec![CertificateDer::from_pem_slice(self.read("server.crt")?.as_bytes())
-            .map_err(pem_error("server.crt"))?];
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|error| fail(format!("client verifier: {error}")))?;
+        let chain = vec![
+            CertificateDer::from_pem_slice(self.read("server.crt")?.as_bytes())
+                .map_err(pem_error("server.crt"))?,
+        ];
         let key = PrivateKeyDer::from_pem_slice(self.read("server.key")?.as_bytes())
             .map_err(pem_error("server.key"))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -307,8 +327,8 @@ impl Pki {
 }
 
 fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
-    let mut params =
-        CertificateParams::new(Vec::<String>::new()).map_err(cert_error("certificate parameters"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new())
+        .map_err(cert_error("certificate parameters"))?;
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
@@ -395,10 +415,15 @@ mod tests {
         assert_eq!(bob.address, Ipv4Addr::new(10, 8, 0, 3));
         assert!(pki.add_client("alice", pool, None).is_err());
         assert!(pki.add_client("../x", pool, None).is_err());
-        assert!(pki.add_client("carol", pool, Some(Ipv4Addr::new(10, 8, 0, 1))).is_err());
+        assert!(pki
+            .add_client("carol", pool, Some(Ipv4Addr::new(10, 8, 0, 1)))
+            .is_err());
         use std::os::unix::fs::PermissionsExt;
         for key in [pki.path("ca.key"), pki.client_path("alice", "key")] {
-            assert_eq!(fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         let profile = pki.profile("alice", "10.0.2.2", 1194).unwrap();
         assert!(profile.contains("remote 10.0.2.2 1194\n"));
@@ -406,7 +431,11 @@ mod tests {
         pki.server_tls_config().unwrap();
         pki.remove_client("bob").unwrap();
         let carol = pki.add_client("carol", pool, None).unwrap();
-        assert_eq!(carol.address, Ipv4Addr::new(10, 8, 0, 3), "freed address reused");
+        assert_eq!(
+            carol.address,
+            Ipv4Addr::new(10, 8, 0, 3),
+            "freed address reused"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

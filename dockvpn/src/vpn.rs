@@ -73,10 +73,15 @@ pub async fn serve(
     mut routes: watch::Receiver<BTreeSet<Ipv4Net>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let socket = UdpSocket::bind(config.listen).await.map_err(|source| Error::Io {
-        context: format!("listen on UDP {} (another server on the port? pass --listen)", config.listen),
-        source,
-    })?;
+    let socket = UdpSocket::bind(config.listen)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!(
+                "listen on UDP {} (another server on the port? pass --listen)",
+                config.listen
+            ),
+            source,
+        })?;
     let server_address = config.engine.server_address();
     let tun = tokio_tun::Tun::builder()
         .name(&config.tun_name)

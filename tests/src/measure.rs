@@ -4,6 +4,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::chain::{Chain, RIGHT_HOST};
+use crate::Netns;
 
 /// How long one iperf3 run lasts.
 pub const IPERF_SECONDS: &str = "4";
@@ -15,21 +16,31 @@ pub fn median(values: &mut [f64]) -> f64 {
 
 /// One iperf3 TCP run from the left host to the right host; Gbit/s received.
 pub fn iperf_gbps(chain: &Chain) -> f64 {
-    let mut server = chain
-        .right_host
+    iperf_tcp_gbps(
+        &chain.left_host,
+        &chain.right_host,
+        RIGHT_HOST,
+        IPERF_SECONDS,
+    )
+}
+
+/// One iperf3 TCP run of `seconds` from `client` to an iperf3 server started in `server` on
+/// `address`; Gbit/s received.
+pub fn iperf_tcp_gbps(client: &Netns, server: &Netns, address: &str, seconds: &str) -> f64 {
+    let mut server = server
         .command("iperf3")
-        .args(["-s", "-1", "-B", RIGHT_HOST])
+        .args(["-s", "-1", "-B", address])
         .stdout(Stdio::null())
         .spawn()
         .expect("iperf3 server (apt-get install iperf3)");
     std::thread::sleep(Duration::from_millis(300));
-    let output = chain.left_host.exec(
+    let output = client.exec(
         "iperf3",
         &[
             "-c",
-            RIGHT_HOST,
+            address,
             "-t",
-            IPERF_SECONDS,
+            seconds,
             "-J",
             "--connect-timeout",
             "3000",

@@ -76,3 +76,99 @@ pub fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// A UDP relay in front of the server that behaves like a hostile network: after every data
+/// packet it forwards from the client, it also sends the server a replay of that packet, a
+/// truncated copy, a tampered copy, and a datagram of garbage. Runs until dropped.
+pub struct HostileRelay {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HostileRelay {
+    pub fn start(ns: &Netns, server: std::net::SocketAddr) -> HostileRelay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        // Sockets belong to the namespace they were opened in, whatever thread uses them.
+        let (client_side, server_side) = ns.run(|| {
+            (
+                UdpSocket::bind("127.0.0.1:0").expect("bind relay"),
+                UdpSocket::bind("0.0.0.0:0").expect("bind relay"),
+            )
+        });
+        let port = client_side.local_addr().expect("addr").port();
+        for socket in [&client_side, &server_side] {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let upstream = {
+            let (from_client, to_server) = (
+                client_side.try_clone().unwrap(),
+                server_side.try_clone().unwrap(),
+            );
+            let (stop, client) = (stop.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 65536];
+                let mut garbage_seed = 0x1234_5678u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, from)) = from_client.recv_from(&mut buffer) else {
+                        continue;
+                    };
+                    *client.lock().unwrap() = Some(from);
+                    let packet = &buffer[..len];
+                    let _ = to_server.send_to(packet, server);
+                    if packet[0] >> 3 != 9 {
+                        continue;
+                    }
+                    let _ = to_server.send_to(packet, server);
+                    let _ = to_server.send_to(&packet[..len.min(12)], server);
+                    let mut tampered = packet.to_vec();
+                    *tampered.last_mut().unwrap() ^= 0x01;
+                    let _ = to_server.send_to(&tampered, server);
+                    let garbage: Vec<u8> = (0..64)
+                        .map(|_| {
+                            garbage_seed = garbage_seed
+                                .wrapping_mul(1_103_515_245)
+                                .wrapping_add(12_345);
+                            (garbage_seed >> 16) as u8
+                        })
+                        .collect();
+                    let _ = to_server.send_to(&garbage, server);
+                }
+            })
+        };
+        let downstream = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, _)) = server_side.recv_from(&mut buffer) else {
+                        continue;
+                    };
+                    if let Some(client) = *client.lock().unwrap() {
+                        let _ = client_side.send_to(&buffer[..len], client);
+                    }
+                }
+            })
+        };
+        HostileRelay {
+            port,
+            stop,
+            threads: vec![upstream, downstream],
+        }
+    }
+}
+
+impl Drop for HostileRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

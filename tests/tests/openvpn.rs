@@ -6,8 +6,10 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
-use docknfv_tests::openvpn::{issue_profile, text, OpenvpnClient};
-use docknfv_tests::traffic::ping;
+use docknfv_tests::dnsmasq::Dnsmasq;
+use docknfv_tests::measure::iperf_tcp_gbps;
+use docknfv_tests::openvpn::{issue_profile, text, HostileRelay, OpenvpnClient, CONNECTED};
+use docknfv_tests::traffic::{ping, ping_output};
 use docknfv_tests::{Chain, Netns, Vnf};
 
 /// The chain with Dockvpn running (pushing LEFT_HOST_NET) and the right side's direct path
@@ -58,7 +60,10 @@ fn clients_when(
     let mut last = serde_json::Value::Null;
     for _ in 0..50 {
         last = status_json(si, dockvpn);
-        let clients = last["vpn"]["clients"].as_array().cloned().unwrap_or_default();
+        let clients = last["vpn"]["clients"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if check(&clients) {
             return clients;
         }
@@ -70,19 +75,31 @@ fn clients_when(
 #[test]
 fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     let (chain, mut dockvpn) = vpn_chain(&[]);
-    assert!(!ping(&chain.right_host, LEFT_HOST), "no path without the tunnel");
+    assert!(
+        !ping(&chain.right_host, LEFT_HOST),
+        "no path without the tunnel"
+    );
     let profile = issue_profile(&chain.si, &dockvpn, "alice", None);
     assert!(profile.contains("remote 10.0.2.2 1194"), "{profile}");
     let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    client.wait_connected().unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
 
     let address = chain.right_host.ip(&["-4", "addr", "show", "dev", "tun0"]);
     assert!(address.contains("inet 10.8.0.2/24"), "{address}");
     assert_eq!(
         tunnel_routes(&chain.right_host),
-        vec!["10.8.0.0/24 link".to_owned(), format!("{LEFT_HOST_NET} 10.8.0.1")]
+        vec![
+            "10.8.0.0/24 link".to_owned(),
+            format!("{LEFT_HOST_NET} 10.8.0.1")
+        ]
     );
-    assert!(ping(&chain.right_host, LEFT_HOST), "ping through the tunnel\n{}", dockvpn.log());
+    assert!(
+        ping(&chain.right_host, LEFT_HOST),
+        "ping through the tunnel\n{}",
+        dockvpn.log()
+    );
 
     let clients = clients_when(&chain.si, &dockvpn, |clients| {
         clients.len() == 1 && clients[0]["bytes_in"].as_u64() > Some(0)
@@ -92,7 +109,231 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     assert_eq!(clients[0]["cipher"], "AES-256-GCM");
     assert!(clients[0]["bytes_out"].as_u64() > Some(0));
     let status = status_json(&chain.si, &dockvpn);
-    assert_eq!(status["vpn"]["routes_pushed"], serde_json::json!([LEFT_HOST_NET]));
+    assert_eq!(
+        status["vpn"]["routes_pushed"],
+        serde_json::json!([LEFT_HOST_NET])
+    );
     assert!(dockvpn.terminate().success(), "{}", dockvpn.log());
     drop(client);
+}
+
+#[test]
+fn two_clients_at_once_one_per_aes_gcm_cipher_and_an_iperf3_transfer() {
+    let (chain, mut dockvpn) = vpn_chain(&[]);
+    let alice = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, &dockvpn, "alice", None),
+        &["--data-ciphers", "AES-256-GCM"],
+    );
+    // The right gateway is a second remote site; its direct route to the left is gone too.
+    let bob = OpenvpnClient::start(
+        &chain.right_gateway,
+        &issue_profile(&chain.si, &dockvpn, "bob", None),
+        &["--data-ciphers", "AES-128-GCM"],
+    );
+    alice
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    bob.wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert!(ping(&chain.right_host, LEFT_HOST));
+    assert!(ping(&chain.right_gateway, LEFT_HOST));
+    let gbps = iperf_tcp_gbps(&chain.right_host, &chain.left_host, LEFT_HOST, "2");
+    assert!(gbps > 0.0, "iperf3 through the tunnel moved nothing");
+
+    let clients = clients_when(&chain.si, &dockvpn, |clients| clients.len() == 2);
+    let cipher_of = |name: &str| {
+        clients
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["cipher"].clone())
+    };
+    assert_eq!(cipher_of("alice"), Some("AES-256-GCM".into()));
+    assert_eq!(cipher_of("bob"), Some("AES-128-GCM".into()));
+    assert!(
+        bob.log().contains("Data Channel: cipher 'AES-128-GCM'"),
+        "{}",
+        bob.log()
+    );
+    assert!(dockvpn.terminate().success(), "{}", dockvpn.log());
+    // The server told the clients to reconnect as it stopped.
+    alice
+        .process
+        .wait_for_log("server-pushed-connection-reset", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+}
+
+#[test]
+fn routes_learned_by_dhcp_option_121_are_pushed() {
+    let chain = Chain::new();
+    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let _dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
+        &[
+            "option:classless-static-route,192.168.10.0/24,10.0.1.1,172.16.5.0/24,10.0.1.1,0.0.0.0/0,10.0.1.1",
+            "option:router,10.0.1.1",
+        ],
+    );
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockvpn.wait_ready();
+    dockvpn
+        .wait_for_log(
+            "routes for clients that connect from now on",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, &dockvpn, "carol", None),
+        &[],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(
+        tunnel_routes(&chain.right_host),
+        vec![
+            "10.8.0.0/24 link".to_owned(),
+            "172.16.5.0/24 10.8.0.1".to_owned(),
+            format!("{LEFT_HOST_NET} 10.8.0.1"),
+        ],
+        "the learned networks, and no default route (redirect-gateway is off)"
+    );
+    assert!(ping(&chain.right_host, LEFT_HOST), "{}", dockvpn.log());
+}
+
+#[test]
+fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let other_ca = std::env::temp_dir().join(format!("dockvpn-other-ca-{}", std::process::id()));
+    let run_other = |args: &[&str]| {
+        let output = chain
+            .si
+            .command(docknfv_tests::vnf::binary("dockvpn").to_str().unwrap())
+            .args(args)
+            .env("DOCKVPN_STATE_DIR", &other_ca)
+            .output()
+            .expect("dockvpn");
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    run_other(&["pki", "init"]);
+    run_other(&["client", "add", "mallory"]);
+    let profile = run_other(&["client", "config", "mallory", "--remote", "10.0.2.2:1194"]);
+    let _ = std::fs::remove_dir_all(&other_ca);
+    // Mallory trusts our server (our CA in <ca>) but holds a certificate from another CA.
+    let our_ca = std::fs::read_to_string(dockvpn.state_dir().join("pki/ca.crt")).unwrap();
+    let (head, rest) = profile.split_once("<ca>\n").unwrap();
+    let (_, tail) = rest.split_once("</ca>").unwrap();
+    let profile = format!("{head}<ca>\n{our_ca}</ca>{tail}");
+    let mallory = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    let refused = dockvpn
+        .wait_for_log("reason=TLS", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\nclient:\n{}", mallory.log()));
+    assert!(
+        refused.contains("client disconnected"),
+        "{refused}\n{}",
+        mallory.log()
+    );
+    assert!(!mallory.log().contains(CONNECTED), "{}", mallory.log());
+    assert!(!ping(&chain.right_host, LEFT_HOST));
+    let status = status_json(&chain.si, &dockvpn);
+    assert_eq!(status["vpn"]["clients"], serde_json::json!([]), "{status}");
+}
+
+#[test]
+fn replayed_tampered_truncated_and_garbage_packets_are_dropped_and_the_client_keeps_working() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let relay = HostileRelay::start(&chain.right_host, "10.0.2.2:1194".parse().unwrap());
+    let remote = format!("127.0.0.1:{}", relay.port);
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, &dockvpn, "dave", Some(&remote)),
+        &[],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    let output = ping_output(&chain.right_host, LEFT_HOST);
+    assert!(
+        output.contains(" 0% packet loss"),
+        "{output}\n{}",
+        dockvpn.log()
+    );
+    assert!(
+        !output.contains("DUP!"),
+        "a replay reached the left host:\n{output}"
+    );
+    let counters = ["replayed_data", "unauthenticated_data", "malformed"];
+    let mut status = serde_json::Value::Null;
+    for _ in 0..50 {
+        status = status_json(&chain.si, &dockvpn);
+        if counters
+            .iter()
+            .all(|c| status["vpn"]["dropped"][c].as_u64() > Some(0))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for counter in counters {
+        assert!(
+            status["vpn"]["dropped"][counter].as_u64() > Some(0),
+            "{counter}: {status}"
+        );
+    }
+    assert_eq!(status["vpn"]["clients"].as_array().map(Vec::len), Some(1));
+    assert!(
+        dockvpn.log().contains("dropped VPN input"),
+        "drops are logged"
+    );
+}
+
+#[test]
+fn client_commands_refuse_bad_input_with_the_fix() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let run = |args: &[&str]| dockvpn.cli(&chain.si, "dockvpn", args);
+    let output = run(&["client", "add", "../etc"]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("invalid NAME"), "{}", text(&output));
+    let output = run(&["client", "config", "nobody"]);
+    assert!(
+        text(&output).contains("dockvpn client add nobody"),
+        "{}",
+        text(&output)
+    );
+    let output = run(&["client", "add", "erin", "--address", "10.9.0.5"]);
+    assert!(
+        text(&output).contains("inside the pool 10.8.0.0/24"),
+        "{}",
+        text(&output)
+    );
+    assert!(run(&["client", "add", "erin"]).status.success());
+    let output = run(&["client", "add", "erin"]);
+    assert!(text(&output).contains("exists"), "{}", text(&output));
+    let output = run(&["client", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(list[0]["name"], "erin");
+    assert_eq!(list[0]["address"], "10.8.0.2");
+    let key = dockvpn.state_dir().join("pki/clients/erin.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let output = run(&["pki", "init"]);
+    assert!(text(&output).contains("--force"), "{}", text(&output));
+    let output = run(&["run", "--data-ciphers", "BF-CBC"]);
+    assert!(
+        text(&output).contains("unknown data cipher"),
+        "{}",
+        text(&output)
+    );
 }

@@ -223,7 +223,11 @@ impl DataChannel {
         let plaintext_len = self
             .receive
             .key
-            .open_in_place(self.receive.nonce(packet_id), Aad::from(header), &mut buffer)
+            .open_in_place(
+                self.receive.nonce(packet_id),
+                Aad::from(header),
+                &mut buffer,
+            )
             .map_err(|_| DataError::Unauthenticated)?
             .len();
         buffer.truncate(plaintext_len);

@@ -113,9 +113,7 @@ impl<'a> Reader<'a> {
 /// Parses the client's key-method 2 message from the start of `plaintext`; returns it and how
 /// many bytes it took. Fields after the options string may be absent at the end of the input
 /// (older clients stop there).
-pub fn parse_client_message(
-    plaintext: &[u8],
-) -> Result<(ClientKeyMessage, usize), KeyMethodError> {
+pub fn parse_client_message(plaintext: &[u8]) -> Result<(ClientKeyMessage, usize), KeyMethodError> {
     let mut reader = Reader {
         bytes: plaintext,
         used: 0,

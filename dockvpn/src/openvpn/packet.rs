@@ -186,7 +186,8 @@ pub fn decode(datagram: &[u8]) -> Result<Packet<'_>, DecodeError> {
 
 impl ControlPacket<'_> {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 8 + 1 + 4 * self.acks.len() + 8 + 4 + self.payload.len());
+        let mut out =
+            Vec::with_capacity(1 + 8 + 1 + 4 * self.acks.len() + 8 + 4 + self.payload.len());
         out.push(self.opcode.wire() << 3 | (self.key_id & 0x07));
         out.extend_from_slice(&self.session_id);
         out.push(self.acks.len() as u8);

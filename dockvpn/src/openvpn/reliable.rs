@@ -179,7 +179,10 @@ mod tests {
         }
         let now = Instant::now();
         assert_eq!(sender.due(now).len(), SEND_WINDOW);
-        assert!(sender.due(now).is_empty(), "nothing due before the resend time");
+        assert!(
+            sender.due(now).is_empty(),
+            "nothing due before the resend time"
+        );
         sender.acknowledged(0);
         let next = sender.due(now);
         assert_eq!(next.len(), 1);
@@ -270,6 +273,9 @@ mod tests {
             receiver.receive(id, Opcode::ControlV1, b"x");
         }
         assert_eq!(receiver.take_acks().len(), MAX_ACKS);
-        assert_eq!(receiver.take_acks().len(), RECEIVE_WINDOW as usize - MAX_ACKS);
+        assert_eq!(
+            receiver.take_acks().len(),
+            RECEIVE_WINDOW as usize - MAX_ACKS
+        );
     }
 }

@@ -231,6 +231,16 @@ impl Server {
     fn handle_control(&mut self, now: Instant, from: SocketAddr, packet: &ControlPacket<'_>) {
         let known = self.sessions.get(&from).map(|s| s.remote_id);
         if packet.opcode == Opcode::HardResetClientV2 && known != Some(packet.session_id) {
+            let busy = self
+                .sessions
+                .get(&from)
+                .is_some_and(|s| s.is_active() && now < s.last_received + self.config.ping);
+            if busy {
+                // Only a restarted client with the same source port, or a forgery, does this;
+                // the live session wins until it has been silent for a ping interval.
+                let why = format!("from {from}: HARD_RESET while its session is active");
+                return self.drop_input(|c| &mut c.refused_handshakes, why);
+            }
             if let Some(old) = self.sessions.get_mut(&from) {
                 old.close("the client started a new session");
                 self.reap(now);
@@ -251,9 +261,16 @@ impl Server {
         }
     }
 
-    fn admit_new_session(&mut self, now: Instant, from: SocketAddr, packet: &ControlPacket<'_>) -> bool {
+    fn admit_new_session(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &ControlPacket<'_>,
+    ) -> bool {
         let handshaking = self.sessions.values().filter(|s| s.data.is_none()).count();
-        if handshaking >= self.config.max_handshaking || self.sessions.len() >= self.config.max_clients {
+        if handshaking >= self.config.max_handshaking
+            || self.sessions.len() >= self.config.max_clients
+        {
             let why = format!(
                 "from {from}: new session refused ({handshaking} handshakes in progress, {} sessions)",
                 self.sessions.len()
@@ -264,14 +281,24 @@ impl Server {
         let mut local_id = [0u8; 8];
         rand::rng().fill_bytes(&mut local_id);
         let peer_id = self.allocate_peer_id();
-        match Session::new(self.config.tls.clone(), from, local_id, packet.session_id, peer_id, now) {
+        match Session::new(
+            self.config.tls.clone(),
+            from,
+            local_id,
+            packet.session_id,
+            peer_id,
+            now,
+        ) {
             Ok(session) => {
                 self.sessions.insert(from, session);
                 self.by_peer_id.insert(peer_id, from);
                 true
             }
             Err(error) => {
-                self.drop_input(|c| &mut c.refused_handshakes, format!("TLS session: {error}"));
+                self.drop_input(
+                    |c| &mut c.refused_handshakes,
+                    format!("TLS session: {error}"),
+                );
                 false
             }
         }
@@ -291,7 +318,11 @@ impl Server {
     /// The client finished key-method 2 and asked for its configuration: pick the cipher,
     /// derive the keys, send PUSH_REPLY and start the data channel.
     fn push_reply(&mut self, now: Instant, from: SocketAddr) {
-        let unknown = self.sessions.get(&from).and_then(|s| s.name.as_ref()).is_some_and(|name| !self.clients.contains_key(name));
+        let unknown = self
+            .sessions
+            .get(&from)
+            .and_then(|s| s.name.as_ref())
+            .is_some_and(|name| !self.clients.contains_key(name));
         if unknown {
             if let Some(clients) = self.read_registry.as_mut().and_then(|read| read()) {
                 self.set_clients(clients);
@@ -318,10 +349,23 @@ impl Server {
             Ok(material) => material,
             Err(error) => return session.close(format!("TLS exporter: {error}")),
         };
-        session.data = Some(DataChannel::new(cipher, &material, true, 0, session.peer_id));
+        session.data = Some(DataChannel::new(
+            cipher,
+            &material,
+            true,
+            0,
+            session.peer_id,
+        ));
         session.address = Some(address);
         session.connected_at = Some(now);
-        for message in push_messages(&self.config, &self.routes, address, session.peer_id, cipher, cc_exit) {
+        for message in push_messages(
+            &self.config,
+            &self.routes,
+            address,
+            session.peer_id,
+            cipher,
+            cc_exit,
+        ) {
             session.send_text(&message);
         }
         if let Some(previous) = self.by_address.insert(address, from) {
@@ -422,7 +466,8 @@ impl Server {
             Ok(datagram) => {
                 session.last_sent = now;
                 session.bytes_out += datagram.len() as u64;
-                self.outputs.push_back(Output::Transmit { to: peer, datagram });
+                self.outputs
+                    .push_back(Output::Transmit { to: peer, datagram });
             }
             Err(error) => session.close(format!("data channel: {error}")),
         }
@@ -617,9 +662,11 @@ pub fn push_messages(
 }
 
 fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
-    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+    (packet.len() >= 20 && packet[0] >> 4 == 4)
+        .then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
 }
 
 fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
-    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
+    (packet.len() >= 20 && packet[0] >> 4 == 4)
+        .then(|| Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
 }

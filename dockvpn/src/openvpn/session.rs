@@ -192,7 +192,9 @@ impl Session {
                 "PUSH_REQUEST" => self.push_requested = self.data.is_none(),
                 "EXIT" => self.close("the client exited"),
                 "" => {}
-                other => tracing::debug!(peer = %self.peer, message = other, "control message ignored"),
+                other => {
+                    tracing::debug!(peer = %self.peer, message = other, "control message ignored")
+                }
             }
         }
     }
@@ -246,7 +248,13 @@ impl Session {
         out
     }
 
-    fn encode(&self, opcode: Opcode, acks: Vec<u32>, message_id: Option<u32>, payload: &[u8]) -> Vec<u8> {
+    fn encode(
+        &self,
+        opcode: Opcode,
+        acks: Vec<u32>,
+        message_id: Option<u32>,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let acked_session = (!acks.is_empty()).then_some(self.remote_id);
         ControlPacket {
             opcode,
