@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use vnf_core::{Error, Result};
 
 const CA_NAME: &str = "Dockvpn CA";
-const SERVER_NAME: &str = "dockvpn-server";
+pub const SERVER_NAME: &str = "dockvpn-server";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
 
@@ -67,11 +67,11 @@ impl Pki {
         }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    fn client_path(&self, name: &str, extension: &str) -> PathBuf {
+    pub fn client_path(&self, name: &str, extension: &str) -> PathBuf {
         self.dir.join("clients").join(format!("{name}.{extension}"))
     }
 
@@ -113,6 +113,10 @@ impl Pki {
 
         let server_key = KeyPair::generate().map_err(cert_error("generate the server key"))?;
         let mut server = leaf_params(SERVER_NAME, LEAF_YEARS)?;
+        // OpenVPN ignores names; a SAN lets generic TLS clients (and our tests) verify too.
+        server.subject_alt_names = vec![rcgen::SanType::DnsName(
+            SERVER_NAME.try_into().map_err(cert_error("server name"))?,
+        )];
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_cert = server
             .signed_by(&server_key, &issuer)

@@ -2,6 +2,8 @@
 //! is fed datagrams, tun packets and time and returns datagrams, tun packets and events.
 
 pub mod data;
+#[cfg(test)]
+mod engine_tests;
 pub mod keymethod;
 pub mod packet;
 pub mod reliable;

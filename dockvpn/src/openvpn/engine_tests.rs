@@ -1,0 +1,501 @@
+//! The whole engine without sockets: a minimal OpenVPN client (rustls + the same framing)
+//! talks to `Server` over an in-memory wire that can lose, duplicate and reorder datagrams,
+//! on a virtual clock.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use super::data::{Cipher, DataChannel, KEY_MATERIAL_LEN};
+use super::keymethod;
+use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
+use super::reliable::Reliable;
+use super::server::{EngineConfig, Event, Output, Server};
+use crate::pki::{Pki, SERVER_NAME};
+
+struct TestPki {
+    dir: std::path::PathBuf,
+    pki: Pki,
+}
+
+impl TestPki {
+    fn new(tag: &str) -> TestPki {
+        let dir = std::env::temp_dir().join(format!("dockvpn-engine-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = Pki::new(&dir);
+        pki.init(false).unwrap();
+        TestPki { dir, pki }
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn engine_config(pki: &Pki) -> EngineConfig {
+    EngineConfig {
+        tls: pki.server_tls_config().unwrap(),
+        pool: "10.8.0.0/24".parse().unwrap(),
+        ciphers: vec![Cipher::Aes256Gcm, Cipher::Aes128Gcm],
+        ping: Duration::from_secs(10),
+        ping_restart: Duration::from_secs(60),
+        handshake_window: Duration::from_secs(300),
+        redirect_gateway: false,
+        max_clients: 16,
+        max_handshaking: 4,
+    }
+}
+
+fn read(path: std::path::PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// Just enough of an OpenVPN 2.6 client.
+struct TestClient {
+    session_id: SessionId,
+    server_session: Option<SessionId>,
+    reliable: Reliable,
+    tls: rustls::ClientConnection,
+    tls_started: bool,
+    key_sent: bool,
+    plaintext: Vec<u8>,
+    push_reply: Option<String>,
+    data: Option<DataChannel>,
+    ciphers: &'static str,
+}
+
+impl TestClient {
+    fn new(pki: &Pki, name: &str, ciphers: &'static str) -> TestClient {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(read(pki.path("ca.crt")).as_bytes()).unwrap())
+            .unwrap();
+        let cert =
+            CertificateDer::from_pem_slice(read(pki.client_path(name, "crt")).as_bytes()).unwrap();
+        let key =
+            PrivateKeyDer::from_pem_slice(read(pki.client_path(name, "key")).as_bytes()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert], key)
+            .unwrap();
+        let tls = rustls::ClientConnection::new(
+            Arc::new(config),
+            ServerName::try_from(SERVER_NAME).unwrap(),
+        )
+        .unwrap();
+        let mut reliable = Reliable::default();
+        reliable.send(Opcode::HardResetClientV2, Vec::new());
+        TestClient {
+            session_id: rand_id(),
+            server_session: None,
+            reliable,
+            tls,
+            tls_started: false,
+            key_sent: false,
+            plaintext: Vec::new(),
+            push_reply: None,
+            data: None,
+            ciphers,
+        }
+    }
+
+    fn datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for packet in self.reliable.due(now) {
+            let acks = self.reliable.take_acks();
+            out.push(self.encode(packet.opcode, acks, Some(packet.id), &packet.payload));
+        }
+        while self.reliable.has_pending_acks() {
+            let acks = self.reliable.take_acks();
+            out.push(self.encode(Opcode::AckV1, acks, None, &[]));
+        }
+        out
+    }
+
+    fn encode(&self, opcode: Opcode, acks: Vec<u32>, id: Option<u32>, payload: &[u8]) -> Vec<u8> {
+        let acked_session = (!acks.is_empty()).then(|| self.server_session.unwrap());
+        ControlPacket {
+            opcode,
+            key_id: 0,
+            session_id: self.session_id,
+            acks,
+            acked_session,
+            message_id: id,
+            payload,
+        }
+        .encode()
+    }
+
+    fn receive(&mut self, datagram: &[u8]) {
+        let Packet::Control(packet) = decode(datagram).unwrap() else {
+            return;
+        };
+        self.server_session = Some(packet.session_id);
+        if packet.acked_session == Some(self.session_id) {
+            for &id in &packet.acks {
+                self.reliable.acknowledged(id);
+            }
+        }
+        if let Some(id) = packet.message_id {
+            self.reliable.receive(id, packet.opcode, packet.payload);
+        }
+        while let Some((opcode, payload)) = self.reliable.deliver() {
+            match opcode {
+                Opcode::HardResetServerV2 => self.tls_started = true,
+                Opcode::ControlV1 => {
+                    let mut slice = &payload[..];
+                    while !slice.is_empty() {
+                        self.tls.read_tls(&mut slice).unwrap();
+                    }
+                    self.tls.process_new_packets().unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if self.tls_started && !self.tls.is_handshaking() && !self.key_sent {
+            let peer_info = format!("IV_VER=2.6.14\nIV_PROTO=142\nIV_CIPHERS={}\n", self.ciphers);
+            self.tls
+                .writer()
+                .write_all(&keymethod::client_message(
+                    "V4,dev-type tun,tls-client",
+                    &peer_info,
+                ))
+                .unwrap();
+            self.tls.writer().write_all(b"PUSH_REQUEST\0").unwrap();
+            self.key_sent = true;
+        }
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = self.tls.reader().read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            self.plaintext.extend_from_slice(&chunk[..n]);
+        }
+        if let Some(start) = find(&self.plaintext, b"PUSH_REPLY") {
+            let end = start
+                + self.plaintext[start..]
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap();
+            let reply = String::from_utf8(self.plaintext[start..end].to_vec()).unwrap();
+            let option = |name: &str| {
+                reply
+                    .split(',')
+                    .find_map(|o| o.strip_prefix(name))
+                    .map(str::to_owned)
+            };
+            let cipher = Cipher::from_name(&option("cipher ").unwrap()).unwrap();
+            let peer_id: u32 = option("peer-id ").unwrap().parse().unwrap();
+            let mut material = [0u8; KEY_MATERIAL_LEN];
+            self.tls
+                .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
+                .unwrap();
+            self.data = Some(DataChannel::new(cipher, &material, false, 0, peer_id));
+            self.push_reply = Some(reply);
+            self.plaintext.clear();
+        }
+        if self.tls.wants_write() {
+            let mut ciphertext = Vec::new();
+            while self.tls.wants_write() {
+                self.tls.write_tls(&mut ciphertext).unwrap();
+            }
+            for chunk in ciphertext.chunks(1000) {
+                self.reliable.send(Opcode::ControlV1, chunk.to_vec());
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn rand_id() -> SessionId {
+    let mut id = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+    id
+}
+
+/// How the wire treats one batch of datagrams.
+type Wire = fn(usize, Vec<Vec<u8>>) -> Vec<Vec<u8>>;
+
+fn perfect(_: usize, batch: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    batch
+}
+
+/// Drops every third datagram, duplicates every fourth, and delivers each batch reversed.
+fn hostile(round: usize, batch: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (i, datagram) in batch.into_iter().enumerate() {
+        let n = round * 7 + i;
+        if n % 3 == 0 {
+            continue;
+        }
+        if n % 4 == 0 {
+            out.push(datagram.clone());
+        }
+        out.push(datagram);
+    }
+    out.reverse();
+    out
+}
+
+const CLIENT_ADDRESS: &str = "192.0.2.10:40000";
+
+/// Runs client and server until the client has its push reply; returns the virtual time taken.
+fn connect(server: &mut Server, client: &mut TestClient, wire: Wire, start: Instant) -> Duration {
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let mut now = start;
+    for round in 0..400 {
+        for datagram in wire(round, client.datagrams(now)) {
+            server.handle_datagram(now, peer, &datagram);
+        }
+        server.handle_timeout(now);
+        let mut to_client = Vec::new();
+        while let Some(output) = server.poll_output() {
+            if let Output::Transmit { datagram, .. } = output {
+                to_client.push(datagram);
+            }
+        }
+        for datagram in wire(round + 1, to_client) {
+            client.receive(&datagram);
+        }
+        if client.data.is_some() {
+            return now - start;
+        }
+        now += Duration::from_millis(250);
+    }
+    panic!("no push reply after 100 virtual seconds");
+}
+
+fn ipv4_packet(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
+    let mut packet = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0];
+    packet.extend_from_slice(&source.octets());
+    packet.extend_from_slice(&destination.octets());
+    packet.extend_from_slice(&[0; 8]);
+    packet
+}
+
+#[test]
+fn a_client_connects_and_exchanges_data_both_ways() {
+    let test = TestPki::new("connect");
+    let record = test
+        .pki
+        .add_client("alice", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let mut server = Server::new(engine_config(&test.pki));
+    server.set_clients(HashMap::from([("alice".to_owned(), record.address)]));
+    server.set_routes(["192.168.10.0/24".parse().unwrap()].into());
+    let mut client = TestClient::new(&test.pki, "alice", "AES-128-GCM:AES-256-GCM");
+    let now = Instant::now();
+    connect(&mut server, &mut client, perfect, now);
+
+    let reply = client.push_reply.clone().unwrap();
+    for option in [
+        "topology subnet",
+        "ifconfig 10.8.0.2 255.255.255.0",
+        "route-gateway 10.8.0.1",
+        "route 192.168.10.0 255.255.255.0",
+        "cipher AES-256-GCM",
+        "protocol-flags cc-exit tls-ekm",
+        "peer-id 0",
+    ] {
+        assert!(
+            reply.split(',').any(|o| o == option),
+            "{option} missing from {reply}"
+        );
+    }
+    assert!(!reply.contains("redirect-gateway"));
+    let connected = server.connected();
+    assert_eq!(connected.len(), 1);
+    assert_eq!(
+        (connected[0].name.as_str(), connected[0].cipher),
+        ("alice", Cipher::Aes256Gcm)
+    );
+
+    // Client → tun: keys derived on both sides from the TLS exporter agree.
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let left_host = Ipv4Addr::new(192, 168, 10, 2);
+    let upstream = ipv4_packet(record.address, left_host);
+    let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
+    server.handle_datagram(now, peer, &sealed);
+    let tun: Vec<Vec<u8>> = std::iter::from_fn(|| server.poll_output())
+        .filter_map(|o| match o {
+            Output::Tun(packet) => Some(packet),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tun, vec![upstream]);
+    // The same datagram again is a replay: nothing more reaches tun.
+    server.handle_datagram(now, peer, &sealed);
+    assert!(!std::iter::from_fn(|| server.poll_output()).any(|o| matches!(o, Output::Tun(_))));
+    assert_eq!(server.counters.replayed_data, 1);
+    // A spoofed source address never reaches tun either.
+    let spoofed = client
+        .data
+        .as_mut()
+        .unwrap()
+        .seal(&ipv4_packet(Ipv4Addr::new(10, 8, 0, 9), left_host))
+        .unwrap();
+    server.handle_datagram(now, peer, &spoofed);
+    assert!(!std::iter::from_fn(|| server.poll_output()).any(|o| matches!(o, Output::Tun(_))));
+    assert_eq!(server.counters.spoofed_source, 1);
+
+    // tun → client.
+    let downstream = ipv4_packet(left_host, record.address);
+    server.handle_tun_packet(now, &downstream);
+    let Some(Output::Transmit { to, datagram }) = server.poll_output() else {
+        panic!("nothing sent to the client");
+    };
+    assert_eq!(to, peer);
+    assert_eq!(
+        client.data.as_mut().unwrap().open(&datagram).unwrap(),
+        downstream
+    );
+}
+
+#[test]
+fn the_handshake_survives_loss_duplication_and_reordering() {
+    let test = TestPki::new("lossy");
+    let record = test
+        .pki
+        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let mut server = Server::new(engine_config(&test.pki));
+    server.set_clients(HashMap::from([("bob".to_owned(), record.address)]));
+    let mut client = TestClient::new(&test.pki, "bob", "AES-128-GCM");
+    let took = connect(&mut server, &mut client, hostile, Instant::now());
+    assert!(client
+        .push_reply
+        .as_ref()
+        .unwrap()
+        .contains("cipher AES-128-GCM"));
+    assert_eq!(server.connected().len(), 1);
+    assert!(
+        took >= Duration::from_secs(1),
+        "loss must have cost resends: {took:?}"
+    );
+}
+
+#[test]
+fn an_unregistered_client_gets_auth_failed_and_no_data_channel() {
+    let test = TestPki::new("unregistered");
+    test.pki
+        .add_client("carol", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let mut server = Server::new(engine_config(&test.pki));
+    let mut client = TestClient::new(&test.pki, "carol", "AES-256-GCM");
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let now = Instant::now();
+    let mut disconnected = None;
+    for _ in 0..20 {
+        for datagram in client.datagrams(now) {
+            server.handle_datagram(now, peer, &datagram);
+        }
+        while let Some(output) = server.poll_output() {
+            match output {
+                Output::Transmit { datagram, .. } => client.receive(&datagram),
+                Output::Event(Event::Disconnected { reason, .. }) => disconnected = Some(reason),
+                _ => {}
+            }
+        }
+    }
+    assert!(client.data.is_none());
+    assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
+    assert!(disconnected.unwrap().contains("no client named \"carol\""));
+    assert_eq!(server.session_count(), 0);
+}
+
+#[test]
+fn a_flood_of_hard_resets_cannot_grow_state_beyond_the_handshake_limit() {
+    let test = TestPki::new("flood");
+    let mut server = Server::new(engine_config(&test.pki));
+    let now = Instant::now();
+    for port in 0..1000u16 {
+        let reset = ControlPacket {
+            opcode: Opcode::HardResetClientV2,
+            key_id: 0,
+            session_id: [port as u8; 8],
+            acks: vec![],
+            acked_session: None,
+            message_id: Some(0),
+            payload: &[],
+        }
+        .encode();
+        let from = SocketAddr::from(([192, 0, 2, 1], 1024 + port));
+        server.handle_datagram(now, from, &reset);
+    }
+    assert_eq!(server.session_count(), 4);
+    assert_eq!(server.counters.refused_handshakes, 996);
+    // Half-open sessions expire with the handshake window, making room again.
+    server.handle_timeout(now + Duration::from_secs(301));
+    assert_eq!(server.session_count(), 0);
+}
+
+#[test]
+fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
+    let test = TestPki::new("fuzz");
+    let record = test
+        .pki
+        .add_client("dave", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let mut server = Server::new(engine_config(&test.pki));
+    server.set_clients(HashMap::from([("dave".to_owned(), record.address)]));
+    let mut client = TestClient::new(&test.pki, "dave", "AES-256-GCM");
+    let now = Instant::now();
+    connect(&mut server, &mut client, perfect, now);
+    let genuine = client
+        .data
+        .as_mut()
+        .unwrap()
+        .seal(&ipv4_packet(record.address, Ipv4Addr::new(192, 168, 10, 2)))
+        .unwrap();
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let mut seed = 0x2545_f491_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..20_000 {
+        let datagram: Vec<u8> = if i % 2 == 0 {
+            let len = (next() % 200) as usize;
+            (0..len).map(|_| next() as u8).collect()
+        } else {
+            let mut mutated = genuine.clone();
+            let at = (next() as usize) % mutated.len();
+            mutated[at] ^= (next() as u8) | 1;
+            mutated.truncate(mutated.len() - (next() as usize % 4));
+            mutated
+        };
+        let from = if i % 3 == 0 {
+            peer
+        } else {
+            SocketAddr::from(([192, 0, 2, 99], 5000 + (i % 7) as u16))
+        };
+        server.handle_datagram(now, from, &datagram);
+        while let Some(output) = server.poll_output() {
+            assert!(
+                !matches!(output, Output::Tun(_)),
+                "datagram {i} reached tun"
+            );
+        }
+    }
+    assert!(server.counters.total() > 0);
+    assert_eq!(
+        server.connected().len(),
+        1,
+        "the genuine client is still connected"
+    );
+}
