@@ -45,7 +45,7 @@ fn main() {
         }),
         "test" => install_debian_packages().and_then(|()| test()),
         "bench" => install_debian_packages().and_then(|()| {
-            for bench in ["chain-bench", "firewall-bench", "dhcp-bench"] {
+            for bench in ["chain-bench", "firewall-bench", "dhcp-bench", "vpn-bench"] {
                 cargo(&[
                     "run",
                     "--quiet",

@@ -15,6 +15,7 @@ const MAX_STRING: usize = 4096;
 
 /// Peer-info IV_PROTO bits.
 pub const IV_PROTO_DATA_V2: u32 = 1 << 1;
+pub const IV_PROTO_REQUEST_PUSH: u32 = 1 << 2;
 pub const IV_PROTO_TLS_KEY_EXPORT: u32 = 1 << 3;
 pub const IV_PROTO_CC_EXIT_NOTIFY: u32 = 1 << 7;
 

@@ -175,6 +175,10 @@ impl Session {
             match keymethod::parse_client_message(&self.plaintext) {
                 Ok((message, used)) => {
                     self.plaintext.drain(..used);
+                    // Clients that say so get their configuration at once, without waiting
+                    // for the PUSH_REQUEST they would send a second later.
+                    self.push_requested =
+                        message.peer_info.proto() & keymethod::IV_PROTO_REQUEST_PUSH != 0;
                     self.client = Some(message);
                     self.send_plaintext(&keymethod::server_message(server_options, random));
                 }

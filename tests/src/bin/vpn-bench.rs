@@ -1,0 +1,112 @@
+//! Dockvpn benchmark for BENCHMARKS.md (run with `cargo xtask bench`): connect time (client
+//! start → "Initialization Sequence Completed") of the stock openvpn 2.6 client against
+//! Dockvpn and against an `openvpn` 2.6 server with the equivalent config (same PKI, pool
+//! size, pushed route, ciphers, keepalive), interleaved in one run; then one iperf3 TCP run
+//! through each tunnel and each server's idle RSS.
+
+use std::time::{Duration, Instant};
+
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
+use docknfv_tests::measure::{iperf_tcp_gbps, median, rss_kib};
+use docknfv_tests::openvpn::{issue_profile, OpenvpnClient};
+use docknfv_tests::traffic::ping;
+use docknfv_tests::{Chain, Vnf};
+
+const ROUNDS: usize = 5;
+const OPENVPN_PORT: u16 = 1195;
+
+fn connect_ms(chain: &Chain, profile: &str) -> (f64, OpenvpnClient) {
+    let started = Instant::now();
+    let client = OpenvpnClient::start(&chain.right_host, profile, &[]);
+    client.wait_connected().unwrap_or_else(|e| panic!("{e}"));
+    (started.elapsed().as_secs_f64() * 1000.0, client)
+}
+
+fn main() {
+    // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
+    unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
+    let chain = Chain::new();
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    // The openvpn server does not masquerade: the left gateway routes its pool back.
+    chain
+        .left_gateway
+        .ip(&["route", "add", "10.9.0.0/24", "via", SI_LEFT]);
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["--left-route", LEFT_HOST_NET, "run"],
+    );
+    dockvpn.wait_ready();
+    dockvpn
+        .wait_for_log("VPN server listening", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dockvpn_profile = issue_profile(&chain.si, &dockvpn, "bench", None);
+    let openvpn_profile = dockvpn_profile.replace(
+        "remote 10.0.2.2 1194",
+        &format!("remote 10.0.2.2 {OPENVPN_PORT}"),
+    );
+
+    let pki = dockvpn.state_dir().join("pki");
+    let server_config = format!(
+        "dev ovpn0\ndev-type tun\nproto udp\nport {OPENVPN_PORT}\nserver 10.9.0.0 255.255.255.0\n\
+         topology subnet\nca {pki}/ca.crt\ncert {pki}/server.crt\nkey {pki}/server.key\ndh none\n\
+         keepalive 10 60\ndata-ciphers AES-256-GCM:AES-128-GCM\n\
+         push \"route 192.168.10.0 255.255.255.0\"\nverb 3\n",
+        pki = pki.display()
+    );
+    let config_path = std::env::temp_dir().join(format!("vpn-bench-{}.conf", std::process::id()));
+    std::fs::write(&config_path, server_config).expect("write server config");
+    let mut command = chain.si.command("openvpn");
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--log-append", "/dev/stderr"]);
+    let openvpn_server = Vnf::spawn(command);
+    openvpn_server
+        .wait_for_log("Initialization Sequence Completed", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("openvpn server: {e}"));
+
+    let (mut dockvpn_ms, mut openvpn_ms) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for (profile, times) in [
+            (&dockvpn_profile, &mut dockvpn_ms),
+            (&openvpn_profile, &mut openvpn_ms),
+        ] {
+            let (ms, client) = connect_ms(&chain, profile);
+            assert!(
+                ping(&chain.right_host, LEFT_HOST),
+                "round {round}: no traffic through the tunnel"
+            );
+            times.push(ms);
+            drop(client);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let gbps = |profile: &str| {
+        let (_, client) = connect_ms(&chain, profile);
+        let gbps = iperf_tcp_gbps(&chain.right_host, &chain.left_host, LEFT_HOST, "3");
+        drop(client);
+        std::thread::sleep(Duration::from_millis(300));
+        gbps
+    };
+    let (dockvpn_gbps, openvpn_gbps) = (gbps(&dockvpn_profile), gbps(&openvpn_profile));
+    let (dockvpn_rss, openvpn_rss) = (rss_kib(dockvpn.pid()), rss_kib(openvpn_server.pid()));
+    let _ = std::fs::remove_file(&config_path);
+
+    println!(
+        "VPN benchmark ({ROUNDS} connects each, interleaved; then one 3 s iperf3 TCP run each)"
+    );
+    println!("                         Dockvpn    openvpn server");
+    println!(
+        "connect time median ms   {:>7.0}    {:>7.0}",
+        median(&mut dockvpn_ms),
+        median(&mut openvpn_ms)
+    );
+    println!("connect times ms         {dockvpn_ms:.0?}    {openvpn_ms:.0?}");
+    println!("iperf3 TCP Gbit/s        {dockvpn_gbps:>7.2}    {openvpn_gbps:>7.2}");
+    println!(
+        "server RSS MiB           {:>7.1}    {:>7.1}",
+        dockvpn_rss as f64 / 1024.0,
+        openvpn_rss as f64 / 1024.0
+    );
+}
