@@ -118,7 +118,7 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
 }
 
 #[test]
-fn two_clients_at_once_one_per_aes_gcm_cipher_and_an_iperf3_transfer() {
+fn two_clients_at_once_one_per_aes_gcm_cipher_and_tls_version_and_an_iperf3_transfer() {
     let (chain, mut dockvpn) = vpn_chain(&[]);
     let alice = OpenvpnClient::start(
         &chain.right_host,
@@ -129,7 +129,7 @@ fn two_clients_at_once_one_per_aes_gcm_cipher_and_an_iperf3_transfer() {
     let bob = OpenvpnClient::start(
         &chain.right_gateway,
         &issue_profile(&chain.si, &dockvpn, "bob", None),
-        &["--data-ciphers", "AES-128-GCM"],
+        &["--data-ciphers", "AES-128-GCM", "--tls-version-max", "1.2"],
     );
     alice
         .wait_connected()

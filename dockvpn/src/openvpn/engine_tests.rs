@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use super::data::{Cipher, DataChannel, KEY_MATERIAL_LEN};
+use super::data::{Cipher, DataChannel, KEY_MATERIAL_LEN, PING_MAGIC};
 use super::keymethod;
-use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
+use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTROL_PACKET};
 use super::reliable::Reliable;
-use super::server::{EngineConfig, Event, Output, Server};
+use super::server::{push_messages, EngineConfig, Event, Output, Server};
 use crate::pki::{Pki, SERVER_NAME};
+use ipnet::Ipv4Net;
 
 struct TestPki {
     dir: std::path::PathBuf,
@@ -264,6 +265,11 @@ fn connect(server: &mut Server, client: &mut TestClient, wire: Wire, start: Inst
         let mut to_client = Vec::new();
         while let Some(output) = server.poll_output() {
             if let Output::Transmit { datagram, .. } = output {
+                assert!(
+                    datagram.len() <= MAX_CONTROL_PACKET,
+                    "{} bytes",
+                    datagram.len()
+                );
                 to_client.push(datagram);
             }
         }
@@ -350,6 +356,11 @@ fn a_client_connects_and_exchanges_data_both_ways() {
     server.handle_datagram(now, peer, &spoofed);
     assert!(!std::iter::from_fn(|| server.poll_output()).any(|o| matches!(o, Output::Tun(_))));
     assert_eq!(server.counters.spoofed_source, 1);
+
+    // Keepalives are consumed by the server.
+    let ping = client.data.as_mut().unwrap().seal(&PING_MAGIC).unwrap();
+    server.handle_datagram(now, peer, &ping);
+    assert!(!std::iter::from_fn(|| server.poll_output()).any(|o| matches!(o, Output::Tun(_))));
 
     // tun → client.
     let downstream = ipv4_packet(left_host, record.address);
@@ -498,4 +509,86 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
         1,
         "the genuine client is still connected"
     );
+}
+
+#[test]
+fn keepalives_go_out_and_a_silent_client_is_reaped_after_ping_restart() {
+    let test = TestPki::new("reap");
+    let record = test
+        .pki
+        .add_client("erin", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let mut server = Server::new(engine_config(&test.pki));
+    server.set_clients(HashMap::from([("erin".to_owned(), record.address)]));
+    let mut client = TestClient::new(&test.pki, "erin", "AES-256-GCM");
+    let start = Instant::now();
+    let connected_at = start + connect(&mut server, &mut client, perfect, start);
+    // The client's last ACKs, so nothing is left to resend.
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    for datagram in client.datagrams(connected_at) {
+        server.handle_datagram(connected_at, peer, &datagram);
+    }
+    while server.poll_output().is_some() {}
+    assert_eq!(
+        server.next_timeout(),
+        Some(connected_at + Duration::from_secs(10))
+    );
+    server.handle_timeout(connected_at + Duration::from_secs(10));
+    let Some(Output::Transmit { datagram, .. }) = server.poll_output() else {
+        panic!("no keepalive");
+    };
+    assert_eq!(
+        client.data.as_mut().unwrap().open(&datagram).unwrap(),
+        PING_MAGIC
+    );
+    server.handle_timeout(connected_at + Duration::from_secs(61));
+    let reason = std::iter::from_fn(|| server.poll_output()).find_map(|o| match o {
+        Output::Event(Event::Disconnected { reason, .. }) => Some(reason),
+        _ => None,
+    });
+    assert!(reason.unwrap().contains("ping-restart"));
+    assert!(server.connected().is_empty());
+}
+
+#[test]
+fn push_reply_variants() {
+    let test = TestPki::new("push");
+    let mut config = engine_config(&test.pki);
+    let address = Ipv4Addr::new(10, 8, 0, 7);
+    let old_client = push_messages(
+        &config,
+        &Default::default(),
+        address,
+        3,
+        Cipher::Aes128Gcm,
+        false,
+    );
+    assert_eq!(old_client.len(), 1);
+    assert!(
+        old_client[0].contains(",key-derivation tls-ekm"),
+        "{old_client:?}"
+    );
+    assert!(!old_client[0].contains("protocol-flags"));
+
+    config.redirect_gateway = true;
+    let routes = (0..=255u8)
+        .map(|i| Ipv4Net::new(Ipv4Addr::new(172, 16, i, 0), 24).unwrap())
+        .collect();
+    let messages = push_messages(&config, &routes, address, 3, Cipher::Aes256Gcm, true);
+    assert!(messages.len() > 1);
+    for (i, message) in messages.iter().enumerate() {
+        assert!(
+            message.starts_with("PUSH_REPLY,") && message.len() <= 1024,
+            "{message}"
+        );
+        let last = i == messages.len() - 1;
+        assert!(message.ends_with(if last {
+            ",push-continuation 1"
+        } else {
+            ",push-continuation 2"
+        }));
+    }
+    let all = messages.join(",");
+    assert_eq!(all.matches(",route 172.16.").count(), 256);
+    assert!(all.contains(",redirect-gateway def1,"));
 }

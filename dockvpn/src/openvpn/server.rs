@@ -363,6 +363,7 @@ impl Server {
         ));
         session.address = Some(address);
         session.connected_at = Some(now);
+        session.last_sent = now;
         for message in push_messages(
             &self.config,
             &self.routes,
