@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{issue_profile, text, HostileRelay, OpenvpnClient, CONNECTED};
-use docknfv_tests::traffic::{ping, ping_output};
+use docknfv_tests::traffic::{ping, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
 
 /// The chain with Dockvpn running (pushing LEFT_HOST_NET) and the right side's direct path
@@ -99,6 +99,20 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
         ping(&chain.right_host, LEFT_HOST),
         "ping through the tunnel\n{}",
         dockvpn.log()
+    );
+    let (probe, peer) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        LEFT_HOST,
+        5201,
+        5201,
+    );
+    assert_eq!(probe, Probe::Passed);
+    assert_eq!(
+        peer.map(|p| p.ip().to_string()).as_deref(),
+        Some(SI_LEFT),
+        "masqueraded to the SI's left address"
     );
 
     let clients = clients_when(&chain.si, &dockvpn, |clients| {
@@ -335,5 +349,53 @@ fn client_commands_refuse_bad_input_with_the_fix() {
         text(&output).contains("unknown data cipher"),
         "{}",
         text(&output)
+    );
+}
+
+#[test]
+fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_back() {
+    let chain = Chain::new();
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    chain
+        .left_gateway
+        .ip(&["route", "add", "10.8.0.0/24", "via", "10.0.1.2"]);
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &[
+            "--left-route",
+            LEFT_HOST_NET,
+            "run",
+            "--masquerade",
+            "false",
+        ],
+    );
+    dockvpn.wait_ready();
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, &dockvpn, "frank", None),
+        &[],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    let tables = chain.si.exec("nft", &["list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("dockvpn"),
+        "no NAT table"
+    );
+    // The left host sees, and answers, the client's own address.
+    let (probe, peer) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        LEFT_HOST,
+        5201,
+        5201,
+    );
+    assert_eq!(probe, Probe::Passed);
+    assert_eq!(
+        peer.map(|p| p.ip().to_string()).as_deref(),
+        Some("10.8.0.2")
     );
 }
