@@ -108,6 +108,7 @@ pub async fn run(
 ) -> Result<()> {
     config.selectors.validate()?;
     config.routing.validate()?;
+    require_net_admin()?;
     // Subscribe before the first dump so no change slips between them.
     let mut events = Kernel::watch()?;
     let kernel = Kernel::connect()?;
@@ -218,6 +219,27 @@ pub fn with_lease_gateways(
         }
     }
     routing
+}
+
+/// Routes, rules, addresses and nftables all need CAP_NET_ADMIN; without it every change
+/// fails with EPERM, which looks transient. Say so once and stop.
+fn require_net_admin() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| Error::Io {
+        context: "read /proc/self/status".into(),
+        source,
+    })?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(u64::MAX);
+    if effective & (1 << CAP_NET_ADMIN) == 0 {
+        return Err(Error::Vnf(
+            "missing the NET_ADMIN capability, needed to configure routes, rules and nftables: start the container with --cap-add NET_ADMIN (compose: cap_add: [NET_ADMIN])".into(),
+        ));
+    }
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -1,6 +1,8 @@
 //! `cargo xtask demo | test | bench | deps`: the README's commands. Each installs the Debian
 //! packages it needs first (idempotent: apt runs only when something is missing).
 
+mod images;
+
 use std::process::{exit, Command};
 
 /// Debian packages the namespace chain and its tests use.
@@ -16,6 +18,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "busybox",
     "nftables",
     "openvpn",
+    "docker.io",
+    "debootstrap",
+    "docker-compose",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -23,7 +28,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   demo    build, bring up a namespace service chain, run `dockwall run` as the SI,
           show traffic crossing it, tear down
-  test    fmt check, clippy -D warnings, and every test (unit + namespace end-to-end)
+  test    fmt check, clippy -D warnings, and every test (unit, namespace end-to-end, and
+          Docker end-to-end: starts dockerd when none runs and builds the images first)
+  images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host); without
+          registry access the base is bootstrapped with debootstrap
   bench   the benchmarks recorded in BENCHMARKS.md (release build, about 7 minutes)
   deps    only install the Debian packages
 
@@ -44,6 +52,7 @@ fn main() {
             ])
         }),
         "test" => install_debian_packages().and_then(|()| test()),
+        "images" => install_debian_packages().and_then(|()| images::build()),
         "bench" => install_debian_packages().and_then(|()| {
             for bench in ["chain-bench", "firewall-bench", "dhcp-bench", "vpn-bench"] {
                 cargo(&[
@@ -81,6 +90,7 @@ fn test() -> Result<(), String> {
         "-D",
         "warnings",
     ])?;
+    images::build()?;
     cargo_test(&["test", "--workspace", "--all-targets"])
 }
 
