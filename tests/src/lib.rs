@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod dnsmasq;
+pub mod docker;
 pub mod dockwall;
 pub mod measure;
 pub mod netns;

@@ -1,0 +1,563 @@
+//! The service chain on a real Docker engine, driven with bollard: two internal networks (the
+//! left and right VNs), SIs started the way an orchestrator does — `docker run` on the left
+//! network, then `docker network connect` to the right one — and hosts whose routes send
+//! traffic between the VNs through the SI (what Contrail's route leaking does). Everything
+//! the chain creates carries its labels and is removed on drop, also when a test panics; a
+//! run killed by Ctrl-C is cleaned up by the next one (labels name the owning pid).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, EndpointIpamConfig, EndpointSettings, ExecConfig,
+    HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+
+const OWNER_LABEL: &str = "docknfv.test.pid";
+const CHAIN_LABEL: &str = "docknfv.test.chain";
+
+/// The images `cargo xtask images` builds.
+pub const DOCKWALL_IMAGE: &str = "docknfv/dockwall:latest";
+pub const DOCKVPN_IMAGE: &str = "docknfv/dockvpn:latest";
+pub const DNSMASQ_IMAGE: &str = "docknfv/dnsmasq:latest";
+pub const HOST_IMAGE: &str = "docknfv/host:latest";
+
+/// What to start: `docker run` with these settings on one network.
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    /// Suffix of the container name (the chain's prefix comes first).
+    pub name: String,
+    pub image: String,
+    pub network: String,
+    pub address: String,
+    pub mac: Option<String>,
+    pub cap_add: Vec<String>,
+    pub sysctls: Vec<(String, String)>,
+    pub env: Vec<String>,
+    pub cmd: Option<Vec<String>>,
+    pub tun_device: bool,
+    /// A named volume (created for the chain, removed with it) and where it is mounted.
+    pub volume: Option<String>,
+}
+
+impl Spec {
+    pub fn new(name: &str, image: &str, network: &str, address: &str) -> Spec {
+        Spec {
+            name: name.into(),
+            image: image.into(),
+            network: network.into(),
+            address: address.into(),
+            ..Spec::default()
+        }
+    }
+
+    /// An SI: NET_ADMIN and the forwarding sysctls, as documented for `docker run`.
+    pub fn service_instance(name: &str, image: &str, network: &str, address: &str) -> Spec {
+        Spec {
+            cap_add: vec!["NET_ADMIN".into()],
+            sysctls: vec![
+                ("net.ipv4.ip_forward".into(), "1".into()),
+                ("net.ipv4.conf.all.rp_filter".into(), "2".into()),
+                ("net.ipv4.conf.default.rp_filter".into(), "2".into()),
+                ("net.ipv4.fwmark_reflect".into(), "1".into()),
+            ],
+            ..Spec::new(name, image, network, address)
+        }
+    }
+
+    pub fn with_cmd(mut self, cmd: &[&str]) -> Spec {
+        self.cmd = Some(cmd.iter().map(|s| s.to_string()).collect());
+        self
+    }
+}
+
+pub struct DockerChain {
+    runtime: tokio::runtime::Runtime,
+    docker: Docker,
+    pub prefix: String,
+    pub left: String,
+    pub right: String,
+    /// e.g. "10.201.4" for the left network 10.201.4.0/24.
+    pub left_net: String,
+    pub right_net: String,
+}
+
+/// Panics unless a Docker daemon answers and the chain images exist.
+pub fn require_docker() -> Docker {
+    let docker =
+        Docker::connect_with_local_defaults().unwrap_or_else(|e| panic!("no Docker client: {e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        if let Err(error) = docker.ping().await {
+            panic!("the Docker daemon does not answer ({error}): install docker.io and start dockerd (cargo xtask test does both)");
+        }
+        for image in [DOCKWALL_IMAGE, DOCKVPN_IMAGE, DNSMASQ_IMAGE, HOST_IMAGE] {
+            if docker.inspect_image(image).await.is_err() {
+                panic!("image {image} is missing: run `cargo xtask images` (cargo xtask test does)");
+            }
+        }
+    });
+    docker
+}
+
+impl DockerChain {
+    pub fn new() -> DockerChain {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let docker = require_docker();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        // Subnets unique per chain of this process; a stale chain holding one is removed first.
+        let third = (2 * (n + pid * 3) % 250) as u8;
+        let chain = DockerChain {
+            runtime,
+            docker,
+            prefix: format!("docknfv-{pid}-{n}"),
+            left: format!("docknfv-{pid}-{n}-left"),
+            right: format!("docknfv-{pid}-{n}-right"),
+            left_net: format!("10.201.{third}"),
+            right_net: format!("10.201.{}", third + 1),
+        };
+        chain.remove_stale();
+        for (name, net, bridge) in [
+            (&chain.left, &chain.left_net, chain.bridge("l")),
+            (&chain.right, &chain.right_net, chain.bridge("r")),
+        ] {
+            chain
+                .block_on(chain.docker.create_network(NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    internal: Some(true),
+                    options: Some(HashMap::from([(
+                        "com.docker.network.bridge.name".to_owned(),
+                        bridge.clone(),
+                    )])),
+                    ipam: Some(Ipam {
+                        config: Some(vec![IpamConfig {
+                            subnet: Some(format!("{net}.0/24")),
+                            gateway: Some(format!("{net}.1")),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    labels: Some(chain.labels()),
+                    ..Default::default()
+                }))
+                .unwrap_or_else(|e| panic!("create network {name}: {e}"));
+            allow_routing_within(&bridge, true);
+        }
+        chain
+    }
+
+    /// An SI on the left network at `.2`, its sides pinned by subnet: Docker does not keep
+    /// the order of a container's interfaces across `docker restart`.
+    pub fn service_instance(&self, name: &str, image: &str) -> Spec {
+        let mut spec =
+            Spec::service_instance(name, image, &self.left, &format!("{}.2", self.left_net));
+        spec.env = vec![
+            format!("VNF_LEFT=cidr:{}.0/24", self.left_net),
+            format!("VNF_RIGHT=cidr:{}.0/24", self.right_net),
+        ];
+        spec
+    }
+
+    /// The Linux bridge of one of the chain's networks (named, so iptables can refer to it).
+    fn bridge(&self, side: &str) -> String {
+        let suffix = self.prefix.trim_start_matches("docknfv-").replace('-', "");
+        format!("dn{side}{}", &suffix[suffix.len().saturating_sub(11)..])
+    }
+
+    fn labels(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (OWNER_LABEL.to_owned(), std::process::id().to_string()),
+            (CHAIN_LABEL.to_owned(), self.prefix.clone()),
+        ])
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    /// `docker run -d` (create + start) of `spec`; returns the container name.
+    pub fn run(&self, spec: Spec) -> String {
+        let name = self.name(&spec.name);
+        let mut endpoints = HashMap::new();
+        endpoints.insert(
+            spec.network.clone(),
+            EndpointSettings {
+                ipam_config: Some(EndpointIpamConfig {
+                    ipv4_address: Some(spec.address.clone()),
+                    ..Default::default()
+                }),
+                mac_address: spec.mac.clone(),
+                ..Default::default()
+            },
+        );
+        let binds = spec.volume.as_ref().map(|mount| {
+            vec![format!(
+                "{}:{mount}",
+                self.name(&format!("{}-state", spec.name))
+            )]
+        });
+        let host_config = HostConfig {
+            network_mode: Some(spec.network.clone()),
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            sysctls: (!spec.sysctls.is_empty()).then(|| spec.sysctls.iter().cloned().collect()),
+            devices: spec.tun_device.then(|| {
+                vec![DeviceMapping {
+                    path_on_host: Some("/dev/net/tun".into()),
+                    path_in_container: Some("/dev/net/tun".into()),
+                    cgroup_permissions: Some("rwm".into()),
+                }]
+            }),
+            binds,
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+            cmd: spec.cmd.clone(),
+            labels: Some(self.labels()),
+            mac_address: spec.mac.clone(),
+            host_config: Some(host_config),
+            networking_config: Some(bollard::models::NetworkingConfig {
+                endpoints_config: Some(endpoints),
+            }),
+            ..Default::default()
+        };
+        if spec.volume.is_some() {
+            self.block_on(
+                self.docker
+                    .create_volume(bollard::models::VolumeCreateOptions {
+                        name: Some(self.name(&format!("{}-state", spec.name))),
+                        labels: Some(self.labels()),
+                        ..Default::default()
+                    }),
+            )
+            .unwrap_or_else(|e| panic!("create volume: {e}"));
+        }
+        self.block_on(async {
+            self.docker
+                .create_container(
+                    Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                    body,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("create {name}: {e}"));
+            self.docker
+                .start_container(
+                    &name,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        });
+        name
+    }
+
+    /// `docker network connect NETWORK CONTAINER --ip ADDRESS`.
+    pub fn connect(&self, container: &str, network: &str, address: &str) {
+        self.block_on(self.docker.connect_network(
+            network,
+            NetworkConnectRequest {
+                container: Some(container.into()),
+                endpoint_config: Some(EndpointSettings {
+                    ipam_config: Some(EndpointIpamConfig {
+                        ipv4_address: Some(address.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .unwrap_or_else(|e| panic!("connect {container} to {network}: {e}"));
+    }
+
+    /// `docker exec CONTAINER CMD…`: exit code and combined output.
+    pub fn exec(&self, container: &str, cmd: &[&str]) -> (i64, String) {
+        self.block_on(async {
+            let exec = self
+                .docker
+                .create_exec(
+                    container,
+                    ExecConfig {
+                        cmd: Some(cmd.iter().map(|s| s.to_string()).collect()),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("exec {cmd:?} in {container}: {e}"));
+            let mut text = String::new();
+            if let bollard::exec::StartExecResults::Attached { mut output, .. } = self
+                .docker
+                .start_exec(&exec.id, None)
+                .await
+                .unwrap_or_else(|e| panic!("start exec: {e}"))
+            {
+                while let Some(Ok(chunk)) = output.next().await {
+                    text.push_str(&chunk.to_string());
+                }
+            }
+            let code = self
+                .docker
+                .inspect_exec(&exec.id)
+                .await
+                .ok()
+                .and_then(|i| i.exit_code)
+                .unwrap_or(-1);
+            (code, text)
+        })
+    }
+
+    /// Runs `cmd` in the container and panics with its output unless it succeeds.
+    pub fn exec_ok(&self, container: &str, cmd: &[&str]) -> String {
+        let (code, output) = self.exec(container, cmd);
+        assert_eq!(code, 0, "{cmd:?} in {container}: {output}");
+        output
+    }
+
+    pub fn logs(&self, container: &str) -> String {
+        self.block_on(async {
+            let options = LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .build();
+            let mut stream = self.docker.logs(container, Some(options));
+            let mut text = String::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                text.push_str(&chunk.to_string());
+            }
+            text
+        })
+    }
+
+    pub fn wait_for_log(
+        &self,
+        container: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.logs(container);
+            if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no log line with {needle:?} in {container} within {timeout:?}:\n{logs}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn state(&self, container: &str) -> bollard::models::ContainerState {
+        self.block_on(self.docker.inspect_container(
+            container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        ))
+        .unwrap_or_else(|e| panic!("inspect {container}: {e}"))
+        .state
+        .unwrap_or_default()
+    }
+
+    /// Waits until the HEALTHCHECK reports healthy; the logs on failure.
+    pub fn wait_healthy(&self, container: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.state(container);
+            let health = state.health.and_then(|h| h.status).map(|s| s.to_string());
+            if health.as_deref() == Some("healthy") {
+                return;
+            }
+            if Instant::now() >= deadline || state.running == Some(false) {
+                panic!(
+                    "{container} not healthy (health {health:?}, running {:?}); logs:\n{}",
+                    state.running,
+                    self.logs(container)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for the container to stop by itself; its exit code.
+    pub fn wait_exit(&self, container: &str, timeout: Duration) -> i64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.state(container);
+            if state.running == Some(false) {
+                return state.exit_code.unwrap_or(-1);
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{container} still running after {timeout:?}; logs:\n{}",
+                    self.logs(container)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `docker restart` (SIGTERM, then start again with the same volume).
+    pub fn restart(&self, container: &str) {
+        self.block_on(self.docker.restart_container(
+            container,
+            None::<bollard::query_parameters::RestartContainerOptions>,
+        ))
+        .unwrap_or_else(|e| panic!("restart {container}: {e}"));
+    }
+
+    pub fn ping(&self, container: &str, address: &str) -> bool {
+        self.exec(container, &["ping", "-c", "1", "-W", "1", address])
+            .0
+            == 0
+    }
+
+    /// Removes what an earlier run left behind when its process is gone (Ctrl-C, kill).
+    fn remove_stale(&self) {
+        let alive = |labels: &Option<HashMap<String, String>>| {
+            labels
+                .as_ref()
+                .and_then(|l| l.get(OWNER_LABEL))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        };
+        let filters = HashMap::from([("label", vec![OWNER_LABEL])]);
+        let containers = self
+            .block_on(
+                self.docker.list_containers(Some(
+                    ListContainersOptionsBuilder::default()
+                        .all(true)
+                        .filters(&filters)
+                        .build(),
+                )),
+            )
+            .unwrap_or_default();
+        for container in containers.iter().filter(|c| !alive(&c.labels)) {
+            if let Some(id) = &container.id {
+                self.remove_container(id);
+            }
+        }
+        let networks = self
+            .block_on(
+                self.docker.list_networks(Some(
+                    ListNetworksOptionsBuilder::default()
+                        .filters(&filters)
+                        .build(),
+                )),
+            )
+            .unwrap_or_default();
+        for network in networks
+            .iter()
+            .filter(|n| !alive(&n.labels.clone().map(|l| l.into_iter().collect())))
+        {
+            if let Some(id) = &network.id {
+                let _ = self.block_on(self.docker.remove_network(id));
+            }
+        }
+    }
+
+    fn remove_container(&self, id: &str) {
+        let _ = self.block_on(
+            self.docker.remove_container(
+                id,
+                Some(
+                    RemoveContainerOptionsBuilder::default()
+                        .force(true)
+                        .v(true)
+                        .build(),
+                ),
+            ),
+        );
+    }
+}
+
+/// Docker isolates an internal network: a bridged packet whose source or destination lies
+/// outside the subnet is dropped, which is every packet an SI routes between VNs. Accepting
+/// traffic that enters and leaves the same bridge (DOCKER-USER runs first) plays the part of
+/// the network policy that lets a service chain through.
+fn allow_routing_within(bridge: &str, allow: bool) {
+    let rule = ["DOCKER-USER", "-i", bridge, "-o", bridge, "-j", "ACCEPT"];
+    let mut command = std::process::Command::new("iptables");
+    command.arg(if allow { "-I" } else { "-D" }).args(rule);
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("iptables: {e} (apt-get install iptables)"));
+    if allow {
+        assert!(
+            output.status.success(),
+            "iptables {rule:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Default for DockerChain {
+    fn default() -> Self {
+        DockerChain::new()
+    }
+}
+
+impl Drop for DockerChain {
+    fn drop(&mut self) {
+        let filters = HashMap::from([("label", vec![format!("{CHAIN_LABEL}={}", self.prefix)])]);
+        let containers = self
+            .block_on(
+                self.docker.list_containers(Some(
+                    ListContainersOptionsBuilder::default()
+                        .all(true)
+                        .filters(&filters)
+                        .build(),
+                )),
+            )
+            .unwrap_or_default();
+        for container in containers {
+            if let Some(id) = container.id {
+                self.remove_container(&id);
+            }
+        }
+        for network in [self.left.clone(), self.right.clone()] {
+            let _ = self.block_on(self.docker.remove_network(&network));
+        }
+        for side in ["l", "r"] {
+            allow_routing_within(&self.bridge(side), false);
+        }
+        let volumes = self
+            .block_on(
+                self.docker.list_volumes(Some(
+                    bollard::query_parameters::ListVolumesOptionsBuilder::default()
+                        .filters(&filters)
+                        .build(),
+                )),
+            )
+            .ok()
+            .and_then(|v| v.volumes)
+            .unwrap_or_default();
+        for volume in volumes {
+            let _ = self.block_on(self.docker.remove_volume(
+                &volume.name,
+                Some(RemoveVolumeOptionsBuilder::default().force(true).build()),
+            ));
+        }
+    }
+}
