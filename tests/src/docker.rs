@@ -427,6 +427,23 @@ impl DockerChain {
         .unwrap_or_else(|e| panic!("restart {container}: {e}"));
     }
 
+    /// The container's main process as the host sees it.
+    pub fn pid(&self, container: &str) -> u32 {
+        self.state(container).pid.unwrap_or_default() as u32
+    }
+
+    /// `docker rm -f -v`.
+    pub fn remove(&self, container: &str) {
+        self.remove_container(container);
+    }
+
+    pub fn image_size(&self, image: &str) -> u64 {
+        self.block_on(self.docker.inspect_image(image))
+            .ok()
+            .and_then(|i| i.size)
+            .unwrap_or_default() as u64
+    }
+
     pub fn ping(&self, container: &str, address: &str) -> bool {
         self.exec(container, &["ping", "-c", "1", "-W", "1", address])
             .0

@@ -26,13 +26,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  demo    build, bring up a namespace service chain, run `dockwall run` as the SI,
-          show traffic crossing it, tear down
+  demo    build, bring up a service chain with Dockwall as the SI — on Docker when a
+          daemon answers (or dockerd can be started), else in network namespaces; show
+          traffic crossing it and a rule edit, tear down
   test    fmt check, clippy -D warnings, and every test (unit, namespace end-to-end, and
           Docker end-to-end: starts dockerd when none runs and builds the images first)
   images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host); without
           registry access the base is bootstrapped with debootstrap
-  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 7 minutes)
+  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 9 minutes)
   deps    only install the Debian packages
 
 All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
@@ -41,20 +42,18 @@ fn main() {
     let command = std::env::args().nth(1).unwrap_or_default();
     let result = match command.as_str() {
         "deps" => install_debian_packages(),
-        "demo" => install_debian_packages().and_then(|()| {
-            cargo(&[
-                "run",
-                "--quiet",
-                "--package",
-                "docknfv-tests",
-                "--bin",
-                "chain-demo",
-            ])
-        }),
+        "demo" => install_debian_packages().and_then(|()| demo()),
         "test" => install_debian_packages().and_then(|()| test()),
         "images" => install_debian_packages().and_then(|()| images::build()),
         "bench" => install_debian_packages().and_then(|()| {
-            for bench in ["chain-bench", "firewall-bench", "dhcp-bench", "vpn-bench"] {
+            images::build()?;
+            for bench in [
+                "chain-bench",
+                "firewall-bench",
+                "dhcp-bench",
+                "vpn-bench",
+                "docker-bench",
+            ] {
                 cargo(&[
                     "run",
                     "--quiet",
@@ -77,6 +76,27 @@ fn main() {
         eprintln!("xtask: {error}");
         exit(1);
     }
+}
+
+/// On Docker when a daemon answers (or can be started), else in network namespaces.
+fn demo() -> Result<(), String> {
+    let on_docker = images::ensure_daemon().is_ok();
+    let demo = if on_docker {
+        println!("demo: a Docker daemon answers; running the chain as containers");
+        images::build()?;
+        "docker-demo"
+    } else {
+        println!("demo: no Docker daemon; running the chain in network namespaces");
+        "chain-demo"
+    };
+    cargo(&[
+        "run",
+        "--quiet",
+        "--package",
+        "docknfv-tests",
+        "--bin",
+        demo,
+    ])
 }
 
 fn test() -> Result<(), String> {
