@@ -4,6 +4,7 @@
 //! parallel.
 
 pub mod chain;
+pub mod demo;
 pub mod dnsmasq;
 pub mod docker;
 pub mod dockwall;

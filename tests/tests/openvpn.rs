@@ -45,6 +45,20 @@ fn tunnel_routes(ns: &Netns) -> Vec<String> {
     routes
 }
 
+/// The source address the left host sees on a TCP connection from the right host.
+fn left_host_sees(chain: &Chain) -> String {
+    let (probe, peer) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        LEFT_HOST,
+        5201,
+        5201,
+    );
+    assert_eq!(probe, Probe::Passed);
+    peer.map(|p| p.ip().to_string()).unwrap_or_default()
+}
+
 fn status_json(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
     let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
@@ -100,18 +114,9 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
         "ping through the tunnel\n{}",
         dockvpn.log()
     );
-    let (probe, peer) = tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        LEFT_HOST,
-        5201,
-        5201,
-    );
-    assert_eq!(probe, Probe::Passed);
     assert_eq!(
-        peer.map(|p| p.ip().to_string()).as_deref(),
-        Some(SI_LEFT),
+        left_host_sees(&chain),
+        SI_LEFT,
         "masqueraded to the SI's left address"
     );
 
@@ -385,17 +390,5 @@ fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_ba
         "no NAT table"
     );
     // The left host sees, and answers, the client's own address.
-    let (probe, peer) = tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        LEFT_HOST,
-        5201,
-        5201,
-    );
-    assert_eq!(probe, Probe::Passed);
-    assert_eq!(
-        peer.map(|p| p.ip().to_string()).as_deref(),
-        Some("10.8.0.2")
-    );
+    assert_eq!(left_host_sees(&chain), "10.8.0.2");
 }

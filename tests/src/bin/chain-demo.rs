@@ -3,21 +3,10 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST};
+use docknfv_tests::demo::{outcome, step};
 use docknfv_tests::dockwall::Dockwall;
 use docknfv_tests::traffic::{ping, tcp_exchange};
 use docknfv_tests::{Chain, Vnf};
-
-fn step(text: &str) {
-    println!("\n==> {text}");
-}
-
-fn outcome(ok: bool) -> &'static str {
-    if ok {
-        "passes"
-    } else {
-        "BLOCKED"
-    }
-}
 
 fn main() {
     step("building the chain: left host ─ left gateway ─ [SI] ─ right gateway ─ right host");

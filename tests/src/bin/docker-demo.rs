@@ -4,19 +4,8 @@
 
 use std::time::Duration;
 
+use docknfv_tests::demo::{outcome, step};
 use docknfv_tests::docker::{DockerChain, Spec, DOCKWALL_IMAGE, HOST_IMAGE};
-
-fn step(text: &str) {
-    println!("\n==> {text}");
-}
-
-fn outcome(ok: bool) -> &'static str {
-    if ok {
-        "passes"
-    } else {
-        "BLOCKED"
-    }
-}
 
 fn main() {
     step("creating the left and right VNs (internal Docker networks)");
