@@ -248,7 +248,7 @@ impl Server {
             }
             if let Some(old) = self.sessions.get_mut(&from) {
                 old.close("the client started a new session");
-                self.reap(now);
+                self.reap();
             }
             if !self.admit_new_session(now, from, packet) {
                 return;
@@ -544,10 +544,10 @@ impl Server {
                 });
             }
         }
-        self.reap(now);
+        self.reap();
     }
 
-    fn reap(&mut self, _now: Instant) {
+    fn reap(&mut self) {
         let closed: Vec<SocketAddr> = self
             .sessions
             .values()
