@@ -161,6 +161,11 @@ pub fn build() -> Result<(), String> {
             )
             .map_err(|e| format!("copy the {binary} binary: {e}"))?;
         }
+        std::fs::copy(
+            root.join("images/common/runtime-closure.sh"),
+            context.join("runtime-closure.sh"),
+        )
+        .map_err(|e| format!("copy runtime-closure.sh: {e}"))?;
         // The legacy builder needs no BuildKit frontend image; host networking lets apt
         // reach the Debian mirror the host uses.
         run(Command::new("docker")
