@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bollard::models::{
-    ContainerCreateBody, DeviceMapping, EndpointIpamConfig, EndpointSettings, ExecConfig,
-    HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    ContainerCreateBody, ContainerSummary, DeviceMapping, EndpointIpamConfig, EndpointSettings,
+    ExecConfig, HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
@@ -459,22 +459,16 @@ impl DockerChain {
                 .and_then(|pid| pid.parse::<u32>().ok())
                 .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
         };
-        let filters = HashMap::from([("label", vec![OWNER_LABEL])]);
-        let containers = self
-            .block_on(
-                self.docker.list_containers(Some(
-                    ListContainersOptionsBuilder::default()
-                        .all(true)
-                        .filters(&filters)
-                        .build(),
-                )),
-            )
-            .unwrap_or_default();
-        for container in containers.iter().filter(|c| !alive(&c.labels)) {
+        for container in self
+            .containers_labelled(OWNER_LABEL)
+            .iter()
+            .filter(|c| !alive(&c.labels))
+        {
             if let Some(id) = &container.id {
                 self.remove_container(id);
             }
         }
+        let filters = HashMap::from([("label", vec![OWNER_LABEL])]);
         let networks = self
             .block_on(
                 self.docker.list_networks(Some(
@@ -492,6 +486,20 @@ impl DockerChain {
                 let _ = self.block_on(self.docker.remove_network(id));
             }
         }
+    }
+
+    /// Every container, running or not, carrying `label` (`key` or `key=value`).
+    fn containers_labelled(&self, label: &str) -> Vec<ContainerSummary> {
+        let filters = HashMap::from([("label", vec![label])]);
+        self.block_on(
+            self.docker.list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            )),
+        )
+        .unwrap_or_default()
     }
 
     fn remove_container(&self, id: &str) {
@@ -537,18 +545,8 @@ impl Default for DockerChain {
 
 impl Drop for DockerChain {
     fn drop(&mut self) {
-        let filters = HashMap::from([("label", vec![format!("{CHAIN_LABEL}={}", self.prefix)])]);
-        let containers = self
-            .block_on(
-                self.docker.list_containers(Some(
-                    ListContainersOptionsBuilder::default()
-                        .all(true)
-                        .filters(&filters)
-                        .build(),
-                )),
-            )
-            .unwrap_or_default();
-        for container in containers {
+        let chain_label = format!("{CHAIN_LABEL}={}", self.prefix);
+        for container in self.containers_labelled(&chain_label) {
             if let Some(id) = container.id {
                 self.remove_container(&id);
             }
@@ -559,6 +557,7 @@ impl Drop for DockerChain {
         for side in ["l", "r"] {
             allow_routing_within(&self.bridge(side), false);
         }
+        let filters = HashMap::from([("label", vec![chain_label])]);
         let volumes = self
             .block_on(
                 self.docker.list_volumes(Some(
