@@ -9,18 +9,21 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bollard::models::{
-    ContainerCreateBody, ContainerSummary, DeviceMapping, EndpointIpamConfig, EndpointSettings,
-    ExecConfig, HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    ContainerCreateBody, DeviceMapping, EndpointIpamConfig, EndpointSettings, ExecConfig,
+    HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+    ListVolumesOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
 
 const OWNER_LABEL: &str = "docknfv.test.pid";
 const CHAIN_LABEL: &str = "docknfv.test.chain";
+/// The network option naming its Linux bridge, which the DOCKER-USER allowance refers to.
+const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 
 /// The images `cargo xtask images` builds.
 pub const DOCKWALL_IMAGE: &str = "docknfv/dockwall:latest";
@@ -130,6 +133,7 @@ impl DockerChain {
             left_net: format!("10.201.{third}"),
             right_net: format!("10.201.{}", third + 1),
         };
+        remove_chains_on_interrupt();
         chain.remove_stale();
         for (name, net, bridge) in [
             (&chain.left, &chain.left_net, chain.bridge("l")),
@@ -141,7 +145,7 @@ impl DockerChain {
                     driver: Some("bridge".into()),
                     internal: Some(true),
                     options: Some(HashMap::from([(
-                        "com.docker.network.bridge.name".to_owned(),
+                        BRIDGE_NAME_OPTION.to_owned(),
                         bridge.clone(),
                     )])),
                     ipam: Some(Ipam {
@@ -450,71 +454,137 @@ impl DockerChain {
             == 0
     }
 
-    /// Removes what an earlier run left behind when its process is gone (Ctrl-C, kill).
+    /// Removes what an earlier run left behind when its process is gone (killed).
     fn remove_stale(&self) {
-        let alive = |labels: &Option<HashMap<String, String>>| {
-            labels
-                .as_ref()
-                .and_then(|l| l.get(OWNER_LABEL))
-                .and_then(|pid| pid.parse::<u32>().ok())
-                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        };
-        for container in self
-            .containers_labelled(OWNER_LABEL)
-            .iter()
-            .filter(|c| !alive(&c.labels))
-        {
-            if let Some(id) = &container.id {
-                self.remove_container(id);
-            }
-        }
-        let filters = HashMap::from([("label", vec![OWNER_LABEL])]);
-        let networks = self
-            .block_on(
-                self.docker.list_networks(Some(
-                    ListNetworksOptionsBuilder::default()
-                        .filters(&filters)
-                        .build(),
-                )),
-            )
-            .unwrap_or_default();
-        for network in networks
-            .iter()
-            .filter(|n| !alive(&n.labels.clone().map(|l| l.into_iter().collect())))
-        {
-            if let Some(id) = &network.id {
-                let _ = self.block_on(self.docker.remove_network(id));
-            }
-        }
-    }
-
-    /// Every container, running or not, carrying `label` (`key` or `key=value`).
-    fn containers_labelled(&self, label: &str) -> Vec<ContainerSummary> {
-        let filters = HashMap::from([("label", vec![label])]);
-        self.block_on(
-            self.docker.list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            )),
-        )
-        .unwrap_or_default()
+        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+        self.block_on(remove_labelled(&self.docker, OWNER_LABEL, |owner| {
+            !owner.is_some_and(alive)
+        }));
     }
 
     fn remove_container(&self, id: &str) {
-        let _ = self.block_on(
-            self.docker.remove_container(
-                id,
-                Some(
-                    RemoveContainerOptionsBuilder::default()
-                        .force(true)
-                        .v(true)
-                        .build(),
-                ),
-            ),
-        );
+        self.block_on(remove_container(&self.docker, id));
     }
+}
+
+/// On Ctrl-C or SIGTERM, removes every chain of this process (a signal skips the `Drop`s),
+/// then exits 130. Installed once, by the first chain.
+fn remove_chains_on_interrupt() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // The handlers exist before `new` returns, so no chain is created unguarded.
+        let mut terminate = runtime
+            .block_on(async {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            })
+            .expect("SIGTERM handler");
+        let mut interrupt = runtime
+            .block_on(async {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            })
+            .expect("SIGINT handler");
+        std::thread::spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+                eprintln!("interrupted: removing this run's Docker chains");
+                if let Ok(docker) = Docker::connect_with_local_defaults() {
+                    let owner = format!("{OWNER_LABEL}={}", std::process::id());
+                    remove_labelled(&docker, &owner, |_| true).await;
+                }
+            });
+            std::process::exit(130);
+        });
+    });
+}
+
+/// Removes the containers, networks (with their DOCKER-USER allowance) and volumes that carry
+/// `label` (`key` or `key=value`) and whose owner pid `doomed` accepts. Best effort: it runs
+/// in teardown, where a failure must not hide the test's own.
+async fn remove_labelled(docker: &Docker, label: &str, doomed: impl Fn(Option<u32>) -> bool) {
+    let owner = |labels: Option<&HashMap<String, String>>| {
+        labels
+            .and_then(|l| l.get(OWNER_LABEL))
+            .and_then(|pid| pid.parse::<u32>().ok())
+    };
+    let filters = HashMap::from([("label", vec![label])]);
+    let containers = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap_or_default();
+    for container in containers {
+        if let (Some(id), true) = (&container.id, doomed(owner(container.labels.as_ref()))) {
+            remove_container(docker, id).await;
+        }
+    }
+    let networks = docker
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap_or_default();
+    for network in networks {
+        let labels: Option<HashMap<String, String>> =
+            network.labels.map(|l| l.into_iter().collect());
+        let (Some(id), true) = (network.id, doomed(owner(labels.as_ref()))) else {
+            continue;
+        };
+        if let Some(bridge) = network
+            .options
+            .as_ref()
+            .and_then(|o| o.get(BRIDGE_NAME_OPTION))
+        {
+            allow_routing_within(bridge, false);
+        }
+        let _ = docker.remove_network(&id).await;
+    }
+    let volumes = docker
+        .list_volumes(Some(
+            ListVolumesOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .ok()
+        .and_then(|v| v.volumes)
+        .unwrap_or_default();
+    for volume in volumes {
+        if doomed(owner(Some(&volume.labels))) {
+            let _ = docker
+                .remove_volume(
+                    &volume.name,
+                    Some(RemoveVolumeOptionsBuilder::default().force(true).build()),
+                )
+                .await;
+        }
+    }
+}
+
+async fn remove_container(docker: &Docker, id: &str) {
+    let _ = docker
+        .remove_container(
+            id,
+            Some(
+                RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(true)
+                    .build(),
+            ),
+        )
+        .await;
 }
 
 /// Docker isolates an internal network: a bridged packet whose source or destination lies
@@ -546,34 +616,6 @@ impl Default for DockerChain {
 impl Drop for DockerChain {
     fn drop(&mut self) {
         let chain_label = format!("{CHAIN_LABEL}={}", self.prefix);
-        for container in self.containers_labelled(&chain_label) {
-            if let Some(id) = container.id {
-                self.remove_container(&id);
-            }
-        }
-        for network in [self.left.clone(), self.right.clone()] {
-            let _ = self.block_on(self.docker.remove_network(&network));
-        }
-        for side in ["l", "r"] {
-            allow_routing_within(&self.bridge(side), false);
-        }
-        let filters = HashMap::from([("label", vec![chain_label])]);
-        let volumes = self
-            .block_on(
-                self.docker.list_volumes(Some(
-                    bollard::query_parameters::ListVolumesOptionsBuilder::default()
-                        .filters(&filters)
-                        .build(),
-                )),
-            )
-            .ok()
-            .and_then(|v| v.volumes)
-            .unwrap_or_default();
-        for volume in volumes {
-            let _ = self.block_on(self.docker.remove_volume(
-                &volume.name,
-                Some(RemoveVolumeOptionsBuilder::default().force(true).build()),
-            ));
-        }
+        self.block_on(remove_labelled(&self.docker, &chain_label, |_| true));
     }
 }

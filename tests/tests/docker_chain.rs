@@ -71,6 +71,11 @@ fn dockwall_chain_routes_filters_keeps_rules_across_restart_and_waits_for_the_ri
         ],
     );
     chain.restart(&si);
+    let logs = chain.logs(&si);
+    assert!(
+        logs.contains("shutdown requested") && logs.contains("routing removed"),
+        "`docker restart` sends SIGTERM: the SI tears its routing down before exiting\n{logs}"
+    );
     chain.wait_healthy(&si, HEALTHY_WITHIN);
     let rules = chain.exec_ok(&si, &["dockwall", "rule", "list", "--json"]);
     assert!(
