@@ -438,7 +438,7 @@ impl DockerChain {
 
     /// `docker rm -f -v`.
     pub fn remove(&self, container: &str) {
-        self.remove_container(container);
+        self.block_on(remove_container(&self.docker, container));
     }
 
     pub fn image_size(&self, image: &str) -> u64 {
@@ -460,10 +460,6 @@ impl DockerChain {
         self.block_on(remove_labelled(&self.docker, OWNER_LABEL, |owner| {
             !owner.is_some_and(alive)
         }));
-    }
-
-    fn remove_container(&self, id: &str) {
-        self.block_on(remove_container(&self.docker, id));
     }
 }
 
