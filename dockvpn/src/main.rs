@@ -429,7 +429,7 @@ fn running_port(state_dir: &Path) -> u16 {
 async fn right_address(cli: &Cli) -> Result<Ipv4Addr> {
     let kernel = vnf_core::kernel::Kernel::connect()?;
     let interfaces = kernel.interfaces().await?;
-    let assignment = vnf_core::side::assign(&cli.sides.selectors(), &interfaces)?;
+    let assignment = vnf_core::side::assign(&cli.sides.selectors(&cli.state_dir), &interfaces)?;
     assignment
         .ready(Side::Right)
         .map(|ready| ready.address.addr())

@@ -22,7 +22,7 @@ use crate::{
 
 pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     let store = Store::new(&cli.state_dir);
-    let selectors = cli.sides.selectors();
+    let selectors = cli.sides.selectors(&cli.state_dir);
     let editor = Editor {
         store: &store,
         selectors: &selectors,

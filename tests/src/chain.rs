@@ -103,6 +103,30 @@ impl Chain {
             .ip(&["route", "add", LEFT_HOST_NET, "via", SI_RIGHT]);
     }
 
+    /// Unplugs the SI's left leg and plugs it in again with the same MAC and address, so it
+    /// now comes after the right leg in order of appearance, as `docker restart` may do.
+    pub fn replug_left_last(&self) {
+        let mac = self.si.link("eth0").mac.expect("eth0 has a MAC");
+        self.si.ip(&["link", "del", "eth0"]);
+        link(
+            &self.left_gateway,
+            "wan",
+            &format!("{LEFT_GATEWAY}/24"),
+            &self.si,
+            "eth0",
+            &format!("{SI_LEFT}/24"),
+        );
+        self.si.ip(&[
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &vnf_core::side::format_mac(&mac),
+        ]);
+        self.left_gateway
+            .ip(&["route", "add", RIGHT_HOST_NET, "via", SI_LEFT]);
+    }
+
     /// The baseline the benchmark compares against: the SI as a plain router with two
     /// static routes in `main`, no extra tables or rules.
     pub fn route_si_statically(&self) {

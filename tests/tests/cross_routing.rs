@@ -64,6 +64,57 @@ fn right_side_plugged_in_after_start_is_configured() {
 }
 
 #[test]
+fn sides_survive_a_restart_that_enumerates_the_legs_in_another_order() {
+    let chain = Chain::new();
+    let state_dir = std::env::temp_dir().join(format!("sides-restart-{}", std::process::id()));
+    let state = state_dir.to_str().expect("utf-8 path");
+    let run = ["--state-dir", state, "run", "--side-timeout", "20"];
+    let mut dockwall = Vnf::start(&chain.si, "dockwall", &run);
+    dockwall.wait_ready();
+    let deny = [
+        "--state-dir",
+        state,
+        "rule",
+        "add",
+        "deny",
+        "--proto",
+        "icmp",
+        "--direction",
+        "left-to-right",
+    ];
+    let added = dockwall.cli(&chain.si, "dockwall", &deny);
+    assert!(added.status.success(), "{added:?}");
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "left → right is denied"
+    );
+    assert!(ping(&chain.right_host, LEFT_HOST), "right → left passes");
+    dockwall.terminate();
+
+    chain.replug_left_last();
+    assert!(chain.si.link("eth0").index > chain.si.link("eth1").index);
+    let dockwall = Vnf::start(&chain.si, "dockwall", &run);
+    dockwall.wait_ready();
+    assert!(
+        dockwall
+            .log()
+            .contains("side ready side=left interface=eth0"),
+        "the left leg keeps the left side:\n{}",
+        dockwall.log()
+    );
+    assert!(
+        ping_eventually(&chain.right_host, LEFT_HOST, 3),
+        "right → left passes"
+    );
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "and the left-to-right rule still applies to the left leg"
+    );
+    drop(dockwall);
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+#[test]
 fn strict_rp_filter_at_start_is_corrected() {
     let chain = Chain::new();
     for key in ["all", "eth0", "eth1"] {

@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 use crate::routing::{RoutingConfig, RoutingMode, TableId};
 use crate::runtime::{DhcpConfig, OnExit, RuntimeConfig};
 use crate::side::{Side, SideSelector, SideSelectors};
+use crate::side_memory::RememberedSides;
 
 pub const SELECTOR_HELP: &str = "SELECTOR is an interface name (eth1), a MAC address \
 (02:42:ac:11:00:02) or a CIDR that the side's IPv4 address falls in (10.0.1.0/24); prefix \
@@ -22,11 +23,11 @@ name:, mac: or cidr: to be explicit.";
 /// How the VNF finds its sides and reaches each side's gateway.
 #[derive(Args, Debug, Clone)]
 pub struct SideArgs {
-    /// Interface of the left (protected) side [default: first Ethernet interface in order of appearance]
+    /// Interface of the left (protected) side [default: first Ethernet interface in order of appearance, kept by MAC across restarts]
     #[arg(long, global = true, env = "VNF_LEFT", value_name = "SELECTOR")]
     pub left: Option<SideSelector>,
 
-    /// Interface of the right side [default: second Ethernet interface in order of appearance]
+    /// Interface of the right side [default: second Ethernet interface in order of appearance, kept by MAC across restarts]
     #[arg(long, global = true, env = "VNF_RIGHT", value_name = "SELECTOR")]
     pub right: Option<SideSelector>,
 
@@ -79,20 +80,23 @@ pub struct SideArgs {
 }
 
 impl SideArgs {
-    pub fn selectors(&self) -> SideSelectors {
+    /// The selectors given, plus the sides' MACs remembered in `state_dir` by `run`: every
+    /// subcommand must see the sides `run` sees.
+    pub fn selectors(&self, state_dir: &Path) -> SideSelectors {
         SideSelectors {
             left: self.left.clone(),
             right: self.right.clone(),
             management: self.mgmt.clone(),
+            remembered: RememberedSides::load(state_dir),
         }
     }
 
-    /// The runtime config; `state_dir` is where DHCP leases are kept.
+    /// The runtime config; `state_dir` is where DHCP leases and the sides' MACs are kept.
     pub fn runtime_config(&self, mut routing: RoutingConfig, state_dir: &Path) -> RuntimeConfig {
         routing.left_gateway = self.left_gateway;
         routing.right_gateway = self.right_gateway;
         RuntimeConfig {
-            selectors: self.selectors(),
+            selectors: self.selectors(state_dir),
             routing,
             side_timeout: (self.side_timeout > 0).then(|| Duration::from_secs(self.side_timeout)),
             on_exit: self.on_exit,

@@ -14,6 +14,7 @@ pub mod lease;
 pub mod routing;
 pub mod runtime;
 pub mod side;
+pub mod side_memory;
 pub mod status;
 pub mod sysctl;
 

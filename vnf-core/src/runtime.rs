@@ -51,7 +51,8 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DhcpConfig {
     pub sides: Vec<Side>,
-    /// Where leases are stored, so a restart asks for the same one (INIT-REBOOT).
+    /// The VNF's state directory: leases, so a restart asks for the same one (INIT-REBOOT),
+    /// and the sides' MACs (`side_memory`).
     pub state_dir: PathBuf,
     pub hook: Option<PathBuf>,
 }
@@ -254,6 +255,7 @@ impl Runtime<'_> {
         let interfaces = self.kernel.interfaces().await?;
         let assignment = assign(&self.config.selectors, &interfaces)?;
         self.log_side_changes(&assignment);
+        self.remember_sides(&assignment);
         if assignment.ready != self.assignment.ready {
             self.observed = false;
         }
@@ -352,6 +354,27 @@ impl Runtime<'_> {
             .iter()
             .filter_map(|t| Some((t.side, t.lease()?)));
         with_lease_gateways(&self.config.routing, &self.assignment, leases)
+    }
+
+    /// Stores the MAC of each side's interface that was chosen by order (not by a selector),
+    /// so a restart that enumerates the interfaces differently keeps the sides.
+    fn remember_sides(&mut self, assignment: &Assignment) {
+        let selectors = &self.config.selectors;
+        let mut remembered = selectors.remembered;
+        for side in Side::ALL {
+            if selectors.get(side).is_none() {
+                if let Some(mac) = assignment.interface(side).and_then(|i| i.mac) {
+                    remembered.set(side, mac);
+                }
+            }
+        }
+        if remembered == selectors.remembered {
+            return;
+        }
+        if let Err(error) = remembered.store(&self.config.dhcp.state_dir) {
+            warn!(dir = %self.config.dhcp.state_dir.display(), %error, "could not store the sides' MACs; a restart goes by order of appearance");
+        }
+        self.config.selectors.remembered = remembered;
     }
 
     fn log_side_changes(&self, next: &Assignment) {

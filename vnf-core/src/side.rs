@@ -12,6 +12,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::side_memory::RememberedSides;
 
 #[derive(
     Debug,
@@ -174,12 +175,14 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Per-side selectors; a side without one takes the next interface in order of appearance.
+/// Per-side selectors; a side without one takes the interface it had before a restart
+/// (`remembered`) when that is present, else the next interface in order of appearance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SideSelectors {
     pub left: Option<SideSelector>,
     pub right: Option<SideSelector>,
     pub management: Option<SideSelector>,
+    pub remembered: RememberedSides,
 }
 
 impl SideSelectors {
@@ -210,9 +213,14 @@ impl SideSelectors {
     }
 
     pub fn describe(&self, side: Side) -> String {
-        match self.get(side) {
-            Some(selector) => selector.to_string(),
-            None => format!("order of appearance (#{})", side_position(side) + 1),
+        match (self.get(side), self.remembered.get(side)) {
+            (Some(selector), _) => selector.to_string(),
+            (None, Some(mac)) => format!(
+                "order of appearance (#{}), remembered mac:{}",
+                side_position(side) + 1,
+                format_mac(&mac)
+            ),
+            (None, None) => format!("order of appearance (#{})", side_position(side) + 1),
         }
     }
 
@@ -348,13 +356,29 @@ pub fn assign(selectors: &SideSelectors, interfaces: &[Interface]) -> Result<Ass
             .iter()
             .any(|&s| selectors.get(s).is_some_and(|sel| sel.matches(i)))
     };
-    let mut defaults = ordered
+    let mut defaults: Vec<&Interface> = ordered
         .iter()
         .copied()
         .filter(|i| i.ethernet && !claimed(i))
-        .filter(|i| !selectors.uses_cidr() || !i.addresses.is_empty());
-    for &side in &Side::ALL {
-        if selectors.get(side).is_none() {
+        .filter(|i| !selectors.uses_cidr() || !i.addresses.is_empty())
+        .collect();
+    let defaulted = || {
+        Side::ALL
+            .into_iter()
+            .filter(|&side| selectors.get(side).is_none())
+    };
+    for side in defaulted() {
+        let remembered = selectors.remembered.get(side);
+        if let Some(found) = defaults
+            .iter()
+            .position(|i| remembered.is_some() && i.mac == remembered)
+        {
+            chosen[side_position(side)] = Some(defaults.remove(found));
+        }
+    }
+    let mut defaults = defaults.into_iter();
+    for side in defaulted() {
+        if chosen[side_position(side)].is_none() {
             chosen[side_position(side)] = defaults.next();
         }
     }
@@ -491,6 +515,40 @@ mod tests {
         assert_eq!(ready_name(&a, Side::Left), Some("eth0"));
         assert_eq!(ready_name(&a, Side::Right), Some("eth1"));
         assert_eq!(ready_name(&a, Side::Management), None);
+    }
+
+    #[test]
+    fn remembered_macs_keep_the_sides_when_the_order_changes() {
+        // After a restart the right network's interface (MAC …:02) came up first.
+        let interfaces = [
+            iface(5, "eth1", 2, &["10.0.2.2/24"]),
+            iface(6, "eth0", 1, &["10.0.1.2/24"]),
+        ];
+        let mut selectors = SideSelectors::default();
+        let a = assign(&selectors, &interfaces).unwrap();
+        assert_eq!(ready_name(&a, Side::Left), Some("eth1"), "by order alone");
+        selectors.remembered.set(Side::Left, [2, 0, 0, 0, 0, 1]);
+        selectors.remembered.set(Side::Right, [2, 0, 0, 0, 0, 2]);
+        let a = assign(&selectors, &interfaces).unwrap();
+        assert_eq!(ready_name(&a, Side::Left), Some("eth0"));
+        assert_eq!(ready_name(&a, Side::Right), Some("eth1"));
+
+        // Only the right one is back: it keeps its side, the left waits for another.
+        let a = assign(&selectors, &interfaces[..1]).unwrap();
+        assert_eq!(ready_name(&a, Side::Left), None);
+        assert_eq!(ready_name(&a, Side::Right), Some("eth1"));
+
+        // A remembered interface that is gone: the side falls back to order of appearance.
+        let replaced = [iface(7, "eth0", 9, &["10.0.1.2/24"]), interfaces[0].clone()];
+        let a = assign(&selectors, &replaced).unwrap();
+        assert_eq!(ready_name(&a, Side::Left), Some("eth0"));
+        assert_eq!(ready_name(&a, Side::Right), Some("eth1"));
+
+        // An explicit selector wins over what was remembered.
+        selectors.left = Some("eth1".parse().unwrap());
+        let a = assign(&selectors, &interfaces).unwrap();
+        assert_eq!(ready_name(&a, Side::Left), Some("eth1"));
+        assert_eq!(ready_name(&a, Side::Right), Some("eth0"));
     }
 
     #[test]
