@@ -80,9 +80,16 @@ impl Spec {
     }
 }
 
-pub struct DockerChain {
+/// A blocking Docker client for the tests and benchmarks: container operations on whatever
+/// it is given, whoever created it (the chain below, or docker-compose).
+pub struct DockerClient {
     runtime: tokio::runtime::Runtime,
     docker: Docker,
+}
+
+/// Two internal VNs (left, right) and whatever is run on them, removed on drop.
+pub struct DockerChain {
+    client: DockerClient,
     pub prefix: String,
     pub left: String,
     pub right: String,
@@ -91,206 +98,38 @@ pub struct DockerChain {
     pub right_net: String,
 }
 
-/// Panics unless a Docker daemon answers and the chain images exist.
-pub fn require_docker() -> Docker {
-    let docker =
-        Docker::connect_with_local_defaults().unwrap_or_else(|e| panic!("no Docker client: {e}"));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        if let Err(error) = docker.ping().await {
-            panic!("the Docker daemon does not answer ({error}): install docker.io and start dockerd (cargo xtask test does both)");
-        }
-        for image in [DOCKWALL_IMAGE, DOCKVPN_IMAGE, DNSMASQ_IMAGE, HOST_IMAGE] {
-            if docker.inspect_image(image).await.is_err() {
-                panic!("image {image} is missing: run `cargo xtask images` (cargo xtask test does)");
-            }
-        }
-    });
-    docker
+impl std::ops::Deref for DockerChain {
+    type Target = DockerClient;
+
+    fn deref(&self) -> &DockerClient {
+        &self.client
+    }
 }
 
-impl DockerChain {
-    pub fn new() -> DockerChain {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let docker = require_docker();
+impl DockerClient {
+    /// Panics unless a Docker daemon answers and the chain images exist.
+    pub fn connect() -> DockerClient {
+        let docker = Docker::connect_with_local_defaults()
+            .unwrap_or_else(|e| panic!("no Docker client: {e}"));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pid = std::process::id();
-        // Subnets unique per chain of this process; a stale chain holding one is removed first.
-        let third = (2 * (n + pid * 3) % 250) as u8;
-        let chain = DockerChain {
-            runtime,
-            docker,
-            prefix: format!("docknfv-{pid}-{n}"),
-            left: format!("docknfv-{pid}-{n}-left"),
-            right: format!("docknfv-{pid}-{n}-right"),
-            left_net: format!("10.201.{third}"),
-            right_net: format!("10.201.{}", third + 1),
-        };
-        remove_chains_on_interrupt();
-        chain.remove_stale();
-        for (name, net, bridge) in [
-            (&chain.left, &chain.left_net, chain.bridge("l")),
-            (&chain.right, &chain.right_net, chain.bridge("r")),
-        ] {
-            chain
-                .block_on(chain.docker.create_network(NetworkCreateRequest {
-                    name: name.clone(),
-                    driver: Some("bridge".into()),
-                    internal: Some(true),
-                    options: Some(HashMap::from([(
-                        BRIDGE_NAME_OPTION.to_owned(),
-                        bridge.clone(),
-                    )])),
-                    ipam: Some(Ipam {
-                        config: Some(vec![IpamConfig {
-                            subnet: Some(format!("{net}.0/24")),
-                            gateway: Some(format!("{net}.1")),
-                            ..Default::default()
-                        }]),
-                        ..Default::default()
-                    }),
-                    labels: Some(chain.labels()),
-                    ..Default::default()
-                }))
-                .unwrap_or_else(|e| panic!("create network {name}: {e}"));
-            allow_routing_within(&bridge, true);
-        }
-        chain
-    }
-
-    /// An SI on the left network at `.2`, its sides pinned by subnet: Docker does not keep
-    /// the order of a container's interfaces across `docker restart`.
-    pub fn service_instance(&self, name: &str, image: &str) -> Spec {
-        let mut spec =
-            Spec::service_instance(name, image, &self.left, &format!("{}.2", self.left_net));
-        spec.env = vec![
-            format!("VNF_LEFT=cidr:{}.0/24", self.left_net),
-            format!("VNF_RIGHT=cidr:{}.0/24", self.right_net),
-        ];
-        spec
-    }
-
-    /// The Linux bridge of one of the chain's networks (named, so iptables can refer to it).
-    fn bridge(&self, side: &str) -> String {
-        let suffix = self.prefix.trim_start_matches("docknfv-").replace('-', "");
-        format!("dn{side}{}", &suffix[suffix.len().saturating_sub(11)..])
-    }
-
-    fn labels(&self) -> HashMap<String, String> {
-        HashMap::from([
-            (OWNER_LABEL.to_owned(), std::process::id().to_string()),
-            (CHAIN_LABEL.to_owned(), self.prefix.clone()),
-        ])
+        runtime.block_on(async {
+            if let Err(error) = docker.ping().await {
+                panic!("the Docker daemon does not answer ({error}): install docker.io and start dockerd (cargo xtask test does both)");
+            }
+            for image in [DOCKWALL_IMAGE, DOCKVPN_IMAGE, DNSMASQ_IMAGE, HOST_IMAGE] {
+                if docker.inspect_image(image).await.is_err() {
+                    panic!("image {image} is missing: run `cargo xtask images` (cargo xtask test does)");
+                }
+            }
+        });
+        DockerClient { runtime, docker }
     }
 
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
-    }
-
-    pub fn name(&self, suffix: &str) -> String {
-        format!("{}-{suffix}", self.prefix)
-    }
-
-    /// `docker run -d` (create + start) of `spec`; returns the container name.
-    pub fn run(&self, spec: Spec) -> String {
-        let name = self.name(&spec.name);
-        let mut endpoints = HashMap::new();
-        endpoints.insert(
-            spec.network.clone(),
-            EndpointSettings {
-                ipam_config: Some(EndpointIpamConfig {
-                    ipv4_address: Some(spec.address.clone()),
-                    ..Default::default()
-                }),
-                mac_address: spec.mac.clone(),
-                ..Default::default()
-            },
-        );
-        let binds = spec.volume.as_ref().map(|mount| {
-            vec![format!(
-                "{}:{mount}",
-                self.name(&format!("{}-state", spec.name))
-            )]
-        });
-        let host_config = HostConfig {
-            network_mode: Some(spec.network.clone()),
-            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
-            sysctls: (!spec.sysctls.is_empty()).then(|| spec.sysctls.iter().cloned().collect()),
-            devices: spec.tun_device.then(|| {
-                vec![DeviceMapping {
-                    path_on_host: Some("/dev/net/tun".into()),
-                    path_in_container: Some("/dev/net/tun".into()),
-                    cgroup_permissions: Some("rwm".into()),
-                }]
-            }),
-            binds,
-            ..Default::default()
-        };
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            env: (!spec.env.is_empty()).then(|| spec.env.clone()),
-            cmd: spec.cmd.clone(),
-            labels: Some(self.labels()),
-            mac_address: spec.mac.clone(),
-            host_config: Some(host_config),
-            networking_config: Some(bollard::models::NetworkingConfig {
-                endpoints_config: Some(endpoints),
-            }),
-            ..Default::default()
-        };
-        if spec.volume.is_some() {
-            self.block_on(
-                self.docker
-                    .create_volume(bollard::models::VolumeCreateOptions {
-                        name: Some(self.name(&format!("{}-state", spec.name))),
-                        labels: Some(self.labels()),
-                        ..Default::default()
-                    }),
-            )
-            .unwrap_or_else(|e| panic!("create volume: {e}"));
-        }
-        self.block_on(async {
-            self.docker
-                .create_container(
-                    Some(CreateContainerOptionsBuilder::default().name(&name).build()),
-                    body,
-                )
-                .await
-                .unwrap_or_else(|e| panic!("create {name}: {e}"));
-            self.docker
-                .start_container(
-                    &name,
-                    None::<bollard::query_parameters::StartContainerOptions>,
-                )
-                .await
-                .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        });
-        name
-    }
-
-    /// `docker network connect NETWORK CONTAINER --ip ADDRESS`.
-    pub fn connect(&self, container: &str, network: &str, address: &str) {
-        self.block_on(self.docker.connect_network(
-            network,
-            NetworkConnectRequest {
-                container: Some(container.into()),
-                endpoint_config: Some(EndpointSettings {
-                    ipam_config: Some(EndpointIpamConfig {
-                        ipv4_address: Some(address.into()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-            },
-        ))
-        .unwrap_or_else(|e| panic!("connect {container} to {network}: {e}"));
     }
 
     /// `docker exec CONTAINER CMD…`: exit code and combined output.
@@ -452,6 +291,179 @@ impl DockerChain {
         self.exec(container, &["ping", "-c", "1", "-W", "1", address])
             .0
             == 0
+    }
+}
+
+impl DockerChain {
+    pub fn new() -> DockerChain {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let client = DockerClient::connect();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        // Subnets unique per chain of this process; a stale chain holding one is removed first.
+        let third = (2 * (n + pid * 3) % 250) as u8;
+        let chain = DockerChain {
+            client,
+            prefix: format!("docknfv-{pid}-{n}"),
+            left: format!("docknfv-{pid}-{n}-left"),
+            right: format!("docknfv-{pid}-{n}-right"),
+            left_net: format!("10.201.{third}"),
+            right_net: format!("10.201.{}", third + 1),
+        };
+        remove_chains_on_interrupt();
+        chain.remove_stale();
+        for (name, net, bridge) in [
+            (&chain.left, &chain.left_net, chain.bridge("l")),
+            (&chain.right, &chain.right_net, chain.bridge("r")),
+        ] {
+            chain
+                .block_on(chain.docker.create_network(NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    internal: Some(true),
+                    options: Some(HashMap::from([(
+                        BRIDGE_NAME_OPTION.to_owned(),
+                        bridge.clone(),
+                    )])),
+                    ipam: Some(Ipam {
+                        config: Some(vec![IpamConfig {
+                            subnet: Some(format!("{net}.0/24")),
+                            gateway: Some(format!("{net}.1")),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    labels: Some(chain.labels()),
+                    ..Default::default()
+                }))
+                .unwrap_or_else(|e| panic!("create network {name}: {e}"));
+            allow_routing_within(&bridge, true);
+        }
+        chain
+    }
+
+    /// An SI on the left network at `.2`, its sides pinned by subnet: Docker does not keep
+    /// the order of a container's interfaces across `docker restart`.
+    pub fn service_instance(&self, name: &str, image: &str) -> Spec {
+        let mut spec =
+            Spec::service_instance(name, image, &self.left, &format!("{}.2", self.left_net));
+        spec.env = vec![
+            format!("VNF_LEFT=cidr:{}.0/24", self.left_net),
+            format!("VNF_RIGHT=cidr:{}.0/24", self.right_net),
+        ];
+        spec
+    }
+
+    /// The Linux bridge of one of the chain's networks (named, so iptables can refer to it).
+    fn bridge(&self, side: &str) -> String {
+        let suffix = self.prefix.trim_start_matches("docknfv-").replace('-', "");
+        format!("dn{side}{}", &suffix[suffix.len().saturating_sub(11)..])
+    }
+
+    fn labels(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (OWNER_LABEL.to_owned(), std::process::id().to_string()),
+            (CHAIN_LABEL.to_owned(), self.prefix.clone()),
+        ])
+    }
+
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    /// `docker run -d` (create + start) of `spec`; returns the container name.
+    pub fn run(&self, spec: Spec) -> String {
+        let name = self.name(&spec.name);
+        let mut endpoints = HashMap::new();
+        endpoints.insert(
+            spec.network.clone(),
+            EndpointSettings {
+                ipam_config: Some(EndpointIpamConfig {
+                    ipv4_address: Some(spec.address.clone()),
+                    ..Default::default()
+                }),
+                mac_address: spec.mac.clone(),
+                ..Default::default()
+            },
+        );
+        let binds = spec.volume.as_ref().map(|mount| {
+            vec![format!(
+                "{}:{mount}",
+                self.name(&format!("{}-state", spec.name))
+            )]
+        });
+        let host_config = HostConfig {
+            network_mode: Some(spec.network.clone()),
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            sysctls: (!spec.sysctls.is_empty()).then(|| spec.sysctls.iter().cloned().collect()),
+            devices: spec.tun_device.then(|| {
+                vec![DeviceMapping {
+                    path_on_host: Some("/dev/net/tun".into()),
+                    path_in_container: Some("/dev/net/tun".into()),
+                    cgroup_permissions: Some("rwm".into()),
+                }]
+            }),
+            binds,
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+            cmd: spec.cmd.clone(),
+            labels: Some(self.labels()),
+            mac_address: spec.mac.clone(),
+            host_config: Some(host_config),
+            networking_config: Some(bollard::models::NetworkingConfig {
+                endpoints_config: Some(endpoints),
+            }),
+            ..Default::default()
+        };
+        if spec.volume.is_some() {
+            self.block_on(
+                self.docker
+                    .create_volume(bollard::models::VolumeCreateOptions {
+                        name: Some(self.name(&format!("{}-state", spec.name))),
+                        labels: Some(self.labels()),
+                        ..Default::default()
+                    }),
+            )
+            .unwrap_or_else(|e| panic!("create volume: {e}"));
+        }
+        self.block_on(async {
+            self.docker
+                .create_container(
+                    Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                    body,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("create {name}: {e}"));
+            self.docker
+                .start_container(
+                    &name,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        });
+        name
+    }
+
+    /// `docker network connect NETWORK CONTAINER --ip ADDRESS`.
+    pub fn connect(&self, container: &str, network: &str, address: &str) {
+        self.block_on(self.docker.connect_network(
+            network,
+            NetworkConnectRequest {
+                container: Some(container.into()),
+                endpoint_config: Some(EndpointSettings {
+                    ipam_config: Some(EndpointIpamConfig {
+                        ipv4_address: Some(address.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .unwrap_or_else(|e| panic!("connect {container} to {network}: {e}"));
     }
 
     /// Removes what an earlier run left behind when its process is gone (killed).

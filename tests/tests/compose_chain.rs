@@ -5,32 +5,26 @@
 //! behind the left host through it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use docknfv_tests::docker::require_docker;
+use docknfv_tests::docker::{DockerClient, HOST_IMAGE};
+use docknfv_tests::netns::run_checked;
 use docknfv_tests::prereq::require_command;
 
 /// Without dashes: docker-compose 1.29 strips them from project names, Compose v2 keeps them.
 const PROJECT: &str = "docknfvcomposetest";
 const VPN_CLIENT: &str = "docknfvcomposetest-vpn-client";
+const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
 
-fn run(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn docker(args: &[&str]) -> Output {
-    run(Command::new("docker").args(args))
+/// `docker ARGS`, panicking with its stderr unless it succeeds; its stdout.
+fn docker_cli(args: &[&str]) -> String {
+    run_checked(Command::new("docker").args(args))
 }
 
 /// The compose chain of this test's project; `down` on drop, also when the test fails.
 struct ComposeChain {
+    docker: DockerClient,
     script: PathBuf,
     /// Where the VPN client's profile is written for its bind mount.
     profile: PathBuf,
@@ -38,45 +32,48 @@ struct ComposeChain {
 
 impl ComposeChain {
     fn up() -> ComposeChain {
-        require_docker();
-        if docker(&["compose", "version"]).status.success() {
+        let docker = DockerClient::connect();
+        let compose_v2 = Command::new("docker")
+            .args(["compose", "version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if compose_v2 {
             eprintln!("using Compose v2 (docker compose)");
         } else {
             require_command("docker-compose", "docker-compose");
             eprintln!("using docker-compose");
         }
         let chain = ComposeChain {
+            docker,
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/chain.sh"),
             profile: std::env::temp_dir()
                 .join(format!("docknfv-compose-{}.ovpn", std::process::id())),
         };
         // A run killed before its teardown left the same project behind.
         chain.down();
-        let up = chain.chain_sh("up");
-        assert!(
-            up.status.success(),
-            "chain.sh up: {}{}",
-            text(&up.stdout),
-            text(&up.stderr)
-        );
+        run_checked(&mut chain.chain_sh("up"));
         chain
     }
 
-    fn chain_sh(&self, action: &str) -> Output {
-        run(Command::new(&self.script)
-            .arg(action)
-            .env("COMPOSE_PROJECT_NAME", PROJECT))
+    /// `compose/chain.sh ACTION` for this test's project.
+    fn chain_sh(&self, action: &str) -> Command {
+        let mut command = Command::new(&self.script);
+        command.arg(action).env("COMPOSE_PROJECT_NAME", PROJECT);
+        command
     }
 
+    /// Best effort: it also runs before `up`, when there may be nothing to remove.
     fn down(&self) {
-        docker(&["rm", "--force", VPN_CLIENT]);
-        self.chain_sh("down");
+        let _ = Command::new("docker")
+            .args(["rm", "--force", VPN_CLIENT])
+            .output();
+        let _ = self.chain_sh("down").output();
         let _ = std::fs::remove_file(&self.profile);
     }
 
     /// The container of `service`, found by the labels both Compose versions set.
     fn container(&self, service: &str) -> String {
-        let ps = docker(&[
+        let ps = docker_cli(&[
             "ps",
             "--quiet",
             "--filter",
@@ -84,25 +81,9 @@ impl ComposeChain {
             "--filter",
             &format!("label=com.docker.compose.service={service}"),
         ]);
-        let id = text(&ps.stdout).trim().to_owned();
+        let id = ps.trim().to_owned();
         assert!(!id.is_empty(), "no running {service} container");
         id
-    }
-
-    fn wait_healthy(&self, container: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let health = docker(&["inspect", "--format", "{{.State.Health.Status}}", container]);
-            if text(&health.stdout).trim() == "healthy" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{container} not healthy within 60 s:\n{}",
-                logs(container)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 }
 
@@ -112,56 +93,39 @@ impl Drop for ComposeChain {
     }
 }
 
-fn logs(container: &str) -> String {
-    let logs = docker(&["logs", container]);
-    format!("{}{}", text(&logs.stdout), text(&logs.stderr))
-}
-
-/// `docker exec`; the exit status and stdout + stderr.
-fn exec(container: &str, command: &[&str]) -> (bool, String) {
-    let output = run(Command::new("docker")
-        .arg("exec")
-        .arg(container)
-        .args(command));
-    (
-        output.status.success(),
-        text(&output.stdout) + &text(&output.stderr),
-    )
-}
-
-fn pings(container: &str, address: &str) -> bool {
-    exec(container, &["ping", "-c", "1", "-W", "2", address]).0
-}
-
 #[test]
 fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() {
     let chain = ComposeChain::up();
+    let docker = &chain.docker;
     let dockwall = chain.container("dockwall");
     let dockvpn = chain.container("dockvpn");
-    chain.wait_healthy(&dockwall);
-    chain.wait_healthy(&dockvpn);
+    docker.wait_healthy(&dockwall, HEALTHY_WITHIN);
+    docker.wait_healthy(&dockvpn, HEALTHY_WITHIN);
     let left_host = chain.container("left-host");
     let right_host = chain.container("right-host");
 
-    assert!(pings(&left_host, "10.11.2.10"), "left host → right host");
-    let (added, output) = exec(
+    assert!(
+        docker.ping(&left_host, "10.11.2.10"),
+        "left host → right host"
+    );
+    docker.exec_ok(
         &dockwall,
         &["dockwall", "rule", "add", "deny", "--proto", "icmp"],
     );
-    assert!(added, "rule add: {output}");
     assert!(
-        !pings(&right_host, "10.11.1.10"),
+        !docker.ping(&right_host, "10.11.1.10"),
         "ICMP crossed a deny rule"
     );
-    let (deleted, output) = exec(&dockwall, &["dockwall", "rule", "delete", "1"]);
-    assert!(deleted, "rule delete: {output}");
-    assert!(pings(&right_host, "10.11.1.10"), "ICMP after the delete");
+    docker.exec_ok(&dockwall, &["dockwall", "rule", "delete", "1"]);
+    assert!(
+        docker.ping(&right_host, "10.11.1.10"),
+        "ICMP after the delete"
+    );
 
     // dnsmasq.conf announces 192.168.77.0/24 via the left host.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut status = String::new();
-    while Instant::now() < deadline {
-        status = exec(&dockvpn, &["dockvpn", "status", "--json"]).1;
+    for _ in 0..100 {
+        status = docker.exec(&dockvpn, &["dockvpn", "status", "--json"]).1;
         if status.contains("192.168.77.0/24") {
             break;
         }
@@ -170,16 +134,13 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     assert!(
         status.contains("192.168.77.0/24"),
         "the option-121 route is learned: {status}\n{}",
-        logs(&dockvpn)
+        docker.logs(&dockvpn)
     );
 
-    let (added, output) = exec(&dockvpn, &["dockvpn", "client", "add", "alice"]);
-    assert!(added, "client add: {output}");
-    let (printed, profile) = exec(&dockvpn, &["dockvpn", "client", "config", "alice"]);
-    assert!(printed, "client config: {profile}");
-    let profile_path = &chain.profile;
-    std::fs::write(profile_path, profile).expect("write the profile");
-    let started = docker(&[
+    docker.exec_ok(&dockvpn, &["dockvpn", "client", "add", "alice"]);
+    let profile = docker.exec_ok(&dockvpn, &["dockvpn", "client", "config", "alice"]);
+    std::fs::write(&chain.profile, profile).expect("write the profile");
+    docker_cli(&[
         "run",
         "--detach",
         "--name",
@@ -191,26 +152,22 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
         "--device",
         "/dev/net/tun",
         "--volume",
-        &format!("{}:/alice.ovpn:ro", profile_path.display()),
-        "docknfv/host:latest",
+        &format!("{}:/alice.ovpn:ro", chain.profile.display()),
+        HOST_IMAGE,
         "openvpn",
         "--config",
         "/alice.ovpn",
     ]);
-    assert!(started.status.success(), "{}", text(&started.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !logs(VPN_CLIENT).contains("Initialization Sequence Completed") {
-        assert!(
-            Instant::now() < deadline,
-            "the openvpn client did not connect:\n{}\nserver:\n{}",
-            logs(VPN_CLIENT),
-            logs(&dockvpn)
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    if let Err(error) = docker.wait_for_log(
+        VPN_CLIENT,
+        "Initialization Sequence Completed",
+        Duration::from_secs(30),
+    ) {
+        panic!("{error}\nserver:\n{}", docker.logs(&dockvpn));
     }
     assert!(
-        pings(VPN_CLIENT, "192.168.77.1"),
+        docker.ping(VPN_CLIENT, "192.168.77.1"),
         "the network behind the left host through the tunnel; client routes:\n{}",
-        exec(VPN_CLIENT, &["ip", "route"]).1
+        docker.exec(VPN_CLIENT, &["ip", "route"]).1
     );
 }
