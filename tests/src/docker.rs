@@ -354,6 +354,16 @@ impl DockerChain {
         spec
     }
 
+    /// A host at `.10` on `network` (subnet `net`.0/24) whose route to the VN `other`.0/24
+    /// goes via the SI at `.2`, as route leaking would set it up; returns the container.
+    pub fn host(&self, name: &str, network: &str, net: &str, other: &str) -> String {
+        let route = format!("ip route add {other}.0/24 via {net}.2 && exec sleep infinity");
+        let mut spec = Spec::new(name, HOST_IMAGE, network, &format!("{net}.10"))
+            .with_cmd(&["sh", "-c", &route]);
+        spec.cap_add = vec!["NET_ADMIN".into()];
+        self.run(spec)
+    }
+
     /// The Linux bridge of one of the chain's networks (named, so iptables can refer to it).
     fn bridge(&self, side: &str) -> String {
         let suffix = self.prefix.trim_start_matches("docknfv-").replace('-', "");

@@ -10,15 +10,6 @@ use docknfv_tests::docker::{
 
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 
-/// A host on `network` at `.10` whose route to `other` goes via the SI at `.2`.
-fn host(chain: &DockerChain, name: &str, network: &str, net: &str, other: &str) -> String {
-    let route = format!("ip route add {other}.0/24 via {net}.2 && exec sleep infinity");
-    let mut spec =
-        Spec::new(name, HOST_IMAGE, network, &format!("{net}.10")).with_cmd(&["sh", "-c", &route]);
-    spec.cap_add = vec!["NET_ADMIN".into()];
-    chain.run(spec)
-}
-
 fn dockwall_si(chain: &DockerChain) -> String {
     let mut spec = chain.service_instance("si", DOCKWALL_IMAGE);
     spec.volume = Some("/var/lib/dockwall".into());
@@ -29,8 +20,8 @@ fn dockwall_si(chain: &DockerChain) -> String {
 fn dockwall_chain_routes_filters_keeps_rules_across_restart_and_waits_for_the_right_network() {
     let chain = DockerChain::new();
     let (left_net, right_net) = (chain.left_net.clone(), chain.right_net.clone());
-    let left_host = host(&chain, "left-host", &chain.left, &left_net, &right_net);
-    let right_host = host(&chain, "right-host", &chain.right, &right_net, &left_net);
+    let left_host = chain.host("left-host", &chain.left, &left_net, &right_net);
+    let right_host = chain.host("right-host", &chain.right, &right_net, &left_net);
     let si = dockwall_si(&chain);
     // Only the left network so far: the SI waits for its right side.
     chain

@@ -102,9 +102,9 @@ impl SideArgs {
             on_exit: self.on_exit,
             dhcp: DhcpConfig {
                 sides: self.dhcp.clone(),
-                state_dir: state_dir.to_path_buf(),
                 hook: self.dhcp_hook.clone(),
             },
+            state_dir: state_dir.to_path_buf(),
         }
     }
 }

@@ -45,15 +45,15 @@ pub struct RuntimeConfig {
     pub side_timeout: Option<Duration>,
     pub on_exit: OnExit,
     pub dhcp: DhcpConfig,
+    /// The VNF's state directory: DHCP leases, so a restart asks for the same one
+    /// (INIT-REBOOT), and the sides' MACs (`side_memory`).
+    pub state_dir: PathBuf,
 }
 
 /// Which sides learn their address, routes and gateway by DHCP.
 #[derive(Debug, Clone, Default)]
 pub struct DhcpConfig {
     pub sides: Vec<Side>,
-    /// The VNF's state directory: leases, so a restart asks for the same one (INIT-REBOOT),
-    /// and the sides' MACs (`side_memory`).
-    pub state_dir: PathBuf,
     pub hook: Option<PathBuf>,
 }
 
@@ -326,7 +326,7 @@ impl Runtime<'_> {
                     mac,
                     mtu: interface.mtu,
                     table,
-                    state_dir: self.config.dhcp.state_dir.clone(),
+                    state_dir: self.config.state_dir.clone(),
                     hook: self.config.dhcp.hook.clone(),
                 },
                 self.dhcp_changed.clone(),
@@ -371,8 +371,8 @@ impl Runtime<'_> {
         if remembered == selectors.remembered {
             return;
         }
-        if let Err(error) = remembered.store(&self.config.dhcp.state_dir) {
-            warn!(dir = %self.config.dhcp.state_dir.display(), %error, "could not store the sides' MACs; a restart goes by order of appearance");
+        if let Err(error) = remembered.store(&self.config.state_dir) {
+            warn!(dir = %self.config.state_dir.display(), %error, "could not store the sides' MACs; a restart goes by order of appearance");
         }
         self.config.selectors.remembered = remembered;
     }

@@ -62,9 +62,7 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                 .contains(&side)
                 .then(|| assignment.interface(side))
                 .flatten()
-                .and_then(|interface| {
-                    read_stored(&lease_file(&config.dhcp.state_dir, &interface.name))
-                });
+                .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
             SideStatus {
                 side,
                 dhcp,

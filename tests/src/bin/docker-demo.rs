@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use docknfv_tests::demo::{outcome, step};
-use docknfv_tests::docker::{DockerChain, Spec, DOCKWALL_IMAGE, HOST_IMAGE};
+use docknfv_tests::docker::{DockerChain, DOCKWALL_IMAGE};
 
 fn main() {
     step("creating the left and right VNs (internal Docker networks)");
@@ -15,15 +15,8 @@ fn main() {
         "left {} {left_net}.0/24, right {} {right_net}.0/24",
         chain.left, chain.right
     );
-    let host = |name: &str, network: &str, net: &str, other: &str| {
-        let script = format!("ip route add {other}.0/24 via {net}.2 && exec sleep infinity");
-        let mut spec = Spec::new(name, HOST_IMAGE, network, &format!("{net}.10"))
-            .with_cmd(&["sh", "-c", &script]);
-        spec.cap_add = vec!["NET_ADMIN".into()];
-        chain.run(spec)
-    };
-    let left_host = host("left-host", &chain.left, &left_net, &right_net);
-    let right_host = host("right-host", &chain.right, &right_net, &left_net);
+    let left_host = chain.host("left-host", &chain.left, &left_net, &right_net);
+    let right_host = chain.host("right-host", &chain.right, &right_net, &left_net);
     let (left_ip, right_ip) = (format!("{left_net}.10"), format!("{right_net}.10"));
 
     step("docker run the Dockwall SI on the left VN, then docker network connect the right VN");
