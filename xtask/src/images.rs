@@ -18,12 +18,13 @@ const LOCAL_BASE: &str = "docknfv/bookworm-minbase:latest";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DOCKERD_LOG: &str = "/var/log/docknfv-dockerd.log";
 
-/// (image, directory under images/, binary copied into the build context)
-pub const IMAGES: &[(&str, &str, Option<&str>)] = &[
-    ("docknfv/dockwall:latest", "dockwall", Some("dockwall")),
-    ("docknfv/dockvpn:latest", "dockvpn", Some("dockvpn")),
-    ("docknfv/dnsmasq:latest", "dnsmasq", None),
-    ("docknfv/host:latest", "host", None),
+/// Directories under images/, each built as `docknfv/<name>:latest`; `true` when the image
+/// ships the release binary of the same name.
+const IMAGES: &[(&str, bool)] = &[
+    ("dockwall", true),
+    ("dockvpn", true),
+    ("dnsmasq", false),
+    ("host", false),
 ];
 
 fn workspace() -> PathBuf {
@@ -144,35 +145,37 @@ pub fn build() -> Result<(), String> {
     ])?;
     let base = base_image()?;
     let root = workspace();
-    for (image, directory, binary) in IMAGES {
-        let context = root.join("target/images").join(directory);
+    for &(name, ships_binary) in IMAGES {
+        let context = root.join("target/images").join(name);
         let _ = std::fs::remove_dir_all(&context);
         std::fs::create_dir_all(&context)
             .map_err(|e| format!("create {}: {e}", context.display()))?;
-        std::fs::copy(
-            root.join("images").join(directory).join("Dockerfile"),
-            context.join("Dockerfile"),
-        )
-        .map_err(|e| format!("copy the {directory} Dockerfile: {e}"))?;
-        if let Some(binary) = binary {
-            std::fs::copy(
-                root.join("target/release").join(binary),
-                context.join(binary),
-            )
-            .map_err(|e| format!("copy the {binary} binary: {e}"))?;
+        let mut files = vec![
+            (
+                root.join("images").join(name).join("Dockerfile"),
+                "Dockerfile",
+            ),
+            (
+                root.join("images/common/runtime-closure.sh"),
+                "runtime-closure.sh",
+            ),
+        ];
+        if ships_binary {
+            files.push((root.join("target/release").join(name), name));
         }
-        std::fs::copy(
-            root.join("images/common/runtime-closure.sh"),
-            context.join("runtime-closure.sh"),
-        )
-        .map_err(|e| format!("copy runtime-closure.sh: {e}"))?;
+        for (source, file) in files {
+            std::fs::copy(&source, context.join(file)).map_err(|e| {
+                format!("copy {} into {}: {e}", source.display(), context.display())
+            })?;
+        }
         // The legacy builder needs no BuildKit frontend image; host networking lets apt
         // reach the Debian mirror the host uses.
         run(Command::new("docker")
             .env("DOCKER_BUILDKIT", "0")
             .args(["build", "--quiet", "--network", "host", "--build-arg"])
             .arg(format!("BASE={base}"))
-            .args(["--tag", image])
+            .arg("--tag")
+            .arg(format!("docknfv/{name}:latest"))
             .arg(&context))?;
     }
     let sizes = Command::new("docker")
