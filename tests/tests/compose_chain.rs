@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use docknfv_tests::docker::{DockerClient, HOST_IMAGE};
 use docknfv_tests::netns::run_checked;
+use docknfv_tests::openvpn::CONNECTED;
 use docknfv_tests::prereq::require_command;
 
 /// Without dashes: docker-compose 1.29 strips them from project names, Compose v2 keeps them.
@@ -158,11 +159,7 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
         "--config",
         "/alice.ovpn",
     ]);
-    if let Err(error) = docker.wait_for_log(
-        VPN_CLIENT,
-        "Initialization Sequence Completed",
-        Duration::from_secs(30),
-    ) {
+    if let Err(error) = docker.wait_for_log(VPN_CLIENT, CONNECTED, Duration::from_secs(30)) {
         panic!("{error}\nserver:\n{}", docker.logs(&dockvpn));
     }
     assert!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use docknfv_tests::docker::{
     DockerChain, Spec, DNSMASQ_IMAGE, DOCKVPN_IMAGE, DOCKWALL_IMAGE, HOST_IMAGE,
 };
+use docknfv_tests::openvpn::CONNECTED;
 
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 
@@ -199,11 +200,7 @@ fn dockvpn_chain_learns_option_121_and_a_stock_openvpn_client_reaches_the_left_h
     client.env = vec![format!("PROFILE={profile}")];
     let client = chain.run(client);
     chain
-        .wait_for_log(
-            &client,
-            "Initialization Sequence Completed",
-            Duration::from_secs(30),
-        )
+        .wait_for_log(&client, CONNECTED, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", chain.logs(&si)));
     let routes = chain.exec_ok(&client, &["ip", "route", "show", "dev", "tun0"]);
     assert!(routes.contains("192.168.77.0/24 via 10.8.0.1"), "{routes}");

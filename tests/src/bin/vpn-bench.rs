@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
 use docknfv_tests::measure::{iperf_tcp_gbps, median, rss_kib};
-use docknfv_tests::openvpn::{issue_profile, OpenvpnClient};
+use docknfv_tests::openvpn::{issue_profile, OpenvpnClient, CONNECTED};
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Vnf};
 
@@ -63,7 +63,7 @@ fn main() {
         .args(["--log-append", "/dev/stderr"]);
     let openvpn_server = Vnf::spawn(command);
     openvpn_server
-        .wait_for_log("Initialization Sequence Completed", Duration::from_secs(10))
+        .wait_for_log(CONNECTED, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("openvpn server: {e}"));
 
     let (mut dockvpn_ms, mut openvpn_ms) = (Vec::new(), Vec::new());
