@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::chain::LEFT_HOST_NET;
 use crate::prereq::require_command;
-use crate::{Netns, Vnf};
+use crate::{Chain, Netns, Vnf};
 
 pub const CONNECTED: &str = "Initialization Sequence Completed";
 
@@ -54,6 +55,21 @@ impl Drop for OpenvpnClient {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.profile);
     }
+}
+
+/// The chain with Dockvpn running (pushing LEFT_HOST_NET) and the right side's direct path
+/// to the left removed, so only the tunnel leads there.
+pub fn vpn_chain(extra: &[&str]) -> (Chain, Vnf) {
+    let chain = Chain::new();
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let mut args = vec!["--left-route", LEFT_HOST_NET, "run"];
+    args.extend(extra);
+    let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
+    dockvpn.wait_ready();
+    dockvpn
+        .wait_for_log("VPN server listening", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (chain, dockvpn)
 }
 
 /// `dockvpn client add NAME` then `client config NAME [--remote …]`: the profile text.

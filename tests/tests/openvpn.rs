@@ -8,24 +8,11 @@ use std::time::Duration;
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
-use docknfv_tests::openvpn::{issue_profile, text, HostileRelay, OpenvpnClient, CONNECTED};
+use docknfv_tests::openvpn::{
+    issue_profile, text, vpn_chain, HostileRelay, OpenvpnClient, CONNECTED,
+};
 use docknfv_tests::traffic::{ping, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
-
-/// The chain with Dockvpn running (pushing LEFT_HOST_NET) and the right side's direct path
-/// to the left removed, so only the tunnel leads there.
-fn vpn_chain(extra: &[&str]) -> (Chain, Vnf) {
-    let chain = Chain::new();
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let mut args = vec!["--left-route", LEFT_HOST_NET, "run"];
-    args.extend(extra);
-    let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
-    dockvpn.wait_ready();
-    dockvpn
-        .wait_for_log("VPN server listening", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
-    (chain, dockvpn)
-}
 
 /// The client's routes through tun0, as "destination gateway" strings.
 fn tunnel_routes(ns: &Netns) -> Vec<String> {

@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
+use docknfv_tests::chain::{LEFT_HOST, SI_LEFT};
 use docknfv_tests::measure::{iperf_tcp_gbps, median, rss_kib};
-use docknfv_tests::openvpn::{issue_profile, OpenvpnClient, CONNECTED};
+use docknfv_tests::openvpn::{issue_profile, vpn_chain, OpenvpnClient, CONNECTED};
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Vnf};
 
@@ -25,21 +25,11 @@ fn connect_ms(chain: &Chain, profile: &str) -> (f64, OpenvpnClient) {
 fn main() {
     // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
     unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
-    let chain = Chain::new();
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let (chain, dockvpn) = vpn_chain(&[]);
     // The openvpn server does not masquerade: the left gateway routes its pool back.
     chain
         .left_gateway
         .ip(&["route", "add", "10.9.0.0/24", "via", SI_LEFT]);
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &["--left-route", LEFT_HOST_NET, "run"],
-    );
-    dockvpn.wait_ready();
-    dockvpn
-        .wait_for_log("VPN server listening", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
     let dockvpn_profile = issue_profile(&chain.si, &dockvpn, "bench", None);
     let openvpn_profile = dockvpn_profile.replace(
         "remote 10.0.2.2 1194",
