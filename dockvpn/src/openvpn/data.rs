@@ -29,11 +29,9 @@ pub const OCC_MAGIC: [u8; 16] = [
 ];
 pub const OCC_EXIT: u8 = 6;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cipher {
-    #[serde(rename = "AES-256-GCM")]
     Aes256Gcm,
-    #[serde(rename = "AES-128-GCM")]
     Aes128Gcm,
 }
 

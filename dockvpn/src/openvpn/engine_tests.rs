@@ -357,10 +357,12 @@ fn a_client_connects_and_exchanges_data_both_ways() {
     assert!(!std::iter::from_fn(|| server.poll_output()).any(|o| matches!(o, Output::Tun(_))));
     assert_eq!(server.counters.spoofed_source, 1);
 
-    // Keepalives are consumed by the server.
+    // Keepalives are consumed by the server, recognised as such (not dropped as a packet
+    // with a bad source).
     let ping = client.data.as_mut().unwrap().seal(&PING_MAGIC).unwrap();
     server.handle_datagram(now, peer, &ping);
     assert!(!std::iter::from_fn(|| server.poll_output()).any(|o| matches!(o, Output::Tun(_))));
+    assert_eq!(server.counters.total(), 2, "only the replay and the spoof");
 
     // tun → client.
     let downstream = ipv4_packet(left_host, record.address);

@@ -34,7 +34,6 @@ pub enum KeyMethodError {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientKeyMessage {
     pub options: String,
-    pub username: String,
     pub peer_info: PeerInfo,
 }
 
@@ -131,7 +130,8 @@ pub fn parse_client_message(plaintext: &[u8]) -> Result<(ClientKeyMessage, usize
         ..ClientKeyMessage::default()
     };
     if !reader.at_end() {
-        message.username = reader.string("username")?;
+        // Username and password: Dockvpn authenticates by certificate only.
+        reader.string("username")?;
         reader.string("password")?;
     }
     if !reader.at_end() {

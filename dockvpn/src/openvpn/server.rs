@@ -13,14 +13,11 @@ use serde::Serialize;
 
 use super::data::{classify, Cipher, DataChannel, DataError, Payload, OCC_EXIT, PING_MAGIC};
 use super::keymethod::{
-    self, PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
+    PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
 use super::packet::{decode, ControlPacket, Opcode, Packet};
 use super::session::Session;
 
-/// The options string sent in key-method 2; clients only compare it and warn on differences.
-const OPTIONS_STRING: &str =
-    "V4,dev-type tun,link-mtu 1521,tun-mtu 1500,proto UDPv4,auth [null-digest],keysize 256,key-method 2,tls-server";
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
 const MAX_PUSH_MESSAGE: usize = 1024;
 
@@ -94,13 +91,12 @@ impl Counters {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ClientStatus {
     pub name: String,
     pub address: Ipv4Addr,
     pub peer: SocketAddr,
     pub cipher: Cipher,
-    #[serde(skip)]
     pub connected_at: Instant,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -157,18 +153,9 @@ impl Server {
     /// The registered clients; a connected client no longer registered is disconnected.
     pub fn set_clients(&mut self, clients: HashMap<String, Ipv4Addr>) {
         self.clients = clients;
-        let removed: Vec<SocketAddr> = self
-            .sessions
-            .values()
-            .filter(|s| s.is_active())
-            .filter(|s| {
-                let name = s.name.as_deref().unwrap_or_default();
-                self.clients.get(name) != s.address.as_ref()
-            })
-            .map(|s| s.peer)
-            .collect();
-        for peer in removed {
-            if let Some(session) = self.sessions.get_mut(&peer) {
+        for session in self.sessions.values_mut().filter(|s| s.is_active()) {
+            let name = session.name.as_deref().unwrap_or_default();
+            if self.clients.get(name) != session.address.as_ref() {
                 session.send_text("AUTH_FAILED,client removed");
                 session.close("the client was removed or its address changed");
             }
@@ -257,10 +244,8 @@ impl Server {
             let why = format!("from {from}: {:?} for no known session", packet.opcode);
             return self.drop_input(|c| &mut c.unknown_session, why);
         }
-        let mut random = [0u8; keymethod::SERVER_RANDOM_LEN];
-        rand::rng().fill_bytes(&mut random);
         let session = self.sessions.get_mut(&from).expect("admitted above");
-        let requests = session.on_control(packet, now, OPTIONS_STRING, &random);
+        let requests = session.on_control(packet, now);
         if requests.push {
             self.push_reply(now, from);
         }
@@ -424,7 +409,8 @@ impl Server {
             Payload::Ip(packet) => {
                 let source = ipv4_source(packet);
                 if source.is_some() && source == session.address {
-                    self.outputs.push_back(Output::Tun(packet.to_vec()));
+                    // `open` returned the packet as its own buffer: hand that over.
+                    self.outputs.push_back(Output::Tun(plaintext));
                 } else {
                     let why = format!(
                         "from {from}: packet with source {source:?} from the client at {:?}",
@@ -533,16 +519,21 @@ impl Server {
 
     /// Queues due control packets (for one peer or all), then removes closed sessions.
     fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
-        for session in self.sessions.values_mut() {
-            if only.is_some_and(|peer| peer != session.peer) {
-                continue;
-            }
+        let mut queue = |session: &mut Session| {
             for datagram in session.control_datagrams(now) {
                 self.outputs.push_back(Output::Transmit {
                     to: session.peer,
                     datagram,
                 });
             }
+        };
+        match only {
+            Some(peer) => self
+                .sessions
+                .get_mut(&peer)
+                .into_iter()
+                .for_each(&mut queue),
+            None => self.sessions.values_mut().for_each(&mut queue),
         }
         self.reap();
     }

@@ -7,12 +7,17 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rand::RngCore;
 use rustls::ServerConnection;
 
 use super::data::{DataChannel, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
 use super::packet::{ControlPacket, Opcode, SessionId, MAX_CONTROL_PAYLOAD};
 use super::reliable::Reliable;
+
+/// The options string sent in key-method 2; clients only compare it and warn on differences.
+const OPTIONS_STRING: &str =
+    "V4,dev-type tun,link-mtu 1521,tun-mtu 1500,proto UDPv4,auth [null-digest],keysize 256,key-method 2,tls-server";
 
 /// More unread control plaintext than this from one client ends the session.
 const MAX_PLAINTEXT_BUFFER: usize = 64 * 1024;
@@ -94,13 +99,7 @@ impl Session {
     }
 
     /// Feeds one control packet already matched to this session.
-    pub fn on_control(
-        &mut self,
-        packet: &ControlPacket<'_>,
-        now: Instant,
-        server_options: &str,
-        random: &[u8; keymethod::SERVER_RANDOM_LEN],
-    ) -> Requests {
+    pub fn on_control(&mut self, packet: &ControlPacket<'_>, now: Instant) -> Requests {
         self.last_received = now;
         if packet.acked_session.is_none_or(|id| id == self.local_id) {
             for &id in &packet.acks {
@@ -124,7 +123,7 @@ impl Session {
             }
         }
         if self.closing.is_none() {
-            self.read_messages(server_options, random);
+            self.read_messages();
         }
         self.queue_tls_output();
         let push = self.push_requested;
@@ -170,7 +169,7 @@ impl Session {
     }
 
     /// Key-method 2 first, then NUL-terminated text messages.
-    fn read_messages(&mut self, server_options: &str, random: &[u8; keymethod::SERVER_RANDOM_LEN]) {
+    fn read_messages(&mut self) {
         if self.client.is_none() && !self.plaintext.is_empty() {
             match keymethod::parse_client_message(&self.plaintext) {
                 Ok((message, used)) => {
@@ -180,7 +179,9 @@ impl Session {
                     self.push_requested =
                         message.peer_info.proto() & keymethod::IV_PROTO_REQUEST_PUSH != 0;
                     self.client = Some(message);
-                    self.send_plaintext(&keymethod::server_message(server_options, random));
+                    let mut random = [0u8; keymethod::SERVER_RANDOM_LEN];
+                    rand::rng().fill_bytes(&mut random);
+                    self.send_plaintext(&keymethod::server_message(OPTIONS_STRING, &random));
                 }
                 Err(KeyMethodError::Incomplete) => return,
                 Err(error) => return self.close(format!("key-method message: {error}")),
