@@ -111,30 +111,8 @@ impl TestClient {
     }
 
     fn datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        for packet in self.reliable.due(now) {
-            let acks = self.reliable.take_acks();
-            out.push(self.encode(packet.opcode, acks, Some(packet.id), &packet.payload));
-        }
-        while self.reliable.has_pending_acks() {
-            let acks = self.reliable.take_acks();
-            out.push(self.encode(Opcode::AckV1, acks, None, &[]));
-        }
-        out
-    }
-
-    fn encode(&self, opcode: Opcode, acks: Vec<u32>, id: Option<u32>, payload: &[u8]) -> Vec<u8> {
-        let acked_session = (!acks.is_empty()).then(|| self.server_session.unwrap());
-        ControlPacket {
-            opcode,
-            key_id: 0,
-            session_id: self.session_id,
-            acks,
-            acked_session,
-            message_id: id,
-            payload,
-        }
-        .encode()
+        let server = self.server_session.unwrap_or_default();
+        self.reliable.datagrams(now, self.session_id, server)
     }
 
     fn receive(&mut self, datagram: &[u8]) {
@@ -142,14 +120,7 @@ impl TestClient {
             return;
         };
         self.server_session = Some(packet.session_id);
-        if packet.acked_session == Some(self.session_id) {
-            for &id in &packet.acks {
-                self.reliable.acknowledged(id);
-            }
-        }
-        if let Some(id) = packet.message_id {
-            self.reliable.receive(id, packet.opcode, packet.payload);
-        }
+        self.reliable.on_packet(&packet, self.session_id);
         while let Some((opcode, payload)) = self.reliable.deliver() {
             match opcode {
                 Opcode::HardResetServerV2 => self.tls_started = true,
@@ -210,9 +181,7 @@ impl TestClient {
             while self.tls.wants_write() {
                 self.tls.write_tls(&mut ciphertext).unwrap();
             }
-            for chunk in ciphertext.chunks(1000) {
-                self.reliable.send(Opcode::ControlV1, chunk.to_vec());
-            }
+            self.reliable.send_tls(&ciphertext);
         }
     }
 }

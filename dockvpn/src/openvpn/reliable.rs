@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::packet::{Opcode, MAX_ACKS};
+use super::packet::{ControlPacket, Opcode, SessionId, MAX_ACKS, MAX_CONTROL_PAYLOAD};
 
 /// Unacknowledged packets in flight (OpenVPN's send buffer count).
 pub const SEND_WINDOW: usize = 6;
@@ -106,6 +106,56 @@ impl Reliable {
 
     pub fn has_pending_acks(&self) -> bool {
         !self.pending_acks.is_empty()
+    }
+
+    /// Takes the ACKs and the message of one control packet from the peer; its ACKs count
+    /// only when they are for `local`, this side's session.
+    pub fn on_packet(&mut self, packet: &ControlPacket<'_>, local: SessionId) {
+        if packet.acked_session.is_none_or(|id| id == local) {
+            for &id in &packet.acks {
+                self.acknowledged(id);
+            }
+        }
+        if let Some(id) = packet.message_id {
+            self.receive(id, packet.opcode, packet.payload);
+        }
+    }
+
+    /// Queues TLS ciphertext as CONTROL_V1 messages that each fit one control packet.
+    pub fn send_tls(&mut self, ciphertext: &[u8]) {
+        for chunk in ciphertext.chunks(MAX_CONTROL_PAYLOAD) {
+            self.send(Opcode::ControlV1, chunk.to_vec());
+        }
+    }
+
+    /// The encoded control packets due now from session `local` to `remote`: new or resent
+    /// reliable packets with ACKs piggybacked, then bare ACK_V1s for any ACKs left.
+    pub fn datagrams(&mut self, now: Instant, local: SessionId, remote: SessionId) -> Vec<Vec<u8>> {
+        let encode = |opcode, acks: Vec<u32>, message_id, payload: &[u8]| {
+            ControlPacket {
+                opcode,
+                key_id: 0,
+                session_id: local,
+                acked_session: (!acks.is_empty()).then_some(remote),
+                acks,
+                message_id,
+                payload,
+            }
+            .encode()
+        };
+        let mut out = Vec::new();
+        for packet in self.due(now) {
+            out.push(encode(
+                packet.opcode,
+                self.take_acks(),
+                Some(packet.id),
+                &packet.payload,
+            ));
+        }
+        while self.has_pending_acks() {
+            out.push(encode(Opcode::AckV1, self.take_acks(), None, &[]));
+        }
+        out
     }
 
     /// Packets in the window that were never sent or whose resend time has come.

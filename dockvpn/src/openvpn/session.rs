@@ -12,7 +12,7 @@ use rustls::ServerConnection;
 
 use super::data::{DataChannel, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
-use super::packet::{ControlPacket, Opcode, SessionId, MAX_CONTROL_PAYLOAD};
+use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::Reliable;
 
 /// The options string sent in key-method 2; clients only compare it and warn on differences.
@@ -101,14 +101,7 @@ impl Session {
     /// Feeds one control packet already matched to this session.
     pub fn on_control(&mut self, packet: &ControlPacket<'_>, now: Instant) -> Requests {
         self.last_received = now;
-        if packet.acked_session.is_none_or(|id| id == self.local_id) {
-            for &id in &packet.acks {
-                self.reliable.acknowledged(id);
-            }
-        }
-        if let Some(id) = packet.message_id {
-            self.reliable.receive(id, packet.opcode, packet.payload);
-        }
+        self.reliable.on_packet(packet, self.local_id);
         while let Some((opcode, payload)) = self.reliable.deliver() {
             match opcode {
                 Opcode::HardResetClientV2 => {}
@@ -226,9 +219,7 @@ impl Session {
                 break;
             }
         }
-        for chunk in ciphertext.chunks(MAX_CONTROL_PAYLOAD) {
-            self.reliable.send(Opcode::ControlV1, chunk.to_vec());
-        }
+        self.reliable.send_tls(&ciphertext);
     }
 
     pub fn export_key_material(&self) -> Result<[u8; KEY_MATERIAL_LEN], rustls::Error> {
@@ -238,39 +229,9 @@ impl Session {
         Ok(material)
     }
 
-    /// Encoded control packets due now: new or resent reliable packets with ACKs piggybacked,
-    /// then bare ACK_V1s for any ACKs left.
+    /// Encoded control packets due now.
     pub fn control_datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        for packet in self.reliable.due(now) {
-            let acks = self.reliable.take_acks();
-            out.push(self.encode(packet.opcode, acks, Some(packet.id), &packet.payload));
-        }
-        while self.reliable.has_pending_acks() {
-            let acks = self.reliable.take_acks();
-            out.push(self.encode(Opcode::AckV1, acks, None, &[]));
-        }
-        out
-    }
-
-    fn encode(
-        &self,
-        opcode: Opcode,
-        acks: Vec<u32>,
-        message_id: Option<u32>,
-        payload: &[u8],
-    ) -> Vec<u8> {
-        let acked_session = (!acks.is_empty()).then_some(self.remote_id);
-        ControlPacket {
-            opcode,
-            key_id: 0,
-            session_id: self.local_id,
-            acks,
-            acked_session,
-            message_id,
-            payload,
-        }
-        .encode()
+        self.reliable.datagrams(now, self.local_id, self.remote_id)
     }
 
     pub fn next_control_timeout(&self) -> Option<Instant> {
