@@ -4,10 +4,8 @@
 //! with mode 0600; every change is serialized by a lock and written atomically.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -384,20 +382,9 @@ fn write_public(path: &Path, text: &str) -> Result<()> {
     write_atomically(path, text.as_bytes(), 0o644)
 }
 
-/// temp file with `mode` + fsync + rename, so a crash leaves the old file or the new one.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let temporary = path.with_extension("tmp");
-    let context = || format!("write {}", path.display());
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temporary)
-        .map_err(io(context()))?;
-    file.write_all(bytes).map_err(io(context()))?;
-    file.sync_all().map_err(io(context()))?;
-    fs::rename(&temporary, path).map_err(io(context()))
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    vnf_core::fs::write_atomically(path, bytes, mode)
+        .map_err(io(format!("write {}", path.display())))
 }
 
 #[cfg(test)]

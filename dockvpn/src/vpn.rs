@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use vnf_core::{Error, Result};
 
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
-use crate::pki::{write_atomically, Pki};
+use crate::pki::Pki;
 
 /// How often status.json is rewritten while nothing happens.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -263,7 +263,9 @@ fn write_status(config: &VpnConfig, engine: &Server) {
         updated_unix: unix(wall),
     };
     let text = serde_json::to_string_pretty(&status).expect("status serializes");
-    if let Err(error) = write_atomically(&status_path(&config.state_dir), text.as_bytes(), 0o644) {
+    if let Err(error) =
+        vnf_core::fs::write_replacing(&status_path(&config.state_dir), text.as_bytes(), 0o644)
+    {
         warn!(%error, "could not write status.json");
     }
 }

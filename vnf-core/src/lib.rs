@@ -9,6 +9,7 @@ pub mod cli;
 pub mod dhcp;
 pub mod error;
 pub mod firewall;
+pub mod fs;
 pub mod kernel;
 pub mod lease;
 pub mod routing;

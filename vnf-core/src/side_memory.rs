@@ -60,20 +60,14 @@ impl RememberedSides {
         Ok(remembered)
     }
 
-    /// Writes the file whole (temporary file + rename), so a crash leaves the old or the new.
     pub fn store(&self, dir: &Path) -> std::io::Result<()> {
         let map: BTreeMap<Side, String> = Side::ALL
             .into_iter()
             .filter_map(|side| Some((side, format_mac(&self.get(side)?))))
             .collect();
         std::fs::create_dir_all(dir)?;
-        let path = path(dir);
-        let temporary = path.with_extension("json.tmp");
-        std::fs::write(
-            &temporary,
-            serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(&temporary, path)
+        let json = serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?;
+        crate::fs::write_atomically(&path(dir), &json, 0o644)
     }
 }
 

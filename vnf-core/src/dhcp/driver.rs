@@ -307,12 +307,8 @@ fn store(path: &Path, stored: &StoredLease) -> std::io::Result<()> {
     if let Some(directory) = path.parent() {
         std::fs::create_dir_all(directory)?;
     }
-    let temporary = path.with_extension("json.tmp");
-    std::fs::write(
-        &temporary,
-        serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&temporary, path)
+    let json = serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?;
+    crate::fs::write_atomically(path, &json, 0o644)
 }
 
 /// Runs the hook with the lease in the environment and as JSON on stdin, bounded in time.

@@ -3,7 +3,6 @@
 //! `docker exec … dockwall rule add` at once are serialized and neither is lost.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -84,20 +83,13 @@ impl Locked<'_> {
 
     pub fn save(&self, rule_set: &RuleSet) -> Result<()> {
         let path = self.store.rules_path();
-        let temporary = self.store.dir.join(format!(".{RULES_FILE}.tmp"));
         let mut text = serde_json::to_string_pretty(rule_set).map_err(|e| Error::Io {
             context: "render the rule set".into(),
             source: e.into(),
         })?;
         text.push('\n');
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&temporary)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&temporary, &path)?;
-            File::open(&self.store.dir)?.sync_all()
-        };
-        write().map_err(io_error(format!("write {}", path.display())))
+        crate::fs::write_atomically(&path, text.as_bytes(), 0o644)
+            .map_err(io_error(format!("write {}", path.display())))
     }
 }
 
