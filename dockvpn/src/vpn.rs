@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
+use vnf_core::runtime::sleep_until;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -267,12 +268,5 @@ fn write_status(config: &VpnConfig, engine: &Server) {
         vnf_core::fs::write_replacing(&status_path(&config.state_dir), text.as_bytes(), 0o644)
     {
         warn!(%error, "could not write status.json");
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

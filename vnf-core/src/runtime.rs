@@ -243,7 +243,8 @@ fn require_net_admin() -> Result<()> {
     Ok(())
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+/// Sleeps until `deadline`, or forever without one: a `select!` arm for an optional timer.
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,

@@ -3,6 +3,7 @@
 //! `crate::lease`, stores the lease (a restart does INIT-REBOOT), publishes it on a watch
 //! channel (the live route feed Dockvpn pushes from) and runs the optional user hook.
 
+use crate::runtime::sleep_until;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -210,13 +211,6 @@ async fn drive(
                 return Ok(());
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -334,7 +334,8 @@ fn json_error(error: serde_json::Error) -> Error {
     }
 }
 
-fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
+/// Runs `nft ARGS`, with `stdin` piped in when given; its stdout, or its stderr as the error.
+pub fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
     let mut child = Command::new("nft")
         .args(args)
         .stdin(if stdin.is_some() {
