@@ -2,17 +2,17 @@
 //! timer, and the feeds from the runtime (pushed routes, the left interface for masquerade).
 //! It writes `status.json` for `dockvpn status`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
-use vnf_core::runtime::sleep_until;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{info, warn};
+use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
@@ -99,16 +99,17 @@ pub async fn serve(
         })?
         .pop()
         .expect("one queue");
-    let pki = Pki::new(&config.state_dir);
     let mut engine = Server::new(config.engine.clone());
     engine.set_routes(routes.borrow_and_update().clone());
     let registry = Pki::new(&config.state_dir);
-    engine.set_registry_reader(Box::new(move || {
-        let clients = registry.clients().ok()?;
-        Some(clients.into_iter().map(|c| (c.name, c.address)).collect())
+    engine.set_registry_reader(Box::new(move || match registry.clients() {
+        Ok(clients) => Some(clients.into_iter().map(|c| (c.name, c.address)).collect()),
+        Err(error) => {
+            warn!(%error, "client registry unreadable; keeping the last one");
+            None
+        }
     }));
-    let mut registry_text = String::new();
-    reload_clients(&pki, &mut engine, &mut registry_text);
+    engine.refresh_clients();
     info!(
         listen = %config.listen,
         tun = %config.tun_name,
@@ -145,7 +146,7 @@ pub async fn serve(
                     status_dirty = true;
                 }
             }
-            _ = clients_tick.tick() => reload_clients(&pki, &mut engine, &mut registry_text),
+            _ = clients_tick.tick() => engine.refresh_clients(),
             _ = status_tick.tick() => status_dirty = true,
             _ = stop.changed() => {
                 engine.shutdown(Instant::now());
@@ -216,24 +217,6 @@ async fn drain(engine: &mut Server, socket: &UdpSocket, tun: &tokio_tun::Tun) ->
         }
     }
     changed
-}
-
-fn reload_clients(pki: &Pki, engine: &mut Server, last_text: &mut String) {
-    match pki.clients() {
-        Ok(clients) => {
-            let text = format!("{clients:?}");
-            if text != *last_text {
-                engine.set_clients(
-                    clients
-                        .into_iter()
-                        .map(|c| (c.name, c.address))
-                        .collect::<HashMap<_, _>>(),
-                );
-                *last_text = text;
-            }
-        }
-        Err(error) => warn!(%error, "client registry unreadable; keeping the last one"),
-    }
 }
 
 fn write_status(config: &VpnConfig, engine: &Server) {

@@ -150,6 +150,14 @@ impl Server {
         &self.routes
     }
 
+    /// Reads the registry again through the reader and applies it; keeps the last one when
+    /// there is no reader or it cannot read.
+    pub fn refresh_clients(&mut self) {
+        if let Some(clients) = self.read_registry.as_mut().and_then(|read| read()) {
+            self.set_clients(clients);
+        }
+    }
+
     /// The registered clients; a connected client no longer registered is disconnected.
     pub fn set_clients(&mut self, clients: HashMap<String, Ipv4Addr>) {
         self.clients = clients;
@@ -314,9 +322,7 @@ impl Server {
             .and_then(|s| s.name.as_ref())
             .is_some_and(|name| !self.clients.contains_key(name));
         if unknown {
-            if let Some(clients) = self.read_registry.as_mut().and_then(|read| read()) {
-                self.set_clients(clients);
-            }
+            self.refresh_clients();
         }
         let Some(session) = self.sessions.get_mut(&from) else {
             return;

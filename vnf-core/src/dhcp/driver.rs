@@ -3,7 +3,6 @@
 //! `crate::lease`, stores the lease (a restart does INIT-REBOOT), publishes it on a watch
 //! channel (the live route feed Dockvpn pushes from) and runs the optional user hook.
 
-use crate::runtime::sleep_until;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,6 +20,7 @@ use super::socket::{unicast_socket, PacketSocket, SERVER_PORT};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::lease::{BoundLease, LeaseApplier, LeaseTarget};
+use crate::runtime::sleep_until;
 use crate::side::Side;
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
