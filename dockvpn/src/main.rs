@@ -379,7 +379,9 @@ impl SidesObserver for VpnObserver {
     }
 
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()> {
-        if on_exit == OnExit::Remove && self.masquerading.take().is_some() {
+        // Also when the left side went away: its table stays until removed.
+        if on_exit == OnExit::Remove && self.masquerade {
+            self.masquerading = None;
             masquerade::remove()?;
         }
         Ok(())
@@ -420,10 +422,7 @@ fn parse_remote(remote: &str, default_port: u16) -> Result<(String, u16)> {
 
 /// The running server's port, from its status file; the default otherwise.
 fn running_port(state_dir: &Path) -> u16 {
-    std::fs::read_to_string(vpn::status_path(state_dir))
-        .ok()
-        .and_then(|text| serde_json::from_str::<vpn::VpnStatus>(&text).ok())
-        .map_or(DEFAULT_PORT, |status| status.listen.port())
+    load_vpn_status(state_dir).map_or(DEFAULT_PORT, |status| status.listen.port())
 }
 
 async fn right_address(cli: &Cli) -> Result<Ipv4Addr> {
@@ -466,17 +465,15 @@ async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
 
 /// The status file of a running server; None when absent or its process is gone.
 fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
+    load_vpn_status(state_dir).filter(|status| Path::new(&format!("/proc/{}", status.pid)).exists())
+}
+
+/// The status file as the server last wrote it, whether or not it still runs.
+fn load_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     let text = std::fs::read_to_string(vpn::status_path(state_dir)).ok()?;
-    let status: vpn::VpnStatus = match serde_json::from_str(&text) {
-        Ok(status) => status,
-        Err(error) => {
-            error!(%error, "status.json unreadable");
-            return None;
-        }
-    };
-    Path::new(&format!("/proc/{}", status.pid))
-        .exists()
-        .then_some(status)
+    serde_json::from_str(&text)
+        .inspect_err(|error| error!(%error, "status.json unreadable"))
+        .ok()
 }
 
 fn render_vpn(vpn: &vpn::VpnStatus) -> String {

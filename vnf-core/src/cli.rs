@@ -222,22 +222,3 @@ where
         }
     }
 }
-
-/// `status [--json]`: prints the side and routing state; exit code 1 unless converged.
-pub async fn print_status(config: &RuntimeConfig, json: bool) -> crate::Result<ExitCode> {
-    let status = crate::status::collect(config).await?;
-    if json {
-        let text = serde_json::to_string_pretty(&status).map_err(|e| crate::Error::Io {
-            context: "render status as JSON".into(),
-            source: e.into(),
-        })?;
-        println!("{text}");
-    } else {
-        print!("{}", status.render());
-    }
-    Ok(if status.converged {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
