@@ -73,7 +73,7 @@ impl Pki {
         self.dir.join("clients").join(format!("{name}.{extension}"))
     }
 
-    pub fn exists(&self) -> bool {
+    fn exists(&self) -> bool {
         self.path("ca.crt").exists() && self.path("server.crt").exists()
     }
 
@@ -349,7 +349,7 @@ fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
 }
 
 /// A client name becomes a file name and a certificate CN.
-pub fn validate_name(name: &str) -> Result<()> {
+fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
