@@ -32,6 +32,17 @@ impl TestPki {
         pki.init(false).unwrap();
         TestPki { dir, pki }
     }
+
+    /// Registers `name` in the pool and starts a server that knows it; the client's address.
+    fn server_with_client(&self, name: &str) -> (Server, Ipv4Addr) {
+        let record = self
+            .pki
+            .add_client(name, "10.8.0.0/24".parse().unwrap(), None)
+            .unwrap();
+        let mut server = Server::new(engine_config(&self.pki));
+        server.set_clients(HashMap::from([(name.to_owned(), record.address)]));
+        (server, record.address)
+    }
 }
 
 impl Drop for TestPki {
@@ -264,12 +275,7 @@ fn ipv4_packet(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
 #[test]
 fn a_client_connects_and_exchanges_data_both_ways() {
     let test = TestPki::new("connect");
-    let record = test
-        .pki
-        .add_client("alice", "10.8.0.0/24".parse().unwrap(), None)
-        .unwrap();
-    let mut server = Server::new(engine_config(&test.pki));
-    server.set_clients(HashMap::from([("alice".to_owned(), record.address)]));
+    let (mut server, address) = test.server_with_client("alice");
     server.set_routes(["192.168.10.0/24".parse().unwrap()].into());
     let mut client = TestClient::new(&test.pki, "alice", "AES-128-GCM:AES-256-GCM");
     let now = Instant::now();
@@ -301,7 +307,7 @@ fn a_client_connects_and_exchanges_data_both_ways() {
     // Client → tun: keys derived on both sides from the TLS exporter agree.
     let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
     let left_host = Ipv4Addr::new(192, 168, 10, 2);
-    let upstream = ipv4_packet(record.address, left_host);
+    let upstream = ipv4_packet(address, left_host);
     let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
     server.handle_datagram(now, peer, &sealed);
     let tun: Vec<Vec<u8>> = std::iter::from_fn(|| server.poll_output())
@@ -334,7 +340,7 @@ fn a_client_connects_and_exchanges_data_both_ways() {
     assert_eq!(server.counters.total(), 2, "only the replay and the spoof");
 
     // tun → client.
-    let downstream = ipv4_packet(left_host, record.address);
+    let downstream = ipv4_packet(left_host, address);
     server.handle_tun_packet(now, &downstream);
     let Some(Output::Transmit { to, datagram }) = server.poll_output() else {
         panic!("nothing sent to the client");
@@ -349,12 +355,7 @@ fn a_client_connects_and_exchanges_data_both_ways() {
 #[test]
 fn the_handshake_survives_loss_duplication_and_reordering() {
     let test = TestPki::new("lossy");
-    let record = test
-        .pki
-        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
-        .unwrap();
-    let mut server = Server::new(engine_config(&test.pki));
-    server.set_clients(HashMap::from([("bob".to_owned(), record.address)]));
+    let (mut server, _) = test.server_with_client("bob");
     let mut client = TestClient::new(&test.pki, "bob", "AES-128-GCM");
     let took = connect(&mut server, &mut client, hostile, Instant::now());
     assert!(client
@@ -427,12 +428,7 @@ fn a_flood_of_hard_resets_cannot_grow_state_beyond_the_handshake_limit() {
 #[test]
 fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
     let test = TestPki::new("fuzz");
-    let record = test
-        .pki
-        .add_client("dave", "10.8.0.0/24".parse().unwrap(), None)
-        .unwrap();
-    let mut server = Server::new(engine_config(&test.pki));
-    server.set_clients(HashMap::from([("dave".to_owned(), record.address)]));
+    let (mut server, address) = test.server_with_client("dave");
     let mut client = TestClient::new(&test.pki, "dave", "AES-256-GCM");
     let now = Instant::now();
     connect(&mut server, &mut client, perfect, now);
@@ -440,7 +436,7 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
         .data
         .as_mut()
         .unwrap()
-        .seal(&ipv4_packet(record.address, Ipv4Addr::new(192, 168, 10, 2)))
+        .seal(&ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 2)))
         .unwrap();
     let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
     let mut seed = 0x2545_f491_u64;
@@ -485,12 +481,7 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
 #[test]
 fn keepalives_go_out_and_a_silent_client_is_reaped_after_ping_restart() {
     let test = TestPki::new("reap");
-    let record = test
-        .pki
-        .add_client("erin", "10.8.0.0/24".parse().unwrap(), None)
-        .unwrap();
-    let mut server = Server::new(engine_config(&test.pki));
-    server.set_clients(HashMap::from([("erin".to_owned(), record.address)]));
+    let (mut server, _) = test.server_with_client("erin");
     let mut client = TestClient::new(&test.pki, "erin", "AES-256-GCM");
     let start = Instant::now();
     let connected_at = start + connect(&mut server, &mut client, perfect, start);
