@@ -213,6 +213,30 @@ impl DockerClient {
         }
     }
 
+    /// Runs `cmd` in the container until its output contains `needle`; that output, or the
+    /// last one.
+    pub fn wait_for_output(
+        &self,
+        container: &str,
+        cmd: &[&str],
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, output) = self.exec(container, cmd);
+            if output.contains(needle) {
+                return Ok(output);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{cmd:?} in {container} printed no {needle:?} within {timeout:?}:\n{output}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn state(&self, container: &str) -> bollard::models::ContainerState {
         self.block_on(self.docker.inspect_container(
             container,

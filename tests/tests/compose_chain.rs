@@ -124,19 +124,18 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     );
 
     // dnsmasq.conf announces 192.168.77.0/24 via the left host.
-    let mut status = String::new();
-    for _ in 0..100 {
-        status = docker.exec(&dockvpn, &["dockvpn", "status", "--json"]).1;
-        if status.contains("192.168.77.0/24") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        status.contains("192.168.77.0/24"),
-        "the option-121 route is learned: {status}\n{}",
-        docker.logs(&dockvpn)
+    let learned = docker.wait_for_output(
+        &dockvpn,
+        &["dockvpn", "status", "--json"],
+        "192.168.77.0/24",
+        Duration::from_secs(20),
     );
+    if let Err(error) = learned {
+        panic!(
+            "the option-121 route is not learned: {error}\n{}",
+            docker.logs(&dockvpn)
+        );
+    }
 
     docker.exec_ok(&dockvpn, &["dockvpn", "client", "add", "alice"]);
     let profile = docker.exec_ok(&dockvpn, &["dockvpn", "client", "config", "alice"]);

@@ -163,20 +163,19 @@ fn dockvpn_chain_learns_option_121_and_a_stock_openvpn_client_reaches_the_left_h
     let si = chain.run(spec);
     chain.connect(&si, &chain.right, &format!("{right_net}.2"));
     chain.wait_healthy(&si, HEALTHY_WITHIN);
-    let mut status = String::new();
-    for _ in 0..100 {
-        status = chain.exec_ok(&si, &["dockvpn", "status", "--json"]);
-        if status.contains("192.168.77.0/24") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        status.contains("192.168.77.0/24"),
-        "the option-121 route is learned: {status}\n{}\ndhcp:\n{}",
-        chain.logs(&si),
-        chain.logs(&dhcp)
+    let learned = chain.wait_for_output(
+        &si,
+        &["dockvpn", "status", "--json"],
+        "192.168.77.0/24",
+        Duration::from_secs(20),
     );
+    if let Err(error) = learned {
+        panic!(
+            "the option-121 route is not learned: {error}\n{}\ndhcp:\n{}",
+            chain.logs(&si),
+            chain.logs(&dhcp)
+        );
+    }
 
     chain.exec_ok(&si, &["dockvpn", "client", "add", "alice"]);
     let profile = chain.exec_ok(&si, &["dockvpn", "client", "config", "alice"]);
