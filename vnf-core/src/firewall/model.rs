@@ -423,12 +423,14 @@ impl Rule {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.validate_as(&format!("rule {}", self.id))
+    }
+
+    /// Checks the rule; errors call it `label` (a rule not yet added is named by the position
+    /// and id it would get, not by an id the user has never seen).
+    pub fn validate_as(&self, label: &str) -> Result<()> {
         let what = |field: &'static str, value: String, reason: &str| {
-            Err(Error::invalid(
-                field,
-                value,
-                format!("rule {}: {reason}", self.id),
-            ))
+            Err(Error::invalid(field, value, format!("{label}: {reason}")))
         };
         if let (Some(source), Some(destination)) = (&self.source, &self.destination) {
             if family_of(source) != family_of(destination) {
