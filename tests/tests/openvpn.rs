@@ -355,9 +355,9 @@ fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_ba
         &chain.si,
         "dockvpn",
         &[
+            "run",
             "--left-route",
             LEFT_HOST_NET,
-            "run",
             "--masquerade",
             "false",
         ],
