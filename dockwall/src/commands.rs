@@ -137,46 +137,27 @@ async fn rule<'a>(
             after,
             edit,
         } => {
-            let mut message = String::new();
-            let editor = editor(&edit);
-            let outcome = editor
-                .edit(|set| {
-                    let position = match (before, after) {
-                        (Some(id), _) => set
-                            .position_of(id)
-                            .ok_or_else(|| unknown_id("before", id))?,
-                        (_, Some(id)) => {
-                            set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1
-                        }
-                        _ => set.rules.len(),
-                    };
-                    let rule = new_rule(set, spec, position + 1)?;
-                    message = format!("rule {} added at position {}", rule.id, position + 1);
-                    set.rules.insert(position, rule);
-                    Ok(())
-                })
-                .await?;
-            editor.report(&outcome, &message)
+            add_rule(editor(&edit), spec, "added", |set| match (before, after) {
+                (Some(id), _) => set.position_of(id).ok_or_else(|| unknown_id("before", id)),
+                (_, Some(id)) => {
+                    Ok(set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1)
+                }
+                _ => Ok(set.rules.len()),
+            })
+            .await
         }
         RuleCommand::Insert {
             position,
             spec,
             edit,
         } => {
-            let mut message = String::new();
-            let editor = editor(&edit);
-            let outcome = editor
-                .edit(|set| {
-                    if position == 0 || position > set.rules.len() + 1 {
-                        return Err(out_of_range(position, set.rules.len() + 1));
-                    }
-                    let rule = new_rule(set, spec, position)?;
-                    message = format!("rule {} inserted at position {position}", rule.id);
-                    set.rules.insert(position - 1, rule);
-                    Ok(())
-                })
-                .await?;
-            editor.report(&outcome, &message)
+            add_rule(editor(&edit), spec, "inserted", |set| {
+                if position == 0 || position > set.rules.len() + 1 {
+                    return Err(out_of_range(position, set.rules.len() + 1));
+                }
+                Ok(position - 1)
+            })
+            .await
         }
         RuleCommand::Delete(SelectedEdit { selector, edit }) => {
             let mut message = String::new();
@@ -262,12 +243,15 @@ async fn nat<'a>(
             let outcome = editor
                 .edit(|set| {
                     let id = set.allocate_id();
-                    set.nat.push(NatRule {
+                    let rule = NatRule {
                         id,
                         kind,
                         comment: None,
-                    });
-                    message = format!("NAT rule {id} added");
+                    };
+                    let position = set.nat.len() + 1;
+                    rule.validate_as(&format!("the new NAT rule (position {position}, id {id})"))?;
+                    set.nat.push(rule);
+                    message = format!("NAT rule {id} added at position {position}");
                     Ok(())
                 })
                 .await?;
@@ -293,6 +277,26 @@ async fn nat<'a>(
             ))
         }
     };
+    editor.report(&outcome, &message)
+}
+
+/// Adds the rule `spec` describes at the index `place` picks in the current rule set.
+async fn add_rule(
+    editor: Editor<'_>,
+    spec: RuleSpec,
+    verb: &str,
+    place: impl FnOnce(&RuleSet) -> Result<usize>,
+) -> Result<ExitCode> {
+    let mut message = String::new();
+    let outcome = editor
+        .edit(|set| {
+            let index = place(set)?;
+            let rule = new_rule(set, spec, index + 1)?;
+            message = format!("rule {} {verb} at position {}", rule.id, index + 1);
+            set.rules.insert(index, rule);
+            Ok(())
+        })
+        .await?;
     editor.report(&outcome, &message)
 }
 
