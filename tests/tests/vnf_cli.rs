@@ -372,6 +372,10 @@ fn rule_errors_name_what_was_typed_and_the_position_and_id_the_rule_would_get() 
         &["rule", "add", "deny", "--proto", "icmp", "--dport", "22"],
         "invalid protocol \"icmp\": the new rule (position 1, id 2): port 22 needs protocol tcp",
     );
+    refused(
+        &["nat", "add", "masquerade", "--out", "mgmt"],
+        "invalid out \"mgmt\": the new NAT rule (position 1, id 2): use left or right",
+    );
 }
 
 #[test]
