@@ -19,7 +19,10 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::{error, info};
-use vnf_core::cli::{execute, shutdown_signal, LogArgs, SideArgs, SELECTOR_HELP};
+use vnf_core::cli::{
+    execute, shutdown_signal, JsonArgs, LifecycleArgs, LogArgs, NetworkArgs, SideArgs, FIREWALL,
+    ROUTING, SELECTOR_HELP, VPN,
+};
 use vnf_core::lease::LearnedRoute;
 use vnf_core::routing::{RoutingConfig, RoutingMode};
 use vnf_core::runtime::{OnExit, SidesObserver};
@@ -53,24 +56,47 @@ struct Cli {
     )]
     state_dir: std::path::PathBuf,
 
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The VPN address pool: `run` serves it, `client add` hands out its addresses.
+#[derive(Args, Debug, Clone, Copy)]
+struct PoolArgs {
     /// The VPN address pool; the server takes its first address, clients the next ones
     #[arg(
         long,
-        global = true,
         env = "DOCKVPN_POOL",
         default_value = "10.8.0.0/24",
-        value_name = "CIDR"
+        value_name = "CIDR",
+        help_heading = VPN
     )]
     pool: Ipv4Net,
+}
 
+/// What `run` configures and `status` checks.
+#[derive(Args, Debug)]
+struct RoutingArgs {
     #[command(flatten)]
-    sides: SideArgs,
+    network: NetworkArgs,
 
     #[command(flatten)]
     routes: LeftRoutes,
+}
 
-    #[command(subcommand)]
-    command: Command,
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    routing: RoutingArgs,
+
+    #[command(flatten)]
+    lifecycle: LifecycleArgs,
+
+    #[command(flatten)]
+    pool: PoolArgs,
+
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,10 +105,10 @@ struct LeftRoutes {
     /// the flag, or comma-separate in the env var
     #[arg(
         long = "left-route",
-        global = true,
         env = "VNF_LEFT_ROUTES",
         value_name = "CIDR",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = ROUTING
     )]
     left_routes: Vec<Ipv4Net>,
 }
@@ -103,7 +129,8 @@ struct ServeArgs {
         long,
         env = "DOCKVPN_LISTEN",
         default_value = "0.0.0.0:1194",
-        value_name = "ADDR:PORT"
+        value_name = "ADDR:PORT",
+        help_heading = VPN
     )]
     listen: SocketAddr,
 
@@ -113,12 +140,13 @@ struct ServeArgs {
         env = "DOCKVPN_DATA_CIPHERS",
         default_value = "AES-256-GCM:AES-128-GCM",
         value_name = "LIST",
-        value_parser = parse_ciphers
+        value_parser = parse_ciphers,
+        help_heading = VPN
     )]
     data_ciphers: CipherList,
 
     /// Also send clients' default route through the VPN (`redirect-gateway def1`)
-    #[arg(long, env = "DOCKVPN_REDIRECT_GATEWAY")]
+    #[arg(long, env = "DOCKVPN_REDIRECT_GATEWAY", help_heading = VPN)]
     redirect_gateway: bool,
 
     /// Masquerade client traffic out of the left side; turn off when the left networks
@@ -128,24 +156,25 @@ struct ServeArgs {
         env = "DOCKVPN_MASQUERADE",
         default_value_t = true,
         action = clap::ArgAction::Set,
-        value_name = "BOOL"
+        value_name = "BOOL",
+        help_heading = FIREWALL
     )]
     masquerade: bool,
 
     /// Keepalive interval pushed to clients and used by the server (seconds)
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = VPN)]
     ping: u64,
 
     /// A client silent this long is disconnected (seconds)
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = VPN)]
     ping_restart: u64,
 
     /// Name of the tun device
-    #[arg(long, default_value = "dockvpn0", value_name = "NAME")]
+    #[arg(long, default_value = "dockvpn0", value_name = "NAME", help_heading = VPN)]
     tun: String,
 
     /// Most clients connected (or connecting) at once
-    #[arg(long, default_value_t = 1024, value_name = "N")]
+    #[arg(long, default_value_t = 1024, value_name = "N", help_heading = VPN)]
     max_clients: usize,
 }
 
@@ -171,13 +200,15 @@ enum Command {
     /// Creates the PKI on first start. Pushes to each client its fixed address, the
     /// --left-route networks and those learned by DHCP on the left (at connect time), and
     /// masquerades their traffic out of the left side unless --masquerade false.
-    Run(ServeArgs),
+    Run(Box<RunArgs>),
     /// Show the sides, the routing, and the VPN server (clients, bytes, routes pushed);
-    /// exits 1 unless routing is converged.
+    /// exits 1 unless routing is converged. Give it the options `run` got (the container's
+    /// environment does that for a HEALTHCHECK)
     Status {
-        /// Print JSON for scripts
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        routing: RoutingArgs,
+        #[command(flatten)]
+        output: JsonArgs,
     },
     /// The certificate authority
     #[command(subcommand)]
@@ -205,6 +236,8 @@ enum ClientCommand {
         /// A specific address in the pool [default: the next free one]
         #[arg(long)]
         address: Option<Ipv4Addr>,
+        #[command(flatten)]
+        pool: PoolArgs,
     },
     /// Print the client's ready inline .ovpn profile
     Config {
@@ -213,12 +246,12 @@ enum ClientCommand {
         /// running server's port]
         #[arg(long, value_name = "HOST[:PORT]")]
         remote: Option<String>,
+        /// Finds the right side for the default remote
+        #[command(flatten)]
+        sides: SideArgs,
     },
     /// List the clients and their addresses
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List(JsonArgs),
     /// Remove a client (it is disconnected and cannot connect again)
     Remove { name: String },
 }
@@ -230,35 +263,45 @@ fn main() -> ExitCode {
     execute("dockvpn", || async move {
         let pki = Pki::new(&cli.state_dir);
         match &cli.command {
-            Command::Run(serve) => run(&cli, serve, started).await,
-            Command::Status { json } => status(&cli, *json).await,
+            Command::Run(args) => run(&cli.state_dir, args, started).await,
+            Command::Status { routing, output } => {
+                status(&cli.state_dir, routing, output.json).await
+            }
             Command::Pki(PkiCommand::Init { force }) => {
                 pki.init(*force)?;
                 println!("PKI created in {}", cli.state_dir.join("pki").display());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Client(ClientCommand::Add { name, address }) => {
-                let record = pki.add_client(name, cli.pool, *address)?;
+            Command::Client(ClientCommand::Add {
+                name,
+                address,
+                pool,
+            }) => {
+                let record = pki.add_client(name, pool.pool, *address)?;
                 println!(
                     "client {} added with address {}; `dockvpn client config {}` prints its profile",
                     record.name, record.address, record.name
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Client(ClientCommand::Config { name, remote }) => {
+            Command::Client(ClientCommand::Config {
+                name,
+                remote,
+                sides,
+            }) => {
                 let (host, port) = match remote {
                     Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
                     None => (
-                        right_address(&cli).await?.to_string(),
+                        right_address(sides, &cli.state_dir).await?.to_string(),
                         running_port(&cli.state_dir),
                     ),
                 };
                 print!("{}", pki.profile(name, &host, port)?);
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Client(ClientCommand::List { json }) => {
+            Command::Client(ClientCommand::List(output)) => {
                 let clients = pki.clients()?;
-                if *json {
+                if output.json {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&clients).expect("serializes")
@@ -282,21 +325,23 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode> {
-    let pki = Pki::new(&cli.state_dir);
+async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitCode> {
+    let serve = &args.serve;
+    let pool = args.pool.pool;
+    let pki = Pki::new(state_dir);
     if pki.ensure()? {
-        info!(dir = %cli.state_dir.join("pki").display(), "PKI created");
+        info!(dir = %state_dir.join("pki").display(), "PKI created");
     }
-    if cli.pool.prefix_len() > 30 {
+    if pool.prefix_len() > 30 {
         return Err(Error::invalid(
             "--pool",
-            cli.pool,
+            pool,
             "needs room for the server and at least one client: use /30 or larger",
         ));
     }
     let engine = EngineConfig {
         tls: pki.server_tls_config()?,
-        pool: cli.pool.trunc(),
+        pool: pool.trunc(),
         ciphers: serve.data_ciphers.0.clone(),
         ping: Duration::from_secs(serve.ping.max(1)),
         ping_restart: Duration::from_secs(serve.ping_restart.max(serve.ping + 1)),
@@ -305,8 +350,13 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         max_clients: serve.max_clients,
         max_handshaking: 64.min(serve.max_clients),
     };
-    let static_routes: BTreeSet<Ipv4Net> =
-        cli.routes.left_routes.iter().map(Ipv4Net::trunc).collect();
+    let static_routes: BTreeSet<Ipv4Net> = args
+        .routing
+        .routes
+        .left_routes
+        .iter()
+        .map(Ipv4Net::trunc)
+        .collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut observer = VpnObserver {
@@ -320,7 +370,7 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         listen: serve.listen,
         tun_name: serve.tun.clone(),
         engine,
-        state_dir: cli.state_dir.clone(),
+        state_dir: state_dir.to_path_buf(),
     };
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let vpn_task = tokio::spawn({
@@ -340,9 +390,11 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         }
         let _ = stop_tx.send(true);
     };
-    let runtime_config = cli
-        .sides
-        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let runtime_config = args.lifecycle.runtime_config(
+        &args.routing.network,
+        args.routing.routes.routing_config(),
+        state_dir,
+    );
     let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await
@@ -425,10 +477,10 @@ fn running_port(state_dir: &Path) -> u16 {
     load_vpn_status(state_dir).map_or(DEFAULT_PORT, |status| status.listen.port())
 }
 
-async fn right_address(cli: &Cli) -> Result<Ipv4Addr> {
+async fn right_address(sides: &SideArgs, state_dir: &Path) -> Result<Ipv4Addr> {
     let kernel = vnf_core::kernel::Kernel::connect()?;
     let interfaces = kernel.interfaces().await?;
-    let assignment = vnf_core::side::assign(&cli.sides.selectors(&cli.state_dir), &interfaces)?;
+    let assignment = vnf_core::side::assign(&sides.selectors(state_dir), &interfaces)?;
     assignment
         .ready(Side::Right)
         .map(|ready| ready.address.addr())
@@ -437,12 +489,12 @@ async fn right_address(cli: &Cli) -> Result<Ipv4Addr> {
         })
 }
 
-async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
-    let config = cli
-        .sides
-        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
+async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<ExitCode> {
+    let config = routing
+        .network
+        .runtime_config(routing.routes.routing_config(), state_dir);
     let routing = vnf_core::status::collect(&config).await?;
-    let vpn = read_vpn_status(&cli.state_dir);
+    let vpn = read_vpn_status(state_dir);
     if json {
         let value = serde_json::json!({ "routing": routing, "vpn": vpn });
         println!(

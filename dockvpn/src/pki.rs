@@ -282,6 +282,7 @@ impl Pki {
              remote {remote_host} {remote_port}\n\
              nobind\n\
              remote-cert-tls server\n\
+             explicit-exit-notify\n\
              verb 3\n\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\

@@ -207,7 +207,8 @@ async fn drain(engine: &mut Server, socket: &UdpSocket, tun: &tokio_tun::Tun) ->
                         reason,
                     } => info!(
                         client = name.as_deref().unwrap_or("(unauthenticated)"),
-                        address = ?address,
+                        // Omitted, not "None", for a client that never got one.
+                        address = address.map(tracing::field::display),
                         %peer,
                         %reason,
                         "client disconnected"

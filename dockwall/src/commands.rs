@@ -10,52 +10,50 @@ use tracing::info;
 use vnf_core::cli::shutdown_signal;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::{read_rule_set, Store};
-use vnf_core::firewall::{self, compile, EditOutcome, NatKind, NatRule, Policy, Rule, RuleSet};
+use vnf_core::firewall::{
+    self, compile, Applied, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule, RuleSet,
+};
 use vnf_core::runtime::{OnExit, SidesObserver};
 use vnf_core::side::{Assignment, SideSelectors};
 use vnf_core::{Error, Result};
 
 use crate::fwaas;
 use crate::{
-    Cli, Command, DefaultPolicy, NatCommand, NatSpec, RuleCommand, RuleSelector, RuleSpec,
+    Cli, Command, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand, RuleSelector,
+    RuleSpec, SelectedEdit,
 };
 
 pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     let store = Store::new(&cli.state_dir);
-    let selectors = cli.sides.selectors(&cli.state_dir);
-    let editor = Editor {
+    let editor = |edit: &EditArgs| Editor {
         store: &store,
-        selectors: &selectors,
-        dry_run: cli.dry_run,
+        selectors: edit.sides.selectors(&cli.state_dir),
+        dry_run: edit.dry_run,
     };
     match cli.command {
-        Command::Run => {
-            let config = cli
-                .sides
-                .runtime_config(cli.tables.routing_config(), &cli.state_dir);
+        Command::Run { routing, lifecycle } => {
+            let config = lifecycle.runtime_config(
+                &routing.network,
+                routing.tables.routing_config(),
+                &cli.state_dir,
+            );
             let mut observer = FirewallObserver { store: &store };
             vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
-            status(
-                &cli.sides
-                    .runtime_config(cli.tables.routing_config(), &cli.state_dir),
-                &store,
-                json,
-            )
-            .await
+        Command::Status { routing, output } => {
+            status(&routing.runtime_config(&cli.state_dir), &store, output.json).await
         }
-        Command::Rule(RuleCommand::List { json }) => list_rules(&store, json),
-        Command::Rule(command) => editor.rule(command).await,
-        Command::Nat(NatCommand::List { json }) => list_nat(&store, json),
-        Command::Nat(command) => editor.nat(command).await,
-        Command::Default { policy } => {
+        Command::Rule(RuleCommand::List(output)) => list_rules(&store, output.json),
+        Command::Rule(command) => rule(&editor, command).await,
+        Command::Nat(NatCommand::List(output)) => list_nat(&store, output.json),
+        Command::Nat(command) => nat(&editor, command).await,
+        Command::Default { policy, edit } => {
             let policy = match policy {
                 DefaultPolicy::Allow => Policy::Accept,
                 DefaultPolicy::Deny => Policy::Drop,
             };
-            editor
+            editor(&edit)
                 .run(
                     format!("default forward policy is now {}", spelled(&policy)),
                     |set| {
@@ -65,19 +63,20 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 )
                 .await
         }
-        Command::Import { file, role } => {
+        Command::Import { file, role, edit } => {
             let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
                 context: format!("read {}", file.display()),
                 source,
             })?;
             let mut count = 0;
+            let editor = editor(&edit);
             let outcome = editor
                 .edit(|set| {
                     count = fwaas::import(set, &text, role)?;
                     Ok(())
                 })
                 .await?;
-            report(
+            editor.report(
                 &outcome,
                 &format!("imported {count} FWaaS rules from {}", file.display()),
             )
@@ -91,9 +90,9 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             println!("{}", to_json(&document)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Apply { file } => {
+        Command::Apply { file, edit } => {
             let new = read_rule_set(&file)?;
-            editor
+            editor(&edit)
                 .run(
                     format!("applied {} ({} rules)", file.display(), new.rules.len()),
                     move |set| {
@@ -108,13 +107,13 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
 
 struct Editor<'a> {
     store: &'a Store,
-    selectors: &'a SideSelectors,
+    selectors: SideSelectors,
     dry_run: bool,
 }
 
 impl Editor<'_> {
     async fn edit(&self, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<EditOutcome> {
-        firewall::edit(self.store, self.selectors, self.dry_run, change).await
+        firewall::edit(self.store, &self.selectors, self.dry_run, change).await
     }
 
     async fn run(
@@ -123,77 +122,75 @@ impl Editor<'_> {
         change: impl FnOnce(&mut RuleSet) -> Result<()>,
     ) -> Result<ExitCode> {
         let outcome = self.edit(change).await?;
-        report(&outcome, &message)
+        self.report(&outcome, &message)
     }
+}
 
-    async fn rule(&self, command: RuleCommand) -> Result<ExitCode> {
-        match command {
-            RuleCommand::Add {
-                spec,
-                before,
-                after,
-            } => {
-                let mut message = String::new();
-                let outcome = self
-                    .edit(|set| {
-                        let rule = new_rule(set, spec);
-                        let position = match (before, after) {
-                            (Some(id), _) => set
-                                .position_of(id)
-                                .ok_or_else(|| unknown_id("before", id))?,
-                            (_, Some(id)) => {
-                                set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1
-                            }
-                            _ => set.rules.len(),
-                        };
-                        message = format!("rule {} added at position {}", rule.id, position + 1);
-                        set.rules.insert(position, rule);
-                        Ok(())
-                    })
-                    .await?;
-                report(&outcome, &message)
-            }
-            RuleCommand::Insert { position, spec } => {
-                let mut message = String::new();
-                let outcome = self
-                    .edit(|set| {
-                        if position == 0 || position > set.rules.len() + 1 {
-                            return Err(out_of_range(position, set.rules.len() + 1));
-                        }
-                        let rule = new_rule(set, spec);
-                        message = format!("rule {} inserted at position {position}", rule.id);
-                        set.rules.insert(position - 1, rule);
-                        Ok(())
-                    })
-                    .await?;
-                report(&outcome, &message)
-            }
-            RuleCommand::Delete(selector) => {
-                let mut message = String::new();
-                let outcome = self
-                    .edit(|set| {
-                        let index = select(&set.rules, &selector, |r| r.id)?;
-                        let removed = set.rules.remove(index);
-                        message = format!(
-                            "rule {} deleted (was at position {})",
-                            removed.id,
-                            index + 1
-                        );
-                        Ok(())
-                    })
-                    .await?;
-                report(&outcome, &message)
-            }
-            RuleCommand::Enable(selector) => self.set_enabled(&selector, true).await,
-            RuleCommand::Disable(selector) => self.set_enabled(&selector, false).await,
-            RuleCommand::List { .. } => Err(Error::invalid(
-                "command",
-                "rule list",
-                "listing is not an edit",
-            )),
+async fn rule<'a>(
+    editor: &impl Fn(&EditArgs) -> Editor<'a>,
+    command: RuleCommand,
+) -> Result<ExitCode> {
+    match command {
+        RuleCommand::Add {
+            spec,
+            before,
+            after,
+            edit,
+        } => {
+            add_rule(editor(&edit), spec, "added", |set| match (before, after) {
+                (Some(id), _) => set.position_of(id).ok_or_else(|| unknown_id("before", id)),
+                (_, Some(id)) => {
+                    Ok(set.position_of(id).ok_or_else(|| unknown_id("after", id))? + 1)
+                }
+                _ => Ok(set.rules.len()),
+            })
+            .await
         }
+        RuleCommand::Insert {
+            position,
+            spec,
+            edit,
+        } => {
+            add_rule(editor(&edit), spec, "inserted", |set| {
+                if position == 0 || position > set.rules.len() + 1 {
+                    return Err(out_of_range(position, set.rules.len() + 1));
+                }
+                Ok(position - 1)
+            })
+            .await
+        }
+        RuleCommand::Delete(SelectedEdit { selector, edit }) => {
+            let mut message = String::new();
+            let editor = editor(&edit);
+            let outcome = editor
+                .edit(|set| {
+                    let index = select(&set.rules, &selector, |r| r.id)?;
+                    let removed = set.rules.remove(index);
+                    message = format!(
+                        "rule {} deleted (was at position {})",
+                        removed.id,
+                        index + 1
+                    );
+                    Ok(())
+                })
+                .await?;
+            editor.report(&outcome, &message)
+        }
+        RuleCommand::Enable(SelectedEdit { selector, edit }) => {
+            editor(&edit).set_enabled(&selector, true).await
+        }
+        RuleCommand::Disable(SelectedEdit { selector, edit }) => {
+            editor(&edit).set_enabled(&selector, false).await
+        }
+        RuleCommand::List { .. } => Err(Error::invalid(
+            "command",
+            "rule list",
+            "listing is not an edit",
+        )),
     }
+}
 
+impl Editor<'_> {
     async fn set_enabled(&self, selector: &RuleSelector, enabled: bool) -> Result<ExitCode> {
         let mut message = String::new();
         let outcome = self
@@ -205,69 +202,128 @@ impl Editor<'_> {
                 Ok(())
             })
             .await?;
-        report(&outcome, &message)
+        self.report(&outcome, &message)
     }
+}
 
-    async fn nat(&self, command: NatCommand) -> Result<ExitCode> {
-        let mut message = String::new();
-        let outcome = match command {
-            NatCommand::Add(spec) => {
-                self.edit(|set| {
+async fn nat<'a>(
+    editor: &impl Fn(&EditArgs) -> Editor<'a>,
+    command: NatCommand,
+) -> Result<ExitCode> {
+    let mut message = String::new();
+    let (editor, outcome) = match command {
+        NatCommand::Add(spec) => {
+            let (kind, edit) = match spec {
+                NatSpec::Masquerade { out, source, edit } => {
+                    (NatKind::Masquerade { out, source }, edit)
+                }
+                NatSpec::Snat {
+                    out,
+                    to,
+                    source,
+                    edit,
+                } => (NatKind::Snat { out, to, source }, edit),
+                NatSpec::Dnat {
+                    protocol,
+                    port,
+                    to,
+                    inbound,
+                    edit,
+                } => (
+                    NatKind::Dnat {
+                        protocol,
+                        port,
+                        to,
+                        inbound,
+                    },
+                    edit,
+                ),
+            };
+            let editor = editor(&edit);
+            let outcome = editor
+                .edit(|set| {
                     let id = set.allocate_id();
-                    let kind = match spec {
-                        NatSpec::Masquerade { out, source } => NatKind::Masquerade { out, source },
-                        NatSpec::Snat { out, to, source } => NatKind::Snat { out, to, source },
-                        NatSpec::Dnat {
-                            protocol,
-                            port,
-                            to,
-                            inbound,
-                        } => NatKind::Dnat {
-                            protocol,
-                            port,
-                            to,
-                            inbound,
-                        },
-                    };
-                    set.nat.push(NatRule {
+                    let rule = NatRule {
                         id,
                         kind,
                         comment: None,
-                    });
-                    message = format!("NAT rule {id} added");
+                    };
+                    let position = set.nat.len() + 1;
+                    rule.validate_as(&format!("the new NAT rule (position {position}, id {id})"))?;
+                    set.nat.push(rule);
+                    message = format!("NAT rule {id} added at position {position}");
                     Ok(())
                 })
-                .await?
-            }
-            NatCommand::Delete(selector) => {
-                self.edit(|set| {
+                .await?;
+            (editor, outcome)
+        }
+        NatCommand::Delete(SelectedEdit { selector, edit }) => {
+            let editor = editor(&edit);
+            let outcome = editor
+                .edit(|set| {
                     let index = select(&set.nat, &selector, |r| r.id)?;
                     let removed = set.nat.remove(index);
                     message = format!("NAT rule {} deleted", removed.id);
                     Ok(())
                 })
-                .await?
-            }
-            NatCommand::List { .. } => {
-                return Err(Error::invalid(
-                    "command",
-                    "nat list",
-                    "listing is not an edit",
-                ))
-            }
-        };
-        report(&outcome, &message)
-    }
+                .await?;
+            (editor, outcome)
+        }
+        NatCommand::List { .. } => {
+            return Err(Error::invalid(
+                "command",
+                "nat list",
+                "listing is not an edit",
+            ))
+        }
+    };
+    editor.report(&outcome, &message)
 }
 
-fn new_rule(set: &mut RuleSet, spec: RuleSpec) -> Rule {
-    Rule {
+/// Adds the rule `spec` describes at the index `place` picks in the current rule set.
+async fn add_rule(
+    editor: Editor<'_>,
+    spec: RuleSpec,
+    verb: &str,
+    place: impl FnOnce(&RuleSet) -> Result<usize>,
+) -> Result<ExitCode> {
+    let mut message = String::new();
+    let outcome = editor
+        .edit(|set| {
+            let index = place(set)?;
+            let rule = new_rule(set, spec, index + 1)?;
+            message = format!("rule {} {verb} at position {}", rule.id, index + 1);
+            set.rules.insert(index, rule);
+            Ok(())
+        })
+        .await?;
+    editor.report(&outcome, &message)
+}
+
+/// The rule `spec` describes, checked as the user typed it; errors name it by the position
+/// (1 = first) and the id it would get.
+fn new_rule(set: &mut RuleSet, spec: RuleSpec, position: usize) -> Result<Rule> {
+    if spec.protocol.is_none() {
+        let ports = [
+            ("--sport", spec.source_port),
+            ("--dport", spec.destination_port),
+        ];
+        if let Some((flag, ports)) = ports.into_iter().find_map(|(f, p)| Some((f, p?))) {
+            return Err(Error::invalid(
+                flag,
+                String::from(ports),
+                "a port needs --proto tcp, udp or sctp (without --proto the rule matches \
+                 every protocol, and most have no ports)",
+            ));
+        }
+    }
+    let rule = Rule {
         id: set.allocate_id(),
         name: spec.name,
         action: spec.action,
         rate: spec.rate,
         direction: spec.direction,
-        protocol: spec.protocol,
+        protocol: spec.protocol.unwrap_or(Protocol::Any),
         source: spec.source,
         destination: spec.destination,
         source_port: spec.source_port,
@@ -276,7 +332,12 @@ fn new_rule(set: &mut RuleSet, spec: RuleSpec) -> Rule {
         log: spec.log,
         comment: spec.comment,
         external_id: None,
-    }
+    };
+    rule.validate_as(&format!(
+        "the new rule (position {position}, id {})",
+        rule.id
+    ))?;
+    Ok(rule)
 }
 
 fn unknown_id(field: &'static str, id: u64) -> Error {
@@ -315,16 +376,26 @@ fn to_json(value: &impl Serialize) -> Result<String> {
     })
 }
 
-fn report(outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
-    match (&outcome.dry_run, outcome.applied) {
-        (Some(batch), _) => println!("{batch}"),
-        (None, Some(kind)) => println!(
-            "{message} (applied: {})",
-            format!("{kind:?}").to_lowercase()
-        ),
-        (None, None) => println!("{message}"),
+impl Editor<'_> {
+    fn report(&self, outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
+        match &outcome.applied {
+            Applied::DryRun(batch) => println!("{batch}"),
+            Applied::Kernel(kind) => println!("{message} (applied: {})", spelled(kind)),
+            Applied::StoredOnly => {
+                println!("{message} (stored, not applied)");
+                eprintln!(
+                    "dockwall: not applied: this network namespace has no Dockwall table (nft \
+                 inet {table}), so no `dockwall run` enforces rules here. Is this the SI's \
+                 namespace? For a container SI run the command inside it: `docker exec <si> \
+                 dockwall …`. Is `dockwall run` running? The rules are stored in {file} and \
+                 apply when `dockwall run` starts with that state directory.",
+                    table = compile::TABLE,
+                    file = self.store.rules_path().display(),
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn counter_of(counters: &Counters, comment: String) -> (u64, u64) {

@@ -4,6 +4,7 @@
 
 mod commands;
 mod fwaas;
+mod ufw_words;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,10 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use vnf_core::cli::{execute, CrossTableArgs, LogArgs, SideArgs, SELECTOR_HELP};
+use vnf_core::cli::{
+    execute, CrossTableArgs, JsonArgs, LifecycleArgs, LogArgs, NetworkArgs, SideArgs, OUTPUT,
+    SELECTOR_HELP,
+};
 use vnf_core::firewall::{Action, Direction, PortRange, Protocol, Rate};
 use vnf_core::side::Side;
 
@@ -36,18 +40,36 @@ pub struct Cli {
     )]
     state_dir: PathBuf,
 
-    /// Print the nft JSON an edit would apply and change nothing
-    #[arg(long, global = true)]
-    dry_run: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
+/// What `run` configures and `status` checks.
+#[derive(Args, Debug)]
+pub struct RoutingArgs {
     #[command(flatten)]
-    sides: SideArgs,
+    network: NetworkArgs,
 
     #[command(flatten)]
     tables: CrossTableArgs,
+}
 
-    #[command(subcommand)]
-    command: Command,
+impl RoutingArgs {
+    fn runtime_config(&self, state_dir: &std::path::Path) -> vnf_core::runtime::RuntimeConfig {
+        self.network
+            .runtime_config(self.tables.routing_config(), state_dir)
+    }
+}
+
+/// What every edit of the rule set takes: the sides (rules compile per side) and --dry-run.
+#[derive(Args, Debug, Clone)]
+pub struct EditArgs {
+    #[command(flatten)]
+    sides: SideArgs,
+
+    /// Print the nft JSON the edit would apply and change nothing
+    #[arg(long, help_heading = OUTPUT)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,13 +85,20 @@ pub enum Command {
     /// (loose) on all/left/right. The firewall lives in the nftables table
     /// `inet dockwall` and nothing else is touched. On exit routing and the table are removed
     /// (see --on-exit); sysctls and the stored rules stay.
-    Run,
+    Run {
+        #[command(flatten)]
+        routing: RoutingArgs,
+        #[command(flatten)]
+        lifecycle: LifecycleArgs,
+    },
     /// Sides, routing, and the rules with their packet/byte counters; exits 1 unless both
-    /// sides are ready and routing and firewall are converged (a health check)
+    /// sides are ready and routing and firewall are converged (a health check). Give it the
+    /// options `run` got (the container's environment does that for a HEALTHCHECK)
     Status {
-        /// Print JSON for scripts
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        routing: RoutingArgs,
+        #[command(flatten)]
+        output: JsonArgs,
     },
     /// Filter rules, evaluated in order: the first match decides
     #[command(subcommand)]
@@ -81,6 +110,8 @@ pub enum Command {
     Default {
         #[arg(value_enum)]
         policy: DefaultPolicy,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Replace the filter rules with an OpenStack FWaaS v2 firewall group (or one policy)
     Import {
@@ -91,6 +122,8 @@ pub enum Command {
         /// What a lone firewall_policy filters: ingress (into the left side) or egress
         #[arg(long = "as", value_enum, default_value = "ingress")]
         role: fwaas::PolicyRole,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Print the filter rules as an FWaaS v2 firewall group
     Export {
@@ -99,7 +132,11 @@ pub enum Command {
     },
     /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
     /// file use)
-    Apply { file: PathBuf },
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        edit: EditArgs,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -120,24 +157,34 @@ pub enum RuleCommand {
         /// Insert after the rule with this id
         #[arg(long, value_name = "ID")]
         after: Option<u64>,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Insert a rule at position N (1 = first)
     Insert {
         position: usize,
         #[command(flatten)]
         spec: RuleSpec,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Delete the rule at position N, or the rule with --id
-    Delete(RuleSelector),
+    Delete(SelectedEdit),
     /// List the rules with their counters
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List(JsonArgs),
     /// Enable the rule at position N or with --id
-    Enable(RuleSelector),
+    Enable(SelectedEdit),
     /// Disable the rule at position N or with --id (kept, not evaluated)
-    Disable(RuleSelector),
+    Disable(SelectedEdit),
+}
+
+/// An edit of one existing rule.
+#[derive(Args, Debug, Clone)]
+pub struct SelectedEdit {
+    #[command(flatten)]
+    selector: RuleSelector,
+    #[command(flatten)]
+    edit: EditArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -158,9 +205,9 @@ pub struct RuleSpec {
     /// Which traffic: left-to-right, right-to-left, both, or local (to the SI itself)
     #[arg(long, short = 'd', value_enum, default_value = "both")]
     pub direction: Direction,
-    /// tcp, udp, icmp, icmpv6, any, a name like gre, or a number 0-255
-    #[arg(long = "proto", default_value = "any")]
-    pub protocol: Protocol,
+    /// tcp, udp, sctp, icmp, icmpv6, any, a name like gre, or a number 0-255 [default: any]
+    #[arg(long = "proto")]
+    pub protocol: Option<Protocol>,
     /// Source address or CIDR
     #[arg(long = "from", value_name = "CIDR", value_parser = parse_net)]
     pub source: Option<IpNet>,
@@ -179,6 +226,7 @@ pub struct RuleSpec {
     /// A name for the rule
     #[arg(long)]
     pub name: Option<String>,
+    /// A free-text note kept with the rule
     #[arg(long)]
     pub comment: Option<String>,
     /// Log matching packets (kernel log, prefix "dockwall rule ID")
@@ -204,12 +252,9 @@ pub enum NatCommand {
     #[command(subcommand)]
     Add(NatSpec),
     /// Delete the NAT rule at position N, or with --id
-    Delete(RuleSelector),
+    Delete(SelectedEdit),
     /// List the NAT rules with their counters
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List(JsonArgs),
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -221,6 +266,8 @@ pub enum NatSpec {
         /// Only for these sources
         #[arg(long = "from", value_parser = parse_net)]
         source: Option<IpNet>,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Rewrite the source to a fixed address
     Snat {
@@ -230,6 +277,8 @@ pub enum NatSpec {
         to: std::net::IpAddr,
         #[arg(long = "from", value_parser = parse_net)]
         source: Option<IpNet>,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Port-forward: the SI's --in address (default right), --port, goes to --to ADDR:PORT
     Dnat {
@@ -241,12 +290,33 @@ pub enum NatSpec {
         to: std::net::SocketAddr,
         #[arg(long = "in", value_enum, default_value = "right")]
         inbound: Side,
+        #[command(flatten)]
+        edit: EditArgs,
     },
 }
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|error| with_ufw_hint(error).exit());
     cli.log.init();
     execute("dockwall", || commands::dispatch(cli, started))
+}
+
+/// An unexpected ufw-style word gets the equivalent flags as the error's tip.
+fn with_ufw_hint(mut error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let unexpected = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(argument)) if error.kind() == ErrorKind::UnknownArgument => {
+            argument.clone()
+        }
+        _ => return error,
+    };
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(hint) = ufw_words::did_you_mean(&args, &unexpected) {
+        error.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![hint.into()]),
+        );
+    }
+    error
 }

@@ -62,7 +62,7 @@ impl Drop for OpenvpnClient {
 pub fn vpn_chain(extra: &[&str]) -> (Chain, Vnf) {
     let chain = Chain::new();
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let mut args = vec!["--left-route", LEFT_HOST_NET, "run"];
+    let mut args = vec!["run", "--left-route", LEFT_HOST_NET];
     args.extend(extra);
     let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
     dockvpn.wait_ready();

@@ -537,7 +537,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         ),
         (
             vec!["rule", "add", "deny", "--dport", "22"],
-            "needs protocol tcp",
+            "a port needs --proto tcp, udp or sctp",
         ),
         (
             vec!["rule", "add", "limit", "--proto", "tcp"],

@@ -355,9 +355,9 @@ fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_ba
         &chain.si,
         "dockvpn",
         &[
+            "run",
             "--left-route",
             LEFT_HOST_NET,
-            "run",
             "--masquerade",
             "false",
         ],
@@ -378,4 +378,36 @@ fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_ba
     );
     // The left host sees, and answers, the client's own address.
     assert_eq!(left_host_sees(&chain), "10.8.0.2");
+}
+
+#[test]
+fn a_client_stopped_with_sigterm_leaves_status_within_two_seconds() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let profile = issue_profile(&chain.si, &dockvpn, "alice", None);
+    assert!(profile.contains("\nexplicit-exit-notify\n"), "{profile}");
+    let mut client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    clients_when(&chain.si, &dockvpn, |clients| clients.len() == 1);
+
+    let stopped = std::time::Instant::now();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.process.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    clients_when(&chain.si, &dockvpn, <[serde_json::Value]>::is_empty);
+    let gone_after = stopped.elapsed();
+    assert!(
+        gone_after < Duration::from_secs(2),
+        "the client left status after {gone_after:?}\nserver:\n{}",
+        dockvpn.log()
+    );
+    assert!(
+        dockvpn.log().contains("the client exited"),
+        "{}",
+        dockvpn.log()
+    );
+    assert!(!dockvpn.log().contains("Some("), "{}", dockvpn.log());
+    client.process.wait_exit(Duration::from_secs(10));
 }

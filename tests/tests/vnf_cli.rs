@@ -189,3 +189,249 @@ fn status_reports_the_routing_and_fails_the_health_check_when_not_converged() {
         "healthy after the routing was removed"
     );
 }
+
+/// `BINARY ARGS` with no kernel involved (help and parse errors): its output, whatever the
+/// exit status.
+fn run_binary(binary_name: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(docknfv_tests::vnf::binary(binary_name))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {binary_name}: {e}"))
+}
+
+fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn each_help_shows_only_the_options_its_subcommand_takes() {
+    const RUN_ONLY: [&str; 4] = ["--dhcp", "--on-exit", "--side-timeout", "--left-table"];
+    for (binary_name, args) in [
+        ("dockwall", &["rule", "add", "--help"][..]),
+        ("dockvpn", &["pki", "init", "--help"][..]),
+        ("dockvpn", &["client", "add", "--help"][..]),
+    ] {
+        let output = run_binary(binary_name, args);
+        let help = output_text(&output);
+        assert!(output.status.success(), "{binary_name} {args:?}: {help}");
+        for option in RUN_ONLY {
+            assert!(
+                !help.contains(option),
+                "{binary_name} {args:?} offers {option}:\n{help}"
+            );
+        }
+    }
+    // The same options are where they apply, grouped under headings.
+    let help = output_text(&run_binary("dockwall", &["run", "--help"]));
+    for expected in RUN_ONLY
+        .iter()
+        .chain(&["Sides:", "Routing:", "DHCP:", "Output:"])
+    {
+        assert!(
+            help.contains(expected),
+            "dockwall run --help lacks {expected}:\n{help}"
+        );
+    }
+    let help = output_text(&run_binary("dockvpn", &["run", "--help"]));
+    for expected in ["--dhcp", "--left-route", "--pool", "VPN:", "Firewall:"] {
+        assert!(
+            help.contains(expected),
+            "dockvpn run --help lacks {expected}:\n{help}"
+        );
+    }
+
+    for (binary_name, args) in [
+        (
+            "dockwall",
+            &["rule", "add", "deny", "--on-exit", "keep"][..],
+        ),
+        ("dockvpn", &["client", "add", "x", "--on-exit", "keep"][..]),
+    ] {
+        let output = run_binary(binary_name, args);
+        let text = output_text(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{binary_name} {args:?}: {text}"
+        );
+        assert!(
+            text.contains("unexpected argument '--on-exit'"),
+            "{binary_name} {args:?}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_ufw_style_rule_gets_the_equivalent_flags_as_a_hint() {
+    let output = run_binary(
+        "dockwall",
+        &[
+            "rule",
+            "add",
+            "allow",
+            "from",
+            "10.0.0.0/8",
+            "to",
+            "any",
+            "port",
+            "22",
+        ],
+    );
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(
+            "did you mean: dockwall rule add allow --from 10.0.0.0/8 --dport 22 --proto tcp"
+        ),
+        "{text}"
+    );
+}
+
+/// The container's environment reaches `status` (HEALTHCHECK) and `docker exec` alike: an
+/// environment variable for an option a subcommand does not take is ignored, not an error.
+#[test]
+fn run_only_environment_is_ignored_by_status_and_rule_edits_and_mgmt_is_optional() {
+    let chain = Chain::new();
+    let state = docknfv_tests::dockwall::StateDir::new();
+    let state_dir = state.path().to_str().unwrap();
+    let dockwall_bin = docknfv_tests::vnf::binary("dockwall");
+    let with_run_env = |args: &[&str]| {
+        chain
+            .si
+            .command(dockwall_bin.to_str().unwrap())
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(args)
+            .env("VNF_ON_EXIT", "keep")
+            .env("VNF_SIDE_TIMEOUT", "5")
+            .env("VNF_DHCP_HOOK", "/bin/true")
+            .env("VNF_LEFT_TABLE", "1001")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run dockwall")
+    };
+    let mut dockwall = Vnf::start(&chain.si, "dockwall", &["--state-dir", state_dir, "run"]);
+    dockwall.wait_ready();
+
+    let status = with_run_env(&["status"]);
+    let text = output_text(&status);
+    assert!(status.status.success(), "{text}");
+    assert!(text.contains("mgmt: none (optional)"), "{text}");
+    assert!(!text.contains("no Ethernet interface #3"), "{text}");
+    let added = with_run_env(&["rule", "add", "allow", "--proto", "icmp"]);
+    assert!(added.status.success(), "{}", output_text(&added));
+    assert!(dockwall.terminate().success());
+}
+
+#[test]
+fn rule_errors_name_what_was_typed_and_the_position_and_id_the_rule_would_get() {
+    docknfv_tests::prereq::require_command("nft", "nftables");
+    let ns = docknfv_tests::Netns::new("wording");
+    let state = docknfv_tests::dockwall::StateDir::new();
+    let dockwall_bin = docknfv_tests::vnf::binary("dockwall");
+    let dockwall = |args: &[&str]| {
+        ns.command(dockwall_bin.to_str().unwrap())
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run dockwall")
+    };
+    let refused = |args: &[&str], needle: &str| {
+        let output = dockwall(args);
+        let text = output_text(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(
+            text.contains(needle),
+            "{args:?}: expected {needle:?} in {text}"
+        );
+        text
+    };
+
+    let text = refused(
+        &["rule", "add", "deny", "--dport", "22"],
+        "invalid --dport \"22\": a port needs --proto tcp, udp or sctp",
+    );
+    assert!(
+        !text.contains("\"any\""),
+        "the user never typed any: {text}"
+    );
+
+    // With id 1 used and deleted, the next rule is #1 with id 2; the error says both.
+    assert!(dockwall(&["rule", "add", "deny", "--proto", "icmp"])
+        .status
+        .success());
+    assert!(dockwall(&["rule", "delete", "1"]).status.success());
+    refused(
+        &["rule", "add", "deny", "--proto", "icmp", "--dport", "22"],
+        "invalid protocol \"icmp\": the new rule (position 1, id 2): port 22 needs protocol tcp",
+    );
+    refused(
+        &["nat", "add", "masquerade", "--out", "mgmt"],
+        "invalid out \"mgmt\": the new NAT rule (position 1, id 2): use left or right",
+    );
+}
+
+#[test]
+fn a_rule_edit_where_no_dockwall_runs_is_stored_says_so_and_applies_at_the_next_run() {
+    let chain = Chain::new();
+    let state = docknfv_tests::dockwall::StateDir::new();
+    let state_dir = state.path().to_str().unwrap();
+    let dockwall_bin = docknfv_tests::vnf::binary("dockwall");
+    let output = chain.si.exec(
+        dockwall_bin.to_str().unwrap(),
+        &[
+            "--state-dir",
+            state_dir,
+            "rule",
+            "add",
+            "deny",
+            "-d",
+            "left-to-right",
+            "--proto",
+            "icmp",
+        ],
+    );
+    let text = output_text(&output);
+    assert!(output.status.success(), "{text}");
+    for needle in [
+        "rule 1 added at position 1 (stored, not applied)",
+        "this network namespace has no Dockwall table (nft inet dockwall)",
+        "Is this the SI's namespace?",
+        "docker exec <si> dockwall",
+        "Is `dockwall run` running?",
+        "rules.json",
+    ] {
+        assert!(text.contains(needle), "expected {needle:?} in {text}");
+    }
+    let tables = chain.si.exec("nft", &["list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("dockwall"),
+        "the edit created a table without `run`"
+    );
+    let stored = std::fs::read_to_string(state.rules_file()).expect("rules stored");
+    assert!(stored.contains("\"icmp\""), "{stored}");
+
+    let mut dockwall = Vnf::start(&chain.si, "dockwall", &["--state-dir", state_dir, "run"]);
+    dockwall.wait_ready();
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "the stored deny applies once `run` starts"
+    );
+    let deleted = chain.si.exec(
+        dockwall_bin.to_str().unwrap(),
+        &["--state-dir", state_dir, "rule", "delete", "1"],
+    );
+    assert!(deleted.status.success(), "{}", output_text(&deleted));
+    assert!(
+        ping(&chain.left_host, RIGHT_HOST),
+        "the deny was what stopped it"
+    );
+    assert!(dockwall.terminate().success());
+}

@@ -20,68 +20,33 @@ pub const SELECTOR_HELP: &str = "SELECTOR is an interface name (eth1), a MAC add
 (02:42:ac:11:00:02) or a CIDR that the side's IPv4 address falls in (10.0.1.0/24); prefix \
 name:, mac: or cidr: to be explicit.";
 
-/// How the VNF finds its sides and reaches each side's gateway.
+/// `--help` headings, so each subcommand's options read in groups.
+pub const SIDES: &str = "Sides";
+pub const ROUTING: &str = "Routing";
+pub const DHCP: &str = "DHCP";
+pub const FIREWALL: &str = "Firewall";
+pub const VPN: &str = "VPN";
+pub const OUTPUT: &str = "Output";
+
+/// Which interface serves which side: every subcommand that looks at the sides takes these,
+/// so it sees the sides `run` sees.
 #[derive(Args, Debug, Clone)]
 pub struct SideArgs {
     /// Interface of the left (protected) side [default: first Ethernet interface in order of appearance, kept by MAC across restarts]
-    #[arg(long, global = true, env = "VNF_LEFT", value_name = "SELECTOR")]
+    #[arg(long, env = "VNF_LEFT", value_name = "SELECTOR", help_heading = SIDES)]
     pub left: Option<SideSelector>,
 
     /// Interface of the right side [default: second Ethernet interface in order of appearance, kept by MAC across restarts]
-    #[arg(long, global = true, env = "VNF_RIGHT", value_name = "SELECTOR")]
+    #[arg(long, env = "VNF_RIGHT", value_name = "SELECTOR", help_heading = SIDES)]
     pub right: Option<SideSelector>,
 
     /// Management interface, left alone on the main table [default: third Ethernet interface]
-    #[arg(long, global = true, env = "VNF_MGMT", value_name = "SELECTOR")]
+    #[arg(long, env = "VNF_MGMT", value_name = "SELECTOR", help_heading = SIDES)]
     pub mgmt: Option<SideSelector>,
-
-    /// Router of the left network [default: first host address of the left subnet]
-    #[arg(long, global = true, env = "VNF_LEFT_GATEWAY", value_name = "IPV4")]
-    pub left_gateway: Option<Ipv4Addr>,
-
-    /// Router of the right network [default: first host address of the right subnet]
-    #[arg(long, global = true, env = "VNF_RIGHT_GATEWAY", value_name = "IPV4")]
-    pub right_gateway: Option<Ipv4Addr>,
-
-    /// Give up when the left and right sides are not both up and addressed after this many
-    /// seconds (0 waits forever). Sides may appear late: docker network connect, late port plugging
-    #[arg(
-        long,
-        global = true,
-        env = "VNF_SIDE_TIMEOUT",
-        value_name = "SECONDS",
-        default_value_t = 60
-    )]
-    pub side_timeout: u64,
-
-    /// Learn this side's address, gateway and the networks behind it (option 121/249, else
-    /// 33 + 3) by DHCP; repeat or comma-separate. On exit the lease is released with
-    /// --on-exit remove, kept (address and routes stay) with --on-exit keep
-    #[arg(
-        long,
-        global = true,
-        env = "VNF_DHCP",
-        value_enum,
-        value_delimiter = ',',
-        value_name = "SIDE"
-    )]
-    pub dhcp: Vec<Side>,
-
-    /// A command run on every lease change, dhclient-script style: VNF_DHCP_REASON
-    /// (bound|expired|nak|released), VNF_DHCP_INTERFACE, VNF_DHCP_ADDRESS, VNF_DHCP_ROUTES
-    /// ("dest,gateway ..."), and the lease as JSON on stdin
-    #[arg(long, global = true, env = "VNF_DHCP_HOOK", value_name = "COMMAND")]
-    pub dhcp_hook: Option<PathBuf>,
-
-    /// What happens to the installed routes and rules on SIGTERM/SIGINT: remove them, or keep
-    /// them so the kernel goes on forwarding. Sysctls are left as set either way
-    #[arg(long, global = true, env = "VNF_ON_EXIT", value_enum, default_value_t = OnExit::Remove)]
-    pub on_exit: OnExit,
 }
 
 impl SideArgs {
-    /// The selectors given, plus the sides' MACs remembered in `state_dir` by `run`: every
-    /// subcommand must see the sides `run` sees.
+    /// The selectors given, plus the sides' MACs remembered in `state_dir` by `run`.
     pub fn selectors(&self, state_dir: &Path) -> SideSelectors {
         SideSelectors {
             left: self.left.clone(),
@@ -90,22 +55,103 @@ impl SideArgs {
             remembered: RememberedSides::load(state_dir),
         }
     }
+}
 
-    /// The runtime config; `state_dir` is where DHCP leases and the sides' MACs are kept.
+/// What `run` configures and `status` checks against the kernel: both take these, so the
+/// health check judges exactly what `run` was asked for.
+#[derive(Args, Debug, Clone)]
+pub struct NetworkArgs {
+    #[command(flatten)]
+    pub sides: SideArgs,
+
+    /// Router of the left network [default: first host address of the left subnet]
+    #[arg(long, env = "VNF_LEFT_GATEWAY", value_name = "IPV4", help_heading = ROUTING)]
+    pub left_gateway: Option<Ipv4Addr>,
+
+    /// Router of the right network [default: first host address of the right subnet]
+    #[arg(long, env = "VNF_RIGHT_GATEWAY", value_name = "IPV4", help_heading = ROUTING)]
+    pub right_gateway: Option<Ipv4Addr>,
+
+    /// Learn this side's address, gateway and the networks behind it (option 121/249, else
+    /// 33 + 3) by DHCP; repeat or comma-separate
+    #[arg(
+        long,
+        env = "VNF_DHCP",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "SIDE",
+        help_heading = DHCP
+    )]
+    pub dhcp: Vec<Side>,
+}
+
+impl NetworkArgs {
+    /// The config `run` would use; `state_dir` is where DHCP leases and the sides' MACs are
+    /// kept. The lifecycle options are `run`'s alone ([`LifecycleArgs`]); others get defaults.
     pub fn runtime_config(&self, mut routing: RoutingConfig, state_dir: &Path) -> RuntimeConfig {
         routing.left_gateway = self.left_gateway;
         routing.right_gateway = self.right_gateway;
         RuntimeConfig {
-            selectors: self.selectors(state_dir),
+            selectors: self.sides.selectors(state_dir),
             routing,
-            side_timeout: (self.side_timeout > 0).then(|| Duration::from_secs(self.side_timeout)),
-            on_exit: self.on_exit,
+            side_timeout: None,
+            on_exit: OnExit::Remove,
             dhcp: DhcpConfig {
                 sides: self.dhcp.clone(),
-                hook: self.dhcp_hook.clone(),
+                hook: None,
             },
             state_dir: state_dir.to_path_buf(),
         }
+    }
+}
+
+/// How `run` starts and stops: options no other subcommand has a use for.
+#[derive(Args, Debug, Clone)]
+pub struct LifecycleArgs {
+    /// Give up when the left and right sides are not both up and addressed after this many
+    /// seconds (0 waits forever). Sides may appear late: docker network connect, late port plugging
+    #[arg(
+        long,
+        env = "VNF_SIDE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 60,
+        help_heading = SIDES
+    )]
+    pub side_timeout: u64,
+
+    /// A command run on every lease change, dhclient-script style: VNF_DHCP_REASON
+    /// (bound|expired|nak|released), VNF_DHCP_INTERFACE, VNF_DHCP_ADDRESS, VNF_DHCP_ROUTES
+    /// ("dest,gateway ..."), and the lease as JSON on stdin
+    #[arg(long, env = "VNF_DHCP_HOOK", value_name = "COMMAND", help_heading = DHCP)]
+    pub dhcp_hook: Option<PathBuf>,
+
+    /// What happens to the installed routes and rules, and to a DHCP lease, on
+    /// SIGTERM/SIGINT: remove them (the lease is released), or keep them so the kernel goes on
+    /// forwarding. Sysctls are left as set either way
+    #[arg(
+        long,
+        env = "VNF_ON_EXIT",
+        value_enum,
+        default_value_t = OnExit::Remove,
+        help_heading = ROUTING
+    )]
+    pub on_exit: OnExit,
+}
+
+impl LifecycleArgs {
+    /// `network`'s config completed with how `run` starts and stops.
+    pub fn runtime_config(
+        &self,
+        network: &NetworkArgs,
+        routing: RoutingConfig,
+        state_dir: &Path,
+    ) -> RuntimeConfig {
+        let mut config = network.runtime_config(routing, state_dir);
+        config.side_timeout =
+            (self.side_timeout > 0).then(|| Duration::from_secs(self.side_timeout));
+        config.on_exit = self.on_exit;
+        config.dhcp.hook = self.dhcp_hook.clone();
+        config
     }
 }
 
@@ -116,10 +162,10 @@ pub struct CrossTableArgs {
     /// traffic arriving on the right looks it up (1-252 or 256-4294967295)
     #[arg(
         long,
-        global = true,
         env = "VNF_LEFT_TABLE",
         value_name = "ID",
-        default_value = "1001"
+        default_value = "1001",
+        help_heading = ROUTING
     )]
     pub left_table: TableId,
 
@@ -127,10 +173,10 @@ pub struct CrossTableArgs {
     /// traffic arriving on the left looks it up
     #[arg(
         long,
-        global = true,
         env = "VNF_RIGHT_TABLE",
         value_name = "ID",
-        default_value = "1002"
+        default_value = "1002",
+        help_heading = ROUTING
     )]
     pub right_table: TableId,
 }
@@ -145,6 +191,14 @@ impl CrossTableArgs {
     }
 }
 
+/// `--json` for the subcommands that print a report.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct JsonArgs {
+    /// Print JSON for scripts
+    #[arg(long, help_heading = OUTPUT)]
+    pub json: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -154,7 +208,14 @@ pub enum LogFormat {
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log line format on stderr; the level comes from RUST_LOG (default info)
-    #[arg(long, global = true, env = "VNF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(
+        long,
+        global = true,
+        env = "VNF_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        help_heading = OUTPUT
+    )]
     pub log_format: LogFormat,
 }
 

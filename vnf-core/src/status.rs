@@ -48,8 +48,11 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
         .into_iter()
         .map(|side| {
             let ready = assignment.ready(side).cloned();
-            let waiting_for = ready
-                .is_none()
+            // A management leg nobody asked for and nobody plugged in is not awaited.
+            let optional_and_absent = side == Side::Management
+                && assignment.interface(side).is_none()
+                && config.selectors.get(side).is_none();
+            let waiting_for = (ready.is_none() && !optional_and_absent)
                 .then(|| assignment.waiting_reason(side, &config.selectors));
             if side != Side::Management {
                 if let Some(reason) = &waiting_for {
@@ -115,7 +118,7 @@ impl Status {
                     side.side, ready.name, ready.address, side.selector
                 ),
                 (None, Some(reason)) => writeln!(out, "  {:<5} - {reason}", side.side),
-                (None, None) => Ok(()),
+                (None, None) => writeln!(out, "  {}: none (optional)", side.side),
             };
         }
         for side in &self.sides {
@@ -131,7 +134,7 @@ impl Status {
                     .collect();
                 let _ = writeln!(
                     out,
-                    "  dhcp  {} lease {} from {} for {} s; routes ({:?}): {}",
+                    "  dhcp  {} lease {} from {} for {} s; routes ({}): {}",
                     side.side,
                     stored.lease.address,
                     stored.lease.server,

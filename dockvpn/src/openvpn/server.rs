@@ -418,10 +418,16 @@ impl Server {
                     // `open` returned the packet as its own buffer: hand that over.
                     self.outputs.push_back(Output::Tun(plaintext));
                 } else {
-                    let why = format!(
-                        "from {from}: packet with source {source:?} from the client at {:?}",
-                        session.address
+                    let source = source.map_or_else(
+                        || "a packet that is not IPv4".to_owned(),
+                        |source| format!("a packet with source {source}"),
                     );
+                    let why = match session.address {
+                        Some(address) => {
+                            format!("from {from}: {source} from the client at {address}")
+                        }
+                        None => format!("from {from}: {source} from a client without an address"),
+                    };
                     self.drop_input(|c| &mut c.spoofed_source, why);
                 }
             }

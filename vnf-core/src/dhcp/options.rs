@@ -170,6 +170,17 @@ pub enum RouteSource {
     None,
 }
 
+impl std::fmt::Display for RouteSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RouteSource::Classless => "option 121",
+            RouteSource::MicrosoftClassless => "option 249",
+            RouteSource::StaticAndRouter => "options 33 + 3",
+            RouteSource::None => "no route options",
+        })
+    }
+}
+
 /// Parses a classless route option (121 or 249). All-or-nothing.
 pub fn parse_classless(value: &[u8]) -> Result<Vec<LearnedRoute>, Malformed> {
     if value.is_empty() {

@@ -24,11 +24,20 @@ use store::Store;
 #[derive(Debug, Serialize)]
 pub struct EditOutcome {
     pub rule_set: RuleSet,
-    /// None for a dry run.
-    pub applied: Option<ApplyKind>,
-    /// The nft JSON that a dry run would apply.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dry_run: Option<String>,
+    pub applied: Applied,
+}
+
+/// Where an edit went.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Applied {
+    /// Saved and in the kernel.
+    Kernel(ApplyKind),
+    /// Saved only: this namespace has no Dockwall table, so no `run` is here to enforce it.
+    /// The stored rules apply when `run` starts with this state directory.
+    StoredOnly,
+    /// Nothing changed; the nft JSON the edit would apply.
+    DryRun(String),
 }
 
 /// The sides as they are now, without waiting: rules for a missing side apply when `run`
@@ -74,9 +83,18 @@ pub async fn edit(
     );
     if dry_run {
         return Ok(EditOutcome {
+            applied: Applied::DryRun(nft::render(nft::full_batch(&compiled))?),
             rule_set: new,
-            applied: None,
-            dry_run: Some(nft::render(nft::full_batch(&compiled))?),
+        });
+    }
+    // Checked under the store's lock: a `run` starting now applies what is saved here.
+    if nft::kernel_fingerprint()?.is_none() {
+        if new != old {
+            locked.save(&new)?;
+        }
+        return Ok(EditOutcome {
+            rule_set: new,
+            applied: Applied::StoredOnly,
         });
     }
     let applied = nft::apply(Some(&old_compiled), &compiled)?;
@@ -91,8 +109,7 @@ pub async fn edit(
     debug!(elapsed_ms = started.elapsed().as_millis() as u64, "saved");
     Ok(EditOutcome {
         rule_set: new,
-        applied: Some(applied),
-        dry_run: None,
+        applied: Applied::Kernel(applied),
     })
 }
 

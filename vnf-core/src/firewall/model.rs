@@ -423,12 +423,14 @@ impl Rule {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.validate_as(&format!("rule {}", self.id))
+    }
+
+    /// Checks the rule; errors call it `label` (a rule not yet added is named by the position
+    /// and id it would get, not by an id the user has never seen).
+    pub fn validate_as(&self, label: &str) -> Result<()> {
         let what = |field: &'static str, value: String, reason: &str| {
-            Err(Error::invalid(
-                field,
-                value,
-                format!("rule {}: {reason}", self.id),
-            ))
+            Err(Error::invalid(field, value, format!("{label}: {reason}")))
         };
         if let (Some(source), Some(destination)) = (&self.source, &self.destination) {
             if family_of(source) != family_of(destination) {
@@ -508,6 +510,11 @@ impl Rule {
 
 impl NatRule {
     pub fn validate(&self) -> Result<()> {
+        self.validate_as(&format!("NAT rule {}", self.id))
+    }
+
+    /// Checks the NAT rule; errors call it `label`, as [`Rule::validate_as`] does.
+    pub fn validate_as(&self, label: &str) -> Result<()> {
         let side_ok = |side: Side| matches!(side, Side::Left | Side::Right);
         let (side, field) = match &self.kind {
             NatKind::Masquerade { out, .. } | NatKind::Snat { out, .. } => (*out, "out"),
@@ -517,7 +524,7 @@ impl NatRule {
             return Err(Error::invalid(
                 field,
                 side,
-                format!("NAT rule {}: use left or right", self.id),
+                format!("{label}: use left or right"),
             ));
         }
         match &self.kind {
@@ -528,25 +535,19 @@ impl NatRule {
             } if to.is_ipv4() != matches!(source, IpNet::V4(_)) => Err(Error::invalid(
                 "to",
                 to,
-                format!(
-                    "NAT rule {}: the address family differs from the source {source}",
-                    self.id
-                ),
+                format!("{label}: the address family differs from the source {source}"),
             )),
             NatKind::Dnat { protocol, port, .. } if !protocol.carries_ports() || *port == 0 => {
                 Err(Error::invalid(
                     "protocol",
                     protocol,
-                    format!(
-                        "NAT rule {}: a port-forward needs tcp or udp and a port 1-65535",
-                        self.id
-                    ),
+                    format!("{label}: a port-forward needs tcp or udp and a port 1-65535"),
                 ))
             }
             NatKind::Dnat { to, .. } if to.port() == 0 => Err(Error::invalid(
                 "to",
                 to,
-                format!("NAT rule {}: give the inner port, ADDRESS:PORT", self.id),
+                format!("{label}: give the inner port, ADDRESS:PORT"),
             )),
             _ => Ok(()),
         }
