@@ -342,6 +342,10 @@ fn a_restart_keeps_the_lease_through_init_reboot() {
     let second = Vnf::start(&chain.si, "dockvpn", &args);
     second.wait_ready();
     assert!(second.log().contains("INIT-REBOOT"), "{}", second.log());
+    // The kept address makes the side ready at once; the server's answer comes after.
+    second
+        .wait_for_log("DHCP lease applied", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
     // dnsmasq would hand the same address to a fresh DISCOVER too: the lease was kept only
     // if the server never refused it.
     assert!(!second.log().contains("reason=nak"), "{}", second.log());
