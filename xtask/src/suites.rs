@@ -107,7 +107,9 @@ fn build() -> Result<Option<Vec<Suite>>, String> {
     command
         .args(TEST)
         .args(["--no-run", "--message-format=json-render-diagnostics"])
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        // Compiler errors, rendered as text by cargo, go straight to the terminal.
+        .stderr(Stdio::inherit());
     eprintln!("+ {command:?}");
     let output = command
         .output()
@@ -144,6 +146,7 @@ fn build() -> Result<Option<Vec<Suite>>, String> {
             ignored: 0,
         });
     }
+    suites.sort_by(|a, b| a.source.cmp(&b.source));
     if suites.is_empty() {
         return Err(format!(
             "{command:?} named no test binary; cannot tell which suites must run"
