@@ -24,7 +24,7 @@ impl Dnsmasq {
         let files = StateDir::new();
         std::fs::create_dir_all(files.path()).expect("dnsmasq dir");
         write_options(&files, options);
-        let child = ns
+        let mut child = ns
             .command("dnsmasq")
             .args([
                 "--no-daemon",
@@ -43,8 +43,8 @@ impl Dnsmasq {
             .stderr(Stdio::null())
             .spawn()
             .expect("start dnsmasq");
-        // Let it bind before clients start asking.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Bound before clients start asking: a missed first DISCOVER costs seconds.
+        ns.wait_listening(&mut child, "-lun", 67);
         Dnsmasq { child, files }
     }
 

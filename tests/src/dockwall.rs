@@ -133,15 +133,23 @@ impl<'c> Dockwall<'c> {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// The nft table as the kernel holds it (empty when absent).
+    /// The nft table as the kernel holds it (empty when absent); panics when nft fails for
+    /// any other reason, so an unreadable table never passes for a missing one.
     pub fn table(&self) -> String {
-        String::from_utf8_lossy(
-            &self
-                .chain
-                .si
-                .exec("nft", &["list", "table", "inet", "dockwall"])
-                .stdout,
-        )
-        .into_owned()
+        let output = self
+            .chain
+            .si
+            .exec("nft", &["list", "table", "inet", "dockwall"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if output.status.success() {
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        } else if stderr.starts_with("Error: No such file or directory") {
+            String::new()
+        } else {
+            panic!(
+                "nft list table inet dockwall failed ({}): {stderr}",
+                output.status
+            );
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! Measurements the benchmark binaries share.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use crate::chain::{Chain, RIGHT_HOST};
 use crate::Netns;
+
+/// iperf3's default port, where its server listens.
+const IPERF_PORT: u16 = 5201;
 
 /// How long one iperf3 run lasts.
 pub const IPERF_SECONDS: &str = "4";
@@ -12,6 +14,22 @@ pub const IPERF_SECONDS: &str = "4";
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
+}
+
+/// The smallest and the largest sample: the spread a median hides.
+pub fn min_max(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(min, max), &v| {
+            (min.min(v), max.max(v))
+        })
+}
+
+/// The order in which `count` interleaved contenders run in `round`: rotated every round,
+/// so each runs first (and after each other one) equally often and none always meets the
+/// machine in the state the same neighbour left it in.
+pub fn round_order(round: usize, count: usize) -> impl Iterator<Item = usize> {
+    (0..count).map(move |k| (round + k) % count)
 }
 
 /// One iperf3 TCP run from the left host to the right host; Gbit/s received.
@@ -26,14 +44,14 @@ pub fn iperf_gbps(chain: &Chain) -> f64 {
 
 /// One iperf3 TCP run of `seconds` from `client` to an iperf3 server started in `server` on
 /// `address`; Gbit/s received.
-pub fn iperf_tcp_gbps(client: &Netns, server: &Netns, address: &str, seconds: &str) -> f64 {
-    let mut server = server
+pub fn iperf_tcp_gbps(client: &Netns, server_ns: &Netns, address: &str, seconds: &str) -> f64 {
+    let mut server = server_ns
         .command("iperf3")
         .args(["-s", "-1", "-B", address])
         .stdout(Stdio::null())
         .spawn()
         .expect("iperf3 server (apt-get install iperf3)");
-    std::thread::sleep(Duration::from_millis(300));
+    server_ns.wait_listening(&mut server, "-ltn", IPERF_PORT);
     let output = client.exec(
         "iperf3",
         &[

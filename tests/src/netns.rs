@@ -1,8 +1,9 @@
 //! One network namespace, deleted on drop.
 
 use std::fs::File;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
@@ -81,6 +82,39 @@ impl Netns {
             .into_iter()
             .find(|i| i.name == name)
             .unwrap_or_else(|| panic!("no link {name} in {}", self.name))
+    }
+
+    /// Waits until `server`, started in this namespace, has a socket on `port` (`listen` is
+    /// `ss`'s `-ltn` for TCP or `-lun` for UDP), so a client's first packet is not lost.
+    /// Panics when the server exits first or nothing listens within 10 s.
+    pub fn wait_listening(&self, server: &mut Child, listen: &str, port: u16) {
+        crate::prereq::require_command("ss", "iproute2");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let filter = format!("sport = :{port}");
+        loop {
+            if let Ok(Some(status)) = server.try_wait() {
+                panic!(
+                    "the server exited ({status}) before listening on port {port} in {}",
+                    self.name
+                );
+            }
+            let output = self.exec("ss", &["-H", listen, &filter]);
+            assert!(
+                output.status.success(),
+                "ss -H {listen} '{filter}' in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+            if !output.stdout.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on port {port} ({listen}) in {} after 10 s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Everything routing-related in the namespace, to prove a step changed nothing.

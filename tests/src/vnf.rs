@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -59,6 +60,8 @@ struct Log {
 pub struct Vnf {
     child: Child,
     log: Arc<Log>,
+    /// The thread copying stderr into `log`; it ends when the process's stderr closes.
+    reader: Option<JoinHandle<()>>,
     pub started: Instant,
     /// The VNFs' default state directory for this process (an explicit --state-dir wins),
     /// so no test writes to /var/lib.
@@ -137,7 +140,7 @@ impl Vnf {
         let log = Arc::new(Log::default());
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lines
                     .lock()
@@ -149,6 +152,7 @@ impl Vnf {
         Vnf {
             child,
             log,
+            reader: Some(reader),
             started,
             state_dir,
         }
@@ -203,8 +207,10 @@ impl Vnf {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader thread drain the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // The last lines are what tests assert on: read them all.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             if Instant::now() >= deadline {

@@ -1,12 +1,14 @@
 //! The DHCP client against a real dnsmasq in the left gateway's namespace: the SI's left leg
 //! starts without an address and learns address, gateway and the left networks.
 
+use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_GATEWAY, RIGHT_HOST};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::traffic::{ping, ping_eventually};
 use docknfv_tests::{Chain, Vnf};
+use vnf_core::dhcp::options::Packet;
 
 const RANGE: &str = "10.0.1.50,10.0.1.99,255.255.255.0,2m";
 
@@ -16,6 +18,41 @@ fn chain_with_dhcp_left() -> Chain {
     chain.si.ip(&["addr", "flush", "dev", "eth0"]);
     chain
 }
+
+/// The address the SI's left leg holds.
+fn leased_address(chain: &Chain) -> Ipv4Addr {
+    let address = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+    address
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no leased address: {address}"))
+}
+
+/// Whether a DHCPREQUEST with `ciaddr` reaches `socket` within `timeout`.
+fn next_request_for(socket: &UdpSocket, ciaddr: Ipv4Addr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buffer = [0u8; 1500];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("read timeout");
+        let Ok(length) = socket.recv(&mut buffer) else {
+            return false;
+        };
+        let payload = &buffer[..length];
+        let is_request = Packet::parse(payload)
+            .is_ok_and(|p| p.header.op == BOOT_REQUEST && p.byte(MESSAGE_TYPE) == Some(REQUEST));
+        if is_request && payload[12..16] == ciaddr.octets() {
+            return true;
+        }
+    }
+    false
+}
+
+const BOOT_REQUEST: u8 = 1;
+const MESSAGE_TYPE: u8 = 53;
+const REQUEST: u8 = 3;
 
 /// Waits until `check` passes, for at most `seconds`.
 fn eventually(seconds: u64, mut check: impl FnMut() -> bool) -> bool {
@@ -95,13 +132,18 @@ fn neutron_style_routes_reach_dockvpn_main_table_but_not_the_left_default() {
 #[test]
 fn contrail_style_default_inside_121_gives_dockwall_its_left_gateway() {
     let chain = chain_with_dhcp_left();
+    // A gateway other than the subnet's first host, which Dockwall would assume without
+    // the lease.
+    chain
+        .left_gateway
+        .ip(&["addr", "add", "10.0.1.254/24", "dev", "wan"]);
     // The vRouter: 121 with the default route inside, no option 3.
     let _dnsmasq = Dnsmasq::start(
         &chain.left_gateway,
         "wan",
         RANGE,
         &[
-            "option:classless-static-route,0.0.0.0/0,10.0.1.1,172.16.0.0/12,10.0.1.1",
+            "option:classless-static-route,0.0.0.0/0,10.0.1.254,172.16.0.0/12,10.0.1.254",
             "option:router",
         ],
     );
@@ -113,22 +155,16 @@ fn contrail_style_default_inside_121_gives_dockwall_its_left_gateway() {
     dockwall.wait_ready();
     let table = chain.si.ip(&["route", "show", "table", "1001"]);
     assert!(
-        table.contains("default via 10.0.1.1 dev eth0 proto 245"),
+        table.contains("default via 10.0.1.254 dev eth0 proto 245"),
         "the lease's gateway is the side's:\n{table}"
     );
     assert!(
-        table.contains("172.16.0.0/12 via 10.0.1.1 dev eth0 proto dhcp"),
+        table.contains("172.16.0.0/12 via 10.0.1.254 dev eth0 proto dhcp"),
         "{table}"
     );
     // The left gateway routes the right hosts via the SI's first-leased address; point it at
     // whatever address the SI got.
-    let address = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
-    let si_left = address
-        .split_whitespace()
-        .nth(3)
-        .and_then(|a| a.split('/').next())
-        .expect("leased address")
-        .to_string();
+    let si_left = leased_address(&chain).to_string();
     chain.left_gateway.ip(&[
         "route",
         "replace",
@@ -306,6 +342,13 @@ fn a_restart_keeps_the_lease_through_init_reboot() {
     let second = Vnf::start(&chain.si, "dockvpn", &args);
     second.wait_ready();
     assert!(second.log().contains("INIT-REBOOT"), "{}", second.log());
+    // The kept address makes the side ready at once; the server's answer comes after.
+    second
+        .wait_for_log("DHCP lease applied", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // dnsmasq would hand the same address to a fresh DISCOVER too: the lease was kept only
+    // if the server never refused it.
+    assert!(!second.log().contains("reason=nak"), "{}", second.log());
     let again = chain.si.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
     let inet = |text: &str| text.split_whitespace().nth(3).map(str::to_string);
     assert_eq!(
@@ -343,6 +386,26 @@ fn a_silent_server_leads_to_rebinding_and_expiry_removes_the_lease() {
     dnsmasq.stop();
     let learned = || chain.si.ip(&["route", "show", "proto", "dhcp"]);
     assert!(learned().contains("192.168.10.0/24"));
+    let leased = leased_address(&chain);
+
+    // Where the silent server was, listen to what the client sends: RENEWING unicasts its
+    // REQUEST to the server, REBINDING broadcasts it; both carry the lease in ciaddr.
+    let (to_server, to_everyone) = chain.left_gateway.run(|| {
+        (
+            UdpSocket::bind("10.0.1.1:67").expect("bind 10.0.1.1:67"),
+            UdpSocket::bind("255.255.255.255:67").expect("bind 255.255.255.255:67"),
+        )
+    });
+    assert!(
+        next_request_for(&to_server, leased, Duration::from_secs(20)),
+        "no unicast renewal of {leased}:\n{}",
+        dockvpn.log()
+    );
+    assert!(
+        next_request_for(&to_everyone, leased, Duration::from_secs(20)),
+        "no broadcast REQUEST for {leased}: the client never rebound\n{}",
+        dockvpn.log()
+    );
     assert!(
         eventually(150, || !learned().contains("192.168.10.0/24")),
         "the lease never expired:\n{}",

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::Dockwall;
-use docknfv_tests::traffic::{ping, ping_output, tcp_probe, udp_probe, Probe};
+use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, udp_probe, Probe};
 use docknfv_tests::Chain;
 
 fn tcp_left_to_right(chain: &Chain, port: u16) -> Probe {
@@ -586,11 +586,12 @@ fn corrupt_state_file_at_start_refuses_to_run() {
     let state = docknfv_tests::dockwall::StateDir::new();
     std::fs::create_dir_all(state.path()).unwrap();
     std::fs::write(state.rules_file(), "not json").unwrap();
-    let mut process = docknfv_tests::Vnf::start(
-        &chain.si,
-        "dockwall",
-        &["--state-dir", state.path().to_str().unwrap(), "run"],
-    );
+    let before = chain.si.routing_snapshot();
+    let state_dir = state.path().to_str().unwrap();
+    // `--on-exit keep`: routing installed before the rule set was read would outlive the
+    // refused start and forward unfiltered.
+    let run = ["--state-dir", state_dir, "run", "--on-exit", "keep"];
+    let mut process = docknfv_tests::Vnf::start(&chain.si, "dockwall", &run);
     assert!(!process.wait_exit(Duration::from_secs(10)).success());
     let log = process.log();
     assert!(
@@ -600,6 +601,21 @@ fn corrupt_state_file_at_start_refuses_to_run() {
     assert!(
         !ping(&chain.left_host, RIGHT_HOST),
         "the SI must not forward with an unreadable rule set"
+    );
+    assert_eq!(
+        chain.si.routing_snapshot(),
+        before,
+        "the refused start installed routing"
+    );
+
+    // The same SI with a readable rule set does forward: the ping above could have passed.
+    std::fs::remove_file(state.rules_file()).unwrap();
+    let process = docknfv_tests::Vnf::start(&chain.si, "dockwall", &run);
+    process.wait_ready();
+    assert!(
+        ping_eventually(&chain.left_host, RIGHT_HOST, 3),
+        "{}",
+        process.log()
     );
 }
 

@@ -11,8 +11,12 @@ use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
     issue_profile, text, vpn_chain, HostileRelay, OpenvpnClient, CONNECTED,
 };
-use docknfv_tests::traffic::{ping, ping_output, tcp_probe, Probe};
+use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
+
+/// Echo requests a positive check through the tunnel may use: the server is a debug build
+/// and the machine is shared, so one lost second must not fail the test.
+const TUNNEL_PING_ATTEMPTS: u32 = 5;
 
 /// The client's routes through tun0, as "destination gateway" strings.
 fn tunnel_routes(ns: &Netns) -> Vec<String> {
@@ -97,7 +101,7 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
         ]
     );
     assert!(
-        ping(&chain.right_host, LEFT_HOST),
+        ping_eventually(&chain.right_host, LEFT_HOST, TUNNEL_PING_ATTEMPTS),
         "ping through the tunnel\n{}",
         dockvpn.log()
     );
@@ -142,8 +146,16 @@ fn two_clients_at_once_one_per_aes_gcm_cipher_and_tls_version_and_an_iperf3_tran
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     bob.wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
-    assert!(ping(&chain.right_host, LEFT_HOST));
-    assert!(ping(&chain.right_gateway, LEFT_HOST));
+    assert!(ping_eventually(
+        &chain.right_host,
+        LEFT_HOST,
+        TUNNEL_PING_ATTEMPTS
+    ));
+    assert!(ping_eventually(
+        &chain.right_gateway,
+        LEFT_HOST,
+        TUNNEL_PING_ATTEMPTS
+    ));
     let gbps = iperf_tcp_gbps(&chain.right_host, &chain.left_host, LEFT_HOST, "2");
     assert!(gbps > 0.0, "iperf3 through the tunnel moved nothing");
 
@@ -158,6 +170,17 @@ fn two_clients_at_once_one_per_aes_gcm_cipher_and_tls_version_and_an_iperf3_tran
     assert_eq!(cipher_of("bob"), Some("AES-128-GCM".into()));
     assert!(
         bob.log().contains("Data Channel: cipher 'AES-128-GCM'"),
+        "{}",
+        bob.log()
+    );
+    // The TLS version each stock client negotiated, as it reports it.
+    assert!(
+        alice.log().contains("Control Channel: TLSv1.3,"),
+        "{}",
+        alice.log()
+    );
+    assert!(
+        bob.log().contains("Control Channel: TLSv1.2,"),
         "{}",
         bob.log()
     );
@@ -212,7 +235,11 @@ fn routes_learned_by_dhcp_option_121_are_pushed() {
         ],
         "the learned networks, and no default route (redirect-gateway is off)"
     );
-    assert!(ping(&chain.right_host, LEFT_HOST), "{}", dockvpn.log());
+    assert!(
+        ping_eventually(&chain.right_host, LEFT_HOST, TUNNEL_PING_ATTEMPTS),
+        "{}",
+        dockvpn.log()
+    );
 }
 
 #[test]
@@ -267,6 +294,12 @@ fn replayed_tampered_truncated_and_garbage_packets_are_dropped_and_the_client_ke
     client
         .wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    // The path answers before the one echo whose loss and duplicates are counted.
+    assert!(
+        ping_eventually(&chain.right_host, LEFT_HOST, TUNNEL_PING_ATTEMPTS),
+        "{}",
+        dockvpn.log()
+    );
     let output = ping_output(&chain.right_host, LEFT_HOST);
     assert!(
         output.contains(" 0% packet loss"),
@@ -310,12 +343,14 @@ fn client_commands_refuse_bad_input_with_the_fix() {
     assert!(!output.status.success());
     assert!(text(&output).contains("invalid NAME"), "{}", text(&output));
     let output = run(&["client", "config", "nobody"]);
+    assert!(!output.status.success(), "{}", text(&output));
     assert!(
         text(&output).contains("dockvpn client add nobody"),
         "{}",
         text(&output)
     );
     let output = run(&["client", "add", "erin", "--address", "10.9.0.5"]);
+    assert!(!output.status.success(), "{}", text(&output));
     assert!(
         text(&output).contains("inside the pool 10.8.0.0/24"),
         "{}",
@@ -323,6 +358,7 @@ fn client_commands_refuse_bad_input_with_the_fix() {
     );
     assert!(run(&["client", "add", "erin"]).status.success());
     let output = run(&["client", "add", "erin"]);
+    assert!(!output.status.success(), "{}", text(&output));
     assert!(text(&output).contains("exists"), "{}", text(&output));
     let output = run(&["client", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -335,8 +371,10 @@ fn client_commands_refuse_bad_input_with_the_fix() {
         0o600
     );
     let output = run(&["pki", "init"]);
+    assert!(!output.status.success(), "{}", text(&output));
     assert!(text(&output).contains("--force"), "{}", text(&output));
     let output = run(&["run", "--data-ciphers", "BF-CBC"]);
+    assert!(!output.status.success(), "{}", text(&output));
     assert!(
         text(&output).contains("unknown data cipher"),
         "{}",
@@ -372,6 +410,11 @@ fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_ba
         .wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     let tables = chain.si.exec("nft", &["list", "tables"]);
+    assert!(
+        tables.status.success(),
+        "nft list tables: {}",
+        text(&tables)
+    );
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains("dockvpn"),
         "no NAT table"

@@ -115,12 +115,16 @@ fn teardown_removes_only_what_carries_our_tag() {
     ]);
     let found = chain.si.routing_snapshot();
 
-    chain.si.block_on(async {
+    let (applied, want, while_applied) = chain.si.block_on(async {
         let (kernel, want) = desired(&cross_config(1001, 1002)).await;
         let mut reconciler = Reconciler::new(kernel);
-        reconciler.apply(&want).await.expect("apply");
+        let applied = reconciler.apply(&want).await.expect("apply");
+        let while_applied = chain.si.routing_snapshot();
         reconciler.teardown().await.expect("teardown");
+        (applied, want, while_applied)
     });
+    assert_eq!(applied.added, want, "apply installed the desired state");
+    assert_ne!(while_applied, found, "apply changed nothing in the kernel");
     assert_eq!(chain.si.routing_snapshot(), found);
 }
 
@@ -203,11 +207,19 @@ fn global_mode_restores_the_displaced_default_at_teardown() {
         .si
         .ip(&["route", "add", "default", "via", LEFT_GATEWAY]);
     let found = chain.si.routing_snapshot();
-    chain.si.block_on(async {
+    let (applied, want, main) = chain.si.block_on(async {
         let (kernel, want) = desired(&RoutingConfig::new(RoutingMode::Global)).await;
         let mut reconciler = Reconciler::new(kernel);
-        reconciler.apply(&want).await.expect("apply");
+        let applied = reconciler.apply(&want).await.expect("apply");
+        let main = chain.si.ip(&["route", "show", "table", "main"]);
         reconciler.teardown().await.expect("teardown");
+        (applied, want, main)
     });
+    assert_eq!(applied.added, want, "apply installed the desired state");
+    assert!(
+        main.contains(&format!("default via {RIGHT_GATEWAY} dev eth1 proto 245"))
+            && !main.contains(&format!("default via {LEFT_GATEWAY}")),
+        "apply did not displace the left default:\n{main}"
+    );
     assert_eq!(chain.si.routing_snapshot(), found);
 }

@@ -10,6 +10,7 @@ pub mod dhcp;
 pub mod error;
 pub mod firewall;
 pub mod fs;
+pub mod fuzzing;
 pub mod kernel;
 pub mod lease;
 pub mod routing;

@@ -867,21 +867,31 @@ mod tests {
         route.header.protocol = RouteProtocol::Boot;
         assert_eq!(RouteSpec::from_message(&route, ROUTE_PROTOCOL), None);
 
-        let mut rule = RuleSpec {
-            priority: 5000,
+        let rule = |priority| RuleSpec {
+            priority,
             iif: Some("eth0".into()),
             fwmark: None,
             table: 1001,
-        }
-        .to_message();
+        };
         assert_eq!(
-            RuleSpec::from_message(&rule),
+            RuleSpec::from_message(&rule(5000).to_message()),
             None,
             "outside our priority range"
         );
-        rule.attributes
+        let mut untagged = rule(RULE_PRIORITY_FIRST).to_message();
+        assert_eq!(
+            RuleSpec::from_message(&untagged),
+            Some(rule(RULE_PRIORITY_FIRST)),
+            "tagged and in range: ours"
+        );
+        untagged
+            .attributes
             .retain(|a| !matches!(a, RuleAttribute::Protocol(_)));
-        assert_eq!(RuleSpec::from_message(&rule), None, "no protocol tag");
+        assert_eq!(
+            RuleSpec::from_message(&untagged),
+            None,
+            "in our range without the protocol tag"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! packages it needs first (idempotent: apt runs only when something is missing).
 
 mod images;
+mod suites;
 
 use std::process::{exit, Command};
 
@@ -30,7 +31,9 @@ commands:
           daemon answers (or dockerd can be started), else in network namespaces; show
           traffic crossing it and a rule edit, tear down
   test    fmt check, clippy -D warnings, and every test (unit, namespace end-to-end, and
-          Docker end-to-end: starts dockerd when none runs and builds the images first)
+          Docker end-to-end: starts dockerd when none runs and builds the images first);
+          every suite runs even after a failure, one line each (passed, failed, not run),
+          the last line counts them: `tests: N passed, N failed`
   images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host); without
           registry access the base is bootstrapped with debootstrap
   bench   the benchmarks recorded in BENCHMARKS.md (release build, about 9 minutes)
@@ -111,52 +114,11 @@ fn test() -> Result<(), String> {
         "warnings",
     ])?;
     images::build()?;
-    cargo_test(&["test", "--workspace", "--all-targets"])
-}
-
-/// Runs `cargo test`, echoing its output, and closes with one line summing every suite.
-fn cargo_test(args: &[&str]) -> Result<(), String> {
-    use std::io::{BufRead, BufReader};
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
-    command.args(args).stdout(std::process::Stdio::piped());
-    eprintln!("+ {command:?}");
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("{line}");
-            if let Some(result) = line.strip_prefix("test result: ") {
-                passed += count_before(result, " passed");
-                failed += count_before(result, " failed");
-            }
-        }
+    if !suites::run()? {
+        // The suite lines and the count, printed last, say what failed.
+        exit(1);
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    println!("\ntests: {passed} passed, {failed} failed");
-    if status.success() && passed > 0 {
-        Ok(())
-    } else if passed == 0 {
-        Err("no test ran".into())
-    } else {
-        Err(format!("{command:?} failed: {status}"))
-    }
-}
-
-/// The number just before `label` in a cargo "test result:" line.
-fn count_before(result: &str, label: &str) -> u64 {
-    result
-        .split(';')
-        .find_map(|part| {
-            part.trim()
-                .trim_start_matches("ok. ")
-                .trim_start_matches("FAILED. ")
-                .strip_suffix(label.trim_start())
-        })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<(), String> {

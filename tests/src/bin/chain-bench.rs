@@ -2,13 +2,13 @@
 //! - time from `dockwall run` to forwarding ready, median of N starts;
 //! - iperf3 TCP throughput left→right through the SI with Dockwall's cross routing vs. the
 //!   same chain whose SI is a plain router (two static routes in main), interleaved in one
-//!   run so machine noise hits both alike;
+//!   run (the order alternating every round) so machine noise hits both alike;
 //! - RSS of an idle `dockwall run`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use docknfv_tests::measure::{iperf_gbps, median, rss_kib, IPERF_SECONDS};
+use docknfv_tests::measure::{iperf_gbps, median, round_order, rss_kib, IPERF_SECONDS};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Vnf};
 
@@ -50,11 +50,14 @@ fn main() {
     dockwall.wait_ready();
     let baseline = Chain::new();
     baseline.route_si_statically();
-    let (mut with_dockwall, mut plain) = (Vec::new(), Vec::new());
-    for _ in 0..THROUGHPUT_ROUNDS {
-        with_dockwall.push(iperf_gbps(&chain));
-        plain.push(iperf_gbps(&baseline));
+    let chains = [&chain, &baseline];
+    let mut samples = [Vec::new(), Vec::new()];
+    for round in 0..THROUGHPUT_ROUNDS {
+        for contender in round_order(round, chains.len()) {
+            samples[contender].push(iperf_gbps(chains[contender]));
+        }
     }
+    let [mut with_dockwall, mut plain] = samples;
     std::thread::sleep(Duration::from_secs(1));
     let rss = rss_kib(dockwall.pid());
 

@@ -1,7 +1,8 @@
 //! DHCP benchmark for BENCHMARKS.md (run with `cargo xtask bench`): time from the first
 //! DISCOVER to the lease's address and option-121 routes in the kernel, against dnsmasq in a
 //! namespace, for vnf-core's client, ISC `dhclient -1` (with Debian's rfc3442 exit hook) and
-//! busybox `udhcpc -q` (with a script doing the same), interleaved in one run.
+//! busybox `udhcpc -q` (with a script doing the same), interleaved in one run (the order
+//! rotating every round). Every row checks that the route landed.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use docknfv_tests::chain::client_and_router;
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::dockwall::StateDir;
-use docknfv_tests::measure::median;
+use docknfv_tests::measure::{median, round_order};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Netns, Vnf};
 use tokio::sync::Notify;
@@ -77,6 +78,10 @@ fn vnf_core_client(client: &Netns, state: &StateDir) -> f64 {
             .expect("lease within 30 s")
             .expect("feed");
         let elapsed = started.elapsed();
+        assert!(
+            routes_in(client),
+            "vnf-core's client did not install the route"
+        );
         task.stop(true).await;
         elapsed
     });
@@ -189,18 +194,16 @@ fn main() {
     let state = StateDir::new();
     // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
     unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
-    let (mut ours, mut process, mut isc, mut busybox) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        reset(&client);
-        ours.push(vnf_core_client(&client, &state));
-        reset(&client);
-        process.push(dockvpn_process(&client, &state));
-        reset(&client);
-        isc.push(dhclient(&client, &state));
-        reset(&client);
-        busybox.push(udhcpc(&client, &state));
+    let clients: [fn(&Netns, &StateDir) -> f64; 4] =
+        [vnf_core_client, dockvpn_process, dhclient, udhcpc];
+    let mut samples: [Vec<f64>; 4] = Default::default();
+    for round in 0..ROUNDS {
+        for contender in round_order(round, clients.len()) {
+            reset(&client);
+            samples[contender].push(clients[contender](&client, &state));
+        }
     }
+    let [mut ours, mut process, mut isc, mut busybox] = samples;
     let (ours, process, isc, busybox) = (
         median(&mut ours),
         median(&mut process),

@@ -2,7 +2,8 @@
 //! - iperf3 TCP left→right through Dockwall holding 10,000 deny rules that do not match the
 //!   flow, vs. Dockwall with no rules, vs. a plain SI whose FORWARD chain holds the same
 //!   10,000 rules linearly in iptables behind an established-accept rule (what ufw builds);
-//!   and the new-connection rate through each, where every SYN walks the rules; interleaved;
+//!   and the new-connection rate through each, where every SYN walks the rules; interleaved,
+//!   the order rotating every round, medians with their spread;
 //! - `dockwall apply` of the 10,000 rules (a full table replace) and `dockwall rule add` as a
 //!   whole process with them present, medians;
 //! - RSS of an idle `dockwall run` holding them.
@@ -12,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::dockwall::Dockwall;
-use docknfv_tests::measure::{iperf_gbps, median, rss_kib, IPERF_SECONDS};
+use docknfv_tests::measure::{iperf_gbps, median, min_max, round_order, rss_kib, IPERF_SECONDS};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
 
 const RULES: usize = 10_000;
-const ROUNDS: usize = 3;
+/// Interleaved throughput and connection-rate rounds; the spread is printed with each median.
+const ROUNDS: usize = 7;
 const RULE_ADDS: usize = 20;
 const APPLIES: usize = 5;
 
@@ -168,18 +170,25 @@ fn main() {
     drop(restore.stdin.take());
     assert!(restore.wait().expect("iptables-restore").success());
 
-    let (mut with_rules, mut without, mut linear) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut setup_with, mut setup_without, mut setup_linear) =
-        (Vec::new(), Vec::new(), Vec::new());
+    let chains = [&loaded_chain, &empty_chain, &iptables_chain];
+    let (mut throughput, mut setup): ([Vec<f64>; 3], [Vec<f64>; 3]) = Default::default();
     for round in 0..ROUNDS {
-        with_rules.push(iperf_gbps(&loaded_chain));
-        without.push(iperf_gbps(&empty_chain));
-        linear.push(iperf_gbps(&iptables_chain));
+        for contender in round_order(round, chains.len()) {
+            throughput[contender].push(iperf_gbps(chains[contender]));
+        }
         let port = 6000 + round as u16;
-        setup_with.push(connection_rate(&loaded_chain, port));
-        setup_without.push(connection_rate(&empty_chain, port));
-        setup_linear.push(connection_rate(&iptables_chain, port));
+        for contender in round_order(round, chains.len()) {
+            setup[contender].push(connection_rate(chains[contender], port));
+        }
     }
+    let [mut with_rules, mut without, mut linear] = throughput;
+    let [mut setup_with, mut setup_without, mut setup_linear] = setup;
+    let spread = |values: &[f64]| {
+        let (min, max) = min_max(values);
+        format!("{min:.2}–{max:.2}")
+    };
+    let (with_rules_spread, without_spread, linear_spread) =
+        (spread(&with_rules), spread(&without), spread(&linear));
     let (with_rules_median, without_median, linear_median) = (
         median(&mut with_rules),
         median(&mut without),
@@ -187,22 +196,31 @@ fn main() {
     );
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| iperf3 TCP through Dockwall with {RULES} non-matching deny rules, median of {ROUNDS} × {IPERF_SECONDS} s | {with_rules_median:.2} Gbit/s |");
-    println!("| same SI setup with no rules, interleaved | {without_median:.2} Gbit/s |");
+    println!("| iperf3 TCP through Dockwall with {RULES} non-matching deny rules, median of {ROUNDS} × {IPERF_SECONDS} s | {with_rules_median:.2} Gbit/s (spread {with_rules_spread}) |");
+    println!("| same SI setup with no rules, interleaved | {without_median:.2} Gbit/s (spread {without_spread}) |");
     println!(
         "| **ratio {RULES} rules / no rules** | **{:.3}** |",
         with_rules_median / without_median
     );
-    println!("| plain SI with the {RULES} rules as a linear iptables FORWARD chain, interleaved | {linear_median:.2} Gbit/s ({:.3} of no rules) |", linear_median / without_median);
+    println!("| plain SI with the {RULES} rules as a linear iptables FORWARD chain, interleaved | {linear_median:.2} Gbit/s ({:.3} of no rules; spread {linear_spread}) |", linear_median / without_median);
+    let rate_spread = |values: &[f64]| {
+        let (min, max) = min_max(values);
+        format!("{min:.0}–{max:.0}")
+    };
+    let (setup_with_spread, setup_without_spread, setup_linear_spread) = (
+        rate_spread(&setup_with),
+        rate_spread(&setup_without),
+        rate_spread(&setup_linear),
+    );
     let (setup_with, setup_without, setup_linear) = (
         median(&mut setup_with),
         median(&mut setup_without),
         median(&mut setup_linear),
     );
-    println!("| new TCP connections/s through Dockwall with {RULES} rules, median of {ROUNDS} × 1000 | {setup_with:.0}/s ({:.3} of no rules) |", setup_with / setup_without);
-    println!("| same with no rules | {setup_without:.0}/s |");
+    println!("| new TCP connections/s through Dockwall with {RULES} rules, median of {ROUNDS} × 1000 | {setup_with:.0}/s ({:.3} of no rules; spread {setup_with_spread}) |", setup_with / setup_without);
+    println!("| same with no rules | {setup_without:.0}/s (spread {setup_without_spread}) |");
     println!(
-        "| same through the linear iptables chain | {setup_linear:.0}/s ({:.3} of no rules) |",
+        "| same through the linear iptables chain | {setup_linear:.0}/s ({:.3} of no rules; spread {setup_linear_spread}) |",
         setup_linear / setup_without
     );
     println!("| `dockwall apply` of {RULES} rules (whole process, full table replace), median of {APPLIES} | {:.0} ms |", median(&mut applies));

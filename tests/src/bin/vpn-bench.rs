@@ -1,13 +1,13 @@
 //! Dockvpn benchmark for BENCHMARKS.md (run with `cargo xtask bench`): connect time (client
 //! start → "Initialization Sequence Completed") of the stock openvpn 2.6 client against
 //! Dockvpn and against an `openvpn` 2.6 server with the equivalent config (same PKI, pool
-//! size, pushed route, ciphers, keepalive), interleaved in one run; then one iperf3 TCP run
-//! through each tunnel and each server's idle RSS.
+//! size, pushed route, ciphers, keepalive), interleaved in one run (alternating which goes
+//! first); then one iperf3 TCP run through each tunnel and each server's idle RSS.
 
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, SI_LEFT};
-use docknfv_tests::measure::{iperf_tcp_gbps, median, rss_kib};
+use docknfv_tests::measure::{iperf_tcp_gbps, median, round_order, rss_kib};
 use docknfv_tests::openvpn::{issue_profile, vpn_chain, OpenvpnClient, CONNECTED};
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Vnf};
@@ -56,22 +56,21 @@ fn main() {
         .wait_for_log(CONNECTED, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("openvpn server: {e}"));
 
-    let (mut dockvpn_ms, mut openvpn_ms) = (Vec::new(), Vec::new());
+    let profiles = [&dockvpn_profile, &openvpn_profile];
+    let mut samples = [Vec::new(), Vec::new()];
     for round in 0..ROUNDS {
-        for (profile, times) in [
-            (&dockvpn_profile, &mut dockvpn_ms),
-            (&openvpn_profile, &mut openvpn_ms),
-        ] {
-            let (ms, client) = connect_ms(&chain, profile);
+        for server in round_order(round, profiles.len()) {
+            let (ms, client) = connect_ms(&chain, profiles[server]);
             assert!(
                 ping(&chain.right_host, LEFT_HOST),
                 "round {round}: no traffic through the tunnel"
             );
-            times.push(ms);
+            samples[server].push(ms);
             drop(client);
             std::thread::sleep(Duration::from_millis(300));
         }
     }
+    let [mut dockvpn_ms, mut openvpn_ms] = samples;
     let gbps = |profile: &str| {
         let (_, client) = connect_ms(&chain, profile);
         let gbps = iperf_tcp_gbps(&chain.right_host, &chain.left_host, LEFT_HOST, "3");
