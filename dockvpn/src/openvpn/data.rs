@@ -75,6 +75,8 @@ pub enum DataError {
     Replayed(u32),
     #[error("packet id space exhausted")]
     PacketIdExhausted,
+    #[error("no data key with this key id")]
+    NoKey,
 }
 
 /// Sliding window over received packet ids: the highest seen and a bitmap of the 64 below.
@@ -182,6 +184,12 @@ impl DataChannel {
             next_packet_id: 1,
             replay: ReplayWindow::default(),
         }
+    }
+
+    /// Close to running out of packet ids (OpenVPN renegotiates at this point too): the
+    /// key must be replaced before nonces would repeat.
+    pub fn needs_new_key(&self) -> bool {
+        self.next_packet_id >= 0xff00_0000
     }
 
     pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, DataError> {
