@@ -114,7 +114,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "DOCKVPN_DATA_CIPHERS",
-        default_value = "AES-256-GCM:AES-128-GCM",
+        default_value = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
         value_name = "LIST",
         value_parser = parse_ciphers
     )]
@@ -170,7 +170,7 @@ fn parse_ciphers(text: &str) -> std::result::Result<CipherList, String> {
         .split(':')
         .map(|name| {
             Cipher::from_name(name).ok_or_else(|| {
-                format!("unknown data cipher {name:?}; supported: AES-256-GCM, AES-128-GCM")
+                format!("unknown data cipher {name:?}; supported: AES-256-GCM, AES-128-GCM, CHACHA20-POLY1305")
             })
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;

@@ -63,7 +63,7 @@ fn engine_config(pki: &Pki) -> EngineConfig {
     EngineConfig {
         tls: pki.server_tls_config().unwrap(),
         pool: "10.8.0.0/24".parse().unwrap(),
-        ciphers: vec![Cipher::Aes256Gcm, Cipher::Aes128Gcm],
+        ciphers: Cipher::ALL.to_vec(),
         ping: Duration::from_secs(10),
         ping_restart: Duration::from_secs(60),
         handshake_window: Duration::from_secs(300),
@@ -816,4 +816,20 @@ fn a_renegotiation_with_another_clients_certificate_ends_the_session() {
     let reason = reason.expect("the session ends");
     assert!(reason.contains("certificate of \"mallory\""), "{reason}");
     assert!(server.connected().is_empty());
+}
+
+#[test]
+fn a_client_offering_only_chacha20_poly1305_gets_it_and_data_flows() {
+    let test = TestPki::new("chacha");
+    let (mut server, address) = test.server_with_client("judy");
+    let mut client = TestClient::new(&test.pki, "judy", "CHACHA20-POLY1305");
+    let start = Instant::now();
+    let now = start + connect(&mut server, &mut client, perfect, start);
+    assert!(client
+        .push_reply
+        .as_ref()
+        .unwrap()
+        .contains("cipher CHACHA20-POLY1305"));
+    assert_eq!(server.connected()[0].cipher, Cipher::Chacha20Poly1305);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
 }

@@ -1,5 +1,8 @@
-//! Key renegotiation with the stock OpenVPN 2.6 client: whichever side starts it, the
-//! tunnel keeps carrying traffic across every key change, and no key-id error is logged.
+//! The OpenVPN protocol beyond a first connection, with the stock OpenVPN 2.6 client: key
+//! renegotiation (whichever side starts it, the tunnel keeps carrying traffic across every
+//! key change, and no key-id error is logged) and the ChaCha20-Poly1305 data channel.
+
+use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::LEFT_HOST;
 use docknfv_tests::openvpn::{issue_profile, text, vpn_chain, OpenvpnClient};
@@ -29,14 +32,28 @@ fn answered_pings(from: &Netns, count: u32) -> u32 {
         .unwrap_or_else(|| panic!("no ping summary in {summary:?}"))
 }
 
-/// Data keys the server renegotiated for its one client, from `status --json`.
+/// The server's one connected client, from `status --json` (rewritten every 2 s: waits up
+/// to 5 s for the client to appear).
+fn client_status(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
+        let client = status["vpn"]["clients"][0].clone();
+        if client.is_object() {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "no client in {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Data keys the server renegotiated for its one client.
 fn renegotiations(si: &Netns, dockvpn: &Vnf) -> u64 {
-    let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
-    let status: serde_json::Value =
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
-    status["vpn"]["clients"][0]["renegotiations"]
+    client_status(si, dockvpn)["renegotiations"]
         .as_u64()
-        .unwrap_or_else(|| panic!("no client in {status}"))
+        .expect("a count")
 }
 
 /// What the client logs when the server ignores or mishandles a renegotiation.
@@ -109,5 +126,32 @@ fn the_server_renegotiates_on_its_own_reneg_sec_and_the_tunnel_stays_up() {
         renegotiated >= 2,
         "server counted {renegotiated}\nclient:\n{}",
         client.log()
+    );
+}
+
+#[test]
+fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let profile = issue_profile(&chain.si, &dockvpn, "carol", None);
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &profile,
+        &["--data-ciphers", "CHACHA20-POLY1305"],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    // The client opens what the server seals only with the pushed cipher's keys.
+    let answered = answered_pings(&chain.right_host, 3);
+    assert_eq!(
+        answered,
+        3,
+        "client:\n{}\nserver:\n{}",
+        client.log(),
+        dockvpn.log()
+    );
+    assert_eq!(
+        client_status(&chain.si, &dockvpn)["cipher"],
+        "CHACHA20-POLY1305"
     );
 }
