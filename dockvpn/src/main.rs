@@ -34,6 +34,9 @@ use openvpn::server::EngineConfig;
 use pki::Pki;
 
 const DEFAULT_PORT: u16 = 1194;
+/// How long a replaced data key keeps working after a renegotiation starts (OpenVPN's
+/// `tran-window` default), so packets in flight are not lost.
+const TRANSITION_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -138,7 +141,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "DOCKVPN_DATA_CIPHERS",
-        default_value = "AES-256-GCM:AES-128-GCM",
+        default_value = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
         value_name = "LIST",
         value_parser = parse_ciphers,
         help_heading = VPN
@@ -176,6 +179,17 @@ struct ServeArgs {
     /// Most clients connected (or connecting) at once
     #[arg(long, default_value_t = 1024, value_name = "N", help_heading = VPN)]
     max_clients: usize,
+
+    /// Renegotiate each client's data keys after this many seconds (0: only when the client
+    /// asks or a key nears its packet limit); clients renegotiate on their own reneg-sec too
+    #[arg(
+        long,
+        env = "DOCKVPN_RENEG_SEC",
+        default_value_t = 3600,
+        value_name = "SECS",
+        help_heading = VPN
+    )]
+    reneg_sec: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -186,7 +200,7 @@ fn parse_ciphers(text: &str) -> std::result::Result<CipherList, String> {
         .split(':')
         .map(|name| {
             Cipher::from_name(name).ok_or_else(|| {
-                format!("unknown data cipher {name:?}; supported: AES-256-GCM, AES-128-GCM")
+                format!("unknown data cipher {name:?}; supported: AES-256-GCM, AES-128-GCM, CHACHA20-POLY1305")
             })
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -349,6 +363,8 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         redirect_gateway: serve.redirect_gateway,
         max_clients: serve.max_clients,
         max_handshaking: 64.min(serve.max_clients),
+        reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
+        transition_window: TRANSITION_WINDOW,
     };
     let static_routes: BTreeSet<Ipv4Net> = args
         .routing
@@ -546,14 +562,15 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     for client in &vpn.clients {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
         out.push_str(&format!(
-            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s\n",
+            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s, keys renegotiated {}\n",
             client.name,
             client.address,
             client.peer,
             client.cipher,
             client.bytes_in,
             client.bytes_out,
-            since
+            since,
+            client.renegotiations
         ));
     }
     if vpn.dropped.total() > 0 {

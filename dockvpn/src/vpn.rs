@@ -56,6 +56,9 @@ pub struct ConnectedClient {
     pub connected_since_unix: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Data keys renegotiated since the client connected.
+    #[serde(default)]
+    pub renegotiations: u64,
 }
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
@@ -241,6 +244,7 @@ fn write_status(config: &VpnConfig, engine: &Server) {
                 cipher: c.cipher.name().to_owned(),
                 connected_since_unix: unix(wall - (now - c.connected_at)),
                 bytes_in: c.bytes_in,
+                renegotiations: c.renegotiations,
                 bytes_out: c.bytes_out,
             })
             .collect(),

@@ -1,11 +1,14 @@
-//! The data channel: DATA_V2 packets sealed with AES-GCM. Wire layout:
+//! The data channel: DATA_V2 packets sealed with an AEAD (AES-GCM or ChaCha20-Poly1305, the
+//! same layout for all three). Wire layout:
 //! `[opcode|key id][peer id: 3][packet id: 4][tag: 16][ciphertext]`; the first 8 bytes are the
 //! additional data; the nonce is the packet id followed by 8 bytes of implicit IV taken from
 //! the key material's HMAC slot. Keys come from the TLS exporter (tls-ekm) as OpenVPN's
 //! `key2`: two `{cipher[64], hmac[64]}` halves; the client sends with the first, the server
 //! with the second.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use ring::aead::{
+    Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
+};
 use thiserror::Error;
 
 use super::packet::Opcode;
@@ -33,15 +36,22 @@ pub const OCC_EXIT: u8 = 6;
 pub enum Cipher {
     Aes256Gcm,
     Aes128Gcm,
+    /// For clients without AES instructions (ARM phones and routers).
+    Chacha20Poly1305,
 }
 
 impl Cipher {
-    pub const ALL: [Cipher; 2] = [Cipher::Aes256Gcm, Cipher::Aes128Gcm];
+    pub const ALL: [Cipher; 3] = [
+        Cipher::Aes256Gcm,
+        Cipher::Aes128Gcm,
+        Cipher::Chacha20Poly1305,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Cipher::Aes256Gcm => "AES-256-GCM",
             Cipher::Aes128Gcm => "AES-128-GCM",
+            Cipher::Chacha20Poly1305 => "CHACHA20-POLY1305",
         }
     }
 
@@ -55,6 +65,7 @@ impl Cipher {
         match self {
             Cipher::Aes256Gcm => &AES_256_GCM,
             Cipher::Aes128Gcm => &AES_128_GCM,
+            Cipher::Chacha20Poly1305 => &CHACHA20_POLY1305,
         }
     }
 }
@@ -75,6 +86,8 @@ pub enum DataError {
     Replayed(u32),
     #[error("packet id space exhausted")]
     PacketIdExhausted,
+    #[error("no data key with this key id")]
+    NoKey,
 }
 
 /// Sliding window over received packet ids: the highest seen and a bitmap of the 64 below.
@@ -182,6 +195,12 @@ impl DataChannel {
             next_packet_id: 1,
             replay: ReplayWindow::default(),
         }
+    }
+
+    /// Close to running out of packet ids (OpenVPN renegotiates at this point too): the
+    /// key must be replaced before nonces would repeat.
+    pub fn needs_new_key(&self) -> bool {
+        self.next_packet_id >= 0xff00_0000
     }
 
     pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, DataError> {

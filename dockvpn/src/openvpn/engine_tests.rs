@@ -35,11 +35,19 @@ impl TestPki {
 
     /// Registers `name` in the pool and starts a server that knows it; the client's address.
     fn server_with_client(&self, name: &str) -> (Server, Ipv4Addr) {
+        self.server_with_client_and_config(name, engine_config(&self.pki))
+    }
+
+    fn server_with_client_and_config(
+        &self,
+        name: &str,
+        config: EngineConfig,
+    ) -> (Server, Ipv4Addr) {
         let record = self
             .pki
             .add_client(name, "10.8.0.0/24".parse().unwrap(), None)
             .unwrap();
-        let mut server = Server::new(engine_config(&self.pki));
+        let mut server = Server::new(config);
         server.set_clients(HashMap::from([(name.to_owned(), record.address)]));
         (server, record.address)
     }
@@ -55,13 +63,15 @@ fn engine_config(pki: &Pki) -> EngineConfig {
     EngineConfig {
         tls: pki.server_tls_config().unwrap(),
         pool: "10.8.0.0/24".parse().unwrap(),
-        ciphers: vec![Cipher::Aes256Gcm, Cipher::Aes128Gcm],
+        ciphers: Cipher::ALL.to_vec(),
         ping: Duration::from_secs(10),
         ping_restart: Duration::from_secs(60),
         handshake_window: Duration::from_secs(300),
         redirect_gateway: false,
         max_clients: 16,
         max_handshaking: 4,
+        reneg_after: None,
+        transition_window: Duration::from_secs(60),
     }
 }
 
@@ -69,17 +79,25 @@ fn read(path: std::path::PathBuf) -> String {
     std::fs::read_to_string(path).unwrap()
 }
 
-/// Just enough of an OpenVPN 2.6 client.
+/// Just enough of an OpenVPN 2.6 client, renegotiation included.
 struct TestClient {
     session_id: SessionId,
     server_session: Option<SessionId>,
+    tls_config: Arc<rustls::ClientConfig>,
+    key_id: u8,
     reliable: Reliable,
     tls: rustls::ClientConnection,
     tls_started: bool,
     key_sent: bool,
     plaintext: Vec<u8>,
     push_reply: Option<String>,
+    /// The pushed cipher and peer id, for the keys of later key ids.
+    pushed: Option<(Cipher, u32)>,
     data: Option<DataChannel>,
+    /// The key id `data` belongs to.
+    data_key_id: Option<u8>,
+    /// The key before the last renegotiation.
+    previous_data: Option<DataChannel>,
     ciphers: &'static str,
 }
 
@@ -100,30 +118,43 @@ impl TestClient {
             .with_root_certificates(roots)
             .with_client_auth_cert(vec![cert], key)
             .unwrap();
-        let tls = rustls::ClientConnection::new(
-            Arc::new(config),
-            ServerName::try_from(SERVER_NAME).unwrap(),
-        )
-        .unwrap();
+        let tls_config = Arc::new(config);
         let mut reliable = Reliable::default();
         reliable.send(Opcode::HardResetClientV2, Vec::new());
         TestClient {
             session_id: rand_id(),
             server_session: None,
+            tls: new_tls(&tls_config),
+            tls_config,
+            key_id: 0,
             reliable,
-            tls,
             tls_started: false,
             key_sent: false,
             plaintext: Vec::new(),
             push_reply: None,
+            pushed: None,
             data: None,
+            data_key_id: None,
+            previous_data: None,
             ciphers,
         }
     }
 
+    /// A soft reset: the next key id, with a fresh reliability layer and TLS session.
+    fn renegotiate(&mut self) {
+        self.key_id = super::session::next_key_id(self.key_id);
+        self.reliable = Reliable::default();
+        self.reliable.send(Opcode::SoftResetV1, Vec::new());
+        self.tls = new_tls(&self.tls_config);
+        self.tls_started = false;
+        self.key_sent = false;
+        self.plaintext.clear();
+    }
+
     fn datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
         let server = self.server_session.unwrap_or_default();
-        self.reliable.datagrams(now, self.session_id, server)
+        self.reliable
+            .datagrams(now, self.key_id, self.session_id, server)
     }
 
     fn receive(&mut self, datagram: &[u8]) {
@@ -131,10 +162,18 @@ impl TestClient {
             return;
         };
         self.server_session = Some(packet.session_id);
+        if packet.key_id != self.key_id {
+            let next = super::session::next_key_id(self.key_id);
+            if packet.opcode != Opcode::SoftResetV1 || packet.key_id != next {
+                return;
+            }
+            // The server starts a renegotiation.
+            self.renegotiate();
+        }
         self.reliable.on_packet(&packet, self.session_id);
         while let Some((opcode, payload)) = self.reliable.deliver() {
             match opcode {
-                Opcode::HardResetServerV2 => self.tls_started = true,
+                Opcode::HardResetServerV2 | Opcode::SoftResetV1 => self.tls_started = true,
                 Opcode::ControlV1 => {
                     let mut slice = &payload[..];
                     while !slice.is_empty() {
@@ -154,7 +193,9 @@ impl TestClient {
                     &peer_info,
                 ))
                 .unwrap();
-            self.tls.writer().write_all(b"PUSH_REQUEST\0").unwrap();
+            if self.key_id == 0 {
+                self.tls.writer().write_all(b"PUSH_REQUEST\0").unwrap();
+            }
             self.key_sent = true;
         }
         let mut chunk = [0u8; 4096];
@@ -164,7 +205,17 @@ impl TestClient {
             }
             self.plaintext.extend_from_slice(&chunk[..n]);
         }
-        if let Some(start) = find(&self.plaintext, b"PUSH_REPLY") {
+        if let (Some((cipher, peer_id)), true) = (self.pushed, self.key_id > 0) {
+            // The server's key-method reply on a renegotiated key: derive its keys.
+            if self.key_sent && !self.plaintext.is_empty() && self.data_key_id != Some(self.key_id)
+            {
+                let data =
+                    DataChannel::new(cipher, &self.key_material(), false, self.key_id, peer_id);
+                self.previous_data = self.data.replace(data);
+                self.data_key_id = Some(self.key_id);
+                self.plaintext.clear();
+            }
+        } else if let Some(start) = find(&self.plaintext, b"PUSH_REPLY") {
             let end = start
                 + self.plaintext[start..]
                     .iter()
@@ -179,11 +230,15 @@ impl TestClient {
             };
             let cipher = Cipher::from_name(&option("cipher ").unwrap()).unwrap();
             let peer_id: u32 = option("peer-id ").unwrap().parse().unwrap();
-            let mut material = [0u8; KEY_MATERIAL_LEN];
-            self.tls
-                .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
-                .unwrap();
-            self.data = Some(DataChannel::new(cipher, &material, false, 0, peer_id));
+            self.data = Some(DataChannel::new(
+                cipher,
+                &self.key_material(),
+                false,
+                0,
+                peer_id,
+            ));
+            self.pushed = Some((cipher, peer_id));
+            self.data_key_id = Some(0);
             self.push_reply = Some(reply);
             self.plaintext.clear();
         }
@@ -195,6 +250,21 @@ impl TestClient {
             self.reliable.send_tls(&ciphertext);
         }
     }
+}
+
+impl TestClient {
+    fn key_material(&self) -> [u8; KEY_MATERIAL_LEN] {
+        let mut material = [0u8; KEY_MATERIAL_LEN];
+        self.tls
+            .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
+            .unwrap();
+        material
+    }
+}
+
+fn new_tls(config: &Arc<rustls::ClientConfig>) -> rustls::ClientConnection {
+    rustls::ClientConnection::new(config.clone(), ServerName::try_from(SERVER_NAME).unwrap())
+        .unwrap()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -235,6 +305,18 @@ const CLIENT_ADDRESS: &str = "192.0.2.10:40000";
 
 /// Runs client and server until the client has its push reply; returns the virtual time taken.
 fn connect(server: &mut Server, client: &mut TestClient, wire: Wire, start: Instant) -> Duration {
+    run_until(server, client, wire, start, |client| client.data.is_some()) - start
+}
+
+/// Moves datagrams both ways over `wire`, a round every 250 virtual ms from `start`, until
+/// `done` holds for the client; returns the virtual time then.
+fn run_until(
+    server: &mut Server,
+    client: &mut TestClient,
+    wire: Wire,
+    start: Instant,
+    done: impl Fn(&TestClient) -> bool,
+) -> Instant {
     let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
     let mut now = start;
     for round in 0..400 {
@@ -256,12 +338,12 @@ fn connect(server: &mut Server, client: &mut TestClient, wire: Wire, start: Inst
         for datagram in wire(round + 1, to_client) {
             client.receive(&datagram);
         }
-        if client.data.is_some() {
-            return now - start;
+        if done(client) {
+            return now;
         }
         now += Duration::from_millis(250);
     }
-    panic!("no push reply after 100 virtual seconds");
+    panic!("not done after 100 virtual seconds");
 }
 
 fn ipv4_packet(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
@@ -553,4 +635,201 @@ fn push_reply_variants() {
     let all = messages.join(",");
     assert_eq!(all.matches(",route 172.16.").count(), 256);
     assert!(all.contains(",redirect-gateway def1,"));
+}
+
+/// Everything the server hands to tun now.
+fn tun_packets(server: &mut Server) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| server.poll_output())
+        .filter_map(|o| match o {
+            Output::Tun(packet) => Some(packet),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The client's pending ACKs reach the server (so it knows the client holds the new key).
+fn flush_client(server: &mut Server, client: &mut TestClient, now: Instant) {
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    for datagram in client.datagrams(now) {
+        server.handle_datagram(now, peer, &datagram);
+    }
+}
+
+/// Data both ways on the client's current key: client → tun, and tun → client sealed with
+/// the key id the client now uses.
+fn assert_data_flows_on_current_key(
+    server: &mut Server,
+    client: &mut TestClient,
+    address: Ipv4Addr,
+    now: Instant,
+) {
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let left_host = Ipv4Addr::new(192, 168, 10, 2);
+    let upstream = ipv4_packet(address, left_host);
+    let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
+    assert_eq!(sealed[0] & 0x07, client.key_id);
+    server.handle_datagram(now, peer, &sealed);
+    assert_eq!(tun_packets(server), vec![upstream]);
+    let downstream = ipv4_packet(left_host, address);
+    server.handle_tun_packet(now, &downstream);
+    let Some(Output::Transmit { datagram, .. }) = server.poll_output() else {
+        panic!("nothing sent to the client");
+    };
+    assert_eq!(
+        datagram[0] & 0x07,
+        client.key_id,
+        "the server seals with the new key"
+    );
+    assert_eq!(
+        client.data.as_mut().unwrap().open(&datagram).unwrap(),
+        downstream
+    );
+}
+
+#[test]
+fn a_client_renegotiation_moves_both_directions_to_the_new_key_and_retires_the_old_one() {
+    let test = TestPki::new("reneg-client");
+    let mut config = engine_config(&test.pki);
+    config.transition_window = Duration::from_secs(20);
+    let (mut server, address) = test.server_with_client_and_config("frank", config);
+    let mut client = TestClient::new(&test.pki, "frank", "AES-256-GCM");
+    let start = Instant::now();
+    let connected = start + connect(&mut server, &mut client, hostile, start);
+
+    // Key ids 1 to 7, then 1 again: the counter wraps without ever reusing 0.
+    let mut now = connected;
+    for expected in [1, 2, 3, 4, 5, 6, 7, 1] {
+        client.renegotiate();
+        now = run_until(&mut server, &mut client, hostile, now, |c| {
+            c.data_key_id == Some(c.key_id)
+        });
+        flush_client(&mut server, &mut client, now);
+        assert_eq!(client.key_id, expected);
+        assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+        now += Duration::from_secs(1);
+    }
+
+    // A packet sealed with the previous key before the switch still arrives …
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let late = ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 3));
+    let in_flight = client.previous_data.as_mut().unwrap().seal(&late).unwrap();
+    server.handle_datagram(now, peer, &in_flight);
+    assert_eq!(tun_packets(&mut server), vec![late.clone()]);
+    // … but not once the transition window is over.
+    let dropped_before = server.counters.unauthenticated_data;
+    server.handle_timeout(now + Duration::from_secs(20));
+    while server.poll_output().is_some() {}
+    let too_late = client.previous_data.as_mut().unwrap().seal(&late).unwrap();
+    server.handle_datagram(now + Duration::from_secs(20), peer, &too_late);
+    assert!(tun_packets(&mut server).is_empty());
+    assert_eq!(server.counters.unauthenticated_data, dropped_before + 1);
+
+    let connected_clients = server.connected();
+    assert_eq!(connected_clients.len(), 1, "one session all along");
+    assert_eq!(connected_clients[0].address, address);
+    assert_eq!(connected_clients[0].renegotiations, 8);
+}
+
+#[test]
+fn the_server_renegotiates_when_reneg_after_has_passed() {
+    let test = TestPki::new("reneg-server");
+    let mut config = engine_config(&test.pki);
+    config.reneg_after = Some(Duration::from_secs(30));
+    let (mut server, address) = test.server_with_client_and_config("gina", config);
+    let mut client = TestClient::new(&test.pki, "gina", "AES-128-GCM");
+    let start = Instant::now();
+    let connected = start + connect(&mut server, &mut client, perfect, start);
+    flush_client(&mut server, &mut client, connected);
+    while server.poll_output().is_some() {}
+    let due = server.next_timeout().unwrap();
+    assert!(
+        due <= connected + Duration::from_secs(30),
+        "the renegotiation timer is set"
+    );
+
+    // Keepalives keep the session up meanwhile; then the server sends SOFT_RESET for key 1.
+    let now = run_until(
+        &mut server,
+        &mut client,
+        perfect,
+        connected + Duration::from_secs(30),
+        |c| c.data_key_id == Some(1),
+    );
+    flush_client(&mut server, &mut client, now);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+    assert_eq!(server.connected()[0].renegotiations, 1);
+}
+
+#[test]
+fn a_soft_reset_out_of_sequence_is_dropped_and_the_session_stays() {
+    let test = TestPki::new("reneg-skip");
+    let (mut server, address) = test.server_with_client("hank");
+    let mut client = TestClient::new(&test.pki, "hank", "AES-256-GCM");
+    let start = Instant::now();
+    let now = start + connect(&mut server, &mut client, perfect, start);
+    flush_client(&mut server, &mut client, now);
+    let skip = ControlPacket {
+        opcode: Opcode::SoftResetV1,
+        key_id: 3,
+        session_id: client.session_id,
+        acks: vec![],
+        acked_session: None,
+        message_id: Some(0),
+        payload: &[],
+    }
+    .encode();
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let dropped_before = server.counters.unknown_session;
+    server.handle_datagram(now, peer, &skip);
+    assert_eq!(server.counters.unknown_session, dropped_before + 1);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+}
+
+#[test]
+fn a_renegotiation_with_another_clients_certificate_ends_the_session() {
+    let test = TestPki::new("reneg-identity");
+    let (mut server, _) = test.server_with_client("ivan");
+    test.pki
+        .add_client("mallory", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let mut client = TestClient::new(&test.pki, "ivan", "AES-256-GCM");
+    let start = Instant::now();
+    let mut now = start + connect(&mut server, &mut client, perfect, start);
+    client.tls_config = TestClient::new(&test.pki, "mallory", "AES-256-GCM").tls_config;
+    client.renegotiate();
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let mut reason = None;
+    for _ in 0..40 {
+        for datagram in client.datagrams(now) {
+            server.handle_datagram(now, peer, &datagram);
+        }
+        server.handle_timeout(now);
+        while let Some(output) = server.poll_output() {
+            match output {
+                Output::Transmit { datagram, .. } => client.receive(&datagram),
+                Output::Event(Event::Disconnected { reason: why, .. }) => reason = Some(why),
+                _ => {}
+            }
+        }
+        now += Duration::from_millis(250);
+    }
+    let reason = reason.expect("the session ends");
+    assert!(reason.contains("certificate of \"mallory\""), "{reason}");
+    assert!(server.connected().is_empty());
+}
+
+#[test]
+fn a_client_offering_only_chacha20_poly1305_gets_it_and_data_flows() {
+    let test = TestPki::new("chacha");
+    let (mut server, address) = test.server_with_client("judy");
+    let mut client = TestClient::new(&test.pki, "judy", "CHACHA20-POLY1305");
+    let start = Instant::now();
+    let now = start + connect(&mut server, &mut client, perfect, start);
+    assert!(client
+        .push_reply
+        .as_ref()
+        .unwrap()
+        .contains("cipher CHACHA20-POLY1305"));
+    assert_eq!(server.connected()[0].cipher, Cipher::Chacha20Poly1305);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
 }

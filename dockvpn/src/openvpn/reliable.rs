@@ -128,13 +128,20 @@ impl Reliable {
         }
     }
 
-    /// The encoded control packets due now from session `local` to `remote`: new or resent
-    /// reliable packets with ACKs piggybacked, then bare ACK_V1s for any ACKs left.
-    pub fn datagrams(&mut self, now: Instant, local: SessionId, remote: SessionId) -> Vec<Vec<u8>> {
+    /// The encoded control packets of key `key_id` due now from session `local` to `remote`:
+    /// new or resent reliable packets with ACKs piggybacked, then bare ACK_V1s for any ACKs
+    /// left.
+    pub fn datagrams(
+        &mut self,
+        now: Instant,
+        key_id: u8,
+        local: SessionId,
+        remote: SessionId,
+    ) -> Vec<Vec<u8>> {
         let encode = |opcode, acks: Vec<u32>, message_id, payload: &[u8]| {
             ControlPacket {
                 opcode,
-                key_id: 0,
+                key_id,
                 session_id: local,
                 acked_session: (!acks.is_empty()).then_some(remote),
                 acks,
@@ -188,7 +195,6 @@ impl Reliable {
     }
 
     /// Nothing unacknowledged.
-    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.unacked.is_empty()
     }

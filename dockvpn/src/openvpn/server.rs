@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use rand::RngCore;
 use serde::Serialize;
 
-use super::data::{classify, Cipher, DataChannel, DataError, Payload, OCC_EXIT, PING_MAGIC};
+use super::data::{classify, Cipher, DataError, Payload, OCC_EXIT, PING_MAGIC};
 use super::keymethod::{
     PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
@@ -36,6 +36,11 @@ pub struct EngineConfig {
     pub max_clients: usize,
     /// Sessions still in the handshake; more HARD_RESETs are dropped.
     pub max_handshaking: usize,
+    /// The server renegotiates a client's data keys after this long (None: only when the
+    /// client asks, or when a key nears its packet-id limit).
+    pub reneg_after: Option<Duration>,
+    /// How long a replaced key keeps working after a renegotiation starts.
+    pub transition_window: Duration,
 }
 
 impl EngineConfig {
@@ -100,6 +105,7 @@ pub struct ClientStatus {
     pub connected_at: Instant,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub renegotiations: u64,
 }
 
 /// Reads the client registry afresh (a client added a moment ago is not in the cache yet).
@@ -189,10 +195,11 @@ impl Server {
                     name: s.name.clone()?,
                     address: s.address?,
                     peer: s.peer,
-                    cipher: s.data.as_ref()?.cipher,
+                    cipher: s.cipher?,
                     connected_at: s.connected_at?,
                     bytes_in: s.bytes_in,
                     bytes_out: s.bytes_out,
+                    renegotiations: s.renegotiations,
                 })
             })
             .collect();
@@ -216,10 +223,10 @@ impl Server {
             Packet::Control(control) => self.handle_control(now, from, &control),
             Packet::Data {
                 opcode: Opcode::DataV2,
+                key_id,
                 peer_id: Some(peer_id),
                 datagram,
-                ..
-            } => self.handle_data(now, from, peer_id, datagram),
+            } => self.handle_data(now, from, peer_id, key_id, datagram),
             Packet::Data { .. } => self.drop_input(
                 |c| &mut c.malformed,
                 format!("from {from}: DATA_V1 (clients get a peer id and send DATA_V2)"),
@@ -253,6 +260,18 @@ impl Server {
             return self.drop_input(|c| &mut c.unknown_session, why);
         }
         let session = self.sessions.get_mut(&from).expect("admitted above");
+        if !session.knows_key(packet.key_id) {
+            if packet.opcode != Opcode::SoftResetV1 || !session.accepts_soft_reset(packet.key_id) {
+                let why = format!(
+                    "from {from}: {:?} for key {}, which is not the next key",
+                    packet.opcode, packet.key_id
+                );
+                return self.drop_input(|c| &mut c.unknown_session, why);
+            }
+            if let Err(error) = session.renegotiate(now, self.config.transition_window) {
+                return session.close(format!("renegotiation: TLS session: {error}"));
+            }
+        }
         let requests = session.on_control(packet, now);
         if requests.push {
             self.push_reply(now, from);
@@ -265,7 +284,11 @@ impl Server {
         from: SocketAddr,
         packet: &ControlPacket<'_>,
     ) -> bool {
-        let handshaking = self.sessions.values().filter(|s| s.data.is_none()).count();
+        let handshaking = self
+            .sessions
+            .values()
+            .filter(|s| s.connected_at.is_none())
+            .count();
         if handshaking >= self.config.max_handshaking
             || self.sessions.len() >= self.config.max_clients
         {
@@ -341,20 +364,10 @@ impl Server {
             }
         };
         let cc_exit = peer_info.proto() & IV_PROTO_CC_EXIT_NOTIFY != 0;
-        let material = match session.export_key_material() {
-            Ok(material) => material,
-            Err(error) => return session.close(format!("TLS exporter: {error}")),
-        };
-        session.data = Some(DataChannel::new(
-            cipher,
-            &material,
-            true,
-            0,
-            session.peer_id,
-        ));
+        if let Err(reason) = session.start_data_channel(cipher, now) {
+            return session.close(reason);
+        }
         session.address = Some(address);
-        session.connected_at = Some(now);
-        session.last_sent = now;
         for message in push_messages(
             &self.config,
             &self.routes,
@@ -380,7 +393,14 @@ impl Server {
         }));
     }
 
-    fn handle_data(&mut self, now: Instant, from: SocketAddr, peer_id: u32, datagram: &[u8]) {
+    fn handle_data(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        peer_id: u32,
+        key_id: u8,
+        datagram: &[u8],
+    ) {
         let Some(&peer) = self.by_peer_id.get(&peer_id) else {
             let why = format!("from {from}: data for unknown peer id {peer_id}");
             return self.drop_input(|c| &mut c.unknown_session, why);
@@ -389,8 +409,7 @@ impl Server {
             let why = format!("from {from}: data before the session is up");
             return self.drop_input(|c| &mut c.unknown_session, why);
         };
-        let data = session.data.as_mut().expect("active");
-        let plaintext = match data.open(datagram) {
+        let plaintext = match session.open(key_id, datagram) {
             Ok(plaintext) => plaintext,
             Err(DataError::Replayed(id)) => {
                 let why = format!("from {from}: replayed data packet id {id}");
@@ -466,7 +485,7 @@ impl Server {
         let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
             return;
         };
-        match session.data.as_mut().expect("active").seal(payload) {
+        match session.seal(payload) {
             Ok(datagram) => {
                 session.last_sent = now;
                 session.bytes_out += datagram.len() as u64;
@@ -477,16 +496,34 @@ impl Server {
         }
     }
 
-    /// Resends, keepalives, timeouts.
+    /// Resends, keepalives, renegotiation, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut pings = Vec::new();
         for session in self.sessions.values_mut() {
-            if session.data.is_none() && now >= session.created + self.config.handshake_window {
+            session.expire_lame_duck(now);
+            if session.connected_at.is_none()
+                && now >= session.created + self.config.handshake_window
+            {
                 session.close(format!(
                     "no connection within {} s",
                     self.config.handshake_window.as_secs()
                 ));
+            } else if session
+                .renegotiating_since()
+                .is_some_and(|since| now >= since + self.config.handshake_window)
+            {
+                session.close(format!(
+                    "key renegotiation not done within {} s",
+                    self.config.handshake_window.as_secs()
+                ));
             } else if session.is_active() {
+                let due = renegotiation_due(&self.config, session);
+                if due.is_some_and(|at| now >= at) {
+                    if let Err(error) = session.renegotiate(now, self.config.transition_window) {
+                        session.close(format!("renegotiation: TLS session: {error}"));
+                        continue;
+                    }
+                }
                 if now >= session.last_received + self.config.ping_restart {
                     session.close(format!(
                         "nothing received for {} s (ping-restart)",
@@ -507,12 +544,19 @@ impl Server {
         self.sessions
             .values()
             .flat_map(|s| {
-                let timer = if s.data.is_none() {
+                let timer = if s.connected_at.is_none() {
                     s.created + self.config.handshake_window
                 } else {
                     (s.last_received + self.config.ping_restart).min(s.last_sent + self.config.ping)
                 };
-                [Some(timer), s.next_control_timeout()]
+                [
+                    Some(timer),
+                    s.next_control_timeout(),
+                    renegotiation_due(&self.config, s),
+                    s.renegotiating_since()
+                        .map(|since| since + self.config.handshake_window),
+                    s.lame_duck_expires(),
+                ]
             })
             .flatten()
             .min()
@@ -573,6 +617,16 @@ impl Server {
             }));
         }
     }
+}
+
+/// When the server starts renegotiating this session's key: `reneg_after` past its
+/// establishment, or at once when the key nears its packet-id limit.
+fn renegotiation_due(config: &EngineConfig, session: &Session) -> Option<Instant> {
+    let established = session.key_established()?;
+    if session.key_worn_out() {
+        return Some(established);
+    }
+    config.reneg_after.map(|after| established + after)
 }
 
 /// The client's address and data cipher, or why it may not connect.

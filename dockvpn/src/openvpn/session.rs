@@ -1,16 +1,19 @@
-//! One client's control channel: the reliability layer, TLS (rustls) over CONTROL_V1, the
-//! key-method 2 exchange and the text messages after it. The server (`server.rs`) owns the
-//! decisions that need more than one session: addresses, peer ids, the push reply.
+//! One client's session: its key slots (each with its own reliability layer, TLS session
+//! (rustls) over CONTROL_V1, key-method 2 exchange and data channel), the text messages on
+//! the control channel, and renegotiation — a new key slot replacing the current one while
+//! the old one lives on as the lame duck for the transition window. The server
+//! (`server.rs`) owns the decisions that need more than one session: addresses, peer ids,
+//! the push reply.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use rustls::ServerConnection;
 
-use super::data::{DataChannel, KEY_MATERIAL_LEN};
+use super::data::{Cipher, DataChannel, DataError, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
 use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::Reliable;
@@ -22,6 +25,14 @@ const OPTIONS_STRING: &str =
 /// More unread control plaintext than this from one client ends the session.
 const MAX_PLAINTEXT_BUFFER: usize = 64 * 1024;
 
+/// The key id after `key_id`: 1 to 7, then 1 again (0 only ever names a session's first key).
+pub fn next_key_id(key_id: u8) -> u8 {
+    match (key_id + 1) & 0x07 {
+        0 => 1,
+        next => next,
+    }
+}
+
 /// What the server must do after a control packet.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Requests {
@@ -29,19 +40,169 @@ pub struct Requests {
     pub push: bool,
 }
 
+/// One key's control state and, once derived, its data channel (OpenVPN's key state).
+struct KeySlot {
+    key_id: u8,
+    reliable: Reliable,
+    tls: ServerConnection,
+    plaintext: Vec<u8>,
+    /// The client's key-method 2 message has arrived on this key.
+    key_exchanged: bool,
+    /// The certificate's common name, once this key's handshake is done.
+    name: Option<String>,
+    data: Option<DataChannel>,
+    /// When the data channel was derived: the renegotiation timer counts from here.
+    established: Option<Instant>,
+    /// The client holds this key's data keys (it acknowledged our key-method reply, or sent
+    /// data with them): only then does the server send with it.
+    confirmed: bool,
+    started: Instant,
+}
+
+impl KeySlot {
+    /// A fresh key state whose first reliable message is `initial` (the server's
+    /// HARD_RESET for key 0, SOFT_RESET for the later ones).
+    fn new(
+        tls_config: Arc<rustls::ServerConfig>,
+        key_id: u8,
+        initial: Opcode,
+        now: Instant,
+    ) -> Result<KeySlot, rustls::Error> {
+        let mut reliable = Reliable::default();
+        reliable.send(initial, Vec::new());
+        Ok(KeySlot {
+            key_id,
+            reliable,
+            tls: ServerConnection::new(tls_config)?,
+            plaintext: Vec::new(),
+            key_exchanged: false,
+            name: None,
+            data: None,
+            established: None,
+            confirmed: false,
+            started: now,
+        })
+    }
+
+    /// Takes one control packet for this key: ACKs, then its reliable messages in order.
+    fn on_packet(&mut self, packet: &ControlPacket<'_>, local: SessionId) -> Result<(), String> {
+        self.reliable.on_packet(packet, local);
+        let reset = if self.key_id == 0 {
+            Opcode::HardResetClientV2
+        } else {
+            Opcode::SoftResetV1
+        };
+        while let Some((opcode, payload)) = self.reliable.deliver() {
+            match opcode {
+                Opcode::ControlV1 => self.read_tls(&payload)?,
+                opcode if opcode == reset => {}
+                other => return Err(format!("unexpected {other:?} on key {}", self.key_id)),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_tls(&mut self, mut ciphertext: &[u8]) -> Result<(), String> {
+        while !ciphertext.is_empty() {
+            match self.tls.read_tls(&mut ciphertext) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) => return Err(format!("TLS input refused: {error}")),
+            }
+            self.tls
+                .process_new_packets()
+                .map_err(|error| format!("TLS: {error}"))?;
+        }
+        if self.name.is_none() && !self.tls.is_handshaking() {
+            self.name = self
+                .tls
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| common_name(cert.as_ref()));
+            if self.name.is_none() {
+                return Err("the client certificate has no common name".into());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.tls.reader().read(&mut chunk) {
+                Ok(0) => return Err("the client closed TLS".into()),
+                Ok(n) => {
+                    self.plaintext.extend_from_slice(&chunk[..n]);
+                    if self.plaintext.len() > MAX_PLAINTEXT_BUFFER {
+                        return Err("too much unread control-channel data".into());
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(error) => return Err(format!("TLS read: {error}")),
+            }
+        }
+    }
+
+    fn send_plaintext(&mut self, message: &[u8]) -> Result<(), String> {
+        self.tls
+            .writer()
+            .write_all(message)
+            .map_err(|error| format!("TLS write: {error}"))?;
+        self.queue_tls_output();
+        Ok(())
+    }
+
+    fn queue_tls_output(&mut self) {
+        let mut ciphertext = Vec::new();
+        while self.tls.wants_write() {
+            if self.tls.write_tls(&mut ciphertext).is_err() {
+                break;
+            }
+        }
+        self.reliable.send_tls(&ciphertext);
+    }
+
+    /// Derives this key's data channel from its TLS session (`tls-ekm`).
+    fn derive_data_channel(
+        &mut self,
+        cipher: Cipher,
+        peer_id: u32,
+        now: Instant,
+    ) -> Result<(), String> {
+        let mut material = [0u8; KEY_MATERIAL_LEN];
+        self.tls
+            .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
+            .map_err(|error| format!("TLS exporter: {error}"))?;
+        self.data = Some(DataChannel::new(
+            cipher,
+            &material,
+            true,
+            self.key_id,
+            peer_id,
+        ));
+        self.established = Some(now);
+        Ok(())
+    }
+}
+
+/// The previous key after a renegotiation: it still opens (and, until the new key is
+/// confirmed, seals) data packets until `expires`.
+struct LameDuck {
+    slot: KeySlot,
+    expires: Instant,
+}
+
 pub struct Session {
     pub peer: SocketAddr,
     pub local_id: SessionId,
     pub remote_id: SessionId,
     pub peer_id: u32,
-    reliable: Reliable,
-    tls: ServerConnection,
-    plaintext: Vec<u8>,
-    /// The client's key-method 2 message, once received.
+    tls_config: Arc<rustls::ServerConfig>,
+    /// The newest key: the one being negotiated, or the one in use.
+    key: KeySlot,
+    lame_duck: Option<LameDuck>,
+    /// The client's key-method 2 message on the first key (its peer info).
     pub client: Option<ClientKeyMessage>,
-    /// The certificate's common name, once the handshake is done.
+    /// The certificate's common name, once the first handshake is done; every later key
+    /// must be negotiated with a certificate of the same name.
     pub name: Option<String>,
-    pub data: Option<DataChannel>,
+    pub cipher: Option<Cipher>,
     pub address: Option<Ipv4Addr>,
     pub created: Instant,
     pub connected_at: Option<Instant>,
@@ -49,6 +210,8 @@ pub struct Session {
     pub last_sent: Instant,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Completed renegotiations.
+    pub renegotiations: u64,
     /// Set when the session ends; it is removed once its last packets are out.
     pub closing: Option<String>,
     push_requested: bool,
@@ -63,19 +226,17 @@ impl Session {
         peer_id: u32,
         now: Instant,
     ) -> Result<Session, rustls::Error> {
-        let mut reliable = Reliable::default();
-        reliable.send(Opcode::HardResetServerV2, Vec::new());
         Ok(Session {
             peer,
             local_id,
             remote_id,
             peer_id,
-            reliable,
-            tls: ServerConnection::new(tls_config)?,
-            plaintext: Vec::new(),
+            key: KeySlot::new(tls_config.clone(), 0, Opcode::HardResetServerV2, now)?,
+            tls_config,
+            lame_duck: None,
             client: None,
             name: None,
-            data: None,
+            cipher: None,
             address: None,
             created: now,
             connected_at: None,
@@ -83,13 +244,15 @@ impl Session {
             last_sent: now,
             bytes_in: 0,
             bytes_out: 0,
+            renegotiations: 0,
             closing: None,
             push_requested: false,
         })
     }
 
+    /// Connected (the client has its configuration) and not closing.
     pub fn is_active(&self) -> bool {
-        self.data.is_some() && self.closing.is_none()
+        self.connected_at.is_some() && self.closing.is_none()
     }
 
     pub fn close(&mut self, reason: impl Into<String>) {
@@ -98,111 +261,208 @@ impl Session {
         }
     }
 
-    /// Feeds one control packet already matched to this session.
+    /// Whether a control packet with this key id belongs to a key of this session.
+    pub fn knows_key(&self, key_id: u8) -> bool {
+        self.key.key_id == key_id
+            || self
+                .lame_duck
+                .as_ref()
+                .is_some_and(|l| l.slot.key_id == key_id)
+    }
+
+    /// A SOFT_RESET with this key id starts a renegotiation: it must name the next key, and
+    /// the current one must be in use (not itself still being negotiated).
+    pub fn accepts_soft_reset(&self, key_id: u8) -> bool {
+        self.is_active() && self.key.confirmed && key_id == next_key_id(self.key.key_id)
+    }
+
+    /// Starts a renegotiation (either side may ask): a fresh key slot with the next key id
+    /// takes over and announces itself with SOFT_RESET; the current key becomes the lame
+    /// duck and keeps working for `transition_window`.
+    pub fn renegotiate(
+        &mut self,
+        now: Instant,
+        transition_window: Duration,
+    ) -> Result<(), rustls::Error> {
+        let key_id = next_key_id(self.key.key_id);
+        let fresh = KeySlot::new(self.tls_config.clone(), key_id, Opcode::SoftResetV1, now)?;
+        let previous = std::mem::replace(&mut self.key, fresh);
+        self.lame_duck = Some(LameDuck {
+            slot: previous,
+            expires: now + transition_window,
+        });
+        Ok(())
+    }
+
+    /// When the current key was established, while it is in use and no renegotiation runs.
+    pub fn key_established(&self) -> Option<Instant> {
+        self.key.established.filter(|_| self.key.confirmed)
+    }
+
+    /// The current key is close to its packet-id limit.
+    pub fn key_worn_out(&self) -> bool {
+        self.key
+            .data
+            .as_ref()
+            .is_some_and(DataChannel::needs_new_key)
+    }
+
+    /// When a renegotiation in progress started (its new key has no data channel yet).
+    pub fn renegotiating_since(&self) -> Option<Instant> {
+        (self.connected_at.is_some() && self.key.data.is_none()).then_some(self.key.started)
+    }
+
+    /// When the lame duck key dies.
+    pub fn lame_duck_expires(&self) -> Option<Instant> {
+        self.lame_duck.as_ref().map(|l| l.expires)
+    }
+
+    /// Drops the lame duck key once its transition window is over.
+    pub fn expire_lame_duck(&mut self, now: Instant) {
+        if self.lame_duck.as_ref().is_some_and(|l| now >= l.expires) {
+            self.lame_duck = None;
+        }
+    }
+
+    /// Feeds one control packet for one of this session's keys (`knows_key`).
     pub fn on_control(&mut self, packet: &ControlPacket<'_>, now: Instant) -> Requests {
         self.last_received = now;
-        self.reliable.on_packet(packet, self.local_id);
-        while let Some((opcode, payload)) = self.reliable.deliver() {
-            match opcode {
-                Opcode::HardResetClientV2 => {}
-                Opcode::ControlV1 => self.read_tls(&payload),
-                Opcode::SoftResetV1 => {
-                    self.close("the client asked for key renegotiation, which Dockvpn does not support yet; it reconnects")
-                }
-                other => self.close(format!("unexpected {other:?} on the control channel")),
-            }
-            if self.closing.is_some() {
-                break;
-            }
+        let local = self.local_id;
+        let outcome = if self.key.key_id == packet.key_id {
+            self.key.on_packet(packet, local)
+        } else if let Some(lame_duck) = self.lame_duck.as_mut() {
+            // Late ACKs and resends for the previous key.
+            lame_duck.slot.on_packet(packet, local)
+        } else {
+            Ok(())
+        };
+        let outcome = outcome.and_then(|()| self.check_identity());
+        let outcome = outcome.and_then(|()| self.read_messages(now));
+        if let Err(reason) = outcome {
+            self.close(reason);
         }
-        if self.closing.is_none() {
-            self.read_messages();
+        self.key.queue_tls_output();
+        if self.key.data.is_some() && self.key.reliable.is_idle() {
+            // The client acknowledged our key-method reply: it holds the new key.
+            self.confirm_key();
         }
-        self.queue_tls_output();
         let push = self.push_requested;
         self.push_requested = false;
         Requests { push }
     }
 
-    fn read_tls(&mut self, mut ciphertext: &[u8]) {
-        while !ciphertext.is_empty() {
-            match self.tls.read_tls(&mut ciphertext) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(error) => return self.close(format!("TLS input refused: {error}")),
+    /// The first handshake names the client; a renegotiation may not change who it is.
+    fn check_identity(&mut self) -> Result<(), String> {
+        match (&self.name, &self.key.name) {
+            (None, Some(name)) => self.name = Some(name.clone()),
+            (Some(name), Some(renegotiated)) if name != renegotiated => {
+                return Err(format!(
+                    "renegotiated with the certificate of {renegotiated:?}, not {name:?}"
+                ))
             }
-            if let Err(error) = self.tls.process_new_packets() {
-                return self.close(format!("TLS: {error}"));
-            }
+            _ => {}
         }
-        if self.name.is_none() && !self.tls.is_handshaking() {
-            self.name = self
-                .tls
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|cert| common_name(cert.as_ref()));
-            if self.name.is_none() {
-                self.close("the client certificate has no common name");
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        loop {
-            match self.tls.reader().read(&mut chunk) {
-                Ok(0) => return self.close("the client closed TLS"),
-                Ok(n) => {
-                    self.plaintext.extend_from_slice(&chunk[..n]);
-                    if self.plaintext.len() > MAX_PLAINTEXT_BUFFER {
-                        return self.close("too much unread control-channel data");
-                    }
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(error) => return self.close(format!("TLS read: {error}")),
-            }
-        }
+        Ok(())
     }
 
     /// Key-method 2 first, then NUL-terminated text messages.
-    fn read_messages(&mut self) {
-        if self.client.is_none() && !self.plaintext.is_empty() {
-            match keymethod::parse_client_message(&self.plaintext) {
-                Ok((message, used)) => {
-                    self.plaintext.drain(..used);
+    fn read_messages(&mut self, now: Instant) -> Result<(), String> {
+        if !self.key.key_exchanged && !self.key.plaintext.is_empty() {
+            let (message, used) = match keymethod::parse_client_message(&self.key.plaintext) {
+                Ok(parsed) => parsed,
+                Err(KeyMethodError::Incomplete) => return Ok(()),
+                Err(error) => return Err(format!("key-method message: {error}")),
+            };
+            self.key.plaintext.drain(..used);
+            self.key.key_exchanged = true;
+            let mut random = [0u8; keymethod::SERVER_RANDOM_LEN];
+            rand::rng().fill_bytes(&mut random);
+            self.key
+                .send_plaintext(&keymethod::server_message(OPTIONS_STRING, &random))?;
+            match self.cipher {
+                // A renegotiation: the cipher stays, and no second PUSH_REPLY is sent.
+                Some(cipher) => self.key.derive_data_channel(cipher, self.peer_id, now)?,
+                None => {
                     // Clients that say so get their configuration at once, without waiting
                     // for the PUSH_REQUEST they would send a second later.
                     self.push_requested =
                         message.peer_info.proto() & keymethod::IV_PROTO_REQUEST_PUSH != 0;
                     self.client = Some(message);
-                    let mut random = [0u8; keymethod::SERVER_RANDOM_LEN];
-                    rand::rng().fill_bytes(&mut random);
-                    self.send_plaintext(&keymethod::server_message(OPTIONS_STRING, &random));
                 }
-                Err(KeyMethodError::Incomplete) => return,
-                Err(error) => return self.close(format!("key-method message: {error}")),
             }
         }
-        if self.client.is_none() {
-            return;
+        if !self.key.key_exchanged {
+            return Ok(());
         }
-        while let Some(end) = self.plaintext.iter().position(|&b| b == 0) {
-            let message: Vec<u8> = self.plaintext.drain(..=end).collect();
+        while let Some(end) = self.key.plaintext.iter().position(|&b| b == 0) {
+            let message: Vec<u8> = self.key.plaintext.drain(..=end).collect();
             let text = String::from_utf8_lossy(&message[..end]);
             match text.split(',').next().unwrap_or_default() {
-                "PUSH_REQUEST" => self.push_requested = self.data.is_none(),
-                "EXIT" => self.close("the client exited"),
+                "PUSH_REQUEST" => self.push_requested = self.cipher.is_none(),
+                "EXIT" => return Err("the client exited".into()),
                 "" => {}
                 other => {
                     tracing::debug!(peer = %self.peer, message = other, "control message ignored")
                 }
             }
         }
+        Ok(())
     }
 
-    /// Sends one control message as one TLS record.
-    pub fn send_plaintext(&mut self, message: &[u8]) {
-        if let Err(error) = self.tls.writer().write_all(message) {
-            self.close(format!("TLS write: {error}"));
+    /// The first key's data channel, when the client gets its configuration.
+    pub fn start_data_channel(&mut self, cipher: Cipher, now: Instant) -> Result<(), String> {
+        self.key.derive_data_channel(cipher, self.peer_id, now)?;
+        // The PUSH_REPLY going out now tells the client the cipher it derives its keys for.
+        self.key.confirmed = true;
+        self.cipher = Some(cipher);
+        self.connected_at = Some(now);
+        self.last_sent = now;
+        Ok(())
+    }
+
+    /// Seals a data payload with the newest key the client holds.
+    pub fn seal(&mut self, payload: &[u8]) -> Result<Vec<u8>, DataError> {
+        let data = if self.key.confirmed {
+            self.key.data.as_mut()
+        } else {
+            self.lame_duck.as_mut().and_then(|l| l.slot.data.as_mut())
+        };
+        data.ok_or(DataError::NoKey)?.seal(payload)
+    }
+
+    /// Opens a data packet with the key its key id names: the current one or the lame duck.
+    pub fn open(&mut self, key_id: u8, datagram: &[u8]) -> Result<Vec<u8>, DataError> {
+        if self.key.key_id == key_id {
+            let data = self.key.data.as_mut().ok_or(DataError::NoKey)?;
+            let plaintext = data.open(datagram)?;
+            // The client sends with the new key: it has derived it.
+            self.confirm_key();
+            return Ok(plaintext);
         }
-        self.queue_tls_output();
+        match self.lame_duck.as_mut() {
+            Some(lame_duck) if lame_duck.slot.key_id == key_id => lame_duck
+                .slot
+                .data
+                .as_mut()
+                .ok_or(DataError::NoKey)?
+                .open(datagram),
+            _ => Err(DataError::NoKey),
+        }
+    }
+
+    /// The client holds the renegotiated key: the server sends with it from now on.
+    fn confirm_key(&mut self) {
+        if !self.key.confirmed {
+            self.key.confirmed = true;
+            self.renegotiations += 1;
+        }
+    }
+
+    /// Sends one control message as one TLS record on the current key.
+    pub fn send_plaintext(&mut self, message: &[u8]) {
+        if let Err(reason) = self.key.send_plaintext(message) {
+            self.close(reason);
+        }
     }
 
     /// A text message, NUL-terminated as OpenVPN expects.
@@ -212,30 +472,36 @@ impl Session {
         self.send_plaintext(&message);
     }
 
-    fn queue_tls_output(&mut self) {
-        let mut ciphertext = Vec::new();
-        while self.tls.wants_write() {
-            if self.tls.write_tls(&mut ciphertext).is_err() {
-                break;
-            }
-        }
-        self.reliable.send_tls(&ciphertext);
-    }
-
-    pub fn export_key_material(&self) -> Result<[u8; KEY_MATERIAL_LEN], rustls::Error> {
-        let mut material = [0u8; KEY_MATERIAL_LEN];
-        self.tls
-            .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)?;
-        Ok(material)
-    }
-
-    /// Encoded control packets due now.
+    /// Encoded control packets due now, on every key.
     pub fn control_datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
-        self.reliable.datagrams(now, self.local_id, self.remote_id)
+        let (local, remote) = (self.local_id, self.remote_id);
+        let mut datagrams = Vec::new();
+        if let Some(lame_duck) = self.lame_duck.as_mut() {
+            let key_id = lame_duck.slot.key_id;
+            datagrams.extend(
+                lame_duck
+                    .slot
+                    .reliable
+                    .datagrams(now, key_id, local, remote),
+            );
+        }
+        datagrams.extend(
+            self.key
+                .reliable
+                .datagrams(now, self.key.key_id, local, remote),
+        );
+        datagrams
     }
 
     pub fn next_control_timeout(&self) -> Option<Instant> {
-        self.reliable.next_timeout()
+        let lame_duck = self
+            .lame_duck
+            .as_ref()
+            .and_then(|l| l.slot.reliable.next_timeout());
+        [self.key.reliable.next_timeout(), lame_duck]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -244,4 +510,18 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
     let name = certificate.subject().iter_common_name().next()?;
     name.as_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_key_id;
+
+    #[test]
+    fn key_ids_count_one_to_seven_and_skip_zero_when_they_wrap() {
+        let mut ids = vec![0];
+        for _ in 0..9 {
+            ids.push(next_key_id(*ids.last().unwrap()));
+        }
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5, 6, 7, 1, 2]);
+    }
 }
