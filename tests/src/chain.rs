@@ -145,7 +145,7 @@ impl Default for Chain {
 }
 
 /// A veth pair between two namespaces, both ends addressed and up.
-fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_address: &str) {
+pub fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_address: &str) {
     a.ip(&[
         "link",
         "add",

@@ -12,6 +12,7 @@ pub mod firewall;
 pub mod fs;
 pub mod kernel;
 pub mod lease;
+pub mod reported;
 pub mod routing;
 pub mod runtime;
 pub mod side;
