@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
@@ -92,9 +92,11 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
+            format!("{LEFT_NET} 10.8.0.1"),
             "10.8.0.0/24 link".to_owned(),
             format!("{LEFT_HOST_NET} 10.8.0.1")
-        ]
+        ],
+        "the left subnet and the --left-route network"
     );
     assert!(
         ping(&chain.right_host, LEFT_HOST),
@@ -117,10 +119,30 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     let status = status_json(&chain.si, &dockvpn);
     assert_eq!(
         status["vpn"]["routes_pushed"],
-        serde_json::json!([LEFT_HOST_NET])
+        serde_json::json!([LEFT_NET, LEFT_HOST_NET])
     );
     assert!(dockvpn.terminate().success(), "{}", dockvpn.log());
     drop(client);
+}
+
+#[test]
+fn push_left_subnet_false_pushes_only_the_left_networks() {
+    let (chain, dockvpn) = vpn_chain(&["--push-left-subnet", "false"]);
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, &dockvpn, "gina", None),
+        &[],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(
+        tunnel_routes(&chain.right_host),
+        vec![
+            "10.8.0.0/24 link".to_owned(),
+            format!("{LEFT_HOST_NET} 10.8.0.1")
+        ]
+    );
 }
 
 #[test]
@@ -206,11 +228,12 @@ fn routes_learned_by_dhcp_option_121_are_pushed() {
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
+            format!("{LEFT_NET} 10.8.0.1"),
             "10.8.0.0/24 link".to_owned(),
             "172.16.5.0/24 10.8.0.1".to_owned(),
             format!("{LEFT_HOST_NET} 10.8.0.1"),
         ],
-        "the learned networks, and no default route (redirect-gateway is off)"
+        "the leased subnet and the learned networks, and no default route (redirect-gateway is off)"
     );
     assert!(ping(&chain.right_host, LEFT_HOST), "{}", dockvpn.log());
 }
