@@ -356,7 +356,8 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         }
         let _ = stop_tx.send(true);
     };
-    let outcome = vnf_core::runtime::run(runtime_config(cli), started, shutdown, &mut observer).await;
+    let outcome =
+        vnf_core::runtime::run(runtime_config(cli), started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await
         .unwrap_or_else(|error| Err(Error::Vnf(format!("VPN task: {error}"))));

@@ -46,7 +46,16 @@ impl OneArmedLan {
         router.ip(&["link", "set", "br0", "up"]);
         for (ns, address, port) in [(&lan.si, SI_LEG, "p-si"), (&lan.host, HOST, "p-host")] {
             ns.ip(&[
-                "link", "add", "name", "eth0", "type", "veth", "peer", "name", port, "netns",
+                "link",
+                "add",
+                "name",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
                 router.name(),
             ]);
             ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
@@ -78,8 +87,8 @@ impl OneArmedLan {
 
 fn status_json(si: &Netns, dockvpn: &Vnf) -> (bool, serde_json::Value) {
     let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
-    let json = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
+    let json =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
     (output.status.success(), json)
 }
 

@@ -18,8 +18,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// The `sh` block after `<!-- readme-test: NAME -->` in README.md.
 fn readme_block(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
-    let readme = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let readme =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let marker = format!("<!-- readme-test: {name} -->");
     let mut lines = readme.lines().skip_while(|l| l.trim() != marker).skip(1);
     assert_eq!(
@@ -48,7 +48,10 @@ fn run_block(name: &str, dir: &Path) -> Result<String, String> {
     if output.status.success() {
         Ok(text)
     } else {
-        Err(format!("README block {name:?} failed ({}):\n{text}", output.status))
+        Err(format!(
+            "README block {name:?} failed ({}):\n{text}",
+            output.status
+        ))
     }
 }
 
@@ -127,7 +130,9 @@ fn quick_start_one_armed_vpn_gives_a_client_elsewhere_a_container_on_its_network
     );
     let logs = walk.docker.logs("vpn");
     assert_eq!(
-        logs.lines().filter(|l| l.contains("running one-armed")).count(),
+        logs.lines()
+            .filter(|l| l.contains("running one-armed"))
+            .count(),
         1,
         "{logs}"
     );

@@ -392,7 +392,11 @@ impl Runtime<'_> {
             }
         }
         let redundant = routing.left_routes_already_connected(&self.assignment);
-        if self.reported.redundant_left_routes.changed(redundant.clone()) {
+        if self
+            .reported
+            .redundant_left_routes
+            .changed(redundant.clone())
+        {
             for network in redundant {
                 warn!(%network, "left route equals a connected subnet; the kernel already routes it");
             }
@@ -446,7 +450,11 @@ impl Runtime<'_> {
 
     fn log_side_changes(&self, next: &Assignment) {
         if next.layout != self.assignment.layout {
-            match (next.layout, next.interface(Side::Left), next.interface(Side::Right)) {
+            match (
+                next.layout,
+                next.interface(Side::Left),
+                next.interface(Side::Right),
+            ) {
                 (Layout::OneArmed, Some(leg), _) => info!(
                     interface = %leg.name,
                     "running one-armed: the only leg serves as left and right side (listeners, client traffic, masquerade); a second leg plugged in later switches to dual-homed"
