@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use docknfv_tests::chain::link;
+use docknfv_tests::chain::{link, veth_pair};
 use docknfv_tests::openvpn::{issue_profile, text, OpenvpnClient};
 use docknfv_tests::traffic::{ping, tcp_probe, Probe};
 use docknfv_tests::{Netns, Vnf};
@@ -45,19 +45,7 @@ impl OneArmedLan {
         router.ip(&["addr", "add", &format!("{ROUTER_LAN}/24"), "dev", "br0"]);
         router.ip(&["link", "set", "br0", "up"]);
         for (ns, address, port) in [(&lan.si, SI_LEG, "p-si"), (&lan.host, HOST, "p-host")] {
-            ns.ip(&[
-                "link",
-                "add",
-                "name",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                router.name(),
-            ]);
+            veth_pair(ns, "eth0", router, port);
             ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
             ns.ip(&["link", "set", "eth0", "up"]);
             router.ip(&["link", "set", port, "master", "br0", "up"]);

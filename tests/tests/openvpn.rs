@@ -73,6 +73,19 @@ fn clients_when(
     panic!("status never matched: {last}");
 }
 
+/// A stock client on the right host with a fresh profile for `name`, once connected.
+fn connected_client(chain: &Chain, dockvpn: &Vnf, name: &str) -> OpenvpnClient {
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, dockvpn, name, None),
+        &[],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client
+}
+
 #[test]
 fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     let (chain, mut dockvpn) = vpn_chain(&[]);
@@ -128,14 +141,7 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
 #[test]
 fn push_left_subnet_false_pushes_only_the_left_networks() {
     let (chain, dockvpn) = vpn_chain(&["--push-left-subnet", "false"]);
-    let client = OpenvpnClient::start(
-        &chain.right_host,
-        &issue_profile(&chain.si, &dockvpn, "gina", None),
-        &[],
-    );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    let _client = connected_client(&chain, &dockvpn, "gina");
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
@@ -217,14 +223,7 @@ fn routes_learned_by_dhcp_option_121_are_pushed() {
             Duration::from_secs(10),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = OpenvpnClient::start(
-        &chain.right_host,
-        &issue_profile(&chain.si, &dockvpn, "carol", None),
-        &[],
-    );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    let _client = connected_client(&chain, &dockvpn, "carol");
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
