@@ -9,14 +9,15 @@
 //! ```
 //!
 //! The host has no route beyond its subnet, so it can only answer the client through the
-//! SI's masquerade; a second leg plugged in later switches the SI to dual-homed.
+//! SI's masquerade; a second leg plugged in later switches the SI to dual-homed. Dockwall,
+//! which does not opt in, waits for its second leg instead.
 
 use std::time::Duration;
 
 use docknfv_tests::chain::{link, veth_pair};
 use docknfv_tests::openvpn::{issue_profile, text, OpenvpnClient};
 use docknfv_tests::traffic::{ping, tcp_probe, Probe};
-use docknfv_tests::{Netns, Vnf};
+use docknfv_tests::{Chain, Netns, Vnf};
 
 const ROUTER_LAN: &str = "10.0.1.1";
 const SI_LEG: &str = "10.0.1.2";
@@ -176,4 +177,17 @@ fn one_leg_serves_both_sides_and_a_second_leg_switches_to_dual_homed() {
     assert_eq!(count(&log, "running one-armed"), 1, "{log}");
     assert_eq!(count(&log, "net.ipv4.fwmark_reflect is 0"), 1, "{log}");
     drop(client);
+}
+
+#[test]
+fn dockwall_with_one_leg_waits_for_the_second_and_says_it_needs_two() {
+    let chain = Chain::without_right();
+    let dockwall = Vnf::start(&chain.si, "dockwall", &["run", "--side-timeout", "20"]);
+    let waiting = dockwall
+        .wait_for_log("waiting for sides", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(waiting.contains("needs two legs"), "{waiting}");
+    let log = dockwall.log();
+    assert!(!log.contains("forwarding ready"), "{log}");
+    assert!(!log.contains("one-armed"), "{log}");
 }
