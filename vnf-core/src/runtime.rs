@@ -375,7 +375,8 @@ impl Runtime<'_> {
             ));
         }
         if self.reported.no_mac.changed(no_mac.clone()) && !no_mac.is_empty() {
-            warn!(sides = ?no_mac, "no MAC address: DHCP cannot run on these sides");
+            let sides: Vec<&str> = no_mac.iter().map(|side| side.as_str()).collect();
+            warn!(sides = %sides.join(", "), "no MAC address: DHCP cannot run on these sides");
         }
     }
 
