@@ -1,6 +1,6 @@
 //! README.md's container walk-throughs, run as a user would: each `sh` block marked
 //! `<!-- readme-test: NAME -->` is read from README.md itself (so the two cannot drift) and
-//! run with `sh -eu` in a scratch directory. The blocks use the README's fixed names, so the
+//! run with `sh -eux` in a scratch directory. The blocks use the README's fixed names, so the
 //! tests here run one at a time, and each first and last runs the README's own clean-up
 //! block (also when it panics).
 
@@ -32,7 +32,7 @@ fn readme_block(name: &str) -> String {
     block.join("\n") + "\n"
 }
 
-/// Runs a README block with `sh -eu` (stop at the first failing command) in `dir`.
+/// Runs a README block with `sh -eux` (stop at the first failing command) in `dir`.
 fn run_block(name: &str, dir: &Path) -> Result<String, String> {
     let script = readme_block(name);
     let output = Command::new("sh")
