@@ -1,6 +1,6 @@
 //! README.md's container walk-throughs, run as a user would: each `sh` block marked
 //! `<!-- readme-test: NAME -->` is read from README.md itself (so the two cannot drift) and
-//! run with `sh -eux` in a scratch directory. The blocks use the README's fixed names, so the
+//! run with `sh -eux` in a scratch directory (clean-up blocks without `-e`). The blocks use the README's fixed names, so the
 //! tests here run one at a time, and each first and last runs the README's own clean-up
 //! block (also when it panics).
 
@@ -32,11 +32,24 @@ fn readme_block(name: &str) -> String {
     block.join("\n") + "\n"
 }
 
-/// Runs a README block with `sh -eux` (stop at the first failing command) in `dir`.
-fn run_block(name: &str, dir: &Path) -> Result<String, String> {
+/// How a block's failing command is taken.
+#[derive(Clone, Copy)]
+enum OnFailure {
+    /// Stop there, as a walk-through must (`sh -e`).
+    Stop,
+    /// Go on with the next line, as a clean-up of what may not exist must.
+    Continue,
+}
+
+/// Runs a README block with `sh -ux` in `dir`; the block's verdict is its last command's.
+fn run_block(name: &str, dir: &Path, on_failure: OnFailure) -> Result<String, String> {
     let script = readme_block(name);
+    let flags = match on_failure {
+        OnFailure::Stop => "-eux",
+        OnFailure::Continue => "-ux",
+    };
     let output = Command::new("sh")
-        .args(["-eux", "-c", &script])
+        .args([flags, "-c", &script])
         .current_dir(dir)
         .output()
         .map_err(|e| format!("cannot run sh: {e}"))?;
@@ -56,7 +69,7 @@ fn run_block(name: &str, dir: &Path) -> Result<String, String> {
 }
 
 /// A walk-through's scratch directory and clean-up: the README's clean-up block runs before
-/// (a killed run's leftovers) and on drop. Clean-up is best effort: some names may not exist.
+/// (a killed run's leftovers) and on drop, every line of it: some names may not exist.
 struct Walkthrough {
     docker: DockerClient,
     dir: PathBuf,
@@ -78,14 +91,14 @@ impl Walkthrough {
             _serial: serial,
         };
         walkthrough.clean();
-        if let Err(error) = run_block(block, &walkthrough.dir) {
+        if let Err(error) = run_block(block, &walkthrough.dir, OnFailure::Stop) {
             panic!("{error}");
         }
         walkthrough
     }
 
     fn clean(&self) {
-        let _ = run_block(self.cleanup, &self.dir);
+        let _ = run_block(self.cleanup, &self.dir, OnFailure::Continue);
     }
 
     /// `docker exec` that must succeed: its output.
