@@ -1,8 +1,9 @@
 //! Dockvpn: the SSL VPN service instance. Remote users connect with the stock OpenVPN client
-//! (UDP); Dockvpn pushes them exactly the networks behind its left side — configured with
-//! --left-route or learned by DHCP option 121 (`--dhcp left`) — and forwards their traffic
-//! there. The SI routes in global mode: `main` holds the default via the right gateway and
-//! the left networks via the left gateway.
+//! (UDP); Dockvpn pushes them exactly the networks behind its left side — its left subnet,
+//! those configured with --left-route and those learned by DHCP option 121 (`--dhcp left`) —
+//! and forwards their traffic there. The SI routes in global mode: `main` holds the default
+//! via the right gateway and the left networks via the left gateway. With one leg and no
+//! --right it runs one-armed: the leg is both sides.
 
 mod masquerade;
 mod openvpn;
@@ -26,7 +27,7 @@ use vnf_core::cli::{
 use vnf_core::lease::LearnedRoute;
 use vnf_core::routing::{RoutingConfig, RoutingMode};
 use vnf_core::runtime::{OnExit, SidesObserver};
-use vnf_core::side::{Assignment, Side};
+use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
 use openvpn::data::Cipher;
@@ -164,6 +165,18 @@ struct ServeArgs {
     )]
     masquerade: bool,
 
+    /// Push the left side's connected subnet to clients, besides the --left-route networks
+    /// and those learned by DHCP (one-armed: the subnet of the one leg)
+    #[arg(
+        long,
+        env = "DOCKVPN_PUSH_LEFT_SUBNET",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL",
+        help_heading = VPN
+    )]
+    push_left_subnet: bool,
+
     /// Keepalive interval pushed to clients and used by the server (seconds)
     #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = VPN)]
     ping: u64,
@@ -211,9 +224,10 @@ fn parse_ciphers(text: &str) -> std::result::Result<CipherList, String> {
 enum Command {
     /// Find the sides, route in global mode, and serve OpenVPN clients until SIGTERM/SIGINT.
     ///
-    /// Creates the PKI on first start. Pushes to each client its fixed address, the
-    /// --left-route networks and those learned by DHCP on the left (at connect time), and
-    /// masquerades their traffic out of the left side unless --masquerade false.
+    /// Creates the PKI on first start. Pushes to each client its fixed address, the left
+    /// subnet, the --left-route networks and those learned by DHCP on the left (at connect
+    /// time), and masquerades their traffic out of the left side unless --masquerade false.
+    /// With one Ethernet leg and no --right, that leg serves as both sides (one-armed).
     Run(Box<RunArgs>),
     /// Show the sides, the routing, and the VPN server (clients, bytes, routes pushed);
     /// exits 1 unless routing is converged. Give it the options `run` got (the container's
@@ -377,6 +391,9 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut observer = VpnObserver {
         static_routes,
+        learned_routes: BTreeSet::new(),
+        left_subnet: None,
+        push_left_subnet: serve.push_left_subnet,
         routes: routes_tx,
         pool: engine.pool,
         masquerade: serve.masquerade,
@@ -406,11 +423,12 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         }
         let _ = stop_tx.send(true);
     };
-    let runtime_config = args.lifecycle.runtime_config(
+    let mut runtime_config = args.lifecycle.runtime_config(
         &args.routing.network,
         args.routing.routes.routing_config(),
         state_dir,
     );
+    one_leg_serves_both_sides(&mut runtime_config.selectors);
     let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await
@@ -420,9 +438,22 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// Dockvpn's runtime config (for `run` and `status` alike): global routing, and one leg may
+/// serve as both sides.
+/// Dockvpn runs one-armed on a single leg; every subcommand assigns sides the way `run` does.
+fn one_leg_serves_both_sides(selectors: &mut SideSelectors) {
+    selectors.single_leg = SingleLeg::ServesBothSides;
+}
+
 /// Feeds the VPN server with the routes to push and keeps masquerade on the left interface.
 struct VpnObserver {
+    /// --left-route networks.
     static_routes: BTreeSet<Ipv4Net>,
+    /// From the left DHCP lease.
+    learned_routes: BTreeSet<Ipv4Net>,
+    /// The left side's connected subnet, while the side is ready.
+    left_subnet: Option<Ipv4Net>,
+    push_left_subnet: bool,
     routes: watch::Sender<BTreeSet<Ipv4Net>>,
     pool: Ipv4Net,
     masquerade: bool,
@@ -430,12 +461,31 @@ struct VpnObserver {
     masquerading: Option<String>,
 }
 
+impl VpnObserver {
+    /// Tells the server the routes to push, when they changed.
+    fn publish_routes(&self) {
+        let mut pushed = self.static_routes.clone();
+        pushed.extend(&self.learned_routes);
+        if self.push_left_subnet {
+            pushed.extend(self.left_subnet);
+        }
+        self.routes.send_if_modified(|current| {
+            let changed = *current != pushed;
+            *current = pushed;
+            changed
+        });
+    }
+}
+
 impl SidesObserver for VpnObserver {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
+        let left = assignment.ready(Side::Left);
+        self.left_subnet = left.map(|r| r.subnet());
+        self.publish_routes();
         if !self.masquerade {
             return Ok(());
         }
-        let left = assignment.ready(Side::Left).map(|r| r.name.clone());
+        let left = left.map(|r| r.name.clone());
         if left != self.masquerading {
             if let Some(interface) = &left {
                 masquerade::apply(interface, self.pool)?;
@@ -456,18 +506,12 @@ impl SidesObserver for VpnObserver {
     }
 
     fn left_routes_learned(&mut self, routes: &[LearnedRoute]) {
-        let mut pushed = self.static_routes.clone();
-        pushed.extend(
-            routes
-                .iter()
-                .map(|r| r.destination.trunc())
-                .filter(|d| d.prefix_len() > 0),
-        );
-        self.routes.send_if_modified(|current| {
-            let changed = *current != pushed;
-            *current = pushed;
-            changed
-        });
+        self.learned_routes = routes
+            .iter()
+            .map(|r| r.destination.trunc())
+            .filter(|d| d.prefix_len() > 0)
+            .collect();
+        self.publish_routes();
     }
 }
 
@@ -496,7 +540,9 @@ fn running_port(state_dir: &Path) -> u16 {
 async fn right_address(sides: &SideArgs, state_dir: &Path) -> Result<Ipv4Addr> {
     let kernel = vnf_core::kernel::Kernel::connect()?;
     let interfaces = kernel.interfaces().await?;
-    let assignment = vnf_core::side::assign(&sides.selectors(state_dir), &interfaces)?;
+    let mut selectors = sides.selectors(state_dir);
+    one_leg_serves_both_sides(&mut selectors);
+    let assignment = vnf_core::side::assign(&selectors, &interfaces)?;
     assignment
         .ready(Side::Right)
         .map(|ready| ready.address.addr())
@@ -506,9 +552,10 @@ async fn right_address(sides: &SideArgs, state_dir: &Path) -> Result<Ipv4Addr> {
 }
 
 async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<ExitCode> {
-    let config = routing
+    let mut config = routing
         .network
         .runtime_config(routing.routes.routing_config(), state_dir);
+    one_leg_serves_both_sides(&mut config.selectors);
     let routing = vnf_core::status::collect(&config).await?;
     let vpn = read_vpn_status(state_dir);
     if json {

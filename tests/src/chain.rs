@@ -145,7 +145,28 @@ impl Default for Chain {
 }
 
 /// A veth pair between two namespaces, both ends addressed and up.
-fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_address: &str) {
+pub fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_address: &str) {
+    veth_pair(a, a_name, b, b_name);
+    a.ip(&["addr", "add", a_address, "dev", a_name]);
+    b.ip(&["addr", "add", b_address, "dev", b_name]);
+    a.ip(&["link", "set", a_name, "up"]);
+    b.ip(&["link", "set", b_name, "up"]);
+}
+
+/// A DHCP client's view: `client` with an unaddressed `eth0`, wired to `router`'s `lan`
+/// at 10.0.1.1/24, both up.
+pub fn client_and_router() -> (Netns, Netns) {
+    require_chain_tools();
+    let (client, router) = (Netns::new("dc"), Netns::new("dr"));
+    veth_pair(&client, "eth0", &router, "lan");
+    client.ip(&["link", "set", "eth0", "up"]);
+    router.ip(&["addr", "add", "10.0.1.1/24", "dev", "lan"]);
+    router.ip(&["link", "set", "lan", "up"]);
+    (client, router)
+}
+
+/// A veth pair, `a_name` in `a` and its peer `b_name` in `b`, both down and unaddressed.
+pub fn veth_pair(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     a.ip(&[
         "link",
         "add",
@@ -159,32 +180,4 @@ fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_add
         "netns",
         b.name(),
     ]);
-    a.ip(&["addr", "add", a_address, "dev", a_name]);
-    b.ip(&["addr", "add", b_address, "dev", b_name]);
-    a.ip(&["link", "set", a_name, "up"]);
-    b.ip(&["link", "set", b_name, "up"]);
-}
-
-/// A DHCP client's view: `client` with an unaddressed `eth0`, wired to `router`'s `lan`
-/// at 10.0.1.1/24, both up.
-pub fn client_and_router() -> (Netns, Netns) {
-    require_chain_tools();
-    let (client, router) = (Netns::new("dc"), Netns::new("dr"));
-    client.ip(&[
-        "link",
-        "add",
-        "name",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "lan",
-        "netns",
-        router.name(),
-    ]);
-    client.ip(&["link", "set", "eth0", "up"]);
-    router.ip(&["addr", "add", "10.0.1.1/24", "dev", "lan"]);
-    router.ip(&["link", "set", "lan", "up"]);
-    (client, router)
 }

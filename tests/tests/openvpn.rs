@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT};
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
@@ -77,6 +77,19 @@ fn clients_when(
     panic!("status never matched: {last}");
 }
 
+/// A stock client on the right host with a fresh profile for `name`, once connected.
+fn connected_client(chain: &Chain, dockvpn: &Vnf, name: &str) -> OpenvpnClient {
+    let client = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, dockvpn, name, None),
+        &[],
+    );
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client
+}
+
 #[test]
 fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     let (chain, mut dockvpn) = vpn_chain(&[]);
@@ -96,9 +109,11 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
+            format!("{LEFT_NET} 10.8.0.1"),
             "10.8.0.0/24 link".to_owned(),
             format!("{LEFT_HOST_NET} 10.8.0.1")
-        ]
+        ],
+        "the left subnet and the --left-route network"
     );
     assert!(
         ping_eventually(&chain.right_host, LEFT_HOST, TUNNEL_PING_ATTEMPTS),
@@ -121,10 +136,23 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     let status = status_json(&chain.si, &dockvpn);
     assert_eq!(
         status["vpn"]["routes_pushed"],
-        serde_json::json!([LEFT_HOST_NET])
+        serde_json::json!([LEFT_NET, LEFT_HOST_NET])
     );
     assert!(dockvpn.terminate().success(), "{}", dockvpn.log());
     drop(client);
+}
+
+#[test]
+fn push_left_subnet_false_pushes_only_the_left_networks() {
+    let (chain, dockvpn) = vpn_chain(&["--push-left-subnet", "false"]);
+    let _client = connected_client(&chain, &dockvpn, "gina");
+    assert_eq!(
+        tunnel_routes(&chain.right_host),
+        vec![
+            "10.8.0.0/24 link".to_owned(),
+            format!("{LEFT_HOST_NET} 10.8.0.1")
+        ]
+    );
 }
 
 #[test]
@@ -218,22 +246,16 @@ fn routes_learned_by_dhcp_option_121_are_pushed() {
             Duration::from_secs(10),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = OpenvpnClient::start(
-        &chain.right_host,
-        &issue_profile(&chain.si, &dockvpn, "carol", None),
-        &[],
-    );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    let _client = connected_client(&chain, &dockvpn, "carol");
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
+            format!("{LEFT_NET} 10.8.0.1"),
             "10.8.0.0/24 link".to_owned(),
             "172.16.5.0/24 10.8.0.1".to_owned(),
             format!("{LEFT_HOST_NET} 10.8.0.1"),
         ],
-        "the learned networks, and no default route (redirect-gateway is off)"
+        "the leased subnet and the learned networks, and no default route (redirect-gateway is off)"
     );
     assert!(
         ping_eventually(&chain.right_host, LEFT_HOST, TUNNEL_PING_ATTEMPTS),

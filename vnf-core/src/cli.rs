@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::routing::{RoutingConfig, RoutingMode, TableId};
 use crate::runtime::{DhcpConfig, OnExit, RuntimeConfig};
-use crate::side::{Side, SideSelector, SideSelectors};
+use crate::side::{Side, SideSelector, SideSelectors, SingleLeg};
 use crate::side_memory::RememberedSides;
 
 pub const SELECTOR_HELP: &str = "SELECTOR is an interface name (eth1), a MAC address \
@@ -53,6 +53,7 @@ impl SideArgs {
             right: self.right.clone(),
             management: self.mgmt.clone(),
             remembered: RememberedSides::load(state_dir),
+            single_leg: SingleLeg::default(),
         }
     }
 }

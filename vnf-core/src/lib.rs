@@ -13,6 +13,7 @@ pub mod fs;
 pub mod fuzzing;
 pub mod kernel;
 pub mod lease;
+pub mod reported;
 pub mod routing;
 pub mod runtime;
 pub mod side;

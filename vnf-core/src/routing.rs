@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::kernel::{is_errno, Kernel};
-use crate::side::{gateway_for, Assignment, ReadySide, Side};
+use crate::side::{gateway_for, Assignment, Layout, ReadySide, Side};
 
 /// Route protocol number tagging every route we install (`ip route show proto 245`).
 pub const ROUTE_PROTOCOL: u8 = 245;
@@ -151,6 +151,29 @@ impl RoutingConfig {
             Side::Right => self.right_gateway,
             _ => self.left_gateway,
         }
+    }
+
+    /// Global mode: the right side's gateway. One-armed, the leg has one gateway, which
+    /// `--left-gateway` or the left lease may name as well.
+    fn right_gateway_for(&self, assignment: &Assignment) -> Option<Ipv4Addr> {
+        match assignment.layout {
+            Layout::OneArmed => self.right_gateway.or(self.left_gateway),
+            Layout::DualHomed => self.right_gateway,
+        }
+    }
+
+    /// Global mode: the configured left routes that equal a connected subnet, which
+    /// `desired_state` leaves to the kernel.
+    pub fn left_routes_already_connected(&self, assignment: &Assignment) -> Vec<Ipv4Net> {
+        let connected: Vec<Ipv4Net> = [Side::Left, Side::Right]
+            .into_iter()
+            .filter_map(|side| assignment.ready(side).map(ReadySide::subnet))
+            .collect();
+        self.left_routes
+            .iter()
+            .copied()
+            .filter(|network| self.mode == RoutingMode::Global && connected.contains(network))
+            .collect()
     }
 }
 
@@ -427,7 +450,7 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
         }
         RoutingMode::Global => {
             if let Some(right) = right {
-                let gateway = gateway_for(right, config.right_gateway)?;
+                let gateway = gateway_for(right, config.right_gateway_for(assignment))?;
                 state.routes.insert(RouteSpec {
                     gateway: Some(gateway),
                     ..default_route(right, MAIN_TABLE)
@@ -435,14 +458,9 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
             }
             if let Some(left) = left {
                 let gateway = gateway_for(left, config.left_gateway)?;
-                let connected: Vec<Ipv4Net> = [Some(left), right]
-                    .into_iter()
-                    .flatten()
-                    .map(ReadySide::subnet)
-                    .collect();
+                let connected = config.left_routes_already_connected(assignment);
                 for &network in &config.left_routes {
                     if connected.contains(&network) {
-                        warn!(%network, "left route equals a connected subnet; the kernel already routes it");
                         continue;
                     }
                     state.routes.insert(RouteSpec {
@@ -817,6 +835,37 @@ mod tests {
             ]
         );
         assert!(state.rules.is_empty());
+    }
+
+    #[test]
+    fn one_armed_global_mode_routes_default_and_left_networks_out_of_the_one_leg() {
+        let leg = assignment(true).interfaces[0].clone().unwrap();
+        let selectors = SideSelectors {
+            single_leg: crate::side::SingleLeg::ServesBothSides,
+            ..Default::default()
+        };
+        let one_armed = assign(&selectors, &[leg]).unwrap();
+        let mut config = RoutingConfig::new(RoutingMode::Global);
+        config.left_routes = vec![
+            "192.168.10.0/24".parse().unwrap(),
+            "10.0.1.0/24".parse().unwrap(),
+        ];
+        config.left_gateway = Some("10.0.1.254".parse().unwrap());
+        let state = desired_state(&config, &one_armed).unwrap();
+        let routes: Vec<String> = state.routes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            routes,
+            [
+                "0.0.0.0/0 via 10.0.1.254 oif 2 table 254",
+                "192.168.10.0/24 via 10.0.1.254 oif 2 table 254"
+            ],
+            "the leg's one gateway, given as --left-gateway, serves both sides"
+        );
+        assert!(state.rules.is_empty());
+        assert_eq!(
+            config.left_routes_already_connected(&one_armed),
+            vec!["10.0.1.0/24".parse::<Ipv4Net>().unwrap()]
+        );
     }
 
     #[test]

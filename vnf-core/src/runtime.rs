@@ -16,13 +16,14 @@ use crate::dhcp::driver::{lease_gateway, DhcpInterface, DhcpTask};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::lease::LearnedRoute;
+use crate::reported::Reported;
 use crate::routing::{desired_state, Reconciler, RoutingConfig, RoutingMode, MAIN_TABLE};
-use crate::side::{assign, Assignment, Interface, Side, SideSelectors};
+use crate::side::{assign, Assignment, Interface, Layout, Side, SideSelectors};
 use crate::sysctl::Sysctls;
 
 /// How long a transient kernel error waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
-/// How often the "waiting for" line repeats while a side is missing.
+/// How often the loop checks whether what it waits for changed (logged only when it did).
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Re-converge now and then even without events, so a route someone deleted comes back.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
@@ -97,6 +98,17 @@ struct Runtime<'o> {
     interfaces: Vec<Interface>,
     assignment: Assignment,
     ready: bool,
+    /// Conditions re-checked on every convergence, logged once each and again on change.
+    reported: ReportedConditions,
+}
+
+#[derive(Default)]
+struct ReportedConditions {
+    waiting: Reported<String>,
+    retrying: Reported<Option<String>>,
+    gateways_outside: Reported<Vec<(Side, std::net::Ipv4Addr)>>,
+    no_mac: Reported<Vec<Side>>,
+    redundant_left_routes: Reported<Vec<ipnet::Ipv4Net>>,
 }
 
 /// Runs until `shutdown` completes (Ok) or a side never appears or the config is wrong (Err).
@@ -126,6 +138,7 @@ pub async fn run(
         interfaces: Vec::new(),
         assignment: Assignment::default(),
         ready: false,
+        reported: ReportedConditions::default(),
         config,
     };
     info!(
@@ -146,9 +159,14 @@ pub async fn run(
         .map(|timeout| tokio::time::Instant::from_std(started + timeout));
     let outcome = loop {
         let retry_at = match runtime.converge().await {
-            Ok(()) => None,
+            Ok(()) => {
+                runtime.reported.retrying.changed(None);
+                None
+            }
             Err(error) if error.is_transient() => {
-                warn!(%error, "routing not converged; retrying");
+                if runtime.reported.retrying.changed(Some(error.to_string())) {
+                    warn!(%error, "routing not converged; retrying every 0.5 s");
+                }
                 Some(tokio::time::Instant::now() + RETRY_AFTER)
             }
             Err(error) => break Err(error),
@@ -198,7 +216,8 @@ pub async fn run(
 }
 
 /// The routing config with each DHCP side's gateway taken from its lease, unless one was
-/// given explicitly. A lease gateway outside the side's subnet is not used.
+/// given explicitly. A lease gateway outside the side's subnet is not used (see
+/// `lease_gateways_outside`).
 pub fn with_lease_gateways(
     routing: &RoutingConfig,
     assignment: &Assignment,
@@ -210,7 +229,6 @@ pub fn with_lease_gateways(
             continue;
         };
         if !ready.subnet().contains(&gateway) {
-            warn!(%side, %gateway, "the lease's gateway is outside the side's subnet; not used for the side's default route");
             continue;
         }
         match side {
@@ -220,6 +238,20 @@ pub fn with_lease_gateways(
         }
     }
     routing
+}
+
+/// The lease gateways `with_lease_gateways` leaves out, being outside their side's subnet.
+fn lease_gateways_outside(
+    assignment: &Assignment,
+    leases: impl Iterator<Item = (Side, Lease)>,
+) -> Vec<(Side, std::net::Ipv4Addr)> {
+    leases
+        .filter_map(|(side, lease)| {
+            let gateway = lease_gateway(&lease)?;
+            let outside = !assignment.ready(side)?.subnet().contains(&gateway);
+            outside.then_some((side, gateway))
+        })
+        .collect()
 }
 
 /// Routes, rules, addresses and nftables all need CAP_NET_ADMIN; without it every change
@@ -269,20 +301,24 @@ impl Runtime<'_> {
         self.ensure_dhcp_clients();
         self.tell_left_routes();
 
-        let routed: Vec<&str> = [Side::Left, Side::Right]
+        let mut routed: Vec<&str> = [Side::Left, Side::Right]
             .iter()
             .filter_map(|&side| self.assignment.ready(side).map(|r| r.name.as_str()))
             .collect();
+        let ready = routed.len() == 2;
+        // One-armed, both sides are one interface.
+        routed.dedup();
         if !routed.is_empty() {
             self.sysctls.ensure_forwarding(&routed)?;
         }
-        let desired = desired_state(&self.routing_with_lease_gateways(), &self.assignment)?;
+        let routing = self.routing_with_lease_gateways();
+        self.report_routing_conditions(&routing);
+        let desired = desired_state(&routing, &self.assignment)?;
         let changes = self.reconciler.apply(&desired).await?;
         if !changes.is_empty() {
             info!(%changes, "routing converged");
         }
 
-        let ready = routed.len() == 2;
         if ready && !self.ready {
             info!(
                 elapsed_ms = self.started.elapsed().as_millis() as u64,
@@ -296,8 +332,10 @@ impl Runtime<'_> {
     }
 
     /// Starts a DHCP client on every DHCP side whose interface is known (an address is not
-    /// needed: the client brings it), and replaces one whose interface changed.
+    /// needed: the client brings it), and replaces one whose interface changed. One-armed,
+    /// the leg has one client, the first side's.
     fn ensure_dhcp_clients(&mut self) {
+        let mut no_mac = Vec::new();
         for &side in &self.config.dhcp.sides {
             let Some(interface) = self.assignment.interface(side) else {
                 continue;
@@ -310,8 +348,11 @@ impl Runtime<'_> {
                 continue;
             }
             self.dhcp_tasks.retain(|t| t.side != side);
+            if self.dhcp_tasks.iter().any(|t| t.index == interface.index) {
+                continue;
+            }
             let Some(mac) = interface.mac else {
-                warn!(%side, interface = %interface.name, "no MAC address: DHCP cannot run here");
+                no_mac.push(side);
                 continue;
             };
             let table = match self.config.routing.mode {
@@ -332,6 +373,34 @@ impl Runtime<'_> {
                 },
                 self.dhcp_changed.clone(),
             ));
+        }
+        if self.reported.no_mac.changed(no_mac.clone()) && !no_mac.is_empty() {
+            let sides: Vec<&str> = no_mac.iter().map(|side| side.as_str()).collect();
+            warn!(sides = %sides.join(", "), "no MAC address: DHCP cannot run on these sides");
+        }
+    }
+
+    /// Warns, once per change, about configuration the routing leaves out.
+    fn report_routing_conditions(&mut self, routing: &RoutingConfig) {
+        let leases = self
+            .dhcp_tasks
+            .iter()
+            .filter_map(|t| Some((t.side, t.lease()?)));
+        let outside = lease_gateways_outside(&self.assignment, leases);
+        if self.reported.gateways_outside.changed(outside.clone()) {
+            for (side, gateway) in outside {
+                warn!(%side, %gateway, "the lease's gateway is outside the side's subnet; not used for the side's default route");
+            }
+        }
+        let redundant = routing.left_routes_already_connected(&self.assignment);
+        if self
+            .reported
+            .redundant_left_routes
+            .changed(redundant.clone())
+        {
+            for network in redundant {
+                warn!(%network, "left route equals a connected subnet; the kernel already routes it");
+            }
         }
     }
 
@@ -363,7 +432,9 @@ impl Runtime<'_> {
         let selectors = &self.config.selectors;
         let mut remembered = selectors.remembered;
         for side in Side::ALL {
-            if selectors.get(side).is_none() {
+            // One-armed, the right side borrows the left's leg: nothing to remember for it.
+            let borrowed = side == Side::Right && assignment.is_one_armed();
+            if selectors.get(side).is_none() && !borrowed {
                 if let Some(mac) = assignment.interface(side).and_then(|i| i.mac) {
                     remembered.set(side, mac);
                 }
@@ -379,6 +450,23 @@ impl Runtime<'_> {
     }
 
     fn log_side_changes(&self, next: &Assignment) {
+        if next.layout != self.assignment.layout {
+            match (
+                next.layout,
+                next.interface(Side::Left),
+                next.interface(Side::Right),
+            ) {
+                (Layout::OneArmed, Some(leg), _) => info!(
+                    interface = %leg.name,
+                    "running one-armed: the only leg serves as left and right side (listeners, client traffic, masquerade); a second leg plugged in later switches to dual-homed"
+                ),
+                (Layout::DualHomed, _, Some(right)) => info!(
+                    right = %right.name,
+                    "a second leg is here: running dual-homed"
+                ),
+                _ => {}
+            }
+        }
         for side in Side::ALL {
             let before = self.assignment.ready(side);
             let after = next.ready(side);
@@ -417,9 +505,15 @@ impl Runtime<'_> {
             .join("; ")
     }
 
-    fn log_waiting(&self) {
-        if !self.ready && self.started.elapsed() >= WAITING_LOG_EVERY / 2 {
-            info!(detail = %self.waiting_detail(), present = %self.present_interfaces(), "waiting for sides");
+    /// Says what it waits for, once per change of what is missing.
+    fn log_waiting(&mut self) {
+        if self.ready {
+            self.reported.waiting.changed(String::new());
+        } else if self.started.elapsed() >= WAITING_LOG_EVERY / 2 {
+            let (detail, present) = (self.waiting_detail(), self.present_interfaces());
+            if self.reported.waiting.changed(format!("{detail} {present}")) {
+                info!(%detail, %present, "waiting for sides");
+            }
         }
     }
 

@@ -183,6 +183,28 @@ pub struct SideSelectors {
     pub right: Option<SideSelector>,
     pub management: Option<SideSelector>,
     pub remembered: RememberedSides,
+    pub single_leg: SingleLeg,
+}
+
+/// What a VNF does while it has only one Ethernet leg.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SingleLeg {
+    /// Wait for the second leg (Dockwall: a firewall between two networks needs both).
+    #[default]
+    WaitForSecond,
+    /// Without a `--right` selector, the one leg serves as both sides (Dockvpn one-armed).
+    ServesBothSides,
+}
+
+/// How the sides map onto legs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// A leg per side (or sides still missing).
+    #[default]
+    DualHomed,
+    /// One leg is the left and the right side: its address, subnet and gateway serve both.
+    OneArmed,
 }
 
 impl SideSelectors {
@@ -293,9 +315,14 @@ impl ReadySide {
 pub struct Assignment {
     pub interfaces: [Option<Interface>; 3],
     pub ready: [Option<ReadySide>; 3],
+    pub layout: Layout,
 }
 
 impl Assignment {
+    pub fn is_one_armed(&self) -> bool {
+        self.layout == Layout::OneArmed
+    }
+
     pub fn interface(&self, side: Side) -> Option<&Interface> {
         self.interfaces[side_position(side)].as_ref()
     }
@@ -309,6 +336,12 @@ impl Assignment {
         match self.interface(side) {
             None if selectors.get(side).is_some() => {
                 format!("no interface matches {}", selectors.describe(side))
+            }
+            None if side == Side::Right
+                && selectors.single_leg == SingleLeg::WaitForSecond
+                && self.interface(Side::Left).is_some() =>
+            {
+                "no Ethernet interface #2 yet (order of appearance): this VNF needs two legs, attach the right network (docker network connect RIGHT_NETWORK SI)".into()
             }
             None => format!(
                 "no Ethernet interface #{} yet (order of appearance)",
@@ -383,7 +416,16 @@ pub fn assign(selectors: &SideSelectors, interfaces: &[Interface]) -> Result<Ass
         }
     }
 
+    // One leg and no --right: the leg is both sides, when the VNF allows it.
+    let one_armed = selectors.single_leg == SingleLeg::ServesBothSides
+        && selectors.right.is_none()
+        && chosen[side_position(Side::Right)].is_none()
+        && chosen[side_position(Side::Left)].is_some();
     let mut assignment = Assignment::default();
+    if one_armed {
+        chosen[side_position(Side::Right)] = chosen[side_position(Side::Left)];
+        assignment.layout = Layout::OneArmed;
+    }
     for &side in &Side::ALL {
         let position = side_position(side);
         let Some(interface) = chosen[position] else {
@@ -393,7 +435,11 @@ pub fn assign(selectors: &SideSelectors, interfaces: &[Interface]) -> Result<Ass
         if !interface.up {
             continue;
         }
-        if let Some(address) = interface.side_address(selectors.get(side)) {
+        let selector = match side {
+            Side::Right if one_armed => selectors.get(Side::Left),
+            _ => selectors.get(side),
+        };
+        if let Some(address) = interface.side_address(selector) {
             assignment.ready[position] = Some(ReadySide {
                 side,
                 index: interface.index,
@@ -608,6 +654,44 @@ mod tests {
             a.waiting_reason(Side::Management, &selectors),
             "no Ethernet interface #3 yet (order of appearance)"
         );
+    }
+
+    #[test]
+    fn one_leg_serves_both_sides_only_where_allowed_and_without_a_right_selector() {
+        let leg = iface(2, "eth0", 1, &["172.17.0.2/16"]);
+        let one_armed = SideSelectors {
+            single_leg: SingleLeg::ServesBothSides,
+            ..Default::default()
+        };
+        let a = assign(&one_armed, std::slice::from_ref(&leg)).unwrap();
+        assert!(a.is_one_armed());
+        assert_eq!(a.ready(Side::Left).unwrap().address, leg.addresses[0]);
+        assert_eq!(a.ready(Side::Right).unwrap().name, "eth0");
+        assert_eq!(a.ready(Side::Right).unwrap().side, Side::Right);
+        assert_eq!(ready_name(&a, Side::Management), None);
+
+        // A second leg: dual-homed again.
+        let two = [leg.clone(), iface(3, "eth1", 2, &["10.0.2.2/24"])];
+        let a = assign(&one_armed, &two).unwrap();
+        assert_eq!(a.layout, Layout::DualHomed);
+        assert_eq!(ready_name(&a, Side::Right), Some("eth1"));
+
+        // An explicit --right waits for its interface.
+        let pinned = SideSelectors {
+            right: Some("eth1".parse().unwrap()),
+            ..one_armed.clone()
+        };
+        let a = assign(&pinned, std::slice::from_ref(&leg)).unwrap();
+        assert!(!a.is_one_armed());
+        assert_eq!(ready_name(&a, Side::Right), None);
+
+        // A VNF that needs two legs waits, and says so.
+        let selectors = SideSelectors::default();
+        let a = assign(&selectors, std::slice::from_ref(&leg)).unwrap();
+        assert!(!a.is_one_armed());
+        assert_eq!(ready_name(&a, Side::Right), None);
+        let reason = a.waiting_reason(Side::Right, &selectors);
+        assert!(reason.contains("needs two legs"), "{reason}");
     }
 
     #[test]

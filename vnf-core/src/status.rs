@@ -10,11 +10,13 @@ use crate::error::Result;
 use crate::kernel::Kernel;
 use crate::routing::{desired_state, Reconciler, RouteSpec, RoutingMode, RoutingState};
 use crate::runtime::{with_lease_gateways, RuntimeConfig};
-use crate::side::{assign, Interface, ReadySide, Side};
+use crate::side::{assign, Interface, Layout, ReadySide, Side};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub mode: RoutingMode,
+    /// One-armed: one leg serves as left and right side.
+    pub layout: Layout,
     pub sides: Vec<SideStatus>,
     /// Our routes and rules as the kernel holds them.
     pub routing: RoutingState,
@@ -89,6 +91,7 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
     }
     Ok(Status {
         mode: config.routing.mode,
+        layout: assignment.layout,
         sides,
         routing,
         converged: problems.is_empty(),
@@ -109,7 +112,11 @@ impl Status {
             RoutingMode::Cross => "cross",
             RoutingMode::Global => "global",
         };
-        let _ = writeln!(out, "{mode} routing: {state}");
+        let layout = match self.layout {
+            Layout::OneArmed => " (one-armed: one leg serves as left and right side)",
+            Layout::DualHomed => "",
+        };
+        let _ = writeln!(out, "{mode} routing{layout}: {state}");
         for side in &self.sides {
             let _ = match (&side.ready, &side.waiting_for) {
                 (Some(ready), _) => writeln!(

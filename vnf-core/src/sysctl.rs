@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::reported::Reported;
 
 const FORWARD: &str = "net.ipv4.ip_forward";
 const FWMARK_REFLECT: &str = "net.ipv4.fwmark_reflect";
@@ -19,6 +20,8 @@ const RP_FILTER_STRICT: u32 = 1;
 /// Reads and writes sysctls under a root: `/proc/sys`, or a directory in unit tests.
 pub struct Sysctls {
     root: PathBuf,
+    /// fwmark_reflect as last warned about: checked on every convergence, warned once.
+    fwmark_reflect: Reported<u32>,
 }
 
 impl Default for Sysctls {
@@ -34,7 +37,10 @@ enum Write {
 
 impl Sysctls {
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        Sysctls { root: root.into() }
+        Sysctls {
+            root: root.into(),
+            fwmark_reflect: Reported::default(),
+        }
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -93,7 +99,8 @@ impl Sysctls {
     /// Enables IPv4 forwarding and loose reverse-path filtering on `all` and the given
     /// interfaces. With a read-only /proc/sys (an unprivileged container) values that
     /// already work are accepted; wrong ones fail with the `--sysctl` flags that fix them.
-    pub fn ensure_forwarding(&self, interfaces: &[&str]) -> Result<()> {
+    /// The fwmark_reflect warning is logged once, and again only after the value changed.
+    pub fn ensure_forwarding(&mut self, interfaces: &[&str]) -> Result<()> {
         let forward = self.ensure(FORWARD, 1)?;
         let all = self.ensure(RP_FILTER_ALL, RP_FILTER_LOOSE)?;
         let mut per_interface = Vec::new();
@@ -101,7 +108,8 @@ impl Sysctls {
             let key = format!("net.ipv4.conf.{interface}.rp_filter");
             per_interface.push((key.clone(), self.ensure(&key, RP_FILTER_LOOSE)?));
         }
-        if self.ensure(FWMARK_REFLECT, 1)? != 1 {
+        let fwmark_reflect = self.ensure(FWMARK_REFLECT, 1)?;
+        if self.fwmark_reflect.changed(fwmark_reflect) && fwmark_reflect != 1 {
             // Only the SI's own resets and ICMP errors for forwarded traffic depend on it.
             warn!("{FWMARK_REFLECT} is 0 and /proc/sys is read-only: TCP resets and ICMP errors the SI sends for forwarded traffic get lost; pass --sysctl {FWMARK_REFLECT}=1");
         }
@@ -173,7 +181,7 @@ mod tests {
 
     #[test]
     fn writable_values_are_corrected() {
-        let (_tree, sysctls) = tree(
+        let (_tree, mut sysctls) = tree(
             "writable",
             &[
                 (FORWARD, 0),
@@ -192,7 +200,7 @@ mod tests {
 
     #[test]
     fn missing_interface_sysctl_is_an_error_naming_it() {
-        let (_tree, sysctls) = tree(
+        let (_tree, mut sysctls) = tree(
             "missing",
             &[(FORWARD, 1), (FWMARK_REFLECT, 1), (RP_FILTER_ALL, 2)],
         );
