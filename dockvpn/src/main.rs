@@ -309,12 +309,25 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         cli.routes.left_routes.iter().map(Ipv4Net::trunc).collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let runtime_config = cli
+        .sides
+        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let dhcp_sides = &runtime_config.dhcp.sides;
+    let (dhcp_bound_tx, dhcp_bound_rx) = watch::channel(dhcp_sides.is_empty());
+    if !dhcp_sides.is_empty() {
+        let sides: Vec<&str> = dhcp_sides.iter().map(|side| side.as_str()).collect();
+        info!(
+            "the VPN server starts once the DHCP lease on {} is bound, so that clients get its routes",
+            sides.join(" and ")
+        );
+    }
     let mut observer = VpnObserver {
         static_routes,
         routes: routes_tx,
         pool: engine.pool,
         masquerade: serve.masquerade,
         masquerading: None,
+        dhcp_bound: dhcp_bound_tx,
     };
     let config = vpn::VpnConfig {
         listen: serve.listen,
@@ -326,7 +339,7 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
     let vpn_task = tokio::spawn({
         let failed = failed.clone();
         async move {
-            let outcome = vpn::serve(config, routes_rx, stop_rx).await;
+            let outcome = serve_once_bound(config, routes_rx, stop_rx, dhcp_bound_rx).await;
             if outcome.is_err() {
                 failed.notify_one();
             }
@@ -340,9 +353,6 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         }
         let _ = stop_tx.send(true);
     };
-    let runtime_config = cli
-        .sides
-        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
     let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await
@@ -350,6 +360,25 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
     outcome?;
     vpn_outcome?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves once every DHCP side holds a lease (at once without `--dhcp`): a client that
+/// connected earlier would get none of the lease's routes. Returns early on stop.
+async fn serve_once_bound(
+    config: vpn::VpnConfig,
+    routes: watch::Receiver<BTreeSet<Ipv4Net>>,
+    mut stop: watch::Receiver<bool>,
+    mut dhcp_bound: watch::Receiver<bool>,
+) -> Result<()> {
+    tokio::select! {
+        bound = dhcp_bound.wait_for(|&bound| bound) => {
+            if bound.is_err() {
+                return Ok(());
+            }
+        }
+        _ = stop.changed() => return Ok(()),
+    }
+    vpn::serve(config, routes, stop).await
 }
 
 /// Feeds the VPN server with the routes to push and keeps masquerade on the left interface.
@@ -360,6 +389,8 @@ struct VpnObserver {
     masquerade: bool,
     /// The interface masquerade is installed on.
     masquerading: Option<String>,
+    /// Turns true once every DHCP side is bound; the server then starts.
+    dhcp_bound: watch::Sender<bool>,
 }
 
 impl SidesObserver for VpnObserver {
@@ -385,6 +416,13 @@ impl SidesObserver for VpnObserver {
             masquerade::remove()?;
         }
         Ok(())
+    }
+
+    fn dhcp_sides_bound(&mut self, bound: bool) {
+        // Once serving, the server stays up through lease changes; the routes follow them.
+        if bound {
+            self.dhcp_bound.send_replace(true);
+        }
     }
 
     fn left_routes_learned(&mut self, routes: &[LearnedRoute]) {
@@ -443,8 +481,9 @@ async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
         .runtime_config(cli.routes.routing_config(), &cli.state_dir);
     let routing = vnf_core::status::collect(&config).await?;
     let vpn = read_vpn_status(&cli.state_dir);
+    let healthy = routing.converged && vpn.is_some();
     if json {
-        let value = serde_json::json!({ "routing": routing, "vpn": vpn });
+        let value = serde_json::json!({ "healthy": healthy, "routing": routing, "vpn": vpn });
         println!(
             "{}",
             serde_json::to_string_pretty(&value).expect("serializes")
@@ -456,7 +495,7 @@ async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
             None => println!("VPN server: not running"),
         }
     }
-    Ok(if routing.converged && vpn.is_some() {
+    Ok(if healthy {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

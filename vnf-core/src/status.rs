@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::dhcp::client_status::{read_running, DhcpClientStatus};
 use crate::dhcp::driver::{lease_file, read_stored, StoredLease};
 use crate::error::Result;
 use crate::kernel::Kernel;
@@ -29,6 +30,9 @@ pub struct SideStatus {
     /// The stored DHCP lease of a DHCP side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<StoredLease>,
+    /// What the running DHCP client of a DHCP side is doing (selecting, bound, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dhcp_client: Option<DhcpClientStatus>,
     pub selector: String,
     pub interface: Option<Interface>,
     pub ready: Option<ReadySide>,
@@ -63,9 +67,16 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                 .then(|| assignment.interface(side))
                 .flatten()
                 .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
+            let dhcp_client = dhcp_client_status(config, side, assignment.interface(side));
+            if let Some(problem) =
+                dhcp_problem(config, side, assignment.interface(side), &dhcp_client)
+            {
+                problems.push(problem);
+            }
             SideStatus {
                 side,
                 dhcp,
+                dhcp_client,
                 selector: config.selectors.describe(side),
                 interface: assignment.interface(side).cloned(),
                 ready,
@@ -91,6 +102,37 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
         converged: problems.is_empty(),
         problems,
     })
+}
+
+/// The published status of the DHCP client on a DHCP side's interface.
+fn dhcp_client_status(
+    config: &RuntimeConfig,
+    side: Side,
+    interface: Option<&Interface>,
+) -> Option<DhcpClientStatus> {
+    let interface = interface.filter(|_| config.dhcp.sides.contains(&side))?;
+    read_running(&config.state_dir, &interface.name)
+}
+
+/// A DHCP side is healthy only with a lease: until then its routes are missing.
+fn dhcp_problem(
+    config: &RuntimeConfig,
+    side: Side,
+    interface: Option<&Interface>,
+    client: &Option<DhcpClientStatus>,
+) -> Option<String> {
+    let interface = interface.filter(|_| config.dhcp.sides.contains(&side))?;
+    match client {
+        Some(client) if client.is_bound() => None,
+        Some(client) => Some(format!(
+            "{side} side has no DHCP lease yet: {}",
+            client.describe()
+        )),
+        None => Some(format!(
+            "{side} side: no DHCP client runs on {} (is `run` running with --dhcp {side}?)",
+            interface.name
+        )),
+    }
 }
 
 impl Status {
@@ -119,6 +161,9 @@ impl Status {
             };
         }
         for side in &self.sides {
+            if let Some(client) = &side.dhcp_client {
+                let _ = writeln!(out, "  dhcp  {} {}", side.side, client.describe());
+            }
             if let Some(stored) = &side.dhcp {
                 let routes: Vec<String> = stored
                     .lease
