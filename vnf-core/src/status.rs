@@ -68,9 +68,12 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                 .flatten()
                 .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
             let dhcp_client = dhcp_client_status(config, side, assignment.interface(side));
-            if let Some(problem) =
-                dhcp_problem(config, side, assignment.interface(side), &dhcp_client)
-            {
+            if let Some(problem) = dhcp_problem(
+                config,
+                side,
+                assignment.interface(side),
+                dhcp_client.as_ref(),
+            ) {
                 problems.push(problem);
             }
             SideStatus {
@@ -119,7 +122,7 @@ fn dhcp_problem(
     config: &RuntimeConfig,
     side: Side,
     interface: Option<&Interface>,
-    client: &Option<DhcpClientStatus>,
+    client: Option<&DhcpClientStatus>,
 ) -> Option<String> {
     let interface = interface.filter(|_| config.dhcp.sides.contains(&side))?;
     match client {

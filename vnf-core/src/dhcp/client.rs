@@ -977,9 +977,8 @@ mod tests {
                 expires_at: bound_at + Duration::from_secs(1000),
             })
         );
-        let mut now = bound_at;
         while client.state() != State::Init {
-            now = client.poll_timeout().unwrap();
+            let now = client.poll_timeout().unwrap();
             client.handle_timeout(now);
             if client.state() == State::Renewing {
                 assert_eq!(client.progress().since, bound_at + Duration::from_secs(500));
