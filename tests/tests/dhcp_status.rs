@@ -16,7 +16,11 @@ const NO_OFFER: &str = "no DHCPOFFER on left after";
 /// `dockvpn status --json` beside `vnf`, configured as `run` is (env, as a HEALTHCHECK
 /// shares the container's): whether it exits 0, and the report.
 fn status_json(chain: &Chain, vnf: &Vnf) -> (bool, Value) {
-    let output = status(chain, vnf, &["status", "--json"]);
+    vnf_status_json(chain, vnf, "dockvpn")
+}
+
+fn vnf_status_json(chain: &Chain, vnf: &Vnf, binary_name: &str) -> (bool, Value) {
+    let output = vnf_status(chain, vnf, binary_name, &["status", "--json"]);
     let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
         panic!(
             "status --json is not JSON ({error}): {}{}",
@@ -28,11 +32,16 @@ fn status_json(chain: &Chain, vnf: &Vnf) -> (bool, Value) {
 }
 
 fn status(chain: &Chain, vnf: &Vnf, args: &[&str]) -> std::process::Output {
+    vnf_status(chain, vnf, "dockvpn", args)
+}
+
+fn vnf_status(chain: &Chain, vnf: &Vnf, binary_name: &str, args: &[&str]) -> std::process::Output {
     chain
         .si
-        .command(binary("dockvpn").to_str().expect("utf-8 path"))
+        .command(binary(binary_name).to_str().expect("utf-8 path"))
         .args(args)
         .env("DOCKVPN_STATE_DIR", vnf.state_dir())
+        .env("DOCKWALL_STATE_DIR", vnf.state_dir())
         .env("VNF_DHCP", "left")
         .output()
         .expect("run dockvpn status")
@@ -114,24 +123,43 @@ fn without_a_dhcp_server_the_side_is_selecting_unhealthy_and_reported_once() {
     );
 }
 
+/// Until the client publishes `state` (it does within a second of the start).
+fn wait_for_dhcp_state(chain: &Chain, vnf: &Vnf, binary_name: &str, state: &str) -> (bool, Value) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (healthy, report) = vnf_status_json(chain, vnf, binary_name);
+        if left_dhcp_client(&report)["state"] == state {
+            return (healthy, report);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client never published {state}:\n{report:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dockwall_is_not_healthy_before_its_lease() {
+    let chain = Chain::new();
+    let dockwall = Vnf::start(&chain.si, "dockwall", &RUN);
+    dockwall.wait_ready();
+    let (healthy, report) = wait_for_dhcp_state(&chain, &dockwall, "dockwall", "selecting");
+    assert!(!healthy, "healthy while selecting:\n{report:#}");
+    assert_eq!(report["healthy"], false, "{report:#}");
+    assert_eq!(
+        report["firewall"]["converged"], true,
+        "only the lease is missing:\n{report:#}"
+    );
+}
+
 #[test]
 fn health_and_the_vpn_port_wait_for_the_lease() {
     let chain = Chain::new();
     let dockvpn = Vnf::start(&chain.si, "dockvpn", &RUN);
     dockvpn.wait_ready();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let before = loop {
-        let (healthy, report) = status_json(&chain, &dockvpn);
-        if left_dhcp_client(&report)["state"] == "selecting" {
-            assert!(!healthy, "healthy while selecting:\n{report:#}");
-            break report;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the client never published selecting:\n{report:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (healthy, before) = wait_for_dhcp_state(&chain, &dockvpn, "dockvpn", "selecting");
+    assert!(!healthy, "healthy while selecting:\n{before:#}");
     assert!(
         !vpn_port_open(&chain),
         "the VPN port is open before the lease:\n{before:#}"
