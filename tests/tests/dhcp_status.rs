@@ -31,8 +31,10 @@ fn vnf_status_json(chain: &Chain, vnf: &Vnf, binary_name: &str) -> (bool, Value)
     (output.status.success(), report)
 }
 
-fn status(chain: &Chain, vnf: &Vnf, args: &[&str]) -> std::process::Output {
-    vnf_status(chain, vnf, "dockvpn", args)
+/// `dockvpn status` as text.
+fn status_text(chain: &Chain, vnf: &Vnf) -> String {
+    let output = vnf_status(chain, vnf, "dockvpn", &["status"]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn vnf_status(chain: &Chain, vnf: &Vnf, binary_name: &str, args: &[&str]) -> std::process::Output {
@@ -111,8 +113,7 @@ fn without_a_dhcp_server_the_side_is_selecting_unhealthy_and_reported_once() {
                 .is_some_and(|p| p.starts_with("left side has no DHCP lease yet: selecting")))),
         "{report:#}"
     );
-    let text = status(&chain, &dockvpn, &["status"]);
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = status_text(&chain, &dockvpn);
     assert!(
         text.contains("dhcp  left selecting since") && text.contains("0 offers seen"),
         "{text}"
@@ -123,17 +124,24 @@ fn without_a_dhcp_server_the_side_is_selecting_unhealthy_and_reported_once() {
     );
 }
 
-/// Until the client publishes `state` (it does within a second of the start).
-fn wait_for_dhcp_state(chain: &Chain, vnf: &Vnf, binary_name: &str, state: &str) -> (bool, Value) {
+/// `binary_name run --dhcp left` in a chain without a DHCP server, once its client has
+/// published that it is selecting (within a second of the start); checks that `status`
+/// is then not healthy, and returns its report.
+fn selecting_vnf(binary_name: &str) -> (Chain, Vnf, Value) {
+    let chain = Chain::new();
+    let vnf = Vnf::start(&chain.si, binary_name, &RUN);
+    vnf.wait_ready();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (healthy, report) = vnf_status_json(chain, vnf, binary_name);
-        if left_dhcp_client(&report)["state"] == state {
-            return (healthy, report);
+        let (healthy, report) = vnf_status_json(&chain, &vnf, binary_name);
+        if left_dhcp_client(&report)["state"] == "selecting" {
+            assert!(!healthy, "healthy while selecting:\n{report:#}");
+            assert_eq!(report["healthy"], false, "{report:#}");
+            return (chain, vnf, report);
         }
         assert!(
             Instant::now() < deadline,
-            "the client never published {state}:\n{report:#}"
+            "the client never published selecting:\n{report:#}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -141,12 +149,7 @@ fn wait_for_dhcp_state(chain: &Chain, vnf: &Vnf, binary_name: &str, state: &str)
 
 #[test]
 fn dockwall_is_not_healthy_before_its_lease() {
-    let chain = Chain::new();
-    let dockwall = Vnf::start(&chain.si, "dockwall", &RUN);
-    dockwall.wait_ready();
-    let (healthy, report) = wait_for_dhcp_state(&chain, &dockwall, "dockwall", "selecting");
-    assert!(!healthy, "healthy while selecting:\n{report:#}");
-    assert_eq!(report["healthy"], false, "{report:#}");
+    let (_chain, _dockwall, report) = selecting_vnf("dockwall");
     assert_eq!(
         report["firewall"]["converged"], true,
         "only the lease is missing:\n{report:#}"
@@ -155,11 +158,7 @@ fn dockwall_is_not_healthy_before_its_lease() {
 
 #[test]
 fn health_and_the_vpn_port_wait_for_the_lease() {
-    let chain = Chain::new();
-    let dockvpn = Vnf::start(&chain.si, "dockvpn", &RUN);
-    dockvpn.wait_ready();
-    let (healthy, before) = wait_for_dhcp_state(&chain, &dockvpn, "dockvpn", "selecting");
-    assert!(!healthy, "healthy while selecting:\n{before:#}");
+    let (chain, dockvpn, before) = selecting_vnf("dockvpn");
     assert!(
         !vpn_port_open(&chain),
         "the VPN port is open before the lease:\n{before:#}"
@@ -213,8 +212,7 @@ fn health_and_the_vpn_port_wait_for_the_lease() {
         position("DHCP lease applied") < position("VPN server listening"),
         "the server served before the lease:\n{log}"
     );
-    let text = status(&chain, &dockvpn, &["status"]);
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = status_text(&chain, &dockvpn);
     assert!(
         text.contains("dhcp  left bound 10.0.1.") && text.contains("s left), renewing at"),
         "{text}"

@@ -67,13 +67,13 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                 .then(|| assignment.interface(side))
                 .flatten()
                 .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
-            let dhcp_client = dhcp_client_status(config, side, assignment.interface(side));
-            if let Some(problem) = dhcp_problem(
-                config,
-                side,
-                assignment.interface(side),
-                dhcp_client.as_ref(),
-            ) {
+            let dhcp_interface = assignment
+                .interface(side)
+                .filter(|_| config.dhcp.sides.contains(&side));
+            let dhcp_client = dhcp_interface.and_then(|i| read_running(&config.state_dir, &i.name));
+            if let Some(problem) =
+                dhcp_interface.and_then(|i| dhcp_problem(side, i, dhcp_client.as_ref()))
+            {
                 problems.push(problem);
             }
             SideStatus {
@@ -107,24 +107,12 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
     })
 }
 
-/// The published status of the DHCP client on a DHCP side's interface.
-fn dhcp_client_status(
-    config: &RuntimeConfig,
-    side: Side,
-    interface: Option<&Interface>,
-) -> Option<DhcpClientStatus> {
-    let interface = interface.filter(|_| config.dhcp.sides.contains(&side))?;
-    read_running(&config.state_dir, &interface.name)
-}
-
 /// A DHCP side is healthy only with a lease: until then its routes are missing.
 fn dhcp_problem(
-    config: &RuntimeConfig,
     side: Side,
-    interface: Option<&Interface>,
+    interface: &Interface,
     client: Option<&DhcpClientStatus>,
 ) -> Option<String> {
-    let interface = interface.filter(|_| config.dhcp.sides.contains(&side))?;
     match client {
         Some(client) if client.is_bound() => None,
         Some(client) => Some(format!(

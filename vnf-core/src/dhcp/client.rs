@@ -712,16 +712,22 @@ mod tests {
         ]
     }
 
+    /// Drives a fresh client to REQUESTING at `now`; returns it and its REQUEST.
+    fn requesting(seed: u64, now: Instant) -> (Client, Message) {
+        let mut client = Client::new(config(), seed, now);
+        client.handle_timeout(now);
+        let discover = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
+            .unwrap();
+        let request = decode(&client.poll_transmit().unwrap());
+        (client, request)
+    }
+
     /// Drives a fresh client to BOUND; returns it and the time it bound.
     fn bound(lease_secs: u32) -> (Client, Instant) {
         let start = Instant::now();
-        let mut client = Client::new(config(), 42, start);
-        client.handle_timeout(start);
-        let discover = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(start, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        let request = decode(&client.poll_transmit().unwrap());
+        let (mut client, request) = requesting(42, start);
         client
             .handle_packet(
                 start,
@@ -913,13 +919,7 @@ mod tests {
     #[test]
     fn unanswered_requests_nak_and_expiry_are_the_last_setback() {
         let start = Instant::now();
-        let mut client = Client::new(config(), 13, start);
-        client.handle_timeout(start);
-        let discover = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(start, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        client.poll_transmit();
+        let (mut client, _) = requesting(13, start);
         let mut now = start;
         while client.state() == State::Requesting {
             now = client.poll_timeout().unwrap();
@@ -947,23 +947,23 @@ mod tests {
 
         client.handle_timeout(now);
         let discover = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        let request = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(now, &reply(&request, MessageType::Nak, &[]))
+        let offer = reply(&discover, MessageType::Offer, &[]);
+        client.handle_packet(now, &offer).unwrap();
+        assert_eq!(client.progress().offers_seen, 2, "counted until bound");
+
+        let (mut refused, request) = requesting(14, start);
+        refused
+            .handle_packet(start, &reply(&request, MessageType::Nak, &[]))
             .unwrap();
         assert_eq!(
-            client.progress().last_setback,
+            refused.progress().last_setback,
             Some((
-                now,
+                start,
                 Setback::Nak {
                     server: Some(SERVER)
                 }
             ))
         );
-        assert_eq!(client.progress().offers_seen, 2);
 
         let (mut client, bound_at) = bound(1000);
         let progress = client.progress();
