@@ -492,6 +492,14 @@ async fn status(cli: &Cli, json: bool) -> Result<ExitCode> {
         print!("{}", routing.render());
         match &vpn {
             Some(vpn) => print!("{}", render_vpn(vpn)),
+            None if routing.sides.iter().any(|side| {
+                side.dhcp_client
+                    .as_ref()
+                    .is_some_and(|client| !client.is_bound())
+            }) =>
+            {
+                println!("VPN server: not serving until the DHCP lease is bound")
+            }
             None => println!("VPN server: not running"),
         }
     }

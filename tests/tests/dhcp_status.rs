@@ -115,7 +115,9 @@ fn without_a_dhcp_server_the_side_is_selecting_unhealthy_and_reported_once() {
     );
     let text = status_text(&chain, &dockvpn);
     assert!(
-        text.contains("dhcp  left selecting since") && text.contains("0 offers seen"),
+        text.contains("dhcp  left selecting since")
+            && text.contains("0 offers seen")
+            && text.contains("VPN server: not serving until the DHCP lease is bound"),
         "{text}"
     );
     assert!(
