@@ -253,10 +253,7 @@ impl Client {
             .tracker
             .no_offer_report_at
             .filter(|_| self.state == State::Selecting);
-        match (self.timer, report) {
-            (Some(timer), Some(report)) => Some(timer.min(report)),
-            (timer, report) => timer.or(report),
-        }
+        [self.timer, report].into_iter().flatten().min()
     }
 
     pub fn progress(&self) -> Progress {
@@ -281,8 +278,9 @@ impl Client {
         }
     }
 
-    /// Notes a state change (call after every one): when it happened, and the first
-    /// "no DHCPOFFER" report when selecting starts.
+    /// Notes a state change: when it happened, and the first "no DHCPOFFER" report when
+    /// selecting starts. Every change ends in `restart`, `send_discover`, `send_request` or
+    /// `bind`, which call it (`release` stops the client; nothing is tracked after that).
     fn track(&mut self, now: Instant) {
         if self.tracker.state == self.state {
             return;
