@@ -389,6 +389,21 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         .collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut runtime_config = args.lifecycle.runtime_config(
+        &args.routing.network,
+        args.routing.routes.routing_config(),
+        state_dir,
+    );
+    one_leg_serves_both_sides(&mut runtime_config.selectors);
+    let dhcp_sides = &runtime_config.dhcp.sides;
+    let (dhcp_bound_tx, dhcp_bound_rx) = watch::channel(dhcp_sides.is_empty());
+    if !dhcp_sides.is_empty() {
+        let sides: Vec<&str> = dhcp_sides.iter().map(|side| side.as_str()).collect();
+        info!(
+            "the VPN server starts once the DHCP lease on {} is bound, so that clients get its routes",
+            sides.join(" and ")
+        );
+    }
     let mut observer = VpnObserver {
         static_routes,
         learned_routes: BTreeSet::new(),
@@ -398,6 +413,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         pool: engine.pool,
         masquerade: serve.masquerade,
         masquerading: None,
+        dhcp_bound: dhcp_bound_tx,
     };
     let config = vpn::VpnConfig {
         listen: serve.listen,
@@ -409,7 +425,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     let vpn_task = tokio::spawn({
         let failed = failed.clone();
         async move {
-            let outcome = vpn::serve(config, routes_rx, stop_rx).await;
+            let outcome = serve_once_bound(config, routes_rx, stop_rx, dhcp_bound_rx).await;
             if outcome.is_err() {
                 failed.notify_one();
             }
@@ -423,12 +439,6 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         }
         let _ = stop_tx.send(true);
     };
-    let mut runtime_config = args.lifecycle.runtime_config(
-        &args.routing.network,
-        args.routing.routes.routing_config(),
-        state_dir,
-    );
-    one_leg_serves_both_sides(&mut runtime_config.selectors);
     let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await
@@ -438,11 +448,28 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// Dockvpn's runtime config (for `run` and `status` alike): global routing, and one leg may
-/// serve as both sides.
 /// Dockvpn runs one-armed on a single leg; every subcommand assigns sides the way `run` does.
 fn one_leg_serves_both_sides(selectors: &mut SideSelectors) {
     selectors.single_leg = SingleLeg::ServesBothSides;
+}
+
+/// Serves once every DHCP side holds a lease (at once without `--dhcp`): a client that
+/// connected earlier would get none of the lease's routes. Returns early on stop.
+async fn serve_once_bound(
+    config: vpn::VpnConfig,
+    routes: watch::Receiver<BTreeSet<Ipv4Net>>,
+    mut stop: watch::Receiver<bool>,
+    mut dhcp_bound: watch::Receiver<bool>,
+) -> Result<()> {
+    tokio::select! {
+        bound = dhcp_bound.wait_for(|&bound| bound) => {
+            if bound.is_err() {
+                return Ok(());
+            }
+        }
+        _ = stop.changed() => return Ok(()),
+    }
+    vpn::serve(config, routes, stop).await
 }
 
 /// Feeds the VPN server with the routes to push and keeps masquerade on the left interface.
@@ -459,6 +486,8 @@ struct VpnObserver {
     masquerade: bool,
     /// The interface masquerade is installed on.
     masquerading: Option<String>,
+    /// Turns true once every DHCP side is bound; the server then starts.
+    dhcp_bound: watch::Sender<bool>,
 }
 
 impl VpnObserver {
@@ -503,6 +532,13 @@ impl SidesObserver for VpnObserver {
             masquerade::remove()?;
         }
         Ok(())
+    }
+
+    fn dhcp_sides_bound(&mut self, bound: bool) {
+        // Once serving, the server stays up through lease changes; the routes follow them.
+        if bound {
+            self.dhcp_bound.send_replace(true);
+        }
     }
 
     fn left_routes_learned(&mut self, routes: &[LearnedRoute]) {
@@ -558,8 +594,9 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
     one_leg_serves_both_sides(&mut config.selectors);
     let routing = vnf_core::status::collect(&config).await?;
     let vpn = read_vpn_status(state_dir);
+    let healthy = routing.converged && vpn.is_some();
     if json {
-        let value = serde_json::json!({ "routing": routing, "vpn": vpn });
+        let value = serde_json::json!({ "healthy": healthy, "routing": routing, "vpn": vpn });
         println!(
             "{}",
             serde_json::to_string_pretty(&value).expect("serializes")
@@ -568,10 +605,18 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
         print!("{}", routing.render());
         match &vpn {
             Some(vpn) => print!("{}", render_vpn(vpn)),
+            None if routing.sides.iter().any(|side| {
+                side.dhcp_client
+                    .as_ref()
+                    .is_some_and(|client| !client.is_bound())
+            }) =>
+            {
+                println!("VPN server: not serving until the DHCP lease is bound")
+            }
             None => println!("VPN server: not running"),
         }
     }
-    Ok(if routing.converged && vpn.is_some() {
+    Ok(if healthy {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

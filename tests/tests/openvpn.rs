@@ -240,12 +240,11 @@ fn routes_learned_by_dhcp_option_121_are_pushed() {
         &["run", "--dhcp", "left", "--side-timeout", "30"],
     );
     dockvpn.wait_ready();
-    dockvpn
-        .wait_for_log(
-            "routes for clients that connect from now on",
-            Duration::from_secs(10),
-        )
+    // With --dhcp the server serves only once the lease (and so its routes) is there.
+    let listening = dockvpn
+        .wait_for_log("VPN server listening", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
+    assert!(listening.contains("192.168.10.0/24"), "{listening}");
     let _client = connected_client(&chain, &dockvpn, "carol");
     assert_eq!(
         tunnel_routes(&chain.right_host),

@@ -66,6 +66,9 @@ pub trait SidesObserver {
     /// The routes the left side's DHCP lease carries now (empty without a lease): Dockvpn
     /// pushes them to its clients.
     fn left_routes_learned(&mut self, _routes: &[LearnedRoute]) {}
+    /// Whether every `--dhcp` side holds a lease now; told at the first convergence (true
+    /// at once without DHCP sides) and on every change. Dockvpn serves only once it is true.
+    fn dhcp_sides_bound(&mut self, _bound: bool) {}
 }
 
 /// For VNFs with nothing to do on side changes.
@@ -90,6 +93,8 @@ struct Runtime<'o> {
     observed: bool,
     /// The left lease's routes as last told to the observer.
     observed_left_routes: Option<Vec<LearnedRoute>>,
+    /// Whether all DHCP sides were bound, as last told to the observer.
+    observed_dhcp_bound: Option<bool>,
     config: RuntimeConfig,
     kernel: Kernel,
     reconciler: Reconciler,
@@ -131,6 +136,7 @@ pub async fn run(
         dhcp_changed: Arc::new(Notify::new()),
         observed: false,
         observed_left_routes: None,
+        observed_dhcp_bound: None,
         reconciler: Reconciler::new(kernel.clone()),
         kernel,
         sysctls: Sysctls::default(),
@@ -300,6 +306,7 @@ impl Runtime<'_> {
         }
         self.ensure_dhcp_clients();
         self.tell_left_routes();
+        self.tell_dhcp_bound();
 
         let mut routed: Vec<&str> = [Side::Left, Side::Right]
             .iter()
@@ -415,6 +422,18 @@ impl Runtime<'_> {
         if self.observed_left_routes.as_ref() != Some(&routes) {
             self.observer.left_routes_learned(&routes);
             self.observed_left_routes = Some(routes);
+        }
+    }
+
+    fn tell_dhcp_bound(&mut self) {
+        let bound = self.config.dhcp.sides.iter().all(|&side| {
+            self.dhcp_tasks
+                .iter()
+                .any(|t| t.side == side && t.lease().is_some())
+        });
+        if self.observed_dhcp_bound != Some(bound) {
+            self.observer.dhcp_sides_bound(bound);
+            self.observed_dhcp_bound = Some(bound);
         }
     }
 

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::dhcp::client_status::{read_running, DhcpClientStatus};
 use crate::dhcp::driver::{lease_file, read_stored, StoredLease};
 use crate::error::Result;
 use crate::kernel::Kernel;
@@ -31,6 +32,9 @@ pub struct SideStatus {
     /// The stored DHCP lease of a DHCP side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<StoredLease>,
+    /// What the running DHCP client of a DHCP side is doing (selecting, bound, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dhcp_client: Option<DhcpClientStatus>,
     pub selector: String,
     pub interface: Option<Interface>,
     pub ready: Option<ReadySide>,
@@ -68,9 +72,19 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                 .then(|| assignment.interface(side))
                 .flatten()
                 .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
+            let dhcp_interface = assignment
+                .interface(side)
+                .filter(|_| config.dhcp.sides.contains(&side));
+            let dhcp_client = dhcp_interface.and_then(|i| read_running(&config.state_dir, &i.name));
+            if let Some(problem) =
+                dhcp_interface.and_then(|i| dhcp_problem(side, i, dhcp_client.as_ref()))
+            {
+                problems.push(problem);
+            }
             SideStatus {
                 side,
                 dhcp,
+                dhcp_client,
                 selector: config.selectors.describe(side),
                 interface: assignment.interface(side).cloned(),
                 ready,
@@ -97,6 +111,25 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
         converged: problems.is_empty(),
         problems,
     })
+}
+
+/// A DHCP side is healthy only with a lease: until then its routes are missing.
+fn dhcp_problem(
+    side: Side,
+    interface: &Interface,
+    client: Option<&DhcpClientStatus>,
+) -> Option<String> {
+    match client {
+        Some(client) if client.is_bound() => None,
+        Some(client) => Some(format!(
+            "{side} side has no DHCP lease yet: {}",
+            client.describe()
+        )),
+        None => Some(format!(
+            "{side} side: no DHCP client runs on {} (is `run` running with --dhcp {side}?)",
+            interface.name
+        )),
+    }
 }
 
 impl Status {
@@ -129,6 +162,9 @@ impl Status {
             };
         }
         for side in &self.sides {
+            if let Some(client) = &side.dhcp_client {
+                let _ = writeln!(out, "  dhcp  {} {}", side.side, client.describe());
+            }
             if let Some(stored) = &side.dhcp {
                 let routes: Vec<String> = stored
                     .lease

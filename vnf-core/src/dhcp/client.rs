@@ -22,6 +22,11 @@ const MIN_RENEW_RETRY: Duration = Duration::from_secs(60);
 const REQUEST_ATTEMPTS: u32 = 4;
 const MIN_MESSAGE_SIZE: u16 = 576;
 const DEFAULT_LEASE_SECS: u32 = 3600;
+/// The first "no DHCPOFFER yet" report; later ones back off (see `next_no_offer_report`).
+const FIRST_NO_OFFER_REPORT: Duration = Duration::from_secs(10);
+const SECOND_NO_OFFER_REPORT: Duration = Duration::from_secs(30);
+/// Reports while selecting are at most this far apart.
+const MAX_NO_OFFER_REPORT_GAP: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -31,7 +36,7 @@ pub struct ClientConfig {
     pub hostname: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     Init,
@@ -73,6 +78,84 @@ pub enum Event {
     Released(Lease),
     /// A reply arrived but a classless route option in it was ignored.
     RoutesRejected(Vec<String>),
+    /// Still selecting: no DHCPOFFER this long after the first DISCOVER. Reported after
+    /// 10 s, 30 s, 1 min, 2 min, … (at most 10 min apart), not per retransmission.
+    NoOffer {
+        waited: Duration,
+    },
+}
+
+/// Why the client lost its lease or had to start over: typed, and formatted only for
+/// people (logs, `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setback {
+    /// The server refused the address with a DHCPNAK.
+    Nak { server: Option<Ipv4Addr> },
+    /// No DHCPACK to any of the REQUESTs for an offered or stored address.
+    NoAck { requested: Option<Ipv4Addr> },
+    /// No server answered the renewals and rebinding before the lease ran out.
+    Expired { address: Ipv4Net },
+}
+
+impl std::fmt::Display for Setback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setback::Nak {
+                server: Some(server),
+            } => {
+                write!(f, "DHCPNAK from {server}: the server refused the address")
+            }
+            Setback::Nak { server: None } => write!(f, "DHCPNAK: the server refused the address"),
+            Setback::NoAck {
+                requested: Some(address),
+            } => write!(
+                f,
+                "no DHCPACK to {REQUEST_ATTEMPTS} DHCPREQUESTs for {address}; starting over"
+            ),
+            Setback::NoAck { requested: None } => write!(
+                f,
+                "no DHCPACK to {REQUEST_ATTEMPTS} DHCPREQUESTs; starting over"
+            ),
+            Setback::Expired { address } => write!(
+                f,
+                "the lease of {address} expired: no server answered the renewals"
+            ),
+        }
+    }
+}
+
+/// What the client has been doing, for `status` and the logs. Bookkeeping only: nothing
+/// here steers the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub state: State,
+    /// When the client entered `state`.
+    pub since: Instant,
+    /// DHCPOFFERs taken up since the client last bound (or started).
+    pub offers_seen: u32,
+    pub last_setback: Option<(Instant, Setback)>,
+    /// While the client holds a lease.
+    pub lease_deadlines: Option<LeaseDeadlines>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseDeadlines {
+    pub address: Ipv4Net,
+    /// T1: renewing (unicast to the server) starts.
+    pub renew_at: Instant,
+    /// T2: rebinding (broadcast to any server) starts.
+    pub rebind_at: Instant,
+    pub expires_at: Instant,
+}
+
+/// The bookkeeping behind `Progress`, updated at each state change.
+struct Tracker {
+    state: State,
+    since: Instant,
+    offers_seen: u32,
+    last_setback: Option<(Instant, Setback)>,
+    /// The next "no DHCPOFFER yet" report, while selecting.
+    no_offer_report_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +189,7 @@ pub struct Client {
     bound_at: Option<Instant>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    tracker: Tracker,
 }
 
 impl Client {
@@ -123,6 +207,13 @@ impl Client {
             bound_at: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            tracker: Tracker {
+                state: State::Init,
+                since: now,
+                offers_seen: 0,
+                last_setback: None,
+                no_offer_report_at: None,
+            },
         }
     }
 
@@ -158,7 +249,63 @@ impl Client {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timer
+        let report = self
+            .tracker
+            .no_offer_report_at
+            .filter(|_| self.state == State::Selecting);
+        [self.timer, report].into_iter().flatten().min()
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            state: self.state,
+            since: self.tracker.since,
+            offers_seen: self.tracker.offers_seen,
+            last_setback: self.tracker.last_setback,
+            lease_deadlines: match (self.state, self.lease_times(), &self.lease) {
+                (
+                    State::Bound | State::Renewing | State::Rebinding,
+                    Some((renew_at, rebind_at, expires_at)),
+                    Some(lease),
+                ) => Some(LeaseDeadlines {
+                    address: lease.address,
+                    renew_at,
+                    rebind_at,
+                    expires_at,
+                }),
+                _ => None,
+            },
+        }
+    }
+
+    /// Notes a state change: when it happened, and the first "no DHCPOFFER" report when
+    /// selecting starts. Every change ends in `restart`, `send_discover`, `send_request` or
+    /// `bind`, which call it (`release` stops the client; nothing is tracked after that).
+    fn track(&mut self, now: Instant) {
+        if self.tracker.state == self.state {
+            return;
+        }
+        self.tracker.state = self.state;
+        self.tracker.since = now;
+        self.tracker.no_offer_report_at =
+            (self.state == State::Selecting).then(|| now + FIRST_NO_OFFER_REPORT);
+    }
+
+    fn set_back(&mut self, now: Instant, setback: Setback) {
+        self.tracker.last_setback = Some((now, setback));
+    }
+
+    /// Reports a selecting that has seen no offer at the scheduled times.
+    fn report_no_offer(&mut self, now: Instant) {
+        let Some(report_at) = self.tracker.no_offer_report_at else {
+            return;
+        };
+        if now < report_at || self.state != State::Selecting {
+            return;
+        }
+        let waited = report_at - self.tracker.since;
+        self.events.push_back(Event::NoOffer { waited });
+        self.tracker.no_offer_report_at = Some(self.tracker.since + next_no_offer_report(waited));
     }
 
     fn random(&mut self) -> u64 {
@@ -194,6 +341,7 @@ impl Client {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.report_no_offer(now);
         if self.timer.is_none_or(|t| now < t) {
             return;
         }
@@ -210,6 +358,12 @@ impl Client {
             State::Requesting | State::InitReboot => {
                 self.attempt += 1;
                 if self.attempt >= REQUEST_ATTEMPTS {
+                    let requested = match (&self.offer, &self.lease) {
+                        (Some(offer), _) => Some(offer.address),
+                        (None, Some(lease)) => Some(lease.address.addr()),
+                        (None, None) => None,
+                    };
+                    self.set_back(now, Setback::NoAck { requested });
                     self.restart(now);
                 } else {
                     self.send_request(now);
@@ -227,6 +381,12 @@ impl Client {
                 };
                 if now >= expires_at {
                     if let Some(lease) = self.lease.take() {
+                        self.set_back(
+                            now,
+                            Setback::Expired {
+                                address: lease.address,
+                            },
+                        );
                         self.events.push_back(Event::Expired(lease));
                     }
                     self.restart(now);
@@ -247,6 +407,7 @@ impl Client {
         self.offer = None;
         self.bound_at = None;
         self.timer = Some(now);
+        self.track(now);
     }
 
     fn message(&self, kind: MessageType) -> Message {
@@ -294,6 +455,7 @@ impl Client {
         self.queue(&message, Destination::Broadcast);
         let wait = self.backoff();
         self.timer = Some(now + wait);
+        self.track(now);
     }
 
     fn send_request(&mut self, now: Instant) {
@@ -337,6 +499,7 @@ impl Client {
                 now + wait
             }
         });
+        self.track(now);
     }
 
     /// Releases a bound lease (clean shutdown) and stops.
@@ -384,6 +547,7 @@ impl Client {
                     address: header.yiaddr,
                     server,
                 });
+                self.tracker.offers_seen += 1;
                 self.state = State::Requesting;
                 self.attempt = 0;
                 self.send_request(now);
@@ -393,6 +557,8 @@ impl Client {
                 self.bind(now, &packet)
             }
             (State::Requesting | State::InitReboot | State::Renewing | State::Rebinding, 6) => {
+                let server = packet.address(options::SERVER_ID);
+                self.set_back(now, Setback::Nak { server });
                 self.events.push_back(Event::Nak);
                 self.lease = None;
                 self.restart(now);
@@ -464,7 +630,20 @@ impl Client {
         self.offer = None;
         self.state = State::Bound;
         self.timer = self.lease_times().map(|(renew_at, _, _)| renew_at);
+        self.tracker.offers_seen = 0;
+        self.track(now);
         Ok(())
+    }
+}
+
+/// 10 s, 30 s, then each report at twice the time waited so far, at most 10 min later.
+fn next_no_offer_report(waited: Duration) -> Duration {
+    if waited < FIRST_NO_OFFER_REPORT {
+        FIRST_NO_OFFER_REPORT
+    } else if waited < SECOND_NO_OFFER_REPORT {
+        SECOND_NO_OFFER_REPORT
+    } else {
+        (waited * 2).min(waited + MAX_NO_OFFER_REPORT_GAP)
     }
 }
 
@@ -531,16 +710,22 @@ mod tests {
         ]
     }
 
+    /// Drives a fresh client to REQUESTING at `now`; returns it and its REQUEST.
+    fn requesting(seed: u64, now: Instant) -> (Client, Message) {
+        let mut client = Client::new(config(), seed, now);
+        client.handle_timeout(now);
+        let discover = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
+            .unwrap();
+        let request = decode(&client.poll_transmit().unwrap());
+        (client, request)
+    }
+
     /// Drives a fresh client to BOUND; returns it and the time it bound.
     fn bound(lease_secs: u32) -> (Client, Instant) {
         let start = Instant::now();
-        let mut client = Client::new(config(), 42, start);
-        client.handle_timeout(start);
-        let discover = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(start, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        let request = decode(&client.poll_transmit().unwrap());
+        let (mut client, request) = requesting(42, start);
         client
             .handle_packet(
                 start,
@@ -627,6 +812,18 @@ mod tests {
         assert_eq!(client.state(), State::Bound);
     }
 
+    /// Runs the timers up to the next packet, past the "no offer" reports in between.
+    fn next_transmission(client: &mut Client) -> (Instant, Transmit) {
+        for _ in 0..10 {
+            let at = client.poll_timeout().expect("a timer");
+            client.handle_timeout(at);
+            if let Some(transmit) = client.poll_transmit() {
+                return (at, transmit);
+            }
+        }
+        panic!("ten timeouts without a packet")
+    }
+
     #[test]
     fn retransmissions_back_off_and_keep_the_transaction() {
         let start = Instant::now();
@@ -634,12 +831,11 @@ mod tests {
         client.handle_timeout(start);
         let first = decode(&client.poll_transmit().unwrap());
         let mut previous = start;
-        for (attempt, expected) in [8u64, 16, 32, 64, 64].into_iter().enumerate() {
-            let at = client.poll_timeout().unwrap();
-            client.handle_timeout(at);
-            let again = decode(&client.poll_transmit().unwrap());
+        for (attempt, expected) in [4u64, 8, 16, 32, 64, 64].into_iter().enumerate() {
+            let (at, transmit) = next_transmission(&mut client);
+            let again = decode(&transmit);
             assert_eq!(again.xid(), first.xid(), "attempt {attempt}");
-            let wait = client.poll_timeout().unwrap() - at;
+            let wait = at - previous;
             assert!(
                 wait >= Duration::from_secs(expected - 1)
                     && wait <= Duration::from_secs(expected + 1),
@@ -651,6 +847,152 @@ mod tests {
         // Early timer calls do nothing.
         client.handle_timeout(previous);
         assert!(client.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn selecting_without_offers_is_reported_with_backoff_not_per_discover() {
+        let start = Instant::now();
+        let mut client = Client::new(config(), 11, start);
+        client.handle_timeout(start);
+        let (mut reports, mut discovers) = (Vec::new(), 1);
+        while let Some(at) = client
+            .poll_timeout()
+            .filter(|&at| at < start + Duration::from_secs(1000))
+        {
+            client.handle_timeout(at);
+            discovers += std::iter::from_fn(|| client.poll_transmit()).count();
+            while let Some(event) = client.poll_event() {
+                let Event::NoOffer { waited } = event else {
+                    panic!("unexpected {event:?}")
+                };
+                assert_eq!(at - start, waited, "reported when due");
+                reports.push(waited.as_secs());
+            }
+        }
+        assert_eq!(reports, [10, 30, 60, 120, 240, 480, 960]);
+        assert!(discovers > reports.len(), "{discovers} DISCOVERs");
+        let progress = client.progress();
+        assert_eq!(
+            (progress.state, progress.since, progress.offers_seen),
+            (State::Selecting, start, 0)
+        );
+        assert_eq!(
+            (progress.last_setback, progress.lease_deadlines),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn an_offer_is_counted_and_ends_the_no_offer_reports() {
+        let start = Instant::now();
+        let mut client = Client::new(config(), 12, start);
+        client.handle_timeout(start);
+        let (at, transmit) = next_transmission(&mut client);
+        assert_eq!(
+            client.poll_event(),
+            None,
+            "no report before 10 s (retransmission at {:?})",
+            at - start
+        );
+        let offered_at = start + Duration::from_secs(5);
+        client
+            .handle_packet(
+                offered_at,
+                &reply(&decode(&transmit), MessageType::Offer, &[]),
+            )
+            .unwrap();
+        let progress = client.progress();
+        assert_eq!(
+            (progress.state, progress.since, progress.offers_seen),
+            (State::Requesting, offered_at, 1)
+        );
+        // Only the REQUEST retransmissions remain: no "no offer" report comes any more.
+        for _ in 0..REQUEST_ATTEMPTS - 1 {
+            let (at, _) = next_transmission(&mut client);
+            assert!(at < start + Duration::from_secs(100));
+        }
+        assert_eq!(client.poll_event(), None);
+    }
+
+    #[test]
+    fn unanswered_requests_nak_and_expiry_are_the_last_setback() {
+        let start = Instant::now();
+        let (mut client, _) = requesting(13, start);
+        let mut now = start;
+        while client.state() == State::Requesting {
+            now = client.poll_timeout().unwrap();
+            client.handle_timeout(now);
+            client.poll_transmit();
+        }
+        let progress = client.progress();
+        assert_eq!(
+            progress.last_setback,
+            Some((
+                now,
+                Setback::NoAck {
+                    requested: Some(ADDRESS)
+                }
+            ))
+        );
+        assert_eq!(
+            (progress.state, progress.since, progress.offers_seen),
+            (State::Init, now, 1)
+        );
+        assert_eq!(
+            progress.last_setback.unwrap().1.to_string(),
+            "no DHCPACK to 4 DHCPREQUESTs for 10.0.1.50; starting over"
+        );
+
+        client.handle_timeout(now);
+        let discover = decode(&client.poll_transmit().unwrap());
+        let offer = reply(&discover, MessageType::Offer, &[]);
+        client.handle_packet(now, &offer).unwrap();
+        assert_eq!(client.progress().offers_seen, 2, "counted until bound");
+
+        let (mut refused, request) = requesting(14, start);
+        refused
+            .handle_packet(start, &reply(&request, MessageType::Nak, &[]))
+            .unwrap();
+        assert_eq!(
+            refused.progress().last_setback,
+            Some((
+                start,
+                Setback::Nak {
+                    server: Some(SERVER)
+                }
+            ))
+        );
+
+        let (mut client, bound_at) = bound(1000);
+        let progress = client.progress();
+        assert_eq!((progress.state, progress.offers_seen), (State::Bound, 0));
+        assert_eq!(
+            progress.lease_deadlines,
+            Some(LeaseDeadlines {
+                address: "10.0.1.50/24".parse().unwrap(),
+                renew_at: bound_at + Duration::from_secs(500),
+                rebind_at: bound_at + Duration::from_secs(875),
+                expires_at: bound_at + Duration::from_secs(1000),
+            })
+        );
+        while client.state() != State::Init {
+            let now = client.poll_timeout().unwrap();
+            client.handle_timeout(now);
+            if client.state() == State::Renewing {
+                assert_eq!(client.progress().since, bound_at + Duration::from_secs(500));
+            }
+        }
+        let progress = client.progress();
+        assert_eq!(
+            progress.last_setback,
+            Some((
+                bound_at + Duration::from_secs(1000),
+                Setback::Expired {
+                    address: "10.0.1.50/24".parse().unwrap()
+                }
+            ))
+        );
+        assert_eq!(progress.lease_deadlines, None);
     }
 
     #[test]

@@ -15,7 +15,10 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::client::{Client, ClientConfig, Destination, Event, Lease, Transmit};
+use super::client::{Client, ClientConfig, Destination, Event, Lease, Setback, State, Transmit};
+use super::client_status::{
+    client_status_file, format_wait, DhcpClientStatus, LastError, WallClock,
+};
 use super::socket::{unicast_socket, PacketSocket, SERVER_PORT};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
@@ -97,10 +100,12 @@ impl DhcpTask {
         let (feed_sender, feed) = watch::channel(None);
         let (stop, stop_receiver) = oneshot::channel();
         let (side, index, name) = (interface.side, interface.index, interface.name.clone());
+        let status_file = client_status_file(&interface.state_dir, &name);
         let handle = tokio::spawn(async move {
-            if let Err(error) = drive(interface, feed_sender, changed.clone(), stop_receiver).await
-            {
+            let outcome = drive(interface, feed_sender, changed.clone(), stop_receiver).await;
+            if let Err(error) = outcome {
                 warn!(%side, interface = %name, %error, "DHCP client stopped");
+                publish_failure(&status_file, side, &name, &error);
                 changed.notify_one();
             }
         });
@@ -147,6 +152,15 @@ struct Driver {
     applier: LeaseApplier,
     feed: watch::Sender<Option<Lease>>,
     changed: Arc<Notify>,
+    progress: ProgressPublisher,
+}
+
+/// Publishes the client's progress for `status` and logs each new setback once.
+struct ProgressPublisher {
+    file: PathBuf,
+    clock: WallClock,
+    published: Option<DhcpClientStatus>,
+    logged_setback: Option<Setback>,
 }
 
 async fn drive(
@@ -184,6 +198,7 @@ async fn drive(
         }
         None => Client::new(config, seed, now),
     };
+    let interface_state_dir = interface.state_dir.clone();
     let mut driver = Driver {
         applier: LeaseApplier::new(Kernel::connect()?, target),
         interface,
@@ -191,26 +206,61 @@ async fn drive(
         unicast: None,
         feed,
         changed,
+        progress: ProgressPublisher {
+            file: client_status_file(&interface_state_dir, &name),
+            clock: WallClock::now(),
+            published: None,
+            logged_setback: None,
+        },
     };
-    loop {
-        driver.flush(&mut client).await;
-        let deadline = client.poll_timeout().map(tokio::time::Instant::from_std);
-        tokio::select! {
-            received = driver.raw.recv() => {
-                let payload = received.map_err(io_error("receive DHCP"))?;
-                if let Err(reason) = client.handle_packet(Instant::now(), &payload) {
-                    debug!(%reason, "DHCP packet dropped");
+    let outcome = async {
+        loop {
+            driver.flush(&mut client).await;
+            driver.publish_progress(&client);
+            let deadline = client.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                received = driver.raw.recv() => {
+                    let payload = received.map_err(io_error("receive DHCP"))?;
+                    if let Err(reason) = client.handle_packet(Instant::now(), &payload) {
+                        debug!(%reason, "DHCP packet dropped");
+                    }
                 }
-            }
-            () = sleep_until(deadline) => client.handle_timeout(Instant::now()),
-            release = &mut stop => {
-                if release.unwrap_or(false) {
-                    client.release();
-                    driver.flush(&mut client).await;
+                () = sleep_until(deadline) => client.handle_timeout(Instant::now()),
+                release = &mut stop => {
+                    if release.unwrap_or(false) {
+                        client.release();
+                        driver.flush(&mut client).await;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
             }
         }
+    }
+    .await;
+    // A stopped client publishes nothing; a failed one is published by the task.
+    let _ = std::fs::remove_file(&driver.progress.file);
+    outcome
+}
+
+/// Publishes a client that stopped on an error, so `status` says why.
+fn publish_failure(file: &Path, side: Side, interface: &str, error: &Error) {
+    let clock = WallClock::now();
+    let now = Instant::now();
+    let status = DhcpClientStatus {
+        pid: std::process::id(),
+        side,
+        interface: interface.to_owned(),
+        state: State::Stopped,
+        since_unix: clock.unix(now),
+        offers_seen: 0,
+        last_error: Some(LastError {
+            at_unix: clock.unix(now),
+            reason: error.to_string(),
+        }),
+        lease: None,
+    };
+    if let Err(error) = write_json(file, &status, false) {
+        warn!(file = %file.display(), %error, "could not publish the DHCP client's status");
     }
 }
 
@@ -285,6 +335,32 @@ impl Driver {
                     warn!(%side, %reason, "DHCP route option rejected");
                 }
             }
+            Event::NoOffer { waited } => warn!(
+                "no DHCPOFFER on {side} after {} (still trying; is a DHCP server on this network?)",
+                format_wait(waited)
+            ),
+        }
+    }
+
+    /// Rewrites the client's status file when its progress changed.
+    fn publish_progress(&mut self, client: &Client) {
+        let progress = client.progress();
+        let (side, interface) = (self.interface.side, &self.interface.name);
+        if let Some((_, setback)) = progress.last_setback {
+            if self.progress.logged_setback != Some(setback) {
+                warn!(%side, %interface, "DHCP: {setback}");
+                self.progress.logged_setback = Some(setback);
+            }
+        }
+        let status = DhcpClientStatus::new(side, interface, &progress, &self.progress.clock);
+        if self.progress.published.as_ref() == Some(&status) {
+            return;
+        }
+        match write_json(&self.progress.file, &status, false) {
+            Ok(()) => self.progress.published = Some(status),
+            Err(error) => {
+                warn!(file = %self.progress.file.display(), %error, "could not publish the DHCP client's status")
+            }
         }
     }
 
@@ -298,11 +374,20 @@ impl Driver {
 }
 
 fn store(path: &Path, stored: &StoredLease) -> std::io::Result<()> {
+    write_json(path, stored, true)
+}
+
+/// Writes `value` as JSON, creating the state directory; `durable` survives a power cut.
+fn write_json(path: &Path, value: &impl Serialize, durable: bool) -> std::io::Result<()> {
     if let Some(directory) = path.parent() {
         std::fs::create_dir_all(directory)?;
     }
-    let json = serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?;
-    crate::fs::write_atomically(path, &json, 0o644)
+    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    if durable {
+        crate::fs::write_atomically(path, &json, 0o644)
+    } else {
+        crate::fs::write_replacing(path, &json, 0o644)
+    }
 }
 
 /// Runs the hook with the lease in the environment and as JSON on stdin, bounded in time.

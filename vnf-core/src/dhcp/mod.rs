@@ -2,6 +2,7 @@
 //! state machine. Applying a lease to the kernel is `crate::lease`.
 
 pub mod client;
+pub mod client_status;
 pub mod driver;
 pub mod options;
 pub mod socket;
