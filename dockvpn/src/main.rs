@@ -7,6 +7,7 @@
 mod masquerade;
 mod openvpn;
 mod pki;
+mod udp;
 mod vpn;
 
 use std::collections::BTreeSet;
@@ -309,6 +310,7 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         cli.routes.left_routes.iter().map(Ipv4Net::trunc).collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let engine_pool = engine.pool;
     let mut observer = VpnObserver {
         static_routes,
         routes: routes_tx,
@@ -340,9 +342,11 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
         }
         let _ = stop_tx.send(true);
     };
-    let runtime_config = cli
-        .sides
-        .runtime_config(cli.routes.routing_config(), &cli.state_dir);
+    let routing = RoutingConfig {
+        vpn_pool: Some(engine_pool),
+        ..cli.routes.routing_config()
+    };
+    let runtime_config = cli.sides.runtime_config(routing, &cli.state_dir);
     let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
     let vpn_outcome = vpn_task
         .await

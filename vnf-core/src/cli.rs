@@ -73,6 +73,23 @@ pub struct SideArgs {
     #[arg(long, global = true, env = "VNF_DHCP_HOOK", value_name = "COMMAND")]
     pub dhcp_hook: Option<PathBuf>,
 
+    /// Refuse DHCP leases whose subnet is shorter than this prefix (a /1 would make half of
+    /// all addresses on-link)
+    #[arg(
+        long,
+        global = true,
+        env = "VNF_DHCP_MIN_PREFIX",
+        value_name = "BITS",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u8).range(0..=32)
+    )]
+    pub dhcp_min_prefix: u8,
+
+    /// Global mode: install learned left routes 0.0.0.0/1 and 128.0.0.0/1 (def1 halves),
+    /// refused by default because together they take the right side's default
+    #[arg(long, global = true, env = "VNF_ACCEPT_WIDE_LEFT_ROUTES")]
+    pub accept_wide_left_routes: bool,
+
     /// What happens to the installed routes and rules on SIGTERM/SIGINT: remove them, or keep
     /// them so the kernel goes on forwarding. Sysctls are left as set either way
     #[arg(long, global = true, env = "VNF_ON_EXIT", value_enum, default_value_t = OnExit::Remove)]
@@ -95,6 +112,7 @@ impl SideArgs {
     pub fn runtime_config(&self, mut routing: RoutingConfig, state_dir: &Path) -> RuntimeConfig {
         routing.left_gateway = self.left_gateway;
         routing.right_gateway = self.right_gateway;
+        routing.accept_wide_left_routes = self.accept_wide_left_routes;
         RuntimeConfig {
             selectors: self.selectors(state_dir),
             routing,
@@ -103,6 +121,7 @@ impl SideArgs {
             dhcp: DhcpConfig {
                 sides: self.dhcp.clone(),
                 hook: self.dhcp_hook.clone(),
+                min_prefix: self.dhcp_min_prefix,
             },
             state_dir: state_dir.to_path_buf(),
         }

@@ -12,6 +12,7 @@ pub mod firewall;
 pub mod fs;
 pub mod kernel;
 pub mod lease;
+pub mod route_guard;
 pub mod routing;
 pub mod runtime;
 pub mod side;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::dhcp::client::Lease;
@@ -16,6 +16,7 @@ use crate::dhcp::driver::{lease_gateway, DhcpInterface, DhcpTask};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::lease::LearnedRoute;
+use crate::route_guard::{screening_file, Refusal, RouteGuard, SideScreening};
 use crate::routing::{desired_state, Reconciler, RoutingConfig, RoutingMode, MAIN_TABLE};
 use crate::side::{assign, Assignment, Interface, Side, SideSelectors};
 use crate::sysctl::Sysctls;
@@ -55,6 +56,8 @@ pub struct RuntimeConfig {
 pub struct DhcpConfig {
     pub sides: Vec<Side>,
     pub hook: Option<PathBuf>,
+    /// Leases whose subnet is shorter than this prefix are refused.
+    pub min_prefix: u8,
 }
 
 /// Told about side changes before routing follows them, so that a firewall is in place
@@ -62,8 +65,8 @@ pub struct DhcpConfig {
 pub trait SidesObserver {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()>;
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()>;
-    /// The routes the left side's DHCP lease carries now (empty without a lease): Dockvpn
-    /// pushes them to its clients.
+    /// The routes the left side's DHCP lease installed now (empty without a lease; refused
+    /// ones left out): Dockvpn pushes them to its clients.
     fn left_routes_learned(&mut self, _routes: &[LearnedRoute]) {}
 }
 
@@ -89,6 +92,10 @@ struct Runtime<'o> {
     observed: bool,
     /// The left lease's routes as last told to the observer.
     observed_left_routes: Option<Vec<LearnedRoute>>,
+    /// Per side (in `Side::ALL` order), what its lease's routes must not capture.
+    guards: [watch::Sender<RouteGuard>; 3],
+    /// The DHCP sides' learned routes as last logged and written for `status`.
+    screening: Vec<SideScreening>,
     config: RuntimeConfig,
     kernel: Kernel,
     reconciler: Reconciler,
@@ -119,6 +126,8 @@ pub async fn run(
         dhcp_changed: Arc::new(Notify::new()),
         observed: false,
         observed_left_routes: None,
+        guards: Side::ALL.map(|_| watch::channel(RouteGuard::default()).0),
+        screening: Vec::new(),
         reconciler: Reconciler::new(kernel.clone()),
         kernel,
         sysctls: Sysctls::default(),
@@ -187,11 +196,14 @@ pub async fn run(
         error!(%error, "shutdown incomplete");
     }
     match runtime.config.on_exit {
-        OnExit::Remove => match runtime.reconciler.teardown().await {
-            Ok(changes) if !changes.is_empty() => info!(%changes, "routing removed"),
-            Ok(_) => {}
-            Err(error) => error!(%error, "could not remove routing state"),
-        },
+        OnExit::Remove => {
+            runtime.forget_screening();
+            match runtime.reconciler.teardown().await {
+                Ok(changes) if !changes.is_empty() => info!(%changes, "routing removed"),
+                Ok(_) => {}
+                Err(error) => error!(%error, "could not remove routing state"),
+            }
+        }
         OnExit::Keep => info!("routing state left in place (--on-exit keep)"),
     }
     outcome
@@ -267,7 +279,8 @@ impl Runtime<'_> {
             self.observed = true;
         }
         self.ensure_dhcp_clients();
-        self.tell_left_routes();
+        self.update_guards();
+        self.screen_learned_routes();
 
         let routed: Vec<&str> = [Side::Left, Side::Right]
             .iter()
@@ -329,24 +342,93 @@ impl Runtime<'_> {
                     table,
                     state_dir: self.config.state_dir.clone(),
                     hook: self.config.dhcp.hook.clone(),
+                    min_prefix: self.config.dhcp.min_prefix,
+                    guard: self.guard(side).subscribe(),
                 },
                 self.dhcp_changed.clone(),
             ));
         }
     }
 
-    fn tell_left_routes(&mut self) {
-        let routes: Vec<LearnedRoute> = self
+    fn guard(&self, side: Side) -> &watch::Sender<RouteGuard> {
+        let index = Side::ALL.iter().position(|&s| s == side).unwrap_or(0);
+        &self.guards[index]
+    }
+
+    /// In global mode the left lease's routes go into `main`: keep them from capturing the
+    /// right side, the management side and the VPN pool as those sides come and go.
+    fn update_guards(&self) {
+        for side in Side::ALL {
+            let guard = match (self.config.routing.mode, side) {
+                (RoutingMode::Global, Side::Left) => RouteGuard::for_global_left(
+                    &self.routing_with_lease_gateways(),
+                    &self.assignment,
+                ),
+                _ => RouteGuard::default(),
+            };
+            self.guard(side).send_if_modified(|current| {
+                let changed = *current != guard;
+                *current = guard;
+                changed
+            });
+        }
+    }
+
+    /// Splits every lease's routes the way its DHCP task installs them; names each newly
+    /// refused route in one warning, writes the split for `status` and tells the observer
+    /// the left routes installed.
+    fn screen_learned_routes(&mut self) {
+        let screening: Vec<SideScreening> = self
             .dhcp_tasks
             .iter()
-            .filter(|t| t.side == Side::Left)
-            .filter_map(|t| t.lease())
-            .flat_map(|lease| lease.routes)
+            .filter_map(|task| {
+                let lease = task.lease()?;
+                Some(SideScreening {
+                    side: task.side,
+                    screened: self.guard(task.side).borrow().screen(&lease.routes),
+                })
+            })
             .collect();
-        if self.observed_left_routes.as_ref() != Some(&routes) {
-            self.observer.left_routes_learned(&routes);
-            self.observed_left_routes = Some(routes);
+        let left_routes: Vec<LearnedRoute> = screening
+            .iter()
+            .filter(|s| s.side == Side::Left)
+            .flat_map(|s| s.screened.installed.iter().copied())
+            .collect();
+        if self.observed_left_routes.as_ref() != Some(&left_routes) {
+            self.observer.left_routes_learned(&left_routes);
+            self.observed_left_routes = Some(left_routes);
         }
+        if screening == self.screening {
+            return;
+        }
+        for now in &screening {
+            let before = self.screening.iter().find(|s| s.side == now.side);
+            for refused in &now.screened.refused {
+                if before.is_some_and(|b| b.screened.refused.contains(refused)) {
+                    continue;
+                }
+                let (side, route, reason) = (now.side, refused.route.destination, refused.reason);
+                match reason {
+                    Refusal::DefaultRoute => {
+                        info!(%side, %route, %reason, "learned route not installed")
+                    }
+                    _ => warn!(%side, %route, %reason, "learned route refused"),
+                }
+            }
+        }
+        let path = screening_file(&self.config.state_dir);
+        let written = serde_json::to_vec_pretty(&screening)
+            .map_err(std::io::Error::other)
+            .and_then(|json| crate::fs::write_replacing(&path, &json, 0o644));
+        if let Err(error) = written {
+            warn!(file = %path.display(), %error, "could not write the learned routes for status");
+        }
+        self.screening = screening;
+    }
+
+    /// The leases were released: `status` must not list their routes.
+    fn forget_screening(&self) {
+        let _ = std::fs::remove_file(screening_file(&self.config.state_dir));
     }
 
     fn routing_with_lease_gateways(&self) -> RoutingConfig {

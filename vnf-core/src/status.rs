@@ -8,6 +8,8 @@ use serde::Serialize;
 use crate::dhcp::driver::{lease_file, read_stored, StoredLease};
 use crate::error::Result;
 use crate::kernel::Kernel;
+use crate::lease::LearnedRoute;
+use crate::route_guard::{read_screening, SideScreening};
 use crate::routing::{desired_state, Reconciler, RouteSpec, RoutingMode, RoutingState};
 use crate::runtime::{with_lease_gateways, RuntimeConfig};
 use crate::side::{assign, Interface, ReadySide, Side};
@@ -18,6 +20,9 @@ pub struct Status {
     pub sides: Vec<SideStatus>,
     /// Our routes and rules as the kernel holds them.
     pub routing: RoutingState,
+    /// The DHCP sides' learned routes as `run` split them: installed, or refused and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub learned_routes: Vec<SideScreening>,
     /// Both sides ready and the kernel holding exactly the desired routing.
     pub converged: bool,
     pub problems: Vec<String>,
@@ -88,6 +93,7 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
         mode: config.routing.mode,
         sides,
         routing,
+        learned_routes: read_screening(&config.state_dir),
         converged: problems.is_empty(),
         problems,
     })
@@ -120,15 +126,8 @@ impl Status {
         }
         for side in &self.sides {
             if let Some(stored) = &side.dhcp {
-                let routes: Vec<String> = stored
-                    .lease
-                    .routes
-                    .iter()
-                    .map(|r| match r.gateway {
-                        Some(gateway) => format!("{} via {gateway}", r.destination),
-                        None => format!("{} on-link", r.destination),
-                    })
-                    .collect();
+                let routes: Vec<String> =
+                    stored.lease.routes.iter().map(describe_learned).collect();
                 let _ = writeln!(
                     out,
                     "  dhcp  {} lease {} from {} for {} s; routes ({:?}): {}",
@@ -138,6 +137,25 @@ impl Status {
                     stored.lease.lease_secs,
                     stored.lease.route_source,
                     routes.join(", ")
+                );
+            }
+        }
+        for learned in &self.learned_routes {
+            for route in &learned.screened.installed {
+                let _ = writeln!(
+                    out,
+                    "  learned {} {} installed",
+                    learned.side,
+                    describe_learned(route)
+                );
+            }
+            for refused in &learned.screened.refused {
+                let _ = writeln!(
+                    out,
+                    "  learned {} {} REFUSED: {}",
+                    learned.side,
+                    describe_learned(&refused.route),
+                    refused.reason
                 );
             }
         }
@@ -169,5 +187,12 @@ impl Status {
             let _ = write!(text, " src {source}");
         }
         text
+    }
+}
+
+fn describe_learned(route: &LearnedRoute) -> String {
+    match route.gateway {
+        Some(gateway) => format!("{} via {gateway}", route.destination),
+        None => format!("{} on-link", route.destination),
     }
 }
