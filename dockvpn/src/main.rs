@@ -335,9 +335,11 @@ async fn run(cli: &Cli, serve: &ServeArgs, started: Instant) -> Result<ExitCode>
             outcome
         }
     });
+    // The handlers go in now: a SIGTERM right after start must not meet the default action.
+    let signal = shutdown_signal();
     let shutdown = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = signal => {}
             () = failed.notified() => {}
         }
         let _ = stop_tx.send(true);
