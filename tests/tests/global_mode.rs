@@ -218,12 +218,12 @@ fn a_client_inside_a_wide_learned_route_connects_and_the_pool_still_reaches_the_
         main.contains("10.61.0.0/16 via 10.0.1.1 dev eth0"),
         "{main}"
     );
+    let _client = connect_and_reach_the_left_host(&chain, &dockvpn, "bob", "10.8.0.0/24");
     let rules = chain.si.ip(&["rule"]);
     assert!(
         rules.contains(&format!("from {SI_RIGHT} lookup 1002 proto 245")),
         "{rules}"
     );
-    let _client = connect_and_reach_the_left_host(&chain, &dockvpn, "bob", "10.8.0.0/24");
 
     // Traffic from the pool to the right side still follows main's default via the right
     // (to the right gateway's far address: the right host answers the pool by the tunnel).
