@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use dhcproto::v4::{DhcpOption, MessageType};
+use dhcproto::v4::{DhcpOption, Message, MessageType};
 use docknfv_tests::dhcp_server::ScriptedServer;
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::{Chain, Vnf};
@@ -40,6 +40,22 @@ fn lease_options(extra: &[DhcpOption]) -> Vec<DhcpOption> {
     ];
     options.extend_from_slice(extra);
     options
+}
+
+/// Answers the client's DISCOVER with an offer of LEASED from SERVER; its REQUEST.
+fn offer_and_await_the_request(
+    server: &ScriptedServer,
+    dockvpn: &Vnf,
+    options: &[DhcpOption],
+) -> Message {
+    let (discover, _) = server
+        .receive(MessageType::Discover, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no DISCOVER\n{}", dockvpn.log()));
+    server.reply(&discover, MessageType::Offer, LEASED, SERVER, options);
+    server
+        .receive(MessageType::Request, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no REQUEST\n{}", dockvpn.log()))
+        .0
 }
 
 fn left_addresses(chain: &Chain) -> String {
@@ -82,13 +98,7 @@ fn a_server_sending_t1_zero_gets_one_renewal_a_minute() {
     let server = ScriptedServer::start(&chain.left_gateway, SUBNET_BROADCAST);
     let dockvpn = dockvpn_with_dhcp_left(&chain);
     let options = lease_options(&[DhcpOption::Renewal(0)]);
-    let (discover, _) = server
-        .receive(MessageType::Discover, Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no DISCOVER\n{}", dockvpn.log()));
-    server.reply(&discover, MessageType::Offer, LEASED, SERVER, &options);
-    let (request, _) = server
-        .receive(MessageType::Request, Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no REQUEST\n{}", dockvpn.log()));
+    let request = offer_and_await_the_request(&server, &dockvpn, &options);
     server.reply(&request, MessageType::Ack, LEASED, SERVER, &options);
     let acked = Instant::now();
     dockvpn.wait_ready();
@@ -114,13 +124,7 @@ fn an_ack_naming_another_server_is_ignored() {
     let server = ScriptedServer::start(&chain.left_gateway, SUBNET_BROADCAST);
     let dockvpn = dockvpn_with_dhcp_left(&chain);
     let options = lease_options(&[]);
-    let (discover, _) = server
-        .receive(MessageType::Discover, Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no DISCOVER\n{}", dockvpn.log()));
-    server.reply(&discover, MessageType::Offer, LEASED, SERVER, &options);
-    let (request, _) = server
-        .receive(MessageType::Request, Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no REQUEST\n{}", dockvpn.log()));
+    let request = offer_and_await_the_request(&server, &dockvpn, &options);
     // Same IP source and transaction, another server identifier and address.
     server.reply(&request, MessageType::Ack, ROGUE, ROGUE, &options);
 

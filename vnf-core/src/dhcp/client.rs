@@ -606,14 +606,7 @@ mod tests {
 
     /// Drives a fresh client to BOUND; returns it and the time it bound.
     fn bound(lease_secs: u32) -> (Client, Instant) {
-        let start = Instant::now();
-        let mut client = Client::new(config(), 42, start);
-        client.handle_timeout(start);
-        let discover = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(start, SERVER, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        let request = decode(&client.poll_transmit().unwrap());
+        let (mut client, start, request) = requesting();
         client
             .handle_packet(
                 start,
@@ -730,14 +723,7 @@ mod tests {
 
     #[test]
     fn nak_returns_to_init_with_a_fresh_transaction() {
-        let now = Instant::now();
-        let mut client = Client::new(config(), 3, now);
-        client.handle_timeout(now);
-        let discover = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(now, SERVER, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        let request = decode(&client.poll_transmit().unwrap());
+        let (mut client, now, request) = requesting();
         client
             .handle_packet(now, SERVER, &reply(&request, MessageType::Nak, &[]))
             .unwrap();
@@ -746,7 +732,7 @@ mod tests {
         client.handle_timeout(now);
         let again = decode(&client.poll_transmit().unwrap());
         assert_eq!(kind(&again), MessageType::Discover);
-        assert_ne!(again.xid(), discover.xid());
+        assert_ne!(again.xid(), request.xid());
     }
 
     #[test]
