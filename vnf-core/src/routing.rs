@@ -954,6 +954,43 @@ mod tests {
     }
 
     #[test]
+    fn one_leg_serving_two_sides_gets_one_source_rule_and_management_its_subnet() {
+        let ready = |side, index, name: &str, address: &str| ReadySide {
+            side,
+            index,
+            name: name.into(),
+            address: address.parse().unwrap(),
+        };
+        let assignment = Assignment {
+            interfaces: [None, None, None],
+            ready: [
+                Some(ready(Side::Left, 2, "eth0", "10.0.1.2/24")),
+                Some(ready(Side::Right, 2, "eth0", "10.0.1.2/24")),
+                Some(ready(Side::Management, 4, "eth2", "172.31.0.5/24")),
+            ],
+        };
+        let state = desired_state(&RoutingConfig::new(RoutingMode::Global), &assignment).unwrap();
+        let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            [
+                "1004: from 10.0.1.2 lookup 1002",
+                "1006: from 172.31.0.5 lookup 1003"
+            ]
+        );
+        let management: Vec<String> = state
+            .routes
+            .iter()
+            .filter(|r| r.table == DEFAULT_MANAGEMENT_TABLE)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            management,
+            ["172.31.0.0/24 oif 4 table 1003 src 172.31.0.5"]
+        );
+    }
+
+    #[test]
     fn messages_round_trip_including_large_table_ids() {
         let route = RouteSpec {
             protocol: ROUTE_PROTOCOL,

@@ -18,7 +18,7 @@ use crate::kernel::Kernel;
 use crate::lease::LearnedRoute;
 use crate::route_guard::{screening_file, Refusal, RouteGuard, SideScreening};
 use crate::routing::{desired_state, Reconciler, RoutingConfig, RoutingMode, MAIN_TABLE};
-use crate::side::{assign, Assignment, Interface, Side, SideSelectors};
+use crate::side::{assign, side_position, Assignment, Interface, Side, SideSelectors};
 use crate::sysctl::Sysctls;
 
 /// How long a transient kernel error waits before the next attempt.
@@ -351,8 +351,7 @@ impl Runtime<'_> {
     }
 
     fn guard(&self, side: Side) -> &watch::Sender<RouteGuard> {
-        let index = Side::ALL.iter().position(|&s| s == side).unwrap_or(0);
-        &self.guards[index]
+        &self.guards[side_position(side)]
     }
 
     /// In global mode the left lease's routes go into `main`: keep them from capturing the
