@@ -8,6 +8,7 @@
 mod masquerade;
 mod openvpn;
 mod pki;
+mod udp;
 mod vpn;
 
 use std::collections::BTreeSet;
@@ -389,11 +390,13 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         .collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut runtime_config = args.lifecycle.runtime_config(
-        &args.routing.network,
-        args.routing.routes.routing_config(),
-        state_dir,
-    );
+    let routing = RoutingConfig {
+        vpn_pool: Some(engine.pool),
+        ..args.routing.routes.routing_config()
+    };
+    let mut runtime_config =
+        args.lifecycle
+            .runtime_config(&args.routing.network, routing, state_dir);
     one_leg_serves_both_sides(&mut runtime_config.selectors);
     let dhcp_sides = &runtime_config.dhcp.sides;
     let (dhcp_bound_tx, dhcp_bound_rx) = watch::channel(dhcp_sides.is_empty());
@@ -432,9 +435,11 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
             outcome
         }
     });
+    // The handlers go in now: a SIGTERM right after start must not meet the default action.
+    let signal = shutdown_signal();
     let shutdown = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = signal => {}
             () = failed.notified() => {}
         }
         let _ = stop_tx.send(true);

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use vnf_core::runtime::sleep_until;
@@ -17,6 +16,7 @@ use vnf_core::{Error, Result};
 
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
 use crate::pki::Pki;
+use crate::udp::Listener;
 
 /// How often status.json is rewritten while nothing happens.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -77,15 +77,13 @@ pub async fn serve(
     mut routes: watch::Receiver<BTreeSet<Ipv4Net>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let socket = UdpSocket::bind(config.listen)
-        .await
-        .map_err(|source| Error::Io {
-            context: format!(
-                "listen on UDP {} (another server on the port? pass --listen)",
-                config.listen
-            ),
-            source,
-        })?;
+    let mut socket = Listener::bind(config.listen).map_err(|source| Error::Io {
+        context: format!(
+            "listen on UDP {} (another server on the port? pass --listen)",
+            config.listen
+        ),
+        source,
+    })?;
     let server_address = config.engine.server_address();
     let tun = tokio_tun::Tun::builder()
         .name(&config.tun_name)
@@ -132,7 +130,7 @@ pub async fn serve(
     loop {
         let deadline = engine.next_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            received = socket.recv_from(&mut datagram) => match received {
+            received = socket.recv(&mut datagram) => match received {
                 Ok((len, from)) => engine.handle_datagram(Instant::now(), from, &datagram[..len]),
                 Err(error) => warn!(%error, "UDP receive failed"),
             },
@@ -153,13 +151,13 @@ pub async fn serve(
             _ = status_tick.tick() => status_dirty = true,
             _ = stop.changed() => {
                 engine.shutdown(Instant::now());
-                drain(&mut engine, &socket, &tun).await;
+                drain(&mut engine, &mut socket, &tun).await;
                 let _ = std::fs::remove_file(status_path(&config.state_dir));
                 info!("VPN server stopped");
                 return Ok(());
             }
         }
-        status_dirty |= drain(&mut engine, &socket, &tun).await;
+        status_dirty |= drain(&mut engine, &mut socket, &tun).await;
         if engine.counters != dropped_logged
             && last_drop_log.is_none_or(|at| at.elapsed() >= DROP_LOG_EVERY)
         {
@@ -180,12 +178,12 @@ pub async fn serve(
 }
 
 /// Sends what the engine queued; true when a client connected or left.
-async fn drain(engine: &mut Server, socket: &UdpSocket, tun: &tokio_tun::Tun) -> bool {
+async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun) -> bool {
     let mut changed = false;
     while let Some(output) = engine.poll_output() {
         match output {
             Output::Transmit { to, datagram } => {
-                if let Err(error) = socket.send_to(&datagram, to).await {
+                if let Err(error) = socket.send(&datagram, to).await {
                     warn!(%to, %error, "UDP send failed");
                 }
             }
@@ -208,18 +206,22 @@ async fn drain(engine: &mut Server, socket: &UdpSocket, tun: &tokio_tun::Tun) ->
                         address,
                         peer,
                         reason,
-                    } => info!(
-                        client = name.as_deref().unwrap_or("(unauthenticated)"),
-                        // Omitted, not "None", for a client that never got one.
-                        address = address.map(tracing::field::display),
-                        %peer,
-                        %reason,
-                        "client disconnected"
-                    ),
+                    } => {
+                        socket.forget(&peer);
+                        info!(
+                            client = name.as_deref().unwrap_or("(unauthenticated)"),
+                            // Omitted, not "None", for a client that never got one.
+                            address = address.map(tracing::field::display),
+                            %peer,
+                            %reason,
+                            "client disconnected"
+                        )
+                    }
                 }
             }
         }
     }
+    socket.prune(|| engine.connected().iter().map(|c| c.peer).collect());
     changed
 }
 

@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod demo;
+pub mod dhcp_server;
 pub mod dnsmasq;
 pub mod docker;
 pub mod dockwall;

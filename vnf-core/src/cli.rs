@@ -84,6 +84,23 @@ pub struct NetworkArgs {
         help_heading = DHCP
     )]
     pub dhcp: Vec<Side>,
+
+    /// Refuse DHCP leases whose subnet is shorter than this prefix (a /1 would make half of
+    /// all addresses on-link)
+    #[arg(
+        long,
+        env = "VNF_DHCP_MIN_PREFIX",
+        value_name = "BITS",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u8).range(0..=32),
+        help_heading = DHCP
+    )]
+    pub dhcp_min_prefix: u8,
+
+    /// Global mode: install learned left routes 0.0.0.0/1 and 128.0.0.0/1 (def1 halves),
+    /// refused by default because together they take the right side's default
+    #[arg(long, env = "VNF_ACCEPT_WIDE_LEFT_ROUTES", help_heading = ROUTING)]
+    pub accept_wide_left_routes: bool,
 }
 
 impl NetworkArgs {
@@ -92,6 +109,7 @@ impl NetworkArgs {
     pub fn runtime_config(&self, mut routing: RoutingConfig, state_dir: &Path) -> RuntimeConfig {
         routing.left_gateway = self.left_gateway;
         routing.right_gateway = self.right_gateway;
+        routing.accept_wide_left_routes = self.accept_wide_left_routes;
         RuntimeConfig {
             selectors: self.sides.selectors(state_dir),
             routing,
@@ -100,6 +118,7 @@ impl NetworkArgs {
             dhcp: DhcpConfig {
                 sides: self.dhcp.clone(),
                 hook: None,
+                min_prefix: self.dhcp_min_prefix,
             },
             state_dir: state_dir.to_path_buf(),
         }

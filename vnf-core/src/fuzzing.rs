@@ -26,6 +26,7 @@ pub fn dhcp_decode(data: &[u8]) {
         mac: [2, 0, 0, 0, 0, 1],
         mtu: 1500,
         hostname: None,
+        min_prefix: 8,
     };
     let now = Instant::now();
     let mut selecting = Client::new(config.clone(), 1, now);
@@ -36,7 +37,8 @@ pub fn dhcp_decode(data: &[u8]) {
         reply[4..8].copy_from_slice(&transmit.payload[4..8]);
         reply[28..34].copy_from_slice(&config.mac);
     }
-    let _ = selecting.handle_packet(now, &reply);
+    let server = Ipv4Addr::new(10, 0, 1, 1);
+    let _ = selecting.handle_packet(now, server, &reply);
     while selecting.poll_event().is_some() {}
 
     let stored = Lease {
@@ -54,6 +56,6 @@ pub fn dhcp_decode(data: &[u8]) {
     if let (Some(transmit), true) = (rebooting.poll_transmit(), reply.len() >= 34) {
         reply[4..8].copy_from_slice(&transmit.payload[4..8]);
     }
-    let _ = rebooting.handle_packet(now, &reply);
+    let _ = rebooting.handle_packet(now, server, &reply);
     while rebooting.poll_event().is_some() {}
 }

@@ -120,6 +120,25 @@ impl LeaseApplier {
         self.routes.apply(&desired).await
     }
 
+    /// Changes only the routes of the installed lease (what may be installed changed),
+    /// leaving its address and lifetime alone; nothing without an installed lease.
+    pub async fn replace_routes(&mut self, routes: &[LearnedRoute]) -> Result<Changes> {
+        let Some(address) = self.address else {
+            return Ok(Changes::default());
+        };
+        let lease = BoundLease {
+            address: address.address,
+            valid_secs: address.valid_secs,
+            routes: routes.to_vec(),
+        };
+        self.routes
+            .apply(&RoutingState {
+                routes: desired_routes(self.target, &lease),
+                rules: BTreeSet::new(),
+            })
+            .await
+    }
+
     /// Expiry, NAK or release: the lease's routes, then its address.
     pub async fn remove(&mut self) -> Result<Changes> {
         let changes = self.routes.apply(&RoutingState::default()).await?;

@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod kernel;
 pub mod lease;
 pub mod reported;
+pub mod route_guard;
 pub mod routing;
 pub mod runtime;
 pub mod side;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
 
 use ipnet::Ipv4Net;
@@ -33,6 +33,11 @@ const RULE_PRIORITY_FROM_LEFT: u32 = RULE_PRIORITY_FIRST;
 const RULE_PRIORITY_FROM_RIGHT: u32 = RULE_PRIORITY_FIRST + 1;
 const RULE_PRIORITY_REPLY_LEFT: u32 = RULE_PRIORITY_FIRST + 2;
 const RULE_PRIORITY_REPLY_RIGHT: u32 = RULE_PRIORITY_FIRST + 3;
+/// Global mode: what the SI itself sends from a side's address follows that side's table, so
+/// replies leave by the side the request came in on whatever routes `main` learned.
+const RULE_PRIORITY_FROM_RIGHT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 4;
+const RULE_PRIORITY_FROM_LEFT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 5;
+const RULE_PRIORITY_FROM_MANAGEMENT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 6;
 
 /// Firewall marks for packets that arrived on the left / right side (the firewall sets
 /// them). With net.ipv4.fwmark_reflect=1 the replies the SI itself generates for forwarded
@@ -45,6 +50,8 @@ pub const RIGHT_INGRESS_MARK: u32 = 0x0d0c_0002;
 pub const MAIN_TABLE: u32 = 254;
 pub const DEFAULT_LEFT_TABLE: u32 = 1001;
 pub const DEFAULT_RIGHT_TABLE: u32 = 1002;
+/// Global mode: the management side's table (its connected subnet only).
+pub const DEFAULT_MANAGEMENT_TABLE: u32 = 1003;
 /// rtm_table is a u8; larger ids travel in the RTA_TABLE/FRA_TABLE attribute.
 const RT_TABLE_UNSPEC: u8 = 0;
 
@@ -102,10 +109,17 @@ pub struct RoutingConfig {
     pub mode: RoutingMode,
     pub left_table: TableId,
     pub right_table: TableId,
+    /// Global mode: the table `from <management address>` looks up.
+    pub management_table: TableId,
     pub left_gateway: Option<Ipv4Addr>,
     pub right_gateway: Option<Ipv4Addr>,
     /// Global mode: networks behind the left gateway (static until DHCP supplies them).
     pub left_routes: Vec<Ipv4Net>,
+    /// Global mode: the network the VNF serves itself (Dockvpn's pool); a learned left
+    /// route inside it is refused.
+    pub vpn_pool: Option<Ipv4Net>,
+    /// Global mode: install learned def1 halves (0.0.0.0/1, 128.0.0.0/1) like any route.
+    pub accept_wide_left_routes: bool,
 }
 
 impl RoutingConfig {
@@ -114,14 +128,18 @@ impl RoutingConfig {
             mode,
             left_table: TableId(DEFAULT_LEFT_TABLE),
             right_table: TableId(DEFAULT_RIGHT_TABLE),
+            management_table: TableId(DEFAULT_MANAGEMENT_TABLE),
             left_gateway: None,
             right_gateway: None,
             left_routes: Vec::new(),
+            vpn_pool: None,
+            accept_wide_left_routes: false,
         }
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.mode == RoutingMode::Cross && self.left_table == self.right_table {
+        // Both modes fill a table per side (global mode for the SI's own traffic).
+        if self.left_table == self.right_table {
             return Err(Error::invalid(
                 "right table id",
                 self.right_table,
@@ -315,10 +333,13 @@ impl RouteSpec {
     }
 }
 
-/// One policy rule: packets arriving on `iif`, or carrying `fwmark`, look up `table`.
+/// One policy rule: packets arriving on `iif`, carrying `fwmark`, or sent from `from`,
+/// look up `table`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct RuleSpec {
     pub priority: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Ipv4Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iif: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -329,6 +350,9 @@ pub struct RuleSpec {
 impl fmt::Display for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:", self.priority)?;
+        if let Some(from) = self.from {
+            write!(f, " from {from}")?;
+        }
         if let Some(iif) = &self.iif {
             write!(f, " iif {iif}")?;
         }
@@ -351,6 +375,12 @@ impl RuleSpec {
             RuleAttribute::Table(self.table),
             RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
         ];
+        if let Some(from) = self.from {
+            message.header.src_len = 32;
+            message
+                .attributes
+                .push(RuleAttribute::Source(IpAddr::V4(from)));
+        }
         if let Some(iif) = &self.iif {
             message.attributes.push(RuleAttribute::Iifname(iif.clone()));
         }
@@ -365,6 +395,7 @@ impl RuleSpec {
         let mut ours = false;
         let mut spec = RuleSpec {
             priority: 0,
+            from: None,
             iif: None,
             fwmark: None,
             table: u32::from(message.header.table),
@@ -374,6 +405,9 @@ impl RuleSpec {
                 RuleAttribute::Protocol(p) => ours = *p == RouteProtocol::Other(ROUTE_PROTOCOL),
                 RuleAttribute::Priority(p) => spec.priority = *p,
                 RuleAttribute::Iifname(name) => spec.iif = Some(name.clone()),
+                RuleAttribute::Source(IpAddr::V4(ip)) if message.header.src_len == 32 => {
+                    spec.from = Some(*ip);
+                }
                 RuleAttribute::FwMark(mark) => spec.fwmark = Some(*mark),
                 RuleAttribute::Table(t) => spec.table = *t,
                 _ => {}
@@ -423,24 +457,28 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                 state.rules.extend([
                     RuleSpec {
                         priority: RULE_PRIORITY_FROM_LEFT,
+                        from: None,
                         iif: Some(left.name.clone()),
                         fwmark: None,
                         table: right_table,
                     },
                     RuleSpec {
                         priority: RULE_PRIORITY_FROM_RIGHT,
+                        from: None,
                         iif: Some(right.name.clone()),
                         fwmark: None,
                         table: left_table,
                     },
                     RuleSpec {
                         priority: RULE_PRIORITY_REPLY_LEFT,
+                        from: None,
                         iif: None,
                         fwmark: Some(LEFT_INGRESS_MARK),
                         table: left_table,
                     },
                     RuleSpec {
                         priority: RULE_PRIORITY_REPLY_RIGHT,
+                        from: None,
                         iif: None,
                         fwmark: Some(RIGHT_INGRESS_MARK),
                         table: right_table,
@@ -470,9 +508,68 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                     });
                 }
             }
+            add_source_rules(&mut state, config, assignment)?;
         }
     }
     Ok(state)
+}
+
+/// Global mode: a table per ready side (its connected subnet and, for left and right, the
+/// default via its gateway) and `from <side address> lookup <side table>`. A learned left
+/// route may cover a client's address; the SI's replies to that client still leave right.
+/// The management table holds only its subnet: other management traffic falls through to
+/// `main` as before. One address serving two sides (one leg) gets one rule, the right one's.
+fn add_source_rules(
+    state: &mut RoutingState,
+    config: &RoutingConfig,
+    assignment: &Assignment,
+) -> Result<()> {
+    let sides = [
+        (
+            Side::Right,
+            config.right_table.get(),
+            RULE_PRIORITY_FROM_RIGHT_ADDRESS,
+        ),
+        (
+            Side::Left,
+            config.left_table.get(),
+            RULE_PRIORITY_FROM_LEFT_ADDRESS,
+        ),
+        (
+            Side::Management,
+            config.management_table.get(),
+            RULE_PRIORITY_FROM_MANAGEMENT_ADDRESS,
+        ),
+    ];
+    let mut sources = BTreeSet::new();
+    for (side, table, priority) in sides {
+        let Some(ready) = assignment.ready(side) else {
+            continue;
+        };
+        if !sources.insert(ready.address.addr()) {
+            continue;
+        }
+        state.routes.insert(connected_route(ready, table));
+        if side != Side::Management {
+            let configured = match side {
+                Side::Right => config.right_gateway_for(assignment),
+                _ => config.gateway(side),
+            };
+            let gateway = gateway_for(ready, configured)?;
+            state.routes.insert(RouteSpec {
+                gateway: Some(gateway),
+                ..default_route(ready, table)
+            });
+        }
+        state.rules.insert(RuleSpec {
+            priority,
+            from: Some(ready.address.addr()),
+            iif: None,
+            fwmark: None,
+            table,
+        });
+    }
+    Ok(())
 }
 
 fn connected_route(side: &ReadySide, table: u32) -> RouteSpec {
@@ -826,15 +923,94 @@ mod tests {
         ];
         config.right_gateway = Some("10.0.2.254".parse().unwrap());
         let state = desired_state(&config, &assignment(true)).unwrap();
-        let routes: Vec<String> = state.routes.iter().map(ToString::to_string).collect();
+        let main: Vec<String> = state
+            .routes
+            .iter()
+            .filter(|r| r.table == MAIN_TABLE)
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
-            routes,
+            main,
             [
                 "0.0.0.0/0 via 10.0.2.254 oif 3 table 254",
                 "192.168.10.0/24 via 10.0.1.1 oif 2 table 254"
             ]
         );
-        assert!(state.rules.is_empty());
+    }
+
+    #[test]
+    fn global_mode_sends_the_sis_own_traffic_by_the_side_of_its_source_address() {
+        let mut config = RoutingConfig::new(RoutingMode::Global);
+        config.right_gateway = Some("10.0.2.254".parse().unwrap());
+        let state = desired_state(&config, &assignment(true)).unwrap();
+        let side_tables: Vec<String> = state
+            .routes
+            .iter()
+            .filter(|r| r.table != MAIN_TABLE)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            side_tables,
+            [
+                "0.0.0.0/0 via 10.0.1.1 oif 2 table 1001",
+                "10.0.1.0/24 oif 2 table 1001 src 10.0.1.2",
+                "0.0.0.0/0 via 10.0.2.254 oif 3 table 1002",
+                "10.0.2.0/24 oif 3 table 1002 src 10.0.2.2",
+            ]
+        );
+        let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            [
+                "1004: from 10.0.2.2 lookup 1002",
+                "1005: from 10.0.1.2 lookup 1001"
+            ]
+        );
+        let without_right = desired_state(&config, &assignment(false)).unwrap();
+        let rules: Vec<String> = without_right
+            .rules
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(rules, ["1005: from 10.0.1.2 lookup 1001"]);
+    }
+
+    #[test]
+    fn one_leg_serving_two_sides_gets_one_source_rule_and_management_its_subnet() {
+        let ready = |side, index, name: &str, address: &str| ReadySide {
+            side,
+            index,
+            name: name.into(),
+            address: address.parse().unwrap(),
+        };
+        let assignment = Assignment {
+            interfaces: [None, None, None],
+            ready: [
+                Some(ready(Side::Left, 2, "eth0", "10.0.1.2/24")),
+                Some(ready(Side::Right, 2, "eth0", "10.0.1.2/24")),
+                Some(ready(Side::Management, 4, "eth2", "172.31.0.5/24")),
+            ],
+            layout: Layout::OneArmed,
+        };
+        let state = desired_state(&RoutingConfig::new(RoutingMode::Global), &assignment).unwrap();
+        let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            [
+                "1004: from 10.0.1.2 lookup 1002",
+                "1006: from 172.31.0.5 lookup 1003"
+            ]
+        );
+        let management: Vec<String> = state
+            .routes
+            .iter()
+            .filter(|r| r.table == DEFAULT_MANAGEMENT_TABLE)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            management,
+            ["172.31.0.0/24 oif 4 table 1003 src 172.31.0.5"]
+        );
     }
 
     #[test]
@@ -857,11 +1033,18 @@ mod tests {
             routes,
             [
                 "0.0.0.0/0 via 10.0.1.254 oif 2 table 254",
-                "192.168.10.0/24 via 10.0.1.254 oif 2 table 254"
+                "192.168.10.0/24 via 10.0.1.254 oif 2 table 254",
+                "0.0.0.0/0 via 10.0.1.254 oif 2 table 1002",
+                "10.0.1.0/24 oif 2 table 1002 src 10.0.1.2"
             ],
             "the leg's one gateway, given as --left-gateway, serves both sides"
         );
-        assert!(state.rules.is_empty());
+        let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            ["1004: from 10.0.1.2 lookup 1002"],
+            "one source rule for the one address"
+        );
         assert_eq!(
             config.left_routes_already_connected(&one_armed),
             vec!["10.0.1.0/24".parse::<Ipv4Net>().unwrap()]
@@ -889,6 +1072,7 @@ mod tests {
 
         let rule = RuleSpec {
             priority: 1000,
+            from: Some("10.0.2.2".parse().unwrap()),
             iif: Some("eth0".into()),
             fwmark: Some(LEFT_INGRESS_MARK),
             table: 70_000,
@@ -918,6 +1102,7 @@ mod tests {
 
         let rule = |priority| RuleSpec {
             priority,
+            from: None,
             iif: Some("eth0".into()),
             fwmark: None,
             table: 1001,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::dhcp::client::Lease;
@@ -17,8 +17,9 @@ use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::lease::LearnedRoute;
 use crate::reported::Reported;
+use crate::route_guard::{screening_file, Refusal, RouteGuard, SideScreening};
 use crate::routing::{desired_state, Reconciler, RoutingConfig, RoutingMode, MAIN_TABLE};
-use crate::side::{assign, Assignment, Interface, Layout, Side, SideSelectors};
+use crate::side::{assign, side_position, Assignment, Interface, Layout, Side, SideSelectors};
 use crate::sysctl::Sysctls;
 
 /// How long a transient kernel error waits before the next attempt.
@@ -56,6 +57,8 @@ pub struct RuntimeConfig {
 pub struct DhcpConfig {
     pub sides: Vec<Side>,
     pub hook: Option<PathBuf>,
+    /// Leases whose subnet is shorter than this prefix are refused.
+    pub min_prefix: u8,
 }
 
 /// Told about side changes before routing follows them, so that a firewall is in place
@@ -63,8 +66,8 @@ pub struct DhcpConfig {
 pub trait SidesObserver {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()>;
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()>;
-    /// The routes the left side's DHCP lease carries now (empty without a lease): Dockvpn
-    /// pushes them to its clients.
+    /// The routes the left side's DHCP lease installed now (empty without a lease; refused
+    /// ones left out): Dockvpn pushes them to its clients.
     fn left_routes_learned(&mut self, _routes: &[LearnedRoute]) {}
     /// Whether every `--dhcp` side holds a lease now; told at the first convergence (true
     /// at once without DHCP sides) and on every change. Dockvpn serves only once it is true.
@@ -95,6 +98,10 @@ struct Runtime<'o> {
     observed_left_routes: Option<Vec<LearnedRoute>>,
     /// Whether all DHCP sides were bound, as last told to the observer.
     observed_dhcp_bound: Option<bool>,
+    /// Per side (in `Side::ALL` order), what its lease's routes must not capture.
+    guards: [watch::Sender<RouteGuard>; 3],
+    /// The DHCP sides' learned routes as last logged and written for `status`.
+    screening: Vec<SideScreening>,
     config: RuntimeConfig,
     kernel: Kernel,
     reconciler: Reconciler,
@@ -137,6 +144,8 @@ pub async fn run(
         observed: false,
         observed_left_routes: None,
         observed_dhcp_bound: None,
+        guards: Side::ALL.map(|_| watch::channel(RouteGuard::default()).0),
+        screening: Vec::new(),
         reconciler: Reconciler::new(kernel.clone()),
         kernel,
         sysctls: Sysctls::default(),
@@ -211,11 +220,14 @@ pub async fn run(
         error!(%error, "shutdown incomplete");
     }
     match runtime.config.on_exit {
-        OnExit::Remove => match runtime.reconciler.teardown().await {
-            Ok(changes) if !changes.is_empty() => info!(%changes, "routing removed"),
-            Ok(_) => {}
-            Err(error) => error!(%error, "could not remove routing state"),
-        },
+        OnExit::Remove => {
+            runtime.forget_screening();
+            match runtime.reconciler.teardown().await {
+                Ok(changes) if !changes.is_empty() => info!(%changes, "routing removed"),
+                Ok(_) => {}
+                Err(error) => error!(%error, "could not remove routing state"),
+            }
+        }
         OnExit::Keep => info!("routing state left in place (--on-exit keep)"),
     }
     outcome
@@ -305,7 +317,8 @@ impl Runtime<'_> {
             self.observed = true;
         }
         self.ensure_dhcp_clients();
-        self.tell_left_routes();
+        self.update_guards();
+        self.screen_learned_routes();
         self.tell_dhcp_bound();
 
         let mut routed: Vec<&str> = [Side::Left, Side::Right]
@@ -377,6 +390,8 @@ impl Runtime<'_> {
                     table,
                     state_dir: self.config.state_dir.clone(),
                     hook: self.config.dhcp.hook.clone(),
+                    min_prefix: self.config.dhcp.min_prefix,
+                    guard: self.guard(side).subscribe(),
                 },
                 self.dhcp_changed.clone(),
             ));
@@ -411,18 +426,84 @@ impl Runtime<'_> {
         }
     }
 
-    fn tell_left_routes(&mut self) {
-        let routes: Vec<LearnedRoute> = self
+    fn guard(&self, side: Side) -> &watch::Sender<RouteGuard> {
+        &self.guards[side_position(side)]
+    }
+
+    /// In global mode the left lease's routes go into `main`: keep them from capturing the
+    /// right side, the management side and the VPN pool as those sides come and go.
+    fn update_guards(&self) {
+        for side in Side::ALL {
+            let guard = match (self.config.routing.mode, side) {
+                (RoutingMode::Global, Side::Left) => RouteGuard::for_global_left(
+                    &self.routing_with_lease_gateways(),
+                    &self.assignment,
+                ),
+                _ => RouteGuard::default(),
+            };
+            self.guard(side).send_if_modified(|current| {
+                let changed = *current != guard;
+                *current = guard;
+                changed
+            });
+        }
+    }
+
+    /// Splits every lease's routes the way its DHCP task installs them; names each newly
+    /// refused route in one warning, writes the split for `status` and tells the observer
+    /// the left routes installed.
+    fn screen_learned_routes(&mut self) {
+        let screening: Vec<SideScreening> = self
             .dhcp_tasks
             .iter()
-            .filter(|t| t.side == Side::Left)
-            .filter_map(|t| t.lease())
-            .flat_map(|lease| lease.routes)
+            .filter_map(|task| {
+                let lease = task.lease()?;
+                Some(SideScreening {
+                    side: task.side,
+                    screened: self.guard(task.side).borrow().screen(&lease.routes),
+                })
+            })
             .collect();
-        if self.observed_left_routes.as_ref() != Some(&routes) {
-            self.observer.left_routes_learned(&routes);
-            self.observed_left_routes = Some(routes);
+        let left_routes: Vec<LearnedRoute> = screening
+            .iter()
+            .filter(|s| s.side == Side::Left)
+            .flat_map(|s| s.screened.installed.iter().copied())
+            .collect();
+        if self.observed_left_routes.as_ref() != Some(&left_routes) {
+            self.observer.left_routes_learned(&left_routes);
+            self.observed_left_routes = Some(left_routes);
         }
+        if screening == self.screening {
+            return;
+        }
+        for now in &screening {
+            let before = self.screening.iter().find(|s| s.side == now.side);
+            for refused in &now.screened.refused {
+                if before.is_some_and(|b| b.screened.refused.contains(refused)) {
+                    continue;
+                }
+                let (side, route, reason) = (now.side, refused.route.destination, refused.reason);
+                match reason {
+                    Refusal::DefaultRoute => {
+                        info!(%side, %route, %reason, "learned route not installed")
+                    }
+                    _ => warn!(%side, %route, %reason, "learned route refused"),
+                }
+            }
+        }
+        let path = screening_file(&self.config.state_dir);
+        let written = serde_json::to_vec_pretty(&screening)
+            .map_err(std::io::Error::other)
+            .and_then(|json| crate::fs::write_replacing(&path, &json, 0o644));
+        if let Err(error) = written {
+            warn!(file = %path.display(), %error, "could not write the learned routes for status");
+        }
+        self.screening = screening;
+    }
+
+    /// The leases were released: `status` must not list their routes.
+    fn forget_screening(&self) {
+        let _ = std::fs::remove_file(screening_file(&self.config.state_dir));
     }
 
     fn tell_dhcp_bound(&mut self) {

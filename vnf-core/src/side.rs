@@ -253,7 +253,8 @@ impl SideSelectors {
     }
 }
 
-fn side_position(side: Side) -> usize {
+/// The index of `side` in `Side::ALL`, for arrays kept per side.
+pub fn side_position(side: Side) -> usize {
     Side::ALL.iter().position(|&s| s == side).unwrap_or(0)
 }
 

@@ -9,6 +9,8 @@ use crate::dhcp::client_status::{read_running, DhcpClientStatus};
 use crate::dhcp::driver::{lease_file, read_stored, StoredLease};
 use crate::error::Result;
 use crate::kernel::Kernel;
+use crate::lease::LearnedRoute;
+use crate::route_guard::{read_screening, SideScreening};
 use crate::routing::{desired_state, Reconciler, RouteSpec, RoutingMode, RoutingState};
 use crate::runtime::{with_lease_gateways, RuntimeConfig};
 use crate::side::{assign, Interface, Layout, ReadySide, Side};
@@ -21,6 +23,9 @@ pub struct Status {
     pub sides: Vec<SideStatus>,
     /// Our routes and rules as the kernel holds them.
     pub routing: RoutingState,
+    /// The DHCP sides' learned routes as `run` split them: installed, or refused and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub learned_routes: Vec<SideScreening>,
     /// Both sides ready and the kernel holding exactly the desired routing.
     pub converged: bool,
     pub problems: Vec<String>,
@@ -108,6 +113,7 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
         layout: assignment.layout,
         sides,
         routing,
+        learned_routes: read_screening(&config.state_dir),
         converged: problems.is_empty(),
         problems,
     })
@@ -166,15 +172,8 @@ impl Status {
                 let _ = writeln!(out, "  dhcp  {} {}", side.side, client.describe());
             }
             if let Some(stored) = &side.dhcp {
-                let routes: Vec<String> = stored
-                    .lease
-                    .routes
-                    .iter()
-                    .map(|r| match r.gateway {
-                        Some(gateway) => format!("{} via {gateway}", r.destination),
-                        None => format!("{} on-link", r.destination),
-                    })
-                    .collect();
+                let routes: Vec<String> =
+                    stored.lease.routes.iter().map(describe_learned).collect();
                 let _ = writeln!(
                     out,
                     "  dhcp  {} lease {} from {} for {} s; routes ({}): {}",
@@ -184,6 +183,25 @@ impl Status {
                     stored.lease.lease_secs,
                     stored.lease.route_source,
                     routes.join(", ")
+                );
+            }
+        }
+        for learned in &self.learned_routes {
+            for route in &learned.screened.installed {
+                let _ = writeln!(
+                    out,
+                    "  learned {} {} installed",
+                    learned.side,
+                    describe_learned(route)
+                );
+            }
+            for refused in &learned.screened.refused {
+                let _ = writeln!(
+                    out,
+                    "  learned {} {} REFUSED: {}",
+                    learned.side,
+                    describe_learned(&refused.route),
+                    refused.reason
                 );
             }
         }
@@ -215,5 +233,12 @@ impl Status {
             let _ = write!(text, " src {source}");
         }
         text
+    }
+}
+
+fn describe_learned(route: &LearnedRoute) -> String {
+    match route.gateway {
+        Some(gateway) => format!("{} via {gateway}", route.destination),
+        None => format!("{} on-link", route.destination),
     }
 }

@@ -14,8 +14,9 @@ use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::measure::{median, round_order};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Netns, Vnf};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use vnf_core::dhcp::driver::{DhcpInterface, DhcpTask};
+use vnf_core::route_guard::RouteGuard;
 use vnf_core::side::Side;
 
 const ROUNDS: usize = 9;
@@ -69,6 +70,8 @@ fn vnf_core_client(client: &Netns, state: &StateDir) -> f64 {
                 table: 254,
                 state_dir: state.path().to_path_buf(),
                 hook: None,
+                min_prefix: 8,
+                guard: watch::channel(RouteGuard::default()).1,
             },
             changed,
         );

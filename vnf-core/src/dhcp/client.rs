@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::Encodable;
 use ipnet::Ipv4Net;
+use rand::rngs::OsRng;
+use rand::TryRngCore;
 use serde::{Deserialize, Serialize};
 
 use super::options::{self, Malformed, Packet, RouteSource};
@@ -19,6 +21,9 @@ const PARAMETER_REQUEST_LIST: [u8; 13] = [1, 121, 3, 33, 249, 6, 15, 26, 28, 51,
 const FIRST_RETRANSMIT: Duration = Duration::from_secs(4);
 const LAST_RETRANSMIT: Duration = Duration::from_secs(64);
 const MIN_RENEW_RETRY: Duration = Duration::from_secs(60);
+/// T1 and T2 are at least this (or half the lease when that is shorter): a server sending
+/// T1=0 would otherwise have the client renew, re-apply and run the hook in a loop.
+const MIN_TIMER_SECS: u32 = 60;
 const REQUEST_ATTEMPTS: u32 = 4;
 const MIN_MESSAGE_SIZE: u16 = 576;
 const DEFAULT_LEASE_SECS: u32 = 3600;
@@ -34,6 +39,9 @@ pub struct ClientConfig {
     /// Option 57 is at least this (and at least 576).
     pub mtu: u16,
     pub hostname: Option<String>,
+    /// Leases whose subnet is shorter than this prefix are refused: a /1 would make half of
+    /// all addresses on-link.
+    pub min_prefix: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +91,8 @@ pub enum Event {
     NoOffer {
         waited: Duration,
     },
+    /// An offer or ACK the client will not take (why); it goes on as if it never came.
+    LeaseRefused(String),
 }
 
 /// Why the client lost its lease or had to start over: typed, and formatted only for
@@ -174,6 +184,8 @@ pub struct Transmit {
 struct Offer {
     address: Ipv4Addr,
     server: Ipv4Addr,
+    /// The IP source of the offer (the server, or its relay).
+    source: Ipv4Addr,
 }
 
 pub struct Client {
@@ -309,7 +321,7 @@ impl Client {
     }
 
     fn random(&mut self) -> u64 {
-        // xorshift64: enough for xids and jitter, and reproducible from the seed in tests.
+        // xorshift64: enough for jitter, and reproducible from the seed in tests.
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -325,8 +337,14 @@ impl Client {
         base + Duration::from_millis(jitter_ms) - Duration::from_secs(1)
     }
 
+    /// A transaction id an off-path sender cannot predict: from the OS CSPRNG.
     fn new_transaction(&mut self) {
-        self.xid = self.random() as u32;
+        self.xid = match OsRng.try_next_u32() {
+            Ok(xid) => xid,
+            // getrandom does not fail on Linux ≥ 3.17 once the pool is seeded; should it,
+            // a fresh xid still beats none.
+            Err(_) => self.random() as u32,
+        };
         self.attempt = 0;
     }
 
@@ -519,8 +537,14 @@ impl Client {
         self.timer = None;
     }
 
-    /// Feeds a received packet. Err says why it was dropped; the state is then unchanged.
-    pub fn handle_packet(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Malformed> {
+    /// Feeds a packet received from IP address `source`. Err says why it was dropped; the
+    /// state is then unchanged.
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        source: Ipv4Addr,
+        bytes: &[u8],
+    ) -> Result<(), Malformed> {
         let packet = Packet::parse(bytes)?;
         let header = &packet.header;
         if header.op != 2 {
@@ -535,6 +559,7 @@ impl Client {
         let kind = packet
             .byte(options::MESSAGE_TYPE)
             .ok_or_else(|| Malformed("no message type".into()))?;
+        self.check_sender(source, packet.address(options::SERVER_ID))?;
         match (self.state, kind) {
             (State::Selecting, 2) => {
                 let server = packet
@@ -543,9 +568,15 @@ impl Client {
                 if header.yiaddr.is_unspecified() {
                     return Err(Malformed("OFFER without an address".into()));
                 }
+                let prefix = lease_prefix(&packet)?;
+                if prefix < self.config.min_prefix {
+                    self.refuse_prefix("offer", header.yiaddr, prefix, server);
+                    return Ok(());
+                }
                 self.offer = Some(Offer {
                     address: header.yiaddr,
                     server,
+                    source,
                 });
                 self.tracker.offers_seen += 1;
                 self.state = State::Requesting;
@@ -570,34 +601,61 @@ impl Client {
         }
     }
 
+    /// Only the server whose offer was taken may answer the REQUEST, and only the leasing
+    /// server a renewal — by server identifier and IP source — so another server on the
+    /// segment cannot slip in an ACK or a NAK. INIT-REBOOT and REBINDING broadcast to any
+    /// server (RFC 2131 4.3.2).
+    fn check_sender(&self, source: Ipv4Addr, server_id: Option<Ipv4Addr>) -> Result<(), Malformed> {
+        let (server, server_source) = match (self.state, &self.offer, &self.lease) {
+            (State::Requesting, Some(offer), _) => (offer.server, offer.source),
+            (State::Renewing, _, Some(lease)) => (lease.server, lease.server),
+            _ => return Ok(()),
+        };
+        if server_id == Some(server) && source == server_source {
+            return Ok(());
+        }
+        let server_id = server_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
+        Err(Malformed(format!(
+            "reply from {source} with server id {server_id} in {:?}: only server {server} (from {server_source}) may answer",
+            self.state
+        )))
+    }
+
+    fn refuse_prefix(&mut self, what: &str, address: Ipv4Addr, prefix: u8, server: Ipv4Addr) {
+        self.events.push_back(Event::LeaseRefused(format!(
+            "{what} of {address}/{prefix} from server {server} refused: its subnet is shorter than /{} (--dhcp-min-prefix)",
+            self.config.min_prefix
+        )));
+    }
+
     fn bind(&mut self, now: Instant, packet: &Packet) -> Result<(), Malformed> {
         let address = packet.header.yiaddr;
         if address.is_unspecified() {
             return Err(Malformed("ACK without an address".into()));
         }
-        let prefix = match packet.address(options::SUBNET_MASK) {
-            Some(mask) => {
-                let bits = u32::from(mask);
-                if bits.leading_ones() + bits.trailing_zeros() != 32 {
-                    return Err(Malformed(format!("subnet mask {mask} is not contiguous")));
-                }
-                bits.leading_ones() as u8
-            }
-            None => 24,
-        };
+        let prefix = lease_prefix(packet)?;
         let server = packet
             .address(options::SERVER_ID)
             .or(self.lease.as_ref().map(|l| l.server))
             .or(self.offer.as_ref().map(|o| o.server))
             .ok_or_else(|| Malformed("ACK without server id".into()))?;
+        if prefix < self.config.min_prefix {
+            self.refuse_prefix("ACK", address, prefix, server);
+            return Ok(());
+        }
         let lease_secs = packet
             .u32(options::LEASE_TIME)
             .filter(|&s| s > 0)
             .unwrap_or(DEFAULT_LEASE_SECS);
-        let mut renew_secs = packet.u32(options::RENEWAL_TIME).unwrap_or(lease_secs / 2);
+        let floor = MIN_TIMER_SECS.min(lease_secs / 2);
+        let mut renew_secs = packet
+            .u32(options::RENEWAL_TIME)
+            .unwrap_or(lease_secs / 2)
+            .max(floor);
         let mut rebind_secs = packet
             .u32(options::REBINDING_TIME)
-            .unwrap_or(lease_secs / 8 * 7);
+            .unwrap_or(lease_secs / 8 * 7)
+            .max(floor);
         if !(renew_secs < rebind_secs && rebind_secs < lease_secs) {
             renew_secs = lease_secs / 2;
             rebind_secs = lease_secs / 8 * 7;
@@ -647,6 +705,20 @@ fn next_no_offer_report(waited: Duration) -> Duration {
     }
 }
 
+/// The lease's prefix length from option 1 (a /24 without it).
+fn lease_prefix(packet: &Packet) -> Result<u8, Malformed> {
+    match packet.address(options::SUBNET_MASK) {
+        Some(mask) => {
+            let bits = u32::from(mask);
+            if bits.leading_ones() + bits.trailing_zeros() != 32 {
+                return Err(Malformed(format!("subnet mask {mask} is not contiguous")));
+            }
+            Ok(bits.leading_ones() as u8)
+        }
+        None => Ok(24),
+    }
+}
+
 fn retry_before(now: Instant, deadline: Instant) -> Instant {
     let half = deadline.saturating_duration_since(now) / 2;
     (now + half.max(MIN_RENEW_RETRY)).min(deadline)
@@ -667,6 +739,7 @@ mod tests {
             mac: MAC,
             mtu: 1500,
             hostname: Some("si".into()),
+            min_prefix: 8,
         }
     }
 
@@ -716,7 +789,7 @@ mod tests {
         client.handle_timeout(now);
         let discover = decode(&client.poll_transmit().unwrap());
         client
-            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
+            .handle_packet(now, SERVER, &reply(&discover, MessageType::Offer, &[]))
             .unwrap();
         let request = decode(&client.poll_transmit().unwrap());
         (client, request)
@@ -729,6 +802,7 @@ mod tests {
         client
             .handle_packet(
                 start,
+                SERVER,
                 &reply(
                     &request,
                     MessageType::Ack,
@@ -771,7 +845,7 @@ mod tests {
         );
 
         client
-            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
+            .handle_packet(now, SERVER, &reply(&discover, MessageType::Offer, &[]))
             .unwrap();
         let request = decode(&client.poll_transmit().unwrap());
         assert_eq!(kind(&request), MessageType::Request);
@@ -788,6 +862,7 @@ mod tests {
         client
             .handle_packet(
                 now,
+                SERVER,
                 &reply(
                     &request,
                     MessageType::Ack,
@@ -898,6 +973,7 @@ mod tests {
         client
             .handle_packet(
                 offered_at,
+                SERVER,
                 &reply(&decode(&transmit), MessageType::Offer, &[]),
             )
             .unwrap();
@@ -946,12 +1022,12 @@ mod tests {
         client.handle_timeout(now);
         let discover = decode(&client.poll_transmit().unwrap());
         let offer = reply(&discover, MessageType::Offer, &[]);
-        client.handle_packet(now, &offer).unwrap();
+        client.handle_packet(now, SERVER, &offer).unwrap();
         assert_eq!(client.progress().offers_seen, 2, "counted until bound");
 
         let (mut refused, request) = requesting(14, start);
         refused
-            .handle_packet(start, &reply(&request, MessageType::Nak, &[]))
+            .handle_packet(start, SERVER, &reply(&request, MessageType::Nak, &[]))
             .unwrap();
         assert_eq!(
             refused.progress().last_setback,
@@ -998,22 +1074,16 @@ mod tests {
     #[test]
     fn nak_returns_to_init_with_a_fresh_transaction() {
         let now = Instant::now();
-        let mut client = Client::new(config(), 3, now);
-        client.handle_timeout(now);
-        let discover = decode(&client.poll_transmit().unwrap());
+        let (mut client, request) = requesting(5, now);
         client
-            .handle_packet(now, &reply(&discover, MessageType::Offer, &[]))
-            .unwrap();
-        let request = decode(&client.poll_transmit().unwrap());
-        client
-            .handle_packet(now, &reply(&request, MessageType::Nak, &[]))
+            .handle_packet(now, SERVER, &reply(&request, MessageType::Nak, &[]))
             .unwrap();
         assert_eq!(client.poll_event(), Some(Event::Nak));
         assert_eq!(client.state(), State::Init);
         client.handle_timeout(now);
         let again = decode(&client.poll_transmit().unwrap());
         assert_eq!(kind(&again), MessageType::Discover);
-        assert_ne!(again.xid(), discover.xid());
+        assert_ne!(again.xid(), request.xid());
     }
 
     #[test]
@@ -1032,6 +1102,7 @@ mod tests {
         client
             .handle_packet(
                 t1,
+                SERVER,
                 &reply(
                     &request,
                     MessageType::Ack,
@@ -1097,6 +1168,7 @@ mod tests {
         client
             .handle_packet(
                 now,
+                SERVER,
                 &reply(
                     &request,
                     MessageType::Ack,
@@ -1109,7 +1181,7 @@ mod tests {
         let mut refused = Client::with_stored_lease(config(), 10, now, stored);
         let request = decode(&refused.poll_transmit().unwrap());
         refused
-            .handle_packet(now, &reply(&request, MessageType::Nak, &[]))
+            .handle_packet(now, SERVER, &reply(&request, MessageType::Nak, &[]))
             .unwrap();
         assert_eq!(refused.poll_event(), Some(Event::Nak));
         assert_eq!(refused.state(), State::Init);
@@ -1144,13 +1216,168 @@ mod tests {
             foreign.clone(),
             foreign[..250].to_vec(),
         ] {
-            assert!(client.handle_packet(start, &bytes).is_err());
+            assert!(client.handle_packet(start, SERVER, &bytes).is_err());
         }
         foreign[0] = 1;
-        assert!(client.handle_packet(start, &foreign).is_err());
+        assert!(client.handle_packet(start, SERVER, &foreign).is_err());
         assert_eq!(
             (client.state(), client.poll_timeout(), client.poll_event()),
             (State::Bound, timer, None)
         );
+    }
+
+    const ROGUE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 66);
+
+    /// A reply like `reply` but claiming `server_id` as its server identifier.
+    fn reply_from(request: &Message, kind: MessageType, server_id: Ipv4Addr) -> Vec<u8> {
+        let mut message = Message::decode(&mut Decoder::new(&reply(
+            request,
+            kind,
+            &ack_options(3600, &[24, 192, 168, 66, 10, 0, 1, 66]),
+        )))
+        .unwrap();
+        message
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier(server_id));
+        message.to_vec().unwrap()
+    }
+
+    /// A fresh client that sent DISCOVER, took the offer of SERVER and sent REQUEST.
+    #[test]
+    fn only_the_offering_server_may_answer_the_request() {
+        let now = Instant::now();
+        let (mut client, request) = requesting(5, now);
+        for (source, server_id, kind) in [
+            (SERVER, ROGUE, MessageType::Ack),
+            (ROGUE, SERVER, MessageType::Ack),
+            (ROGUE, ROGUE, MessageType::Ack),
+            (ROGUE, ROGUE, MessageType::Nak),
+        ] {
+            let forged = reply_from(&request, kind, server_id);
+            assert!(
+                client.handle_packet(now, source, &forged).is_err(),
+                "{kind:?} from {source} with server id {server_id} was taken"
+            );
+            assert_eq!(
+                (client.state(), client.poll_event()),
+                (State::Requesting, None)
+            );
+        }
+        client
+            .handle_packet(now, SERVER, &reply_from(&request, MessageType::Ack, SERVER))
+            .unwrap();
+        assert!(matches!(client.poll_event(), Some(Event::Bound(_))));
+    }
+
+    #[test]
+    fn a_renewal_is_answered_only_by_the_leasing_server() {
+        let (mut client, start) = bound(1000);
+        client.poll_event();
+        let t1 = start + Duration::from_secs(500);
+        client.handle_timeout(t1);
+        let request = decode(&client.poll_transmit().unwrap());
+        assert!(client
+            .handle_packet(t1, ROGUE, &reply_from(&request, MessageType::Ack, ROGUE))
+            .is_err());
+        assert!(client
+            .handle_packet(t1, ROGUE, &reply_from(&request, MessageType::Nak, SERVER))
+            .is_err());
+        assert_eq!(
+            (client.state(), client.poll_event()),
+            (State::Renewing, None)
+        );
+        client
+            .handle_packet(t1, SERVER, &reply_from(&request, MessageType::Ack, SERVER))
+            .unwrap();
+        assert!(matches!(client.poll_event(), Some(Event::Renewed { .. })));
+    }
+
+    #[test]
+    fn a_server_sending_t1_zero_gets_a_renewal_a_minute_at_most() {
+        let now = Instant::now();
+        let (mut client, request) = requesting(5, now);
+        let mut options = ack_options(3600, &[24, 192, 168, 10, 10, 0, 1, 1]);
+        options.push(DhcpOption::Renewal(0));
+        options.push(DhcpOption::Rebinding(0));
+        client
+            .handle_packet(now, SERVER, &reply(&request, MessageType::Ack, &options))
+            .unwrap();
+        let Some(Event::Bound(lease)) = client.poll_event() else {
+            panic!("not bound")
+        };
+        assert_eq!((lease.renew_secs, lease.rebind_secs), (1800, 3150));
+        options[4] = DhcpOption::Renewal(0);
+        options[5] = DhcpOption::Rebinding(3000);
+        let renewal_at = client.poll_timeout().unwrap();
+        client.handle_timeout(renewal_at);
+        let renewal = decode(&client.poll_transmit().unwrap());
+        client
+            .handle_packet(
+                renewal_at,
+                SERVER,
+                &reply(&renewal, MessageType::Ack, &options),
+            )
+            .unwrap();
+        let Some(Event::Renewed { lease, .. }) = client.poll_event() else {
+            panic!("not renewed")
+        };
+        assert_eq!((lease.renew_secs, lease.rebind_secs), (60, 3000));
+        assert_eq!(
+            client.poll_timeout(),
+            Some(renewal_at + Duration::from_secs(60))
+        );
+
+        // A lease shorter than two minutes renews at half its time.
+        let now = Instant::now();
+        let (mut short, request) = requesting(5, now);
+        let mut options = ack_options(40, &[24, 192, 168, 10, 10, 0, 1, 1]);
+        options.push(DhcpOption::Renewal(0));
+        short
+            .handle_packet(now, SERVER, &reply(&request, MessageType::Ack, &options))
+            .unwrap();
+        assert_eq!(short.poll_timeout(), Some(now + Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn leases_with_a_subnet_shorter_than_the_minimum_are_refused() {
+        let now = Instant::now();
+        let mut client = Client::new(config(), 6, now);
+        client.handle_timeout(now);
+        let discover = decode(&client.poll_transmit().unwrap());
+        let wide = [DhcpOption::SubnetMask(Ipv4Addr::new(128, 0, 0, 0))];
+        client
+            .handle_packet(now, SERVER, &reply(&discover, MessageType::Offer, &wide))
+            .unwrap();
+        let Some(Event::LeaseRefused(reason)) = client.poll_event() else {
+            panic!("offer not refused")
+        };
+        assert!(
+            reason.contains("10.0.1.50/1") && reason.contains("/8"),
+            "{reason}"
+        );
+        assert_eq!(client.state(), State::Selecting);
+        assert!(client.poll_transmit().is_none(), "no REQUEST for a /1");
+
+        let now = Instant::now();
+        let (mut client, request) = requesting(5, now);
+        let mut options = ack_options(3600, &[]);
+        options[0] = DhcpOption::SubnetMask(Ipv4Addr::new(254, 0, 0, 0));
+        client
+            .handle_packet(now, SERVER, &reply(&request, MessageType::Ack, &options))
+            .unwrap();
+        assert!(matches!(client.poll_event(), Some(Event::LeaseRefused(_))));
+        assert_eq!((client.state(), client.lease()), (State::Requesting, None));
+    }
+
+    #[test]
+    fn transaction_ids_do_not_follow_from_the_seed() {
+        let now = Instant::now();
+        let xid = |seed| {
+            let mut client = Client::new(config(), seed, now);
+            client.handle_timeout(now);
+            decode(&client.poll_transmit().unwrap()).xid()
+        };
+        // Two clients with one seed: a seeded generator would give both the same xid.
+        assert_ne!(xid(11), xid(11));
     }
 }

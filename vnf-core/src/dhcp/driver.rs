@@ -23,10 +23,13 @@ use super::socket::{unicast_socket, PacketSocket, SERVER_PORT};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::lease::{BoundLease, LeaseApplier, LeaseTarget};
+use crate::route_guard::RouteGuard;
 use crate::runtime::sleep_until;
 use crate::side::Side;
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A renewal that changes nothing runs the hook at most this often.
+const HOOK_UNCHANGED_EVERY: Duration = Duration::from_secs(60);
 
 /// One interface to run DHCP on.
 #[derive(Debug, Clone)]
@@ -42,6 +45,10 @@ pub struct DhcpInterface {
     pub state_dir: PathBuf,
     /// A command run with every lease change (env + JSON on stdin), dhclient-script style.
     pub hook: Option<PathBuf>,
+    /// Leases whose subnet is shorter than this prefix are refused.
+    pub min_prefix: u8,
+    /// Which learned routes stay out of the kernel; the lease's routes follow its changes.
+    pub guard: watch::Receiver<RouteGuard>,
 }
 
 impl DhcpInterface {
@@ -153,6 +160,8 @@ struct Driver {
     feed: watch::Sender<Option<Lease>>,
     changed: Arc<Notify>,
     progress: ProgressPublisher,
+    /// The lease the hook last ran with, and when.
+    hook_ran: Option<(Option<Lease>, Instant)>,
 }
 
 /// Publishes the client's progress for `status` and logs each new setback once.
@@ -186,6 +195,7 @@ async fn drive(
         mac: interface.mac,
         mtu: u16::try_from(interface.mtu).unwrap_or(u16::MAX),
         hostname: None,
+        min_prefix: interface.min_prefix,
     };
     let seed = unix_now() ^ u64::from(interface.index) << 32 ^ u64::from(std::process::id());
     let now = Instant::now();
@@ -212,7 +222,9 @@ async fn drive(
             published: None,
             logged_setback: None,
         },
+        hook_ran: None,
     };
+    let mut guard = driver.interface.guard.clone();
     let outcome = async {
         loop {
             driver.flush(&mut client).await;
@@ -220,9 +232,14 @@ async fn drive(
             let deadline = client.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 received = driver.raw.recv() => {
-                    let payload = received.map_err(io_error("receive DHCP"))?;
-                    if let Err(reason) = client.handle_packet(Instant::now(), &payload) {
+                    let (source, payload) = received.map_err(io_error("receive DHCP"))?;
+                    if let Err(reason) = client.handle_packet(Instant::now(), source, &payload) {
                         debug!(%reason, "DHCP packet dropped");
+                    }
+                }
+                Ok(()) = guard.changed() => {
+                    if let Some(lease) = client.lease() {
+                        driver.reroute(lease).await;
                     }
                 }
                 () = sleep_until(deadline) => client.handle_timeout(Instant::now()),
@@ -287,6 +304,29 @@ impl Driver {
         }
     }
 
+    /// The routes of `lease` the guard lets into the kernel.
+    fn installable(&self, lease: &Lease) -> Vec<crate::lease::LearnedRoute> {
+        self.interface
+            .guard
+            .borrow()
+            .screen(&lease.routes)
+            .installed
+    }
+
+    /// The guard changed: the installed lease keeps its address, its routes follow.
+    async fn reroute(&mut self, lease: &Lease) {
+        let routes = self.installable(lease);
+        match self.applier.replace_routes(&routes).await {
+            Ok(changes) if !changes.is_empty() => {
+                info!(side = %self.interface.side, %changes, "DHCP routes follow the sides")
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(side = %self.interface.side, %error, "DHCP routes not fully applied")
+            }
+        }
+    }
+
     async fn handle(&mut self, event: Event) {
         let side = self.interface.side;
         match event {
@@ -294,7 +334,7 @@ impl Driver {
                 let bound = BoundLease {
                     address: lease.address,
                     valid_secs: lease.lease_secs,
-                    routes: lease.routes.clone(),
+                    routes: self.installable(&lease),
                 };
                 match self.applier.apply(&bound).await {
                     Ok(changes) => {
@@ -335,6 +375,7 @@ impl Driver {
                     warn!(%side, %reason, "DHCP route option rejected");
                 }
             }
+            Event::LeaseRefused(reason) => warn!(%side, %reason, "DHCP lease refused"),
             Event::NoOffer { waited } => warn!(
                 "no DHCPOFFER on {side} after {} (still trying; is a DHCP server on this network?)",
                 format_wait(waited)
@@ -364,12 +405,33 @@ impl Driver {
         }
     }
 
-    async fn publish(&self, reason: &str, lease: Option<Lease>) {
+    async fn publish(&mut self, reason: &str, lease: Option<Lease>) {
         if let Some(hook) = &self.interface.hook {
-            run_hook(hook, reason, &self.interface.name, lease.as_ref()).await;
+            // A server renewing in a loop must not run the hook in a loop.
+            let unchanged_recently = self.hook_ran.as_ref().is_some_and(|(last, at)| {
+                same_but_times(last.as_ref(), lease.as_ref()) && at.elapsed() < HOOK_UNCHANGED_EVERY
+            });
+            if unchanged_recently {
+                debug!(interface = %self.interface.name, "lease unchanged; DHCP hook not run again so soon");
+            } else {
+                run_hook(hook, reason, &self.interface.name, lease.as_ref()).await;
+                self.hook_ran = Some((lease.clone(), Instant::now()));
+            }
         }
         self.feed.send_replace(lease);
         self.changed.notify_one();
+    }
+}
+
+/// Two leases that differ at most in their timers (a plain renewal).
+fn same_but_times(a: Option<&Lease>, b: Option<&Lease>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            (a.address, a.server, &a.routers, &a.dns, &a.routes)
+                == (b.address, b.server, &b.routers, &b.dns, &b.routes)
+        }
+        (None, None) => true,
+        _ => false,
     }
 }
 

@@ -114,8 +114,9 @@ impl PacketSocket {
         Ok(PacketSocket { fd, interface })
     }
 
-    /// The next DHCP payload for port 68. Packets that fail the IP/UDP checks are skipped.
-    pub async fn recv(&self) -> io::Result<Vec<u8>> {
+    /// The next DHCP payload for port 68 and its IP source. Packets that fail the IP/UDP
+    /// checks are skipped.
+    pub async fn recv(&self) -> io::Result<(Ipv4Addr, Vec<u8>)> {
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|fd| receive(fd.get_ref())) {
@@ -152,8 +153,8 @@ impl PacketSocket {
     }
 }
 
-/// One recvmsg: the UDP payload, or None for a packet to skip.
-fn receive(fd: &OwnedFd) -> io::Result<Option<Vec<u8>>> {
+/// One recvmsg: the IP source and UDP payload, or None for a packet to skip.
+fn receive(fd: &OwnedFd) -> io::Result<Option<(Ipv4Addr, Vec<u8>)>> {
     let mut frame = vec![0u8; MAX_FRAME];
     let mut control = [0u64; 16];
     let mut iov = libc::iovec {
@@ -188,7 +189,11 @@ fn receive(fd: &OwnedFd) -> io::Result<Option<Vec<u8>>> {
             header = libc::CMSG_NXTHDR(&message, header);
         }
     }
-    Ok(udp_payload(&frame, checksum_ready).map(<[u8]>::to_vec))
+    Ok(udp_payload(&frame, checksum_ready).map(|payload| {
+        // udp_payload checked that the IP header is there.
+        let source = Ipv4Addr::new(frame[12], frame[13], frame[14], frame[15]);
+        (source, payload.to_vec())
+    }))
 }
 
 /// The UDP payload of an IPv4 packet, if its headers hold together.
