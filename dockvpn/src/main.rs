@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +34,7 @@ use vnf_core::{Error, Result};
 
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
+use openvpn::tls_crypt::TlsCrypt;
 use pki::Pki;
 
 const DEFAULT_PORT: u16 = 1194;
@@ -204,6 +206,27 @@ struct ServeArgs {
         help_heading = VPN
     )]
     reneg_sec: u64,
+
+    #[command(flatten)]
+    tls_crypt: TlsCryptArg,
+}
+
+/// Shared by `run` and `client config` (the container's env reaches both), so profiles
+/// carry the key exactly when the server wants it.
+#[derive(Args, Debug, Clone)]
+struct TlsCryptArg {
+    /// Wrap the control channel with the shared tls-crypt key (in the state directory's PKI,
+    /// inlined in every profile): peers without it get no answer at all. Profiles issued
+    /// with it on need it on, and the other way round
+    #[arg(
+        long,
+        env = "DOCKVPN_TLS_CRYPT",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL",
+        help_heading = VPN
+    )]
+    tls_crypt: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +301,8 @@ enum ClientCommand {
         /// Finds the right side for the default remote
         #[command(flatten)]
         sides: SideArgs,
+        #[command(flatten)]
+        tls_crypt: TlsCryptArg,
     },
     /// List the clients and their addresses
     List(JsonArgs),
@@ -317,6 +342,7 @@ fn main() -> ExitCode {
                 name,
                 remote,
                 sides,
+                tls_crypt,
             }) => {
                 let (host, port) = match remote {
                     Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
@@ -325,7 +351,7 @@ fn main() -> ExitCode {
                         running_port(&cli.state_dir),
                     ),
                 };
-                print!("{}", pki.profile(name, &host, port)?);
+                print!("{}", pki.profile(name, &host, port, tls_crypt.tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
@@ -380,6 +406,10 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         max_handshaking: 64.min(serve.max_clients),
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
+        tls_crypt: match serve.tls_crypt.tls_crypt {
+            true => Some(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))),
+            false => None,
+        },
     };
     let static_routes: BTreeSet<Ipv4Net> = args
         .routing

@@ -22,7 +22,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use vnf_core::{Error, Result};
 
+use crate::openvpn::tls_crypt::StaticKey;
+
 const CA_NAME: &str = "Dockvpn CA";
+/// The shared tls-crypt key, in OpenVPN's static key format.
+const TLS_CRYPT_KEY: &str = "tls-crypt.key";
 pub const SERVER_NAME: &str = "dockvpn-server";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
@@ -124,7 +128,27 @@ impl Pki {
         write_public(&self.path("ca.crt"), &ca_cert.pem())?;
         write_private(&self.path("server.key"), &server_key.serialize_pem())?;
         write_public(&self.path("server.crt"), &server_cert.pem())?;
+        write_private(&self.path(TLS_CRYPT_KEY), &StaticKey::generate().to_pem())?;
         Ok(())
+    }
+
+    /// The tls-crypt key the server and every profile share; created when a PKI made before
+    /// tls-crypt existed has none.
+    pub fn tls_crypt_key(&self) -> Result<StaticKey> {
+        self.require()?;
+        let path = self.path(TLS_CRYPT_KEY);
+        if !path.exists() {
+            let _lock = self.lock()?;
+            if !path.exists() {
+                write_private(&path, &StaticKey::generate().to_pem())?;
+            }
+        }
+        StaticKey::from_pem(&self.read(TLS_CRYPT_KEY)?).map_err(|error| {
+            fail(format!(
+                "{} is not a tls-crypt key ({error}); delete it and restart to make a new one (every profile must then be issued again)",
+                path.display()
+            ))
+        })
     }
 
     /// `run` creates the PKI on first start so a new container works without set-up.
@@ -263,7 +287,14 @@ impl Pki {
     }
 
     /// A ready inline `.ovpn` profile for the stock OpenVPN client.
-    pub fn profile(&self, name: &str, remote_host: &str, remote_port: u16) -> Result<String> {
+    /// The inline profile; with `tls_crypt`, it carries the shared tls-crypt key.
+    pub fn profile(
+        &self,
+        name: &str,
+        remote_host: &str,
+        remote_port: u16,
+        tls_crypt: bool,
+    ) -> Result<String> {
         self.require()?;
         if !self.load_registry()?.clients.contains_key(name) {
             return Err(fail(format!(
@@ -286,10 +317,19 @@ impl Pki {
              verb 3\n\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\
-             <key>\n{key}</key>\n",
+             <key>\n{key}</key>\n\
+             {tls_crypt}",
             ca = self.read("ca.crt")?,
             cert = read_client("crt")?,
             key = read_client("key")?,
+            tls_crypt = if tls_crypt {
+                format!(
+                    "<tls-crypt>\n{}</tls-crypt>\n",
+                    self.tls_crypt_key()?.to_pem()
+                )
+            } else {
+                String::new()
+            },
         ))
     }
 
@@ -417,7 +457,7 @@ mod tests {
                 0o600
             );
         }
-        let profile = pki.profile("alice", "10.0.2.2", 1194).unwrap();
+        let profile = pki.profile("alice", "10.0.2.2", 1194, true).unwrap();
         assert!(profile.contains("remote 10.0.2.2 1194\n"));
         assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
         pki.server_tls_config().unwrap();

@@ -263,6 +263,51 @@ fn routes_learned_by_dhcp_option_121_are_pushed() {
     );
 }
 
+/// The profile with the inline `<tag>` block's content replaced.
+fn replace_inline(profile: &str, tag: &str, content: &str) -> String {
+    let (head, rest) = profile
+        .split_once(&format!("<{tag}>\n"))
+        .unwrap_or_else(|| panic!("no <{tag}> in {profile}"));
+    let (_, tail) = rest.split_once(&format!("</{tag}>")).unwrap();
+    format!("{head}<{tag}>\n{content}</{tag}>{tail}")
+}
+
+#[test]
+fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let profile = issue_profile(&chain.si, &dockvpn, "eve", None);
+    // A valid certificate, but a tls-crypt key of its own (the stock tool makes one).
+    let key_file = std::env::temp_dir().join(format!("dockvpn-stray-key-{}", std::process::id()));
+    let generated = std::process::Command::new("openvpn")
+        .args(["--genkey", "tls-crypt"])
+        .arg(&key_file)
+        .output()
+        .expect("openvpn --genkey");
+    assert!(generated.status.success(), "{}", text(&generated));
+    let stray_key = std::fs::read_to_string(&key_file).unwrap();
+    let _ = std::fs::remove_file(&key_file);
+    let profile = replace_inline(&profile, "tls-crypt", &stray_key);
+    let eve = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    // The client retries its HARD_RESET every couple of seconds; the server answers none.
+    let dropped =
+        || status_json(&chain.si, &dockvpn)["vpn"]["dropped"]["unauthenticated_control"].as_u64();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while dropped() < Some(2) {
+        assert!(std::time::Instant::now() < deadline, "{}", dockvpn.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !eve.log().contains("Initial packet from"),
+        "the server answered:\n{}",
+        eve.log()
+    );
+    assert!(!eve.log().contains(CONNECTED));
+    assert_eq!(
+        status_json(&chain.si, &dockvpn)["vpn"]["clients"],
+        serde_json::json!([])
+    );
+}
+
 #[test]
 fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
     let (chain, dockvpn) = vpn_chain(&[]);
@@ -282,11 +327,12 @@ fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
     run_other(&["client", "add", "mallory"]);
     let profile = run_other(&["client", "config", "mallory", "--remote", "10.0.2.2:1194"]);
     let _ = std::fs::remove_dir_all(&other_ca);
-    // Mallory trusts our server (our CA in <ca>) but holds a certificate from another CA.
-    let our_ca = std::fs::read_to_string(dockvpn.state_dir().join("pki/ca.crt")).unwrap();
-    let (head, rest) = profile.split_once("<ca>\n").unwrap();
-    let (_, tail) = rest.split_once("</ca>").unwrap();
-    let profile = format!("{head}<ca>\n{our_ca}</ca>{tail}");
+    // Mallory trusts our server (our CA in <ca>) and holds our tls-crypt key (say it leaked),
+    // but her certificate comes from another CA.
+    let ours =
+        |file: &str| std::fs::read_to_string(dockvpn.state_dir().join("pki").join(file)).unwrap();
+    let profile = replace_inline(&profile, "ca", &ours("ca.crt"));
+    let profile = replace_inline(&profile, "tls-crypt", &ours("tls-crypt.key"));
     let mallory = OpenvpnClient::start(&chain.right_host, &profile, &[]);
     let refused = dockvpn
         .wait_for_log("reason=TLS", Duration::from_secs(20))

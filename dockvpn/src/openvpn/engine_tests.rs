@@ -16,6 +16,7 @@ use super::keymethod;
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTROL_PACKET};
 use super::reliable::Reliable;
 use super::server::{push_messages, EngineConfig, Event, Output, Server};
+use super::tls_crypt::{StaticKey, TlsCrypt, WrapState};
 use crate::pki::{Pki, SERVER_NAME};
 use ipnet::Ipv4Net;
 
@@ -72,6 +73,7 @@ fn engine_config(pki: &Pki) -> EngineConfig {
         max_handshaking: 4,
         reneg_after: None,
         transition_window: Duration::from_secs(60),
+        tls_crypt: None,
     }
 }
 
@@ -99,6 +101,8 @@ struct TestClient {
     /// The key before the last renegotiation.
     previous_data: Option<DataChannel>,
     ciphers: &'static str,
+    /// With tls-crypt: the client's keys and its wrap state.
+    tls_crypt: Option<(TlsCrypt, WrapState)>,
 }
 
 impl TestClient {
@@ -137,6 +141,7 @@ impl TestClient {
             data_key_id: None,
             previous_data: None,
             ciphers,
+            tls_crypt: None,
         }
     }
 
@@ -153,11 +158,27 @@ impl TestClient {
 
     fn datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
         let server = self.server_session.unwrap_or_default();
-        self.reliable
-            .datagrams(now, self.key_id, self.session_id, server)
+        let datagrams = self
+            .reliable
+            .datagrams(now, self.key_id, self.session_id, server);
+        match self.tls_crypt.as_mut() {
+            Some((tls_crypt, state)) => datagrams
+                .iter()
+                .map(|datagram| tls_crypt.wrap(datagram, state, 1_700_000_000))
+                .collect(),
+            None => datagrams,
+        }
     }
 
     fn receive(&mut self, datagram: &[u8]) {
+        let unwrapped;
+        let datagram = match &self.tls_crypt {
+            Some((tls_crypt, _)) if datagram[0] >> 3 != Opcode::DataV2.wire() => {
+                unwrapped = tls_crypt.unwrap(datagram).unwrap().0;
+                &unwrapped[..]
+            }
+            _ => datagram,
+        };
         let Packet::Control(packet) = decode(datagram).unwrap() else {
             return;
         };
@@ -832,4 +853,44 @@ fn a_client_offering_only_chacha20_poly1305_gets_it_and_data_flows() {
         .contains("cipher CHACHA20-POLY1305"));
     assert_eq!(server.connected()[0].cipher, Cipher::Chacha20Poly1305);
     assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+}
+
+#[test]
+fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
+    let test = TestPki::new("tls-crypt");
+    let key = StaticKey::generate();
+    let mut config = engine_config(&test.pki);
+    config.tls_crypt = Some(Arc::new(TlsCrypt::server(&key)));
+    let (mut server, address) = test.server_with_client_and_config("kate", config);
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let start = Instant::now();
+
+    // A client without the key (or with another one): dropped before TLS, no answer at all.
+    for stranger_key in [None, Some(StaticKey::generate())] {
+        let mut stranger = TestClient::new(&test.pki, "kate", "AES-256-GCM");
+        stranger.tls_crypt = stranger_key.map(|k| (TlsCrypt::client(&k), WrapState::default()));
+        for datagram in stranger.datagrams(start) {
+            server.handle_datagram(start, peer, &datagram);
+        }
+        assert!(
+            server.poll_output().is_none(),
+            "a peer without the key got an answer"
+        );
+    }
+    assert_eq!(server.counters.unauthenticated_control, 2);
+    assert_eq!(server.session_count(), 0);
+
+    let mut client = TestClient::new(&test.pki, "kate", "AES-256-GCM");
+    client.tls_crypt = Some((TlsCrypt::client(&key), WrapState::default()));
+    let first = client.datagrams(start);
+    server.handle_datagram(start, peer, &first[0]);
+    let now = start + connect(&mut server, &mut client, hostile, start);
+    flush_client(&mut server, &mut client, now);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+
+    // A captured control packet sent again is a replay.
+    let replayed_before = server.counters.replayed_control;
+    server.handle_datagram(now, peer, &first[0]);
+    assert_eq!(server.counters.replayed_control, replayed_before + 1);
+    assert_eq!(server.connected().len(), 1);
 }

@@ -17,6 +17,7 @@ use super::keymethod::{
 };
 use super::packet::{decode, ControlPacket, Opcode, Packet};
 use super::session::Session;
+use super::tls_crypt::TlsCrypt;
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
 const MAX_PUSH_MESSAGE: usize = 1024;
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub reneg_after: Option<Duration>,
     /// How long a replaced key keeps working after a renegotiation starts.
     pub transition_window: Duration,
+    /// Wrap every control packet with this key (tls-crypt); None: plain control channel.
+    pub tls_crypt: Option<Arc<TlsCrypt>>,
 }
 
 impl EngineConfig {
@@ -82,6 +85,11 @@ pub struct Counters {
     pub replayed_data: u64,
     pub spoofed_source: u64,
     pub no_client_for_destination: u64,
+    /// Control packets that failed tls-crypt: scanners and peers without the key.
+    #[serde(default)]
+    pub unauthenticated_control: u64,
+    #[serde(default)]
+    pub replayed_control: u64,
 }
 
 impl Counters {
@@ -93,6 +101,8 @@ impl Counters {
             + self.replayed_data
             + self.spoofed_source
             + self.no_client_for_destination
+            + self.unauthenticated_control
+            + self.replayed_control
     }
 }
 
@@ -124,6 +134,8 @@ pub struct Server {
     outputs: VecDeque<Output>,
     pub counters: Counters,
     pub last_drop: Option<String>,
+    /// Wall-clock seconds at `Instant` zero of this engine, for tls-crypt's time field.
+    clock: (Instant, u32),
 }
 
 impl Server {
@@ -140,6 +152,7 @@ impl Server {
             outputs: VecDeque::new(),
             counters: Counters::default(),
             last_drop: None,
+            clock: (Instant::now(), unix_now()),
         }
     }
 
@@ -213,6 +226,22 @@ impl Server {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let mut wrap_id = None;
+        let unwrapped;
+        let datagram = match &self.config.tls_crypt {
+            Some(tls_crypt) if is_control(datagram) => match tls_crypt.unwrap(datagram) {
+                Ok((packet, id)) => {
+                    wrap_id = Some(id);
+                    unwrapped = packet;
+                    &unwrapped[..]
+                }
+                Err(error) => {
+                    let why = format!("from {from}: {error}");
+                    return self.drop_input(|c| &mut c.unauthenticated_control, why);
+                }
+            },
+            _ => datagram,
+        };
         let packet = match decode(datagram) {
             Ok(packet) => packet,
             Err(error) => {
@@ -220,7 +249,7 @@ impl Server {
             }
         };
         match packet {
-            Packet::Control(control) => self.handle_control(now, from, &control),
+            Packet::Control(control) => self.handle_control(now, from, &control, wrap_id),
             Packet::Data {
                 opcode: Opcode::DataV2,
                 key_id,
@@ -235,7 +264,13 @@ impl Server {
         self.flush(now, Some(from));
     }
 
-    fn handle_control(&mut self, now: Instant, from: SocketAddr, packet: &ControlPacket<'_>) {
+    fn handle_control(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &ControlPacket<'_>,
+        wrap_id: Option<u32>,
+    ) {
         let known = self.sessions.get(&from).map(|s| s.remote_id);
         if packet.opcode == Opcode::HardResetClientV2 && known != Some(packet.session_id) {
             let busy = self
@@ -260,6 +295,13 @@ impl Server {
             return self.drop_input(|c| &mut c.unknown_session, why);
         }
         let session = self.sessions.get_mut(&from).expect("admitted above");
+        if let Some(id) = wrap_id {
+            if session.wrap.received.check(id).is_err() {
+                let why = format!("from {from}: tls-crypt packet id {id} replayed");
+                return self.drop_input(|c| &mut c.replayed_control, why);
+            }
+            session.wrap.received.commit(id);
+        }
         if !session.knows_key(packet.key_id) {
             if packet.opcode != Opcode::SoftResetV1 || !session.accepts_soft_reset(packet.key_id) {
                 let why = format!(
@@ -575,8 +617,15 @@ impl Server {
 
     /// Queues due control packets (for one peer or all), then removes closed sessions.
     fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
+        let wall_clock =
+            self.clock.1 + (now.saturating_duration_since(self.clock.0).as_secs() as u32);
+        let tls_crypt = self.config.tls_crypt.clone();
         let mut queue = |session: &mut Session| {
             for datagram in session.control_datagrams(now) {
+                let datagram = match &tls_crypt {
+                    Some(tls_crypt) => tls_crypt.wrap(&datagram, &mut session.wrap, wall_clock),
+                    None => datagram,
+                };
                 self.outputs.push_back(Output::Transmit {
                     to: session.peer,
                     datagram,
@@ -722,6 +771,20 @@ pub fn push_messages(
         }
     }
     messages
+}
+
+/// A control packet, by its clear opcode byte (an unknown opcode is malformed, not control).
+fn is_control(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|&first| {
+        Opcode::from_wire(first >> 3)
+            .is_some_and(|opcode| !matches!(opcode, Opcode::DataV1 | Opcode::DataV2))
+    })
+}
+
+fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
 }
 
 fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {

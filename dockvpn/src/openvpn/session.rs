@@ -17,6 +17,7 @@ use super::data::{Cipher, DataChannel, DataError, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
 use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::Reliable;
+use super::tls_crypt::WrapState;
 
 /// The options string sent in key-method 2; clients only compare it and warn on differences.
 const OPTIONS_STRING: &str =
@@ -215,6 +216,8 @@ pub struct Session {
     /// Set when the session ends; it is removed once its last packets are out.
     pub closing: Option<String>,
     push_requested: bool,
+    /// tls-crypt packet ids, sent and received (unused without tls-crypt).
+    pub wrap: WrapState,
 }
 
 impl Session {
@@ -247,6 +250,7 @@ impl Session {
             renegotiations: 0,
             closing: None,
             push_requested: false,
+            wrap: WrapState::default(),
         })
     }
 
