@@ -38,9 +38,11 @@ use openvpn::tls_crypt::TlsCrypt;
 use pki::Pki;
 
 const DEFAULT_PORT: u16 = 1194;
+/// How long a handshake (the first, or a renegotiation) may take.
+const HANDSHAKE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a replaced data key keeps working after a renegotiation starts (OpenVPN's
-/// `tran-window` default), so packets in flight are not lost.
-const TRANSITION_WINDOW: Duration = Duration::from_secs(60);
+/// `tran-window` default), so packets in flight are not lost; no shorter than a handshake.
+const TRANSITION_WINDOW: Duration = HANDSHAKE_WINDOW;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -207,14 +209,6 @@ struct ServeArgs {
     )]
     reneg_sec: u64,
 
-    #[command(flatten)]
-    tls_crypt: TlsCryptArg,
-}
-
-/// Shared by `run` and `client config` (the container's env reaches both), so profiles
-/// carry the key exactly when the server wants it.
-#[derive(Args, Debug, Clone)]
-struct TlsCryptArg {
     /// Wrap the control channel with the shared tls-crypt key (in the state directory's PKI,
     /// inlined in every profile): peers without it get no answer at all. Profiles issued
     /// with it on need it on, and the other way round
@@ -301,8 +295,16 @@ enum ClientCommand {
         /// Finds the right side for the default remote
         #[command(flatten)]
         sides: SideArgs,
-        #[command(flatten)]
-        tls_crypt: TlsCryptArg,
+        /// Put the tls-crypt key in the profile [default: as the running server does; on
+        /// when none runs]
+        #[arg(
+            long,
+            env = "DOCKVPN_TLS_CRYPT",
+            action = clap::ArgAction::Set,
+            value_name = "BOOL",
+            help_heading = VPN
+        )]
+        tls_crypt: Option<bool>,
     },
     /// List the clients and their addresses
     List(JsonArgs),
@@ -351,7 +353,10 @@ fn main() -> ExitCode {
                         running_port(&cli.state_dir),
                     ),
                 };
-                print!("{}", pki.profile(name, &host, port, tls_crypt.tls_crypt)?);
+                let tls_crypt = tls_crypt
+                    .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.tls_crypt))
+                    .unwrap_or(true);
+                print!("{}", pki.profile(name, &host, port, tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
@@ -383,6 +388,16 @@ fn main() -> ExitCode {
 async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitCode> {
     let serve = &args.serve;
     let pool = args.pool.pool;
+    if !serve.listen.is_ipv4() {
+        return Err(Error::invalid(
+            "--listen",
+            serve.listen,
+            "the OpenVPN server listens on IPv4: give ADDR:PORT such as 0.0.0.0:1194",
+        ));
+    }
+    // A status file left by a run that was killed would pass for this one while it waits
+    // for its DHCP lease.
+    let _ = std::fs::remove_file(vpn::status_path(state_dir));
     let pki = Pki::new(state_dir);
     if pki.ensure()? {
         info!(dir = %state_dir.join("pki").display(), "PKI created");
@@ -400,13 +415,13 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         ciphers: serve.data_ciphers.0.clone(),
         ping: Duration::from_secs(serve.ping.max(1)),
         ping_restart: Duration::from_secs(serve.ping_restart.max(serve.ping + 1)),
-        handshake_window: Duration::from_secs(60),
+        handshake_window: HANDSHAKE_WINDOW,
         redirect_gateway: serve.redirect_gateway,
         max_clients: serve.max_clients,
         max_handshaking: 64.min(serve.max_clients),
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
-        tls_crypt: match serve.tls_crypt.tls_crypt {
+        tls_crypt: match serve.tls_crypt {
             true => Some(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))),
             false => None,
         },
@@ -701,7 +716,7 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
         ));
     }
     if vpn.dropped.total() > 0 {
-        out.push_str(&format!("  dropped input: {:?}\n", vpn.dropped));
+        out.push_str(&format!("  dropped input: {}\n", vpn.dropped));
     }
     out
 }

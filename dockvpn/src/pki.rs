@@ -286,8 +286,8 @@ impl Pki {
         Ok(())
     }
 
-    /// A ready inline `.ovpn` profile for the stock OpenVPN client.
-    /// The inline profile; with `tls_crypt`, it carries the shared tls-crypt key.
+    /// A ready inline `.ovpn` profile for the stock OpenVPN client; with `tls_crypt`, it
+    /// carries the shared tls-crypt key.
     pub fn profile(
         &self,
         name: &str,

@@ -15,7 +15,7 @@ use nix::sys::socket::{
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-/// Peers remembered beyond this are pruned to the ones still connected.
+/// Peers remembered beyond this are pruned to those with a session.
 const MAX_REMEMBERED_PEERS: usize = 4096;
 
 pub struct Listener {
@@ -72,18 +72,11 @@ impl Listener {
         }
     }
 
-    /// A peer that left needs no source address any more.
-    pub fn forget(&mut self, peer: &SocketAddr) {
-        self.local_address.remove(peer);
-    }
-
-    /// Bounds the memory unauthenticated senders can take: past the limit, only the
-    /// `connected` peers stay remembered.
-    pub fn prune(&mut self, connected: impl FnOnce() -> Vec<SocketAddr>) {
+    /// Bounds the memory unauthenticated senders can take: past the limit, only the peers
+    /// the engine still has a session with (connected or in their handshake) stay.
+    pub fn prune(&mut self, has_session: impl Fn(&SocketAddr) -> bool) {
         if self.local_address.len() > MAX_REMEMBERED_PEERS {
-            let connected = connected();
-            self.local_address
-                .retain(|peer, _| connected.contains(peer));
+            self.local_address.retain(|peer, _| has_session(peer));
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct VpnStatus {
     pub clients: Vec<ConnectedClient>,
     pub dropped: Counters,
     pub updated_unix: u64,
+    /// Whether the control channel is wrapped (so `client config` issues matching profiles).
+    #[serde(default)]
+    pub tls_crypt: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,7 +150,7 @@ pub async fn serve(
                     status_dirty = true;
                 }
             }
-            _ = clients_tick.tick() => engine.refresh_clients(),
+            _ = clients_tick.tick() => engine.reload_clients(Instant::now()),
             _ = status_tick.tick() => status_dirty = true,
             _ = stop.changed() => {
                 engine.shutdown(Instant::now());
@@ -163,7 +166,7 @@ pub async fn serve(
         {
             warn!(
                 total = engine.counters.total(),
-                counters = ?engine.counters,
+                counters = %engine.counters,
                 last = engine.last_drop.as_deref().unwrap_or_default(),
                 "dropped VPN input"
             );
@@ -206,22 +209,20 @@ async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun)
                         address,
                         peer,
                         reason,
-                    } => {
-                        socket.forget(&peer);
-                        info!(
-                            client = name.as_deref().unwrap_or("(unauthenticated)"),
-                            // Omitted, not "None", for a client that never got one.
-                            address = address.map(tracing::field::display),
-                            %peer,
-                            %reason,
-                            "client disconnected"
-                        )
-                    }
+                    } => info!(
+                        client = name.as_deref().unwrap_or("(unauthenticated)"),
+                        // Omitted, not "None", for a client that never got one.
+                        address = address.map(tracing::field::display),
+                        %peer,
+                        %reason,
+                        "client disconnected"
+                    ),
                 }
             }
         }
     }
-    socket.prune(|| engine.connected().iter().map(|c| c.peer).collect());
+    // A client that reconnects from the same address keeps its entry: it has a session again.
+    socket.prune(|peer| engine.has_session(peer));
     changed
 }
 
@@ -252,6 +253,7 @@ fn write_status(config: &VpnConfig, engine: &Server) {
             .collect(),
         dropped: engine.counters,
         updated_unix: unix(wall),
+        tls_crypt: config.engine.tls_crypt.is_some(),
     };
     let text = serde_json::to_string_pretty(&status).expect("status serializes");
     if let Err(error) =

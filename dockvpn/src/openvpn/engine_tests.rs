@@ -103,6 +103,8 @@ struct TestClient {
     ciphers: &'static str,
     /// With tls-crypt: the client's keys and its wrap state.
     tls_crypt: Option<(TlsCrypt, WrapState)>,
+    /// Where the server sees its datagrams come from.
+    peer: SocketAddr,
 }
 
 impl TestClient {
@@ -142,6 +144,7 @@ impl TestClient {
             previous_data: None,
             ciphers,
             tls_crypt: None,
+            peer: CLIENT_ADDRESS.parse().unwrap(),
         }
     }
 
@@ -338,7 +341,7 @@ fn run_until(
     start: Instant,
     done: impl Fn(&TestClient) -> bool,
 ) -> Instant {
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client.peer;
     let mut now = start;
     for round in 0..400 {
         for datagram in wire(round, client.datagrams(now)) {
@@ -670,7 +673,7 @@ fn tun_packets(server: &mut Server) -> Vec<Vec<u8>> {
 
 /// The client's pending ACKs reach the server (so it knows the client holds the new key).
 fn flush_client(server: &mut Server, client: &mut TestClient, now: Instant) {
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client.peer;
     for datagram in client.datagrams(now) {
         server.handle_datagram(now, peer, &datagram);
     }
@@ -893,4 +896,51 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     server.handle_datagram(now, peer, &first[0]);
     assert_eq!(server.counters.replayed_control, replayed_before + 1);
     assert_eq!(server.connected().len(), 1);
+}
+
+#[test]
+fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_its_own_session() {
+    let test = TestPki::new("float");
+    let (mut server, alice_address) = test.server_with_client("alice");
+    let bob_address = test
+        .pki
+        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap()
+        .address;
+    server.set_clients(HashMap::from([
+        ("alice".to_owned(), alice_address),
+        ("bob".to_owned(), bob_address),
+    ]));
+    let start = Instant::now();
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    let now = start + connect(&mut server, &mut alice, perfect, start);
+    let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
+    bob.peer = "192.0.2.20:40000".parse().unwrap();
+    let now = run_until(&mut server, &mut bob, perfect, now, |c| c.data.is_some());
+    flush_client(&mut server, &mut alice, now);
+    flush_client(&mut server, &mut bob, now);
+    while server.poll_output().is_some() {}
+
+    // Alice's packet arrives from Bob's address: it is Alice's (her keys), not Bob's.
+    let left_host = Ipv4Addr::new(192, 168, 10, 2);
+    let upstream = ipv4_packet(alice_address, left_host);
+    let sealed = alice.data.as_mut().unwrap().seal(&upstream).unwrap();
+    server.handle_datagram(now, bob.peer, &sealed);
+    assert_eq!(tun_packets(&mut server), vec![upstream]);
+    // Bob's address may not be claimed with Alice's session: his source is refused.
+    let as_bob = alice
+        .data
+        .as_mut()
+        .unwrap()
+        .seal(&ipv4_packet(bob_address, left_host))
+        .unwrap();
+    server.handle_datagram(now, bob.peer, &as_bob);
+    assert!(tun_packets(&mut server).is_empty());
+    // An exit sealed with Alice's keys from Bob's address ends Alice, not Bob.
+    let mut exit = super::data::OCC_MAGIC.to_vec();
+    exit.push(super::data::OCC_EXIT);
+    let exit = alice.data.as_mut().unwrap().seal(&exit).unwrap();
+    server.handle_datagram(now, bob.peer, &exit);
+    let connected: Vec<String> = server.connected().into_iter().map(|c| c.name).collect();
+    assert_eq!(connected, ["bob"]);
 }

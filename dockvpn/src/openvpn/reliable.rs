@@ -189,9 +189,8 @@ impl Reliable {
         self.unacked
             .iter()
             .take(SEND_WINDOW)
-            .map(|packet| packet.resend_at)
+            .filter_map(|packet| packet.resend_at)
             .min()
-            .flatten()
     }
 
     /// Nothing unacknowledged.

@@ -92,6 +92,21 @@ pub struct Counters {
     pub replayed_control: u64,
 }
 
+/// The non-zero counters as `name=n`, for logs and `status`.
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(self) else {
+            return Ok(());
+        };
+        let nonzero: Vec<String> = fields
+            .iter()
+            .filter(|(_, count)| count.as_u64().is_some_and(|n| n > 0))
+            .map(|(name, count)| format!("{name}={count}"))
+            .collect();
+        f.write_str(&nonzero.join(" "))
+    }
+}
+
 impl Counters {
     pub fn total(&self) -> u64 {
         self.malformed
@@ -177,6 +192,13 @@ impl Server {
         }
     }
 
+    /// The driver's periodic registry reload: a removed client gets its AUTH_FAILED at once,
+    /// before its session is reaped.
+    pub fn reload_clients(&mut self, now: Instant) {
+        self.refresh_clients();
+        self.flush(now, None);
+    }
+
     /// The registered clients; a connected client no longer registered is disconnected.
     pub fn set_clients(&mut self, clients: HashMap<String, Ipv4Addr>) {
         self.clients = clients;
@@ -187,6 +209,11 @@ impl Server {
                 session.close("the client was removed or its address changed");
             }
         }
+    }
+
+    /// Whether a session (connected or in its handshake) exists for this address.
+    pub fn has_session(&self, peer: &SocketAddr) -> bool {
+        self.sessions.contains_key(peer)
     }
 
     #[cfg(test)]
@@ -464,11 +491,17 @@ impl Server {
         };
         session.last_received = now;
         session.bytes_in += datagram.len() as u64;
-        if from != peer {
-            // Authenticated traffic from a new address: the client moved (NAT rebinding).
-            self.float(peer, from);
-        }
-        let session = self.sessions.get_mut(&from).expect("floated");
+        // Authenticated traffic from a new address: the client moved (NAT rebinding), unless
+        // another session holds that address; then it stays where it was.
+        let at = if from != peer && self.float(peer, from) {
+            from
+        } else {
+            peer
+        };
+        let session = self
+            .sessions
+            .get_mut(&at)
+            .expect("the session of this peer id");
         match classify(&plaintext) {
             Payload::Ping => {}
             Payload::Occ(OCC_EXIT) => session.close("the client exited"),
@@ -495,12 +528,13 @@ impl Server {
         }
     }
 
-    fn float(&mut self, old: SocketAddr, new: SocketAddr) {
+    /// Moves a session to a new address; false when another session holds that address.
+    fn float(&mut self, old: SocketAddr, new: SocketAddr) -> bool {
         if self.sessions.contains_key(&new) {
-            return;
+            return false;
         }
         let Some(mut session) = self.sessions.remove(&old) else {
-            return;
+            return false;
         };
         session.peer = new;
         self.by_peer_id.insert(session.peer_id, new);
@@ -508,6 +542,7 @@ impl Server {
             self.by_address.insert(address, new);
         }
         self.sessions.insert(new, session);
+        true
     }
 
     /// A packet read from tun, for the client whose address is its destination.

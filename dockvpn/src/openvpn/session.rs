@@ -321,10 +321,14 @@ impl Session {
         self.lame_duck.as_ref().map(|l| l.expires)
     }
 
-    /// Drops the lame duck key once its transition window is over.
+    /// Drops the lame duck key once its transition window is over; a new key that is
+    /// derived but not yet confirmed is the only one left to send with then.
     pub fn expire_lame_duck(&mut self, now: Instant) {
         if self.lame_duck.as_ref().is_some_and(|l| now >= l.expires) {
             self.lame_duck = None;
+            if self.key.data.is_some() {
+                self.confirm_key();
+            }
         }
     }
 

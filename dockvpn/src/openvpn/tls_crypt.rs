@@ -69,6 +69,9 @@ impl StaticKey {
             .map(|(body, _)| body)
             .ok_or_else(|| format!("no {PEM_BEGIN} … {PEM_END} block"))?;
         let hex: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        if !hex.is_ascii() {
+            return Err("the key holds characters that are not hex digits".into());
+        }
         if hex.len() != 2 * STATIC_KEY_LEN {
             return Err(format!(
                 "the key holds {} hex digits, not {}",
@@ -231,5 +234,11 @@ mod tests {
         )
         .is_err());
         assert!(StaticKey::from_pem("garbage").is_err());
+        // 512 bytes, but a two-byte character where a hex pair would be cut in half.
+        let non_ascii = format!("{PEM_BEGIN}\n{}é0\n{PEM_END}\n", "0".repeat(509));
+        assert!(
+            StaticKey::from_pem(&non_ascii).is_err(),
+            "no panic on non-ASCII"
+        );
     }
 }
