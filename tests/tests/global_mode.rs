@@ -51,15 +51,13 @@ fn chain_learning(option_121: &str) -> (Chain, Dnsmasq) {
 }
 
 fn start_dockvpn(chain: &Chain, args: &[&str]) -> Vnf {
-    let mut all = args.to_vec();
-    all.extend(["run", "--dhcp", "left", "--side-timeout", "30"]);
+    let mut all = vec!["run", "--dhcp", "left", "--side-timeout", "30"];
+    all.extend(args);
     let dockvpn = Vnf::start(&chain.si, "dockvpn", &all);
     dockvpn.wait_ready();
+    // With --dhcp the server serves once the lease (and so its routes) is there.
     dockvpn
-        .wait_for_log(
-            "routes for clients that connect from now on",
-            Duration::from_secs(10),
-        )
+        .wait_for_log("VPN server listening", Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("{e}"));
     dockvpn
 }
@@ -79,7 +77,7 @@ fn connect_and_reach_the_left_host(
     let added = dockvpn.cli(
         &chain.si,
         "dockvpn",
-        &["--pool", pool, "client", "add", name],
+        &["client", "add", name, "--pool", pool],
     );
     assert!(added.status.success(), "client add: {}", text(&added));
     let config = dockvpn.cli(&chain.si, "dockvpn", &["client", "config", name]);
@@ -247,7 +245,7 @@ fn a_client_inside_a_wide_learned_route_connects_and_the_pool_still_reaches_the_
 fn the_source_rules_go_at_exit_and_a_second_run_finds_nothing_to_change() {
     let chain = Chain::new();
     let args =
-        |on_exit: &'static str| vec!["--left-route", LEFT_HOST_NET, "run", "--on-exit", on_exit];
+        |on_exit: &'static str| vec!["run", "--left-route", LEFT_HOST_NET, "--on-exit", on_exit];
     let ours = |chain: &Chain| {
         let rules = chain.si.ip(&["rule"]);
         let rules: Vec<&str> = rules.lines().filter(|l| l.contains("proto 245")).collect();

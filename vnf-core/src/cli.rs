@@ -97,8 +97,9 @@ pub struct NetworkArgs {
     )]
     pub dhcp_min_prefix: u8,
 
-    /// Global mode: install learned left routes 0.0.0.0/1 and 128.0.0.0/1 (def1 halves),
-    /// refused by default because together they take the right side's default
+    /// Global mode (Dockvpn; Dockwall routes in cross mode and ignores it): install learned
+    /// left routes 0.0.0.0/1 and 128.0.0.0/1 (def1 halves), refused by default because
+    /// together they take the right side's default
     #[arg(long, env = "VNF_ACCEPT_WIDE_LEFT_ROUTES", help_heading = ROUTING)]
     pub accept_wide_left_routes: bool,
 }

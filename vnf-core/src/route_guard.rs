@@ -91,7 +91,8 @@ impl RouteGuard {
             active: true,
             accept_wide: config.accept_wide_left_routes,
             right_subnet: right.map(|r| r.subnet()),
-            right_gateway: right.and_then(|r| gateway_for(r, config.right_gateway).ok()),
+            right_gateway: right
+                .and_then(|r| gateway_for(r, config.right_gateway_for(assignment)).ok()),
             management_subnet: assignment.ready(Side::Management).map(|r| r.subnet()),
             vpn_pool: config.vpn_pool.map(|pool| pool.trunc()),
         }

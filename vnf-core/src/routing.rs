@@ -33,11 +33,14 @@ const RULE_PRIORITY_FROM_LEFT: u32 = RULE_PRIORITY_FIRST;
 const RULE_PRIORITY_FROM_RIGHT: u32 = RULE_PRIORITY_FIRST + 1;
 const RULE_PRIORITY_REPLY_LEFT: u32 = RULE_PRIORITY_FIRST + 2;
 const RULE_PRIORITY_REPLY_RIGHT: u32 = RULE_PRIORITY_FIRST + 3;
+/// Global mode: the VPN pool lives behind the tun in `main`; what the SI sends to it stays
+/// there, whatever its source address (a client pinging the SI's left address).
+const RULE_PRIORITY_TO_VPN_POOL: u32 = RULE_PRIORITY_FIRST + 4;
 /// Global mode: what the SI itself sends from a side's address follows that side's table, so
 /// replies leave by the side the request came in on whatever routes `main` learned.
-const RULE_PRIORITY_FROM_RIGHT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 4;
-const RULE_PRIORITY_FROM_LEFT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 5;
-const RULE_PRIORITY_FROM_MANAGEMENT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 6;
+const RULE_PRIORITY_FROM_RIGHT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 5;
+const RULE_PRIORITY_FROM_LEFT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 6;
+const RULE_PRIORITY_FROM_MANAGEMENT_ADDRESS: u32 = RULE_PRIORITY_FIRST + 7;
 
 /// Firewall marks for packets that arrived on the left / right side (the firewall sets
 /// them). With net.ipv4.fwmark_reflect=1 the replies the SI itself generates for forwarded
@@ -173,7 +176,7 @@ impl RoutingConfig {
 
     /// Global mode: the right side's gateway. One-armed, the leg has one gateway, which
     /// `--left-gateway` or the left lease may name as well.
-    fn right_gateway_for(&self, assignment: &Assignment) -> Option<Ipv4Addr> {
+    pub(crate) fn right_gateway_for(&self, assignment: &Assignment) -> Option<Ipv4Addr> {
         match assignment.layout {
             Layout::OneArmed => self.right_gateway.or(self.left_gateway),
             Layout::DualHomed => self.right_gateway,
@@ -341,6 +344,8 @@ pub struct RuleSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<Ipv4Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<Ipv4Net>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub iif: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fwmark: Option<u32>,
@@ -352,6 +357,9 @@ impl fmt::Display for RuleSpec {
         write!(f, "{}:", self.priority)?;
         if let Some(from) = self.from {
             write!(f, " from {from}")?;
+        }
+        if let Some(to) = self.to {
+            write!(f, " to {to}")?;
         }
         if let Some(iif) = &self.iif {
             write!(f, " iif {iif}")?;
@@ -381,6 +389,12 @@ impl RuleSpec {
                 .attributes
                 .push(RuleAttribute::Source(IpAddr::V4(from)));
         }
+        if let Some(to) = self.to {
+            message.header.dst_len = to.prefix_len();
+            message
+                .attributes
+                .push(RuleAttribute::Destination(IpAddr::V4(to.network())));
+        }
         if let Some(iif) = &self.iif {
             message.attributes.push(RuleAttribute::Iifname(iif.clone()));
         }
@@ -396,6 +410,7 @@ impl RuleSpec {
         let mut spec = RuleSpec {
             priority: 0,
             from: None,
+            to: None,
             iif: None,
             fwmark: None,
             table: u32::from(message.header.table),
@@ -407,6 +422,9 @@ impl RuleSpec {
                 RuleAttribute::Iifname(name) => spec.iif = Some(name.clone()),
                 RuleAttribute::Source(IpAddr::V4(ip)) if message.header.src_len == 32 => {
                     spec.from = Some(*ip);
+                }
+                RuleAttribute::Destination(IpAddr::V4(ip)) => {
+                    spec.to = Ipv4Net::new(*ip, message.header.dst_len).ok();
                 }
                 RuleAttribute::FwMark(mark) => spec.fwmark = Some(*mark),
                 RuleAttribute::Table(t) => spec.table = *t,
@@ -458,6 +476,7 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                     RuleSpec {
                         priority: RULE_PRIORITY_FROM_LEFT,
                         from: None,
+                        to: None,
                         iif: Some(left.name.clone()),
                         fwmark: None,
                         table: right_table,
@@ -465,6 +484,7 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                     RuleSpec {
                         priority: RULE_PRIORITY_FROM_RIGHT,
                         from: None,
+                        to: None,
                         iif: Some(right.name.clone()),
                         fwmark: None,
                         table: left_table,
@@ -472,6 +492,7 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                     RuleSpec {
                         priority: RULE_PRIORITY_REPLY_LEFT,
                         from: None,
+                        to: None,
                         iif: None,
                         fwmark: Some(LEFT_INGRESS_MARK),
                         table: left_table,
@@ -479,6 +500,7 @@ pub fn desired_state(config: &RoutingConfig, assignment: &Assignment) -> Result<
                     RuleSpec {
                         priority: RULE_PRIORITY_REPLY_RIGHT,
                         from: None,
+                        to: None,
                         iif: None,
                         fwmark: Some(RIGHT_INGRESS_MARK),
                         table: right_table,
@@ -564,9 +586,20 @@ fn add_source_rules(
         state.rules.insert(RuleSpec {
             priority,
             from: Some(ready.address.addr()),
+            to: None,
             iif: None,
             fwmark: None,
             table,
+        });
+    }
+    if let (Some(pool), false) = (config.vpn_pool, sources.is_empty()) {
+        state.rules.insert(RuleSpec {
+            priority: RULE_PRIORITY_TO_VPN_POOL,
+            from: None,
+            to: Some(pool.trunc()),
+            iif: None,
+            fwmark: None,
+            table: MAIN_TABLE,
         });
     }
     Ok(())
@@ -942,6 +975,7 @@ mod tests {
     fn global_mode_sends_the_sis_own_traffic_by_the_side_of_its_source_address() {
         let mut config = RoutingConfig::new(RoutingMode::Global);
         config.right_gateway = Some("10.0.2.254".parse().unwrap());
+        config.vpn_pool = Some("10.8.0.0/24".parse().unwrap());
         let state = desired_state(&config, &assignment(true)).unwrap();
         let side_tables: Vec<String> = state
             .routes
@@ -962,9 +996,11 @@ mod tests {
         assert_eq!(
             rules,
             [
-                "1004: from 10.0.2.2 lookup 1002",
-                "1005: from 10.0.1.2 lookup 1001"
-            ]
+                "1004: to 10.8.0.0/24 lookup 254",
+                "1005: from 10.0.2.2 lookup 1002",
+                "1006: from 10.0.1.2 lookup 1001"
+            ],
+            "the pool stays behind the tun in main, whatever the source"
         );
         let without_right = desired_state(&config, &assignment(false)).unwrap();
         let rules: Vec<String> = without_right
@@ -972,7 +1008,13 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(rules, ["1005: from 10.0.1.2 lookup 1001"]);
+        assert_eq!(
+            rules,
+            [
+                "1004: to 10.8.0.0/24 lookup 254",
+                "1006: from 10.0.1.2 lookup 1001"
+            ]
+        );
     }
 
     #[test]
@@ -997,8 +1039,8 @@ mod tests {
         assert_eq!(
             rules,
             [
-                "1004: from 10.0.1.2 lookup 1002",
-                "1006: from 172.31.0.5 lookup 1003"
+                "1005: from 10.0.1.2 lookup 1002",
+                "1007: from 172.31.0.5 lookup 1003"
             ]
         );
         let management: Vec<String> = state
@@ -1042,7 +1084,7 @@ mod tests {
         let rules: Vec<String> = state.rules.iter().map(ToString::to_string).collect();
         assert_eq!(
             rules,
-            ["1004: from 10.0.1.2 lookup 1002"],
+            ["1005: from 10.0.1.2 lookup 1002"],
             "one source rule for the one address"
         );
         assert_eq!(
@@ -1073,6 +1115,7 @@ mod tests {
         let rule = RuleSpec {
             priority: 1000,
             from: Some("10.0.2.2".parse().unwrap()),
+            to: Some("10.8.0.0/24".parse().unwrap()),
             iif: Some("eth0".into()),
             fwmark: Some(LEFT_INGRESS_MARK),
             table: 70_000,
@@ -1103,6 +1146,7 @@ mod tests {
         let rule = |priority| RuleSpec {
             priority,
             from: None,
+            to: None,
             iif: Some("eth0".into()),
             fwmark: None,
             table: 1001,

@@ -162,6 +162,8 @@ pub async fn run(
         right = %runtime.config.selectors.describe(Side::Right),
         "starting"
     );
+    // A file a killed run left would list its leases' routes until this run has its own.
+    runtime.forget_screening();
 
     tokio::pin!(shutdown);
     let dhcp_changed = runtime.dhcp_changed.clone();
@@ -507,10 +509,13 @@ impl Runtime<'_> {
     }
 
     fn tell_dhcp_bound(&mut self) {
+        // One-armed, one client on the leg serves both sides: match by interface, not side.
         let bound = self.config.dhcp.sides.iter().all(|&side| {
-            self.dhcp_tasks
-                .iter()
-                .any(|t| t.side == side && t.lease().is_some())
+            self.assignment.interface(side).is_some_and(|interface| {
+                self.dhcp_tasks
+                    .iter()
+                    .any(|t| t.index == interface.index && t.lease().is_some())
+            })
         });
         if self.observed_dhcp_bound != Some(bound) {
             self.observer.dhcp_sides_bound(bound);

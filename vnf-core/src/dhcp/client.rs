@@ -24,6 +24,8 @@ const MIN_RENEW_RETRY: Duration = Duration::from_secs(60);
 /// T1 and T2 are at least this (or half the lease when that is shorter): a server sending
 /// T1=0 would otherwise have the client renew, re-apply and run the hook in a loop.
 const MIN_TIMER_SECS: u32 = 60;
+/// Shorter leases count as this long, so the timers derived from them stay apart.
+const MIN_LEASE_SECS: u32 = 10;
 const REQUEST_ATTEMPTS: u32 = 4;
 const MIN_MESSAGE_SIZE: u16 = 576;
 const DEFAULT_LEASE_SECS: u32 = 3600;
@@ -91,8 +93,6 @@ pub enum Event {
     NoOffer {
         waited: Duration,
     },
-    /// An offer or ACK the client will not take (why); it goes on as if it never came.
-    LeaseRefused(String),
 }
 
 /// Why the client lost its lease or had to start over: typed, and formatted only for
@@ -105,6 +105,14 @@ pub enum Setback {
     NoAck { requested: Option<Ipv4Addr> },
     /// No server answered the renewals and rebinding before the lease ran out.
     Expired { address: Ipv4Net },
+    /// An offer or ACK whose subnet is shorter than `--dhcp-min-prefix`: the client goes
+    /// on as if it never came.
+    Refused {
+        ack: bool,
+        address: Ipv4Net,
+        server: Ipv4Addr,
+        min_prefix: u8,
+    },
 }
 
 impl std::fmt::Display for Setback {
@@ -129,6 +137,16 @@ impl std::fmt::Display for Setback {
             Setback::Expired { address } => write!(
                 f,
                 "the lease of {address} expired: no server answered the renewals"
+            ),
+            Setback::Refused {
+                ack,
+                address,
+                server,
+                min_prefix,
+            } => write!(
+                f,
+                "DHCP lease refused: {} of {address} from server {server} refused: its subnet is shorter than /{min_prefix} (--dhcp-min-prefix)",
+                if *ack { "ACK" } else { "offer" }
             ),
         }
     }
@@ -570,7 +588,10 @@ impl Client {
                 }
                 let prefix = lease_prefix(&packet)?;
                 if prefix < self.config.min_prefix {
-                    self.refuse_prefix("offer", header.yiaddr, prefix, server);
+                    self.refuse_prefix(now, false, header.yiaddr, prefix, server);
+                    // An offer came: "no DHCPOFFER" would mislead from here on.
+                    self.tracker.offers_seen += 1;
+                    self.tracker.no_offer_report_at = None;
                     return Ok(());
                 }
                 self.offer = Some(Offer {
@@ -621,11 +642,21 @@ impl Client {
         )))
     }
 
-    fn refuse_prefix(&mut self, what: &str, address: Ipv4Addr, prefix: u8, server: Ipv4Addr) {
-        self.events.push_back(Event::LeaseRefused(format!(
-            "{what} of {address}/{prefix} from server {server} refused: its subnet is shorter than /{} (--dhcp-min-prefix)",
-            self.config.min_prefix
-        )));
+    fn refuse_prefix(
+        &mut self,
+        now: Instant,
+        ack: bool,
+        address: Ipv4Addr,
+        prefix: u8,
+        server: Ipv4Addr,
+    ) {
+        let setback = Setback::Refused {
+            ack,
+            address: Ipv4Net::new_assert(address, prefix),
+            server,
+            min_prefix: self.config.min_prefix,
+        };
+        self.set_back(now, setback);
     }
 
     fn bind(&mut self, now: Instant, packet: &Packet) -> Result<(), Malformed> {
@@ -640,13 +671,15 @@ impl Client {
             .or(self.offer.as_ref().map(|o| o.server))
             .ok_or_else(|| Malformed("ACK without server id".into()))?;
         if prefix < self.config.min_prefix {
-            self.refuse_prefix("ACK", address, prefix, server);
+            self.refuse_prefix(now, true, address, prefix, server);
             return Ok(());
         }
+        // A lease of a second or two would have the client renew in a loop.
         let lease_secs = packet
             .u32(options::LEASE_TIME)
             .filter(|&s| s > 0)
-            .unwrap_or(DEFAULT_LEASE_SECS);
+            .unwrap_or(DEFAULT_LEASE_SECS)
+            .max(MIN_LEASE_SECS);
         let floor = MIN_TIMER_SECS.min(lease_secs / 2);
         let mut renew_secs = packet
             .u32(options::RENEWAL_TIME)
@@ -1336,6 +1369,14 @@ mod tests {
             .handle_packet(now, SERVER, &reply(&request, MessageType::Ack, &options))
             .unwrap();
         assert_eq!(short.poll_timeout(), Some(now + Duration::from_secs(20)));
+
+        // A one-second lease counts as ten: no renewal loop at network speed.
+        let (mut tiny, request) = requesting(5, now);
+        let mut options = ack_options(1, &[24, 192, 168, 10, 10, 0, 1, 1]);
+        options.push(DhcpOption::Renewal(0));
+        tiny.handle_packet(now, SERVER, &reply(&request, MessageType::Ack, &options))
+            .unwrap();
+        assert_eq!(tiny.poll_timeout(), Some(now + Duration::from_secs(5)));
     }
 
     #[test]
@@ -1348,15 +1389,20 @@ mod tests {
         client
             .handle_packet(now, SERVER, &reply(&discover, MessageType::Offer, &wide))
             .unwrap();
-        let Some(Event::LeaseRefused(reason)) = client.poll_event() else {
-            panic!("offer not refused")
-        };
+        let (_, refusal) = client.progress().last_setback.expect("offer refused");
+        let reason = refusal.to_string();
         assert!(
             reason.contains("10.0.1.50/1") && reason.contains("/8"),
             "{reason}"
         );
         assert_eq!(client.state(), State::Selecting);
         assert!(client.poll_transmit().is_none(), "no REQUEST for a /1");
+        assert_eq!(client.progress().offers_seen, 1, "seen, if refused");
+        client.handle_timeout(now + Duration::from_secs(60));
+        assert!(
+            !std::iter::from_fn(|| client.poll_event()).any(|e| matches!(e, Event::NoOffer { .. })),
+            "no \"no DHCPOFFER\" report once one was refused"
+        );
 
         let now = Instant::now();
         let (mut client, request) = requesting(5, now);
@@ -1365,7 +1411,10 @@ mod tests {
         client
             .handle_packet(now, SERVER, &reply(&request, MessageType::Ack, &options))
             .unwrap();
-        assert!(matches!(client.poll_event(), Some(Event::LeaseRefused(_))));
+        assert!(matches!(
+            client.progress().last_setback,
+            Some((_, Setback::Refused { ack: true, .. }))
+        ));
         assert_eq!((client.state(), client.lease()), (State::Requesting, None));
     }
 

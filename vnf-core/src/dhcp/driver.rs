@@ -375,7 +375,6 @@ impl Driver {
                     warn!(%side, %reason, "DHCP route option rejected");
                 }
             }
-            Event::LeaseRefused(reason) => warn!(%side, %reason, "DHCP lease refused"),
             Event::NoOffer { waited } => warn!(
                 "no DHCPOFFER on {side} after {} (still trying; is a DHCP server on this network?)",
                 format_wait(waited)
@@ -389,7 +388,7 @@ impl Driver {
         let (side, interface) = (self.interface.side, &self.interface.name);
         if let Some((_, setback)) = progress.last_setback {
             if self.progress.logged_setback != Some(setback) {
-                warn!(%side, %interface, "DHCP: {setback}");
+                warn!(%side, %interface, "{setback}");
                 self.progress.logged_setback = Some(setback);
             }
         }
