@@ -91,6 +91,22 @@ struct RoutingArgs {
 
     #[command(flatten)]
     routes: LeftRoutes,
+
+    /// Routing keeps the pool behind the tun (and refuses learned routes that take it).
+    #[command(flatten)]
+    pool: PoolArgs,
+}
+
+impl RoutingArgs {
+    /// Global routing for the left routes and the pool: what `run` installs and `status`
+    /// checks.
+    fn routing_config(&self) -> RoutingConfig {
+        RoutingConfig {
+            left_routes: self.routes.left_routes.iter().map(Ipv4Net::trunc).collect(),
+            vpn_pool: Some(self.pool.pool.trunc()),
+            ..RoutingConfig::new(RoutingMode::Global)
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -100,9 +116,6 @@ struct RunArgs {
 
     #[command(flatten)]
     lifecycle: LifecycleArgs,
-
-    #[command(flatten)]
-    pool: PoolArgs,
 
     #[command(flatten)]
     serve: ServeArgs,
@@ -120,15 +133,6 @@ struct LeftRoutes {
         help_heading = ROUTING
     )]
     left_routes: Vec<Ipv4Net>,
-}
-
-impl LeftRoutes {
-    fn routing_config(&self) -> RoutingConfig {
-        RoutingConfig {
-            left_routes: self.left_routes.iter().map(Ipv4Net::trunc).collect(),
-            ..RoutingConfig::new(RoutingMode::Global)
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -387,7 +391,7 @@ fn main() -> ExitCode {
 
 async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitCode> {
     let serve = &args.serve;
-    let pool = args.pool.pool;
+    let pool = args.routing.pool.pool;
     if !serve.listen.is_ipv4() {
         return Err(Error::invalid(
             "--listen",
@@ -428,20 +432,17 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     };
     let static_routes: BTreeSet<Ipv4Net> = args
         .routing
-        .routes
+        .routing_config()
         .left_routes
-        .iter()
-        .map(Ipv4Net::trunc)
+        .into_iter()
         .collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let routing = RoutingConfig {
-        vpn_pool: Some(engine.pool),
-        ..args.routing.routes.routing_config()
-    };
-    let mut runtime_config =
-        args.lifecycle
-            .runtime_config(&args.routing.network, routing, state_dir);
+    let mut runtime_config = args.lifecycle.runtime_config(
+        &args.routing.network,
+        args.routing.routing_config(),
+        state_dir,
+    );
     one_leg_serves_both_sides(&mut runtime_config.selectors);
     let dhcp_sides = &runtime_config.dhcp.sides;
     let (dhcp_bound_tx, dhcp_bound_rx) = watch::channel(dhcp_sides.is_empty());
@@ -640,7 +641,7 @@ async fn right_address(sides: &SideArgs, state_dir: &Path) -> Result<Ipv4Addr> {
 async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<ExitCode> {
     let mut config = routing
         .network
-        .runtime_config(routing.routes.routing_config(), state_dir);
+        .runtime_config(routing.routing_config(), state_dir);
     one_leg_serves_both_sides(&mut config.selectors);
     let routing = vnf_core::status::collect(&config).await?;
     let vpn = read_vpn_status(state_dir);

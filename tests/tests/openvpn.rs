@@ -125,6 +125,13 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
         SI_LEFT,
         "masqueraded to the SI's left address"
     );
+    // The SI's own left address, in the pushed left subnet: its reply goes to the pool, which
+    // the source rule for that address must not send out of the left side.
+    assert!(
+        ping_eventually(&chain.right_host, SI_LEFT, TUNNEL_PING_ATTEMPTS),
+        "the SI's left address through the tunnel\n{}",
+        dockvpn.log()
+    );
 
     let clients = clients_when(&chain.si, &dockvpn, |clients| {
         clients.len() == 1 && clients[0]["bytes_in"].as_u64() > Some(0)
