@@ -215,16 +215,16 @@ struct ServeArgs {
 
     /// Wrap the control channel with the shared tls-crypt key (in the state directory's PKI,
     /// inlined in every profile): peers without it get no answer at all. Profiles issued
-    /// with it on need it on, and the other way round
+    /// with it on need it on, and the other way round [default: on, except for a PKI made
+    /// before tls-crypt, whose profiles lack the key]
     #[arg(
         long,
         env = "DOCKVPN_TLS_CRYPT",
-        default_value_t = true,
         action = clap::ArgAction::Set,
         value_name = "BOOL",
         help_heading = VPN
     )]
-    tls_crypt: bool,
+    tls_crypt: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -299,8 +299,8 @@ enum ClientCommand {
         /// Finds the right side for the default remote
         #[command(flatten)]
         sides: SideArgs,
-        /// Put the tls-crypt key in the profile [default: as the running server does; on
-        /// when none runs]
+        /// Put the tls-crypt key in the profile [default: as the running server does; when
+        /// none runs, if the PKI has a tls-crypt key]
         #[arg(
             long,
             env = "DOCKVPN_TLS_CRYPT",
@@ -359,7 +359,7 @@ fn main() -> ExitCode {
                 };
                 let tls_crypt = tls_crypt
                     .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.tls_crypt))
-                    .unwrap_or(true);
+                    .unwrap_or_else(|| pki.has_tls_crypt_key());
                 print!("{}", pki.profile(name, &host, port, tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
@@ -425,9 +425,12 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         max_handshaking: 64.min(serve.max_clients),
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
-        tls_crypt: match serve.tls_crypt {
+        tls_crypt: match serve.tls_crypt.unwrap_or_else(|| pki.has_tls_crypt_key()) {
             true => Some(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))),
-            false => None,
+            false => {
+                info!("tls-crypt off: every peer reaches TLS. Profiles issued so far lack the key; turn it on with --tls-crypt true (DOCKVPN_TLS_CRYPT) and issue them again (dockvpn client config NAME)");
+                None
+            }
         },
     };
     let static_routes: BTreeSet<Ipv4Net> = args
@@ -689,11 +692,12 @@ fn load_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
 
 fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     let mut out = format!(
-        "VPN server: udp {} tun {} pool {} (server {})\n  routes pushed: {}{}\n  clients connected: {}\n",
+        "VPN server: udp {} tun {} pool {} (server {}), tls-crypt {}\n  routes pushed: {}{}\n  clients connected: {}\n",
         vpn.listen,
         vpn.tun,
         vpn.pool,
         vpn.server_address,
+        if vpn.tls_crypt { "on" } else { "off (profiles carry no key)" },
         if vpn.routes_pushed.is_empty() {
             "none".to_owned()
         } else {

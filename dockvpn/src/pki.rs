@@ -132,8 +132,14 @@ impl Pki {
         Ok(())
     }
 
+    /// Whether this PKI has a tls-crypt key: every PKI made since tls-crypt exists does, so
+    /// its profiles carry the key; one made before does not, and its profiles do not.
+    pub fn has_tls_crypt_key(&self) -> bool {
+        self.path(TLS_CRYPT_KEY).exists()
+    }
+
     /// The tls-crypt key the server and every profile share; created when a PKI made before
-    /// tls-crypt existed has none.
+    /// tls-crypt existed has none (the operator turned it on).
     pub fn tls_crypt_key(&self) -> Result<StaticKey> {
         self.require()?;
         let path = self.path(TLS_CRYPT_KEY);

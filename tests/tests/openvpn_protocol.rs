@@ -1,12 +1,14 @@
 //! The OpenVPN protocol beyond a first connection, with the stock OpenVPN 2.6 client: key
 //! renegotiation (whichever side starts it, the tunnel keeps carrying traffic across every
-//! key change, and no key-id error is logged) and the ChaCha20-Poly1305 data channel.
+//! key change, and no key-id error is logged), the ChaCha20-Poly1305 data channel, and an
+//! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key.
 
 use std::time::{Duration, Instant};
 
-use docknfv_tests::chain::LEFT_HOST;
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::openvpn::{issue_profile, text, vpn_chain, OpenvpnClient};
-use docknfv_tests::{Netns, Vnf};
+use docknfv_tests::vnf::binary;
+use docknfv_tests::{Chain, Netns, Vnf};
 
 /// Pings the left host through the tunnel once a second for `count` seconds; the number of
 /// answers.
@@ -154,4 +156,59 @@ fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
         client_status(&chain.si, &dockvpn)["cipher"],
         "CHACHA20-POLY1305"
     );
+}
+
+#[test]
+fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
+    let chain = Chain::new();
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let state = std::env::temp_dir().join(format!("dockvpn-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let dockvpn_cli = |args: &[&str]| {
+        let output = chain
+            .si
+            .command(binary("dockvpn").to_str().expect("utf-8 path"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .expect("run dockvpn");
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    // The state directory as an earlier Dockvpn left it: a PKI without a tls-crypt key, and
+    // a profile handed out from it.
+    dockvpn_cli(&["pki", "init"]);
+    std::fs::remove_file(state.join("pki/tls-crypt.key")).expect("remove the key");
+    dockvpn_cli(&["client", "add", "alice"]);
+    let profile = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
+    assert!(!profile.contains("<tls-crypt>"), "{profile}");
+
+    let state_arg = state.to_str().expect("utf-8 path");
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &[
+            "--state-dir",
+            state_arg,
+            "run",
+            "--left-route",
+            LEFT_HOST_NET,
+        ],
+    );
+    dockvpn.wait_ready();
+    dockvpn
+        .wait_for_log("tls-crypt off", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(answered_pings(&chain.right_host, 3), 3, "{}", dockvpn.log());
+    // A profile issued now matches the running server: still without the key.
+    let again = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
+    assert!(!again.contains("<tls-crypt>"), "{again}");
+    drop(client);
+    drop(dockvpn);
+    let _ = std::fs::remove_dir_all(&state);
 }
