@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, SI_LEFT, SI_RIGHT};
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT, SI_RIGHT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::openvpn::{text, OpenvpnClient};
 use docknfv_tests::traffic::{ping, ping_eventually};
@@ -190,8 +190,8 @@ fn the_measured_case_a_client_inside_a_learned_route_connects_and_status_lists_t
     assert_eq!(installed, ["10.61.12.0/24", "192.168.10.0/24"]);
     assert_eq!(
         status["vpn"]["routes_pushed"],
-        serde_json::json!(["10.61.12.0/24", LEFT_HOST_NET]),
-        "refused routes are not pushed"
+        serde_json::json!([LEFT_NET, "10.61.12.0/24", LEFT_HOST_NET]),
+        "the left subnet and the installed routes; refused routes are not pushed"
     );
     let rendered = dockvpn.cli(&chain.si, "dockvpn", &["status"]);
     let rendered = text(&rendered);
