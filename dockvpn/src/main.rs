@@ -709,7 +709,7 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     for client in &vpn.clients {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
         out.push_str(&format!(
-            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s, keys renegotiated {}\n",
+            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
             client.name,
             client.address,
             client.peer,
@@ -717,6 +717,8 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
             client.bytes_in,
             client.bytes_out,
             since,
+            client.key_id,
+            client.key_age_secs,
             client.renegotiations
         ));
     }

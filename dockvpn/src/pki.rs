@@ -369,6 +369,8 @@ impl Pki {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|error| fail(format!("server certificate: {error}")))?;
+        // TLS 1.2 without the extended master secret makes the key exporter unsafe.
+        config.require_ems = true;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))

@@ -62,6 +62,11 @@ pub struct ConnectedClient {
     /// Data keys renegotiated since the client connected.
     #[serde(default)]
     pub renegotiations: u64,
+    /// The data key in use: its id and age.
+    #[serde(default)]
+    pub key_id: u8,
+    #[serde(default)]
+    pub key_age_secs: u64,
 }
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
@@ -161,7 +166,7 @@ pub async fn serve(
             }
         }
         status_dirty |= drain(&mut engine, &mut socket, &tun).await;
-        if engine.counters != dropped_logged
+        if engine.counters.total() != dropped_logged.total()
             && last_drop_log.is_none_or(|at| at.elapsed() >= DROP_LOG_EVERY)
         {
             warn!(
@@ -248,6 +253,8 @@ fn write_status(config: &VpnConfig, engine: &Server) {
                 connected_since_unix: unix(wall - (now - c.connected_at)),
                 bytes_in: c.bytes_in,
                 renegotiations: c.renegotiations,
+                key_id: c.key_id,
+                key_age_secs: now.saturating_duration_since(c.key_established).as_secs(),
                 bytes_out: c.bytes_out,
             })
             .collect(),

@@ -103,6 +103,19 @@ fn a_client_that_renegotiates_every_few_seconds_loses_no_traffic() {
     );
     let renegotiated = renegotiations(&chain.si, &dockvpn);
     assert!(renegotiated >= 3, "server counted {renegotiated}");
+    let client = client_status(&chain.si, &dockvpn);
+    assert!(
+        client["key_id"].as_u64() > Some(0) && client["key_age_secs"].as_u64() < Some(10),
+        "status shows the current key: {client}"
+    );
+    // Thirty seconds of the client's tun: its IPv6 router solicitations are no spoofing.
+    let output = dockvpn.cli(&chain.si, "dockvpn", &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+    assert_eq!(
+        status["vpn"]["dropped"]["spoofed_source"], 0,
+        "{}",
+        status["vpn"]["dropped"]
+    );
 }
 
 #[test]

@@ -85,6 +85,9 @@ pub struct Counters {
     pub replayed_data: u64,
     pub spoofed_source: u64,
     pub no_client_for_destination: u64,
+    /// IPv6 packets from clients (their router solicitations): benign, so outside `total`.
+    #[serde(default)]
+    pub ipv6_from_client: u64,
     /// Control packets that failed tls-crypt: scanners and peers without the key.
     #[serde(default)]
     pub unauthenticated_control: u64,
@@ -108,6 +111,7 @@ impl std::fmt::Display for Counters {
 }
 
 impl Counters {
+    /// Dropped input that may be hostile or broken (IPv6 from clients is neither).
     pub fn total(&self) -> u64 {
         self.malformed
             + self.unknown_session
@@ -131,6 +135,9 @@ pub struct ClientStatus {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub renegotiations: u64,
+    /// The key the server sends with, and since when it is in use.
+    pub key_id: u8,
+    pub key_established: Instant,
 }
 
 /// Reads the client registry afresh (a client added a moment ago is not in the cache yet).
@@ -240,6 +247,8 @@ impl Server {
                     bytes_in: s.bytes_in,
                     bytes_out: s.bytes_out,
                     renegotiations: s.renegotiations,
+                    key_id: s.sending_key().0,
+                    key_established: s.sending_key().1?,
                 })
             })
             .collect();
@@ -506,6 +515,11 @@ impl Server {
             Payload::Ping => {}
             Payload::Occ(OCC_EXIT) => session.close("the client exited"),
             Payload::Occ(_) => {}
+            Payload::Ip(packet) if packet.first().is_some_and(|b| b >> 4 == 6) => {
+                // The client's tun solicits routers over IPv6 now and then: not an attack,
+                // and the tunnel carries IPv4 only.
+                self.counters.ipv6_from_client += 1;
+            }
             Payload::Ip(packet) => {
                 let source = ipv4_source(packet);
                 if source.is_some() && source == session.address {

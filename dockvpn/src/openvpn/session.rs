@@ -311,6 +311,17 @@ impl Session {
             .is_some_and(DataChannel::needs_new_key)
     }
 
+    /// The key the server seals with (the new one once confirmed, else the lame duck) and
+    /// when it was established.
+    pub fn sending_key(&self) -> (u8, Option<Instant>) {
+        match &self.lame_duck {
+            Some(lame_duck) if !self.key.confirmed => {
+                (lame_duck.slot.key_id, lame_duck.slot.established)
+            }
+            _ => (self.key.key_id, self.key.established),
+        }
+    }
+
     /// When a renegotiation in progress started (its new key has no data channel yet).
     pub fn renegotiating_since(&self) -> Option<Instant> {
         (self.connected_at.is_some() && self.key.data.is_none()).then_some(self.key.started)
