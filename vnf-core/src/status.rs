@@ -70,16 +70,11 @@ pub async fn collect(config: &RuntimeConfig) -> Result<Status> {
                     problems.push(format!("{side} side not ready: {reason}"));
                 }
             }
-            let dhcp = config
-                .dhcp
-                .sides
-                .contains(&side)
-                .then(|| assignment.interface(side))
-                .flatten()
-                .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
             let dhcp_interface = assignment
                 .interface(side)
                 .filter(|_| config.dhcp.sides.contains(&side));
+            let dhcp = dhcp_interface
+                .and_then(|interface| read_stored(&lease_file(&config.state_dir, &interface.name)));
             let dhcp_client = dhcp_interface.and_then(|i| read_running(&config.state_dir, &i.name));
             if let Some(problem) =
                 dhcp_interface.and_then(|i| dhcp_problem(side, i, dhcp_client.as_ref()))

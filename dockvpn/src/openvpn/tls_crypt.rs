@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use super::data::ReplayWindow;
 
-pub const STATIC_KEY_LEN: usize = 256;
+const STATIC_KEY_LEN: usize = 256;
 const SLOT: usize = 128;
 const FIELD: usize = 64;
 /// Opcode/key id and session id: authenticated, not encrypted.
@@ -24,7 +24,7 @@ const HEADER_LEN: usize = 1 + 8;
 const PACKET_ID_LEN: usize = 4 + 4;
 const TAG_LEN: usize = 32;
 /// Bytes tls-crypt adds to a control packet.
-pub const OVERHEAD: usize = PACKET_ID_LEN + TAG_LEN;
+const OVERHEAD: usize = PACKET_ID_LEN + TAG_LEN;
 const PEM_BEGIN: &str = "-----BEGIN OpenVPN Static key V1-----";
 const PEM_END: &str = "-----END OpenVPN Static key V1-----";
 

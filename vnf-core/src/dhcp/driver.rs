@@ -338,7 +338,7 @@ impl Driver {
                 };
                 match self.applier.apply(&bound).await {
                     Ok(changes) => {
-                        info!(%side, address = %lease.address, routes = lease.routes.len(), source = %lease.route_source, %changes, "DHCP lease applied")
+                        info!(%side, address = %lease.address, routes = bound.routes.len(), source = %lease.route_source, %changes, "DHCP lease applied")
                     }
                     Err(error) => warn!(%side, %error, "DHCP lease not fully applied"),
                 }
