@@ -28,7 +28,7 @@ use vnf_core::cli::{
 };
 use vnf_core::lease::LearnedRoute;
 use vnf_core::routing::{RoutingConfig, RoutingMode};
-use vnf_core::runtime::{OnExit, SidesObserver};
+use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
@@ -98,14 +98,17 @@ struct RoutingArgs {
 }
 
 impl RoutingArgs {
-    /// Global routing for the left routes and the pool: what `run` installs and `status`
-    /// checks.
-    fn routing_config(&self) -> RoutingConfig {
-        RoutingConfig {
+    /// What `run` installs and `status` checks: global routing for the left routes and the
+    /// pool, and one leg serving both sides when there is only one.
+    fn runtime_config(&self, state_dir: &Path) -> RuntimeConfig {
+        let routing = RoutingConfig {
             left_routes: self.routes.left_routes.iter().map(Ipv4Net::trunc).collect(),
             vpn_pool: Some(self.pool.pool.trunc()),
             ..RoutingConfig::new(RoutingMode::Global)
-        }
+        };
+        let mut config = self.network.runtime_config(routing, state_dir);
+        one_leg_serves_both_sides(&mut config.selectors);
+        config
     }
 }
 
@@ -213,10 +216,18 @@ struct ServeArgs {
     )]
     reneg_sec: u64,
 
+    #[command(flatten)]
+    tls_crypt: TlsCryptArg,
+}
+
+/// `run` and `client config` take the same switch (and env var), so profiles match the server.
+#[derive(Args, Debug, Clone, Copy)]
+struct TlsCryptArg {
     /// Wrap the control channel with the shared tls-crypt key (in the state directory's PKI,
     /// inlined in every profile): peers without it get no answer at all. Profiles issued
     /// with it on need it on, and the other way round [default: on, except for a PKI made
-    /// before tls-crypt, whose profiles lack the key]
+    /// before tls-crypt, whose profiles lack the key; `client config` follows the running
+    /// server]
     #[arg(
         long,
         env = "DOCKVPN_TLS_CRYPT",
@@ -299,16 +310,8 @@ enum ClientCommand {
         /// Finds the right side for the default remote
         #[command(flatten)]
         sides: SideArgs,
-        /// Put the tls-crypt key in the profile [default: as the running server does; when
-        /// none runs, if the PKI has a tls-crypt key]
-        #[arg(
-            long,
-            env = "DOCKVPN_TLS_CRYPT",
-            action = clap::ArgAction::Set,
-            value_name = "BOOL",
-            help_heading = VPN
-        )]
-        tls_crypt: Option<bool>,
+        #[command(flatten)]
+        tls_crypt: TlsCryptArg,
     },
     /// List the clients and their addresses
     List(JsonArgs),
@@ -358,6 +361,7 @@ fn main() -> ExitCode {
                     ),
                 };
                 let tls_crypt = tls_crypt
+                    .tls_crypt
                     .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.tls_crypt))
                     .unwrap_or_else(|| pki.has_tls_crypt_key());
                 print!("{}", pki.profile(name, &host, port, tls_crypt)?);
@@ -425,7 +429,11 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         max_handshaking: 64.min(serve.max_clients),
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
-        tls_crypt: match serve.tls_crypt.unwrap_or_else(|| pki.has_tls_crypt_key()) {
+        tls_crypt: match serve
+            .tls_crypt
+            .tls_crypt
+            .unwrap_or_else(|| pki.has_tls_crypt_key())
+        {
             true => Some(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))),
             false => {
                 info!("tls-crypt off: every peer reaches TLS. Profiles issued so far lack the key; turn it on with --tls-crypt true (DOCKVPN_TLS_CRYPT) and issue them again (dockvpn client config NAME)");
@@ -433,20 +441,12 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
             }
         },
     };
-    let static_routes: BTreeSet<Ipv4Net> = args
-        .routing
-        .routing_config()
-        .left_routes
-        .into_iter()
-        .collect();
+    let mut runtime_config = args.routing.runtime_config(state_dir);
+    args.lifecycle.apply(&mut runtime_config);
+    let static_routes: BTreeSet<Ipv4Net> =
+        runtime_config.routing.left_routes.iter().copied().collect();
     let (routes_tx, routes_rx) = watch::channel(static_routes.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut runtime_config = args.lifecycle.runtime_config(
-        &args.routing.network,
-        args.routing.routing_config(),
-        state_dir,
-    );
-    one_leg_serves_both_sides(&mut runtime_config.selectors);
     let dhcp_sides = &runtime_config.dhcp.sides;
     let (dhcp_bound_tx, dhcp_bound_rx) = watch::channel(dhcp_sides.is_empty());
     if !dhcp_sides.is_empty() {
@@ -642,11 +642,7 @@ async fn right_address(sides: &SideArgs, state_dir: &Path) -> Result<Ipv4Addr> {
 }
 
 async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<ExitCode> {
-    let mut config = routing
-        .network
-        .runtime_config(routing.routing_config(), state_dir);
-    one_leg_serves_both_sides(&mut config.selectors);
-    let routing = vnf_core::status::collect(&config).await?;
+    let routing = vnf_core::status::collect(&routing.runtime_config(state_dir)).await?;
     let vpn = read_vpn_status(state_dir);
     let healthy = routing.converged && vpn.is_some();
     if json {

@@ -20,6 +20,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
+use vnf_core::clock::unix_now;
 use vnf_core::{Error, Result};
 
 use crate::openvpn::tls_crypt::StaticKey;
@@ -414,13 +415,6 @@ fn validate_name(name: &str) -> Result<()> {
             "use 1-64 characters from A-Z a-z 0-9 - _ . @, not starting with a dot",
         ))
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {

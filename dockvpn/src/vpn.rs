@@ -5,12 +5,13 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
+use vnf_core::clock::WallClock;
 use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
@@ -71,12 +72,6 @@ pub struct ConnectedClient {
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("status.json")
-}
-
-fn unix(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// Serves until `stop` turns true. Errors only at start-up (socket, tun, PKI).
@@ -233,7 +228,7 @@ async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun)
 
 fn write_status(config: &VpnConfig, engine: &Server) {
     let now = Instant::now();
-    let wall = SystemTime::now();
+    let clock = WallClock::now();
     let status = VpnStatus {
         pid: std::process::id(),
         listen: config.listen,
@@ -250,7 +245,7 @@ fn write_status(config: &VpnConfig, engine: &Server) {
                 address: c.address,
                 peer: c.peer,
                 cipher: c.cipher.name().to_owned(),
-                connected_since_unix: unix(wall - (now - c.connected_at)),
+                connected_since_unix: clock.unix(c.connected_at),
                 bytes_in: c.bytes_in,
                 renegotiations: c.renegotiations,
                 key_id: c.key_id,
@@ -259,7 +254,7 @@ fn write_status(config: &VpnConfig, engine: &Server) {
             })
             .collect(),
         dropped: engine.counters,
-        updated_unix: unix(wall),
+        updated_unix: clock.unix(now),
         tls_crypt: config.engine.tls_crypt.is_some(),
     };
     let text = serde_json::to_string_pretty(&status).expect("status serializes");

@@ -32,11 +32,8 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Run { routing, lifecycle } => {
-            let config = lifecycle.runtime_config(
-                &routing.network,
-                routing.tables.routing_config(),
-                &cli.state_dir,
-            );
+            let mut config = routing.runtime_config(&cli.state_dir);
+            lifecycle.apply(&mut config);
             let mut observer = FirewallObserver { store: &store };
             vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
             Ok(ExitCode::SUCCESS)

@@ -45,6 +45,8 @@ pub fn iperf_gbps(chain: &Chain) -> f64 {
 /// One iperf3 TCP run of `seconds` from `client` to an iperf3 server started in `server` on
 /// `address`; Gbit/s received.
 pub fn iperf_tcp_gbps(client: &Netns, server_ns: &Netns, address: &str, seconds: &str) -> f64 {
+    // `ip netns exec` starts even when iperf3 is missing; name the package instead.
+    crate::prereq::require_command("iperf3", "iperf3");
     let mut server = server_ns
         .command("iperf3")
         .args(["-s", "-1", "-B", address])

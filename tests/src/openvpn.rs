@@ -72,6 +72,12 @@ pub fn vpn_chain(extra: &[&str]) -> (Chain, Vnf) {
     (chain, dockvpn)
 }
 
+/// `dockvpn status --json` against this VNF's state directory.
+pub fn status_json(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
+    let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
+}
+
 /// `dockvpn client add NAME` then `client config NAME [--remote …]`: the profile text.
 pub fn issue_profile(si: &Netns, dockvpn: &Vnf, name: &str, remote: Option<&str>) -> String {
     let added = dockvpn.cli(si, "dockvpn", &["client", "add", name]);

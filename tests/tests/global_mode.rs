@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT, SI_RIGHT};
 use docknfv_tests::dnsmasq::Dnsmasq;
-use docknfv_tests::openvpn::{text, OpenvpnClient};
+use docknfv_tests::openvpn::{status_json, text, OpenvpnClient};
 use docknfv_tests::traffic::{ping, ping_eventually};
-use docknfv_tests::{Chain, Netns, Vnf};
+use docknfv_tests::{Chain, Vnf};
 
 /// The client's address: behind the right gateway, inside the routes the left learns.
 const CLIENT: &str = "10.61.12.2";
@@ -101,11 +101,6 @@ fn connect_and_reach_the_left_host(
         dockvpn.log()
     );
     client
-}
-
-fn status_json(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
-    let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
 }
 
 /// "destination reason-kind" of the refused left routes, and the installed destinations.

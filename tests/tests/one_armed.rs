@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use docknfv_tests::chain::{link, veth_pair};
 use docknfv_tests::openvpn::{issue_profile, text, OpenvpnClient};
+use docknfv_tests::prereq::{require_chain_tools, require_command};
 use docknfv_tests::traffic::{ping, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -35,6 +36,8 @@ struct OneArmedLan {
 
 impl OneArmedLan {
     fn new() -> OneArmedLan {
+        require_chain_tools();
+        require_command("nft", "nftables");
         let lan = OneArmedLan {
             router: Netns::new("oar"),
             si: Netns::new("oasi"),

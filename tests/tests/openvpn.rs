@@ -9,7 +9,7 @@ use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
-    issue_profile, text, vpn_chain, HostileRelay, OpenvpnClient, CONNECTED,
+    issue_profile, status_json, text, vpn_chain, HostileRelay, OpenvpnClient, CONNECTED,
 };
 use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -48,11 +48,6 @@ fn left_host_sees(chain: &Chain) -> String {
     );
     assert_eq!(probe, Probe::Passed);
     peer.map(|p| p.ip().to_string()).unwrap_or_default()
-}
-
-fn status_json(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
-    let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
 }
 
 /// The connected clients once `check` holds for them (the status file is rewritten every
@@ -285,6 +280,7 @@ fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
     let profile = issue_profile(&chain.si, &dockvpn, "eve", None);
     // A valid certificate, but a tls-crypt key of its own (the stock tool makes one).
     let key_file = std::env::temp_dir().join(format!("dockvpn-stray-key-{}", std::process::id()));
+    docknfv_tests::prereq::require_command("openvpn", "openvpn");
     let generated = std::process::Command::new("openvpn")
         .args(["--genkey", "tls-crypt"])
         .arg(&key_file)

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
+use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::openvpn::{issue_profile, text, vpn_chain, OpenvpnClient};
 use docknfv_tests::vnf::binary;
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -175,14 +176,15 @@ fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
 fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
     let chain = Chain::new();
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let state = std::env::temp_dir().join(format!("dockvpn-upgrade-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
+    // Removed on drop, also when an assertion fails.
+    let state = StateDir::new();
+    let state = state.path();
     let dockvpn_cli = |args: &[&str]| {
         let output = chain
             .si
             .command(binary("dockvpn").to_str().expect("utf-8 path"))
             .arg("--state-dir")
-            .arg(&state)
+            .arg(state)
             .args(args)
             .output()
             .expect("run dockvpn");
@@ -223,5 +225,4 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
     assert!(!again.contains("<tls-crypt>"), "{again}");
     drop(client);
     drop(dockvpn);
-    let _ = std::fs::remove_dir_all(&state);
 }

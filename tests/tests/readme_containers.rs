@@ -81,6 +81,8 @@ impl Walkthrough {
     fn start(block: &str, cleanup: &'static str) -> Walkthrough {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         require_command("iptables", "iptables");
+        // The README's blocks run the docker CLI, not only the API the client talks to.
+        require_command("docker", "docker.io");
         let docker = DockerClient::connect();
         let dir = std::env::temp_dir().join(format!("docknfv-readme-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch directory");

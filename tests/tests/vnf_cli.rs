@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_GATEWAY, LEFT_HOST, LEFT_HOST_NET, RIGHT_GATEWAY, RIGHT_HOST};
+use docknfv_tests::openvpn::text as output_text;
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Vnf};
 
@@ -198,14 +199,6 @@ fn run_binary(binary_name: &str, args: &[&str]) -> std::process::Output {
         .env_remove("RUST_LOG")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {binary_name}: {e}"))
-}
-
-fn output_text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[test]
@@ -411,6 +404,7 @@ fn a_rule_edit_where_no_dockwall_runs_is_stored_says_so_and_applies_at_the_next_
         assert!(text.contains(needle), "expected {needle:?} in {text}");
     }
     let tables = chain.si.exec("nft", &["list", "tables"]);
+    assert!(tables.status.success(), "nft: {}", output_text(&tables));
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains("dockwall"),
         "the edit created a table without `run`"

@@ -160,19 +160,13 @@ pub struct LifecycleArgs {
 }
 
 impl LifecycleArgs {
-    /// `network`'s config completed with how `run` starts and stops.
-    pub fn runtime_config(
-        &self,
-        network: &NetworkArgs,
-        routing: RoutingConfig,
-        state_dir: &Path,
-    ) -> RuntimeConfig {
-        let mut config = network.runtime_config(routing, state_dir);
+    /// Completes the config `status` would check ([`NetworkArgs::runtime_config`]) with how
+    /// `run` starts and stops.
+    pub fn apply(&self, config: &mut RuntimeConfig) {
         config.side_timeout =
             (self.side_timeout > 0).then(|| Duration::from_secs(self.side_timeout));
         config.on_exit = self.on_exit;
         config.dhcp.hook = self.dhcp_hook.clone();
-        config
     }
 }
 

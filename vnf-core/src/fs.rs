@@ -18,6 +18,16 @@ pub fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     replace(path, bytes, mode, false)
 }
 
+/// `value` as pretty JSON (mode 0644) through [`write_atomically`] when `durable`, else
+/// [`write_replacing`]; the directory is created when missing.
+pub fn write_json(path: &Path, value: &impl serde::Serialize, durable: bool) -> io::Result<()> {
+    if let Some(directory) = path.parent() {
+        fs::create_dir_all(directory)?;
+    }
+    let json = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    replace(path, &json, 0o644, durable)
+}
+
 fn replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let temporary = temporary_path(path)?;
     // A leftover from a crash may carry another mode; `mode` applies only on creation.

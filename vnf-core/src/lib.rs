@@ -6,6 +6,7 @@
 //! loop that reacts to interfaces appearing late (`runtime`).
 
 pub mod cli;
+pub mod clock;
 pub mod dhcp;
 pub mod error;
 pub mod firewall;

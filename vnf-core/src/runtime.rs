@@ -319,7 +319,8 @@ impl Runtime<'_> {
             self.observed = true;
         }
         self.ensure_dhcp_clients();
-        self.update_guards();
+        let routing = self.routing_with_lease_gateways();
+        self.update_guards(&routing);
         self.screen_learned_routes();
         self.tell_dhcp_bound();
 
@@ -333,7 +334,6 @@ impl Runtime<'_> {
         if !routed.is_empty() {
             self.sysctls.ensure_forwarding(&routed)?;
         }
-        let routing = self.routing_with_lease_gateways();
         self.report_routing_conditions(&routing);
         let desired = desired_state(&routing, &self.assignment)?;
         let changes = self.reconciler.apply(&desired).await?;
@@ -434,13 +434,12 @@ impl Runtime<'_> {
 
     /// In global mode the left lease's routes go into `main`: keep them from capturing the
     /// right side, the management side and the VPN pool as those sides come and go.
-    fn update_guards(&self) {
+    fn update_guards(&self, routing: &RoutingConfig) {
         for side in Side::ALL {
             let guard = match (self.config.routing.mode, side) {
-                (RoutingMode::Global, Side::Left) => RouteGuard::for_global_left(
-                    &self.routing_with_lease_gateways(),
-                    &self.assignment,
-                ),
+                (RoutingMode::Global, Side::Left) => {
+                    RouteGuard::for_global_left(routing, &self.assignment)
+                }
                 _ => RouteGuard::default(),
             };
             self.guard(side).send_if_modified(|current| {
@@ -494,10 +493,7 @@ impl Runtime<'_> {
             }
         }
         let path = screening_file(&self.config.state_dir);
-        let written = serde_json::to_vec_pretty(&screening)
-            .map_err(std::io::Error::other)
-            .and_then(|json| crate::fs::write_replacing(&path, &json, 0o644));
-        if let Err(error) = written {
+        if let Err(error) = crate::fs::write_json(&path, &screening, false) {
             warn!(file = %path.display(), %error, "could not write the learned routes for status");
         }
         self.screening = screening;

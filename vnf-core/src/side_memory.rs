@@ -65,9 +65,7 @@ impl RememberedSides {
             .into_iter()
             .filter_map(|side| Some((side, format_mac(&self.get(side)?))))
             .collect();
-        std::fs::create_dir_all(dir)?;
-        let json = serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?;
-        crate::fs::write_atomically(&path(dir), &json, 0o644)
+        crate::fs::write_json(&path(dir), &map, true)
     }
 }
 

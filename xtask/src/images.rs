@@ -27,7 +27,7 @@ const IMAGES: &[(&str, bool)] = &[
     ("host", false),
 ];
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace")

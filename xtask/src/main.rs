@@ -121,9 +121,13 @@ fn test() -> Result<(), String> {
     Ok(())
 }
 
+/// The cargo that runs xtask (`CARGO`), else the one on PATH.
+fn cargo_program() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 fn cargo(args: &[&str]) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args))
+    run(Command::new(cargo_program()).args(args))
 }
 
 fn run(command: &mut Command) -> Result<(), String> {

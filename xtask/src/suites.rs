@@ -15,8 +15,8 @@ struct Suite {
     source: String,
     /// The executable's file name, which cargo's "Running … (path)" line ends with.
     executable: String,
-    /// How many tests the binary lists.
-    expected: u64,
+    /// How many tests the binary lists; None when it could not list them (the suite fails).
+    expected: Option<u64>,
     started: bool,
     /// The binary's own "test result:" line was seen.
     finished: bool,
@@ -35,11 +35,13 @@ impl Suite {
     /// Tests that never reported a result.
     fn unreported(&self) -> u64 {
         self.expected
+            .unwrap_or(0)
             .saturating_sub(self.passed + self.failed + self.ignored)
     }
 
     fn verdict(&self) -> Verdict {
         match (self.started, self.finished) {
+            _ if self.expected.is_none() => Verdict::Failed,
             (false, _) => Verdict::NotRun,
             (true, true) if self.failed == 0 && self.unreported() == 0 => Verdict::Passed,
             _ => Verdict::Failed,
@@ -47,7 +49,10 @@ impl Suite {
     }
 
     fn line(&self) -> String {
-        let (passed, failed, expected) = (self.passed, self.failed, self.expected);
+        let (passed, failed) = (self.passed, self.failed);
+        let Some(expected) = self.expected else {
+            return format!("  FAILED   {} (its tests could not be listed)", self.source);
+        };
         match self.verdict() {
             Verdict::Passed if expected == 0 => format!("  passed   {} (no tests)", self.source),
             Verdict::Passed => format!("  passed   {} ({passed} of {expected})", self.source),
@@ -103,7 +108,7 @@ pub fn run() -> Result<bool, String> {
 /// `cargo test --no-run`: the test binaries that must run, each with the number of tests it
 /// lists. None when the build fails (cargo has printed why).
 fn build() -> Result<Option<Vec<Suite>>, String> {
-    let mut command = cargo();
+    let mut command = Command::new(crate::cargo_program());
     command
         .args(TEST)
         .args(["--no-run", "--message-format=json-render-diagnostics"])
@@ -117,7 +122,7 @@ fn build() -> Result<Option<Vec<Suite>>, String> {
     if !output.status.success() {
         return Ok(None);
     }
-    let root = workspace_root();
+    let root = crate::images::workspace();
     let mut suites = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -137,7 +142,9 @@ fn build() -> Result<Option<Vec<Suite>>, String> {
                 .unwrap_or(Path::new(source))
                 .display()
                 .to_string(),
-            expected: listed_tests(&executable)?,
+            expected: listed_tests(&executable)
+                .inspect_err(|error| eprintln!("xtask: {error}"))
+                .ok(),
             executable: file_name(&executable),
             started: false,
             finished: false,
@@ -162,7 +169,7 @@ fn run_and_tally(suites: &mut [Suite]) -> Result<bool, String> {
     let mut command = Command::new("sh");
     command
         .args(["-c", "exec \"$0\" \"$@\" 2>&1"])
-        .arg(cargo_program())
+        .arg(crate::cargo_program())
         .args(TEST)
         .stdout(Stdio::piped());
     eprintln!("+ cargo {}", TEST.join(" "));
@@ -250,21 +257,6 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn cargo_program() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
-}
-
-fn cargo() -> Command {
-    Command::new(cargo_program())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,7 +265,7 @@ mod tests {
         Suite {
             source: "tests/tests/dhcp.rs".into(),
             executable: "dhcp-0123".into(),
-            expected,
+            expected: Some(expected),
             started: false,
             finished: false,
             passed: 0,

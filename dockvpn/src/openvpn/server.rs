@@ -18,6 +18,7 @@ use super::keymethod::{
 use super::packet::{decode, ControlPacket, Opcode, Packet};
 use super::session::Session;
 use super::tls_crypt::TlsCrypt;
+use vnf_core::clock::WallClock;
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
 const MAX_PUSH_MESSAGE: usize = 1024;
@@ -156,8 +157,8 @@ pub struct Server {
     outputs: VecDeque<Output>,
     pub counters: Counters,
     pub last_drop: Option<String>,
-    /// Wall-clock seconds at `Instant` zero of this engine, for tls-crypt's time field.
-    clock: (Instant, u32),
+    /// For tls-crypt's time field.
+    clock: WallClock,
 }
 
 impl Server {
@@ -174,7 +175,7 @@ impl Server {
             outputs: VecDeque::new(),
             counters: Counters::default(),
             last_drop: None,
-            clock: (Instant::now(), unix_now()),
+            clock: WallClock::now(),
         }
     }
 
@@ -238,6 +239,7 @@ impl Server {
             .values()
             .filter(|s| s.is_active())
             .filter_map(|s| {
+                let (key_id, key_established) = s.sending_key();
                 Some(ClientStatus {
                     name: s.name.clone()?,
                     address: s.address?,
@@ -247,8 +249,8 @@ impl Server {
                     bytes_in: s.bytes_in,
                     bytes_out: s.bytes_out,
                     renegotiations: s.renegotiations,
-                    key_id: s.sending_key().0,
-                    key_established: s.sending_key().1?,
+                    key_id,
+                    key_established: key_established?,
                 })
             })
             .collect();
@@ -346,8 +348,9 @@ impl Server {
                 );
                 return self.drop_input(|c| &mut c.unknown_session, why);
             }
-            if let Err(error) = session.renegotiate(now, self.config.transition_window) {
-                return session.close(format!("renegotiation: TLS session: {error}"));
+            session.renegotiate(now, self.config.transition_window);
+            if session.closing.is_some() {
+                return;
             }
         }
         let requests = session.on_control(packet, now);
@@ -610,10 +613,7 @@ impl Server {
             } else if session.is_active() {
                 let due = renegotiation_due(&self.config, session);
                 if due.is_some_and(|at| now >= at) {
-                    if let Err(error) = session.renegotiate(now, self.config.transition_window) {
-                        session.close(format!("renegotiation: TLS session: {error}"));
-                        continue;
-                    }
+                    session.renegotiate(now, self.config.transition_window);
                 }
                 if now >= session.last_received + self.config.ping_restart {
                     session.close(format!(
@@ -666,8 +666,8 @@ impl Server {
 
     /// Queues due control packets (for one peer or all), then removes closed sessions.
     fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
-        let wall_clock =
-            self.clock.1 + (now.saturating_duration_since(self.clock.0).as_secs() as u32);
+        // A 32-bit field, as OpenVPN's: it wraps in 2106.
+        let wall_clock = self.clock.unix(now) as u32;
         let tls_crypt = self.config.tls_crypt.clone();
         let mut queue = |session: &mut Session| {
             for datagram in session.control_datagrams(now) {
@@ -828,12 +828,6 @@ fn is_control(datagram: &[u8]) -> bool {
         Opcode::from_wire(first >> 3)
             .is_some_and(|opcode| !matches!(opcode, Opcode::DataV1 | Opcode::DataV2))
     })
-}
-
-fn unix_now() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as u32)
 }
 
 fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {

@@ -283,19 +283,18 @@ impl Session {
     /// Starts a renegotiation (either side may ask): a fresh key slot with the next key id
     /// takes over and announces itself with SOFT_RESET; the current key becomes the lame
     /// duck and keeps working for `transition_window`.
-    pub fn renegotiate(
-        &mut self,
-        now: Instant,
-        transition_window: Duration,
-    ) -> Result<(), rustls::Error> {
+    pub fn renegotiate(&mut self, now: Instant, transition_window: Duration) {
         let key_id = next_key_id(self.key.key_id);
-        let fresh = KeySlot::new(self.tls_config.clone(), key_id, Opcode::SoftResetV1, now)?;
-        let previous = std::mem::replace(&mut self.key, fresh);
-        self.lame_duck = Some(LameDuck {
-            slot: previous,
-            expires: now + transition_window,
-        });
-        Ok(())
+        match KeySlot::new(self.tls_config.clone(), key_id, Opcode::SoftResetV1, now) {
+            Ok(fresh) => {
+                let previous = std::mem::replace(&mut self.key, fresh);
+                self.lame_duck = Some(LameDuck {
+                    slot: previous,
+                    expires: now + transition_window,
+                });
+            }
+            Err(error) => self.close(format!("renegotiation: TLS session: {error}")),
+        }
     }
 
     /// When the current key was established, while it is in use and no renegotiation runs.

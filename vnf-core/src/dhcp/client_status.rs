@@ -4,12 +4,13 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::client::{Progress, State};
+use crate::clock::{unix_now, WallClock};
 use crate::side::Side;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,39 +57,6 @@ pub fn read_running(state_dir: &Path, interface: &str) -> Option<DhcpClientStatu
         .filter(|status| Path::new(&format!("/proc/{}", status.pid)).exists())
 }
 
-/// Turns the client's monotonic instants into wall-clock seconds from one fixed reading,
-/// so an unchanged progress always gives the same file.
-#[derive(Debug, Clone, Copy)]
-pub struct WallClock {
-    instant: Instant,
-    unix_millis: u128,
-}
-
-impl WallClock {
-    pub fn now() -> WallClock {
-        WallClock {
-            instant: Instant::now(),
-            unix_millis: unix_now_duration().as_millis(),
-        }
-    }
-
-    pub fn unix(&self, at: Instant) -> u64 {
-        let millis = if at >= self.instant {
-            self.unix_millis + (at - self.instant).as_millis()
-        } else {
-            self.unix_millis
-                .saturating_sub((self.instant - at).as_millis())
-        };
-        u64::try_from(millis / 1000).unwrap_or(u64::MAX)
-    }
-}
-
-fn unix_now_duration() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 impl DhcpClientStatus {
     pub fn new(side: Side, interface: &str, progress: &Progress, clock: &WallClock) -> Self {
         DhcpClientStatus {
@@ -111,20 +79,17 @@ impl DhcpClientStatus {
         }
     }
 
-    /// The client holds a lease: bound, or renewing or rebinding one still valid.
+    /// The client holds a lease: bound, or renewing or rebinding one still valid (the
+    /// client reports lease deadlines only then).
     pub fn is_bound(&self) -> bool {
         self.lease.is_some()
-            && matches!(
-                self.state,
-                State::Bound | State::Renewing | State::Rebinding
-            )
     }
 
     /// One line for `status`, e.g. "selecting since 12:00:01 UTC (25 s), 0 offers seen".
     pub fn describe(&self) -> String {
-        let now = unix_now_duration().as_secs();
+        let now = unix_now();
         let mut text = match &self.lease {
-            Some(lease) if self.is_bound() => {
+            Some(lease) => {
                 let mut text = format!(
                     "{} {} until {} ({} s left)",
                     state_name(self.state),
@@ -202,16 +167,5 @@ mod tests {
             .to_vec();
         assert_eq!(formatted, ["10 s", "30 s", "1 min", "2 min 30 s", "10 min"]);
         assert_eq!(clock_time(86_400 + 3600 * 13 + 60 * 5 + 9), "13:05:09 UTC");
-    }
-
-    #[test]
-    fn the_wall_clock_maps_instants_stably() {
-        let clock = WallClock::now();
-        let later = clock.instant + Duration::from_millis(2500);
-        assert_eq!(clock.unix(later), clock.unix(later));
-        assert_eq!(
-            clock.unix(later) - clock.unix(clock.instant),
-            2 + u64::from((clock.unix_millis % 1000) >= 500)
-        );
     }
 }

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -15,11 +15,12 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::client::{Client, ClientConfig, Destination, Event, Lease, Setback, State, Transmit};
-use super::client_status::{
-    client_status_file, format_wait, DhcpClientStatus, LastError, WallClock,
+use super::client::{
+    Client, ClientConfig, Destination, Event, Lease, Progress, Setback, State, Transmit,
 };
+use super::client_status::{client_status_file, format_wait, DhcpClientStatus, LastError};
 use super::socket::{unicast_socket, PacketSocket, SERVER_PORT};
+use crate::clock::{unix_now, WallClock};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::lease::{BoundLease, LeaseApplier, LeaseTarget};
@@ -74,13 +75,6 @@ impl StoredLease {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub fn read_stored(path: &Path) -> Option<StoredLease> {
     let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str::<StoredLease>(&text) {
@@ -109,7 +103,14 @@ impl DhcpTask {
         let (side, index, name) = (interface.side, interface.index, interface.name.clone());
         let status_file = client_status_file(&interface.state_dir, &name);
         let handle = tokio::spawn(async move {
-            let outcome = drive(interface, feed_sender, changed.clone(), stop_receiver).await;
+            let outcome = drive(
+                interface,
+                status_file.clone(),
+                feed_sender,
+                changed.clone(),
+                stop_receiver,
+            )
+            .await;
             if let Err(error) = outcome {
                 warn!(%side, interface = %name, %error, "DHCP client stopped");
                 publish_failure(&status_file, side, &name, &error);
@@ -168,12 +169,14 @@ struct Driver {
 struct ProgressPublisher {
     file: PathBuf,
     clock: WallClock,
-    published: Option<DhcpClientStatus>,
+    /// The progress last written: the file is rebuilt only when it changes.
+    published: Option<Progress>,
     logged_setback: Option<Setback>,
 }
 
 async fn drive(
     interface: DhcpInterface,
+    status_file: PathBuf,
     feed: watch::Sender<Option<Lease>>,
     changed: Arc<Notify>,
     mut stop: oneshot::Receiver<bool>,
@@ -208,7 +211,6 @@ async fn drive(
         }
         None => Client::new(config, seed, now),
     };
-    let interface_state_dir = interface.state_dir.clone();
     let mut driver = Driver {
         applier: LeaseApplier::new(Kernel::connect()?, target),
         interface,
@@ -217,7 +219,7 @@ async fn drive(
         feed,
         changed,
         progress: ProgressPublisher {
-            file: client_status_file(&interface_state_dir, &name),
+            file: status_file,
             clock: WallClock::now(),
             published: None,
             logged_setback: None,
@@ -276,7 +278,7 @@ fn publish_failure(file: &Path, side: Side, interface: &str, error: &Error) {
         }),
         lease: None,
     };
-    if let Err(error) = write_json(file, &status, false) {
+    if let Err(error) = crate::fs::write_json(file, &status, false) {
         warn!(file = %file.display(), %error, "could not publish the DHCP client's status");
     }
 }
@@ -392,12 +394,12 @@ impl Driver {
                 self.progress.logged_setback = Some(setback);
             }
         }
-        let status = DhcpClientStatus::new(side, interface, &progress, &self.progress.clock);
-        if self.progress.published.as_ref() == Some(&status) {
+        if self.progress.published.as_ref() == Some(&progress) {
             return;
         }
-        match write_json(&self.progress.file, &status, false) {
-            Ok(()) => self.progress.published = Some(status),
+        let status = DhcpClientStatus::new(side, interface, &progress, &self.progress.clock);
+        match crate::fs::write_json(&self.progress.file, &status, false) {
+            Ok(()) => self.progress.published = Some(progress),
             Err(error) => {
                 warn!(file = %self.progress.file.display(), %error, "could not publish the DHCP client's status")
             }
@@ -435,22 +437,10 @@ fn same_but_times(a: Option<&Lease>, b: Option<&Lease>) -> bool {
 }
 
 fn store(path: &Path, stored: &StoredLease) -> std::io::Result<()> {
-    write_json(path, stored, true)
+    crate::fs::write_json(path, stored, true)
 }
 
 /// Writes `value` as JSON, creating the state directory; `durable` survives a power cut.
-fn write_json(path: &Path, value: &impl Serialize, durable: bool) -> std::io::Result<()> {
-    if let Some(directory) = path.parent() {
-        std::fs::create_dir_all(directory)?;
-    }
-    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-    if durable {
-        crate::fs::write_atomically(path, &json, 0o644)
-    } else {
-        crate::fs::write_replacing(path, &json, 0o644)
-    }
-}
-
 /// Runs the hook with the lease in the environment and as JSON on stdin, bounded in time.
 async fn run_hook(hook: &Path, reason: &str, interface: &str, lease: Option<&Lease>) {
     let routes = lease
