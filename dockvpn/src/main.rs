@@ -718,6 +718,9 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
             client.renegotiations
         ));
     }
+    if vpn.handshaking > 0 {
+        out.push_str(&format!("  handshakes in progress: {}\n", vpn.handshaking));
+    }
     if vpn.dropped.total() > 0 {
         out.push_str(&format!("  dropped input: {}\n", vpn.dropped));
     }

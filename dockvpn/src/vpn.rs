@@ -44,6 +44,9 @@ pub struct VpnStatus {
     pub routes_pushed: Vec<Ipv4Net>,
     pub redirect_gateway: bool,
     pub clients: Vec<ConnectedClient>,
+    /// Sessions in their first handshake: only clients that answered from their address.
+    #[serde(default)]
+    pub handshaking: usize,
     pub dropped: Counters,
     pub updated_unix: u64,
     /// Whether the control channel is wrapped (so `client config` issues matching profiles).
@@ -253,6 +256,7 @@ fn write_status(config: &VpnConfig, engine: &Server) {
                 bytes_out: c.bytes_out,
             })
             .collect(),
+        handshaking: engine.handshaking(),
         dropped: engine.counters,
         updated_unix: clock.unix(now),
         tls_crypt: config.engine.tls_crypt.is_some(),

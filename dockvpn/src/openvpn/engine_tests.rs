@@ -160,6 +160,11 @@ impl TestClient {
     }
 
     fn datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        if self.key_id == 0 && self.tls_started && self.data.is_none() {
+            // As a stock 2.6 client does: repeat the ACK of the server's reset (message 0)
+            // until connected, since the server creates the session only when it sees one.
+            self.reliable.receive(0, Opcode::HardResetServerV2, &[]);
+        }
         let server = self.server_session.unwrap_or_default();
         let datagrams = self
             .reliable
@@ -505,29 +510,226 @@ fn an_unregistered_client_gets_auth_failed_and_no_data_channel() {
     assert_eq!(server.session_count(), 0);
 }
 
+fn reset_from(session_id: SessionId) -> Vec<u8> {
+    ControlPacket {
+        opcode: Opcode::HardResetClientV2,
+        key_id: 0,
+        session_id,
+        acks: vec![],
+        acked_session: None,
+        message_id: Some(0),
+        payload: &[],
+    }
+    .encode()
+}
+
+/// The client's ACK of the server's reset, echoing the server session id `echoed`.
+fn echo_from(session_id: SessionId, echoed: SessionId) -> Vec<u8> {
+    ControlPacket {
+        opcode: Opcode::AckV1,
+        key_id: 0,
+        session_id,
+        acks: vec![0],
+        acked_session: Some(echoed),
+        message_id: None,
+        payload: &[],
+    }
+    .encode()
+}
+
+/// The datagrams the server sends now, emptying its queue.
+fn transmitted(server: &mut Server) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| server.poll_output())
+        .filter_map(|o| match o {
+            Output::Transmit { datagram, .. } => Some(datagram),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The server session id in the server's reset reply.
+fn server_session_in(reply: &[u8]) -> SessionId {
+    let Packet::Control(packet) = decode(reply).unwrap() else {
+        panic!("not a control packet");
+    };
+    assert_eq!(packet.opcode, Opcode::HardResetServerV2);
+    packet.session_id
+}
+
 #[test]
-fn a_flood_of_hard_resets_cannot_grow_state_beyond_the_handshake_limit() {
+fn a_flood_of_hard_resets_is_answered_without_creating_any_state() {
     let test = TestPki::new("flood");
     let mut server = Server::new(engine_config(&test.pki));
     let now = Instant::now();
     for port in 0..1000u16 {
-        let reset = ControlPacket {
-            opcode: Opcode::HardResetClientV2,
-            key_id: 0,
-            session_id: [port as u8; 8],
-            acks: vec![],
-            acked_session: None,
-            message_id: Some(0),
-            payload: &[],
-        }
-        .encode();
+        let reset = reset_from([port as u8; 8]);
         let from = SocketAddr::from(([192, 0, 2, 1], 1024 + port));
         server.handle_datagram(now, from, &reset);
+        let replies = transmitted(&mut server);
+        assert_eq!(replies.len(), 1, "one reply, no resends");
+        assert!(
+            replies[0].len() <= reset.len() + 12,
+            "a {}-byte reply to a {}-byte reset",
+            replies[0].len(),
+            reset.len()
+        );
     }
-    assert_eq!(server.session_count(), 4);
-    assert_eq!(server.counters.refused_handshakes, 996);
+    assert_eq!(server.session_count(), 0);
+    assert_eq!(server.next_timeout(), None, "nothing to resend");
+    assert_eq!(server.counters.total(), 0);
+}
+
+#[test]
+fn only_clients_that_echo_their_server_session_id_get_sessions_up_to_the_handshake_limit() {
+    let test = TestPki::new("echo");
+    let mut server = Server::new(engine_config(&test.pki));
+    let now = Instant::now();
+    let from = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    let client = [1; 8];
+    server.handle_datagram(now, from(1000), &reset_from(client));
+    let issued = server_session_in(&transmitted(&mut server)[0]);
+
+    // A guessed id, or the right id from another address: nothing.
+    server.handle_datagram(now, from(1000), &echo_from(client, [0; 8]));
+    server.handle_datagram(now, from(1001), &echo_from(client, issued));
+    assert_eq!(server.session_count(), 0);
+    // The echo within the secret's lifetime creates the session.
+    let later = now + super::cookie::SECRET_LIFETIME;
+    server.handle_datagram(later, from(1000), &echo_from(client, issued));
+    assert_eq!(server.handshaking(), 1);
+    // An echo after the secret expired: nothing.
+    let late_client = [2; 8];
+    server.handle_datagram(later, from(1002), &reset_from(late_client));
+    let issued = server_session_in(&transmitted(&mut server)[0]);
+    let later = later + 2 * super::cookie::SECRET_LIFETIME;
+    server.handle_datagram(later, from(1002), &echo_from(late_client, issued));
+    assert_eq!(server.handshaking(), 1);
+    assert_eq!(server.counters.unknown_session, 3);
+
+    // Clients that do answer from their addresses are still held to the handshake limit.
+    for port in 2000..2010u16 {
+        let client = [port as u8; 8];
+        server.handle_datagram(later, from(port), &reset_from(client));
+        let issued = server_session_in(&transmitted(&mut server)[0]);
+        server.handle_datagram(later, from(port), &echo_from(client, issued));
+    }
+    assert_eq!(server.handshaking(), 4);
+    assert_eq!(server.counters.refused_handshakes, 7);
     // Half-open sessions expire with the handshake window, making room again.
-    server.handle_timeout(now + Duration::from_secs(301));
+    server.handle_timeout(later + Duration::from_secs(301));
+    assert_eq!(server.session_count(), 0);
+}
+
+#[test]
+fn a_forged_reset_and_client_hello_get_back_less_than_they_sent_and_no_tls_work() {
+    let test = TestPki::new("reflection");
+    let (mut server, _) = test.server_with_client("mallory");
+    let mut forger = TestClient::new(&test.pki, "mallory", "AES-256-GCM");
+    let victim: SocketAddr = "198.51.100.7:1194".parse().unwrap();
+    let now = Instant::now();
+    let reset = forger.datagrams(now).remove(0);
+    let mut client_hello = Vec::new();
+    forger.tls.write_tls(&mut client_hello).unwrap();
+    // The forger never sees the reply, so it can only guess the server's session id.
+    let hello = |acks: Vec<u32>, acked_session| {
+        ControlPacket {
+            opcode: Opcode::ControlV1,
+            key_id: 0,
+            session_id: forger.session_id,
+            acks,
+            acked_session,
+            message_id: Some(1),
+            payload: &client_hello,
+        }
+        .encode()
+    };
+    let sent = [reset, hello(vec![], None), hello(vec![0], Some(rand_id()))];
+    let mut bytes_back = 0;
+    for round in 0..40 {
+        let at = now + Duration::from_secs(round);
+        for datagram in &sent {
+            server.handle_datagram(at, victim, datagram);
+        }
+        server.handle_timeout(at);
+        bytes_back += transmitted(&mut server).iter().map(Vec::len).sum::<usize>();
+    }
+    let bytes_sent = 40 * sent.iter().map(Vec::len).sum::<usize>();
+    assert!(
+        bytes_back <= bytes_sent / 10,
+        "{bytes_back} bytes back for {bytes_sent} sent"
+    );
+    assert_eq!(server.session_count(), 0, "no TLS session, so no signature");
+    assert_eq!(server.counters.unknown_session, 80);
+}
+
+/// A session in its handshake, created by a client at `from` that echoed its id; the ids.
+fn half_open_session(server: &mut Server, from: SocketAddr, now: Instant) -> (SessionId, SessionId) {
+    let client = rand_id();
+    server.handle_datagram(now, from, &reset_from(client));
+    let issued = server_session_in(&transmitted(server)[0]);
+    server.handle_datagram(now, from, &echo_from(client, issued));
+    assert_eq!(server.handshaking(), 1);
+    (client, issued)
+}
+
+#[test]
+fn a_half_open_session_holds_at_most_its_reassembly_budget() {
+    let test = TestPki::new("reassembly");
+    let mut server = Server::new(engine_config(&test.pki));
+    let from: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let now = Instant::now();
+    let (client, _) = half_open_session(&mut server, from, now);
+    let chunk = vec![0x16u8; 4000];
+    // Message 1 never comes: 2 to 5 wait for it within the budget, 6 to 12 are dropped.
+    for id in 2..=12 {
+        let packet = ControlPacket {
+            opcode: Opcode::ControlV1,
+            key_id: 0,
+            session_id: client,
+            acks: vec![],
+            acked_session: None,
+            message_id: Some(id),
+            payload: &chunk,
+        };
+        server.handle_datagram(now, from, &packet.encode());
+    }
+    let budget = super::reliable::REORDER_BUDGET / chunk.len();
+    assert_eq!(budget, 4);
+    assert_eq!(server.counters.reassembly_over_budget, 11 - budget as u64);
+    assert_eq!(server.handshaking(), 1, "the session stays");
+}
+
+#[test]
+fn a_tls_handshake_larger_than_the_bound_ends_the_half_open_session() {
+    let test = TestPki::new("handshake-input");
+    let mut server = Server::new(engine_config(&test.pki));
+    let from: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let now = Instant::now();
+    let (client, _) = half_open_session(&mut server, from, now);
+    let oversized = vec![0x16u8; super::session::MAX_HANDSHAKE_INPUT + 1];
+    let packet = ControlPacket {
+        opcode: Opcode::ControlV1,
+        key_id: 0,
+        session_id: client,
+        acks: vec![],
+        acked_session: None,
+        message_id: Some(1),
+        payload: &oversized,
+    };
+    server.handle_datagram(now, from, &packet.encode());
+    let reasons: Vec<String> = std::iter::from_fn(|| server.poll_output())
+        .filter_map(|o| match o {
+            Output::Event(Event::Disconnected { reason, .. }) => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [format!(
+            "the client's TLS handshake exceeds {} bytes",
+            super::session::MAX_HANDSHAKE_INPUT
+        )]
+    );
     assert_eq!(server.session_count(), 0);
 }
 

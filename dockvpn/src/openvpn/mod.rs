@@ -1,6 +1,7 @@
 //! An OpenVPN-protocol server (UDP, TLS mode, optional tls-crypt) as a sans-IO engine: `server::Server`
 //! is fed datagrams, tun packets and time and returns datagrams, tun packets and events.
 
+pub mod cookie;
 pub mod data;
 #[cfg(test)]
 mod engine_tests;

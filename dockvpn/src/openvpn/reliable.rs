@@ -12,6 +12,10 @@ use super::packet::{ControlPacket, Opcode, SessionId, MAX_ACKS, MAX_CONTROL_PAYL
 pub const SEND_WINDOW: usize = 6;
 /// How far ahead of the next expected id a packet is still buffered.
 pub const RECEIVE_WINDOW: u32 = 12;
+/// Bytes of out-of-order messages held for reassembly, per key: room for the 11 a full
+/// receive window can hold ahead of a missing one, at the 1250-byte control packets a stock
+/// client sends. Past it, a message is dropped unacknowledged and the peer resends it.
+pub const REORDER_BUDGET: usize = 16 * 1024;
 const FIRST_RESEND_AFTER: Duration = Duration::from_secs(1);
 const LONGEST_RESEND_AFTER: Duration = Duration::from_secs(8);
 
@@ -33,6 +37,8 @@ pub enum Received {
     Duplicate,
     /// Too far ahead: dropped without an ACK, the peer will resend.
     OutOfWindow,
+    /// Out of order past `REORDER_BUDGET`: dropped without an ACK, the peer will resend.
+    OverBudget,
 }
 
 /// One reliable packet ready to go out.
@@ -54,6 +60,16 @@ pub struct Reliable {
 }
 
 impl Reliable {
+    /// Both sides' HARD_RESET (message id 0 each way) already sent and acknowledged: a
+    /// session created when a client echoed the server's stateless reset.
+    pub fn after_reset() -> Reliable {
+        Reliable {
+            next_send_id: 1,
+            next_receive_id: 1,
+            ..Reliable::default()
+        }
+    }
+
     /// Queues a reliable message; it goes out when the send window has room.
     pub fn send(&mut self, opcode: Opcode, payload: Vec<u8>) {
         let id = self.next_send_id;
@@ -80,9 +96,17 @@ impl Reliable {
         if ahead >= RECEIVE_WINDOW {
             return Received::OutOfWindow;
         }
+        if ahead > 0 && self.buffered_bytes() + payload.len() > REORDER_BUDGET {
+            return Received::OverBudget;
+        }
         self.received.insert(id, (opcode, payload.to_vec()));
         self.schedule_ack(id);
         Received::Accepted
+    }
+
+    /// Payload bytes held until the messages before them arrive.
+    fn buffered_bytes(&self) -> usize {
+        self.received.values().map(|(_, payload)| payload.len()).sum()
     }
 
     fn schedule_ack(&mut self, id: u32) {
@@ -109,16 +133,17 @@ impl Reliable {
     }
 
     /// Takes the ACKs and the message of one control packet from the peer; its ACKs count
-    /// only when they are for `local`, this side's session.
-    pub fn on_packet(&mut self, packet: &ControlPacket<'_>, local: SessionId) {
+    /// only when they are for `local`, this side's session. What became of the message, if
+    /// it carried one.
+    pub fn on_packet(&mut self, packet: &ControlPacket<'_>, local: SessionId) -> Option<Received> {
         if packet.acked_session.is_none_or(|id| id == local) {
             for &id in &packet.acks {
                 self.acknowledged(id);
             }
         }
-        if let Some(id) = packet.message_id {
-            self.receive(id, packet.opcode, packet.payload);
-        }
+        packet
+            .message_id
+            .map(|id| self.receive(id, packet.opcode, packet.payload))
     }
 
     /// Queues TLS ciphertext as CONTROL_V1 messages that each fit one control packet.
@@ -319,6 +344,21 @@ mod tests {
             receiver.receive(RECEIVE_WINDOW - 1, Opcode::ControlV1, b"x"),
             Received::Accepted
         );
+    }
+
+    #[test]
+    fn out_of_order_messages_are_held_only_up_to_the_budget() {
+        let mut receiver = Reliable::default();
+        let big = vec![0u8; REORDER_BUDGET / 2];
+        // Message 0 is missing: 1 and 2 wait for it, 3 would exceed the budget.
+        assert_eq!(receiver.receive(1, Opcode::ControlV1, &big), Received::Accepted);
+        assert_eq!(receiver.receive(2, Opcode::ControlV1, &big), Received::Accepted);
+        assert_eq!(receiver.receive(3, Opcode::ControlV1, b"x"), Received::OverBudget);
+        // The next expected message is never refused: it is delivered at once.
+        assert_eq!(receiver.receive(0, Opcode::ControlV1, &big), Received::Accepted);
+        let delivered = std::iter::from_fn(|| receiver.deliver()).count();
+        assert_eq!(delivered, 3);
+        assert_eq!(receiver.receive(3, Opcode::ControlV1, b"x"), Received::Accepted);
     }
 
     #[test]

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use rand::RngCore;
 use serde::Serialize;
 
 use super::data::{classify, Cipher, DataError, Payload, OCC_EXIT, PING_MAGIC};
+use super::cookie::{echoed_session, reset_reply, SessionCookies};
 use super::keymethod::{
     PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
-use super::packet::{decode, ControlPacket, Opcode, Packet};
+use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
 use super::session::Session;
-use super::tls_crypt::TlsCrypt;
+use super::tls_crypt::{TlsCrypt, WrapState};
 use vnf_core::clock::WallClock;
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
@@ -94,6 +94,9 @@ pub struct Counters {
     pub unauthenticated_control: u64,
     #[serde(default)]
     pub replayed_control: u64,
+    /// Out-of-order control messages past a session's reassembly budget (the peer resends).
+    #[serde(default)]
+    pub reassembly_over_budget: u64,
 }
 
 /// The non-zero counters as `name=n`, for logs and `status`.
@@ -123,6 +126,7 @@ impl Counters {
             + self.no_client_for_destination
             + self.unauthenticated_control
             + self.replayed_control
+            + self.reassembly_over_budget
     }
 }
 
@@ -159,6 +163,8 @@ pub struct Server {
     pub last_drop: Option<String>,
     /// For tls-crypt's time field.
     clock: WallClock,
+    /// Server session ids for clients that have not echoed one yet (no state per client).
+    cookies: SessionCookies,
 }
 
 impl Server {
@@ -176,6 +182,7 @@ impl Server {
             counters: Counters::default(),
             last_drop: None,
             clock: WallClock::now(),
+            cookies: SessionCookies::new(Instant::now()),
         }
     }
 
@@ -227,6 +234,15 @@ impl Server {
     #[cfg(test)]
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Sessions still in their first handshake (created by a client that echoed the server's
+    /// session id, and not connected yet).
+    pub fn handshaking(&self) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| s.connected_at.is_none())
+            .count()
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -310,7 +326,18 @@ impl Server {
         wrap_id: Option<u32>,
     ) {
         let known = self.sessions.get(&from).map(|s| s.remote_id);
-        if packet.opcode == Opcode::HardResetClientV2 && known != Some(packet.session_id) {
+        if known != Some(packet.session_id) {
+            if packet.opcode == Opcode::HardResetClientV2 {
+                return self.answer_reset(now, from, packet);
+            }
+            let echoed = echoed_session(packet).filter(|&echoed| {
+                self.cookies
+                    .verify(now, from, packet.session_id, echoed)
+            });
+            let Some(local_id) = echoed else {
+                let why = format!("from {from}: {:?} for no known session", packet.opcode);
+                return self.drop_input(|c| &mut c.unknown_session, why);
+            };
             let busy = self
                 .sessions
                 .get(&from)
@@ -318,19 +345,16 @@ impl Server {
             if busy {
                 // Only a restarted client with the same source port, or a forgery, does this;
                 // the live session wins until it has been silent for a ping interval.
-                let why = format!("from {from}: HARD_RESET while its session is active");
+                let why = format!("from {from}: a new session while its session is active");
                 return self.drop_input(|c| &mut c.refused_handshakes, why);
             }
             if let Some(old) = self.sessions.get_mut(&from) {
                 old.close("the client started a new session");
                 self.reap();
             }
-            if !self.admit_new_session(now, from, packet) {
+            if !self.admit_new_session(now, from, packet.session_id, local_id) {
                 return;
             }
-        } else if known != Some(packet.session_id) {
-            let why = format!("from {from}: {:?} for no known session", packet.opcode);
-            return self.drop_input(|c| &mut c.unknown_session, why);
         }
         let session = self.sessions.get_mut(&from).expect("admitted above");
         if let Some(id) = wrap_id {
@@ -354,22 +378,47 @@ impl Server {
             }
         }
         let requests = session.on_control(packet, now);
+        if requests.over_budget {
+            let why = format!("from {from}: control message past the reassembly budget");
+            self.drop_input(|c| &mut c.reassembly_over_budget, why);
+        }
         if requests.push {
             self.push_reply(now, from);
         }
     }
 
+    /// Answers a client's HARD_RESET without keeping anything: the reply carries a server
+    /// session id derived from the client's address and session id (`cookie.rs`).
+    fn answer_reset(&mut self, now: Instant, from: SocketAddr, reset: &ControlPacket<'_>) {
+        if reset.message_id != Some(0) || reset.key_id != 0 {
+            let why = format!("from {from}: a HARD_RESET that is not message 0 on key 0");
+            return self.drop_input(|c| &mut c.malformed, why);
+        }
+        let server_session = self.cookies.issue(now, from, reset.session_id);
+        let reply = reset_reply(reset, server_session);
+        let datagram = match &self.config.tls_crypt {
+            // The first packet id of a fresh state; the session continues after it.
+            Some(tls_crypt) => {
+                let wall_clock = self.clock.unix(now) as u32;
+                tls_crypt.wrap(&reply, &mut WrapState::default(), wall_clock)
+            }
+            None => reply,
+        };
+        self.outputs.push_back(Output::Transmit {
+            to: from,
+            datagram,
+        });
+    }
+
+    /// Creates the session of a client that echoed `local_id`, the id the server gave it.
     fn admit_new_session(
         &mut self,
         now: Instant,
         from: SocketAddr,
-        packet: &ControlPacket<'_>,
+        remote_id: SessionId,
+        local_id: SessionId,
     ) -> bool {
-        let handshaking = self
-            .sessions
-            .values()
-            .filter(|s| s.connected_at.is_none())
-            .count();
+        let handshaking = self.handshaking();
         if handshaking >= self.config.max_handshaking
             || self.sessions.len() >= self.config.max_clients
         {
@@ -380,14 +429,12 @@ impl Server {
             self.drop_input(|c| &mut c.refused_handshakes, why);
             return false;
         }
-        let mut local_id = [0u8; 8];
-        rand::rng().fill_bytes(&mut local_id);
         let peer_id = self.allocate_peer_id();
         match Session::new(
             self.config.tls.clone(),
             from,
             local_id,
-            packet.session_id,
+            remote_id,
             peer_id,
             now,
         ) {

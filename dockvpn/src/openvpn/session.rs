@@ -16,7 +16,7 @@ use rustls::ServerConnection;
 use super::data::{Cipher, DataChannel, DataError, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
 use super::packet::{ControlPacket, Opcode, SessionId};
-use super::reliable::Reliable;
+use super::reliable::{Received, Reliable};
 use super::tls_crypt::WrapState;
 
 /// The options string sent in key-method 2; clients only compare it and warn on differences.
@@ -25,6 +25,11 @@ const OPTIONS_STRING: &str =
 
 /// More unread control plaintext than this from one client ends the session.
 const MAX_PLAINTEXT_BUFFER: usize = 64 * 1024;
+
+/// A TLS handshake from a client that sends more than this is ended: a stock client's whole
+/// flight (hello, certificate chain, verify, finished) is a few KiB, and this caps what
+/// rustls may hold for a peer it has not authenticated yet.
+pub const MAX_HANDSHAKE_INPUT: usize = 32 * 1024;
 
 /// The key id after `key_id`: 1 to 7, then 1 again (0 only ever names a session's first key).
 pub fn next_key_id(key_id: u8) -> u8 {
@@ -39,6 +44,8 @@ pub fn next_key_id(key_id: u8) -> u8 {
 pub struct Requests {
     /// The key-method exchange is done and the client asks for its configuration.
     pub push: bool,
+    /// The packet's message was out of order past the reassembly budget and was dropped.
+    pub over_budget: bool,
 }
 
 /// One key's control state and, once derived, its data channel (OpenVPN's key state).
@@ -47,6 +54,8 @@ struct KeySlot {
     reliable: Reliable,
     tls: ServerConnection,
     plaintext: Vec<u8>,
+    /// TLS bytes taken while the handshake runs (bounded by `MAX_HANDSHAKE_INPUT`).
+    handshake_input: usize,
     /// The client's key-method 2 message has arrived on this key.
     key_exchanged: bool,
     /// The certificate's common name, once this key's handshake is done.
@@ -61,21 +70,20 @@ struct KeySlot {
 }
 
 impl KeySlot {
-    /// A fresh key state whose first reliable message is `initial` (the server's
-    /// HARD_RESET for key 0, SOFT_RESET for the later ones).
+    /// A fresh key state over `reliable` (for key 0 past the reset exchange; for later
+    /// keys with the server's SOFT_RESET queued).
     fn new(
         tls_config: Arc<rustls::ServerConfig>,
         key_id: u8,
-        initial: Opcode,
+        reliable: Reliable,
         now: Instant,
     ) -> Result<KeySlot, rustls::Error> {
-        let mut reliable = Reliable::default();
-        reliable.send(initial, Vec::new());
         Ok(KeySlot {
             key_id,
             reliable,
             tls: ServerConnection::new(tls_config)?,
             plaintext: Vec::new(),
+            handshake_input: 0,
             key_exchanged: false,
             name: None,
             data: None,
@@ -85,9 +93,14 @@ impl KeySlot {
         })
     }
 
-    /// Takes one control packet for this key: ACKs, then its reliable messages in order.
-    fn on_packet(&mut self, packet: &ControlPacket<'_>, local: SessionId) -> Result<(), String> {
-        self.reliable.on_packet(packet, local);
+    /// Takes one control packet for this key: ACKs, then its reliable messages in order;
+    /// what became of its message.
+    fn on_packet(
+        &mut self,
+        packet: &ControlPacket<'_>,
+        local: SessionId,
+    ) -> Result<Option<Received>, String> {
+        let received = self.reliable.on_packet(packet, local);
         let reset = if self.key_id == 0 {
             Opcode::HardResetClientV2
         } else {
@@ -100,10 +113,18 @@ impl KeySlot {
                 other => return Err(format!("unexpected {other:?} on key {}", self.key_id)),
             }
         }
-        Ok(())
+        Ok(received)
     }
 
     fn read_tls(&mut self, mut ciphertext: &[u8]) -> Result<(), String> {
+        if self.tls.is_handshaking() {
+            self.handshake_input += ciphertext.len();
+            if self.handshake_input > MAX_HANDSHAKE_INPUT {
+                return Err(format!(
+                    "the client's TLS handshake exceeds {MAX_HANDSHAKE_INPUT} bytes"
+                ));
+            }
+        }
         while !ciphertext.is_empty() {
             match self.tls.read_tls(&mut ciphertext) {
                 Ok(0) => break,
@@ -234,7 +255,8 @@ impl Session {
             local_id,
             remote_id,
             peer_id,
-            key: KeySlot::new(tls_config.clone(), 0, Opcode::HardResetServerV2, now)?,
+            // The session exists once the client echoed the server's stateless reset.
+            key: KeySlot::new(tls_config.clone(), 0, Reliable::after_reset(), now)?,
             tls_config,
             lame_duck: None,
             client: None,
@@ -250,7 +272,7 @@ impl Session {
             renegotiations: 0,
             closing: None,
             push_requested: false,
-            wrap: WrapState::default(),
+            wrap: WrapState::after_stateless_reset(),
         })
     }
 
@@ -285,7 +307,9 @@ impl Session {
     /// duck and keeps working for `transition_window`.
     pub fn renegotiate(&mut self, now: Instant, transition_window: Duration) {
         let key_id = next_key_id(self.key.key_id);
-        match KeySlot::new(self.tls_config.clone(), key_id, Opcode::SoftResetV1, now) {
+        let mut reliable = Reliable::default();
+        reliable.send(Opcode::SoftResetV1, Vec::new());
+        match KeySlot::new(self.tls_config.clone(), key_id, reliable, now) {
             Ok(fresh) => {
                 let previous = std::mem::replace(&mut self.key, fresh);
                 self.lame_duck = Some(LameDuck {
@@ -352,9 +376,10 @@ impl Session {
             // Late ACKs and resends for the previous key.
             lame_duck.slot.on_packet(packet, local)
         } else {
-            Ok(())
+            Ok(None)
         };
-        let outcome = outcome.and_then(|()| self.check_identity());
+        let over_budget = matches!(outcome, Ok(Some(Received::OverBudget)));
+        let outcome = outcome.and_then(|_| self.check_identity());
         let outcome = outcome.and_then(|()| self.read_messages(now));
         if let Err(reason) = outcome {
             self.close(reason);
@@ -366,7 +391,7 @@ impl Session {
         }
         let push = self.push_requested;
         self.push_requested = false;
-        Requests { push }
+        Requests { push, over_budget }
     }
 
     /// The first handshake names the client; a renegotiation may not change who it is.

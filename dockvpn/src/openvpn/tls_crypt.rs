@@ -183,6 +183,17 @@ pub struct WrapState {
     pub received: ReplayWindow,
 }
 
+impl WrapState {
+    /// A session's state once the server's stateless reset went out, wrapped with the first
+    /// packet id of a fresh state: the session's own packets continue after it.
+    pub fn after_stateless_reset() -> WrapState {
+        WrapState {
+            next_send_id: 1,
+            ..WrapState::default()
+        }
+    }
+}
+
 fn apply_ctr(key: &[u8; 32], tag: &[u8], data: &mut [u8]) {
     let mut iv = [0u8; 16];
     iv.copy_from_slice(&tag[..16]);
