@@ -108,7 +108,8 @@ fn cookie(secret: &hmac::Key, from: SocketAddr, client: SessionId) -> SessionId 
     context.update(&client);
     let tag = context.sign();
     let mut id = SessionId::default();
-    id.copy_from_slice(&tag.as_ref()[..id.len()]);
+    let len = id.len();
+    id.copy_from_slice(&tag.as_ref()[..len]);
     id
 }
 
