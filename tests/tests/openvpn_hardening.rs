@@ -192,7 +192,7 @@ fn client_hello() -> Vec<u8> {
     extensions.extend_from_slice(&[0x00, 0x33, 0x00, 0x26, 0x00, 0x24, 0x00, 0x1d, 0x00, 0x20]);
     extensions.extend(session_ids(0x4b).take(4).flatten());
     // Padding, as browsers pad their hellos.
-    let padding = 200;
+    let padding = 250;
     extensions.extend_from_slice(&[0x00, 0x15, 0x00, padding as u8]);
     extensions.extend(std::iter::repeat_n(0, padding));
     body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
