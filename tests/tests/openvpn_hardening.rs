@@ -177,8 +177,9 @@ fn with_tls_crypt_a_reset_flood_is_dropped_unanswered_and_a_real_client_connects
     });
 }
 
-/// A TLS 1.3-style ClientHello as a scanner would send it: a record of about 400 bytes
-/// (random, session id, suites, x25519 key share, padding). The server must not parse it.
+/// A TLS 1.3 ClientHello as a scanner would send it: a record of about 400 bytes (random,
+/// session id, suites, signature algorithms, an x25519 key share, padding), enough for a
+/// server that parsed it to answer with its certificate and a signature.
 fn client_hello() -> Vec<u8> {
     let mut body = vec![0x03, 0x03];
     body.extend(session_ids(0xc1).take(4).flatten()); // random
@@ -191,8 +192,11 @@ fn client_hello() -> Vec<u8> {
     extensions.extend_from_slice(&[0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d]);
     extensions.extend_from_slice(&[0x00, 0x33, 0x00, 0x26, 0x00, 0x24, 0x00, 0x1d, 0x00, 0x20]);
     extensions.extend(session_ids(0x4b).take(4).flatten());
+    // signature_algorithms: ECDSA P-256 SHA-256, RSA-PSS SHA-256, Ed25519.
+    extensions.extend_from_slice(&[0x00, 0x0d, 0x00, 0x08, 0x00, 0x06, 0x04, 0x03, 0x08, 0x04]);
+    extensions.extend_from_slice(&[0x08, 0x07]);
     // Padding, as browsers pad their hellos.
-    let padding = 250;
+    let padding = 238;
     extensions.extend_from_slice(&[0x00, 0x15, 0x00, padding as u8]);
     extensions.extend(std::iter::repeat_n(0, padding));
     body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
