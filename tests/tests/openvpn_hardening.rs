@@ -84,7 +84,12 @@ fn start_flood(
         let mut ids = session_ids(0x5eed);
         let mut sent = 0;
         for batch in 0..batches {
-            for socket in sockets.iter().cycle().skip(sent as usize).take(per_batch as usize) {
+            for socket in sockets
+                .iter()
+                .cycle()
+                .skip(sent as usize)
+                .take(per_batch as usize)
+            {
                 let id = ids.next().expect("endless");
                 if socket.send_to(&forged_reset(id), server).is_ok() {
                     sent += 1;
@@ -228,7 +233,9 @@ fn a_forged_reset_and_client_hello_get_back_fewer_bytes_than_sent_and_no_tls_ses
     let server = remote(&profile);
     // The "victim": a socket that receives whatever the server sends to its address and
     // never answers.
-    let socket = chain.right_host.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    let socket = chain
+        .right_host
+        .run(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
     socket
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");

@@ -134,8 +134,14 @@ mod tests {
         let mut cookies = SessionCookies::new(now);
         let id = cookies.issue(now, from(40000), CLIENT);
         assert!(cookies.verify(now, from(40000), CLIENT, id));
-        assert!(!cookies.verify(now, from(40001), CLIENT, id), "another port");
-        assert!(!cookies.verify(now, from(40000), [8; 8], id), "another client");
+        assert!(
+            !cookies.verify(now, from(40001), CLIENT, id),
+            "another port"
+        );
+        assert!(
+            !cookies.verify(now, from(40000), [8; 8], id),
+            "another client"
+        );
         let mut flipped = id;
         flipped[7] ^= 1;
         assert!(!cookies.verify(now, from(40000), CLIENT, flipped));

@@ -107,6 +107,8 @@ struct TestClient {
     tls_crypt: Option<(TlsCrypt, WrapState)>,
     /// Where the server sees its datagrams come from.
     peer: SocketAddr,
+    /// tls-crypt packets dropped as replays (a stock client drops them too).
+    replayed: u32,
 }
 
 impl TestClient {
@@ -148,6 +150,7 @@ impl TestClient {
             ciphers,
             tls_crypt: None,
             peer: CLIENT_ADDRESS.parse().unwrap(),
+            replayed: 0,
         }
     }
 
@@ -183,9 +186,15 @@ impl TestClient {
 
     fn receive(&mut self, datagram: &[u8]) {
         let unwrapped;
-        let datagram = match &self.tls_crypt {
-            Some((tls_crypt, _)) if datagram[0] >> 3 != Opcode::DataV2.wire() => {
-                unwrapped = tls_crypt.unwrap(datagram).unwrap().0;
+        let datagram = match &mut self.tls_crypt {
+            Some((tls_crypt, state)) if datagram[0] >> 3 != Opcode::DataV2.wire() => {
+                let (packet, id) = tls_crypt.unwrap(datagram).unwrap();
+                if state.received.check(id).is_err() {
+                    self.replayed += 1;
+                    return;
+                }
+                state.received.commit(id);
+                unwrapped = packet;
                 &unwrapped[..]
             }
             _ => datagram,
@@ -667,7 +676,11 @@ fn a_forged_reset_and_client_hello_get_back_less_than_they_sent_and_no_tls_work(
 }
 
 /// A session in its handshake, created by a client at `from` that echoed its id; the ids.
-fn half_open_session(server: &mut Server, from: SocketAddr, now: Instant) -> (SessionId, SessionId) {
+fn half_open_session(
+    server: &mut Server,
+    from: SocketAddr,
+    now: Instant,
+) -> (SessionId, SessionId) {
     let client = rand_id();
     server.handle_datagram(now, from, &reset_from(client));
     let issued = server_session_in(&transmitted(server)[0]);
@@ -1104,6 +1117,22 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     server.handle_datagram(now, peer, &captured[0]);
     assert_eq!(server.counters.replayed_control, replayed_before + 1);
     assert_eq!(server.connected().len(), 1);
+}
+
+#[test]
+fn with_tls_crypt_the_session_continues_the_packet_ids_of_the_stateless_reset() {
+    let test = TestPki::new("tls-crypt-ids");
+    let key = StaticKey::generate();
+    let mut config = engine_config(&test.pki);
+    config.tls_crypt = Some(Arc::new(TlsCrypt::server(&key)));
+    let (mut server, _) = test.server_with_client_and_config("liam", config);
+    let mut client = TestClient::new(&test.pki, "liam", "AES-256-GCM");
+    client.tls_crypt = Some((TlsCrypt::client(&key), WrapState::default()));
+    connect(&mut server, &mut client, perfect, Instant::now());
+    assert_eq!(
+        client.replayed, 0,
+        "a server packet reused the reset's packet id"
+    );
 }
 
 #[test]

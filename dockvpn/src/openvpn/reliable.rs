@@ -106,7 +106,10 @@ impl Reliable {
 
     /// Payload bytes held until the messages before them arrive.
     fn buffered_bytes(&self) -> usize {
-        self.received.values().map(|(_, payload)| payload.len()).sum()
+        self.received
+            .values()
+            .map(|(_, payload)| payload.len())
+            .sum()
     }
 
     fn schedule_ack(&mut self, id: u32) {
@@ -351,14 +354,29 @@ mod tests {
         let mut receiver = Reliable::default();
         let big = vec![0u8; REORDER_BUDGET / 2];
         // Message 0 is missing: 1 and 2 wait for it, 3 would exceed the budget.
-        assert_eq!(receiver.receive(1, Opcode::ControlV1, &big), Received::Accepted);
-        assert_eq!(receiver.receive(2, Opcode::ControlV1, &big), Received::Accepted);
-        assert_eq!(receiver.receive(3, Opcode::ControlV1, b"x"), Received::OverBudget);
+        assert_eq!(
+            receiver.receive(1, Opcode::ControlV1, &big),
+            Received::Accepted
+        );
+        assert_eq!(
+            receiver.receive(2, Opcode::ControlV1, &big),
+            Received::Accepted
+        );
+        assert_eq!(
+            receiver.receive(3, Opcode::ControlV1, b"x"),
+            Received::OverBudget
+        );
         // The next expected message is never refused: it is delivered at once.
-        assert_eq!(receiver.receive(0, Opcode::ControlV1, &big), Received::Accepted);
+        assert_eq!(
+            receiver.receive(0, Opcode::ControlV1, &big),
+            Received::Accepted
+        );
         let delivered = std::iter::from_fn(|| receiver.deliver()).count();
         assert_eq!(delivered, 3);
-        assert_eq!(receiver.receive(3, Opcode::ControlV1, b"x"), Received::Accepted);
+        assert_eq!(
+            receiver.receive(3, Opcode::ControlV1, b"x"),
+            Received::Accepted
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-use super::data::{classify, Cipher, DataError, Payload, OCC_EXIT, PING_MAGIC};
 use super::cookie::{echoed_session, reset_reply, SessionCookies};
+use super::data::{classify, Cipher, DataError, Payload, OCC_EXIT, PING_MAGIC};
 use super::keymethod::{
     PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
@@ -330,10 +330,8 @@ impl Server {
             if packet.opcode == Opcode::HardResetClientV2 {
                 return self.answer_reset(now, from, packet);
             }
-            let echoed = echoed_session(packet).filter(|&echoed| {
-                self.cookies
-                    .verify(now, from, packet.session_id, echoed)
-            });
+            let echoed = echoed_session(packet)
+                .filter(|&echoed| self.cookies.verify(now, from, packet.session_id, echoed));
             let Some(local_id) = echoed else {
                 let why = format!("from {from}: {:?} for no known session", packet.opcode);
                 return self.drop_input(|c| &mut c.unknown_session, why);
@@ -404,10 +402,8 @@ impl Server {
             }
             None => reply,
         };
-        self.outputs.push_back(Output::Transmit {
-            to: from,
-            datagram,
-        });
+        self.outputs
+            .push_back(Output::Transmit { to: from, datagram });
     }
 
     /// Creates the session of a client that echoed `local_id`, the id the server gave it.
