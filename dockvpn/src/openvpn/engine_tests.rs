@@ -675,6 +675,20 @@ fn a_forged_reset_and_client_hello_get_back_less_than_they_sent_and_no_tls_work(
     assert_eq!(server.counters.unknown_session, 80);
 }
 
+/// A CONTROL_V1 on key 0 from `session` without ACKs.
+fn control_message(session: SessionId, message_id: u32, payload: &[u8]) -> Vec<u8> {
+    ControlPacket {
+        opcode: Opcode::ControlV1,
+        key_id: 0,
+        session_id: session,
+        acks: vec![],
+        acked_session: None,
+        message_id: Some(message_id),
+        payload,
+    }
+    .encode()
+}
+
 /// A session in its handshake, created by a client at `from` that echoed its id; the ids.
 fn half_open_session(
     server: &mut Server,
@@ -699,16 +713,7 @@ fn a_half_open_session_holds_at_most_its_reassembly_budget() {
     let chunk = vec![0x16u8; 4000];
     // Message 1 never comes: 2 to 5 wait for it within the budget, 6 to 12 are dropped.
     for id in 2..=12 {
-        let packet = ControlPacket {
-            opcode: Opcode::ControlV1,
-            key_id: 0,
-            session_id: client,
-            acks: vec![],
-            acked_session: None,
-            message_id: Some(id),
-            payload: &chunk,
-        };
-        server.handle_datagram(now, from, &packet.encode());
+        server.handle_datagram(now, from, &control_message(client, id, &chunk));
     }
     let budget = super::reliable::REORDER_BUDGET / chunk.len();
     assert_eq!(budget, 4);
@@ -724,16 +729,7 @@ fn a_tls_handshake_larger_than_the_bound_ends_the_half_open_session() {
     let now = Instant::now();
     let (client, _) = half_open_session(&mut server, from, now);
     let oversized = vec![0x16u8; super::session::MAX_HANDSHAKE_INPUT + 1];
-    let packet = ControlPacket {
-        opcode: Opcode::ControlV1,
-        key_id: 0,
-        session_id: client,
-        acks: vec![],
-        acked_session: None,
-        message_id: Some(1),
-        payload: &oversized,
-    };
-    server.handle_datagram(now, from, &packet.encode());
+    server.handle_datagram(now, from, &control_message(client, 1, &oversized));
     let reasons: Vec<String> = std::iter::from_fn(|| server.poll_output())
         .filter_map(|o| match o {
             Output::Event(Event::Disconnected { reason, .. }) => Some(reason),
