@@ -1,11 +1,13 @@
 //! An OpenVPN-protocol server (UDP, TLS mode, optional tls-crypt) as a sans-IO engine: `server::Server`
 //! is fed datagrams, tun packets and time and returns datagrams, tun packets and events.
 
+pub mod compression;
 pub mod data;
 #[cfg(test)]
 mod engine_tests;
 pub mod keymethod;
 pub mod packet;
+pub mod prf;
 pub mod reliable;
 pub mod server;
 pub mod session;
