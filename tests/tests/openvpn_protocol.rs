@@ -251,7 +251,9 @@ fn on_the_prf_path_a_client_connects_passes_traffic_and_renegotiates() {
         "server counted {renegotiated}\nclient:\n{}",
         client.log()
     );
+    // The client logs the PUSH_REPLY it got: without tls-ekm it derives with the PRF.
     let log = client.log();
+    assert!(log.contains("PUSH_REPLY"), "{log}");
     assert!(!log.contains("tls-ekm"), "the client used tls-ekm:\n{log}");
 }
 

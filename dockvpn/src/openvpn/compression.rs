@@ -1,8 +1,9 @@
-//! Old profiles with `comp-lzo` or `compress`: such a client frames every data payload with
-//! a compression byte even when it compresses nothing. Dockvpn never compresses (compressing
-//! before encryption leaks plaintext, VORACLE), so it pushes the matching stub and keeps only
-//! the framing: it adds the byte the client expects and takes it off what the client sends.
-//! A payload the client compressed anyway is refused (`Unframed::Compressed`).
+//! Old profiles with `comp-lzo` or `compress`: such a client frames every data payload for
+//! its compression algorithm even when it compresses nothing. Dockvpn never compresses
+//! (compressing before encryption leaks plaintext, VORACLE), so it pushes a stub, which the
+//! client then uses whatever its profile said (the stock 2.6 client switches every
+//! `comp-lzo` and `compress` variant to `stubv2`), and keeps only the stub's framing. A
+//! payload the client compressed anyway is refused (`Unframed::Compressed`).
 
 use std::borrow::Cow;
 
@@ -10,9 +11,6 @@ use super::keymethod::PeerInfo;
 
 /// `comp-lzo` framing: a leading byte says whether the payload is compressed.
 const LZO_UNCOMPRESSED: u8 = 0xfa;
-/// `compress` (stub, lz4) framing: this byte replaces the payload's first byte, which moves
-/// to the end, so the IP header stays aligned for the receiver.
-const SWAP_UNCOMPRESSED: u8 = 0xfb;
 /// `compress stub-v2` / `lz4-v2` framing: payloads go as they are unless they start with
 /// this byte; then it is followed by an algorithm byte (0: none).
 const V2_INDICATOR: u8 = 0x50;
@@ -25,8 +23,6 @@ pub enum Framing {
     None,
     /// `comp-lzo`: one leading byte on every payload.
     Lzo,
-    /// `compress` and `compress lz4`: the swapped leading byte.
-    Swap,
     /// `compress stub-v2` and `lz4-v2`: an escape only for payloads starting with 0x50.
     V2,
 }
@@ -58,9 +54,6 @@ impl Framing {
         match (self, payload.split_first()) {
             (Framing::None, _) | (_, None) => Cow::Borrowed(payload),
             (Framing::Lzo, Some(_)) => Cow::Owned([&[LZO_UNCOMPRESSED], payload].concat()),
-            (Framing::Swap, Some((first, rest))) => {
-                Cow::Owned([&[SWAP_UNCOMPRESSED], rest, &[*first]].concat())
-            }
             (Framing::V2, Some((&V2_INDICATOR, _))) => {
                 Cow::Owned([&[V2_INDICATOR, V2_UNCOMPRESSED], payload].concat())
             }
@@ -76,11 +69,6 @@ impl Framing {
                 framed.remove(0);
                 Unframed::Plain(framed)
             }
-            (Framing::Swap, Some(SWAP_UNCOMPRESSED)) => {
-                let last = framed.pop().expect("not empty");
-                framed[0] = last;
-                Unframed::Plain(framed)
-            }
             (Framing::V2, Some(V2_INDICATOR)) => match framed.get(1) {
                 Some(&V2_UNCOMPRESSED) => {
                     framed.drain(..2);
@@ -89,7 +77,7 @@ impl Framing {
                 _ => Unframed::Compressed(V2_INDICATOR),
             },
             (Framing::V2, Some(_)) => Unframed::Plain(framed),
-            (Framing::Lzo | Framing::Swap, Some(byte)) => Unframed::Compressed(byte),
+            (Framing::Lzo, Some(byte)) => Unframed::Compressed(byte),
         }
     }
 }
@@ -102,10 +90,9 @@ mod tests {
 
     #[test]
     fn each_framing_round_trips_and_looks_as_documented() {
-        let cases: [(Framing, &[u8], &[u8]); 5] = [
+        let cases: [(Framing, &[u8], &[u8]); 4] = [
             (Framing::None, &IP, &IP),
             (Framing::Lzo, &IP, &[0xfa, 0x45, 0, 0, 20]),
-            (Framing::Swap, &IP, &[0xfb, 0, 0, 20, 0x45]),
             (Framing::V2, &IP, &IP),
             (Framing::V2, &[0x50, 1], &[0x50, 0, 0x50, 1]),
         ];
@@ -125,10 +112,6 @@ mod tests {
         assert_eq!(
             Framing::Lzo.unframe(vec![0x66, 1, 2]),
             Unframed::Compressed(0x66)
-        );
-        assert_eq!(
-            Framing::Swap.unframe(vec![0x69, 1, 2]),
-            Unframed::Compressed(0x69)
         );
         assert_eq!(
             Framing::V2.unframe(vec![0x50, 1, 2]),
