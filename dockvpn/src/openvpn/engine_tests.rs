@@ -514,24 +514,8 @@ fn an_unregistered_client_gets_auth_failed_and_no_data_channel() {
         .unwrap();
     let mut server = Server::new(engine_config(&test.pki));
     let mut client = TestClient::new(&test.pki, "carol", "AES-256-GCM");
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
-    let now = Instant::now();
-    let mut disconnected = None;
-    for _ in 0..20 {
-        for datagram in client.datagrams(now) {
-            server.handle_datagram(now, peer, &datagram);
-        }
-        while let Some(output) = server.poll_output() {
-            match output {
-                Output::Transmit { datagram, .. } => client.receive(&datagram),
-                Output::Event(Event::Disconnected { reason, .. }) => disconnected = Some(reason),
-                _ => {}
-            }
-        }
-    }
-    assert!(client.data.is_none());
-    assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
-    assert!(disconnected.unwrap().contains("no client named \"carol\""));
+    let reason = refusal(&mut server, &mut client);
+    assert!(reason.contains("no client named \"carol\""), "{reason}");
     assert_eq!(server.session_count(), 0);
 }
 
