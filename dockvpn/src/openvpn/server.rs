@@ -782,7 +782,10 @@ fn admit(
     let peer_info = &client.peer_info;
     let proto = peer_info.proto();
     if proto & IV_PROTO_DATA_V2 == 0 {
-        return Err("the client does not support DATA_V2 packets: use OpenVPN 2.4 or later".into());
+        let version = peer_info.get("IV_VER").unwrap_or("unknown");
+        return Err(format!(
+            "the client (IV_VER {version}) does not support DATA_V2 packets: use OpenVPN 2.4 or later"
+        ));
     }
     let offers_tls_ekm = proto & IV_PROTO_TLS_KEY_EXPORT != 0;
     let derivation = match config.key_derivation {
