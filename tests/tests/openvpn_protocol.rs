@@ -260,13 +260,16 @@ fn on_the_prf_path_a_client_connects_passes_traffic_and_renegotiates() {
 fn old_profiles_with_comp_lzo_or_compress_pass_traffic_uncompressed() {
     let (chain, dockvpn) = vpn_chain(&[]);
     let profile = issue_profile(&chain.si, &dockvpn, "erin", None);
-    let variants: [&[&str]; 6] = [
+    let variants: [&[&str]; 8] = [
         &["--comp-lzo"],
         &["--comp-lzo", "no"],
         &["--compress"],
         &["--compress", "lz4"],
         &["--compress", "lz4-v2"],
         &["--compress", "stub-v2"],
+        // Clients that would compress what they send: the pushed stub stops them.
+        &["--allow-compression", "yes", "--comp-lzo"],
+        &["--allow-compression", "yes", "--compress", "lz4-v2"],
     ];
     for option in variants {
         let client = OpenvpnClient::start(&chain.right_host, &profile, option);
