@@ -298,9 +298,13 @@ fn old_profiles_with_comp_lzo_or_compress_pass_traffic_uncompressed() {
         "nothing compressed: {}",
         status["vpn"]["dropped"]
     );
-    assert!(
-        dockvpn.log().contains("remove the option from the profile"),
-        "{}",
-        dockvpn.log()
+    // One warning for the one client, however often it reconnected.
+    let server_log = dockvpn.log();
+    assert_eq!(
+        server_log
+            .matches("remove the option from the profile")
+            .count(),
+        1,
+        "{server_log}"
     );
 }

@@ -169,6 +169,8 @@ pub struct Server {
     pub last_drop: Option<String>,
     /// For tls-crypt's time field.
     clock: WallClock,
+    /// Clients already told that their profile should drop its compression option.
+    warned_compression: BTreeSet<String>,
 }
 
 impl Server {
@@ -186,6 +188,7 @@ impl Server {
             counters: Counters::default(),
             last_drop: None,
             clock: WallClock::now(),
+            warned_compression: BTreeSet::new(),
         }
     }
 
@@ -452,7 +455,9 @@ impl Server {
                 return;
             }
         };
-        if let Some((_, option)) = admission.compression {
+        let first_warning = !self.warned_compression.contains(&name);
+        if let (Some((_, option)), true) = (admission.compression, first_warning) {
+            self.warned_compression.insert(name.clone());
             tracing::warn!(
                 client = %name,
                 pushed = option,
