@@ -34,6 +34,7 @@ use vnf_core::{Error, Result};
 
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
+use openvpn::session::KeyDerivation;
 use openvpn::tls_crypt::TlsCrypt;
 use pki::Pki;
 
@@ -216,6 +217,18 @@ struct ServeArgs {
     )]
     reneg_sec: u64,
 
+    /// How data keys are derived: tls-ekm when the client offers it, else OpenVPN's PRF
+    /// (auto; OpenVPN 2.4 and 2.5 clients need the PRF), or always one of them
+    #[arg(
+        long,
+        env = "DOCKVPN_KEY_DERIVATION",
+        default_value = "auto",
+        value_name = "auto|tls-ekm|prf",
+        value_parser = parse_key_derivation,
+        help_heading = VPN
+    )]
+    key_derivation: KeyDerivationArg,
+
     #[command(flatten)]
     tls_crypt: TlsCryptArg,
 }
@@ -251,6 +264,21 @@ fn parse_ciphers(text: &str) -> std::result::Result<CipherList, String> {
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(CipherList(ciphers))
+}
+
+/// `--key-derivation`: None is auto.
+#[derive(Debug, Clone, Copy)]
+struct KeyDerivationArg(Option<KeyDerivation>);
+
+fn parse_key_derivation(text: &str) -> std::result::Result<KeyDerivationArg, String> {
+    match text {
+        "auto" => Ok(KeyDerivationArg(None)),
+        "tls-ekm" => Ok(KeyDerivationArg(Some(KeyDerivation::TlsEkm))),
+        "prf" => Ok(KeyDerivationArg(Some(KeyDerivation::Prf))),
+        other => Err(format!(
+            "unknown key derivation {other:?}; use auto, tls-ekm or prf"
+        )),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -429,6 +457,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         max_handshaking: 64.min(serve.max_clients),
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
+        key_derivation: serve.key_derivation.0,
         tls_crypt: match serve
             .tls_crypt
             .tls_crypt

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
-use docknfv_tests::openvpn::{issue_profile, text, vpn_chain, OpenvpnClient};
+use docknfv_tests::openvpn::{issue_profile, status_json, text, vpn_chain, OpenvpnClient};
 use docknfv_tests::vnf::binary;
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -128,18 +128,30 @@ fn the_server_renegotiates_on_its_own_reneg_sec_and_the_tunnel_stays_up() {
     client
         .wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
-    let answered = answered_pings(&chain.right_host, 20);
-    eprintln!("server-initiated: {answered}/20 pings answered");
+    assert_traffic_across_renegotiations(&chain, &dockvpn, &client, 20, 2);
+}
+
+/// Pings through the tunnel once a second for `seconds`: at most one unanswered, no key
+/// error in the client's log, and at least `renegotiations` counted by the server.
+fn assert_traffic_across_renegotiations(
+    chain: &Chain,
+    dockvpn: &Vnf,
+    client: &OpenvpnClient,
+    seconds: u32,
+    renegotiations_expected: u64,
+) {
+    let answered = answered_pings(&chain.right_host, seconds);
+    eprintln!("{answered}/{seconds} pings answered");
     assert!(
-        answered >= 19,
-        "{answered}/20 pings answered\nclient:\n{}\nserver:\n{}",
+        answered + 1 >= seconds,
+        "{answered}/{seconds} pings answered\nclient:\n{}\nserver:\n{}",
         client.log(),
         dockvpn.log()
     );
-    assert_no_key_errors(&client, &dockvpn);
-    let renegotiated = renegotiations(&chain.si, &dockvpn);
+    assert_no_key_errors(client, dockvpn);
+    let renegotiated = renegotiations(&chain.si, dockvpn);
     assert!(
-        renegotiated >= 2,
+        renegotiated >= renegotiations_expected,
         "server counted {renegotiated}\nclient:\n{}",
         client.log()
     );
@@ -225,4 +237,74 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
     assert!(!again.contains("<tls-crypt>"), "{again}");
     drop(client);
     drop(dockvpn);
+}
+
+#[test]
+fn on_the_prf_path_a_client_connects_passes_traffic_and_renegotiates() {
+    // The server pushes no tls-ekm, so the stock 2.6 client derives its keys as 2.4 and 2.5
+    // clients do: with the PRF over the key-method 2 randoms, again on every new key.
+    let (chain, dockvpn) = vpn_chain(&["--key-derivation", "prf"]);
+    let profile = issue_profile(&chain.si, &dockvpn, "dave", None);
+    let client = OpenvpnClient::start(&chain.right_host, &profile, &["--reneg-sec", "5"]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_traffic_across_renegotiations(&chain, &dockvpn, &client, 16, 2);
+    // The client logs the PUSH_REPLY it got: without tls-ekm it derives with the PRF.
+    let log = client.log();
+    assert!(log.contains("PUSH_REPLY"), "{log}");
+    assert!(!log.contains("tls-ekm"), "the client used tls-ekm:\n{log}");
+}
+
+#[test]
+fn old_profiles_with_comp_lzo_or_compress_pass_traffic_uncompressed() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let profile = issue_profile(&chain.si, &dockvpn, "erin", None);
+    let variants: [&[&str]; 8] = [
+        &["--comp-lzo"],
+        &["--comp-lzo", "no"],
+        &["--compress"],
+        &["--compress", "lz4"],
+        &["--compress", "lz4-v2"],
+        &["--compress", "stub-v2"],
+        // Clients that would compress what they send: the pushed stub stops them.
+        &["--allow-compression", "yes", "--comp-lzo"],
+        &["--allow-compression", "yes", "--compress", "lz4-v2"],
+    ];
+    for option in variants {
+        let client = OpenvpnClient::start(&chain.right_host, &profile, option);
+        client
+            .wait_connected()
+            .unwrap_or_else(|e| panic!("{option:?}: {e}\nserver:\n{}", dockvpn.log()));
+        let answered = answered_pings(&chain.right_host, 3);
+        let log = client.log();
+        // What the stock client makes of each option, for the record.
+        for line in log.lines().filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("compress") || l.contains("lzo") || l.contains("lz4")
+        }) {
+            eprintln!("{option:?}: {line}");
+        }
+        assert_eq!(
+            answered,
+            3,
+            "{option:?}\nclient:\n{log}\nserver:\n{}",
+            dockvpn.log()
+        );
+    }
+    let status = status_json(&chain.si, &dockvpn);
+    assert_eq!(
+        status["vpn"]["dropped"]["compressed_data"], 0,
+        "nothing compressed: {}",
+        status["vpn"]["dropped"]
+    );
+    // One warning for the one client, however often it reconnected.
+    let server_log = dockvpn.log();
+    assert_eq!(
+        server_log
+            .matches("remove the option from the profile")
+            .count(),
+        1,
+        "{server_log}"
+    );
 }

@@ -30,6 +30,8 @@ pub const PING_MAGIC: [u8; 16] = [
 pub const OCC_MAGIC: [u8; 16] = [
     0x28, 0x7f, 0x34, 0x6b, 0xd4, 0xef, 0x7a, 0x81, 0x2d, 0x56, 0xb8, 0xd3, 0xaf, 0xc5, 0x45, 0x9c,
 ];
+pub const OCC_REQUEST: u8 = 0;
+pub const OCC_REPLY: u8 = 1;
 pub const OCC_EXIT: u8 = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use super::data::{Cipher, DataChannel, KEY_MATERIAL_LEN, PING_MAGIC};
-use super::keymethod;
+use super::data::{
+    Cipher, DataChannel, KEY_MATERIAL_LEN, OCC_MAGIC, OCC_REPLY, OCC_REQUEST, PING_MAGIC,
+};
+use super::keymethod::{self, ClientKeySource};
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTROL_PACKET};
 use super::reliable::Reliable;
-use super::server::{push_messages, EngineConfig, Event, Output, Server};
+use super::server::{push_messages, Admission, EngineConfig, Event, Output, Server};
+use super::session::{DataKeys, KeyDerivation, OPTIONS_STRING};
 use super::tls_crypt::{StaticKey, TlsCrypt, WrapState};
 use crate::pki::{Pki, SERVER_NAME};
 use ipnet::Ipv4Net;
@@ -74,6 +77,7 @@ fn engine_config(pki: &Pki) -> EngineConfig {
         reneg_after: None,
         transition_window: Duration::from_secs(60),
         tls_crypt: None,
+        key_derivation: None,
     }
 }
 
@@ -102,13 +106,19 @@ struct TestClient {
     data_key_id: Option<u8>,
     /// The key before the last renegotiation.
     previous_data: Option<DataChannel>,
-    ciphers: &'static str,
     /// With tls-crypt: the client's keys and its wrap state.
     tls_crypt: Option<(TlsCrypt, WrapState)>,
     /// Where the server sees its datagrams come from.
     peer: SocketAddr,
     /// tls-crypt packets dropped as replays (a stock client drops them too).
     replayed: u32,
+    /// What the client says about itself in key-method 2.
+    options: &'static str,
+    peer_info: String,
+    /// The server's key-method 2 randoms on the current key.
+    server_random: Option<[u8; keymethod::SERVER_RANDOM_LEN]>,
+    /// The push reply left out tls-ekm: keys come from the PRF.
+    prf: bool,
 }
 
 impl TestClient {
@@ -147,10 +157,13 @@ impl TestClient {
             data: None,
             data_key_id: None,
             previous_data: None,
-            ciphers,
             tls_crypt: None,
             peer: CLIENT_ADDRESS.parse().unwrap(),
             replayed: 0,
+            options: "V4,dev-type tun,tls-client",
+            peer_info: format!("IV_VER=2.6.14\nIV_PROTO=142\nIV_CIPHERS={ciphers}\n"),
+            server_random: None,
+            prf: false,
         }
     }
 
@@ -163,6 +176,7 @@ impl TestClient {
         self.tls_started = false;
         self.key_sent = false;
         self.plaintext.clear();
+        self.server_random = None;
     }
 
     fn datagrams(&mut self, now: Instant) -> Vec<Vec<u8>> {
@@ -227,13 +241,9 @@ impl TestClient {
             }
         }
         if self.tls_started && !self.tls.is_handshaking() && !self.key_sent {
-            let peer_info = format!("IV_VER=2.6.14\nIV_PROTO=142\nIV_CIPHERS={}\n", self.ciphers);
             self.tls
                 .writer()
-                .write_all(&keymethod::client_message(
-                    "V4,dev-type tun,tls-client",
-                    &peer_info,
-                ))
+                .write_all(&keymethod::client_message(self.options, &self.peer_info))
                 .unwrap();
             if self.key_id == 0 {
                 self.tls.writer().write_all(b"PUSH_REQUEST\0").unwrap();
@@ -247,9 +257,16 @@ impl TestClient {
             }
             self.plaintext.extend_from_slice(&chunk[..n]);
         }
+        // The server's key-method 2 message: zero, key method, random1 and random2.
+        let randoms = 5..5 + keymethod::SERVER_RANDOM_LEN;
+        if self.server_random.is_none() && self.plaintext.len() >= randoms.end {
+            self.server_random = Some(self.plaintext[randoms].try_into().unwrap());
+        }
         if let (Some((cipher, peer_id)), true) = (self.pushed, self.key_id > 0) {
             // The server's key-method reply on a renegotiated key: derive its keys.
-            if self.key_sent && !self.plaintext.is_empty() && self.data_key_id != Some(self.key_id)
+            if self.key_sent
+                && self.server_random.is_some()
+                && self.data_key_id != Some(self.key_id)
             {
                 let data =
                     DataChannel::new(cipher, &self.key_material(), false, self.key_id, peer_id);
@@ -272,6 +289,7 @@ impl TestClient {
             };
             let cipher = Cipher::from_name(&option("cipher ").unwrap()).unwrap();
             let peer_id: u32 = option("peer-id ").unwrap().parse().unwrap();
+            self.prf = !reply.contains("tls-ekm");
             self.data = Some(DataChannel::new(
                 cipher,
                 &self.key_material(),
@@ -296,6 +314,18 @@ impl TestClient {
 
 impl TestClient {
     fn key_material(&self) -> [u8; KEY_MATERIAL_LEN] {
+        if self.prf {
+            // `keymethod::client_message` sends this key source.
+            let source = ClientKeySource::from_bytes(&[7; keymethod::CLIENT_KEY_SOURCE_LEN]);
+            let server_random = self.server_random.expect("the server's key-method message");
+            let server_session = self.server_session.expect("the server's session id");
+            return super::prf::key_material(
+                &source,
+                &server_random,
+                self.session_id,
+                server_session,
+            );
+        }
         let mut material = [0u8; KEY_MATERIAL_LEN];
         self.tls
             .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
@@ -502,24 +532,8 @@ fn an_unregistered_client_gets_auth_failed_and_no_data_channel() {
         .unwrap();
     let mut server = Server::new(engine_config(&test.pki));
     let mut client = TestClient::new(&test.pki, "carol", "AES-256-GCM");
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
-    let now = Instant::now();
-    let mut disconnected = None;
-    for _ in 0..20 {
-        for datagram in client.datagrams(now) {
-            server.handle_datagram(now, peer, &datagram);
-        }
-        while let Some(output) = server.poll_output() {
-            match output {
-                Output::Transmit { datagram, .. } => client.receive(&datagram),
-                Output::Event(Event::Disconnected { reason, .. }) => disconnected = Some(reason),
-                _ => {}
-            }
-        }
-    }
-    assert!(client.data.is_none());
-    assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
-    assert!(disconnected.unwrap().contains("no client named \"carol\""));
+    let reason = refusal(&mut server, &mut client);
+    assert!(reason.contains("no client named \"carol\""), "{reason}");
     assert_eq!(server.session_count(), 0);
 }
 
@@ -837,27 +851,36 @@ fn keepalives_go_out_and_a_silent_client_is_reaped_after_ping_restart() {
 fn push_reply_variants() {
     let test = TestPki::new("push");
     let mut config = engine_config(&test.pki);
-    let address = Ipv4Addr::new(10, 8, 0, 7);
-    let old_client = push_messages(
-        &config,
-        &Default::default(),
-        address,
-        3,
-        Cipher::Aes128Gcm,
-        false,
-    );
+    let mut admission = Admission {
+        address: Ipv4Addr::new(10, 8, 0, 7),
+        keys: DataKeys {
+            cipher: Cipher::Aes128Gcm,
+            derivation: KeyDerivation::TlsEkm,
+        },
+        cc_exit: false,
+        compression: None,
+    };
+    let old_client = push_messages(&config, &Default::default(), 3, &admission);
     assert_eq!(old_client.len(), 1);
     assert!(
         old_client[0].contains(",key-derivation tls-ekm"),
         "{old_client:?}"
     );
     assert!(!old_client[0].contains("protocol-flags"));
+    // On the PRF path nothing names tls-ekm, so the client derives with the PRF.
+    admission.keys.derivation = KeyDerivation::Prf;
+    let prf = push_messages(&config, &Default::default(), 3, &admission);
+    assert!(!prf[0].contains("tls-ekm"), "{prf:?}");
+    admission.cc_exit = true;
+    let prf = push_messages(&config, &Default::default(), 3, &admission);
+    assert!(prf[0].ends_with(",protocol-flags cc-exit"), "{prf:?}");
+    admission.keys.derivation = KeyDerivation::TlsEkm;
 
     config.redirect_gateway = true;
     let routes = (0..=255u8)
         .map(|i| Ipv4Net::new(Ipv4Addr::new(172, 16, i, 0), 24).unwrap())
         .collect();
-    let messages = push_messages(&config, &routes, address, 3, Cipher::Aes256Gcm, true);
+    let messages = push_messages(&config, &routes, 3, &admission);
     assert!(messages.len() > 1);
     for (i, message) in messages.iter().enumerate() {
         assert!(
@@ -1176,4 +1199,204 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
     server.handle_datagram(now, bob.peer, &exit);
     let connected: Vec<String> = server.connected().into_iter().map(|c| c.name).collect();
     assert_eq!(connected, ["bob"]);
+}
+
+/// Runs a client that the server refuses to the end; the reason the server gives.
+fn refusal(server: &mut Server, client: &mut TestClient) -> String {
+    let now = Instant::now();
+    let mut disconnected = None;
+    for _ in 0..20 {
+        for datagram in client.datagrams(now) {
+            server.handle_datagram(now, client.peer, &datagram);
+        }
+        while let Some(output) = server.poll_output() {
+            match output {
+                Output::Transmit { datagram, .. } => client.receive(&datagram),
+                Output::Event(Event::Disconnected { reason, .. }) => disconnected = Some(reason),
+                _ => {}
+            }
+        }
+    }
+    assert!(client.data.is_none());
+    assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
+    disconnected.expect("the session ended")
+}
+
+#[test]
+fn with_key_derivation_prf_a_2_6_client_gets_prf_keys_and_renegotiates_on_them() {
+    let test = TestPki::new("prf");
+    let mut config = engine_config(&test.pki);
+    config.key_derivation = Some(KeyDerivation::Prf);
+    let (mut server, address) = test.server_with_client_and_config("grace", config);
+    let mut client = TestClient::new(&test.pki, "grace", "AES-256-GCM");
+    let start = Instant::now();
+    let mut now = start + connect(&mut server, &mut client, hostile, start);
+    let reply = client.push_reply.clone().unwrap();
+    assert!(!reply.contains("tls-ekm"), "{reply}");
+    assert!(client.prf);
+    // Data only flows when both sides derived the same PRF keys.
+    flush_client(&mut server, &mut client, now);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+    // Each renegotiation brings new randoms, hence new keys.
+    for expected in [1, 2] {
+        let previous_random = client.server_random;
+        client.renegotiate();
+        now = run_until(&mut server, &mut client, hostile, now, |c| {
+            c.data_key_id == Some(c.key_id)
+        });
+        assert_ne!(client.server_random, previous_random);
+        flush_client(&mut server, &mut client, now);
+        assert_eq!(client.key_id, expected);
+        assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+        now += Duration::from_secs(1);
+    }
+    assert_eq!(server.connected()[0].renegotiations, 2);
+}
+
+#[test]
+fn a_2_4_client_without_tls_ekm_or_a_cipher_list_gets_aes_256_gcm_on_prf_keys() {
+    let test = TestPki::new("v24");
+    let (mut server, address) = test.server_with_client("heidi");
+    let mut client = TestClient::new(&test.pki, "heidi", "");
+    // OpenVPN 2.4's peer info: DATA_V2 and REQUEST_PUSH, NCP without IV_CIPHERS.
+    client.peer_info = "IV_VER=2.4.12\nIV_PROTO=6\nIV_NCP=2\nIV_COMP_STUBv2=1\n".into();
+    let now = Instant::now();
+    connect(&mut server, &mut client, perfect, now);
+    let reply = client.push_reply.clone().unwrap();
+    assert!(reply.contains(",cipher AES-256-GCM"), "{reply}");
+    assert!(!reply.contains("tls-ekm"), "{reply}");
+    flush_client(&mut server, &mut client, now);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+}
+
+#[test]
+fn clients_the_server_cannot_serve_get_auth_failed_naming_the_fix() {
+    let test = TestPki::new("refusals");
+    let record = test
+        .pki
+        .add_client("ivan", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    let clients = HashMap::from([("ivan".to_owned(), record.address)]);
+    let cases: [(Option<KeyDerivation>, &str, &str); 3] = [
+        // OpenVPN 2.3: no DATA_V2.
+        (
+            None,
+            "IV_VER=2.3.18\nIV_NCP=2\n",
+            "use OpenVPN 2.4 or later",
+        ),
+        // No cipher negotiation at all.
+        (None, "IV_VER=2.4.0\nIV_PROTO=2\n", "data-ciphers"),
+        // tls-ekm required, the client has none.
+        (
+            Some(KeyDerivation::TlsEkm),
+            "IV_VER=2.5.9\nIV_PROTO=6\nIV_CIPHERS=AES-256-GCM\n",
+            "--key-derivation",
+        ),
+    ];
+    for (key_derivation, peer_info, fix) in cases {
+        let mut config = engine_config(&test.pki);
+        config.key_derivation = key_derivation;
+        let mut server = Server::new(config);
+        server.set_clients(clients.clone());
+        let mut client = TestClient::new(&test.pki, "ivan", "");
+        client.peer_info = peer_info.into();
+        let reason = refusal(&mut server, &mut client);
+        assert!(reason.contains(fix), "{peer_info:?}: {reason}");
+    }
+}
+
+/// A connected client whose profile has a compression option, with these peer-info lines.
+fn compressing_client(
+    test: &TestPki,
+    name: &str,
+    peer_info: &str,
+) -> (Server, TestClient, Ipv4Addr) {
+    let (mut server, address) = test.server_with_client(name);
+    let mut client = TestClient::new(&test.pki, name, "AES-256-GCM");
+    client.options = "V4,dev-type tun,link-mtu 1550,tun-mtu 1500,proto UDPv4,comp-lzo,tls-client";
+    client.peer_info = format!("IV_VER=2.6.14\nIV_PROTO=990\nIV_CIPHERS=AES-256-GCM\n{peer_info}");
+    let now = Instant::now();
+    connect(&mut server, &mut client, perfect, now);
+    flush_client(&mut server, &mut client, now);
+    (server, client, address)
+}
+
+#[test]
+fn a_compression_profile_with_stub_v2_gets_it_pushed_and_compressed_packets_are_dropped() {
+    let test = TestPki::new("stub-v2");
+    let (mut server, mut client, address) = compressing_client(
+        &test,
+        "judy",
+        "IV_LZO_STUB=1\nIV_COMP_STUB=1\nIV_COMP_STUBv2=1\n",
+    );
+    let reply = client.push_reply.clone().unwrap();
+    assert!(reply.ends_with(",compress stub-v2"), "{reply}");
+    let now = Instant::now();
+    // stub-v2 leaves IP packets as they are, both ways.
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+    // A packet the client compressed anyway (0x50, algorithm 1: LZ4) is dropped, counted.
+    let compressed = client
+        .data
+        .as_mut()
+        .unwrap()
+        .seal(&[0x50, 1, 9, 9, 9])
+        .unwrap();
+    server.handle_datagram(now, client.peer, &compressed);
+    assert!(tun_packets(&mut server).is_empty());
+    assert_eq!(server.counters.compressed_data, 1);
+    assert_eq!(server.connected().len(), 1, "the client stays");
+}
+
+#[test]
+fn a_comp_lzo_profile_without_stub_v2_keeps_its_framing_byte_both_ways() {
+    let test = TestPki::new("comp-lzo");
+    let (mut server, mut client, address) = compressing_client(&test, "ken", "IV_LZO_STUB=1\n");
+    let reply = client.push_reply.clone().unwrap();
+    assert!(reply.ends_with(",comp-lzo no"), "{reply}");
+    let now = Instant::now();
+    let left_host = Ipv4Addr::new(192, 168, 10, 2);
+    let upstream = ipv4_packet(address, left_host);
+    let framed = [&[0xfa], &upstream[..]].concat();
+    let sealed = client.data.as_mut().unwrap().seal(&framed).unwrap();
+    server.handle_datagram(now, client.peer, &sealed);
+    assert_eq!(tun_packets(&mut server), vec![upstream]);
+    let downstream = ipv4_packet(left_host, address);
+    server.handle_tun_packet(now, &downstream);
+    let Some(Output::Transmit { datagram, .. }) = server.poll_output() else {
+        panic!("nothing sent to the client");
+    };
+    let opened = client.data.as_mut().unwrap().open(&datagram).unwrap();
+    assert_eq!(opened, [&[0xfa], &downstream[..]].concat());
+    // LZO-compressed (0x66) is dropped, counted.
+    let compressed = client.data.as_mut().unwrap().seal(&[0x66, 1, 2]).unwrap();
+    server.handle_datagram(now, client.peer, &compressed);
+    assert!(tun_packets(&mut server).is_empty());
+    assert_eq!(server.counters.compressed_data, 1);
+}
+
+#[test]
+fn an_occ_request_is_answered_with_the_options_string() {
+    let test = TestPki::new("occ");
+    let (mut server, _) = test.server_with_client("leo");
+    let mut client = TestClient::new(&test.pki, "leo", "AES-256-GCM");
+    let now = Instant::now();
+    connect(&mut server, &mut client, perfect, now);
+    flush_client(&mut server, &mut client, now);
+    while server.poll_output().is_some() {}
+    let request = [&OCC_MAGIC[..], &[OCC_REQUEST]].concat();
+    let sealed = client.data.as_mut().unwrap().seal(&request).unwrap();
+    server.handle_datagram(now, client.peer, &sealed);
+    let Some(Output::Transmit { datagram, .. }) = server.poll_output() else {
+        panic!("no OCC reply");
+    };
+    let reply = client.data.as_mut().unwrap().open(&datagram).unwrap();
+    let expected = [
+        &OCC_MAGIC[..],
+        &[OCC_REPLY],
+        OPTIONS_STRING.as_bytes(),
+        &[0],
+    ]
+    .concat();
+    assert_eq!(reply, expected);
+    assert!(tun_packets(&mut server).is_empty());
 }

@@ -1,13 +1,13 @@
 //! The key-method 2 exchange inside TLS: after the handshake the client sends its key
 //! source, options string, (empty) username/password and peer info; the server answers with
 //! its own random halves and a non-empty options string. With `tls-ekm` the data-channel
-//! keys come from the TLS exporter, so the key source is only read past.
+//! keys come from the TLS exporter; otherwise from both sides' key sources (`prf.rs`).
 
 use thiserror::Error;
 
 const KEY_METHOD_2: u8 = 2;
 /// pre_master (48) + random1 (32) + random2 (32), client side.
-const CLIENT_KEY_SOURCE_LEN: usize = 48 + 32 + 32;
+pub const CLIENT_KEY_SOURCE_LEN: usize = 48 + 32 + 32;
 /// The server's random1 + random2.
 pub const SERVER_RANDOM_LEN: usize = 64;
 /// Longest string field we accept (OpenVPN's options limit is 2048 bytes).
@@ -33,8 +33,45 @@ pub enum KeyMethodError {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientKeyMessage {
+    pub key_source: ClientKeySource,
     pub options: String,
     pub peer_info: PeerInfo,
+}
+
+/// The client's key source: pre_master (48), random1 (32), random2 (32).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientKeySource([u8; CLIENT_KEY_SOURCE_LEN]);
+
+impl ClientKeySource {
+    #[cfg(test)]
+    pub fn from_bytes(bytes: &[u8; CLIENT_KEY_SOURCE_LEN]) -> ClientKeySource {
+        ClientKeySource(*bytes)
+    }
+
+    pub fn pre_master(&self) -> &[u8] {
+        &self.0[..48]
+    }
+
+    pub fn random1(&self) -> &[u8] {
+        &self.0[48..80]
+    }
+
+    pub fn random2(&self) -> &[u8] {
+        &self.0[80..]
+    }
+}
+
+impl Default for ClientKeySource {
+    fn default() -> ClientKeySource {
+        ClientKeySource([0; CLIENT_KEY_SOURCE_LEN])
+    }
+}
+
+/// Secret: never printed.
+impl std::fmt::Debug for ClientKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientKeySource(..)")
+    }
 }
 
 /// `KEY=value` lines the client sends about itself.
@@ -123,9 +160,11 @@ pub fn parse_client_message(plaintext: &[u8]) -> Result<(ClientKeyMessage, usize
     if method & 0x0f != KEY_METHOD_2 {
         return Err(KeyMethodError::UnsupportedKeyMethod(method));
     }
-    reader.take(CLIENT_KEY_SOURCE_LEN)?;
+    let key_source = reader.take(CLIENT_KEY_SOURCE_LEN)?;
+    let key_source = ClientKeySource(key_source.try_into().expect("taken to length"));
     let options = reader.string("options")?;
     let mut message = ClientKeyMessage {
+        key_source,
         options,
         ..ClientKeyMessage::default()
     };

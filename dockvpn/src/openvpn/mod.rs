@@ -2,11 +2,13 @@
 //! is fed datagrams, tun packets and time and returns datagrams, tun packets and events.
 
 pub mod cookie;
+pub mod compression;
 pub mod data;
 #[cfg(test)]
 mod engine_tests;
 pub mod keymethod;
 pub mod packet;
+pub mod prf;
 pub mod reliable;
 pub mod server;
 pub mod session;

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
+use super::compression::{Framing, Unframed};
 use super::cookie::{echoed_session, reset_reply, SessionCookies};
-use super::data::{classify, Cipher, DataError, Payload, OCC_EXIT, PING_MAGIC};
+use super::data::{
+    classify, Cipher, DataError, Payload, OCC_EXIT, OCC_MAGIC, OCC_REPLY, OCC_REQUEST, PING_MAGIC,
+};
 use super::keymethod::{
-    PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
+    ClientKeyMessage, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
-use super::session::Session;
+use super::session::{DataKeys, KeyDerivation, Session, OPTIONS_STRING};
 use super::tls_crypt::{TlsCrypt, WrapState};
 use vnf_core::clock::WallClock;
 
@@ -45,6 +48,9 @@ pub struct EngineConfig {
     pub transition_window: Duration,
     /// Wrap every control packet with this key (tls-crypt); None: plain control channel.
     pub tls_crypt: Option<Arc<TlsCrypt>>,
+    /// How every client's data keys are derived; None: tls-ekm when the client offers it,
+    /// else the PRF.
+    pub key_derivation: Option<KeyDerivation>,
 }
 
 impl EngineConfig {
@@ -97,6 +103,9 @@ pub struct Counters {
     /// Out-of-order control messages past a session's reassembly budget (the peer resends).
     #[serde(default)]
     pub reassembly_over_budget: u64,
+    /// Data payloads a client compressed although the stub we pushed says not to.
+    #[serde(default)]
+    pub compressed_data: u64,
 }
 
 /// The non-zero counters as `name=n`, for logs and `status`.
@@ -127,6 +136,7 @@ impl Counters {
             + self.unauthenticated_control
             + self.replayed_control
             + self.reassembly_over_budget
+            + self.compressed_data
     }
 }
 
@@ -165,6 +175,8 @@ pub struct Server {
     clock: WallClock,
     /// Server session ids for clients that have not echoed one yet (no state per client).
     cookies: SessionCookies,
+    /// Clients already told that their profile should drop its compression option.
+    warned_compression: BTreeSet<String>,
 }
 
 impl Server {
@@ -183,6 +195,7 @@ impl Server {
             last_drop: None,
             clock: WallClock::now(),
             cookies: SessionCookies::new(Instant::now()),
+            warned_compression: BTreeSet::new(),
         }
     }
 
@@ -260,7 +273,7 @@ impl Server {
                     name: s.name.clone()?,
                     address: s.address?,
                     peer: s.peer,
-                    cipher: s.cipher?,
+                    cipher: s.keys?.cipher,
                     connected_at: s.connected_at?,
                     bytes_in: s.bytes_in,
                     bytes_out: s.bytes_out,
@@ -477,9 +490,7 @@ impl Server {
         let (Some(name), Some(client)) = (session.name.clone(), session.client.as_ref()) else {
             return;
         };
-        let peer_info = &client.peer_info;
-        let admission = admit(&self.clients, &self.config, &name, peer_info);
-        let (address, cipher) = match admission {
+        let admission = match admit(&self.clients, &self.config, &name, client) {
             Ok(admitted) => admitted,
             Err(reason) => {
                 session.send_text(&format!("AUTH_FAILED,{reason}"));
@@ -487,19 +498,24 @@ impl Server {
                 return;
             }
         };
-        let cc_exit = peer_info.proto() & IV_PROTO_CC_EXIT_NOTIFY != 0;
-        if let Err(reason) = session.start_data_channel(cipher, now) {
+        let first_warning = !self.warned_compression.contains(&name);
+        if let (Some((_, option)), true) = (admission.compression, first_warning) {
+            self.warned_compression.insert(name.clone());
+            tracing::warn!(
+                client = %name,
+                pushed = option,
+                "the client's profile configures compression (comp-lzo or compress); Dockvpn never compresses: remove the option from the profile"
+            );
+        }
+        let (address, cipher) = (admission.address, admission.keys.cipher);
+        if let Err(reason) = session.start_data_channel(admission.keys, now) {
             return session.close(reason);
         }
         session.address = Some(address);
-        for message in push_messages(
-            &self.config,
-            &self.routes,
-            address,
-            session.peer_id,
-            cipher,
-            cc_exit,
-        ) {
+        session.framing = admission
+            .compression
+            .map_or(Framing::None, |(framing, _)| framing);
+        for message in push_messages(&self.config, &self.routes, session.peer_id, &admission) {
             session.send_text(&message);
         }
         if let Some(previous) = self.by_address.insert(address, from) {
@@ -534,7 +550,11 @@ impl Server {
             return self.drop_input(|c| &mut c.unknown_session, why);
         };
         let plaintext = match session.open(key_id, datagram) {
-            Ok(plaintext) => plaintext,
+            Ok(Unframed::Plain(plaintext)) => plaintext,
+            Ok(Unframed::Compressed(byte)) => {
+                let why = format!("from {from}: compressed data (framing byte {byte:#04x}); the client must drop comp-lzo/compress from its profile");
+                return self.drop_input(|c| &mut c.compressed_data, why);
+            }
             Err(DataError::Replayed(id)) => {
                 let why = format!("from {from}: replayed data packet id {id}");
                 return self.drop_input(|c| &mut c.replayed_data, why);
@@ -560,6 +580,16 @@ impl Server {
         match classify(&plaintext) {
             Payload::Ping => {}
             Payload::Occ(OCC_EXIT) => session.close("the client exited"),
+            Payload::Occ(OCC_REQUEST) => {
+                let reply = [
+                    &OCC_MAGIC[..],
+                    &[OCC_REPLY],
+                    OPTIONS_STRING.as_bytes(),
+                    &[0],
+                ]
+                .concat();
+                self.send_data(now, at, &reply);
+            }
             Payload::Occ(_) => {}
             Payload::Ip(packet) if packet.first().is_some_and(|b| b >> 4 == 6) => {
                 // The client's tun solicits routers over IPv6 now and then: not an attack,
@@ -770,13 +800,24 @@ fn renegotiation_due(config: &EngineConfig, session: &Session) -> Option<Instant
     config.reneg_after.map(|after| established + after)
 }
 
-/// The client's address and data cipher, or why it may not connect.
+/// What a client gets when it may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub address: Ipv4Addr,
+    pub keys: DataKeys,
+    /// The client announced explicit-exit over the control channel.
+    pub cc_exit: bool,
+    /// The framing its compression option makes it use and the stub pushed to keep it so.
+    pub compression: Option<(Framing, &'static str)>,
+}
+
+/// What the client gets, or why it may not connect.
 fn admit(
     clients: &HashMap<String, Ipv4Addr>,
     config: &EngineConfig,
     name: &str,
-    peer_info: &PeerInfo,
-) -> Result<(Ipv4Addr, Cipher), String> {
+    client: &ClientKeyMessage,
+) -> Result<Admission, String> {
     let address = *clients
         .get(name)
         .ok_or_else(|| format!("no client named {name:?} (dockvpn client add {name})"))?;
@@ -786,11 +827,28 @@ fn admit(
             config.pool
         ));
     }
+    let peer_info = &client.peer_info;
     let proto = peer_info.proto();
-    if proto & IV_PROTO_TLS_KEY_EXPORT == 0 || proto & IV_PROTO_DATA_V2 == 0 {
-        return Err("the client must support tls-ekm and DATA_V2 (OpenVPN 2.6 or later)".into());
+    if proto & IV_PROTO_DATA_V2 == 0 {
+        let version = peer_info.get("IV_VER").unwrap_or("unknown");
+        return Err(format!(
+            "the client (IV_VER {version}) does not support DATA_V2 packets: use OpenVPN 2.4 or later"
+        ));
     }
-    let offered = peer_info.ciphers();
+    let offers_tls_ekm = proto & IV_PROTO_TLS_KEY_EXPORT != 0;
+    let derivation = match config.key_derivation {
+        Some(KeyDerivation::TlsEkm) if !offers_tls_ekm => {
+            return Err("the server requires tls-ekm key derivation (--key-derivation tls-ekm): use OpenVPN 2.6 or later, or run the server with --key-derivation auto".into())
+        }
+        Some(derivation) => derivation,
+        None if offers_tls_ekm => KeyDerivation::TlsEkm,
+        None => KeyDerivation::Prf,
+    };
+    let mut offered = peer_info.ciphers();
+    if offered.is_empty() && peer_info.get("IV_NCP") == Some("2") {
+        // OpenVPN 2.4 announces cipher negotiation without a list: it takes either AES-GCM.
+        offered = vec![Cipher::Aes256Gcm.name(), Cipher::Aes128Gcm.name()];
+    }
     let cipher = config
         .ciphers
         .iter()
@@ -798,13 +856,22 @@ fn admit(
         .find(|c| offered.iter().any(|o| o.eq_ignore_ascii_case(c.name())))
         .ok_or_else(|| {
             let ours: Vec<&str> = config.ciphers.iter().map(|c| c.name()).collect();
+            let offered = if offered.is_empty() {
+                "none (no IV_CIPHERS, no IV_NCP=2)".to_owned()
+            } else {
+                offered.join(":")
+            };
             format!(
-                "no common data cipher (client offers {}, server allows {})",
-                offered.join(":"),
+                "no common data cipher (client offers {offered}, server allows {}): add one of the server's to the client's data-ciphers, or to the server's --data-ciphers",
                 ours.join(":")
             )
         })?;
-    Ok((address, cipher))
+    Ok(Admission {
+        address,
+        keys: DataKeys { cipher, derivation },
+        cc_exit: proto & IV_PROTO_CC_EXIT_NOTIFY != 0,
+        compression: Framing::for_client(&client.options, peer_info),
+    })
 }
 
 /// The PUSH_REPLY message(s): one unless the options exceed the bundle size, then several
@@ -812,11 +879,11 @@ fn admit(
 pub fn push_messages(
     config: &EngineConfig,
     routes: &BTreeSet<Ipv4Net>,
-    address: Ipv4Addr,
     peer_id: u32,
-    cipher: Cipher,
-    cc_exit: bool,
+    admission: &Admission,
 ) -> Vec<String> {
+    let address = admission.address;
+    let tls_ekm = admission.keys.derivation == KeyDerivation::TlsEkm;
     let mut options = vec![
         format!("route-gateway {}", config.server_address()),
         "topology subnet".to_owned(),
@@ -824,13 +891,18 @@ pub fn push_messages(
         format!("ping-restart {}", config.ping_restart.as_secs()),
         format!("ifconfig {address} {}", config.pool.netmask()),
         format!("peer-id {peer_id}"),
-        format!("cipher {}", cipher.name()),
-        if cc_exit {
-            "protocol-flags cc-exit tls-ekm".to_owned()
-        } else {
-            "key-derivation tls-ekm".to_owned()
-        },
+        format!("cipher {}", admission.keys.cipher.name()),
     ];
+    // Without tls-ekm pushed, the client derives its keys with the PRF.
+    match (admission.cc_exit, tls_ekm) {
+        (true, true) => options.push("protocol-flags cc-exit tls-ekm".to_owned()),
+        (true, false) => options.push("protocol-flags cc-exit".to_owned()),
+        (false, true) => options.push("key-derivation tls-ekm".to_owned()),
+        (false, false) => {}
+    }
+    if let Some((_, stub)) = admission.compression {
+        options.push(stub.to_owned());
+    }
     if config.redirect_gateway {
         options.push("redirect-gateway def1".to_owned());
     }

@@ -13,14 +13,16 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use rustls::ServerConnection;
 
+use super::compression::{Framing, Unframed};
 use super::data::{Cipher, DataChannel, DataError, KEY_MATERIAL_LEN};
-use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
+use super::keymethod::{self, ClientKeyMessage, ClientKeySource, KeyMethodError};
 use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::{Received, Reliable};
 use super::tls_crypt::WrapState;
 
-/// The options string sent in key-method 2; clients only compare it and warn on differences.
-const OPTIONS_STRING: &str =
+/// The options string sent in key-method 2 and in OCC replies; clients only compare it and
+/// warn on differences.
+pub const OPTIONS_STRING: &str =
     "V4,dev-type tun,link-mtu 1521,tun-mtu 1500,proto UDPv4,auth [null-digest],keysize 256,key-method 2,tls-server";
 
 /// More unread control plaintext than this from one client ends the session.
@@ -37,6 +39,15 @@ pub fn next_key_id(key_id: u8) -> u8 {
         0 => 1,
         next => next,
     }
+}
+
+/// Where a key's data-channel material comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDerivation {
+    /// The TLS exporter (OpenVPN 2.6 and later).
+    TlsEkm,
+    /// OpenVPN's TLS 1.0 PRF over the key-method 2 randoms (OpenVPN 2.4 and 2.5).
+    Prf,
 }
 
 /// What the server must do after a control packet.
@@ -58,6 +69,9 @@ struct KeySlot {
     handshake_input: usize,
     /// The client's key-method 2 message has arrived on this key.
     key_exchanged: bool,
+    /// Both sides' key-method 2 randoms, for the PRF.
+    client_key_source: ClientKeySource,
+    server_random: [u8; keymethod::SERVER_RANDOM_LEN],
     /// The certificate's common name, once this key's handshake is done.
     name: Option<String>,
     data: Option<DataChannel>,
@@ -85,6 +99,8 @@ impl KeySlot {
             plaintext: Vec::new(),
             handshake_input: 0,
             key_exchanged: false,
+            client_key_source: ClientKeySource::default(),
+            server_random: [0; keymethod::SERVER_RANDOM_LEN],
             name: None,
             data: None,
             established: None,
@@ -180,17 +196,32 @@ impl KeySlot {
         self.reliable.send_tls(&ciphertext);
     }
 
-    /// Derives this key's data channel from its TLS session (`tls-ekm`).
+    /// Derives this key's data channel, from its TLS session (`tls-ekm`) or from the
+    /// key-method 2 randoms (PRF).
     fn derive_data_channel(
         &mut self,
-        cipher: Cipher,
+        keys: DataKeys,
+        ids: (SessionId, SessionId),
         peer_id: u32,
         now: Instant,
     ) -> Result<(), String> {
-        let mut material = [0u8; KEY_MATERIAL_LEN];
-        self.tls
-            .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
-            .map_err(|error| format!("TLS exporter: {error}"))?;
+        let (local, remote) = ids;
+        let material = match keys.derivation {
+            KeyDerivation::TlsEkm => {
+                let mut material = [0u8; KEY_MATERIAL_LEN];
+                self.tls
+                    .export_keying_material(&mut material, super::data::EXPORTER_LABEL, None)
+                    .map_err(|error| format!("TLS exporter: {error}"))?;
+                material
+            }
+            KeyDerivation::Prf => super::prf::key_material(
+                &self.client_key_source,
+                &self.server_random,
+                remote,
+                local,
+            ),
+        };
+        let cipher = keys.cipher;
         self.data = Some(DataChannel::new(
             cipher,
             &material,
@@ -210,6 +241,13 @@ struct LameDuck {
     expires: Instant,
 }
 
+/// How a session's data keys are made, fixed when it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataKeys {
+    pub cipher: Cipher,
+    pub derivation: KeyDerivation,
+}
+
 pub struct Session {
     pub peer: SocketAddr,
     pub local_id: SessionId,
@@ -224,7 +262,9 @@ pub struct Session {
     /// The certificate's common name, once the first handshake is done; every later key
     /// must be negotiated with a certificate of the same name.
     pub name: Option<String>,
-    pub cipher: Option<Cipher>,
+    pub keys: Option<DataKeys>,
+    /// The compression framing the client's profile makes it use (never compressing).
+    pub framing: Framing,
     pub address: Option<Ipv4Addr>,
     pub created: Instant,
     pub connected_at: Option<Instant>,
@@ -261,7 +301,8 @@ impl Session {
             lame_duck: None,
             client: None,
             name: None,
-            cipher: None,
+            keys: None,
+            framing: Framing::None,
             address: None,
             created: now,
             connected_at: None,
@@ -418,13 +459,18 @@ impl Session {
             };
             self.key.plaintext.drain(..used);
             self.key.key_exchanged = true;
-            let mut random = [0u8; keymethod::SERVER_RANDOM_LEN];
-            rand::rng().fill_bytes(&mut random);
-            self.key
-                .send_plaintext(&keymethod::server_message(OPTIONS_STRING, &random))?;
-            match self.cipher {
-                // A renegotiation: the cipher stays, and no second PUSH_REPLY is sent.
-                Some(cipher) => self.key.derive_data_channel(cipher, self.peer_id, now)?,
+            self.key.client_key_source = message.key_source.clone();
+            rand::rng().fill_bytes(&mut self.key.server_random);
+            let reply = keymethod::server_message(OPTIONS_STRING, &self.key.server_random);
+            self.key.send_plaintext(&reply)?;
+            match self.keys {
+                // A renegotiation: cipher and derivation stay, and no second PUSH_REPLY is sent.
+                Some(keys) => self.key.derive_data_channel(
+                    keys,
+                    (self.local_id, self.remote_id),
+                    self.peer_id,
+                    now,
+                )?,
                 None => {
                     // Clients that say so get their configuration at once, without waiting
                     // for the PUSH_REQUEST they would send a second later.
@@ -441,7 +487,7 @@ impl Session {
             let message: Vec<u8> = self.key.plaintext.drain(..=end).collect();
             let text = String::from_utf8_lossy(&message[..end]);
             match text.split(',').next().unwrap_or_default() {
-                "PUSH_REQUEST" => self.push_requested = self.cipher.is_none(),
+                "PUSH_REQUEST" => self.push_requested = self.keys.is_none(),
                 "EXIT" => return Err("the client exited".into()),
                 "" => {}
                 other => {
@@ -453,44 +499,50 @@ impl Session {
     }
 
     /// The first key's data channel, when the client gets its configuration.
-    pub fn start_data_channel(&mut self, cipher: Cipher, now: Instant) -> Result<(), String> {
-        self.key.derive_data_channel(cipher, self.peer_id, now)?;
+    pub fn start_data_channel(&mut self, keys: DataKeys, now: Instant) -> Result<(), String> {
+        let ids = (self.local_id, self.remote_id);
+        self.key.derive_data_channel(keys, ids, self.peer_id, now)?;
         // The PUSH_REPLY going out now tells the client the cipher it derives its keys for.
         self.key.confirmed = true;
-        self.cipher = Some(cipher);
+        self.keys = Some(keys);
         self.connected_at = Some(now);
         self.last_sent = now;
         Ok(())
     }
 
-    /// Seals a data payload with the newest key the client holds.
+    /// Seals a data payload (in the client's compression framing) with the newest key the
+    /// client holds.
     pub fn seal(&mut self, payload: &[u8]) -> Result<Vec<u8>, DataError> {
         let data = if self.key.confirmed {
             self.key.data.as_mut()
         } else {
             self.lame_duck.as_mut().and_then(|l| l.slot.data.as_mut())
         };
-        data.ok_or(DataError::NoKey)?.seal(payload)
+        data.ok_or(DataError::NoKey)?
+            .seal(&self.framing.frame(payload))
     }
 
-    /// Opens a data packet with the key its key id names: the current one or the lame duck.
-    pub fn open(&mut self, key_id: u8, datagram: &[u8]) -> Result<Vec<u8>, DataError> {
-        if self.key.key_id == key_id {
+    /// Opens a data packet with the key its key id names (the current one or the lame
+    /// duck), and takes off the client's compression framing.
+    pub fn open(&mut self, key_id: u8, datagram: &[u8]) -> Result<Unframed, DataError> {
+        let plaintext = if self.key.key_id == key_id {
             let data = self.key.data.as_mut().ok_or(DataError::NoKey)?;
             let plaintext = data.open(datagram)?;
             // The client sends with the new key: it has derived it.
             self.confirm_key();
-            return Ok(plaintext);
-        }
-        match self.lame_duck.as_mut() {
-            Some(lame_duck) if lame_duck.slot.key_id == key_id => lame_duck
-                .slot
-                .data
-                .as_mut()
-                .ok_or(DataError::NoKey)?
-                .open(datagram),
-            _ => Err(DataError::NoKey),
-        }
+            plaintext
+        } else {
+            match self.lame_duck.as_mut() {
+                Some(lame_duck) if lame_duck.slot.key_id == key_id => lame_duck
+                    .slot
+                    .data
+                    .as_mut()
+                    .ok_or(DataError::NoKey)?
+                    .open(datagram)?,
+                _ => return Err(DataError::NoKey),
+            }
+        };
+        Ok(self.framing.unframe(plaintext))
     }
 
     /// The client holds the renegotiated key: the server sends with it from now on.
