@@ -276,7 +276,7 @@ fn replace_inline(profile: &str, tag: &str, content: &str) -> String {
 
 #[test]
 fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
-    let (chain, dockvpn) = vpn_chain(&[]);
+    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "v1"]);
     let profile = issue_profile(&chain.si, &dockvpn, "eve", None);
     // A valid certificate, but a tls-crypt key of its own (the stock tool makes one).
     let key_file = std::env::temp_dir().join(format!("dockvpn-stray-key-{}", std::process::id()));
@@ -313,7 +313,7 @@ fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
 
 #[test]
 fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
-    let (chain, dockvpn) = vpn_chain(&[]);
+    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "v1"]);
     let other_ca = std::env::temp_dir().join(format!("dockvpn-other-ca-{}", std::process::id()));
     let run_other = |args: &[&str]| {
         let output = chain
@@ -328,7 +328,15 @@ fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
     };
     run_other(&["pki", "init"]);
     run_other(&["client", "add", "mallory"]);
-    let profile = run_other(&["client", "config", "mallory", "--remote", "10.0.2.2:1194"]);
+    let profile = run_other(&[
+        "client",
+        "config",
+        "mallory",
+        "--remote",
+        "10.0.2.2:1194",
+        "--tls-crypt",
+        "v1",
+    ]);
     let _ = std::fs::remove_dir_all(&other_ca);
     // Mallory trusts our server (our CA in <ca>) and holds our tls-crypt key (say it leaked),
     // but her certificate comes from another CA.

@@ -1,8 +1,10 @@
 //! The OpenVPN protocol beyond a first connection, with the stock OpenVPN 2.6 client: key
 //! renegotiation (whichever side starts it, the tunnel keeps carrying traffic across every
 //! key change, and no key-id error is logged), the ChaCha20-Poly1305 data channel, and an
-//! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key.
+//! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key, and one from
+//! tls-crypt v1 to v2 that keeps the profiles already handed out working.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
@@ -172,6 +174,38 @@ fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
     );
 }
 
+/// `dockvpn --state-dir STATE ARGS…` in `ns`.
+fn dockvpn_output(ns: &Netns, state: &Path, args: &[&str]) -> std::process::Output {
+    ns.command(binary("dockvpn").to_str().expect("utf-8 path"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run dockvpn")
+}
+
+/// `dockvpn --state-dir STATE ARGS…` in `ns`; its stdout (panics on failure).
+fn dockvpn_cli(ns: &Netns, state: &Path, args: &[&str]) -> String {
+    let output = dockvpn_output(ns, state, args);
+    assert!(output.status.success(), "{args:?}: {}", text(&output));
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// `dockvpn run` on an existing state directory, serving LEFT_HOST_NET.
+fn start_on_state(chain: &Chain, state: &Path, extra: &[&str]) -> Vnf {
+    let mut args = vec![
+        "--state-dir",
+        state.to_str().expect("utf-8 path"),
+        "run",
+        "--left-route",
+        LEFT_HOST_NET,
+    ];
+    args.extend(extra);
+    let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
+    dockvpn.wait_ready();
+    dockvpn
+}
+
 #[test]
 fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
     let chain = Chain::new();
@@ -179,39 +213,16 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
     // Removed on drop, also when an assertion fails.
     let state = StateDir::new();
     let state = state.path();
-    let dockvpn_cli = |args: &[&str]| {
-        let output = chain
-            .si
-            .command(binary("dockvpn").to_str().expect("utf-8 path"))
-            .arg("--state-dir")
-            .arg(state)
-            .args(args)
-            .output()
-            .expect("run dockvpn");
-        assert!(output.status.success(), "{args:?}: {}", text(&output));
-        String::from_utf8(output.stdout).expect("utf-8")
-    };
-    // The state directory as an earlier Dockvpn left it: a PKI without a tls-crypt key, and
-    // a profile handed out from it.
+    let dockvpn_cli = |args: &[&str]| dockvpn_cli(&chain.si, state, args);
+    // The state directory as an earlier Dockvpn left it: a PKI without any tls-crypt key,
+    // and a profile handed out from it.
     dockvpn_cli(&["pki", "init"]);
-    std::fs::remove_file(state.join("pki/tls-crypt.key")).expect("remove the key");
+    std::fs::remove_file(state.join("pki/tls-crypt-v2-server.key")).expect("remove the key");
     dockvpn_cli(&["client", "add", "alice"]);
     let profile = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
-    assert!(!profile.contains("<tls-crypt>"), "{profile}");
+    assert!(!profile.contains("<tls-crypt"), "{profile}");
 
-    let state_arg = state.to_str().expect("utf-8 path");
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &[
-            "--state-dir",
-            state_arg,
-            "run",
-            "--left-route",
-            LEFT_HOST_NET,
-        ],
-    );
-    dockvpn.wait_ready();
+    let dockvpn = start_on_state(&chain, state, &[]);
     dockvpn
         .wait_for_log("tls-crypt off", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -220,9 +231,65 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
         .wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     assert_eq!(answered_pings(&chain.right_host, 3), 3, "{}", dockvpn.log());
-    // A profile issued now matches the running server: still without the key.
+    // A profile issued now matches the running server: still without a key.
     let again = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
-    assert!(!again.contains("<tls-crypt>"), "{again}");
+    assert!(!again.contains("<tls-crypt"), "{again}");
     drop(client);
     drop(dockvpn);
+}
+
+#[test]
+fn a_tls_crypt_v1_pki_turned_to_v2_keeps_its_profiles_and_names_those_to_reissue() {
+    let chain = Chain::new();
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let state = StateDir::new();
+    let state = state.path();
+    let dockvpn_cli = |args: &[&str]| dockvpn_cli(&chain.si, state, args);
+    // As a Dockvpn with tls-crypt v1 left it: the shared key, a profile carrying it.
+    dockvpn_cli(&["pki", "init"]);
+    std::fs::remove_file(state.join("pki/tls-crypt-v2-server.key")).expect("remove the key");
+    dockvpn_cli(&["client", "add", "alice"]);
+    let remote = ["--remote", "10.0.2.2:1194"];
+    let v1_profile = dockvpn_cli(
+        &[
+            &["client", "config", "alice", "--tls-crypt", "v1"][..],
+            &remote,
+        ]
+        .concat(),
+    );
+    assert!(v1_profile.contains("<tls-crypt>"), "{v1_profile}");
+    assert!(!dockvpn_cli(&["client", "list"]).contains("needs tls-crypt-v2"));
+
+    // The operator turns v2 on: the v1 profile still connects, and alice is named.
+    let dockvpn = start_on_state(&chain, state, &["--tls-crypt", "v2"]);
+    dockvpn
+        .wait_for_log("profile needs tls-crypt-v2", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = OpenvpnClient::start(&chain.right_host, &v1_profile, &[]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(answered_pings(&chain.right_host, 2), 2, "{}", dockvpn.log());
+    drop(client);
+    let listed = dockvpn_cli(&["client", "list"]);
+    assert!(listed.contains("needs tls-crypt-v2"), "{listed}");
+    // `status` exits 1 while routing converges: its JSON is what counts here.
+    let output = dockvpn_output(&chain.si, state, &["status", "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
+    assert_eq!(
+        status["profiles_needing_tls_crypt_v2"],
+        serde_json::json!(["alice"]),
+        "{status}"
+    );
+
+    // The profile issued now carries alice's own v2 key, and she is no longer named.
+    let v2_profile = dockvpn_cli(&[&["client", "config", "alice"][..], &remote].concat());
+    assert!(v2_profile.contains("<tls-crypt-v2>"), "{v2_profile}");
+    assert!(!dockvpn_cli(&["client", "list"]).contains("needs tls-crypt-v2"));
+    let client = OpenvpnClient::start(&chain.right_host, &v2_profile, &[]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(answered_pings(&chain.right_host, 2), 2, "{}", dockvpn.log());
 }

@@ -10,3 +10,5 @@ pub mod reliable;
 pub mod server;
 pub mod session;
 pub mod tls_crypt;
+pub mod tls_crypt_v2;
+pub mod wrap;

@@ -17,7 +17,7 @@ use super::keymethod::{
 };
 use super::packet::{decode, ControlPacket, Opcode, Packet};
 use super::session::Session;
-use super::tls_crypt::TlsCrypt;
+use super::wrap::{ControlWrap, Opened, Unwrapped};
 use vnf_core::clock::WallClock;
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
@@ -43,8 +43,8 @@ pub struct EngineConfig {
     pub reneg_after: Option<Duration>,
     /// How long a replaced key keeps working after a renegotiation starts.
     pub transition_window: Duration,
-    /// Wrap every control packet with this key (tls-crypt); None: plain control channel.
-    pub tls_crypt: Option<Arc<TlsCrypt>>,
+    /// How control packets are wrapped: plain, tls-crypt or tls-crypt-v2.
+    pub tls_crypt: ControlWrap,
 }
 
 impl EngineConfig {
@@ -89,7 +89,8 @@ pub struct Counters {
     /// IPv6 packets from clients (their router solicitations): benign, so outside `total`.
     #[serde(default)]
     pub ipv6_from_client: u64,
-    /// Control packets that failed tls-crypt: scanners and peers without the key.
+    /// Control packets that failed tls-crypt or tls-crypt-v2: scanners and peers without a
+    /// valid key.
     #[serde(default)]
     pub unauthenticated_control: u64,
     #[serde(default)]
@@ -264,22 +265,17 @@ impl Server {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
-        let mut wrap_id = None;
-        let unwrapped;
-        let datagram = match &self.config.tls_crypt {
-            Some(tls_crypt) if is_control(datagram) => match tls_crypt.unwrap(datagram) {
-                Ok((packet, id)) => {
-                    wrap_id = Some(id);
-                    unwrapped = packet;
-                    &unwrapped[..]
-                }
-                Err(error) => {
-                    let why = format!("from {from}: {error}");
-                    return self.drop_input(|c| &mut c.unauthenticated_control, why);
-                }
-            },
-            _ => datagram,
+        let session_key = self.sessions.get(&from).and_then(|s| s.wrap.key.clone());
+        let (datagram, unwrapped) = match self.config.tls_crypt.open(datagram, session_key.as_ref())
+        {
+            Ok(Opened::Plain(datagram)) => (datagram, None),
+            Ok(Opened::Unwrapped(unwrapped)) => (&[][..], Some(unwrapped)),
+            Err(error) => {
+                let why = format!("from {from}: {error}");
+                return self.drop_input(|c| &mut c.unauthenticated_control, why);
+            }
         };
+        let datagram = unwrapped.as_ref().map_or(datagram, |u| &u.packet[..]);
         let packet = match decode(datagram) {
             Ok(packet) => packet,
             Err(error) => {
@@ -287,7 +283,7 @@ impl Server {
             }
         };
         match packet {
-            Packet::Control(control) => self.handle_control(now, from, &control, wrap_id),
+            Packet::Control(control) => self.handle_control(now, from, &control, unwrapped.as_ref()),
             Packet::Data {
                 opcode: Opcode::DataV2,
                 key_id,
@@ -307,7 +303,7 @@ impl Server {
         now: Instant,
         from: SocketAddr,
         packet: &ControlPacket<'_>,
-        wrap_id: Option<u32>,
+        unwrapped: Option<&Unwrapped>,
     ) {
         let known = self.sessions.get(&from).map(|s| s.remote_id);
         if packet.opcode == Opcode::HardResetClientV2 && known != Some(packet.session_id) {
@@ -333,7 +329,16 @@ impl Server {
             return self.drop_input(|c| &mut c.unknown_session, why);
         }
         let session = self.sessions.get_mut(&from).expect("admitted above");
-        if let Some(id) = wrap_id {
+        if let Some(Unwrapped { packet_id, key, .. }) = unwrapped {
+            let id = *packet_id;
+            match &session.wrap.key {
+                None => session.wrap.key = Some(key.clone()),
+                Some(own) if !own.same_key(key) => {
+                    let why = format!("from {from}: control packet under another client's key");
+                    return self.drop_input(|c| &mut c.unauthenticated_control, why);
+                }
+                Some(_) => {}
+            }
             if session.wrap.received.check(id).is_err() {
                 let why = format!("from {from}: tls-crypt packet id {id} replayed");
                 return self.drop_input(|c| &mut c.replayed_control, why);
@@ -668,13 +673,9 @@ impl Server {
     fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
         // A 32-bit field, as OpenVPN's: it wraps in 2106.
         let wall_clock = self.clock.unix(now) as u32;
-        let tls_crypt = self.config.tls_crypt.clone();
         let mut queue = |session: &mut Session| {
             for datagram in session.control_datagrams(now) {
-                let datagram = match &tls_crypt {
-                    Some(tls_crypt) => tls_crypt.wrap(&datagram, &mut session.wrap, wall_clock),
-                    None => datagram,
-                };
+                let datagram = session.wrap.seal(datagram, wall_clock);
                 self.outputs.push_back(Output::Transmit {
                     to: session.peer,
                     datagram,
@@ -820,14 +821,6 @@ pub fn push_messages(
         }
     }
     messages
-}
-
-/// A control packet, by its clear opcode byte (an unknown opcode is malformed, not control).
-fn is_control(datagram: &[u8]) -> bool {
-    datagram.first().is_some_and(|&first| {
-        Opcode::from_wire(first >> 3)
-            .is_some_and(|opcode| !matches!(opcode, Opcode::DataV1 | Opcode::DataV2))
-    })
 }
 
 fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {

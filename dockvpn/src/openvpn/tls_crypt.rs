@@ -9,6 +9,8 @@
 //! sends with the first and receives with the second (the client the other way round), each
 //! using the first 32 bytes of a field.
 
+use std::sync::Arc;
+
 use aes::cipher::{KeyIvInit, StreamCipher};
 use rand::RngCore;
 use ring::hmac;
@@ -43,6 +45,16 @@ pub enum UnwrapError {
 pub struct StaticKey([u8; STATIC_KEY_LEN]);
 
 impl StaticKey {
+    pub const LEN: usize = STATIC_KEY_LEN;
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<StaticKey> {
+        bytes.try_into().ok().map(StaticKey)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn generate() -> StaticKey {
         let mut key = [0u8; STATIC_KEY_LEN];
         rand::rng().fill_bytes(&mut key);
@@ -124,6 +136,11 @@ impl TlsCrypt {
         }
     }
 
+    /// Whether both were made from the same static key.
+    pub fn same_key(&self, other: &TlsCrypt) -> bool {
+        self.send.cipher == other.send.cipher && self.receive.cipher == other.receive.cipher
+    }
+
     #[cfg(test)]
     pub fn client(key: &StaticKey) -> TlsCrypt {
         TlsCrypt {
@@ -176,11 +193,23 @@ impl TlsCrypt {
     }
 }
 
-/// A session's tls-crypt packet ids: the last one sent, and the window of those received.
+/// A session's tls-crypt key (None: plain control channel) and packet ids: the last one
+/// sent, and the window of those received.
 #[derive(Debug, Default)]
 pub struct WrapState {
+    pub key: Option<Arc<TlsCrypt>>,
     next_send_id: u32,
     pub received: ReplayWindow,
+}
+
+impl WrapState {
+    /// Wraps an outgoing control packet with the session's key, if it has one.
+    pub fn seal(&mut self, packet: Vec<u8>, now_unix: u32) -> Vec<u8> {
+        match self.key.clone() {
+            Some(key) => key.wrap(&packet, self, now_unix),
+            None => packet,
+        }
+    }
 }
 
 fn apply_ctr(key: &[u8; 32], tag: &[u8], data: &mut [u8]) {

@@ -1,0 +1,219 @@
+//! tls-crypt-v2 and tls-crypt with the stock OpenVPN 2.6 client: a v2 profile (its own key,
+//! wrapped by the server's) connects; a key from another server gets not one byte back; a
+//! v1 profile connects; a flood of forged tls-crypt-v2 resets does not slow a real client.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use docknfv_tests::chain::LEFT_HOST;
+use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::openvpn::{issue_profile, status_json, text, vpn_chain, OpenvpnClient};
+use docknfv_tests::prereq::require_command;
+use docknfv_tests::vnf::binary;
+use docknfv_tests::{Netns, Vnf};
+
+const SERVER: &str = "10.0.2.2:1194";
+/// The nft table that counts what the server sends into a client's namespace.
+const PROBE_TABLE: &str = "dockvpn_probe";
+
+fn pings(from: &Netns, count: &str) -> bool {
+    from.exec("ping", &["-c", count, "-i", "0.3", "-W", "2", LEFT_HOST])
+        .status
+        .success()
+}
+
+/// The `<tag>` block of a profile.
+fn inline_block<'a>(profile: &'a str, tag: &str) -> &'a str {
+    profile
+        .split_once(&format!("<{tag}>\n"))
+        .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
+        .map(|(block, _)| block)
+        .unwrap_or_else(|| panic!("no <{tag}> in {profile}"))
+}
+
+fn counter(si: &Netns, dockvpn: &Vnf, name: &str) -> u64 {
+    status_json(si, dockvpn)["vpn"]["dropped"][name]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Counts the UDP packets from the server's port that reach `ns` (an nft counter there).
+fn start_counting_server_packets(ns: &Netns) {
+    require_command("nft", "nftables");
+    let rules = format!(
+        "table inet {PROBE_TABLE} {{ chain input {{ type filter hook input priority 0; udp sport 1194 counter; }} }}"
+    );
+    let output = ns.exec("nft", &[&rules]);
+    assert!(output.status.success(), "nft: {}", text(&output));
+}
+
+fn server_packets_seen(ns: &Netns) -> u64 {
+    let output = ns.exec("nft", &["list", "table", "inet", PROBE_TABLE]);
+    let listing = String::from_utf8_lossy(&output.stdout);
+    listing
+        .split_once("counter packets ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {listing}"))
+}
+
+/// The status line the server writes every 2 s: waits up to 10 s for `done` to hold.
+fn wait_for_status(si: &Netns, dockvpn: &Vnf, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = status_json(si, dockvpn);
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status}\n{}", dockvpn.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_back() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let profile = issue_profile(&chain.si, &dockvpn, "vera", None);
+    assert!(profile.contains("<tls-crypt-v2>"), "{profile}");
+    assert!(!profile.contains("<tls-crypt>"), "{profile}");
+
+    // Eve: our CA and her own certificate, but a tls-crypt-v2 key from another server
+    // (wrapped by a server key ours never saw).
+    let other = StateDir::new();
+    let other_cli = |args: &[&str]| {
+        let output = chain
+            .si
+            .command(binary("dockvpn").to_str().expect("utf-8 path"))
+            .arg("--state-dir")
+            .arg(other.path())
+            .args(args)
+            .output()
+            .expect("run dockvpn");
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    other_cli(&["pki", "init"]);
+    other_cli(&["client", "add", "vera"]);
+    let foreign = other_cli(&["client", "config", "vera", "--remote", SERVER]);
+    let eve_profile = profile.replace(
+        inline_block(&profile, "tls-crypt-v2"),
+        inline_block(&foreign, "tls-crypt-v2"),
+    );
+    start_counting_server_packets(&chain.right_host);
+    let dropped_before = counter(&chain.si, &dockvpn, "unauthenticated_control");
+    let eve = OpenvpnClient::start(&chain.right_host, &eve_profile, &[]);
+    wait_for_status(&chain.si, &dockvpn, "eve's resets counted", |status| {
+        status["vpn"]["dropped"]["unauthenticated_control"]
+            .as_u64()
+            .is_some_and(|n| n >= dropped_before + 2)
+    });
+    assert_eq!(
+        server_packets_seen(&chain.right_host),
+        0,
+        "the server answered eve:\n{}",
+        eve.log()
+    );
+    assert!(!eve.log().contains("Initial packet from"), "{}", eve.log());
+    drop(eve);
+
+    let vera = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    vera.wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert!(pings(&chain.right_host, "3"), "{}", dockvpn.log());
+    assert!(server_packets_seen(&chain.right_host) > 0);
+    let status = status_json(&chain.si, &dockvpn);
+    assert_eq!(status["vpn"]["tls_crypt"], "v2", "{status}");
+    assert_eq!(status["vpn"]["clients"][0]["name"], "vera", "{status}");
+}
+
+#[test]
+fn a_tls_crypt_v1_profile_connects() {
+    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "v1"]);
+    let profile = issue_profile(&chain.si, &dockvpn, "vic", None);
+    assert!(profile.contains("<tls-crypt>"), "{profile}");
+    assert!(!profile.contains("<tls-crypt-v2>"), "{profile}");
+    let vic = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    vic.wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert!(pings(&chain.right_host, "3"), "{}", dockvpn.log());
+}
+
+/// Sends forged P_CONTROL_HARD_RESET_CLIENT_V3 packets (random session, tag and WKc, a
+/// plausible WKc length) at `per_second` for `duration`, from a socket in `ns`.
+fn flood_forged_v3_resets(
+    ns: &Netns,
+    server: SocketAddr,
+    per_second: u32,
+    duration: Duration,
+) -> std::thread::JoinHandle<u64> {
+    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind the flood socket"));
+    std::thread::spawn(move || {
+        let mut seed = 0x9e37_79b9u32;
+        let mut random_byte = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as u8
+        };
+        let batch = per_second / 100;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        for tick in 0..(duration.as_millis() / 10) as u32 {
+            for _ in 0..batch {
+                let mut packet: Vec<u8> = (0..350).map(|_| random_byte()).collect();
+                packet[0] = 10 << 3;
+                let len = packet.len();
+                // A WKc of 299 bytes, as a real one with a timestamp.
+                packet[len - 2..].copy_from_slice(&299u16.to_be_bytes());
+                if socket.send_to(&packet, server).is_ok() {
+                    sent += 1;
+                }
+            }
+            // Pacing, not synchronisation: the next batch is due 10 ms after the last.
+            let due = started + Duration::from_millis(10 * u64::from(tick + 1));
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        sent
+    })
+}
+
+#[test]
+fn a_tls_crypt_v2_client_connects_through_a_flood_of_forged_resets() {
+    let (chain, dockvpn) = vpn_chain(&[]);
+    let profile = issue_profile(&chain.si, &dockvpn, "flo", None);
+    let server: SocketAddr = SERVER.parse().expect("address");
+    let flood = flood_forged_v3_resets(&chain.right_host, server, 2_000, Duration::from_secs(10));
+    // The flood is on: the server is already counting forged resets.
+    wait_for_status(&chain.si, &dockvpn, "flood arriving", |status| {
+        status["vpn"]["dropped"]["unauthenticated_control"]
+            .as_u64()
+            .is_some_and(|n| n >= 1_000)
+    });
+    let started = Instant::now();
+    let flo = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    flo.wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    let took = started.elapsed();
+    assert!(pings(&chain.right_host, "2"), "{}", dockvpn.log());
+    let sent = flood.join().expect("flood thread");
+    assert!(
+        took < Duration::from_secs(2),
+        "connecting took {took:?} during the flood"
+    );
+    assert_eq!(sent, 20_000);
+    let status = status_json(&chain.si, &dockvpn);
+    let clients: Vec<&str> = status["vpn"]["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(clients, ["flo"], "{status}");
+    // No forged reset took a handshake slot, so none was ever refused one.
+    assert_eq!(status["vpn"]["dropped"]["refused_handshakes"], 0, "{status}");
+    wait_for_status(&chain.si, &dockvpn, "forged resets counted", |status| {
+        status["vpn"]["dropped"]["unauthenticated_control"]
+            .as_u64()
+            .is_some_and(|n| n >= sent / 2)
+    });
+}
