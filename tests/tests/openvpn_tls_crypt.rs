@@ -40,11 +40,14 @@ fn counter(si: &Netns, dockvpn: &Vnf, name: &str) -> u64 {
 /// Counts the UDP packets from the server's port that reach `ns` (an nft counter there).
 fn start_counting_server_packets(ns: &Netns) {
     require_command("nft", "nftables");
-    let rules = format!(
-        "table inet {PROBE_TABLE} {{ chain input {{ type filter hook input priority 0; udp sport 1194 counter; }} }}"
-    );
-    let output = ns.exec("nft", &[&rules]);
-    assert!(output.status.success(), "nft: {}", text(&output));
+    for command in [
+        format!("add table inet {PROBE_TABLE}"),
+        format!("add chain inet {PROBE_TABLE} input {{ type filter hook input priority 0 ; }}"),
+        format!("add rule inet {PROBE_TABLE} input udp sport 1194 counter"),
+    ] {
+        let output = ns.exec("nft", &[&command]);
+        assert!(output.status.success(), "nft {command}: {}", text(&output));
+    }
 }
 
 fn server_packets_seen(ns: &Netns) -> u64 {
