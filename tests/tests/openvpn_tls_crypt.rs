@@ -127,6 +127,27 @@ fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_bac
     let status = status_json(&chain.si, &dockvpn);
     assert_eq!(status["vpn"]["tls_crypt"], "v2", "{status}");
     assert_eq!(status["vpn"]["clients"][0]["name"], "vera", "{status}");
+    drop(vera);
+
+    // A client key the stock tool wraps with our server key works too: both sides read
+    // and write OpenVPN's formats.
+    let key_file = std::env::temp_dir().join(format!("dockvpn-v2-client-{}", std::process::id()));
+    let generated = std::process::Command::new("openvpn")
+        .arg("--tls-crypt-v2")
+        .arg(dockvpn.state_dir().join("pki/tls-crypt-v2-server.key"))
+        .args(["--genkey", "tls-crypt-v2-client"])
+        .arg(&key_file)
+        .output()
+        .expect("openvpn --genkey");
+    assert!(generated.status.success(), "{}", text(&generated));
+    let stock_key = std::fs::read_to_string(&key_file).expect("read the key");
+    let _ = std::fs::remove_file(&key_file);
+    let stock_profile = profile.replace(inline_block(&profile, "tls-crypt-v2"), &stock_key);
+    let stock = OpenvpnClient::start(&chain.right_host, &stock_profile, &[]);
+    stock
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert!(pings(&chain.right_host, "2"), "{}", dockvpn.log());
 }
 
 #[test]
