@@ -3,6 +3,8 @@
 //! v1 profile connects; a flood of forged tls-crypt-v2 resets does not slow a real client.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::LEFT_HOST;
@@ -163,13 +165,15 @@ fn a_tls_crypt_v1_profile_connects() {
 }
 
 /// Sends forged P_CONTROL_HARD_RESET_CLIENT_V3 packets (random session, tag and WKc, a
-/// plausible WKc length) at `per_second` for `duration`, from a socket in `ns`.
+/// plausible WKc length) at `per_second` for `duration`, from a socket in `ns`; counts
+/// them in `sent`.
 fn flood_forged_v3_resets(
     ns: &Netns,
     server: SocketAddr,
     per_second: u32,
     duration: Duration,
-) -> std::thread::JoinHandle<u64> {
+    sent: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
     let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind the flood socket"));
     std::thread::spawn(move || {
         let mut seed = 0x9e37_79b9u32;
@@ -181,7 +185,6 @@ fn flood_forged_v3_resets(
         };
         let batch = per_second / 100;
         let started = Instant::now();
-        let mut sent = 0u64;
         for tick in 0..(duration.as_millis() / 10) as u32 {
             for _ in 0..batch {
                 let mut packet: Vec<u8> = (0..350).map(|_| random_byte()).collect();
@@ -190,14 +193,13 @@ fn flood_forged_v3_resets(
                 // A WKc of 299 bytes, as a real one with a timestamp.
                 packet[len - 2..].copy_from_slice(&299u16.to_be_bytes());
                 if socket.send_to(&packet, server).is_ok() {
-                    sent += 1;
+                    sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
             // Pacing, not synchronisation: the next batch is due 10 ms after the last.
             let due = started + Duration::from_millis(10 * u64::from(tick + 1));
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        sent
     })
 }
 
@@ -206,20 +208,28 @@ fn a_tls_crypt_v2_client_connects_through_a_flood_of_forged_resets() {
     let (chain, dockvpn) = vpn_chain(&[]);
     let profile = issue_profile(&chain.si, &dockvpn, "flo", None);
     let server: SocketAddr = SERVER.parse().expect("address");
-    let flood = flood_forged_v3_resets(&chain.right_host, server, 2_000, Duration::from_secs(10));
-    // The flood is on: the server is already counting forged resets.
-    wait_for_status(&chain.si, &dockvpn, "flood arriving", |status| {
-        status["vpn"]["dropped"]["unauthenticated_control"]
-            .as_u64()
-            .is_some_and(|n| n >= 1_000)
-    });
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = flood_forged_v3_resets(
+        &chain.right_host,
+        server,
+        2_000,
+        Duration::from_secs(10),
+        sent.clone(),
+    );
+    // The real client starts once the flood is a second in.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sent.load(Ordering::Relaxed) < 2_000 {
+        assert!(Instant::now() < deadline, "the flood does not get going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let started = Instant::now();
     let flo = OpenvpnClient::start(&chain.right_host, &profile, &[]);
     flo.wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     let took = started.elapsed();
     assert!(pings(&chain.right_host, "2"), "{}", dockvpn.log());
-    let sent = flood.join().expect("flood thread");
+    flood.join().expect("flood thread");
+    let sent = sent.load(Ordering::Relaxed);
     assert!(
         took < Duration::from_secs(2),
         "connecting took {took:?} during the flood"
