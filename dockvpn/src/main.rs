@@ -515,12 +515,14 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
 
 /// The mode profiles are issued in: the running server's, else the PKI's default.
 fn profile_mode(pki: &Pki, state_dir: &Path) -> TlsCryptMode {
-    read_vpn_status(state_dir).map_or_else(|| pki.default_tls_crypt_mode(), |status| status.tls_crypt)
+    read_vpn_status(state_dir)
+        .map_or_else(|| pki.default_tls_crypt_mode(), |status| status.tls_crypt)
 }
 
 /// The engine's control-channel wrapping for `mode`, with the keys from the PKI.
 fn control_wrap(pki: &Pki, mode: TlsCryptMode) -> Result<ControlWrap> {
-    let shared_key = || -> Result<Arc<TlsCrypt>> { Ok(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))) };
+    let shared_key =
+        || -> Result<Arc<TlsCrypt>> { Ok(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))) };
     Ok(match mode {
         TlsCryptMode::V2 => {
             let outdated = pki.clients_needing_new_profile(mode)?;
@@ -705,7 +707,10 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
             Some(vpn) => {
                 print!("{}", render_vpn(vpn));
                 if !outdated.is_empty() {
-                    println!("  profile needs tls-crypt-v2 (run `dockvpn client config NAME` again): {}", outdated.join(" "));
+                    println!(
+                        "  profile needs tls-crypt-v2 (run `dockvpn client config NAME` again): {}",
+                        outdated.join(" ")
+                    );
                 }
             }
             None if routing.sides.iter().any(|side| {

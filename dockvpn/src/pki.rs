@@ -578,7 +578,9 @@ mod tests {
         }
         assert_eq!(pki.default_tls_crypt_mode(), TlsCryptMode::V2);
         assert!(!pki.has_tls_crypt_key(), "a new PKI needs no shared key");
-        let profile = pki.profile("alice", "10.0.2.2", 1194, TlsCryptMode::V2).unwrap();
+        let profile = pki
+            .profile("alice", "10.0.2.2", 1194, TlsCryptMode::V2)
+            .unwrap();
         assert!(profile.contains("remote 10.0.2.2 1194\n"));
         assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
         let v2_block = "<tls-crypt-v2>\n-----BEGIN OpenVPN tls-crypt-v2 client key-----";

@@ -63,14 +63,23 @@ fn server_packets_seen(ns: &Netns) -> u64 {
 }
 
 /// The status line the server writes every 2 s: waits up to 10 s for `done` to hold.
-fn wait_for_status(si: &Netns, dockvpn: &Vnf, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+fn wait_for_status(
+    si: &Netns,
+    dockvpn: &Vnf,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = status_json(si, dockvpn);
         if done(&status) {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: {status}\n{}", dockvpn.log());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {status}\n{}",
+            dockvpn.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -244,7 +253,10 @@ fn a_tls_crypt_v2_client_connects_through_a_flood_of_forged_resets() {
         .collect();
     assert_eq!(clients, ["flo"], "{status}");
     // No forged reset took a handshake slot, so none was ever refused one.
-    assert_eq!(status["vpn"]["dropped"]["refused_handshakes"], 0, "{status}");
+    assert_eq!(
+        status["vpn"]["dropped"]["refused_handshakes"], 0,
+        "{status}"
+    );
     wait_for_status(&chain.si, &dockvpn, "forged resets counted", |status| {
         status["vpn"]["dropped"]["unauthenticated_control"]
             .as_u64()

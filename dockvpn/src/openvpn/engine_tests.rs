@@ -947,7 +947,10 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
             server.handle_datagram(start, peer, &datagram);
         }
     }
-    assert!(server.poll_output().is_none(), "a forged reset got an answer");
+    assert!(
+        server.poll_output().is_none(),
+        "a forged reset got an answer"
+    );
     assert_eq!(server.counters.unauthenticated_control, 3);
     assert_eq!(server.session_count(), 0);
 
@@ -970,7 +973,9 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
     let mut old_profile = TestClient::new(&test.pki, "vera", "AES-256-GCM");
     old_profile.tls_crypt = Some((TlsCrypt::client(&shared), WrapState::default()));
     old_profile.peer = "192.0.2.30:40000".parse().unwrap();
-    run_until(&mut server, &mut old_profile, hostile, now, |c| c.data.is_some());
+    run_until(&mut server, &mut old_profile, hostile, now, |c| {
+        c.data.is_some()
+    });
 }
 
 #[test]

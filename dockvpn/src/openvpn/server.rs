@@ -283,7 +283,9 @@ impl Server {
             }
         };
         match packet {
-            Packet::Control(control) => self.handle_control(now, from, &control, unwrapped.as_ref()),
+            Packet::Control(control) => {
+                self.handle_control(now, from, &control, unwrapped.as_ref())
+            }
             Packet::Data {
                 opcode: Opcode::DataV2,
                 key_id,

@@ -184,7 +184,10 @@ fn to_pem(label: &str, bytes: &[u8]) -> String {
 }
 
 fn from_pem(label: &str, text: &str) -> Result<Vec<u8>, String> {
-    let (begin, end) = (format!("-----BEGIN {label}-----"), format!("-----END {label}-----"));
+    let (begin, end) = (
+        format!("-----BEGIN {label}-----"),
+        format!("-----END {label}-----"),
+    );
     let body = text
         .split_once(&begin)
         .and_then(|(_, rest)| rest.split_once(&end))
