@@ -185,17 +185,33 @@ impl Pki {
 
     /// The tls-crypt-v2 server key; created when the PKI has none (the operator turned v2 on).
     pub fn tls_crypt_v2_server_key(&self) -> Result<ServerKey> {
+        self.server_side_key(
+            TLS_CRYPT_V2_SERVER_KEY,
+            || ServerKey::generate().to_pem(),
+            ServerKey::from_pem,
+            "a tls-crypt-v2 server key",
+        )
+    }
+
+    /// A key file of the server's, made on first use; `what` names it in errors.
+    fn server_side_key<K>(
+        &self,
+        file: &str,
+        generate: impl FnOnce() -> String,
+        parse: impl FnOnce(&str) -> std::result::Result<K, String>,
+        what: &str,
+    ) -> Result<K> {
         self.require()?;
-        let path = self.path(TLS_CRYPT_V2_SERVER_KEY);
+        let path = self.path(file);
         if !path.exists() {
             let _lock = self.lock()?;
             if !path.exists() {
-                write_private(&path, &ServerKey::generate().to_pem())?;
+                write_private(&path, &generate())?;
             }
         }
-        ServerKey::from_pem(&self.read(TLS_CRYPT_V2_SERVER_KEY)?).map_err(|error| {
+        parse(&self.read(file)?).map_err(|error| {
             fail(format!(
-                "{} is not a tls-crypt-v2 server key ({error}); delete it and restart to make a new one (every tls-crypt-v2 profile must then be issued again)",
+                "{} is not {what} ({error}); delete it and restart to make a new one (every profile that carries it must then be issued again)",
                 path.display()
             ))
         })
@@ -243,20 +259,12 @@ impl Pki {
     /// The tls-crypt key the server and every profile share; created when a PKI made before
     /// tls-crypt existed has none (the operator turned it on).
     pub fn tls_crypt_key(&self) -> Result<StaticKey> {
-        self.require()?;
-        let path = self.path(TLS_CRYPT_KEY);
-        if !path.exists() {
-            let _lock = self.lock()?;
-            if !path.exists() {
-                write_private(&path, &StaticKey::generate().to_pem())?;
-            }
-        }
-        StaticKey::from_pem(&self.read(TLS_CRYPT_KEY)?).map_err(|error| {
-            fail(format!(
-                "{} is not a tls-crypt key ({error}); delete it and restart to make a new one (every profile must then be issued again)",
-                path.display()
-            ))
-        })
+        self.server_side_key(
+            TLS_CRYPT_KEY,
+            || StaticKey::generate().to_pem(),
+            StaticKey::from_pem,
+            "a tls-crypt key",
+        )
     }
 
     /// `run` creates the PKI on first start so a new container works without set-up.

@@ -206,19 +206,25 @@ fn start_on_state(chain: &Chain, state: &Path, extra: &[&str]) -> Vnf {
     dockvpn
 }
 
-#[test]
-fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
+/// The chain, and a state directory as a Dockvpn from before tls-crypt-v2 left it: a PKI
+/// without the v2 server key and client alice (added then, so without a v2 key of her own).
+/// The directory is removed on drop, also when an assertion fails.
+fn chain_with_pre_v2_state() -> (Chain, StateDir) {
     let chain = Chain::new();
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    // Removed on drop, also when an assertion fails.
     let state = StateDir::new();
+    dockvpn_cli(&chain.si, state.path(), &["pki", "init"]);
+    std::fs::remove_file(state.path().join("pki/tls-crypt-v2-server.key")).expect("remove the key");
+    dockvpn_cli(&chain.si, state.path(), &["client", "add", "alice"]);
+    (chain, state)
+}
+
+#[test]
+fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
+    let (chain, state) = chain_with_pre_v2_state();
     let state = state.path();
     let dockvpn_cli = |args: &[&str]| dockvpn_cli(&chain.si, state, args);
-    // The state directory as an earlier Dockvpn left it: a PKI without any tls-crypt key,
-    // and a profile handed out from it.
-    dockvpn_cli(&["pki", "init"]);
-    std::fs::remove_file(state.join("pki/tls-crypt-v2-server.key")).expect("remove the key");
-    dockvpn_cli(&["client", "add", "alice"]);
+    // Without the v1 key either: profiles handed out carry no key.
     let profile = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
     assert!(!profile.contains("<tls-crypt"), "{profile}");
 
@@ -240,15 +246,10 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
 
 #[test]
 fn a_tls_crypt_v1_pki_turned_to_v2_keeps_its_profiles_and_names_those_to_reissue() {
-    let chain = Chain::new();
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let state = StateDir::new();
+    let (chain, state) = chain_with_pre_v2_state();
     let state = state.path();
     let dockvpn_cli = |args: &[&str]| dockvpn_cli(&chain.si, state, args);
     // As a Dockvpn with tls-crypt v1 left it: the shared key, a profile carrying it.
-    dockvpn_cli(&["pki", "init"]);
-    std::fs::remove_file(state.join("pki/tls-crypt-v2-server.key")).expect("remove the key");
-    dockvpn_cli(&["client", "add", "alice"]);
     let remote = ["--remote", "10.0.2.2:1194"];
     let v1_profile = dockvpn_cli(
         &[
