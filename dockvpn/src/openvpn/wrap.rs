@@ -106,3 +106,57 @@ fn open_with(key: &Arc<TlsCrypt>, datagram: &[u8]) -> Result<Unwrapped, OpenErro
         key: key.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tls_crypt::{StaticKey, WrapState};
+    use super::*;
+
+    /// A plain control packet: opcode and key id, session id, no ACKs, message id, payload.
+    fn plain(opcode: u8, key_id: u8) -> Vec<u8> {
+        let mut packet = vec![opcode << 3 | key_id];
+        packet.extend_from_slice(&[7; 8]);
+        packet.extend_from_slice(&[0, 0, 0, 0, 1, 0xab]);
+        packet
+    }
+
+    #[test]
+    fn v3_and_wkc_v1_open_as_the_packets_they_extend_under_the_clients_own_key() {
+        let server_key = Arc::new(ServerKey::generate());
+        let issued = server_key.issue_client_key(0);
+        let client = TlsCrypt::client(issued.key());
+        let shared = StaticKey::generate();
+        let wrap = ControlWrap::TlsCryptV2 {
+            server_key,
+            shared: Some(Arc::new(TlsCrypt::server(&shared))),
+        };
+        let mut state = WrapState::default();
+        for (sent, opened_as) in [
+            (HARD_RESET_CLIENT_V3, Opcode::HardResetClientV2),
+            (CONTROL_WKC_V1, Opcode::ControlV1),
+        ] {
+            let mut datagram = client.wrap(&plain(sent, 2), &mut state, 0);
+            datagram.extend_from_slice(issued.wrapped());
+            let Ok(Opened::Unwrapped(opened)) = wrap.open(&datagram, None) else {
+                panic!("{sent} does not open");
+            };
+            assert_eq!(opened.packet, plain(opened_as.wire(), 2));
+            // Later packets of the session open with the key it got from its WKc.
+            let next = client.wrap(&plain(Opcode::ControlV1.wire(), 2), &mut state, 0);
+            assert!(wrap.open(&next, Some(&opened.key)).is_ok());
+            assert!(
+                wrap.open(&next, None).is_err(),
+                "no key without the session"
+            );
+        }
+        // The shared v1 key still opens a HARD_RESET; data is left to the data channel.
+        let v1 = TlsCrypt::client(&shared).wrap(&plain(7, 0), &mut state, 0);
+        assert!(matches!(wrap.open(&v1, None), Ok(Opened::Unwrapped(_))));
+        let data = [Opcode::DataV2.wire() << 3, 0, 0, 1, 9, 9];
+        assert!(matches!(wrap.open(&data, None), Ok(Opened::Plain(_))));
+        assert!(matches!(
+            ControlWrap::Plain.open(&plain(7, 0), None),
+            Ok(Opened::Plain(_))
+        ));
+    }
+}
