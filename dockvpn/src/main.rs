@@ -34,7 +34,8 @@ use vnf_core::{Error, Result};
 
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
-use openvpn::tls_crypt::TlsCrypt;
+use openvpn::tls_auth::{self, TlsAuth};
+use openvpn::tls_crypt::{ControlKey, TlsCrypt};
 use openvpn::wrap::ControlWrap;
 use pki::{Pki, TlsCryptMode};
 
@@ -287,6 +288,9 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Import a site's tls-auth key (its OpenVPN server's `tls-auth` file), so that its
+    /// existing profiles connect with `run --tls-crypt tls-auth`
+    ImportTlsAuth { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -333,6 +337,11 @@ fn main() -> ExitCode {
             Command::Pki(PkiCommand::Init { force }) => {
                 pki.init(*force)?;
                 println!("PKI created in {}", cli.state_dir.join("pki").display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Pki(PkiCommand::ImportTlsAuth { file }) => {
+                pki.import_tls_auth_key(file)?;
+                println!("tls-auth key imported; serve it with `dockvpn run --tls-crypt tls-auth`");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::Add {
@@ -521,8 +530,11 @@ fn profile_mode(pki: &Pki, state_dir: &Path) -> TlsCryptMode {
 
 /// The engine's control-channel wrapping for `mode`, with the keys from the PKI.
 fn control_wrap(pki: &Pki, mode: TlsCryptMode) -> Result<ControlWrap> {
-    let shared_key =
-        || -> Result<Arc<TlsCrypt>> { Ok(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))) };
+    let shared_key = || -> Result<ControlKey> {
+        Ok(ControlKey::Crypt(Arc::new(TlsCrypt::server(
+            &pki.tls_crypt_key()?,
+        ))))
+    };
     Ok(match mode {
         TlsCryptMode::V2 => {
             let outdated = pki.clients_needing_new_profile(mode)?;
@@ -536,6 +548,15 @@ fn control_wrap(pki: &Pki, mode: TlsCryptMode) -> Result<ControlWrap> {
             }
         }
         TlsCryptMode::V1 => ControlWrap::TlsCrypt(shared_key()?),
+        TlsCryptMode::TlsAuth => {
+            let key = pki.tls_auth_key()?;
+            ControlWrap::TlsAuth(
+                tls_auth::DIGESTS
+                    .iter()
+                    .map(|digest| ControlKey::Auth(Arc::new(TlsAuth::server(&key, *digest))))
+                    .collect(),
+            )
+        }
         TlsCryptMode::Off => {
             info!("tls-crypt off: every peer reaches TLS. Profiles issued so far lack a key; turn it on with --tls-crypt v2 (DOCKVPN_TLS_CRYPT) and issue them again (dockvpn client config NAME)");
             ControlWrap::Plain

@@ -29,6 +29,8 @@ use crate::openvpn::tls_crypt_v2::{ClientKey, ServerKey};
 const CA_NAME: &str = "Dockvpn CA";
 /// The shared tls-crypt key, in OpenVPN's static key format.
 const TLS_CRYPT_KEY: &str = "tls-crypt.key";
+/// A site's tls-auth key, imported (OpenVPN's static key format).
+const TLS_AUTH_KEY: &str = "tls-auth.key";
 /// The tls-crypt-v2 server key, which wraps each client's own key.
 const TLS_CRYPT_V2_SERVER_KEY: &str = "tls-crypt-v2-server.key";
 /// A client's tls-crypt-v2 key (its key and the wrapped copy), under `clients/`.
@@ -59,6 +61,10 @@ pub enum TlsCryptMode {
     /// One key every client shares (`<tls-crypt>`); `true` before v2 existed
     #[value(alias = "true")]
     V1,
+    /// An HMAC on each control packet with a site's existing key (`<tls-auth>`, imported
+    /// with `pki import-tls-auth`), for sites migrating their profiles
+    #[serde(rename = "tls-auth")]
+    TlsAuth,
     /// Plain control channel: every peer reaches TLS
     #[value(alias = "false")]
     Off,
@@ -69,6 +75,7 @@ impl std::fmt::Display for TlsCryptMode {
         f.write_str(match self {
             TlsCryptMode::V2 => "v2",
             TlsCryptMode::V1 => "v1",
+            TlsCryptMode::TlsAuth => "tls-auth",
             TlsCryptMode::Off => "off",
         })
     }
@@ -212,6 +219,40 @@ impl Pki {
         parse(&self.read(file)?).map_err(|error| {
             fail(format!(
                 "{} is not {what} ({error}); delete it and restart to make a new one (every profile that carries it must then be issued again)",
+                path.display()
+            ))
+        })
+    }
+
+    /// Copies a site's tls-auth key (`openvpn --genkey secret`) into the PKI, for
+    /// `--tls-crypt tls-auth`.
+    pub fn import_tls_auth_key(&self, file: &Path) -> Result<()> {
+        self.require()?;
+        let text = fs::read_to_string(file).map_err(io(format!("read {}", file.display())))?;
+        StaticKey::from_pem(&text).map_err(|error| {
+            Error::invalid(
+                "FILE",
+                file.display(),
+                format!("not an OpenVPN static key ({error}): give the file named by `tls-auth` in the site's server config"),
+            )
+        })?;
+        let _lock = self.lock()?;
+        write_private(&self.path(TLS_AUTH_KEY), &text)
+    }
+
+    /// The imported tls-auth key.
+    pub fn tls_auth_key(&self) -> Result<StaticKey> {
+        let path = self.path(TLS_AUTH_KEY);
+        let text = fs::read_to_string(&path).map_err(|_| {
+            Error::invalid(
+                "--tls-crypt",
+                "tls-auth",
+                "the PKI has no tls-auth key: import the site's with `dockvpn pki import-tls-auth FILE`",
+            )
+        })?;
+        StaticKey::from_pem(&text).map_err(|error| {
+            fail(format!(
+                "{} is not a tls-auth key ({error}); import the site's key again with `dockvpn pki import-tls-auth FILE`",
                 path.display()
             ))
         })
@@ -454,6 +495,10 @@ impl Pki {
                 TlsCryptMode::V1 => format!(
                     "<tls-crypt>\n{}</tls-crypt>\n",
                     self.tls_crypt_key()?.to_pem()
+                ),
+                TlsCryptMode::TlsAuth => format!(
+                    "<tls-auth>\n{}</tls-auth>\nkey-direction 1\n",
+                    self.tls_auth_key()?.to_pem()
                 ),
                 TlsCryptMode::Off => String::new(),
             },

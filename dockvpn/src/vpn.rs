@@ -258,6 +258,7 @@ fn write_status(config: &VpnConfig, engine: &Server) {
         tls_crypt: match config.engine.tls_crypt {
             ControlWrap::Plain => TlsCryptMode::Off,
             ControlWrap::TlsCrypt(_) => TlsCryptMode::V1,
+            ControlWrap::TlsAuth(_) => TlsCryptMode::TlsAuth,
             ControlWrap::TlsCryptV2 { .. } => TlsCryptMode::V2,
         },
     };

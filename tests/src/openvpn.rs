@@ -91,6 +91,41 @@ pub fn issue_profile(si: &Netns, dockvpn: &Vnf, name: &str, remote: Option<&str>
     String::from_utf8(config.stdout).expect("utf-8 profile")
 }
 
+/// `dockvpn --state-dir STATE ARGS…` in `ns`.
+pub fn dockvpn_output(ns: &Netns, state: &std::path::Path, args: &[&str]) -> Output {
+    ns.command(crate::vnf::binary("dockvpn").to_str().expect("utf-8 path"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run dockvpn")
+}
+
+/// `dockvpn --state-dir STATE ARGS…` in `ns`; its stdout (panics on failure).
+pub fn dockvpn_cli(ns: &Netns, state: &std::path::Path, args: &[&str]) -> String {
+    let output = dockvpn_output(ns, state, args);
+    assert!(output.status.success(), "{args:?}: {}", text(&output));
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// `dockvpn run` on the state directory `state`, serving LEFT_HOST_NET, once listening.
+pub fn start_on_state(chain: &Chain, state: &std::path::Path, extra: &[&str]) -> Vnf {
+    let mut args = vec![
+        "--state-dir",
+        state.to_str().expect("utf-8 path"),
+        "run",
+        "--left-route",
+        LEFT_HOST_NET,
+    ];
+    args.extend(extra);
+    let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
+    dockvpn.wait_ready();
+    dockvpn
+        .wait_for_log("VPN server listening", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    dockvpn
+}
+
 pub fn text(output: &Output) -> String {
     format!(
         "{}{}",

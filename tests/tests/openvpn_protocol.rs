@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
-use docknfv_tests::openvpn::{issue_profile, text, vpn_chain, OpenvpnClient};
+use docknfv_tests::openvpn::{
+    dockvpn_cli, dockvpn_output, issue_profile, start_on_state, text, vpn_chain, OpenvpnClient,
+};
 use docknfv_tests::vnf::binary;
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -172,38 +174,6 @@ fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
         client_status(&chain.si, &dockvpn)["cipher"],
         "CHACHA20-POLY1305"
     );
-}
-
-/// `dockvpn --state-dir STATE ARGS…` in `ns`.
-fn dockvpn_output(ns: &Netns, state: &Path, args: &[&str]) -> std::process::Output {
-    ns.command(binary("dockvpn").to_str().expect("utf-8 path"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .output()
-        .expect("run dockvpn")
-}
-
-/// `dockvpn --state-dir STATE ARGS…` in `ns`; its stdout (panics on failure).
-fn dockvpn_cli(ns: &Netns, state: &Path, args: &[&str]) -> String {
-    let output = dockvpn_output(ns, state, args);
-    assert!(output.status.success(), "{args:?}: {}", text(&output));
-    String::from_utf8(output.stdout).expect("utf-8")
-}
-
-/// `dockvpn run` on an existing state directory, serving LEFT_HOST_NET.
-fn start_on_state(chain: &Chain, state: &Path, extra: &[&str]) -> Vnf {
-    let mut args = vec![
-        "--state-dir",
-        state.to_str().expect("utf-8 path"),
-        "run",
-        "--left-route",
-        LEFT_HOST_NET,
-    ];
-    args.extend(extra);
-    let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
-    dockvpn.wait_ready();
-    dockvpn
 }
 
 /// The chain, and a state directory as a Dockvpn from before tls-crypt-v2 left it: a PKI

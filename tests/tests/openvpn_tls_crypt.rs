@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use docknfv_tests::chain::LEFT_HOST;
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
-use docknfv_tests::openvpn::{issue_profile, status_json, text, vpn_chain, OpenvpnClient};
+use docknfv_tests::openvpn::{
+    dockvpn_cli, dockvpn_output, issue_profile, start_on_state, status_json, text, vpn_chain,
+    OpenvpnClient,
+};
 use docknfv_tests::prereq::require_command;
-use docknfv_tests::vnf::binary;
-use docknfv_tests::{Netns, Vnf};
+use docknfv_tests::{Chain, Netns, Vnf};
 
 const SERVER: &str = "10.0.2.2:1194";
 /// The nft table that counts what the server sends into a client's namespace.
@@ -94,18 +96,7 @@ fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_bac
     // Eve: our CA and her own certificate, but a tls-crypt-v2 key from another server
     // (wrapped by a server key ours never saw).
     let other = StateDir::new();
-    let other_cli = |args: &[&str]| {
-        let output = chain
-            .si
-            .command(binary("dockvpn").to_str().expect("utf-8 path"))
-            .arg("--state-dir")
-            .arg(other.path())
-            .args(args)
-            .output()
-            .expect("run dockvpn");
-        assert!(output.status.success(), "{args:?}: {}", text(&output));
-        String::from_utf8(output.stdout).expect("utf-8")
-    };
+    let other_cli = |args: &[&str]| dockvpn_cli(&chain.si, other.path(), args);
     other_cli(&["pki", "init"]);
     other_cli(&["client", "add", "vera"]);
     let foreign = other_cli(&["client", "config", "vera", "--remote", SERVER]);
@@ -171,6 +162,63 @@ fn a_tls_crypt_v1_profile_connects() {
     vic.wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     assert!(pings(&chain.right_host, "3"), "{}", dockvpn.log());
+}
+
+/// A static key from the stock tool (`openvpn --genkey secret`), as a site already has.
+fn stock_static_key() -> String {
+    require_command("openvpn", "openvpn");
+    let key_file = std::env::temp_dir().join(format!("dockvpn-static-{}", std::process::id()));
+    let generated = std::process::Command::new("openvpn")
+        .args(["--genkey", "secret"])
+        .arg(&key_file)
+        .output()
+        .expect("openvpn --genkey");
+    assert!(generated.status.success(), "{}", text(&generated));
+    let key = std::fs::read_to_string(&key_file).expect("read the key");
+    let _ = std::fs::remove_file(&key_file);
+    key
+}
+
+#[test]
+fn a_sites_tls_auth_key_imported_serves_tls_auth_profiles_with_either_digest() {
+    let chain = Chain::new();
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let state = StateDir::new();
+    let state = state.path();
+    let key_path = state.with_extension("ta.key");
+    std::fs::write(&key_path, stock_static_key()).expect("write the key");
+    dockvpn_cli(&chain.si, state, &["pki", "init"]);
+    let imported = dockvpn_output(
+        &chain.si,
+        state,
+        &[
+            "pki",
+            "import-tls-auth",
+            key_path.to_str().expect("utf-8 path"),
+        ],
+    );
+    let _ = std::fs::remove_file(&key_path);
+    assert!(imported.status.success(), "{}", text(&imported));
+    dockvpn_cli(&chain.si, state, &["client", "add", "tad"]);
+    let dockvpn = start_on_state(&chain, state, &["--tls-crypt", "tls-auth"]);
+    let profile = dockvpn_cli(
+        &chain.si,
+        state,
+        &["client", "config", "tad", "--remote", SERVER],
+    );
+    assert!(profile.contains("<tls-auth>"), "{profile}");
+    assert!(profile.contains("key-direction 1"), "{profile}");
+    assert!(!profile.contains("<tls-crypt"), "{profile}");
+    // The default digest (SHA1), and SHA256 as many sites' profiles say.
+    for extra in ["", "auth SHA256\n"] {
+        let tad = OpenvpnClient::start(&chain.right_host, &format!("{profile}{extra}"), &[]);
+        tad.wait_connected()
+            .unwrap_or_else(|e| panic!("{extra}{e}\nserver:\n{}", dockvpn.log()));
+        assert!(pings(&chain.right_host, "2"), "{extra}{}", dockvpn.log());
+    }
+    let status = dockvpn_output(&chain.si, state, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status["vpn"]["tls_crypt"], "tls-auth", "{status}");
 }
 
 /// Sends forged P_CONTROL_HARD_RESET_CLIENT_V3 packets (random session, tag and WKc, a

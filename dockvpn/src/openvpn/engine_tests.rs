@@ -16,7 +16,7 @@ use super::keymethod;
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTROL_PACKET};
 use super::reliable::Reliable;
 use super::server::{push_messages, EngineConfig, Event, Output, Server};
-use super::tls_crypt::{StaticKey, TlsCrypt, WrapState};
+use super::tls_crypt::{ControlKey, StaticKey, TlsCrypt, WrapState};
 use super::tls_crypt_v2::ServerKey;
 use super::wrap::ControlWrap;
 
@@ -878,7 +878,7 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     let test = TestPki::new("tls-crypt");
     let key = StaticKey::generate();
     let mut config = engine_config(&test.pki);
-    config.tls_crypt = ControlWrap::TlsCrypt(Arc::new(TlsCrypt::server(&key)));
+    config.tls_crypt = ControlWrap::TlsCrypt(ControlKey::Crypt(Arc::new(TlsCrypt::server(&key))));
     let (mut server, address) = test.server_with_client_and_config("kate", config);
     let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
     let start = Instant::now();
@@ -921,7 +921,7 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
     let mut config = engine_config(&test.pki);
     config.tls_crypt = ControlWrap::TlsCryptV2 {
         server_key: Arc::new(ServerKey::from_pem(&server_key.to_pem()).unwrap()),
-        shared: Some(Arc::new(TlsCrypt::server(&shared))),
+        shared: Some(ControlKey::Crypt(Arc::new(TlsCrypt::server(&shared)))),
     };
     let (mut server, address) = test.server_with_client_and_config("vera", config);
     let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();

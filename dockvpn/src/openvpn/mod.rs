@@ -9,6 +9,7 @@ pub mod packet;
 pub mod reliable;
 pub mod server;
 pub mod session;
+pub mod tls_auth;
 pub mod tls_crypt;
 pub mod tls_crypt_v2;
 pub mod wrap;

@@ -17,6 +17,7 @@ use ring::hmac;
 use thiserror::Error;
 
 use super::data::ReplayWindow;
+use super::tls_auth::TlsAuth;
 
 const STATIC_KEY_LEN: usize = 256;
 const SLOT: usize = 128;
@@ -34,9 +35,9 @@ type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum UnwrapError {
-    #[error("too short for tls-crypt")]
+    #[error("too short for tls-crypt or tls-auth")]
     Truncated,
-    #[error("tls-crypt authentication failed (no key, or another key)")]
+    #[error("tls-crypt or tls-auth authentication failed (no key, or another key)")]
     Unauthenticated,
 }
 
@@ -153,10 +154,10 @@ impl TlsCrypt {
     pub fn wrap(&self, packet: &[u8], state: &mut WrapState, now_unix: u32) -> Vec<u8> {
         let split = HEADER_LEN.min(packet.len());
         let (header, plaintext) = packet.split_at(split);
-        state.next_send_id = state.next_send_id.wrapping_add(1);
+        let packet_id = state.next_packet_id();
         let mut out = Vec::with_capacity(packet.len() + OVERHEAD);
         out.extend_from_slice(header);
-        out.extend_from_slice(&state.next_send_id.to_be_bytes());
+        out.extend_from_slice(&packet_id.to_be_bytes());
         out.extend_from_slice(&now_unix.to_be_bytes());
         let mut context = hmac::Context::with_key(&self.send.hmac);
         context.update(&out);
@@ -193,11 +194,44 @@ impl TlsCrypt {
     }
 }
 
-/// A session's tls-crypt key (None: plain control channel) and packet ids: the last one
-/// sent, and the window of those received.
+/// The key a session's control packets are wrapped with.
+#[derive(Debug, Clone)]
+pub enum ControlKey {
+    /// tls-crypt, or a client's own key under tls-crypt-v2.
+    Crypt(Arc<TlsCrypt>),
+    Auth(Arc<TlsAuth>),
+}
+
+impl ControlKey {
+    pub fn wrap(&self, packet: &[u8], state: &mut WrapState, now_unix: u32) -> Vec<u8> {
+        match self {
+            ControlKey::Crypt(key) => key.wrap(packet, state, now_unix),
+            ControlKey::Auth(key) => key.wrap(packet, state, now_unix),
+        }
+    }
+
+    /// The plain packet and its packet id.
+    pub fn unwrap(&self, datagram: &[u8]) -> Result<(Vec<u8>, u32), UnwrapError> {
+        match self {
+            ControlKey::Crypt(key) => key.unwrap(datagram),
+            ControlKey::Auth(key) => key.unwrap(datagram),
+        }
+    }
+
+    pub fn same_key(&self, other: &ControlKey) -> bool {
+        match (self, other) {
+            (ControlKey::Crypt(a), ControlKey::Crypt(b)) => a.same_key(b),
+            (ControlKey::Auth(a), ControlKey::Auth(b)) => a.same_key(b),
+            _ => false,
+        }
+    }
+}
+
+/// A session's control-channel key (None: plain control channel) and packet ids: the last
+/// one sent, and the window of those received.
 #[derive(Debug, Default)]
 pub struct WrapState {
-    pub key: Option<Arc<TlsCrypt>>,
+    pub key: Option<ControlKey>,
     next_send_id: u32,
     pub received: ReplayWindow,
 }
@@ -209,6 +243,12 @@ impl WrapState {
             Some(key) => key.wrap(&packet, self, now_unix),
             None => packet,
         }
+    }
+
+    /// The packet id for the next packet sent.
+    pub fn next_packet_id(&mut self) -> u32 {
+        self.next_send_id = self.next_send_id.wrapping_add(1);
+        self.next_send_id
     }
 }
 

@@ -1,5 +1,6 @@
 //! The control channel's outer layer, in one place: plain, tls-crypt (one key all clients
-//! share) or tls-crypt-v2 (a key per client, unwrapped from its first packet). The engine
+//! share), tls-auth (a shared HMAC key) or tls-crypt-v2 (a key per client, unwrapped from
+//! its first packet). The engine
 //! sees plain control packets only, and a packet no valid key opens goes no further.
 
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::packet::Opcode;
-use super::tls_crypt::{TlsCrypt, UnwrapError};
+use super::tls_crypt::{ControlKey, TlsCrypt, UnwrapError};
 use super::tls_crypt_v2::{ServerKey, UnwrapKeyError};
 
 /// P_CONTROL_HARD_RESET_CLIENT_V3: a HARD_RESET_CLIENT_V2 with the client's WKc appended.
@@ -18,11 +19,13 @@ const CONTROL_WKC_V1: u8 = 11;
 #[derive(Debug, Clone)]
 pub enum ControlWrap {
     Plain,
-    TlsCrypt(Arc<TlsCrypt>),
+    TlsCrypt(ControlKey),
+    /// One key per `auth` digest a profile may use.
+    TlsAuth(Vec<ControlKey>),
     TlsCryptV2 {
         server_key: Arc<ServerKey>,
         /// The tls-crypt v1 key, still accepted so profiles issued before v2 keep working.
-        shared: Option<Arc<TlsCrypt>>,
+        shared: Option<ControlKey>,
     },
 }
 
@@ -40,7 +43,7 @@ pub enum OpenError {
 pub struct Unwrapped {
     pub packet: Vec<u8>,
     pub packet_id: u32,
-    pub key: Arc<TlsCrypt>,
+    pub key: ControlKey,
 }
 
 #[derive(Debug)]
@@ -55,7 +58,7 @@ impl ControlWrap {
     pub fn open<'a>(
         &self,
         datagram: &'a [u8],
-        session_key: Option<&Arc<TlsCrypt>>,
+        session_key: Option<&ControlKey>,
     ) -> Result<Opened<'a>, OpenError> {
         let Some(&first) = datagram.first() else {
             return Ok(Opened::Plain(datagram));
@@ -68,12 +71,11 @@ impl ControlWrap {
         match self {
             ControlWrap::Plain => Ok(Opened::Plain(datagram)),
             _ if is_data => Ok(Opened::Plain(datagram)),
-            ControlWrap::TlsCrypt(key) => Ok(Opened::Unwrapped(open_with(key, datagram)?)),
             ControlWrap::TlsCryptV2 { server_key, .. }
                 if opcode == HARD_RESET_CLIENT_V3 || opcode == CONTROL_WKC_V1 =>
             {
                 let (packet, client_key) = server_key.unwrap_client_key(datagram)?;
-                let key = Arc::new(TlsCrypt::server(&client_key));
+                let key = ControlKey::Crypt(Arc::new(TlsCrypt::server(&client_key)));
                 let mut opened = open_with(&key, packet)?;
                 // Past the key, V3 is V2 and WKC_V1 is CONTROL_V1: the engine knows those.
                 let plain = if opcode == HARD_RESET_CLIENT_V3 {
@@ -84,9 +86,9 @@ impl ControlWrap {
                 opened.packet[0] = plain.wire() << 3 | (first & 0x07);
                 Ok(Opened::Unwrapped(opened))
             }
-            ControlWrap::TlsCryptV2 { shared, .. } => {
+            _ => {
                 let mut result = Err(OpenError::Packet(UnwrapError::Unauthenticated));
-                for key in session_key.into_iter().chain(shared.as_ref()) {
+                for key in session_key.into_iter().chain(self.static_keys()) {
                     result = open_with(key, datagram).map(Opened::Unwrapped);
                     if result.is_ok() {
                         break;
@@ -96,9 +98,19 @@ impl ControlWrap {
             }
         }
     }
+
+    /// The keys every client may use.
+    fn static_keys(&self) -> &[ControlKey] {
+        match self {
+            ControlWrap::Plain => &[],
+            ControlWrap::TlsCrypt(key) => std::slice::from_ref(key),
+            ControlWrap::TlsAuth(keys) => keys,
+            ControlWrap::TlsCryptV2 { shared, .. } => shared.as_slice(),
+        }
+    }
 }
 
-fn open_with(key: &Arc<TlsCrypt>, datagram: &[u8]) -> Result<Unwrapped, OpenError> {
+fn open_with(key: &ControlKey, datagram: &[u8]) -> Result<Unwrapped, OpenError> {
     let (packet, packet_id) = key.unwrap(datagram)?;
     Ok(Unwrapped {
         packet,
@@ -128,7 +140,7 @@ mod tests {
         let shared = StaticKey::generate();
         let wrap = ControlWrap::TlsCryptV2 {
             server_key,
-            shared: Some(Arc::new(TlsCrypt::server(&shared))),
+            shared: Some(ControlKey::Crypt(Arc::new(TlsCrypt::server(&shared)))),
         };
         let mut state = WrapState::default();
         for (sent, opened_as) in [
