@@ -9,7 +9,8 @@ use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
-    issue_profile, status_json, text, vpn_chain, HostileRelay, OpenvpnClient, CONNECTED,
+    issue_profile, openvpn_genkey, status_json, text, vpn_chain, HostileRelay, OpenvpnClient,
+    CONNECTED,
 };
 use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -279,16 +280,7 @@ fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
     let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "v1"]);
     let profile = issue_profile(&chain.si, &dockvpn, "eve", None);
     // A valid certificate, but a tls-crypt key of its own (the stock tool makes one).
-    let key_file = std::env::temp_dir().join(format!("dockvpn-stray-key-{}", std::process::id()));
-    docknfv_tests::prereq::require_command("openvpn", "openvpn");
-    let generated = std::process::Command::new("openvpn")
-        .args(["--genkey", "tls-crypt"])
-        .arg(&key_file)
-        .output()
-        .expect("openvpn --genkey");
-    assert!(generated.status.success(), "{}", text(&generated));
-    let stray_key = std::fs::read_to_string(&key_file).unwrap();
-    let _ = std::fs::remove_file(&key_file);
+    let stray_key = openvpn_genkey(&[], "tls-crypt");
     let profile = replace_inline(&profile, "tls-crypt", &stray_key);
     let eve = OpenvpnClient::start(&chain.right_host, &profile, &[]);
     // The client retries its HARD_RESET every couple of seconds; the server answers none.

@@ -4,7 +4,6 @@
 //! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key, and one from
 //! tls-crypt v1 to v2 that keeps the profiles already handed out working.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
@@ -12,7 +11,6 @@ use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::openvpn::{
     dockvpn_cli, dockvpn_output, issue_profile, start_on_state, text, vpn_chain, OpenvpnClient,
 };
-use docknfv_tests::vnf::binary;
 use docknfv_tests::{Chain, Netns, Vnf};
 
 /// Pings the left host through the tunnel once a second for `count` seconds; the number of

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::openvpn::{
-    dockvpn_cli, dockvpn_output, issue_profile, start_on_state, status_json, text, vpn_chain,
-    OpenvpnClient,
+    dockvpn_cli, dockvpn_output, issue_profile, openvpn_genkey, start_on_state, status_json, text,
+    vpn_chain, OpenvpnClient,
 };
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -133,17 +133,11 @@ fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_bac
 
     // A client key the stock tool wraps with our server key works too: both sides read
     // and write OpenVPN's formats.
-    let key_file = std::env::temp_dir().join(format!("dockvpn-v2-client-{}", std::process::id()));
-    let generated = std::process::Command::new("openvpn")
-        .arg("--tls-crypt-v2")
-        .arg(dockvpn.state_dir().join("pki/tls-crypt-v2-server.key"))
-        .args(["--genkey", "tls-crypt-v2-client"])
-        .arg(&key_file)
-        .output()
-        .expect("openvpn --genkey");
-    assert!(generated.status.success(), "{}", text(&generated));
-    let stock_key = std::fs::read_to_string(&key_file).expect("read the key");
-    let _ = std::fs::remove_file(&key_file);
+    let server_key = dockvpn.state_dir().join("pki/tls-crypt-v2-server.key");
+    let stock_key = openvpn_genkey(
+        &["--tls-crypt-v2", server_key.to_str().expect("utf-8 path")],
+        "tls-crypt-v2-client",
+    );
     let stock_profile = profile.replace(inline_block(&profile, "tls-crypt-v2"), &stock_key);
     let stock = OpenvpnClient::start(&chain.right_host, &stock_profile, &[]);
     stock
@@ -164,21 +158,6 @@ fn a_tls_crypt_v1_profile_connects() {
     assert!(pings(&chain.right_host, "3"), "{}", dockvpn.log());
 }
 
-/// A static key from the stock tool (`openvpn --genkey secret`), as a site already has.
-fn stock_static_key() -> String {
-    require_command("openvpn", "openvpn");
-    let key_file = std::env::temp_dir().join(format!("dockvpn-static-{}", std::process::id()));
-    let generated = std::process::Command::new("openvpn")
-        .args(["--genkey", "secret"])
-        .arg(&key_file)
-        .output()
-        .expect("openvpn --genkey");
-    assert!(generated.status.success(), "{}", text(&generated));
-    let key = std::fs::read_to_string(&key_file).expect("read the key");
-    let _ = std::fs::remove_file(&key_file);
-    key
-}
-
 #[test]
 fn a_sites_tls_auth_key_imported_serves_tls_auth_profiles_with_either_digest() {
     let chain = Chain::new();
@@ -186,7 +165,8 @@ fn a_sites_tls_auth_key_imported_serves_tls_auth_profiles_with_either_digest() {
     let state = StateDir::new();
     let state = state.path();
     let key_path = state.with_extension("ta.key");
-    std::fs::write(&key_path, stock_static_key()).expect("write the key");
+    // A static key from the stock tool, as a site already has.
+    std::fs::write(&key_path, openvpn_genkey(&[], "secret")).expect("write the key");
     dockvpn_cli(&chain.si, state, &["pki", "init"]);
     let imported = dockvpn_output(
         &chain.si,
