@@ -48,7 +48,8 @@ pub struct Unwrapped {
 
 #[derive(Debug)]
 pub enum Opened<'a> {
-    /// Data packets, and every packet without tls-crypt: the decoder judges them.
+    /// Data packets, unknown opcodes, and every packet without a wrap: the decoder judges
+    /// them.
     Plain(&'a [u8]),
     Unwrapped(Unwrapped),
 }
@@ -64,13 +65,10 @@ impl ControlWrap {
             return Ok(Opened::Plain(datagram));
         };
         let opcode = first >> 3;
-        let is_data = matches!(
-            Opcode::from_wire(opcode),
-            Some(Opcode::DataV1 | Opcode::DataV2)
-        );
+        let is_control = Opcode::from_wire(opcode)
+            .is_some_and(|opcode| !matches!(opcode, Opcode::DataV1 | Opcode::DataV2));
         match self {
             ControlWrap::Plain => Ok(Opened::Plain(datagram)),
-            _ if is_data => Ok(Opened::Plain(datagram)),
             ControlWrap::TlsCryptV2 { server_key, .. }
                 if opcode == HARD_RESET_CLIENT_V3 || opcode == CONTROL_WKC_V1 =>
             {
@@ -86,6 +84,8 @@ impl ControlWrap {
                 opened.packet[0] = plain.wire() << 3 | (first & 0x07);
                 Ok(Opened::Unwrapped(opened))
             }
+            // Data for the data channel, and unknown opcodes for the decoder (malformed).
+            _ if !is_control => Ok(Opened::Plain(datagram)),
             _ => {
                 let mut result = Err(OpenError::Packet(UnwrapError::Unauthenticated));
                 for key in session_key.into_iter().chain(self.static_keys()) {
@@ -166,6 +166,11 @@ mod tests {
         assert!(matches!(wrap.open(&v1, None), Ok(Opened::Unwrapped(_))));
         let data = [Opcode::DataV2.wire() << 3, 0, 0, 1, 9, 9];
         assert!(matches!(wrap.open(&data, None), Ok(Opened::Plain(_))));
+        let unknown_opcode = [31 << 3, 0, 0, 1, 9, 9];
+        assert!(matches!(
+            wrap.open(&unknown_opcode, None),
+            Ok(Opened::Plain(_))
+        ));
         assert!(matches!(
             ControlWrap::Plain.open(&plain(7, 0), None),
             Ok(Opened::Plain(_))
