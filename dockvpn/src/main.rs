@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use vnf_core::cli::{
     execute, shutdown_signal, JsonArgs, LifecycleArgs, LogArgs, NetworkArgs, SideArgs, FIREWALL,
     ROUTING, SELECTOR_HELP, VPN,
@@ -35,8 +35,10 @@ use vnf_core::{Error, Result};
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
 use openvpn::session::KeyDerivation;
-use openvpn::tls_crypt::TlsCrypt;
-use pki::Pki;
+use openvpn::tls_auth::{self, TlsAuth};
+use openvpn::tls_crypt::{ControlKey, TlsCrypt};
+use openvpn::wrap::ControlWrap;
+use pki::{Pki, TlsCryptMode};
 
 const DEFAULT_PORT: u16 = 1194;
 /// How long a handshake (the first, or a renegotiation) may take.
@@ -236,19 +238,18 @@ struct ServeArgs {
 /// `run` and `client config` take the same switch (and env var), so profiles match the server.
 #[derive(Args, Debug, Clone, Copy)]
 struct TlsCryptArg {
-    /// Wrap the control channel with the shared tls-crypt key (in the state directory's PKI,
-    /// inlined in every profile): peers without it get no answer at all. Profiles issued
-    /// with it on need it on, and the other way round [default: on, except for a PKI made
-    /// before tls-crypt, whose profiles lack the key; `client config` follows the running
-    /// server]
+    /// Wrap the control channel: peers without a valid key get no answer at all. v2 gives
+    /// each client its own key (and still takes the shared v1 key where the PKI has one);
+    /// v1 uses one key for all. Profiles carry the key of the mode they were issued in
+    /// [default: v2; for a PKI made before tls-crypt-v2, v1 if it has the v1 key, else off;
+    /// `client config` follows the running server]
     #[arg(
         long,
         env = "DOCKVPN_TLS_CRYPT",
-        action = clap::ArgAction::Set,
-        value_name = "BOOL",
+        value_name = "MODE",
         help_heading = VPN
     )]
-    tls_crypt: Option<bool>,
+    tls_crypt: Option<TlsCryptMode>,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +316,9 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Import a site's tls-auth key (its OpenVPN server's `tls-auth` file), so that its
+    /// existing profiles connect with `run --tls-crypt tls-auth`
+    ImportTlsAuth { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,6 +367,11 @@ fn main() -> ExitCode {
                 println!("PKI created in {}", cli.state_dir.join("pki").display());
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Pki(PkiCommand::ImportTlsAuth { file }) => {
+                pki.import_tls_auth_key(file)?;
+                println!("tls-auth key imported; serve it with `dockvpn run --tls-crypt tls-auth`");
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Client(ClientCommand::Add {
                 name,
                 address,
@@ -390,24 +399,39 @@ fn main() -> ExitCode {
                 };
                 let tls_crypt = tls_crypt
                     .tls_crypt
-                    .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.tls_crypt))
-                    .unwrap_or_else(|| pki.has_tls_crypt_key());
+                    .unwrap_or_else(|| profile_mode(&pki, &cli.state_dir));
                 print!("{}", pki.profile(name, &host, port, tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
                 let clients = pki.clients()?;
+                let outdated =
+                    pki.clients_needing_new_profile(profile_mode(&pki, &cli.state_dir))?;
+                let needs_new_profile = |name: &String| outdated.contains(name);
                 if output.json {
+                    let listed: Vec<serde_json::Value> = clients
+                        .iter()
+                        .map(|client| {
+                            let mut value = serde_json::json!(client);
+                            value["needs_new_profile"] = needs_new_profile(&client.name).into();
+                            value
+                        })
+                        .collect();
                     println!(
                         "{}",
-                        serde_json::to_string_pretty(&clients).expect("serializes")
+                        serde_json::to_string_pretty(&listed).expect("serializes")
                     );
                 } else if clients.is_empty() {
                     println!("no clients; add one with `dockvpn client add NAME`");
                 } else {
                     println!("{:<24} ADDRESS", "NAME");
                     for client in clients {
-                        println!("{:<24} {}", client.name, client.address);
+                        let note = if needs_new_profile(&client.name) {
+                            "  profile needs tls-crypt-v2: run `dockvpn client config` again"
+                        } else {
+                            ""
+                        };
+                        println!("{:<24} {:<15}{note}", client.name, client.address);
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -458,17 +482,13 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
         key_derivation: serve.key_derivation.0,
-        tls_crypt: match serve
-            .tls_crypt
-            .tls_crypt
-            .unwrap_or_else(|| pki.has_tls_crypt_key())
-        {
-            true => Some(Arc::new(TlsCrypt::server(&pki.tls_crypt_key()?))),
-            false => {
-                info!("tls-crypt off: every peer reaches TLS. Profiles issued so far lack the key; turn it on with --tls-crypt true (DOCKVPN_TLS_CRYPT) and issue them again (dockvpn client config NAME)");
-                None
-            }
-        },
+        tls_crypt: control_wrap(
+            &pki,
+            serve
+                .tls_crypt
+                .tls_crypt
+                .unwrap_or_else(|| pki.default_tls_crypt_mode()),
+        )?,
     };
     let mut runtime_config = args.routing.runtime_config(state_dir);
     args.lifecycle.apply(&mut runtime_config);
@@ -529,6 +549,48 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     outcome?;
     vpn_outcome?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The mode profiles are issued in: the running server's, else the PKI's default.
+fn profile_mode(pki: &Pki, state_dir: &Path) -> TlsCryptMode {
+    read_vpn_status(state_dir)
+        .map_or_else(|| pki.default_tls_crypt_mode(), |status| status.tls_crypt)
+}
+
+/// The engine's control-channel wrapping for `mode`, with the keys from the PKI.
+fn control_wrap(pki: &Pki, mode: TlsCryptMode) -> Result<ControlWrap> {
+    let shared_key = || -> Result<ControlKey> {
+        Ok(ControlKey::Crypt(Arc::new(TlsCrypt::server(
+            &pki.tls_crypt_key()?,
+        ))))
+    };
+    Ok(match mode {
+        TlsCryptMode::V2 => {
+            let outdated = pki.clients_needing_new_profile(mode)?;
+            if !outdated.is_empty() {
+                warn!(clients = %outdated.join(" "), "profile needs tls-crypt-v2: run `dockvpn client config NAME` again for each and hand it out (until then only a tls-crypt v1 profile of theirs connects)");
+            }
+            ControlWrap::TlsCryptV2 {
+                server_key: Arc::new(pki.tls_crypt_v2_server_key()?),
+                // Profiles issued under v1 keep working until they are replaced.
+                shared: pki.has_tls_crypt_key().then(shared_key).transpose()?,
+            }
+        }
+        TlsCryptMode::V1 => ControlWrap::TlsCrypt(shared_key()?),
+        TlsCryptMode::TlsAuth => {
+            let key = pki.tls_auth_key()?;
+            ControlWrap::TlsAuth(
+                tls_auth::DIGESTS
+                    .iter()
+                    .map(|digest| ControlKey::Auth(Arc::new(TlsAuth::server(&key, *digest))))
+                    .collect(),
+            )
+        }
+        TlsCryptMode::Off => {
+            info!("tls-crypt off: every peer reaches TLS. Profiles issued so far lack a key; turn it on with --tls-crypt v2 (DOCKVPN_TLS_CRYPT) and issue them again (dockvpn client config NAME)");
+            ControlWrap::Plain
+        }
+    })
 }
 
 /// Dockvpn runs one-armed on a single leg; every subcommand assigns sides the way `run` does.
@@ -674,8 +736,17 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
     let routing = vnf_core::status::collect(&routing.runtime_config(state_dir)).await?;
     let vpn = read_vpn_status(state_dir);
     let healthy = routing.converged && vpn.is_some();
+    let outdated = match &vpn {
+        Some(vpn) => Pki::new(state_dir).clients_needing_new_profile(vpn.tls_crypt)?,
+        None => Vec::new(),
+    };
     if json {
-        let value = serde_json::json!({ "healthy": healthy, "routing": routing, "vpn": vpn });
+        let value = serde_json::json!({
+            "healthy": healthy,
+            "routing": routing,
+            "vpn": vpn,
+            "profiles_needing_tls_crypt_v2": outdated,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&value).expect("serializes")
@@ -683,7 +754,15 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
     } else {
         print!("{}", routing.render());
         match &vpn {
-            Some(vpn) => print!("{}", render_vpn(vpn)),
+            Some(vpn) => {
+                print!("{}", render_vpn(vpn));
+                if !outdated.is_empty() {
+                    println!(
+                        "  profile needs tls-crypt-v2 (run `dockvpn client config NAME` again): {}",
+                        outdated.join(" ")
+                    );
+                }
+            }
             None if routing.sides.iter().any(|side| {
                 side.dhcp_client
                     .as_ref()
@@ -722,7 +801,10 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
         vpn.tun,
         vpn.pool,
         vpn.server_address,
-        if vpn.tls_crypt { "on" } else { "off (profiles carry no key)" },
+        match vpn.tls_crypt {
+            TlsCryptMode::Off => "off (profiles carry no key)".to_owned(),
+            mode => mode.to_string(),
+        },
         if vpn.routes_pushed.is_empty() {
             "none".to_owned()
         } else {

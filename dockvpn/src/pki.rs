@@ -24,10 +24,17 @@ use vnf_core::clock::unix_now;
 use vnf_core::{Error, Result};
 
 use crate::openvpn::tls_crypt::StaticKey;
+use crate::openvpn::tls_crypt_v2::{ClientKey, ServerKey};
 
 const CA_NAME: &str = "Dockvpn CA";
 /// The shared tls-crypt key, in OpenVPN's static key format.
 const TLS_CRYPT_KEY: &str = "tls-crypt.key";
+/// A site's tls-auth key, imported (OpenVPN's static key format).
+const TLS_AUTH_KEY: &str = "tls-auth.key";
+/// The tls-crypt-v2 server key, which wraps each client's own key.
+const TLS_CRYPT_V2_SERVER_KEY: &str = "tls-crypt-v2-server.key";
+/// A client's tls-crypt-v2 key (its key and the wrapped copy), under `clients/`.
+const TLS_CRYPT_V2_CLIENT_KEY: &str = "tls-crypt-v2";
 pub const SERVER_NAME: &str = "dockvpn-server";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
@@ -43,6 +50,35 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 
 fn cert_error(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
     move |error| fail(format!("{what}: {error}"))
+}
+
+/// How the control channel is wrapped; profiles carry the matching key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsCryptMode {
+    /// A key per client (`<tls-crypt-v2>`); the v1 key, where one exists, still works
+    V2,
+    /// One key every client shares (`<tls-crypt>`); `true` before v2 existed
+    #[value(alias = "true")]
+    V1,
+    /// An HMAC on each control packet with a site's existing key (`<tls-auth>`, imported
+    /// with `pki import-tls-auth`), for sites migrating their profiles
+    #[serde(rename = "tls-auth")]
+    TlsAuth,
+    /// Plain control channel: every peer reaches TLS
+    #[value(alias = "false")]
+    Off,
+}
+
+impl std::fmt::Display for TlsCryptMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsCryptMode::V2 => "v2",
+            TlsCryptMode::V1 => "v1",
+            TlsCryptMode::TlsAuth => "tls-auth",
+            TlsCryptMode::Off => "off",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -129,33 +165,147 @@ impl Pki {
         write_public(&self.path("ca.crt"), &ca_cert.pem())?;
         write_private(&self.path("server.key"), &server_key.serialize_pem())?;
         write_public(&self.path("server.crt"), &server_cert.pem())?;
-        write_private(&self.path(TLS_CRYPT_KEY), &StaticKey::generate().to_pem())?;
+        write_private(
+            &self.path(TLS_CRYPT_V2_SERVER_KEY),
+            &ServerKey::generate().to_pem(),
+        )?;
+        let _ = fs::remove_file(self.path(TLS_CRYPT_KEY));
         Ok(())
     }
 
-    /// Whether this PKI has a tls-crypt key: every PKI made since tls-crypt exists does, so
-    /// its profiles carry the key; one made before does not, and its profiles do not.
+    /// The mode whose keys this PKI's profiles carry: v2 for a PKI made since tls-crypt-v2
+    /// exists, v1 for one made with tls-crypt, off for one made before either.
+    pub fn default_tls_crypt_mode(&self) -> TlsCryptMode {
+        if self.path(TLS_CRYPT_V2_SERVER_KEY).exists() {
+            TlsCryptMode::V2
+        } else if self.has_tls_crypt_key() {
+            TlsCryptMode::V1
+        } else {
+            TlsCryptMode::Off
+        }
+    }
+
+    /// Whether this PKI has the shared tls-crypt (v1) key.
     pub fn has_tls_crypt_key(&self) -> bool {
         self.path(TLS_CRYPT_KEY).exists()
+    }
+
+    /// The tls-crypt-v2 server key; created when the PKI has none (the operator turned v2 on).
+    pub fn tls_crypt_v2_server_key(&self) -> Result<ServerKey> {
+        self.server_side_key(
+            TLS_CRYPT_V2_SERVER_KEY,
+            || ServerKey::generate().to_pem(),
+            ServerKey::from_pem,
+            "a tls-crypt-v2 server key",
+        )
+    }
+
+    /// A key file of the server's, made on first use; `what` names it in errors.
+    fn server_side_key<K>(
+        &self,
+        file: &str,
+        generate: impl FnOnce() -> String,
+        parse: impl FnOnce(&str) -> std::result::Result<K, String>,
+        what: &str,
+    ) -> Result<K> {
+        self.require()?;
+        let path = self.path(file);
+        if !path.exists() {
+            let _lock = self.lock()?;
+            if !path.exists() {
+                write_private(&path, &generate())?;
+            }
+        }
+        parse(&self.read(file)?).map_err(|error| {
+            fail(format!(
+                "{} is not {what} ({error}); delete it and restart to make a new one (every profile that carries it must then be issued again)",
+                path.display()
+            ))
+        })
+    }
+
+    /// Copies a site's tls-auth key (`openvpn --genkey secret`) into the PKI, for
+    /// `--tls-crypt tls-auth`.
+    pub fn import_tls_auth_key(&self, file: &Path) -> Result<()> {
+        self.require()?;
+        let text = fs::read_to_string(file).map_err(io(format!("read {}", file.display())))?;
+        StaticKey::from_pem(&text).map_err(|error| {
+            Error::invalid(
+                "FILE",
+                file.display(),
+                format!("not an OpenVPN static key ({error}): give the file named by `tls-auth` in the site's server config"),
+            )
+        })?;
+        let _lock = self.lock()?;
+        write_private(&self.path(TLS_AUTH_KEY), &text)
+    }
+
+    /// The imported tls-auth key.
+    pub fn tls_auth_key(&self) -> Result<StaticKey> {
+        let path = self.path(TLS_AUTH_KEY);
+        let text = fs::read_to_string(&path).map_err(|_| {
+            Error::invalid(
+                "--tls-crypt",
+                "tls-auth",
+                "the PKI has no tls-auth key: import the site's with `dockvpn pki import-tls-auth FILE`",
+            )
+        })?;
+        StaticKey::from_pem(&text).map_err(|error| {
+            fail(format!(
+                "{} is not a tls-auth key ({error}); import the site's key again with `dockvpn pki import-tls-auth FILE`",
+                path.display()
+            ))
+        })
+    }
+
+    /// Whether `name` has a tls-crypt-v2 key: clients added before v2 was on have none,
+    /// so their profiles lack it.
+    pub fn has_client_tls_crypt_v2_key(&self, name: &str) -> bool {
+        self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY).exists()
+    }
+
+    /// The clients whose profiles cannot work in `mode` as issued: in v2, those without a
+    /// tls-crypt-v2 key (their profiles carry none; `client config` issues one).
+    pub fn clients_needing_new_profile(&self, mode: TlsCryptMode) -> Result<Vec<String>> {
+        if mode != TlsCryptMode::V2 {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .load_registry()?
+            .clients
+            .into_keys()
+            .filter(|name| !self.has_client_tls_crypt_v2_key(name))
+            .collect())
+    }
+
+    /// The client's tls-crypt-v2 key, made (and kept) on first use.
+    fn client_tls_crypt_v2_key(&self, name: &str) -> Result<ClientKey> {
+        let path = self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY);
+        if !path.exists() {
+            let server_key = self.tls_crypt_v2_server_key()?;
+            let _lock = self.lock()?;
+            if !path.exists() {
+                write_private(&path, &server_key.issue_client_key(unix_now()).to_pem())?;
+            }
+        }
+        let text = fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+        ClientKey::from_pem(&text).map_err(|error| {
+            fail(format!(
+                "{} is not a tls-crypt-v2 client key ({error}); delete it and run `dockvpn client config {name}` again",
+                path.display()
+            ))
+        })
     }
 
     /// The tls-crypt key the server and every profile share; created when a PKI made before
     /// tls-crypt existed has none (the operator turned it on).
     pub fn tls_crypt_key(&self) -> Result<StaticKey> {
-        self.require()?;
-        let path = self.path(TLS_CRYPT_KEY);
-        if !path.exists() {
-            let _lock = self.lock()?;
-            if !path.exists() {
-                write_private(&path, &StaticKey::generate().to_pem())?;
-            }
-        }
-        StaticKey::from_pem(&self.read(TLS_CRYPT_KEY)?).map_err(|error| {
-            fail(format!(
-                "{} is not a tls-crypt key ({error}); delete it and restart to make a new one (every profile must then be issued again)",
-                path.display()
-            ))
-        })
+        self.server_side_key(
+            TLS_CRYPT_KEY,
+            || StaticKey::generate().to_pem(),
+            StaticKey::from_pem,
+            "a tls-crypt key",
+        )
     }
 
     /// `run` creates the PKI on first start so a new container works without set-up.
@@ -267,6 +417,14 @@ impl Pki {
             .map_err(cert_error("sign the client certificate"))?;
         write_private(&self.client_path(name, "key"), &key.serialize_pem())?;
         write_public(&self.client_path(name, "crt"), &cert.pem())?;
+        if self.path(TLS_CRYPT_V2_SERVER_KEY).exists() {
+            let server_key = ServerKey::from_pem(&self.read(TLS_CRYPT_V2_SERVER_KEY)?)
+                .map_err(|error| fail(format!("{TLS_CRYPT_V2_SERVER_KEY}: {error}")))?;
+            write_private(
+                &self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY),
+                &server_key.issue_client_key(unix_now()).to_pem(),
+            )?;
+        }
 
         let record = ClientRecord {
             name: name.to_owned(),
@@ -287,20 +445,20 @@ impl Pki {
             )));
         }
         self.save_registry(&registry)?;
-        for extension in ["crt", "key"] {
+        for extension in ["crt", "key", TLS_CRYPT_V2_CLIENT_KEY] {
             let _ = fs::remove_file(self.client_path(name, extension));
         }
         Ok(())
     }
 
-    /// A ready inline `.ovpn` profile for the stock OpenVPN client; with `tls_crypt`, it
-    /// carries the shared tls-crypt key.
+    /// A ready inline `.ovpn` profile for the stock OpenVPN client, carrying the key that
+    /// `tls_crypt` asks for: the client's own tls-crypt-v2 key, or the shared tls-crypt key.
     pub fn profile(
         &self,
         name: &str,
         remote_host: &str,
         remote_port: u16,
-        tls_crypt: bool,
+        tls_crypt: TlsCryptMode,
     ) -> Result<String> {
         self.require()?;
         if !self.load_registry()?.clients.contains_key(name) {
@@ -329,13 +487,20 @@ impl Pki {
             ca = self.read("ca.crt")?,
             cert = read_client("crt")?,
             key = read_client("key")?,
-            tls_crypt = if tls_crypt {
-                format!(
+            tls_crypt = match tls_crypt {
+                TlsCryptMode::V2 => format!(
+                    "<tls-crypt-v2>\n{}</tls-crypt-v2>\n",
+                    self.client_tls_crypt_v2_key(name)?.to_pem()
+                ),
+                TlsCryptMode::V1 => format!(
                     "<tls-crypt>\n{}</tls-crypt>\n",
                     self.tls_crypt_key()?.to_pem()
-                )
-            } else {
-                String::new()
+                ),
+                TlsCryptMode::TlsAuth => format!(
+                    "<tls-auth>\n{}</tls-auth>\nkey-direction 1\n",
+                    self.tls_auth_key()?.to_pem()
+                ),
+                TlsCryptMode::Off => String::new(),
             },
         ))
     }
@@ -453,15 +618,50 @@ mod tests {
             .add_client("carol", pool, Some(Ipv4Addr::new(10, 8, 0, 1)))
             .is_err());
         use std::os::unix::fs::PermissionsExt;
-        for key in [pki.path("ca.key"), pki.client_path("alice", "key")] {
+        for key in [
+            pki.path("ca.key"),
+            pki.client_path("alice", "key"),
+            pki.path(TLS_CRYPT_V2_SERVER_KEY),
+            pki.client_path("alice", TLS_CRYPT_V2_CLIENT_KEY),
+        ] {
             assert_eq!(
                 fs::metadata(key).unwrap().permissions().mode() & 0o777,
                 0o600
             );
         }
-        let profile = pki.profile("alice", "10.0.2.2", 1194, true).unwrap();
+        assert_eq!(pki.default_tls_crypt_mode(), TlsCryptMode::V2);
+        assert!(!pki.has_tls_crypt_key(), "a new PKI needs no shared key");
+        let profile = pki
+            .profile("alice", "10.0.2.2", 1194, TlsCryptMode::V2)
+            .unwrap();
         assert!(profile.contains("remote 10.0.2.2 1194\n"));
         assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
+        let v2_block = "<tls-crypt-v2>\n-----BEGIN OpenVPN tls-crypt-v2 client key-----";
+        assert!(profile.contains(v2_block), "{profile}");
+        // The same key each time the profile is issued.
+        assert_eq!(
+            pki.profile("alice", "10.0.2.2", 1194, TlsCryptMode::V2)
+                .unwrap(),
+            profile
+        );
+        assert!(pki
+            .clients_needing_new_profile(TlsCryptMode::V2)
+            .unwrap()
+            .is_empty());
+        // A client added before v2 existed gets its key with its next profile.
+        fs::remove_file(pki.client_path("bob", TLS_CRYPT_V2_CLIENT_KEY)).unwrap();
+        assert_eq!(
+            pki.clients_needing_new_profile(TlsCryptMode::V2).unwrap(),
+            ["bob"]
+        );
+        assert!(pki
+            .profile("bob", "10.0.2.2", 1194, TlsCryptMode::V2)
+            .unwrap()
+            .contains(v2_block));
+        assert!(pki
+            .clients_needing_new_profile(TlsCryptMode::V2)
+            .unwrap()
+            .is_empty());
         pki.server_tls_config().unwrap();
         pki.remove_client("bob").unwrap();
         let carol = pki.add_client("carol", pool, None).unwrap();

@@ -16,7 +16,8 @@ use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
-use crate::pki::Pki;
+use crate::openvpn::wrap::ControlWrap;
+use crate::pki::{Pki, TlsCryptMode};
 use crate::udp::Listener;
 
 /// How often status.json is rewritten while nothing happens.
@@ -49,9 +50,8 @@ pub struct VpnStatus {
     pub handshaking: usize,
     pub dropped: Counters,
     pub updated_unix: u64,
-    /// Whether the control channel is wrapped (so `client config` issues matching profiles).
-    #[serde(default)]
-    pub tls_crypt: bool,
+    /// How the control channel is wrapped (so `client config` issues matching profiles).
+    pub tls_crypt: TlsCryptMode,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -259,7 +259,12 @@ fn write_status(config: &VpnConfig, engine: &Server) {
         handshaking: engine.handshaking(),
         dropped: engine.counters,
         updated_unix: clock.unix(now),
-        tls_crypt: config.engine.tls_crypt.is_some(),
+        tls_crypt: match config.engine.tls_crypt {
+            ControlWrap::Plain => TlsCryptMode::Off,
+            ControlWrap::TlsCrypt(_) => TlsCryptMode::V1,
+            ControlWrap::TlsAuth(_) => TlsCryptMode::TlsAuth,
+            ControlWrap::TlsCryptV2 { .. } => TlsCryptMode::V2,
+        },
     };
     let text = serde_json::to_string_pretty(&status).expect("status serializes");
     if let Err(error) =

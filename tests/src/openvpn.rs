@@ -62,14 +62,21 @@ impl Drop for OpenvpnClient {
 pub fn vpn_chain(extra: &[&str]) -> (Chain, Vnf) {
     let chain = Chain::new();
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let mut args = vec!["run", "--left-route", LEFT_HOST_NET];
+    let dockvpn = start_serving(&chain, &[], extra);
+    (chain, dockvpn)
+}
+
+/// `dockvpn GLOBAL… run --left-route LEFT_HOST_NET EXTRA…` in the SI, once listening.
+fn start_serving(chain: &Chain, global: &[&str], extra: &[&str]) -> Vnf {
+    let mut args = global.to_vec();
+    args.extend(["run", "--left-route", LEFT_HOST_NET]);
     args.extend(extra);
     let dockvpn = Vnf::start(&chain.si, "dockvpn", &args);
     dockvpn.wait_ready();
     dockvpn
         .wait_for_log("VPN server listening", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
-    (chain, dockvpn)
+    dockvpn
 }
 
 /// `dockvpn status --json` against this VNF's state directory.
@@ -89,6 +96,50 @@ pub fn issue_profile(si: &Netns, dockvpn: &Vnf, name: &str, remote: Option<&str>
     let config = dockvpn.cli(si, "dockvpn", &args);
     assert!(config.status.success(), "client config: {}", text(&config));
     String::from_utf8(config.stdout).expect("utf-8 profile")
+}
+
+/// `dockvpn --state-dir STATE ARGS…` in `ns`.
+pub fn dockvpn_output(ns: &Netns, state: &std::path::Path, args: &[&str]) -> Output {
+    ns.command(crate::vnf::binary("dockvpn").to_str().expect("utf-8 path"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run dockvpn")
+}
+
+/// `dockvpn --state-dir STATE ARGS…` in `ns`; its stdout (panics on failure).
+pub fn dockvpn_cli(ns: &Netns, state: &std::path::Path, args: &[&str]) -> String {
+    let output = dockvpn_output(ns, state, args);
+    assert!(output.status.success(), "{args:?}: {}", text(&output));
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// `dockvpn run` on the state directory `state`, serving LEFT_HOST_NET, once listening.
+pub fn start_on_state(chain: &Chain, state: &std::path::Path, extra: &[&str]) -> Vnf {
+    let state = state.to_str().expect("utf-8 path");
+    start_serving(chain, &["--state-dir", state], extra)
+}
+
+/// A key from the stock tool: `openvpn ARGS --genkey KIND FILE`, the file's text.
+pub fn openvpn_genkey(args: &[&str], kind: &str) -> String {
+    require_command("openvpn", "openvpn");
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let key_file = std::env::temp_dir().join(format!(
+        "docknfv-key-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let generated = std::process::Command::new("openvpn")
+        .args(args)
+        .args(["--genkey", kind])
+        .arg(&key_file)
+        .output()
+        .expect("openvpn --genkey");
+    assert!(generated.status.success(), "{}", text(&generated));
+    let key = std::fs::read_to_string(&key_file).expect("read the key");
+    let _ = std::fs::remove_file(&key_file);
+    key
 }
 
 pub fn text(output: &Output) -> String {

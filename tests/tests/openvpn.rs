@@ -9,7 +9,8 @@ use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
-    issue_profile, status_json, text, vpn_chain, HostileRelay, OpenvpnClient, CONNECTED,
+    issue_profile, openvpn_genkey, status_json, text, vpn_chain, HostileRelay, OpenvpnClient,
+    CONNECTED,
 };
 use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -276,19 +277,10 @@ fn replace_inline(profile: &str, tag: &str, content: &str) -> String {
 
 #[test]
 fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
-    let (chain, dockvpn) = vpn_chain(&[]);
+    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "v1"]);
     let profile = issue_profile(&chain.si, &dockvpn, "eve", None);
     // A valid certificate, but a tls-crypt key of its own (the stock tool makes one).
-    let key_file = std::env::temp_dir().join(format!("dockvpn-stray-key-{}", std::process::id()));
-    docknfv_tests::prereq::require_command("openvpn", "openvpn");
-    let generated = std::process::Command::new("openvpn")
-        .args(["--genkey", "tls-crypt"])
-        .arg(&key_file)
-        .output()
-        .expect("openvpn --genkey");
-    assert!(generated.status.success(), "{}", text(&generated));
-    let stray_key = std::fs::read_to_string(&key_file).unwrap();
-    let _ = std::fs::remove_file(&key_file);
+    let stray_key = openvpn_genkey(&[], "tls-crypt");
     let profile = replace_inline(&profile, "tls-crypt", &stray_key);
     let eve = OpenvpnClient::start(&chain.right_host, &profile, &[]);
     // The client retries its HARD_RESET every couple of seconds; the server answers none.
@@ -313,7 +305,7 @@ fn a_client_without_the_tls_crypt_key_gets_no_answer_at_all() {
 
 #[test]
 fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
-    let (chain, dockvpn) = vpn_chain(&[]);
+    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "v1"]);
     let other_ca = std::env::temp_dir().join(format!("dockvpn-other-ca-{}", std::process::id()));
     let run_other = |args: &[&str]| {
         let output = chain
@@ -328,7 +320,15 @@ fn a_certificate_from_another_ca_never_gets_past_the_handshake() {
     };
     run_other(&["pki", "init"]);
     run_other(&["client", "add", "mallory"]);
-    let profile = run_other(&["client", "config", "mallory", "--remote", "10.0.2.2:1194"]);
+    let profile = run_other(&[
+        "client",
+        "config",
+        "mallory",
+        "--remote",
+        "10.0.2.2:1194",
+        "--tls-crypt",
+        "v1",
+    ]);
     let _ = std::fs::remove_dir_all(&other_ca);
     // Mallory trusts our server (our CA in <ca>) and holds our tls-crypt key (say it leaked),
     // but her certificate comes from another CA.

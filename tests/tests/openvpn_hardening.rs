@@ -171,14 +171,14 @@ fn a_real_client_connects_through_a_flood(
 #[test]
 fn with_tls_crypt_off_a_reset_flood_creates_no_session_and_a_real_client_connects() {
     // Each forged reset got its small reply and was forgotten: nothing to count.
-    a_real_client_connects_through_a_flood("false", |_| true);
+    a_real_client_connects_through_a_flood("off", |_| true);
 }
 
 #[test]
 fn with_tls_crypt_a_reset_flood_is_dropped_unanswered_and_a_real_client_connects() {
     // The forged resets fail to unwrap and are counted (a busy kernel may drop a few).
     let floor = u64::from(FLOOD_RATE * FLOOD_SECONDS) * 95 / 100;
-    a_real_client_connects_through_a_flood("true", |dropped| {
+    a_real_client_connects_through_a_flood("v1", |dropped| {
         dropped["unauthenticated_control"].as_u64() >= Some(floor)
     });
 }
@@ -229,8 +229,8 @@ fn forged_control(session: [u8; 8], payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_forged_reset_and_client_hello_get_back_fewer_bytes_than_sent_and_no_tls_session() {
-    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "false"]);
-    let profile = profile(&chain.si, &dockvpn, "alice", "false");
+    let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "off"]);
+    let profile = profile(&chain.si, &dockvpn, "alice", "off");
     let server = remote(&profile);
     // The "victim": a socket that receives whatever the server sends to its address and
     // never answers.

@@ -1,14 +1,17 @@
 //! The OpenVPN protocol beyond a first connection, with the stock OpenVPN 2.6 client: key
 //! renegotiation (whichever side starts it, the tunnel keeps carrying traffic across every
 //! key change, and no key-id error is logged), the ChaCha20-Poly1305 data channel, and an
-//! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key.
+//! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key, and one from
+//! tls-crypt v1 to v2 that keeps the profiles already handed out working.
 
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
-use docknfv_tests::openvpn::{issue_profile, status_json, text, vpn_chain, OpenvpnClient};
-use docknfv_tests::vnf::binary;
+use docknfv_tests::openvpn::{
+    dockvpn_cli, dockvpn_output, issue_profile, start_on_state, status_json, text, vpn_chain,
+    OpenvpnClient,
+};
 use docknfv_tests::{Chain, Netns, Vnf};
 
 /// Pings the left host through the tunnel once a second for `count` seconds; the number of
@@ -184,46 +187,29 @@ fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
     );
 }
 
-#[test]
-fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
+/// The chain, and a state directory as a Dockvpn from before tls-crypt-v2 left it: a PKI
+/// without the v2 server key and client alice (added then, so without a v2 key of her own).
+/// The directory is removed on drop, also when an assertion fails.
+fn chain_with_pre_v2_state() -> (Chain, StateDir) {
     let chain = Chain::new();
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    // Removed on drop, also when an assertion fails.
     let state = StateDir::new();
-    let state = state.path();
-    let dockvpn_cli = |args: &[&str]| {
-        let output = chain
-            .si
-            .command(binary("dockvpn").to_str().expect("utf-8 path"))
-            .arg("--state-dir")
-            .arg(state)
-            .args(args)
-            .output()
-            .expect("run dockvpn");
-        assert!(output.status.success(), "{args:?}: {}", text(&output));
-        String::from_utf8(output.stdout).expect("utf-8")
-    };
-    // The state directory as an earlier Dockvpn left it: a PKI without a tls-crypt key, and
-    // a profile handed out from it.
-    dockvpn_cli(&["pki", "init"]);
-    std::fs::remove_file(state.join("pki/tls-crypt.key")).expect("remove the key");
-    dockvpn_cli(&["client", "add", "alice"]);
-    let profile = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
-    assert!(!profile.contains("<tls-crypt>"), "{profile}");
+    dockvpn_cli(&chain.si, state.path(), &["pki", "init"]);
+    std::fs::remove_file(state.path().join("pki/tls-crypt-v2-server.key")).expect("remove the key");
+    dockvpn_cli(&chain.si, state.path(), &["client", "add", "alice"]);
+    (chain, state)
+}
 
-    let state_arg = state.to_str().expect("utf-8 path");
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &[
-            "--state-dir",
-            state_arg,
-            "run",
-            "--left-route",
-            LEFT_HOST_NET,
-        ],
-    );
-    dockvpn.wait_ready();
+#[test]
+fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
+    let (chain, state) = chain_with_pre_v2_state();
+    let state = state.path();
+    let dockvpn_cli = |args: &[&str]| dockvpn_cli(&chain.si, state, args);
+    // Without the v1 key either: profiles handed out carry no key.
+    let profile = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
+    assert!(!profile.contains("<tls-crypt"), "{profile}");
+
+    let dockvpn = start_on_state(&chain, state, &[]);
     dockvpn
         .wait_for_log("tls-crypt off", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -232,9 +218,9 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
         .wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     assert_eq!(answered_pings(&chain.right_host, 3), 3, "{}", dockvpn.log());
-    // A profile issued now matches the running server: still without the key.
+    // A profile issued now matches the running server: still without a key.
     let again = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
-    assert!(!again.contains("<tls-crypt>"), "{again}");
+    assert!(!again.contains("<tls-crypt"), "{again}");
     drop(client);
     drop(dockvpn);
 }
@@ -307,4 +293,55 @@ fn old_profiles_with_comp_lzo_or_compress_pass_traffic_uncompressed() {
         1,
         "{server_log}"
     );
+}
+
+#[test]
+fn a_tls_crypt_v1_pki_turned_to_v2_keeps_its_profiles_and_names_those_to_reissue() {
+    let (chain, state) = chain_with_pre_v2_state();
+    let state = state.path();
+    let dockvpn_cli = |args: &[&str]| dockvpn_cli(&chain.si, state, args);
+    // As a Dockvpn with tls-crypt v1 left it: the shared key, a profile carrying it.
+    let remote = ["--remote", "10.0.2.2:1194"];
+    let v1_profile = dockvpn_cli(
+        &[
+            &["client", "config", "alice", "--tls-crypt", "v1"][..],
+            &remote,
+        ]
+        .concat(),
+    );
+    assert!(v1_profile.contains("<tls-crypt>"), "{v1_profile}");
+    assert!(!dockvpn_cli(&["client", "list"]).contains("needs tls-crypt-v2"));
+
+    // The operator turns v2 on: the v1 profile still connects, and alice is named.
+    let dockvpn = start_on_state(&chain, state, &["--tls-crypt", "v2"]);
+    dockvpn
+        .wait_for_log("profile needs tls-crypt-v2", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = OpenvpnClient::start(&chain.right_host, &v1_profile, &[]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(answered_pings(&chain.right_host, 2), 2, "{}", dockvpn.log());
+    drop(client);
+    let listed = dockvpn_cli(&["client", "list"]);
+    assert!(listed.contains("needs tls-crypt-v2"), "{listed}");
+    // `status` exits 1 while routing converges: its JSON is what counts here.
+    let output = dockvpn_output(&chain.si, state, &["status", "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
+    assert_eq!(
+        status["profiles_needing_tls_crypt_v2"],
+        serde_json::json!(["alice"]),
+        "{status}"
+    );
+
+    // The profile issued now carries alice's own v2 key, and she is no longer named.
+    let v2_profile = dockvpn_cli(&[&["client", "config", "alice"][..], &remote].concat());
+    assert!(v2_profile.contains("<tls-crypt-v2>"), "{v2_profile}");
+    assert!(!dockvpn_cli(&["client", "list"]).contains("needs tls-crypt-v2"));
+    let client = OpenvpnClient::start(&chain.right_host, &v2_profile, &[]);
+    client
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    assert_eq!(answered_pings(&chain.right_host, 2), 2, "{}", dockvpn.log());
 }

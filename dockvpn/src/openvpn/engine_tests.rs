@@ -19,7 +19,11 @@ use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTRO
 use super::reliable::Reliable;
 use super::server::{push_messages, Admission, EngineConfig, Event, Output, Server};
 use super::session::{DataKeys, KeyDerivation, OPTIONS_STRING};
-use super::tls_crypt::{StaticKey, TlsCrypt, WrapState};
+use super::tls_crypt::{ControlKey, StaticKey, TlsCrypt, WrapState};
+use super::tls_crypt_v2::ServerKey;
+use super::wrap::ControlWrap;
+
+const HARD_RESET_CLIENT_V3: u8 = 10;
 use crate::pki::{Pki, SERVER_NAME};
 use ipnet::Ipv4Net;
 
@@ -76,7 +80,7 @@ fn engine_config(pki: &Pki) -> EngineConfig {
         max_handshaking: 4,
         reneg_after: None,
         transition_window: Duration::from_secs(60),
-        tls_crypt: None,
+        tls_crypt: ControlWrap::Plain,
         key_derivation: None,
     }
 }
@@ -108,6 +112,8 @@ struct TestClient {
     previous_data: Option<DataChannel>,
     /// With tls-crypt: the client's keys and its wrap state.
     tls_crypt: Option<(TlsCrypt, WrapState)>,
+    /// With tls-crypt-v2: its wrapped key (WKc), sent with the HARD_RESET (as V3).
+    wrapped_key: Option<Vec<u8>>,
     /// Where the server sees its datagrams come from.
     peer: SocketAddr,
     /// tls-crypt packets dropped as replays (a stock client drops them too).
@@ -158,6 +164,7 @@ impl TestClient {
             data_key_id: None,
             previous_data: None,
             tls_crypt: None,
+            wrapped_key: None,
             peer: CLIENT_ADDRESS.parse().unwrap(),
             replayed: 0,
             options: "V4,dev-type tun,tls-client",
@@ -191,8 +198,16 @@ impl TestClient {
             .datagrams(now, self.key_id, self.session_id, server);
         match self.tls_crypt.as_mut() {
             Some((tls_crypt, state)) => datagrams
-                .iter()
-                .map(|datagram| tls_crypt.wrap(datagram, state, 1_700_000_000))
+                .into_iter()
+                .map(|mut datagram| match &self.wrapped_key {
+                    Some(wrapped_key) if datagram[0] >> 3 == Opcode::HardResetClientV2.wire() => {
+                        datagram[0] = HARD_RESET_CLIENT_V3 << 3 | (datagram[0] & 7);
+                        let mut v3 = tls_crypt.wrap(&datagram, state, 1_700_000_000);
+                        v3.extend_from_slice(wrapped_key);
+                        v3
+                    }
+                    _ => tls_crypt.wrap(&datagram, state, 1_700_000_000),
+                })
                 .collect(),
             None => datagrams,
         }
@@ -1101,7 +1116,7 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     let test = TestPki::new("tls-crypt");
     let key = StaticKey::generate();
     let mut config = engine_config(&test.pki);
-    config.tls_crypt = Some(Arc::new(TlsCrypt::server(&key)));
+    config.tls_crypt = ControlWrap::TlsCrypt(ControlKey::Crypt(Arc::new(TlsCrypt::server(&key))));
     let (mut server, address) = test.server_with_client_and_config("kate", config);
     let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
     let start = Instant::now();
@@ -1143,7 +1158,7 @@ fn with_tls_crypt_the_session_continues_the_packet_ids_of_the_stateless_reset() 
     let test = TestPki::new("tls-crypt-ids");
     let key = StaticKey::generate();
     let mut config = engine_config(&test.pki);
-    config.tls_crypt = Some(Arc::new(TlsCrypt::server(&key)));
+    config.tls_crypt = ControlWrap::TlsCrypt(ControlKey::Crypt(Arc::new(TlsCrypt::server(&key))));
     let (mut server, _) = test.server_with_client_and_config("liam", config);
     let mut client = TestClient::new(&test.pki, "liam", "AES-256-GCM");
     client.tls_crypt = Some((TlsCrypt::client(&key), WrapState::default()));
@@ -1152,6 +1167,71 @@ fn with_tls_crypt_the_session_continues_the_packet_ids_of_the_stateless_reset() 
         client.replayed, 0,
         "a server packet reused the reset's packet id"
     );
+}
+
+#[test]
+fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_no_trace() {
+    let test = TestPki::new("tls-crypt-v2");
+    let server_key = ServerKey::generate();
+    let shared = StaticKey::generate();
+    let mut config = engine_config(&test.pki);
+    config.tls_crypt = ControlWrap::TlsCryptV2 {
+        server_key: Arc::new(ServerKey::from_pem(&server_key.to_pem()).unwrap()),
+        shared: Some(ControlKey::Crypt(Arc::new(TlsCrypt::server(&shared)))),
+    };
+    let (mut server, address) = test.server_with_client_and_config("vera", config);
+    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let start = Instant::now();
+    let v2_client = |issuer: &ServerKey| {
+        let issued = issuer.issue_client_key(1_700_000_000);
+        let mut client = TestClient::new(&test.pki, "vera", "AES-256-GCM");
+        client.tls_crypt = Some((TlsCrypt::client(issued.key()), WrapState::default()));
+        client.wrapped_key = Some(issued.wrapped().to_vec());
+        client
+    };
+
+    // Another server's client key, a forged WKc, a V3 without WKc: no answer, no session.
+    let mut stranger = v2_client(&ServerKey::generate());
+    let mut forged = v2_client(&server_key);
+    if let Some(wrapped) = forged.wrapped_key.as_mut() {
+        wrapped[40] ^= 1;
+    }
+    let mut bare = v2_client(&server_key);
+    bare.wrapped_key = Some(Vec::new());
+    for mut client in [stranger, forged, bare] {
+        for datagram in client.datagrams(start) {
+            server.handle_datagram(start, peer, &datagram);
+        }
+    }
+    assert!(
+        server.poll_output().is_none(),
+        "a forged reset got an answer"
+    );
+    assert_eq!(server.counters.unauthenticated_control, 3);
+    assert_eq!(server.session_count(), 0);
+
+    let mut client = v2_client(&server_key);
+    let now = start + connect(&mut server, &mut client, hostile, start);
+    flush_client(&mut server, &mut client, now);
+    assert_data_flows_on_current_key(&mut server, &mut client, address, now);
+    // Past its HARD_RESET, packets under another client's key do not reach the session.
+    stranger = v2_client(&server_key);
+    stranger.session_id = client.session_id;
+    stranger.wrapped_key = None;
+    let before = server.counters.unauthenticated_control;
+    for datagram in stranger.datagrams(now) {
+        server.handle_datagram(now, peer, &datagram);
+    }
+    assert_eq!(server.counters.unauthenticated_control, before + 1);
+    assert_eq!(server.connected().len(), 1);
+
+    // A profile with the v1 key issued before v2 was on still connects.
+    let mut old_profile = TestClient::new(&test.pki, "vera", "AES-256-GCM");
+    old_profile.tls_crypt = Some((TlsCrypt::client(&shared), WrapState::default()));
+    old_profile.peer = "192.0.2.30:40000".parse().unwrap();
+    run_until(&mut server, &mut old_profile, hostile, now, |c| {
+        c.data.is_some()
+    });
 }
 
 #[test]

@@ -20,7 +20,8 @@ use super::keymethod::{
 };
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
 use super::session::{DataKeys, KeyDerivation, Session, OPTIONS_STRING};
-use super::tls_crypt::{TlsCrypt, WrapState};
+use super::tls_crypt::{ControlKey, WrapState};
+use super::wrap::{ControlWrap, Opened, Unwrapped};
 use vnf_core::clock::WallClock;
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
@@ -46,8 +47,8 @@ pub struct EngineConfig {
     pub reneg_after: Option<Duration>,
     /// How long a replaced key keeps working after a renegotiation starts.
     pub transition_window: Duration,
-    /// Wrap every control packet with this key (tls-crypt); None: plain control channel.
-    pub tls_crypt: Option<Arc<TlsCrypt>>,
+    /// How control packets are wrapped: plain, tls-crypt, tls-auth or tls-crypt-v2.
+    pub tls_crypt: ControlWrap,
     /// How every client's data keys are derived; None: tls-ekm when the client offers it,
     /// else the PRF.
     pub key_derivation: Option<KeyDerivation>,
@@ -95,7 +96,8 @@ pub struct Counters {
     /// IPv6 packets from clients (their router solicitations): benign, so outside `total`.
     #[serde(default)]
     pub ipv6_from_client: u64,
-    /// Control packets that failed tls-crypt: scanners and peers without the key.
+    /// Control packets that failed tls-crypt or tls-crypt-v2: scanners and peers without a
+    /// valid key.
     #[serde(default)]
     pub unauthenticated_control: u64,
     #[serde(default)]
@@ -293,22 +295,17 @@ impl Server {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
-        let mut wrap_id = None;
-        let unwrapped;
-        let datagram = match &self.config.tls_crypt {
-            Some(tls_crypt) if is_control(datagram) => match tls_crypt.unwrap(datagram) {
-                Ok((packet, id)) => {
-                    wrap_id = Some(id);
-                    unwrapped = packet;
-                    &unwrapped[..]
-                }
-                Err(error) => {
-                    let why = format!("from {from}: {error}");
-                    return self.drop_input(|c| &mut c.unauthenticated_control, why);
-                }
-            },
-            _ => datagram,
+        let session_key = self.sessions.get(&from).and_then(|s| s.wrap.key.clone());
+        let (datagram, unwrapped) = match self.config.tls_crypt.open(datagram, session_key.as_ref())
+        {
+            Ok(Opened::Plain(datagram)) => (datagram, None),
+            Ok(Opened::Unwrapped(unwrapped)) => (&[][..], Some(unwrapped)),
+            Err(error) => {
+                let why = format!("from {from}: {error}");
+                return self.drop_input(|c| &mut c.unauthenticated_control, why);
+            }
         };
+        let datagram = unwrapped.as_ref().map_or(datagram, |u| &u.packet[..]);
         let packet = match decode(datagram) {
             Ok(packet) => packet,
             Err(error) => {
@@ -316,7 +313,9 @@ impl Server {
             }
         };
         match packet {
-            Packet::Control(control) => self.handle_control(now, from, &control, wrap_id),
+            Packet::Control(control) => {
+                self.handle_control(now, from, &control, unwrapped.as_ref())
+            }
             Packet::Data {
                 opcode: Opcode::DataV2,
                 key_id,
@@ -336,18 +335,27 @@ impl Server {
         now: Instant,
         from: SocketAddr,
         packet: &ControlPacket<'_>,
-        wrap_id: Option<u32>,
+        unwrapped: Option<&Unwrapped>,
     ) {
         let known = self.sessions.get(&from).map(|s| s.remote_id);
+        // tls-crypt-v2: the client's own key, unwrapped from its reset, already proves that a
+        // key holder sent it; the client's later packets carry no copy of that key, so its
+        // session exists from the reset on.
+        let v2_reset = packet.opcode == Opcode::HardResetClientV2
+            && unwrapped.is_some_and(|u| u.from_client_key);
         if known != Some(packet.session_id) {
-            if packet.opcode == Opcode::HardResetClientV2 {
-                return self.answer_reset(now, from, packet);
-            }
-            let echoed = echoed_session(packet)
-                .filter(|&echoed| self.cookies.verify(now, from, packet.session_id, echoed));
-            let Some(local_id) = echoed else {
-                let why = format!("from {from}: {:?} for no known session", packet.opcode);
-                return self.drop_input(|c| &mut c.unknown_session, why);
+            let local_id = if v2_reset {
+                self.cookies.issue(now, from, packet.session_id)
+            } else if packet.opcode == Opcode::HardResetClientV2 {
+                return self.answer_reset(now, from, packet, unwrapped.map(|u| &u.key));
+            } else {
+                let echoed = echoed_session(packet)
+                    .filter(|&echoed| self.cookies.verify(now, from, packet.session_id, echoed));
+                let Some(local_id) = echoed else {
+                    let why = format!("from {from}: {:?} for no known session", packet.opcode);
+                    return self.drop_input(|c| &mut c.unknown_session, why);
+                };
+                local_id
             };
             let busy = self
                 .sessions
@@ -366,14 +374,38 @@ impl Server {
             if !self.admit_new_session(now, from, packet.session_id, local_id) {
                 return;
             }
+            if v2_reset {
+                // No stateless reply went out: the session's packet ids start afresh.
+                let session = self.sessions.get_mut(&from).expect("admitted above");
+                session.wrap = WrapState::default();
+            }
         }
         let session = self.sessions.get_mut(&from).expect("admitted above");
-        if let Some(id) = wrap_id {
+        if let Some(Unwrapped { packet_id, key, .. }) = unwrapped {
+            let id = *packet_id;
+            match &session.wrap.key {
+                None => session.wrap.key = Some(key.clone()),
+                Some(own) if !own.same_key(key) => {
+                    let why = format!("from {from}: control packet under another client's key");
+                    return self.drop_input(|c| &mut c.unauthenticated_control, why);
+                }
+                Some(_) => {}
+            }
             if session.wrap.received.check(id).is_err() {
                 let why = format!("from {from}: tls-crypt packet id {id} replayed");
                 return self.drop_input(|c| &mut c.replayed_control, why);
             }
             session.wrap.received.commit(id);
+        }
+        if v2_reset {
+            // Answered from the session, so a reset resent after a lost reply is answered again.
+            if session.connected_at.is_none() {
+                let reply = reset_reply(packet, session.local_id);
+                let datagram = session.wrap.seal(reply, self.clock.unix(now) as u32);
+                self.outputs
+                    .push_back(Output::Transmit { to: from, datagram });
+            }
+            return;
         }
         if !session.knows_key(packet.key_id) {
             if packet.opcode != Opcode::SoftResetV1 || !session.accepts_soft_reset(packet.key_id) {
@@ -400,21 +432,21 @@ impl Server {
 
     /// Answers a client's HARD_RESET without keeping anything: the reply carries a server
     /// session id derived from the client's address and session id (`cookie.rs`).
-    fn answer_reset(&mut self, now: Instant, from: SocketAddr, reset: &ControlPacket<'_>) {
+    fn answer_reset(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        reset: &ControlPacket<'_>,
+        key: Option<&ControlKey>,
+    ) {
         if reset.message_id != Some(0) || reset.key_id != 0 {
             let why = format!("from {from}: a HARD_RESET that is not message 0 on key 0");
             return self.drop_input(|c| &mut c.malformed, why);
         }
         let server_session = self.cookies.issue(now, from, reset.session_id);
         let reply = reset_reply(reset, server_session);
-        let datagram = match &self.config.tls_crypt {
-            // The first packet id of a fresh state; the session continues after it.
-            Some(tls_crypt) => {
-                let wall_clock = self.clock.unix(now) as u32;
-                tls_crypt.wrap(&reply, &mut WrapState::default(), wall_clock)
-            }
-            None => reply,
-        };
+        // The first packet id of a fresh state; the session continues after it.
+        let datagram = WrapState::with_key(key.cloned()).seal(reply, self.clock.unix(now) as u32);
         self.outputs
             .push_back(Output::Transmit { to: from, datagram });
     }
@@ -741,13 +773,9 @@ impl Server {
     fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
         // A 32-bit field, as OpenVPN's: it wraps in 2106.
         let wall_clock = self.clock.unix(now) as u32;
-        let tls_crypt = self.config.tls_crypt.clone();
         let mut queue = |session: &mut Session| {
             for datagram in session.control_datagrams(now) {
-                let datagram = match &tls_crypt {
-                    Some(tls_crypt) => tls_crypt.wrap(&datagram, &mut session.wrap, wall_clock),
-                    None => datagram,
-                };
+                let datagram = session.wrap.seal(datagram, wall_clock);
                 self.outputs.push_back(Output::Transmit {
                     to: session.peer,
                     datagram,
@@ -935,14 +963,6 @@ pub fn push_messages(
         }
     }
     messages
-}
-
-/// A control packet, by its clear opcode byte (an unknown opcode is malformed, not control).
-fn is_control(datagram: &[u8]) -> bool {
-    datagram.first().is_some_and(|&first| {
-        Opcode::from_wire(first >> 3)
-            .is_some_and(|opcode| !matches!(opcode, Opcode::DataV1 | Opcode::DataV2))
-    })
 }
 
 fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {

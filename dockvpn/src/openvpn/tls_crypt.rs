@@ -9,12 +9,15 @@
 //! sends with the first and receives with the second (the client the other way round), each
 //! using the first 32 bytes of a field.
 
+use std::sync::Arc;
+
 use aes::cipher::{KeyIvInit, StreamCipher};
 use rand::RngCore;
 use ring::hmac;
 use thiserror::Error;
 
 use super::data::ReplayWindow;
+use super::tls_auth::TlsAuth;
 
 const STATIC_KEY_LEN: usize = 256;
 const SLOT: usize = 128;
@@ -32,9 +35,9 @@ type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum UnwrapError {
-    #[error("too short for tls-crypt")]
+    #[error("too short for tls-crypt or tls-auth")]
     Truncated,
-    #[error("tls-crypt authentication failed (no key, or another key)")]
+    #[error("tls-crypt or tls-auth authentication failed (no key, or another key)")]
     Unauthenticated,
 }
 
@@ -43,6 +46,16 @@ pub enum UnwrapError {
 pub struct StaticKey([u8; STATIC_KEY_LEN]);
 
 impl StaticKey {
+    pub const LEN: usize = STATIC_KEY_LEN;
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<StaticKey> {
+        bytes.try_into().ok().map(StaticKey)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn generate() -> StaticKey {
         let mut key = [0u8; STATIC_KEY_LEN];
         rand::rng().fill_bytes(&mut key);
@@ -124,6 +137,11 @@ impl TlsCrypt {
         }
     }
 
+    /// Whether both were made from the same static key.
+    pub fn same_key(&self, other: &TlsCrypt) -> bool {
+        self.send.cipher == other.send.cipher && self.receive.cipher == other.receive.cipher
+    }
+
     #[cfg(test)]
     pub fn client(key: &StaticKey) -> TlsCrypt {
         TlsCrypt {
@@ -136,10 +154,10 @@ impl TlsCrypt {
     pub fn wrap(&self, packet: &[u8], state: &mut WrapState, now_unix: u32) -> Vec<u8> {
         let split = HEADER_LEN.min(packet.len());
         let (header, plaintext) = packet.split_at(split);
-        state.next_send_id = state.next_send_id.wrapping_add(1);
+        let packet_id = state.next_packet_id();
         let mut out = Vec::with_capacity(packet.len() + OVERHEAD);
         out.extend_from_slice(header);
-        out.extend_from_slice(&state.next_send_id.to_be_bytes());
+        out.extend_from_slice(&packet_id.to_be_bytes());
         out.extend_from_slice(&now_unix.to_be_bytes());
         let mut context = hmac::Context::with_key(&self.send.hmac);
         context.update(&out);
@@ -176,9 +194,44 @@ impl TlsCrypt {
     }
 }
 
-/// A session's tls-crypt packet ids: the last one sent, and the window of those received.
+/// The key a session's control packets are wrapped with.
+#[derive(Debug, Clone)]
+pub enum ControlKey {
+    /// tls-crypt, or a client's own key under tls-crypt-v2.
+    Crypt(Arc<TlsCrypt>),
+    Auth(Arc<TlsAuth>),
+}
+
+impl ControlKey {
+    pub fn wrap(&self, packet: &[u8], state: &mut WrapState, now_unix: u32) -> Vec<u8> {
+        match self {
+            ControlKey::Crypt(key) => key.wrap(packet, state, now_unix),
+            ControlKey::Auth(key) => key.wrap(packet, state, now_unix),
+        }
+    }
+
+    /// The plain packet and its packet id.
+    pub fn unwrap(&self, datagram: &[u8]) -> Result<(Vec<u8>, u32), UnwrapError> {
+        match self {
+            ControlKey::Crypt(key) => key.unwrap(datagram),
+            ControlKey::Auth(key) => key.unwrap(datagram),
+        }
+    }
+
+    pub fn same_key(&self, other: &ControlKey) -> bool {
+        match (self, other) {
+            (ControlKey::Crypt(a), ControlKey::Crypt(b)) => a.same_key(b),
+            (ControlKey::Auth(a), ControlKey::Auth(b)) => a.same_key(b),
+            _ => false,
+        }
+    }
+}
+
+/// A session's control-channel key (None: plain control channel) and packet ids: the last
+/// one sent, and the window of those received.
 #[derive(Debug, Default)]
 pub struct WrapState {
+    pub key: Option<ControlKey>,
     next_send_id: u32,
     pub received: ReplayWindow,
 }
@@ -191,6 +244,27 @@ impl WrapState {
             next_send_id: 1,
             ..WrapState::default()
         }
+    }
+    /// A fresh state that wraps with `key` (None: plain).
+    pub fn with_key(key: Option<ControlKey>) -> WrapState {
+        WrapState {
+            key,
+            ..WrapState::default()
+        }
+    }
+
+    /// Wraps an outgoing control packet with the session's key, if it has one.
+    pub fn seal(&mut self, packet: Vec<u8>, now_unix: u32) -> Vec<u8> {
+        match self.key.clone() {
+            Some(key) => key.wrap(&packet, self, now_unix),
+            None => packet,
+        }
+    }
+
+    /// The packet id for the next packet sent.
+    pub fn next_packet_id(&mut self) -> u32 {
+        self.next_send_id = self.next_send_id.wrapping_add(1);
+        self.next_send_id
     }
 }
 

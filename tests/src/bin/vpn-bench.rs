@@ -40,7 +40,7 @@ fn main() {
     let server_config = format!(
         "dev ovpn0\ndev-type tun\nproto udp\nport {OPENVPN_PORT}\nserver 10.9.0.0 255.255.255.0\n\
          topology subnet\nca {pki}/ca.crt\ncert {pki}/server.crt\nkey {pki}/server.key\ndh none\n\
-         tls-crypt {pki}/tls-crypt.key\nkeepalive 10 60\n\
+         tls-crypt-v2 {pki}/tls-crypt-v2-server.key\nkeepalive 10 60\n\
          data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305\n\
          push \"route 192.168.10.0 255.255.255.0\"\nverb 3\n",
         pki = pki.display()
