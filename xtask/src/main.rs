@@ -18,6 +18,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "isc-dhcp-client",
     "busybox",
     "nftables",
+    "conntrack",
     "openvpn",
     "docker.io",
     "debootstrap",
