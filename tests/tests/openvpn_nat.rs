@@ -155,13 +155,16 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
             .wait_connected()
             .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     }
-    let first = vec![
-        ("alice".to_owned(), peer_at(FIRST_PORT)),
-        ("bob".to_owned(), peer_at(SECOND_PORT)),
-    ];
-    let before = wait_for_status(&chain.si, &dockvpn, "alice and bob at their ports", |s| {
-        peers(s) == first
-    });
+    // The status once the server sees Alice and Bob at these NAT ports.
+    let wait_for_ports = |alice_port: u16, bob_port: u16| {
+        let expected = vec![
+            ("alice".to_owned(), peer_at(alice_port)),
+            ("bob".to_owned(), peer_at(bob_port)),
+        ];
+        let what = format!("alice at port {alice_port} and bob at {bob_port}");
+        wait_for_status(&chain.si, &dockvpn, &what, |s| peers(s) == expected)
+    };
+    let before = wait_for_ports(FIRST_PORT, SECOND_PORT);
     let bob_since = client(&before, "bob")["connected_since_unix"].clone();
 
     // Alice leaves; the NAT forgets its mappings and from now on gives Alice's next flow
@@ -200,13 +203,7 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
         .wait_connected()
         .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
 
-    let second = vec![
-        ("alice".to_owned(), peer_at(SECOND_PORT)),
-        ("bob".to_owned(), peer_at(THIRD_PORT)),
-    ];
-    let after = wait_for_status(&chain.si, &dockvpn, "alice at bob's old port", |s| {
-        peers(s) == second
-    });
+    let after = wait_for_ports(SECOND_PORT, THIRD_PORT);
     let context = format!(
         "before: {before}\nafter: {after}\nalice:\n{}\nbob:\n{}\nserver:\n{}",
         alice_again.log(),
