@@ -45,6 +45,21 @@ pub fn iperf_gbps(chain: &Chain) -> f64 {
 /// One iperf3 TCP run of `seconds` from `client` to an iperf3 server started in `server` on
 /// `address`; Gbit/s received.
 pub fn iperf_tcp_gbps(client: &Netns, server_ns: &Netns, address: &str, seconds: &str) -> f64 {
+    iperf_tcp_report(client, server_ns, address, &["-t", seconds])["end"]["sum_received"]
+        ["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+/// One iperf3 TCP run from `client` to an iperf3 server started in `server` on `address`,
+/// with the client's `options` (`-t`, `-b`, …); iperf3's JSON report.
+pub fn iperf_tcp_report(
+    client: &Netns,
+    server_ns: &Netns,
+    address: &str,
+    options: &[&str],
+) -> serde_json::Value {
     // `ip netns exec` starts even when iperf3 is missing; name the package instead.
     crate::prereq::require_command("iperf3", "iperf3");
     let mut server = server_ns
@@ -54,29 +69,26 @@ pub fn iperf_tcp_gbps(client: &Netns, server_ns: &Netns, address: &str, seconds:
         .spawn()
         .expect("iperf3 server (apt-get install iperf3)");
     server_ns.wait_listening(&mut server, "-ltn", IPERF_PORT);
-    let output = client.exec(
-        "iperf3",
-        &[
-            "-c",
-            address,
-            "-t",
-            seconds,
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ],
-    );
+    let mut args = vec!["-c", address, "-J", "--connect-timeout", "3000"];
+    args.extend(options);
+    let output = client.exec("iperf3", &args);
     let _ = server.wait();
     assert!(
         output.status.success(),
         "iperf3 client: {}",
         String::from_utf8_lossy(&output.stdout)
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second")
-        / 1e9
+    serde_json::from_slice(&output.stdout).expect("iperf3 JSON")
+}
+
+/// The bytes each reporting interval (1 s by default) of an iperf3 JSON report carried.
+pub fn iperf_interval_bytes(report: &serde_json::Value) -> Vec<u64> {
+    report["intervals"]
+        .as_array()
+        .expect("iperf3 intervals")
+        .iter()
+        .map(|interval| interval["sum"]["bytes"].as_u64().expect("interval bytes"))
+        .collect()
 }
 
 /// Resident memory of a process, in KiB.

@@ -85,6 +85,28 @@ pub fn status_json(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
 }
 
+/// `status --json` once `ready` holds for it: the server rewrites it every 2 s, so a client
+/// that just connected or moved shows up within a few seconds (waits up to 10 s).
+pub fn wait_for_status(
+    si: &Netns,
+    dockvpn: &Vnf,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = status_json(si, dockvpn);
+        if ready(&status) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never showed {what} within 10 s: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `dockvpn client add NAME` then `client config NAME [--remote …]`: the profile text.
 pub fn issue_profile(si: &Netns, dockvpn: &Vnf, name: &str, remote: Option<&str>) -> String {
     let added = dockvpn.cli(si, "dockvpn", &["client", "add", name]);

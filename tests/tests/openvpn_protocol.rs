@@ -4,13 +4,13 @@
 //! upgrade that keeps tls-crypt off for a PKI whose profiles lack the key, and one from
 //! tls-crypt v1 to v2 that keeps the profiles already handed out working.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::openvpn::{
     dockvpn_cli, dockvpn_output, issue_profile, start_on_state, status_json, text, vpn_chain,
-    OpenvpnClient,
+    wait_for_status, OpenvpnClient,
 };
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -38,21 +38,12 @@ fn answered_pings(from: &Netns, count: u32) -> u32 {
         .unwrap_or_else(|| panic!("no ping summary in {summary:?}"))
 }
 
-/// The server's one connected client, from `status --json` (rewritten every 2 s: waits up
-/// to 5 s for the client to appear).
+/// The server's one connected client, from `status --json`.
 fn client_status(si: &Netns, dockvpn: &Vnf) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let output = dockvpn.cli(si, "dockvpn", &["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
-        let client = status["vpn"]["clients"][0].clone();
-        if client.is_object() {
-            return client;
-        }
-        assert!(Instant::now() < deadline, "no client in {status}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let status = wait_for_status(si, dockvpn, "a client", |status| {
+        status["vpn"]["clients"][0].is_object()
+    });
+    status["vpn"]["clients"][0].clone()
 }
 
 /// Data keys the server renegotiated for its one client.

@@ -18,6 +18,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "isc-dhcp-client",
     "busybox",
     "nftables",
+    "conntrack",
     "openvpn",
     "docker.io",
     "debootstrap",
@@ -36,7 +37,7 @@ commands:
           the last line counts them: `tests: N passed, N failed`
   images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host); without
           registry access the base is bootstrapped with debootstrap
-  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 9 minutes)
+  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 10 minutes)
   deps    only install the Debian packages
 
 All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
