@@ -705,10 +705,10 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     for client in &vpn.clients {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
         out.push_str(&format!(
-            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
+            "    {:<20} {:<15} from {:<25} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
             client.name,
             client.address,
-            client.peer,
+            format!("{}:{}", client.proto, client.peer),
             client.cipher,
             client.bytes_in,
             client.bytes_out,

@@ -15,6 +15,7 @@ use vnf_core::clock::WallClock;
 use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
+use crate::openvpn::link::Link;
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
 use crate::pki::Pki;
 use crate::udp::Listener;
@@ -56,6 +57,9 @@ pub struct ConnectedClient {
     pub name: String,
     pub address: Ipv4Addr,
     pub peer: SocketAddr,
+    /// `udp` or `tcp`.
+    #[serde(default = "udp")]
+    pub proto: String,
     pub cipher: String,
     pub connected_since_unix: u64,
     pub bytes_in: u64,
@@ -68,6 +72,11 @@ pub struct ConnectedClient {
     pub key_id: u8,
     #[serde(default)]
     pub key_age_secs: u64,
+}
+
+/// What a status file from before TCP says: every client came over UDP.
+fn udp() -> String {
+    "udp".to_owned()
 }
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
@@ -134,7 +143,9 @@ pub async fn serve(
         let deadline = engine.next_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             received = socket.recv(&mut datagram) => match received {
-                Ok((len, from)) => engine.handle_datagram(Instant::now(), from, &datagram[..len]),
+                Ok((len, from)) => {
+                    engine.handle_datagram(Instant::now(), Link::Udp(from), &datagram[..len])
+                }
                 Err(error) => warn!(%error, "UDP receive failed"),
             },
             read = tun.recv(&mut packet) => match read {
@@ -186,7 +197,7 @@ async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun)
     while let Some(output) = engine.poll_output() {
         match output {
             Output::Transmit { to, datagram } => {
-                if let Err(error) = socket.send(&datagram, to).await {
+                if let Err(error) = socket.send(&datagram, to.peer()).await {
                     warn!(%to, %error, "UDP send failed");
                 }
             }
@@ -201,19 +212,19 @@ async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun)
                     Event::Connected {
                         name,
                         address,
-                        peer,
+                        link,
                         cipher,
-                    } => info!(client = %name, %address, %peer, %cipher, "client connected"),
+                    } => info!(client = %name, %address, %link, %cipher, "client connected"),
                     Event::Disconnected {
                         name,
                         address,
-                        peer,
+                        link,
                         reason,
                     } => info!(
                         client = name.as_deref().unwrap_or("(unauthenticated)"),
                         // Omitted, not "None", for a client that never got one.
                         address = address.map(tracing::field::display),
-                        %peer,
+                        %link,
                         %reason,
                         "client disconnected"
                     ),
@@ -222,7 +233,7 @@ async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun)
         }
     }
     // A client that reconnects from the same address keeps its entry: it has a session again.
-    socket.prune(|peer| engine.has_session(peer));
+    socket.prune(|peer| engine.has_session(&Link::Udp(*peer)));
     changed
 }
 
@@ -243,7 +254,8 @@ fn write_status(config: &VpnConfig, engine: &Server) {
             .map(|c| ConnectedClient {
                 name: c.name,
                 address: c.address,
-                peer: c.peer,
+                peer: c.link.peer(),
+                proto: c.link.protocol().to_owned(),
                 cipher: c.cipher.name().to_owned(),
                 connected_since_unix: clock.unix(c.connected_at),
                 bytes_in: c.bytes_in,

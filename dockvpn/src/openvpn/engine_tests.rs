@@ -13,6 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::data::{Cipher, DataChannel, KEY_MATERIAL_LEN, PING_MAGIC};
 use super::keymethod;
+use super::link::Link;
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTROL_PACKET};
 use super::reliable::Reliable;
 use super::server::{push_messages, EngineConfig, Event, Output, Server};
@@ -104,7 +105,7 @@ struct TestClient {
     /// With tls-crypt: the client's keys and its wrap state.
     tls_crypt: Option<(TlsCrypt, WrapState)>,
     /// Where the server sees its datagrams come from.
-    peer: SocketAddr,
+    peer: Link,
 }
 
 impl TestClient {
@@ -144,7 +145,7 @@ impl TestClient {
             previous_data: None,
             ciphers,
             tls_crypt: None,
-            peer: CLIENT_ADDRESS.parse().unwrap(),
+            peer: client_link(),
         }
     }
 
@@ -327,6 +328,10 @@ fn hostile(round: usize, batch: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 const CLIENT_ADDRESS: &str = "192.0.2.10:40000";
 
+fn client_link() -> Link {
+    Link::Udp(CLIENT_ADDRESS.parse().unwrap())
+}
+
 /// Runs client and server until the client has its push reply; returns the virtual time taken.
 fn connect(server: &mut Server, client: &mut TestClient, wire: Wire, start: Instant) -> Duration {
     run_until(server, client, wire, start, |client| client.data.is_some()) - start
@@ -411,7 +416,7 @@ fn a_client_connects_and_exchanges_data_both_ways() {
     );
 
     // Client → tun: keys derived on both sides from the TLS exporter agree.
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let left_host = Ipv4Addr::new(192, 168, 10, 2);
     let upstream = ipv4_packet(address, left_host);
     let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
@@ -484,7 +489,7 @@ fn an_unregistered_client_gets_auth_failed_and_no_data_channel() {
         .unwrap();
     let mut server = Server::new(engine_config(&test.pki));
     let mut client = TestClient::new(&test.pki, "carol", "AES-256-GCM");
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let now = Instant::now();
     let mut disconnected = None;
     for _ in 0..20 {
@@ -521,7 +526,7 @@ fn a_flood_of_hard_resets_cannot_grow_state_beyond_the_handshake_limit() {
             payload: &[],
         }
         .encode();
-        let from = SocketAddr::from(([192, 0, 2, 1], 1024 + port));
+        let from = Link::Udp(SocketAddr::from(([192, 0, 2, 1], 1024 + port)));
         server.handle_datagram(now, from, &reset);
     }
     assert_eq!(server.session_count(), 4);
@@ -544,7 +549,7 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
         .unwrap()
         .seal(&ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 2)))
         .unwrap();
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let mut seed = 0x2545_f491_u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -566,7 +571,7 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
         let from = if i % 3 == 0 {
             peer
         } else {
-            SocketAddr::from(([192, 0, 2, 99], 5000 + (i % 7) as u16))
+            Link::Udp(SocketAddr::from(([192, 0, 2, 99], 5000 + (i % 7) as u16)))
         };
         server.handle_datagram(now, from, &datagram);
         while let Some(output) = server.poll_output() {
@@ -592,7 +597,7 @@ fn keepalives_go_out_and_a_silent_client_is_reaped_after_ping_restart() {
     let start = Instant::now();
     let connected_at = start + connect(&mut server, &mut client, perfect, start);
     // The client's last ACKs, so nothing is left to resend.
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     for datagram in client.datagrams(connected_at) {
         server.handle_datagram(connected_at, peer, &datagram);
     }
@@ -687,7 +692,7 @@ fn assert_data_flows_on_current_key(
     address: Ipv4Addr,
     now: Instant,
 ) {
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let left_host = Ipv4Addr::new(192, 168, 10, 2);
     let upstream = ipv4_packet(address, left_host);
     let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
@@ -734,7 +739,7 @@ fn a_client_renegotiation_moves_both_directions_to_the_new_key_and_retires_the_o
     }
 
     // A packet sealed with the previous key before the switch still arrives …
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let late = ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 3));
     let in_flight = client.previous_data.as_mut().unwrap().seal(&late).unwrap();
     server.handle_datagram(now, peer, &in_flight);
@@ -802,7 +807,7 @@ fn a_soft_reset_out_of_sequence_is_dropped_and_the_session_stays() {
         payload: &[],
     }
     .encode();
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let dropped_before = server.counters.unknown_session;
     server.handle_datagram(now, peer, &skip);
     assert_eq!(server.counters.unknown_session, dropped_before + 1);
@@ -821,7 +826,7 @@ fn a_renegotiation_with_another_clients_certificate_ends_the_session() {
     let mut now = start + connect(&mut server, &mut client, perfect, start);
     client.tls_config = TestClient::new(&test.pki, "mallory", "AES-256-GCM").tls_config;
     client.renegotiate();
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let mut reason = None;
     for _ in 0..40 {
         for datagram in client.datagrams(now) {
@@ -865,7 +870,7 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     let mut config = engine_config(&test.pki);
     config.tls_crypt = Some(Arc::new(TlsCrypt::server(&key)));
     let (mut server, address) = test.server_with_client_and_config("kate", config);
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let start = Instant::now();
 
     // A client without the key (or with another one): dropped before TLS, no answer at all.
@@ -915,7 +920,7 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
     let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
     let now = start + connect(&mut server, &mut alice, perfect, start);
     let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
-    bob.peer = "192.0.2.20:40000".parse().unwrap();
+    bob.peer = Link::Udp("192.0.2.20:40000".parse().unwrap());
     let now = run_until(&mut server, &mut bob, perfect, now, |c| c.data.is_some());
     flush_client(&mut server, &mut alice, now);
     flush_client(&mut server, &mut bob, now);

@@ -5,6 +5,7 @@ pub mod data;
 #[cfg(test)]
 mod engine_tests;
 pub mod keymethod;
+pub mod link;
 pub mod packet;
 pub mod reliable;
 pub mod server;

@@ -3,7 +3,7 @@
 //! control packets and by peer id for DATA_V2.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use super::data::{classify, Cipher, DataError, Payload, OCC_EXIT, PING_MAGIC};
 use super::keymethod::{
     PeerInfo, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
+use super::link::Link;
 use super::packet::{decode, ControlPacket, Opcode, Packet};
 use super::session::Session;
 use super::tls_crypt::TlsCrypt;
@@ -58,20 +59,20 @@ pub enum Event {
     Connected {
         name: String,
         address: Ipv4Addr,
-        peer: SocketAddr,
+        link: Link,
         cipher: Cipher,
     },
     Disconnected {
         name: Option<String>,
         address: Option<Ipv4Addr>,
-        peer: SocketAddr,
+        link: Link,
         reason: String,
     },
 }
 
 #[derive(Debug)]
 pub enum Output {
-    Transmit { to: SocketAddr, datagram: Vec<u8> },
+    Transmit { to: Link, datagram: Vec<u8> },
     Tun(Vec<u8>),
     Event(Event),
 }
@@ -130,7 +131,7 @@ impl Counters {
 pub struct ClientStatus {
     pub name: String,
     pub address: Ipv4Addr,
-    pub peer: SocketAddr,
+    pub link: Link,
     pub cipher: Cipher,
     pub connected_at: Instant,
     pub bytes_in: u64,
@@ -150,9 +151,9 @@ pub struct Server {
     routes: BTreeSet<Ipv4Net>,
     /// Certificate common name → the client's fixed address.
     clients: HashMap<String, Ipv4Addr>,
-    sessions: HashMap<SocketAddr, Session>,
-    by_peer_id: HashMap<u32, SocketAddr>,
-    by_address: HashMap<Ipv4Addr, SocketAddr>,
+    sessions: HashMap<Link, Session>,
+    by_peer_id: HashMap<u32, Link>,
+    by_address: HashMap<Ipv4Addr, Link>,
     next_peer_id: u32,
     outputs: VecDeque<Output>,
     pub counters: Counters,
@@ -219,9 +220,9 @@ impl Server {
         }
     }
 
-    /// Whether a session (connected or in its handshake) exists for this address.
-    pub fn has_session(&self, peer: &SocketAddr) -> bool {
-        self.sessions.contains_key(peer)
+    /// Whether a session (connected or in its handshake) exists on this link.
+    pub fn has_session(&self, link: &Link) -> bool {
+        self.sessions.contains_key(link)
     }
 
     #[cfg(test)]
@@ -243,7 +244,7 @@ impl Server {
                 Some(ClientStatus {
                     name: s.name.clone()?,
                     address: s.address?,
-                    peer: s.peer,
+                    link: s.link,
                     cipher: s.cipher?,
                     connected_at: s.connected_at?,
                     bytes_in: s.bytes_in,
@@ -263,7 +264,7 @@ impl Server {
         self.last_drop = Some(why);
     }
 
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, from: Link, datagram: &[u8]) {
         let mut wrap_id = None;
         let unwrapped;
         let datagram = match &self.config.tls_crypt {
@@ -305,7 +306,7 @@ impl Server {
     fn handle_control(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Link,
         packet: &ControlPacket<'_>,
         wrap_id: Option<u32>,
     ) {
@@ -359,12 +360,7 @@ impl Server {
         }
     }
 
-    fn admit_new_session(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        packet: &ControlPacket<'_>,
-    ) -> bool {
+    fn admit_new_session(&mut self, now: Instant, from: Link, packet: &ControlPacket<'_>) -> bool {
         let handshaking = self
             .sessions
             .values()
@@ -419,7 +415,7 @@ impl Server {
 
     /// The client finished key-method 2 and asked for its configuration: pick the cipher,
     /// derive the keys, send PUSH_REPLY and start the data channel.
-    fn push_reply(&mut self, now: Instant, from: SocketAddr) {
+    fn push_reply(&mut self, now: Instant, from: Link) {
         let unknown = self
             .sessions
             .get(&from)
@@ -469,19 +465,12 @@ impl Server {
         self.outputs.push_back(Output::Event(Event::Connected {
             name,
             address,
-            peer: from,
+            link: from,
             cipher,
         }));
     }
 
-    fn handle_data(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        peer_id: u32,
-        key_id: u8,
-        datagram: &[u8],
-    ) {
+    fn handle_data(&mut self, now: Instant, from: Link, peer_id: u32, key_id: u8, datagram: &[u8]) {
         let Some(&peer) = self.by_peer_id.get(&peer_id) else {
             let why = format!("from {from}: data for unknown peer id {peer_id}");
             return self.drop_input(|c| &mut c.unknown_session, why);
@@ -504,7 +493,8 @@ impl Server {
         session.last_received = now;
         session.bytes_in += datagram.len() as u64;
         // Authenticated traffic from a new address: the client moved (NAT rebinding), unless
-        // another session holds that address; then it stays where it was.
+        // another session holds that address; then it stays where it was. Only UDP floats:
+        // a TCP session lives and dies with its connection.
         let at = if from != peer && self.float(peer, from) {
             from
         } else {
@@ -545,15 +535,16 @@ impl Server {
         }
     }
 
-    /// Moves a session to a new address; false when another session holds that address.
-    fn float(&mut self, old: SocketAddr, new: SocketAddr) -> bool {
-        if self.sessions.contains_key(&new) {
+    /// Moves a UDP session to a new address; false when another session holds that address
+    /// or either link is TCP.
+    fn float(&mut self, old: Link, new: Link) -> bool {
+        if old.is_reliable() || new.is_reliable() || self.sessions.contains_key(&new) {
             return false;
         }
         let Some(mut session) = self.sessions.remove(&old) else {
             return false;
         };
-        session.peer = new;
+        session.link = new;
         self.by_peer_id.insert(session.peer_id, new);
         if let Some(address) = session.address {
             self.by_address.insert(address, new);
@@ -575,7 +566,7 @@ impl Server {
         self.send_data(now, peer, packet);
     }
 
-    fn send_data(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) {
+    fn send_data(&mut self, now: Instant, peer: Link, payload: &[u8]) {
         let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
             return;
         };
@@ -621,7 +612,7 @@ impl Server {
                         self.config.ping_restart.as_secs()
                     ));
                 } else if now >= session.last_sent + self.config.ping {
-                    pings.push(session.peer);
+                    pings.push(session.link);
                 }
             }
         }
@@ -665,7 +656,7 @@ impl Server {
     }
 
     /// Queues due control packets (for one peer or all), then removes closed sessions.
-    fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
+    fn flush(&mut self, now: Instant, only: Option<Link>) {
         // A 32-bit field, as OpenVPN's: it wraps in 2106.
         let wall_clock = self.clock.unix(now) as u32;
         let tls_crypt = self.config.tls_crypt.clone();
@@ -676,7 +667,7 @@ impl Server {
                     None => datagram,
                 };
                 self.outputs.push_back(Output::Transmit {
-                    to: session.peer,
+                    to: session.link,
                     datagram,
                 });
             }
@@ -693,11 +684,11 @@ impl Server {
     }
 
     fn reap(&mut self) {
-        let closed: Vec<SocketAddr> = self
+        let closed: Vec<Link> = self
             .sessions
             .values()
             .filter(|s| s.closing.is_some())
-            .map(|s| s.peer)
+            .map(|s| s.link)
             .collect();
         for peer in closed {
             let session = self.sessions.remove(&peer).expect("listed");
@@ -710,7 +701,7 @@ impl Server {
             self.outputs.push_back(Output::Event(Event::Disconnected {
                 name: session.name,
                 address: session.address,
-                peer,
+                link: peer,
                 reason: session.closing.unwrap_or_default(),
             }));
         }

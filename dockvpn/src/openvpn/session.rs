@@ -6,7 +6,7 @@
 //! the push reply.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use rustls::ServerConnection;
 
 use super::data::{Cipher, DataChannel, DataError, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, KeyMethodError};
+use super::link::Link;
 use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::Reliable;
 use super::tls_crypt::WrapState;
@@ -190,7 +191,7 @@ struct LameDuck {
 }
 
 pub struct Session {
-    pub peer: SocketAddr,
+    pub link: Link,
     pub local_id: SessionId,
     pub remote_id: SessionId,
     pub peer_id: u32,
@@ -223,14 +224,14 @@ pub struct Session {
 impl Session {
     pub fn new(
         tls_config: Arc<rustls::ServerConfig>,
-        peer: SocketAddr,
+        link: Link,
         local_id: SessionId,
         remote_id: SessionId,
         peer_id: u32,
         now: Instant,
     ) -> Result<Session, rustls::Error> {
         Ok(Session {
-            peer,
+            link,
             local_id,
             remote_id,
             peer_id,
@@ -420,7 +421,7 @@ impl Session {
                 "EXIT" => return Err("the client exited".into()),
                 "" => {}
                 other => {
-                    tracing::debug!(peer = %self.peer, message = other, "control message ignored")
+                    tracing::debug!(link = %self.link, message = other, "control message ignored")
                 }
             }
         }
