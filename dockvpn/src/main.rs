@@ -1,5 +1,5 @@
 //! Dockvpn: the SSL VPN service instance. Remote users connect with the stock OpenVPN client
-//! (UDP); Dockvpn pushes them exactly the networks behind its left side — its left subnet,
+//! (UDP or TCP); Dockvpn pushes them exactly the networks behind its left side — its left subnet,
 //! those configured with --left-route and those learned by DHCP option 121 (`--dhcp left`) —
 //! and forwards their traffic there. The SI routes in global mode: `main` holds the default
 //! via the right gateway and the left networks via the left gateway. With one leg and no
@@ -8,6 +8,7 @@
 mod masquerade;
 mod openvpn;
 mod pki;
+mod tcp;
 mod udp;
 mod vpn;
 
@@ -36,6 +37,7 @@ use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
 use openvpn::tls_crypt::TlsCrypt;
 use pki::Pki;
+use vpn::Proto;
 
 const DEFAULT_PORT: u16 = 1194;
 /// How long a handshake (the first, or a renegotiation) may take.
@@ -140,7 +142,7 @@ struct LeftRoutes {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// UDP address the OpenVPN server listens on
+    /// Address the OpenVPN server listens on (UDP, TCP or both, by --proto)
     #[arg(
         long,
         env = "DOCKVPN_LISTEN",
@@ -149,6 +151,17 @@ struct ServeArgs {
         help_heading = VPN
     )]
     listen: SocketAddr,
+
+    /// Serve clients over UDP, TCP (`proto tcp-client`, for networks that pass only TCP),
+    /// or both on the same port
+    #[arg(
+        long,
+        env = "DOCKVPN_PROTO",
+        value_enum,
+        default_value_t = Proto::Both,
+        help_heading = VPN
+    )]
+    proto: Proto,
 
     /// Data-channel ciphers in order of preference (colon-separated)
     #[arg(
@@ -312,6 +325,10 @@ enum ClientCommand {
         sides: SideArgs,
         #[command(flatten)]
         tls_crypt: TlsCryptArg,
+        /// The transports the profile connects over; `both` writes a UDP then a TCP
+        /// `<connection>` block [default: what the running server serves, else udp]
+        #[arg(long, value_enum)]
+        proto: Option<Proto>,
     },
     /// List the clients and their addresses
     List(JsonArgs),
@@ -352,6 +369,7 @@ fn main() -> ExitCode {
                 remote,
                 sides,
                 tls_crypt,
+                proto,
             }) => {
                 let (host, port) = match remote {
                     Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
@@ -364,7 +382,10 @@ fn main() -> ExitCode {
                     .tls_crypt
                     .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.tls_crypt))
                     .unwrap_or_else(|| pki.has_tls_crypt_key());
-                print!("{}", pki.profile(name, &host, port, tls_crypt)?);
+                let proto = proto
+                    .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.proto))
+                    .unwrap_or(Proto::Udp);
+                print!("{}", pki.profile(name, &host, port, proto, tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
@@ -469,6 +490,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     };
     let config = vpn::VpnConfig {
         listen: serve.listen,
+        proto: serve.proto,
         tun_name: serve.tun.clone(),
         engine,
         state_dir: state_dir.to_path_buf(),
@@ -688,7 +710,8 @@ fn load_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
 
 fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     let mut out = format!(
-        "VPN server: udp {} tun {} pool {} (server {}), tls-crypt {}\n  routes pushed: {}{}\n  clients connected: {}\n",
+        "VPN server: {} {} tun {} pool {} (server {}), tls-crypt {}\n  routes pushed: {}{}\n  clients connected: {}\n",
+        vpn.proto,
         vpn.listen,
         vpn.tun,
         vpn.pool,
@@ -716,6 +739,16 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
             client.key_id,
             client.key_age_secs,
             client.renegotiations
+        ));
+    }
+    if let Some(tcp) = &vpn.tcp {
+        out.push_str(&format!(
+            "  TCP connections: {} open; closed: {} over the limit, {} without a session in {} s, {} not reading\n",
+            tcp.open,
+            tcp.refused_over_limit,
+            tcp.closed_without_session,
+            tcp::SESSION_DEADLINE.as_secs(),
+            tcp.closed_slow_reader
         ));
     }
     if vpn.dropped.total() > 0 {

@@ -24,6 +24,7 @@ use vnf_core::clock::unix_now;
 use vnf_core::{Error, Result};
 
 use crate::openvpn::tls_crypt::StaticKey;
+use crate::vpn::Proto;
 
 const CA_NAME: &str = "Dockvpn CA";
 /// The shared tls-crypt key, in OpenVPN's static key format.
@@ -300,6 +301,7 @@ impl Pki {
         name: &str,
         remote_host: &str,
         remote_port: u16,
+        proto: Proto,
         tls_crypt: bool,
     ) -> Result<String> {
         self.require()?;
@@ -316,8 +318,7 @@ impl Pki {
             "# Dockvpn profile for {name}: openvpn --config {name}.ovpn\n\
              client\n\
              dev tun\n\
-             proto udp\n\
-             remote {remote_host} {remote_port}\n\
+             {remotes}\
              nobind\n\
              remote-cert-tls server\n\
              explicit-exit-notify\n\
@@ -326,6 +327,7 @@ impl Pki {
              <cert>\n{cert}</cert>\n\
              <key>\n{key}</key>\n\
              {tls_crypt}",
+            remotes = remotes(remote_host, remote_port, proto),
             ca = self.read("ca.crt")?,
             cert = read_client("crt")?,
             key = read_client("key")?,
@@ -375,6 +377,19 @@ impl Pki {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
+    }
+}
+
+/// The profile's `proto` and `remote` lines: one pair for one transport; for both, a
+/// `<connection>` block each, UDP first (the client falls back to TCP when UDP fails).
+fn remotes(host: &str, port: u16, proto: Proto) -> String {
+    match proto {
+        Proto::Udp => format!("proto udp\nremote {host} {port}\n"),
+        Proto::Tcp => format!("proto tcp-client\nremote {host} {port}\n"),
+        Proto::Both => format!(
+            "<connection>\nremote {host} {port}\nproto udp\n</connection>\n\
+             <connection>\nremote {host} {port}\nproto tcp-client\n</connection>\n"
+        ),
     }
 }
 
@@ -459,8 +474,22 @@ mod tests {
                 0o600
             );
         }
-        let profile = pki.profile("alice", "10.0.2.2", 1194, true).unwrap();
-        assert!(profile.contains("remote 10.0.2.2 1194\n"));
+        let profile = pki
+            .profile("alice", "10.0.2.2", 1194, Proto::Udp, true)
+            .unwrap();
+        // The layout of every profile issued before TCP.
+        assert!(profile.contains("dev tun\nproto udp\nremote 10.0.2.2 1194\nnobind\n"));
+        let tcp = pki
+            .profile("alice", "10.0.2.2", 443, Proto::Tcp, true)
+            .unwrap();
+        assert!(tcp.contains("dev tun\nproto tcp-client\nremote 10.0.2.2 443\nnobind\n"));
+        let both = pki
+            .profile("alice", "10.0.2.2", 1194, Proto::Both, true)
+            .unwrap();
+        assert!(both.contains(
+            "dev tun\n<connection>\nremote 10.0.2.2 1194\nproto udp\n</connection>\n\
+             <connection>\nremote 10.0.2.2 1194\nproto tcp-client\n</connection>\nnobind\n"
+        ));
         assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
         pki.server_tls_config().unwrap();
         pki.remove_client("bob").unwrap();

@@ -949,3 +949,82 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
     let connected: Vec<String> = server.connected().into_iter().map(|c| c.name).collect();
     assert_eq!(connected, ["bob"]);
 }
+
+fn tcp_link(conn: u64) -> Link {
+    Link::Tcp {
+        conn,
+        peer: CLIENT_ADDRESS.parse().unwrap(),
+    }
+}
+
+/// Datagrams the server sends after a HARD_RESET on `link`: at once, then 5 virtual seconds
+/// later (when UDP has resent its reply).
+fn replies_to_a_hard_reset(pki: &Pki, link: Link) -> (usize, usize) {
+    let mut server = Server::new(engine_config(pki));
+    let reset = ControlPacket {
+        opcode: Opcode::HardResetClientV2,
+        key_id: 0,
+        session_id: rand_id(),
+        acks: vec![],
+        acked_session: None,
+        message_id: Some(0),
+        payload: &[],
+    }
+    .encode();
+    let now = Instant::now();
+    server.handle_datagram(now, link, &reset);
+    let count = |server: &mut Server| {
+        std::iter::from_fn(|| server.poll_output())
+            .filter(|o| matches!(o, Output::Transmit { to, .. } if *to == link))
+            .count()
+    };
+    let first = count(&mut server);
+    server.handle_timeout(now + Duration::from_secs(5));
+    (first, count(&mut server))
+}
+
+#[test]
+fn over_tcp_control_packets_go_out_once_and_are_never_resent() {
+    let test = TestPki::new("tcp-resend");
+    let (udp_first, udp_resent) = replies_to_a_hard_reset(&test.pki, client_link());
+    assert_eq!(udp_first, 1);
+    assert!(udp_resent >= 1, "UDP resends the unacknowledged reply");
+    assert_eq!(replies_to_a_hard_reset(&test.pki, tcp_link(7)), (1, 0));
+}
+
+#[test]
+fn a_tcp_session_connects_never_floats_and_ends_with_its_connection() {
+    let test = TestPki::new("tcp-link");
+    let (mut server, address) = test.server_with_client("erin");
+    let mut client = TestClient::new(&test.pki, "erin", "AES-256-GCM");
+    client.peer = tcp_link(1);
+    let start = Instant::now();
+    let now = start + connect(&mut server, &mut client, perfect, start);
+    flush_client(&mut server, &mut client, now);
+    while server.poll_output().is_some() {}
+    let status = server.connected();
+    assert_eq!(status[0].link, tcp_link(1));
+    // The same client's data on another connection (or over UDP) is opened by its peer id
+    // but does not move the session there.
+    let left_host = Ipv4Addr::new(192, 168, 10, 2);
+    for elsewhere in [tcp_link(2), client_link()] {
+        let upstream = ipv4_packet(address, left_host);
+        let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
+        server.handle_datagram(now, elsewhere, &sealed);
+        assert_eq!(tun_packets(&mut server), vec![upstream]);
+        assert!(server.has_session(&tcp_link(1)) && !server.has_session(&elsewhere));
+    }
+    server.close_link(now, tcp_link(1), "the client closed the TCP connection");
+    let disconnected = std::iter::from_fn(|| server.poll_output()).find_map(|o| match o {
+        Output::Event(Event::Disconnected { link, reason, .. }) => Some((link, reason)),
+        _ => None,
+    });
+    assert_eq!(
+        disconnected,
+        Some((
+            tcp_link(1),
+            "the client closed the TCP connection".to_owned()
+        ))
+    );
+    assert!(server.connected().is_empty());
+}

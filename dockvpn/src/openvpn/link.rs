@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 pub enum Link {
     Udp(SocketAddr),
     /// `conn` tells apart connections from the same address (a reconnect reusing its port).
-    #[allow(dead_code)] // The TCP listener (the next commit) makes these.
     Tcp {
         conn: u64,
         peer: SocketAddr,

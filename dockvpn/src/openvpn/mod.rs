@@ -1,4 +1,4 @@
-//! An OpenVPN-protocol server (UDP, TLS mode, optional tls-crypt) as a sans-IO engine: `server::Server`
+//! An OpenVPN-protocol server (UDP and TCP, TLS mode, optional tls-crypt) as a sans-IO engine: `server::Server`
 //! is fed datagrams, tun packets and time and returns datagrams, tun packets and events.
 
 pub mod data;
@@ -10,4 +10,5 @@ pub mod packet;
 pub mod reliable;
 pub mod server;
 pub mod session;
+pub mod tcp_framing;
 pub mod tls_crypt;

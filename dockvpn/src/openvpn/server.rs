@@ -225,6 +225,14 @@ impl Server {
         self.sessions.contains_key(link)
     }
 
+    /// The transport under a session is gone (a TCP connection closed): so is the session.
+    pub fn close_link(&mut self, now: Instant, link: Link, reason: &str) {
+        if let Some(session) = self.sessions.get_mut(&link) {
+            session.close(reason);
+            self.flush(now, Some(link));
+        }
+    }
+
     #[cfg(test)]
     pub fn session_count(&self) -> usize {
         self.sessions.len()

@@ -68,9 +68,14 @@ impl KeySlot {
         tls_config: Arc<rustls::ServerConfig>,
         key_id: u8,
         initial: Opcode,
+        link: Link,
         now: Instant,
     ) -> Result<KeySlot, rustls::Error> {
-        let mut reliable = Reliable::default();
+        let mut reliable = if link.is_reliable() {
+            Reliable::over_lossless_transport()
+        } else {
+            Reliable::default()
+        };
         reliable.send(initial, Vec::new());
         Ok(KeySlot {
             key_id,
@@ -235,7 +240,7 @@ impl Session {
             local_id,
             remote_id,
             peer_id,
-            key: KeySlot::new(tls_config.clone(), 0, Opcode::HardResetServerV2, now)?,
+            key: KeySlot::new(tls_config.clone(), 0, Opcode::HardResetServerV2, link, now)?,
             tls_config,
             lame_duck: None,
             client: None,
@@ -286,7 +291,13 @@ impl Session {
     /// duck and keeps working for `transition_window`.
     pub fn renegotiate(&mut self, now: Instant, transition_window: Duration) {
         let key_id = next_key_id(self.key.key_id);
-        match KeySlot::new(self.tls_config.clone(), key_id, Opcode::SoftResetV1, now) {
+        match KeySlot::new(
+            self.tls_config.clone(),
+            key_id,
+            Opcode::SoftResetV1,
+            self.link,
+            now,
+        ) {
             Ok(fresh) => {
                 let previous = std::mem::replace(&mut self.key, fresh);
                 self.lame_duck = Some(LameDuck {
