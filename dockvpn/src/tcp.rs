@@ -221,3 +221,74 @@ async fn write_packets(mut stream: OwnedWriteHalf, mut queued: mpsc::Receiver<Ve
     }
     let _ = stream.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener on loopback and one connection to it, accepted.
+    async fn server_with_connection() -> (TcpServer, TcpStream, Link) {
+        let mut server = TcpServer::bind("127.0.0.1:0".parse().unwrap(), 4)
+            .await
+            .unwrap();
+        let client = TcpStream::connect(server.listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = server.listener.accept().await.unwrap();
+        server.open(stream, peer);
+        let link = *server.connections.keys().next().unwrap();
+        (server, client, link)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_dropped_once_its_queue_is_full() {
+        let (mut server, _never_reads, link) = server_with_connection().await;
+        let packet = [0u8; 1400];
+        // Bounded: 100,000 packets (140 MB) is far beyond the socket buffers and the queue.
+        let mut refused = None;
+        for sent in 0..100_000 {
+            if let Err(reason) = server.send(&link, &packet) {
+                refused = Some((sent, reason));
+                break;
+            }
+            // The writer moves what the socket takes.
+            tokio::task::yield_now().await;
+        }
+        let (sent, reason) = refused.expect("the queue of a client that never reads filled");
+        assert!(reason.contains("write queue full"), "{reason}");
+        assert!(sent >= WRITE_QUEUE_PACKETS, "{sent}");
+        assert_eq!(server.counters.closed_slow_reader, 1);
+        assert_eq!(server.counters.open, 0);
+        assert!(
+            server.send(&link, &packet).is_ok(),
+            "a closed link takes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn packets_arrive_deframed_and_the_close_of_the_stream_ends_the_link() {
+        let (mut server, mut client, link) = server_with_connection().await;
+        let mut bytes = frame(b"first").unwrap();
+        bytes.extend(frame(b"second").unwrap());
+        client.write_all(&bytes).await.unwrap();
+        drop(client);
+        let mut events = Vec::new();
+        while events.len() < 3 {
+            events.push(match server.next_event().await {
+                TcpEvent::Packet { link: from, packet } => {
+                    (from, String::from_utf8(packet).unwrap())
+                }
+                TcpEvent::Closed { link: from, reason } => (from, reason),
+            });
+        }
+        assert_eq!(
+            events,
+            [
+                (link, "first".to_owned()),
+                (link, "second".to_owned()),
+                (link, "the client closed the TCP connection".to_owned())
+            ]
+        );
+        assert_eq!(server.counters.open, 0);
+    }
+}
