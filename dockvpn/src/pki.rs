@@ -321,13 +321,19 @@ impl Pki {
              {remotes}\
              nobind\n\
              remote-cert-tls server\n\
-             explicit-exit-notify\n\
+             {exit_notify}\
              verb 3\n\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\
              <key>\n{key}</key>\n\
              {tls_crypt}",
             remotes = remotes(remote_host, remote_port, proto),
+            // A TCP client's server sees it leave when the connection closes (the client
+            // would say it ignores the option).
+            exit_notify = match proto {
+                Proto::Tcp => "",
+                Proto::Udp | Proto::Both => "explicit-exit-notify\n",
+            },
             ca = self.read("ca.crt")?,
             cert = read_client("crt")?,
             key = read_client("key")?,
@@ -483,6 +489,8 @@ mod tests {
             .profile("alice", "10.0.2.2", 443, Proto::Tcp, true)
             .unwrap();
         assert!(tcp.contains("dev tun\nproto tcp-client\nremote 10.0.2.2 443\nnobind\n"));
+        assert!(!tcp.contains("explicit-exit-notify"));
+        assert!(profile.contains("remote-cert-tls server\nexplicit-exit-notify\nverb 3\n"));
         let both = pki
             .profile("alice", "10.0.2.2", 1194, Proto::Both, true)
             .unwrap();
