@@ -1,5 +1,5 @@
 //! Dockvpn's TCP transport with the stock OpenVPN 2.6 client: a UDP and a TCP client at once
-//! on the same port, idle connections that cannot keep a real client out and are closed
+//! on the same port (and a TCP client gone with its connection), idle connections that cannot keep a real client out and are closed
 //! after the deadline, `--proto udp` refusing TCP, and `<connection>` blocks in profiles.
 
 use std::io::{ErrorKind, Read};
@@ -56,7 +56,7 @@ fn a_udp_and_a_tcp_client_pass_traffic_at_once_on_the_same_port() {
         tcp_profile.contains("\nproto tcp-client\nremote 10.0.2.2 1194\n"),
         "{tcp_profile}"
     );
-    let bob = OpenvpnClient::start(&chain.right_gateway, &tcp_profile, &[]);
+    let mut bob = OpenvpnClient::start(&chain.right_gateway, &tcp_profile, &[]);
     connected(&alice, &dockvpn);
     connected(&bob, &dockvpn);
     assert!(
@@ -84,6 +84,19 @@ fn a_udp_and_a_tcp_client_pass_traffic_at_once_on_the_same_port() {
     };
     assert_eq!(proto_of("alice"), Some("udp".into()), "{status}");
     assert_eq!(proto_of("bob"), Some("tcp".into()), "{status}");
+
+    // Over TCP the client sends no exit notification: the closed connection ends its session
+    // at once, not after --ping-restart (60 s).
+    assert!(bob.process.terminate().success(), "{}", bob.log());
+    let status = status_when(&chain.si, &dockvpn, Duration::from_secs(5), |status| {
+        status["vpn"]["clients"].as_array().map(Vec::len) == Some(1)
+    });
+    let names: Vec<&serde_json::Value> = status["vpn"]["clients"]
+        .as_array()
+        .map(|clients| clients.iter().map(|c| &c["name"]).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["alice"], "{status}\nserver:\n{}", dockvpn.log());
+    assert_eq!(status["vpn"]["tcp"]["open"], 0, "{status}");
 }
 
 #[test]
