@@ -323,11 +323,25 @@ impl Pki {
              remote-cert-tls server\n\
              {exit_notify}\
              verb 3\n\
+             {connections}\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\
              <key>\n{key}</key>\n\
              {tls_crypt}",
-            remotes = remotes(remote_host, remote_port, proto),
+            remotes = match proto {
+                Proto::Udp => format!("proto udp\nremote {remote_host} {remote_port}\n"),
+                Proto::Tcp => format!("proto tcp-client\nremote {remote_host} {remote_port}\n"),
+                Proto::Both => String::new(),
+            },
+            // Each block starts from the options set above it (nobind, explicit-exit-notify),
+            // so the blocks come last.
+            connections = match proto {
+                Proto::Both => format!(
+                    "<connection>\nremote {remote_host} {remote_port}\nproto udp\n</connection>\n\
+                     <connection>\nremote {remote_host} {remote_port}\nproto tcp-client\n</connection>\n"
+                ),
+                Proto::Udp | Proto::Tcp => String::new(),
+            },
             // A TCP client's server sees it leave when the connection closes (the client
             // would say it ignores the option).
             exit_notify = match proto {
@@ -383,19 +397,6 @@ impl Pki {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
-    }
-}
-
-/// The profile's `proto` and `remote` lines: one pair for one transport; for both, a
-/// `<connection>` block each, UDP first (the client falls back to TCP when UDP fails).
-fn remotes(host: &str, port: u16, proto: Proto) -> String {
-    match proto {
-        Proto::Udp => format!("proto udp\nremote {host} {port}\n"),
-        Proto::Tcp => format!("proto tcp-client\nremote {host} {port}\n"),
-        Proto::Both => format!(
-            "<connection>\nremote {host} {port}\nproto udp\n</connection>\n\
-             <connection>\nremote {host} {port}\nproto tcp-client\n</connection>\n"
-        ),
     }
 }
 
@@ -495,8 +496,9 @@ mod tests {
             .profile("alice", "10.0.2.2", 1194, Proto::Both, true)
             .unwrap();
         assert!(both.contains(
-            "dev tun\n<connection>\nremote 10.0.2.2 1194\nproto udp\n</connection>\n\
-             <connection>\nremote 10.0.2.2 1194\nproto tcp-client\n</connection>\nnobind\n"
+            "dev tun\nnobind\nremote-cert-tls server\nexplicit-exit-notify\nverb 3\n\
+             <connection>\nremote 10.0.2.2 1194\nproto udp\n</connection>\n\
+             <connection>\nremote 10.0.2.2 1194\nproto tcp-client\n</connection>\n<ca>\n"
         ));
         assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
         pki.server_tls_config().unwrap();
