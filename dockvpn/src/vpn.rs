@@ -1,6 +1,7 @@
 //! The tokio driver around the OpenVPN engine: a UDP socket and a TCP listener on the same
-//! port (either or both), one tun device, the engine's timer, and the feeds from the runtime (pushed routes, the left interface for masquerade).
-//! It writes `status.json` for `dockvpn status`.
+//! port (either or both), one tun device, the engine's timer, and the feeds from the runtime
+//! (pushed routes, the left interface for masquerade). It writes `status.json` for
+//! `dockvpn status`.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
