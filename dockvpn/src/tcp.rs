@@ -24,7 +24,8 @@ pub const SESSION_DEADLINE: Duration = Duration::from_secs(10);
 /// Framed packets queued for one connection; a client that reads slower than this fills
 /// is dropped, so memory stays at most this many packets per connection.
 const WRITE_QUEUE_PACKETS: usize = 128;
-/// A write that makes no progress this long ends the connection's writer.
+/// A write that makes no progress this long ends the connection's writer; a closed
+/// connection's writer gets this long, in all, for what was still queued.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Packets read from all connections, waiting for the engine (readers pause when full).
 const READ_QUEUE_PACKETS: usize = 256;
@@ -53,6 +54,7 @@ struct Connection {
     /// Dropping it lets the writer send what is queued, then close the stream.
     queue: mpsc::Sender<Vec<u8>>,
     reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
 }
 
 pub struct TcpServer {
@@ -118,7 +120,7 @@ impl TcpServer {
         self.next_conn += 1;
         let (read, write) = stream.into_split();
         let (queue, queued) = mpsc::channel(WRITE_QUEUE_PACKETS);
-        tokio::spawn(write_packets(write, queued));
+        let writer = tokio::spawn(write_packets(write, queued));
         let reader = tokio::spawn(read_packets(link, read, self.events_sender.clone()));
         self.connections.insert(
             link,
@@ -126,6 +128,7 @@ impl TcpServer {
                 opened: Instant::now(),
                 queue,
                 reader,
+                writer,
             },
         );
         self.counters.open = self.connections.len();
@@ -159,15 +162,23 @@ impl TcpServer {
 
     /// Closes a connection after what is queued for it is written.
     pub fn close(&mut self, link: &Link) {
-        if let Some(connection) = self.forget(link) {
-            connection.reader.abort();
+        if let Some(reader) = self.forget(link) {
+            reader.abort();
         }
     }
 
-    fn forget(&mut self, link: &Link) -> Option<Connection> {
-        let connection = self.connections.remove(link);
+    /// Drops the connection from the table; its writer gets `WRITE_TIMEOUT` to finish, so a
+    /// client that reads slowly cannot keep the socket once it no longer counts against the
+    /// limit. Returns its reader.
+    fn forget(&mut self, link: &Link) -> Option<JoinHandle<()>> {
+        let connection = self.connections.remove(link)?;
         self.counters.open = self.connections.len();
-        connection
+        let writer = connection.writer;
+        tokio::spawn(async move {
+            tokio::time::sleep(WRITE_TIMEOUT).await;
+            writer.abort();
+        });
+        Some(connection.reader)
     }
 
     /// Closes the connections that have had no session for `SESSION_DEADLINE` since they

@@ -132,7 +132,8 @@ fn idle_tcp_connections_do_not_keep_a_real_client_out_and_are_closed_after_the_d
             Ok(0) => {}
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
             other => panic!(
-                "idle connection {i} still open after the deadline: {other:?}\nserver:\n{}",
+                "idle connection {i} still open after the deadline: {other:?}\nstatus: {}\nserver:\n{}",
+                status_json(&chain.si, &dockvpn)["vpn"]["tcp"],
                 dockvpn.log()
             ),
         }
