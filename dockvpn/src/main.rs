@@ -1,5 +1,5 @@
 //! Dockvpn: the SSL VPN service instance. Remote users connect with the stock OpenVPN client
-//! (UDP); Dockvpn pushes them exactly the networks behind its left side — its left subnet,
+//! (UDP or TCP); Dockvpn pushes them exactly the networks behind its left side — its left subnet,
 //! those configured with --left-route and those learned by DHCP option 121 (`--dhcp left`) —
 //! and forwards their traffic there. The SI routes in global mode: `main` holds the default
 //! via the right gateway and the left networks via the left gateway. With one leg and no
@@ -8,6 +8,7 @@
 mod masquerade;
 mod openvpn;
 mod pki;
+mod tcp;
 mod udp;
 mod vpn;
 
@@ -39,6 +40,7 @@ use openvpn::tls_auth::{self, TlsAuth};
 use openvpn::tls_crypt::{ControlKey, TlsCrypt};
 use openvpn::wrap::ControlWrap;
 use pki::{Pki, TlsCryptMode};
+use vpn::Proto;
 
 const DEFAULT_PORT: u16 = 1194;
 /// How long a handshake (the first, or a renegotiation) may take.
@@ -143,7 +145,7 @@ struct LeftRoutes {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// UDP address the OpenVPN server listens on
+    /// Address the OpenVPN server listens on (UDP, TCP or both, by --proto)
     #[arg(
         long,
         env = "DOCKVPN_LISTEN",
@@ -152,6 +154,17 @@ struct ServeArgs {
         help_heading = VPN
     )]
     listen: SocketAddr,
+
+    /// Serve clients over UDP, TCP (`proto tcp-client`, for networks that pass only TCP),
+    /// or both on the same port
+    #[arg(
+        long,
+        env = "DOCKVPN_PROTO",
+        value_enum,
+        default_value_t = Proto::Both,
+        help_heading = VPN
+    )]
+    proto: Proto,
 
     /// Data-channel ciphers in order of preference (colon-separated)
     #[arg(
@@ -344,6 +357,10 @@ enum ClientCommand {
         sides: SideArgs,
         #[command(flatten)]
         tls_crypt: TlsCryptArg,
+        /// The transports the profile connects over; `both` writes a UDP then a TCP
+        /// `<connection>` block [default: what the running server serves, else udp]
+        #[arg(long, value_enum)]
+        proto: Option<Proto>,
     },
     /// List the clients and their addresses
     List(JsonArgs),
@@ -389,6 +406,7 @@ fn main() -> ExitCode {
                 remote,
                 sides,
                 tls_crypt,
+                proto,
             }) => {
                 let (host, port) = match remote {
                     Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
@@ -400,7 +418,10 @@ fn main() -> ExitCode {
                 let tls_crypt = tls_crypt
                     .tls_crypt
                     .unwrap_or_else(|| profile_mode(&pki, &cli.state_dir));
-                print!("{}", pki.profile(name, &host, port, tls_crypt)?);
+                let proto = proto
+                    .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.proto))
+                    .unwrap_or(Proto::Udp);
+                print!("{}", pki.profile(name, &host, port, proto, tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
@@ -518,6 +539,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
     };
     let config = vpn::VpnConfig {
         listen: serve.listen,
+        proto: serve.proto,
         tun_name: serve.tun.clone(),
         engine,
         state_dir: state_dir.to_path_buf(),
@@ -796,7 +818,8 @@ fn load_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
 
 fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     let mut out = format!(
-        "VPN server: udp {} tun {} pool {} (server {}), tls-crypt {}\n  routes pushed: {}{}\n  clients connected: {}\n",
+        "VPN server: {} {} tun {} pool {} (server {}), tls-crypt {}\n  routes pushed: {}{}\n  clients connected: {}\n",
+        vpn.proto,
         vpn.listen,
         vpn.tun,
         vpn.pool,
@@ -816,10 +839,10 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     for client in &vpn.clients {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
         out.push_str(&format!(
-            "    {:<20} {:<15} from {:<21} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
+            "    {:<20} {:<15} from {:<25} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
             client.name,
             client.address,
-            client.peer,
+            format!("{}:{}", client.proto, client.peer),
             client.cipher,
             client.bytes_in,
             client.bytes_out,
@@ -831,6 +854,16 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     }
     if vpn.handshaking > 0 {
         out.push_str(&format!("  handshakes in progress: {}\n", vpn.handshaking));
+    }
+    if let Some(tcp) = &vpn.tcp {
+        out.push_str(&format!(
+            "  TCP connections: {} open; closed: {} over the limit, {} without a session in {} s, {} not reading\n",
+            tcp.open,
+            tcp.refused_over_limit,
+            tcp.closed_without_session,
+            tcp::SESSION_DEADLINE.as_secs(),
+            tcp.closed_slow_reader
+        ));
     }
     if vpn.dropped.total() > 0 {
         out.push_str(&format!("  dropped input: {}\n", vpn.dropped));

@@ -25,6 +25,7 @@ use vnf_core::{Error, Result};
 
 use crate::openvpn::tls_crypt::StaticKey;
 use crate::openvpn::tls_crypt_v2::{ClientKey, ServerKey};
+use crate::vpn::Proto;
 
 const CA_NAME: &str = "Dockvpn CA";
 /// The shared tls-crypt key, in OpenVPN's static key format.
@@ -458,6 +459,7 @@ impl Pki {
         name: &str,
         remote_host: &str,
         remote_port: u16,
+        proto: Proto,
         tls_crypt: TlsCryptMode,
     ) -> Result<String> {
         self.require()?;
@@ -474,16 +476,36 @@ impl Pki {
             "# Dockvpn profile for {name}: openvpn --config {name}.ovpn\n\
              client\n\
              dev tun\n\
-             proto udp\n\
-             remote {remote_host} {remote_port}\n\
+             {remotes}\
              nobind\n\
              remote-cert-tls server\n\
-             explicit-exit-notify\n\
+             {exit_notify}\
              verb 3\n\
+             {connections}\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\
              <key>\n{key}</key>\n\
              {tls_crypt}",
+            remotes = match proto {
+                Proto::Udp => format!("proto udp\nremote {remote_host} {remote_port}\n"),
+                Proto::Tcp => format!("proto tcp-client\nremote {remote_host} {remote_port}\n"),
+                Proto::Both => String::new(),
+            },
+            // Each block starts from the options set above it (nobind, explicit-exit-notify),
+            // so the blocks come last.
+            connections = match proto {
+                Proto::Both => format!(
+                    "<connection>\nremote {remote_host} {remote_port}\nproto udp\n</connection>\n\
+                     <connection>\nremote {remote_host} {remote_port}\nproto tcp-client\n</connection>\n"
+                ),
+                Proto::Udp | Proto::Tcp => String::new(),
+            },
+            // A TCP client's server sees it leave when the connection closes (the client
+            // would say it ignores the option).
+            exit_notify = match proto {
+                Proto::Tcp => "",
+                Proto::Udp | Proto::Both => "explicit-exit-notify\n",
+            },
             ca = self.read("ca.crt")?,
             cert = read_client("crt")?,
             key = read_client("key")?,
@@ -632,15 +654,30 @@ mod tests {
         assert_eq!(pki.default_tls_crypt_mode(), TlsCryptMode::V2);
         assert!(!pki.has_tls_crypt_key(), "a new PKI needs no shared key");
         let profile = pki
-            .profile("alice", "10.0.2.2", 1194, TlsCryptMode::V2)
+            .profile("alice", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
             .unwrap();
-        assert!(profile.contains("remote 10.0.2.2 1194\n"));
+        // The layout of every profile issued before TCP.
+        assert!(profile.contains("dev tun\nproto udp\nremote 10.0.2.2 1194\nnobind\n"));
+        let tcp = pki
+            .profile("alice", "10.0.2.2", 443, Proto::Tcp, TlsCryptMode::V2)
+            .unwrap();
+        assert!(tcp.contains("dev tun\nproto tcp-client\nremote 10.0.2.2 443\nnobind\n"));
+        assert!(!tcp.contains("explicit-exit-notify"));
+        assert!(profile.contains("remote-cert-tls server\nexplicit-exit-notify\nverb 3\n"));
+        let both = pki
+            .profile("alice", "10.0.2.2", 1194, Proto::Both, TlsCryptMode::V2)
+            .unwrap();
+        assert!(both.contains(
+            "dev tun\nnobind\nremote-cert-tls server\nexplicit-exit-notify\nverb 3\n\
+             <connection>\nremote 10.0.2.2 1194\nproto udp\n</connection>\n\
+             <connection>\nremote 10.0.2.2 1194\nproto tcp-client\n</connection>\n<ca>\n"
+        ));
         assert!(profile.contains("<key>\n-----BEGIN PRIVATE KEY-----"));
         let v2_block = "<tls-crypt-v2>\n-----BEGIN OpenVPN tls-crypt-v2 client key-----";
         assert!(profile.contains(v2_block), "{profile}");
         // The same key each time the profile is issued.
         assert_eq!(
-            pki.profile("alice", "10.0.2.2", 1194, TlsCryptMode::V2)
+            pki.profile("alice", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
                 .unwrap(),
             profile
         );
@@ -655,7 +692,7 @@ mod tests {
             ["bob"]
         );
         assert!(pki
-            .profile("bob", "10.0.2.2", 1194, TlsCryptMode::V2)
+            .profile("bob", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
             .unwrap()
             .contains(v2_block));
         assert!(pki

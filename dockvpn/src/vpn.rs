@@ -1,6 +1,7 @@
-//! The tokio driver around the OpenVPN engine: one UDP socket, one tun device, the engine's
-//! timer, and the feeds from the runtime (pushed routes, the left interface for masquerade).
-//! It writes `status.json` for `dockvpn status`.
+//! The tokio driver around the OpenVPN engine: a UDP socket and a TCP listener on the same
+//! port (either or both), one tun device, the engine's timer, and the feeds from the runtime
+//! (pushed routes, the left interface for masquerade). It writes `status.json` for
+//! `dockvpn status`.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,9 +16,11 @@ use vnf_core::clock::WallClock;
 use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
+use crate::openvpn::link::Link;
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
 use crate::openvpn::wrap::ControlWrap;
 use crate::pki::{Pki, TlsCryptMode};
+use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
 
 /// How often status.json is rewritten while nothing happens.
@@ -27,8 +30,38 @@ const CLIENTS_EVERY: Duration = Duration::from_secs(2);
 /// At most one "dropped input" log line per this interval.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The transports `run` serves on its --listen port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+    Both,
+}
+
+impl Proto {
+    pub fn serves_udp(self) -> bool {
+        self != Proto::Tcp
+    }
+
+    pub fn serves_tcp(self) -> bool {
+        self != Proto::Udp
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+            Proto::Both => "udp+tcp",
+        })
+    }
+}
+
 pub struct VpnConfig {
     pub listen: SocketAddr,
+    pub proto: Proto,
     pub tun_name: String,
     pub engine: EngineConfig,
     pub state_dir: PathBuf,
@@ -52,6 +85,16 @@ pub struct VpnStatus {
     pub updated_unix: u64,
     /// How the control channel is wrapped (so `client config` issues matching profiles).
     pub tls_crypt: TlsCryptMode,
+    /// The transports served (a server from before TCP served UDP only).
+    #[serde(default = "udp_only")]
+    pub proto: Proto,
+    /// Present while TCP is served.
+    #[serde(default)]
+    pub tcp: Option<TcpCounters>,
+}
+
+fn udp_only() -> Proto {
+    Proto::Udp
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +102,9 @@ pub struct ConnectedClient {
     pub name: String,
     pub address: Ipv4Addr,
     pub peer: SocketAddr,
+    /// `udp` or `tcp`.
+    #[serde(default = "udp")]
+    pub proto: String,
     pub cipher: String,
     pub connected_since_unix: u64,
     pub bytes_in: u64,
@@ -73,6 +119,11 @@ pub struct ConnectedClient {
     pub key_age_secs: u64,
 }
 
+/// What a status file from before TCP says: every client came over UDP.
+fn udp() -> String {
+    "udp".to_owned()
+}
+
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("status.json")
 }
@@ -83,13 +134,27 @@ pub async fn serve(
     mut routes: watch::Receiver<BTreeSet<Ipv4Net>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut socket = Listener::bind(config.listen).map_err(|source| Error::Io {
-        context: format!(
-            "listen on UDP {} (another server on the port? pass --listen)",
+    let listen_error = |protocol: &str| {
+        let context = format!(
+            "listen on {protocol} {} (another server on the port? pass --listen, or --proto to serve one protocol)",
             config.listen
+        );
+        move |source| Error::Io { context, source }
+    };
+    let mut socket = match config.proto.serves_udp() {
+        true => Some(Listener::bind(config.listen).map_err(listen_error("UDP"))?),
+        false => None,
+    };
+    // Room for every client and every handshake slot; more connections are refused at once.
+    let max_connections = config.engine.max_clients + config.engine.max_handshaking;
+    let mut tcp = match config.proto.serves_tcp() {
+        true => Some(
+            TcpServer::bind(config.listen, max_connections)
+                .await
+                .map_err(listen_error("TCP"))?,
         ),
-        source,
-    })?;
+        false => None,
+    };
     let server_address = config.engine.server_address();
     let tun = tokio_tun::Tun::builder()
         .name(&config.tun_name)
@@ -119,6 +184,7 @@ pub async fn serve(
     engine.refresh_clients();
     info!(
         listen = %config.listen,
+        proto = %config.proto,
         tun = %config.tun_name,
         pool = %config.engine.pool,
         ciphers = ?config.engine.ciphers.iter().map(|c| c.name()).collect::<Vec<_>>(),
@@ -136,9 +202,19 @@ pub async fn serve(
     loop {
         let deadline = engine.next_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            received = socket.recv(&mut datagram) => match received {
-                Ok((len, from)) => engine.handle_datagram(Instant::now(), from, &datagram[..len]),
+            received = receive_udp(socket.as_mut(), &mut datagram) => match received {
+                Ok((len, from)) => {
+                    engine.handle_datagram(Instant::now(), Link::Udp(from), &datagram[..len])
+                }
                 Err(error) => warn!(%error, "UDP receive failed"),
+            },
+            event = next_tcp_event(tcp.as_mut()) => match event {
+                TcpEvent::Packet { link, packet } => {
+                    engine.handle_datagram(Instant::now(), link, &packet)
+                }
+                TcpEvent::Closed { link, reason } => {
+                    engine.close_link(Instant::now(), link, &reason)
+                }
             },
             read = tun.recv(&mut packet) => match read {
                 Ok(len) => engine.handle_tun_packet(Instant::now(), &packet[..len]),
@@ -153,17 +229,22 @@ pub async fn serve(
                     status_dirty = true;
                 }
             }
-            _ = clients_tick.tick() => engine.reload_clients(Instant::now()),
+            _ = clients_tick.tick() => {
+                engine.reload_clients(Instant::now());
+                if let Some(tcp) = tcp.as_mut() {
+                    tcp.close_sessionless(Instant::now(), |link| engine.has_session(link));
+                }
+            }
             _ = status_tick.tick() => status_dirty = true,
             _ = stop.changed() => {
                 engine.shutdown(Instant::now());
-                drain(&mut engine, &mut socket, &tun).await;
+                drain(&mut engine, socket.as_mut(), tcp.as_mut(), &tun).await;
                 let _ = std::fs::remove_file(status_path(&config.state_dir));
                 info!("VPN server stopped");
                 return Ok(());
             }
         }
-        status_dirty |= drain(&mut engine, &mut socket, &tun).await;
+        status_dirty |= drain(&mut engine, socket.as_mut(), tcp.as_mut(), &tun).await;
         if engine.counters.total() != dropped_logged.total()
             && last_drop_log.is_none_or(|at| at.elapsed() >= DROP_LOG_EVERY)
         {
@@ -177,20 +258,56 @@ pub async fn serve(
             last_drop_log = Some(Instant::now());
         }
         if status_dirty {
-            write_status(&config, &engine);
+            write_status(&config, &engine, tcp.as_ref());
             status_dirty = false;
         }
     }
 }
 
+async fn receive_udp(
+    socket: Option<&mut Listener>,
+    datagram: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(socket) => socket.recv(datagram).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_tcp_event(tcp: Option<&mut TcpServer>) -> TcpEvent {
+    match tcp {
+        Some(tcp) => tcp.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends what the engine queued; true when a client connected or left.
-async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun) -> bool {
+async fn drain(
+    engine: &mut Server,
+    socket: Option<&mut Listener>,
+    mut tcp: Option<&mut TcpServer>,
+    tun: &tokio_tun::Tun,
+) -> bool {
     let mut changed = false;
     while let Some(output) = engine.poll_output() {
         match output {
-            Output::Transmit { to, datagram } => {
+            Output::Transmit {
+                to: Link::Udp(to),
+                datagram,
+            } => {
+                let Some(socket) = socket.as_deref() else {
+                    continue;
+                };
                 if let Err(error) = socket.send(&datagram, to).await {
                     warn!(%to, %error, "UDP send failed");
+                }
+            }
+            Output::Transmit { to, datagram } => {
+                let Some(tcp) = tcp.as_deref_mut() else {
+                    continue;
+                };
+                if let Err(reason) = tcp.send(&to, &datagram) {
+                    engine.close_link(Instant::now(), to, &reason);
                 }
             }
             Output::Tun(packet) => {
@@ -204,32 +321,40 @@ async fn drain(engine: &mut Server, socket: &mut Listener, tun: &tokio_tun::Tun)
                     Event::Connected {
                         name,
                         address,
-                        peer,
+                        link,
                         cipher,
-                    } => info!(client = %name, %address, %peer, %cipher, "client connected"),
+                    } => info!(client = %name, %address, %link, %cipher, "client connected"),
                     Event::Disconnected {
                         name,
                         address,
-                        peer,
+                        link,
                         reason,
-                    } => info!(
-                        client = name.as_deref().unwrap_or("(unauthenticated)"),
-                        // Omitted, not "None", for a client that never got one.
-                        address = address.map(tracing::field::display),
-                        %peer,
-                        %reason,
-                        "client disconnected"
-                    ),
+                    } => {
+                        // A session's end is its TCP connection's end.
+                        if let Some(tcp) = tcp.as_deref_mut() {
+                            tcp.close(&link);
+                        }
+                        info!(
+                            client = name.as_deref().unwrap_or("(unauthenticated)"),
+                            // Omitted, not "None", for a client that never got one.
+                            address = address.map(tracing::field::display),
+                            %link,
+                            %reason,
+                            "client disconnected"
+                        )
+                    }
                 }
             }
         }
     }
     // A client that reconnects from the same address keeps its entry: it has a session again.
-    socket.prune(|peer| engine.has_session(peer));
+    if let Some(socket) = socket {
+        socket.prune(|peer| engine.has_session(&Link::Udp(*peer)));
+    }
     changed
 }
 
-fn write_status(config: &VpnConfig, engine: &Server) {
+fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
     let now = Instant::now();
     let clock = WallClock::now();
     let status = VpnStatus {
@@ -246,7 +371,8 @@ fn write_status(config: &VpnConfig, engine: &Server) {
             .map(|c| ConnectedClient {
                 name: c.name,
                 address: c.address,
-                peer: c.peer,
+                peer: c.link.peer(),
+                proto: c.link.protocol().to_owned(),
                 cipher: c.cipher.name().to_owned(),
                 connected_since_unix: clock.unix(c.connected_at),
                 bytes_in: c.bytes_in,
@@ -265,6 +391,8 @@ fn write_status(config: &VpnConfig, engine: &Server) {
             ControlWrap::TlsAuth(_) => TlsCryptMode::TlsAuth,
             ControlWrap::TlsCryptV2 { .. } => TlsCryptMode::V2,
         },
+        proto: config.proto,
+        tcp: tcp.map(|tcp| tcp.counters),
     };
     let text = serde_json::to_string_pretty(&status).expect("status serializes");
     if let Err(error) =

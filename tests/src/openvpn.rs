@@ -109,12 +109,16 @@ pub fn wait_for_status(
 
 /// `dockvpn client add NAME` then `client config NAME [--remote …]`: the profile text.
 pub fn issue_profile(si: &Netns, dockvpn: &Vnf, name: &str, remote: Option<&str>) -> String {
+    let remote: Vec<&str> = remote.map_or(vec![], |remote| vec!["--remote", remote]);
+    issue_profile_with(si, dockvpn, name, &remote)
+}
+
+/// `dockvpn client add NAME` then `client config NAME CONFIG_ARGS…`: the profile text.
+pub fn issue_profile_with(si: &Netns, dockvpn: &Vnf, name: &str, config_args: &[&str]) -> String {
     let added = dockvpn.cli(si, "dockvpn", &["client", "add", name]);
     assert!(added.status.success(), "client add: {}", text(&added));
     let mut args = vec!["client", "config", name];
-    if let Some(remote) = remote {
-        args.extend(["--remote", remote]);
-    }
+    args.extend(config_args);
     let config = dockvpn.cli(si, "dockvpn", &args);
     assert!(config.status.success(), "client config: {}", text(&config));
     String::from_utf8(config.stdout).expect("utf-8 profile")

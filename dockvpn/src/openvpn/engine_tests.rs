@@ -15,6 +15,7 @@ use super::data::{
     Cipher, DataChannel, KEY_MATERIAL_LEN, OCC_MAGIC, OCC_REPLY, OCC_REQUEST, PING_MAGIC,
 };
 use super::keymethod::{self, ClientKeySource};
+use super::link::Link;
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId, MAX_CONTROL_PACKET};
 use super::reliable::Reliable;
 use super::server::{push_messages, Admission, EngineConfig, Event, Output, Server};
@@ -115,7 +116,7 @@ struct TestClient {
     /// With tls-crypt-v2: its wrapped key (WKc), sent with the HARD_RESET (as V3).
     wrapped_key: Option<Vec<u8>>,
     /// Where the server sees its datagrams come from.
-    peer: SocketAddr,
+    peer: Link,
     /// tls-crypt packets dropped as replays (a stock client drops them too).
     replayed: u32,
     /// What the client says about itself in key-method 2.
@@ -165,7 +166,7 @@ impl TestClient {
             previous_data: None,
             tls_crypt: None,
             wrapped_key: None,
-            peer: CLIENT_ADDRESS.parse().unwrap(),
+            peer: client_link(),
             replayed: 0,
             options: "V4,dev-type tun,tls-client",
             peer_info: format!("IV_VER=2.6.14\nIV_PROTO=142\nIV_CIPHERS={ciphers}\n"),
@@ -390,6 +391,10 @@ fn hostile(round: usize, batch: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 const CLIENT_ADDRESS: &str = "192.0.2.10:40000";
 
+fn client_link() -> Link {
+    Link::Udp(CLIENT_ADDRESS.parse().unwrap())
+}
+
 /// Runs client and server until the client has its push reply; returns the virtual time taken.
 fn connect(server: &mut Server, client: &mut TestClient, wire: Wire, start: Instant) -> Duration {
     run_until(server, client, wire, start, |client| client.data.is_some()) - start
@@ -474,7 +479,7 @@ fn a_client_connects_and_exchanges_data_both_ways() {
     );
 
     // Client → tun: keys derived on both sides from the TLS exporter agree.
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let left_host = Ipv4Addr::new(192, 168, 10, 2);
     let upstream = ipv4_packet(address, left_host);
     let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
@@ -605,7 +610,7 @@ fn a_flood_of_hard_resets_is_answered_without_creating_any_state() {
     let now = Instant::now();
     for port in 0..1000u16 {
         let reset = reset_from([port as u8; 8]);
-        let from = SocketAddr::from(([192, 0, 2, 1], 1024 + port));
+        let from = Link::Udp(SocketAddr::from(([192, 0, 2, 1], 1024 + port)));
         server.handle_datagram(now, from, &reset);
         let replies = transmitted(&mut server);
         assert_eq!(replies.len(), 1, "one reply, no resends");
@@ -626,7 +631,7 @@ fn only_clients_that_echo_their_server_session_id_get_sessions_up_to_the_handsha
     let test = TestPki::new("echo");
     let mut server = Server::new(engine_config(&test.pki));
     let now = Instant::now();
-    let from = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    let from = |port: u16| Link::Udp(SocketAddr::from(([192, 0, 2, 1], port)));
     let client = [1; 8];
     server.handle_datagram(now, from(1000), &reset_from(client));
     let issued = server_session_in(&transmitted(&mut server)[0]);
@@ -667,7 +672,7 @@ fn a_forged_reset_and_client_hello_get_back_less_than_they_sent_and_no_tls_work(
     let test = TestPki::new("reflection");
     let (mut server, _) = test.server_with_client("mallory");
     let mut forger = TestClient::new(&test.pki, "mallory", "AES-256-GCM");
-    let victim: SocketAddr = "198.51.100.7:1194".parse().unwrap();
+    let victim = Link::Udp("198.51.100.7:1194".parse().unwrap());
     let now = Instant::now();
     let reset = forger.datagrams(now).remove(0);
     let mut client_hello = Vec::new();
@@ -721,7 +726,7 @@ fn control_message(session: SessionId, message_id: u32, payload: &[u8]) -> Vec<u
 /// A session in its handshake, created by a client at `from` that echoed its id; the ids.
 fn half_open_session(
     server: &mut Server,
-    from: SocketAddr,
+    from: Link,
     now: Instant,
 ) -> (SessionId, SessionId) {
     let client = rand_id();
@@ -736,7 +741,7 @@ fn half_open_session(
 fn a_half_open_session_holds_at_most_its_reassembly_budget() {
     let test = TestPki::new("reassembly");
     let mut server = Server::new(engine_config(&test.pki));
-    let from: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let from = client_link();
     let now = Instant::now();
     let (client, _) = half_open_session(&mut server, from, now);
     let chunk = vec![0x16u8; 4000];
@@ -754,7 +759,7 @@ fn a_half_open_session_holds_at_most_its_reassembly_budget() {
 fn a_tls_handshake_larger_than_the_bound_ends_the_half_open_session() {
     let test = TestPki::new("handshake-input");
     let mut server = Server::new(engine_config(&test.pki));
-    let from: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let from = client_link();
     let now = Instant::now();
     let (client, _) = half_open_session(&mut server, from, now);
     let oversized = vec![0x16u8; super::session::MAX_HANDSHAKE_INPUT + 1];
@@ -788,7 +793,7 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
         .unwrap()
         .seal(&ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 2)))
         .unwrap();
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let mut seed = 0x2545_f491_u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -810,7 +815,7 @@ fn random_and_mutated_datagrams_never_panic_and_never_reach_tun() {
         let from = if i % 3 == 0 {
             peer
         } else {
-            SocketAddr::from(([192, 0, 2, 99], 5000 + (i % 7) as u16))
+            Link::Udp(SocketAddr::from(([192, 0, 2, 99], 5000 + (i % 7) as u16)))
         };
         server.handle_datagram(now, from, &datagram);
         while let Some(output) = server.poll_output() {
@@ -836,7 +841,7 @@ fn keepalives_go_out_and_a_silent_client_is_reaped_after_ping_restart() {
     let start = Instant::now();
     let connected_at = start + connect(&mut server, &mut client, perfect, start);
     // The client's last ACKs, so nothing is left to resend.
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     for datagram in client.datagrams(connected_at) {
         server.handle_datagram(connected_at, peer, &datagram);
     }
@@ -940,7 +945,7 @@ fn assert_data_flows_on_current_key(
     address: Ipv4Addr,
     now: Instant,
 ) {
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let left_host = Ipv4Addr::new(192, 168, 10, 2);
     let upstream = ipv4_packet(address, left_host);
     let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
@@ -987,7 +992,7 @@ fn a_client_renegotiation_moves_both_directions_to_the_new_key_and_retires_the_o
     }
 
     // A packet sealed with the previous key before the switch still arrives …
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let late = ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 3));
     let in_flight = client.previous_data.as_mut().unwrap().seal(&late).unwrap();
     server.handle_datagram(now, peer, &in_flight);
@@ -1055,7 +1060,7 @@ fn a_soft_reset_out_of_sequence_is_dropped_and_the_session_stays() {
         payload: &[],
     }
     .encode();
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let dropped_before = server.counters.unknown_session;
     server.handle_datagram(now, peer, &skip);
     assert_eq!(server.counters.unknown_session, dropped_before + 1);
@@ -1074,7 +1079,7 @@ fn a_renegotiation_with_another_clients_certificate_ends_the_session() {
     let mut now = start + connect(&mut server, &mut client, perfect, start);
     client.tls_config = TestClient::new(&test.pki, "mallory", "AES-256-GCM").tls_config;
     client.renegotiate();
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let mut reason = None;
     for _ in 0..40 {
         for datagram in client.datagrams(now) {
@@ -1118,7 +1123,7 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     let mut config = engine_config(&test.pki);
     config.tls_crypt = ControlWrap::TlsCrypt(ControlKey::Crypt(Arc::new(TlsCrypt::server(&key))));
     let (mut server, address) = test.server_with_client_and_config("kate", config);
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let start = Instant::now();
 
     // A client without the key (or with another one): dropped before TLS, no answer at all.
@@ -1180,7 +1185,7 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
         shared: Some(ControlKey::Crypt(Arc::new(TlsCrypt::server(&shared)))),
     };
     let (mut server, address) = test.server_with_client_and_config("vera", config);
-    let peer: SocketAddr = CLIENT_ADDRESS.parse().unwrap();
+    let peer = client_link();
     let start = Instant::now();
     let v2_client = |issuer: &ServerKey| {
         let issued = issuer.issue_client_key(1_700_000_000);
@@ -1228,7 +1233,7 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
     // A profile with the v1 key issued before v2 was on still connects.
     let mut old_profile = TestClient::new(&test.pki, "vera", "AES-256-GCM");
     old_profile.tls_crypt = Some((TlsCrypt::client(&shared), WrapState::default()));
-    old_profile.peer = "192.0.2.30:40000".parse().unwrap();
+    old_profile.peer = Link::Udp("192.0.2.30:40000".parse().unwrap());
     run_until(&mut server, &mut old_profile, hostile, now, |c| {
         c.data.is_some()
     });
@@ -1251,7 +1256,7 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
     let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
     let now = start + connect(&mut server, &mut alice, perfect, start);
     let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
-    bob.peer = "192.0.2.20:40000".parse().unwrap();
+    bob.peer = Link::Udp("192.0.2.20:40000".parse().unwrap());
     let now = run_until(&mut server, &mut bob, perfect, now, |c| c.data.is_some());
     flush_client(&mut server, &mut alice, now);
     flush_client(&mut server, &mut bob, now);
@@ -1479,4 +1484,80 @@ fn an_occ_request_is_answered_with_the_options_string() {
     .concat();
     assert_eq!(reply, expected);
     assert!(tun_packets(&mut server).is_empty());
+}
+
+fn tcp_link(conn: u64) -> Link {
+    Link::Tcp {
+        conn,
+        peer: CLIENT_ADDRESS.parse().unwrap(),
+    }
+}
+
+/// Datagrams the server resends on `link` once its TLS flight to a client that then goes
+/// quiet is due again.
+fn resends_to_a_quiet_client(test: &TestPki, name: &str, link: Link) -> usize {
+    let (mut server, _) = test.server_with_client(name);
+    let mut client = TestClient::new(&test.pki, name, "AES-256-GCM");
+    client.peer = link;
+    let now = Instant::now();
+    // The reset and its stateless reply; then the echo and ClientHello, which create the
+    // session and draw the server's TLS flight.
+    for _ in 0..2 {
+        for datagram in client.datagrams(now) {
+            server.handle_datagram(now, link, &datagram);
+        }
+        for datagram in transmitted(&mut server) {
+            client.receive(&datagram);
+        }
+    }
+    assert_eq!(server.handshaking(), 1);
+    server.handle_timeout(now + Duration::from_secs(5));
+    transmitted(&mut server).len()
+}
+
+#[test]
+fn over_tcp_control_packets_go_out_once_and_are_never_resent() {
+    let test = TestPki::new("tcp-resend");
+    assert!(
+        resends_to_a_quiet_client(&test, "erin", client_link()) >= 1,
+        "UDP resends the unacknowledged flight"
+    );
+    assert_eq!(resends_to_a_quiet_client(&test, "fred", tcp_link(7)), 0);
+}
+
+#[test]
+fn a_tcp_session_connects_never_floats_and_ends_with_its_connection() {
+    let test = TestPki::new("tcp-link");
+    let (mut server, address) = test.server_with_client("erin");
+    let mut client = TestClient::new(&test.pki, "erin", "AES-256-GCM");
+    client.peer = tcp_link(1);
+    let start = Instant::now();
+    let now = start + connect(&mut server, &mut client, perfect, start);
+    flush_client(&mut server, &mut client, now);
+    while server.poll_output().is_some() {}
+    let status = server.connected();
+    assert_eq!(status[0].link, tcp_link(1));
+    // The same client's data on another connection (or over UDP) is opened by its peer id
+    // but does not move the session there.
+    let left_host = Ipv4Addr::new(192, 168, 10, 2);
+    for elsewhere in [tcp_link(2), client_link()] {
+        let upstream = ipv4_packet(address, left_host);
+        let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
+        server.handle_datagram(now, elsewhere, &sealed);
+        assert_eq!(tun_packets(&mut server), vec![upstream]);
+        assert!(server.has_session(&tcp_link(1)) && !server.has_session(&elsewhere));
+    }
+    server.close_link(now, tcp_link(1), "the client closed the TCP connection");
+    let disconnected = std::iter::from_fn(|| server.poll_output()).find_map(|o| match o {
+        Output::Event(Event::Disconnected { link, reason, .. }) => Some((link, reason)),
+        _ => None,
+    });
+    assert_eq!(
+        disconnected,
+        Some((
+            tcp_link(1),
+            "the client closed the TCP connection".to_owned()
+        ))
+    );
+    assert!(server.connected().is_empty());
 }

@@ -7,12 +7,14 @@ pub mod data;
 #[cfg(test)]
 mod engine_tests;
 pub mod keymethod;
+pub mod link;
 pub mod packet;
 pub mod prf;
 pub mod reliable;
 pub mod server;
 pub mod session;
 pub mod tls_auth;
+pub mod tcp_framing;
 pub mod tls_crypt;
 pub mod tls_crypt_v2;
 pub mod wrap;

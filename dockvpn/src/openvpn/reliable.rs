@@ -57,6 +57,9 @@ pub struct Reliable {
     next_receive_id: u32,
     received: BTreeMap<u32, (Opcode, Vec<u8>)>,
     pending_acks: Vec<u32>,
+    /// The transport itself delivers without loss (TCP): a packet goes out once, and the
+    /// window only waits for its ACK.
+    lossless_transport: bool,
 }
 
 impl Reliable {
@@ -67,6 +70,14 @@ impl Reliable {
             next_send_id: 1,
             next_receive_id: 1,
             ..Reliable::default()
+        }
+    }
+
+    /// `lossless`: the link loses nothing (TCP), so nothing is ever resent.
+    pub fn lossless(self, lossless: bool) -> Reliable {
+        Reliable {
+            lossless_transport: lossless,
+            ..self
         }
     }
 
@@ -197,7 +208,8 @@ impl Reliable {
     pub fn due(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut due = Vec::new();
         for packet in self.unacked.iter_mut().take(SEND_WINDOW) {
-            if packet.resend_at.is_some_and(|at| at > now) {
+            let sent = packet.resend_at.is_some();
+            if (sent && self.lossless_transport) || packet.resend_at.is_some_and(|at| at > now) {
                 continue;
             }
             if packet.resend_at.is_some() {
@@ -214,6 +226,9 @@ impl Reliable {
     }
 
     pub fn next_timeout(&self) -> Option<Instant> {
+        if self.lossless_transport {
+            return None;
+        }
         self.unacked
             .iter()
             .take(SEND_WINDOW)
@@ -310,6 +325,22 @@ mod tests {
             now = next;
         }
         assert_eq!(gaps, vec![1, 2, 4, 8, 8, 8]);
+    }
+
+    #[test]
+    fn over_a_lossless_transport_nothing_is_resent() {
+        let mut sender = Reliable::default().lossless(true);
+        for n in 0..(SEND_WINDOW as u8 + 1) {
+            sender.send(Opcode::ControlV1, message(n));
+        }
+        let start = Instant::now();
+        assert_eq!(sender.due(start).len(), SEND_WINDOW);
+        assert_eq!(sender.next_timeout(), None, "no resend timer");
+        assert!(sender.due(start + LONGEST_RESEND_AFTER * 4).is_empty());
+        sender.acknowledged(0);
+        let next = sender.due(start + LONGEST_RESEND_AFTER * 4);
+        assert_eq!(next.len(), 1, "the window still moves with the ACKs");
+        assert_eq!(next[0].id, SEND_WINDOW as u32);
     }
 
     #[test]

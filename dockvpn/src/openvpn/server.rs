@@ -3,7 +3,7 @@
 //! control packets and by peer id for DATA_V2.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use super::data::{
 use super::keymethod::{
     ClientKeyMessage, IV_PROTO_CC_EXIT_NOTIFY, IV_PROTO_DATA_V2, IV_PROTO_TLS_KEY_EXPORT,
 };
+use super::link::Link;
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
 use super::session::{DataKeys, KeyDerivation, Session, OPTIONS_STRING};
 use super::tls_crypt::{ControlKey, WrapState};
@@ -65,20 +66,20 @@ pub enum Event {
     Connected {
         name: String,
         address: Ipv4Addr,
-        peer: SocketAddr,
+        link: Link,
         cipher: Cipher,
     },
     Disconnected {
         name: Option<String>,
         address: Option<Ipv4Addr>,
-        peer: SocketAddr,
+        link: Link,
         reason: String,
     },
 }
 
 #[derive(Debug)]
 pub enum Output {
-    Transmit { to: SocketAddr, datagram: Vec<u8> },
+    Transmit { to: Link, datagram: Vec<u8> },
     Tun(Vec<u8>),
     Event(Event),
 }
@@ -146,7 +147,7 @@ impl Counters {
 pub struct ClientStatus {
     pub name: String,
     pub address: Ipv4Addr,
-    pub peer: SocketAddr,
+    pub link: Link,
     pub cipher: Cipher,
     pub connected_at: Instant,
     pub bytes_in: u64,
@@ -166,9 +167,9 @@ pub struct Server {
     routes: BTreeSet<Ipv4Net>,
     /// Certificate common name → the client's fixed address.
     clients: HashMap<String, Ipv4Addr>,
-    sessions: HashMap<SocketAddr, Session>,
-    by_peer_id: HashMap<u32, SocketAddr>,
-    by_address: HashMap<Ipv4Addr, SocketAddr>,
+    sessions: HashMap<Link, Session>,
+    by_peer_id: HashMap<u32, Link>,
+    by_address: HashMap<Ipv4Addr, Link>,
     next_peer_id: u32,
     outputs: VecDeque<Output>,
     pub counters: Counters,
@@ -241,9 +242,17 @@ impl Server {
         }
     }
 
-    /// Whether a session (connected or in its handshake) exists for this address.
-    pub fn has_session(&self, peer: &SocketAddr) -> bool {
-        self.sessions.contains_key(peer)
+    /// Whether a session (connected or in its handshake) exists on this link.
+    pub fn has_session(&self, link: &Link) -> bool {
+        self.sessions.contains_key(link)
+    }
+
+    /// The transport under a session is gone (a TCP connection closed): so is the session.
+    pub fn close_link(&mut self, now: Instant, link: Link, reason: &str) {
+        if let Some(session) = self.sessions.get_mut(&link) {
+            session.close(reason);
+            self.flush(now, Some(link));
+        }
     }
 
     #[cfg(test)]
@@ -274,7 +283,7 @@ impl Server {
                 Some(ClientStatus {
                     name: s.name.clone()?,
                     address: s.address?,
-                    peer: s.peer,
+                    link: s.link,
                     cipher: s.keys?.cipher,
                     connected_at: s.connected_at?,
                     bytes_in: s.bytes_in,
@@ -294,7 +303,7 @@ impl Server {
         self.last_drop = Some(why);
     }
 
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, from: Link, datagram: &[u8]) {
         let session_key = self.sessions.get(&from).and_then(|s| s.wrap.key.clone());
         let (datagram, unwrapped) = match self.config.tls_crypt.open(datagram, session_key.as_ref())
         {
@@ -333,7 +342,7 @@ impl Server {
     fn handle_control(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Link,
         packet: &ControlPacket<'_>,
         unwrapped: Option<&Unwrapped>,
     ) {
@@ -345,12 +354,12 @@ impl Server {
             && unwrapped.is_some_and(|u| u.from_client_key);
         if known != Some(packet.session_id) {
             let local_id = if v2_reset {
-                self.cookies.issue(now, from, packet.session_id)
+                self.cookies.issue(now, from.peer(), packet.session_id)
             } else if packet.opcode == Opcode::HardResetClientV2 {
                 return self.answer_reset(now, from, packet, unwrapped.map(|u| &u.key));
             } else {
                 let echoed = echoed_session(packet)
-                    .filter(|&echoed| self.cookies.verify(now, from, packet.session_id, echoed));
+                    .filter(|&echoed| self.cookies.verify(now, from.peer(), packet.session_id, echoed));
                 let Some(local_id) = echoed else {
                     let why = format!("from {from}: {:?} for no known session", packet.opcode);
                     return self.drop_input(|c| &mut c.unknown_session, why);
@@ -435,7 +444,7 @@ impl Server {
     fn answer_reset(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Link,
         reset: &ControlPacket<'_>,
         key: Option<&ControlKey>,
     ) {
@@ -443,7 +452,7 @@ impl Server {
             let why = format!("from {from}: a HARD_RESET that is not message 0 on key 0");
             return self.drop_input(|c| &mut c.malformed, why);
         }
-        let server_session = self.cookies.issue(now, from, reset.session_id);
+        let server_session = self.cookies.issue(now, from.peer(), reset.session_id);
         let reply = reset_reply(reset, server_session);
         // The first packet id of a fresh state; the session continues after it.
         let datagram = WrapState::with_key(key.cloned()).seal(reply, self.clock.unix(now) as u32);
@@ -455,7 +464,7 @@ impl Server {
     fn admit_new_session(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Link,
         remote_id: SessionId,
         local_id: SessionId,
     ) -> bool {
@@ -507,7 +516,7 @@ impl Server {
 
     /// The client finished key-method 2 and asked for its configuration: pick the cipher,
     /// derive the keys, send PUSH_REPLY and start the data channel.
-    fn push_reply(&mut self, now: Instant, from: SocketAddr) {
+    fn push_reply(&mut self, now: Instant, from: Link) {
         let unknown = self
             .sessions
             .get(&from)
@@ -560,19 +569,12 @@ impl Server {
         self.outputs.push_back(Output::Event(Event::Connected {
             name,
             address,
-            peer: from,
+            link: from,
             cipher,
         }));
     }
 
-    fn handle_data(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        peer_id: u32,
-        key_id: u8,
-        datagram: &[u8],
-    ) {
+    fn handle_data(&mut self, now: Instant, from: Link, peer_id: u32, key_id: u8, datagram: &[u8]) {
         let Some(&peer) = self.by_peer_id.get(&peer_id) else {
             let why = format!("from {from}: data for unknown peer id {peer_id}");
             return self.drop_input(|c| &mut c.unknown_session, why);
@@ -599,7 +601,8 @@ impl Server {
         session.last_received = now;
         session.bytes_in += datagram.len() as u64;
         // Authenticated traffic from a new address: the client moved (NAT rebinding), unless
-        // another session holds that address; then it stays where it was.
+        // another session holds that address; then it stays where it was. Only UDP floats:
+        // a TCP session lives and dies with its connection.
         let at = if from != peer && self.float(peer, from) {
             from
         } else {
@@ -650,15 +653,16 @@ impl Server {
         }
     }
 
-    /// Moves a session to a new address; false when another session holds that address.
-    fn float(&mut self, old: SocketAddr, new: SocketAddr) -> bool {
-        if self.sessions.contains_key(&new) {
+    /// Moves a UDP session to a new address; false when another session holds that address
+    /// or either link is TCP.
+    fn float(&mut self, old: Link, new: Link) -> bool {
+        if old.is_reliable() || new.is_reliable() || self.sessions.contains_key(&new) {
             return false;
         }
         let Some(mut session) = self.sessions.remove(&old) else {
             return false;
         };
-        session.peer = new;
+        session.link = new;
         self.by_peer_id.insert(session.peer_id, new);
         if let Some(address) = session.address {
             self.by_address.insert(address, new);
@@ -680,7 +684,7 @@ impl Server {
         self.send_data(now, peer, packet);
     }
 
-    fn send_data(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) {
+    fn send_data(&mut self, now: Instant, peer: Link, payload: &[u8]) {
         let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
             return;
         };
@@ -726,7 +730,7 @@ impl Server {
                         self.config.ping_restart.as_secs()
                     ));
                 } else if now >= session.last_sent + self.config.ping {
-                    pings.push(session.peer);
+                    pings.push(session.link);
                 }
             }
         }
@@ -770,14 +774,14 @@ impl Server {
     }
 
     /// Queues due control packets (for one peer or all), then removes closed sessions.
-    fn flush(&mut self, now: Instant, only: Option<SocketAddr>) {
+    fn flush(&mut self, now: Instant, only: Option<Link>) {
         // A 32-bit field, as OpenVPN's: it wraps in 2106.
         let wall_clock = self.clock.unix(now) as u32;
         let mut queue = |session: &mut Session| {
             for datagram in session.control_datagrams(now) {
                 let datagram = session.wrap.seal(datagram, wall_clock);
                 self.outputs.push_back(Output::Transmit {
-                    to: session.peer,
+                    to: session.link,
                     datagram,
                 });
             }
@@ -794,11 +798,11 @@ impl Server {
     }
 
     fn reap(&mut self) {
-        let closed: Vec<SocketAddr> = self
+        let closed: Vec<Link> = self
             .sessions
             .values()
             .filter(|s| s.closing.is_some())
-            .map(|s| s.peer)
+            .map(|s| s.link)
             .collect();
         for peer in closed {
             let session = self.sessions.remove(&peer).expect("listed");
@@ -811,7 +815,7 @@ impl Server {
             self.outputs.push_back(Output::Event(Event::Disconnected {
                 name: session.name,
                 address: session.address,
-                peer,
+                link: peer,
                 reason: session.closing.unwrap_or_default(),
             }));
         }

@@ -6,7 +6,7 @@
 //! the push reply.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use rustls::ServerConnection;
 use super::compression::{Framing, Unframed};
 use super::data::{Cipher, DataChannel, DataError, KEY_MATERIAL_LEN};
 use super::keymethod::{self, ClientKeyMessage, ClientKeySource, KeyMethodError};
+use super::link::Link;
 use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::{Received, Reliable};
 use super::tls_crypt::WrapState;
@@ -249,7 +250,7 @@ pub struct DataKeys {
 }
 
 pub struct Session {
-    pub peer: SocketAddr,
+    pub link: Link,
     pub local_id: SessionId,
     pub remote_id: SessionId,
     pub peer_id: u32,
@@ -284,19 +285,24 @@ pub struct Session {
 impl Session {
     pub fn new(
         tls_config: Arc<rustls::ServerConfig>,
-        peer: SocketAddr,
+        link: Link,
         local_id: SessionId,
         remote_id: SessionId,
         peer_id: u32,
         now: Instant,
     ) -> Result<Session, rustls::Error> {
         Ok(Session {
-            peer,
+            link,
             local_id,
             remote_id,
             peer_id,
             // The session exists once the client echoed the server's stateless reset.
-            key: KeySlot::new(tls_config.clone(), 0, Reliable::after_reset(), now)?,
+            key: KeySlot::new(
+                tls_config.clone(),
+                0,
+                Reliable::after_reset().lossless(link.is_reliable()),
+                now,
+            )?,
             tls_config,
             lame_duck: None,
             client: None,
@@ -348,7 +354,7 @@ impl Session {
     /// duck and keeps working for `transition_window`.
     pub fn renegotiate(&mut self, now: Instant, transition_window: Duration) {
         let key_id = next_key_id(self.key.key_id);
-        let mut reliable = Reliable::default();
+        let mut reliable = Reliable::default().lossless(self.link.is_reliable());
         reliable.send(Opcode::SoftResetV1, Vec::new());
         match KeySlot::new(self.tls_config.clone(), key_id, reliable, now) {
             Ok(fresh) => {
@@ -491,7 +497,7 @@ impl Session {
                 "EXIT" => return Err("the client exited".into()),
                 "" => {}
                 other => {
-                    tracing::debug!(peer = %self.peer, message = other, "control message ignored")
+                    tracing::debug!(link = %self.link, message = other, "control message ignored")
                 }
             }
         }

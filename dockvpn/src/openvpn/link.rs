@@ -1,0 +1,44 @@
+//! Where a session's packets come from and go to: a UDP peer address, or one TCP connection.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+/// A session's transport endpoint; sessions are keyed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Link {
+    Udp(SocketAddr),
+    /// `conn` tells apart connections from the same address (a reconnect reusing its port).
+    Tcp {
+        conn: u64,
+        peer: SocketAddr,
+    },
+}
+
+impl Link {
+    /// The client's address and port.
+    pub fn peer(&self) -> SocketAddr {
+        match *self {
+            Link::Udp(peer) | Link::Tcp { peer, .. } => peer,
+        }
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Link::Udp(_) => "udp",
+            Link::Tcp { .. } => "tcp",
+        }
+    }
+
+    /// The transport delivers in order and without loss (TCP): control packets are not
+    /// resent, and a session does not float to another link.
+    pub fn is_reliable(&self) -> bool {
+        matches!(self, Link::Tcp { .. })
+    }
+}
+
+/// `udp:1.2.3.4:5` or `tcp:1.2.3.4:5`.
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.protocol(), self.peer())
+    }
+}
