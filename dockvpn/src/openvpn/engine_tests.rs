@@ -724,11 +724,7 @@ fn control_message(session: SessionId, message_id: u32, payload: &[u8]) -> Vec<u
 }
 
 /// A session in its handshake, created by a client at `from` that echoed its id; the ids.
-fn half_open_session(
-    server: &mut Server,
-    from: Link,
-    now: Instant,
-) -> (SessionId, SessionId) {
+fn half_open_session(server: &mut Server, from: Link, now: Instant) -> (SessionId, SessionId) {
     let client = rand_id();
     server.handle_datagram(now, from, &reset_from(client));
     let issued = server_session_in(&transmitted(server)[0]);

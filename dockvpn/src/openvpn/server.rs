@@ -358,8 +358,10 @@ impl Server {
             } else if packet.opcode == Opcode::HardResetClientV2 {
                 return self.answer_reset(now, from, packet, unwrapped.map(|u| &u.key));
             } else {
-                let echoed = echoed_session(packet)
-                    .filter(|&echoed| self.cookies.verify(now, from.peer(), packet.session_id, echoed));
+                let echoed = echoed_session(packet).filter(|&echoed| {
+                    self.cookies
+                        .verify(now, from.peer(), packet.session_id, echoed)
+                });
                 let Some(local_id) = echoed else {
                     let why = format!("from {from}: {:?} for no known session", packet.opcode);
                     return self.drop_input(|c| &mut c.unknown_session, why);
