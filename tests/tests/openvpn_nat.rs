@@ -120,6 +120,15 @@ fn client<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
         .unwrap_or_else(|| panic!("no client {name} in {status}"))
 }
 
+/// `kill SIGNAL PID`.
+fn signal_process(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
 fn peer_at(port: u16) -> String {
     format!("{RIGHT_HOST}:{port}")
 }
@@ -168,13 +177,14 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
     let bob_since = client(&before, "bob")["connected_since_unix"].clone();
 
     // Alice leaves; the NAT forgets its mappings and from now on gives Alice's next flow
-    // Bob's port, and Bob's next packet a new one. Bob has just been heard from, so his
-    // session still lives at that port when Alice's reset arrives from it.
+    // Bob's port, and Bob's next packet a new one. Bob is stopped meanwhile (a laptop
+    // lid closed), so his session still lives at that port when Alice connects from it.
     alice.process.terminate();
     assert!(
         ping_eventually(&bob_host, LEFT_HOST, 3),
         "bob before the switch"
     );
+    signal_process(bob.process.pid(), "-STOP");
     nat.map(&[(&alice_address, SECOND_PORT), (&bob_address, THIRD_PORT)]);
     nat.forget_mappings();
     let alice_again = OpenvpnClient::start(&alice_host, &alice_profile, &[]);
@@ -191,17 +201,19 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Alice gets in at once, Bob's session waits for him (`status` still lists him).
+    alice_again
+        .wait_connected()
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
     assert_eq!(nat.mappings_of(&bob_address), "", "bob spoke first");
-    // Bob talks again, from his new port.
+    // Bob wakes up and talks again, from his new port.
+    signal_process(bob.process.pid(), "-CONT");
     assert!(
         ping_eventually(&bob_host, LEFT_HOST, 5),
         "bob after the NAT moved him\nbob:\n{}\nserver:\n{}",
         bob.log(),
         dockvpn.log()
     );
-    alice_again
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
 
     let after = wait_for_ports(SECOND_PORT, THIRD_PORT);
     let context = format!(

@@ -941,7 +941,7 @@ fn assert_data_flows_on_current_key(
     address: Ipv4Addr,
     now: Instant,
 ) {
-    let peer = client_link();
+    let peer = client.peer;
     let left_host = Ipv4Addr::new(192, 168, 10, 2);
     let upstream = ipv4_packet(address, left_host);
     let sealed = client.data.as_mut().unwrap().seal(&upstream).unwrap();
@@ -1280,6 +1280,82 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
     server.handle_datagram(now, bob.peer, &exit);
     let connected: Vec<String> = server.connected().into_iter().map(|c| c.name).collect();
     assert_eq!(connected, ["bob"]);
+}
+
+#[test]
+fn a_client_whose_nat_port_goes_to_another_client_keeps_its_session_and_comes_back_from_its_new_port(
+) {
+    let test = TestPki::new("parked");
+    let (mut server, alice_address) = test.server_with_client("alice");
+    let bob_address = test
+        .pki
+        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap()
+        .address;
+    server.set_clients(HashMap::from([
+        ("alice".to_owned(), alice_address),
+        ("bob".to_owned(), bob_address),
+    ]));
+    let nat_port = |port: u16| Link::Udp(SocketAddr::from(([192, 0, 2, 20], port)));
+    let start = Instant::now();
+    let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
+    bob.peer = nat_port(40000);
+    let now = start + connect(&mut server, &mut bob, perfect, start);
+    flush_client(&mut server, &mut bob, now);
+    while server.poll_output().is_some() {}
+
+    // The NAT gives Bob's port to Alice while Bob is quiet: Alice connects there at once.
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    alice.peer = nat_port(40000);
+    let now = run_until(&mut server, &mut alice, perfect, now, |c| c.data.is_some());
+    flush_client(&mut server, &mut alice, now);
+    let disconnected = |server: &mut Server| {
+        std::iter::from_fn(|| server.poll_output())
+            .filter_map(|o| match o {
+                Output::Event(Event::Disconnected { name, reason, .. }) => Some((name, reason)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(disconnected(&mut server), [], "nobody was disconnected");
+    let mut names: Vec<String> = server.connected().into_iter().map(|c| c.name).collect();
+    names.sort();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_data_flows_on_current_key(&mut server, &mut alice, alice_address, now);
+
+    // Bob's next packet, from his new port, brings his session back there.
+    bob.peer = nat_port(40001);
+    assert_data_flows_on_current_key(&mut server, &mut bob, bob_address, now);
+    assert!(server.has_session(&nat_port(40001)));
+    assert_data_flows_on_current_key(&mut server, &mut alice, alice_address, now);
+
+    // Alice reconnects from Bob's new port; Bob never comes back: he ends at ping-restart.
+    let mut alice_again = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    alice_again.peer = nat_port(40001);
+    let now = run_until(&mut server, &mut alice_again, perfect, now, |c| {
+        c.data.is_some()
+    });
+    flush_client(&mut server, &mut alice_again, now);
+    let links: Vec<(String, Link)> = server
+        .connected()
+        .into_iter()
+        .map(|c| (c.name, c.link))
+        .collect();
+    assert!(
+        links.contains(&("alice".to_owned(), nat_port(40001)))
+            && links.contains(&("bob".to_owned(), nat_port(40001)))
+            && links.len() == 2,
+        "alice's old session ended, bob waits: {links:?}"
+    );
+    server.handle_timeout(now + Duration::from_secs(61));
+    let ended = disconnected(&mut server);
+    assert!(
+        ended
+            .iter()
+            .any(|(name, reason)| name.as_deref() == Some("bob")
+                && reason.contains("did not come back")),
+        "{ended:?}"
+    );
 }
 
 /// Runs a client that the server refuses to the end; the reason the server gives.

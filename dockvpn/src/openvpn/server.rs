@@ -168,6 +168,10 @@ pub struct Server {
     /// Certificate common name → the client's fixed address.
     clients: HashMap<String, Ipv4Addr>,
     sessions: HashMap<Link, Session>,
+    /// Connected UDP sessions whose address another client took (a NAT gave it that port),
+    /// by peer id: each comes back with its next authenticated data packet from its new
+    /// address, or ends at ping-restart.
+    parked: HashMap<u32, Session>,
     by_peer_id: HashMap<u32, Link>,
     by_address: HashMap<Ipv4Addr, Link>,
     next_peer_id: u32,
@@ -190,6 +194,7 @@ impl Server {
             routes: BTreeSet::new(),
             clients: HashMap::new(),
             sessions: HashMap::new(),
+            parked: HashMap::new(),
             by_peer_id: HashMap::new(),
             by_address: HashMap::new(),
             next_peer_id: 0,
@@ -240,6 +245,12 @@ impl Server {
                 session.close("the client was removed or its address changed");
             }
         }
+        let clients = std::mem::take(&mut self.clients);
+        self.end_parked(
+            |s| clients.get(s.name.as_deref().unwrap_or_default()) != s.address.as_ref(),
+            "the client was removed or its address changed",
+        );
+        self.clients = clients;
     }
 
     /// Whether a session (connected or in its handshake) exists on this link.
@@ -277,6 +288,7 @@ impl Server {
         let mut clients: Vec<ClientStatus> = self
             .sessions
             .values()
+            .chain(self.parked.values())
             .filter(|s| s.is_active())
             .filter_map(|s| {
                 let (key_id, key_established) = s.sending_key();
@@ -368,17 +380,12 @@ impl Server {
                 };
                 local_id
             };
-            let busy = self
-                .sessions
-                .get(&from)
-                .is_some_and(|s| s.is_active() && now < s.last_received + self.config.ping);
-            if busy {
-                // Only a restarted client with the same source port, or a forgery, does this;
-                // the live session wins until it has been silent for a ping interval.
-                let why = format!("from {from}: a new session while its session is active");
-                return self.drop_input(|c| &mut c.refused_handshakes, why);
-            }
-            if let Some(old) = self.sessions.get_mut(&from) {
+            // The new client receives at this address now (it echoed the server's id, or
+            // holds a tls-crypt-v2 key): a NAT gave it the port of the session there. That
+            // client has moved, so its session waits for it elsewhere.
+            if self.sessions.get(&from).is_some_and(Session::is_active) {
+                self.park(from);
+            } else if let Some(old) = self.sessions.get_mut(&from) {
                 old.close("the client started a new session");
                 self.reap();
             }
@@ -510,7 +517,7 @@ impl Server {
         loop {
             let id = self.next_peer_id;
             self.next_peer_id = (self.next_peer_id + 1) % 0x00ff_ffff;
-            if !self.by_peer_id.contains_key(&id) {
+            if !self.by_peer_id.contains_key(&id) && !self.parked.contains_key(&id) {
                 return id;
             }
         }
@@ -568,6 +575,8 @@ impl Server {
                 }
             }
         }
+        let reconnected = format!("{name} connected again from {from}");
+        self.end_parked(|s| s.address == Some(address), &reconnected);
         self.outputs.push_back(Output::Event(Event::Connected {
             name,
             address,
@@ -577,11 +586,12 @@ impl Server {
     }
 
     fn handle_data(&mut self, now: Instant, from: Link, peer_id: u32, key_id: u8, datagram: &[u8]) {
-        let Some(&peer) = self.by_peer_id.get(&peer_id) else {
-            let why = format!("from {from}: data for unknown peer id {peer_id}");
-            return self.drop_input(|c| &mut c.unknown_session, why);
+        let peer = self.by_peer_id.get(&peer_id).copied();
+        let session = match peer {
+            Some(peer) => self.sessions.get_mut(&peer),
+            None => self.parked.get_mut(&peer_id),
         };
-        let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
+        let Some(session) = session.filter(|s| s.is_active()) else {
             let why = format!("from {from}: data before the session is up");
             return self.drop_input(|c| &mut c.unknown_session, why);
         };
@@ -605,10 +615,14 @@ impl Server {
         // Authenticated traffic from a new address: the client moved (NAT rebinding), unless
         // another session holds that address; then it stays where it was. Only UDP floats:
         // a TCP session lives and dies with its connection.
-        let at = if from != peer && self.float(peer, from) {
-            from
-        } else {
-            peer
+        let at = match peer {
+            Some(peer) if from != peer && self.float(peer, from) => from,
+            Some(peer) => peer,
+            None if self.unpark(peer_id, from) => from,
+            None => {
+                let why = format!("from {from}: a moved client's data from an address in use");
+                return self.drop_input(|c| &mut c.unknown_session, why);
+            }
         };
         let session = self
             .sessions
@@ -671,6 +685,57 @@ impl Server {
         }
         self.sessions.insert(new, session);
         true
+    }
+
+    /// Sets aside the connected session at `link`, which another client now holds.
+    fn park(&mut self, link: Link) {
+        let Some(session) = self.sessions.remove(&link) else {
+            return;
+        };
+        self.by_peer_id.remove(&session.peer_id);
+        if let Some(address) = session.address {
+            if self.by_address.get(&address) == Some(&link) {
+                self.by_address.remove(&address);
+            }
+        }
+        self.parked.insert(session.peer_id, session);
+    }
+
+    /// Puts a parked session back at the address its data now comes from; false when that
+    /// address is taken (or is a TCP connection, where the session never lived).
+    fn unpark(&mut self, peer_id: u32, at: Link) -> bool {
+        if at.is_reliable() || self.sessions.contains_key(&at) {
+            return false;
+        }
+        let Some(mut session) = self.parked.remove(&peer_id) else {
+            return false;
+        };
+        session.link = at;
+        self.by_peer_id.insert(peer_id, at);
+        if let Some(address) = session.address {
+            self.by_address.insert(address, at);
+        }
+        self.sessions.insert(at, session);
+        true
+    }
+
+    /// Ends the parked sessions `which` picks.
+    fn end_parked(&mut self, which: impl Fn(&Session) -> bool, reason: &str) {
+        let ended: Vec<u32> = self
+            .parked
+            .iter()
+            .filter(|(_, session)| which(session))
+            .map(|(&peer_id, _)| peer_id)
+            .collect();
+        for peer_id in ended {
+            let session = self.parked.remove(&peer_id).expect("listed");
+            self.outputs.push_back(Output::Event(Event::Disconnected {
+                name: session.name,
+                address: session.address,
+                link: session.link,
+                reason: reason.to_owned(),
+            }));
+        }
     }
 
     /// A packet read from tun, for the client whose address is its destination.
@@ -739,6 +804,14 @@ impl Server {
         for peer in pings {
             self.send_data(now, peer, &PING_MAGIC);
         }
+        let ping_restart = self.config.ping_restart;
+        self.end_parked(
+            |s| now >= s.last_received + ping_restart,
+            &format!(
+                "another client took its address and it did not come back within {} s (ping-restart)",
+                ping_restart.as_secs()
+            ),
+        );
         self.flush(now, None);
     }
 
@@ -761,11 +834,17 @@ impl Server {
                 ]
             })
             .flatten()
+            .chain(
+                self.parked
+                    .values()
+                    .map(|s| s.last_received + self.config.ping_restart),
+            )
             .min()
     }
 
     /// Tells every connected client to reconnect later (the server is going away).
     pub fn shutdown(&mut self, now: Instant) {
+        self.end_parked(|_| true, "the server is shutting down");
         for session in self.sessions.values_mut() {
             if session.is_active() {
                 session.send_text("RESTART");
