@@ -138,32 +138,56 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     }
 
     docker.exec_ok(&dockvpn, &["dockvpn", "client", "add", "alice"]);
-    let profile = docker.exec_ok(&dockvpn, &["dockvpn", "client", "config", "alice"]);
-    std::fs::write(&chain.profile, profile).expect("write the profile");
-    docker_cli(&[
-        "run",
-        "--detach",
-        "--name",
-        VPN_CLIENT,
-        "--network",
-        &format!("{PROJECT}_right"),
-        "--cap-add",
-        "NET_ADMIN",
-        "--device",
-        "/dev/net/tun",
-        "--volume",
-        &format!("{}:/alice.ovpn:ro", chain.profile.display()),
-        HOST_IMAGE,
-        "openvpn",
-        "--config",
-        "/alice.ovpn",
-    ]);
-    if let Err(error) = docker.wait_for_log(VPN_CLIENT, CONNECTED, Duration::from_secs(30)) {
-        panic!("{error}\nserver:\n{}", docker.logs(&dockvpn));
+    // Over UDP, then over TCP (`proto tcp-client`, for networks that pass only TCP): the
+    // server serves both on one port.
+    for proto in ["udp", "tcp"] {
+        let profile = docker.exec_ok(
+            &dockvpn,
+            &["dockvpn", "client", "config", "alice", "--proto", proto],
+        );
+        std::fs::write(&chain.profile, profile).expect("write the profile");
+        let _ = Command::new("docker")
+            .args(["rm", "--force", VPN_CLIENT])
+            .output();
+        docker_cli(&[
+            "run",
+            "--detach",
+            "--name",
+            VPN_CLIENT,
+            "--network",
+            &format!("{PROJECT}_right"),
+            "--cap-add",
+            "NET_ADMIN",
+            "--device",
+            "/dev/net/tun",
+            "--volume",
+            &format!("{}:/alice.ovpn:ro", chain.profile.display()),
+            HOST_IMAGE,
+            "openvpn",
+            "--config",
+            "/alice.ovpn",
+        ]);
+        if let Err(error) = docker.wait_for_log(VPN_CLIENT, CONNECTED, Duration::from_secs(30)) {
+            panic!("{proto}: {error}\nserver:\n{}", docker.logs(&dockvpn));
+        }
+        assert!(
+            docker.ping(VPN_CLIENT, "192.168.77.1"),
+            "{proto}: the network behind the left host through the tunnel; client routes:\n{}",
+            docker.exec(VPN_CLIENT, &["ip", "route"]).1
+        );
+        // `status` is rewritten every 2 s.
+        let shown = format!("\"proto\": \"{proto}\"");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = docker.exec(&dockvpn, &["dockvpn", "status", "--json"]).1;
+            if status.contains(&shown) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{proto}: status never showed alice's protocol:\n{status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
-    assert!(
-        docker.ping(VPN_CLIENT, "192.168.77.1"),
-        "the network behind the left host through the tunnel; client routes:\n{}",
-        docker.exec(VPN_CLIENT, &["ip", "route"]).1
-    );
 }
