@@ -1,5 +1,6 @@
-//! Arbitrary bytes into the OpenVPN packet decoder and back through the encoder; the entry point lives in dockvpn (`dockvpn::fuzzing::openvpn_packet_decode`), where an
-//! ordinary test replays the corpus.
+//! Arbitrary bytes into the OpenVPN packet decoder and back through the encoder; the entry point
+//! lives in dockvpn (`dockvpn::fuzzing::openvpn_packet_decode`), where an ordinary test replays the
+//! corpus.
 
 #![no_main]
 

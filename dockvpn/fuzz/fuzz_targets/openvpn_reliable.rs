@@ -1,5 +1,6 @@
-//! A sequence of control packets into the reliability layer and a session's receive path; the entry point lives in dockvpn (`dockvpn::fuzzing::openvpn_reliable`), where an
-//! ordinary test replays the corpus.
+//! A sequence of control packets into the reliability layer and a session's receive path; the entry
+//! point lives in dockvpn (`dockvpn::fuzzing::openvpn_reliable`), where an ordinary test replays
+//! the corpus.
 
 #![no_main]
 

@@ -1,5 +1,6 @@
-//! The whole OpenVPN engine fed datagrams from three addresses and timeouts; the entry point lives in dockvpn (`dockvpn::fuzzing::openvpn_server_datagram`), where an
-//! ordinary test replays the corpus.
+//! The whole OpenVPN engine fed datagrams from three addresses and timeouts; the entry point lives
+//! in dockvpn (`dockvpn::fuzzing::openvpn_server_datagram`), where an ordinary test replays the
+//! corpus.
 
 #![no_main]
 
