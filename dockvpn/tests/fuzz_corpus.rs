@@ -16,12 +16,4 @@ fn entry_point(target: &str) -> Option<fn(&[u8])> {
     }
 }
 
-#[test]
-fn every_corpus_file_replays_through_its_target_without_a_panic() {
-    vnf_core::fuzzing::replay_corpus(env!("CARGO_MANIFEST_DIR"), entry_point);
-}
-
-#[test]
-fn every_fuzz_target_has_an_entry_point_and_a_corpus() {
-    vnf_core::fuzzing::check_targets(env!("CARGO_MANIFEST_DIR"), entry_point);
-}
+vnf_core::fuzz_corpus_tests!(entry_point);

@@ -63,6 +63,23 @@ pub fn dhcp_decode(data: &[u8]) {
     while rebooting.poll_event().is_some() {}
 }
 
+/// The corpus tests of a crate with fuzz targets (its `tests/fuzz_corpus.rs`), given the
+/// function that maps a target's name to its entry point (`EntryPoints`).
+#[macro_export]
+macro_rules! fuzz_corpus_tests {
+    ($entry_point:path) => {
+        #[test]
+        fn every_corpus_file_replays_through_its_target_without_a_panic() {
+            $crate::fuzzing::replay_corpus(env!("CARGO_MANIFEST_DIR"), $entry_point);
+        }
+
+        #[test]
+        fn every_fuzz_target_has_an_entry_point_and_a_corpus() {
+            $crate::fuzzing::check_targets(env!("CARGO_MANIFEST_DIR"), $entry_point);
+        }
+    };
+}
+
 /// The function a fuzz target (`fuzz/fuzz_targets/<target>.rs`) feeds its bytes to, by the
 /// target's name; None for a name with no target.
 pub type EntryPoints = fn(&str) -> Option<fn(&[u8])>;
