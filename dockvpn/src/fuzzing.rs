@@ -11,7 +11,7 @@ use crate::openvpn::data::Cipher;
 use crate::openvpn::keymethod::{parse_client_message, PeerInfo};
 use crate::openvpn::packet::{decode, Packet, SessionId};
 use crate::openvpn::reliable::{Received, Reliable, RECEIVE_WINDOW};
-use crate::openvpn::server::{EngineConfig, Server};
+use crate::openvpn::server::{EngineConfig, Output, Server};
 use crate::openvpn::session::Session;
 use crate::openvpn::tls_crypt::{StaticKey, TlsCrypt, WrapState};
 use crate::pki::Pki;
@@ -115,20 +115,47 @@ pub fn openvpn_tls_crypt_unwrap(data: &[u8]) {
 }
 
 /// The whole engine: `records` as datagrams from one of three addresses (the tag's low two
-/// bits; 3 = no datagram, only a timeout), time moving on by the rest of the tag.
+/// bits; 3 = no datagram, only a timeout), time moving on by the rest of the tag. A control
+/// packet with ACKs gets the session id the server last sent to its address, as a client
+/// echoes it: the fuzzer cannot guess the random id, and the server may wait for the echo.
 pub fn openvpn_server_datagram(data: &[u8]) {
     let mut server = fuzz_server(None);
+    let mut server_sessions: HashMap<SocketAddr, SessionId> = HashMap::new();
     let mut now = Instant::now();
     for (tag, bytes) in records(data) {
         now += Duration::from_millis(u64::from(tag >> 2) * 500);
-        match PEERS.get(usize::from(tag & 3)) {
-            Some(peer) => server.handle_datagram(now, socket_address(peer), bytes),
+        match PEERS
+            .get(usize::from(tag & 3))
+            .map(|peer| socket_address(peer))
+        {
+            Some(peer) => {
+                let mut datagram = bytes.to_vec();
+                if let Some(session) = server_sessions.get(&peer) {
+                    echo_session(&mut datagram, session);
+                }
+                server.handle_datagram(now, peer, &datagram);
+            }
             None => server.handle_timeout(now),
         }
-        while server.poll_output().is_some() {}
+        while let Some(output) = server.poll_output() {
+            if let Output::Transmit { to, datagram } = output {
+                if let Ok(Packet::Control(packet)) = decode(&datagram) {
+                    server_sessions.insert(to, packet.session_id);
+                }
+            }
+        }
     }
     server.handle_timeout(now + Duration::from_secs(3600));
     while server.poll_output().is_some() {}
+}
+
+/// Writes `session` over the acknowledged session id of a control packet that carries ACKs.
+fn echo_session(datagram: &mut [u8], session: &SessionId) {
+    let start = match decode(datagram) {
+        Ok(Packet::Control(packet)) if !packet.acks.is_empty() => 1 + 8 + 1 + 4 * packet.acks.len(),
+        _ => return,
+    };
+    datagram[start..start + 8].copy_from_slice(session);
 }
 
 /// Splits an input into records `[tag][length: u16 BE][bytes]` (the last one may be short):
