@@ -6,8 +6,6 @@
 //! --right it runs one-armed: the leg is both sides.
 
 mod masquerade;
-mod openvpn;
-mod pki;
 mod tcp;
 mod udp;
 mod vpn;
@@ -33,6 +31,7 @@ use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
+use dockvpn::{openvpn, pki};
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
 use openvpn::session::KeyDerivation;

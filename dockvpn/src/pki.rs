@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use vnf_core::clock::unix_now;
 use vnf_core::{Error, Result};
 
+use crate::openvpn::link::Proto;
 use crate::openvpn::tls_crypt::StaticKey;
 use crate::openvpn::tls_crypt_v2::{ClientKey, ServerKey};
-use crate::vpn::Proto;
 
 const CA_NAME: &str = "Dockvpn CA";
 /// The shared tls-crypt key, in OpenVPN's static key format.

@@ -27,6 +27,8 @@ const WRITE_QUEUE_PACKETS: usize = 128;
 /// A write that makes no progress this long ends the connection's writer; a closed
 /// connection's writer gets this long, in all, for what was still queued.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most about this many bytes of queued packets go out in one write.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// Packets read from all connections, waiting for the engine (readers pause when full).
 const READ_QUEUE_PACKETS: usize = 256;
 
@@ -224,8 +226,18 @@ async fn read_packets(link: Link, mut stream: OwnedReadHalf, events: mpsc::Sende
 }
 
 async fn write_packets(mut stream: OwnedWriteHalf, mut queued: mpsc::Receiver<Vec<u8>>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_BYTES);
     while let Some(framed) = queued.recv().await {
-        match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&framed)).await {
+        // What else is queued already goes out with it: one write, not one per packet.
+        batch.clear();
+        batch.extend_from_slice(&framed);
+        while batch.len() < WRITE_BATCH_BYTES {
+            let Ok(more) = queued.try_recv() else {
+                break;
+            };
+            batch.extend_from_slice(&more);
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&batch)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => return,
         }

@@ -17,6 +17,7 @@ use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
 use crate::openvpn::link::Link;
+pub use crate::openvpn::link::Proto;
 use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
 use crate::openvpn::wrap::ControlWrap;
 use crate::pki::{Pki, TlsCryptMode};
@@ -29,35 +30,6 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const CLIENTS_EVERY: Duration = Duration::from_secs(2);
 /// At most one "dropped input" log line per this interval.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// The transports `run` serves on its --listen port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Udp,
-    Tcp,
-    Both,
-}
-
-impl Proto {
-    pub fn serves_udp(self) -> bool {
-        self != Proto::Tcp
-    }
-
-    pub fn serves_tcp(self) -> bool {
-        self != Proto::Udp
-    }
-}
-
-impl std::fmt::Display for Proto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Proto::Udp => "udp",
-            Proto::Tcp => "tcp",
-            Proto::Both => "udp+tcp",
-        })
-    }
-}
 
 pub struct VpnConfig {
     pub listen: SocketAddr,

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::net::SocketAddr;
 
+use serde::{Deserialize, Serialize};
+
 /// A session's transport endpoint; sessions are keyed by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Link {
@@ -40,5 +42,34 @@ impl Link {
 impl fmt::Display for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.protocol(), self.peer())
+    }
+}
+
+/// The transports `run` serves on its --listen port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+    Both,
+}
+
+impl Proto {
+    pub fn serves_udp(self) -> bool {
+        self != Proto::Tcp
+    }
+
+    pub fn serves_tcp(self) -> bool {
+        self != Proto::Udp
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+            Proto::Both => "udp+tcp",
+        })
     }
 }
