@@ -16,6 +16,7 @@ use crate::openvpn::server::{EngineConfig, Output, Server};
 use crate::openvpn::session::Session;
 use crate::openvpn::tcp_framing::{frame, Deframer};
 use crate::openvpn::tls_crypt::{ControlKey, StaticKey, TlsCrypt, WrapState};
+use crate::openvpn::tls_crypt_v2::ServerKey;
 use crate::openvpn::wrap::ControlWrap;
 use crate::pki::Pki;
 
@@ -117,6 +118,26 @@ pub fn openvpn_tls_crypt_unwrap(data: &[u8]) {
     let now = Instant::now();
     server.handle_datagram(now, Link::Udp(socket_address(PEERS[0])), &wrapped);
     while server.poll_output().is_some() {}
+
+    // tls-crypt-v2: the bytes as a client's first packet, alone and with a wrapped client
+    // key the server key opens appended (the packet itself then meets the client's key).
+    let (v2, wrapped_key) = tls_crypt_v2();
+    let _ = v2.open(data, None);
+    let _ = v2.open(&[data, wrapped_key].concat(), None);
+}
+
+/// A tls-crypt-v2 server wrap and one client key it issued, wrapped (WKc).
+fn tls_crypt_v2() -> &'static (ControlWrap, Vec<u8>) {
+    static V2: OnceLock<(ControlWrap, Vec<u8>)> = OnceLock::new();
+    V2.get_or_init(|| {
+        let server_key = ServerKey::generate();
+        let wrapped = server_key.issue_client_key(0).wrapped().to_vec();
+        let wrap = ControlWrap::TlsCryptV2 {
+            server_key: Arc::new(server_key),
+            shared: None,
+        };
+        (wrap, wrapped)
+    })
 }
 
 /// The whole engine: `records` as datagrams from one of three addresses (the tag's low two

@@ -1112,6 +1112,23 @@ fn a_client_offering_only_chacha20_poly1305_gets_it_and_data_flows() {
     assert_data_flows_on_current_key(&mut server, &mut client, address, now);
 }
 
+/// Sends what each client sends first; the server answers none of them.
+fn assert_unanswered(
+    server: &mut Server,
+    clients: impl IntoIterator<Item = TestClient>,
+    at: Instant,
+) {
+    for mut client in clients {
+        for datagram in client.datagrams(at) {
+            server.handle_datagram(at, client.peer, &datagram);
+        }
+        assert!(
+            server.poll_output().is_none(),
+            "a peer without a valid key got an answer"
+        );
+    }
+}
+
 #[test]
 fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     let test = TestPki::new("tls-crypt");
@@ -1123,17 +1140,12 @@ fn with_tls_crypt_the_handshake_works_and_peers_without_the_key_get_nothing() {
     let start = Instant::now();
 
     // A client without the key (or with another one): dropped before TLS, no answer at all.
-    for stranger_key in [None, Some(StaticKey::generate())] {
+    let strangers = [None, Some(StaticKey::generate())].map(|stranger_key| {
         let mut stranger = TestClient::new(&test.pki, "kate", "AES-256-GCM");
         stranger.tls_crypt = stranger_key.map(|k| (TlsCrypt::client(&k), WrapState::default()));
-        for datagram in stranger.datagrams(start) {
-            server.handle_datagram(start, peer, &datagram);
-        }
-        assert!(
-            server.poll_output().is_none(),
-            "a peer without the key got an answer"
-        );
-    }
+        stranger
+    });
+    assert_unanswered(&mut server, strangers, start);
     assert_eq!(server.counters.unauthenticated_control, 2);
     assert_eq!(server.session_count(), 0);
 
@@ -1199,15 +1211,7 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
     }
     let mut bare = v2_client(&server_key);
     bare.wrapped_key = Some(Vec::new());
-    for mut client in [stranger, forged, bare] {
-        for datagram in client.datagrams(start) {
-            server.handle_datagram(start, peer, &datagram);
-        }
-    }
-    assert!(
-        server.poll_output().is_none(),
-        "a forged reset got an answer"
-    );
+    assert_unanswered(&mut server, [stranger, forged, bare], start);
     assert_eq!(server.counters.unauthenticated_control, 3);
     assert_eq!(server.session_count(), 0);
 

@@ -166,7 +166,7 @@ impl ClientKey {
         &self.key
     }
 
-    #[cfg(test)]
+    /// WKc: what the client appends to its first packet.
     pub fn wrapped(&self) -> &[u8] {
         &self.wrapped
     }
