@@ -1234,9 +1234,22 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
     let mut old_profile = TestClient::new(&test.pki, "vera", "AES-256-GCM");
     old_profile.tls_crypt = Some((TlsCrypt::client(&shared), WrapState::default()));
     old_profile.peer = Link::Udp("192.0.2.30:40000".parse().unwrap());
-    run_until(&mut server, &mut old_profile, hostile, now, |c| {
+    let now = run_until(&mut server, &mut old_profile, hostile, now, |c| {
         c.data.is_some()
     });
+
+    // A captured first packet of a real client, replayed from other addresses: it opens
+    // (the key is real), but only its first sighting starts a session.
+    let mut recorded = v2_client(&server_key);
+    let first = recorded.datagrams(now).remove(0);
+    let sessions = server.session_count();
+    let replayed = server.counters.replayed_control;
+    for port in 0..6u16 {
+        let from = Link::Udp(SocketAddr::from(([198, 51, 100, 9], 2000 + port)));
+        server.handle_datagram(now, from, &first);
+    }
+    assert_eq!(server.session_count(), sessions + 1);
+    assert_eq!(server.counters.replayed_control, replayed + 5);
 }
 
 #[test]

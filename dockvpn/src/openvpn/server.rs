@@ -172,6 +172,8 @@ pub struct Server {
     /// by peer id: each comes back with its next authenticated data packet from its new
     /// address, or ends at ping-restart.
     parked: HashMap<u32, Session>,
+    /// tls-crypt-v2 resets that created a session lately, by digest (replays create none).
+    v2_resets_seen: HashMap<[u8; 32], Instant>,
     by_peer_id: HashMap<u32, Link>,
     by_address: HashMap<Ipv4Addr, Link>,
     next_peer_id: u32,
@@ -195,6 +197,7 @@ impl Server {
             clients: HashMap::new(),
             sessions: HashMap::new(),
             parked: HashMap::new(),
+            v2_resets_seen: HashMap::new(),
             by_peer_id: HashMap::new(),
             by_address: HashMap::new(),
             next_peer_id: 0,
@@ -363,9 +366,14 @@ impl Server {
         // key holder sent it; the client's later packets carry no copy of that key, so its
         // session exists from the reset on.
         let v2_reset = packet.opcode == Opcode::HardResetClientV2
-            && unwrapped.is_some_and(|u| u.from_client_key);
+            && unwrapped.is_some_and(|u| u.from_client_key.is_some());
         if known != Some(packet.session_id) {
             let local_id = if v2_reset {
+                let digest = unwrapped.and_then(|u| u.from_client_key);
+                if !self.first_sight_of_v2_reset(now, digest) {
+                    let why = format!("from {from}: a tls-crypt-v2 reset seen before (replayed)");
+                    return self.drop_input(|c| &mut c.replayed_control, why);
+                }
                 self.cookies.issue(now, from.peer(), packet.session_id)
             } else if packet.opcode == Opcode::HardResetClientV2 {
                 return self.answer_reset(now, from, packet, unwrapped.map(|u| &u.key));
@@ -446,6 +454,18 @@ impl Server {
         if requests.push {
             self.push_reply(now, from);
         }
+    }
+
+    /// Whether this tls-crypt-v2 reset (by digest) is new: a client's own resend re-wraps it,
+    /// so the same bytes again are a replay. Remembered for a handshake window, so only
+    /// resets that opened under the server key (real clients') take memory.
+    fn first_sight_of_v2_reset(&mut self, now: Instant, digest: Option<[u8; 32]>) -> bool {
+        let Some(digest) = digest else {
+            return true;
+        };
+        let window = self.config.handshake_window;
+        self.v2_resets_seen.retain(|_, seen| now < *seen + window);
+        self.v2_resets_seen.insert(digest, now).is_none()
     }
 
     /// Answers a client's HARD_RESET without keeping anything: the reply carries a server

@@ -44,8 +44,9 @@ pub struct Unwrapped {
     pub packet: Vec<u8>,
     pub packet_id: u32,
     pub key: ControlKey,
-    /// Opened with a client's own tls-crypt-v2 key, unwrapped from the packet's WKc.
-    pub from_client_key: bool,
+    /// Opened with a client's own tls-crypt-v2 key, unwrapped from the packet's WKc: the
+    /// packet's digest, which tells a replay of it.
+    pub from_client_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -84,7 +85,8 @@ impl ControlWrap {
                     Opcode::ControlV1
                 };
                 opened.packet[0] = plain.wire() << 3 | (first & 0x07);
-                opened.from_client_key = true;
+                let digest = ring::digest::digest(&ring::digest::SHA256, datagram);
+                opened.from_client_key = digest.as_ref().try_into().ok();
                 Ok(Opened::Unwrapped(opened))
             }
             // Data for the data channel, and unknown opcodes for the decoder (malformed).
@@ -119,7 +121,7 @@ fn open_with(key: &ControlKey, datagram: &[u8]) -> Result<Unwrapped, OpenError> 
         packet,
         packet_id,
         key: key.clone(),
-        from_client_key: false,
+        from_client_key: None,
     })
 }
 
