@@ -51,7 +51,15 @@ pub fn openvpn_reliable(data: &[u8]) {
     reliable.send_tls(&[0x16; 3000]);
     let mut undelivered = 0usize;
     let peer = Link::Udp(socket_address(PEERS[0]));
-    let Ok(mut session) = Session::new(server_tls(), peer, LOCAL_SESSION, [0; 8], 0, now) else {
+    let Ok(mut session) = Session::new(
+        server_tls(),
+        peer,
+        LOCAL_SESSION,
+        [0; 8],
+        0,
+        WrapState::after_stateless_reset(),
+        now,
+    ) else {
         return;
     };
     for (tag, bytes) in records(data) {

@@ -407,26 +407,34 @@ fn main() -> ExitCode {
                 tls_crypt,
                 proto,
             }) => {
+                // Read once: the port it last served on, and what it serves if it still runs.
+                let written = load_vpn_status(&cli.state_dir);
+                let port = written
+                    .as_ref()
+                    .map_or(DEFAULT_PORT, |status| status.listen.port());
+                let running = written.filter(is_running);
                 let (host, port) = match remote {
-                    Some(remote) => parse_remote(remote, running_port(&cli.state_dir))?,
+                    Some(remote) => parse_remote(remote, port)?,
                     None => (
                         right_address(sides, &cli.state_dir).await?.to_string(),
-                        running_port(&cli.state_dir),
+                        port,
                     ),
                 };
                 let tls_crypt = tls_crypt
                     .tls_crypt
-                    .unwrap_or_else(|| profile_mode(&pki, &cli.state_dir));
+                    .unwrap_or_else(|| profile_mode(&pki, running.as_ref()));
                 let proto = proto
-                    .or_else(|| read_vpn_status(&cli.state_dir).map(|status| status.proto))
+                    .or_else(|| running.as_ref().map(|status| status.proto))
                     .unwrap_or(Proto::Udp);
                 print!("{}", pki.profile(name, &host, port, proto, tls_crypt)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
                 let clients = pki.clients()?;
-                let outdated =
-                    pki.clients_needing_new_profile(profile_mode(&pki, &cli.state_dir))?;
+                let outdated = pki.clients_needing_new_profile(profile_mode(
+                    &pki,
+                    read_vpn_status(&cli.state_dir).as_ref(),
+                ))?;
                 let needs_new_profile = |name: &String| outdated.contains(name);
                 if output.json {
                     let listed: Vec<serde_json::Value> = clients
@@ -573,9 +581,8 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
 }
 
 /// The mode profiles are issued in: the running server's, else the PKI's default.
-fn profile_mode(pki: &Pki, state_dir: &Path) -> TlsCryptMode {
-    read_vpn_status(state_dir)
-        .map_or_else(|| pki.default_tls_crypt_mode(), |status| status.tls_crypt)
+fn profile_mode(pki: &Pki, running: Option<&vpn::VpnStatus>) -> TlsCryptMode {
+    running.map_or_else(|| pki.default_tls_crypt_mode(), |status| status.tls_crypt)
 }
 
 /// The engine's control-channel wrapping for `mode`, with the keys from the PKI.
@@ -735,10 +742,6 @@ fn parse_remote(remote: &str, default_port: u16) -> Result<(String, u16)> {
 }
 
 /// The running server's port, from its status file; the default otherwise.
-fn running_port(state_dir: &Path) -> u16 {
-    load_vpn_status(state_dir).map_or(DEFAULT_PORT, |status| status.listen.port())
-}
-
 async fn right_address(sides: &SideArgs, state_dir: &Path) -> Result<Ipv4Addr> {
     let kernel = vnf_core::kernel::Kernel::connect()?;
     let interfaces = kernel.interfaces().await?;
@@ -804,7 +807,11 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
 
 /// The status file of a running server; None when absent or its process is gone.
 fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
-    load_vpn_status(state_dir).filter(|status| Path::new(&format!("/proc/{}", status.pid)).exists())
+    load_vpn_status(state_dir).filter(is_running)
+}
+
+fn is_running(status: &vpn::VpnStatus) -> bool {
+    Path::new(&format!("/proc/{}", status.pid)).exists()
 }
 
 /// The status file as the server last wrote it, whether or not it still runs.

@@ -261,7 +261,7 @@ impl Pki {
 
     /// Whether `name` has a tls-crypt-v2 key: clients added before v2 was on have none,
     /// so their profiles lack it.
-    pub fn has_client_tls_crypt_v2_key(&self, name: &str) -> bool {
+    fn has_client_tls_crypt_v2_key(&self, name: &str) -> bool {
         self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY).exists()
     }
 
@@ -279,6 +279,14 @@ impl Pki {
             .collect())
     }
 
+    /// Wraps a new tls-crypt-v2 key for `name` (the caller holds the PKI lock).
+    fn issue_client_tls_crypt_v2_key(&self, name: &str, server_key: &ServerKey) -> Result<()> {
+        write_private(
+            &self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY),
+            &server_key.issue_client_key(unix_now()).to_pem(),
+        )
+    }
+
     /// The client's tls-crypt-v2 key, made (and kept) on first use.
     fn client_tls_crypt_v2_key(&self, name: &str) -> Result<ClientKey> {
         let path = self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY);
@@ -286,7 +294,7 @@ impl Pki {
             let server_key = self.tls_crypt_v2_server_key()?;
             let _lock = self.lock()?;
             if !path.exists() {
-                write_private(&path, &server_key.issue_client_key(unix_now()).to_pem())?;
+                self.issue_client_tls_crypt_v2_key(name, &server_key)?;
             }
         }
         let text = fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
@@ -421,10 +429,7 @@ impl Pki {
         if self.path(TLS_CRYPT_V2_SERVER_KEY).exists() {
             let server_key = ServerKey::from_pem(&self.read(TLS_CRYPT_V2_SERVER_KEY)?)
                 .map_err(|error| fail(format!("{TLS_CRYPT_V2_SERVER_KEY}: {error}")))?;
-            write_private(
-                &self.client_path(name, TLS_CRYPT_V2_CLIENT_KEY),
-                &server_key.issue_client_key(unix_now()).to_pem(),
-            )?;
+            self.issue_client_tls_crypt_v2_key(name, &server_key)?;
         }
 
         let record = ClientRecord {

@@ -66,7 +66,7 @@ pub struct TcpServer {
     max_connections: usize,
     events_sender: mpsc::Sender<TcpEvent>,
     events: mpsc::Receiver<TcpEvent>,
-    pub counters: TcpCounters,
+    counters: TcpCounters,
 }
 
 impl TcpServer {
@@ -82,6 +82,14 @@ impl TcpServer {
             events,
             counters: TcpCounters::default(),
         })
+    }
+
+    /// The counters, with the connections open now.
+    pub fn counters(&self) -> TcpCounters {
+        TcpCounters {
+            open: self.connections.len(),
+            ..self.counters
+        }
     }
 
     /// The next packet or closed connection; accepts connections meanwhile. Cancel-safe.
@@ -133,7 +141,6 @@ impl TcpServer {
                 writer,
             },
         );
-        self.counters.open = self.connections.len();
     }
 
     /// Queues a packet for the connection; Err when its queue is full (the connection is
@@ -174,7 +181,6 @@ impl TcpServer {
     /// limit. Returns its reader.
     fn forget(&mut self, link: &Link) -> Option<JoinHandle<()>> {
         let connection = self.connections.remove(link)?;
-        self.counters.open = self.connections.len();
         let writer = connection.writer;
         tokio::spawn(async move {
             tokio::time::sleep(WRITE_TIMEOUT).await;
@@ -281,7 +287,7 @@ mod tests {
         assert!(reason.contains("write queue full"), "{reason}");
         assert!(sent >= WRITE_QUEUE_PACKETS, "{sent}");
         assert_eq!(server.counters.closed_slow_reader, 1);
-        assert_eq!(server.counters.open, 0);
+        assert_eq!(server.counters().open, 0);
         assert!(
             server.send(&link, &packet).is_ok(),
             "a closed link takes nothing"
@@ -312,6 +318,6 @@ mod tests {
                 (link, "the client closed the TCP connection".to_owned())
             ]
         );
-        assert_eq!(server.counters.open, 0);
+        assert_eq!(server.counters().open, 0);
     }
 }

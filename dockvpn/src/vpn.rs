@@ -364,12 +364,9 @@ fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
             ControlWrap::TlsCryptV2 { .. } => TlsCryptMode::V2,
         },
         proto: config.proto,
-        tcp: tcp.map(|tcp| tcp.counters),
+        tcp: tcp.map(TcpServer::counters),
     };
-    let text = serde_json::to_string_pretty(&status).expect("status serializes");
-    if let Err(error) =
-        vnf_core::fs::write_replacing(&status_path(&config.state_dir), text.as_bytes(), 0o644)
-    {
+    if let Err(error) = vnf_core::fs::write_json(&status_path(&config.state_dir), &status, false) {
         warn!(%error, "could not write status.json");
     }
 }

@@ -46,6 +46,13 @@ impl OpenvpnClient {
             .map(drop)
     }
 
+    /// Waits for "Initialization Sequence Completed"; panics with the client's and the
+    /// server's log when it does not come.
+    pub fn assert_connected(&self, server: &Vnf) {
+        self.wait_connected()
+            .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", server.log()));
+    }
+
     pub fn log(&self) -> String {
         self.process.log()
     }
@@ -101,7 +108,8 @@ pub fn wait_for_status(
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "status never showed {what} within 10 s: {status}"
+            "status never showed {what} within 10 s: {status}\nserver:\n{}",
+            dockvpn.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -33,6 +33,7 @@ struct ComposeChain {
 
 impl ComposeChain {
     fn up() -> ComposeChain {
+        require_command("docker", "docker.io");
         let docker = DockerClient::connect();
         let compose_v2 = Command::new("docker")
             .args(["compose", "version"])

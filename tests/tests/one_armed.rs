@@ -141,9 +141,7 @@ fn one_leg_serves_both_sides_and_a_second_leg_switches_to_dual_homed() {
     );
     let profile = issue_profile(si, &dockvpn, "alice", Some(PUBLISHED));
     let client = OpenvpnClient::start(&lan.client, &profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     let routes = lan.client.ip(&["-4", "route", "show", "dev", "tun0"]);
     assert!(
         routes.contains(&format!("{LAN} via 10.8.0.1")),

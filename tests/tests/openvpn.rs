@@ -80,9 +80,7 @@ fn connected_client(chain: &Chain, dockvpn: &Vnf, name: &str) -> OpenvpnClient {
         &issue_profile(&chain.si, dockvpn, name, None),
         &[],
     );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(dockvpn);
     client
 }
 
@@ -96,9 +94,7 @@ fn client_connects_gets_exactly_the_pushed_routes_and_reaches_the_left_host() {
     let profile = issue_profile(&chain.si, &dockvpn, "alice", None);
     assert!(profile.contains("remote 10.0.2.2 1194"), "{profile}");
     let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
 
     let address = chain.right_host.ip(&["-4", "addr", "show", "dev", "tun0"]);
     assert!(address.contains("inet 10.8.0.2/24"), "{address}");
@@ -172,11 +168,8 @@ fn two_clients_at_once_one_per_aes_gcm_cipher_and_tls_version_and_an_iperf3_tran
         &issue_profile(&chain.si, &dockvpn, "bob", None),
         &["--data-ciphers", "AES-128-GCM", "--tls-version-max", "1.2"],
     );
-    alice
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
-    bob.wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    alice.assert_connected(&dockvpn);
+    bob.assert_connected(&dockvpn);
     assert!(ping_eventually(
         &chain.right_host,
         LEFT_HOST,
@@ -361,9 +354,7 @@ fn replayed_tampered_truncated_and_garbage_packets_are_dropped_and_the_client_ke
         &issue_profile(&chain.si, &dockvpn, "dave", Some(&remote)),
         &[],
     );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     // The path answers before the one echo whose loss and duplicates are counted.
     assert!(
         ping_eventually(&chain.right_host, LEFT_HOST, TUNNEL_PING_ATTEMPTS),
@@ -476,9 +467,7 @@ fn without_masquerade_the_left_side_sees_client_addresses_and_routes_the_pool_ba
         &issue_profile(&chain.si, &dockvpn, "frank", None),
         &[],
     );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     let tables = chain.si.exec("nft", &["list", "tables"]);
     assert!(
         tables.status.success(),
@@ -499,9 +488,7 @@ fn a_client_stopped_with_sigterm_leaves_status_within_two_seconds() {
     let profile = issue_profile(&chain.si, &dockvpn, "alice", None);
     assert!(profile.contains("\nexplicit-exit-notify\n"), "{profile}");
     let mut client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     clients_when(&chain.si, &dockvpn, |clients| clients.len() == 1);
 
     let stopped = std::time::Instant::now();

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use docknfv_tests::openvpn::{status_json, text, vpn_chain, OpenvpnClient};
-use docknfv_tests::{Netns, Vnf};
+use docknfv_tests::openvpn::{issue_profile_with, status_json, vpn_chain, OpenvpnClient};
+use docknfv_tests::Netns;
 
 const FLOOD_RATE: u32 = 2_000;
 const FLOOD_SECONDS: u32 = 10;
@@ -20,19 +20,6 @@ const FLOOD_SOCKETS: usize = 100;
 /// How soon the real client must connect while the flood runs (it takes under 0.1 s here; a
 /// client that loses a packet to a server fault waits for a resend and misses it).
 const CONNECT_BOUND: Duration = Duration::from_secs(2);
-
-/// `client add NAME` and its profile, issued for the server's tls-crypt setting `tls_crypt`.
-fn profile(si: &Netns, dockvpn: &Vnf, name: &str, tls_crypt: &str) -> String {
-    let added = dockvpn.cli(si, "dockvpn", &["client", "add", name]);
-    assert!(added.status.success(), "client add: {}", text(&added));
-    let config = dockvpn.cli(
-        si,
-        "dockvpn",
-        &["client", "config", name, "--tls-crypt", tls_crypt],
-    );
-    assert!(config.status.success(), "client config: {}", text(&config));
-    String::from_utf8(config.stdout).expect("utf-8 profile")
-}
 
 /// The server's address from the profile's `remote HOST PORT` line.
 fn remote(profile: &str) -> SocketAddr {
@@ -114,14 +101,12 @@ fn a_real_client_connects_through_a_flood(
     counted: impl Fn(&serde_json::Value) -> bool,
 ) {
     let (chain, dockvpn) = vpn_chain(&["--tls-crypt", tls_crypt]);
-    let profile = profile(&chain.si, &dockvpn, "alice", tls_crypt);
+    let profile = issue_profile_with(&chain.si, &dockvpn, "alice", &["--tls-crypt", tls_crypt]);
     let running = Arc::new(AtomicBool::new(false));
     let flood = start_flood(&chain.right_host, remote(&profile), running.clone());
     let started = Instant::now();
     let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     let took = started.elapsed();
     assert!(
         took <= CONNECT_BOUND,
@@ -230,7 +215,7 @@ fn forged_control(session: [u8; 8], payload: &[u8]) -> Vec<u8> {
 #[test]
 fn a_forged_reset_and_client_hello_get_back_fewer_bytes_than_sent_and_no_tls_session() {
     let (chain, dockvpn) = vpn_chain(&["--tls-crypt", "off"]);
-    let profile = profile(&chain.si, &dockvpn, "alice", "off");
+    let profile = issue_profile_with(&chain.si, &dockvpn, "alice", &["--tls-crypt", "off"]);
     let server = remote(&profile);
     // The "victim": a socket that receives whatever the server sends to its address and
     // never answers.

@@ -10,6 +10,8 @@ use docknfv_tests::openvpn::{issue_profile, vpn_chain, wait_for_status, OpenvpnC
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::traffic::ping_eventually;
 use docknfv_tests::Netns;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// The NAT's public ports: each client's mapping is pinned to one of them, so which port a
 /// client gets is the test's choice, not the kernel's.
@@ -120,13 +122,10 @@ fn client<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
         .unwrap_or_else(|| panic!("no client {name} in {status}"))
 }
 
-/// `kill SIGNAL PID`.
-fn signal_process(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal} {pid}");
+/// Stops or resumes a process.
+fn signal_process(pid: u32, signal: Signal) {
+    let pid = Pid::from_raw(i32::try_from(pid).expect("a pid"));
+    kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
 }
 
 fn peer_at(port: u16) -> String {
@@ -160,9 +159,7 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
     let mut alice = OpenvpnClient::start(&alice_host, &alice_profile, &[]);
     let bob = OpenvpnClient::start(&bob_host, &bob_profile, &[]);
     for client in [&alice, &bob] {
-        client
-            .wait_connected()
-            .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+        client.assert_connected(&dockvpn);
     }
     // The status once the server sees Alice and Bob at these NAT ports.
     let wait_for_ports = |alice_port: u16, bob_port: u16| {
@@ -184,7 +181,7 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
         ping_eventually(&bob_host, LEFT_HOST, 3),
         "bob before the switch"
     );
-    signal_process(bob.process.pid(), "-STOP");
+    signal_process(bob.process.pid(), Signal::SIGSTOP);
     nat.map(&[(&alice_address, SECOND_PORT), (&bob_address, THIRD_PORT)]);
     nat.forget_mappings();
     let alice_again = OpenvpnClient::start(&alice_host, &alice_profile, &[]);
@@ -202,12 +199,10 @@ fn two_clients_behind_one_nat_keep_their_own_traffic_when_the_nat_reuses_a_port(
         std::thread::sleep(Duration::from_millis(50));
     }
     // Alice gets in at once, Bob's session waits for him (`status` still lists him).
-    alice_again
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    alice_again.assert_connected(&dockvpn);
     assert_eq!(nat.mappings_of(&bob_address), "", "bob spoke first");
     // Bob wakes up and talks again, from his new port.
-    signal_process(bob.process.pid(), "-CONT");
+    signal_process(bob.process.pid(), Signal::SIGCONT);
     assert!(
         ping_eventually(&bob_host, LEFT_HOST, 5),
         "bob after the NAT moved him\nbob:\n{}\nserver:\n{}",

@@ -78,9 +78,7 @@ fn a_client_that_renegotiates_every_few_seconds_loses_no_traffic() {
         &profile,
         &["--reneg-sec", "8", "--tran-window", "5"],
     );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     let answered = answered_pings(&chain.right_host, 30);
     eprintln!("client-initiated: {answered}/30 pings answered");
     assert!(
@@ -119,9 +117,7 @@ fn the_server_renegotiates_on_its_own_reneg_sec_and_the_tunnel_stays_up() {
     let profile = issue_profile(&chain.si, &dockvpn, "bob", None);
     // The client never starts one itself.
     let client = OpenvpnClient::start(&chain.right_host, &profile, &["--reneg-sec", "0"]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     assert_traffic_across_renegotiations(&chain, &dockvpn, &client, 20, 2);
 }
 
@@ -160,9 +156,7 @@ fn a_client_that_offers_only_chacha20_poly1305_gets_it_and_passes_traffic() {
         &profile,
         &["--data-ciphers", "CHACHA20-POLY1305"],
     );
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     // The client opens what the server seals only with the pushed cipher's keys.
     let answered = answered_pings(&chain.right_host, 3);
     assert_eq!(
@@ -205,9 +199,7 @@ fn a_pki_from_before_tls_crypt_keeps_serving_the_profiles_it_issued() {
         .wait_for_log("tls-crypt off", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
     let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     assert_eq!(answered_pings(&chain.right_host, 3), 3, "{}", dockvpn.log());
     // A profile issued now matches the running server: still without a key.
     let again = dockvpn_cli(&["client", "config", "alice", "--remote", "10.0.2.2:1194"]);
@@ -223,9 +215,7 @@ fn on_the_prf_path_a_client_connects_passes_traffic_and_renegotiates() {
     let (chain, dockvpn) = vpn_chain(&["--key-derivation", "prf"]);
     let profile = issue_profile(&chain.si, &dockvpn, "dave", None);
     let client = OpenvpnClient::start(&chain.right_host, &profile, &["--reneg-sec", "5"]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     assert_traffic_across_renegotiations(&chain, &dockvpn, &client, 16, 2);
     // The client logs the PUSH_REPLY it got: without tls-ekm it derives with the PRF.
     let log = client.log();
@@ -309,9 +299,7 @@ fn a_tls_crypt_v1_pki_turned_to_v2_keeps_its_profiles_and_names_those_to_reissue
         .wait_for_log("profile needs tls-crypt-v2", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
     let client = OpenvpnClient::start(&chain.right_host, &v1_profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     assert_eq!(answered_pings(&chain.right_host, 2), 2, "{}", dockvpn.log());
     drop(client);
     let listed = dockvpn_cli(&["client", "list"]);
@@ -331,8 +319,6 @@ fn a_tls_crypt_v1_pki_turned_to_v2_keeps_its_profiles_and_names_those_to_reissue
     assert!(v2_profile.contains("<tls-crypt-v2>"), "{v2_profile}");
     assert!(!dockvpn_cli(&["client", "list"]).contains("needs tls-crypt-v2"));
     let client = OpenvpnClient::start(&chain.right_host, &v2_profile, &[]);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     assert_eq!(answered_pings(&chain.right_host, 2), 2, "{}", dockvpn.log());
 }

@@ -36,12 +36,6 @@ fn status_when(
     }
 }
 
-fn connected(client: &OpenvpnClient, dockvpn: &Vnf) {
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nclient:\n{}\nserver:\n{}", client.log(), dockvpn.log()));
-}
-
 #[test]
 fn a_udp_and_a_tcp_client_pass_traffic_at_once_on_the_same_port() {
     let (chain, dockvpn) = vpn_chain(&[]);
@@ -57,8 +51,8 @@ fn a_udp_and_a_tcp_client_pass_traffic_at_once_on_the_same_port() {
         "{tcp_profile}"
     );
     let mut bob = OpenvpnClient::start(&chain.right_gateway, &tcp_profile, &[]);
-    connected(&alice, &dockvpn);
-    connected(&bob, &dockvpn);
+    alice.assert_connected(&dockvpn);
+    bob.assert_connected(&dockvpn);
     assert!(
         bob.log()
             .contains("TCP connection established with [AF_INET]10.0.2.2:1194"),
@@ -113,7 +107,7 @@ fn idle_tcp_connections_do_not_keep_a_real_client_out_and_are_closed_after_the_d
     });
     let profile = issue_profile_with(&chain.si, &dockvpn, "alice", &["--proto", "tcp"]);
     let alice = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    connected(&alice, &dockvpn);
+    alice.assert_connected(&dockvpn);
     assert!(ping_eventually(
         &chain.right_host,
         LEFT_HOST,
@@ -198,7 +192,7 @@ fn proto_udp_refuses_tcp_and_a_profile_for_both_connects_with_its_udp_block_firs
         "{profile}"
     );
     let alice = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    connected(&alice, &dockvpn);
+    alice.assert_connected(&dockvpn);
     assert!(
         alice
             .log()

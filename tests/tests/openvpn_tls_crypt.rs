@@ -11,7 +11,7 @@ use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET};
 use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::openvpn::{
     dockvpn_cli, dockvpn_output, issue_profile, openvpn_genkey, start_on_state, status_json, text,
-    vpn_chain, OpenvpnClient,
+    vpn_chain, wait_for_status, OpenvpnClient,
 };
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -64,28 +64,6 @@ fn server_packets_seen(ns: &Netns) -> u64 {
         .unwrap_or_else(|| panic!("no counter in {listing}"))
 }
 
-/// The status line the server writes every 2 s: waits up to 10 s for `done` to hold.
-fn wait_for_status(
-    si: &Netns,
-    dockvpn: &Vnf,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = status_json(si, dockvpn);
-        if done(&status) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {status}\n{}",
-            dockvpn.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_back() {
     let (chain, dockvpn) = vpn_chain(&[]);
@@ -107,7 +85,7 @@ fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_bac
     start_counting_server_packets(&chain.right_host);
     let dropped_before = counter(&chain.si, &dockvpn, "unauthenticated_control");
     let eve = OpenvpnClient::start(&chain.right_host, &eve_profile, &[]);
-    wait_for_status(&chain.si, &dockvpn, "eve's resets counted", |status| {
+    let _ = wait_for_status(&chain.si, &dockvpn, "eve's resets counted", |status| {
         status["vpn"]["dropped"]["unauthenticated_control"]
             .as_u64()
             .is_some_and(|n| n >= dropped_before + 2)
@@ -122,8 +100,7 @@ fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_bac
     drop(eve);
 
     let vera = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    vera.wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    vera.assert_connected(&dockvpn);
     assert!(pings(&chain.right_host, "3"), "{}", dockvpn.log());
     assert!(server_packets_seen(&chain.right_host) > 0);
     let status = status_json(&chain.si, &dockvpn);
@@ -140,9 +117,7 @@ fn a_tls_crypt_v2_profile_connects_and_another_servers_key_gets_not_one_byte_bac
     );
     let stock_profile = profile.replace(inline_block(&profile, "tls-crypt-v2"), &stock_key);
     let stock = OpenvpnClient::start(&chain.right_host, &stock_profile, &[]);
-    stock
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    stock.assert_connected(&dockvpn);
     assert!(pings(&chain.right_host, "2"), "{}", dockvpn.log());
 }
 
@@ -153,8 +128,7 @@ fn a_tls_crypt_v1_profile_connects() {
     assert!(profile.contains("<tls-crypt>"), "{profile}");
     assert!(!profile.contains("<tls-crypt-v2>"), "{profile}");
     let vic = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    vic.wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    vic.assert_connected(&dockvpn);
     assert!(pings(&chain.right_host, "3"), "{}", dockvpn.log());
 }
 
@@ -261,8 +235,7 @@ fn a_tls_crypt_v2_client_connects_through_a_flood_of_forged_resets() {
     }
     let started = Instant::now();
     let flo = OpenvpnClient::start(&chain.right_host, &profile, &[]);
-    flo.wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    flo.assert_connected(&dockvpn);
     let took = started.elapsed();
     assert!(pings(&chain.right_host, "2"), "{}", dockvpn.log());
     flood.join().expect("flood thread");
@@ -285,7 +258,7 @@ fn a_tls_crypt_v2_client_connects_through_a_flood_of_forged_resets() {
         status["vpn"]["dropped"]["refused_handshakes"], 0,
         "{status}"
     );
-    wait_for_status(&chain.si, &dockvpn, "forged resets counted", |status| {
+    let _ = wait_for_status(&chain.si, &dockvpn, "forged resets counted", |status| {
         status["vpn"]["dropped"]["unauthenticated_control"]
             .as_u64()
             .is_some_and(|n| n >= sent / 2)

@@ -22,9 +22,7 @@ fn stream_across_renegotiations(server_args: &[&str], client_args: &[&str]) {
     let (chain, dockvpn) = vpn_chain(server_args);
     let profile = issue_profile(&chain.si, &dockvpn, "streamer", None);
     let client = OpenvpnClient::start(&chain.right_host, &profile, client_args);
-    client
-        .wait_connected()
-        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", dockvpn.log()));
+    client.assert_connected(&dockvpn);
     let connected_since = |status: &serde_json::Value| {
         status["vpn"]["clients"][0]["connected_since_unix"]
             .as_u64()

@@ -21,7 +21,7 @@ const MASTER_SECRET_LABEL: &[u8] = b"OpenVPN master secret";
 const KEY_EXPANSION_LABEL: &[u8] = b"OpenVPN key expansion";
 
 /// The TLS 1.0 PRF: fills `out` from `secret`, `label` and `seed`.
-pub fn tls1_prf(secret: &[u8], label: &[u8], seed: &[u8], out: &mut [u8]) {
+fn tls1_prf(secret: &[u8], label: &[u8], seed: &[u8], out: &mut [u8]) {
     // The halves overlap by one byte when the secret's length is odd.
     let half = secret.len().div_ceil(2);
     let md5_secret = &secret[..half];

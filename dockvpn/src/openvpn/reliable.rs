@@ -208,11 +208,10 @@ impl Reliable {
     pub fn due(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut due = Vec::new();
         for packet in self.unacked.iter_mut().take(SEND_WINDOW) {
-            let sent = packet.resend_at.is_some();
-            if (sent && self.lossless_transport) || packet.resend_at.is_some_and(|at| at > now) {
-                continue;
-            }
-            if packet.resend_at.is_some() {
+            if let Some(at) = packet.resend_at {
+                if self.lossless_transport || at > now {
+                    continue;
+                }
                 packet.backoff = (packet.backoff * 2).min(LONGEST_RESEND_AFTER);
             }
             packet.resend_at = Some(now + packet.backoff);

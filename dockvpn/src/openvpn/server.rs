@@ -319,9 +319,8 @@ impl Server {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: Link, datagram: &[u8]) {
-        let session_key = self.sessions.get(&from).and_then(|s| s.wrap.key.clone());
-        let (datagram, unwrapped) = match self.config.tls_crypt.open(datagram, session_key.as_ref())
-        {
+        let session_key = self.sessions.get(&from).and_then(|s| s.wrap.key.as_ref());
+        let (datagram, unwrapped) = match self.config.tls_crypt.open(datagram, session_key) {
             Ok(Opened::Plain(datagram)) => (datagram, None),
             Ok(Opened::Unwrapped(unwrapped)) => (&[][..], Some(unwrapped)),
             Err(error) => {
@@ -365,11 +364,9 @@ impl Server {
         // tls-crypt-v2: the client's own key, unwrapped from its reset, already proves that a
         // key holder sent it; the client's later packets carry no copy of that key, so its
         // session exists from the reset on.
-        let v2_reset = packet.opcode == Opcode::HardResetClientV2
-            && unwrapped.is_some_and(|u| u.from_client_key.is_some());
+        let v2_reset = unwrapped.and_then(|u| u.v2_reset_digest);
         if known != Some(packet.session_id) {
-            let local_id = if v2_reset {
-                let digest = unwrapped.and_then(|u| u.from_client_key);
+            let local_id = if let Some(digest) = v2_reset {
                 if !self.first_sight_of_v2_reset(now, digest) {
                     let why = format!("from {from}: a tls-crypt-v2 reset seen before (replayed)");
                     return self.drop_input(|c| &mut c.replayed_control, why);
@@ -397,13 +394,14 @@ impl Server {
                 old.close("the client started a new session");
                 self.reap();
             }
-            if !self.admit_new_session(now, from, packet.session_id, local_id) {
+            // After a stateless reply the session's packet ids continue past it; a v2
+            // session's start afresh.
+            let wrap = match v2_reset {
+                Some(_) => WrapState::default(),
+                None => WrapState::after_stateless_reset(),
+            };
+            if !self.admit_new_session(now, from, packet.session_id, local_id, wrap) {
                 return;
-            }
-            if v2_reset {
-                // No stateless reply went out: the session's packet ids start afresh.
-                let session = self.sessions.get_mut(&from).expect("admitted above");
-                session.wrap = WrapState::default();
             }
         }
         let session = self.sessions.get_mut(&from).expect("admitted above");
@@ -423,7 +421,7 @@ impl Server {
             }
             session.wrap.received.commit(id);
         }
-        if v2_reset {
+        if v2_reset.is_some() {
             // Answered from the session, so a reset resent after a lost reply is answered again.
             if session.connected_at.is_none() {
                 let reply = reset_reply(packet, session.local_id);
@@ -459,10 +457,7 @@ impl Server {
     /// Whether this tls-crypt-v2 reset (by digest) is new: a client's own resend re-wraps it,
     /// so the same bytes again are a replay. Remembered for a handshake window, so only
     /// resets that opened under the server key (real clients') take memory.
-    fn first_sight_of_v2_reset(&mut self, now: Instant, digest: Option<[u8; 32]>) -> bool {
-        let Some(digest) = digest else {
-            return true;
-        };
+    fn first_sight_of_v2_reset(&mut self, now: Instant, digest: [u8; 32]) -> bool {
         let window = self.config.handshake_window;
         self.v2_resets_seen.retain(|_, seen| now < *seen + window);
         self.v2_resets_seen.insert(digest, now).is_none()
@@ -496,6 +491,7 @@ impl Server {
         from: Link,
         remote_id: SessionId,
         local_id: SessionId,
+        wrap: WrapState,
     ) -> bool {
         let handshaking = self.handshaking();
         if handshaking >= self.config.max_handshaking
@@ -515,6 +511,7 @@ impl Server {
             local_id,
             remote_id,
             peer_id,
+            wrap,
             now,
         ) {
             Ok(session) => {
@@ -695,30 +692,40 @@ impl Server {
         if old.is_reliable() || new.is_reliable() || self.sessions.contains_key(&new) {
             return false;
         }
-        let Some(mut session) = self.sessions.remove(&old) else {
+        let Some(session) = self.take(old) else {
             return false;
         };
-        session.link = new;
-        self.by_peer_id.insert(session.peer_id, new);
-        if let Some(address) = session.address {
-            self.by_address.insert(address, new);
-        }
-        self.sessions.insert(new, session);
+        self.place(session, new);
         true
     }
 
-    /// Sets aside the connected session at `link`, which another client now holds.
-    fn park(&mut self, link: Link) {
-        let Some(session) = self.sessions.remove(&link) else {
-            return;
-        };
+    /// Files `session` under `at`: its peer id and its address lead there.
+    fn place(&mut self, mut session: Session, at: Link) {
+        session.link = at;
+        self.by_peer_id.insert(session.peer_id, at);
+        if let Some(address) = session.address {
+            self.by_address.insert(address, at);
+        }
+        self.sessions.insert(at, session);
+    }
+
+    /// Takes the session at `link` out of the tables.
+    fn take(&mut self, link: Link) -> Option<Session> {
+        let session = self.sessions.remove(&link)?;
         self.by_peer_id.remove(&session.peer_id);
         if let Some(address) = session.address {
             if self.by_address.get(&address) == Some(&link) {
                 self.by_address.remove(&address);
             }
         }
-        self.parked.insert(session.peer_id, session);
+        Some(session)
+    }
+
+    /// Sets aside the connected session at `link`, which another client now holds.
+    fn park(&mut self, link: Link) {
+        if let Some(session) = self.take(link) {
+            self.parked.insert(session.peer_id, session);
+        }
     }
 
     /// Puts a parked session back at the address its data now comes from; false when that
@@ -727,15 +734,10 @@ impl Server {
         if at.is_reliable() || self.sessions.contains_key(&at) {
             return false;
         }
-        let Some(mut session) = self.parked.remove(&peer_id) else {
+        let Some(session) = self.parked.remove(&peer_id) else {
             return false;
         };
-        session.link = at;
-        self.by_peer_id.insert(peer_id, at);
-        if let Some(address) = session.address {
-            self.by_address.insert(address, at);
-        }
-        self.sessions.insert(at, session);
+        self.place(session, at);
         true
     }
 
@@ -749,12 +751,7 @@ impl Server {
             .collect();
         for peer_id in ended {
             let session = self.parked.remove(&peer_id).expect("listed");
-            self.outputs.push_back(Output::Event(Event::Disconnected {
-                name: session.name,
-                address: session.address,
-                link: session.link,
-                reason: reason.to_owned(),
-            }));
+            self.report_ended(session, reason.to_owned());
         }
     }
 
@@ -905,21 +902,20 @@ impl Server {
             .filter(|s| s.closing.is_some())
             .map(|s| s.link)
             .collect();
-        for peer in closed {
-            let session = self.sessions.remove(&peer).expect("listed");
-            self.by_peer_id.remove(&session.peer_id);
-            if let Some(address) = session.address {
-                if self.by_address.get(&address) == Some(&peer) {
-                    self.by_address.remove(&address);
-                }
-            }
-            self.outputs.push_back(Output::Event(Event::Disconnected {
-                name: session.name,
-                address: session.address,
-                link: peer,
-                reason: session.closing.unwrap_or_default(),
-            }));
+        for link in closed {
+            let mut session = self.take(link).expect("listed");
+            let reason = session.closing.take().unwrap_or_default();
+            self.report_ended(session, reason);
         }
+    }
+
+    fn report_ended(&mut self, session: Session, reason: String) {
+        self.outputs.push_back(Output::Event(Event::Disconnected {
+            name: session.name,
+            address: session.address,
+            link: session.link,
+            reason,
+        }));
     }
 }
 

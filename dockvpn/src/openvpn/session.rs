@@ -289,6 +289,7 @@ impl Session {
         local_id: SessionId,
         remote_id: SessionId,
         peer_id: u32,
+        wrap: WrapState,
         now: Instant,
     ) -> Result<Session, rustls::Error> {
         Ok(Session {
@@ -319,7 +320,7 @@ impl Session {
             renegotiations: 0,
             closing: None,
             push_requested: false,
-            wrap: WrapState::after_stateless_reset(),
+            wrap,
         })
     }
 

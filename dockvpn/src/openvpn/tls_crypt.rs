@@ -268,7 +268,9 @@ impl WrapState {
     }
 }
 
-fn apply_ctr(key: &[u8; 32], tag: &[u8], data: &mut [u8]) {
+/// AES-256-CTR keyed by `key`, with the first 16 bytes of `tag` as its IV (tls-crypt and the
+/// tls-crypt-v2 key wrap both do this).
+pub(super) fn apply_ctr(key: &[u8; 32], tag: &[u8], data: &mut [u8]) {
     let mut iv = [0u8; 16];
     iv.copy_from_slice(&tag[..16]);
     Aes256Ctr::new(key.into(), &iv.into()).apply_keystream(data);

@@ -9,13 +9,12 @@
 //! endian). The server key holds Ke and Ka (the first 32 bytes of its cipher and HMAC
 //! fields); metadata is a type byte (1: a 64-bit creation timestamp) and its value.
 
-use aes::cipher::{KeyIvInit, StreamCipher};
 use base64::Engine;
 use rand::RngCore;
 use ring::hmac;
 use thiserror::Error;
 
-use super::tls_crypt::StaticKey;
+use super::tls_crypt::{apply_ctr, StaticKey};
 
 const SERVER_KEY_LEN: usize = 128;
 const FIELD: usize = 64;
@@ -27,8 +26,6 @@ const MAX_WRAPPED_LEN: usize = 1024;
 const METADATA_TIMESTAMP: u8 = 1;
 const SERVER_PEM: &str = "OpenVPN tls-crypt-v2 server key";
 const CLIENT_PEM: &str = "OpenVPN tls-crypt-v2 client key";
-
-type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum UnwrapKeyError {
@@ -99,7 +96,7 @@ impl ServerKey {
         let mut wrapped = tag.as_ref().to_vec();
         let start = wrapped.len();
         wrapped.extend_from_slice(&plaintext);
-        self.apply_ctr(tag.as_ref(), &mut wrapped[start..]);
+        apply_ctr(&self.encrypt, tag.as_ref(), &mut wrapped[start..]);
         wrapped.extend_from_slice(&len.to_be_bytes());
         wrapped
     }
@@ -122,19 +119,13 @@ impl ServerKey {
         let (packet, wrapped) = datagram.split_at(datagram.len() - len);
         let (tag, rest) = wrapped.split_at(TAG_LEN);
         let mut plaintext = rest[..rest.len() - LEN_FIELD].to_vec();
-        self.apply_ctr(tag, &mut plaintext);
+        apply_ctr(&self.encrypt, tag, &mut plaintext);
         let signed = [&rest[rest.len() - LEN_FIELD..], &plaintext[..]].concat();
         hmac::verify(&self.authenticate, &signed, tag)
             .map_err(|_| UnwrapKeyError::Unauthenticated)?;
         let key = StaticKey::from_bytes(&plaintext[..StaticKey::LEN])
             .ok_or(UnwrapKeyError::Unauthenticated)?;
         Ok((packet, key))
-    }
-
-    fn apply_ctr(&self, tag: &[u8], data: &mut [u8]) {
-        let mut iv = [0u8; 16];
-        iv.copy_from_slice(&tag[..16]);
-        Aes256Ctr::new((&self.encrypt).into(), &iv.into()).apply_keystream(data);
     }
 }
 

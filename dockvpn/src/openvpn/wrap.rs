@@ -44,9 +44,9 @@ pub struct Unwrapped {
     pub packet: Vec<u8>,
     pub packet_id: u32,
     pub key: ControlKey,
-    /// Opened with a client's own tls-crypt-v2 key, unwrapped from the packet's WKc: the
-    /// packet's digest, which tells a replay of it.
-    pub from_client_key: Option<[u8; 32]>,
+    /// A tls-crypt-v2 first packet (a V3 reset, opened with the client's own key from its
+    /// WKc): its digest, which tells a replay of it.
+    pub v2_reset_digest: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -85,8 +85,10 @@ impl ControlWrap {
                     Opcode::ControlV1
                 };
                 opened.packet[0] = plain.wire() << 3 | (first & 0x07);
-                let digest = ring::digest::digest(&ring::digest::SHA256, datagram);
-                opened.from_client_key = digest.as_ref().try_into().ok();
+                if opcode == HARD_RESET_CLIENT_V3 {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, datagram);
+                    opened.v2_reset_digest = digest.as_ref().try_into().ok();
+                }
                 Ok(Opened::Unwrapped(opened))
             }
             // Data for the data channel, and unknown opcodes for the decoder (malformed).
@@ -121,7 +123,7 @@ fn open_with(key: &ControlKey, datagram: &[u8]) -> Result<Unwrapped, OpenError> 
         packet,
         packet_id,
         key: key.clone(),
-        from_client_key: None,
+        v2_reset_digest: None,
     })
 }
 
