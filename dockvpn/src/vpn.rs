@@ -63,6 +63,16 @@ pub struct VpnStatus {
     /// Present while TCP is served.
     #[serde(default)]
     pub tcp: Option<TcpCounters>,
+    /// Present while WireGuard is served.
+    #[serde(default)]
+    pub wireguard: Option<WireguardServing>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireguardServing {
+    pub listen: SocketAddr,
+    /// The server's public key, base64 as `wg` prints it.
+    pub public_key: String,
 }
 
 fn udp_only() -> Proto {
@@ -73,6 +83,10 @@ fn udp_only() -> Proto {
 pub struct ConnectedClient {
     pub name: String,
     pub address: Ipv4Addr,
+    /// `openvpn` or `wireguard`.
+    #[serde(default = "openvpn")]
+    pub transport: String,
+    /// The client's endpoint: where its packets come from and replies go.
     pub peer: SocketAddr,
     /// `udp` or `tcp`.
     #[serde(default = "udp")]
@@ -89,6 +103,14 @@ pub struct ConnectedClient {
     pub key_id: u8,
     #[serde(default)]
     pub key_age_secs: u64,
+    /// WireGuard: when the last handshake completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_handshake_unix: Option<u64>,
+}
+
+/// What a status file from before WireGuard says: every client used OpenVPN.
+fn openvpn() -> String {
+    "openvpn".to_owned()
 }
 
 /// What a status file from before TCP says: every client came over UDP.
@@ -343,6 +365,7 @@ fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
             .map(|c| ConnectedClient {
                 name: c.name,
                 address: c.address,
+                transport: openvpn(),
                 peer: c.link.peer(),
                 proto: c.link.protocol().to_owned(),
                 cipher: c.cipher.name().to_owned(),
@@ -352,6 +375,7 @@ fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
                 key_id: c.key_id,
                 key_age_secs: now.saturating_duration_since(c.key_established).as_secs(),
                 bytes_out: c.bytes_out,
+                latest_handshake_unix: None,
             })
             .collect(),
         handshaking: engine.handshaking(),
@@ -365,6 +389,7 @@ fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
         },
         proto: config.proto,
         tcp: tcp.map(TcpServer::counters),
+        wireguard: None,
     };
     if let Err(error) = vnf_core::fs::write_json(&status_path(&config.state_dir), &status, false) {
         warn!(%error, "could not write status.json");
