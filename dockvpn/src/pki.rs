@@ -1021,4 +1021,140 @@ mod tests {
         );
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn wireguard_keys_are_private_stable_and_go_with_their_client() {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-wg-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let pki = Pki::new(&dir);
+        let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        pki.init(false).unwrap();
+        let server_key = pki.path(WIREGUARD_SERVER_KEY);
+        assert_eq!(mode(&server_key), 0o600, "pki init writes the server key");
+        let secret = pki.wireguard_server_secret().unwrap();
+        assert_eq!(pki.wireguard_server_secret().unwrap(), secret, "stable");
+        assert_eq!(
+            pki.wireguard_public_key().unwrap(),
+            wireguard_public_key_of(secret)
+        );
+        // A PKI from before WireGuard gets its key on first use, once.
+        fs::remove_file(&server_key).unwrap();
+        let created = pki.wireguard_server_secret().unwrap();
+        assert_ne!(created, secret);
+        assert_eq!(pki.wireguard_server_secret().unwrap(), created);
+        assert_eq!(mode(&server_key), 0o600);
+
+        let alice = pki.add_client("alice", pool, None).unwrap();
+        let alice_key = pki.client_path("alice", WIREGUARD_CLIENT_KEY);
+        let alice_psk = pki.client_path("alice", WIREGUARD_PRESHARED_KEY);
+        assert_eq!((mode(&alice_key), mode(&alice_psk)), (0o600, 0o600));
+        let identity = alice.wireguard.clone().unwrap();
+        let private = decode_key(&fs::read_to_string(&alice_key).unwrap()).unwrap();
+        assert_eq!(identity.public_key, wireguard_public_key_of(private));
+        assert_eq!(identity.profile_allowed_ips, None);
+
+        // A client with its own key pair: no private key here, the key must be 32 bytes.
+        for bad in ["", "not base64!", "AAAA", &encode_key(&[7; 32])[..40]] {
+            let error = pki
+                .add_client_with_own_wireguard_key("bob", pool, None, bad)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--wireguard-public-key"), "{error}");
+            assert!(error.contains("44 characters of base64"), "{error}");
+        }
+        let error = pki
+            .add_client_with_own_wireguard_key("bob", pool, None, &identity.public_key)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("already the key of client \"alice\""),
+            "{error}"
+        );
+        let bob_public = wireguard_public_key_of(new_wireguard_secret());
+        let bob = pki
+            .add_client_with_own_wireguard_key("bob", pool, None, &bob_public)
+            .unwrap();
+        assert_eq!(bob.wireguard.unwrap().public_key, bob_public);
+        assert!(!pki.client_path("bob", WIREGUARD_CLIENT_KEY).exists());
+        let bob_keys = pki.wireguard_profile_keys("bob").unwrap();
+        assert_eq!(bob_keys.private_key, None);
+        assert_eq!(
+            bob_keys.server_public_key,
+            pki.wireguard_public_key().unwrap()
+        );
+
+        let peers = pki.wireguard_peers().unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].name, "alice");
+        assert_eq!(peers[0].address, alice.address);
+        assert_eq!(encode_key(&peers[0].public_key), identity.public_key);
+        assert_eq!(
+            peers[0].preshared_key,
+            decode_key(&fs::read_to_string(&alice_psk).unwrap()).unwrap()
+        );
+
+        // The profile's AllowedIPs are remembered for stale marking.
+        let routes: Vec<Ipv4Net> = vec!["10.8.0.1/32".parse().unwrap()];
+        pki.record_wireguard_profile("alice", &routes).unwrap();
+        let listed = pki.clients().unwrap();
+        assert_eq!(
+            listed[0].wireguard.as_ref().unwrap().profile_allowed_ips,
+            Some(routes)
+        );
+
+        // A corrupt key file names itself and the fix.
+        fs::write(&server_key, "garbage\n").unwrap();
+        let error = pki.wireguard_server_secret().unwrap_err().to_string();
+        assert!(error.contains(&server_key.display().to_string()), "{error}");
+        assert!(error.contains("delete it"), "{error}");
+        fs::write(&alice_psk, "AAAA\n").unwrap();
+        let error = pki.wireguard_peers().unwrap_err().to_string();
+        assert!(error.contains("alice.wg.psk"), "{error}");
+        assert!(error.contains("3 bytes, not 32"), "{error}");
+
+        // `pki init --force` makes a new server key.
+        fs::write(&server_key, key_file_text(&created)).unwrap();
+        pki.init(true).unwrap();
+        assert_ne!(pki.wireguard_server_secret().unwrap(), created);
+
+        pki.remove_client("alice").unwrap();
+        assert!(!alice_key.exists() && !alice_psk.exists());
+        assert_eq!(pki.wireguard_peers().unwrap().len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_registry_from_before_wireguard_parses_and_its_clients_get_keys_on_first_profile() {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-old-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let pki = Pki::new(&dir);
+        pki.init(false).unwrap();
+        let old =
+            r#"{"clients":{"carol":{"name":"carol","address":"10.8.0.2","created":1700000000}}}"#;
+        fs::write(pki.path("clients.json"), old).unwrap();
+        let clients = pki.clients().unwrap();
+        assert_eq!(clients[0].wireguard, None);
+        assert!(pki.wireguard_peers().unwrap().is_empty());
+        // Saved again, the old record is written as it was.
+        pki.save_registry(&pki.load_registry().unwrap()).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(pki.path("clients.json")).unwrap()).unwrap();
+        assert_eq!(
+            saved,
+            serde_json::from_str::<serde_json::Value>(old).unwrap()
+        );
+
+        let keys = pki.wireguard_profile_keys("carol").unwrap();
+        let private = decode_key(keys.private_key.as_deref().unwrap()).unwrap();
+        assert_eq!(keys.public_key, wireguard_public_key_of(private));
+        assert_eq!(pki.wireguard_profile_keys("carol").unwrap(), keys, "kept");
+        assert_eq!(pki.wireguard_peers().unwrap()[0].name, "carol");
+        assert!(pki.wireguard_profile_keys("nobody").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
