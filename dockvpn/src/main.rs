@@ -247,6 +247,33 @@ struct ServeArgs {
 
     #[command(flatten)]
     tls_crypt: TlsCryptArg,
+
+    /// Address the WireGuard server listens on (UDP), or `off`; WireGuard clients share the
+    /// registry, the pool, the tun and the routes with OpenVPN clients
+    #[arg(
+        long,
+        env = "DOCKVPN_WIREGUARD_LISTEN",
+        default_value = "0.0.0.0:51820",
+        value_name = "ADDR:PORT|off",
+        value_parser = parse_wireguard_listen,
+        help_heading = VPN
+    )]
+    wireguard_listen: WireguardListen,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WireguardListen(Option<SocketAddr>);
+
+fn parse_wireguard_listen(text: &str) -> std::result::Result<WireguardListen, String> {
+    if text == "off" {
+        return Ok(WireguardListen(None));
+    }
+    match text.parse::<SocketAddr>() {
+        Ok(address) if address.is_ipv4() => Ok(WireguardListen(Some(address))),
+        _ => Err(format!(
+            "{text:?} is not an IPv4 ADDR:PORT such as 0.0.0.0:51820, or off"
+        )),
+    }
 }
 
 /// `run` and `client config` take the same switch (and env var), so profiles match the server.
@@ -617,12 +644,20 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         masquerading: None,
         dhcp_bound: dhcp_bound_tx,
     };
+    let wireguard = match serve.wireguard_listen.0 {
+        Some(listen) => Some(vpn::WireguardConfig {
+            listen,
+            secret: pki.wireguard_server_secret()?,
+        }),
+        None => None,
+    };
     let config = vpn::VpnConfig {
         listen: serve.listen,
         proto: serve.proto,
         tun_name: serve.tun.clone(),
         engine,
         state_dir: state_dir.to_path_buf(),
+        wireguard,
     };
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let vpn_task = tokio::spawn({

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::wireguard::PeerConfig;
 use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
@@ -112,15 +113,6 @@ pub struct WireguardIdentity {
     /// printed yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_allowed_ips: Option<Vec<Ipv4Net>>,
-}
-
-/// What the WireGuard engine needs for one client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireguardPeer {
-    pub name: String,
-    pub address: Ipv4Addr,
-    pub public_key: [u8; 32],
-    pub preshared_key: [u8; 32],
 }
 
 /// The keys a client's wg-quick profile carries.
@@ -241,7 +233,7 @@ impl Pki {
     }
 
     /// Every registry client with a WireGuard identity, with its preshared key.
-    pub fn wireguard_peers(&self) -> Result<Vec<WireguardPeer>> {
+    pub fn wireguard_peers(&self) -> Result<Vec<PeerConfig>> {
         // Under the lock, a client being added or removed is seen whole or not at all.
         let _lock = self.lock()?;
         let mut peers = Vec::new();
@@ -257,7 +249,7 @@ impl Pki {
                     client.name
                 ))
             })?;
-            peers.push(WireguardPeer {
+            peers.push(PeerConfig {
                 preshared_key: self.client_key(
                     &client.name,
                     WIREGUARD_PRESHARED_KEY,
