@@ -511,7 +511,13 @@ fn main() -> ExitCode {
             }
             Command::Client(ClientCommand::Remove { name }) => {
                 pki.remove_client(name)?;
-                println!("client {name} removed");
+                match read_vpn_status(&cli.state_dir) {
+                    Some(running) => {
+                        let cut_off = reload_running_server(&cli.state_dir, &running).await;
+                        println!("client {name} removed; {cut_off}");
+                    }
+                    None => println!("client {name} removed"),
+                }
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -926,6 +932,26 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
 /// The status file of a running server; None when absent or its process is gone.
 fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
+}
+
+/// Asks the running server to re-read the registry now (SIGHUP) and waits until it has
+/// (it rewrites its status file), so a removed client is cut off when the command returns.
+async fn reload_running_server(state_dir: &Path, running: &vpn::VpnStatus) -> &'static str {
+    let status_file = vpn::status_path(state_dir);
+    let written = || std::fs::metadata(&status_file).and_then(|m| m.modified()).ok();
+    let before = written();
+    let pid = nix::unistd::Pid::from_raw(running.pid as i32);
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).is_err() {
+        return "the server it last ran under is gone";
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if written() != before {
+            return "the running server has cut it off";
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    "the running server cuts it off within 2 s"
 }
 
 fn is_running(status: &vpn::VpnStatus) -> bool {
