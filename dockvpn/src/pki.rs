@@ -338,14 +338,13 @@ impl Pki {
                 identity
             }
         };
-        let private_key = match self.client_path(name, WIREGUARD_CLIENT_KEY).exists() {
-            true => Some(encode_key(&self.client_key(
-                name,
-                WIREGUARD_CLIENT_KEY,
-                "a WireGuard private key",
-            )?)),
-            false => None,
-        };
+        // Absent for a client that keeps its own private key.
+        let private_key = self
+            .client_path(name, WIREGUARD_CLIENT_KEY)
+            .exists()
+            .then(|| self.client_key(name, WIREGUARD_CLIENT_KEY, "a WireGuard private key"))
+            .transpose()?
+            .map(|key| encode_key(&key));
         Ok(WireguardProfileKeys {
             address: client.address,
             private_key,

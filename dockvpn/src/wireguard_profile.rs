@@ -75,9 +75,9 @@ pub fn issue(
 ) -> Result<()> {
     let allowed_ips = if args.allowed_ips.is_empty() {
         let status = running.ok_or_else(|| {
-            Error::Vnf(format!(
-                "no VPN server runs, so the routes a WireGuard profile needs are unknown: start `dockvpn run` first, or give them with --allowed-ips CIDR[,CIDR…] (`dockvpn client list` marks the profile stale when they differ from what the server pushes)"
-            ))
+            Error::Vnf(
+                "no VPN server runs, so the routes a WireGuard profile needs are unknown: start `dockvpn run` first, or give them with --allowed-ips CIDR[,CIDR…] (`dockvpn client list` marks the profile stale when they differ from what the server pushes)".into(),
+            )
         })?;
         allowed_ips(status)
     } else {
