@@ -932,11 +932,17 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn issues_clients_with_stable_addresses_and_private_keys() {
-        let dir = std::env::temp_dir().join(format!("dockvpn-pki-{}", std::process::id()));
+    /// A PKI in a new directory of its own, named by `test`.
+    fn fresh_pki(test: &str) -> (PathBuf, Pki) {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let pki = Pki::new(&dir);
+        (dir, pki)
+    }
+
+    #[test]
+    fn issues_clients_with_stable_addresses_and_private_keys() {
+        let (dir, pki) = fresh_pki("clients");
         let pool: Ipv4Net = "10.8.0.0/29".parse().unwrap();
         assert!(pki.add_client("alice", pool, None).is_err(), "no PKI yet");
         pki.init(false).unwrap();
@@ -1028,9 +1034,7 @@ mod tests {
 
     #[test]
     fn wireguard_keys_are_private_stable_and_go_with_their_client() {
-        let dir = std::env::temp_dir().join(format!("dockvpn-pki-wg-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let pki = Pki::new(&dir);
+        let (dir, pki) = fresh_pki("wireguard");
         let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
         pki.init(false).unwrap();
         let server_key = pki.path(WIREGUARD_SERVER_KEY);
@@ -1129,9 +1133,7 @@ mod tests {
 
     #[test]
     fn a_registry_from_before_wireguard_parses_and_its_clients_get_keys_on_first_profile() {
-        let dir = std::env::temp_dir().join(format!("dockvpn-pki-old-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let pki = Pki::new(&dir);
+        let (dir, pki) = fresh_pki("before-wireguard");
         pki.init(false).unwrap();
         let old =
             r#"{"clients":{"carol":{"name":"carol","address":"10.8.0.2","created":1700000000}}}"#;
