@@ -1132,6 +1132,22 @@ mod tests {
     }
 
     #[test]
+    fn a_public_key_is_the_x25519_base_point_times_the_private_key() {
+        // RFC 7748, section 6.1: Alice's key pair.
+        let hex = |text: &str| -> [u8; 32] {
+            let bytes: Vec<u8> = (0..64)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+                .collect();
+            bytes.try_into().unwrap()
+        };
+        let private = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let public = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(wireguard_public_key_of(private), encode_key(&public));
+        assert_eq!(decode_key(&key_file_text(&public)), Ok(public));
+    }
+
+    #[test]
     fn a_registry_from_before_wireguard_parses_and_its_clients_get_keys_on_first_profile() {
         let (dir, pki) = fresh_pki("before-wireguard");
         pki.init(false).unwrap();
