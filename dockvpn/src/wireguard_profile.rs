@@ -103,7 +103,6 @@ pub fn issue(
     let code = (args.qr || args.qr_png.is_some())
         .then(|| qr_code(&profile))
         .transpose()?;
-    pki.record_wireguard_profile(name, &allowed_ips)?;
     match &code {
         Some(code) => {
             if let Some(path) = &args.qr_png {
@@ -119,7 +118,8 @@ pub fn issue(
         }
         None => print!("{profile}"),
     }
-    Ok(())
+    // What was handed out, not what was meant to be: recorded once written.
+    pki.record_wireguard_profile(name, &allowed_ips)
 }
 
 /// The AllowedIPs a profile printed now holds: the routes the running server pushes and its
