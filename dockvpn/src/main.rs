@@ -538,7 +538,7 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                 ));
             }
             println!(
-                "{:<24} {:<15} {wireguard:<10}{notes}",
+                "{:<24} {:<15} {wireguard}{notes}",
                 client.name, client.address
             );
         }
