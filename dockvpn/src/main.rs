@@ -571,7 +571,7 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                 ));
             }
             println!(
-                "{:<24} {:<15} {wireguard:<10}{notes}",
+                "{:<24} {:<15} {wireguard}{notes}",
                 client.name, client.address
             );
         }
@@ -938,7 +938,11 @@ fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
 /// (it rewrites its status file), so a removed client is cut off when the command returns.
 async fn reload_running_server(state_dir: &Path, running: &vpn::VpnStatus) -> &'static str {
     let status_file = vpn::status_path(state_dir);
-    let written = || std::fs::metadata(&status_file).and_then(|m| m.modified()).ok();
+    let written = || {
+        std::fs::metadata(&status_file)
+            .and_then(|m| m.modified())
+            .ok()
+    };
     let before = written();
     let pid = nix::unistd::Pid::from_raw(running.pid as i32);
     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).is_err() {
