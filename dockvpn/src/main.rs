@@ -992,18 +992,33 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     );
     for client in &vpn.clients {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
+        let keys = match client.latest_handshake_unix {
+            Some(handshake) => format!(
+                "latest handshake {} s ago, rekeys {}",
+                vpn.updated_unix.saturating_sub(handshake),
+                client.renegotiations
+            ),
+            None => format!(
+                "key {} ({} s old), keys renegotiated {}",
+                client.key_id, client.key_age_secs, client.renegotiations
+            ),
+        };
         out.push_str(&format!(
-            "    {:<20} {:<15} from {:<25} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
+            "    {:<20} {:<15} {:<9} from {:<25} {} in {} B out {} B, connected {} s, {keys}\n",
             client.name,
             client.address,
+            client.transport,
             format!("{}:{}", client.proto, client.peer),
             client.cipher,
             client.bytes_in,
             client.bytes_out,
             since,
-            client.key_id,
-            client.key_age_secs,
-            client.renegotiations
+        ));
+    }
+    if let Some(wireguard) = &vpn.wireguard {
+        out.push_str(&format!(
+            "  WireGuard: udp {} public key {}\n",
+            wireguard.listen, wireguard.public_key
         ));
     }
     if vpn.handshaking > 0 {
