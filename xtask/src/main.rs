@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "openvpn",
+    "wireguard-go",
+    "wireguard-tools",
     "docker.io",
     "debootstrap",
     "docker-compose",
