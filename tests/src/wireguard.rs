@@ -345,17 +345,18 @@ pub struct FloodReport {
 }
 
 /// Sends `count` handshake initiations from a fresh random key to `server` (whose public key
-/// is `server_public`, base64), from a UDP socket in `ns`, `per_millisecond` at a time, and
-/// counts what comes back. Initiations are real (boringtun's, with a valid mac1), so the
-/// server must do the work of checking them unless its rate limiter steps in.
+/// is `server_public`, base64), from a UDP socket in `ns`, about `per_second` of them a
+/// second, and counts what comes back. The initiations are real (boringtun's, with a valid
+/// mac1), so the server must do the costly part of checking each unless it asks for cookies.
 pub fn flood_forged_initiations(
     ns: &Netns,
     server: std::net::SocketAddr,
     server_public: &str,
     count: u64,
-    per_millisecond: u64,
+    per_second: u64,
 ) -> FloodReport {
     use base64::Engine;
+    const TICK: Duration = Duration::from_millis(10);
     let public: [u8; 32] = base64::engine::general_purpose::STANDARD
         .decode(server_public)
         .ok()
@@ -376,6 +377,7 @@ pub fn flood_forged_initiations(
     let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind the flood socket"));
     socket.connect(server).expect("connect the flood socket");
     socket.set_nonblocking(true).expect("nonblocking");
+    let per_tick = (per_second / 100).max(1);
     let mut report = FloodReport::default();
     let mut packet = [0u8; 256];
     let mut reply = [0u8; 256];
@@ -388,7 +390,8 @@ pub fn flood_forged_initiations(
         }
     };
     while report.sent < count {
-        for _ in 0..per_millisecond.min(count - report.sent) {
+        let tick = Instant::now() + TICK;
+        for _ in 0..per_tick.min(count - report.sent) {
             if let TunnResult::WriteToNetwork(initiation) =
                 tunnel.format_handshake_initiation(&mut packet, true)
             {
@@ -398,8 +401,8 @@ pub fn flood_forged_initiations(
             report.sent += 1;
         }
         drain(&mut report);
-        // Paces the flood so it lasts while a real client handshakes beside it.
-        std::thread::sleep(Duration::from_millis(1));
+        // Paces the flood so that it lasts while a real client handshakes beside it.
+        std::thread::sleep(tick.saturating_duration_since(Instant::now()));
     }
     drain(&mut report);
     report
