@@ -157,27 +157,12 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
             &["dockvpn", "client", "config", "alice", "--proto", proto],
         );
         std::fs::write(&chain.profile, profile).expect("write the profile");
-        let _ = Command::new("docker")
-            .args(["rm", "--force", VPN_CLIENT])
-            .output();
-        docker_cli(&[
-            "run",
-            "--detach",
-            "--name",
+        run_vpn_client(
             VPN_CLIENT,
-            "--network",
-            &format!("{PROJECT}_right"),
-            "--cap-add",
-            "NET_ADMIN",
-            "--device",
-            "/dev/net/tun",
-            "--volume",
-            &format!("{}:/alice.ovpn:ro", chain.profile.display()),
-            HOST_IMAGE,
-            "openvpn",
-            "--config",
+            &chain.profile,
             "/alice.ovpn",
-        ]);
+            &["openvpn", "--config", "/alice.ovpn"],
+        );
         if let Err(error) = docker.wait_for_log(VPN_CLIENT, CONNECTED, Duration::from_secs(30)) {
             panic!("{proto}: {error}\nserver:\n{}", docker.logs(&dockvpn));
         }
@@ -219,28 +204,12 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
         ],
     );
     write_private(&chain.wireguard_profile, &profile);
-    docker_cli(&[
-        "run",
-        "--detach",
-        "--init",
-        "--name",
+    run_vpn_client(
         WIREGUARD_CLIENT,
-        "--network",
-        &format!("{PROJECT}_right"),
-        "--cap-add",
-        "NET_ADMIN",
-        "--device",
-        "/dev/net/tun",
-        "--volume",
-        &format!(
-            "{}:/etc/wireguard/wg0.conf:ro",
-            chain.wireguard_profile.display()
-        ),
-        HOST_IMAGE,
-        "sh",
-        "-c",
-        "wg-quick up wg0 && exec sleep infinity",
-    ]);
+        &chain.wireguard_profile,
+        "/etc/wireguard/wg0.conf",
+        &["sh", "-c", "wg-quick up wg0 && exec sleep infinity"],
+    );
     // The first ping starts the handshake; a few seconds may pass before it completes.
     let reached = (0..10).any(|_| docker.ping(WIREGUARD_CLIENT, BEHIND_LEFT_HOST));
     assert!(
@@ -258,6 +227,35 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     ) {
         panic!("status never showed the WireGuard client: {error}");
     }
+}
+
+/// `docker run` of a VPN client on the right network (replacing one of that name): the host
+/// image with the tun device and `profile` mounted read-only at `mounted_at`, running
+/// `command`.
+fn run_vpn_client(name: &str, profile: &Path, mounted_at: &str, command: &[&str]) {
+    let _ = Command::new("docker")
+        .args(["rm", "--force", name])
+        .output();
+    let network = format!("{PROJECT}_right");
+    let volume = format!("{}:{mounted_at}:ro", profile.display());
+    let mut args = vec![
+        "run",
+        "--detach",
+        "--init",
+        "--name",
+        name,
+        "--network",
+        &network,
+        "--cap-add",
+        "NET_ADMIN",
+        "--device",
+        "/dev/net/tun",
+        "--volume",
+        &volume,
+        HOST_IMAGE,
+    ];
+    args.extend(command);
+    docker_cli(&args);
 }
 
 /// Writes a profile holding a private key readable by its owner only (wg-quick warns

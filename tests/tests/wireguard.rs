@@ -6,16 +6,16 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, RIGHT_HOST, SI_RIGHT};
-use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::{iperf_interval_bytes, iperf_tcp_gbps, iperf_tcp_report};
 use docknfv_tests::openvpn::{
-    issue_profile, issue_profile_with, status_json, text, vpn_chain, wait_for_status, OpenvpnClient,
+    issue_profile, issue_profile_with, learned_routes_chain, status_json, text, vpn_chain,
+    wait_for_status, OpenvpnClient, LEARNED_NETWORK,
 };
 use docknfv_tests::traffic::{ping, ping_eventually};
 use docknfv_tests::wireguard::{
     flood_forged_initiations, genkey, Profile, WireguardClient, HANDSHAKE_WITHIN,
 };
-use docknfv_tests::{Chain, Netns, Vnf};
+use docknfv_tests::{Netns, Vnf};
 
 /// Echo requests a positive check through the tunnel may use: the server is a debug build
 /// and the machine is shared, so one lost second must not fail the test.
@@ -97,28 +97,7 @@ fn ping_run(ns: &Netns, to: &str, count: u32) -> (u32, u32) {
 
 #[test]
 fn a_profile_from_client_config_handshakes_gets_exactly_the_learned_routes_and_carries_traffic() {
-    let chain = Chain::new();
-    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let _dnsmasq = Dnsmasq::start(
-        &chain.left_gateway,
-        "wan",
-        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
-        &[
-            "option:classless-static-route,192.168.10.0/24,10.0.1.1,172.16.5.0/24,10.0.1.1,0.0.0.0/0,10.0.1.1",
-            "option:router,10.0.1.1",
-        ],
-    );
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &["run", "--dhcp", "left", "--side-timeout", "30"],
-    );
-    dockvpn.wait_ready();
-    // With --dhcp the server serves only once the lease (and so its routes) is there.
-    dockvpn
-        .wait_for_log("VPN server listening", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (chain, _dnsmasq, dockvpn) = learned_routes_chain();
     assert!(
         !ping(&chain.right_host, LEFT_HOST),
         "no path without the tunnel"
@@ -146,7 +125,7 @@ fn a_profile_from_client_config_handshakes_gets_exactly_the_learned_routes_and_c
         [
             LEFT_NET,
             SERVER_TUNNEL_ADDRESS,
-            "172.16.5.0/24",
+            LEARNED_NETWORK,
             LEFT_HOST_NET
         ],
         "the leased subnet, the learned networks and the server's tunnel address, and no \
