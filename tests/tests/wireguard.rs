@@ -84,15 +84,15 @@ fn ping_run(ns: &Netns, to: &str, count: u32) -> (u32, u32) {
         .lines()
         .find(|line| line.contains("packets transmitted"))
         .unwrap_or_else(|| panic!("no ping summary: {}", text(&output)));
-    let number_before = |word: &str| -> u32 {
-        let words: Vec<&str> = summary.split_whitespace().collect();
-        words
-            .iter()
-            .position(|w| w.trim_end_matches(',') == word)
-            .and_then(|i| words.get(i.checked_sub(1)?)?.parse().ok())
-            .unwrap_or_else(|| panic!("no count before {word:?} in {summary:?}"))
+    // "650 packets transmitted, 649 received, 0.153846% packet loss, time 130000ms"
+    let count = |what: &str| -> u32 {
+        summary
+            .split(',')
+            .find(|part| part.trim().ends_with(what))
+            .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} count in {summary:?}"))
     };
-    (number_before("transmitted"), number_before("received"))
+    (count("transmitted"), count("received"))
 }
 
 #[test]
