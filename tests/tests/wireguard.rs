@@ -140,8 +140,10 @@ fn a_profile_from_client_config_handshakes_gets_exactly_the_learned_routes_and_c
     assert!(gbps > 0.0, "iperf3 through the tunnel moved nothing");
 
     let port = client.listen_port();
+    // The iperf3 run moved megabytes one way and its acknowledgements the other.
     let shown = client_status(&chain.si, &dockvpn, "walter", |c| {
-        c["bytes_in"].as_u64() > Some(1_000_000) && c["bytes_out"].as_u64() > Some(0)
+        let (bytes_in, bytes_out) = (c["bytes_in"].as_u64(), c["bytes_out"].as_u64());
+        bytes_in.max(bytes_out) > Some(1_000_000) && bytes_in.min(bytes_out) > Some(0)
     });
     assert_eq!(shown["transport"], "wireguard", "{shown}");
     assert_eq!(shown["address"], "10.8.0.2", "{shown}");
@@ -361,11 +363,11 @@ fn a_transfer_across_a_rekey_does_not_stall() {
 
 #[test]
 fn a_flood_of_forged_handshake_initiations_does_not_stop_a_real_clients_handshake() {
-    // 500 a second, five times the rate at which the server starts asking for cookies, for
-    // about 20 s: the real client's handshake (a cookie reply, then its retry with the cookie
-    // after REKEY_TIMEOUT, 5 s) must complete while it lasts.
+    // 700 a second, far above the rate at which the server asks for cookies (100 a second),
+    // for about 14 s: the real client's handshake (a cookie reply, then its retry with the
+    // cookie after REKEY_TIMEOUT, 5 s) must complete while the flood lasts.
     const INITIATIONS: u64 = 10_000;
-    const PER_SECOND: u64 = 500;
+    const PER_SECOND: u64 = 700;
     let (chain, dockvpn) = vpn_chain(&[]);
     let profile_text = wireguard_profile(&chain.si, &dockvpn, "fred");
     let server_public = Profile::parse(&profile_text)
