@@ -22,6 +22,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openvpn",
     "wireguard-go",
     "wireguard-tools",
+    "zbar-tools",
     "docker.io",
     "debootstrap",
     "docker-compose",
