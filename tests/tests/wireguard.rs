@@ -276,14 +276,8 @@ fn a_removed_client_and_a_client_with_a_wrong_key_get_no_reply() {
     let output = dockvpn.cli(&chain.si, "dockvpn", &["client", "remove", "dave"]);
     assert!(output.status.success(), "client remove: {}", text(&output));
 
-    // The server re-reads the registry every 2 s (README: a removed client is cut off within
-    // 2 s); once its status no longer lists the client, the session that was up is dead: the
-    // very next packets go unanswered.
-    wait_for_status(&chain.si, &dockvpn, "dave gone", |status| {
-        status["vpn"]["clients"]
-            .as_array()
-            .is_some_and(|clients| clients.iter().all(|c| c["name"] != "dave"))
-    });
+    // `client remove` returns once the running server has re-read the registry: the session
+    // that was up is dead, the very next packets go unanswered.
     let (received_before, _) = removed.transfer();
     let (sent, received) = ping_run(&chain.right_host, LEFT_HOST, 3);
     assert_eq!(
@@ -296,6 +290,11 @@ fn a_removed_client_and_a_client_with_a_wrong_key_get_no_reply() {
         "the server still sent the removed client something\n{}",
         dockvpn.log()
     );
+    wait_for_status(&chain.si, &dockvpn, "dave gone", |status| {
+        status["vpn"]["clients"]
+            .as_array()
+            .is_some_and(|clients| clients.iter().all(|c| c["name"] != "dave"))
+    });
     drop(removed);
 
     // A fresh start of the removed profile, and a registered client's profile with a key
