@@ -210,8 +210,9 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
         "/etc/wireguard/wg0.conf",
         &["sh", "-c", "wg-quick up wg0 && exec sleep infinity"],
     );
-    // The first ping starts the handshake; a few seconds may pass before it completes.
-    let reached = (0..10).any(|_| docker.ping(WIREGUARD_CLIENT, BEHIND_LEFT_HOST));
+    // The first ping starts the handshake. The server may not know the new client yet (it
+    // re-reads the registry every 2 s): then wireguard-go retries after 5 s.
+    let reached = (0..20).any(|_| docker.ping(WIREGUARD_CLIENT, BEHIND_LEFT_HOST));
     assert!(
         reached,
         "WireGuard: the network behind the left host through the tunnel; client:\n{}\n{}\nserver:\n{}",
