@@ -310,6 +310,12 @@ fn a_removed_client_and_a_client_with_a_wrong_key_get_no_reply() {
             }
         })
         .collect::<String>();
+    let refused = |status: &serde_json::Value| {
+        status["vpn"]["dropped"]["refused_handshakes"]
+            .as_u64()
+            .unwrap_or_default()
+    };
+    let refused_before = refused(&status_json(&chain.si, &dockvpn));
     let strangers = [
         (
             WireguardClient::start(&chain.right_host, &removed_profile, Some(&endpoint())),
@@ -337,6 +343,10 @@ fn a_removed_client_and_a_client_with_a_wrong_key_get_no_reply() {
             dockvpn.log()
         );
     }
+    // Their initiations did arrive: the server looked their keys up and refused them.
+    wait_for_status(&chain.si, &dockvpn, "more refused handshakes", |status| {
+        refused(status) > refused_before
+    });
 }
 
 #[test]
