@@ -181,6 +181,8 @@ impl WireguardClient {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        // One a killed process left under a reused pid would pass for ready.
+        let _ = std::fs::remove_file(control_socket(&interface));
         let mut command = ns.command("wireguard-go");
         command
             .args(["-f", &interface])
@@ -215,7 +217,7 @@ impl WireguardClient {
 
     /// wireguard-go creates the tun, then the control socket `wg` talks to.
     fn wait_for_control_socket(&self) {
-        let socket = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.interface));
+        let socket = control_socket(&self.interface);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             assert!(
@@ -332,6 +334,18 @@ impl WireguardClient {
     pub fn log(&self) -> String {
         self.process.log()
     }
+}
+
+impl Drop for WireguardClient {
+    /// The process is killed next (`Vnf`'s drop), which leaves its control socket behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(control_socket(&self.interface));
+    }
+}
+
+/// wireguard-go's control socket for `interface`: its path is global, not per namespace.
+fn control_socket(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/wireguard/{interface}.sock"))
 }
 
 /// What a flood of forged handshake initiations got back.
