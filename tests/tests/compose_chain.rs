@@ -208,7 +208,8 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
         WIREGUARD_CLIENT,
         &chain.wireguard_profile,
         "/etc/wireguard/wg0.conf",
-        &["sh", "-c", "wg-quick up wg0 && exec sleep infinity"],
+        // Up whatever wg-quick says, so that a failure shows its output below.
+        &["sh", "-c", "wg-quick up wg0; exec sleep infinity"],
     );
     // The first ping starts the handshake. The server may not know the new client yet (it
     // re-reads the registry every 2 s): then wireguard-go retries after 5 s.
