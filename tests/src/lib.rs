@@ -15,6 +15,7 @@ pub mod openvpn;
 pub mod prereq;
 pub mod traffic;
 pub mod vnf;
+pub mod wireguard;
 
 pub use chain::Chain;
 pub use netns::Netns;

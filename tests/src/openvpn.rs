@@ -6,6 +6,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::chain::LEFT_HOST_NET;
+use crate::dnsmasq::Dnsmasq;
 use crate::prereq::require_command;
 use crate::{Chain, Netns, Vnf};
 
@@ -71,6 +72,41 @@ pub fn vpn_chain(extra: &[&str]) -> (Chain, Vnf) {
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
     let dockvpn = start_serving(&chain, &[], extra);
     (chain, dockvpn)
+}
+
+/// A network dnsmasq announces by option 121 in `learned_routes_chain`, behind nothing real:
+/// it only has to show up among the pushed routes.
+pub const LEARNED_NETWORK: &str = "172.16.5.0/24";
+
+/// The chain with the SI's left address and routes from a real dnsmasq on the left gateway
+/// (option 121: LEFT_HOST_NET and LEARNED_NETWORK via the left gateway, and a default route,
+/// which Dockvpn does not push), the right side's direct path to the left removed, and
+/// `dockvpn run --dhcp left` serving the learned routes.
+pub fn learned_routes_chain() -> (Chain, Dnsmasq, Vnf) {
+    let chain = Chain::new();
+    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
+        &[
+            &format!("option:classless-static-route,{LEFT_HOST_NET},10.0.1.1,{LEARNED_NETWORK},10.0.1.1,0.0.0.0/0,10.0.1.1"),
+            "option:router,10.0.1.1",
+        ],
+    );
+    let dockvpn = Vnf::start(
+        &chain.si,
+        "dockvpn",
+        &["run", "--dhcp", "left", "--side-timeout", "30"],
+    );
+    dockvpn.wait_ready();
+    // With --dhcp the server serves only once the lease (and so its routes) is there.
+    let listening = dockvpn
+        .wait_for_log("VPN server listening", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(listening.contains(LEFT_HOST_NET), "{listening}");
+    (chain, dnsmasq, dockvpn)
 }
 
 /// `dockvpn GLOBAL… run --left-route LEFT_HOST_NET EXTRA…` in the SI, once listening.

@@ -1,8 +1,8 @@
 //! compose/ brought up for real with `compose/chain.sh up` (Debian's docker-compose 1.29, or
 //! Compose v2 when the plugin is there): the hosts reach each other through the Dockwall SI,
 //! a rule edited with `docker exec` takes effect, Dockvpn learns its option-121 route from
-//! the dnsmasq service, and a stock openvpn client on the right network reaches the network
-//! behind the left host through it.
+//! the dnsmasq service, and a stock openvpn client and a wg-quick (wireguard-go) client on the
+//! right network reach the network behind the left host through it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +16,11 @@ use docknfv_tests::prereq::require_command;
 /// Without dashes: docker-compose 1.29 strips them from project names, Compose v2 keeps them.
 const PROJECT: &str = "docknfvcomposetest";
 const VPN_CLIENT: &str = "docknfvcomposetest-vpn-client";
+const WIREGUARD_CLIENT: &str = "docknfvcomposetest-wireguard-client";
+/// Dockvpn's right address (compose file) and default WireGuard port.
+const DOCKVPN_WIREGUARD: &str = "10.11.2.3:51820";
+/// dnsmasq.conf announces it via the left host, which answers on 192.168.77.1.
+const BEHIND_LEFT_HOST: &str = "192.168.77.1";
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
 
 /// `docker ARGS`, panicking with its stderr unless it succeeds; its stdout.
@@ -29,6 +34,8 @@ struct ComposeChain {
     script: PathBuf,
     /// Where the VPN client's profile is written for its bind mount.
     profile: PathBuf,
+    /// Where the WireGuard client's wg-quick profile is written for its bind mount.
+    wireguard_profile: PathBuf,
 }
 
 impl ComposeChain {
@@ -50,6 +57,8 @@ impl ComposeChain {
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/chain.sh"),
             profile: std::env::temp_dir()
                 .join(format!("docknfv-compose-{}.ovpn", std::process::id())),
+            wireguard_profile: std::env::temp_dir()
+                .join(format!("docknfv-compose-{}-wg0.conf", std::process::id())),
         };
         // A run killed before its teardown left the same project behind.
         chain.down();
@@ -67,10 +76,11 @@ impl ComposeChain {
     /// Best effort: it also runs before `up`, when there may be nothing to remove.
     fn down(&self) {
         let _ = Command::new("docker")
-            .args(["rm", "--force", VPN_CLIENT])
+            .args(["rm", "--force", VPN_CLIENT, WIREGUARD_CLIENT])
             .output();
         let _ = self.chain_sh("down").output();
         let _ = std::fs::remove_file(&self.profile);
+        let _ = std::fs::remove_file(&self.wireguard_profile);
     }
 
     /// The container of `service`, found by the labels both Compose versions set.
@@ -147,32 +157,17 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
             &["dockvpn", "client", "config", "alice", "--proto", proto],
         );
         std::fs::write(&chain.profile, profile).expect("write the profile");
-        let _ = Command::new("docker")
-            .args(["rm", "--force", VPN_CLIENT])
-            .output();
-        docker_cli(&[
-            "run",
-            "--detach",
-            "--name",
+        run_vpn_client(
             VPN_CLIENT,
-            "--network",
-            &format!("{PROJECT}_right"),
-            "--cap-add",
-            "NET_ADMIN",
-            "--device",
-            "/dev/net/tun",
-            "--volume",
-            &format!("{}:/alice.ovpn:ro", chain.profile.display()),
-            HOST_IMAGE,
-            "openvpn",
-            "--config",
+            &chain.profile,
             "/alice.ovpn",
-        ]);
+            &["openvpn", "--config", "/alice.ovpn"],
+        );
         if let Err(error) = docker.wait_for_log(VPN_CLIENT, CONNECTED, Duration::from_secs(30)) {
             panic!("{proto}: {error}\nserver:\n{}", docker.logs(&dockvpn));
         }
         assert!(
-            docker.ping(VPN_CLIENT, "192.168.77.1"),
+            docker.ping(VPN_CLIENT, BEHIND_LEFT_HOST),
             "{proto}: the network behind the left host through the tunnel; client routes:\n{}",
             docker.exec(VPN_CLIENT, &["ip", "route"]).1
         );
@@ -191,4 +186,91 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+
+    // WireGuard from the same SI: the stock wg-quick brings the profile up (falling back to
+    // wireguard-go, as there is no kernel module), in a container on the right network.
+    docker.exec_ok(&dockvpn, &["dockvpn", "client", "add", "walter"]);
+    let profile = docker.exec_ok(
+        &dockvpn,
+        &[
+            "dockvpn",
+            "client",
+            "config",
+            "walter",
+            "--format",
+            "wireguard",
+            "--remote",
+            DOCKVPN_WIREGUARD,
+        ],
+    );
+    write_private(&chain.wireguard_profile, &profile);
+    run_vpn_client(
+        WIREGUARD_CLIENT,
+        &chain.wireguard_profile,
+        "/etc/wireguard/wg0.conf",
+        // Up whatever wg-quick says, so that a failure shows its output below.
+        &["sh", "-c", "wg-quick up wg0; exec sleep infinity"],
+    );
+    // The first ping starts the handshake. The server may not know the new client yet (it
+    // re-reads the registry every 2 s): then wireguard-go retries after 5 s.
+    let reached = (0..20).any(|_| docker.ping(WIREGUARD_CLIENT, BEHIND_LEFT_HOST));
+    assert!(
+        reached,
+        "WireGuard: the network behind the left host through the tunnel; client:\n{}\n{}\nserver:\n{}",
+        docker.logs(WIREGUARD_CLIENT),
+        docker.exec(WIREGUARD_CLIENT, &["wg", "show"]).1,
+        docker.logs(&dockvpn)
+    );
+    if let Err(error) = docker.wait_for_output(
+        &dockvpn,
+        &["dockvpn", "status", "--json"],
+        "\"transport\": \"wireguard\"",
+        Duration::from_secs(5),
+    ) {
+        panic!("status never showed the WireGuard client: {error}");
+    }
+}
+
+/// `docker run` of a VPN client on the right network (replacing one of that name): the host
+/// image with the tun device and `profile` mounted read-only at `mounted_at`, running
+/// `command`.
+fn run_vpn_client(name: &str, profile: &Path, mounted_at: &str, command: &[&str]) {
+    let _ = Command::new("docker")
+        .args(["rm", "--force", name])
+        .output();
+    let network = format!("{PROJECT}_right");
+    let volume = format!("{}:{mounted_at}:ro", profile.display());
+    let mut args = vec![
+        "run",
+        "--detach",
+        "--init",
+        "--name",
+        name,
+        "--network",
+        &network,
+        "--cap-add",
+        "NET_ADMIN",
+        "--device",
+        "/dev/net/tun",
+        "--volume",
+        &volume,
+        HOST_IMAGE,
+    ];
+    args.extend(command);
+    docker_cli(&args);
+}
+
+/// Writes a profile holding a private key readable by its owner only (wg-quick warns
+/// otherwise).
+fn write_private(path: &Path, content: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(content.as_bytes()))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }

@@ -6,11 +6,10 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, SI_LEFT};
-use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::iperf_tcp_gbps;
 use docknfv_tests::openvpn::{
-    issue_profile, openvpn_genkey, status_json, text, vpn_chain, HostileRelay, OpenvpnClient,
-    CONNECTED,
+    issue_profile, learned_routes_chain, openvpn_genkey, status_json, text, vpn_chain,
+    HostileRelay, OpenvpnClient, CONNECTED, LEARNED_NETWORK,
 };
 use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, Probe};
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -218,36 +217,14 @@ fn two_clients_at_once_one_per_aes_gcm_cipher_and_tls_version_and_an_iperf3_tran
 
 #[test]
 fn routes_learned_by_dhcp_option_121_are_pushed() {
-    let chain = Chain::new();
-    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let _dnsmasq = Dnsmasq::start(
-        &chain.left_gateway,
-        "wan",
-        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
-        &[
-            "option:classless-static-route,192.168.10.0/24,10.0.1.1,172.16.5.0/24,10.0.1.1,0.0.0.0/0,10.0.1.1",
-            "option:router,10.0.1.1",
-        ],
-    );
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &["run", "--dhcp", "left", "--side-timeout", "30"],
-    );
-    dockvpn.wait_ready();
-    // With --dhcp the server serves only once the lease (and so its routes) is there.
-    let listening = dockvpn
-        .wait_for_log("VPN server listening", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(listening.contains("192.168.10.0/24"), "{listening}");
+    let (chain, _dnsmasq, dockvpn) = learned_routes_chain();
     let _client = connected_client(&chain, &dockvpn, "carol");
     assert_eq!(
         tunnel_routes(&chain.right_host),
         vec![
             format!("{LEFT_NET} 10.8.0.1"),
             "10.8.0.0/24 link".to_owned(),
-            "172.16.5.0/24 10.8.0.1".to_owned(),
+            format!("{LEARNED_NETWORK} 10.8.0.1"),
             format!("{LEFT_HOST_NET} 10.8.0.1"),
         ],
         "the leased subnet and the learned networks, and no default route (redirect-gateway is off)"

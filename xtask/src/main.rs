@@ -20,6 +20,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "openvpn",
+    "wireguard-go",
     "wireguard-tools",
     "zbar-tools",
     "docker.io",
