@@ -448,6 +448,8 @@ fn main() -> ExitCode {
                     }
                     None => pki.add_client(name, pool.pool, *address)?,
                 };
+                // A WireGuard client may handshake right away: the server knows its key first.
+                reload_running_server(&cli.state_dir).await;
                 println!(
                     "client {} added with address {}; `dockvpn client config {}` prints its OpenVPN profile, `--format wireguard` its WireGuard one",
                     record.name, record.address, record.name
@@ -511,10 +513,12 @@ fn main() -> ExitCode {
             }
             Command::Client(ClientCommand::Remove { name }) => {
                 pki.remove_client(name)?;
-                match read_vpn_status(&cli.state_dir) {
-                    Some(running) => {
-                        let cut_off = reload_running_server(&cli.state_dir, &running).await;
-                        println!("client {name} removed; {cut_off}");
+                match reload_running_server(&cli.state_dir).await {
+                    Some(true) => {
+                        println!("client {name} removed; the running server has cut it off")
+                    }
+                    Some(false) => {
+                        println!("client {name} removed; the running server cuts it off within 2 s")
                     }
                     None => println!("client {name} removed"),
                 }
@@ -934,9 +938,12 @@ fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
 }
 
-/// Asks the running server to re-read the registry now (SIGHUP) and waits until it has
-/// (it rewrites its status file), so a removed client is cut off when the command returns.
-async fn reload_running_server(state_dir: &Path, running: &vpn::VpnStatus) -> &'static str {
+/// Asks the running server, if one runs, to re-read the registry now (SIGHUP) and waits
+/// until it has (it rewrites its status file): a client added or removed counts for it when
+/// the command returns. None when no server runs; false when it did not answer in time (it
+/// re-reads the registry every 2 s anyway).
+async fn reload_running_server(state_dir: &Path) -> Option<bool> {
+    let running = read_vpn_status(state_dir)?;
     let status_file = vpn::status_path(state_dir);
     let written = || {
         std::fs::metadata(&status_file)
@@ -945,17 +952,15 @@ async fn reload_running_server(state_dir: &Path, running: &vpn::VpnStatus) -> &'
     };
     let before = written();
     let pid = nix::unistd::Pid::from_raw(running.pid as i32);
-    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).is_err() {
-        return "the server it last ran under is gone";
-    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).ok()?;
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
         if written() != before {
-            return "the running server has cut it off";
+            return Some(true);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    "the running server cuts it off within 2 s"
+    Some(false)
 }
 
 fn is_running(status: &vpn::VpnStatus) -> bool {
