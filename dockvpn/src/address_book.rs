@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 /// A connected client as its engine knows it: both engines name clients by a number that
-/// survives roaming (OpenVPN's peer id, WireGuard's receiver index).
+/// survives roaming (OpenVPN's peer id; the WireGuard engine's peer id, the upper 24 bits
+/// of the receiver indices it hands out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tunnel {
     OpenVpn(u32),

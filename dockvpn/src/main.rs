@@ -939,23 +939,16 @@ fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
 }
 
 /// Asks the running server, if one runs, to re-read the registry now (SIGHUP) and waits
-/// until it has (it rewrites its status file): a client added or removed counts for it when
+/// until it has (its status file counts the reloads): a client added or removed counts for it when
 /// the command returns. None when no server runs; false when it did not answer in time (it
 /// re-reads the registry every 2 s anyway).
 async fn reload_running_server(state_dir: &Path) -> Option<bool> {
     let running = read_vpn_status(state_dir)?;
-    let status_file = vpn::status_path(state_dir);
-    let written = || {
-        std::fs::metadata(&status_file)
-            .and_then(|m| m.modified())
-            .ok()
-    };
-    let before = written();
     let pid = nix::unistd::Pid::from_raw(running.pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).ok()?;
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        if written() != before {
+        if load_vpn_status(state_dir).is_some_and(|now| now.reloads > running.reloads) {
             return Some(true);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -233,34 +233,49 @@ impl Pki {
     }
 
     /// Every registry client with a WireGuard identity, with its preshared key.
+    /// A client whose key files are broken is left out (and logged): it cannot connect, and
+    /// the others, and their removal, are unaffected.
     pub fn wireguard_peers(&self) -> Result<Vec<PeerConfig>> {
         // Under the lock, a client being added or removed is seen whole or not at all.
         let _lock = self.lock()?;
         let mut peers = Vec::new();
         for client in self.load_registry()?.clients.into_values() {
-            let Some(identity) = client.wireguard else {
+            let Some(identity) = &client.wireguard else {
                 continue;
             };
-            let public_key = decode_key(&identity.public_key).map_err(|error| {
-                fail(format!(
-                    "{}: the WireGuard public key {:?} of client {:?} is invalid ({error}); remove the client and add it again",
-                    self.path("clients.json").display(),
-                    identity.public_key,
-                    client.name
-                ))
-            })?;
-            peers.push(PeerConfig {
-                preshared_key: self.client_key(
-                    &client.name,
-                    WIREGUARD_PRESHARED_KEY,
-                    "a WireGuard preshared key",
-                )?,
-                name: client.name,
-                address: client.address,
-                public_key,
-            });
+            match self.wireguard_peer(&client, identity) {
+                Ok(peer) => peers.push(peer),
+                Err(error) => {
+                    tracing::warn!(client = %client.name, %error, "WireGuard client left out")
+                }
+            }
         }
         Ok(peers)
+    }
+
+    fn wireguard_peer(
+        &self,
+        client: &ClientRecord,
+        identity: &WireguardIdentity,
+    ) -> Result<PeerConfig> {
+        let public_key = decode_key(&identity.public_key).map_err(|error| {
+            fail(format!(
+                "{}: the WireGuard public key {:?} of client {:?} is invalid ({error}); remove the client and add it again",
+                self.path("clients.json").display(),
+                identity.public_key,
+                client.name
+            ))
+        })?;
+        Ok(PeerConfig {
+            preshared_key: self.client_key(
+                &client.name,
+                WIREGUARD_PRESHARED_KEY,
+                "a WireGuard preshared key",
+            )?,
+            name: client.name.clone(),
+            address: client.address,
+            public_key,
+        })
     }
 
     /// A key file of `name`'s; `what` names it in errors.
@@ -1107,8 +1122,25 @@ mod tests {
         let error = pki.wireguard_server_secret().unwrap_err().to_string();
         assert!(error.contains(&server_key.display().to_string()), "{error}");
         assert!(error.contains("delete it"), "{error}");
+        // A client with a corrupt preshared key is left out; the others are served.
         fs::write(&alice_psk, "AAAA\n").unwrap();
-        let error = pki.wireguard_peers().unwrap_err().to_string();
+        let names: Vec<String> = pki
+            .wireguard_peers()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["bob"]);
+        let alice = pki
+            .clients()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == "alice")
+            .unwrap();
+        let error = pki
+            .wireguard_peer(&alice, alice.wireguard.as_ref().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("alice.wg.psk"), "{error}");
         assert!(error.contains("3 bytes, not 32"), "{error}");
 

@@ -79,6 +79,10 @@ pub struct VpnStatus {
     /// Present while WireGuard is served.
     #[serde(default)]
     pub wireguard: Option<WireguardServing>,
+    /// Registry reloads asked for with SIGHUP so far (`client add`/`remove` wait for the
+    /// count to rise).
+    #[serde(default)]
+    pub reloads: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,6 +202,7 @@ pub async fn serve(
             _ = clients_tick.tick() => driver.reload_clients(Instant::now()),
             _ = reload.recv() => {
                 driver.reload_clients(Instant::now());
+                driver.reloads += 1;
                 status_dirty = true;
             }
             _ = status_tick.tick() => status_dirty = true,
@@ -243,6 +248,7 @@ struct Driver {
     /// Drops the driver makes itself (tun packets for no client).
     counters: Counters,
     last_drop: Option<String>,
+    reloads: u64,
 }
 
 impl Driver {
@@ -321,6 +327,7 @@ impl Driver {
             registry,
             counters: Counters::default(),
             last_drop: None,
+            reloads: 0,
         };
         driver.reload_wireguard_peers();
         info!(
@@ -453,6 +460,9 @@ impl Driver {
             let openvpn = &self.openvpn;
             socket.prune(|peer| openvpn.has_session(&Link::Udp(*peer)));
         }
+        if let (Some(socket), Some(wireguard)) = (self.wireguard_socket.as_mut(), &self.wireguard) {
+            socket.prune(|peer| wireguard.is_endpoint(peer));
+        }
         changed
     }
 
@@ -476,8 +486,7 @@ impl Driver {
                 reason,
             } => {
                 if let Some(address) = address {
-                    self.addresses
-                        .disconnected(address, Tunnel::OpenVpn(peer_id));
+                    self.release_address(address, Tunnel::OpenVpn(peer_id));
                 }
                 // A session's end is its TCP connection's end.
                 if let Some(tcp) = self.tcp.as_mut() {
@@ -503,11 +512,8 @@ impl Driver {
                 peer,
                 endpoint,
             } => {
-                let tunnel = Tunnel::WireGuard(peer);
-                if self.addresses.tunnel(address) != Some(tunnel) {
-                    info!(client = %name, %address, %endpoint, transport = "wireguard", "client connected");
-                }
-                self.take_address(&name, address, tunnel);
+                info!(client = %name, %address, %endpoint, transport = "wireguard", "client connected");
+                self.take_address(&name, address, Tunnel::WireGuard(peer));
             }
             wireguard::Event::Disconnected {
                 name,
@@ -515,10 +521,29 @@ impl Driver {
                 peer,
                 reason,
             } => {
-                self.addresses
-                    .disconnected(address, Tunnel::WireGuard(peer));
+                self.release_address(address, Tunnel::WireGuard(peer));
                 info!(client = %name, %address, transport = "wireguard", %reason, "client disconnected");
             }
+        }
+    }
+
+    /// `tunnel` has left: its address goes back to the client's connection over the other
+    /// transport, if it has one.
+    fn release_address(&mut self, address: Ipv4Addr, tunnel: Tunnel) {
+        self.addresses.disconnected(address, tunnel);
+        if self.addresses.tunnel(address).is_some() {
+            return;
+        }
+        let remaining = match tunnel {
+            Tunnel::OpenVpn(_) => self
+                .wireguard
+                .as_ref()
+                .and_then(|w| w.peer_for_address(address))
+                .map(Tunnel::WireGuard),
+            Tunnel::WireGuard(_) => self.openvpn.peer_for_address(address).map(Tunnel::OpenVpn),
+        };
+        if let Some(remaining) = remaining {
+            self.addresses.connected(address, remaining);
         }
     }
 
@@ -632,6 +657,7 @@ fn write_status(config: &VpnConfig, driver: &Driver) {
         },
         proto: config.proto,
         tcp: driver.tcp.as_ref().map(TcpServer::counters),
+        reloads: driver.reloads,
         wireguard: driver
             .wireguard
             .as_ref()

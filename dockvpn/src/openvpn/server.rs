@@ -202,6 +202,13 @@ impl Server {
         self.clients = clients;
     }
 
+    /// The peer id of the connected session with this VPN address, if any (the driver's
+    /// fallback when the same client's other connection leaves).
+    pub fn peer_for_address(&self, address: Ipv4Addr) -> Option<u32> {
+        let link = self.by_address.get(&address)?;
+        Some(self.sessions.get(link).filter(|s| s.is_active())?.peer_id)
+    }
+
     /// Whether a session (connected or in its handshake) exists on this link.
     pub fn has_session(&self, link: &Link) -> bool {
         self.sessions.contains_key(link)

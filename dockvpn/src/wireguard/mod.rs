@@ -23,9 +23,10 @@ use crate::dropped::Counters;
 #[cfg(test)]
 mod tests;
 
-/// Handshake initiations per second before cookies are asked for (boringtun's device uses
-/// the same figure).
-const HANDSHAKES_PER_SECOND: u64 = 100;
+/// Handshake checks per second before cookies are asked for: each initiation is checked
+/// twice (by the engine, then by its client's tunnel), so 100 initiations a second, the
+/// figure boringtun's device uses.
+const HANDSHAKES_PER_SECOND: u64 = 200;
 /// How often the clients' timers run (boringtun's device ticks at this rate too).
 pub const TICK: Duration = Duration::from_millis(250);
 /// A session older than this cannot carry data (WireGuard's REJECT_AFTER_TIME): a client
@@ -38,12 +39,23 @@ const IPV4_HEADER: usize = 20;
 const BUFFER: usize = 65536 + 32;
 
 /// A registered client, as the registry gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     pub name: String,
     pub address: Ipv4Addr,
     pub public_key: [u8; 32],
     pub preshared_key: [u8; 32],
+}
+
+/// Without the preshared key: a debug print must not leak it.
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A client's handle in this engine: stable while it stays registered, however often it
@@ -93,9 +105,32 @@ struct Peer {
     tunn: Tunn,
     /// Where its last authenticated packet came from: where replies go.
     endpoint: Option<SocketAddr>,
+    /// When the server last answered an initiation the client has not confirmed yet.
+    handshake_answered: Option<Instant>,
+    /// Since the first confirmed handshake.
     connected_at: Option<Instant>,
     latest_handshake: Option<Instant>,
     rekeys: u64,
+}
+
+/// What a verified datagram is, for what its outcome means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initiation,
+    Response,
+    Cookie,
+    Data,
+}
+
+impl Kind {
+    fn of(packet: &Packet) -> Kind {
+        match packet {
+            Packet::HandshakeInit(_) => Kind::Initiation,
+            Packet::HandshakeResponse(_) => Kind::Response,
+            Packet::PacketCookieReply(_) => Kind::Cookie,
+            Packet::PacketData(_) => Kind::Data,
+        }
+    }
 }
 
 pub struct WireguardServer {
@@ -181,6 +216,7 @@ impl WireguardServer {
             tunn: self.tunnel(&config, id),
             config,
             endpoint: None,
+            handshake_answered: None,
             connected_at: None,
             latest_handshake: None,
             rekeys: 0,
@@ -188,15 +224,15 @@ impl WireguardServer {
     }
 
     fn tunnel(&self, config: &PeerConfig, id: PeerId) -> Tunn {
-        // Its own rate limiter (boringtun's per-tunnel default): the shared one counted the
-        // handshake already, and counting it twice would halve the server's limit.
+        // The shared limiter: one cookie secret for the server, which a client proves once
+        // for both checks of its initiation (the engine's, then the tunnel's).
         Tunn::new(
             self.secret.clone(),
             PublicKey::from(config.public_key),
             Some(config.preshared_key),
             None,
             id,
-            None,
+            Some(self.limiter.clone()),
         )
     }
 
@@ -248,7 +284,7 @@ impl WireguardServer {
                 return self.drop_input(|c| &mut c.handshakes_under_load, why);
             }
             Err(TunnResult::Err(error)) => return self.drop_error(from, error),
-            Err(_) => return,
+            Err(_) => return self.drop_error(from, WireGuardError::InvalidPacket),
         };
         let id = match &packet {
             Packet::HandshakeInit(initiation) => {
@@ -268,31 +304,35 @@ impl WireguardServer {
             Packet::PacketCookieReply(reply) => reply.receiver_idx >> 8,
             Packet::PacketData(data) => data.receiver_idx >> 8,
         };
-        let is_handshake = matches!(
-            packet,
-            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
-        );
+        let kind = Kind::of(&packet);
         let Some(peer) = self.peers.get_mut(&id) else {
             let why = format!("WireGuard packet from {from} for no session");
             return self.drop_input(|c| &mut c.unknown_session, why);
         };
-        // Verified again inside; the shared limiter counts only handshakes, which the first
-        // check already let through.
+        // Checked again inside, against the same limiter (so with the same cookie secret).
         match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
             TunnResult::WriteToNetwork(reply) => {
-                // A cookie reply means the client's tunnel is under load, not that it answered.
-                let completed = is_handshake && reply.first() != Some(&COOKIE_REPLY);
+                let reply_type = reply.first().copied();
                 let reply = reply.to_vec();
-                if completed {
-                    peer.endpoint = Some(from);
-                }
                 self.outputs.push_back(Output::Transmit {
                     to: from,
                     datagram: reply,
                 });
-                if completed {
-                    self.handshake_completed(now, id, from);
-                    self.flush_queued(id, scratch);
+                // A cookie reply means the limiter wants proof of address, not that the
+                // handshake went through.
+                if reply_type == Some(COOKIE_REPLY) {
+                    return;
+                }
+                match kind {
+                    // Answered, but anyone can replay an initiation: the client counts as
+                    // connected, and is followed, once it confirms with its first data.
+                    Kind::Initiation => peer.handshake_answered = Some(now),
+                    // The server initiated and the client answered: that is the confirmation.
+                    Kind::Response => {
+                        peer.handshake_answered = Some(now);
+                        self.confirmed(now, id, from, scratch);
+                    }
+                    Kind::Data | Kind::Cookie => {}
                 }
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
@@ -312,38 +352,45 @@ impl WireguardServer {
                     );
                     return self.drop_input(|c| &mut c.spoofed_source, why);
                 }
-                // Authenticated: the client is where this came from (it may have roamed).
-                peer.endpoint = Some(from);
-                self.outputs.push_back(Output::Tun(packet.to_vec()));
+                let packet = packet.to_vec();
+                self.outputs.push_back(Output::Tun(packet));
+                self.confirmed(now, id, from, scratch);
             }
             TunnResult::WriteToTunnelV6(..) => {
-                peer.endpoint = Some(from);
                 self.counters.ipv6_from_client += 1;
+                self.confirmed(now, id, from, scratch);
             }
+            // A keepalive that authenticated (or a cookie reply the tunnel took).
             TunnResult::Done => {
-                // A keepalive (or a cookie reply) that authenticated.
-                if matches!(packet, Packet::PacketData(_)) {
-                    peer.endpoint = Some(from);
+                if kind == Kind::Data {
+                    self.confirmed(now, id, from, scratch);
                 }
             }
             TunnResult::Err(error) => self.drop_error(from, error),
         }
     }
 
-    fn handshake_completed(&mut self, now: Instant, id: PeerId, endpoint: SocketAddr) {
+    /// An authenticated data packet (or the answer to the server's own initiation) from
+    /// `from`: the client is there now (it may have roamed), a handshake it confirms
+    /// counts, and packets held for it go out.
+    fn confirmed(&mut self, now: Instant, id: PeerId, from: SocketAddr, scratch: &mut [u8]) {
         let peer = self.peers.get_mut(&id).expect("the caller found it");
-        if peer.connected_at.is_some() {
-            peer.rekeys += 1;
-        } else {
-            peer.connected_at = Some(now);
+        peer.endpoint = Some(from);
+        if let Some(answered) = peer.handshake_answered.take() {
+            peer.latest_handshake = Some(answered);
+            if peer.connected_at.is_some() {
+                peer.rekeys += 1;
+            } else {
+                peer.connected_at = Some(now);
+                self.outputs.push_back(Output::Event(Event::Connected {
+                    name: peer.config.name.clone(),
+                    address: peer.config.address,
+                    peer: id,
+                    endpoint: from,
+                }));
+            }
         }
-        peer.latest_handshake = Some(now);
-        self.outputs.push_back(Output::Event(Event::Connected {
-            name: peer.config.name.clone(),
-            address: peer.config.address,
-            peer: id,
-            endpoint,
-        }));
+        self.flush_queued(id, scratch);
     }
 
     /// Packets the tunnel held while it had no session go out once it has one.
@@ -364,14 +411,13 @@ impl WireguardServer {
 
     /// A packet from tun for the client `id` (the driver's address book chose it).
     pub fn send_to(&mut self, id: PeerId, packet: &[u8]) {
-        let Some(peer) = self.peers.get_mut(&id) else {
-            return;
-        };
-        let Some(endpoint) = peer.endpoint else {
-            return;
+        let Some((endpoint, peer)) = self.peers.get_mut(&id).and_then(|p| Some((p.endpoint?, p)))
+        else {
+            let why = format!("WireGuard client {id} is not connected");
+            return self.drop_input(|c| &mut c.no_client_for_destination, why);
         };
         if packet.len() + 32 > self.scratch.len() {
-            return;
+            return self.drop_input(|c| &mut c.malformed, "an oversized tun packet".to_owned());
         }
         match peer.tunn.encapsulate(packet, &mut self.scratch) {
             TunnResult::WriteToNetwork(datagram) => self.outputs.push_back(Output::Transmit {
@@ -379,10 +425,29 @@ impl WireguardServer {
                 datagram: datagram.to_vec(),
             }),
             TunnResult::Err(error) => {
-                self.last_drop = Some(format!("WireGuard to {}: {error:?}", peer.config.name))
+                let why = format!("WireGuard to {}: {error:?}", peer.config.name);
+                self.drop_input(|c| &mut c.no_client_for_destination, why)
             }
+            // Held until a handshake gives the tunnel a session.
             _ => {}
         }
+    }
+
+    /// The connected client with this VPN address, if any (the driver's fallback when the
+    /// same client's other connection leaves).
+    pub fn peer_for_address(&self, address: Ipv4Addr) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.config.address == address && p.connected_at.is_some())
+            .map(|(&id, _)| id)
+    }
+
+    /// Whether a client's packets come from `endpoint` (the socket keeps per-sender state
+    /// only for those once it remembers many).
+    pub fn is_endpoint(&self, endpoint: &SocketAddr) -> bool {
+        self.peers
+            .values()
+            .any(|p| p.endpoint.as_ref() == Some(endpoint))
     }
 
     pub fn next_timeout(&self) -> Option<Instant> {
@@ -398,7 +463,7 @@ impl WireguardServer {
         self.next_tick = now + TICK;
         self.limiter.reset_count();
         let mut scratch = std::mem::take(&mut self.scratch);
-        let mut expired = Vec::new();
+        let mut expired: Vec<(PeerId, &str)> = Vec::new();
         for (&id, peer) in &mut self.peers {
             match peer.tunn.update_timers(&mut scratch) {
                 TunnResult::WriteToNetwork(datagram) => {
@@ -409,7 +474,9 @@ impl WireguardServer {
                         });
                     }
                 }
-                TunnResult::Err(WireGuardError::ConnectionExpired) => expired.push(id),
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    expired.push((id, "its session expired (no new handshake in time)"))
+                }
                 _ => {}
             }
             if peer.connected_at.is_some()
@@ -417,13 +484,13 @@ impl WireguardServer {
                     .latest_handshake
                     .is_none_or(|at| now.saturating_duration_since(at) >= SESSION_LIFETIME)
             {
-                expired.push(id);
+                expired.push((id, "no handshake for 180 s"));
             }
         }
         self.scratch = scratch;
-        expired.dedup();
-        for id in expired {
-            self.reset(id, "no handshake for 180 s");
+        expired.dedup_by_key(|(id, _)| *id);
+        for (id, reason) in expired {
+            self.reset(id, reason);
         }
     }
 
@@ -470,7 +537,7 @@ impl WireguardServer {
         clients
     }
 
-    /// Clients with a session, for tests and the fuzzer.
+    /// Clients with a confirmed handshake, for tests and the fuzzer.
     pub fn connected_count(&self) -> usize {
         self.peers
             .values()

@@ -142,7 +142,17 @@ fn connect(server: &mut WireguardServer, client: &mut Client, now: Instant) -> P
     let out = outputs(server);
     let (to, response) = only(transmitted(&out), "handshake response");
     assert_eq!(to, client.from);
-    let id = match &events(&out)[..] {
+    assert!(
+        events(&out).is_empty(),
+        "connected before the client confirmed: {out:?}"
+    );
+    let (replies, _) = client_receives(client, &response);
+    for reply in replies {
+        server.handle_datagram(now, client.from, &reply);
+    }
+    let out = outputs(server);
+    assert!(transmitted(&out).is_empty(), "a keepalive needs no answer");
+    match &events(&out)[..] {
         [Event::Connected {
             name,
             address,
@@ -156,13 +166,7 @@ fn connect(server: &mut WireguardServer, client: &mut Client, now: Instant) -> P
             *peer
         }
         other => panic!("expected one Connected event, got {other:?}"),
-    };
-    let (replies, _) = client_receives(client, &response);
-    for reply in replies {
-        server.handle_datagram(now, client.from, &reply);
     }
-    assert!(outputs(server).is_empty(), "a keepalive needs no answer");
-    id
 }
 
 #[test]
@@ -334,4 +338,22 @@ fn a_sealed_packet_whose_header_claims_less_than_a_header_is_dropped() {
     server.handle_datagram(Instant::now(), alice.from, &seal(&mut alice, &packet));
     assert!(tun_packets(&outputs(&mut server)).is_empty());
     assert_eq!(server.counters.malformed, 1);
+}
+
+#[test]
+fn a_replayed_initiation_is_answered_but_neither_connects_nor_moves_the_client() {
+    let mut server = WireguardServer::new(key(), Instant::now());
+    let mut alice = client(&server, "alice", ALICE, 40000);
+    server.set_peers(vec![alice.config.clone()]);
+    let recorded = initiation(&mut alice);
+    // The server forgets alice (she was re-registered), then her recorded initiation comes
+    // back from elsewhere.
+    server.set_peers(Vec::new());
+    server.set_peers(vec![alice.config.clone()]);
+    let elsewhere = SocketAddr::from(([203, 0, 113, 66], 1));
+    server.handle_datagram(Instant::now(), elsewhere, &recorded);
+    let out = outputs(&mut server);
+    assert!(events(&out).is_empty(), "{out:?}");
+    assert_eq!(server.connected_count(), 0);
+    assert!(server.connected().is_empty());
 }
