@@ -12,7 +12,7 @@ use crate::openvpn::keymethod::{parse_client_message, PeerInfo};
 use crate::openvpn::link::Link;
 use crate::openvpn::packet::{decode, Packet, SessionId};
 use crate::openvpn::reliable::{Received, Reliable, RECEIVE_WINDOW};
-use crate::openvpn::server::{EngineConfig, Output, Server};
+use crate::openvpn::server::{ClientRegistry, EngineConfig, Output, RegisteredClient, Server};
 use crate::openvpn::session::Session;
 use crate::openvpn::tcp_framing::{frame, Deframer};
 use crate::openvpn::tls_crypt::{ControlKey, StaticKey, TlsCrypt, WrapState};
@@ -251,10 +251,17 @@ fn fuzz_server(tls_crypt: ControlWrap) -> Server {
         tls_crypt,
         key_derivation: None,
     });
-    server.set_clients(HashMap::from([(
-        CLIENT_NAME.to_owned(),
-        Ipv4Addr::new(10, 8, 0, 2),
-    )]));
+    // Fuzz input never completes a handshake with a client certificate.
+    server.set_clients(ClientRegistry {
+        clients: HashMap::from([(
+            CLIENT_NAME.to_owned(),
+            RegisteredClient {
+                address: Ipv4Addr::new(10, 8, 0, 2),
+                certificate: [0; 32],
+            },
+        )]),
+        revoked: Default::default(),
+    });
     server
 }
 

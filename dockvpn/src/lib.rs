@@ -7,4 +7,5 @@ pub mod dropped;
 pub mod fuzzing;
 pub mod openvpn;
 pub mod pki;
+pub mod refusal;
 pub mod wireguard;

@@ -32,6 +32,7 @@ use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
+use dockvpn::refusal::Refusal;
 use dockvpn::{openvpn, pki};
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
@@ -361,6 +362,8 @@ enum PkiCommand {
     /// Import a site's tls-auth key (its OpenVPN server's `tls-auth` file), so that its
     /// existing profiles connect with `run --tls-crypt tls-auth`
     ImportTlsAuth { file: std::path::PathBuf },
+    /// Print the CRL (PEM), signed by the CA, listing every revoked client certificate
+    Crl,
 }
 
 #[derive(Subcommand, Debug)]
@@ -377,6 +380,9 @@ enum ClientCommand {
         /// private key [default: a key pair generated here, which its profile carries]
         #[arg(long, value_name = "KEY")]
         wireguard_public_key: Option<String>,
+        /// How long the client's certificate is valid (days)
+        #[arg(long, default_value_t = pki::CLIENT_DAYS, value_name = "N")]
+        days: u32,
     },
     /// Print the client's ready profile: an inline .ovpn, or a wg-quick configuration
     Config {
@@ -402,8 +408,23 @@ enum ClientCommand {
     },
     /// List the clients, their addresses and WireGuard keys, and the profiles to issue again
     List(JsonArgs),
-    /// Remove a client (it is disconnected and cannot connect again)
+    /// Remove a client: its certificate is revoked, it is disconnected and cannot connect
+    /// again, also after a client of the same name is added
     Remove { name: String },
+    /// Revoke a client's certificate and WireGuard key: it is disconnected at once and cannot
+    /// connect again; it keeps its name and address for `client renew`
+    Revoke { name: String },
+    /// Issue a new certificate and WireGuard keys for the same name and address (hand out
+    /// its profiles again); the old certificate is revoked
+    Renew {
+        name: String,
+        /// The client's own new WireGuard public key [default: a key pair generated here]
+        #[arg(long, value_name = "KEY")]
+        wireguard_public_key: Option<String>,
+        /// How long the new certificate is valid (days)
+        #[arg(long, default_value_t = pki::CLIENT_DAYS, value_name = "N")]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -427,8 +448,19 @@ fn main() -> ExitCode {
                 status(&cli.state_dir, routing, output.json).await
             }
             Command::Pki(PkiCommand::Init { force }) => {
+                if let Some(running) = read_vpn_status(&cli.state_dir) {
+                    // The server keeps its CA and key in memory: a new PKI would not reach it.
+                    return Err(Error::Vnf(format!(
+                        "a Dockvpn server (pid {}) runs on this state directory: stop it first, then run `dockvpn pki init` and start the server again",
+                        running.pid
+                    )));
+                }
                 pki.init(*force)?;
                 println!("PKI created in {}", cli.state_dir.join("pki").display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Pki(PkiCommand::Crl) => {
+                print!("{}", pki.crl()?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Pki(PkiCommand::ImportTlsAuth { file }) => {
@@ -441,13 +473,15 @@ fn main() -> ExitCode {
                 address,
                 pool,
                 wireguard_public_key,
+                days,
             }) => {
-                let record = match wireguard_public_key {
-                    Some(key) => {
-                        pki.add_client_with_own_wireguard_key(name, pool.pool, *address, key)?
-                    }
-                    None => pki.add_client(name, pool.pool, *address)?,
-                };
+                let record = pki.add(
+                    name,
+                    pool.pool,
+                    *address,
+                    wireguard_public_key.as_deref(),
+                    *days,
+                )?;
                 println!(
                     "client {} added with address {}; `dockvpn client config {}` prints its OpenVPN profile, `--format wireguard` its WireGuard one",
                     record.name, record.address, record.name
@@ -511,13 +545,30 @@ fn main() -> ExitCode {
             }
             Command::Client(ClientCommand::Remove { name }) => {
                 pki.remove_client(name)?;
-                match read_vpn_status(&cli.state_dir) {
-                    Some(running) => {
-                        let cut_off = reload_running_server(&cli.state_dir, &running).await;
-                        println!("client {name} removed; {cut_off}");
-                    }
-                    None => println!("client {name} removed"),
-                }
+                let cut_off = cut_off_running_server(&cli.state_dir).await;
+                println!("client {name} removed, its certificate revoked{cut_off}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Revoke { name }) => {
+                let certificate = pki.revoke_client(name)?;
+                let cut_off = cut_off_running_server(&cli.state_dir).await;
+                println!(
+                    "client {name}: certificate {} and WireGuard key revoked{cut_off}; `dockvpn client renew {name}` issues new ones",
+                    certificate.serial
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Renew {
+                name,
+                wireguard_public_key,
+                days,
+            }) => {
+                let record = pki.renew_client(name, wireguard_public_key.as_deref(), *days)?;
+                let cut_off = cut_off_running_server(&cli.state_dir).await;
+                println!(
+                    "client {name} renewed with address {}, the old certificate revoked{cut_off}; hand out its new profile: `dockvpn client config {name}` (`--format wireguard`)",
+                    record.address
+                );
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -934,6 +985,15 @@ fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
 }
 
+/// Makes a running server re-read the registry at once; what became of the client's
+/// connections, for the command's message.
+async fn cut_off_running_server(state_dir: &Path) -> String {
+    match read_vpn_status(state_dir) {
+        Some(running) => format!("; {}", reload_running_server(state_dir, &running).await),
+        None => String::new(),
+    }
+}
+
 /// Asks the running server to re-read the registry now (SIGHUP) and waits until it has
 /// (it rewrites its status file), so a removed client is cut off when the command returns.
 async fn reload_running_server(state_dir: &Path, running: &vpn::VpnStatus) -> &'static str {
@@ -1033,6 +1093,15 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
             tcp::SESSION_DEADLINE.as_secs(),
             tcp.closed_slow_reader
         ));
+    }
+    let refused: Vec<String> = Refusal::ALL
+        .iter()
+        .map(|&refusal| (refusal.name(), vpn.refused.get(refusal)))
+        .filter(|&(_, count)| count > 0)
+        .map(|(name, count)| format!("{count} {name}"))
+        .collect();
+    if !refused.is_empty() {
+        out.push_str(&format!("  clients refused: {}\n", refused.join(", ")));
     }
     if vpn.dropped.total() > 0 {
         out.push_str(&format!("  dropped input: {}\n", vpn.dropped));

@@ -4,14 +4,19 @@
 //! with mode 0600; every change is serialized by a lock and written atomically.
 //! WireGuard lives beside it: the server's static key (`wireguard.key`), and per client a key
 //! pair (the private half only when generated here) and a preshared key.
+//! Each registry entry is bound to its current certificate (serial and SHA-256 fingerprint);
+//! certificates replaced or revoked are listed in the registry and in a CRL (`crl.pem`)
+//! signed by the CA.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::openvpn::server::{ClientRegistry, RegisteredClient};
+use crate::openvpn::session::{fingerprint, Fingerprint};
 use crate::wireguard::PeerConfig;
 use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -19,8 +24,9 @@ use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -48,8 +54,14 @@ const WIREGUARD_CLIENT_KEY: &str = "wg.key";
 /// A client's WireGuard preshared key under `clients/`.
 const WIREGUARD_PRESHARED_KEY: &str = "wg.psk";
 pub const SERVER_NAME: &str = "dockvpn-server";
+/// The certificate revocation list, PEM.
+const CRL: &str = "crl.pem";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
+/// A client certificate's validity unless `client add --days` says otherwise.
+pub const CLIENT_DAYS: u32 = 365 * LEAF_YEARS as u32;
+/// How long a CRL is valid for the tools that read it; each revocation issues a new one.
+const CRL_DAYS: i64 = 365;
 
 fn fail(message: impl Into<String>) -> Error {
     Error::Vnf(message.into())
@@ -103,6 +115,36 @@ pub struct ClientRecord {
     /// wireguard` first runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardIdentity>,
+    /// The one certificate that connects as this client (absent for clients added before
+    /// certificates were bound: the certificate in its file is the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateBinding>,
+    /// When `client revoke` cut it off (seconds since the Unix epoch): it keeps its name and
+    /// address, and connects again only after `client renew`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<u64>,
+}
+
+/// A certificate as the registry knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertificateBinding {
+    /// The serial number, hex.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, hex.
+    pub sha256: String,
+    /// The end of its validity (seconds since the Unix epoch).
+    pub not_after: i64,
+}
+
+/// A certificate that no longer connects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokedCertificate {
+    /// The client it was issued to.
+    pub name: String,
+    #[serde(flatten)]
+    pub certificate: CertificateBinding,
+    /// Seconds since the Unix epoch.
+    pub revoked: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -131,6 +173,9 @@ pub struct WireguardProfileKeys {
 #[serde(deny_unknown_fields)]
 struct Registry {
     clients: BTreeMap<String, ClientRecord>,
+    /// Every certificate revoked so far (the CRL lists them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revoked: Vec<RevokedCertificate>,
 }
 
 pub struct Pki {
@@ -178,7 +223,7 @@ impl Pki {
             )));
         }
         let ca_key = KeyPair::generate().map_err(cert_error("generate the CA key"))?;
-        let mut ca = leaf_params(CA_NAME, CA_YEARS)?;
+        let mut ca = leaf_params(CA_NAME, time::Duration::days(365 * CA_YEARS))?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -189,7 +234,7 @@ impl Pki {
         let issuer = Issuer::new(ca, ca_key);
 
         let server_key = KeyPair::generate().map_err(cert_error("generate the server key"))?;
-        let mut server = leaf_params(SERVER_NAME, LEAF_YEARS)?;
+        let mut server = leaf_params(SERVER_NAME, time::Duration::days(365 * LEAF_YEARS))?;
         // OpenVPN ignores names; a SAN lets generic TLS clients (and our tests) verify too.
         server.subject_alt_names = vec![rcgen::SanType::DnsName(
             SERVER_NAME.try_into().map_err(cert_error("server name"))?,
@@ -213,7 +258,7 @@ impl Pki {
             &key_file_text(&new_wireguard_secret()),
         )?;
         let _ = fs::remove_file(self.path(TLS_CRYPT_KEY));
-        Ok(())
+        self.write_crl(&self.load_registry()?)
     }
 
     /// The server's static private key: `wireguard.key` (base64 like `wg genkey`, mode
@@ -238,7 +283,7 @@ impl Pki {
         let _lock = self.lock()?;
         let mut peers = Vec::new();
         for client in self.load_registry()?.clients.into_values() {
-            let Some(identity) = client.wireguard else {
+            let (Some(identity), None) = (client.wireguard, client.revoked) else {
                 continue;
             };
             let public_key = decode_key(&identity.public_key).map_err(|error| {
@@ -569,29 +614,21 @@ impl Pki {
         pool: Ipv4Net,
         address: Option<Ipv4Addr>,
     ) -> Result<ClientRecord> {
-        self.issue_client(name, pool, address, None)
+        self.add(name, pool, address, None, CLIENT_DAYS)
     }
 
-    /// `add_client` for a client that keeps its own WireGuard private key: the registry
-    /// holds its public key (`wg pubkey`'s base64).
-    pub fn add_client_with_own_wireguard_key(
-        &self,
-        name: &str,
-        pool: Ipv4Net,
-        address: Option<Ipv4Addr>,
-        wireguard_public_key: &str,
-    ) -> Result<ClientRecord> {
-        self.issue_client(name, pool, address, Some(wireguard_public_key))
-    }
-
-    fn issue_client(
+    /// Issues a certificate valid for `days` and WireGuard keys (or takes the client's own
+    /// public key) for `name`, and gives it the next free address in `pool` (or `address`).
+    pub fn add(
         &self,
         name: &str,
         pool: Ipv4Net,
         address: Option<Ipv4Addr>,
         wireguard_public_key: Option<&str>,
+        days: u32,
     ) -> Result<ClientRecord> {
         validate_name(name)?;
+        validate_days(days)?;
         let wireguard_public_key = wireguard_public_key
             .map(parse_wireguard_public_key)
             .transpose()?;
@@ -605,25 +642,7 @@ impl Pki {
             )));
         }
         if let Some(key) = &wireguard_public_key {
-            // WireGuard tells peers apart by their public keys alone.
-            let owner = registry
-                .clients
-                .values()
-                .find(|client| {
-                    client
-                        .wireguard
-                        .as_ref()
-                        .is_some_and(|id| &id.public_key == key)
-                })
-                .map(|client| format!("client {:?}", client.name))
-                .or_else(|| (*key == server_public_key).then(|| "the server".to_owned()));
-            if let Some(owner) = owner {
-                return Err(Error::invalid(
-                    "--wireguard-public-key",
-                    key,
-                    format!("already the key of {owner}: give the public key of the new client's own key pair (`wg genkey | wg pubkey`)"),
-                ));
-            }
+            check_wireguard_key_is_free(&registry, key, &server_public_key)?;
         }
         let taken: Vec<Ipv4Addr> = registry.clients.values().map(|c| c.address).collect();
         let server_address = pool.hosts().next();
@@ -656,13 +675,31 @@ impl Pki {
                 })?,
         };
 
-        let issuer = Issuer::from_ca_cert_pem(
-            &self.read("ca.crt")?,
-            KeyPair::from_pem(&self.read("ca.key")?).map_err(cert_error("read the CA key"))?,
-        )
-        .map_err(cert_error("read the CA certificate"))?;
+        let (certificate, wireguard) = self.issue_credentials(name, wireguard_public_key, days)?;
+        let record = ClientRecord {
+            name: name.to_owned(),
+            address,
+            created: unix_now(),
+            wireguard: Some(wireguard),
+            certificate: Some(certificate),
+            revoked: None,
+        };
+        registry.clients.insert(name.to_owned(), record.clone());
+        self.save_registry(&registry)?;
+        Ok(record)
+    }
+
+    /// Writes `name`'s certificate (valid for `days`) and key, its tls-crypt-v2 key and its
+    /// WireGuard keys (the caller holds the PKI lock).
+    fn issue_credentials(
+        &self,
+        name: &str,
+        wireguard_public_key: Option<String>,
+        days: u32,
+    ) -> Result<(CertificateBinding, WireguardIdentity)> {
+        let issuer = self.issuer()?;
         let key = KeyPair::generate().map_err(cert_error("generate the client key"))?;
-        let mut params = leaf_params(name, LEAF_YEARS)?;
+        let mut params = leaf_params(name, time::Duration::days(days.into()))?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params
             .signed_by(&key, &issuer)
@@ -674,28 +711,141 @@ impl Pki {
                 .map_err(|error| fail(format!("{TLS_CRYPT_V2_SERVER_KEY}: {error}")))?;
             self.issue_client_tls_crypt_v2_key(name, &server_key)?;
         }
+        // A client that brings its own key pair has no private key here (any more).
+        if wireguard_public_key.is_some() {
+            let _ = fs::remove_file(self.client_path(name, WIREGUARD_CLIENT_KEY));
+        }
         let wireguard = self.issue_wireguard_keys(name, wireguard_public_key)?;
+        Ok((bind(cert.der())?, wireguard))
+    }
 
+    /// The CA as the signer of certificates and CRLs.
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>> {
+        Issuer::from_ca_cert_pem(
+            &self.read("ca.crt")?,
+            KeyPair::from_pem(&self.read("ca.key")?).map_err(cert_error("read the CA key"))?,
+        )
+        .map_err(cert_error("read the CA certificate"))
+    }
+
+    /// The certificate that connects as `client`: the bound one, or for a client from before
+    /// binding, the one in its file.
+    fn current_certificate(&self, client: &ClientRecord) -> Result<CertificateBinding> {
+        if let Some(certificate) = &client.certificate {
+            return Ok(certificate.clone());
+        }
+        let path = self.client_path(&client.name, "crt");
+        let text = fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+        let der = CertificateDer::from_pem_slice(text.as_bytes()).map_err(|error| {
+            fail(format!(
+                "{} is not a certificate ({error}); `dockvpn client renew {}` issues a new one",
+                path.display(),
+                client.name
+            ))
+        })?;
+        bind(&der)
+    }
+
+    /// Lists `client`'s current certificate as revoked (the caller holds the lock, saves the
+    /// registry and writes the CRL).
+    fn revoke_current(&self, registry: &mut Registry, client: &ClientRecord) -> Result<()> {
+        let certificate = self.current_certificate(client)?;
+        if !registry
+            .revoked
+            .iter()
+            .any(|revoked| revoked.certificate.sha256 == certificate.sha256)
+        {
+            registry.revoked.push(RevokedCertificate {
+                name: client.name.clone(),
+                certificate,
+                revoked: unix_now(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `client revoke`: the client's certificate and WireGuard key stop working; it keeps
+    /// its name and address until `client renew` or `client remove`.
+    pub fn revoke_client(&self, name: &str) -> Result<CertificateBinding> {
+        self.require()?;
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let client = registry
+            .clients
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown_client(name))?;
+        if client.revoked.is_some() {
+            return Err(Error::invalid(
+                "NAME",
+                name,
+                format!("already revoked: `dockvpn client renew {name}` issues a new certificate, `dockvpn client remove {name}` removes the client"),
+            ));
+        }
+        let certificate = self.current_certificate(&client)?;
+        self.revoke_current(&mut registry, &client)?;
+        registry.clients.insert(
+            name.to_owned(),
+            ClientRecord {
+                revoked: Some(unix_now()),
+                ..client
+            },
+        );
+        self.save_registry(&registry)?;
+        self.write_crl(&registry)?;
+        Ok(certificate)
+    }
+
+    /// `client renew`: a new certificate (valid for `days`) and WireGuard keys for the same
+    /// name and address; the old certificate is revoked.
+    pub fn renew_client(
+        &self,
+        name: &str,
+        wireguard_public_key: Option<&str>,
+        days: u32,
+    ) -> Result<ClientRecord> {
+        validate_days(days)?;
+        let wireguard_public_key = wireguard_public_key
+            .map(parse_wireguard_public_key)
+            .transpose()?;
+        self.require()?;
+        let server_public_key = self.wireguard_public_key()?;
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let client = registry
+            .clients
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown_client(name))?;
+        if let Some(key) = &wireguard_public_key {
+            check_wireguard_key_is_free(&registry, key, &server_public_key)?;
+        }
+        self.revoke_current(&mut registry, &client)?;
+        let (certificate, wireguard) = self.issue_credentials(name, wireguard_public_key, days)?;
         let record = ClientRecord {
-            name: name.to_owned(),
-            address,
-            created: unix_now(),
             wireguard: Some(wireguard),
+            certificate: Some(certificate),
+            revoked: None,
+            ..client
         };
         registry.clients.insert(name.to_owned(), record.clone());
         self.save_registry(&registry)?;
+        self.write_crl(&registry)?;
         Ok(record)
     }
 
+    /// Removes a client; its certificate is revoked, so a copy kept elsewhere never
+    /// connects again, even after a client of the same name is added.
     pub fn remove_client(&self, name: &str) -> Result<()> {
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
-        if registry.clients.remove(name).is_none() {
-            return Err(fail(format!(
-                "no client named {name:?} (see `dockvpn client list`)"
-            )));
-        }
+        let client = registry
+            .clients
+            .remove(name)
+            .ok_or_else(|| unknown_client(name))?;
+        self.revoke_current(&mut registry, &client)?;
         self.save_registry(&registry)?;
+        self.write_crl(&registry)?;
         for extension in [
             "crt",
             "key",
@@ -706,6 +856,83 @@ impl Pki {
             let _ = fs::remove_file(self.client_path(name, extension));
         }
         Ok(())
+    }
+
+    /// The registry as the OpenVPN engine admits clients: each client that is not revoked,
+    /// with its current certificate, and every revoked certificate.
+    pub fn openvpn_registry(&self) -> Result<ClientRegistry> {
+        // Under the lock, a client being added or removed is seen whole or not at all.
+        let _lock = self.lock()?;
+        let registry = self.load_registry()?;
+        let mut clients = std::collections::HashMap::new();
+        for client in registry.clients.values() {
+            if client.revoked.is_some() {
+                continue;
+            }
+            let certificate = self.current_certificate(client)?;
+            clients.insert(
+                client.name.clone(),
+                RegisteredClient {
+                    address: client.address,
+                    certificate: parse_fingerprint(&certificate.sha256)?,
+                },
+            );
+        }
+        let revoked = registry
+            .revoked
+            .iter()
+            .map(|revoked| parse_fingerprint(&revoked.certificate.sha256))
+            .collect::<Result<HashSet<_>>>()?;
+        Ok(ClientRegistry { clients, revoked })
+    }
+
+    /// The CRL (PEM) listing every revoked client certificate, signed by the CA; made now
+    /// for a PKI from before revocation.
+    pub fn crl(&self) -> Result<String> {
+        self.require()?;
+        if !self.path(CRL).exists() {
+            let _lock = self.lock()?;
+            self.write_crl(&self.load_registry()?)?;
+        }
+        self.read(CRL)
+    }
+
+    /// Signs and writes the CRL for `registry`'s revoked certificates.
+    fn write_crl(&self, registry: &Registry) -> Result<()> {
+        let now = time::OffsetDateTime::from(SystemTime::now());
+        let revoked_certs = registry
+            .revoked
+            .iter()
+            .map(|revoked| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&parse_hex(
+                        &revoked.certificate.serial,
+                    )?),
+                    revocation_time: time::OffsetDateTime::from_unix_timestamp(
+                        revoked.revoked as i64,
+                    )
+                    .unwrap_or(now),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(CRL_DAYS),
+            // Seconds since the epoch: each CRL's number is larger than the last one's.
+            crl_number: SerialNumber::from_slice(&unix_now().to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer()?)
+            .map_err(cert_error("sign the CRL"))?;
+        write_public(
+            &self.path(CRL),
+            &crl.pem().map_err(cert_error("encode the CRL"))?,
+        )
     }
 
     /// A ready inline `.ovpn` profile for the stock OpenVPN client, carrying the key that
@@ -819,6 +1046,95 @@ impl Pki {
     }
 }
 
+fn unknown_client(name: &str) -> Error {
+    Error::invalid(
+        "NAME",
+        name,
+        "no such client (`dockvpn client list` shows them)",
+    )
+}
+
+/// WireGuard tells peers apart by their public keys alone: a new one must be nobody's yet.
+fn check_wireguard_key_is_free(
+    registry: &Registry,
+    key: &str,
+    server_public_key: &str,
+) -> Result<()> {
+    let owner = registry
+        .clients
+        .values()
+        .find(|client| {
+            client
+                .wireguard
+                .as_ref()
+                .is_some_and(|id| id.public_key == key)
+        })
+        .map(|client| format!("client {:?}", client.name))
+        .or_else(|| (key == server_public_key).then(|| "the server".to_owned()));
+    match owner {
+        Some(owner) => Err(Error::invalid(
+            "--wireguard-public-key",
+            key,
+            format!("already the key of {owner}: give the public key of the new client's own key pair (`wg genkey | wg pubkey`)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn validate_days(days: u32) -> Result<()> {
+    if (1..=36500).contains(&days) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "--days",
+            days,
+            "a client certificate is valid for 1 to 36500 days",
+        ))
+    }
+}
+
+/// The registry's record of a DER certificate.
+fn bind(der: &[u8]) -> Result<CertificateBinding> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der)
+        .map_err(|error| fail(format!("parse a client certificate: {error}")))?;
+    Ok(CertificateBinding {
+        serial: hex(certificate.raw_serial()),
+        sha256: hex(&fingerprint(der)),
+        not_after: certificate.validity().not_after.timestamp(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>> {
+    let corrupt = || {
+        fail(format!(
+            "clients.json: {text:?} is not hex; restore the file from a backup"
+        ))
+    };
+    if text.len() % 2 != 0 {
+        return Err(corrupt());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(corrupt)
+        })
+        .collect()
+}
+
+fn parse_fingerprint(text: &str) -> Result<Fingerprint> {
+    parse_hex(text)?.try_into().map_err(|_| {
+        fail(format!(
+            "clients.json: {text:?} is not a SHA-256 fingerprint; restore the file from a backup"
+        ))
+    })
+}
+
 fn no_such_client(name: &str) -> Error {
     fail(format!(
         "no client named {name:?}; add it with `dockvpn client add {name}`"
@@ -868,7 +1184,7 @@ fn decode_key(text: &str) -> std::result::Result<[u8; 32], String> {
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("{} bytes, not 32", bytes.len()))
 }
 
-fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
+fn leaf_params(common_name: &str, validity: time::Duration) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())
         .map_err(cert_error("certificate parameters"))?;
     let mut name = DistinguishedName::new();
@@ -876,7 +1192,7 @@ fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
     params.distinguished_name = name;
     let now = time::OffsetDateTime::from(SystemTime::now());
     params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(365 * years);
+    params.not_after = now + validity;
     let mut serial = [0u8; 16];
     rand::rng().fill_bytes(&mut serial);
     serial[0] &= 0x7f;
@@ -1056,14 +1372,14 @@ mod tests {
         // A client with its own key pair: no private key here, the key must be 32 bytes.
         for bad in ["", "not base64!", "AAAA", &encode_key(&[7; 32])[..40]] {
             let error = pki
-                .add_client_with_own_wireguard_key("bob", pool, None, bad)
+                .add("bob", pool, None, Some(bad), CLIENT_DAYS)
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("--wireguard-public-key"), "{error}");
             assert!(error.contains("44 characters of base64"), "{error}");
         }
         let error = pki
-            .add_client_with_own_wireguard_key("bob", pool, None, &identity.public_key)
+            .add("bob", pool, None, Some(&identity.public_key), CLIENT_DAYS)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1072,7 +1388,7 @@ mod tests {
         );
         let bob_public = wireguard_public_key_of(new_wireguard_secret());
         let bob = pki
-            .add_client_with_own_wireguard_key("bob", pool, None, &bob_public)
+            .add("bob", pool, None, Some(&bob_public), CLIENT_DAYS)
             .unwrap();
         assert_eq!(bob.wireguard.unwrap().public_key, bob_public);
         assert!(!pki.client_path("bob", WIREGUARD_CLIENT_KEY).exists());
