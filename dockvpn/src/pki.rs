@@ -1440,6 +1440,125 @@ mod tests {
     }
 
     #[test]
+    fn revoke_renew_and_remove_keep_the_registry_and_the_crl_in_step() {
+        let (dir, pki) = fresh_pki("revoke");
+        let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        pki.init(false).unwrap();
+        let alice = pki.add("alice", pool, None, None, 30).unwrap();
+        pki.add_client("bob", pool, None).unwrap();
+        let first = alice.certificate.clone().unwrap();
+        let validity = first.not_after - unix_now() as i64;
+        assert!((29 * 86400..=30 * 86400).contains(&validity), "{validity}");
+        for days in [0, 36501] {
+            let error = pki
+                .add("carol", pool, None, None, days)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("--days") && error.contains("1 to 36500"),
+                "{error}"
+            );
+        }
+
+        // Bad input changes nothing.
+        let before = fs::read_to_string(pki.path("clients.json")).unwrap();
+        let error = pki.revoke_client("mallory").unwrap_err().to_string();
+        assert!(
+            error.contains("\"mallory\"") && error.contains("client list"),
+            "{error}"
+        );
+        assert_eq!(
+            fs::read_to_string(pki.path("clients.json")).unwrap(),
+            before
+        );
+
+        let revoked = pki.revoke_client("alice").unwrap();
+        assert_eq!(revoked, first);
+        let error = pki.revoke_client("alice").unwrap_err().to_string();
+        assert!(
+            error.contains("already revoked") && error.contains("client renew alice"),
+            "{error}"
+        );
+        let registry = pki.openvpn_registry().unwrap();
+        assert!(!registry.clients.contains_key("alice"));
+        assert!(registry
+            .revoked
+            .contains(&parse_fingerprint(&first.sha256).unwrap()));
+        let peers: Vec<String> = pki
+            .wireguard_peers()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            peers,
+            ["bob"],
+            "a revoked client's WireGuard key is no peer"
+        );
+        let crl_serials = |pki: &Pki| -> Vec<String> {
+            let pem = pki.crl().unwrap();
+            let der =
+                rustls::pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+                    .unwrap();
+            let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+            crl.iter_revoked_certificates()
+                .map(|c| hex(c.raw_serial()))
+                .collect()
+        };
+        assert_eq!(crl_serials(&pki), [first.serial.clone()]);
+
+        // Renewed: the same address, a new certificate and WireGuard key.
+        let old_wireguard = alice.wireguard.clone().unwrap().public_key;
+        let renewed = pki.renew_client("alice", None, CLIENT_DAYS).unwrap();
+        assert_eq!(renewed.address, alice.address);
+        assert_eq!(renewed.revoked, None);
+        let second = renewed.certificate.clone().unwrap();
+        assert_ne!(second.sha256, first.sha256);
+        assert_ne!(renewed.wireguard.unwrap().public_key, old_wireguard);
+        let registry = pki.openvpn_registry().unwrap();
+        assert_eq!(
+            registry.clients["alice"].certificate,
+            parse_fingerprint(&second.sha256).unwrap()
+        );
+        assert_eq!(pki.wireguard_peers().unwrap().len(), 2);
+
+        // Removed: the current certificate joins the CRL; a new alice gets a new one.
+        let bob = pki.clients().unwrap()[1].certificate.clone().unwrap();
+        pki.remove_client("bob").unwrap();
+        // Renewing a revoked client listed its certificate once.
+        assert_eq!(crl_serials(&pki), [first.serial.clone(), bob.serial]);
+        let error = pki.remove_client("bob").unwrap_err().to_string();
+        assert!(error.contains("\"bob\""), "{error}");
+        // Renewing a connected client revokes its certificate.
+        pki.renew_client("alice", None, 1).unwrap();
+        assert_eq!(crl_serials(&pki)[2], second.serial);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_from_before_binding_is_bound_to_the_certificate_in_its_file() {
+        let (dir, pki) = fresh_pki("unbound");
+        let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        pki.init(false).unwrap();
+        let alice = pki.add_client("alice", pool, None).unwrap();
+        let mut registry = pki.load_registry().unwrap();
+        registry.clients.get_mut("alice").unwrap().certificate = None;
+        pki.save_registry(&registry).unwrap();
+        let certificate = parse_fingerprint(&alice.certificate.unwrap().sha256).unwrap();
+        assert_eq!(
+            pki.openvpn_registry().unwrap().clients["alice"].certificate,
+            certificate
+        );
+        pki.remove_client("alice").unwrap();
+        assert!(pki
+            .openvpn_registry()
+            .unwrap()
+            .revoked
+            .contains(&certificate));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_public_key_is_the_x25519_base_point_times_the_private_key() {
         // RFC 7748, section 6.1: Alice's key pair.
         let hex = |text: &str| -> [u8; 32] {
