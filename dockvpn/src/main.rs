@@ -448,10 +448,10 @@ fn main() -> ExitCode {
                 status(&cli.state_dir, routing, output.json).await
             }
             Command::Pki(PkiCommand::Init { force }) => {
-                if let Some(running) = read_vpn_status(&cli.state_dir) {
+                if let (true, Some(running)) = (*force, read_vpn_status(&cli.state_dir)) {
                     // The server keeps its CA and key in memory: a new PKI would not reach it.
                     return Err(Error::Vnf(format!(
-                        "a Dockvpn server (pid {}) runs on this state directory: stop it first, then run `dockvpn pki init` and start the server again",
+                        "a Dockvpn server (pid {}) runs on this state directory: stop it first, then run `dockvpn pki init --force` and start the server again",
                         running.pid
                     )));
                 }
