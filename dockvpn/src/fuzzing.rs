@@ -18,6 +18,7 @@ use crate::openvpn::tcp_framing::{frame, Deframer};
 use crate::openvpn::tls_crypt::{ControlKey, StaticKey, TlsCrypt, WrapState};
 use crate::openvpn::tls_crypt_v2::ServerKey;
 use crate::openvpn::wrap::ControlWrap;
+use crate::password::Auth;
 use crate::pki::Pki;
 
 /// The server's session id in the reliability target; the fuzzer finds it in the seeds.
@@ -250,6 +251,7 @@ fn fuzz_server(tls_crypt: ControlWrap) -> Server {
         transition_window: Duration::from_secs(60),
         tls_crypt,
         key_derivation: None,
+        auth: Auth::Cert,
     });
     // Fuzz input never completes a handshake with a client certificate.
     server.set_clients(ClientRegistry {
@@ -261,6 +263,7 @@ fn fuzz_server(tls_crypt: ControlWrap) -> Server {
             },
         )]),
         revoked: Default::default(),
+        passwords: HashMap::new(),
     });
     server
 }

@@ -32,6 +32,7 @@ use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
+use dockvpn::password::Auth;
 use dockvpn::refusal::Refusal;
 use dockvpn::{openvpn, pki};
 use openvpn::data::Cipher;
@@ -249,6 +250,18 @@ struct ServeArgs {
     #[command(flatten)]
     tls_crypt: TlsCryptArg,
 
+    /// How OpenVPN clients authenticate: certificate only, or certificate and the password
+    /// set with `client passwd` (profiles then carry `auth-user-pass`; the username is the
+    /// client's name)
+    #[arg(
+        long,
+        env = "DOCKVPN_AUTH",
+        value_enum,
+        default_value_t = Auth::Cert,
+        help_heading = VPN
+    )]
+    auth: Auth,
+
     /// Address the WireGuard server listens on (UDP), or `off`; WireGuard clients share the
     /// registry, the pool, the tun and the routes with OpenVPN clients
     #[arg(
@@ -425,6 +438,14 @@ enum ClientCommand {
         #[arg(long, default_value_t = pki::CLIENT_DAYS, value_name = "N")]
         days: u32,
     },
+    /// Set the client's password for `run --auth cert+password`: typed at the prompt, or
+    /// one line on stdin (never on the command line)
+    Passwd {
+        name: String,
+        /// Refused: a password on the command line shows in `ps` and the shell history
+        #[arg(hide = true)]
+        password: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -537,7 +558,11 @@ fn main() -> ExitCode {
                 let proto = proto
                     .or_else(|| running.as_ref().map(|status| status.proto))
                     .unwrap_or(Proto::Udp);
-                print!("{}", pki.profile(name, &host, port, proto, tls_crypt)?);
+                let auth = running.as_ref().map_or(Auth::Cert, |status| status.auth);
+                print!(
+                    "{}",
+                    pki.profile(name, (&host, port), proto, tls_crypt, auth)?
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
@@ -547,6 +572,19 @@ fn main() -> ExitCode {
                 pki.remove_client(name)?;
                 let cut_off = cut_off_running_server(&cli.state_dir).await;
                 println!("client {name} removed, its certificate revoked{cut_off}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Passwd { name, password }) => {
+                if password.is_some() {
+                    return Err(Error::invalid(
+                        "PASSWORD",
+                        "(not shown)",
+                        format!("a password is never taken on the command line, where `ps` and the shell history show it: type it at the prompt of `dockvpn client passwd {name}`, or pipe it on stdin"),
+                    ));
+                }
+                pki.require_client(name)?;
+                pki.set_password(name, &read_password(name)?)?;
+                println!("client {name}: password set; it is asked for when the server runs with --auth cert+password");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::Revoke { name }) => {
@@ -667,6 +705,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
         key_derivation: serve.key_derivation.0,
+        auth: serve.auth,
         tls_crypt: control_wrap(
             &pki,
             serve
@@ -983,6 +1022,29 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
 /// The status file of a running server; None when absent or its process is gone.
 fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
+}
+
+/// A new password: typed twice at a terminal (not echoed), else the first line of stdin.
+fn read_password(name: &str) -> Result<String> {
+    use std::io::IsTerminal;
+    let read_error = |source| Error::Io {
+        context: "read the password".to_owned(),
+        source,
+    };
+    if std::io::stdin().is_terminal() {
+        let password =
+            rpassword::prompt_password(format!("password for {name}: ")).map_err(read_error)?;
+        let again = rpassword::prompt_password("again: ").map_err(read_error)?;
+        if password != again {
+            return Err(Error::Vnf(
+                "the two passwords differ; nothing changed: run the command again".into(),
+            ));
+        }
+        return Ok(password);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(read_error)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 /// Makes a running server re-read the registry at once; what became of the client's

@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use crate::openvpn::server::{ClientRegistry, RegisteredClient};
 use crate::openvpn::session::{fingerprint, Fingerprint};
+use crate::password::Auth;
 use crate::wireguard::PeerConfig;
 use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -56,6 +57,8 @@ const WIREGUARD_PRESHARED_KEY: &str = "wg.psk";
 pub const SERVER_NAME: &str = "dockvpn-server";
 /// The certificate revocation list, PEM.
 const CRL: &str = "crl.pem";
+/// Client name → Argon2id hash of its password (`client passwd`), mode 0600.
+const PASSWORDS: &str = "passwords.json";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
 /// A client certificate's validity unless `client add --days` says otherwise.
@@ -846,6 +849,10 @@ impl Pki {
         self.revoke_current(&mut registry, &client)?;
         self.save_registry(&registry)?;
         self.write_crl(&registry)?;
+        let mut passwords = self.load_passwords()?;
+        if passwords.remove(name).is_some() {
+            self.save_passwords(&passwords)?;
+        }
         for extension in [
             "crt",
             "key",
@@ -883,7 +890,51 @@ impl Pki {
             .iter()
             .map(|revoked| parse_fingerprint(&revoked.certificate.sha256))
             .collect::<Result<HashSet<_>>>()?;
-        Ok(ClientRegistry { clients, revoked })
+        Ok(ClientRegistry {
+            clients,
+            revoked,
+            passwords: self.load_passwords()?.into_iter().collect(),
+        })
+    }
+
+    /// Fails naming the fix unless `name` is a registered client.
+    pub fn require_client(&self, name: &str) -> Result<()> {
+        self.require()?;
+        match self.load_registry()?.clients.contains_key(name) {
+            true => Ok(()),
+            false => Err(unknown_client(name)),
+        }
+    }
+
+    /// `client passwd`: stores the Argon2id hash of `name`'s password.
+    pub fn set_password(&self, name: &str, password: &str) -> Result<()> {
+        let hash = crate::password::hash(password)?;
+        let _lock = self.lock()?;
+        if !self.load_registry()?.clients.contains_key(name) {
+            return Err(unknown_client(name));
+        }
+        let mut passwords = self.load_passwords()?;
+        passwords.insert(name.to_owned(), hash);
+        self.save_passwords(&passwords)
+    }
+
+    fn load_passwords(&self) -> Result<BTreeMap<String, String>> {
+        let path = self.path(PASSWORDS);
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|error| {
+                fail(format!(
+                    "{} is corrupt ({error}); restore it from a backup or delete it and set each password again (dockvpn client passwd NAME)",
+                    path.display()
+                ))
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(error) => Err(io(format!("read {}", path.display()))(error)),
+        }
+    }
+
+    fn save_passwords(&self, passwords: &BTreeMap<String, String>) -> Result<()> {
+        let text = serde_json::to_string_pretty(passwords).expect("passwords serialize");
+        write_private(&self.path(PASSWORDS), &text)
     }
 
     /// The CRL (PEM) listing every revoked client certificate, signed by the CA; made now
@@ -936,15 +987,17 @@ impl Pki {
     }
 
     /// A ready inline `.ovpn` profile for the stock OpenVPN client, carrying the key that
-    /// `tls_crypt` asks for: the client's own tls-crypt-v2 key, or the shared tls-crypt key.
+    /// `tls_crypt` asks for: the client's own tls-crypt-v2 key, or the shared tls-crypt key;
+    /// with `auth-user-pass` when the server asks for passwords.
     pub fn profile(
         &self,
         name: &str,
-        remote_host: &str,
-        remote_port: u16,
+        remote: (&str, u16),
         proto: Proto,
         tls_crypt: TlsCryptMode,
+        auth: Auth,
     ) -> Result<String> {
+        let (remote_host, remote_port) = remote;
         self.require()?;
         if !self.load_registry()?.clients.contains_key(name) {
             return Err(no_such_client(name));
@@ -962,6 +1015,7 @@ impl Pki {
              remote-cert-tls server\n\
              {exit_notify}\
              verb 3\n\
+             {auth_user_pass}\
              {connections}\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\
@@ -983,6 +1037,10 @@ impl Pki {
             },
             // A TCP client's server sees it leave when the connection closes (the client
             // would say it ignores the option).
+            auth_user_pass = match auth {
+                Auth::Cert => "",
+                Auth::CertAndPassword => "auth-user-pass\n",
+            },
             exit_notify = match proto {
                 Proto::Tcp => "",
                 Proto::Udp | Proto::Both => "explicit-exit-notify\n",
@@ -1279,18 +1337,36 @@ mod tests {
         assert_eq!(pki.default_tls_crypt_mode(), TlsCryptMode::V2);
         assert!(!pki.has_tls_crypt_key(), "a new PKI needs no shared key");
         let profile = pki
-            .profile("alice", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
+            .profile(
+                "alice",
+                ("10.0.2.2", 1194),
+                Proto::Udp,
+                TlsCryptMode::V2,
+                Auth::Cert,
+            )
             .unwrap();
         // The layout of every profile issued before TCP.
         assert!(profile.contains("dev tun\nproto udp\nremote 10.0.2.2 1194\nnobind\n"));
         let tcp = pki
-            .profile("alice", "10.0.2.2", 443, Proto::Tcp, TlsCryptMode::V2)
+            .profile(
+                "alice",
+                ("10.0.2.2", 443),
+                Proto::Tcp,
+                TlsCryptMode::V2,
+                Auth::Cert,
+            )
             .unwrap();
         assert!(tcp.contains("dev tun\nproto tcp-client\nremote 10.0.2.2 443\nnobind\n"));
         assert!(!tcp.contains("explicit-exit-notify"));
         assert!(profile.contains("remote-cert-tls server\nexplicit-exit-notify\nverb 3\n"));
         let both = pki
-            .profile("alice", "10.0.2.2", 1194, Proto::Both, TlsCryptMode::V2)
+            .profile(
+                "alice",
+                ("10.0.2.2", 1194),
+                Proto::Both,
+                TlsCryptMode::V2,
+                Auth::Cert,
+            )
             .unwrap();
         assert!(both.contains(
             "dev tun\nnobind\nremote-cert-tls server\nexplicit-exit-notify\nverb 3\n\
@@ -1302,8 +1378,14 @@ mod tests {
         assert!(profile.contains(v2_block), "{profile}");
         // The same key each time the profile is issued.
         assert_eq!(
-            pki.profile("alice", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
-                .unwrap(),
+            pki.profile(
+                "alice",
+                ("10.0.2.2", 1194),
+                Proto::Udp,
+                TlsCryptMode::V2,
+                Auth::Cert
+            )
+            .unwrap(),
             profile
         );
         assert!(pki
@@ -1317,7 +1399,13 @@ mod tests {
             ["bob"]
         );
         assert!(pki
-            .profile("bob", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
+            .profile(
+                "bob",
+                ("10.0.2.2", 1194),
+                Proto::Udp,
+                TlsCryptMode::V2,
+                Auth::Cert
+            )
             .unwrap()
             .contains(v2_block));
         assert!(pki

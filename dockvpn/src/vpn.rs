@@ -27,6 +27,7 @@ use dockvpn::openvpn::link::Link;
 pub use dockvpn::openvpn::link::Proto;
 use dockvpn::openvpn::server::{self, EngineConfig, Server};
 use dockvpn::openvpn::wrap::ControlWrap;
+use dockvpn::password::Auth;
 use dockvpn::pki::{Pki, TlsCryptMode};
 use dockvpn::refusal::Refusals;
 use dockvpn::wireguard::{self, WireguardServer};
@@ -71,6 +72,9 @@ pub struct VpnStatus {
     /// Clients refused, by reason (a server from before counted none).
     #[serde(default)]
     pub refused: Refusals,
+    /// How OpenVPN clients authenticate (so `client config` adds `auth-user-pass`).
+    #[serde(default)]
+    pub auth: Auth,
     pub updated_unix: u64,
     /// How the control channel is wrapped (so `client config` issues matching profiles).
     pub tls_crypt: TlsCryptMode,
@@ -628,6 +632,7 @@ fn write_status(config: &VpnConfig, driver: &Driver) {
         handshaking: driver.openvpn.handshaking(),
         dropped: driver.dropped(),
         refused: driver.openvpn.refusals,
+        auth: config.engine.auth,
         updated_unix: clock.unix(now),
         tls_crypt: match config.engine.tls_crypt {
             ControlWrap::Plain => TlsCryptMode::Off,

@@ -24,6 +24,7 @@ use super::tls_crypt_v2::ServerKey;
 use super::wrap::ControlWrap;
 
 const HARD_RESET_CLIENT_V3: u8 = 10;
+use crate::password::Auth;
 use crate::pki::{Pki, SERVER_NAME};
 use ipnet::Ipv4Net;
 
@@ -82,6 +83,7 @@ fn engine_config(pki: &Pki) -> EngineConfig {
         transition_window: Duration::from_secs(60),
         tls_crypt: ControlWrap::Plain,
         key_derivation: None,
+        auth: Auth::Cert,
     }
 }
 
@@ -127,6 +129,8 @@ struct TestClient {
     prf: bool,
     /// The server's TLS refused the handshake (the alert it sent).
     tls_error: Option<rustls::Error>,
+    /// `auth-user-pass`: the username and password sent in key-method 2.
+    credentials: Option<(&'static str, &'static str)>,
 }
 
 impl TestClient {
@@ -174,6 +178,7 @@ impl TestClient {
             server_random: None,
             prf: false,
             tls_error: None,
+            credentials: None,
         }
     }
 
@@ -264,7 +269,11 @@ impl TestClient {
         if self.tls_started && !self.tls.is_handshaking() && !self.key_sent {
             self.tls
                 .writer()
-                .write_all(&keymethod::client_message(self.options, &self.peer_info))
+                .write_all(&keymethod::client_message_with_credentials(
+                    self.options,
+                    self.credentials,
+                    &self.peer_info,
+                ))
                 .unwrap();
             if self.key_id == 0 {
                 self.tls.writer().write_all(b"PUSH_REQUEST\0").unwrap();
@@ -1485,6 +1494,46 @@ fn a_connected_client_whose_certificate_is_revoked_is_cut_off_and_cannot_connect
     let reason = refusal(&mut server, &mut again);
     assert!(reason.contains("revoked"), "{reason}");
     assert_eq!(server.refusals.revoked, 1);
+}
+
+#[test]
+fn with_cert_and_password_only_the_right_username_and_password_connect() {
+    let test = TestPki::new("password");
+    let mut config = engine_config(&test.pki);
+    config.auth = Auth::CertAndPassword;
+    let (mut server, _) = test.server_with_client_and_config("alice", config);
+    test.pki
+        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    test.pki.set_password("alice", "correct horse").unwrap();
+    server.set_clients(test.pki.openvpn_registry().unwrap());
+
+    let refused = [
+        Some(("alice", "correct horsE")),
+        None,
+        Some(("bob", "correct horse")),
+    ];
+    for (count, credentials) in (1..).zip(refused) {
+        let mut client = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+        client.credentials = credentials;
+        let reason = refusal(&mut server, &mut client);
+        assert!(
+            reason.contains("wrong or missing username or password"),
+            "{credentials:?}: {reason}"
+        );
+        assert_eq!(server.refusals.wrong_password, count);
+    }
+    // A client without a password set is refused the same way.
+    let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
+    bob.credentials = Some(("bob", ""));
+    let reason = refusal(&mut server, &mut bob);
+    assert!(reason.contains("wrong or missing"), "{reason}");
+
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    alice.credentials = Some(("alice", "correct horse"));
+    connect(&mut server, &mut alice, perfect, Instant::now());
+    assert_eq!(server.connected()[0].name, "alice");
+    assert_eq!(server.refusals.wrong_password, 4);
 }
 
 #[test]

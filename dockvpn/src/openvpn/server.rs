@@ -25,6 +25,7 @@ use super::wrap::{ControlWrap, Opened, Unwrapped};
 use vnf_core::clock::WallClock;
 
 pub use crate::dropped::Counters;
+use crate::password::{self, Auth};
 use crate::refusal::{Refusal, Refusals};
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
@@ -55,6 +56,8 @@ pub struct EngineConfig {
     /// How every client's data keys are derived; None: tls-ekm when the client offers it,
     /// else the PRF.
     pub key_derivation: Option<KeyDerivation>,
+    /// Certificate only, or certificate and password.
+    pub auth: Auth,
 }
 
 impl EngineConfig {
@@ -121,6 +124,8 @@ pub struct ClientRegistry {
     pub clients: HashMap<String, RegisteredClient>,
     /// Revoked certificates, so that a refusal names the reason.
     pub revoked: HashSet<Fingerprint>,
+    /// Client name → the Argon2id hash of its password (`client passwd`).
+    pub passwords: HashMap<String, String>,
 }
 
 impl ClientRegistry {
@@ -579,7 +584,16 @@ impl Server {
         let (Some(name), Some(client)) = (session.name.clone(), session.client.as_ref()) else {
             return;
         };
-        let address = match self.clients.identify(&name, session.certificate) {
+        let identified = self
+            .clients
+            .identify(&name, session.certificate)
+            .and_then(|address| match self.config.auth {
+                Auth::Cert => Ok(address),
+                Auth::CertAndPassword => {
+                    check_password(&self.clients, &name, client).map(|()| address)
+                }
+            });
+        let address = match identified {
             Ok(address) => address,
             Err((refusal, reason)) => {
                 session.refusal = Some(refusal);
@@ -983,6 +997,28 @@ pub struct Admission {
     pub cc_exit: bool,
     /// The framing its compression option makes it use and the stub pushed to keep it so.
     pub compression: Option<(Framing, &'static str)>,
+}
+
+/// `--auth cert+password`: the username must be the client's name and the password its own.
+/// One Argon2id check runs whatever is wrong, so the time taken tells nothing.
+fn check_password(
+    clients: &ClientRegistry,
+    name: &str,
+    client: &ClientKeyMessage,
+) -> Result<(), (Refusal, String)> {
+    let (username, given) = client
+        .credentials
+        .as_ref()
+        .map_or(("", ""), |c| (c.username.as_str(), c.password.0.as_str()));
+    let matches = password::verify(clients.passwords.get(name).map(String::as_str), given);
+    if matches && username == name {
+        Ok(())
+    } else {
+        Err((
+            Refusal::WrongPassword,
+            "wrong or missing username or password (the username is the client's name)".into(),
+        ))
+    }
 }
 
 /// What the client gets, or why it may not connect.
