@@ -649,6 +649,12 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                 None => "no key yet",
             };
             let mut notes = String::new();
+            if client.revoked.is_some() {
+                notes.push_str(&format!(
+                    "  revoked: `dockvpn client renew {}` issues new credentials",
+                    client.name
+                ));
+            }
             if needs_new_profile(&client.name) {
                 notes.push_str("  profile needs tls-crypt-v2: run `dockvpn client config` again");
             }

@@ -50,6 +50,15 @@ fn a_revoked_client_is_cut_off_within_two_seconds_and_cannot_connect_again() {
         text(&output)
     );
     assert_eq!(std::fs::read_to_string(&registry).unwrap(), before);
+    // The server holds the CA in memory: a new one while it runs would not reach it.
+    let ca = std::fs::read_to_string(dockvpn.state_dir().join("pki/ca.crt")).unwrap();
+    let output = run(&["pki", "init", "--force"]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("stop it first"), "{}", text(&output));
+    assert_eq!(
+        std::fs::read_to_string(dockvpn.state_dir().join("pki/ca.crt")).unwrap(),
+        ca
+    );
 
     let profile = issue_profile(&chain.si, &dockvpn, "alice", None);
     let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
@@ -90,6 +99,12 @@ fn a_revoked_client_is_cut_off_within_two_seconds_and_cannot_connect_again() {
         &dockvpn,
         "a refusal counted as revoked",
         |status| status["vpn"]["refused"]["revoked"].as_u64() >= Some(1),
+    );
+    let listed = run(&["client", "list"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("revoked: `dockvpn client renew alice`"),
+        "{}",
+        text(&listed)
     );
     let crl = run(&["pki", "crl"]);
     assert!(
