@@ -587,15 +587,23 @@ impl Pki {
     }
 
     fn load_registry(&self) -> Result<Registry> {
-        let path = self.path("clients.json");
+        self.load_json(
+            "clients.json",
+            "restore it from a backup — clients cannot be added until it parses",
+        )
+    }
+
+    /// A JSON file of the PKI (empty when absent); `fix` says what to do when it is corrupt.
+    fn load_json<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        file: &str,
+        fix: &str,
+    ) -> Result<T> {
+        let path = self.path(file);
         match fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|error| {
-                fail(format!(
-                    "{} is corrupt ({error}); restore it from a backup — clients cannot be added until it parses",
-                    path.display()
-                ))
-            }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|error| fail(format!("{} is corrupt ({error}); {fix}", path.display()))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
             Err(error) => Err(io(format!("read {}", path.display()))(error)),
         }
     }
@@ -631,12 +639,8 @@ impl Pki {
         days: u32,
     ) -> Result<ClientRecord> {
         validate_name(name)?;
-        validate_days(days)?;
-        let wireguard_public_key = wireguard_public_key
-            .map(parse_wireguard_public_key)
-            .transpose()?;
-        self.require()?;
-        let server_public_key = self.wireguard_public_key()?;
+        let (wireguard_public_key, server_public_key) =
+            self.check_credential_request(wireguard_public_key, days)?;
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
         if registry.clients.contains_key(name) {
@@ -690,6 +694,21 @@ impl Pki {
         registry.clients.insert(name.to_owned(), record.clone());
         self.save_registry(&registry)?;
         Ok(record)
+    }
+
+    /// Checks what `add` and `renew` are given before the lock: `days`, and the client's own
+    /// WireGuard key (normalized); that key and the server's public key.
+    fn check_credential_request(
+        &self,
+        wireguard_public_key: Option<&str>,
+        days: u32,
+    ) -> Result<(Option<String>, String)> {
+        validate_days(days)?;
+        let wireguard_public_key = wireguard_public_key
+            .map(parse_wireguard_public_key)
+            .transpose()?;
+        self.require()?;
+        Ok((wireguard_public_key, self.wireguard_public_key()?))
     }
 
     /// Writes `name`'s certificate (valid for `days`) and key, its tls-crypt-v2 key and its
@@ -807,12 +826,8 @@ impl Pki {
         wireguard_public_key: Option<&str>,
         days: u32,
     ) -> Result<ClientRecord> {
-        validate_days(days)?;
-        let wireguard_public_key = wireguard_public_key
-            .map(parse_wireguard_public_key)
-            .transpose()?;
-        self.require()?;
-        let server_public_key = self.wireguard_public_key()?;
+        let (wireguard_public_key, server_public_key) =
+            self.check_credential_request(wireguard_public_key, days)?;
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
         let client = registry
@@ -919,17 +934,10 @@ impl Pki {
     }
 
     fn load_passwords(&self) -> Result<BTreeMap<String, String>> {
-        let path = self.path(PASSWORDS);
-        match fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|error| {
-                fail(format!(
-                    "{} is corrupt ({error}); restore it from a backup or delete it and set each password again (dockvpn client passwd NAME)",
-                    path.display()
-                ))
-            }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(error) => Err(io(format!("read {}", path.display()))(error)),
-        }
+        self.load_json(
+            PASSWORDS,
+            "restore it from a backup, or delete it and set each password again (dockvpn client passwd NAME)",
+        )
     }
 
     fn save_passwords(&self, passwords: &BTreeMap<String, String>) -> Result<()> {
