@@ -12,12 +12,13 @@ use crate::openvpn::keymethod::{parse_client_message, PeerInfo};
 use crate::openvpn::link::Link;
 use crate::openvpn::packet::{decode, Packet, SessionId};
 use crate::openvpn::reliable::{Received, Reliable, RECEIVE_WINDOW};
-use crate::openvpn::server::{EngineConfig, Output, Server};
+use crate::openvpn::server::{ClientRegistry, EngineConfig, Output, RegisteredClient, Server};
 use crate::openvpn::session::Session;
 use crate::openvpn::tcp_framing::{frame, Deframer};
 use crate::openvpn::tls_crypt::{ControlKey, StaticKey, TlsCrypt, WrapState};
 use crate::openvpn::tls_crypt_v2::ServerKey;
 use crate::openvpn::wrap::ControlWrap;
+use crate::password::Auth;
 use crate::pki::Pki;
 
 /// The server's session id in the reliability target; the fuzzer finds it in the seeds.
@@ -250,11 +251,20 @@ fn fuzz_server(tls_crypt: ControlWrap) -> Server {
         transition_window: Duration::from_secs(60),
         tls_crypt,
         key_derivation: None,
+        auth: Auth::Cert,
     });
-    server.set_clients(HashMap::from([(
-        CLIENT_NAME.to_owned(),
-        Ipv4Addr::new(10, 8, 0, 2),
-    )]));
+    // Fuzz input never completes a handshake with a client certificate.
+    server.set_clients(ClientRegistry {
+        clients: HashMap::from([(
+            CLIENT_NAME.to_owned(),
+            RegisteredClient {
+                address: Ipv4Addr::new(10, 8, 0, 2),
+                certificate: [0; 32],
+            },
+        )]),
+        revoked: Default::default(),
+        passwords: HashMap::new(),
+    });
     server
 }
 

@@ -6,5 +6,7 @@ pub mod address_book;
 pub mod dropped;
 pub mod fuzzing;
 pub mod openvpn;
+pub mod password;
 pub mod pki;
+pub mod refusal;
 pub mod wireguard;

@@ -32,6 +32,8 @@ use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
+use dockvpn::password::Auth;
+use dockvpn::refusal::Refusal;
 use dockvpn::{openvpn, pki};
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
@@ -248,6 +250,18 @@ struct ServeArgs {
     #[command(flatten)]
     tls_crypt: TlsCryptArg,
 
+    /// How OpenVPN clients authenticate: certificate only, or certificate and the password
+    /// set with `client passwd` (profiles then carry `auth-user-pass`; the username is the
+    /// client's name)
+    #[arg(
+        long,
+        env = "DOCKVPN_AUTH",
+        value_enum,
+        default_value_t = Auth::Cert,
+        help_heading = VPN
+    )]
+    auth: Auth,
+
     /// Address the WireGuard server listens on (UDP), or `off`; WireGuard clients share the
     /// registry, the pool, the tun and the routes with OpenVPN clients
     #[arg(
@@ -361,6 +375,8 @@ enum PkiCommand {
     /// Import a site's tls-auth key (its OpenVPN server's `tls-auth` file), so that its
     /// existing profiles connect with `run --tls-crypt tls-auth`
     ImportTlsAuth { file: std::path::PathBuf },
+    /// Print the CRL (PEM), signed by the CA, listing every revoked client certificate
+    Crl,
 }
 
 #[derive(Subcommand, Debug)]
@@ -377,6 +393,9 @@ enum ClientCommand {
         /// private key [default: a key pair generated here, which its profile carries]
         #[arg(long, value_name = "KEY")]
         wireguard_public_key: Option<String>,
+        /// How long the client's certificate is valid (days)
+        #[arg(long, default_value_t = pki::CLIENT_DAYS, value_name = "N")]
+        days: u32,
     },
     /// Print the client's ready profile: an inline .ovpn, or a wg-quick configuration
     Config {
@@ -402,8 +421,31 @@ enum ClientCommand {
     },
     /// List the clients, their addresses and WireGuard keys, and the profiles to issue again
     List(JsonArgs),
-    /// Remove a client (it is disconnected and cannot connect again)
+    /// Remove a client: its certificate is revoked, it is disconnected and cannot connect
+    /// again, also after a client of the same name is added
     Remove { name: String },
+    /// Revoke a client's certificate and WireGuard key: it is disconnected at once and cannot
+    /// connect again; it keeps its name and address for `client renew`
+    Revoke { name: String },
+    /// Issue a new certificate and WireGuard keys for the same name and address (hand out
+    /// its profiles again); the old certificate is revoked
+    Renew {
+        name: String,
+        /// The client's own new WireGuard public key [default: a key pair generated here]
+        #[arg(long, value_name = "KEY")]
+        wireguard_public_key: Option<String>,
+        /// How long the new certificate is valid (days)
+        #[arg(long, default_value_t = pki::CLIENT_DAYS, value_name = "N")]
+        days: u32,
+    },
+    /// Set the client's password for `run --auth cert+password`: typed at the prompt, or
+    /// one line on stdin (never on the command line)
+    Passwd {
+        name: String,
+        /// Refused: a password on the command line shows in `ps` and the shell history
+        #[arg(hide = true)]
+        password: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -427,8 +469,19 @@ fn main() -> ExitCode {
                 status(&cli.state_dir, routing, output.json).await
             }
             Command::Pki(PkiCommand::Init { force }) => {
+                if let (true, Some(running)) = (*force, read_vpn_status(&cli.state_dir)) {
+                    // The server keeps its CA and key in memory: a new PKI would not reach it.
+                    return Err(Error::Vnf(format!(
+                        "a Dockvpn server (pid {}) runs on this state directory: stop it first, then run `dockvpn pki init --force` and start the server again",
+                        running.pid
+                    )));
+                }
                 pki.init(*force)?;
                 println!("PKI created in {}", cli.state_dir.join("pki").display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Pki(PkiCommand::Crl) => {
+                print!("{}", pki.crl()?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Pki(PkiCommand::ImportTlsAuth { file }) => {
@@ -441,13 +494,15 @@ fn main() -> ExitCode {
                 address,
                 pool,
                 wireguard_public_key,
+                days,
             }) => {
-                let record = match wireguard_public_key {
-                    Some(key) => {
-                        pki.add_client_with_own_wireguard_key(name, pool.pool, *address, key)?
-                    }
-                    None => pki.add_client(name, pool.pool, *address)?,
-                };
+                let record = pki.add(
+                    name,
+                    pool.pool,
+                    *address,
+                    wireguard_public_key.as_deref(),
+                    *days,
+                )?;
                 // A WireGuard client may handshake right away: the server knows its key first.
                 reload_running_server(&cli.state_dir).await;
                 println!(
@@ -505,7 +560,11 @@ fn main() -> ExitCode {
                 let proto = proto
                     .or_else(|| running.as_ref().map(|status| status.proto))
                     .unwrap_or(Proto::Udp);
-                print!("{}", pki.profile(name, &host, port, proto, tls_crypt)?);
+                let auth = running.as_ref().map_or(Auth::Cert, |status| status.auth);
+                print!(
+                    "{}",
+                    pki.profile(name, (&host, port), proto, tls_crypt, auth)?
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
@@ -513,15 +572,43 @@ fn main() -> ExitCode {
             }
             Command::Client(ClientCommand::Remove { name }) => {
                 pki.remove_client(name)?;
-                match reload_running_server(&cli.state_dir).await {
-                    Some(true) => {
-                        println!("client {name} removed; the running server has cut it off")
-                    }
-                    Some(false) => {
-                        println!("client {name} removed; the running server cuts it off within 2 s")
-                    }
-                    None => println!("client {name} removed"),
+                let cut_off = cut_off_running_server(&cli.state_dir).await;
+                println!("client {name} removed, its certificate revoked{cut_off}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Passwd { name, password }) => {
+                if password.is_some() {
+                    return Err(Error::invalid(
+                        "PASSWORD",
+                        "(not shown)",
+                        format!("a password is never taken on the command line, where `ps` and the shell history show it: type it at the prompt of `dockvpn client passwd {name}`, or pipe it on stdin"),
+                    ));
                 }
+                pki.require_client(name)?;
+                pki.set_password(name, &read_password(name)?)?;
+                println!("client {name}: password set; it is asked for when the server runs with --auth cert+password");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Revoke { name }) => {
+                let certificate = pki.revoke_client(name)?;
+                let cut_off = cut_off_running_server(&cli.state_dir).await;
+                println!(
+                    "client {name}: certificate {} and WireGuard key revoked{cut_off}; `dockvpn client renew {name}` issues new ones",
+                    certificate.serial
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Renew {
+                name,
+                wireguard_public_key,
+                days,
+            }) => {
+                let record = pki.renew_client(name, wireguard_public_key.as_deref(), *days)?;
+                let cut_off = cut_off_running_server(&cli.state_dir).await;
+                println!(
+                    "client {name} renewed with address {}, the old certificate revoked{cut_off}; hand out its new profile: `dockvpn client config {name}` (`--format wireguard`)",
+                    record.address
+                );
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -564,6 +651,12 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                 None => "no key yet",
             };
             let mut notes = String::new();
+            if client.revoked.is_some() {
+                notes.push_str(&format!(
+                    "  revoked: `dockvpn client renew {}` issues new credentials",
+                    client.name
+                ));
+            }
             if needs_new_profile(&client.name) {
                 notes.push_str("  profile needs tls-crypt-v2: run `dockvpn client config` again");
             }
@@ -620,6 +713,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         reneg_after: (serve.reneg_sec > 0).then(|| Duration::from_secs(serve.reneg_sec)),
         transition_window: TRANSITION_WINDOW,
         key_derivation: serve.key_derivation.0,
+        auth: serve.auth,
         tls_crypt: control_wrap(
             &pki,
             serve
@@ -938,6 +1032,38 @@ fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
 }
 
+/// A new password: typed twice at a terminal (not echoed), else the first line of stdin.
+fn read_password(name: &str) -> Result<String> {
+    use std::io::IsTerminal;
+    let read_error = |source| Error::Io {
+        context: "read the password".to_owned(),
+        source,
+    };
+    if std::io::stdin().is_terminal() {
+        let password =
+            rpassword::prompt_password(format!("password for {name}: ")).map_err(read_error)?;
+        let again = rpassword::prompt_password("again: ").map_err(read_error)?;
+        if password != again {
+            return Err(Error::Vnf(
+                "the two passwords differ; nothing changed: run the command again".into(),
+            ));
+        }
+        return Ok(password);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(read_error)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+/// What became of a client's connections when a command cut it off, for its message.
+async fn cut_off_running_server(state_dir: &Path) -> &'static str {
+    match reload_running_server(state_dir).await {
+        Some(true) => "; the running server has cut it off",
+        Some(false) => "; the running server cuts it off within 2 s",
+        None => "",
+    }
+}
+
 /// Asks the running server, if one runs, to re-read the registry now (SIGHUP) and waits
 /// until it has (its status file counts the reloads): a client added or removed counts for it when
 /// the command returns. None when no server runs; false when it did not answer in time (it
@@ -1031,6 +1157,15 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
             tcp::SESSION_DEADLINE.as_secs(),
             tcp.closed_slow_reader
         ));
+    }
+    let refused: Vec<String> = Refusal::ALL
+        .iter()
+        .map(|&refusal| (refusal.name(), vpn.refused.get(refusal)))
+        .filter(|&(_, count)| count > 0)
+        .map(|(name, count)| format!("{count} {name}"))
+        .collect();
+    if !refused.is_empty() {
+        out.push_str(&format!("  clients refused: {}\n", refused.join(", ")));
     }
     if vpn.dropped.total() > 0 {
         out.push_str(&format!("  dropped input: {}\n", vpn.dropped));

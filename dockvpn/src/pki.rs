@@ -4,14 +4,20 @@
 //! with mode 0600; every change is serialized by a lock and written atomically.
 //! WireGuard lives beside it: the server's static key (`wireguard.key`), and per client a key
 //! pair (the private half only when generated here) and a preshared key.
+//! Each registry entry is bound to its current certificate (serial and SHA-256 fingerprint);
+//! certificates replaced or revoked are listed in the registry and in a CRL (`crl.pem`)
+//! signed by the CA.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::openvpn::server::{ClientRegistry, RegisteredClient};
+use crate::openvpn::session::{fingerprint, Fingerprint};
+use crate::password::Auth;
 use crate::wireguard::PeerConfig;
 use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -19,8 +25,9 @@ use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -48,8 +55,16 @@ const WIREGUARD_CLIENT_KEY: &str = "wg.key";
 /// A client's WireGuard preshared key under `clients/`.
 const WIREGUARD_PRESHARED_KEY: &str = "wg.psk";
 pub const SERVER_NAME: &str = "dockvpn-server";
+/// The certificate revocation list, PEM.
+const CRL: &str = "crl.pem";
+/// Client name → Argon2id hash of its password (`client passwd`), mode 0600.
+const PASSWORDS: &str = "passwords.json";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
+/// A client certificate's validity unless `client add --days` says otherwise.
+pub const CLIENT_DAYS: u32 = 365 * LEAF_YEARS as u32;
+/// How long a CRL is valid for the tools that read it; each revocation issues a new one.
+const CRL_DAYS: i64 = 365;
 
 fn fail(message: impl Into<String>) -> Error {
     Error::Vnf(message.into())
@@ -103,6 +118,36 @@ pub struct ClientRecord {
     /// wireguard` first runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardIdentity>,
+    /// The one certificate that connects as this client (absent for clients added before
+    /// certificates were bound: the certificate in its file is the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateBinding>,
+    /// When `client revoke` cut it off (seconds since the Unix epoch): it keeps its name and
+    /// address, and connects again only after `client renew`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<u64>,
+}
+
+/// A certificate as the registry knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertificateBinding {
+    /// The serial number, hex.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, hex.
+    pub sha256: String,
+    /// The end of its validity (seconds since the Unix epoch).
+    pub not_after: i64,
+}
+
+/// A certificate that no longer connects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokedCertificate {
+    /// The client it was issued to.
+    pub name: String,
+    #[serde(flatten)]
+    pub certificate: CertificateBinding,
+    /// Seconds since the Unix epoch.
+    pub revoked: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -131,6 +176,9 @@ pub struct WireguardProfileKeys {
 #[serde(deny_unknown_fields)]
 struct Registry {
     clients: BTreeMap<String, ClientRecord>,
+    /// Every certificate revoked so far (the CRL lists them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revoked: Vec<RevokedCertificate>,
 }
 
 pub struct Pki {
@@ -178,7 +226,7 @@ impl Pki {
             )));
         }
         let ca_key = KeyPair::generate().map_err(cert_error("generate the CA key"))?;
-        let mut ca = leaf_params(CA_NAME, CA_YEARS)?;
+        let mut ca = leaf_params(CA_NAME, time::Duration::days(365 * CA_YEARS))?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -189,7 +237,7 @@ impl Pki {
         let issuer = Issuer::new(ca, ca_key);
 
         let server_key = KeyPair::generate().map_err(cert_error("generate the server key"))?;
-        let mut server = leaf_params(SERVER_NAME, LEAF_YEARS)?;
+        let mut server = leaf_params(SERVER_NAME, time::Duration::days(365 * LEAF_YEARS))?;
         // OpenVPN ignores names; a SAN lets generic TLS clients (and our tests) verify too.
         server.subject_alt_names = vec![rcgen::SanType::DnsName(
             SERVER_NAME.try_into().map_err(cert_error("server name"))?,
@@ -213,7 +261,7 @@ impl Pki {
             &key_file_text(&new_wireguard_secret()),
         )?;
         let _ = fs::remove_file(self.path(TLS_CRYPT_KEY));
-        Ok(())
+        self.write_crl(&self.load_registry()?)
     }
 
     /// The server's static private key: `wireguard.key` (base64 like `wg genkey`, mode
@@ -240,7 +288,7 @@ impl Pki {
         let _lock = self.lock()?;
         let mut peers = Vec::new();
         for client in self.load_registry()?.clients.into_values() {
-            let Some(identity) = &client.wireguard else {
+            let (Some(identity), None) = (&client.wireguard, &client.revoked) else {
                 continue;
             };
             match self.wireguard_peer(&client, identity) {
@@ -554,15 +602,23 @@ impl Pki {
     }
 
     fn load_registry(&self) -> Result<Registry> {
-        let path = self.path("clients.json");
+        self.load_json(
+            "clients.json",
+            "restore it from a backup — clients cannot be added until it parses",
+        )
+    }
+
+    /// A JSON file of the PKI (empty when absent); `fix` says what to do when it is corrupt.
+    fn load_json<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        file: &str,
+        fix: &str,
+    ) -> Result<T> {
+        let path = self.path(file);
         match fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|error| {
-                fail(format!(
-                    "{} is corrupt ({error}); restore it from a backup — clients cannot be added until it parses",
-                    path.display()
-                ))
-            }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|error| fail(format!("{} is corrupt ({error}); {fix}", path.display()))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
             Err(error) => Err(io(format!("read {}", path.display()))(error)),
         }
     }
@@ -584,34 +640,22 @@ impl Pki {
         pool: Ipv4Net,
         address: Option<Ipv4Addr>,
     ) -> Result<ClientRecord> {
-        self.issue_client(name, pool, address, None)
+        self.add(name, pool, address, None, CLIENT_DAYS)
     }
 
-    /// `add_client` for a client that keeps its own WireGuard private key: the registry
-    /// holds its public key (`wg pubkey`'s base64).
-    pub fn add_client_with_own_wireguard_key(
-        &self,
-        name: &str,
-        pool: Ipv4Net,
-        address: Option<Ipv4Addr>,
-        wireguard_public_key: &str,
-    ) -> Result<ClientRecord> {
-        self.issue_client(name, pool, address, Some(wireguard_public_key))
-    }
-
-    fn issue_client(
+    /// Issues a certificate valid for `days` and WireGuard keys (or takes the client's own
+    /// public key) for `name`, and gives it the next free address in `pool` (or `address`).
+    pub fn add(
         &self,
         name: &str,
         pool: Ipv4Net,
         address: Option<Ipv4Addr>,
         wireguard_public_key: Option<&str>,
+        days: u32,
     ) -> Result<ClientRecord> {
         validate_name(name)?;
-        let wireguard_public_key = wireguard_public_key
-            .map(parse_wireguard_public_key)
-            .transpose()?;
-        self.require()?;
-        let server_public_key = self.wireguard_public_key()?;
+        let (wireguard_public_key, server_public_key) =
+            self.check_credential_request(wireguard_public_key, days)?;
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
         if registry.clients.contains_key(name) {
@@ -620,25 +664,7 @@ impl Pki {
             )));
         }
         if let Some(key) = &wireguard_public_key {
-            // WireGuard tells peers apart by their public keys alone.
-            let owner = registry
-                .clients
-                .values()
-                .find(|client| {
-                    client
-                        .wireguard
-                        .as_ref()
-                        .is_some_and(|id| &id.public_key == key)
-                })
-                .map(|client| format!("client {:?}", client.name))
-                .or_else(|| (*key == server_public_key).then(|| "the server".to_owned()));
-            if let Some(owner) = owner {
-                return Err(Error::invalid(
-                    "--wireguard-public-key",
-                    key,
-                    format!("already the key of {owner}: give the public key of the new client's own key pair (`wg genkey | wg pubkey`)"),
-                ));
-            }
+            check_wireguard_key_is_free(&registry, key, &server_public_key)?;
         }
         let taken: Vec<Ipv4Addr> = registry.clients.values().map(|c| c.address).collect();
         let server_address = pool.hosts().next();
@@ -671,13 +697,46 @@ impl Pki {
                 })?,
         };
 
-        let issuer = Issuer::from_ca_cert_pem(
-            &self.read("ca.crt")?,
-            KeyPair::from_pem(&self.read("ca.key")?).map_err(cert_error("read the CA key"))?,
-        )
-        .map_err(cert_error("read the CA certificate"))?;
+        let (certificate, wireguard) = self.issue_credentials(name, wireguard_public_key, days)?;
+        let record = ClientRecord {
+            name: name.to_owned(),
+            address,
+            created: unix_now(),
+            wireguard: Some(wireguard),
+            certificate: Some(certificate),
+            revoked: None,
+        };
+        registry.clients.insert(name.to_owned(), record.clone());
+        self.save_registry(&registry)?;
+        Ok(record)
+    }
+
+    /// Checks what `add` and `renew` are given before the lock: `days`, and the client's own
+    /// WireGuard key (normalized); that key and the server's public key.
+    fn check_credential_request(
+        &self,
+        wireguard_public_key: Option<&str>,
+        days: u32,
+    ) -> Result<(Option<String>, String)> {
+        validate_days(days)?;
+        let wireguard_public_key = wireguard_public_key
+            .map(parse_wireguard_public_key)
+            .transpose()?;
+        self.require()?;
+        Ok((wireguard_public_key, self.wireguard_public_key()?))
+    }
+
+    /// Writes `name`'s certificate (valid for `days`) and key, its tls-crypt-v2 key and its
+    /// WireGuard keys (the caller holds the PKI lock).
+    fn issue_credentials(
+        &self,
+        name: &str,
+        wireguard_public_key: Option<String>,
+        days: u32,
+    ) -> Result<(CertificateBinding, WireguardIdentity)> {
+        let issuer = self.issuer()?;
         let key = KeyPair::generate().map_err(cert_error("generate the client key"))?;
-        let mut params = leaf_params(name, LEAF_YEARS)?;
+        let mut params = leaf_params(name, time::Duration::days(days.into()))?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params
             .signed_by(&key, &issuer)
@@ -689,28 +748,141 @@ impl Pki {
                 .map_err(|error| fail(format!("{TLS_CRYPT_V2_SERVER_KEY}: {error}")))?;
             self.issue_client_tls_crypt_v2_key(name, &server_key)?;
         }
+        // A client that brings its own key pair has no private key here (any more).
+        if wireguard_public_key.is_some() {
+            let _ = fs::remove_file(self.client_path(name, WIREGUARD_CLIENT_KEY));
+        }
         let wireguard = self.issue_wireguard_keys(name, wireguard_public_key)?;
+        Ok((bind(cert.der())?, wireguard))
+    }
 
+    /// The CA as the signer of certificates and CRLs.
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>> {
+        Issuer::from_ca_cert_pem(
+            &self.read("ca.crt")?,
+            KeyPair::from_pem(&self.read("ca.key")?).map_err(cert_error("read the CA key"))?,
+        )
+        .map_err(cert_error("read the CA certificate"))
+    }
+
+    /// The certificate that connects as `client`: the bound one, or for a client from before
+    /// binding, the one in its file.
+    fn current_certificate(&self, client: &ClientRecord) -> Result<CertificateBinding> {
+        if let Some(certificate) = &client.certificate {
+            return Ok(certificate.clone());
+        }
+        let path = self.client_path(&client.name, "crt");
+        let text = fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+        let der = CertificateDer::from_pem_slice(text.as_bytes()).map_err(|error| {
+            fail(format!(
+                "{} is not a certificate ({error}); `dockvpn client renew {}` issues a new one",
+                path.display(),
+                client.name
+            ))
+        })?;
+        bind(&der)
+    }
+
+    /// Lists `client`'s current certificate as revoked (the caller holds the lock, saves the
+    /// registry and writes the CRL).
+    fn revoke_current(&self, registry: &mut Registry, client: &ClientRecord) -> Result<()> {
+        let certificate = self.current_certificate(client)?;
+        if !registry
+            .revoked
+            .iter()
+            .any(|revoked| revoked.certificate.sha256 == certificate.sha256)
+        {
+            registry.revoked.push(RevokedCertificate {
+                name: client.name.clone(),
+                certificate,
+                revoked: unix_now(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `client revoke`: the client's certificate and WireGuard key stop working; it keeps
+    /// its name and address until `client renew` or `client remove`.
+    pub fn revoke_client(&self, name: &str) -> Result<CertificateBinding> {
+        self.require()?;
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let client = registry
+            .clients
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown_client(name))?;
+        if client.revoked.is_some() {
+            return Err(Error::invalid(
+                "NAME",
+                name,
+                format!("already revoked: `dockvpn client renew {name}` issues a new certificate, `dockvpn client remove {name}` removes the client"),
+            ));
+        }
+        let certificate = self.current_certificate(&client)?;
+        self.revoke_current(&mut registry, &client)?;
+        registry.clients.insert(
+            name.to_owned(),
+            ClientRecord {
+                revoked: Some(unix_now()),
+                ..client
+            },
+        );
+        self.save_registry(&registry)?;
+        self.write_crl(&registry)?;
+        Ok(certificate)
+    }
+
+    /// `client renew`: a new certificate (valid for `days`) and WireGuard keys for the same
+    /// name and address; the old certificate is revoked.
+    pub fn renew_client(
+        &self,
+        name: &str,
+        wireguard_public_key: Option<&str>,
+        days: u32,
+    ) -> Result<ClientRecord> {
+        let (wireguard_public_key, server_public_key) =
+            self.check_credential_request(wireguard_public_key, days)?;
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let client = registry
+            .clients
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown_client(name))?;
+        if let Some(key) = &wireguard_public_key {
+            check_wireguard_key_is_free(&registry, key, &server_public_key)?;
+        }
+        self.revoke_current(&mut registry, &client)?;
+        let (certificate, wireguard) = self.issue_credentials(name, wireguard_public_key, days)?;
         let record = ClientRecord {
-            name: name.to_owned(),
-            address,
-            created: unix_now(),
             wireguard: Some(wireguard),
+            certificate: Some(certificate),
+            revoked: None,
+            ..client
         };
         registry.clients.insert(name.to_owned(), record.clone());
         self.save_registry(&registry)?;
+        self.write_crl(&registry)?;
         Ok(record)
     }
 
+    /// Removes a client; its certificate is revoked, so a copy kept elsewhere never
+    /// connects again, even after a client of the same name is added.
     pub fn remove_client(&self, name: &str) -> Result<()> {
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
-        if registry.clients.remove(name).is_none() {
-            return Err(fail(format!(
-                "no client named {name:?} (see `dockvpn client list`)"
-            )));
-        }
+        let client = registry
+            .clients
+            .remove(name)
+            .ok_or_else(|| unknown_client(name))?;
+        self.revoke_current(&mut registry, &client)?;
         self.save_registry(&registry)?;
+        self.write_crl(&registry)?;
+        let mut passwords = self.load_passwords()?;
+        if passwords.remove(name).is_some() {
+            self.save_passwords(&passwords)?;
+        }
         for extension in [
             "crt",
             "key",
@@ -723,16 +895,132 @@ impl Pki {
         Ok(())
     }
 
+    /// The registry as the OpenVPN engine admits clients: each client that is not revoked,
+    /// with its current certificate, and every revoked certificate.
+    pub fn openvpn_registry(&self) -> Result<ClientRegistry> {
+        // Under the lock, a client being added or removed is seen whole or not at all.
+        let _lock = self.lock()?;
+        let registry = self.load_registry()?;
+        let mut clients = std::collections::HashMap::new();
+        for client in registry.clients.values() {
+            if client.revoked.is_some() {
+                continue;
+            }
+            let certificate = self.current_certificate(client)?;
+            clients.insert(
+                client.name.clone(),
+                RegisteredClient {
+                    address: client.address,
+                    certificate: parse_fingerprint(&certificate.sha256)?,
+                },
+            );
+        }
+        let revoked = registry
+            .revoked
+            .iter()
+            .map(|revoked| parse_fingerprint(&revoked.certificate.sha256))
+            .collect::<Result<HashSet<_>>>()?;
+        Ok(ClientRegistry {
+            clients,
+            revoked,
+            passwords: self.load_passwords()?.into_iter().collect(),
+        })
+    }
+
+    /// Fails naming the fix unless `name` is a registered client.
+    pub fn require_client(&self, name: &str) -> Result<()> {
+        self.require()?;
+        match self.load_registry()?.clients.contains_key(name) {
+            true => Ok(()),
+            false => Err(unknown_client(name)),
+        }
+    }
+
+    /// `client passwd`: stores the Argon2id hash of `name`'s password.
+    pub fn set_password(&self, name: &str, password: &str) -> Result<()> {
+        let hash = crate::password::hash(password)?;
+        let _lock = self.lock()?;
+        if !self.load_registry()?.clients.contains_key(name) {
+            return Err(unknown_client(name));
+        }
+        let mut passwords = self.load_passwords()?;
+        passwords.insert(name.to_owned(), hash);
+        self.save_passwords(&passwords)
+    }
+
+    fn load_passwords(&self) -> Result<BTreeMap<String, String>> {
+        self.load_json(
+            PASSWORDS,
+            "restore it from a backup, or delete it and set each password again (dockvpn client passwd NAME)",
+        )
+    }
+
+    fn save_passwords(&self, passwords: &BTreeMap<String, String>) -> Result<()> {
+        let text = serde_json::to_string_pretty(passwords).expect("passwords serialize");
+        write_private(&self.path(PASSWORDS), &text)
+    }
+
+    /// The CRL (PEM) listing every revoked client certificate, signed by the CA; made now
+    /// for a PKI from before revocation.
+    pub fn crl(&self) -> Result<String> {
+        self.require()?;
+        if !self.path(CRL).exists() {
+            let _lock = self.lock()?;
+            self.write_crl(&self.load_registry()?)?;
+        }
+        self.read(CRL)
+    }
+
+    /// Signs and writes the CRL for `registry`'s revoked certificates.
+    fn write_crl(&self, registry: &Registry) -> Result<()> {
+        let now = time::OffsetDateTime::from(SystemTime::now());
+        let revoked_certs = registry
+            .revoked
+            .iter()
+            .map(|revoked| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&parse_hex(
+                        &revoked.certificate.serial,
+                    )?),
+                    revocation_time: time::OffsetDateTime::from_unix_timestamp(
+                        revoked.revoked as i64,
+                    )
+                    .unwrap_or(now),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(CRL_DAYS),
+            // Seconds since the epoch: each CRL's number is larger than the last one's.
+            crl_number: SerialNumber::from_slice(&unix_now().to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer()?)
+            .map_err(cert_error("sign the CRL"))?;
+        write_public(
+            &self.path(CRL),
+            &crl.pem().map_err(cert_error("encode the CRL"))?,
+        )
+    }
+
     /// A ready inline `.ovpn` profile for the stock OpenVPN client, carrying the key that
-    /// `tls_crypt` asks for: the client's own tls-crypt-v2 key, or the shared tls-crypt key.
+    /// `tls_crypt` asks for: the client's own tls-crypt-v2 key, or the shared tls-crypt key;
+    /// with `auth-user-pass` when the server asks for passwords.
     pub fn profile(
         &self,
         name: &str,
-        remote_host: &str,
-        remote_port: u16,
+        remote: (&str, u16),
         proto: Proto,
         tls_crypt: TlsCryptMode,
+        auth: Auth,
     ) -> Result<String> {
+        let (remote_host, remote_port) = remote;
         self.require()?;
         if !self.load_registry()?.clients.contains_key(name) {
             return Err(no_such_client(name));
@@ -750,6 +1038,7 @@ impl Pki {
              remote-cert-tls server\n\
              {exit_notify}\
              verb 3\n\
+             {auth_user_pass}\
              {connections}\
              <ca>\n{ca}</ca>\n\
              <cert>\n{cert}</cert>\n\
@@ -771,6 +1060,10 @@ impl Pki {
             },
             // A TCP client's server sees it leave when the connection closes (the client
             // would say it ignores the option).
+            auth_user_pass = match auth {
+                Auth::Cert => "",
+                Auth::CertAndPassword => "auth-user-pass\n",
+            },
             exit_notify = match proto {
                 Proto::Tcp => "",
                 Proto::Udp | Proto::Both => "explicit-exit-notify\n",
@@ -834,6 +1127,95 @@ impl Pki {
     }
 }
 
+fn unknown_client(name: &str) -> Error {
+    Error::invalid(
+        "NAME",
+        name,
+        "no such client (`dockvpn client list` shows them)",
+    )
+}
+
+/// WireGuard tells peers apart by their public keys alone: a new one must be nobody's yet.
+fn check_wireguard_key_is_free(
+    registry: &Registry,
+    key: &str,
+    server_public_key: &str,
+) -> Result<()> {
+    let owner = registry
+        .clients
+        .values()
+        .find(|client| {
+            client
+                .wireguard
+                .as_ref()
+                .is_some_and(|id| id.public_key == key)
+        })
+        .map(|client| format!("client {:?}", client.name))
+        .or_else(|| (key == server_public_key).then(|| "the server".to_owned()));
+    match owner {
+        Some(owner) => Err(Error::invalid(
+            "--wireguard-public-key",
+            key,
+            format!("already the key of {owner}: give the public key of the new client's own key pair (`wg genkey | wg pubkey`)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn validate_days(days: u32) -> Result<()> {
+    if (1..=36500).contains(&days) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "--days",
+            days,
+            "a client certificate is valid for 1 to 36500 days",
+        ))
+    }
+}
+
+/// The registry's record of a DER certificate.
+fn bind(der: &[u8]) -> Result<CertificateBinding> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der)
+        .map_err(|error| fail(format!("parse a client certificate: {error}")))?;
+    Ok(CertificateBinding {
+        serial: hex(certificate.raw_serial()),
+        sha256: hex(&fingerprint(der)),
+        not_after: certificate.validity().not_after.timestamp(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>> {
+    let corrupt = || {
+        fail(format!(
+            "clients.json: {text:?} is not hex; restore the file from a backup"
+        ))
+    };
+    if text.len() % 2 != 0 {
+        return Err(corrupt());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(corrupt)
+        })
+        .collect()
+}
+
+fn parse_fingerprint(text: &str) -> Result<Fingerprint> {
+    parse_hex(text)?.try_into().map_err(|_| {
+        fail(format!(
+            "clients.json: {text:?} is not a SHA-256 fingerprint; restore the file from a backup"
+        ))
+    })
+}
+
 fn no_such_client(name: &str) -> Error {
     fail(format!(
         "no client named {name:?}; add it with `dockvpn client add {name}`"
@@ -883,7 +1265,7 @@ fn decode_key(text: &str) -> std::result::Result<[u8; 32], String> {
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("{} bytes, not 32", bytes.len()))
 }
 
-fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
+fn leaf_params(common_name: &str, validity: time::Duration) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())
         .map_err(cert_error("certificate parameters"))?;
     let mut name = DistinguishedName::new();
@@ -891,7 +1273,7 @@ fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
     params.distinguished_name = name;
     let now = time::OffsetDateTime::from(SystemTime::now());
     params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(365 * years);
+    params.not_after = now + validity;
     let mut serial = [0u8; 16];
     rand::rng().fill_bytes(&mut serial);
     serial[0] &= 0x7f;
@@ -978,18 +1360,36 @@ mod tests {
         assert_eq!(pki.default_tls_crypt_mode(), TlsCryptMode::V2);
         assert!(!pki.has_tls_crypt_key(), "a new PKI needs no shared key");
         let profile = pki
-            .profile("alice", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
+            .profile(
+                "alice",
+                ("10.0.2.2", 1194),
+                Proto::Udp,
+                TlsCryptMode::V2,
+                Auth::Cert,
+            )
             .unwrap();
         // The layout of every profile issued before TCP.
         assert!(profile.contains("dev tun\nproto udp\nremote 10.0.2.2 1194\nnobind\n"));
         let tcp = pki
-            .profile("alice", "10.0.2.2", 443, Proto::Tcp, TlsCryptMode::V2)
+            .profile(
+                "alice",
+                ("10.0.2.2", 443),
+                Proto::Tcp,
+                TlsCryptMode::V2,
+                Auth::Cert,
+            )
             .unwrap();
         assert!(tcp.contains("dev tun\nproto tcp-client\nremote 10.0.2.2 443\nnobind\n"));
         assert!(!tcp.contains("explicit-exit-notify"));
         assert!(profile.contains("remote-cert-tls server\nexplicit-exit-notify\nverb 3\n"));
         let both = pki
-            .profile("alice", "10.0.2.2", 1194, Proto::Both, TlsCryptMode::V2)
+            .profile(
+                "alice",
+                ("10.0.2.2", 1194),
+                Proto::Both,
+                TlsCryptMode::V2,
+                Auth::Cert,
+            )
             .unwrap();
         assert!(both.contains(
             "dev tun\nnobind\nremote-cert-tls server\nexplicit-exit-notify\nverb 3\n\
@@ -1001,8 +1401,14 @@ mod tests {
         assert!(profile.contains(v2_block), "{profile}");
         // The same key each time the profile is issued.
         assert_eq!(
-            pki.profile("alice", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
-                .unwrap(),
+            pki.profile(
+                "alice",
+                ("10.0.2.2", 1194),
+                Proto::Udp,
+                TlsCryptMode::V2,
+                Auth::Cert
+            )
+            .unwrap(),
             profile
         );
         assert!(pki
@@ -1016,7 +1422,13 @@ mod tests {
             ["bob"]
         );
         assert!(pki
-            .profile("bob", "10.0.2.2", 1194, Proto::Udp, TlsCryptMode::V2)
+            .profile(
+                "bob",
+                ("10.0.2.2", 1194),
+                Proto::Udp,
+                TlsCryptMode::V2,
+                Auth::Cert
+            )
             .unwrap()
             .contains(v2_block));
         assert!(pki
@@ -1071,14 +1483,14 @@ mod tests {
         // A client with its own key pair: no private key here, the key must be 32 bytes.
         for bad in ["", "not base64!", "AAAA", &encode_key(&[7; 32])[..40]] {
             let error = pki
-                .add_client_with_own_wireguard_key("bob", pool, None, bad)
+                .add("bob", pool, None, Some(bad), CLIENT_DAYS)
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("--wireguard-public-key"), "{error}");
             assert!(error.contains("44 characters of base64"), "{error}");
         }
         let error = pki
-            .add_client_with_own_wireguard_key("bob", pool, None, &identity.public_key)
+            .add("bob", pool, None, Some(&identity.public_key), CLIENT_DAYS)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1087,7 +1499,7 @@ mod tests {
         );
         let bob_public = wireguard_public_key_of(new_wireguard_secret());
         let bob = pki
-            .add_client_with_own_wireguard_key("bob", pool, None, &bob_public)
+            .add("bob", pool, None, Some(&bob_public), CLIENT_DAYS)
             .unwrap();
         assert_eq!(bob.wireguard.unwrap().public_key, bob_public);
         assert!(!pki.client_path("bob", WIREGUARD_CLIENT_KEY).exists());
@@ -1152,6 +1564,125 @@ mod tests {
         pki.remove_client("alice").unwrap();
         assert!(!alice_key.exists() && !alice_psk.exists());
         assert_eq!(pki.wireguard_peers().unwrap().len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn revoke_renew_and_remove_keep_the_registry_and_the_crl_in_step() {
+        let (dir, pki) = fresh_pki("revoke");
+        let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        pki.init(false).unwrap();
+        let alice = pki.add("alice", pool, None, None, 30).unwrap();
+        pki.add_client("bob", pool, None).unwrap();
+        let first = alice.certificate.clone().unwrap();
+        let validity = first.not_after - unix_now() as i64;
+        assert!((29 * 86400..=30 * 86400).contains(&validity), "{validity}");
+        for days in [0, 36501] {
+            let error = pki
+                .add("carol", pool, None, None, days)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("--days") && error.contains("1 to 36500"),
+                "{error}"
+            );
+        }
+
+        // Bad input changes nothing.
+        let before = fs::read_to_string(pki.path("clients.json")).unwrap();
+        let error = pki.revoke_client("mallory").unwrap_err().to_string();
+        assert!(
+            error.contains("\"mallory\"") && error.contains("client list"),
+            "{error}"
+        );
+        assert_eq!(
+            fs::read_to_string(pki.path("clients.json")).unwrap(),
+            before
+        );
+
+        let revoked = pki.revoke_client("alice").unwrap();
+        assert_eq!(revoked, first);
+        let error = pki.revoke_client("alice").unwrap_err().to_string();
+        assert!(
+            error.contains("already revoked") && error.contains("client renew alice"),
+            "{error}"
+        );
+        let registry = pki.openvpn_registry().unwrap();
+        assert!(!registry.clients.contains_key("alice"));
+        assert!(registry
+            .revoked
+            .contains(&parse_fingerprint(&first.sha256).unwrap()));
+        let peers: Vec<String> = pki
+            .wireguard_peers()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            peers,
+            ["bob"],
+            "a revoked client's WireGuard key is no peer"
+        );
+        let crl_serials = |pki: &Pki| -> Vec<String> {
+            let pem = pki.crl().unwrap();
+            let der =
+                rustls::pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+                    .unwrap();
+            let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+            crl.iter_revoked_certificates()
+                .map(|c| hex(c.raw_serial()))
+                .collect()
+        };
+        assert_eq!(crl_serials(&pki), std::slice::from_ref(&first.serial));
+
+        // Renewed: the same address, a new certificate and WireGuard key.
+        let old_wireguard = alice.wireguard.clone().unwrap().public_key;
+        let renewed = pki.renew_client("alice", None, CLIENT_DAYS).unwrap();
+        assert_eq!(renewed.address, alice.address);
+        assert_eq!(renewed.revoked, None);
+        let second = renewed.certificate.clone().unwrap();
+        assert_ne!(second.sha256, first.sha256);
+        assert_ne!(renewed.wireguard.unwrap().public_key, old_wireguard);
+        let registry = pki.openvpn_registry().unwrap();
+        assert_eq!(
+            registry.clients["alice"].certificate,
+            parse_fingerprint(&second.sha256).unwrap()
+        );
+        assert_eq!(pki.wireguard_peers().unwrap().len(), 2);
+
+        // Removed: the current certificate joins the CRL; a new alice gets a new one.
+        let bob = pki.clients().unwrap()[1].certificate.clone().unwrap();
+        pki.remove_client("bob").unwrap();
+        // Renewing a revoked client listed its certificate once.
+        assert_eq!(crl_serials(&pki), [first.serial.clone(), bob.serial]);
+        let error = pki.remove_client("bob").unwrap_err().to_string();
+        assert!(error.contains("\"bob\""), "{error}");
+        // Renewing a connected client revokes its certificate.
+        pki.renew_client("alice", None, 1).unwrap();
+        assert_eq!(crl_serials(&pki)[2], second.serial);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_from_before_binding_is_bound_to_the_certificate_in_its_file() {
+        let (dir, pki) = fresh_pki("unbound");
+        let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        pki.init(false).unwrap();
+        let alice = pki.add_client("alice", pool, None).unwrap();
+        let mut registry = pki.load_registry().unwrap();
+        registry.clients.get_mut("alice").unwrap().certificate = None;
+        pki.save_registry(&registry).unwrap();
+        let certificate = parse_fingerprint(&alice.certificate.unwrap().sha256).unwrap();
+        assert_eq!(
+            pki.openvpn_registry().unwrap().clients["alice"].certificate,
+            certificate
+        );
+        pki.remove_client("alice").unwrap();
+        assert!(pki
+            .openvpn_registry()
+            .unwrap()
+            .revoked
+            .contains(&certificate));
         fs::remove_dir_all(&dir).unwrap();
     }
 

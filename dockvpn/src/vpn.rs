@@ -27,7 +27,9 @@ use dockvpn::openvpn::link::Link;
 pub use dockvpn::openvpn::link::Proto;
 use dockvpn::openvpn::server::{self, EngineConfig, Server};
 use dockvpn::openvpn::wrap::ControlWrap;
+use dockvpn::password::Auth;
 use dockvpn::pki::{Pki, TlsCryptMode};
+use dockvpn::refusal::Refusals;
 use dockvpn::wireguard::{self, WireguardServer};
 
 /// How often status.json is rewritten while nothing happens.
@@ -67,6 +69,12 @@ pub struct VpnStatus {
     #[serde(default)]
     pub handshaking: usize,
     pub dropped: Counters,
+    /// Clients refused, by reason (a server from before counted none).
+    #[serde(default)]
+    pub refused: Refusals,
+    /// How OpenVPN clients authenticate (so `client config` adds `auth-user-pass`).
+    #[serde(default)]
+    pub auth: Auth,
     pub updated_unix: u64,
     /// How the control channel is wrapped (so `client config` issues matching profiles).
     pub tls_crypt: TlsCryptMode,
@@ -304,8 +312,8 @@ impl Driver {
         openvpn.set_routes(routes);
         let registry = Pki::new(&config.state_dir);
         let reader = Pki::new(&config.state_dir);
-        openvpn.set_registry_reader(Box::new(move || match reader.clients() {
-            Ok(clients) => Some(clients.into_iter().map(|c| (c.name, c.address)).collect()),
+        openvpn.set_registry_reader(Box::new(move || match reader.openvpn_registry() {
+            Ok(clients) => Some(clients),
             Err(error) => {
                 warn!(%error, "client registry unreadable; keeping the last one");
                 None
@@ -648,6 +656,8 @@ fn write_status(config: &VpnConfig, driver: &Driver) {
         clients,
         handshaking: driver.openvpn.handshaking(),
         dropped: driver.dropped(),
+        refused: driver.openvpn.refusals,
+        auth: config.engine.auth,
         updated_unix: clock.unix(now),
         tls_crypt: match config.engine.tls_crypt {
             ControlWrap::Plain => TlsCryptMode::Off,

@@ -2,7 +2,6 @@
 //! talks to `Server` over an in-memory wire that can lose, duplicate and reorder datagrams,
 //! on a virtual clock.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use super::tls_crypt_v2::ServerKey;
 use super::wrap::ControlWrap;
 
 const HARD_RESET_CLIENT_V3: u8 = 10;
+use crate::password::Auth;
 use crate::pki::{Pki, SERVER_NAME};
 use ipnet::Ipv4Net;
 
@@ -57,7 +57,7 @@ impl TestPki {
             .add_client(name, "10.8.0.0/24".parse().unwrap(), None)
             .unwrap();
         let mut server = Server::new(config);
-        server.set_clients(HashMap::from([(name.to_owned(), record.address)]));
+        server.set_clients(self.pki.openvpn_registry().unwrap());
         (server, record.address)
     }
 }
@@ -83,6 +83,7 @@ fn engine_config(pki: &Pki) -> EngineConfig {
         transition_window: Duration::from_secs(60),
         tls_crypt: ControlWrap::Plain,
         key_derivation: None,
+        auth: Auth::Cert,
     }
 }
 
@@ -126,6 +127,10 @@ struct TestClient {
     server_random: Option<[u8; keymethod::SERVER_RANDOM_LEN]>,
     /// The push reply left out tls-ekm: keys come from the PRF.
     prf: bool,
+    /// The server's TLS refused the handshake (the alert it sent).
+    tls_error: Option<rustls::Error>,
+    /// `auth-user-pass`: the username and password sent in key-method 2.
+    credentials: Option<(&'static str, &'static str)>,
 }
 
 impl TestClient {
@@ -172,6 +177,8 @@ impl TestClient {
             peer_info: format!("IV_VER=2.6.14\nIV_PROTO=142\nIV_CIPHERS={ciphers}\n"),
             server_random: None,
             prf: false,
+            tls_error: None,
+            credentials: None,
         }
     }
 
@@ -251,7 +258,10 @@ impl TestClient {
                     while !slice.is_empty() {
                         self.tls.read_tls(&mut slice).unwrap();
                     }
-                    self.tls.process_new_packets().unwrap();
+                    if let Err(error) = self.tls.process_new_packets() {
+                        self.tls_error = Some(error);
+                        return;
+                    }
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -259,7 +269,11 @@ impl TestClient {
         if self.tls_started && !self.tls.is_handshaking() && !self.key_sent {
             self.tls
                 .writer()
-                .write_all(&keymethod::client_message(self.options, &self.peer_info))
+                .write_all(&keymethod::client_message_with_credentials(
+                    self.options,
+                    self.credentials,
+                    &self.peer_info,
+                ))
                 .unwrap();
             if self.key_id == 0 {
                 self.tls.writer().write_all(b"PUSH_REQUEST\0").unwrap();
@@ -1261,10 +1275,7 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
         .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
         .unwrap()
         .address;
-    server.set_clients(HashMap::from([
-        ("alice".to_owned(), alice_address),
-        ("bob".to_owned(), bob_address),
-    ]));
+    server.set_clients(test.pki.openvpn_registry().unwrap());
     let start = Instant::now();
     let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
     let now = start + connect(&mut server, &mut alice, perfect, start);
@@ -1309,10 +1320,7 @@ fn a_client_whose_nat_port_goes_to_another_client_keeps_its_session_and_comes_ba
         .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
         .unwrap()
         .address;
-    server.set_clients(HashMap::from([
-        ("alice".to_owned(), alice_address),
-        ("bob".to_owned(), bob_address),
-    ]));
+    server.set_clients(test.pki.openvpn_registry().unwrap());
     let nat_port = |port: u16| Link::Udp(SocketAddr::from(([192, 0, 2, 20], port)));
     let start = Instant::now();
     let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
@@ -1377,6 +1385,13 @@ fn a_client_whose_nat_port_goes_to_another_client_keeps_its_session_and_comes_ba
 
 /// Runs a client that the server refuses to the end; the reason the server gives.
 fn refusal(server: &mut Server, client: &mut TestClient) -> String {
+    let reason = session_end(server, client);
+    assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
+    reason
+}
+
+/// Runs a client that gets no data channel until its session ends; the reason.
+fn session_end(server: &mut Server, client: &mut TestClient) -> String {
     let now = Instant::now();
     let mut disconnected = None;
     for _ in 0..20 {
@@ -1392,8 +1407,167 @@ fn refusal(server: &mut Server, client: &mut TestClient) -> String {
         }
     }
     assert!(client.data.is_none());
-    assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
     disconnected.expect("the session ended")
+}
+
+#[test]
+fn a_removed_and_re_added_name_refuses_the_old_certificate_and_admits_the_new_one() {
+    let test = TestPki::new("re-added");
+    let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+    test.pki.add_client("alice", pool, None).unwrap();
+    // The lost laptop's profile, saved before the client is removed.
+    let mut lost = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    test.pki.remove_client("alice").unwrap();
+    test.pki.add_client("alice", pool, None).unwrap();
+    let mut server = Server::new(engine_config(&test.pki));
+    server.set_clients(test.pki.openvpn_registry().unwrap());
+
+    let reason = refusal(&mut server, &mut lost);
+    assert!(
+        reason.contains("the certificate of \"alice\" is revoked"),
+        "{reason}"
+    );
+    assert!(find(
+        &lost.plaintext,
+        b"AUTH_FAILED,the certificate of \"alice\" is revoked"
+    )
+    .is_some());
+    assert_eq!(server.refusals.revoked, 1);
+    assert_eq!(server.connected().len(), 0);
+
+    let mut new = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    connect(&mut server, &mut new, perfect, Instant::now());
+    assert_eq!(server.connected()[0].name, "alice");
+}
+
+#[test]
+fn a_certificate_that_is_not_the_registered_one_is_refused_as_a_bad_certificate() {
+    let test = TestPki::new("not-current");
+    let (mut server, _) = test.server_with_client("alice");
+    let mut registry = test.pki.openvpn_registry().unwrap();
+    registry.clients.get_mut("alice").unwrap().certificate = [7; 32];
+    server.set_clients(registry);
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    let reason = refusal(&mut server, &mut alice);
+    assert!(
+        reason.contains("not the current certificate of \"alice\""),
+        "{reason}"
+    );
+    assert_eq!(server.refusals.bad_certificate, 1);
+    assert_eq!(server.refusals.revoked, 0);
+}
+
+#[test]
+fn a_connected_client_whose_certificate_is_revoked_is_cut_off_and_cannot_connect_again() {
+    let test = TestPki::new("revoke");
+    let (mut server, address) = test.server_with_client("alice");
+    let reader = Pki::new(&test.dir);
+    server.set_registry_reader(Box::new(move || reader.openvpn_registry().ok()));
+    let start = Instant::now();
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    let now = start + connect(&mut server, &mut alice, perfect, start);
+    flush_client(&mut server, &mut alice, now);
+    while server.poll_output().is_some() {}
+
+    test.pki.revoke_client("alice").unwrap();
+    server.reload_clients(now);
+    let told: Vec<Vec<u8>> = std::iter::from_fn(|| server.poll_output())
+        .filter_map(|o| match o {
+            Output::Transmit { datagram, .. } => Some(datagram),
+            _ => None,
+        })
+        .collect();
+    for datagram in &told {
+        alice.receive(datagram);
+    }
+    assert!(find(&alice.plaintext, b"AUTH_FAILED,certificate revoked").is_some());
+    assert!(server.connected().is_empty());
+    let upstream = ipv4_packet(address, Ipv4Addr::new(192, 168, 10, 2));
+    let sealed = alice.data.as_mut().unwrap().seal(&upstream).unwrap();
+    server.handle_datagram(now, alice.peer, &sealed);
+    assert!(
+        tun_packets(&mut server).is_empty(),
+        "no traffic after revocation"
+    );
+
+    let mut again = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    let reason = refusal(&mut server, &mut again);
+    assert!(reason.contains("revoked"), "{reason}");
+    assert_eq!(server.refusals.revoked, 1);
+}
+
+#[test]
+fn with_cert_and_password_only_the_right_username_and_password_connect() {
+    let test = TestPki::new("password");
+    let mut config = engine_config(&test.pki);
+    config.auth = Auth::CertAndPassword;
+    let (mut server, _) = test.server_with_client_and_config("alice", config);
+    test.pki
+        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap();
+    test.pki.set_password("alice", "correct horse").unwrap();
+    server.set_clients(test.pki.openvpn_registry().unwrap());
+
+    let refused = [
+        Some(("alice", "correct horsE")),
+        None,
+        Some(("bob", "correct horse")),
+    ];
+    for (count, credentials) in (1..).zip(refused) {
+        let mut client = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+        client.credentials = credentials;
+        let reason = refusal(&mut server, &mut client);
+        assert!(
+            reason.contains("wrong or missing username or password"),
+            "{credentials:?}: {reason}"
+        );
+        assert_eq!(server.refusals.wrong_password, count);
+    }
+    // A client without a password set is refused the same way.
+    let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
+    bob.credentials = Some(("bob", ""));
+    let reason = refusal(&mut server, &mut bob);
+    assert!(reason.contains("wrong or missing"), "{reason}");
+
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    alice.credentials = Some(("alice", "correct horse"));
+    connect(&mut server, &mut alice, perfect, Instant::now());
+    assert_eq!(server.connected()[0].name, "alice");
+    assert_eq!(server.refusals.wrong_password, 4);
+}
+
+#[test]
+fn a_certificate_that_expired_a_minute_ago_is_refused_with_the_reason() {
+    let test = TestPki::new("expired");
+    let (mut server, _) = test.server_with_client("alice");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &read(test.pki.path("ca.crt")),
+        rcgen::KeyPair::from_pem(&read(test.pki.path("ca.key"))).unwrap(),
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::from_pem(&read(test.pki.client_path("alice", "key"))).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "alice");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now - time::Duration::minutes(1);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let expired = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(test.pki.client_path("alice", "crt"), expired.pem()).unwrap();
+
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    let reason = session_end(&mut server, &mut alice);
+    assert!(reason.contains("expired"), "{reason}");
+    assert_eq!(
+        alice.tls_error,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateExpired
+        ))
+    );
+    assert_eq!(server.refusals.bad_certificate, 1);
+    assert!(server.connected().is_empty());
 }
 
 #[test]
@@ -1446,11 +1620,10 @@ fn a_2_4_client_without_tls_ekm_or_a_cipher_list_gets_aes_256_gcm_on_prf_keys() 
 #[test]
 fn clients_the_server_cannot_serve_get_auth_failed_naming_the_fix() {
     let test = TestPki::new("refusals");
-    let record = test
-        .pki
+    test.pki
         .add_client("ivan", "10.8.0.0/24".parse().unwrap(), None)
         .unwrap();
-    let clients = HashMap::from([("ivan".to_owned(), record.address)]);
+    let clients = test.pki.openvpn_registry().unwrap();
     let cases: [(Option<KeyDerivation>, &str, &str); 3] = [
         // OpenVPN 2.3: no DATA_V2.
         (

@@ -1,5 +1,6 @@
 //! The key-method 2 exchange inside TLS: after the handshake the client sends its key
-//! source, options string, (empty) username/password and peer info; the server answers with
+//! source, options string, username and password (empty unless its profile has
+//! `auth-user-pass`) and peer info; the server answers with
 //! its own random halves and a non-empty options string. With `tls-ekm` the data-channel
 //! keys come from the TLS exporter; otherwise from both sides' key sources (`prf.rs`).
 
@@ -35,7 +36,25 @@ pub enum KeyMethodError {
 pub struct ClientKeyMessage {
     pub key_source: ClientKeySource,
     pub options: String,
+    /// From `auth-user-pass`; None when the client sent neither a username nor a password.
+    pub credentials: Option<Credentials>,
     pub peer_info: PeerInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Password,
+}
+
+/// Secret: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(..)")
+    }
 }
 
 /// The client's key source: pre_master (48), random1 (32), random2 (32).
@@ -169,9 +188,14 @@ pub fn parse_client_message(plaintext: &[u8]) -> Result<(ClientKeyMessage, usize
         ..ClientKeyMessage::default()
     };
     if !reader.at_end() {
-        // Username and password: Dockvpn authenticates by certificate only.
-        reader.string("username")?;
-        reader.string("password")?;
+        let username = reader.string("username")?;
+        let password = reader.string("password")?;
+        if !username.is_empty() || !password.is_empty() {
+            message.credentials = Some(Credentials {
+                username,
+                password: Password(password),
+            });
+        }
     }
     if !reader.at_end() {
         message.peer_info = PeerInfo::parse(&reader.string("peer info")?);
@@ -200,10 +224,26 @@ fn write_string(out: &mut Vec<u8>, text: &str) {
 
 #[cfg(test)]
 pub fn client_message(options: &str, peer_info: &str) -> Vec<u8> {
+    client_message_with_credentials(options, None, peer_info)
+}
+
+/// A client's message; `credentials` as `auth-user-pass` sends them (username, password).
+#[cfg(test)]
+pub fn client_message_with_credentials(
+    options: &str,
+    credentials: Option<(&str, &str)>,
+    peer_info: &str,
+) -> Vec<u8> {
     let mut out = vec![0, 0, 0, 0, KEY_METHOD_2];
     out.extend_from_slice(&[7; CLIENT_KEY_SOURCE_LEN]);
     write_string(&mut out, options);
-    out.extend_from_slice(&[0, 0, 0, 0]);
+    match credentials {
+        Some((username, password)) => {
+            write_string(&mut out, username);
+            write_string(&mut out, password);
+        }
+        None => out.extend_from_slice(&[0, 0, 0, 0]),
+    }
     write_string(&mut out, peer_info);
     out
 }
@@ -221,11 +261,32 @@ mod tests {
         let (message, used) = parse_client_message(&bytes).unwrap();
         assert_eq!(used, bytes.len());
         assert_eq!(message.options, "V4,dev-type tun,tls-client");
+        assert_eq!(message.credentials, None);
         assert_eq!(message.peer_info.get("IV_VER"), Some("2.6.14"));
         assert_eq!(message.peer_info.proto() & IV_PROTO_TLS_KEY_EXPORT, 8);
         assert_eq!(
             message.peer_info.ciphers(),
             vec!["AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"]
+        );
+    }
+
+    #[test]
+    fn parses_the_username_and_password_of_auth_user_pass() {
+        let bytes =
+            client_message_with_credentials("V4", Some(("alice", "s3cret pass")), "IV_PROTO=8\n");
+        let (message, used) = parse_client_message(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        let credentials = message.credentials.unwrap();
+        assert_eq!(credentials.username, "alice");
+        assert_eq!(credentials.password, Password("s3cret pass".into()));
+        assert!(!format!("{credentials:?}").contains("s3cret"));
+        assert_eq!(message.peer_info.proto(), 8);
+        let mut unterminated =
+            client_message("V4", "")[..4 + 1 + CLIENT_KEY_SOURCE_LEN + 5].to_vec();
+        unterminated.extend_from_slice(&[0, 2, b'a', b'b']);
+        assert_eq!(
+            parse_client_message(&unterminated),
+            Err(KeyMethodError::BadString("username"))
         );
     }
 

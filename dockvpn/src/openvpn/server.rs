@@ -2,7 +2,7 @@
 //! queues datagrams to send, packets for tun and events. Clients are found by address for
 //! control packets and by peer id for DATA_V2.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +19,14 @@ use super::keymethod::{
 };
 use super::link::Link;
 use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
-use super::session::{DataKeys, KeyDerivation, Session, OPTIONS_STRING};
+use super::session::{DataKeys, Fingerprint, KeyDerivation, Session, OPTIONS_STRING};
 use super::tls_crypt::{ControlKey, WrapState};
 use super::wrap::{ControlWrap, Opened, Unwrapped};
 use vnf_core::clock::WallClock;
 
 pub use crate::dropped::Counters;
+use crate::password::{self, Auth};
+use crate::refusal::{Refusal, Refusals};
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
 const MAX_PUSH_MESSAGE: usize = 1024;
@@ -54,6 +56,8 @@ pub struct EngineConfig {
     /// How every client's data keys are derived; None: tls-ekm when the client offers it,
     /// else the PRF.
     pub key_derivation: Option<KeyDerivation>,
+    /// Certificate only, or certificate and password.
+    pub auth: Auth,
 }
 
 impl EngineConfig {
@@ -104,15 +108,76 @@ pub struct ClientStatus {
     pub key_established: Instant,
 }
 
+/// A registered client as the engine admits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisteredClient {
+    /// Its fixed VPN address.
+    pub address: Ipv4Addr,
+    /// Its current certificate: the only one that connects as this client.
+    pub certificate: Fingerprint,
+}
+
+/// The client registry as the engine reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientRegistry {
+    /// Certificate common name → client.
+    pub clients: HashMap<String, RegisteredClient>,
+    /// Revoked certificates, so that a refusal names the reason.
+    pub revoked: HashSet<Fingerprint>,
+    /// Client name → the Argon2id hash of its password (`client passwd`).
+    pub passwords: HashMap<String, String>,
+}
+
+impl ClientRegistry {
+    /// Whether a session with this name, address and certificate may stay connected.
+    fn keeps(
+        &self,
+        name: Option<&str>,
+        address: Option<Ipv4Addr>,
+        certificate: Option<Fingerprint>,
+    ) -> bool {
+        name.and_then(|name| self.clients.get(name))
+            .is_some_and(|client| {
+                Some(client.address) == address && Some(client.certificate) == certificate
+            })
+    }
+
+    /// The address of the client that `certificate` identifies, or why it may not connect.
+    fn identify(
+        &self,
+        name: &str,
+        certificate: Option<Fingerprint>,
+    ) -> Result<Ipv4Addr, (Refusal, String)> {
+        if certificate.is_some_and(|certificate| self.revoked.contains(&certificate)) {
+            return Err((
+                Refusal::Revoked,
+                format!("the certificate of {name:?} is revoked"),
+            ));
+        }
+        let client = self.clients.get(name).ok_or_else(|| {
+            (
+                Refusal::BadCertificate,
+                format!("no client named {name:?} (dockvpn client add {name})"),
+            )
+        })?;
+        if certificate != Some(client.certificate) {
+            return Err((
+                Refusal::BadCertificate,
+                format!("not the current certificate of {name:?}: connect with the profile issued last (dockvpn client config {name})"),
+            ));
+        }
+        Ok(client.address)
+    }
+}
+
 /// Reads the client registry afresh (a client added a moment ago is not in the cache yet).
-pub type RegistryReader = Box<dyn FnMut() -> Option<HashMap<String, Ipv4Addr>> + Send>;
+pub type RegistryReader = Box<dyn FnMut() -> Option<ClientRegistry> + Send>;
 
 pub struct Server {
     config: EngineConfig,
     read_registry: Option<RegistryReader>,
     routes: BTreeSet<Ipv4Net>,
-    /// Certificate common name → the client's fixed address.
-    clients: HashMap<String, Ipv4Addr>,
+    clients: ClientRegistry,
     sessions: HashMap<Link, Session>,
     /// Connected UDP sessions whose address another client took (a NAT gave it that port),
     /// by peer id: each comes back with its next authenticated data packet from its new
@@ -125,6 +190,8 @@ pub struct Server {
     next_peer_id: u32,
     outputs: VecDeque<Output>,
     pub counters: Counters,
+    /// Refused clients, by reason.
+    pub refusals: Refusals,
     pub last_drop: Option<String>,
     /// For tls-crypt's time field.
     clock: WallClock,
@@ -140,7 +207,7 @@ impl Server {
             config,
             read_registry: None,
             routes: BTreeSet::new(),
-            clients: HashMap::new(),
+            clients: ClientRegistry::default(),
             sessions: HashMap::new(),
             parked: HashMap::new(),
             v2_resets_seen: HashMap::new(),
@@ -149,6 +216,7 @@ impl Server {
             next_peer_id: 0,
             outputs: VecDeque::new(),
             counters: Counters::default(),
+            refusals: Refusals::default(),
             last_drop: None,
             clock: WallClock::now(),
             cookies: SessionCookies::new(Instant::now()),
@@ -184,20 +252,32 @@ impl Server {
         self.flush(now, None);
     }
 
-    /// The registered clients; a connected client no longer registered is disconnected.
-    pub fn set_clients(&mut self, clients: HashMap<String, Ipv4Addr>) {
+    /// The registered clients; a connected client no longer registered, or no longer with
+    /// its certificate (revoked, renewed), is disconnected.
+    pub fn set_clients(&mut self, clients: ClientRegistry) {
         self.clients = clients;
+        let kept = |s: &Session, clients: &ClientRegistry| {
+            clients.keeps(s.name.as_deref(), s.address, s.certificate)
+        };
         for session in self.sessions.values_mut().filter(|s| s.is_active()) {
-            let name = session.name.as_deref().unwrap_or_default();
-            if self.clients.get(name) != session.address.as_ref() {
-                session.send_text("AUTH_FAILED,client removed");
-                session.close("the client was removed or its address changed");
+            if !kept(session, &self.clients) {
+                let revoked = session
+                    .certificate
+                    .is_some_and(|certificate| self.clients.revoked.contains(&certificate));
+                session.send_text(if revoked {
+                    "AUTH_FAILED,certificate revoked"
+                } else {
+                    "AUTH_FAILED,client removed"
+                });
+                session.close(
+                    "the client was removed, its certificate revoked or its address changed",
+                );
             }
         }
         let clients = std::mem::take(&mut self.clients);
         self.end_parked(
-            |s| clients.get(s.name.as_deref().unwrap_or_default()) != s.address.as_ref(),
-            "the client was removed or its address changed",
+            |s| !kept(s, &clients),
+            "the client was removed, its certificate revoked or its address changed",
         );
         self.clients = clients;
     }
@@ -496,11 +576,12 @@ impl Server {
     /// The client finished key-method 2 and asked for its configuration: pick the cipher,
     /// derive the keys, send PUSH_REPLY and start the data channel.
     fn push_reply(&mut self, now: Instant, from: Link) {
-        let unknown = self
-            .sessions
-            .get(&from)
-            .and_then(|s| s.name.as_ref())
-            .is_some_and(|name| !self.clients.contains_key(name));
+        // A client added (or renewed) a moment ago is not in the last registry read yet.
+        let unknown = self.sessions.get(&from).is_some_and(|s| {
+            s.name
+                .as_ref()
+                .is_some_and(|name| self.clients.identify(name, s.certificate).is_err())
+        });
         if unknown {
             self.refresh_clients();
         }
@@ -510,7 +591,25 @@ impl Server {
         let (Some(name), Some(client)) = (session.name.clone(), session.client.as_ref()) else {
             return;
         };
-        let admission = match admit(&self.clients, &self.config, &name, client) {
+        let identified = self
+            .clients
+            .identify(&name, session.certificate)
+            .and_then(|address| match self.config.auth {
+                Auth::Cert => Ok(address),
+                Auth::CertAndPassword => {
+                    check_password(&self.clients, &name, client).map(|()| address)
+                }
+            });
+        let address = match identified {
+            Ok(address) => address,
+            Err((refusal, reason)) => {
+                session.refusal = Some(refusal);
+                session.send_text(&format!("AUTH_FAILED,{reason}"));
+                session.close(format!("refused {name}: {reason}"));
+                return;
+            }
+        };
+        let admission = match admit(address, &self.config, &name, client) {
             Ok(admitted) => admitted,
             Err(reason) => {
                 session.send_text(&format!("AUTH_FAILED,{reason}"));
@@ -873,6 +972,9 @@ impl Server {
     }
 
     fn report_ended(&mut self, session: Session, reason: String) {
+        if let Some(refusal) = session.refusal {
+            self.refusals.count(refusal);
+        }
         self.outputs.push_back(Output::Event(Event::Disconnected {
             name: session.name,
             address: session.address,
@@ -904,16 +1006,35 @@ pub struct Admission {
     pub compression: Option<(Framing, &'static str)>,
 }
 
+/// `--auth cert+password`: the username must be the client's name and the password its own.
+/// One Argon2id check runs whatever is wrong, so the time taken tells nothing.
+fn check_password(
+    clients: &ClientRegistry,
+    name: &str,
+    client: &ClientKeyMessage,
+) -> Result<(), (Refusal, String)> {
+    let (username, given) = client
+        .credentials
+        .as_ref()
+        .map_or(("", ""), |c| (c.username.as_str(), c.password.0.as_str()));
+    let matches = password::verify(clients.passwords.get(name).map(String::as_str), given);
+    if matches && username == name {
+        Ok(())
+    } else {
+        Err((
+            Refusal::WrongPassword,
+            "wrong or missing username or password (the username is the client's name)".into(),
+        ))
+    }
+}
+
 /// What the client gets, or why it may not connect.
 fn admit(
-    clients: &HashMap<String, Ipv4Addr>,
+    address: Ipv4Addr,
     config: &EngineConfig,
     name: &str,
     client: &ClientKeyMessage,
 ) -> Result<Admission, String> {
-    let address = *clients
-        .get(name)
-        .ok_or_else(|| format!("no client named {name:?} (dockvpn client add {name})"))?;
     if !config.pool.contains(&address) || address == config.server_address() {
         return Err(format!(
             "the address {address} of {name} is outside the pool {}",

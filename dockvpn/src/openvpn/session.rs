@@ -20,6 +20,7 @@ use super::link::Link;
 use super::packet::{ControlPacket, Opcode, SessionId};
 use super::reliable::{Received, Reliable};
 use super::tls_crypt::WrapState;
+use crate::refusal::Refusal;
 
 /// The options string sent in key-method 2 and in OCC replies; clients only compare it and
 /// warn on differences.
@@ -73,8 +74,11 @@ struct KeySlot {
     /// Both sides' key-method 2 randoms, for the PRF.
     client_key_source: ClientKeySource,
     server_random: [u8; keymethod::SERVER_RANDOM_LEN],
-    /// The certificate's common name, once this key's handshake is done.
+    /// The certificate's common name and fingerprint, once this key's handshake is done.
     name: Option<String>,
+    certificate: Option<Fingerprint>,
+    /// The TLS handshake refused the client's certificate (expired, another CA, ...).
+    certificate_refused: bool,
     data: Option<DataChannel>,
     /// When the data channel was derived: the renegotiation timer counts from here.
     established: Option<Instant>,
@@ -103,6 +107,8 @@ impl KeySlot {
             client_key_source: ClientKeySource::default(),
             server_random: [0; keymethod::SERVER_RANDOM_LEN],
             name: None,
+            certificate: None,
+            certificate_refused: false,
             data: None,
             established: None,
             confirmed: false,
@@ -148,16 +154,15 @@ impl KeySlot {
                 Ok(_) => {}
                 Err(error) => return Err(format!("TLS input refused: {error}")),
             }
-            self.tls
-                .process_new_packets()
-                .map_err(|error| format!("TLS: {error}"))?;
+            if let Err(error) = self.tls.process_new_packets() {
+                self.certificate_refused = matches!(error, rustls::Error::InvalidCertificate(_));
+                return Err(format!("TLS: {error}"));
+            }
         }
         if self.name.is_none() && !self.tls.is_handshaking() {
-            self.name = self
-                .tls
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|cert| common_name(cert.as_ref()));
+            let leaf = self.tls.peer_certificates().and_then(|chain| chain.first());
+            self.certificate = leaf.map(|cert| fingerprint(cert.as_ref()));
+            self.name = leaf.and_then(|cert| common_name(cert.as_ref()));
             if self.name.is_none() {
                 return Err("the client certificate has no common name".into());
             }
@@ -261,8 +266,13 @@ pub struct Session {
     /// The client's key-method 2 message on the first key (its peer info).
     pub client: Option<ClientKeyMessage>,
     /// The certificate's common name, once the first handshake is done; every later key
-    /// must be negotiated with a certificate of the same name.
+    /// must be negotiated with the same certificate.
     pub name: Option<String>,
+    /// The SHA-256 fingerprint of that certificate: only a registered client's current
+    /// certificate is admitted.
+    pub certificate: Option<Fingerprint>,
+    /// Why the client was refused, when it was (counted once the session ends).
+    pub refusal: Option<Refusal>,
     pub keys: Option<DataKeys>,
     /// The compression framing the client's profile makes it use (never compressing).
     pub framing: Framing,
@@ -308,6 +318,8 @@ impl Session {
             lame_duck: None,
             client: None,
             name: None,
+            certificate: None,
+            refusal: None,
             keys: None,
             framing: Framing::None,
             address: None,
@@ -430,6 +442,9 @@ impl Session {
         let outcome = outcome.and_then(|_| self.check_identity());
         let outcome = outcome.and_then(|()| self.read_messages(now));
         if let Err(reason) = outcome {
+            if self.key.certificate_refused {
+                self.refusal = Some(Refusal::BadCertificate);
+            }
             self.close(reason);
         }
         self.key.queue_tls_output();
@@ -445,10 +460,18 @@ impl Session {
     /// The first handshake names the client; a renegotiation may not change who it is.
     fn check_identity(&mut self) -> Result<(), String> {
         match (&self.name, &self.key.name) {
-            (None, Some(name)) => self.name = Some(name.clone()),
+            (None, Some(name)) => {
+                self.name = Some(name.clone());
+                self.certificate = self.key.certificate;
+            }
             (Some(name), Some(renegotiated)) if name != renegotiated => {
                 return Err(format!(
                     "renegotiated with the certificate of {renegotiated:?}, not {name:?}"
+                ))
+            }
+            (Some(name), Some(_)) if self.certificate != self.key.certificate => {
+                return Err(format!(
+                    "renegotiated with another certificate of {name:?} than it connected with"
                 ))
             }
             _ => {}
@@ -605,6 +628,14 @@ impl Session {
             .flatten()
             .min()
     }
+}
+
+/// A certificate's SHA-256 digest (of its DER encoding).
+pub type Fingerprint = [u8; 32];
+
+pub fn fingerprint(der: &[u8]) -> Fingerprint {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// The subject CN of a DER certificate.
