@@ -13,11 +13,13 @@ use vnf_core::firewall::store::{read_rule_set, Store};
 use vnf_core::firewall::{
     self, compile, Applied, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule, RuleSet,
 };
+use vnf_core::metrics::serve_while;
 use vnf_core::runtime::{OnExit, SidesObserver};
 use vnf_core::side::{Assignment, SideSelectors};
 use vnf_core::{Error, Result};
 
 use crate::fwaas;
+use crate::metrics::{FirewallExporter, APPLY_SECONDS};
 use crate::{
     Cli, Command, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand, RuleSelector,
     RuleSpec, SelectedEdit,
@@ -31,11 +33,20 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         dry_run: edit.dry_run,
     };
     match cli.command {
-        Command::Run { routing, lifecycle } => {
+        Command::Run {
+            routing,
+            lifecycle,
+            metrics,
+        } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
+            let exporter = FirewallExporter {
+                store: &store,
+                config: config.clone(),
+            };
             let mut observer = FirewallObserver { store: &store };
-            vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
+            let run = vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer);
+            serve_while(metrics.metrics_listen, &exporter, run).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { routing, output } => {
@@ -584,7 +595,9 @@ struct FirewallObserver<'a> {
 
 impl SidesObserver for FirewallObserver<'_> {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
+        let started = Instant::now();
         let kind = firewall::apply_stored(self.store, assignment)?;
+        APPLY_SECONDS.observe(started.elapsed().as_secs_f64());
         info!(applied = ?kind, "firewall applied");
         Ok(())
     }
