@@ -13,7 +13,7 @@ use vnf_core::firewall::store::{read_rule_set, Store};
 use vnf_core::firewall::{
     self, compile, Applied, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule, RuleSet,
 };
-use vnf_core::metrics::serve_while;
+use vnf_core::metrics::MetricsListener;
 use vnf_core::runtime::{OnExit, SidesObserver};
 use vnf_core::side::{Assignment, SideSelectors};
 use vnf_core::{Error, Result};
@@ -45,8 +45,9 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 config: config.clone(),
             };
             let mut observer = FirewallObserver { store: &store };
+            let listener = MetricsListener::bind(metrics.metrics_listen).await?;
             let run = vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer);
-            serve_while(metrics.metrics_listen, &exporter, run).await??;
+            listener.serve_while(&exporter, run).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { routing, output } => {

@@ -211,37 +211,49 @@ impl CoreMetrics {
     }
 }
 
-/// Runs `task` and, with `listen`, serves metrics and health until `task` completes. The
-/// address is bound before `task` starts, so a taken port fails at once.
-pub async fn serve_while<T>(
-    listen: Option<SocketAddr>,
-    exporter: &impl Exporter,
-    task: impl Future<Output = T>,
-) -> Result<T> {
-    let Some(address) = listen else {
-        return Ok(task.await);
-    };
-    let listener = TcpListener::bind(address).await.map_err(|source| Error::Io {
-        context: format!(
-            "--metrics-listen {address}: listen (use a free port and an address of this SI, or 0.0.0.0)"
-        ),
-        source,
-    })?;
-    info!(%address, "serving /metrics and /healthz");
-    tokio::pin!(task);
-    let mut connections = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            outcome = &mut task => return Ok(outcome),
-            accepted = listener.accept(), if connections.len() < MAX_CONNECTIONS => match accepted {
-                Ok((stream, peer)) => connections.push(async move {
-                    if tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, exporter)).await.is_err() {
-                        debug!(%peer, "metrics connection timed out");
-                    }
-                }),
-                Err(error) => debug!(%error, "metrics accept failed"),
-            },
-            Some(()) = connections.next(), if !connections.is_empty() => {}
+/// The `/metrics` socket, bound before the VNF starts so that a taken port fails at once;
+/// without `--metrics-listen`, nothing.
+pub struct MetricsListener(Option<TcpListener>);
+
+impl MetricsListener {
+    pub async fn bind(listen: Option<SocketAddr>) -> Result<MetricsListener> {
+        let Some(address) = listen else {
+            return Ok(MetricsListener(None));
+        };
+        let listener = TcpListener::bind(address).await.map_err(|source| Error::Io {
+            context: format!(
+                "--metrics-listen {address}: listen (use a free port and an address of this SI, or 0.0.0.0)"
+            ),
+            source,
+        })?;
+        info!(%address, "serving /metrics and /healthz");
+        Ok(MetricsListener(Some(listener)))
+    }
+
+    /// Runs `task`, serving metrics and health until it completes.
+    pub async fn serve_while<T>(
+        self,
+        exporter: &impl Exporter,
+        task: impl Future<Output = T>,
+    ) -> T {
+        let Some(listener) = self.0 else {
+            return task.await;
+        };
+        tokio::pin!(task);
+        let mut connections = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                outcome = &mut task => return outcome,
+                accepted = listener.accept(), if connections.len() < MAX_CONNECTIONS => match accepted {
+                    Ok((stream, peer)) => connections.push(async move {
+                        if tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, exporter)).await.is_err() {
+                            debug!(%peer, "metrics connection timed out");
+                        }
+                    }),
+                    Err(error) => debug!(%error, "metrics accept failed"),
+                },
+                Some(()) = connections.next(), if !connections.is_empty() => {}
+            }
         }
     }
 }
