@@ -5,6 +5,7 @@
 //! vnf-core counts what the runtime and the DHCP clients do in [`core`]; each binary adds its
 //! own families through an [`Exporter`], read fresh at every scrape.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -31,10 +32,14 @@ use crate::side::Side;
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Connections served at once; further ones wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 16;
-/// A connection must send its request and take the answer within this time.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client must send its request head within this time (else 408)...
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...and the whole exchange, scrape included, ends within this time.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What Prometheus servers and tools (promtool) read when they do not ask for OpenMetrics.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Args, Debug, Clone)]
 pub struct MetricsArgs {
@@ -279,9 +284,16 @@ impl Response {
 }
 
 async fn answer(mut stream: TcpStream, exporter: &impl Exporter) {
-    let response = match read_head(&mut stream).await {
-        Ok(head) => route(&head, exporter).await,
-        Err(response) => response,
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(head)) => route(&head, exporter).await,
+        Ok(Err(response)) => response,
+        Err(_) => Response::text(
+            "408 Request Timeout",
+            format!(
+                "the request head did not end within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        ),
     };
     let mut text = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -355,11 +367,22 @@ async fn route(head: &str, exporter: &impl Exporter) -> Response {
             Err(reason) => Response::text("503 Service Unavailable", reason),
         };
     }
+    let openmetrics = head.lines().skip(1).any(|header| {
+        header.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text")
+        })
+    });
     match scrape(exporter).await {
-        Ok(body) => Response {
+        Ok(body) if openmetrics => Response {
             status: "200 OK",
             content_type: OPENMETRICS,
             body,
+            allow: false,
+        },
+        Ok(body) => Response {
+            status: "200 OK",
+            content_type: PROMETHEUS_TEXT,
+            body: prometheus_text(&body),
             allow: false,
         },
         Err(error) => Response::text("500 Internal Server Error", error.to_string()),
@@ -382,6 +405,30 @@ async fn scrape(exporter: &impl Exporter) -> Result<String> {
     Ok(body)
 }
 
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter family takes
+/// the name of its `_total` sample, and `# EOF` goes.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {rest}"))
+        });
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    text
+}
+
 /// `status`'s verdict on sides and routing, as `/healthz` reports it.
 pub async fn routing_health(
     config: &crate::runtime::RuntimeConfig,
@@ -393,5 +440,22 @@ pub async fn routing_health(
         Ok(())
     } else {
         Err(status.problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_families_after_their_samples_and_drops_eof() {
+        let openmetrics =
+            "# HELP x_bytes Bytes.\n# TYPE x_bytes counter\nx_bytes_total{a=\"b\"} 3\n\
+                           # HELP up Up.\n# TYPE up gauge\nup 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(openmetrics),
+            "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total{a=\"b\"} 3\n\
+             # HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
     }
 }
