@@ -19,7 +19,7 @@ use vnf_core::side::{Assignment, SideSelectors};
 use vnf_core::{Error, Result};
 
 use crate::fwaas;
-use crate::metrics::{FirewallExporter, APPLY_SECONDS};
+use crate::metrics::{count_edit, FirewallExporter, APPLY_SECONDS};
 use crate::{
     Cli, Command, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand, RuleSelector,
     RuleSpec, SelectedEdit,
@@ -122,7 +122,11 @@ struct Editor<'a> {
 
 impl Editor<'_> {
     async fn edit(&self, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<EditOutcome> {
-        firewall::edit(self.store, &self.selectors, self.dry_run, change).await
+        let outcome = firewall::edit(self.store, &self.selectors, self.dry_run, change).await;
+        if !self.dry_run {
+            count_edit(self.store, outcome.is_ok());
+        }
+        outcome
     }
 
     async fn run(

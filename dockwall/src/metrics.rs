@@ -1,6 +1,7 @@
 //! Dockwall's metrics: per-rule and per-NAT-rule packets and bytes, read from the nft counters
 //! at every scrape, rules by action, and how long applying the firewall took.
 
+use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::Store;
 use vnf_core::firewall::{self, compile, Action, Direction, NatKind};
@@ -19,6 +22,41 @@ use vnf_core::Result;
 /// How long applying the stored firewall took, from `run`'s side changes.
 pub static APPLY_SECONDS: LazyLock<Histogram> =
     LazyLock::new(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
+
+/// Edits are made by other processes (`docker exec … dockwall rule add`): each adds itself to
+/// this file in the state directory, which `run` reads when scraped.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct EditTally {
+    applied: u64,
+    failed: u64,
+}
+
+fn tally_path(store: &Store) -> PathBuf {
+    store.rules_path().with_file_name("edits.json")
+}
+
+fn read_tally(store: &Store) -> EditTally {
+    std::fs::read(tally_path(store))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Counts one edit (a dry run is none), under the store's lock so concurrent edits all count.
+pub fn count_edit(store: &Store, succeeded: bool) {
+    let Ok(_locked) = store.lock() else {
+        return;
+    };
+    let mut tally = read_tally(store);
+    if succeeded {
+        tally.applied += 1;
+    } else {
+        tally.failed += 1;
+    }
+    if let Err(error) = vnf_core::fs::write_json(&tally_path(store), &tally, false) {
+        warn!(%error, "could not count the edit for the metrics");
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
@@ -139,6 +177,16 @@ impl Exporter for FirewallExporter<'_> {
             nat_bytes,
         );
         dockwall.register("rules", "Stored filter rules by action", by_action);
+        let tally = read_tally(self.store);
+        let (edits, failed_edits) = (Counter::<u64>::default(), Counter::<u64>::default());
+        edits.inc_by(tally.applied);
+        failed_edits.inc_by(tally.failed);
+        dockwall.register("edits", "Rule set edits applied or stored", edits);
+        dockwall.register(
+            "failed_edits",
+            "Rule set edits refused (bad input, nft errors); they changed nothing",
+            failed_edits,
+        );
         dockwall.register(
             "apply_duration_seconds",
             "Time applying the stored firewall to the kernel took",

@@ -143,6 +143,19 @@ fn dockwall_metrics_pass_promtool_and_a_deny_rule_counts_exactly_the_packets_sen
         Some(1.0),
         "{before}"
     );
+    assert_eq!(
+        sample(&before, "dockwall_edits_total"),
+        Some(1.0),
+        "{before}"
+    );
+    let refused = dockwall.cli(&["rule", "delete", "99"]);
+    assert!(!refused.status.success(), "deleting rule 99 of 1 must fail");
+    let counted = get(&chain.si, "/metrics");
+    assert_eq!(
+        sample(&counted, "dockwall_failed_edits_total"),
+        Some(1.0),
+        "{counted}"
+    );
 
     const SENT: u32 = 3;
     let ping = chain.left_host.exec(
