@@ -8,20 +8,19 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::Store;
 use vnf_core::firewall::{self, compile, Action, Direction, NatKind};
-use vnf_core::metrics::{routing_health, Exporter};
+use vnf_core::metrics::{duration_histogram, routing_health, Exporter};
 use vnf_core::runtime::RuntimeConfig;
 use vnf_core::Result;
 
 /// How long applying the stored firewall took, from `run`'s side changes.
-pub static APPLY_SECONDS: LazyLock<Histogram> =
-    LazyLock::new(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
+pub static APPLY_SECONDS: LazyLock<Histogram> = LazyLock::new(duration_histogram);
 
 /// Edits are made by other processes (`docker exec … dockwall rule add`): each adds itself to
 /// this file in the state directory, which `run` reads when scraped.

@@ -109,13 +109,18 @@ static CORE: LazyLock<CoreMetrics> = LazyLock::new(|| CoreMetrics {
     side_ready: Family::default(),
     routing_converged: Gauge::default(),
     reconciles: Counter::default(),
-    reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+    reconcile_seconds: duration_histogram(),
     side_changes: Counter::default(),
     dhcp_lease_state: Family::default(),
     dhcp_renewals: Family::default(),
     dhcp_expiries: Family::default(),
     dhcp_naks: Family::default(),
 });
+
+/// A histogram for durations from 1 ms to about 8 s.
+pub fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
+}
 
 /// The process's runtime and DHCP metrics.
 pub fn core() -> &'static CoreMetrics {
