@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{RIGHT_HOST, SI_RIGHT};
+use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::dockwall::{Dockwall, StateDir};
 use docknfv_tests::netns::Netns;
 use docknfv_tests::openvpn::{issue_profile, vpn_chain, OpenvpnClient};
@@ -297,4 +298,61 @@ fn dockvpn_metrics_pass_promtool_count_a_connected_client_and_drops_of_garbage()
         dropped(m) >= before + 5.0
     });
     drop(client);
+}
+
+#[test]
+fn a_dhcp_nak_and_the_bound_lease_show_in_the_metrics() {
+    let chain = Chain::new();
+    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
+    let _dnsmasq = Dnsmasq::start(
+        &chain.left_gateway,
+        "wan",
+        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
+        &["option:router,10.0.1.1"],
+    );
+    // A stored lease the server never gave: asking for it back (INIT-REBOOT) gets a NAK.
+    let state = StateDir::new();
+    std::fs::create_dir_all(state.path()).expect("state directory");
+    let stale = serde_json::json!({
+        "lease": {"address": "10.0.1.200/24", "server": "10.0.1.1", "routers": ["10.0.1.1"], "dns": [], "routes": [],
+                  "route_source": "none", "lease_secs": 86400, "renew_secs": 43200, "rebind_secs": 75600},
+        "acquired_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs(),
+    });
+    std::fs::write(state.path().join("dhcp-eth0.json"), stale.to_string()).expect("stale lease");
+    let path = state.path().to_str().expect("utf-8 path").to_string();
+    let mut dockwall = Vnf::start(
+        &chain.si,
+        "dockwall",
+        &[
+            "--state-dir",
+            &path,
+            "run",
+            "--dhcp",
+            "left",
+            "--side-timeout",
+            "30",
+            "--metrics-listen",
+            METRICS,
+        ],
+    );
+    dockwall.wait_ready();
+    let metrics = get_until(&chain.si, "/metrics", "the lease bound", |m| {
+        sample(m, r#"vnf_dhcp_lease_state{side="left",state="bound"}"#) == Some(1.0)
+    });
+    assert_eq!(
+        sample(&metrics, r#"vnf_dhcp_naks_total{side="left"}"#),
+        Some(1.0),
+        "{metrics}\nlog:\n{}",
+        dockwall.log()
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"vnf_dhcp_lease_state{side="left",state="init_reboot"}"#
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+    promtool_check(&metrics);
+    assert!(dockwall.terminate().success());
 }
