@@ -18,6 +18,13 @@ macro_rules! counters {
             }
         }
 
+        impl Counters {
+            /// Each counter under its field name: the metrics' fixed `reason` labels.
+            pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($name), self.$name), )*]
+            }
+        }
+
         impl std::ops::AddAssign for Counters {
             fn add_assign(&mut self, other: Counters) {
                 $( self.$name += other.$name; )*

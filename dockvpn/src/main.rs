@@ -6,6 +6,7 @@
 //! --right it runs one-armed: the leg is both sides.
 
 mod masquerade;
+mod metrics;
 mod tcp;
 mod udp;
 mod vpn;
@@ -27,6 +28,7 @@ use vnf_core::cli::{
     ROUTING, SELECTOR_HELP, VPN,
 };
 use vnf_core::lease::LearnedRoute;
+use vnf_core::metrics::{MetricsArgs, MetricsListener};
 use vnf_core::routing::{RoutingConfig, RoutingMode};
 use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
@@ -130,6 +132,13 @@ struct RunArgs {
 
     #[command(flatten)]
     serve: ServeArgs,
+
+    #[command(flatten)]
+    metrics: MetricsArgs,
+
+    /// With --metrics-listen: bytes in and out per connected client (one series each)
+    #[arg(long, env = "VNF_METRICS_PER_CLIENT", help_heading = vnf_core::cli::OUTPUT)]
+    metrics_per_client: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -763,6 +772,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         state_dir: state_dir.to_path_buf(),
         wireguard,
     };
+    let metrics_listener = MetricsListener::bind(args.metrics.metrics_listen).await?;
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let vpn_task = tokio::spawn({
         let failed = failed.clone();
@@ -783,7 +793,13 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         }
         let _ = stop_tx.send(true);
     };
-    let outcome = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer).await;
+    let exporter = metrics::VpnExporter {
+        state_dir: state_dir.to_path_buf(),
+        config: runtime_config.clone(),
+        per_client: args.metrics_per_client,
+    };
+    let run = vnf_core::runtime::run(runtime_config, started, shutdown, &mut observer);
+    let outcome = metrics_listener.serve_while(&exporter, run).await;
     let vpn_outcome = vpn_task
         .await
         .unwrap_or_else(|error| Err(Error::Vnf(format!("VPN task: {error}"))));

@@ -13,11 +13,13 @@ use vnf_core::firewall::store::{read_rule_set, Store};
 use vnf_core::firewall::{
     self, compile, Applied, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule, RuleSet,
 };
+use vnf_core::metrics::MetricsListener;
 use vnf_core::runtime::{OnExit, SidesObserver};
 use vnf_core::side::{Assignment, SideSelectors};
 use vnf_core::{Error, Result};
 
 use crate::fwaas;
+use crate::metrics::{count_edit, FirewallExporter, APPLY_SECONDS};
 use crate::{
     Cli, Command, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand, RuleSelector,
     RuleSpec, SelectedEdit,
@@ -31,11 +33,21 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         dry_run: edit.dry_run,
     };
     match cli.command {
-        Command::Run { routing, lifecycle } => {
+        Command::Run {
+            routing,
+            lifecycle,
+            metrics,
+        } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
+            let exporter = FirewallExporter {
+                store: &store,
+                config: config.clone(),
+            };
             let mut observer = FirewallObserver { store: &store };
-            vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer).await?;
+            let listener = MetricsListener::bind(metrics.metrics_listen).await?;
+            let run = vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer);
+            listener.serve_while(&exporter, run).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { routing, output } => {
@@ -110,7 +122,11 @@ struct Editor<'a> {
 
 impl Editor<'_> {
     async fn edit(&self, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<EditOutcome> {
-        firewall::edit(self.store, &self.selectors, self.dry_run, change).await
+        let outcome = firewall::edit(self.store, &self.selectors, self.dry_run, change).await;
+        if !self.dry_run {
+            count_edit(self.store, outcome.is_ok());
+        }
+        outcome
     }
 
     async fn run(
@@ -584,7 +600,9 @@ struct FirewallObserver<'a> {
 
 impl SidesObserver for FirewallObserver<'_> {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
+        let started = Instant::now();
         let kind = firewall::apply_stored(self.store, assignment)?;
+        APPLY_SECONDS.observe(started.elapsed().as_secs_f64());
         info!(applied = ?kind, "firewall applied");
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 mod commands;
 mod fwaas;
+mod metrics;
 mod ufw_words;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use vnf_core::cli::{
     SELECTOR_HELP,
 };
 use vnf_core::firewall::{Action, Direction, PortRange, Protocol, Rate};
+use vnf_core::metrics::MetricsArgs;
 use vnf_core::side::Side;
 
 #[derive(Parser, Debug)]
@@ -90,6 +92,8 @@ pub enum Command {
         routing: RoutingArgs,
         #[command(flatten)]
         lifecycle: LifecycleArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Sides, routing, and the rules with their packet/byte counters; exits 1 unless both
     /// sides are ready and routing and firewall are converged (a health check). Give it the

@@ -14,6 +14,7 @@ pub mod fs;
 pub mod fuzzing;
 pub mod kernel;
 pub mod lease;
+pub mod metrics;
 pub mod reported;
 pub mod route_guard;
 pub mod routing;

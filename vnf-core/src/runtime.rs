@@ -175,7 +175,10 @@ pub async fn run(
         .side_timeout
         .map(|timeout| tokio::time::Instant::from_std(started + timeout));
     let outcome = loop {
-        let retry_at = match runtime.converge().await {
+        let pass_started = Instant::now();
+        let converged = runtime.converge().await;
+        runtime.count_pass(pass_started.elapsed(), converged.is_ok());
+        let retry_at = match converged {
             Ok(()) => {
                 runtime.reported.retrying.changed(None);
                 None
@@ -574,6 +577,7 @@ impl Runtime<'_> {
             if before == after {
                 continue;
             }
+            crate::metrics::core().side_changed();
             match after {
                 Some(ready) => {
                     info!(%side, interface = %ready.name, address = %ready.address, "side ready")
@@ -584,6 +588,13 @@ impl Runtime<'_> {
                 }
             }
         }
+    }
+
+    /// Routing is converged when a pass succeeded with both sides ready.
+    fn count_pass(&self, took: Duration, succeeded: bool) {
+        let ready =
+            [Side::Left, Side::Right].map(|side| (side, self.assignment.ready(side).is_some()));
+        crate::metrics::core().reconciled(took, ready, succeeded && self.ready);
     }
 
     fn missing_sides(&self) -> Vec<Side> {

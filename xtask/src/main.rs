@@ -26,6 +26,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     "debootstrap",
     "docker-compose",
+    "prometheus",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

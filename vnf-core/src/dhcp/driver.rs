@@ -332,6 +332,12 @@ impl Driver {
     async fn handle(&mut self, event: Event) {
         let side = self.interface.side;
         match event {
+            Event::Renewed { .. } => crate::metrics::core().dhcp_renewed(side),
+            Event::Expired(_) => crate::metrics::core().dhcp_expired(side),
+            Event::Nak => crate::metrics::core().dhcp_nak(side),
+            _ => {}
+        }
+        match event {
             Event::Bound(lease) | Event::Renewed { lease, .. } => {
                 let bound = BoundLease {
                     address: lease.address,
@@ -387,6 +393,7 @@ impl Driver {
     /// Rewrites the client's status file when its progress changed.
     fn publish_progress(&mut self, client: &Client) {
         let progress = client.progress();
+        crate::metrics::core().dhcp_state(self.interface.side, progress.state);
         let (side, interface) = (self.interface.side, &self.interface.name);
         if let Some((_, setback)) = progress.last_setback {
             if self.progress.logged_setback != Some(setback) {
