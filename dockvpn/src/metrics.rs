@@ -17,8 +17,7 @@ use crate::vpn::VpnStatus;
 
 const TRANSPORTS: [&str; 2] = ["openvpn", "wireguard"];
 
-/// Why a handshake failed. Revoked certificates and wrong passwords are not refused yet, so
-/// their series stay 0 until the engines count them.
+/// Why a handshake failed.
 const FAILURE_REASONS: [&str; 6] = [
     "bad_certificate",
     "revoked",
@@ -122,7 +121,11 @@ impl Exporter for VpnExporter {
                 }
             }
             let drops = &status.dropped;
+            let refused = &status.refused;
             for (reason, count) in [
+                ("bad_certificate", refused.bad_certificate),
+                ("revoked", refused.revoked),
+                ("wrong_password", refused.wrong_password),
                 ("tls_crypt", drops.unauthenticated_control),
                 ("limit", drops.refused_handshakes),
             ] {
