@@ -21,6 +21,8 @@ use docknfv_tests::openvpn::{status_json, text, wait_for_status};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Netns, Vnf};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use super::{tunnel_transfer, TRANSFER_ROUNDS, TRANSFER_SECONDS};
 
@@ -122,11 +124,16 @@ fn key_bytes(base64: &str) -> [u8; 32] {
         .unwrap_or_else(|| panic!("{base64:?} is not a base64 WireGuard key"))
 }
 
-/// One `wireguard-go` interface in a namespace, the process in the foreground (killed on
+/// One `wireguard-go` interface in a namespace, the process in the foreground (stopped on
 /// drop, which removes the interface and its routes).
 struct WireguardGo {
     process: Vnf,
     interface: String,
+}
+
+/// wireguard-go's control socket for `interface`. Its path is global, not per namespace.
+fn control_socket(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/wireguard/{interface}.sock"))
 }
 
 impl WireguardGo {
@@ -134,13 +141,15 @@ impl WireguardGo {
         require_command("wireguard-go", "wireguard-go");
         require_command("wg", "wireguard-tools");
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        // The control socket's path is global (/var/run/wireguard/IF.sock), not per
-        // namespace: the name carries the pid so parallel runs don't share one.
+        // The name carries the pid so parallel runs don't share a control socket; one a
+        // killed process left behind under a reused pid would pass for ready.
         let interface = format!(
             "wgb{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        let socket = control_socket(&interface);
+        let _ = std::fs::remove_file(&socket);
         let mut command = ns.command("wireguard-go");
         command
             .args(["-f", &interface])
@@ -149,7 +158,6 @@ impl WireguardGo {
             process: Vnf::spawn(command),
             interface,
         };
-        let socket = PathBuf::from(format!("/var/run/wireguard/{}.sock", wireguard.interface));
         let deadline = Instant::now() + Duration::from_secs(5);
         while !socket.exists() {
             assert!(
@@ -193,6 +201,20 @@ impl WireguardGo {
             .args(args)
             .output()
             .expect("run wg (apt-get install wireguard-tools)")
+    }
+}
+
+impl Drop for WireguardGo {
+    /// SIGTERM, so wireguard-go removes its control socket (the Vnf's drop then reaps or
+    /// kills it).
+    fn drop(&mut self) {
+        let socket = control_socket(&self.interface);
+        let _ = kill(Pid::from_raw(self.process.pid() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = std::fs::remove_file(&socket);
     }
 }
 
