@@ -1,6 +1,10 @@
-//! Dockvpn's library half: the sans-IO OpenVPN engine and the PKI, which the binary
-//! (`main.rs`) drives and the fuzz targets (`fuzz/`, entry points in `fuzzing`) exercise.
+//! Dockvpn's library half: the sans-IO OpenVPN and WireGuard engines, the address book
+//! that routes tun packets between them, and the PKI, which the binary (`main.rs`) drives
+//! and the fuzz targets (`fuzz/`, entry points in `fuzzing`) exercise.
 
+pub mod address_book;
+pub mod dropped;
 pub mod fuzzing;
 pub mod openvpn;
 pub mod pki;
+pub mod wireguard;

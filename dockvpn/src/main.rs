@@ -9,6 +9,7 @@ mod masquerade;
 mod tcp;
 mod udp;
 mod vpn;
+mod wireguard_profile;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -40,6 +41,7 @@ use openvpn::tls_crypt::{ControlKey, TlsCrypt};
 use openvpn::wrap::ControlWrap;
 use pki::{Pki, TlsCryptMode};
 use vpn::Proto;
+use wireguard_profile::WireguardProfileArgs;
 
 const DEFAULT_PORT: u16 = 1194;
 /// How long a handshake (the first, or a renegotiation) may take.
@@ -245,6 +247,33 @@ struct ServeArgs {
 
     #[command(flatten)]
     tls_crypt: TlsCryptArg,
+
+    /// Address the WireGuard server listens on (UDP), or `off`; WireGuard clients share the
+    /// registry, the pool, the tun and the routes with OpenVPN clients
+    #[arg(
+        long,
+        env = "DOCKVPN_WIREGUARD_LISTEN",
+        default_value = "0.0.0.0:51820",
+        value_name = "ADDR:PORT|off",
+        value_parser = parse_wireguard_listen,
+        help_heading = VPN
+    )]
+    wireguard_listen: WireguardListen,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WireguardListen(Option<SocketAddr>);
+
+fn parse_wireguard_listen(text: &str) -> std::result::Result<WireguardListen, String> {
+    if text == "off" {
+        return Ok(WireguardListen(None));
+    }
+    match text.parse::<SocketAddr>() {
+        Ok(address) if address.is_ipv4() => Ok(WireguardListen(Some(address))),
+        _ => Err(format!(
+            "{text:?} is not an IPv4 ADDR:PORT such as 0.0.0.0:51820, or off"
+        )),
+    }
 }
 
 /// `run` and `client config` take the same switch (and env var), so profiles match the server.
@@ -324,7 +353,8 @@ enum Command {
 enum PkiCommand {
     /// Create the CA and the server certificate
     Init {
-        /// Replace an existing PKI (every profile issued so far stops working)
+        /// Replace an existing PKI and the WireGuard server key (every profile issued so far,
+        /// OpenVPN and WireGuard, stops working and must be issued again)
         #[arg(long)]
         force: bool,
     },
@@ -335,7 +365,7 @@ enum PkiCommand {
 
 #[derive(Subcommand, Debug)]
 enum ClientCommand {
-    /// Issue a client certificate and give it a fixed VPN address
+    /// Issue a client certificate and WireGuard keys, and give it a fixed VPN address
     Add {
         name: String,
         /// A specific address in the pool [default: the next free one]
@@ -343,12 +373,19 @@ enum ClientCommand {
         address: Option<Ipv4Addr>,
         #[command(flatten)]
         pool: PoolArgs,
+        /// The client's own WireGuard public key (`wg pubkey`), for a client that keeps its
+        /// private key [default: a key pair generated here, which its profile carries]
+        #[arg(long, value_name = "KEY")]
+        wireguard_public_key: Option<String>,
     },
-    /// Print the client's ready inline .ovpn profile
+    /// Print the client's ready profile: an inline .ovpn, or a wg-quick configuration
     Config {
         name: String,
+        /// The profile's kind
+        #[arg(long, value_enum, default_value_t = ProfileFormat::Openvpn)]
+        format: ProfileFormat,
         /// What the client connects to [default: the SI's right-side address and the
-        /// running server's port]
+        /// running server's port (WireGuard: its WireGuard port, else 51820)]
         #[arg(long, value_name = "HOST[:PORT]")]
         remote: Option<String>,
         /// Finds the right side for the default remote
@@ -360,11 +397,22 @@ enum ClientCommand {
         /// `<connection>` block [default: what the running server serves, else udp]
         #[arg(long, value_enum)]
         proto: Option<Proto>,
+        #[command(flatten)]
+        wireguard: WireguardProfileArgs,
     },
-    /// List the clients and their addresses
+    /// List the clients, their addresses and WireGuard keys, and the profiles to issue again
     List(JsonArgs),
     /// Remove a client (it is disconnected and cannot connect again)
     Remove { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProfileFormat {
+    /// An inline .ovpn for the OpenVPN client
+    Openvpn,
+    /// A wg-quick configuration: its AllowedIPs are the routes the server pushes when it is
+    /// printed (WireGuard has no push: issue it again when they change; `client list` says when)
+    Wireguard,
 }
 
 fn main() -> ExitCode {
@@ -392,26 +440,51 @@ fn main() -> ExitCode {
                 name,
                 address,
                 pool,
+                wireguard_public_key,
             }) => {
-                let record = pki.add_client(name, pool.pool, *address)?;
+                let record = match wireguard_public_key {
+                    Some(key) => {
+                        pki.add_client_with_own_wireguard_key(name, pool.pool, *address, key)?
+                    }
+                    None => pki.add_client(name, pool.pool, *address)?,
+                };
                 println!(
-                    "client {} added with address {}; `dockvpn client config {}` prints its profile",
+                    "client {} added with address {}; `dockvpn client config {}` prints its OpenVPN profile, `--format wireguard` its WireGuard one",
                     record.name, record.address, record.name
                 );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::Config {
                 name,
+                format,
                 remote,
                 sides,
                 tls_crypt,
                 proto,
+                wireguard,
             }) => {
+                if *format == ProfileFormat::Openvpn {
+                    if let Some(flag) = wireguard.first_given() {
+                        return Err(Error::invalid(
+                            flag,
+                            "--format openvpn",
+                            "only WireGuard profiles take it: add --format wireguard",
+                        ));
+                    }
+                }
                 // Read once: the port it last served on, and what it serves if it still runs.
                 let written = load_vpn_status(&cli.state_dir);
-                let port = written
-                    .as_ref()
-                    .map_or(DEFAULT_PORT, |status| status.listen.port());
+                let port = match format {
+                    ProfileFormat::Openvpn => written
+                        .as_ref()
+                        .map_or(DEFAULT_PORT, |status| status.listen.port()),
+                    ProfileFormat::Wireguard => written
+                        .as_ref()
+                        .and_then(|status| status.wireguard.as_ref())
+                        .map_or(wireguard_profile::DEFAULT_PORT, |serving| {
+                            serving.listen.port()
+                        }),
+                };
                 let running = written.filter(is_running);
                 let (host, port) = match remote {
                     Some(remote) => parse_remote(remote, port)?,
@@ -420,6 +493,10 @@ fn main() -> ExitCode {
                         port,
                     ),
                 };
+                if *format == ProfileFormat::Wireguard {
+                    wireguard_profile::issue(&pki, name, &host, port, running.as_ref(), wireguard)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let tls_crypt = tls_crypt
                     .tls_crypt
                     .unwrap_or_else(|| profile_mode(&pki, running.as_ref()));
@@ -430,39 +507,7 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Client(ClientCommand::List(output)) => {
-                let clients = pki.clients()?;
-                let outdated = pki.clients_needing_new_profile(profile_mode(
-                    &pki,
-                    read_vpn_status(&cli.state_dir).as_ref(),
-                ))?;
-                let needs_new_profile = |name: &String| outdated.contains(name);
-                if output.json {
-                    let listed: Vec<serde_json::Value> = clients
-                        .iter()
-                        .map(|client| {
-                            let mut value = serde_json::json!(client);
-                            value["needs_new_profile"] = needs_new_profile(&client.name).into();
-                            value
-                        })
-                        .collect();
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&listed).expect("serializes")
-                    );
-                } else if clients.is_empty() {
-                    println!("no clients; add one with `dockvpn client add NAME`");
-                } else {
-                    println!("{:<24} ADDRESS", "NAME");
-                    for client in clients {
-                        let note = if needs_new_profile(&client.name) {
-                            "  profile needs tls-crypt-v2: run `dockvpn client config` again"
-                        } else {
-                            ""
-                        };
-                        println!("{:<24} {:<15}{note}", client.name, client.address);
-                    }
-                }
-                Ok(ExitCode::SUCCESS)
+                list_clients(&pki, &cli.state_dir, output.json)
             }
             Command::Client(ClientCommand::Remove { name }) => {
                 pki.remove_client(name)?;
@@ -471,6 +516,61 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `client list`: each client's address and WireGuard key, and the profiles to issue again
+/// (for tls-crypt-v2, or because the routes a WireGuard profile holds changed).
+fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
+    let clients = pki.clients()?;
+    let running = read_vpn_status(state_dir);
+    let outdated = pki.clients_needing_new_profile(profile_mode(pki, running.as_ref()))?;
+    let needs_new_profile = |name: &String| outdated.contains(name);
+    let stale = wireguard_profile::stale_clients(&clients, running.as_ref());
+    if json {
+        let listed: Vec<serde_json::Value> = clients
+            .iter()
+            .map(|client| {
+                let mut value = serde_json::json!(client);
+                value["needs_new_profile"] = needs_new_profile(&client.name).into();
+                // Unknown (null) while no server runs: the routes are the server's.
+                value["wireguard_profile_stale"] = running
+                    .as_ref()
+                    .map(|_| stale.contains(&client.name))
+                    .into();
+                value
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&listed).expect("serializes")
+        );
+    } else if clients.is_empty() {
+        println!("no clients; add one with `dockvpn client add NAME`");
+    } else {
+        println!("{:<24} {:<15} WIREGUARD", "NAME", "ADDRESS");
+        for client in clients {
+            let wireguard = match &client.wireguard {
+                Some(_) => "key",
+                None => "no key yet",
+            };
+            let mut notes = String::new();
+            if needs_new_profile(&client.name) {
+                notes.push_str("  profile needs tls-crypt-v2: run `dockvpn client config` again");
+            }
+            if stale.contains(&client.name) {
+                notes.push_str(&format!(
+                    "  WireGuard {}: run `dockvpn client config {} --format wireguard` again",
+                    wireguard_profile::STALE_NOTE,
+                    client.name
+                ));
+            }
+            println!(
+                "{:<24} {:<15} {wireguard:<10}{notes}",
+                client.name, client.address
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitCode> {
@@ -544,12 +644,20 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         masquerading: None,
         dhcp_bound: dhcp_bound_tx,
     };
+    let wireguard = match serve.wireguard_listen.0 {
+        Some(listen) => Some(vpn::WireguardConfig {
+            listen,
+            secret: pki.wireguard_server_secret()?,
+        }),
+        None => None,
+    };
     let config = vpn::VpnConfig {
         listen: serve.listen,
         proto: serve.proto,
         tun_name: serve.tun.clone(),
         engine,
         state_dir: state_dir.to_path_buf(),
+        wireguard,
     };
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let vpn_task = tokio::spawn({
@@ -760,16 +868,19 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
     let routing = vnf_core::status::collect(&routing.runtime_config(state_dir)).await?;
     let vpn = read_vpn_status(state_dir);
     let healthy = routing.converged && vpn.is_some();
+    let pki = Pki::new(state_dir);
     let outdated = match &vpn {
-        Some(vpn) => Pki::new(state_dir).clients_needing_new_profile(vpn.tls_crypt)?,
+        Some(vpn) => pki.clients_needing_new_profile(vpn.tls_crypt)?,
         None => Vec::new(),
     };
+    let stale = wireguard_profile::stale_clients(&pki.clients()?, vpn.as_ref());
     if json {
         let value = serde_json::json!({
             "healthy": healthy,
             "routing": routing,
             "vpn": vpn,
             "profiles_needing_tls_crypt_v2": outdated,
+            "wireguard_profiles_stale": stale,
         });
         println!(
             "{}",
@@ -784,6 +895,13 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
                     println!(
                         "  profile needs tls-crypt-v2 (run `dockvpn client config NAME` again): {}",
                         outdated.join(" ")
+                    );
+                }
+                if !stale.is_empty() {
+                    println!(
+                        "  WireGuard {} (run `dockvpn client config NAME --format wireguard` again): {}",
+                        wireguard_profile::STALE_NOTE,
+                        stale.join(" ")
                     );
                 }
             }

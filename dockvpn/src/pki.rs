@@ -2,6 +2,8 @@
 //! (EKU serverAuth, so `remote-cert-tls server` passes), one certificate per client (EKU
 //! clientAuth), and `clients.json` with each client's fixed VPN address. Keys are written
 //! with mode 0600; every change is serialized by a lock and written atomically.
+//! WireGuard lives beside it: the server's static key (`wireguard.key`), and per client a key
+//! pair (the private half only when generated here) and a preshared key.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -10,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::wireguard::PeerConfig;
+use base64::Engine;
+use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use rand::RngCore;
@@ -36,6 +41,12 @@ const TLS_AUTH_KEY: &str = "tls-auth.key";
 const TLS_CRYPT_V2_SERVER_KEY: &str = "tls-crypt-v2-server.key";
 /// A client's tls-crypt-v2 key (its key and the wrapped copy), under `clients/`.
 const TLS_CRYPT_V2_CLIENT_KEY: &str = "tls-crypt-v2";
+/// The WireGuard server's static private key, base64 as `wg genkey` prints it.
+const WIREGUARD_SERVER_KEY: &str = "wireguard.key";
+/// A client's WireGuard private key under `clients/` (absent when the client keeps its own).
+const WIREGUARD_CLIENT_KEY: &str = "wg.key";
+/// A client's WireGuard preshared key under `clients/`.
+const WIREGUARD_PRESHARED_KEY: &str = "wg.psk";
 pub const SERVER_NAME: &str = "dockvpn-server";
 const CA_YEARS: i64 = 10;
 const LEAF_YEARS: i64 = 5;
@@ -88,6 +99,32 @@ pub struct ClientRecord {
     pub address: Ipv4Addr,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// Absent for clients added before WireGuard (they get one when `client config --format
+    /// wireguard` first runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardIdentity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireguardIdentity {
+    /// base64, as `wg pubkey` prints it
+    pub public_key: String,
+    /// The AllowedIPs of the last wg-quick profile printed for this client (None: none
+    /// printed yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_allowed_ips: Option<Vec<Ipv4Net>>,
+}
+
+/// The keys a client's wg-quick profile carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireguardProfileKeys {
+    pub address: Ipv4Addr,
+    /// base64; None when the client brought its own key pair (`--wireguard-public-key`).
+    pub private_key: Option<String>,
+    /// The client's public key, base64.
+    pub public_key: String,
+    pub preshared_key: String,
+    pub server_public_key: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -170,8 +207,168 @@ impl Pki {
             &self.path(TLS_CRYPT_V2_SERVER_KEY),
             &ServerKey::generate().to_pem(),
         )?;
+        // A new server identity for WireGuard too: every profile is issued again anyway.
+        write_private(
+            &self.path(WIREGUARD_SERVER_KEY),
+            &key_file_text(&new_wireguard_secret()),
+        )?;
         let _ = fs::remove_file(self.path(TLS_CRYPT_KEY));
         Ok(())
+    }
+
+    /// The server's static private key: `wireguard.key` (base64 like `wg genkey`, mode
+    /// 0600), created when missing.
+    pub fn wireguard_server_secret(&self) -> Result<[u8; 32]> {
+        self.server_side_key(
+            WIREGUARD_SERVER_KEY,
+            || key_file_text(&new_wireguard_secret()),
+            decode_key,
+            "a WireGuard private key",
+        )
+    }
+
+    /// The server's public key, base64.
+    pub fn wireguard_public_key(&self) -> Result<String> {
+        Ok(wireguard_public_key_of(self.wireguard_server_secret()?))
+    }
+
+    /// Every registry client with a WireGuard identity, with its preshared key.
+    pub fn wireguard_peers(&self) -> Result<Vec<PeerConfig>> {
+        // Under the lock, a client being added or removed is seen whole or not at all.
+        let _lock = self.lock()?;
+        let mut peers = Vec::new();
+        for client in self.load_registry()?.clients.into_values() {
+            let Some(identity) = client.wireguard else {
+                continue;
+            };
+            let public_key = decode_key(&identity.public_key).map_err(|error| {
+                fail(format!(
+                    "{}: the WireGuard public key {:?} of client {:?} is invalid ({error}); remove the client and add it again",
+                    self.path("clients.json").display(),
+                    identity.public_key,
+                    client.name
+                ))
+            })?;
+            peers.push(PeerConfig {
+                preshared_key: self.client_key(
+                    &client.name,
+                    WIREGUARD_PRESHARED_KEY,
+                    "a WireGuard preshared key",
+                )?,
+                name: client.name,
+                address: client.address,
+                public_key,
+            });
+        }
+        Ok(peers)
+    }
+
+    /// A key file of `name`'s; `what` names it in errors.
+    fn client_key(&self, name: &str, extension: &str, what: &str) -> Result<[u8; 32]> {
+        let path = self.client_path(name, extension);
+        let text = fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+        decode_key(&text).map_err(|error| {
+            fail(format!(
+                "{} is not {what} ({error}); remove the client and add it again, then hand out its new profile",
+                path.display()
+            ))
+        })
+    }
+
+    /// Writes `name`'s preshared key and, unless the client keeps its own key pair, its
+    /// private key (the caller holds the PKI lock).
+    fn issue_wireguard_keys(
+        &self,
+        name: &str,
+        own_public_key: Option<String>,
+    ) -> Result<WireguardIdentity> {
+        let public_key = match own_public_key {
+            Some(public_key) => public_key,
+            None => {
+                let secret = new_wireguard_secret();
+                write_private(
+                    &self.client_path(name, WIREGUARD_CLIENT_KEY),
+                    &key_file_text(&secret),
+                )?;
+                wireguard_public_key_of(secret)
+            }
+        };
+        let mut preshared_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut preshared_key);
+        write_private(
+            &self.client_path(name, WIREGUARD_PRESHARED_KEY),
+            &key_file_text(&preshared_key),
+        )?;
+        Ok(WireguardIdentity {
+            public_key,
+            profile_allowed_ips: None,
+        })
+    }
+
+    /// The keys for `name`'s wg-quick profile; a client added before WireGuard gets its
+    /// key pair and preshared key now.
+    pub fn wireguard_profile_keys(&self, name: &str) -> Result<WireguardProfileKeys> {
+        self.require()?;
+        let server_public_key = self.wireguard_public_key()?;
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let Some(client) = registry.clients.get(name).cloned() else {
+            return Err(no_such_client(name));
+        };
+        let identity = match client.wireguard {
+            Some(identity) => identity,
+            None => {
+                let identity = self.issue_wireguard_keys(name, None)?;
+                registry.clients.insert(
+                    name.to_owned(),
+                    ClientRecord {
+                        wireguard: Some(identity.clone()),
+                        ..client.clone()
+                    },
+                );
+                self.save_registry(&registry)?;
+                identity
+            }
+        };
+        let private_key = match self.client_path(name, WIREGUARD_CLIENT_KEY).exists() {
+            true => Some(encode_key(&self.client_key(
+                name,
+                WIREGUARD_CLIENT_KEY,
+                "a WireGuard private key",
+            )?)),
+            false => None,
+        };
+        Ok(WireguardProfileKeys {
+            address: client.address,
+            private_key,
+            public_key: identity.public_key,
+            preshared_key: encode_key(&self.client_key(
+                name,
+                WIREGUARD_PRESHARED_KEY,
+                "a WireGuard preshared key",
+            )?),
+            server_public_key,
+        })
+    }
+
+    /// Remembers the AllowedIPs of the profile just printed for `name`, so that `client
+    /// list` and `status` can tell when the pushed routes moved on.
+    pub fn record_wireguard_profile(&self, name: &str, allowed_ips: &[Ipv4Net]) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let identity = registry
+            .clients
+            .get_mut(name)
+            .ok_or_else(|| no_such_client(name))?
+            .wireguard
+            .as_mut()
+            .ok_or_else(|| {
+                fail(format!(
+                    "client {name:?} has no WireGuard keys yet; `dockvpn client config {name} --format wireguard` issues them"
+                ))
+            })?;
+        identity.profile_allowed_ips = Some(allowed_ips.to_vec());
+        self.save_registry(&registry)
     }
 
     /// The mode whose keys this PKI's profiles carry: v2 for a PKI made since tls-crypt-v2
@@ -365,22 +562,69 @@ impl Pki {
         Ok(self.load_registry()?.clients.into_values().collect())
     }
 
-    /// Issues a certificate for `name` and gives it the next free address in `pool` (or
-    /// `address`).
+    /// Issues a certificate and a WireGuard key pair for `name` and gives it the next free
+    /// address in `pool` (or `address`).
     pub fn add_client(
         &self,
         name: &str,
         pool: Ipv4Net,
         address: Option<Ipv4Addr>,
     ) -> Result<ClientRecord> {
+        self.issue_client(name, pool, address, None)
+    }
+
+    /// `add_client` for a client that keeps its own WireGuard private key: the registry
+    /// holds its public key (`wg pubkey`'s base64).
+    pub fn add_client_with_own_wireguard_key(
+        &self,
+        name: &str,
+        pool: Ipv4Net,
+        address: Option<Ipv4Addr>,
+        wireguard_public_key: &str,
+    ) -> Result<ClientRecord> {
+        self.issue_client(name, pool, address, Some(wireguard_public_key))
+    }
+
+    fn issue_client(
+        &self,
+        name: &str,
+        pool: Ipv4Net,
+        address: Option<Ipv4Addr>,
+        wireguard_public_key: Option<&str>,
+    ) -> Result<ClientRecord> {
         validate_name(name)?;
+        let wireguard_public_key = wireguard_public_key
+            .map(parse_wireguard_public_key)
+            .transpose()?;
         self.require()?;
+        let server_public_key = self.wireguard_public_key()?;
         let _lock = self.lock()?;
         let mut registry = self.load_registry()?;
         if registry.clients.contains_key(name) {
             return Err(fail(format!(
                 "client {name:?} exists; `dockvpn client config {name}` prints its profile, `dockvpn client remove {name}` removes it"
             )));
+        }
+        if let Some(key) = &wireguard_public_key {
+            // WireGuard tells peers apart by their public keys alone.
+            let owner = registry
+                .clients
+                .values()
+                .find(|client| {
+                    client
+                        .wireguard
+                        .as_ref()
+                        .is_some_and(|id| &id.public_key == key)
+                })
+                .map(|client| format!("client {:?}", client.name))
+                .or_else(|| (*key == server_public_key).then(|| "the server".to_owned()));
+            if let Some(owner) = owner {
+                return Err(Error::invalid(
+                    "--wireguard-public-key",
+                    key,
+                    format!("already the key of {owner}: give the public key of the new client's own key pair (`wg genkey | wg pubkey`)"),
+                ));
+            }
         }
         let taken: Vec<Ipv4Addr> = registry.clients.values().map(|c| c.address).collect();
         let server_address = pool.hosts().next();
@@ -431,11 +675,13 @@ impl Pki {
                 .map_err(|error| fail(format!("{TLS_CRYPT_V2_SERVER_KEY}: {error}")))?;
             self.issue_client_tls_crypt_v2_key(name, &server_key)?;
         }
+        let wireguard = self.issue_wireguard_keys(name, wireguard_public_key)?;
 
         let record = ClientRecord {
             name: name.to_owned(),
             address,
             created: unix_now(),
+            wireguard: Some(wireguard),
         };
         registry.clients.insert(name.to_owned(), record.clone());
         self.save_registry(&registry)?;
@@ -451,7 +697,13 @@ impl Pki {
             )));
         }
         self.save_registry(&registry)?;
-        for extension in ["crt", "key", TLS_CRYPT_V2_CLIENT_KEY] {
+        for extension in [
+            "crt",
+            "key",
+            TLS_CRYPT_V2_CLIENT_KEY,
+            WIREGUARD_CLIENT_KEY,
+            WIREGUARD_PRESHARED_KEY,
+        ] {
             let _ = fs::remove_file(self.client_path(name, extension));
         }
         Ok(())
@@ -469,9 +721,7 @@ impl Pki {
     ) -> Result<String> {
         self.require()?;
         if !self.load_registry()?.clients.contains_key(name) {
-            return Err(fail(format!(
-                "no client named {name:?}; add it with `dockvpn client add {name}`"
-            )));
+            return Err(no_such_client(name));
         }
         let read_client = |extension: &str| {
             let path = self.client_path(name, extension);
@@ -568,6 +818,55 @@ impl Pki {
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
+}
+
+fn no_such_client(name: &str) -> Error {
+    fail(format!(
+        "no client named {name:?}; add it with `dockvpn client add {name}`"
+    ))
+}
+
+/// A client's own WireGuard public key as `wg pubkey` prints it, for `--wireguard-public-key`.
+pub fn parse_wireguard_public_key(text: &str) -> Result<String> {
+    let key = decode_key(text).map_err(|error| {
+        Error::invalid(
+            "--wireguard-public-key",
+            text,
+            format!("{error}: give the client's public key as `wg pubkey` prints it (44 characters of base64 for 32 bytes)"),
+        )
+    })?;
+    Ok(encode_key(&key))
+}
+
+/// A new X25519 private key, clamped as `wg genkey` prints it.
+fn new_wireguard_secret() -> [u8; 32] {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    secret[0] &= 248;
+    secret[31] &= 127;
+    secret[31] |= 64;
+    secret
+}
+
+fn wireguard_public_key_of(secret: [u8; 32]) -> String {
+    encode_key(PublicKey::from(&StaticSecret::from(secret)).as_bytes())
+}
+
+fn encode_key(key: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// A key file's text, as `wg genkey` writes it.
+fn key_file_text(key: &[u8; 32]) -> String {
+    format!("{}\n", encode_key(key))
+}
+
+/// A 32-byte WireGuard key in base64, as `wg` prints them.
+fn decode_key(text: &str) -> std::result::Result<[u8; 32], String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|error| format!("not base64 ({error})"))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("{} bytes, not 32", bytes.len()))
 }
 
 fn leaf_params(common_name: &str, years: i64) -> Result<CertificateParams> {
@@ -712,6 +1011,142 @@ mod tests {
             Ipv4Addr::new(10, 8, 0, 3),
             "freed address reused"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn wireguard_keys_are_private_stable_and_go_with_their_client() {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-wg-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let pki = Pki::new(&dir);
+        let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        pki.init(false).unwrap();
+        let server_key = pki.path(WIREGUARD_SERVER_KEY);
+        assert_eq!(mode(&server_key), 0o600, "pki init writes the server key");
+        let secret = pki.wireguard_server_secret().unwrap();
+        assert_eq!(pki.wireguard_server_secret().unwrap(), secret, "stable");
+        assert_eq!(
+            pki.wireguard_public_key().unwrap(),
+            wireguard_public_key_of(secret)
+        );
+        // A PKI from before WireGuard gets its key on first use, once.
+        fs::remove_file(&server_key).unwrap();
+        let created = pki.wireguard_server_secret().unwrap();
+        assert_ne!(created, secret);
+        assert_eq!(pki.wireguard_server_secret().unwrap(), created);
+        assert_eq!(mode(&server_key), 0o600);
+
+        let alice = pki.add_client("alice", pool, None).unwrap();
+        let alice_key = pki.client_path("alice", WIREGUARD_CLIENT_KEY);
+        let alice_psk = pki.client_path("alice", WIREGUARD_PRESHARED_KEY);
+        assert_eq!((mode(&alice_key), mode(&alice_psk)), (0o600, 0o600));
+        let identity = alice.wireguard.clone().unwrap();
+        let private = decode_key(&fs::read_to_string(&alice_key).unwrap()).unwrap();
+        assert_eq!(identity.public_key, wireguard_public_key_of(private));
+        assert_eq!(identity.profile_allowed_ips, None);
+
+        // A client with its own key pair: no private key here, the key must be 32 bytes.
+        for bad in ["", "not base64!", "AAAA", &encode_key(&[7; 32])[..40]] {
+            let error = pki
+                .add_client_with_own_wireguard_key("bob", pool, None, bad)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--wireguard-public-key"), "{error}");
+            assert!(error.contains("44 characters of base64"), "{error}");
+        }
+        let error = pki
+            .add_client_with_own_wireguard_key("bob", pool, None, &identity.public_key)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("already the key of client \"alice\""),
+            "{error}"
+        );
+        let bob_public = wireguard_public_key_of(new_wireguard_secret());
+        let bob = pki
+            .add_client_with_own_wireguard_key("bob", pool, None, &bob_public)
+            .unwrap();
+        assert_eq!(bob.wireguard.unwrap().public_key, bob_public);
+        assert!(!pki.client_path("bob", WIREGUARD_CLIENT_KEY).exists());
+        let bob_keys = pki.wireguard_profile_keys("bob").unwrap();
+        assert_eq!(bob_keys.private_key, None);
+        assert_eq!(
+            bob_keys.server_public_key,
+            pki.wireguard_public_key().unwrap()
+        );
+
+        let peers = pki.wireguard_peers().unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].name, "alice");
+        assert_eq!(peers[0].address, alice.address);
+        assert_eq!(encode_key(&peers[0].public_key), identity.public_key);
+        assert_eq!(
+            peers[0].preshared_key,
+            decode_key(&fs::read_to_string(&alice_psk).unwrap()).unwrap()
+        );
+
+        // The profile's AllowedIPs are remembered for stale marking.
+        let routes: Vec<Ipv4Net> = vec!["10.8.0.1/32".parse().unwrap()];
+        pki.record_wireguard_profile("alice", &routes).unwrap();
+        let listed = pki.clients().unwrap();
+        assert_eq!(
+            listed[0].wireguard.as_ref().unwrap().profile_allowed_ips,
+            Some(routes)
+        );
+
+        // A corrupt key file names itself and the fix.
+        fs::write(&server_key, "garbage\n").unwrap();
+        let error = pki.wireguard_server_secret().unwrap_err().to_string();
+        assert!(error.contains(&server_key.display().to_string()), "{error}");
+        assert!(error.contains("delete it"), "{error}");
+        fs::write(&alice_psk, "AAAA\n").unwrap();
+        let error = pki.wireguard_peers().unwrap_err().to_string();
+        assert!(error.contains("alice.wg.psk"), "{error}");
+        assert!(error.contains("3 bytes, not 32"), "{error}");
+
+        // `pki init --force` makes a new server key.
+        fs::write(&server_key, key_file_text(&created)).unwrap();
+        pki.init(true).unwrap();
+        assert_ne!(pki.wireguard_server_secret().unwrap(), created);
+
+        pki.remove_client("alice").unwrap();
+        assert!(!alice_key.exists() && !alice_psk.exists());
+        assert_eq!(pki.wireguard_peers().unwrap().len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_registry_from_before_wireguard_parses_and_its_clients_get_keys_on_first_profile() {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-old-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let pki = Pki::new(&dir);
+        pki.init(false).unwrap();
+        let old =
+            r#"{"clients":{"carol":{"name":"carol","address":"10.8.0.2","created":1700000000}}}"#;
+        fs::write(pki.path("clients.json"), old).unwrap();
+        let clients = pki.clients().unwrap();
+        assert_eq!(clients[0].wireguard, None);
+        assert!(pki.wireguard_peers().unwrap().is_empty());
+        // Saved again, the old record is written as it was.
+        pki.save_registry(&pki.load_registry().unwrap()).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(pki.path("clients.json")).unwrap()).unwrap();
+        assert_eq!(
+            saved,
+            serde_json::from_str::<serde_json::Value>(old).unwrap()
+        );
+
+        let keys = pki.wireguard_profile_keys("carol").unwrap();
+        let private = decode_key(keys.private_key.as_deref().unwrap()).unwrap();
+        assert_eq!(keys.public_key, wireguard_public_key_of(private));
+        assert_eq!(pki.wireguard_profile_keys("carol").unwrap(), keys, "kept");
+        assert_eq!(pki.wireguard_peers().unwrap()[0].name, "carol");
+        assert!(pki.wireguard_profile_keys("nobody").is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,13 +1,16 @@
-//! The tokio driver around the OpenVPN engine: a UDP socket and a TCP listener on the same
-//! port (either or both), one tun device, the engine's timer, and the feeds from the runtime
-//! (pushed routes, the left interface for masquerade). It writes `status.json` for
-//! `dockvpn status`.
+//! The tokio driver around the two engines: OpenVPN on a UDP socket and a TCP listener on
+//! the same port (either or both), WireGuard on its own UDP socket, one tun device for both,
+//! the address book that sends each tun packet to its client's engine, the engines' timers,
+//! and the feeds from the runtime (pushed routes, the client registry). It writes
+//! `status.json` for `dockvpn status`.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -16,13 +19,16 @@ use vnf_core::clock::WallClock;
 use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
-use crate::openvpn::link::Link;
-pub use crate::openvpn::link::Proto;
-use crate::openvpn::server::{Counters, EngineConfig, Event, Output, Server};
-use crate::openvpn::wrap::ControlWrap;
-use crate::pki::{Pki, TlsCryptMode};
 use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
+use dockvpn::address_book::{ipv4_destination, AddressBook, Tunnel};
+use dockvpn::dropped::Counters;
+use dockvpn::openvpn::link::Link;
+pub use dockvpn::openvpn::link::Proto;
+use dockvpn::openvpn::server::{self, EngineConfig, Server};
+use dockvpn::openvpn::wrap::ControlWrap;
+use dockvpn::pki::{Pki, TlsCryptMode};
+use dockvpn::wireguard::{self, WireguardServer};
 
 /// How often status.json is rewritten while nothing happens.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -37,6 +43,13 @@ pub struct VpnConfig {
     pub tun_name: String,
     pub engine: EngineConfig,
     pub state_dir: PathBuf,
+    pub wireguard: Option<WireguardConfig>,
+}
+
+pub struct WireguardConfig {
+    pub listen: SocketAddr,
+    /// The server's static private key.
+    pub secret: [u8; 32],
 }
 
 /// What `run` writes and `status` reads.
@@ -122,71 +135,16 @@ pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("status.json")
 }
 
-/// Serves until `stop` turns true. Errors only at start-up (socket, tun, PKI).
+/// Serves until `stop` turns true. Errors only at start-up (sockets, tun, PKI).
 pub async fn serve(
     config: VpnConfig,
     mut routes: watch::Receiver<BTreeSet<Ipv4Net>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let listen_error = |protocol: &str| {
-        let context = format!(
-            "listen on {protocol} {} (another server on the port? pass --listen, or --proto to serve one protocol)",
-            config.listen
-        );
-        move |source| Error::Io { context, source }
-    };
-    let mut socket = match config.proto.serves_udp() {
-        true => Some(Listener::bind(config.listen).map_err(listen_error("UDP"))?),
-        false => None,
-    };
-    // Room for every client and every handshake slot; more connections are refused at once.
-    let max_connections = config.engine.max_clients + config.engine.max_handshaking;
-    let mut tcp = match config.proto.serves_tcp() {
-        true => Some(
-            TcpServer::bind(config.listen, max_connections)
-                .await
-                .map_err(listen_error("TCP"))?,
-        ),
-        false => None,
-    };
-    let server_address = config.engine.server_address();
-    let tun = tokio_tun::Tun::builder()
-        .name(&config.tun_name)
-        .address(server_address)
-        .netmask(config.engine.pool.netmask())
-        .mtu(1500)
-        .up()
-        .build()
-        .map_err(|error| {
-            Error::Vnf(format!(
-                "create the tun device {}: {error} (the container needs --cap-add NET_ADMIN and --device /dev/net/tun)",
-                config.tun_name
-            ))
-        })?
-        .pop()
-        .expect("one queue");
-    let mut engine = Server::new(config.engine.clone());
-    engine.set_routes(routes.borrow_and_update().clone());
-    let registry = Pki::new(&config.state_dir);
-    engine.set_registry_reader(Box::new(move || match registry.clients() {
-        Ok(clients) => Some(clients.into_iter().map(|c| (c.name, c.address)).collect()),
-        Err(error) => {
-            warn!(%error, "client registry unreadable; keeping the last one");
-            None
-        }
-    }));
-    engine.refresh_clients();
-    info!(
-        listen = %config.listen,
-        proto = %config.proto,
-        tun = %config.tun_name,
-        pool = %config.engine.pool,
-        ciphers = ?config.engine.ciphers.iter().map(|c| c.name()).collect::<Vec<_>>(),
-        routes = ?engine.routes(),
-        "VPN server listening"
-    );
-
+    let initial_routes = routes.borrow_and_update().clone();
+    let mut driver = Driver::start(&config, initial_routes).await?;
     let mut datagram = vec![0u8; 65536];
+    let mut wireguard_datagram = vec![0u8; 65536];
     let mut packet = vec![0u8; 65536];
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
     let mut clients_tick = tokio::time::interval(CLIENTS_EVERY);
@@ -194,67 +152,393 @@ pub async fn serve(
     let mut last_drop_log: Option<Instant> = None;
     let mut status_dirty = true;
     loop {
-        let deadline = engine.next_timeout().map(tokio::time::Instant::from_std);
+        let deadline = driver.next_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            received = receive_udp(socket.as_mut(), &mut datagram) => match received {
+            received = receive_udp(driver.udp.as_mut(), &mut datagram) => match received {
                 Ok((len, from)) => {
-                    engine.handle_datagram(Instant::now(), Link::Udp(from), &datagram[..len])
+                    driver.openvpn.handle_datagram(Instant::now(), Link::Udp(from), &datagram[..len])
                 }
                 Err(error) => warn!(%error, "UDP receive failed"),
             },
-            event = next_tcp_event(tcp.as_mut()) => match event {
+            received = receive_udp(driver.wireguard_socket.as_mut(), &mut wireguard_datagram) => match received {
+                Ok((len, from)) => {
+                    if let Some(wireguard) = driver.wireguard.as_mut() {
+                        wireguard.handle_datagram(Instant::now(), from, &wireguard_datagram[..len]);
+                    }
+                }
+                Err(error) => warn!(%error, "WireGuard receive failed"),
+            },
+            event = next_tcp_event(driver.tcp.as_mut()) => match event {
                 TcpEvent::Packet { link, packet } => {
-                    engine.handle_datagram(Instant::now(), link, &packet)
+                    driver.openvpn.handle_datagram(Instant::now(), link, &packet)
                 }
                 TcpEvent::Closed { link, reason } => {
-                    engine.close_link(Instant::now(), link, &reason)
+                    driver.openvpn.close_link(Instant::now(), link, &reason)
                 }
             },
-            read = tun.recv(&mut packet) => match read {
-                Ok(len) => engine.handle_tun_packet(Instant::now(), &packet[..len]),
+            read = driver.tun.recv(&mut packet) => match read {
+                Ok(len) => driver.route_from_tun(Instant::now(), &packet[..len]),
                 Err(error) => warn!(%error, "tun read failed"),
             },
-            () = sleep_until(deadline) => engine.handle_timeout(Instant::now()),
+            () = sleep_until(deadline) => driver.handle_timeout(Instant::now()),
             changed = routes.changed() => {
                 if changed.is_ok() {
                     let next = routes.borrow_and_update().clone();
                     info!(routes = ?next, "routes for clients that connect from now on");
-                    engine.set_routes(next);
+                    driver.openvpn.set_routes(next);
                     status_dirty = true;
                 }
             }
-            _ = clients_tick.tick() => {
-                engine.reload_clients(Instant::now());
-                if let Some(tcp) = tcp.as_mut() {
-                    tcp.close_sessionless(Instant::now(), |link| engine.has_session(link));
-                }
-            }
+            _ = clients_tick.tick() => driver.reload_clients(Instant::now()),
             _ = status_tick.tick() => status_dirty = true,
             _ = stop.changed() => {
-                engine.shutdown(Instant::now());
-                drain(&mut engine, socket.as_mut(), tcp.as_mut(), &tun).await;
+                driver.openvpn.shutdown(Instant::now());
+                driver.flush().await;
                 let _ = std::fs::remove_file(status_path(&config.state_dir));
                 info!("VPN server stopped");
                 return Ok(());
             }
         }
-        status_dirty |= drain(&mut engine, socket.as_mut(), tcp.as_mut(), &tun).await;
-        if engine.counters.total() != dropped_logged.total()
+        status_dirty |= driver.flush().await;
+        let dropped = driver.dropped();
+        if dropped.total() != dropped_logged.total()
             && last_drop_log.is_none_or(|at| at.elapsed() >= DROP_LOG_EVERY)
         {
             warn!(
-                total = engine.counters.total(),
-                counters = %engine.counters,
-                last = engine.last_drop.as_deref().unwrap_or_default(),
+                total = dropped.total(),
+                counters = %dropped,
+                last = driver.last_drop().unwrap_or_default(),
                 "dropped VPN input"
             );
-            dropped_logged = engine.counters;
+            dropped_logged = dropped;
             last_drop_log = Some(Instant::now());
         }
         if status_dirty {
-            write_status(&config, &engine, tcp.as_ref());
+            write_status(&config, &driver);
             status_dirty = false;
         }
+    }
+}
+
+/// The engines, what they talk through, and the address book between them and the tun.
+struct Driver {
+    openvpn: Server,
+    wireguard: Option<WireguardServer>,
+    udp: Option<Listener>,
+    tcp: Option<TcpServer>,
+    wireguard_socket: Option<Listener>,
+    tun: tokio_tun::Tun,
+    addresses: AddressBook,
+    registry: Pki,
+    /// Drops the driver makes itself (tun packets for no client).
+    counters: Counters,
+    last_drop: Option<String>,
+}
+
+impl Driver {
+    async fn start(config: &VpnConfig, routes: BTreeSet<Ipv4Net>) -> Result<Driver> {
+        let listen_error = |protocol: &str, listen: SocketAddr, fix: &str| {
+            let context =
+                format!("listen on {protocol} {listen} (another server on the port? {fix})");
+            move |source| Error::Io { context, source }
+        };
+        let openvpn_fix = "pass --listen, or --proto to serve one protocol";
+        let udp = match config.proto.serves_udp() {
+            true => Some(Listener::bind(config.listen).map_err(listen_error(
+                "UDP",
+                config.listen,
+                openvpn_fix,
+            ))?),
+            false => None,
+        };
+        // Room for every client and every handshake slot; more connections are refused at once.
+        let max_connections = config.engine.max_clients + config.engine.max_handshaking;
+        let tcp = match config.proto.serves_tcp() {
+            true => Some(
+                TcpServer::bind(config.listen, max_connections)
+                    .await
+                    .map_err(listen_error("TCP", config.listen, openvpn_fix))?,
+            ),
+            false => None,
+        };
+        let wireguard_socket = match &config.wireguard {
+            Some(wireguard) => Some(Listener::bind(wireguard.listen).map_err(listen_error(
+                "WireGuard UDP",
+                wireguard.listen,
+                "pass --wireguard-listen ADDR:PORT, or off",
+            ))?),
+            None => None,
+        };
+        let tun = tokio_tun::Tun::builder()
+            .name(&config.tun_name)
+            .address(config.engine.server_address())
+            .netmask(config.engine.pool.netmask())
+            .mtu(1500)
+            .up()
+            .build()
+            .map_err(|error| {
+                Error::Vnf(format!(
+                    "create the tun device {}: {error} (the container needs --cap-add NET_ADMIN and --device /dev/net/tun)",
+                    config.tun_name
+                ))
+            })?
+            .pop()
+            .expect("one queue");
+        let mut openvpn = Server::new(config.engine.clone());
+        openvpn.set_routes(routes);
+        let registry = Pki::new(&config.state_dir);
+        let reader = Pki::new(&config.state_dir);
+        openvpn.set_registry_reader(Box::new(move || match reader.clients() {
+            Ok(clients) => Some(clients.into_iter().map(|c| (c.name, c.address)).collect()),
+            Err(error) => {
+                warn!(%error, "client registry unreadable; keeping the last one");
+                None
+            }
+        }));
+        openvpn.refresh_clients();
+        let wireguard = config
+            .wireguard
+            .as_ref()
+            .map(|wireguard| WireguardServer::new(wireguard.secret, Instant::now()));
+        let mut driver = Driver {
+            openvpn,
+            wireguard,
+            udp,
+            tcp,
+            wireguard_socket,
+            tun,
+            addresses: AddressBook::default(),
+            registry,
+            counters: Counters::default(),
+            last_drop: None,
+        };
+        driver.reload_wireguard_peers();
+        info!(
+            listen = %config.listen,
+            proto = %config.proto,
+            wireguard = config.wireguard.as_ref().map(|w| tracing::field::display(w.listen)),
+            tun = %config.tun_name,
+            pool = %config.engine.pool,
+            ciphers = ?config.engine.ciphers.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            routes = ?driver.openvpn.routes(),
+            "VPN server listening"
+        );
+        Ok(driver)
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        let wireguard = self.wireguard.as_ref().and_then(|w| w.next_timeout());
+        match (self.openvpn.next_timeout(), wireguard) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.openvpn.handle_timeout(now);
+        if let Some(wireguard) = self.wireguard.as_mut() {
+            wireguard.handle_timeout(now);
+        }
+    }
+
+    /// The registry again: a removed client is cut off by both engines.
+    fn reload_clients(&mut self, now: Instant) {
+        self.openvpn.reload_clients(now);
+        self.reload_wireguard_peers();
+        if let Some(tcp) = self.tcp.as_mut() {
+            let openvpn = &self.openvpn;
+            tcp.close_sessionless(now, |link| openvpn.has_session(link));
+        }
+    }
+
+    fn reload_wireguard_peers(&mut self) {
+        let Some(wireguard) = self.wireguard.as_mut() else {
+            return;
+        };
+        match self.registry.wireguard_peers() {
+            Ok(peers) => wireguard.set_peers(peers),
+            Err(error) => warn!(%error, "WireGuard clients unreadable; keeping the last ones"),
+        }
+    }
+
+    /// A packet from the kernel for a client: to the engine the address book names.
+    fn route_from_tun(&mut self, now: Instant, packet: &[u8]) {
+        let Some(destination) = ipv4_destination(packet) else {
+            return;
+        };
+        match self.addresses.tunnel(destination) {
+            Some(Tunnel::OpenVpn(peer_id)) => self.openvpn.send_to(now, peer_id, packet),
+            Some(Tunnel::WireGuard(peer)) => {
+                if let Some(wireguard) = self.wireguard.as_mut() {
+                    wireguard.send_to(peer, packet);
+                }
+            }
+            None => {
+                self.counters.no_client_for_destination += 1;
+                self.last_drop = Some(format!("no client has {destination}"));
+            }
+        }
+    }
+
+    /// The named drop counters of both engines and the driver, added up.
+    fn dropped(&self) -> Counters {
+        let mut dropped = self.counters;
+        dropped += self.openvpn.counters;
+        if let Some(wireguard) = &self.wireguard {
+            dropped += wireguard.counters;
+        }
+        dropped
+    }
+
+    /// Why the latest input was dropped, whichever part dropped it.
+    fn last_drop(&mut self) -> Option<&str> {
+        let engines = [
+            self.openvpn.last_drop.take(),
+            self.wireguard.as_mut().and_then(|w| w.last_drop.take()),
+        ];
+        if let Some(latest) = engines.into_iter().flatten().last() {
+            self.last_drop = Some(latest);
+        }
+        self.last_drop.as_deref()
+    }
+
+    /// Sends what the engines queued; true when a client connected or left.
+    async fn flush(&mut self) -> bool {
+        let mut changed = false;
+        while let Some(output) = self.openvpn.poll_output() {
+            match output {
+                server::Output::Transmit {
+                    to: Link::Udp(to),
+                    datagram,
+                } => send_udp(self.udp.as_ref(), &datagram, to).await,
+                server::Output::Transmit { to, datagram } => {
+                    let Some(tcp) = self.tcp.as_mut() else {
+                        continue;
+                    };
+                    if let Err(reason) = tcp.send(&to, &datagram) {
+                        self.openvpn.close_link(Instant::now(), to, &reason);
+                    }
+                }
+                server::Output::Tun(packet) => write_tun(&self.tun, &packet).await,
+                server::Output::Event(event) => {
+                    changed = true;
+                    self.openvpn_event(event);
+                }
+            }
+        }
+        while let Some(output) = self.wireguard.as_mut().and_then(|w| w.poll_output()) {
+            match output {
+                wireguard::Output::Transmit { to, datagram } => {
+                    send_udp(self.wireguard_socket.as_ref(), &datagram, to).await
+                }
+                wireguard::Output::Tun(packet) => write_tun(&self.tun, &packet).await,
+                wireguard::Output::Event(event) => {
+                    changed = true;
+                    self.wireguard_event(event);
+                }
+            }
+        }
+        // A client that reconnects from the same address keeps its entry: it has a session again.
+        if let Some(socket) = self.udp.as_mut() {
+            let openvpn = &self.openvpn;
+            socket.prune(|peer| openvpn.has_session(&Link::Udp(*peer)));
+        }
+        changed
+    }
+
+    fn openvpn_event(&mut self, event: server::Event) {
+        match event {
+            server::Event::Connected {
+                name,
+                address,
+                link,
+                peer_id,
+                cipher,
+            } => {
+                self.take_address(&name, address, Tunnel::OpenVpn(peer_id));
+                info!(client = %name, %address, %link, %cipher, "client connected");
+            }
+            server::Event::Disconnected {
+                name,
+                address,
+                link,
+                peer_id,
+                reason,
+            } => {
+                if let Some(address) = address {
+                    self.addresses
+                        .disconnected(address, Tunnel::OpenVpn(peer_id));
+                }
+                // A session's end is its TCP connection's end.
+                if let Some(tcp) = self.tcp.as_mut() {
+                    tcp.close(&link);
+                }
+                info!(
+                    client = name.as_deref().unwrap_or("(unauthenticated)"),
+                    // Omitted, not "None", for a client that never got one.
+                    address = address.map(tracing::field::display),
+                    %link,
+                    %reason,
+                    "client disconnected"
+                )
+            }
+        }
+    }
+
+    fn wireguard_event(&mut self, event: wireguard::Event) {
+        match event {
+            wireguard::Event::Connected {
+                name,
+                address,
+                peer,
+                endpoint,
+            } => {
+                let tunnel = Tunnel::WireGuard(peer);
+                if self.addresses.tunnel(address) != Some(tunnel) {
+                    info!(client = %name, %address, %endpoint, transport = "wireguard", "client connected");
+                }
+                self.take_address(&name, address, tunnel);
+            }
+            wireguard::Event::Disconnected {
+                name,
+                address,
+                peer,
+                reason,
+            } => {
+                self.addresses
+                    .disconnected(address, Tunnel::WireGuard(peer));
+                info!(client = %name, %address, transport = "wireguard", %reason, "client disconnected");
+            }
+        }
+    }
+
+    /// Routes `address` to `tunnel`; the same client connected over the other transport
+    /// before keeps its session but no longer receives (one address, one way back).
+    fn take_address(&mut self, name: &str, address: Ipv4Addr, tunnel: Tunnel) {
+        if let Some(previous) = self.addresses.connected(address, tunnel) {
+            info!(
+                client = %name,
+                %address,
+                from = previous.transport(),
+                to = tunnel.transport(),
+                "client's traffic now goes over its newest connection"
+            );
+        }
+    }
+}
+
+async fn write_tun(tun: &tokio_tun::Tun, packet: &[u8]) {
+    if let Err(error) = tun.send(packet).await {
+        warn!(%error, "tun write failed");
+    }
+}
+
+async fn send_udp(socket: Option<&Listener>, datagram: &[u8], to: SocketAddr) {
+    let Some(socket) = socket else {
+        return;
+    };
+    if let Err(error) = socket.send(datagram, to).await {
+        warn!(%to, %error, "UDP send failed");
     }
 }
 
@@ -275,111 +559,60 @@ async fn next_tcp_event(tcp: Option<&mut TcpServer>) -> TcpEvent {
     }
 }
 
-/// Sends what the engine queued; true when a client connected or left.
-async fn drain(
-    engine: &mut Server,
-    socket: Option<&mut Listener>,
-    mut tcp: Option<&mut TcpServer>,
-    tun: &tokio_tun::Tun,
-) -> bool {
-    let mut changed = false;
-    while let Some(output) = engine.poll_output() {
-        match output {
-            Output::Transmit {
-                to: Link::Udp(to),
-                datagram,
-            } => {
-                let Some(socket) = socket.as_deref() else {
-                    continue;
-                };
-                if let Err(error) = socket.send(&datagram, to).await {
-                    warn!(%to, %error, "UDP send failed");
-                }
-            }
-            Output::Transmit { to, datagram } => {
-                let Some(tcp) = tcp.as_deref_mut() else {
-                    continue;
-                };
-                if let Err(reason) = tcp.send(&to, &datagram) {
-                    engine.close_link(Instant::now(), to, &reason);
-                }
-            }
-            Output::Tun(packet) => {
-                if let Err(error) = tun.send(&packet).await {
-                    warn!(%error, "tun write failed");
-                }
-            }
-            Output::Event(event) => {
-                changed = true;
-                match event {
-                    Event::Connected {
-                        name,
-                        address,
-                        link,
-                        cipher,
-                    } => info!(client = %name, %address, %link, %cipher, "client connected"),
-                    Event::Disconnected {
-                        name,
-                        address,
-                        link,
-                        reason,
-                    } => {
-                        // A session's end is its TCP connection's end.
-                        if let Some(tcp) = tcp.as_deref_mut() {
-                            tcp.close(&link);
-                        }
-                        info!(
-                            client = name.as_deref().unwrap_or("(unauthenticated)"),
-                            // Omitted, not "None", for a client that never got one.
-                            address = address.map(tracing::field::display),
-                            %link,
-                            %reason,
-                            "client disconnected"
-                        )
-                    }
-                }
-            }
-        }
-    }
-    // A client that reconnects from the same address keeps its entry: it has a session again.
-    if let Some(socket) = socket {
-        socket.prune(|peer| engine.has_session(&Link::Udp(*peer)));
-    }
-    changed
-}
-
-fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
+fn write_status(config: &VpnConfig, driver: &Driver) {
     let now = Instant::now();
     let clock = WallClock::now();
+    let openvpn_clients = driver
+        .openvpn
+        .connected()
+        .into_iter()
+        .map(|c| ConnectedClient {
+            name: c.name,
+            address: c.address,
+            transport: openvpn(),
+            peer: c.link.peer(),
+            proto: c.link.protocol().to_owned(),
+            cipher: c.cipher.name().to_owned(),
+            connected_since_unix: clock.unix(c.connected_at),
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            renegotiations: c.renegotiations,
+            key_id: c.key_id,
+            key_age_secs: now.saturating_duration_since(c.key_established).as_secs(),
+            latest_handshake_unix: None,
+        });
+    let wireguard_clients = driver
+        .wireguard
+        .iter()
+        .flat_map(WireguardServer::connected)
+        .map(|c| ConnectedClient {
+            name: c.name,
+            address: c.address,
+            transport: "wireguard".to_owned(),
+            peer: c.endpoint,
+            proto: "udp".to_owned(),
+            cipher: "ChaCha20-Poly1305".to_owned(),
+            connected_since_unix: clock.unix(c.connected_at),
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            renegotiations: c.rekeys,
+            key_id: 0,
+            key_age_secs: now.saturating_duration_since(c.latest_handshake).as_secs(),
+            latest_handshake_unix: Some(clock.unix(c.latest_handshake)),
+        });
+    let mut clients: Vec<ConnectedClient> = openvpn_clients.chain(wireguard_clients).collect();
+    clients.sort_by_key(|c| c.address);
     let status = VpnStatus {
         pid: std::process::id(),
         listen: config.listen,
         tun: config.tun_name.clone(),
         pool: config.engine.pool,
         server_address: config.engine.server_address(),
-        routes_pushed: engine.routes().iter().copied().collect(),
+        routes_pushed: driver.openvpn.routes().iter().copied().collect(),
         redirect_gateway: config.engine.redirect_gateway,
-        clients: engine
-            .connected()
-            .into_iter()
-            .map(|c| ConnectedClient {
-                name: c.name,
-                address: c.address,
-                transport: openvpn(),
-                peer: c.link.peer(),
-                proto: c.link.protocol().to_owned(),
-                cipher: c.cipher.name().to_owned(),
-                connected_since_unix: clock.unix(c.connected_at),
-                bytes_in: c.bytes_in,
-                renegotiations: c.renegotiations,
-                key_id: c.key_id,
-                key_age_secs: now.saturating_duration_since(c.key_established).as_secs(),
-                bytes_out: c.bytes_out,
-                latest_handshake_unix: None,
-            })
-            .collect(),
-        handshaking: engine.handshaking(),
-        dropped: engine.counters,
+        clients,
+        handshaking: driver.openvpn.handshaking(),
+        dropped: driver.dropped(),
         updated_unix: clock.unix(now),
         tls_crypt: match config.engine.tls_crypt {
             ControlWrap::Plain => TlsCryptMode::Off,
@@ -388,8 +621,15 @@ fn write_status(config: &VpnConfig, engine: &Server, tcp: Option<&TcpServer>) {
             ControlWrap::TlsCryptV2 { .. } => TlsCryptMode::V2,
         },
         proto: config.proto,
-        tcp: tcp.map(TcpServer::counters),
-        wireguard: None,
+        tcp: driver.tcp.as_ref().map(TcpServer::counters),
+        wireguard: driver
+            .wireguard
+            .as_ref()
+            .zip(config.wireguard.as_ref())
+            .map(|(engine, wireguard)| WireguardServing {
+                listen: wireguard.listen,
+                public_key: BASE64.encode(engine.public_key()),
+            }),
     };
     if let Err(error) = vnf_core::fs::write_json(&status_path(&config.state_dir), &status, false) {
         warn!(%error, "could not write status.json");

@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "openvpn",
+    "wireguard-tools",
+    "zbar-tools",
     "docker.io",
     "debootstrap",
     "docker-compose",

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
 
 use super::compression::{Framing, Unframed};
 use super::cookie::{echoed_session, reset_reply, SessionCookies};
@@ -24,6 +23,8 @@ use super::session::{DataKeys, KeyDerivation, Session, OPTIONS_STRING};
 use super::tls_crypt::{ControlKey, WrapState};
 use super::wrap::{ControlWrap, Opened, Unwrapped};
 use vnf_core::clock::WallClock;
+
+pub use crate::dropped::Counters;
 
 /// A PUSH_REPLY longer than this is split with push-continuation (OpenVPN's bundle size).
 const MAX_PUSH_MESSAGE: usize = 1024;
@@ -67,12 +68,16 @@ pub enum Event {
         name: String,
         address: Ipv4Addr,
         link: Link,
+        /// Stays the session's while it floats or its NAT mapping changes: the driver's
+        /// address book holds this, not the link.
+        peer_id: u32,
         cipher: Cipher,
     },
     Disconnected {
         name: Option<String>,
         address: Option<Ipv4Addr>,
         link: Link,
+        peer_id: u32,
         reason: String,
     },
 }
@@ -82,65 +87,6 @@ pub enum Output {
     Transmit { to: Link, datagram: Vec<u8> },
     Tun(Vec<u8>),
     Event(Event),
-}
-
-/// Dropped input, by cause (reported in status and logged rate-limited by the driver).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Counters {
-    pub malformed: u64,
-    pub unknown_session: u64,
-    pub refused_handshakes: u64,
-    pub unauthenticated_data: u64,
-    pub replayed_data: u64,
-    pub spoofed_source: u64,
-    pub no_client_for_destination: u64,
-    /// IPv6 packets from clients (their router solicitations): benign, so outside `total`.
-    #[serde(default)]
-    pub ipv6_from_client: u64,
-    /// Control packets that failed tls-crypt or tls-crypt-v2: scanners and peers without a
-    /// valid key.
-    #[serde(default)]
-    pub unauthenticated_control: u64,
-    #[serde(default)]
-    pub replayed_control: u64,
-    /// Out-of-order control messages past a session's reassembly budget (the peer resends).
-    #[serde(default)]
-    pub reassembly_over_budget: u64,
-    /// Data payloads a client compressed although the stub we pushed says not to.
-    #[serde(default)]
-    pub compressed_data: u64,
-}
-
-/// The non-zero counters as `name=n`, for logs and `status`.
-impl std::fmt::Display for Counters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(self) else {
-            return Ok(());
-        };
-        let nonzero: Vec<String> = fields
-            .iter()
-            .filter(|(_, count)| count.as_u64().is_some_and(|n| n > 0))
-            .map(|(name, count)| format!("{name}={count}"))
-            .collect();
-        f.write_str(&nonzero.join(" "))
-    }
-}
-
-impl Counters {
-    /// Dropped input that may be hostile or broken (IPv6 from clients is neither).
-    pub fn total(&self) -> u64 {
-        self.malformed
-            + self.unknown_session
-            + self.refused_handshakes
-            + self.unauthenticated_data
-            + self.replayed_data
-            + self.spoofed_source
-            + self.no_client_for_destination
-            + self.unauthenticated_control
-            + self.replayed_control
-            + self.reassembly_over_budget
-            + self.compressed_data
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -582,7 +528,8 @@ impl Server {
         session.framing = admission
             .compression
             .map_or(Framing::None, |(framing, _)| framing);
-        for message in push_messages(&self.config, &self.routes, session.peer_id, &admission) {
+        let peer_id = session.peer_id;
+        for message in push_messages(&self.config, &self.routes, peer_id, &admission) {
             session.send_text(&message);
         }
         if let Some(previous) = self.by_address.insert(address, from) {
@@ -598,6 +545,7 @@ impl Server {
             name,
             address,
             link: from,
+            peer_id,
             cipher,
         }));
     }
@@ -755,10 +703,11 @@ impl Server {
         }
     }
 
-    /// A packet read from tun, for the client whose address is its destination.
+    /// A packet read from tun, for the client whose address is its destination (the
+    /// driver's address book does this for both transports; the engine's tests use this).
+    #[cfg(test)]
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
-        // IPv6 on tun (router solicitations from the kernel) has nowhere to go yet.
-        let Some(destination) = ipv4_destination(packet) else {
+        let Some(destination) = crate::address_book::ipv4_destination(packet) else {
             return;
         };
         let Some(&peer) = self.by_address.get(&destination) else {
@@ -766,6 +715,13 @@ impl Server {
             return self.drop_input(|c| &mut c.no_client_for_destination, why);
         };
         self.send_data(now, peer, packet);
+    }
+
+    /// A packet from tun for the session with `peer_id` (the driver's address book chose it).
+    pub fn send_to(&mut self, now: Instant, peer_id: u32, packet: &[u8]) {
+        if let Some(&link) = self.by_peer_id.get(&peer_id) {
+            self.send_data(now, link, packet);
+        }
     }
 
     fn send_data(&mut self, now: Instant, peer: Link, payload: &[u8]) {
@@ -914,6 +870,7 @@ impl Server {
             name: session.name,
             address: session.address,
             link: session.link,
+            peer_id: session.peer_id,
             reason,
         }));
     }
@@ -1069,9 +1026,4 @@ pub fn push_messages(
 fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
     (packet.len() >= 20 && packet[0] >> 4 == 4)
         .then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
-}
-
-fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
-    (packet.len() >= 20 && packet[0] >> 4 == 4)
-        .then(|| Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
 }

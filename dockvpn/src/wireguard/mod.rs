@@ -1,0 +1,470 @@
+//! The WireGuard server engine: sans-IO, over boringtun's noise core. One `Tunn` per
+//! registered client; the driver owns the socket and the tun, hands datagrams and tun packets
+//! in, and sends what `poll_output` gives back.
+//!
+//! boringtun's `Tunn` is a point-to-point tunnel, so the server part is ours: a handshake
+//! initiation is checked against the shared rate limiter (mac1, then a cookie reply when
+//! under load) before its static key is decrypted to find the client; later packets find it
+//! by the receiver index the server gave out. Timers are boringtun's, run by `handle_timeout`.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::dropped::Counters;
+
+#[cfg(test)]
+mod tests;
+
+/// Handshake initiations per second before cookies are asked for (boringtun's device uses
+/// the same figure).
+const HANDSHAKES_PER_SECOND: u64 = 100;
+/// How often the clients' timers run (boringtun's device ticks at this rate too).
+pub const TICK: Duration = Duration::from_millis(250);
+/// A session older than this cannot carry data (WireGuard's REJECT_AFTER_TIME): a client
+/// without a newer handshake has left.
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// WireGuard's message type of a cookie reply.
+const COOKIE_REPLY: u8 = 3;
+/// Room for any datagram or packet plus WireGuard's 32 bytes.
+const BUFFER: usize = 65536 + 32;
+
+/// A registered client, as the registry gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub public_key: [u8; 32],
+    pub preshared_key: [u8; 32],
+}
+
+/// A client's handle in this engine: stable while it stays registered, however often it
+/// handshakes or roams.
+pub type PeerId = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A handshake completed (the first, or a rekey): the address is this client's.
+    Connected {
+        name: String,
+        address: Ipv4Addr,
+        peer: PeerId,
+        endpoint: SocketAddr,
+    },
+    Disconnected {
+        name: String,
+        address: Ipv4Addr,
+        peer: PeerId,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum Output {
+    Transmit { to: SocketAddr, datagram: Vec<u8> },
+    Tun(Vec<u8>),
+    Event(Event),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientStatus {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub endpoint: SocketAddr,
+    pub connected_at: Instant,
+    pub latest_handshake: Instant,
+    /// Handshakes since the client connected (WireGuard rekeys every two minutes of traffic).
+    pub rekeys: u64,
+    /// Tunnel payload bytes, as boringtun counts them.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+struct Peer {
+    config: PeerConfig,
+    tunn: Tunn,
+    /// Where its last authenticated packet came from: where replies go.
+    endpoint: Option<SocketAddr>,
+    connected_at: Option<Instant>,
+    latest_handshake: Option<Instant>,
+    rekeys: u64,
+}
+
+pub struct WireguardServer {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    peers: HashMap<PeerId, Peer>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    next_tick: Instant,
+    outputs: VecDeque<Output>,
+    /// boringtun writes its results here.
+    scratch: Vec<u8>,
+    pub counters: Counters,
+    pub last_drop: Option<String>,
+}
+
+impl WireguardServer {
+    pub fn new(secret: [u8; 32], now: Instant) -> WireguardServer {
+        let secret = StaticSecret::from(secret);
+        let public = PublicKey::from(&secret);
+        WireguardServer {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            secret,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            next_tick: now + TICK,
+            outputs: VecDeque::new(),
+            scratch: vec![0; BUFFER],
+            counters: Counters::default(),
+            last_drop: None,
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    /// The registered clients. A client that is gone, or whose key, preshared key or address
+    /// changed, loses its sessions at once: its next packet gets no reply.
+    pub fn set_peers(&mut self, peers: Vec<PeerConfig>) {
+        let wanted: HashMap<[u8; 32], PeerConfig> =
+            peers.into_iter().map(|p| (p.public_key, p)).collect();
+        let stale: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, peer)| wanted.get(&peer.config.public_key) != Some(&peer.config))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            let peer = self.peers.remove(&id).expect("listed");
+            self.by_key.remove(&peer.config.public_key);
+            self.report_gone(
+                id,
+                peer,
+                "the client was removed or its keys or address changed",
+            );
+        }
+        for (key, config) in wanted {
+            if !self.by_key.contains_key(&key) {
+                let id = self.free_id();
+                let peer = self.peer(config, id);
+                self.by_key.insert(key, id);
+                self.peers.insert(id, peer);
+            }
+        }
+    }
+
+    /// A random unused 24-bit index (boringtun keeps the low 8 bits of its session indices
+    /// for itself): nothing about a client's index tells how many there are.
+    fn free_id(&self) -> PeerId {
+        loop {
+            let id = rand::random::<u32>() >> 8;
+            if !self.peers.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// A client that has not handshaken yet.
+    fn peer(&self, config: PeerConfig, id: PeerId) -> Peer {
+        Peer {
+            tunn: self.tunnel(&config, id),
+            config,
+            endpoint: None,
+            connected_at: None,
+            latest_handshake: None,
+            rekeys: 0,
+        }
+    }
+
+    fn tunnel(&self, config: &PeerConfig, id: PeerId) -> Tunn {
+        // Its own rate limiter (boringtun's per-tunnel default): the shared one counted the
+        // handshake already, and counting it twice would halve the server's limit.
+        Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(config.public_key),
+            Some(config.preshared_key),
+            None,
+            id,
+            None,
+        )
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    fn drop_input(&mut self, counter: fn(&mut Counters) -> &mut u64, why: String) {
+        *counter(&mut self.counters) += 1;
+        self.last_drop = Some(why);
+    }
+
+    fn drop_error(&mut self, from: SocketAddr, error: WireGuardError) {
+        use WireGuardError as E;
+        let counter: fn(&mut Counters) -> &mut u64 = match error {
+            E::InvalidMac | E::WrongKey => |c| &mut c.unauthenticated_control,
+            E::InvalidAeadTag => |c| &mut c.unauthenticated_data,
+            E::DuplicateCounter | E::InvalidCounter => |c| &mut c.replayed_data,
+            E::WrongTai64nTimestamp | E::InvalidTai64nTimestamp => |c| &mut c.replayed_control,
+            E::NoCurrentSession | E::WrongIndex | E::UnexpectedPacket | E::ConnectionExpired => {
+                |c| &mut c.unknown_session
+            }
+            E::UnderLoad => |c| &mut c.handshakes_under_load,
+            _ => |c| &mut c.malformed,
+        };
+        self.drop_input(counter, format!("WireGuard from {from}: {error:?}"));
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.receive(now, from, datagram, &mut scratch);
+        self.scratch = scratch;
+    }
+
+    fn receive(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], scratch: &mut [u8]) {
+        // mac1 for every handshake, and under load a cookie instead of the costly part.
+        let packet = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, scratch)
+        {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(cookie_reply)) => {
+                let reply = cookie_reply.to_vec();
+                self.outputs.push_back(Output::Transmit {
+                    to: from,
+                    datagram: reply,
+                });
+                let why = format!("WireGuard handshake from {from} under load: cookie sent");
+                return self.drop_input(|c| &mut c.handshakes_under_load, why);
+            }
+            Err(TunnResult::Err(error)) => return self.drop_error(from, error),
+            Err(_) => return,
+        };
+        let id = match &packet {
+            Packet::HandshakeInit(initiation) => {
+                let Ok(half) = parse_handshake_anon(&self.secret, &self.public, initiation) else {
+                    let why = format!("WireGuard handshake from {from} not sealed to this server");
+                    return self.drop_input(|c| &mut c.unauthenticated_control, why);
+                };
+                match self.by_key.get(&half.peer_static_public) {
+                    Some(&id) => id,
+                    None => {
+                        let why = format!("WireGuard handshake from {from}: unknown client key");
+                        return self.drop_input(|c| &mut c.refused_handshakes, why);
+                    }
+                }
+            }
+            Packet::HandshakeResponse(response) => response.receiver_idx >> 8,
+            Packet::PacketCookieReply(reply) => reply.receiver_idx >> 8,
+            Packet::PacketData(data) => data.receiver_idx >> 8,
+        };
+        let is_handshake = matches!(
+            packet,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        );
+        let Some(peer) = self.peers.get_mut(&id) else {
+            let why = format!("WireGuard packet from {from} for no session");
+            return self.drop_input(|c| &mut c.unknown_session, why);
+        };
+        // Verified again inside; the shared limiter counts only handshakes, which the first
+        // check already let through.
+        match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+            TunnResult::WriteToNetwork(reply) => {
+                // A cookie reply means the client's tunnel is under load, not that it answered.
+                let completed = is_handshake && reply.first() != Some(&COOKIE_REPLY);
+                let reply = reply.to_vec();
+                if completed {
+                    peer.endpoint = Some(from);
+                }
+                self.outputs.push_back(Output::Transmit {
+                    to: from,
+                    datagram: reply,
+                });
+                if completed {
+                    self.handshake_completed(now, id, from);
+                    self.flush_queued(id, scratch);
+                }
+            }
+            TunnResult::WriteToTunnelV4(packet, source) => {
+                if source != peer.config.address {
+                    let why = format!(
+                        "WireGuard client {} sent from {source}, not its address {}",
+                        peer.config.name, peer.config.address
+                    );
+                    return self.drop_input(|c| &mut c.spoofed_source, why);
+                }
+                // Authenticated: the client is where this came from (it may have roamed).
+                peer.endpoint = Some(from);
+                self.outputs.push_back(Output::Tun(packet.to_vec()));
+            }
+            TunnResult::WriteToTunnelV6(..) => {
+                peer.endpoint = Some(from);
+                self.counters.ipv6_from_client += 1;
+            }
+            TunnResult::Done => {
+                // A keepalive (or a cookie reply) that authenticated.
+                if matches!(packet, Packet::PacketData(_)) {
+                    peer.endpoint = Some(from);
+                }
+            }
+            TunnResult::Err(error) => self.drop_error(from, error),
+        }
+    }
+
+    fn handshake_completed(&mut self, now: Instant, id: PeerId, endpoint: SocketAddr) {
+        let peer = self.peers.get_mut(&id).expect("the caller found it");
+        if peer.connected_at.is_some() {
+            peer.rekeys += 1;
+        } else {
+            peer.connected_at = Some(now);
+        }
+        peer.latest_handshake = Some(now);
+        self.outputs.push_back(Output::Event(Event::Connected {
+            name: peer.config.name.clone(),
+            address: peer.config.address,
+            peer: id,
+            endpoint,
+        }));
+    }
+
+    /// Packets the tunnel held while it had no session go out once it has one.
+    fn flush_queued(&mut self, id: PeerId, scratch: &mut [u8]) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(endpoint) = peer.endpoint else {
+            return;
+        };
+        while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], scratch) {
+            self.outputs.push_back(Output::Transmit {
+                to: endpoint,
+                datagram: datagram.to_vec(),
+            });
+        }
+    }
+
+    /// A packet from tun for the client `id` (the driver's address book chose it).
+    pub fn send_to(&mut self, id: PeerId, packet: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(endpoint) = peer.endpoint else {
+            return;
+        };
+        if packet.len() + 32 > self.scratch.len() {
+            return;
+        }
+        match peer.tunn.encapsulate(packet, &mut self.scratch) {
+            TunnResult::WriteToNetwork(datagram) => self.outputs.push_back(Output::Transmit {
+                to: endpoint,
+                datagram: datagram.to_vec(),
+            }),
+            TunnResult::Err(error) => {
+                self.last_drop = Some(format!("WireGuard to {}: {error:?}", peer.config.name))
+            }
+            _ => {}
+        }
+    }
+
+    pub fn next_timeout(&self) -> Option<Instant> {
+        (!self.peers.is_empty()).then_some(self.next_tick)
+    }
+
+    /// Runs every client's timers (keepalives, handshake retries, session expiry) and notices
+    /// clients whose last session has expired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        self.limiter.reset_count();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut expired = Vec::new();
+        for (&id, peer) in &mut self.peers {
+            match peer.tunn.update_timers(&mut scratch) {
+                TunnResult::WriteToNetwork(datagram) => {
+                    if let Some(endpoint) = peer.endpoint {
+                        self.outputs.push_back(Output::Transmit {
+                            to: endpoint,
+                            datagram: datagram.to_vec(),
+                        });
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => expired.push(id),
+                _ => {}
+            }
+            if peer.connected_at.is_some()
+                && peer
+                    .latest_handshake
+                    .is_none_or(|at| now.saturating_duration_since(at) >= SESSION_LIFETIME)
+            {
+                expired.push(id);
+            }
+        }
+        self.scratch = scratch;
+        expired.dedup();
+        for id in expired {
+            self.reset(id, "no handshake for 180 s");
+        }
+    }
+
+    /// Starts the client over with a fresh tunnel (its old one expired for good).
+    fn reset(&mut self, id: PeerId, reason: &str) {
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        let fresh = self.peer(peer.config.clone(), id);
+        self.peers.insert(id, fresh);
+        self.report_gone(id, peer, reason);
+    }
+
+    fn report_gone(&mut self, id: PeerId, peer: Peer, reason: &str) {
+        if peer.connected_at.is_some() {
+            self.outputs.push_back(Output::Event(Event::Disconnected {
+                name: peer.config.name,
+                address: peer.config.address,
+                peer: id,
+                reason: reason.to_owned(),
+            }));
+        }
+    }
+
+    pub fn connected(&self) -> Vec<ClientStatus> {
+        let mut clients: Vec<ClientStatus> = self
+            .peers
+            .values()
+            .filter_map(|peer| {
+                let (_, bytes_out, bytes_in, _, _) = peer.tunn.stats();
+                Some(ClientStatus {
+                    name: peer.config.name.clone(),
+                    address: peer.config.address,
+                    endpoint: peer.endpoint?,
+                    connected_at: peer.connected_at?,
+                    latest_handshake: peer.latest_handshake?,
+                    rekeys: peer.rekeys,
+                    bytes_in: bytes_in as u64,
+                    bytes_out: bytes_out as u64,
+                })
+            })
+            .collect();
+        clients.sort_by_key(|c| c.address);
+        clients
+    }
+
+    /// Clients with a session, for tests and the fuzzer.
+    pub fn connected_count(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.connected_at.is_some())
+            .count()
+    }
+}
