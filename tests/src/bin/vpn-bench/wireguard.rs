@@ -243,9 +243,11 @@ fn start_client(ns: &Netns, profile: &Profile, server: &Vnf) -> WireguardGo {
 
 /// Handshakes for `peers`, each from its own UDP socket in `ns`, driven by boringtun's
 /// `Tunn` as a client: an initiation, the server's response, and the first (keepalive)
-/// data packet, after which the server holds a session for the peer.
-fn handshake_peers(ns: &Netns, peers: &[Profile]) {
+/// data packet, after which the server holds a session for the peer. Returns each answered
+/// initiation's round trip in ms (sent → response).
+fn handshake_peers(ns: &Netns, peers: &[Profile]) -> Vec<f64> {
     ns.run(|| {
+        let mut round_trips = Vec::new();
         for (index, peer) in peers.iter().enumerate() {
             let socket = UdpSocket::bind("0.0.0.0:0").expect("bind a peer socket");
             socket
@@ -272,21 +274,25 @@ fn handshake_peers(ns: &Netns, peers: &[Profile]) {
                 else {
                     panic!("boringtun made no handshake initiation");
                 };
+                let sent = Instant::now();
                 socket
                     .send_to(initiation, peer.endpoint)
                     .expect("send an initiation");
                 let Ok((length, _)) = socket.recv_from(&mut reply) else {
                     continue;
                 };
+                let round_trip = sent.elapsed();
                 if let TunnResult::WriteToNetwork(keepalive) =
                     tunn.decapsulate(Some(peer.endpoint.ip()), &reply[..length], &mut packet)
                 {
                     socket.send_to(keepalive, peer.endpoint).expect("send");
+                    round_trips.push(round_trip.as_secs_f64() * 1000.0);
                     break;
                 }
             }
         }
-    });
+        round_trips
+    })
 }
 
 /// The wg-quick profile of a new Dockvpn client NAME, its Endpoint the SI's right address.
@@ -425,11 +431,11 @@ pub fn rows(chain: &Chain, dockvpn: &Vnf) {
         .push(WIREGUARD_GO_SERVER.replace("/24", "/32"));
 
     let idle_rss = [rss_kib(dockvpn.pid()), rss_kib(go_server.process.pid())];
-    handshake_peers(&chain.right_host, &peers);
+    let dockvpn_round_trips = handshake_peers(&chain.right_host, &peers);
     let _ = wait_for_status(&chain.si, dockvpn, "20 WireGuard handshakes", |status| {
         dockvpn_peers_handshaken(status) >= PEERS
     });
-    handshake_peers(&chain.right_host, &go_peers);
+    let go_round_trips = handshake_peers(&chain.right_host, &go_peers);
     assert_eq!(go_server.peers_handshaken(), PEERS, "wireguard-go's peers");
     let peers_rss = [rss_kib(dockvpn.pid()), rss_kib(go_server.process.pid())];
 
@@ -465,45 +471,64 @@ pub fn rows(chain: &Chain, dockvpn: &Vnf) {
         "Dockvpn's status names no WireGuard listener"
     );
 
+    let row = |label: &str, dockvpn: String, wireguard_go: String| {
+        println!("{label:<46}{dockvpn:>22}  {wireguard_go:>22}");
+    };
     println!(
-        "WireGuard: the same wireguard-go client against Dockvpn and a wireguard-go server in the SI"
+        "WireGuard: the same wireguard-go client against Dockvpn and a wireguard-go server in the SI; median (min-max)"
     );
-    println!("                                 Dockvpn                wireguard-go server");
-    println!(
-        "handshake ms, median of {HANDSHAKE_ROUNDS}      {:>18}    {:>18}",
+    row("", "Dockvpn".into(), "wireguard-go server".into());
+    row(
+        &format!("client start to handshake ms, {HANDSHAKE_ROUNDS} starts"),
         spread(&handshake_ms[0]),
-        spread(&handshake_ms[1])
+        spread(&handshake_ms[1]),
     );
-    println!(
-        "iperf3 TCP through the tunnel: {TRANSFER_ROUNDS} runs of {TRANSFER_SECONDS} s each, interleaved; median (min-max)"
+    row(
+        &format!("handshake round trip ms, {PEERS} boringtun peers"),
+        spread(&dockvpn_round_trips),
+        spread(&go_round_trips),
     );
     let column = |k: usize, pick: fn(&(f64, f64)) -> f64| {
         spread(&transfers[k].iter().map(pick).collect::<Vec<_>>())
     };
-    println!(
-        "Gbit/s                           {:>18}    {:>18}",
+    let transfers_label = format!("{TRANSFER_ROUNDS} x {TRANSFER_SECONDS} s iperf3 TCP");
+    row(
+        &format!("{transfers_label}: Gbit/s"),
         column(0, |t| t.0),
-        column(1, |t| t.0)
+        column(1, |t| t.0),
     );
-    println!(
-        "server CPU s/GB                  {:>18}    {:>18}",
+    row(
+        &format!("{transfers_label}: server CPU s/GB"),
         column(0, |t| t.1),
-        column(1, |t| t.1)
+        column(1, |t| t.1),
     );
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    println!(
-        "server RSS MiB, idle             {:>18.1}    {:>18.1}",
-        mib(idle_rss[0]),
-        mib(idle_rss[1])
-    );
-    println!(
-        "server RSS MiB, {PEERS} peers        {:>18.1}    {:>18.1}",
+    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    row("server RSS MiB, idle", mib(idle_rss[0]), mib(idle_rss[1]));
+    row(
+        &format!("server RSS MiB, {PEERS} peers handshaken"),
         mib(peers_rss[0]),
-        mib(peers_rss[1])
+        mib(peers_rss[1]),
     );
     println!(
         "ChaCha20-Poly1305 seal, one core (ring, {SEAL_PACKET} B in place): {} GB/s = {:.2} s/GB",
         spread(&seal_gbps),
         1.0 / seal_median
+    );
+    let middle = |k: usize, pick: fn(&(f64, f64)) -> f64| {
+        median(&mut transfers[k].iter().map(pick).collect::<Vec<_>>())
+    };
+    let (gbps, cpu) = (
+        [middle(0, |t| t.0), middle(1, |t| t.0)],
+        [middle(0, |t| t.1), middle(1, |t| t.1)],
+    );
+    println!(
+        "Dockvpn / wireguard-go: throughput {:.2}, server CPU per GB {:.2}",
+        gbps[0] / gbps[1],
+        cpu[0] / cpu[1]
+    );
+    println!(
+        "sealing alone as a share of the server's CPU per GB: Dockvpn {:.0} %, wireguard-go {:.0} %",
+        100.0 / seal_median / cpu[0],
+        100.0 / seal_median / cpu[1]
     );
 }
