@@ -511,7 +511,13 @@ fn main() -> ExitCode {
             }
             Command::Client(ClientCommand::Remove { name }) => {
                 pki.remove_client(name)?;
-                println!("client {name} removed");
+                match read_vpn_status(&cli.state_dir) {
+                    Some(running) => {
+                        let cut_off = reload_running_server(&cli.state_dir, &running).await;
+                        println!("client {name} removed; {cut_off}");
+                    }
+                    None => println!("client {name} removed"),
+                }
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -565,7 +571,7 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                 ));
             }
             println!(
-                "{:<24} {:<15} {wireguard:<10}{notes}",
+                "{:<24} {:<15} {wireguard}{notes}",
                 client.name, client.address
             );
         }
@@ -928,6 +934,30 @@ fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
 }
 
+/// Asks the running server to re-read the registry now (SIGHUP) and waits until it has
+/// (it rewrites its status file), so a removed client is cut off when the command returns.
+async fn reload_running_server(state_dir: &Path, running: &vpn::VpnStatus) -> &'static str {
+    let status_file = vpn::status_path(state_dir);
+    let written = || {
+        std::fs::metadata(&status_file)
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let before = written();
+    let pid = nix::unistd::Pid::from_raw(running.pid as i32);
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).is_err() {
+        return "the server it last ran under is gone";
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if written() != before {
+            return "the running server has cut it off";
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    "the running server cuts it off within 2 s"
+}
+
 fn is_running(status: &vpn::VpnStatus) -> bool {
     Path::new(&format!("/proc/{}", status.pid)).exists()
 }
@@ -962,18 +992,33 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
     );
     for client in &vpn.clients {
         let since = vpn.updated_unix.saturating_sub(client.connected_since_unix);
+        let keys = match client.latest_handshake_unix {
+            Some(handshake) => format!(
+                "latest handshake {} s ago, rekeys {}",
+                vpn.updated_unix.saturating_sub(handshake),
+                client.renegotiations
+            ),
+            None => format!(
+                "key {} ({} s old), keys renegotiated {}",
+                client.key_id, client.key_age_secs, client.renegotiations
+            ),
+        };
         out.push_str(&format!(
-            "    {:<20} {:<15} from {:<25} {} in {} B out {} B, connected {} s, key {} ({} s old), keys renegotiated {}\n",
+            "    {:<20} {:<15} {:<9} from {:<25} {} in {} B out {} B, connected {} s, {keys}\n",
             client.name,
             client.address,
+            client.transport,
             format!("{}:{}", client.proto, client.peer),
             client.cipher,
             client.bytes_in,
             client.bytes_out,
             since,
-            client.key_id,
-            client.key_age_secs,
-            client.renegotiations
+        ));
+    }
+    if let Some(wireguard) = &vpn.wireguard {
+        out.push_str(&format!(
+            "  WireGuard: udp {} public key {}\n",
+            wireguard.listen, wireguard.public_key
         ));
     }
     if vpn.handshaking > 0 {

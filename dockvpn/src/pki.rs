@@ -330,14 +330,13 @@ impl Pki {
                 identity
             }
         };
-        let private_key = match self.client_path(name, WIREGUARD_CLIENT_KEY).exists() {
-            true => Some(encode_key(&self.client_key(
-                name,
-                WIREGUARD_CLIENT_KEY,
-                "a WireGuard private key",
-            )?)),
-            false => None,
-        };
+        // Absent for a client that keeps its own private key.
+        let private_key = self
+            .client_path(name, WIREGUARD_CLIENT_KEY)
+            .exists()
+            .then(|| self.client_key(name, WIREGUARD_CLIENT_KEY, "a WireGuard private key"))
+            .transpose()?
+            .map(|key| encode_key(&key));
         Ok(WireguardProfileKeys {
             address: client.address,
             private_key,
@@ -925,11 +924,17 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn issues_clients_with_stable_addresses_and_private_keys() {
-        let dir = std::env::temp_dir().join(format!("dockvpn-pki-{}", std::process::id()));
+    /// A PKI in a new directory of its own, named by `test`.
+    fn fresh_pki(test: &str) -> (PathBuf, Pki) {
+        let dir = std::env::temp_dir().join(format!("dockvpn-pki-{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let pki = Pki::new(&dir);
+        (dir, pki)
+    }
+
+    #[test]
+    fn issues_clients_with_stable_addresses_and_private_keys() {
+        let (dir, pki) = fresh_pki("clients");
         let pool: Ipv4Net = "10.8.0.0/29".parse().unwrap();
         assert!(pki.add_client("alice", pool, None).is_err(), "no PKI yet");
         pki.init(false).unwrap();
@@ -1021,9 +1026,7 @@ mod tests {
 
     #[test]
     fn wireguard_keys_are_private_stable_and_go_with_their_client() {
-        let dir = std::env::temp_dir().join(format!("dockvpn-pki-wg-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let pki = Pki::new(&dir);
+        let (dir, pki) = fresh_pki("wireguard");
         let pool: Ipv4Net = "10.8.0.0/24".parse().unwrap();
         pki.init(false).unwrap();
         let server_key = pki.path(WIREGUARD_SERVER_KEY);
@@ -1121,10 +1124,24 @@ mod tests {
     }
 
     #[test]
+    fn a_public_key_is_the_x25519_base_point_times_the_private_key() {
+        // RFC 7748, section 6.1: Alice's key pair.
+        let hex = |text: &str| -> [u8; 32] {
+            let bytes: Vec<u8> = (0..64)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+                .collect();
+            bytes.try_into().unwrap()
+        };
+        let private = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let public = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(wireguard_public_key_of(private), encode_key(&public));
+        assert_eq!(decode_key(&key_file_text(&public)), Ok(public));
+    }
+
+    #[test]
     fn a_registry_from_before_wireguard_parses_and_its_clients_get_keys_on_first_profile() {
-        let dir = std::env::temp_dir().join(format!("dockvpn-pki-old-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let pki = Pki::new(&dir);
+        let (dir, pki) = fresh_pki("before-wireguard");
         pki.init(false).unwrap();
         let old =
             r#"{"clients":{"carol":{"name":"carol","address":"10.8.0.2","created":1700000000}}}"#;

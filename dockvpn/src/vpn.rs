@@ -151,6 +151,12 @@ pub async fn serve(
     let mut dropped_logged = Counters::default();
     let mut last_drop_log: Option<Instant> = None;
     let mut status_dirty = true;
+    // `client remove` signals a reload so the client is cut off before the command returns.
+    let mut reload = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|source| Error::Io {
+            context: "handle SIGHUP".to_owned(),
+            source,
+        })?;
     loop {
         let deadline = driver.next_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -190,6 +196,10 @@ pub async fn serve(
                 }
             }
             _ = clients_tick.tick() => driver.reload_clients(Instant::now()),
+            _ = reload.recv() => {
+                driver.reload_clients(Instant::now());
+                status_dirty = true;
+            }
             _ = status_tick.tick() => status_dirty = true,
             _ = stop.changed() => {
                 driver.openvpn.shutdown(Instant::now());

@@ -76,7 +76,7 @@ pub fn issue(
     let allowed_ips = if args.allowed_ips.is_empty() {
         let status = running.ok_or_else(|| {
             Error::Vnf(
-                "no VPN server runs, so the routes a WireGuard profile needs are unknown: start `dockvpn run` first, or give them with --allowed-ips CIDR[,CIDR…] (`dockvpn client list` marks the profile stale when they differ from what the server pushes)".to_owned()
+                "no VPN server runs, so the routes a WireGuard profile needs are unknown: start `dockvpn run` first, or give them with --allowed-ips CIDR[,CIDR…] (`dockvpn client list` marks the profile stale when they differ from what the server pushes)".into(),
             )
         })?;
         allowed_ips(status)
@@ -103,7 +103,6 @@ pub fn issue(
     let code = (args.qr || args.qr_png.is_some())
         .then(|| qr_code(&profile))
         .transpose()?;
-    pki.record_wireguard_profile(name, &allowed_ips)?;
     match &code {
         Some(code) => {
             if let Some(path) = &args.qr_png {
@@ -119,7 +118,8 @@ pub fn issue(
         }
         None => print!("{profile}"),
     }
-    Ok(())
+    // What was handed out, not what was meant to be: recorded once written.
+    pki.record_wireguard_profile(name, &allowed_ips)
 }
 
 /// The AllowedIPs a profile printed now holds: the routes the running server pushes and its

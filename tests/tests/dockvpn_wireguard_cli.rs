@@ -226,28 +226,17 @@ fn a_wireguard_profile_carries_the_clients_keys_and_the_pushed_routes_and_its_qr
 
     // The same profile, as a PNG (private: it holds the key) and in the terminal.
     let png = temp_file("alice.png");
-    let written = dockvpn_output(
-        &chain.si,
-        state,
-        &[
-            "client",
-            "config",
-            "alice",
-            "--format",
-            "wireguard",
-            "--qr-png",
-        ],
+    let alice_profile = |extra: &[&str]| {
+        let mut args = vec!["client", "config", "alice", "--format", "wireguard"];
+        args.extend(extra);
+        dockvpn_output(&chain.si, state, &args)
+    };
+    assert!(
+        !alice_profile(&["--qr-png"]).status.success(),
+        "--qr-png needs a file"
     );
-    assert!(!written.status.success(), "--qr-png needs a file");
-    cli(&[
-        "client",
-        "config",
-        "alice",
-        "--format",
-        "wireguard",
-        "--qr-png",
-        png.to_str().expect("utf-8 path"),
-    ]);
+    let written = alice_profile(&["--qr-png", png.to_str().expect("utf-8 path")]);
+    assert!(written.status.success(), "{}", text(&written));
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&png)
         .expect("the PNG")
@@ -256,7 +245,9 @@ fn a_wireguard_profile_carries_the_clients_keys_and_the_pushed_routes_and_its_qr
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(decode_qr(&png), profile);
     let _ = std::fs::remove_file(&png);
-    let terminal = cli(&["client", "config", "alice", "--format", "wireguard", "--qr"]);
+    let terminal = alice_profile(&["--qr"]);
+    assert!(terminal.status.success(), "{}", text(&terminal));
+    let terminal = String::from_utf8(terminal.stdout).expect("utf-8 QR");
     let pgm = temp_file("alice.pgm");
     terminal_qr_as_pgm(&terminal, &pgm);
     assert_eq!(decode_qr(&pgm), profile);

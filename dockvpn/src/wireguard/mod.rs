@@ -33,6 +33,7 @@ pub const TICK: Duration = Duration::from_millis(250);
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// WireGuard's message type of a cookie reply.
 const COOKIE_REPLY: u8 = 3;
+const IPV4_HEADER: usize = 20;
 /// Room for any datagram or packet plus WireGuard's 32 bytes.
 const BUFFER: usize = 65536 + 32;
 
@@ -295,6 +296,15 @@ impl WireguardServer {
                 }
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
+                // boringtun cuts the packet to its header's total length, which may claim
+                // less than the header itself.
+                if packet.len() < IPV4_HEADER {
+                    let why = format!(
+                        "WireGuard client {}: a truncated IPv4 packet",
+                        peer.config.name
+                    );
+                    return self.drop_input(|c| &mut c.malformed, why);
+                }
                 if source != peer.config.address {
                     let why = format!(
                         "WireGuard client {} sent from {source}, not its address {}",

@@ -322,3 +322,16 @@ fn garbage_is_counted_and_never_answered() {
     assert!(outputs(&mut server).is_empty());
     assert_eq!(server.counters.total(), 7, "{}", server.counters);
 }
+
+#[test]
+fn a_sealed_packet_whose_header_claims_less_than_a_header_is_dropped() {
+    let mut server = WireguardServer::new(key(), Instant::now());
+    let mut alice = client(&server, "alice", ALICE, 40000);
+    server.set_peers(vec![alice.config.clone()]);
+    connect(&mut server, &mut alice, Instant::now());
+    let mut packet = ipv4(ALICE, LEFT_HOST, 10);
+    packet[2..4].copy_from_slice(&8u16.to_be_bytes());
+    server.handle_datagram(Instant::now(), alice.from, &seal(&mut alice, &packet));
+    assert!(tun_packets(&outputs(&mut server)).is_empty());
+    assert_eq!(server.counters.malformed, 1);
+}
