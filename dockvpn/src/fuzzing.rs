@@ -2,7 +2,7 @@
 //! function here, and an ordinary test (`tests/fuzz_corpus.rs`) replays every committed
 //! corpus file through the same function, so a crash found once stays fixed in CI.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,6 +20,9 @@ use crate::openvpn::tls_crypt_v2::ServerKey;
 use crate::openvpn::wrap::ControlWrap;
 use crate::password::Auth;
 use crate::pki::Pki;
+use crate::wireguard::{Event, Output as WireguardOutput, PeerConfig, PeerId, WireguardServer};
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
 
 /// The server's session id in the reliability target; the fuzzer finds it in the seeds.
 const LOCAL_SESSION: SessionId = [0x5e; 8];
@@ -214,6 +217,199 @@ pub fn openvpn_tcp_deframe(data: &[u8]) {
         stream.starts_with(&reframed),
         "the packets are the stream's own frames"
     );
+}
+
+/// The WireGuard server's static key and its two registered clients' (static key, preshared
+/// key, address) in the WireGuard target; the seed corpus holds initiations made with them.
+const WIREGUARD_SERVER_SECRET: [u8; 32] = [0x11; 32];
+const WIREGUARD_CLIENTS: [([u8; 32], [u8; 32], Ipv4Addr); 2] = [
+    ([0x21; 32], [0x31; 32], Ipv4Addr::new(10, 8, 0, 2)),
+    ([0x22; 32], [0x32; 32], Ipv4Addr::new(10, 8, 0, 3)),
+];
+/// How often a flood record repeats its datagram: past the 100 handshakes a second after
+/// which the server answers with cookies.
+const WIREGUARD_FLOOD: usize = 128;
+/// Datagrams exchanged between the server and the honest client per record, at most.
+const WIREGUARD_EXCHANGES: usize = 32;
+
+/// The whole WireGuard server engine with two registered clients: `records` as datagrams
+/// from one of three addresses (the tag's low two bits; 3 = no datagram, only a timeout),
+/// time moving on by `(tag >> 4)² × 100 ms`. Bits 2–3 of the tag say what the bytes are:
+/// 0, a raw datagram; 1, an IP packet the first client (an honest boringtun `Tunn` in the
+/// harness, answering everything the server sends) seals and sends, handshaking first when it
+/// has no session; 2, a raw datagram sent `WIREGUARD_FLOOD` times (the cookie path);
+/// 3, a packet from the tun the server seals for the first client (once it connected).
+///
+/// Beyond "no panic": only what the honest client sealed reaches the tun, from its own
+/// address; the server sends only to addresses datagrams came from; the honest client opens
+/// only what the server was given for it; an hour after the last packet no client holds a
+/// session.
+pub fn wireguard_datagram(data: &[u8]) {
+    let mut now = Instant::now();
+    let mut server = WireguardServer::new(WIREGUARD_SERVER_SECRET, now);
+    let peers = wireguard_peers();
+    server.set_peers(peers.clone());
+    let (secret, preshared_key, _) = WIREGUARD_CLIENTS[0];
+    let mut honest = Tunn::new(
+        StaticSecret::from(secret),
+        PublicKey::from(server.public_key()),
+        Some(preshared_key),
+        None,
+        1,
+        None,
+    );
+    let sources: Vec<SocketAddr> = PEERS.iter().map(|peer| socket_address(peer)).collect();
+    let mut exchange = WireguardExchange {
+        honest_id: None,
+        sealed: Vec::new(),
+        given: Vec::new(),
+        buffer: vec![0; 65536 + 32],
+        addresses: peers.iter().map(|peer| peer.address).collect(),
+    };
+    for (tag, bytes) in records(data) {
+        now += Duration::from_millis(u64::from(tag >> 4).pow(2) * 100);
+        let Some(&from) = sources.get(usize::from(tag & 3)) else {
+            server.handle_timeout(now);
+            exchange.settle(&mut server, &mut honest, &sources, now);
+            continue;
+        };
+        match (tag >> 2) & 3 {
+            0 => server.handle_datagram(now, from, bytes),
+            1 => {
+                exchange.sealed.push(bytes.to_vec());
+                let mut out = vec![0; bytes.len() + 256];
+                let datagram = match honest.encapsulate(bytes, &mut out) {
+                    TunnResult::WriteToNetwork(datagram) => Some(datagram.to_vec()),
+                    // The packet waits for a session; a handshake may be under way already.
+                    _ => match honest.format_handshake_initiation(&mut out, true) {
+                        TunnResult::WriteToNetwork(initiation) => Some(initiation.to_vec()),
+                        _ => None,
+                    },
+                };
+                if let Some(datagram) = datagram {
+                    server.handle_datagram(now, from, &datagram);
+                }
+            }
+            2 => {
+                for _ in 0..WIREGUARD_FLOOD {
+                    server.handle_datagram(now, from, bytes);
+                }
+            }
+            _ => {
+                if let Some(id) = exchange.honest_id {
+                    exchange.given.push(bytes.to_vec());
+                    server.send_to(id, bytes);
+                }
+            }
+        }
+        exchange.settle(&mut server, &mut honest, &sources, now);
+    }
+    now += Duration::from_secs(3600);
+    server.handle_timeout(now);
+    while server.poll_output().is_some() {}
+    assert_eq!(
+        server.connected_count(),
+        0,
+        "a client holds a session after an hour without a handshake"
+    );
+}
+
+/// What the WireGuard target has seen of the server and its honest client.
+struct WireguardExchange {
+    /// The server's handle of the honest client, once it connected.
+    honest_id: Option<PeerId>,
+    /// IP packets the honest client sealed, and packets the server was given for it.
+    sealed: Vec<Vec<u8>>,
+    given: Vec<Vec<u8>>,
+    buffer: Vec<u8>,
+    /// The registered clients' addresses.
+    addresses: HashSet<Ipv4Addr>,
+}
+
+impl WireguardExchange {
+    /// Drains the server's outputs, checking each; what it sends goes to the honest client,
+    /// whose answers go back from where the server sent to, for a bounded number of rounds.
+    fn settle(
+        &mut self,
+        server: &mut WireguardServer,
+        honest: &mut Tunn,
+        sources: &[SocketAddr],
+        now: Instant,
+    ) {
+        for _ in 0..WIREGUARD_EXCHANGES {
+            let mut answers = Vec::new();
+            while let Some(output) = server.poll_output() {
+                match output {
+                    WireguardOutput::Transmit { to, datagram } => {
+                        assert!(sources.contains(&to), "the server sent to {to}");
+                        answers.extend(self.honest_receives(honest, to, &datagram));
+                    }
+                    WireguardOutput::Tun(packet) => {
+                        assert!(
+                            self.sealed.iter().any(|sealed| sealed.starts_with(&packet)),
+                            "{packet:?} reached the tun, and the honest client did not seal it"
+                        );
+                        assert_eq!(
+                            packet.get(12..16),
+                            Some(&WIREGUARD_CLIENTS[0].2.octets()[..]),
+                            "a packet without the client's address as its source reached the tun"
+                        );
+                    }
+                    WireguardOutput::Event(Event::Connected { address, peer, .. }) => {
+                        assert!(self.addresses.contains(&address), "{address} connected");
+                        if address == WIREGUARD_CLIENTS[0].2 {
+                            self.honest_id = Some(peer);
+                        }
+                    }
+                    WireguardOutput::Event(Event::Disconnected { .. }) => {}
+                }
+            }
+            if answers.is_empty() {
+                return;
+            }
+            for (from, datagram) in answers {
+                server.handle_datagram(now, from, &datagram);
+            }
+        }
+    }
+
+    /// The honest client handles a datagram the server sent to `to`: what it sends back (from
+    /// `to`), after checking any packet it opens was given to the server for it.
+    fn honest_receives(
+        &mut self,
+        honest: &mut Tunn,
+        to: SocketAddr,
+        datagram: &[u8],
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut answers = Vec::new();
+        let mut result = honest.decapsulate(Some(to.ip()), datagram, &mut self.buffer);
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(answer) => answers.push((to, answer.to_vec())),
+                TunnResult::WriteToTunnelV4(packet, _) => assert!(
+                    self.given.iter().any(|given| given.starts_with(packet)),
+                    "the honest client opened {packet:?}, which the server was not given"
+                ),
+                _ => return answers,
+            }
+            // Packets it queued while handshaking follow.
+            result = honest.decapsulate(None, &[], &mut self.buffer);
+        }
+    }
+}
+
+/// The WireGuard target's registered clients.
+fn wireguard_peers() -> Vec<PeerConfig> {
+    WIREGUARD_CLIENTS
+        .iter()
+        .enumerate()
+        .map(|(k, &(secret, preshared_key, address))| PeerConfig {
+            name: format!("fuzz-wireguard-{k}"),
+            address,
+            public_key: PublicKey::from(&StaticSecret::from(secret)).to_bytes(),
+            preshared_key,
+        })
+        .collect()
 }
 
 /// Splits an input into records `[tag][length: u16 BE][bytes]` (the last one may be short):

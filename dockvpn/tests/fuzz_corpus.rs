@@ -13,6 +13,7 @@ fn entry_point(target: &str) -> Option<fn(&[u8])> {
         "openvpn_tls_crypt_unwrap" => Some(fuzzing::openvpn_tls_crypt_unwrap),
         "openvpn_server_datagram" => Some(fuzzing::openvpn_server_datagram),
         "openvpn_tcp_deframe" => Some(fuzzing::openvpn_tcp_deframe),
+        "wireguard_datagram" => Some(fuzzing::wireguard_datagram),
         _ => None,
     }
 }

@@ -6,6 +6,8 @@
 //! (an `openvpn` server serves one protocol per process, so a second one serves TCP), with
 //! each server's CPU seconds per GB carried, interleaved; each server's RSS; then the
 //! throughput dip while the client renegotiates its data keys every few seconds under load.
+//! Before all that, the WireGuard rows (`wireguard.rs`). `vpn-bench openvpn` or `vpn-bench
+//! wireguard` runs one part.
 
 use std::time::{Duration, Instant};
 
@@ -17,12 +19,14 @@ use docknfv_tests::openvpn::{issue_profile_with, text, vpn_chain, OpenvpnClient,
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Vnf};
 
+mod wireguard;
+
 const ROUNDS: usize = 5;
 const OPENVPN_PORT: u16 = 1195;
 const OPENVPN_TCP_PORT: u16 = 1196;
 /// Transfers through each tunnel per protocol, and how long each lasts.
-const TRANSFER_ROUNDS: usize = 3;
-const TRANSFER_SECONDS: &str = "5";
+pub const TRANSFER_ROUNDS: usize = 3;
+pub const TRANSFER_SECONDS: &str = "5";
 /// The client's reneg-sec in the renegotiation row, and how long its stream runs.
 const RENEG_SEC: &str = "5";
 const RENEG_STREAM_SECONDS: &str = "30";
@@ -68,6 +72,15 @@ fn renegotiation_dip(chain: &Chain, profile: &str) -> RenegotiationDip {
 fn transfer(chain: &Chain, profile: &str, server_pid: u32) -> (f64, f64) {
     let client = OpenvpnClient::start(&chain.right_host, profile, &[]);
     client.wait_connected().unwrap_or_else(|e| panic!("{e}"));
+    let carried = tunnel_transfer(chain, server_pid);
+    drop(client);
+    std::thread::sleep(Duration::from_millis(300));
+    carried
+}
+
+/// One iperf3 TCP stream (right host → left host) through the tunnel a connected client
+/// holds: Gbit/s, and the CPU seconds the server process `server_pid` spent per GB carried.
+pub fn tunnel_transfer(chain: &Chain, server_pid: u32) -> (f64, f64) {
     let cpu_before = cpu_seconds(server_pid);
     let report = iperf_tcp_report(
         &chain.right_host,
@@ -76,8 +89,6 @@ fn transfer(chain: &Chain, profile: &str, server_pid: u32) -> (f64, f64) {
         &["-t", TRANSFER_SECONDS],
     );
     let cpu = cpu_seconds(server_pid) - cpu_before;
-    drop(client);
-    std::thread::sleep(Duration::from_millis(300));
     let received = &report["end"]["sum_received"];
     let gigabytes = received["bytes"].as_f64().expect("bytes") / 1e9;
     let gbps = received["bits_per_second"]
@@ -136,10 +147,30 @@ fn connect_ms(chain: &Chain, profile: &str) -> (f64, OpenvpnClient) {
 }
 
 fn main() {
+    let part = std::env::args().nth(1);
+    let (openvpn, wireguard) = match part.as_deref() {
+        None => (true, true),
+        Some("openvpn") => (true, false),
+        Some("wireguard") => (false, true),
+        Some(other) => {
+            panic!("unknown part {other:?}: vpn-bench [openvpn|wireguard] (default both)")
+        }
+    };
     // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
     unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
     let (chain, dockvpn) = vpn_chain(&[]);
-    let dockvpn_profile = issue_profile_with(&chain.si, &dockvpn, "bench", &["--proto", "udp"]);
+    // First, so its idle RSS row meets a server that has carried nothing yet.
+    if wireguard {
+        wireguard::rows(&chain, &dockvpn);
+    }
+    if openvpn {
+        openvpn_rows(&chain, &dockvpn);
+    }
+}
+
+/// Dockvpn's OpenVPN transport against `openvpn` servers in the SI.
+fn openvpn_rows(chain: &Chain, dockvpn: &Vnf) {
+    let dockvpn_profile = issue_profile_with(&chain.si, dockvpn, "bench", &["--proto", "udp"]);
     let tcp_config = ["client", "config", "bench", "--proto", "tcp"];
     let output = dockvpn.cli(&chain.si, "dockvpn", &tcp_config);
     assert!(output.status.success(), "{}", text(&output));
@@ -153,14 +184,14 @@ fn main() {
         &format!("remote 10.0.2.2 {OPENVPN_TCP_PORT}"),
     );
     let pki = dockvpn.state_dir().join("pki");
-    let openvpn_server = start_openvpn_server(&chain, &pki, "udp", OPENVPN_PORT, 0);
-    let openvpn_tcp_server = start_openvpn_server(&chain, &pki, "tcp-server", OPENVPN_TCP_PORT, 1);
+    let openvpn_server = start_openvpn_server(chain, &pki, "udp", OPENVPN_PORT, 0);
+    let openvpn_tcp_server = start_openvpn_server(chain, &pki, "tcp-server", OPENVPN_TCP_PORT, 1);
 
     let profiles = [&dockvpn_profile, &openvpn_profile];
     let mut samples = [Vec::new(), Vec::new()];
     for round in 0..ROUNDS {
         for server in round_order(round, profiles.len()) {
-            let (ms, client) = connect_ms(&chain, profiles[server]);
+            let (ms, client) = connect_ms(chain, profiles[server]);
             assert!(
                 ping(&chain.right_host, LEFT_HOST),
                 "round {round}: no traffic through the tunnel"
@@ -182,13 +213,13 @@ fn main() {
     for round in 0..TRANSFER_ROUNDS {
         for k in round_order(round, contenders.len()) {
             let (profile, pid) = contenders[k];
-            transfers[k].push(transfer(&chain, profile, pid));
+            transfers[k].push(transfer(chain, profile, pid));
         }
     }
     let (dockvpn_rss, openvpn_rss) = (rss_kib(dockvpn.pid()), rss_kib(openvpn_server.pid()));
     let (dockvpn_dip, openvpn_dip) = (
-        renegotiation_dip(&chain, &dockvpn_profile),
-        renegotiation_dip(&chain, &openvpn_profile),
+        renegotiation_dip(chain, &dockvpn_profile),
+        renegotiation_dip(chain, &openvpn_profile),
     );
 
     println!("VPN benchmark ({ROUNDS} connects each, interleaved, tls-crypt-v2)");
