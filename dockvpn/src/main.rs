@@ -5,7 +5,6 @@
 //! via the right gateway and the left networks via the left gateway. With one leg and no
 //! --right it runs one-armed: the leg is both sides.
 
-mod masquerade;
 mod tcp;
 mod udp;
 mod vpn;
@@ -32,6 +31,7 @@ use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
+use dockvpn::access::{Access, AccessTable};
 use dockvpn::{openvpn, pki};
 use openvpn::data::Cipher;
 use openvpn::server::EngineConfig;
@@ -639,15 +639,23 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
             sides.join(" and ")
         );
     }
+    let access = AccessTable::new(Access {
+        tun: serve.tun.clone(),
+        server_address: engine.server_address(),
+        pool: engine.pool,
+        left: None,
+        masquerade: serve.masquerade,
+        redirect_gateway: serve.redirect_gateway,
+        pushed: static_routes.clone(),
+        allowances: pki.allowances()?,
+    });
     let mut observer = VpnObserver {
         static_routes,
         learned_routes: BTreeSet::new(),
         left_subnet: None,
         push_left_subnet: serve.push_left_subnet,
         routes: routes_tx,
-        pool: engine.pool,
-        masquerade: serve.masquerade,
-        masquerading: None,
+        access: access.clone(),
         dhcp_bound: dhcp_bound_tx,
     };
     let wireguard = match serve.wireguard_listen.0 {
@@ -664,6 +672,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         engine,
         state_dir: state_dir.to_path_buf(),
         wireguard,
+        access,
     };
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let vpn_task = tokio::spawn({
@@ -759,7 +768,8 @@ async fn serve_once_bound(
     vpn::serve(config, routes, stop).await
 }
 
-/// Feeds the VPN server with the routes to push and keeps masquerade on the left interface.
+/// Feeds the VPN server with the routes to push and keeps the access table on the left
+/// interface and the pushed networks.
 struct VpnObserver {
     /// --left-route networks.
     static_routes: BTreeSet<Ipv4Net>,
@@ -769,27 +779,27 @@ struct VpnObserver {
     left_subnet: Option<Ipv4Net>,
     push_left_subnet: bool,
     routes: watch::Sender<BTreeSet<Ipv4Net>>,
-    pool: Ipv4Net,
-    masquerade: bool,
-    /// The interface masquerade is installed on.
-    masquerading: Option<String>,
+    access: AccessTable,
     /// Turns true once every DHCP side is bound; the server then starts.
     dhcp_bound: watch::Sender<bool>,
 }
 
 impl VpnObserver {
-    /// Tells the server the routes to push, when they changed.
-    fn publish_routes(&self) {
+    /// Tells the server and the access table the routes to push, when they changed.
+    fn publish_routes(&self) -> Result<()> {
         let mut pushed = self.static_routes.clone();
         pushed.extend(&self.learned_routes);
         if self.push_left_subnet {
             pushed.extend(self.left_subnet);
         }
+        self.access
+            .update(|access| access.pushed = pushed.clone())?;
         self.routes.send_if_modified(|current| {
             let changed = *current != pushed;
             *current = pushed;
             changed
         });
+        Ok(())
     }
 }
 
@@ -797,26 +807,22 @@ impl SidesObserver for VpnObserver {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
         let left = assignment.ready(Side::Left);
         self.left_subnet = left.map(|r| r.subnet());
-        self.publish_routes();
-        if !self.masquerade {
-            return Ok(());
-        }
-        let left = left.map(|r| r.name.clone());
-        if left != self.masquerading {
-            if let Some(interface) = &left {
-                masquerade::apply(interface, self.pool)?;
-                info!(%interface, pool = %self.pool, "masquerading VPN clients out of the left side");
+        let interface = left.map(|r| r.name.clone());
+        self.access.update(|access| {
+            if access.left != interface {
+                if let Some(interface) = &interface {
+                    info!(%interface, masquerade = access.masquerade, "VPN clients leave through the left side");
+                }
+                access.left = interface;
             }
-            self.masquerading = left;
-        }
-        Ok(())
+        })?;
+        self.publish_routes()
     }
 
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()> {
         // Also when the left side went away: its table stays until removed.
-        if on_exit == OnExit::Remove && self.masquerade {
-            self.masquerading = None;
-            masquerade::remove()?;
+        if on_exit == OnExit::Remove {
+            self.access.remove()?;
         }
         Ok(())
     }
@@ -834,7 +840,9 @@ impl SidesObserver for VpnObserver {
             .map(|r| r.destination.trunc())
             .filter(|d| d.prefix_len() > 0)
             .collect();
-        self.publish_routes();
+        if let Err(error) = self.publish_routes() {
+            warn!(%error, "learned routes not applied to the access table");
+        }
     }
 }
 

@@ -103,6 +103,9 @@ pub struct ClientRecord {
     /// wireguard` first runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardIdentity>,
+    /// The only networks this client may reach (`--allow`); None: all pushed networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<Ipv4Net>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -681,6 +684,7 @@ impl Pki {
             address,
             created: unix_now(),
             wireguard: Some(wireguard),
+            allow: None,
         };
         registry.clients.insert(name.to_owned(), record.clone());
         self.save_registry(&registry)?;
@@ -816,6 +820,32 @@ impl Pki {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
+    }
+}
+
+/// Per-client access (`--allow`).
+impl Pki {
+    /// Limits `name` to `allow` (None: all pushed networks again).
+    pub fn set_allow(&self, name: &str, allow: Option<Vec<Ipv4Net>>) -> Result<ClientRecord> {
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let client = registry
+            .clients
+            .get_mut(name)
+            .ok_or_else(|| no_such_client(name))?;
+        client.allow = allow;
+        let record = client.clone();
+        self.save_registry(&registry)?;
+        Ok(record)
+    }
+
+    /// The allow list of each client address that has one.
+    pub fn allowances(&self) -> Result<std::collections::BTreeMap<Ipv4Addr, Vec<Ipv4Net>>> {
+        Ok(self
+            .clients()?
+            .into_iter()
+            .filter_map(|client| Some((client.address, client.allow?)))
+            .collect())
     }
 }
 

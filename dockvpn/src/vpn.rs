@@ -21,6 +21,7 @@ use vnf_core::{Error, Result};
 
 use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
+use dockvpn::access::AccessTable;
 use dockvpn::address_book::{ipv4_destination, AddressBook, Tunnel};
 use dockvpn::dropped::Counters;
 use dockvpn::openvpn::link::Link;
@@ -44,6 +45,8 @@ pub struct VpnConfig {
     pub engine: EngineConfig,
     pub state_dir: PathBuf,
     pub wireguard: Option<WireguardConfig>,
+    /// The kernel's filter of what clients reach, kept in step with the registry.
+    pub access: AccessTable,
 }
 
 pub struct WireguardConfig {
@@ -240,6 +243,7 @@ struct Driver {
     tun: tokio_tun::Tun,
     addresses: AddressBook,
     registry: Pki,
+    access: AccessTable,
     /// Drops the driver makes itself (tun packets for no client).
     counters: Counters,
     last_drop: Option<String>,
@@ -319,10 +323,12 @@ impl Driver {
             tun,
             addresses: AddressBook::default(),
             registry,
+            access: config.access.clone(),
             counters: Counters::default(),
             last_drop: None,
         };
         driver.reload_wireguard_peers();
+        driver.reload_allowances();
         info!(
             listen = %config.listen,
             proto = %config.proto,
@@ -355,9 +361,31 @@ impl Driver {
     fn reload_clients(&mut self, now: Instant) {
         self.openvpn.reload_clients(now);
         self.reload_wireguard_peers();
+        self.reload_allowances();
         if let Some(tcp) = self.tcp.as_mut() {
             let openvpn = &self.openvpn;
             tcp.close_sessionless(now, |link| openvpn.has_session(link));
+        }
+    }
+
+    /// The clients' allow lists, to the engine (pushed routes) and the kernel (forwarding).
+    fn reload_allowances(&mut self) {
+        match self.registry.clients() {
+            Ok(clients) => {
+                self.openvpn.set_allowances(
+                    clients
+                        .iter()
+                        .filter_map(|c| Some((c.name.clone(), c.allow.clone()?)))
+                        .collect(),
+                );
+                self.access.set_allowances(
+                    clients
+                        .into_iter()
+                        .filter_map(|c| Some((c.address, c.allow?)))
+                        .collect(),
+                );
+            }
+            Err(error) => warn!(%error, "client allow lists unreadable; keeping the last ones"),
         }
     }
 

@@ -302,6 +302,7 @@ mod tests {
                 public_key: "K=".into(),
                 profile_allowed_ips: printed,
             }),
+            allow: None,
         };
         assert!(!is_stale(&client(None), &current), "no profile printed");
         let reordered = vec![current[1], current[0]];

@@ -22,6 +22,7 @@ use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
 use super::session::{DataKeys, KeyDerivation, Session, OPTIONS_STRING};
 use super::tls_crypt::{ControlKey, WrapState};
 use super::wrap::{ControlWrap, Opened, Unwrapped};
+use crate::access::client_networks;
 use vnf_core::clock::WallClock;
 
 pub use crate::dropped::Counters;
@@ -111,6 +112,8 @@ pub struct Server {
     config: EngineConfig,
     read_registry: Option<RegistryReader>,
     routes: BTreeSet<Ipv4Net>,
+    /// Certificate common name → the only networks the client may reach (`--allow`).
+    allowances: HashMap<String, Vec<Ipv4Net>>,
     /// Certificate common name → the client's fixed address.
     clients: HashMap<String, Ipv4Addr>,
     sessions: HashMap<Link, Session>,
@@ -140,6 +143,7 @@ impl Server {
             config,
             read_registry: None,
             routes: BTreeSet::new(),
+            allowances: HashMap::new(),
             clients: HashMap::new(),
             sessions: HashMap::new(),
             parked: HashMap::new(),
@@ -163,6 +167,11 @@ impl Server {
     /// The networks pushed to clients that connect from now on.
     pub fn set_routes(&mut self, routes: BTreeSet<Ipv4Net>) {
         self.routes = routes;
+    }
+
+    /// The allow lists of the clients that have one; they apply from their next connection.
+    pub fn set_allowances(&mut self, allowances: HashMap<String, Vec<Ipv4Net>>) {
+        self.allowances = allowances;
     }
 
     pub fn routes(&self) -> &BTreeSet<Ipv4Net> {
@@ -529,7 +538,12 @@ impl Server {
             .compression
             .map_or(Framing::None, |(framing, _)| framing);
         let peer_id = session.peer_id;
-        for message in push_messages(&self.config, &self.routes, peer_id, &admission) {
+        let routes = client_networks(
+            self.allowances.get(&name).map(Vec::as_slice),
+            &self.routes,
+            self.config.redirect_gateway,
+        );
+        for message in push_messages(&self.config, &routes, peer_id, &admission) {
             session.send_text(&message);
         }
         if let Some(previous) = self.by_address.insert(address, from) {
