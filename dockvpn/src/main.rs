@@ -377,6 +377,18 @@ enum ClientCommand {
         /// private key [default: a key pair generated here, which its profile carries]
         #[arg(long, value_name = "KEY")]
         wireguard_public_key: Option<String>,
+        /// The only networks this client may reach: it is pushed only the routes inside
+        /// them, and the kernel drops its traffic to anything else [default: every pushed
+        /// network]
+        #[arg(long, value_name = "CIDR[,CIDR…]", value_delimiter = ',')]
+        allow: Option<Vec<Ipv4Net>>,
+    },
+    /// Limit a client to some of the pushed networks (as `client add --allow`); its
+    /// forwarded traffic follows at once, its pushed routes at its next connection
+    Allow {
+        name: String,
+        #[arg(value_name = "CIDR[,CIDR…]", value_delimiter = ',', required = true)]
+        networks: Vec<Ipv4Net>,
     },
     /// Print the client's ready profile: an inline .ovpn, or a wg-quick configuration
     Config {
@@ -441,6 +453,7 @@ fn main() -> ExitCode {
                 address,
                 pool,
                 wireguard_public_key,
+                allow,
             }) => {
                 let record = match wireguard_public_key {
                     Some(key) => {
@@ -448,9 +461,26 @@ fn main() -> ExitCode {
                     }
                     None => pki.add_client(name, pool.pool, *address)?,
                 };
+                if let Some(allow) = allow {
+                    pki.set_allow(name, Some(allow.clone()))?;
+                    warn_outside_pushed(&cli.state_dir, allow);
+                }
                 println!(
                     "client {} added with address {}; `dockvpn client config {}` prints its OpenVPN profile, `--format wireguard` its WireGuard one",
                     record.name, record.address, record.name
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Allow { name, networks }) => {
+                pki.set_allow(name, Some(networks.clone()))?;
+                warn_outside_pushed(&cli.state_dir, networks);
+                let listed = networks.iter().map(ToString::to_string).collect::<Vec<_>>();
+                if let Some(running) = read_vpn_status(&cli.state_dir) {
+                    reload_running_server(&cli.state_dir, &running).await;
+                }
+                println!(
+                    "client {name} may reach only {}: its forwarded traffic at once, its pushed routes from its next connection (WireGuard: issue its profile again)",
+                    listed.join(", ")
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -940,6 +970,25 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
 /// The status file of a running server; None when absent or its process is gone.
 fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
+}
+
+/// Warns about allow-list entries outside every network the running server pushes: they
+/// grant nothing (until such a route appears).
+fn warn_outside_pushed(state_dir: &Path, allow: &[Ipv4Net]) {
+    let Some(running) = read_vpn_status(state_dir) else {
+        return;
+    };
+    let mut pushed: BTreeSet<Ipv4Net> = running.routes_pushed.iter().copied().collect();
+    if running.redirect_gateway {
+        pushed.insert(Ipv4Net::default());
+    }
+    for net in dockvpn::access::outside_pushed(allow, &pushed) {
+        let routes: Vec<String> = pushed.iter().map(ToString::to_string).collect();
+        warn!(
+            "--allow {net} lies outside every pushed network ({}): it grants nothing until such a route is pushed; give a network inside one of them",
+            routes.join(", ")
+        );
+    }
 }
 
 /// Asks the running server to re-read the registry now (SIGHUP) and waits until it has

@@ -309,6 +309,19 @@ impl Driver {
                 None
             }
         }));
+        let reader = Pki::new(&config.state_dir);
+        openvpn.set_allowance_reader(Box::new(move || match reader.clients() {
+            Ok(clients) => Some(
+                clients
+                    .into_iter()
+                    .filter_map(|c| Some((c.name, c.allow?)))
+                    .collect(),
+            ),
+            Err(error) => {
+                warn!(%error, "client allow lists unreadable; keeping the last ones");
+                None
+            }
+        }));
         openvpn.refresh_clients();
         let wireguard = config
             .wireguard
@@ -368,23 +381,11 @@ impl Driver {
         }
     }
 
-    /// The clients' allow lists, to the engine (pushed routes) and the kernel (forwarding).
+    /// The clients' allow lists to the kernel's forward filter: on every registry reload and
+    /// every connection, so a client added a moment ago is limited from its first packet.
     fn reload_allowances(&mut self) {
-        match self.registry.clients() {
-            Ok(clients) => {
-                self.openvpn.set_allowances(
-                    clients
-                        .iter()
-                        .filter_map(|c| Some((c.name.clone(), c.allow.clone()?)))
-                        .collect(),
-                );
-                self.access.set_allowances(
-                    clients
-                        .into_iter()
-                        .filter_map(|c| Some((c.address, c.allow?)))
-                        .collect(),
-                );
-            }
+        match self.registry.allowances() {
+            Ok(allowances) => self.access.set_allowances(allowances),
             Err(error) => warn!(%error, "client allow lists unreadable; keeping the last ones"),
         }
     }
@@ -493,6 +494,7 @@ impl Driver {
                 peer_id,
                 cipher,
             } => {
+                self.reload_allowances();
                 self.take_address(&name, address, Tunnel::OpenVpn(peer_id));
                 info!(client = %name, %address, %link, %cipher, "client connected");
             }
@@ -533,6 +535,7 @@ impl Driver {
             } => {
                 let tunnel = Tunnel::WireGuard(peer);
                 if self.addresses.tunnel(address) != Some(tunnel) {
+                    self.reload_allowances();
                     info!(client = %name, %address, %endpoint, transport = "wireguard", "client connected");
                 }
                 self.take_address(&name, address, tunnel);

@@ -13,6 +13,7 @@ use qrcode::{Color, QrCode};
 use tracing::warn;
 use vnf_core::{Error, Result};
 
+use dockvpn::access::client_networks;
 use dockvpn::pki::{ClientRecord, Pki, WireguardProfileKeys};
 
 use crate::vpn::VpnStatus;
@@ -79,7 +80,12 @@ pub fn issue(
                 "no VPN server runs, so the routes a WireGuard profile needs are unknown: start `dockvpn run` first, or give them with --allowed-ips CIDR[,CIDR…] (`dockvpn client list` marks the profile stale when they differ from what the server pushes)".into(),
             )
         })?;
-        allowed_ips(status)
+        let allow = pki
+            .clients()?
+            .into_iter()
+            .find(|client| client.name == name)
+            .and_then(|client| client.allow);
+        allowed_ips(status, allow.as_deref())
     } else {
         normalized(&args.allowed_ips)
     };
@@ -122,13 +128,17 @@ pub fn issue(
     pki.record_wireguard_profile(name, &allowed_ips)
 }
 
-/// The AllowedIPs a profile printed now holds: the routes the running server pushes and its
-/// own tunnel address, or everything when it redirects the default gateway.
-pub fn allowed_ips(status: &VpnStatus) -> Vec<Ipv4Net> {
-    if status.redirect_gateway {
+/// The AllowedIPs a profile printed now holds: the routes the running server pushes (cut
+/// down to the client's allow list, `allow`) and its own tunnel address, or everything when
+/// it redirects the default gateway and the client is not limited.
+pub fn allowed_ips(status: &VpnStatus, allow: Option<&[Ipv4Net]>) -> Vec<Ipv4Net> {
+    if status.redirect_gateway && allow.is_none() {
         return vec![Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0)];
     }
-    let mut allowed = status.routes_pushed.clone();
+    let pushed: BTreeSet<Ipv4Net> = status.routes_pushed.iter().copied().collect();
+    let mut allowed: Vec<Ipv4Net> = client_networks(allow, &pushed, status.redirect_gateway)
+        .into_iter()
+        .collect();
     allowed.push(Ipv4Net::from(status.server_address));
     normalized(&allowed)
 }
@@ -155,10 +165,9 @@ pub fn stale_clients(clients: &[ClientRecord], running: Option<&VpnStatus>) -> V
     let Some(status) = running else {
         return Vec::new();
     };
-    let current = allowed_ips(status);
     clients
         .iter()
-        .filter(|client| is_stale(client, &current))
+        .filter(|client| is_stale(client, &allowed_ips(status, client.allow.as_deref())))
         .map(|client| client.name.clone())
         .collect()
 }

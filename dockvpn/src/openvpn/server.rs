@@ -108,9 +108,13 @@ pub struct ClientStatus {
 /// Reads the client registry afresh (a client added a moment ago is not in the cache yet).
 pub type RegistryReader = Box<dyn FnMut() -> Option<HashMap<String, Ipv4Addr>> + Send>;
 
+/// Reads the clients' allow lists afresh, alongside the registry.
+pub type AllowanceReader = Box<dyn FnMut() -> Option<HashMap<String, Vec<Ipv4Net>>> + Send>;
+
 pub struct Server {
     config: EngineConfig,
     read_registry: Option<RegistryReader>,
+    read_allowances: Option<AllowanceReader>,
     routes: BTreeSet<Ipv4Net>,
     /// Certificate common name → the only networks the client may reach (`--allow`).
     allowances: HashMap<String, Vec<Ipv4Net>>,
@@ -142,6 +146,7 @@ impl Server {
         Server {
             config,
             read_registry: None,
+            read_allowances: None,
             routes: BTreeSet::new(),
             allowances: HashMap::new(),
             clients: HashMap::new(),
@@ -169,9 +174,9 @@ impl Server {
         self.routes = routes;
     }
 
-    /// The allow lists of the clients that have one; they apply from their next connection.
-    pub fn set_allowances(&mut self, allowances: HashMap<String, Vec<Ipv4Net>>) {
-        self.allowances = allowances;
+    /// Where the clients' allow lists come from; they apply from a client's next connection.
+    pub fn set_allowance_reader(&mut self, reader: AllowanceReader) {
+        self.read_allowances = Some(reader);
     }
 
     pub fn routes(&self) -> &BTreeSet<Ipv4Net> {
@@ -183,6 +188,9 @@ impl Server {
     pub fn refresh_clients(&mut self) {
         if let Some(clients) = self.read_registry.as_mut().and_then(|read| read()) {
             self.set_clients(clients);
+        }
+        if let Some(allowances) = self.read_allowances.as_mut().and_then(|read| read()) {
+            self.allowances = allowances;
         }
     }
 
