@@ -182,6 +182,18 @@ struct ServeArgs {
     #[arg(long, env = "DOCKVPN_REDIRECT_GATEWAY", help_heading = VPN)]
     redirect_gateway: bool,
 
+    /// When the pushed routes change (a DHCP renewal, the left side): `restart` tells connected
+    /// OpenVPN clients to reconnect (spread over 5 s) and pull them; `next-connect` leaves
+    /// them until they reconnect on their own. WireGuard profiles are marked stale either way
+    #[arg(
+        long,
+        env = "DOCKVPN_ON_ROUTE_CHANGE",
+        value_enum,
+        default_value_t = vpn::OnRouteChange::Restart,
+        help_heading = VPN
+    )]
+    on_route_change: vpn::OnRouteChange,
+
     /// Masquerade client traffic out of the left side; turn off when the left networks
     /// route the pool back to the SI
     #[arg(
@@ -703,6 +715,7 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         state_dir: state_dir.to_path_buf(),
         wireguard,
         access,
+        on_route_change: serve.on_route_change,
     };
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let vpn_task = tokio::spawn({

@@ -35,6 +35,8 @@ use dockvpn::wireguard::{self, WireguardServer};
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the client registry is re-read (a `client add`/`remove` from `docker exec`).
 const CLIENTS_EVERY: Duration = Duration::from_secs(2);
+/// Connected clients told to reconnect for new routes come back spread over this long.
+const RESTART_SPREAD: Duration = Duration::from_secs(5);
 /// At most one "dropped input" log line per this interval.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -47,6 +49,16 @@ pub struct VpnConfig {
     pub wireguard: Option<WireguardConfig>,
     /// The kernel's filter of what clients reach, kept in step with the registry.
     pub access: AccessTable,
+    pub on_route_change: OnRouteChange,
+}
+
+/// What connected OpenVPN clients do when the pushed routes change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnRouteChange {
+    /// Told to reconnect (RESTART), spread over RESTART_SPREAD, and so pull the new routes.
+    Restart,
+    /// Keep the routes they have until they reconnect on their own.
+    NextConnect,
 }
 
 pub struct WireguardConfig {
@@ -193,8 +205,17 @@ pub async fn serve(
             changed = routes.changed() => {
                 if changed.is_ok() {
                     let next = routes.borrow_and_update().clone();
-                    info!(routes = ?next, "routes for clients that connect from now on");
                     driver.openvpn.set_routes(next);
+                    let routes = driver.openvpn.routes();
+                    match config.on_route_change {
+                        OnRouteChange::Restart => {
+                            info!(?routes, spread_secs = RESTART_SPREAD.as_secs(), "routes changed: connected OpenVPN clients reconnect for them");
+                            driver.openvpn.restart_connected(Instant::now(), RESTART_SPREAD);
+                        }
+                        OnRouteChange::NextConnect => {
+                            info!(?routes, "routes for clients that connect from now on");
+                        }
+                    }
                     status_dirty = true;
                 }
             }

@@ -115,6 +115,8 @@ pub struct Server {
     config: EngineConfig,
     read_registry: Option<RegistryReader>,
     read_allowances: Option<AllowanceReader>,
+    /// Connected clients still to be told to reconnect for new routes: when, where, who.
+    restarts: VecDeque<(Instant, Link, u32)>,
     routes: BTreeSet<Ipv4Net>,
     /// Certificate common name → the only networks the client may reach (`--allow`).
     allowances: HashMap<String, Vec<Ipv4Net>>,
@@ -147,6 +149,7 @@ impl Server {
             config,
             read_registry: None,
             read_allowances: None,
+            restarts: VecDeque::new(),
             routes: BTreeSet::new(),
             allowances: HashMap::new(),
             clients: HashMap::new(),
@@ -763,6 +766,7 @@ impl Server {
 
     /// Resends, keepalives, renegotiation, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.send_due_restarts(now);
         let mut pings = Vec::new();
         for session in self.sessions.values_mut() {
             session.expire_lame_duck(now);
@@ -834,7 +838,44 @@ impl Server {
                     .values()
                     .map(|s| s.last_received + self.config.ping_restart),
             )
+            .chain(self.restarts.front().map(|&(at, ..)| at))
             .min()
+    }
+
+    /// Tells every connected client to reconnect, so it pulls the routes pushed now: one
+    /// after another over `spread`, in peer-id order, so a thousand clients do not come back
+    /// in the same second. A later call reschedules whoever has not been told yet.
+    pub fn restart_connected(&mut self, now: Instant, spread: Duration) {
+        let mut connected: Vec<(u32, Link)> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_active())
+            .map(|s| (s.peer_id, s.link))
+            .collect();
+        connected.sort_by_key(|&(peer_id, _)| peer_id);
+        let count = u32::try_from(connected.len()).unwrap_or(u32::MAX).max(1);
+        self.restarts = (0u32..)
+            .zip(connected)
+            .map(|(index, (peer_id, link))| (now + spread * index / count, link, peer_id))
+            .collect();
+    }
+
+    fn send_due_restarts(&mut self, now: Instant) {
+        while let Some(&(at, link, peer_id)) = self.restarts.front() {
+            if at > now {
+                break;
+            }
+            self.restarts.pop_front();
+            let session = self.sessions.get_mut(&link);
+            if let Some(session) = session.filter(|s| s.peer_id == peer_id && s.is_active()) {
+                session.send_text("RESTART,the networks behind the VPN changed");
+                tracing::info!(
+                    client = session.name.as_deref().unwrap_or_default(),
+                    %link,
+                    "told to reconnect for the new routes"
+                );
+            }
+        }
     }
 
     /// Tells every connected client to reconnect later (the server is going away).
