@@ -26,10 +26,15 @@ fn route_through_tunnel(client: &Netns, network: &str) {
     client.ip(&["route", "add", network, "via", "10.8.0.1", "dev", "tun0"]);
 }
 
-/// The client's routes through tun0, destinations only, sorted.
+/// The client's routes through tun0, destinations only, sorted; none while there is no tun0
+/// (a reconnecting client closes it and opens it again).
 fn tunnel_destinations(ns: &Netns) -> Vec<String> {
-    let json = ns.ip(&["-j", "-4", "route", "show", "dev", "tun0"]);
-    let routes: Vec<serde_json::Value> = serde_json::from_str(&json).expect("ip -j output");
+    let output = ns.exec("ip", &["-j", "-4", "route", "show", "dev", "tun0"]);
+    if !output.status.success() {
+        return Vec::new();
+    }
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).expect("ip -j output");
     let mut destinations: Vec<String> = routes
         .iter()
         .filter_map(|r| r["dst"].as_str().map(str::to_owned))

@@ -1650,3 +1650,51 @@ fn a_tcp_session_connects_never_floats_and_ends_with_its_connection() {
     );
     assert!(server.connected().is_empty());
 }
+
+/// Hands each transmitted datagram to the client at its destination.
+fn deliver(server: &mut Server, clients: &mut [&mut TestClient]) {
+    while let Some(output) = server.poll_output() {
+        if let Output::Transmit { to, datagram } = output {
+            for client in clients.iter_mut().filter(|c| c.peer == to) {
+                client.receive(&datagram);
+            }
+        }
+    }
+}
+
+#[test]
+fn after_a_route_change_connected_clients_are_told_to_restart_one_after_another() {
+    let test = TestPki::new("restart");
+    let (mut server, alice_address) = test.server_with_client("alice");
+    let bob_address = test
+        .pki
+        .add_client("bob", "10.8.0.0/24".parse().unwrap(), None)
+        .unwrap()
+        .address;
+    server.set_clients(HashMap::from([
+        ("alice".to_owned(), alice_address),
+        ("bob".to_owned(), bob_address),
+    ]));
+    let start = Instant::now();
+    let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    let now = start + connect(&mut server, &mut alice, perfect, start);
+    let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
+    bob.peer = Link::Udp("192.0.2.20:40000".parse().unwrap());
+    let now = run_until(&mut server, &mut bob, perfect, now, |c| c.data.is_some());
+    flush_client(&mut server, &mut alice, now);
+    flush_client(&mut server, &mut bob, now);
+    deliver(&mut server, &mut [&mut alice, &mut bob]);
+    let restart = b"RESTART,the networks behind the VPN changed";
+
+    server.restart_connected(now, Duration::from_secs(4));
+    assert_eq!(server.next_timeout(), Some(now), "the first goes at once");
+    server.handle_timeout(now);
+    deliver(&mut server, &mut [&mut alice, &mut bob]);
+    assert!(find(&alice.plaintext, restart).is_some(), "alice first (peer id order)");
+    assert!(find(&bob.plaintext, restart).is_none(), "bob not yet");
+    let second = now + Duration::from_secs(2);
+    assert!(server.next_timeout().is_some_and(|at| at <= second));
+    server.handle_timeout(second);
+    deliver(&mut server, &mut [&mut alice, &mut bob]);
+    assert!(find(&bob.plaintext, restart).is_some(), "bob half the spread later");
+}
