@@ -187,7 +187,12 @@ fn set(
     })))
 }
 
-fn base_chain(name: &str, chain_type: NfChainType, hook: NfHook, priority: i32) -> NfObject<'static> {
+fn base_chain(
+    name: &str,
+    chain_type: NfChainType,
+    hook: NfHook,
+    priority: i32,
+) -> NfObject<'static> {
     add(NfListObject::Chain(Chain {
         family: NfFamily::IP,
         table: TABLE.into(),
@@ -229,6 +234,24 @@ fn source_and_destination() -> Expression<'static> {
         payload("ip", "saddr"),
         payload("ip", "daddr"),
     ]))
+}
+
+/// Accepts, after `first` matched, a packet from a client without an allow list to a pushed
+/// network and one from a client with a list to its networks.
+fn reach_rules(chain: &str, first: &[Statement<'static>]) -> [NfObject<'static>; 2] {
+    let with = |checks: Vec<Statement<'static>>| {
+        let mut statements = first.to_vec();
+        statements.extend(checks);
+        statements.push(Statement::Accept(None));
+        rule(chain, statements)
+    };
+    [
+        with(vec![
+            not_in_set(payload("ip", "saddr"), LIMITED),
+            in_set(payload("ip", "daddr"), PUSHED),
+        ]),
+        with(vec![in_set(source_and_destination(), CLIENT_NETWORKS)]),
+    ]
 }
 
 /// The transaction that replaces the table: create it if missing, delete it, build it.
@@ -279,28 +302,9 @@ fn batch(access: &Access) -> Vec<NfObject<'static>> {
         base_chain("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
     ];
     let from_tun = || matches(meta(MetaKey::Iifname), string(&access.tun));
-    let accept = || Statement::Accept(None);
     if let Some(left) = &access.left {
         let to_left = || matches(meta(MetaKey::Oifname), string(left));
-        batch.push(rule(
-            "forward",
-            vec![
-                from_tun(),
-                to_left(),
-                not_in_set(payload("ip", "saddr"), LIMITED),
-                in_set(payload("ip", "daddr"), PUSHED),
-                accept(),
-            ],
-        ));
-        batch.push(rule(
-            "forward",
-            vec![
-                from_tun(),
-                to_left(),
-                in_set(source_and_destination(), CLIENT_NETWORKS),
-                accept(),
-            ],
-        ));
+        batch.extend(reach_rules("forward", &[from_tun(), to_left()]));
         if access.masquerade {
             batch.push(rule(
                 "postrouting",
@@ -324,7 +328,7 @@ fn batch(access: &Access) -> Vec<NfObject<'static>> {
                 right: Expression::List(vec![string("established"), string("related")]),
                 op: Operator::IN,
             }),
-            accept(),
+            Statement::Accept(None),
         ],
     ));
     batch.push(rule(
@@ -336,28 +340,10 @@ fn batch(access: &Access) -> Vec<NfObject<'static>> {
                 payload("ip", "daddr"),
                 string(&access.server_address.to_string()),
             ),
-            accept(),
+            Statement::Accept(None),
         ],
     ));
-    batch.push(rule(
-        "input",
-        vec![
-            from_tun(),
-            ping(),
-            not_in_set(payload("ip", "saddr"), LIMITED),
-            in_set(payload("ip", "daddr"), PUSHED),
-            accept(),
-        ],
-    ));
-    batch.push(rule(
-        "input",
-        vec![
-            from_tun(),
-            ping(),
-            in_set(source_and_destination(), CLIENT_NETWORKS),
-            accept(),
-        ],
-    ));
+    batch.extend(reach_rules("input", &[from_tun(), ping()]));
     batch.push(rule("input", vec![from_tun(), Statement::Drop(None)]));
     batch
 }
@@ -378,7 +364,9 @@ mod tests {
         let allow = nets(&["10.1.2.0/24", "192.168.0.0/16", "172.16.0.0/12"]);
         assert_eq!(
             client_networks(Some(&allow), &pushed, false),
-            nets(&["10.1.2.0/24", "192.168.10.0/24"]).into_iter().collect()
+            nets(&["10.1.2.0/24", "192.168.10.0/24"])
+                .into_iter()
+                .collect()
         );
         assert_eq!(outside_pushed(&allow, &pushed), nets(&["172.16.0.0/12"]));
         assert_eq!(client_networks(None, &pushed, false), pushed);

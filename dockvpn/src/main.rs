@@ -602,6 +602,10 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                 None => "no key yet",
             };
             let mut notes = String::new();
+            if let Some(allow) = &client.allow {
+                let listed: Vec<String> = allow.iter().map(ToString::to_string).collect();
+                notes.push_str(&format!("  allow {}", listed.join(",")));
+            }
             if needs_new_profile(&client.name) {
                 notes.push_str("  profile needs tls-crypt-v2: run `dockvpn client config` again");
             }

@@ -153,7 +153,12 @@ fn allow_limits_one_client_to_its_networks_and_a_second_client_is_not_limited() 
     let widen = dockvpn.cli(
         &chain.si,
         "dockvpn",
-        &["client", "allow", "contractor", "192.168.10.0/24,10.0.1.0/24"],
+        &[
+            "client",
+            "allow",
+            "contractor",
+            "192.168.10.0/24,10.0.1.0/24",
+        ],
     );
     assert!(widen.status.success(), "{}", text(&widen));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -182,8 +187,7 @@ fn an_allow_list_outside_every_pushed_network_warns_and_a_bad_cidr_changes_nothi
         "{output}"
     );
     let registry = || {
-        std::fs::read_to_string(dockvpn.state_dir().join("pki/clients.json"))
-            .expect("the registry")
+        std::fs::read_to_string(dockvpn.state_dir().join("pki/clients.json")).expect("the registry")
     };
     let before = registry();
     let bad = dockvpn.cli(
