@@ -318,4 +318,29 @@ mod tests {
         assert!(!is_stale(&client(Some(reordered)), &current));
         assert!(is_stale(&client(Some(current[..1].to_vec())), &current));
     }
+
+    #[test]
+    fn a_limited_clients_allowed_ips_are_the_pushed_routes_inside_its_allow_list() {
+        let status: VpnStatus = serde_json::from_value(serde_json::json!({
+            "pid": 1, "listen": "0.0.0.0:1194", "tun": "tun0", "pool": "10.8.0.0/24",
+            "server_address": "10.8.0.1",
+            "routes_pushed": ["10.0.1.0/24", "192.168.10.0/24"],
+            "redirect_gateway": false, "clients": [], "dropped": {}, "updated_unix": 0,
+            "tls_crypt": "v2"
+        }))
+        .expect("a status");
+        let allow: Vec<Ipv4Net> = vec!["192.168.0.0/16".parse().unwrap()];
+        assert_eq!(
+            allowed_ips(&status, Some(&allow)),
+            normalized(&[
+                "10.8.0.1/32".parse().unwrap(),
+                "192.168.10.0/24".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            allowed_ips(&status, None).len(),
+            3,
+            "not limited: every pushed route"
+        );
+    }
 }
