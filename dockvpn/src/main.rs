@@ -395,8 +395,8 @@ enum ClientCommand {
         #[arg(long, value_name = "CIDR[,CIDR…]", value_delimiter = ',')]
         allow: Option<Vec<Ipv4Net>>,
     },
-    /// Limit a client to some of the pushed networks (as `client add --allow`); its
-    /// forwarded traffic follows at once, its pushed routes at its next connection
+    /// Limit a client to some of the pushed networks (as `client add --allow`); a running
+    /// server applies it at once and tells the client, if connected, to reconnect
     Allow {
         name: String,
         #[arg(value_name = "CIDR[,CIDR…]", value_delimiter = ',', required = true)]
@@ -491,7 +491,7 @@ fn main() -> ExitCode {
                     reload_running_server(&cli.state_dir, &running).await;
                 }
                 println!(
-                    "client {name} may reach only {}: its forwarded traffic at once, its pushed routes from its next connection (WireGuard: issue its profile again)",
+                    "client {name} may reach only {} (a running server applies it at once; WireGuard: issue its profile again)",
                     listed.join(", ")
                 );
                 Ok(ExitCode::SUCCESS)

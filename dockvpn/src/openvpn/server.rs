@@ -177,7 +177,19 @@ impl Server {
         self.routes = routes;
     }
 
-    /// Where the clients' allow lists come from; they apply from a client's next connection.
+    /// The clients' allow lists; a connected client whose list changed is told to reconnect,
+    /// so it pulls the routes the new list gives it.
+    fn set_allowances(&mut self, allowances: HashMap<String, Vec<Ipv4Net>>) {
+        let changed = |name: &str| allowances.get(name) != self.allowances.get(name);
+        for session in self.sessions.values_mut().filter(|s| s.is_active()) {
+            if session.name.as_deref().is_some_and(changed) {
+                session.send_text("RESTART,the networks this client may reach changed");
+            }
+        }
+        self.allowances = allowances;
+    }
+
+    /// Where the clients' allow lists come from.
     pub fn set_allowance_reader(&mut self, reader: AllowanceReader) {
         self.read_allowances = Some(reader);
     }
@@ -193,7 +205,7 @@ impl Server {
             self.set_clients(clients);
         }
         if let Some(allowances) = self.read_allowances.as_mut().and_then(|read| read()) {
-            self.allowances = allowances;
+            self.set_allowances(allowances);
         }
     }
 
