@@ -149,7 +149,8 @@ fn allow_limits_one_client_to_its_networks_and_a_second_client_is_not_limited() 
         "the first still is"
     );
 
-    // Widening the list applies to its forwarded traffic at once.
+    // A wider list: the connected client is told to reconnect, and comes back with the route
+    // and the right to use it.
     let widen = dockvpn.cli(
         &chain.si,
         "dockvpn",
@@ -161,14 +162,21 @@ fn allow_limits_one_client_to_its_networks_and_a_second_client_is_not_limited() 
         ],
     );
     assert!(widen.status.success(), "{}", text(&widen));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !ping(&chain.right_host, LEFT_GATEWAY) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tunnel_destinations(&chain.right_host).contains(&"10.0.1.0/24".to_owned()) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the widened allow list never applied\n{}",
+            "the widened allow list never reached the client\nclient:\n{}\nserver:\n{}",
+            limited.log(),
             dockvpn.log()
         );
+        std::thread::sleep(Duration::from_millis(500));
     }
+    assert!(
+        ping_eventually(&chain.right_host, LEFT_GATEWAY, PING_ATTEMPTS),
+        "the widened allow list applies in the kernel\n{}",
+        dockvpn.log()
+    );
     drop((limited, employee));
 }
 
