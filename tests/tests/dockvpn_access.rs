@@ -43,6 +43,27 @@ fn tunnel_destinations(ns: &Netns) -> Vec<String> {
     destinations
 }
 
+/// Waits up to `secs` seconds, checking every half second, until the client's tun0 routes
+/// `route` (the client gets it by reconnecting on its own); panics with both logs otherwise.
+fn wait_for_tunnel_route(
+    ns: &Netns,
+    route: &str,
+    secs: u64,
+    client: &OpenvpnClient,
+    dockvpn: &Vnf,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !tunnel_destinations(ns).iter().any(|d| d == route) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connected client never got the route {route}\nclient:\n{}\nserver:\n{}",
+            client.log(),
+            dockvpn.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn connect(ns: &Netns, dockvpn: &Vnf, profile: &str) -> OpenvpnClient {
     let client = OpenvpnClient::start(ns, profile, &[]);
     client.assert_connected(dockvpn);
@@ -162,16 +183,7 @@ fn allow_limits_one_client_to_its_networks_and_a_second_client_is_not_limited() 
         ],
     );
     assert!(widen.status.success(), "{}", text(&widen));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !tunnel_destinations(&chain.right_host).contains(&"10.0.1.0/24".to_owned()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the widened allow list never reached the client\nclient:\n{}\nserver:\n{}",
-            limited.log(),
-            dockvpn.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_for_tunnel_route(&chain.right_host, "10.0.1.0/24", 30, &limited, &dockvpn);
     assert!(
         ping_eventually(&chain.right_host, LEFT_GATEWAY, PING_ATTEMPTS),
         "the widened allow list applies in the kernel\n{}",
@@ -248,16 +260,7 @@ fn a_dhcp_route_change_makes_a_connected_client_reconnect_with_the_new_routes() 
     dnsmasq.reload(&changed.iter().map(String::as_str).collect::<Vec<_>>());
     // The lease is two minutes (dnsmasq's least): the renewal that brings the new option
     // comes after about 60 s; the client then has its reconnect spread over 5 s.
-    let deadline = std::time::Instant::now() + Duration::from_secs(100);
-    while !tunnel_destinations(&chain.right_host).contains(&"172.16.5.0/24".to_owned()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connected client never got the new route\nclient:\n{}\nserver:\n{}",
-            client.log(),
-            dockvpn.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_for_tunnel_route(&chain.right_host, "172.16.5.0/24", 100, &client, &dockvpn);
     assert!(
         client
             .log()
