@@ -2,6 +2,7 @@
 //! that routes tun packets between them, and the PKI, which the binary (`main.rs`) drives
 //! and the fuzz targets (`fuzz/`, entry points in `fuzzing`) exercise.
 
+pub mod access;
 pub mod address_book;
 pub mod dropped;
 pub mod fuzzing;

@@ -5,7 +5,6 @@
 //! via the right gateway and the left networks via the left gateway. With one leg and no
 //! --right it runs one-armed: the leg is both sides.
 
-mod masquerade;
 mod metrics;
 mod tcp;
 mod udp;
@@ -34,6 +33,7 @@ use vnf_core::runtime::{OnExit, RuntimeConfig, SidesObserver};
 use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
+use dockvpn::access::{Access, AccessTable};
 use dockvpn::password::Auth;
 use dockvpn::refusal::Refusal;
 use dockvpn::{openvpn, pki};
@@ -192,6 +192,18 @@ struct ServeArgs {
     /// Also send clients' default route through the VPN (`redirect-gateway def1`)
     #[arg(long, env = "DOCKVPN_REDIRECT_GATEWAY", help_heading = VPN)]
     redirect_gateway: bool,
+
+    /// When the pushed routes change (a DHCP renewal, the left side): `restart` tells connected
+    /// OpenVPN clients to reconnect (spread over 5 s) and pull them; `next-connect` leaves
+    /// them until they reconnect on their own. WireGuard profiles are marked stale either way
+    #[arg(
+        long,
+        env = "DOCKVPN_ON_ROUTE_CHANGE",
+        value_enum,
+        default_value_t = vpn::OnRouteChange::Restart,
+        help_heading = VPN
+    )]
+    on_route_change: vpn::OnRouteChange,
 
     /// Masquerade client traffic out of the left side; turn off when the left networks
     /// route the pool back to the SI
@@ -405,6 +417,18 @@ enum ClientCommand {
         /// How long the client's certificate is valid (days)
         #[arg(long, default_value_t = pki::CLIENT_DAYS, value_name = "N")]
         days: u32,
+        /// The only networks this client may reach: it is pushed only the routes inside
+        /// them, and the kernel drops its traffic to anything else [default: every pushed
+        /// network]
+        #[arg(long, value_name = "CIDR[,CIDR…]", value_delimiter = ',')]
+        allow: Option<Vec<Ipv4Net>>,
+    },
+    /// Limit a client to some of the pushed networks (as `client add --allow`); a running
+    /// server applies it at once and tells the client, if connected, to reconnect
+    Allow {
+        name: String,
+        #[arg(value_name = "CIDR[,CIDR…]", value_delimiter = ',', required = true)]
+        networks: Vec<Ipv4Net>,
     },
     /// Print the client's ready profile: an inline .ovpn, or a wg-quick configuration
     Config {
@@ -504,6 +528,7 @@ fn main() -> ExitCode {
                 pool,
                 wireguard_public_key,
                 days,
+                allow,
             }) => {
                 let record = pki.add(
                     name,
@@ -512,11 +537,26 @@ fn main() -> ExitCode {
                     wireguard_public_key.as_deref(),
                     *days,
                 )?;
+                if let Some(allow) = allow {
+                    pki.set_allow(name, Some(allow.clone()))?;
+                    warn_outside_pushed(&cli.state_dir, allow);
+                }
                 // A WireGuard client may handshake right away: the server knows its key first.
                 reload_running_server(&cli.state_dir).await;
                 println!(
                     "client {} added with address {}; `dockvpn client config {}` prints its OpenVPN profile, `--format wireguard` its WireGuard one",
                     record.name, record.address, record.name
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Client(ClientCommand::Allow { name, networks }) => {
+                pki.set_allow(name, Some(networks.clone()))?;
+                warn_outside_pushed(&cli.state_dir, networks);
+                let listed = networks.iter().map(ToString::to_string).collect::<Vec<_>>();
+                reload_running_server(&cli.state_dir).await;
+                println!(
+                    "client {name} may reach only {} (a running server applies it at once; WireGuard: issue its profile again)",
+                    listed.join(", ")
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -666,6 +706,10 @@ fn list_clients(pki: &Pki, state_dir: &Path, json: bool) -> Result<ExitCode> {
                     client.name
                 ));
             }
+            if let Some(allow) = &client.allow {
+                let listed: Vec<String> = allow.iter().map(ToString::to_string).collect();
+                notes.push_str(&format!("  allow {}", listed.join(",")));
+            }
             if needs_new_profile(&client.name) {
                 notes.push_str("  profile needs tls-crypt-v2: run `dockvpn client config` again");
             }
@@ -746,15 +790,23 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
             sides.join(" and ")
         );
     }
+    let access = AccessTable::new(Access {
+        tun: serve.tun.clone(),
+        server_address: engine.server_address(),
+        pool: engine.pool,
+        left: None,
+        masquerade: serve.masquerade,
+        redirect_gateway: serve.redirect_gateway,
+        pushed: static_routes.clone(),
+        allowances: pki.allowances()?,
+    });
     let mut observer = VpnObserver {
         static_routes,
         learned_routes: BTreeSet::new(),
         left_subnet: None,
         push_left_subnet: serve.push_left_subnet,
         routes: routes_tx,
-        pool: engine.pool,
-        masquerade: serve.masquerade,
-        masquerading: None,
+        access: access.clone(),
         dhcp_bound: dhcp_bound_tx,
     };
     let wireguard = match serve.wireguard_listen.0 {
@@ -771,6 +823,8 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         engine,
         state_dir: state_dir.to_path_buf(),
         wireguard,
+        access,
+        on_route_change: serve.on_route_change,
     };
     let metrics_listener = MetricsListener::bind(args.metrics.metrics_listen).await?;
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -873,7 +927,8 @@ async fn serve_once_bound(
     vpn::serve(config, routes, stop).await
 }
 
-/// Feeds the VPN server with the routes to push and keeps masquerade on the left interface.
+/// Feeds the VPN server with the routes to push and keeps the access table on the left
+/// interface and the pushed networks.
 struct VpnObserver {
     /// --left-route networks.
     static_routes: BTreeSet<Ipv4Net>,
@@ -883,27 +938,27 @@ struct VpnObserver {
     left_subnet: Option<Ipv4Net>,
     push_left_subnet: bool,
     routes: watch::Sender<BTreeSet<Ipv4Net>>,
-    pool: Ipv4Net,
-    masquerade: bool,
-    /// The interface masquerade is installed on.
-    masquerading: Option<String>,
+    access: AccessTable,
     /// Turns true once every DHCP side is bound; the server then starts.
     dhcp_bound: watch::Sender<bool>,
 }
 
 impl VpnObserver {
-    /// Tells the server the routes to push, when they changed.
-    fn publish_routes(&self) {
+    /// Tells the server and the access table the routes to push, when they changed.
+    fn publish_routes(&self) -> Result<()> {
         let mut pushed = self.static_routes.clone();
         pushed.extend(&self.learned_routes);
         if self.push_left_subnet {
             pushed.extend(self.left_subnet);
         }
+        self.access
+            .update(|access| access.pushed = pushed.clone())?;
         self.routes.send_if_modified(|current| {
             let changed = *current != pushed;
             *current = pushed;
             changed
         });
+        Ok(())
     }
 }
 
@@ -911,26 +966,22 @@ impl SidesObserver for VpnObserver {
     fn sides_changed(&mut self, assignment: &Assignment) -> Result<()> {
         let left = assignment.ready(Side::Left);
         self.left_subnet = left.map(|r| r.subnet());
-        self.publish_routes();
-        if !self.masquerade {
-            return Ok(());
-        }
-        let left = left.map(|r| r.name.clone());
-        if left != self.masquerading {
-            if let Some(interface) = &left {
-                masquerade::apply(interface, self.pool)?;
-                info!(%interface, pool = %self.pool, "masquerading VPN clients out of the left side");
+        let interface = left.map(|r| r.name.clone());
+        self.access.update(|access| {
+            if access.left != interface {
+                if let Some(interface) = &interface {
+                    info!(%interface, masquerade = access.masquerade, "VPN clients leave through the left side");
+                }
+                access.left = interface;
             }
-            self.masquerading = left;
-        }
-        Ok(())
+        })?;
+        self.publish_routes()
     }
 
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()> {
         // Also when the left side went away: its table stays until removed.
-        if on_exit == OnExit::Remove && self.masquerade {
-            self.masquerading = None;
-            masquerade::remove()?;
+        if on_exit == OnExit::Remove {
+            self.access.remove()?;
         }
         Ok(())
     }
@@ -948,7 +999,9 @@ impl SidesObserver for VpnObserver {
             .map(|r| r.destination.trunc())
             .filter(|d| d.prefix_len() > 0)
             .collect();
-        self.publish_routes();
+        if let Err(error) = self.publish_routes() {
+            warn!(%error, "learned routes not applied to the access table");
+        }
     }
 }
 
@@ -1046,6 +1099,25 @@ async fn status(state_dir: &Path, routing: &RoutingArgs, json: bool) -> Result<E
 /// The status file of a running server; None when absent or its process is gone.
 fn read_vpn_status(state_dir: &Path) -> Option<vpn::VpnStatus> {
     load_vpn_status(state_dir).filter(is_running)
+}
+
+/// Warns about allow-list entries outside every network the running server pushes: they
+/// grant nothing (until such a route appears).
+fn warn_outside_pushed(state_dir: &Path, allow: &[Ipv4Net]) {
+    let Some(running) = read_vpn_status(state_dir) else {
+        return;
+    };
+    let mut pushed: BTreeSet<Ipv4Net> = running.routes_pushed.iter().copied().collect();
+    if running.redirect_gateway {
+        pushed.insert(Ipv4Net::default());
+    }
+    for net in dockvpn::access::outside_pushed(allow, &pushed) {
+        let routes: Vec<String> = pushed.iter().map(ToString::to_string).collect();
+        warn!(
+            "--allow {net} lies outside every pushed network ({}): it grants nothing until such a route is pushed; give a network inside one of them",
+            routes.join(", ")
+        );
+    }
 }
 
 /// A new password: typed twice at a terminal (not echoed), else the first line of stdin.

@@ -126,6 +126,9 @@ pub struct ClientRecord {
     /// address, and connects again only after `client renew`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<u64>,
+    /// The only networks this client may reach (`--allow`); None: all pushed networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<Ipv4Net>>,
 }
 
 /// A certificate as the registry knows it.
@@ -705,6 +708,7 @@ impl Pki {
             wireguard: Some(wireguard),
             certificate: Some(certificate),
             revoked: None,
+            allow: None,
         };
         registry.clients.insert(name.to_owned(), record.clone());
         self.save_registry(&registry)?;
@@ -1214,6 +1218,32 @@ fn parse_fingerprint(text: &str) -> Result<Fingerprint> {
             "clients.json: {text:?} is not a SHA-256 fingerprint; restore the file from a backup"
         ))
     })
+}
+
+/// Per-client access (`--allow`).
+impl Pki {
+    /// Limits `name` to `allow` (None: all pushed networks again).
+    pub fn set_allow(&self, name: &str, allow: Option<Vec<Ipv4Net>>) -> Result<ClientRecord> {
+        let _lock = self.lock()?;
+        let mut registry = self.load_registry()?;
+        let client = registry
+            .clients
+            .get_mut(name)
+            .ok_or_else(|| no_such_client(name))?;
+        client.allow = allow;
+        let record = client.clone();
+        self.save_registry(&registry)?;
+        Ok(record)
+    }
+
+    /// The allow list of each client address that has one.
+    pub fn allowances(&self) -> Result<std::collections::BTreeMap<Ipv4Addr, Vec<Ipv4Net>>> {
+        Ok(self
+            .clients()?
+            .into_iter()
+            .filter_map(|client| Some((client.address, client.allow?)))
+            .collect())
+    }
 }
 
 fn no_such_client(name: &str) -> Error {

@@ -21,6 +21,7 @@ use vnf_core::{Error, Result};
 
 use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
+use dockvpn::access::AccessTable;
 use dockvpn::address_book::{ipv4_destination, AddressBook, Tunnel};
 use dockvpn::dropped::Counters;
 use dockvpn::openvpn::link::Link;
@@ -36,6 +37,8 @@ use dockvpn::wireguard::{self, WireguardServer};
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the client registry is re-read (a `client add`/`remove` from `docker exec`).
 const CLIENTS_EVERY: Duration = Duration::from_secs(2);
+/// Connected clients told to reconnect for new routes come back spread over this long.
+const RESTART_SPREAD: Duration = Duration::from_secs(5);
 /// At most one "dropped input" log line per this interval.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -46,6 +49,18 @@ pub struct VpnConfig {
     pub engine: EngineConfig,
     pub state_dir: PathBuf,
     pub wireguard: Option<WireguardConfig>,
+    /// The kernel's filter of what clients reach, kept in step with the registry.
+    pub access: AccessTable,
+    pub on_route_change: OnRouteChange,
+}
+
+/// What connected OpenVPN clients do when the pushed routes change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnRouteChange {
+    /// Told to reconnect (RESTART), spread over RESTART_SPREAD, and so pull the new routes.
+    Restart,
+    /// Keep the routes they have until they reconnect on their own.
+    NextConnect,
 }
 
 pub struct WireguardConfig {
@@ -202,8 +217,17 @@ pub async fn serve(
             changed = routes.changed() => {
                 if changed.is_ok() {
                     let next = routes.borrow_and_update().clone();
-                    info!(routes = ?next, "routes for clients that connect from now on");
                     driver.openvpn.set_routes(next);
+                    let routes = driver.openvpn.routes();
+                    match config.on_route_change {
+                        OnRouteChange::Restart => {
+                            info!(?routes, spread_secs = RESTART_SPREAD.as_secs(), "routes changed: connected OpenVPN clients reconnect for them");
+                            driver.openvpn.restart_connected(Instant::now(), RESTART_SPREAD);
+                        }
+                        OnRouteChange::NextConnect => {
+                            info!(?routes, "routes for clients that connect from now on");
+                        }
+                    }
                     status_dirty = true;
                 }
             }
@@ -253,6 +277,7 @@ struct Driver {
     tun: tokio_tun::Tun,
     addresses: AddressBook,
     registry: Pki,
+    access: AccessTable,
     /// Drops the driver makes itself (tun packets for no client).
     counters: Counters,
     last_drop: Option<String>,
@@ -319,6 +344,19 @@ impl Driver {
                 None
             }
         }));
+        let reader = Pki::new(&config.state_dir);
+        openvpn.set_allowance_reader(Box::new(move || match reader.clients() {
+            Ok(clients) => Some(
+                clients
+                    .into_iter()
+                    .filter_map(|c| Some((c.name, c.allow?)))
+                    .collect(),
+            ),
+            Err(error) => {
+                warn!(%error, "client allow lists unreadable; keeping the last ones");
+                None
+            }
+        }));
         openvpn.refresh_clients();
         let wireguard = config
             .wireguard
@@ -333,11 +371,13 @@ impl Driver {
             tun,
             addresses: AddressBook::default(),
             registry,
+            access: config.access.clone(),
             counters: Counters::default(),
             last_drop: None,
             reloads: 0,
         };
         driver.reload_wireguard_peers();
+        driver.reload_allowances();
         info!(
             listen = %config.listen,
             proto = %config.proto,
@@ -370,9 +410,19 @@ impl Driver {
     fn reload_clients(&mut self, now: Instant) {
         self.openvpn.reload_clients(now);
         self.reload_wireguard_peers();
+        self.reload_allowances();
         if let Some(tcp) = self.tcp.as_mut() {
             let openvpn = &self.openvpn;
             tcp.close_sessionless(now, |link| openvpn.has_session(link));
+        }
+    }
+
+    /// The clients' allow lists to the kernel's forward filter: on every registry reload and
+    /// every connection, so a client added a moment ago is limited from its first packet.
+    fn reload_allowances(&mut self) {
+        match self.registry.allowances() {
+            Ok(allowances) => self.access.set_allowances(allowances),
+            Err(error) => warn!(%error, "client allow lists unreadable; keeping the last ones"),
         }
     }
 
@@ -483,6 +533,7 @@ impl Driver {
                 peer_id,
                 cipher,
             } => {
+                self.reload_allowances();
                 self.take_address(&name, address, Tunnel::OpenVpn(peer_id));
                 info!(client = %name, %address, %link, %cipher, "client connected");
             }
@@ -520,6 +571,7 @@ impl Driver {
                 peer,
                 endpoint,
             } => {
+                self.reload_allowances();
                 info!(client = %name, %address, %endpoint, transport = "wireguard", "client connected");
                 self.take_address(&name, address, Tunnel::WireGuard(peer));
             }

@@ -13,6 +13,7 @@ use qrcode::{Color, QrCode};
 use tracing::warn;
 use vnf_core::{Error, Result};
 
+use dockvpn::access::client_networks;
 use dockvpn::pki::{ClientRecord, Pki, WireguardProfileKeys};
 
 use crate::vpn::VpnStatus;
@@ -79,7 +80,12 @@ pub fn issue(
                 "no VPN server runs, so the routes a WireGuard profile needs are unknown: start `dockvpn run` first, or give them with --allowed-ips CIDR[,CIDR…] (`dockvpn client list` marks the profile stale when they differ from what the server pushes)".into(),
             )
         })?;
-        allowed_ips(status)
+        let allow = pki
+            .clients()?
+            .into_iter()
+            .find(|client| client.name == name)
+            .and_then(|client| client.allow);
+        allowed_ips(status, allow.as_deref())
     } else {
         normalized(&args.allowed_ips)
     };
@@ -122,13 +128,17 @@ pub fn issue(
     pki.record_wireguard_profile(name, &allowed_ips)
 }
 
-/// The AllowedIPs a profile printed now holds: the routes the running server pushes and its
-/// own tunnel address, or everything when it redirects the default gateway.
-pub fn allowed_ips(status: &VpnStatus) -> Vec<Ipv4Net> {
-    if status.redirect_gateway {
+/// The AllowedIPs a profile printed now holds: the routes the running server pushes (cut
+/// down to the client's allow list, `allow`) and its own tunnel address, or everything when
+/// it redirects the default gateway and the client is not limited.
+pub fn allowed_ips(status: &VpnStatus, allow: Option<&[Ipv4Net]>) -> Vec<Ipv4Net> {
+    if status.redirect_gateway && allow.is_none() {
         return vec![Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0)];
     }
-    let mut allowed = status.routes_pushed.clone();
+    let pushed: BTreeSet<Ipv4Net> = status.routes_pushed.iter().copied().collect();
+    let mut allowed: Vec<Ipv4Net> = client_networks(allow, &pushed, status.redirect_gateway)
+        .into_iter()
+        .collect();
     allowed.push(Ipv4Net::from(status.server_address));
     normalized(&allowed)
 }
@@ -155,10 +165,9 @@ pub fn stale_clients(clients: &[ClientRecord], running: Option<&VpnStatus>) -> V
     let Some(status) = running else {
         return Vec::new();
     };
-    let current = allowed_ips(status);
     clients
         .iter()
-        .filter(|client| is_stale(client, &current))
+        .filter(|client| is_stale(client, &allowed_ips(status, client.allow.as_deref())))
         .map(|client| client.name.clone())
         .collect()
 }
@@ -304,10 +313,36 @@ mod tests {
             }),
             certificate: None,
             revoked: None,
+            allow: None,
         };
         assert!(!is_stale(&client(None), &current), "no profile printed");
         let reordered = vec![current[1], current[0]];
         assert!(!is_stale(&client(Some(reordered)), &current));
         assert!(is_stale(&client(Some(current[..1].to_vec())), &current));
+    }
+
+    #[test]
+    fn a_limited_clients_allowed_ips_are_the_pushed_routes_inside_its_allow_list() {
+        let status: VpnStatus = serde_json::from_value(serde_json::json!({
+            "pid": 1, "listen": "0.0.0.0:1194", "tun": "tun0", "pool": "10.8.0.0/24",
+            "server_address": "10.8.0.1",
+            "routes_pushed": ["10.0.1.0/24", "192.168.10.0/24"],
+            "redirect_gateway": false, "clients": [], "dropped": {}, "updated_unix": 0,
+            "tls_crypt": "v2"
+        }))
+        .expect("a status");
+        let allow: Vec<Ipv4Net> = vec!["192.168.0.0/16".parse().unwrap()];
+        assert_eq!(
+            allowed_ips(&status, Some(&allow)),
+            normalized(&[
+                "10.8.0.1/32".parse().unwrap(),
+                "192.168.10.0/24".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            allowed_ips(&status, None).len(),
+            3,
+            "not limited: every pushed route"
+        );
     }
 }

@@ -1266,9 +1266,11 @@ fn with_tls_crypt_v2_a_client_connects_with_its_own_key_and_forged_resets_leave_
     assert_eq!(server.counters.replayed_control, replayed + 5);
 }
 
-#[test]
-fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_its_own_session() {
-    let test = TestPki::new("float");
+/// Alice (at the usual client address) and Bob (at another) connected to one server, their
+/// last ACKs delivered; their addresses and the virtual time then.
+fn alice_and_bob_connected(
+    test: &TestPki,
+) -> (Server, TestClient, TestClient, [Ipv4Addr; 2], Instant) {
     let (mut server, alice_address) = test.server_with_client("alice");
     let bob_address = test
         .pki
@@ -1284,6 +1286,14 @@ fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_it
     let now = run_until(&mut server, &mut bob, perfect, now, |c| c.data.is_some());
     flush_client(&mut server, &mut alice, now);
     flush_client(&mut server, &mut bob, now);
+    (server, alice, bob, [alice_address, bob_address], now)
+}
+
+#[test]
+fn data_authenticated_by_one_client_but_sent_from_anothers_address_stays_with_its_own_session() {
+    let test = TestPki::new("float");
+    let (mut server, mut alice, bob, [alice_address, bob_address], now) =
+        alice_and_bob_connected(&test);
     while server.poll_output().is_some() {}
 
     // Alice's packet arrives from Bob's address: it is Alice's (her keys), not Bob's.
@@ -1822,4 +1832,41 @@ fn a_tcp_session_connects_never_floats_and_ends_with_its_connection() {
         ))
     );
     assert!(server.connected().is_empty());
+}
+
+/// Hands each transmitted datagram to the client at its destination.
+fn deliver(server: &mut Server, clients: &mut [&mut TestClient]) {
+    while let Some(output) = server.poll_output() {
+        if let Output::Transmit { to, datagram } = output {
+            for client in clients.iter_mut().filter(|c| c.peer == to) {
+                client.receive(&datagram);
+            }
+        }
+    }
+}
+
+#[test]
+fn after_a_route_change_connected_clients_are_told_to_restart_one_after_another() {
+    let test = TestPki::new("restart");
+    let (mut server, mut alice, mut bob, _, now) = alice_and_bob_connected(&test);
+    deliver(&mut server, &mut [&mut alice, &mut bob]);
+    let restart = b"RESTART,the networks behind the VPN changed";
+
+    server.restart_connected(now, Duration::from_secs(4));
+    assert_eq!(server.next_timeout(), Some(now), "the first goes at once");
+    server.handle_timeout(now);
+    deliver(&mut server, &mut [&mut alice, &mut bob]);
+    assert!(
+        find(&alice.plaintext, restart).is_some(),
+        "alice first (peer id order)"
+    );
+    assert!(find(&bob.plaintext, restart).is_none(), "bob not yet");
+    let second = now + Duration::from_secs(2);
+    assert!(server.next_timeout().is_some_and(|at| at <= second));
+    server.handle_timeout(second);
+    deliver(&mut server, &mut [&mut alice, &mut bob]);
+    assert!(
+        find(&bob.plaintext, restart).is_some(),
+        "bob half the spread later"
+    );
 }

@@ -22,6 +22,7 @@ use super::packet::{decode, ControlPacket, Opcode, Packet, SessionId};
 use super::session::{DataKeys, Fingerprint, KeyDerivation, Session, OPTIONS_STRING};
 use super::tls_crypt::{ControlKey, WrapState};
 use super::wrap::{ControlWrap, Opened, Unwrapped};
+use crate::access::client_networks;
 use vnf_core::clock::WallClock;
 
 pub use crate::dropped::Counters;
@@ -173,11 +174,19 @@ impl ClientRegistry {
 /// Reads the client registry afresh (a client added a moment ago is not in the cache yet).
 pub type RegistryReader = Box<dyn FnMut() -> Option<ClientRegistry> + Send>;
 
+/// Reads the clients' allow lists afresh, alongside the registry.
+pub type AllowanceReader = Box<dyn FnMut() -> Option<HashMap<String, Vec<Ipv4Net>>> + Send>;
+
 pub struct Server {
     config: EngineConfig,
     read_registry: Option<RegistryReader>,
+    read_allowances: Option<AllowanceReader>,
+    /// Connected clients still to be told to reconnect for new routes: when, where, who.
+    restarts: VecDeque<(Instant, Link, u32)>,
     routes: BTreeSet<Ipv4Net>,
     clients: ClientRegistry,
+    /// Certificate common name → the only networks the client may reach (`--allow`).
+    allowances: HashMap<String, Vec<Ipv4Net>>,
     sessions: HashMap<Link, Session>,
     /// Connected UDP sessions whose address another client took (a NAT gave it that port),
     /// by peer id: each comes back with its next authenticated data packet from its new
@@ -206,8 +215,11 @@ impl Server {
         Server {
             config,
             read_registry: None,
+            read_allowances: None,
+            restarts: VecDeque::new(),
             routes: BTreeSet::new(),
             clients: ClientRegistry::default(),
+            allowances: HashMap::new(),
             sessions: HashMap::new(),
             parked: HashMap::new(),
             v2_resets_seen: HashMap::new(),
@@ -233,6 +245,23 @@ impl Server {
         self.routes = routes;
     }
 
+    /// The clients' allow lists; a connected client whose list changed is told to reconnect,
+    /// so it pulls the routes the new list gives it.
+    fn set_allowances(&mut self, allowances: HashMap<String, Vec<Ipv4Net>>) {
+        let changed = |name: &str| allowances.get(name) != self.allowances.get(name);
+        for session in self.sessions.values_mut().filter(|s| s.is_active()) {
+            if session.name.as_deref().is_some_and(changed) {
+                session.send_text("RESTART,the networks this client may reach changed");
+            }
+        }
+        self.allowances = allowances;
+    }
+
+    /// Where the clients' allow lists come from.
+    pub fn set_allowance_reader(&mut self, reader: AllowanceReader) {
+        self.read_allowances = Some(reader);
+    }
+
     pub fn routes(&self) -> &BTreeSet<Ipv4Net> {
         &self.routes
     }
@@ -242,6 +271,9 @@ impl Server {
     pub fn refresh_clients(&mut self) {
         if let Some(clients) = self.read_registry.as_mut().and_then(|read| read()) {
             self.set_clients(clients);
+        }
+        if let Some(allowances) = self.read_allowances.as_mut().and_then(|read| read()) {
+            self.set_allowances(allowances);
         }
     }
 
@@ -635,7 +667,12 @@ impl Server {
             .compression
             .map_or(Framing::None, |(framing, _)| framing);
         let peer_id = session.peer_id;
-        for message in push_messages(&self.config, &self.routes, peer_id, &admission) {
+        let routes = client_networks(
+            self.allowances.get(&name).map(Vec::as_slice),
+            &self.routes,
+            self.config.redirect_gateway,
+        );
+        for message in push_messages(&self.config, &routes, peer_id, &admission) {
             session.send_text(&message);
         }
         if let Some(previous) = self.by_address.insert(address, from) {
@@ -847,6 +884,7 @@ impl Server {
 
     /// Resends, keepalives, renegotiation, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.send_due_restarts(now);
         let mut pings = Vec::new();
         for session in self.sessions.values_mut() {
             session.expire_lame_duck(now);
@@ -918,7 +956,44 @@ impl Server {
                     .values()
                     .map(|s| s.last_received + self.config.ping_restart),
             )
+            .chain(self.restarts.front().map(|&(at, ..)| at))
             .min()
+    }
+
+    /// Tells every connected client to reconnect, so it pulls the routes pushed now: one
+    /// after another over `spread`, in peer-id order, so a thousand clients do not come back
+    /// in the same second. A later call reschedules whoever has not been told yet.
+    pub fn restart_connected(&mut self, now: Instant, spread: Duration) {
+        let mut connected: Vec<(u32, Link)> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_active())
+            .map(|s| (s.peer_id, s.link))
+            .collect();
+        connected.sort_by_key(|&(peer_id, _)| peer_id);
+        let count = u32::try_from(connected.len()).unwrap_or(u32::MAX).max(1);
+        self.restarts = (0u32..)
+            .zip(connected)
+            .map(|(index, (peer_id, link))| (now + spread * index / count, link, peer_id))
+            .collect();
+    }
+
+    fn send_due_restarts(&mut self, now: Instant) {
+        while let Some(&(at, link, peer_id)) = self.restarts.front() {
+            if at > now {
+                break;
+            }
+            self.restarts.pop_front();
+            let session = self.sessions.get_mut(&link);
+            if let Some(session) = session.filter(|s| s.peer_id == peer_id && s.is_active()) {
+                session.send_text("RESTART,the networks behind the VPN changed");
+                tracing::info!(
+                    client = session.name.as_deref().unwrap_or_default(),
+                    %link,
+                    "told to reconnect for the new routes"
+                );
+            }
+        }
     }
 
     /// Tells every connected client to reconnect later (the server is going away).

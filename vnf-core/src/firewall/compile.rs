@@ -835,7 +835,7 @@ fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
     )
 }
 
-fn matches(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+pub fn matches(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match {
         left,
         right,
@@ -843,11 +843,11 @@ fn matches(left: Expression<'static>, right: Expression<'static>) -> Statement<'
     })
 }
 
-fn meta(key: MetaKey) -> Expression<'static> {
+pub fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
-fn ct(key: &str) -> Expression<'static> {
+pub fn ct(key: &str) -> Expression<'static> {
     Expression::Named(NamedExpression::CT(CT {
         key: key.to_string().into(),
         family: None,
@@ -855,7 +855,7 @@ fn ct(key: &str) -> Expression<'static> {
     }))
 }
 
-fn payload(protocol: &str, field: &str) -> Expression<'static> {
+pub fn payload(protocol: &str, field: &str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(
         PayloadField {
             protocol: protocol.to_string().into(),
@@ -864,7 +864,7 @@ fn payload(protocol: &str, field: &str) -> Expression<'static> {
     )))
 }
 
-fn string(text: &str) -> Expression<'static> {
+pub fn string(text: &str) -> Expression<'static> {
     Expression::String(text.to_string().into())
 }
 
