@@ -635,6 +635,7 @@ fn main() -> ExitCode {
                 }
                 pki.require_client(name)?;
                 pki.set_password(name, &read_password(name)?)?;
+                reload_running_server(&cli.state_dir).await;
                 println!("client {name}: password set; it is asked for when the server runs with --auth cert+password");
                 Ok(ExitCode::SUCCESS)
             }
