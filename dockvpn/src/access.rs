@@ -302,6 +302,18 @@ fn batch(access: &Access) -> Vec<NfObject<'static>> {
         base_chain("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
     ];
     let from_tun = || matches(meta(MetaKey::Iifname), string(&access.tun));
+    let established = || {
+        Statement::Match(Match {
+            left: ct("state"),
+            right: Expression::List(vec![string("established"), string("related")]),
+            op: Operator::IN,
+        })
+    };
+    // Replies (and their ICMP errors) to connections made towards a client pass.
+    batch.push(rule(
+        "forward",
+        vec![from_tun(), established(), Statement::Accept(None)],
+    ));
     if let Some(left) = &access.left {
         let to_left = || matches(meta(MetaKey::Oifname), string(left));
         batch.extend(reach_rules("forward", &[from_tun(), to_left()]));
@@ -321,15 +333,7 @@ fn batch(access: &Access) -> Vec<NfObject<'static>> {
     let ping = || matches(payload("icmp", "type"), string("echo-request"));
     batch.push(rule(
         "input",
-        vec![
-            from_tun(),
-            Statement::Match(Match {
-                left: ct("state"),
-                right: Expression::List(vec![string("established"), string("related")]),
-                op: Operator::IN,
-            }),
-            Statement::Accept(None),
-        ],
+        vec![from_tun(), established(), Statement::Accept(None)],
     ));
     batch.push(rule(
         "input",

@@ -476,7 +476,7 @@ enum ClientCommand {
     Passwd {
         name: String,
         /// Refused: a password on the command line shows in `ps` and the shell history
-        #[arg(hide = true)]
+        #[arg(hide = true, allow_hyphen_values = true)]
         password: Option<String>,
     },
 }
@@ -945,21 +945,20 @@ struct VpnObserver {
 }
 
 impl VpnObserver {
-    /// Tells the server and the access table the routes to push, when they changed.
+    /// Tells the server and the access table the routes to push, when they changed. The
+    /// server hears first: a failed nft apply must not keep clients on the old routes.
     fn publish_routes(&self) -> Result<()> {
         let mut pushed = self.static_routes.clone();
         pushed.extend(&self.learned_routes);
         if self.push_left_subnet {
             pushed.extend(self.left_subnet);
         }
-        self.access
-            .update(|access| access.pushed = pushed.clone())?;
         self.routes.send_if_modified(|current| {
             let changed = *current != pushed;
-            *current = pushed;
+            *current = pushed.clone();
             changed
         });
-        Ok(())
+        self.access.update(|access| access.pushed = pushed)
     }
 }
 

@@ -910,14 +910,25 @@ impl Pki {
             if client.revoked.is_some() {
                 continue;
             }
-            let certificate = self.current_certificate(client)?;
-            clients.insert(
-                client.name.clone(),
-                RegisteredClient {
-                    address: client.address,
-                    certificate: parse_fingerprint(&certificate.sha256)?,
-                },
-            );
+            // A client whose certificate cannot be read is left out alone (it cannot
+            // connect); the others, and their revocation, are unaffected.
+            let certificate = self
+                .current_certificate(client)
+                .and_then(|certificate| parse_fingerprint(&certificate.sha256));
+            match certificate {
+                Ok(certificate) => {
+                    clients.insert(
+                        client.name.clone(),
+                        RegisteredClient {
+                            address: client.address,
+                            certificate,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(client = %client.name, %error, "OpenVPN client left out")
+                }
+            }
         }
         let revoked = registry
             .revoked

@@ -906,9 +906,24 @@ fn push_reply_variants() {
     assert!(prf[0].ends_with(",protocol-flags cc-exit"), "{prf:?}");
     admission.keys.derivation = KeyDerivation::TlsEkm;
 
+    // A client limited to some networks is not told to send everything into the tunnel.
     config.redirect_gateway = true;
+    let limited = crate::access::client_networks(
+        Some(&["172.16.0.0/24".parse().unwrap()]),
+        &std::collections::BTreeSet::from(["172.16.0.0/16".parse().unwrap()]),
+        config.redirect_gateway,
+    );
+    let limited = push_messages(&config, &limited, 3, &admission).join(",");
+    assert!(
+        limited.contains(",route 172.16.0.0 255.255.255.0"),
+        "{limited}"
+    );
+    assert!(!limited.contains("redirect-gateway"), "{limited}");
+
+    // With redirect-gateway the client's networks hold the default route.
     let routes = (0..=255u8)
         .map(|i| Ipv4Net::new(Ipv4Addr::new(172, 16, i, 0), 24).unwrap())
+        .chain([Ipv4Net::default()])
         .collect();
     let messages = push_messages(&config, &routes, 3, &admission);
     assert!(messages.len() > 1);
@@ -1395,14 +1410,17 @@ fn a_client_whose_nat_port_goes_to_another_client_keeps_its_session_and_comes_ba
 
 /// Runs a client that the server refuses to the end; the reason the server gives.
 fn refusal(server: &mut Server, client: &mut TestClient) -> String {
-    let reason = session_end(server, client);
+    refusal_at(server, client, Instant::now())
+}
+
+fn refusal_at(server: &mut Server, client: &mut TestClient, now: Instant) -> String {
+    let reason = session_end(server, client, now);
     assert!(find(&client.plaintext, b"AUTH_FAILED").is_some());
     reason
 }
 
 /// Runs a client that gets no data channel until its session ends; the reason.
-fn session_end(server: &mut Server, client: &mut TestClient) -> String {
-    let now = Instant::now();
+fn session_end(server: &mut Server, client: &mut TestClient, now: Instant) -> String {
     let mut disconnected = None;
     for _ in 0..20 {
         for datagram in client.datagrams(now) {
@@ -1523,27 +1541,36 @@ fn with_cert_and_password_only_the_right_username_and_password_connect() {
         None,
         Some(("bob", "correct horse")),
     ];
+    // Attempts 3 s apart: after a wrong password the next guess waits PASSWORD_RETRY.
+    let start = Instant::now();
+    let at = |attempt: u64| start + Duration::from_secs(3 * attempt);
     for (count, credentials) in (1..).zip(refused) {
         let mut client = TestClient::new(&test.pki, "alice", "AES-256-GCM");
         client.credentials = credentials;
-        let reason = refusal(&mut server, &mut client);
+        let reason = refusal_at(&mut server, &mut client, at(count));
         assert!(
             reason.contains("wrong or missing username or password"),
             "{credentials:?}: {reason}"
         );
         assert_eq!(server.refusals.wrong_password, count);
     }
+    // Right after a wrong guess even the right password waits (no Argon2 run for it).
+    let mut hasty = TestClient::new(&test.pki, "alice", "AES-256-GCM");
+    hasty.credentials = Some(("alice", "correct horse"));
+    let reason = refusal_at(&mut server, &mut hasty, at(3) + Duration::from_millis(500));
+    assert!(reason.contains("try again later"), "{reason}");
+
     // A client without a password set is refused the same way.
     let mut bob = TestClient::new(&test.pki, "bob", "AES-256-GCM");
     bob.credentials = Some(("bob", ""));
-    let reason = refusal(&mut server, &mut bob);
+    let reason = refusal_at(&mut server, &mut bob, at(4));
     assert!(reason.contains("wrong or missing"), "{reason}");
 
     let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
     alice.credentials = Some(("alice", "correct horse"));
-    connect(&mut server, &mut alice, perfect, Instant::now());
+    connect(&mut server, &mut alice, perfect, at(5));
     assert_eq!(server.connected()[0].name, "alice");
-    assert_eq!(server.refusals.wrong_password, 4);
+    assert_eq!(server.refusals.wrong_password, 5);
 }
 
 #[test]
@@ -1568,7 +1595,7 @@ fn a_certificate_that_expired_a_minute_ago_is_refused_with_the_reason() {
     std::fs::write(test.pki.client_path("alice", "crt"), expired.pem()).unwrap();
 
     let mut alice = TestClient::new(&test.pki, "alice", "AES-256-GCM");
-    let reason = session_end(&mut server, &mut alice);
+    let reason = session_end(&mut server, &mut alice, Instant::now());
     assert!(reason.contains("expired"), "{reason}");
     assert_eq!(
         alice.tls_error,

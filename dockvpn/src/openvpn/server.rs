@@ -25,6 +25,9 @@ use super::wrap::{ControlWrap, Opened, Unwrapped};
 use crate::access::client_networks;
 use vnf_core::clock::WallClock;
 
+/// How long after a wrong password a client's next password is refused unchecked.
+const PASSWORD_RETRY: Duration = Duration::from_secs(2);
+
 pub use crate::dropped::Counters;
 use crate::password::{self, Auth};
 use crate::refusal::{Refusal, Refusals};
@@ -206,6 +209,8 @@ pub struct Server {
     clock: WallClock,
     /// Server session ids for clients that have not echoed one yet (no state per client).
     cookies: SessionCookies,
+    /// When each registered client last gave a wrong password (one guess per PASSWORD_RETRY).
+    password_failures: HashMap<String, Instant>,
     /// Clients already told that their profile should drop its compression option.
     warned_compression: BTreeSet<String>,
 }
@@ -232,6 +237,7 @@ impl Server {
             last_drop: None,
             clock: WallClock::now(),
             cookies: SessionCookies::new(Instant::now()),
+            password_failures: HashMap::new(),
             warned_compression: BTreeSet::new(),
         }
     }
@@ -623,13 +629,33 @@ impl Server {
         let (Some(name), Some(client)) = (session.name.clone(), session.client.as_ref()) else {
             return;
         };
+        let password_failures = &mut self.password_failures;
         let identified = self
             .clients
             .identify(&name, session.certificate)
             .and_then(|address| match self.config.auth {
                 Auth::Cert => Ok(address),
                 Auth::CertAndPassword => {
-                    check_password(&self.clients, &name, client).map(|()| address)
+                    // Each check costs an Argon2id run on the event loop: a holder of a valid
+                    // certificate gets one guess per PASSWORD_RETRY, not as many as it sends.
+                    if password_failures
+                        .get(&name)
+                        .is_some_and(|at| now.saturating_duration_since(*at) < PASSWORD_RETRY)
+                    {
+                        return Err((
+                            Refusal::WrongPassword,
+                            format!(
+                                "a wrong password less than {} s ago: try again later",
+                                PASSWORD_RETRY.as_secs()
+                            ),
+                        ));
+                    }
+                    let checked = check_password(&self.clients, &name, client);
+                    match &checked {
+                        Ok(()) => password_failures.remove(&name),
+                        Err(_) => password_failures.insert(name.clone(), now),
+                    };
+                    checked.map(|()| address)
                 }
             });
         let address = match identified {
@@ -1192,7 +1218,9 @@ pub fn push_messages(
     if let Some((_, stub)) = admission.compression {
         options.push(stub.to_owned());
     }
-    if config.redirect_gateway {
+    // The client's networks hold the default route when the server redirects the gateway and
+    // no allow list narrows it: a client limited to some networks keeps its own internet.
+    if routes.contains(&Ipv4Net::default()) {
         options.push("redirect-gateway def1".to_owned());
     }
     options.extend(
