@@ -5,6 +5,7 @@
 pub mod access;
 pub mod address_book;
 pub mod dropped;
+pub mod engine;
 pub mod fuzzing;
 pub mod openvpn;
 pub mod password;

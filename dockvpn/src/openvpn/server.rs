@@ -90,12 +90,7 @@ pub enum Event {
     },
 }
 
-#[derive(Debug)]
-pub enum Output {
-    Transmit { to: Link, datagram: Vec<u8> },
-    Tun(Vec<u8>),
-    Event(Event),
-}
+pub type Output = crate::engine::Output<Link, Event>;
 
 #[derive(Debug, Clone)]
 pub struct ClientStatus {

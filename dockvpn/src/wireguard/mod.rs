@@ -79,12 +79,7 @@ pub enum Event {
     },
 }
 
-#[derive(Debug)]
-pub enum Output {
-    Transmit { to: SocketAddr, datagram: Vec<u8> },
-    Tun(Vec<u8>),
-    Event(Event),
-}
+pub type Output = crate::engine::Output<SocketAddr, Event>;
 
 #[derive(Debug, Clone)]
 pub struct ClientStatus {
