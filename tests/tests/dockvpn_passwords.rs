@@ -100,6 +100,8 @@ fn with_cert_and_password_the_right_password_connects_and_a_wrong_one_gets_auth_
         status["vpn"]["refused"]["wrong_password"].as_u64() >= Some(1)
     });
 
+    // The server takes one password guess per 2 s per certificate: the next one waits.
+    std::thread::sleep(Duration::from_millis(2200));
     let right = AuthFile::new("right", "alice", "correct horse battery");
     let client = OpenvpnClient::start(
         &chain.right_host,
