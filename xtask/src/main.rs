@@ -58,7 +58,9 @@ fn main() {
             for bench in [
                 "chain-bench",
                 "firewall-bench",
+                "scrape-bench",
                 "dhcp-bench",
+                "route-change-bench",
                 "vpn-bench",
                 "docker-bench",
             ] {

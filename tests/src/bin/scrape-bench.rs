@@ -1,8 +1,8 @@
 //! The cost of Dockwall's `/metrics` with 10,000 rules, for BENCHMARKS.md (run with `cargo
 //! xtask bench`): `dockwall run --metrics-listen` in the SI, scraped over TCP from inside the
 //! SI's namespace as Prometheus would; each scrape reads every rule's nft counters. The RSS of
-//! `run` with no rules, after a restart that loads the 10,000, and after the scrapes; the time
-//! of the first scrape and the median of the following ones.
+//! `run` with no rules, after a restart that loads the 10,000, after the first scrape and after
+//! the last; the time of the first scrape and the median of the following ones.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -97,6 +97,7 @@ fn main() {
     let rss_with_rules = rss_kib(loaded.pid());
 
     let (bytes, first) = checked_scrape(&chain.si, &loaded);
+    let rss_after_first = rss_kib(loaded.pid());
     let mut times: Vec<f64> = (0..SCRAPES)
         .map(|_| checked_scrape(&chain.si, &loaded).1.as_secs_f64() * 1000.0)
         .collect();
@@ -111,11 +112,20 @@ fn main() {
         first.as_secs_f64() * 1000.0,
         bytes as f64 / 1024.0
     );
-    println!("| following scrapes, median of {SCRAPES} | {median_ms:.1} ms (spread {min:.1}–{max:.1}) |");
-    println!("| RSS of `dockwall run --metrics-listen`, no rules | {rss_without_rules} KiB |");
-    println!("| same after a restart that loads the {RULES} rules | {rss_with_rules} KiB (+{} KiB) |", rss_with_rules.saturating_sub(rss_without_rules));
     println!(
-        "| same after the {} scrapes | {rss_after_scrapes} KiB (+{} KiB over loaded) |",
+        "| following scrapes, median of {SCRAPES} | {median_ms:.1} ms (spread {min:.1}–{max:.1}) |"
+    );
+    println!("| RSS of `dockwall run --metrics-listen`, no rules | {rss_without_rules} KiB |");
+    println!(
+        "| same after a restart that loads the {RULES} rules | {rss_with_rules} KiB (+{} KiB) |",
+        rss_with_rules.saturating_sub(rss_without_rules)
+    );
+    println!(
+        "| same after the first scrape | {rss_after_first} KiB (+{} KiB over loaded) |",
+        rss_after_first.saturating_sub(rss_with_rules)
+    );
+    println!(
+        "| same after all {} scrapes | {rss_after_scrapes} KiB (+{} KiB over loaded) |",
         SCRAPES + 1,
         rss_after_scrapes.saturating_sub(rss_with_rules)
     );
