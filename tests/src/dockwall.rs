@@ -153,3 +153,23 @@ impl<'c> Dockwall<'c> {
         }
     }
 }
+
+/// A `dockwall apply` file of `count` distinct deny rules in two shapes, none matching the
+/// benchmark flows (TCP to port 5201 from 192.168.10.2): TCP from 10.x addresses to port 22,
+/// and UDP to 100.64.x.0/24.
+pub fn deny_rule_set_json(count: usize, default_policy: &str) -> String {
+    let rules: Vec<serde_json::Value> = (0..count)
+        .map(|i| {
+            let id = i + 1;
+            if i % 2 == 0 {
+                serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "tcp",
+                    "source": format!("10.{}.{}.{}/32", i >> 16 & 255, i >> 8 & 255, i & 255), "destination_port": "22"})
+            } else {
+                let j = i / 2;
+                serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "udp",
+                    "destination": format!("100.{}.{}.0/24", 64 + (j >> 8), j & 255)})
+            }
+        })
+        .collect();
+    serde_json::json!({"version": 1, "default_policy": default_policy, "rules": rules, "next_id": count + 1}).to_string()
+}

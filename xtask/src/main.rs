@@ -41,7 +41,7 @@ commands:
           the last line counts them: `tests: N passed, N failed`
   images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host); without
           registry access the base is bootstrapped with debootstrap
-  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 10 minutes)
+  bench   the benchmarks recorded in BENCHMARKS.md (release build, about 15 minutes)
   deps    only install the Debian packages
 
 All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
@@ -58,7 +58,9 @@ fn main() {
             for bench in [
                 "chain-bench",
                 "firewall-bench",
+                "scrape-bench",
                 "dhcp-bench",
+                "route-change-bench",
                 "vpn-bench",
                 "docker-bench",
             ] {

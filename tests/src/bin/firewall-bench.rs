@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::RIGHT_HOST;
-use docknfv_tests::dockwall::Dockwall;
+use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall};
 use docknfv_tests::measure::{iperf_gbps, median, min_max, round_order, rss_kib, IPERF_SECONDS};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
@@ -22,25 +22,6 @@ const RULES: usize = 10_000;
 const ROUNDS: usize = 7;
 const RULE_ADDS: usize = 20;
 const APPLIES: usize = 5;
-
-/// 10,000 distinct deny rules in two shapes, none matching the benchmark flow (TCP to port
-/// 5201 from 192.168.10.2): TCP from 10.x addresses to port 22, and UDP to 100.64.x.0/24.
-fn rule_set_json(default_policy: &str) -> String {
-    let rules: Vec<serde_json::Value> = (0..RULES)
-        .map(|i| {
-            let id = i + 1;
-            if i % 2 == 0 {
-                serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "tcp",
-                    "source": format!("10.{}.{}.{}/32", i >> 16 & 255, i >> 8 & 255, i & 255), "destination_port": "22"})
-            } else {
-                let j = i / 2;
-                serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "udp",
-                    "destination": format!("100.{}.{}.0/24", 64 + (j >> 8), j & 255)})
-            }
-        })
-        .collect();
-    serde_json::json!({"version": 1, "default_policy": default_policy, "rules": rules, "next_id": RULES + 1}).to_string()
-}
 
 fn iptables_restore_input() -> String {
     // As ufw builds it: established traffic first, then the rules one after another.
@@ -119,7 +100,7 @@ fn main() {
         .iter()
         .map(|policy| {
             let file = loaded.state.path().join(format!("10k-{policy}.json"));
-            std::fs::write(&file, rule_set_json(policy)).expect("write rule set");
+            std::fs::write(&file, deny_rule_set_json(RULES, policy)).expect("write rule set");
             file.to_str().expect("utf-8").to_string()
         })
         .collect();
