@@ -1,6 +1,7 @@
 //! Dockvpn's metrics, read at every scrape from what the VPN driver writes for `status`
-//! (`status.json`, rewritten every 2 s and on changes): clients per transport, handshake
-//! failures and drops by reason, renegotiations and bytes of the connected clients.
+//! (`status.json`, rewritten every 2 s and on changes): clients and completed handshakes per
+//! transport, handshake failures and drops by reason, renegotiations and bytes of the
+//! connected clients.
 
 use std::path::PathBuf;
 
@@ -75,11 +76,13 @@ impl Exporter for VpnExporter {
             Family::<TransportLabels, Gauge>::default(),
         );
         let handshaking = Gauge::<i64>::default();
+        let handshakes = Family::<TransportLabels, Counter>::default();
         for transport in TRANSPORTS {
             let labels = TransportLabels { transport };
             for family in [&connected, &renegotiations, &bytes_in, &bytes_out] {
                 family.get_or_create(&labels).set(0);
             }
+            handshakes.get_or_create(&labels).inc_by(0);
         }
         let failures = Family::<ReasonLabels, Counter>::default();
         // Every reason gets a series, 0 until counted.
@@ -92,6 +95,14 @@ impl Exporter for VpnExporter {
         if let Some(status) = &status {
             serving.set(1);
             handshaking.set(i64::try_from(status.handshaking).unwrap_or(i64::MAX));
+            for (transport, count) in [
+                ("openvpn", status.handshakes.openvpn),
+                ("wireguard", status.handshakes.wireguard),
+            ] {
+                handshakes
+                    .get_or_create(&TransportLabels { transport })
+                    .inc_by(count);
+            }
             for client in &status.clients {
                 let labels = TransportLabels {
                     transport: transport_label(&client.transport),
@@ -154,6 +165,11 @@ impl Exporter for VpnExporter {
             "handshaking",
             "OpenVPN sessions in their first handshake",
             handshaking,
+        );
+        dockvpn.register(
+            "handshakes",
+            "Handshakes completed per transport: connects and renegotiations (OpenVPN), connects and rekeys (WireGuard)",
+            handshakes,
         );
         dockvpn.register(
             "handshake_failures",

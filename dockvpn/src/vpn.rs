@@ -87,6 +87,9 @@ pub struct VpnStatus {
     /// Clients refused, by reason (a server from before counted none).
     #[serde(default)]
     pub refused: Refusals,
+    /// Handshakes completed since the server started (a server from before counted none).
+    #[serde(default)]
+    pub handshakes: Handshakes,
     /// How OpenVPN clients authenticate (so `client config` adds `auth-user-pass`).
     #[serde(default)]
     pub auth: Auth,
@@ -106,6 +109,14 @@ pub struct VpnStatus {
     /// count to rise).
     #[serde(default)]
     pub reloads: u64,
+}
+
+/// Completed handshakes per transport: OpenVPN connects and data-key renegotiations,
+/// WireGuard connects and rekeys. They only grow while the server runs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Handshakes {
+    pub openvpn: u64,
+    pub wireguard: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -709,6 +720,10 @@ fn write_status(config: &VpnConfig, driver: &Driver) {
         handshaking: driver.openvpn.handshaking(),
         dropped: driver.dropped(),
         refused: driver.openvpn.refusals,
+        handshakes: Handshakes {
+            openvpn: driver.openvpn.handshakes,
+            wireguard: driver.wireguard.as_ref().map_or(0, |w| w.handshakes),
+        },
         auth: config.engine.auth,
         updated_unix: clock.unix(now),
         tls_crypt: match config.engine.tls_crypt {

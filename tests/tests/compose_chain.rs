@@ -2,7 +2,8 @@
 //! Compose v2 when the plugin is there): the hosts reach each other through the Dockwall SI,
 //! a rule edited with `docker exec` takes effect, Dockvpn learns its option-121 route from
 //! the dnsmasq service, and a stock openvpn client and a wg-quick (wireguard-go) client on the
-//! right network reach the network behind the left host through it.
+//! right network reach the network behind the left host through it. The chain's Prometheus
+//! scrapes both SIs on the management network and sees the packets a deny rule dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,10 @@ const DOCKVPN_WIREGUARD: &str = "10.11.2.3:51820";
 /// dnsmasq.conf announces it via the left host, which answers on 192.168.77.1.
 const BEHIND_LEFT_HOST: &str = "192.168.77.1";
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+/// Prometheus scrapes every 5 s (compose/prometheus.yml): a few scrapes to see a change.
+const SCRAPED_WITHIN: Duration = Duration::from_secs(30);
+/// The query compose/README.md gives for Dockwall's per-rule drops.
+const DENY_RULE_DROPS: &str = r#"dockwall_rule_packets_total{action="deny"}"#;
 
 /// `docker ARGS`, panicking with its stderr unless it succeeds; its stdout.
 fn docker_cli(args: &[&str]) -> String {
@@ -113,6 +118,21 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     let dockvpn = chain.container("dockvpn");
     docker.wait_healthy(&dockwall, HEALTHY_WITHIN);
     docker.wait_healthy(&dockvpn, HEALTHY_WITHIN);
+    let prometheus = chain.container("prometheus");
+    docker.wait_healthy(&prometheus, HEALTHY_WITHIN);
+    wait_for_query(
+        docker,
+        &prometheus,
+        "up",
+        "both SIs scraped and up",
+        |result| {
+            ["dockwall", "dockvpn"].iter().all(|job| {
+                result
+                    .iter()
+                    .any(|series| series["metric"]["job"] == *job && sample_value(series) == 1.0)
+            })
+        },
+    );
     let left_host = chain.container("left-host");
     let right_host = chain.container("right-host");
 
@@ -127,6 +147,17 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     assert!(
         !docker.ping(&right_host, "10.11.1.10"),
         "ICMP crossed a deny rule"
+    );
+    wait_for_query(
+        docker,
+        &prometheus,
+        DENY_RULE_DROPS,
+        "the pings rule 1 dropped",
+        |result| {
+            result
+                .iter()
+                .any(|series| series["metric"]["rule_id"] == "1" && sample_value(series) >= 1.0)
+        },
     );
     docker.exec_ok(&dockwall, &["dockwall", "rule", "delete", "1"]);
     assert!(
@@ -229,6 +260,62 @@ fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() 
     ) {
         panic!("status never showed the WireGuard client: {error}");
     }
+}
+
+/// Prometheus's instant query API, asked from inside its container (busybox `wget`): the
+/// result's series (none while Prometheus does not answer yet).
+fn prometheus_query(
+    docker: &DockerClient,
+    prometheus: &str,
+    query: &str,
+) -> Vec<serde_json::Value> {
+    let encoded: String = query
+        .bytes()
+        .map(|byte| match byte.is_ascii_alphanumeric() || byte == b'_' {
+            true => char::from(byte).to_string(),
+            false => format!("%{byte:02X}"),
+        })
+        .collect();
+    let url = format!("http://127.0.0.1:9090/api/v1/query?query={encoded}");
+    let (code, answer) = docker.exec(prometheus, &["wget", "-q", "-O", "-", &url]);
+    if code != 0 {
+        return Vec::new();
+    }
+    serde_json::from_str::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|answer| answer["data"]["result"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Asks `query` until `ready` holds for its result, for up to `SCRAPED_WITHIN`.
+fn wait_for_query(
+    docker: &DockerClient,
+    prometheus: &str,
+    query: &str,
+    what: &str,
+    ready: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + SCRAPED_WITHIN;
+    loop {
+        let result = prometheus_query(docker, prometheus, query);
+        if ready(&result) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never showed {what} within {SCRAPED_WITHIN:?}; {query} gave {result:?}\nlog:\n{}",
+            docker.logs(prometheus)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The value of one series of an instant query ("NaN" when unparsable).
+fn sample_value(series: &serde_json::Value) -> f64 {
+    series["value"][1]
+        .as_str()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// `docker run` of a VPN client on the right network (replacing one of that name): the host

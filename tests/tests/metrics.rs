@@ -271,6 +271,11 @@ fn dockvpn_metrics_pass_promtool_count_a_connected_client_and_drops_of_garbage()
         Some(0.0),
         "{metrics}"
     );
+    assert_eq!(
+        sample(&metrics, r#"dockvpn_handshakes_total{transport="openvpn"}"#),
+        Some(1.0),
+        "alice's connect is one completed handshake\n{metrics}"
+    );
     promtool_check(&metrics);
     assert!(
         get(&chain.si, "/healthz").starts_with("HTTP/1.1 200"),
@@ -298,6 +303,34 @@ fn dockvpn_metrics_pass_promtool_count_a_connected_client_and_drops_of_garbage()
         dropped(m) >= before + 5.0
     });
     drop(client);
+}
+
+#[test]
+fn a_handshake_with_a_revoked_certificate_counts_as_revoked() {
+    let (chain, dockvpn) = vpn_chain(&["--metrics-listen", METRICS]);
+    let revoked = r#"dockvpn_handshake_failures_total{reason="revoked"}"#;
+    let metrics = get_until(&chain.si, "/metrics", "the failure series", |m| {
+        sample(m, revoked).is_some()
+    });
+    assert_eq!(sample(&metrics, revoked), Some(0.0), "{metrics}");
+
+    let profile = issue_profile(&chain.si, &dockvpn, "alice", None);
+    let output = dockvpn.cli(&chain.si, "dockvpn", &["client", "revoke", "alice"]);
+    assert!(output.status.success(), "{output:?}");
+    let client = OpenvpnClient::start(&chain.right_host, &profile, &[]);
+    client
+        .process
+        .wait_for_log("AUTH_FAILED", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\nclient:\n{}\nserver:\n{}", client.log(), dockvpn.log()));
+    let metrics = get_until(&chain.si, "/metrics", "a revoked handshake", |m| {
+        sample(m, revoked) >= Some(1.0)
+    });
+    assert_eq!(
+        sample(&metrics, r#"dockvpn_handshakes_total{transport="openvpn"}"#),
+        Some(0.0),
+        "a refused handshake is no completed one\n{metrics}"
+    );
+    promtool_check(&metrics);
 }
 
 #[test]

@@ -25,6 +25,7 @@ const IMAGES: &[(&str, bool)] = &[
     ("dockvpn", true),
     ("dnsmasq", false),
     ("host", false),
+    ("prometheus", false),
 ];
 
 pub(crate) fn workspace() -> PathBuf {

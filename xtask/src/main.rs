@@ -39,8 +39,8 @@ commands:
           Docker end-to-end: starts dockerd when none runs and builds the images first);
           every suite runs even after a failure, one line each (passed, failed, not run),
           the last line counts them: `tests: N passed, N failed`
-  images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host); without
-          registry access the base is bootstrapped with debootstrap
+  images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host, prometheus);
+          without registry access the base is bootstrapped with debootstrap
   bench   the benchmarks recorded in BENCHMARKS.md (release build, about 15 minutes)
   deps    only install the Debian packages
 

@@ -1035,6 +1035,7 @@ fn a_client_renegotiation_moves_both_directions_to_the_new_key_and_retires_the_o
     assert_eq!(connected_clients.len(), 1, "one session all along");
     assert_eq!(connected_clients[0].address, address);
     assert_eq!(connected_clients[0].renegotiations, 8);
+    assert_eq!(server.handshakes, 9, "the connect and eight renegotiations");
 }
 
 #[test]

@@ -199,6 +199,8 @@ pub struct Server {
     pub counters: Counters,
     /// Refused clients, by reason.
     pub refusals: Refusals,
+    /// Handshakes completed since the server started: connects and data-key renegotiations.
+    pub handshakes: u64,
     pub last_drop: Option<String>,
     /// For tls-crypt's time field.
     clock: WallClock,
@@ -229,6 +231,7 @@ impl Server {
             outputs: VecDeque::new(),
             counters: Counters::default(),
             refusals: Refusals::default(),
+            handshakes: 0,
             last_drop: None,
             clock: WallClock::now(),
             cookies: SessionCookies::new(Instant::now()),
@@ -510,7 +513,9 @@ impl Server {
                 return;
             }
         }
+        let renegotiated = session.renegotiations;
         let requests = session.on_control(packet, now);
+        self.handshakes += session.renegotiations - renegotiated;
         if requests.over_budget {
             let why = format!("from {from}: control message past the reassembly budget");
             self.drop_input(|c| &mut c.reassembly_over_budget, why);
@@ -705,6 +710,7 @@ impl Server {
         }
         let reconnected = format!("{name} connected again from {from}");
         self.end_parked(|s| s.address == Some(address), &reconnected);
+        self.handshakes += 1;
         self.outputs.push_back(Output::Event(Event::Connected {
             name,
             address,
@@ -724,7 +730,10 @@ impl Server {
             let why = format!("from {from}: data before the session is up");
             return self.drop_input(|c| &mut c.unknown_session, why);
         };
-        let plaintext = match session.open(key_id, datagram) {
+        let renegotiated = session.renegotiations;
+        let opened = session.open(key_id, datagram);
+        self.handshakes += session.renegotiations - renegotiated;
+        let plaintext = match opened {
             Ok(Unframed::Plain(plaintext)) => plaintext,
             Ok(Unframed::Compressed(byte)) => {
                 let why = format!("from {from}: compressed data (framing byte {byte:#04x}); the client must drop comp-lzo/compress from its profile");
@@ -908,7 +917,9 @@ impl Server {
         self.send_due_restarts(now);
         let mut pings = Vec::new();
         for session in self.sessions.values_mut() {
+            let renegotiated = session.renegotiations;
             session.expire_lame_duck(now);
+            self.handshakes += session.renegotiations - renegotiated;
             if session.connected_at.is_none()
                 && now >= session.created + self.config.handshake_window
             {

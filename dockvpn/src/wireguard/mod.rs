@@ -139,6 +139,8 @@ pub struct WireguardServer {
     /// boringtun writes its results here.
     scratch: Vec<u8>,
     pub counters: Counters,
+    /// Handshakes completed since the server started: connects and rekeys.
+    pub handshakes: u64,
     pub last_drop: Option<String>,
 }
 
@@ -156,6 +158,7 @@ impl WireguardServer {
             outputs: VecDeque::new(),
             scratch: vec![0; BUFFER],
             counters: Counters::default(),
+            handshakes: 0,
             last_drop: None,
         }
     }
@@ -373,6 +376,7 @@ impl WireguardServer {
         peer.endpoint = Some(from);
         if let Some(answered) = peer.handshake_answered.take() {
             peer.latest_handshake = Some(answered);
+            self.handshakes += 1;
             if peer.connected_at.is_some() {
                 peer.rekeys += 1;
             } else {

@@ -2,7 +2,7 @@
 //! WireGuard peer runs, driven in memory (the end-to-end tests use wireguard-go).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -196,6 +196,35 @@ fn a_registered_client_handshakes_and_traffic_flows_both_ways() {
     );
     assert_eq!((status[0].bytes_in, status[0].bytes_out), (120, 1400));
     assert_eq!(server.counters.total(), 0, "{}", server.counters);
+}
+
+#[test]
+fn a_rekey_counts_as_a_handshake_and_the_total_outlives_the_client() {
+    let mut server = WireguardServer::new(key(), Instant::now());
+    let mut alice = client(&server, "alice", ALICE, 40000);
+    server.set_peers(vec![alice.config.clone()]);
+    let now = Instant::now();
+    connect(&mut server, &mut alice, now);
+    assert_eq!(server.handshakes, 1);
+
+    let later = now + Duration::from_secs(1);
+    server.handle_datagram(later, alice.from, &initiation(&mut alice));
+    let (_, response) = only(transmitted(&outputs(&mut server)), "rekey response");
+    let (replies, _) = client_receives(&mut alice, &response);
+    for reply in replies {
+        server.handle_datagram(later, alice.from, &reply);
+    }
+    assert!(
+        events(&outputs(&mut server)).is_empty(),
+        "a rekey is no new connect"
+    );
+    assert_eq!(server.connected()[0].rekeys, 1);
+    assert_eq!(server.handshakes, 2);
+
+    // A counter: the client leaving takes nothing off the total.
+    server.set_peers(Vec::new());
+    assert!(server.connected().is_empty());
+    assert_eq!(server.handshakes, 2);
 }
 
 #[test]
