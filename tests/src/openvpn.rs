@@ -83,17 +83,32 @@ pub const LEARNED_NETWORK: &str = "172.16.5.0/24";
 /// which Dockvpn does not push), the right side's direct path to the left removed, and
 /// `dockvpn run --dhcp left` serving the learned routes.
 pub fn learned_routes_chain() -> (Chain, Dnsmasq, Vnf) {
+    learned_routes_chain_with(&format!(
+        "{LEFT_HOST_NET},10.0.1.1,{LEARNED_NETWORK},10.0.1.1,0.0.0.0/0,10.0.1.1"
+    ))
+}
+
+/// dnsmasq's options for the left side: option 121 with `routes` ("NET,GATEWAY,…") and the
+/// left gateway as router.
+pub fn left_dhcp_options(routes: &str) -> Vec<String> {
+    vec![
+        format!("option:classless-static-route,{routes}"),
+        "option:router,10.0.1.1".to_owned(),
+    ]
+}
+
+/// `learned_routes_chain` with other option-121 routes (they must include LEFT_HOST_NET);
+/// the lease is two minutes, dnsmasq's least, so a `reload` reaches Dockvpn at the renewal.
+pub fn learned_routes_chain_with(routes: &str) -> (Chain, Dnsmasq, Vnf) {
     let chain = Chain::new();
     chain.si.ip(&["addr", "flush", "dev", "eth0"]);
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let options = left_dhcp_options(routes);
     let dnsmasq = Dnsmasq::start(
         &chain.left_gateway,
         "wan",
         "10.0.1.50,10.0.1.99,255.255.255.0,2m",
-        &[
-            &format!("option:classless-static-route,{LEFT_HOST_NET},10.0.1.1,{LEARNED_NETWORK},10.0.1.1,0.0.0.0/0,10.0.1.1"),
-            "option:router,10.0.1.1",
-        ],
+        &options.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let dockvpn = Vnf::start(
         &chain.si,

@@ -7,10 +7,11 @@
 use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_GATEWAY, LEFT_HOST, LEFT_HOST_NET, RIGHT_GATEWAY};
-use docknfv_tests::dnsmasq::Dnsmasq;
-use docknfv_tests::openvpn::{issue_profile, text, vpn_chain, OpenvpnClient};
+use docknfv_tests::openvpn::{
+    issue_profile, learned_routes_chain_with, left_dhcp_options, text, vpn_chain, OpenvpnClient,
+};
 use docknfv_tests::traffic::{ping, ping_eventually};
-use docknfv_tests::{Chain, Netns, Vnf};
+use docknfv_tests::{Netns, Vnf};
 
 /// Echo requests a positive check may use (debug build, shared machine).
 const PING_ATTEMPTS: u32 = 5;
@@ -222,31 +223,7 @@ fn an_allow_list_outside_every_pushed_network_warns_and_a_bad_cidr_changes_nothi
 
 #[test]
 fn a_dhcp_route_change_makes_a_connected_client_reconnect_with_the_new_routes() {
-    let chain = Chain::new();
-    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let options = |routes: &str| {
-        vec![
-            format!("option:classless-static-route,{routes}"),
-            "option:router,10.0.1.1".to_owned(),
-        ]
-    };
-    let first = options("192.168.10.0/24,10.0.1.1");
-    let dnsmasq = Dnsmasq::start(
-        &chain.left_gateway,
-        "wan",
-        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
-        &first.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &["run", "--dhcp", "left", "--side-timeout", "30"],
-    );
-    dockvpn.wait_ready();
-    dockvpn
-        .wait_for_log("VPN server listening", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (chain, dnsmasq, dockvpn) = learned_routes_chain_with("192.168.10.0/24,10.0.1.1");
     let client = connect(
         &chain.right_host,
         &dockvpn,
@@ -256,7 +233,7 @@ fn a_dhcp_route_change_makes_a_connected_client_reconnect_with_the_new_routes() 
     assert!(before.contains(&LEFT_HOST_NET.to_owned()), "{before:?}");
     assert!(!before.contains(&"172.16.5.0/24".to_owned()), "{before:?}");
 
-    let changed = options("192.168.10.0/24,10.0.1.1,172.16.5.0/24,10.0.1.1");
+    let changed = left_dhcp_options("192.168.10.0/24,10.0.1.1,172.16.5.0/24,10.0.1.1");
     dnsmasq.reload(&changed.iter().map(String::as_str).collect::<Vec<_>>());
     // The lease is two minutes (dnsmasq's least): the renewal that brings the new option
     // comes after about 60 s; the client then has its reconnect spread over 5 s.

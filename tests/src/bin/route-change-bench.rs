@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::LEFT_HOST_NET;
-use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::measure::median;
-use docknfv_tests::openvpn::{issue_profile, OpenvpnClient, LEARNED_NETWORK};
-use docknfv_tests::{Chain, Netns, Vnf};
+use docknfv_tests::openvpn::{
+    issue_profile, learned_routes_chain_with, left_dhcp_options, OpenvpnClient, LEARNED_NETWORK,
+};
+use docknfv_tests::Netns;
 
 const CLIENTS: usize = 50;
 /// The lease is two minutes (dnsmasq's least): the renewal that brings the new option comes
@@ -50,35 +51,10 @@ fn clients_routing(ns: &Netns, network: &str) -> Vec<usize> {
         .collect()
 }
 
-fn dhcp_options(routes: &str) -> Vec<String> {
-    vec![
-        format!("option:classless-static-route,{routes}"),
-        "option:router,10.0.1.1".to_owned(),
-    ]
-}
-
 fn main() {
     // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
     unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
-    let chain = Chain::new();
-    chain.si.ip(&["addr", "flush", "dev", "eth0"]);
-    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let first = dhcp_options(&format!("{LEFT_HOST_NET},10.0.1.1"));
-    let dnsmasq = Dnsmasq::start(
-        &chain.left_gateway,
-        "wan",
-        "10.0.1.50,10.0.1.99,255.255.255.0,2m",
-        &first.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let dockvpn = Vnf::start(
-        &chain.si,
-        "dockvpn",
-        &["run", "--dhcp", "left", "--side-timeout", "30"],
-    );
-    dockvpn.wait_ready();
-    dockvpn
-        .wait_for_log("VPN server listening", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (chain, dnsmasq, dockvpn) = learned_routes_chain_with(&format!("{LEFT_HOST_NET},10.0.1.1"));
 
     let clients: Vec<OpenvpnClient> = (0..CLIENTS)
         .map(|c| {
@@ -109,7 +85,7 @@ fn main() {
     }
     assert!(clients_routing(&chain.right_host, LEARNED_NETWORK).is_empty());
 
-    let changed = dhcp_options(&format!(
+    let changed = left_dhcp_options(&format!(
         "{LEFT_HOST_NET},10.0.1.1,{LEARNED_NETWORK},10.0.1.1"
     ));
     dnsmasq.reload(&changed.iter().map(String::as_str).collect::<Vec<_>>());
