@@ -494,3 +494,312 @@ fn from_model(rule: &Rule, ip_version: u8) -> FirewallRule {
         ..FirewallRule::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: [(&str, &str); 3] = [
+        (
+            "firewall-group.json",
+            include_str!("../../../tests/fixtures/fwaas/firewall-group.json"),
+        ),
+        (
+            "firewall-policies.json",
+            include_str!("../../../tests/fixtures/fwaas/firewall-policies.json"),
+        ),
+        (
+            "firewall-rules.json",
+            include_str!("../../../tests/fixtures/fwaas/firewall-rules.json"),
+        ),
+    ];
+
+    fn sources(texts: &[(&str, &str)]) -> Vec<(String, String)> {
+        texts
+            .iter()
+            .map(|(name, text)| (name.to_string(), text.to_string()))
+            .collect()
+    }
+
+    fn imported(texts: &[(&str, &str)]) -> Result<RuleSet> {
+        let mut set = RuleSet::default();
+        import(&mut set, &sources(texts), PolicyRole::Ingress)?;
+        Ok(set)
+    }
+
+    fn error_of(texts: &[(&str, &str)]) -> String {
+        imported(texts).unwrap_err().to_string()
+    }
+
+    /// A lone policy holding one rule with `fields` added to a valid rule.
+    fn one_rule(fields: &str) -> String {
+        format!(
+            r#"{{"firewall_policy": {{"id": "p", "firewall_rules": ["a"]}}}}
+               {{"firewall_rules": [{{"id": "z", "action": "deny"}},
+                 {{"id": "a", "action": "allow", "protocol": "tcp"{fields}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn api_response_bodies_import_in_policy_order_with_neutron_defaults() {
+        let set = imported(&FIXTURES).unwrap();
+        let names: Vec<_> = set
+            .rules
+            .iter()
+            .map(|r| r.name.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "allow-http",
+                "reject-alt-http",
+                "ssh-off",
+                "no-udp-5301",
+                "allow-ipv4-out"
+            ]
+        );
+        assert!(set.rules[..3]
+            .iter()
+            .all(|r| r.direction == Direction::RightToLeft));
+        assert!(set.rules[3..]
+            .iter()
+            .all(|r| r.direction == Direction::LeftToRight));
+        assert_eq!(set.rules[1].action, Action::Reject);
+        assert_eq!(
+            set.rules[1].destination_port,
+            Some(PortRange {
+                first: 8000,
+                last: 8080
+            })
+        );
+        assert!(!set.rules[2].enabled);
+        assert_eq!(set.rules[2].comment.as_deref(), Some("ssh, switched off"));
+        assert_eq!(set.rules[1].comment, None, "an empty description is none");
+        assert_eq!(set.rules[4].protocol, Protocol::Any);
+        assert_eq!(set.rules[4].ip_version, Some(4));
+        // Both directions have a policy: both end in FWaaS's implicit deny.
+        assert_eq!(set.policy_for(Direction::LeftToRight), Policy::Drop);
+        assert_eq!(set.policy_for(Direction::RightToLeft), Policy::Drop);
+        set.validate().unwrap();
+    }
+
+    #[test]
+    fn one_file_of_concatenated_documents_and_the_combined_document_both_import() {
+        let concatenated: String = FIXTURES.iter().map(|(_, text)| *text).collect();
+        let from_one = imported(&[("all.json", &concatenated)]).unwrap();
+        assert_eq!(from_one, imported(&FIXTURES).unwrap());
+
+        let combined = r#"{
+          "firewall_group": {"name": "web", "ingress_firewall_policy_id": "p-in"},
+          "firewall_policies": [{"id": "p-in", "firewall_rules": ["r-web"]}],
+          "firewall_rules": [{"id": "r-web", "protocol": "tcp", "destination_port": "80", "action": "allow"}]
+        }"#;
+        let set = imported(&[("combined.json", combined)]).unwrap();
+        assert_eq!(set.rules.len(), 1);
+        assert_eq!(set.policy_for(Direction::RightToLeft), Policy::Drop);
+        assert_eq!(
+            set.policy_for(Direction::LeftToRight),
+            Policy::Accept,
+            "no egress policy: left → right stays open"
+        );
+    }
+
+    #[test]
+    fn a_lone_policy_filters_the_direction_asked_for() {
+        let mut set = RuleSet::default();
+        import(
+            &mut set,
+            &sources(&[("p", &one_rule(""))]),
+            PolicyRole::Egress,
+        )
+        .unwrap();
+        assert_eq!(set.rules[0].direction, Direction::LeftToRight);
+        assert_eq!(set.policy_for(Direction::LeftToRight), Policy::Drop);
+        assert_eq!(set.policy_for(Direction::RightToLeft), Policy::Accept);
+    }
+
+    #[test]
+    fn older_releases_field_forms_are_accepted() {
+        // `public` before the rename to `shared`, one policy id instead of a list, position.
+        let text = one_rule(r#", "public": true, "firewall_policy_id": "p", "position": 1"#);
+        imported(&[("old", &text)]).unwrap();
+        let text = one_rule(r#", "firewall_policy_id": null, "source_firewall_group_id": null"#);
+        imported(&[("nulls", &text)]).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_source_the_json_path_the_resource_and_its_id() {
+        let cases = [
+            (
+                one_rule(r#", "colour": "red""#),
+                r#"p, document 2, firewall_rules[1].colour: firewall_rule "a": unknown field `colour`"#,
+            ),
+            (
+                one_rule(r#", "destination_port": "0""#),
+                r#"p, document 2, firewall_rules[1].destination_port: firewall_rule "a": invalid port "0""#,
+            ),
+            (
+                one_rule(r#", "destination_port": "90:80""#),
+                "firewall_rules[1].destination_port",
+            ),
+            (
+                one_rule(r#", "destination_port": 80"#),
+                "firewall_rules[1].destination_port: firewall_rule \"a\": invalid type: integer",
+            ),
+            (
+                one_rule(r#", "source_firewall_group_id": "g1""#),
+                r#"firewall_rules[1].source_firewall_group_id: firewall_rule "a": "g1": remote firewall groups are not supported"#,
+            ),
+            (
+                one_rule(r#", "destination_firewall_group_id": "g2""#),
+                "remote firewall groups are not supported",
+            ),
+            (
+                one_rule(r#", "action": "permit""#),
+                r#"firewall_rules[1].action: firewall_rule "a": "permit": use allow, deny or reject"#,
+            ),
+            (
+                one_rule(r#", "source_ip_address": "fd00::1""#),
+                "firewall_rules[1].source_ip_address: firewall_rule \"a\": \"fd00::1\" is IPv6 but the rule says ip_version 4",
+            ),
+            (one_rule(r#", "ip_version": 5"#), "ip_version: firewall_rule \"a\": 5: use 4 or 6"),
+            (
+                r#"{"firewall_policy": {"id": "p", "firewall_rules": ["b"]}, "firewall_rules": []}"#.into(),
+                r#"firewall_policy.firewall_rules[0]: firewall_policy "p": rule "b" is not among the documents"#,
+            ),
+            (
+                r#"{"firewall_group": {"id": "g", "egress_firewall_policy_id": "q"}}"#.into(),
+                r#"firewall_group.egress_firewall_policy_id: firewall_group "g": no firewall_policy "q""#,
+            ),
+            (
+                r#"{"firewall_group": {"id": "g", "colour": 1}}"#.into(),
+                r#"firewall_group.colour: firewall_group "g": unknown field"#,
+            ),
+            (
+                r#"{"firewall_policies": [{"id": "p", "colour": 1}]}"#.into(),
+                r#"firewall_policies[0].colour: firewall_policy "p": unknown field"#,
+            ),
+            (r#"{"firewall_rules": []}"#.into(), "no firewall_group and no firewall_policy"),
+            (r#"{"firewall_rules": [}"#.into(), "not JSON"),
+            (String::new(), "empty"),
+            (r#"{"firewall_groups": []}"#.into(), "unknown field `firewall_groups`"),
+        ];
+        for (text, needle) in cases {
+            let error = error_of(&[("p", &text)]);
+            assert!(error.contains(needle), "{text}\n→ {error}\nwants {needle}");
+        }
+    }
+
+    #[test]
+    fn the_same_id_twice_is_one_resource_unless_they_differ() {
+        let rule = r#"{"firewall_rule": {"id": "a", "action": "allow"}}"#;
+        let policy = r#"{"firewall_policy": {"id": "p", "firewall_rules": ["a"]}}"#;
+        let set = imported(&[("1", policy), ("2", rule), ("3", rule)]).unwrap();
+        assert_eq!(set.rules.len(), 1);
+        let other = r#"{"firewall_rule": {"id": "a", "action": "deny"}}"#;
+        let error = error_of(&[("1", policy), ("2", rule), ("3", other)]);
+        assert!(
+            error.contains("differs from the firewall_rule with this id at 2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_administratively_down_group_drops_everything() {
+        let mut texts = FIXTURES.to_vec();
+        let down = FIXTURES[0]
+            .1
+            .replace(r#""admin_state_up": true"#, r#""admin_state_up": false"#);
+        texts[0] = ("down.json", &down);
+        let set = imported(&texts).unwrap();
+        assert!(set.rules.is_empty());
+        assert_eq!(set.policy_for(Direction::LeftToRight), Policy::Drop);
+        assert_eq!(set.policy_for(Direction::RightToLeft), Policy::Drop);
+    }
+
+    fn round_trip(set: &RuleSet) -> RuleSet {
+        let (documents, skipped) = export(set);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let text: String = documents
+            .iter()
+            .map(|d| serde_json::to_string_pretty(d).unwrap() + "\n")
+            .collect();
+        let mut again = RuleSet::default();
+        import(
+            &mut again,
+            &sources(&[("export", &text)]),
+            PolicyRole::Ingress,
+        )
+        .unwrap();
+        again
+    }
+
+    fn without_ids(set: &RuleSet) -> RuleSet {
+        let mut set = set.clone();
+        set.rules.iter_mut().for_each(|r| r.id = 0);
+        set.next_id = 0;
+        set
+    }
+
+    #[test]
+    fn export_then_import_gives_the_same_rules() {
+        let set = imported(&FIXTURES).unwrap();
+        let again = round_trip(&set);
+        assert_eq!(without_ids(&again), without_ids(&set));
+        assert_eq!(export(&again).0, export(&set).0, "and the same export");
+    }
+
+    #[test]
+    fn rules_fwaas_words_differently_keep_their_meaning() {
+        // A both-directions rule bound to no IP version, under default accept: in FWaaS
+        // an IPv4 and an IPv6 rule in each policy, each policy ending in allow-all.
+        let mut set = RuleSet::default();
+        let id = set.allocate_id();
+        set.rules.push(Rule {
+            id,
+            name: None,
+            action: Action::Deny,
+            rate: None,
+            direction: Direction::Both,
+            protocol: Protocol::Tcp,
+            ip_version: None,
+            source: None,
+            destination: None,
+            source_port: None,
+            destination_port: Some(PortRange::single(25)),
+            enabled: true,
+            log: false,
+            comment: None,
+            external_id: None,
+        });
+        let (documents, _) = export(&set);
+        let rules = documents[2].firewall_rules.as_ref().unwrap();
+        let ids: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "dockwall-rule-1-ipv4",
+                "dockwall-rule-1-ipv6",
+                "dockwall-ingress-accept-ipv4",
+                "dockwall-ingress-accept-ipv6",
+                "dockwall-egress-accept-ipv4",
+                "dockwall-egress-accept-ipv6"
+            ]
+        );
+        assert_eq!(
+            rules[0].firewall_policy_id,
+            ["dockwall-ingress", "dockwall-egress"],
+            "one FWaaS rule in both policies"
+        );
+        let again = round_trip(&set);
+        assert_eq!(again.rules.len(), 8);
+        assert_eq!(again.rules[0].destination_port, Some(PortRange::single(25)));
+        assert_eq!(round_trip(&again).rules.len(), 8, "stable from then on");
+
+        // Default accept and no rules: no policy at all.
+        let (documents, _) = export(&RuleSet::default());
+        let group = documents[0].firewall_group.as_ref().unwrap();
+        assert_eq!(group.ingress_firewall_policy_id, None);
+        assert_eq!(group.egress_firewall_policy_id, None);
+    }
+}
