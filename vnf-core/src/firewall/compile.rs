@@ -1067,6 +1067,51 @@ mod tests {
     }
 
     #[test]
+    fn a_direction_overriding_the_default_ends_its_chain_in_that_verdict() {
+        let mut set = RuleSet::default();
+        set.right_to_left_policy = Some(Policy::Drop);
+        set.left_to_right_policy = Some(Policy::Accept);
+        let compiled = compile_with_both_sides(&set);
+        let from_right = &chain(&compiled, CHAIN_FROM_RIGHT).rules;
+        assert_eq!(from_right.len(), 1);
+        assert_eq!(
+            from_right[0].comment.as_deref(),
+            Some("default right-to-left")
+        );
+        assert!(matches!(
+            from_right[0].expr.last(),
+            Some(Statement::Drop(_))
+        ));
+        assert!(
+            chain(&compiled, CHAIN_FROM_LEFT).rules.is_empty(),
+            "the same as the forward chain's policy: nothing to add"
+        );
+    }
+
+    #[test]
+    fn ip_version_without_addresses_matches_nfproto() {
+        let mut set = RuleSet::default();
+        deny_tcp_from(&mut set, "10.0.0.0/8", 22);
+        set.rules[0].source = None;
+        set.rules[0].ip_version = Some(6);
+        let compiled = compile_with_both_sides(&set);
+        let rule = &chain(&compiled, CHAIN_FROM_LEFT).rules[0];
+        assert_eq!(
+            rule.expr[0],
+            matches(meta(MetaKey::Nfproto), string("ipv6"))
+        );
+        set.rules[0].source = Some("fd00::/8".parse().unwrap());
+        let compiled = compile_with_both_sides(&set);
+        let rule = &chain(&compiled, CHAIN_FROM_LEFT).rules[0];
+        assert!(
+            !rule
+                .expr
+                .contains(&matches(meta(MetaKey::Nfproto), string("ipv6"))),
+            "the address match implies the version"
+        );
+    }
+
+    #[test]
     fn appending_a_rule_of_the_same_shape_is_an_element_add() {
         let mut set = RuleSet::default();
         deny_tcp_from(&mut set, "10.9.0.1/32", 22);

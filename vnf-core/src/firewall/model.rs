@@ -719,6 +719,18 @@ mod tests {
                 "needs a rate",
             ),
             (
+                r#"{"id":1,"action":"deny","direction":"both","ip_version":6,"source":"10.0.0.0/8"}"#,
+                "the addresses are IPv4",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","ip_version":5}"#,
+                "use 4 or 6",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","ip_version":6,"protocol":"icmp"}"#,
+                "use icmpv6",
+            ),
+            (
                 r#"{"id":1,"action":"deny","direction":"sideways"}"#,
                 "unknown variant `sideways`",
             ),
