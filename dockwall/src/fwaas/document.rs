@@ -193,9 +193,9 @@ pub struct Gathered {
 impl Gathered {
     /// Parses every document of `text` (concatenated JSON values) from `source`.
     pub fn read(&mut self, source: &str, text: &str) -> Result<()> {
-        let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
         let mut count = 0;
-        while let Some(value) = stream.next() {
+        for value in stream {
             count += 1;
             let value = value.map_err(|e| {
                 Error::Vnf(format!("invalid FWaaS document {source}: not JSON: {e}"))

@@ -1068,9 +1068,11 @@ mod tests {
 
     #[test]
     fn a_direction_overriding_the_default_ends_its_chain_in_that_verdict() {
-        let mut set = RuleSet::default();
-        set.right_to_left_policy = Some(Policy::Drop);
-        set.left_to_right_policy = Some(Policy::Accept);
+        let set = RuleSet {
+            right_to_left_policy: Some(Policy::Drop),
+            left_to_right_policy: Some(Policy::Accept),
+            ..RuleSet::default()
+        };
         let compiled = compile_with_both_sides(&set);
         let from_right = &chain(&compiled, CHAIN_FROM_RIGHT).rules;
         assert_eq!(from_right.len(), 1);
