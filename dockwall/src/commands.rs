@@ -1,6 +1,7 @@
 //! What each subcommand does. Edits go through `vnf_core::firewall::edit`: one locked
 //! load → change → validate → apply → save, so a failed apply changes nothing anywhere.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -114,8 +115,19 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             for reason in skipped {
                 eprintln!("dockwall: not exported: {reason}");
             }
+            let mut out = std::io::stdout().lock();
             for document in &documents {
-                println!("{}", to_json(document)?);
+                match writeln!(out, "{}", to_json(document)?) {
+                    // The reader has what it wanted (`| head`): not an error.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(source) => {
+                        return Err(Error::Io {
+                            context: "write the FWaaS export".into(),
+                            source,
+                        })
+                    }
+                    Ok(()) => {}
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -404,7 +416,7 @@ fn new_rule(set: &mut RuleSet, spec: RuleSpec, position: usize) -> Result<Rule> 
         rate: spec.rate,
         direction: spec.direction,
         protocol: spec.protocol.unwrap_or(Protocol::Any),
-        ip_version: None,
+        ip_version: spec.ip_version,
         source: spec.source,
         destination: spec.destination,
         source_port: spec.source_port,

@@ -113,6 +113,7 @@ pub enum Command {
     /// What happens to forwarded traffic that no rule decides: in both directions, or with
     /// --direction in one (it then overrides the other setting for that direction)
     Default {
+        /// allow (or accept) or deny (or drop)
         #[arg(value_enum)]
         policy: DefaultPolicy,
         /// Only this direction; without it both directions get POLICY and lose overrides
@@ -131,6 +132,7 @@ pub enum Command {
     /// policy left → right. As in Neutron, a direction with a policy ends in an implicit deny
     /// and a direction without one is not filtered. Remote firewall groups are not supported.
     Import {
+        /// FWaaS v2 response bodies (JSON); `-` reads standard input
         #[arg(long = "fwaas", value_name = "FILE", num_args = 1.., required = true)]
         files: Vec<PathBuf>,
         /// What a lone firewall_policy (no group) filters: ingress (into the left side) or
@@ -241,6 +243,9 @@ pub struct RuleSpec {
     /// tcp, udp, sctp, icmp, icmpv6, any, a name like gre, or a number 0-255 [default: any]
     #[arg(long = "proto")]
     pub protocol: Option<Protocol>,
+    /// Match only IPv4 or only IPv6 (addresses given with --from/--to imply it)
+    #[arg(long, value_name = "4|6")]
+    pub ip_version: Option<u8>,
     /// Source address or CIDR
     #[arg(long = "from", value_name = "CIDR", value_parser = parse_net)]
     pub source: Option<IpNet>,
