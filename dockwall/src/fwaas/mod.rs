@@ -32,17 +32,15 @@ impl PolicyRole {
 }
 
 /// What an import did, for the operator.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Imported {
     pub rules: usize,
-    /// Per direction (left-to-right, right-to-left): whether a policy filters it.
-    pub filtered: [bool; 2],
     /// The group is administratively down: everything is dropped, as Neutron does.
     pub admin_down: bool,
 }
 
 /// Replaces the filter rules of `rule_set` with the policies of the FWaaS documents in
-/// `sources` (name, text); NAT and the rules' ids stay unique. Each direction gets Neutron's
+/// `sources` (name, text); NAT stays and the new rules get fresh ids. Each direction gets Neutron's
 /// default: deny where a policy applies, accept where none does. `single_as` says what a lone
 /// policy (no group) filters.
 pub fn import(
@@ -110,7 +108,6 @@ pub fn import(
     rule_set.rules = imported;
     Ok(Imported {
         rules: count,
-        filtered,
         admin_down,
     })
 }
