@@ -224,49 +224,44 @@ impl Gathered {
                 firewall_rule,
                 firewall_rules,
             } = document;
-            let one = |name: &str| at(name);
-            let many = |name: &str, index: usize| at(&format!("{name}[{index}]"));
-            self.groups.extend(firewall_group.map(|g| Located {
-                resource: g,
-                origin: one("firewall_group"),
-            }));
-            self.policies.extend(firewall_policy.map(|p| Located {
-                resource: p,
-                origin: one("firewall_policy"),
-            }));
+            let many = |name: &'static str| move |index| at(&format!("{name}[{index}]"));
+            self.groups
+                .extend(located(firewall_group, |_| at("firewall_group")));
             self.policies
-                .extend(
-                    firewall_policies
-                        .into_iter()
-                        .flatten()
-                        .enumerate()
-                        .map(|(i, p)| Located {
-                            resource: p,
-                            origin: many("firewall_policies", i),
-                        }),
-                );
-            self.rules.extend(firewall_rule.map(|r| Located {
-                resource: r,
-                origin: one("firewall_rule"),
-            }));
-            self.rules.extend(
-                firewall_rules
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                    .map(|(i, r)| Located {
-                        resource: r,
-                        origin: many("firewall_rules", i),
-                    }),
-            );
+                .extend(located(firewall_policy, |_| at("firewall_policy")));
+            self.policies.extend(located(
+                firewall_policies.into_iter().flatten(),
+                many("firewall_policies"),
+            ));
+            self.rules
+                .extend(located(firewall_rule, |_| at("firewall_rule")));
+            self.rules.extend(located(
+                firewall_rules.into_iter().flatten(),
+                many("firewall_rules"),
+            ));
         }
         if count == 0 {
             return Err(Error::Vnf(format!(
-                "invalid FWaaS document {source}: empty; give a firewall_group, firewall_policy or firewall_rules response body"
+                "invalid FWaaS document {source}: empty; give a firewall_group, \
+                 firewall_policy or firewall_rules response body"
             )));
         }
         Ok(())
     }
+}
+
+/// The resources with their origins, by index.
+fn located<T>(
+    resources: impl IntoIterator<Item = T>,
+    origin: impl Fn(usize) -> Origin,
+) -> impl Iterator<Item = Located<T>> {
+    resources
+        .into_iter()
+        .enumerate()
+        .map(move |(index, resource)| Located {
+            resource,
+            origin: origin(index),
+        })
 }
 
 /// The resource kind and id enclosing `path` in `document`, for an error message.

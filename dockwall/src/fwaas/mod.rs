@@ -40,9 +40,9 @@ pub struct Imported {
 }
 
 /// Replaces the filter rules of `rule_set` with the policies of the FWaaS documents in
-/// `sources` (name, text); NAT stays and the new rules get fresh ids. Each direction gets Neutron's
-/// default: deny where a policy applies, accept where none does. `single_as` says what a lone
-/// policy (no group) filters.
+/// `sources` (name, text); NAT stays and the new rules get fresh ids. Each direction gets
+/// Neutron's default: deny where a policy applies, accept where none does. `single_as` says
+/// what a lone policy (no group) filters.
 pub fn import(
     rule_set: &mut RuleSet,
     sources: &[(String, String)],
