@@ -1,6 +1,7 @@
 //! What each subcommand does. Edits go through `vnf_core::firewall::edit`: one locked
 //! load → change → validate → apply → save, so a failed apply changes nothing anywhere.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -11,7 +12,8 @@ use vnf_core::cli::shutdown_signal;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::{read_rule_set, Store};
 use vnf_core::firewall::{
-    self, compile, Applied, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule, RuleSet,
+    self, compile, Applied, Direction, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule,
+    RuleSet,
 };
 use vnf_core::metrics::MetricsListener;
 use vnf_core::runtime::{OnExit, SidesObserver};
@@ -21,8 +23,8 @@ use vnf_core::{Error, Result};
 use crate::fwaas;
 use crate::metrics::{count_edit, FirewallExporter, APPLY_SECONDS};
 use crate::{
-    Cli, Command, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand, RuleSelector,
-    RuleSpec, SelectedEdit,
+    Cli, Command, DefaultDirection, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand,
+    RuleSelector, RuleSpec, SelectedEdit,
 };
 
 pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
@@ -57,46 +59,76 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Rule(command) => rule(&editor, command).await,
         Command::Nat(NatCommand::List(output)) => list_nat(&store, output.json),
         Command::Nat(command) => nat(&editor, command).await,
-        Command::Default { policy, edit } => {
+        Command::Default {
+            policy,
+            direction,
+            edit,
+        } => {
             let policy = match policy {
                 DefaultPolicy::Allow => Policy::Accept,
                 DefaultPolicy::Deny => Policy::Drop,
             };
             editor(&edit)
-                .run(
-                    format!("default forward policy is now {}", spelled(&policy)),
-                    |set| {
-                        set.default_policy = policy;
-                        Ok(())
-                    },
-                )
+                .run_described(|set| {
+                    match direction.map(DefaultDirection::direction) {
+                        Some(Direction::LeftToRight) => set.left_to_right_policy = Some(policy),
+                        Some(_) => set.right_to_left_policy = Some(policy),
+                        None => {
+                            set.default_policy = policy;
+                            set.left_to_right_policy = None;
+                            set.right_to_left_policy = None;
+                        }
+                    }
+                    Ok(format!(
+                        "default forward policy is now {}",
+                        describe_defaults(set)
+                    ))
+                })
                 .await
         }
-        Command::Import { file, role, edit } => {
-            let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
-                context: format!("read {}", file.display()),
-                source,
-            })?;
-            let mut count = 0;
-            let editor = editor(&edit);
-            let outcome = editor
-                .edit(|set| {
-                    count = fwaas::import(set, &text, role)?;
-                    Ok(())
+        Command::Import { files, role, edit } => {
+            let sources = files
+                .iter()
+                .map(|file| read_source(file))
+                .collect::<Result<Vec<_>>>()?;
+            editor(&edit)
+                .run_described(|set| {
+                    let imported = fwaas::import(set, &sources, role)?;
+                    let names: Vec<&str> = sources.iter().map(|(name, _)| name.as_str()).collect();
+                    let mut text = format!(
+                        "imported {} FWaaS rules from {}; default forward policy is now {}",
+                        imported.rules,
+                        names.join(", "),
+                        describe_defaults(set)
+                    );
+                    if imported.admin_down {
+                        text += " (the firewall group has admin_state_up false: Neutron \
+                                 blocks all its traffic, and so does this SI)";
+                    }
+                    Ok(text)
                 })
-                .await?;
-            editor.report(
-                &outcome,
-                &format!("imported {count} FWaaS rules from {}", file.display()),
-            )
+                .await
         }
         Command::Export { .. } => {
             let rule_set = store.lock()?.load()?;
-            let (document, skipped) = fwaas::export(&rule_set);
+            let (documents, skipped) = fwaas::export(&rule_set);
             for reason in skipped {
                 eprintln!("dockwall: not exported: {reason}");
             }
-            println!("{}", to_json(&document)?);
+            let mut out = std::io::stdout().lock();
+            for document in &documents {
+                match writeln!(out, "{}", to_json(document)?) {
+                    // The reader has what it wanted (`| head`): not an error.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(source) => {
+                        return Err(Error::Io {
+                            context: "write the FWaaS export".into(),
+                            source,
+                        })
+                    }
+                    Ok(()) => {}
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Apply { file, edit } => {
@@ -136,6 +168,53 @@ impl Editor<'_> {
     ) -> Result<ExitCode> {
         let outcome = self.edit(change).await?;
         self.report(&outcome, &message)
+    }
+
+    /// Like `run`, with the message written by the change from the set it left.
+    async fn run_described(
+        &self,
+        change: impl FnOnce(&mut RuleSet) -> Result<String>,
+    ) -> Result<ExitCode> {
+        let mut message = String::new();
+        let outcome = self
+            .edit(|set| {
+                message = change(set)?;
+                Ok(())
+            })
+            .await?;
+        self.report(&outcome, &message)
+    }
+}
+
+/// A source of `import --fwaas`: its name and text; `-` is stdin.
+fn read_source(file: &std::path::Path) -> Result<(String, String)> {
+    let name = file.display().to_string();
+    let text = if name == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|source| Error::Io {
+        context: format!("read {name}"),
+        source,
+    })?;
+    Ok((name, text))
+}
+
+/// The default forward policy: one word when both directions agree, else per direction.
+fn describe_defaults(set: &RuleSet) -> String {
+    let (left, right) = (
+        set.policy_for(Direction::LeftToRight),
+        set.policy_for(Direction::RightToLeft),
+    );
+    if left == right {
+        spelled(&left)
+    } else {
+        format!(
+            "left-to-right {}, right-to-left {}",
+            spelled(&left),
+            spelled(&right)
+        )
     }
 }
 
@@ -337,6 +416,7 @@ fn new_rule(set: &mut RuleSet, spec: RuleSpec, position: usize) -> Result<Rule> 
         rate: spec.rate,
         direction: spec.direction,
         protocol: spec.protocol.unwrap_or(Protocol::Any),
+        ip_version: spec.ip_version,
         source: spec.source,
         destination: spec.destination,
         source_port: spec.source_port,
@@ -455,6 +535,9 @@ fn describe(rule: &Rule) -> String {
         text += &format!(" rate {}", String::from(rate));
     }
     text += &format!(" proto {}", rule.protocol);
+    if let Some(version) = rule.ip_version {
+        text += &format!(" ipv{version}");
+    }
     for (label, value) in [
         ("from", rule.source.map(|n| n.to_string())),
         ("to", rule.destination.map(|n| n.to_string())),
@@ -483,13 +566,15 @@ fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
     if json {
         println!(
             "{}",
-            to_json(&json!({ "default_policy": rule_set.default_policy, "rules": listed }))?
+            to_json(&json!({
+                "default_policy": rule_set.default_policy,
+                "left_to_right_policy": rule_set.policy_for(Direction::LeftToRight),
+                "right_to_left_policy": rule_set.policy_for(Direction::RightToLeft),
+                "rules": listed
+            }))?
         );
     } else {
-        println!(
-            "default forward policy: {}",
-            spelled(&rule_set.default_policy)
-        );
+        println!("default forward policy: {}", describe_defaults(&rule_set));
         for entry in &listed {
             println!(
                 "{:>4}  id {:<5} {:<70} {:>10} pkts {:>12} bytes",
@@ -566,6 +651,8 @@ async fn status(
             "firewall": {
                 "converged": firewall_converged,
                 "default_policy": rule_set.default_policy,
+                "left_to_right_policy": rule_set.policy_for(Direction::LeftToRight),
+                "right_to_left_policy": rule_set.policy_for(Direction::RightToLeft),
                 "rules": listed_rules(&rule_set, &counters),
                 "nat": rule_set.nat,
             }
@@ -581,7 +668,7 @@ async fn status(
         println!(
             "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules",
             compile::TABLE,
-            spelled(&rule_set.default_policy),
+            describe_defaults(&rule_set),
             rule_set.rules.len(),
             rule_set.nat.len()
         );

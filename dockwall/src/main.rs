@@ -110,26 +110,40 @@ pub enum Command {
     /// NAT: masquerade/SNAT out of a side, DNAT port-forwards
     #[command(subcommand)]
     Nat(NatCommand),
-    /// What happens to forwarded traffic that no rule decides
+    /// What happens to forwarded traffic that no rule decides: in both directions, or with
+    /// --direction in one (it then overrides the other setting for that direction)
     Default {
+        /// allow (or accept) or deny (or drop)
         #[arg(value_enum)]
         policy: DefaultPolicy,
+        /// Only this direction; without it both directions get POLICY and lose overrides
+        #[arg(long, short = 'd', value_enum, value_name = "DIRECTION")]
+        direction: Option<DefaultDirection>,
         #[command(flatten)]
         edit: EditArgs,
     },
-    /// Replace the filter rules with an OpenStack FWaaS v2 firewall group (or one policy)
+    /// Replace the filter rules with an OpenStack FWaaS v2 firewall group (or one policy),
+    /// from the Neutron API's own response bodies.
+    ///
+    /// Give any number of files (`-` is stdin), each holding one or more JSON documents:
+    /// {"firewall_group": …}, {"firewall_policy": …} or {"firewall_policies": […]},
+    /// {"firewall_rule": …} or {"firewall_rules": […]}, or one object with several of these
+    /// keys. The group's ingress policy filters right → left (into the left side), its egress
+    /// policy left → right. As in Neutron, a direction with a policy ends in an implicit deny
+    /// and a direction without one is not filtered. Remote firewall groups are not supported.
     Import {
-        /// FWaaS JSON: {"firewall_group", "firewall_policies", "firewall_rules"} or
-        /// {"firewall_policy", "firewall_rules"}
-        #[arg(long = "fwaas", value_name = "FILE")]
-        file: PathBuf,
-        /// What a lone firewall_policy filters: ingress (into the left side) or egress
+        /// FWaaS v2 response bodies (JSON); `-` reads standard input
+        #[arg(long = "fwaas", value_name = "FILE", num_args = 1.., required = true)]
+        files: Vec<PathBuf>,
+        /// What a lone firewall_policy (no group) filters: ingress (into the left side) or
+        /// egress
         #[arg(long = "as", value_enum, default_value = "ingress")]
         role: fwaas::PolicyRole,
         #[command(flatten)]
         edit: EditArgs,
     },
-    /// Print the filter rules as an FWaaS v2 firewall group
+    /// Print the filter rules as FWaaS v2 response bodies (a firewall group, its policies,
+    /// their rules) that `import --fwaas` reads back
     Export {
         #[arg(long = "fwaas", required = true)]
         fwaas: bool,
@@ -145,8 +159,25 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum DefaultPolicy {
+    #[value(alias = "accept")]
     Allow,
+    #[value(alias = "drop")]
     Deny,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DefaultDirection {
+    LeftToRight,
+    RightToLeft,
+}
+
+impl DefaultDirection {
+    fn direction(self) -> Direction {
+        match self {
+            DefaultDirection::LeftToRight => Direction::LeftToRight,
+            DefaultDirection::RightToLeft => Direction::RightToLeft,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +243,9 @@ pub struct RuleSpec {
     /// tcp, udp, sctp, icmp, icmpv6, any, a name like gre, or a number 0-255 [default: any]
     #[arg(long = "proto")]
     pub protocol: Option<Protocol>,
+    /// Match only IPv4 or only IPv6 (addresses given with --from/--to imply it)
+    #[arg(long, value_name = "4|6")]
+    pub ip_version: Option<u8>,
     /// Source address or CIDR
     #[arg(long = "from", value_name = "CIDR", value_parser = parse_net)]
     pub source: Option<IpNet>,

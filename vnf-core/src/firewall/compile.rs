@@ -216,13 +216,14 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
             .iter()
             .filter(|r| r.enabled && directions.contains(&r.direction))
             .collect();
-        let rules = compile_filter_chain(
+        let mut rules = compile_filter_chain(
             &selected,
             chain,
             set_prefix,
             &mut compiled.sets,
             &mut set_members,
         );
+        rules.extend(direction_default(rule_set, directions[0]).map(|r| r.with_chain(chain)));
         compiled.chains.push(CompiledChain {
             chain: Chain {
                 family: NfFamily::INet,
@@ -254,6 +255,32 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
     compiled
 }
 
+/// The verdict at the end of a direction's chain when that direction overrides the forward
+/// chain's policy (FWaaS: a direction with a policy ends in its implicit deny).
+fn direction_default(rule_set: &RuleSet, direction: Direction) -> Option<NftRule<'static>> {
+    let policy = rule_set.policy_for(direction);
+    if direction == Direction::Local || policy == rule_set.default_policy {
+        return None;
+    }
+    let verdict = match policy {
+        Policy::Accept => Statement::Accept(None),
+        Policy::Drop => Statement::Drop(None),
+    };
+    Some(rule(
+        vec![counter(), verdict],
+        Some(format!("default {}", direction_name(direction))),
+    ))
+}
+
+fn direction_name(direction: Direction) -> &'static str {
+    match direction {
+        Direction::LeftToRight => "left-to-right",
+        Direction::RightToLeft => "right-to-left",
+        Direction::Both => "both",
+        Direction::Local => "local",
+    }
+}
+
 /// The comment that ties nft objects to a model rule, for counters.
 pub fn rule_comment(id: u64) -> String {
     format!("rule {id}")
@@ -279,7 +306,7 @@ struct Shape {
 impl Shape {
     fn of(rule: &Rule) -> Shape {
         Shape {
-            ip_version: rule.ip_version(),
+            ip_version: rule.bound_ip_version(),
             protocol: rule.protocol,
             source: rule.source.is_some(),
             destination: rule.destination.is_some(),
@@ -482,7 +509,8 @@ fn compile_filter_chain(
             sets.insert(name.clone(), set);
             members.insert(name.clone(), ids);
         }
-        let mut statements = protocol_match(first.protocol);
+        let mut statements = version_match(first);
+        statements.extend(protocol_match(first.protocol));
         let left = if fields.len() == 1 {
             fields.into_iter().next().unwrap_or_else(|| string(""))
         } else {
@@ -566,7 +594,8 @@ fn port_value(port: PortRange) -> Expression<'static> {
 
 /// A rule that did not merge: inline matches, its own counter.
 fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
-    let mut matching = protocol_match(model.protocol);
+    let mut matching = version_match(model);
+    matching.extend(protocol_match(model.protocol));
     for (net, field) in [(model.source, "saddr"), (model.destination, "daddr")] {
         if let Some(net) = net {
             let protocol = if net.addr().is_ipv4() { "ip" } else { "ip6" };
@@ -626,6 +655,17 @@ fn verdict(model: &Rule) -> Vec<Statement<'static>> {
         Action::Reject => Statement::Reject(None),
     });
     statements
+}
+
+/// `meta nfproto` for a rule whose `ip_version` is not already implied by an address match.
+fn version_match(model: &Rule) -> Vec<Statement<'static>> {
+    match model.ip_version {
+        Some(version) if model.source.is_none() && model.destination.is_none() => {
+            let family = if version == 6 { "ipv6" } else { "ipv4" };
+            vec![matches(meta(MetaKey::Nfproto), string(family))]
+        }
+        _ => Vec::new(),
+    }
 }
 
 fn protocol_match(protocol: Protocol) -> Vec<Statement<'static>> {
@@ -898,6 +938,7 @@ mod tests {
             rate: None,
             direction: Direction::LeftToRight,
             protocol: Protocol::Tcp,
+            ip_version: None,
             source: Some(source.parse().unwrap()),
             destination: None,
             source_port: None,
@@ -1023,6 +1064,53 @@ mod tests {
             "no jump without both sides"
         );
         assert_eq!(chain(&compiled, CHAIN_MARK_INGRESS).rules.len(), 1);
+    }
+
+    #[test]
+    fn a_direction_overriding_the_default_ends_its_chain_in_that_verdict() {
+        let set = RuleSet {
+            right_to_left_policy: Some(Policy::Drop),
+            left_to_right_policy: Some(Policy::Accept),
+            ..RuleSet::default()
+        };
+        let compiled = compile_with_both_sides(&set);
+        let from_right = &chain(&compiled, CHAIN_FROM_RIGHT).rules;
+        assert_eq!(from_right.len(), 1);
+        assert_eq!(
+            from_right[0].comment.as_deref(),
+            Some("default right-to-left")
+        );
+        assert!(matches!(
+            from_right[0].expr.last(),
+            Some(Statement::Drop(_))
+        ));
+        assert!(
+            chain(&compiled, CHAIN_FROM_LEFT).rules.is_empty(),
+            "the same as the forward chain's policy: nothing to add"
+        );
+    }
+
+    #[test]
+    fn ip_version_without_addresses_matches_nfproto() {
+        let mut set = RuleSet::default();
+        deny_tcp_from(&mut set, "10.0.0.0/8", 22);
+        set.rules[0].source = None;
+        set.rules[0].ip_version = Some(6);
+        let compiled = compile_with_both_sides(&set);
+        let rule = &chain(&compiled, CHAIN_FROM_LEFT).rules[0];
+        assert_eq!(
+            rule.expr[0],
+            matches(meta(MetaKey::Nfproto), string("ipv6"))
+        );
+        set.rules[0].source = Some("fd00::/8".parse().unwrap());
+        let compiled = compile_with_both_sides(&set);
+        let rule = &chain(&compiled, CHAIN_FROM_LEFT).rules[0];
+        assert!(
+            !rule
+                .expr
+                .contains(&matches(meta(MetaKey::Nfproto), string("ipv6"))),
+            "the address match implies the version"
+        );
     }
 
     #[test]

@@ -19,9 +19,17 @@ pub const FORMAT_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct RuleSet {
     pub version: u32,
-    /// What happens to forwarded traffic no rule decides.
+    /// What happens to forwarded traffic no rule decides, in both directions unless a
+    /// direction overrides it below.
     #[serde(default)]
     pub default_policy: Policy,
+    /// Overrides `default_policy` for left → right (an imported FWaaS egress policy ends in
+    /// its implicit deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_to_right_policy: Option<Policy>,
+    /// Overrides `default_policy` for right → left (FWaaS ingress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub right_to_left_policy: Option<Policy>,
     /// Rules in evaluation order: the first match decides.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -41,6 +49,8 @@ impl Default for RuleSet {
         RuleSet {
             version: FORMAT_VERSION,
             default_policy: Policy::Accept,
+            left_to_right_policy: None,
+            right_to_left_policy: None,
             rules: Vec::new(),
             nat: Vec::new(),
             next_id: first_id(),
@@ -72,6 +82,10 @@ pub struct Rule {
     pub direction: Direction,
     #[serde(default)]
     pub protocol: Protocol,
+    /// 4 or 6: the rule matches only that IP version even without addresses (FWaaS
+    /// `ip_version`); none matches both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,12 +423,14 @@ fn family_of(net: &IpNet) -> u8 {
 }
 
 impl Rule {
-    /// The IP version the rule is bound to by its addresses or protocol, if any.
-    pub fn ip_version(&self) -> Option<u8> {
+    /// The IP version the rule is bound to by its addresses, its `ip_version` or its
+    /// protocol, if any.
+    pub fn bound_ip_version(&self) -> Option<u8> {
         self.source
             .as_ref()
             .or(self.destination.as_ref())
             .map(family_of)
+            .or(self.ip_version)
             .or(match self.protocol {
                 Protocol::Icmp => Some(4),
                 Protocol::Icmpv6 => Some(6),
@@ -446,6 +462,20 @@ impl Rule {
             .as_ref()
             .or(self.destination.as_ref())
             .map(family_of);
+        match (self.ip_version, family) {
+            (Some(version), _) if version != 4 && version != 6 => {
+                return what("ip_version", version.to_string(), "use 4 or 6")
+            }
+            (Some(version), Some(family)) if version != family => {
+                return what(
+                    "ip_version",
+                    version.to_string(),
+                    &format!("the addresses are IPv{family}"),
+                )
+            }
+            _ => {}
+        }
+        let family = family.or(self.ip_version);
         match (self.protocol, family) {
             (Protocol::Icmp, Some(6)) => {
                 return what(
@@ -593,6 +623,17 @@ impl RuleSet {
         Ok(())
     }
 
+    /// The policy for traffic no rule decides in `direction` (left-to-right or
+    /// right-to-left): its override, else `default_policy`.
+    pub fn policy_for(&self, direction: Direction) -> Policy {
+        let overridden = match direction {
+            Direction::LeftToRight => self.left_to_right_policy,
+            Direction::RightToLeft => self.right_to_left_policy,
+            Direction::Both | Direction::Local => None,
+        };
+        overridden.unwrap_or(self.default_policy)
+    }
+
     pub fn allocate_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -676,6 +717,18 @@ mod tests {
             (
                 r#"{"id":1,"action":"limit","direction":"both"}"#,
                 "needs a rate",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","ip_version":6,"source":"10.0.0.0/8"}"#,
+                "the addresses are IPv4",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","ip_version":5}"#,
+                "use 4 or 6",
+            ),
+            (
+                r#"{"id":1,"action":"deny","direction":"both","ip_version":6,"protocol":"icmp"}"#,
+                "use icmpv6",
             ),
             (
                 r#"{"id":1,"action":"deny","direction":"sideways"}"#,
