@@ -572,6 +572,7 @@ async fn status(
                 "default_policy": rule_set.default_policy,
                 "rules": listed_rules(&rule_set, &counters),
                 "nat": rule_set.nat,
+                "mirrors": rule_set.mirrors,
             }
         });
         println!("{}", to_json(&report)?);
@@ -583,11 +584,12 @@ async fn status(
             "NOT converged (is `run` running?)"
         };
         println!(
-            "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules",
+            "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules, {} mirrors",
             compile::TABLE,
             spelled(&rule_set.default_policy),
             rule_set.rules.len(),
-            rule_set.nat.len()
+            rule_set.nat.len(),
+            rule_set.mirrors.len()
         );
     }
     Ok(if healthy {
