@@ -80,6 +80,8 @@ pub async fn run<'a>(
             via,
             edit,
         } => {
+            let matching = matching.unwrap_or_default();
+            matching.validate_as("the new mirror")?;
             let editor = editor(&edit);
             let assignment = firewall::current_assignment(&editor.selectors).await?;
             let via = via_side(to, via, &assignment)?;
@@ -89,7 +91,7 @@ pub async fn run<'a>(
                     let mirror = Mirror {
                         id: set.allocate_id(),
                         side,
-                        matching: matching.unwrap_or_default(),
+                        matching,
                         to,
                         via,
                     };

@@ -157,6 +157,10 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         COLLECTOR,
     ]);
     let mirror = mirror_id(&added);
+    assert!(
+        added.contains("(applied: incremental)"),
+        "a mirror joins the rules' table set in place: {added}"
+    );
     // The sentinel marks the end of each round: once its copy arrives, every copy sent
     // before it has arrived too (one path, in order).
     dockwall.ok(&[

@@ -63,7 +63,7 @@ pub struct Mirror {
 pub enum MirrorSide {
     Left,
     Right,
-    /// Both: each forwarded packet once, whichever way it goes.
+    /// From either side: each forwarded packet once, whichever way it goes.
     Both,
 }
 
@@ -116,6 +116,20 @@ impl MirrorMatch {
             comment: None,
             external_id: None,
         }
+    }
+
+    /// Checks the match as a rule's, and that it is IPv4; errors call it `label`.
+    pub fn validate_as(&self, label: &str) -> Result<()> {
+        let rule = self.as_rule(0);
+        rule.validate_as(label)?;
+        if rule.ip_version() == Some(6) {
+            return Err(Error::invalid(
+                "match",
+                self,
+                format!("{label}: mirrors copy IPv4 packets (the collector is IPv4); match IPv4 addresses"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -185,14 +199,7 @@ impl Mirror {
 
     /// Checks the mirror; errors call it `label`, as [`Rule::validate_as`] does.
     pub fn validate_as(&self, label: &str) -> Result<()> {
-        self.matching.as_rule(self.id).validate_as(label)?;
-        if self.matching.as_rule(self.id).ip_version() == Some(6) {
-            return Err(Error::invalid(
-                "match",
-                &self.matching,
-                format!("{label}: mirrors copy IPv4 packets (the collector is IPv4); match IPv4 addresses"),
-            ));
-        }
+        self.matching.validate_as(label)?;
         let to = self.to;
         if to.is_unspecified() || to.is_loopback() || to.is_multicast() || to.is_broadcast() {
             return Err(Error::invalid(
@@ -371,6 +378,29 @@ mod tests {
         let mut ipv6 = mirror(MirrorSide::Left, "10.0.3.9", Side::Management);
         ipv6.matching.source = Some("fd00::/64".parse().unwrap());
         assert!(ipv6.validate().unwrap_err().to_string().contains("IPv4"));
+    }
+
+    #[test]
+    fn state_files_without_mirrors_load_and_mirror_ids_are_checked() {
+        let old =
+            r#"{"version":1,"rules":[{"id":1,"action":"deny","direction":"both"}],"next_id":2}"#;
+        let mut set = crate::firewall::RuleSet::from_json(old, "old state").unwrap();
+        assert!(set.mirrors.is_empty());
+        assert!(!serde_json::to_string(&set).unwrap().contains("mirrors"));
+        let mut clash = mirror(MirrorSide::Left, "10.0.3.9", Side::Management);
+        clash.id = 1;
+        set.mirrors.push(clash);
+        assert!(set
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("a mirror shares this id"));
+        set.mirrors[0].id = set.allocate_id();
+        let text = serde_json::to_string(&set).unwrap();
+        assert_eq!(
+            crate::firewall::RuleSet::from_json(&text, "new state").unwrap(),
+            set
+        );
     }
 
     #[test]
