@@ -25,7 +25,8 @@ pub enum MirrorCommand {
     /// Every matching packet that arrives on --side to be forwarded is copied once, unchanged,
     /// as it arrived: in prerouting (table `ip dockwall_mirror`, priority raw), before
     /// conntrack, NAT and the filter, so packets the rules then drop are copied too. Packets
-    /// to the SI itself, broadcasts and multicasts are not copied; `--side both` copies both
+    /// to the SI itself (DNAT port-forwards too), broadcasts and multicasts are not copied;
+    /// `--side both` copies both
     /// directions, each packet once. The copy goes to the collector as next hop, so the
     /// collector must be on the --via side's subnet, and it must not route (ip_forward=0), or
     /// it forwards the copies to their destinations. Packets from or to the collector are

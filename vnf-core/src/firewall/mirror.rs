@@ -8,7 +8,8 @@
 //! - Which packets: a prerouting chain at raw priority matches by input interface, so each
 //!   packet is copied once, as it arrived: before conntrack, NAT and the filter (packets the
 //!   firewall then drops are copied too). `fib daddr type unicast` leaves out packets to the
-//!   SI itself, broadcasts and multicasts: only traffic to forward is copied. `--side both`
+//!   SI itself, broadcasts and multicasts: only traffic to forward is copied (DNAT
+//!   port-forwards, addressed to the SI as they arrive, are not). `--side both`
 //!   copies both directions of a conversation, each packet once.
 //! - No loops: `dup` sends the unchanged packet with the collector as next hop, so the
 //!   collector must be on the `via` interface's subnet. Behind a gateway the copy would be
