@@ -26,11 +26,12 @@ pub enum MirrorCommand {
     /// as it arrived: in prerouting (table `ip dockwall_mirror`, priority raw), before
     /// conntrack, NAT and the filter, so packets the rules then drop are copied too. Packets
     /// to the SI itself (DNAT port-forwards too), broadcasts and multicasts are not copied;
-    /// `--side both` copies both
-    /// directions, each packet once. The copy goes to the collector as next hop, so the
-    /// collector must be on the --via side's subnet, and it must not route (ip_forward=0), or
-    /// it forwards the copies to their destinations. Packets from or to the collector are
-    /// never copied, so nothing loops back through the SI.
+    /// `--side both` copies both directions, each packet once.
+    ///
+    /// The copy goes to the collector as next hop, so the collector must be on the --via
+    /// side's subnet (an off-link one is refused). Packets from or to the collector are never
+    /// copied, so its own traffic is not fed back to it. It must not route (ip_forward=0): one
+    /// that does sends the copies on, through the SI again, where they are copied again.
     Add {
         /// Copy the packets arriving on this side (both: from either side)
         #[arg(long, value_enum)]
