@@ -57,7 +57,9 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Rule(command) => rule(&editor, command).await,
         Command::Nat(NatCommand::List(output)) => list_nat(&store, output.json),
         Command::Nat(command) => nat(&editor, command).await,
-        Command::Mirror(command) => crate::mirror::run(&store, editor, command).await,
+        Command::Mirror(command) => {
+            crate::mirror::run(&store, &cli.state_dir, editor, command).await
+        }
         Command::Default { policy, edit } => {
             let policy = match policy {
                 DefaultPolicy::Allow => Policy::Accept,

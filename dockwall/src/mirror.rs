@@ -2,11 +2,12 @@
 //! (see `vnf_core::firewall::mirror`). Stored and applied like the rules, in one edit.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
 use serde::Serialize;
-use vnf_core::cli::JsonArgs;
+use vnf_core::cli::{JsonArgs, SideArgs};
 use vnf_core::firewall::compile::Sides;
 use vnf_core::firewall::mirror::{mirror_comment, side_reaching, Mirror, MirrorMatch, MirrorSide};
 use vnf_core::firewall::nft;
@@ -50,8 +51,13 @@ pub enum MirrorCommand {
         #[command(flatten)]
         edit: EditArgs,
     },
-    /// List the mirrors with the packets and bytes copied
-    List(JsonArgs),
+    /// List the mirrors with the packets and bytes copied, and whether each is in the kernel
+    List {
+        #[command(flatten)]
+        output: JsonArgs,
+        #[command(flatten)]
+        sides: SideArgs,
+    },
     /// Delete a mirror by its id (`mirror list` shows it)
     Delete {
         /// The mirror's id
@@ -71,6 +77,7 @@ pub enum MirrorCommand {
 
 pub async fn run<'a>(
     store: &'a Store,
+    state_dir: &Path,
     editor: impl Fn(&EditArgs) -> Editor<'a>,
     command: MirrorCommand,
 ) -> Result<ExitCode> {
@@ -128,7 +135,10 @@ pub async fn run<'a>(
                 .await?;
             editor.report(&outcome, &format!("mirror {id} deleted"))
         }
-        MirrorCommand::List(output) => list(store, output.json),
+        MirrorCommand::List { output, sides } => {
+            let assignment = firewall::current_assignment(&sides.selectors(state_dir)).await?;
+            list(store, &assignment, output.json)
+        }
     }
 }
 
@@ -178,11 +188,27 @@ fn via_side(collector: Ipv4Addr, via: Option<Side>, assignment: &Assignment) -> 
 struct ListedMirror<'a> {
     #[serde(flatten)]
     mirror: &'a Mirror,
+    /// `copying`, or why the mirror is not in the kernel now.
+    state: String,
     packets: u64,
     bytes: u64,
 }
 
-fn list(store: &Store, json: bool) -> Result<ExitCode> {
+/// Whether the mirror compiles for the sides as they are now (see `compile_mirrors`).
+fn state(mirror: &Mirror, sides: Sides<'_>) -> String {
+    let mirrored = mirror.side.sides().iter().any(|&s| sides.get(s).is_some());
+    match sides.get(mirror.via) {
+        None => format!("waiting for the {} side", mirror.via),
+        Some(via) => match mirror.check_collector(via) {
+            Err(error) => format!("not copying: {error}"),
+            Ok(()) if !mirrored => format!("waiting for the {} side", spelled(&mirror.side)),
+            Ok(()) => "copying".to_string(),
+        },
+    }
+}
+
+fn list(store: &Store, assignment: &Assignment, json: bool) -> Result<ExitCode> {
+    let sides = Sides::from_assignment(assignment);
     let rule_set: RuleSet = store.lock()?.load()?;
     let counters = nft::counters()?;
     let listed: Vec<ListedMirror> = rule_set
@@ -195,6 +221,7 @@ fn list(store: &Store, json: bool) -> Result<ExitCode> {
                 .unwrap_or_default();
             ListedMirror {
                 mirror,
+                state: state(mirror, sides),
                 packets,
                 bytes,
             }
@@ -213,8 +240,8 @@ fn list(store: &Store, json: bool) -> Result<ExitCode> {
                 mirror.via
             );
             println!(
-                "id {:<5} {:<70} {:>10} pkts {:>12} bytes",
-                mirror.id, what, entry.packets, entry.bytes
+                "id {:<5} {:<70} {:>10} pkts {:>12} bytes  {}",
+                mirror.id, what, entry.packets, entry.bytes, entry.state
             );
         }
     }

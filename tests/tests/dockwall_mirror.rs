@@ -27,8 +27,9 @@ const SENTINEL_PORT: u16 = 5999;
 const DATAGRAMS: usize = 20;
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// tcpdump on the collector's interface, one line per IPv4 packet (ARP, which the SI needs
-/// to reach the collector, and IPv6 link chatter are not traffic it mirrors).
+/// tcpdump on the collector's interface, one line per unicast IPv4 packet: ARP (which the SI
+/// needs to reach the collector), IPv6 and multicast link chatter (IGMP reports of a bridge
+/// coming up) are nothing a mirror copies.
 struct Capture {
     tcpdump: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -39,7 +40,7 @@ impl Capture {
         require_command("tcpdump", "tcpdump");
         let mut tcpdump = collector
             .command("tcpdump")
-            .args(["-l", "-n", "-i", interface, "ip"])
+            .args(["-l", "-n", "-i", interface, "ip and not ip multicast"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -221,6 +222,7 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         "--via defaults to the collector's leg"
     );
     assert_eq!(listed["packets"], DATAGRAMS, "the counter counts copies");
+    assert_eq!(listed["state"], "copying", "{listing}");
 
     dockwall.ok(&["mirror", "delete", &mirror]);
     send_datagrams(&chain.left_host, RIGHT_HOST, MIRRORED_PORT, DATAGRAMS);
@@ -292,6 +294,16 @@ fn a_collector_on_a_side_never_gets_its_own_traffic_and_off_link_collectors_are_
         "--via a side whose subnet lacks the collector is refused:\n{stderr}"
     );
 
+    // No management leg here: stored, and copying nothing until one comes up.
+    dockwall.ok(&[
+        "mirror", "add", "--side", "left", "--to", COLLECTOR, "--via", "mgmt",
+    ]);
+    let listing: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["mirror", "list", "--json"])).expect("list JSON");
+    assert_eq!(
+        listing[0]["state"], "waiting for the mgmt side",
+        "{listing}"
+    );
     dockwall.ok(&["mirror", "add", "--side", "both", "--to", collector_address]);
     let capture = Capture::start(&collector, "c0");
     // The collector's own conversation crosses the SI both ways: none of it is copied.

@@ -69,7 +69,7 @@ pub enum MirrorSide {
 }
 
 impl MirrorSide {
-    fn sides(self) -> &'static [Side] {
+    pub fn sides(self) -> &'static [Side] {
         match self {
             MirrorSide::Left => &[Side::Left],
             MirrorSide::Right => &[Side::Right],
