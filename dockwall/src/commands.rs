@@ -59,6 +59,9 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Rule(command) => rule(&editor, command).await,
         Command::Nat(NatCommand::List(output)) => list_nat(&store, output.json),
         Command::Nat(command) => nat(&editor, command).await,
+        Command::Mirror(command) => {
+            crate::mirror::run(&store, &cli.state_dir, editor, command).await
+        }
         Command::Default {
             policy,
             direction,
@@ -146,14 +149,17 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     }
 }
 
-struct Editor<'a> {
+pub(crate) struct Editor<'a> {
     store: &'a Store,
-    selectors: SideSelectors,
+    pub(crate) selectors: SideSelectors,
     dry_run: bool,
 }
 
 impl Editor<'_> {
-    async fn edit(&self, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<EditOutcome> {
+    pub(crate) async fn edit(
+        &self,
+        change: impl FnOnce(&mut RuleSet) -> Result<()>,
+    ) -> Result<EditOutcome> {
         let outcome = firewall::edit(self.store, &self.selectors, self.dry_run, change).await;
         if !self.dry_run {
             count_edit(self.store, outcome.is_ok());
@@ -462,7 +468,7 @@ fn select<T>(items: &[T], selector: &RuleSelector, id_of: impl Fn(&T) -> u64) ->
     }
 }
 
-fn to_json(value: &impl Serialize) -> Result<String> {
+pub(crate) fn to_json(value: &impl Serialize) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|e| Error::Io {
         context: "render JSON".into(),
         source: e.into(),
@@ -470,7 +476,7 @@ fn to_json(value: &impl Serialize) -> Result<String> {
 }
 
 impl Editor<'_> {
-    fn report(&self, outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
+    pub(crate) fn report(&self, outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
         match &outcome.applied {
             Applied::DryRun(batch) => println!("{batch}"),
             Applied::Kernel(kind) => println!("{message} (applied: {})", spelled(kind)),
@@ -522,7 +528,7 @@ fn listed_rules<'a>(rule_set: &'a RuleSet, counters: &Counters) -> Vec<ListedRul
 }
 
 /// A value's name as the JSON and the CLI spell it (`left-to-right`, `reject`).
-fn spelled<T: Serialize>(value: &T) -> String {
+pub(crate) fn spelled<T: Serialize>(value: &T) -> String {
     serde_json::to_value(value)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -655,6 +661,7 @@ async fn status(
                 "right_to_left_policy": rule_set.policy_for(Direction::RightToLeft),
                 "rules": listed_rules(&rule_set, &counters),
                 "nat": rule_set.nat,
+                "mirrors": rule_set.mirrors,
             }
         });
         println!("{}", to_json(&report)?);
@@ -666,11 +673,12 @@ async fn status(
             "NOT converged (is `run` running?)"
         };
         println!(
-            "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules",
+            "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules, {} mirrors",
             compile::TABLE,
             describe_defaults(&rule_set),
             rule_set.rules.len(),
-            rule_set.nat.len()
+            rule_set.nat.len(),
+            rule_set.mirrors.len()
         );
     }
     Ok(if healthy {

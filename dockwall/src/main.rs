@@ -5,6 +5,7 @@
 mod commands;
 mod fwaas;
 mod metrics;
+mod mirror;
 mod ufw_words;
 
 use std::path::PathBuf;
@@ -110,6 +111,9 @@ pub enum Command {
     /// NAT: masquerade/SNAT out of a side, DNAT port-forwards
     #[command(subcommand)]
     Nat(NatCommand),
+    /// Copies of the traffic crossing the SI to a collector (nftables dup)
+    #[command(subcommand)]
+    Mirror(mirror::MirrorCommand),
     /// What happens to forwarded traffic that no rule decides: in both directions, or with
     /// --direction in one (it then overrides the other setting for that direction)
     Default {

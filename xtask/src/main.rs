@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "docker-compose",
     "prometheus",
+    "tcpdump",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

@@ -22,6 +22,7 @@ use nftables::stmt::{
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 
+use super::mirror::compile_mirrors;
 use super::model::{Action, Direction, NatKind, Policy, PortRange, Protocol, Rule, RuleSet};
 use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
 use crate::side::{Assignment, ReadySide, Side};
@@ -46,6 +47,8 @@ const SRCNAT_PRIORITY: i32 = 100;
 pub struct Sides<'a> {
     pub left: Option<&'a ReadySide>,
     pub right: Option<&'a ReadySide>,
+    /// Only mirrors use it (a collector on the management leg).
+    pub management: Option<&'a ReadySide>,
 }
 
 impl<'a> Sides<'a> {
@@ -53,14 +56,15 @@ impl<'a> Sides<'a> {
         Sides {
             left: assignment.ready(Side::Left),
             right: assignment.ready(Side::Right),
+            management: assignment.ready(Side::Management),
         }
     }
 
-    fn get(&self, side: Side) -> Option<&'a ReadySide> {
+    pub fn get(&self, side: Side) -> Option<&'a ReadySide> {
         match side {
             Side::Left => self.left,
             Side::Right => self.right,
-            Side::Management => None,
+            Side::Management => self.management,
         }
     }
 }
@@ -82,7 +86,7 @@ pub struct Compiled {
 }
 
 /// Bump when the compiler's output for the same input changes.
-const COMPILER_REVISION: u32 = 3;
+const COMPILER_REVISION: u32 = 4;
 
 /// A 64-bit FNV-1a hasher: deterministic across runs, unlike std's randomly keyed SipHash.
 struct Fnv(u64);
@@ -101,10 +105,18 @@ impl Hasher for Fnv {
 
 fn fingerprint(rule_set: &RuleSet, sides: Sides<'_>) -> String {
     let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    // The management leg matters only to mirrors sent out of it: other rule sets keep their
+    // fingerprint (and counters) when it comes or goes.
+    let management = rule_set
+        .mirrors
+        .iter()
+        .any(|m| m.via == Side::Management)
+        .then_some(sides.management);
     (
         rule_set,
         sides.left,
         sides.right,
+        management,
         COMPILER_REVISION,
         env!("CARGO_PKG_VERSION"),
     )
@@ -252,6 +264,9 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         NfChainPolicy::Accept,
         postrouting,
     ));
+    compiled
+        .chains
+        .push(compile_mirrors(&rule_set.mirrors, sides));
     compiled
 }
 
@@ -592,8 +607,8 @@ fn port_value(port: PortRange) -> Expression<'static> {
     }
 }
 
-/// A rule that did not merge: inline matches, its own counter.
-fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
+/// The inline matches of a rule's IP version, protocol, addresses and ports.
+pub(super) fn match_statements(model: &Rule) -> Vec<Statement<'static>> {
     let mut matching = version_match(model);
     matching.extend(protocol_match(model.protocol));
     for (net, field) in [(model.source, "saddr"), (model.destination, "daddr")] {
@@ -610,6 +625,12 @@ fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
             matching.push(matches(payload("th", field), port_value(port)));
         }
     }
+    matching
+}
+
+/// A rule that did not merge: inline matches, its own counter.
+fn single_rule(chain: &str, model: &Rule) -> Vec<NftRule<'static>> {
+    let mut matching = match_statements(model);
     let comment = Some(rule_comment(model.id));
     let mut rules = Vec::new();
     if let (Action::Limit, Some(rate)) = (model.action, model.rate) {
@@ -831,7 +852,10 @@ impl WithChain for NftRule<'static> {
     }
 }
 
-fn rule(statements: Vec<Statement<'static>>, comment: Option<String>) -> NftRule<'static> {
+pub(super) fn rule(
+    statements: Vec<Statement<'static>>,
+    comment: Option<String>,
+) -> NftRule<'static> {
     NftRule {
         family: NfFamily::INet,
         table: TABLE.into(),
@@ -908,7 +932,7 @@ pub fn string(text: &str) -> Expression<'static> {
     Expression::String(text.to_string().into())
 }
 
-fn counter() -> Statement<'static> {
+pub(super) fn counter() -> Statement<'static> {
     Statement::Counter(Counter::Anonymous(Some(AnonymousCounter {
         packets: None,
         bytes: None,
@@ -969,6 +993,7 @@ mod tests {
             Sides {
                 left: Some(&left),
                 right: Some(&right),
+                management: None,
             },
         )
     }
@@ -1052,7 +1077,7 @@ mod tests {
             &set,
             Sides {
                 left: Some(&left),
-                right: None,
+                ..Sides::default()
             },
         );
         let forward = chain(&compiled, CHAIN_FORWARD);
@@ -1121,7 +1146,7 @@ mod tests {
         let old = compile_with_both_sides(&set);
         deny_tcp_from(&mut set, "10.9.0.3/32", 22);
         let new = compile_with_both_sides(&set);
-        let no_counters = |_: &str| Ok(Default::default());
+        let no_counters = |_: &nftables::schema::Chain<'static>| Ok(Default::default());
         let batch = crate::firewall::nft::incremental_batch(&old, &new, &no_counters)
             .unwrap()
             .unwrap();

@@ -2,6 +2,7 @@
 //! table, the atomic apply, and the persistent store.
 
 pub mod compile;
+pub mod mirror;
 pub mod model;
 pub mod nft;
 pub mod store;

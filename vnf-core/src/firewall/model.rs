@@ -9,6 +9,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::mirror::Mirror;
 use crate::error::{Error, Result};
 use crate::side::Side;
 
@@ -35,7 +36,10 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     #[serde(default)]
     pub nat: Vec<NatRule>,
-    /// The id the next new rule or NAT rule gets; ids are never reused.
+    /// Copies of traffic to collectors; absent in files written before mirrors existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    /// The id the next new rule, NAT rule or mirror gets; ids are never reused.
     #[serde(default = "first_id")]
     pub next_id: u64,
 }
@@ -53,6 +57,7 @@ impl Default for RuleSet {
             right_to_left_policy: None,
             rules: Vec::new(),
             nat: Vec::new(),
+            mirrors: Vec::new(),
             next_id: first_id(),
         }
     }
@@ -608,6 +613,16 @@ impl RuleSet {
                     "id",
                     nat.id,
                     "a NAT rule shares this id with another rule",
+                ));
+            }
+        }
+        for mirror in &self.mirrors {
+            mirror.validate()?;
+            if !ids.insert(mirror.id) {
+                return Err(Error::invalid(
+                    "id",
+                    mirror.id,
+                    "a mirror shares this id with a rule or another mirror",
                 ));
             }
         }

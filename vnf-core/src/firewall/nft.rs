@@ -19,6 +19,7 @@ use serde_json::Value;
 use tracing::debug;
 
 use super::compile::{Compiled, TABLE};
+use super::mirror::MIRROR_TABLE;
 use crate::error::{Error, Result};
 
 const MARKER_PREFIX: &str = "applied_";
@@ -43,6 +44,30 @@ fn table() -> Table<'static> {
     }
 }
 
+/// Every table Dockwall owns: the firewall and the mirrors (see `mirror` for why two).
+fn tables() -> [Table<'static>; 2] {
+    [
+        table(),
+        Table {
+            family: NfFamily::IP,
+            name: MIRROR_TABLE.into(),
+            handle: None,
+        },
+    ]
+}
+
+/// How the nft command line names a family.
+fn family_word(family: NfFamily) -> &'static str {
+    match family {
+        NfFamily::IP => "ip",
+        NfFamily::IP6 => "ip6",
+        NfFamily::ARP => "arp",
+        NfFamily::Bridge => "bridge",
+        NfFamily::NetDev => "netdev",
+        NfFamily::INet => "inet",
+    }
+}
+
 fn plain_chain(name: &str) -> Chain<'static> {
     Chain {
         family: NfFamily::INet,
@@ -56,13 +81,16 @@ fn add(object: NfListObject<'static>) -> NfObject<'static> {
     NfObject::CmdObject(NfCmd::Add(object))
 }
 
-/// The transaction that replaces the whole table: create it if missing, delete it, build it.
+/// The transaction that replaces the whole tables: create each if missing, delete it, build it.
 pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
-    let mut batch = vec![
-        add(NfListObject::Table(table())),
-        NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
-        add(NfListObject::Table(table())),
-    ];
+    let mut batch = Vec::new();
+    for table in tables() {
+        batch.extend([
+            add(NfListObject::Table(table.clone())),
+            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table.clone()))),
+            add(NfListObject::Table(table)),
+        ]);
+    }
     batch.extend(
         compiled
             .sets
@@ -213,7 +241,7 @@ fn with_counters(rules: &[NftRule<'static>], counts: &ChainCounters) -> Vec<NftR
 pub fn incremental_batch<'a>(
     old: &'a Compiled,
     new: &'a Compiled,
-    counts: &dyn Fn(&str) -> Result<ChainCounters>,
+    counts: &dyn Fn(&Chain<'static>) -> Result<ChainCounters>,
 ) -> Result<Option<Vec<NfObject<'static>>>> {
     let headers = |c: &Compiled| c.chains.iter().map(|c| c.chain.clone()).collect::<Vec<_>>();
     if headers(old) != headers(new) {
@@ -247,7 +275,7 @@ pub fn incremental_batch<'a>(
     }
     for (chain_old, chain_new) in old.chains.iter().zip(&new.chains) {
         if chain_old.rules != chain_new.rules {
-            let counts = counts(&chain_new.chain.name)?;
+            let counts = counts(&chain_new.chain)?;
             batch.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
                 chain_new.chain.clone(),
             ))));
@@ -430,8 +458,18 @@ fn replace(new: &Compiled) -> Result<ApplyKind> {
 }
 
 /// The counters of one of our chains, read without touching sets (cheap with big sets).
-fn chain_counters(chain: &str) -> Result<ChainCounters> {
-    let listing = nft(&["-j", "list", "chain", "inet", TABLE, chain], None)?;
+fn chain_counters(chain: &Chain<'static>) -> Result<ChainCounters> {
+    let listing = nft(
+        &[
+            "-j",
+            "list",
+            "chain",
+            family_word(chain.family),
+            &chain.table,
+            &chain.name,
+        ],
+        None,
+    )?;
     let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
     let mut counts = ChainCounters::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -464,25 +502,44 @@ fn chain_counters(chain: &str) -> Result<ChainCounters> {
     Ok(counts)
 }
 
-/// Removes our table, if present.
+/// Removes our tables, if present.
 pub fn delete_table() -> Result<()> {
-    let batch = vec![
-        add(NfListObject::Table(table())),
-        NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
-    ];
+    let mut batch = Vec::new();
+    for table in tables() {
+        batch.extend([
+            add(NfListObject::Table(table.clone())),
+            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table))),
+        ]);
+    }
     nft(&["-j", "-f", "-"], Some(&render(batch)?)).map(drop)
 }
 
-/// Per-rule counters read from our table only (the crate cannot parse every construct other
-/// tables may hold, and we never look at them).
+/// Per-rule (and per-mirror) counters read from our tables only (the crate cannot parse
+/// every construct other tables may hold, and we never look at them).
 pub fn counters() -> Result<Counters> {
-    let listing = match nft(&["-j", "list", "table", "inet", TABLE], None) {
+    let mut counters = Counters::new();
+    for table in tables() {
+        add_counters(&table, &mut counters)?;
+    }
+    Ok(counters)
+}
+
+fn add_counters(table: &Table<'static>, counters: &mut Counters) -> Result<()> {
+    let listing = match nft(
+        &[
+            "-j",
+            "list",
+            "table",
+            family_word(table.family),
+            &table.name,
+        ],
+        None,
+    ) {
         Ok(listing) => listing,
-        Err(Error::Nft(message)) if message.contains("No such file") => return Ok(Counters::new()),
+        Err(Error::Nft(message)) if message.contains("No such file") => return Ok(()),
         Err(error) => return Err(error),
     };
     let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
-    let mut counters = Counters::new();
     let mut add_up = |comment: Option<&str>, counter: &Value| {
         if let Some(comment) = comment {
             let entry = counters.entry(comment.to_string()).or_default();
@@ -508,5 +565,5 @@ pub fn counters() -> Result<Counters> {
             }
         }
     }
-    Ok(counters)
+    Ok(())
 }

@@ -1,0 +1,444 @@
+//! Traffic mirroring: a copy of every IPv4 packet that arrives on a side to be forwarded
+//! (optionally only those a rule-style match selects) goes, unchanged, to a collector with
+//! nftables `dup to COLLECTOR device DEV`.
+//!
+//! - Where: `dup` exists only in the `ip`/`ip6`/`netdev` families, not in `inet`, so mirrors
+//!   live in their own table `ip dockwall_mirror`, written in the same nft transaction as
+//!   `inet dockwall` (one apply, all or nothing).
+//! - Which packets: a prerouting chain at raw priority matches by input interface, so each
+//!   packet is copied once, as it arrived: before conntrack, NAT and the filter (packets the
+//!   firewall then drops are copied too). `fib daddr type unicast` leaves out packets to the
+//!   SI itself, broadcasts and multicasts: only traffic to forward is copied (DNAT
+//!   port-forwards, addressed to the SI as they arrive, are not). `--side both`
+//!   copies both directions of a conversation, each packet once.
+//! - No loops: `dup` sends the unchanged packet with the collector as next hop, so the
+//!   collector must be on the `via` interface's subnet. Behind a gateway the copy would be
+//!   routed to its real destination (a duplicate) or back through the SI. A mirror whose
+//!   collector is off that subnet is refused when added and not compiled when the subnet
+//!   changes. Packets from or to the collector are never copied, so its own traffic across
+//!   the SI cannot feed back, and the kernel marks copies so none is copied again in the SI.
+//!   The collector must not route (ip_forward=0), or it forwards what it receives.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use nftables::expr::{Expression, Fib, FibFlag, FibResult, MetaKey, NamedExpression};
+use nftables::schema::{Chain, Rule as NftRule};
+use nftables::stmt::{Dup, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde::{Deserialize, Serialize};
+
+use super::compile::{
+    counter, match_statements, matches, meta, payload, rule, string, CompiledChain, Sides,
+};
+use super::model::{Action, Direction, PortRange, Protocol, Rule};
+use crate::error::{Error, Result};
+use crate::side::{ReadySide, Side};
+
+/// The table mirrors live in (see the module documentation for why it is not `inet`).
+pub const MIRROR_TABLE: &str = "dockwall_mirror";
+pub const CHAIN_MIRROR: &str = "mirror_ingress";
+/// Before conntrack (-200): a copy of the packet as it arrived.
+const RAW_PRIORITY: i32 = -300;
+
+/// One mirror: a copy of the matching packets arriving on `side` goes to `to` out of `via`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// From the rule set's id space; `mirror delete --id` and the counters use it.
+    pub id: u64,
+    pub side: MirrorSide,
+    #[serde(default, rename = "match")]
+    pub matching: MirrorMatch,
+    /// The collector: it must be on `via`'s subnet.
+    pub to: Ipv4Addr,
+    /// The side whose interface the copies leave by.
+    pub via: Side,
+}
+
+/// The packets arriving on which side are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorSide {
+    Left,
+    Right,
+    /// From either side: each forwarded packet once, whichever way it goes.
+    Both,
+}
+
+impl MirrorSide {
+    pub fn sides(self) -> &'static [Side] {
+        match self {
+            MirrorSide::Left => &[Side::Left],
+            MirrorSide::Right => &[Side::Right],
+            MirrorSide::Both => &[Side::Left, Side::Right],
+        }
+    }
+}
+
+/// What a mirror copies, in a rule's terms; written `proto udp from CIDR to CIDR sport
+/// PORTS dport PORTS` (any subset, in any order), as `rule list` describes rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorMatch {
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_port: Option<PortRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<PortRange>,
+}
+
+const MATCH_WORDS: &str = "use `proto P`, `from CIDR`, `to CIDR`, `sport PORTS`, `dport PORTS`, \
+     e.g. \"proto udp to 192.168.20.0/24 dport 5000:5010\"";
+
+impl MirrorMatch {
+    /// The match as an allow rule: rules and mirrors check and compile a match one way.
+    fn as_rule(&self, id: u64) -> Rule {
+        Rule {
+            id,
+            name: None,
+            action: Action::Allow,
+            rate: None,
+            direction: Direction::Both,
+            protocol: self.protocol,
+            source: self.source,
+            destination: self.destination,
+            source_port: self.source_port,
+            destination_port: self.destination_port,
+            enabled: true,
+            log: false,
+            comment: None,
+            external_id: None,
+            ip_version: None,
+        }
+    }
+
+    /// Checks the match as a rule's, and that it is IPv4; errors call it `label`.
+    pub fn validate_as(&self, label: &str) -> Result<()> {
+        let rule = self.as_rule(0);
+        rule.validate_as(label)?;
+        if rule.bound_ip_version() == Some(6) {
+            return Err(Error::invalid(
+                "match",
+                self,
+                format!("{label}: mirrors copy IPv4 packets (the collector is IPv4); match IPv4 addresses"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for MirrorMatch {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let mut matching = MirrorMatch::default();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        for pair in words.chunks(2) {
+            let [key, value] = *pair else {
+                return Err(Error::invalid(
+                    "match",
+                    text,
+                    format!("`{}` needs a value; {MATCH_WORDS}", pair[0]),
+                ));
+            };
+            let net = |value: &str| {
+                value
+                    .parse::<IpNet>()
+                    .map(|net| net.trunc())
+                    .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        Error::invalid("match", text, format!("`{key} {value}`: not a CIDR"))
+                    })
+            };
+            match key {
+                "proto" => matching.protocol = value.parse()?,
+                "from" => matching.source = Some(net(value)?),
+                "to" => matching.destination = Some(net(value)?),
+                "sport" => matching.source_port = Some(value.parse()?),
+                "dport" => matching.destination_port = Some(value.parse()?),
+                other => {
+                    return Err(Error::invalid(
+                        "match",
+                        text,
+                        format!("unknown word `{other}`; {MATCH_WORDS}"),
+                    ))
+                }
+            }
+        }
+        Ok(matching)
+    }
+}
+
+impl fmt::Display for MirrorMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "proto {}", self.protocol)?;
+        for (word, value) in [
+            ("from", self.source.map(|n| n.to_string())),
+            ("to", self.destination.map(|n| n.to_string())),
+            ("sport", self.source_port.map(String::from)),
+            ("dport", self.destination_port.map(String::from)),
+        ] {
+            if let Some(value) = value {
+                write!(f, " {word} {value}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Mirror {
+    pub fn validate(&self) -> Result<()> {
+        self.validate_as(&format!("mirror {}", self.id))
+    }
+
+    /// Checks the mirror; errors call it `label`, as [`Rule::validate_as`] does.
+    pub fn validate_as(&self, label: &str) -> Result<()> {
+        self.matching.validate_as(label)?;
+        let to = self.to;
+        if to.is_unspecified() || to.is_loopback() || to.is_multicast() || to.is_broadcast() {
+            return Err(Error::invalid(
+                "to",
+                to,
+                format!("{label}: the collector needs a unicast address"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the collector is on-link on `via` (as this side is now) and not the SI itself:
+    /// the one case where a copy reaches it and nothing else. Err says why not.
+    pub fn check_collector(&self, via: &ReadySide) -> Result<()> {
+        if via.address.addr() == self.to {
+            return Err(Error::invalid(
+                "to",
+                self.to,
+                format!(
+                    "that is the SI's own {} address; give the collector's",
+                    via.side
+                ),
+            ));
+        }
+        if !via.subnet().contains(&self.to) {
+            return Err(Error::invalid(
+                "to",
+                self.to,
+                format!(
+                    "not on the {} subnet {} ({}): a copy goes to the collector as next hop, \
+                     unchanged, so it must be on-link there (behind a gateway the copy would go \
+                     to its real destination); put the collector on that subnet or pick \
+                     another --via",
+                    via.side,
+                    via.subnet(),
+                    via.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The side whose subnet holds `collector`, for a mirror given no `--via`.
+pub fn side_reaching(collector: Ipv4Addr, sides: Sides<'_>) -> Option<Side> {
+    Side::ALL.into_iter().find(|&side| {
+        sides
+            .get(side)
+            .is_some_and(|ready| ready.subnet().contains(&collector))
+    })
+}
+
+/// The comment that ties a mirror's nft rules (one per side) to the model, for counters.
+pub fn mirror_comment(id: u64) -> String {
+    format!("mirror {id}")
+}
+
+/// The mirror chain: for each mirror whose sides and `via` are up, one rule per mirrored
+/// side. A mirror whose collector is no longer on `via`'s subnet is left out, never sent
+/// through a gateway.
+pub fn compile_mirrors(mirrors: &[Mirror], sides: Sides<'_>) -> CompiledChain {
+    let mut rules = Vec::new();
+    for mirror in mirrors {
+        let Some(via) = sides.get(mirror.via) else {
+            continue;
+        };
+        if mirror.check_collector(via).is_err() {
+            continue;
+        }
+        let mut inputs: Vec<&str> = Vec::new();
+        for &side in mirror.side.sides() {
+            // One-armed, left and right are one interface: one copy per packet still.
+            match sides.get(side) {
+                Some(ready) if !inputs.contains(&ready.name.as_str()) => inputs.push(&ready.name),
+                _ => {}
+            }
+        }
+        let collector = mirror.to.to_string();
+        for input in inputs {
+            let mut statements = vec![
+                matches(meta(MetaKey::Iifname), string(input)),
+                matches(
+                    Expression::Named(NamedExpression::Fib(Fib {
+                        result: FibResult::Type,
+                        flags: [FibFlag::Daddr].into_iter().collect(),
+                    })),
+                    string("unicast"),
+                ),
+                differs(payload("ip", "saddr"), string(&collector)),
+                differs(payload("ip", "daddr"), string(&collector)),
+            ];
+            statements.extend(match_statements(&mirror.matching.as_rule(mirror.id)));
+            statements.push(counter());
+            statements.push(Statement::Dup(Dup {
+                addr: string(&collector),
+                dev: Some(string(&via.name)),
+            }));
+            rules.push(NftRule {
+                family: NfFamily::IP,
+                table: MIRROR_TABLE.into(),
+                chain: CHAIN_MIRROR.into(),
+                ..rule(statements, Some(mirror_comment(mirror.id)))
+            });
+        }
+    }
+    CompiledChain {
+        chain: Chain {
+            family: NfFamily::IP,
+            table: MIRROR_TABLE.into(),
+            name: CHAIN_MIRROR.into(),
+            _type: Some(NfChainType::Filter),
+            hook: Some(NfHook::Prerouting),
+            prio: Some(RAW_PRIORITY),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        },
+        rules,
+    }
+}
+
+fn differs(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(side: Side, name: &str, address: &str) -> ReadySide {
+        ReadySide {
+            side,
+            index: 2,
+            name: name.into(),
+            address: address.parse().unwrap(),
+        }
+    }
+
+    fn mirror(side: MirrorSide, to: &str, via: Side) -> Mirror {
+        Mirror {
+            id: 1,
+            side,
+            matching: "proto udp dport 5000".parse().unwrap(),
+            to: to.parse().unwrap(),
+            via,
+        }
+    }
+
+    #[test]
+    fn matches_parse_print_and_check() {
+        let text = "proto udp from 10.0.0.0/8 to 192.0.2.7 sport 1:2 dport 53";
+        let parsed: MirrorMatch = text.parse().unwrap();
+        assert_eq!(
+            parsed.to_string(),
+            "proto udp from 10.0.0.0/8 to 192.0.2.7/32 sport 1:2 dport 53"
+        );
+        for (bad, needle) in [
+            ("proto", "`proto` needs a value"),
+            ("colour red", "unknown word `colour`"),
+            ("from 10.0.0.300", "not a CIDR"),
+            ("proto tpc", "unknown protocol name"),
+        ] {
+            let error = bad.parse::<MirrorMatch>().unwrap_err().to_string();
+            assert!(error.contains(needle), "{bad}: {error}");
+        }
+        let mut ports_without_protocol = mirror(MirrorSide::Left, "10.0.3.9", Side::Management);
+        ports_without_protocol.matching.protocol = Protocol::Any;
+        assert!(ports_without_protocol
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs protocol tcp"));
+        let mut ipv6 = mirror(MirrorSide::Left, "10.0.3.9", Side::Management);
+        ipv6.matching.source = Some("fd00::/64".parse().unwrap());
+        assert!(ipv6.validate().unwrap_err().to_string().contains("IPv4"));
+    }
+
+    #[test]
+    fn state_files_without_mirrors_load_and_mirror_ids_are_checked() {
+        let old =
+            r#"{"version":1,"rules":[{"id":1,"action":"deny","direction":"both"}],"next_id":2}"#;
+        let mut set = crate::firewall::RuleSet::from_json(old, "old state").unwrap();
+        assert!(set.mirrors.is_empty());
+        assert!(!serde_json::to_string(&set).unwrap().contains("mirrors"));
+        let mut clash = mirror(MirrorSide::Left, "10.0.3.9", Side::Management);
+        clash.id = 1;
+        set.mirrors.push(clash);
+        assert!(set
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("a mirror shares this id"));
+        set.mirrors[0].id = set.allocate_id();
+        let text = serde_json::to_string(&set).unwrap();
+        assert_eq!(
+            crate::firewall::RuleSet::from_json(&text, "new state").unwrap(),
+            set
+        );
+    }
+
+    #[test]
+    fn one_rule_per_mirrored_side_and_only_to_an_on_link_collector() {
+        let (left, right, mgmt) = (
+            ready(Side::Left, "eth0", "10.0.1.2/24"),
+            ready(Side::Right, "eth1", "10.0.2.2/24"),
+            ready(Side::Management, "eth2", "10.0.3.2/24"),
+        );
+        let sides = Sides {
+            left: Some(&left),
+            right: Some(&right),
+            management: Some(&mgmt),
+        };
+        assert_eq!(
+            side_reaching("10.0.3.9".parse().unwrap(), sides),
+            Some(Side::Management)
+        );
+        assert_eq!(side_reaching("192.0.2.1".parse().unwrap(), sides), None);
+        let both = mirror(MirrorSide::Both, "10.0.3.9", Side::Management);
+        let chain = compile_mirrors(std::slice::from_ref(&both), sides);
+        assert_eq!(chain.rules.len(), 2);
+        let text = serde_json::to_string(&chain.rules[0]).unwrap();
+        assert!(
+            text.contains(r#"{"dup":{"addr":"10.0.3.9","dev":"eth2"}}"#),
+            "{text}"
+        );
+        // Off-link: via the right side, 10.0.3.9 is behind a gateway.
+        let off_link = mirror(MirrorSide::Left, "10.0.3.9", Side::Right);
+        assert!(off_link
+            .check_collector(&right)
+            .unwrap_err()
+            .to_string()
+            .contains("must be on-link"));
+        assert!(compile_mirrors(&[off_link], sides).rules.is_empty());
+        let own_address = mirror(MirrorSide::Left, "10.0.3.2", Side::Management);
+        assert!(own_address.check_collector(&mgmt).is_err());
+    }
+}
