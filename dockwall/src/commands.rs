@@ -99,6 +99,10 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             println!("{}", to_json(&document)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ufw(args) => {
+            let editor = editor(&args.edit);
+            crate::ufw::run(&store, editor, args).await
+        }
         Command::Apply { file, edit } => {
             let new = read_rule_set(&file)?;
             editor(&edit)
@@ -114,14 +118,17 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
     }
 }
 
-struct Editor<'a> {
-    store: &'a Store,
-    selectors: SideSelectors,
+pub(crate) struct Editor<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) selectors: SideSelectors,
     dry_run: bool,
 }
 
 impl Editor<'_> {
-    async fn edit(&self, change: impl FnOnce(&mut RuleSet) -> Result<()>) -> Result<EditOutcome> {
+    pub(crate) async fn edit(
+        &self,
+        change: impl FnOnce(&mut RuleSet) -> Result<()>,
+    ) -> Result<EditOutcome> {
         let outcome = firewall::edit(self.store, &self.selectors, self.dry_run, change).await;
         if !self.dry_run {
             count_edit(self.store, outcome.is_ok());
@@ -382,7 +389,7 @@ fn select<T>(items: &[T], selector: &RuleSelector, id_of: impl Fn(&T) -> u64) ->
     }
 }
 
-fn to_json(value: &impl Serialize) -> Result<String> {
+pub(crate) fn to_json(value: &impl Serialize) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|e| Error::Io {
         context: "render JSON".into(),
         source: e.into(),
@@ -396,19 +403,24 @@ impl Editor<'_> {
             Applied::Kernel(kind) => println!("{message} (applied: {})", spelled(kind)),
             Applied::StoredOnly => {
                 println!("{message} (stored, not applied)");
-                eprintln!(
-                    "dockwall: not applied: this network namespace has no Dockwall table (nft \
-                 inet {table}), so no `dockwall run` enforces rules here. Is this the SI's \
-                 namespace? For a container SI run the command inside it: `docker exec <si> \
-                 dockwall …`. Is `dockwall run` running? The rules are stored in {file} and \
-                 apply when `dockwall run` starts with that state directory.",
-                    table = compile::TABLE,
-                    file = self.store.rules_path().display(),
-                );
+                explain_not_applied(self.store);
             }
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Why an edit was only stored, and what to check (stderr).
+pub(crate) fn explain_not_applied(store: &Store) {
+    eprintln!(
+        "dockwall: not applied: this network namespace has no Dockwall table (nft inet {table}), \
+         so no `dockwall run` enforces rules here. Is this the SI's namespace? For a container \
+         SI run the command inside it: `docker exec <si> dockwall …`. Is `dockwall run` \
+         running? The rules are stored in {file} and apply when `dockwall run` starts with \
+         that state directory.",
+        table = compile::TABLE,
+        file = store.rules_path().display(),
+    );
 }
 
 fn counter_of(counters: &Counters, comment: String) -> (u64, u64) {
@@ -449,7 +461,7 @@ fn spelled<T: Serialize>(value: &T) -> String {
         .unwrap_or_default()
 }
 
-fn describe(rule: &Rule) -> String {
+pub(crate) fn describe(rule: &Rule) -> String {
     let mut text = format!("{} {}", spelled(&rule.action), spelled(&rule.direction));
     if let Some(rate) = rule.rate {
         text += &format!(" rate {}", String::from(rate));

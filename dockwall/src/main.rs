@@ -5,6 +5,7 @@
 mod commands;
 mod fwaas;
 mod metrics;
+mod ufw;
 mod ufw_words;
 
 use std::path::PathBuf;
@@ -134,6 +135,10 @@ pub enum Command {
         #[arg(long = "fwaas", required = true)]
         fwaas: bool,
     },
+    /// ufw's grammar for the rules: `ufw allow 22/tcp`, `ufw route deny in on eth0 out on
+    /// eth1 proto icmp`, `ufw status numbered`, `ufw delete 3` (answers in ufw's words)
+    #[command(after_long_help = ufw::HELP)]
+    Ufw(ufw::UfwArgs),
     /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
     /// file use)
     Apply {

@@ -1,0 +1,523 @@
+//! ufw's command words → what they mean in Dockwall's rule model. Pure: the interface names
+//! of the sides come in as [`SideNames`], so the table test needs no kernel.
+
+use ipnet::IpNet;
+use vnf_core::firewall::model::TimeUnit;
+use vnf_core::firewall::{Action, Direction, Policy, PortRange, Protocol, Rate, Rule};
+use vnf_core::side::Side;
+use vnf_core::{Error, Result};
+
+/// ufw's `limit`: deny a source after 6 connections in 30 seconds. The model's limit is one
+/// rate for all sources together; established traffic is accepted before any rule, so it
+/// counts new connections: 12 a minute is the same pace.
+pub const UFW_LIMIT: Rate = Rate {
+    packets: 12,
+    per: TimeUnit::Minute,
+};
+
+/// ufw's service names for common ports (its `allow ssh`), with the protocol they mean.
+const SERVICES: [(&str, u16); 3] = [("ssh", 22), ("http", 80), ("https", 443)];
+
+/// ufw's protocol names that the model knows only by number.
+const PROTOCOL_NUMBERS: [(&str, u8); 3] = [("ipv6", 41), ("igmp", 2), ("vrrp", 112)];
+
+/// ufw caps a port list at 15 entries; so does this (each entry becomes a rule).
+const MAX_PORT_LIST: usize = 15;
+
+/// The interfaces that serve the sides now, as the side assignment sees them.
+#[derive(Debug, Clone, Default)]
+pub struct SideNames {
+    pub left: Option<String>,
+    pub right: Option<String>,
+    pub mgmt: Option<String>,
+}
+
+impl SideNames {
+    /// The interface name ufw's `on IF` uses for a side (the side's name while it has none).
+    pub fn interface(&self, side: Side) -> &str {
+        let name = match side {
+            Side::Left => &self.left,
+            Side::Right => &self.right,
+            Side::Management => &self.mgmt,
+        };
+        name.as_deref().unwrap_or(side.as_str())
+    }
+
+    fn side_of(&self, name: &str) -> Result<Side> {
+        for side in [Side::Left, Side::Right] {
+            if name == side.as_str() || self.interface(side) == name {
+                return Ok(side);
+            }
+        }
+        let reason = if self.mgmt.as_deref() == Some(name) {
+            "is the management interface; route rules filter what crosses between left and right"
+        } else {
+            "is not a side of this SI"
+        };
+        Err(Error::invalid(
+            "interface",
+            name,
+            format!(
+                "{reason}: use the left interface ({}) or the right one ({}), or the words left and right",
+                self.interface(Side::Left),
+                self.interface(Side::Right)
+            ),
+        ))
+    }
+}
+
+/// What a ufw command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UfwCommand {
+    /// Add rules (one ufw rule can be several Dockwall rules: `allow 22` is tcp and udp), at
+    /// a 1-based position (`insert N`, `prepend`) or at the end.
+    Add {
+        rules: Vec<Rule>,
+        at: Option<usize>,
+    },
+    /// Delete the rules these words make.
+    Delete(Vec<Rule>),
+    /// Delete the rule numbered N in `status numbered`.
+    DeleteNumber(usize),
+    Status(StatusView),
+    /// `default allow|deny routed`: the forward policy.
+    DefaultRouted(Policy),
+    Enable,
+    Reload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusView {
+    Plain,
+    Numbered,
+    Verbose,
+}
+
+fn refused(word: &str, reason: impl ToString) -> Error {
+    Error::invalid("ufw word", word, reason)
+}
+
+fn missing(after: &str, what: &str) -> Error {
+    Error::invalid("ufw command", after, format!("{what} must follow"))
+}
+
+pub fn parse(words: &[String], sides: &SideNames) -> Result<UfwCommand> {
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [] => Err(Error::invalid(
+            "ufw command",
+            "",
+            "give one, e.g. `allow 22/tcp`, `status numbered` or `delete 3`",
+        )),
+        ["status"] => Ok(UfwCommand::Status(StatusView::Plain)),
+        ["status", "numbered"] => Ok(UfwCommand::Status(StatusView::Numbered)),
+        ["status", "verbose"] => Ok(UfwCommand::Status(StatusView::Verbose)),
+        ["status", other, ..] => Err(refused(
+            other,
+            "use `status`, `status numbered` or `status verbose`",
+        )),
+        ["enable"] => Ok(UfwCommand::Enable),
+        ["reload"] => Ok(UfwCommand::Reload),
+        ["disable"] => Err(refused(
+            "disable",
+            "Dockwall filters while `dockwall run` runs and has no off switch; to let everything \
+             through use `default allow routed` and delete the rules",
+        )),
+        ["default", rest @ ..] => parse_default(rest),
+        [command @ ("logging" | "reset" | "show" | "app" | "version"), ..] => Err(refused(
+            command,
+            "this ufw command is not supported by Dockwall (rules, status, default routed, \
+             enable and reload are)",
+        )),
+        _ => parse_rule_command(&words, sides),
+    }
+}
+
+fn parse_default(rest: &[&str]) -> Result<UfwCommand> {
+    let (policy, direction) = match rest {
+        [policy] => (*policy, "incoming"),
+        [policy, direction] => (*policy, *direction),
+        _ => return Err(missing("default", "allow|deny routed")),
+    };
+    let policy = match policy {
+        "allow" => Policy::Accept,
+        "deny" => Policy::Drop,
+        "reject" => {
+            return Err(refused(
+                "reject",
+                "Dockwall's default policy accepts or drops; use `default deny routed`",
+            ))
+        }
+        other => {
+            return Err(refused(
+                other,
+                "use `default allow routed` or `default deny routed`",
+            ))
+        }
+    };
+    match direction {
+        "routed" => Ok(UfwCommand::DefaultRouted(policy)),
+        "incoming" => Err(refused(
+            direction,
+            "Dockwall accepts traffic to the SI unless a rule (`ufw deny …`) says otherwise; only \
+             routed traffic has a default policy: add `routed`",
+        )),
+        "outgoing" => Err(refused(
+            direction,
+            "Dockwall does not filter the SI's own outgoing traffic; only routed traffic has a \
+             default policy: `default allow|deny routed`",
+        )),
+        other => Err(refused(other, "use `routed`")),
+    }
+}
+
+/// `[rule] [route] [delete] [insert N | prepend] ACTION …` and `[route] delete N`.
+fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
+    let (mut route, mut delete, mut at) = (false, false, None);
+    let mut rest = words;
+    loop {
+        match rest {
+            ["rule", tail @ ..] => rest = tail,
+            ["route", tail @ ..] => {
+                route = true;
+                rest = tail;
+            }
+            ["delete", number] if number.bytes().all(|b| b.is_ascii_digit()) => {
+                return number
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .map(UfwCommand::DeleteNumber)
+                    .ok_or_else(|| {
+                        refused(number, "rule numbers start at 1; see `status numbered`")
+                    });
+            }
+            ["delete", tail @ ..] => {
+                delete = true;
+                rest = tail;
+            }
+            ["insert", number, tail @ ..] => {
+                at = Some(position(number)?);
+                rest = tail;
+            }
+            ["insert"] => return Err(missing("insert", "a rule number")),
+            ["prepend", tail @ ..] => {
+                at = Some(1);
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+    let (action, tail) = match rest {
+        [action, tail @ ..] => (parse_action(action)?, tail),
+        [] => {
+            return Err(missing(
+                words.last().unwrap_or(&""),
+                "allow|deny|reject|limit",
+            ))
+        }
+    };
+    let rules = parse_rule(action, tail, route, sides)?;
+    match (delete, at) {
+        (true, Some(_)) => Err(refused("insert", "delete and insert do not go together")),
+        (true, None) => Ok(UfwCommand::Delete(rules)),
+        (false, at) => Ok(UfwCommand::Add { rules, at }),
+    }
+}
+
+fn position(word: &str) -> Result<usize> {
+    word.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| {
+        refused(
+            word,
+            "insert takes a rule number (1 = first), as `status numbered` shows",
+        )
+    })
+}
+
+fn parse_action(word: &str) -> Result<Action> {
+    match word {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        "reject" => Ok(Action::Reject),
+        "limit" => Ok(Action::Limit),
+        other => Err(refused(
+            other,
+            "expected allow, deny, reject or limit (or status, delete N, insert N, route, default)",
+        )),
+    }
+}
+
+/// The words after the action, gathered before they become rules.
+#[derive(Default)]
+struct Words {
+    interface_in: Option<String>,
+    interface_out: Option<String>,
+    log: bool,
+    protocol: Option<Protocol>,
+    source: Option<Option<IpNet>>,
+    destination: Option<Option<IpNet>>,
+    source_ports: Option<Vec<PortRange>>,
+    destination_ports: Option<Vec<PortRange>>,
+    /// The short form `PORT[/PROTO]` or a service name.
+    short: Option<(Vec<PortRange>, Option<Protocol>)>,
+    comment: Option<String>,
+}
+
+fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> Result<Vec<Rule>> {
+    let mut words = Words::default();
+    let mut rest = tail.iter().copied();
+    let mut next = |after: &str, what: &str| rest_next(&mut rest, after, what);
+    // A closure cannot lend `rest` to the loop and itself; the loop reads through `next`.
+    let mut pending: Option<&str> = None;
+    loop {
+        let word = match pending.take() {
+            Some(word) => word,
+            None => match next("", "") {
+                Ok(word) => word,
+                Err(_) => break,
+            },
+        };
+        match word {
+            "in" | "out" => {
+                let on = next(word, "`on INTERFACE`").ok();
+                match on {
+                    Some("on") => {
+                        let name = next("on", "an interface name")?.to_owned();
+                        if !route {
+                            return Err(refused(
+                                "on",
+                                format!(
+                                    "Dockwall's rules for traffic to the SI match every interface; \
+                                     for traffic crossing the SI write `route {} {word} on {name} …`",
+                                    action_word(action)
+                                ),
+                            ));
+                        }
+                        let slot = if word == "in" {
+                            &mut words.interface_in
+                        } else {
+                            &mut words.interface_out
+                        };
+                        if slot.replace(name).is_some() {
+                            return Err(refused(word, format!("`{word} on` is given twice")));
+                        }
+                    }
+                    other => {
+                        if route {
+                            return Err(refused(
+                                word,
+                                format!("route rules name the interface: `{word} on IF`"),
+                            ));
+                        }
+                        if word == "out" {
+                            return Err(refused(
+                                "out",
+                                "Dockwall does not filter the SI's own outgoing traffic; for traffic \
+                                 crossing the SI use `route … out on IF`",
+                            ));
+                        }
+                        pending = other;
+                    }
+                }
+            }
+            "log" => words.log = true,
+            "log-all" => {
+                return Err(refused(
+                    "log-all",
+                    "established traffic is accepted before any rule, so only new connections \
+                     can be logged: use `log`",
+                ))
+            }
+            "proto" => {
+                if words.protocol.is_some() {
+                    return Err(refused("proto", "`proto` is given twice"));
+                }
+                words.protocol = Some(parse_protocol(next("proto", "a protocol")?)?);
+            }
+            "from" | "to" => {
+                let address = parse_address(next(word, "an address, a CIDR or any")?)?;
+                let mut ports = None;
+                match next(word, "").ok() {
+                    Some("port") => ports = Some(parse_ports(next("port", "a port")?)?.0),
+                    Some("app") => return Err(app_refused()),
+                    other => pending = other,
+                }
+                let (slot, port_slot) = if word == "from" {
+                    (&mut words.source, &mut words.source_ports)
+                } else {
+                    (&mut words.destination, &mut words.destination_ports)
+                };
+                if slot.replace(address).is_some() {
+                    return Err(refused(word, format!("`{word}` is given twice")));
+                }
+                *port_slot = ports;
+            }
+            "port" => {
+                return Err(refused(
+                    "port",
+                    "`port` follows an address: `to any port 22` or `from 10.0.0.0/8 port 53`",
+                ))
+            }
+            "app" => return Err(app_refused()),
+            "comment" => words.comment = Some(next("comment", "the comment text")?.to_owned()),
+            other if words.short.is_none() => words.short = Some(parse_ports(other)?),
+            other => return Err(refused(other, "unexpected word after the port")),
+        }
+    }
+    into_rules(action, words, route, sides)
+}
+
+fn rest_next<'a>(
+    rest: &mut impl Iterator<Item = &'a str>,
+    after: &str,
+    what: &str,
+) -> Result<&'a str> {
+    rest.next().ok_or_else(|| missing(after, what))
+}
+
+fn app_refused() -> Error {
+    refused(
+        "app",
+        "ufw application profiles are not supported; give the port, e.g. `to any port 22 proto tcp`",
+    )
+}
+
+fn action_word(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+        Action::Reject => "reject",
+        Action::Limit => "limit",
+    }
+}
+
+fn parse_protocol(word: &str) -> Result<Protocol> {
+    match PROTOCOL_NUMBERS.iter().find(|(name, _)| *name == word) {
+        Some(&(_, number)) => Ok(Protocol::Number(number)),
+        None => word.parse(),
+    }
+}
+
+fn parse_address(word: &str) -> Result<Option<IpNet>> {
+    if word == "any" {
+        return Ok(None);
+    }
+    crate::parse_net(word)
+        .map(Some)
+        .map_err(|reason| Error::invalid("address", word, reason))
+}
+
+/// `22`, `22/tcp`, `8000:8100/udp`, `80,443/tcp`, `ssh`: the ports and the protocol after
+/// the slash (a service name brings its own).
+fn parse_ports(word: &str) -> Result<(Vec<PortRange>, Option<Protocol>)> {
+    let (ports, protocol) = match word.split_once('/') {
+        Some((ports, protocol)) => (ports, Some(parse_protocol(protocol)?)),
+        None => (word, None),
+    };
+    if let Some(&(_, port)) = SERVICES.iter().find(|(name, _)| *name == ports) {
+        return Ok((
+            vec![PortRange::single(port)],
+            protocol.or(Some(Protocol::Tcp)),
+        ));
+    }
+    if !ports.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(refused(
+            word,
+            "expected PORT[/PROTO] (22/tcp, 8000:8100/udp, 80,443/tcp) or ssh, http, https; \
+             other service names and ufw application profiles are not supported",
+        ));
+    }
+    let list: Vec<PortRange> = ports.split(',').map(str::parse).collect::<Result<_>>()?;
+    if list.len() > MAX_PORT_LIST {
+        return Err(refused(
+            word,
+            format!("at most {MAX_PORT_LIST} ports in a list"),
+        ));
+    }
+    Ok((list, protocol))
+}
+
+fn route_direction(words: &Words, sides: &SideNames) -> Result<Direction> {
+    let side = |name: &Option<String>| name.as_deref().map(|n| sides.side_of(n)).transpose();
+    match (side(&words.interface_in)?, side(&words.interface_out)?) {
+        (Some(a), Some(b)) if a == b => Err(refused(
+            words.interface_out.as_deref().unwrap_or_default(),
+            "in and out are the same side; Dockwall filters what crosses from one side to the other",
+        )),
+        (Some(Side::Left), _) | (None, Some(Side::Right)) => Ok(Direction::LeftToRight),
+        (Some(_), _) | (None, Some(_)) => Ok(Direction::RightToLeft),
+        (None, None) => Ok(Direction::Both),
+    }
+}
+
+fn into_rules(action: Action, words: Words, route: bool, sides: &SideNames) -> Result<Vec<Rule>> {
+    let direction = if route {
+        route_direction(&words, sides)?
+    } else {
+        Direction::Local
+    };
+    let (short_ports, short_protocol) = match words.short {
+        Some(_) if words.source.is_some() || words.destination.is_some() || words.protocol.is_some() => {
+            return Err(refused(
+                "from",
+                "PORT[/PROTO] is ufw's short form; with from/to/proto write the port as `to any port N`",
+            ))
+        }
+        Some((ports, protocol)) => (Some(ports), protocol),
+        None => (None, None),
+    };
+    let destination_ports = short_ports.or(words.destination_ports);
+    let protocol = short_protocol.or(words.protocol);
+    let has_ports = destination_ports.is_some() || words.source_ports.is_some();
+    // ufw means tcp and udp by a port without a protocol; a Dockwall rule has one protocol.
+    let protocols = match protocol {
+        None if has_ports => vec![Protocol::Tcp, Protocol::Udp],
+        protocol => vec![protocol.unwrap_or_default()],
+    };
+    let optional = |ports: Option<Vec<PortRange>>| match ports {
+        Some(list) => list.into_iter().map(Some).collect(),
+        None => vec![None],
+    };
+    let source_ports: Vec<Option<PortRange>> = optional(words.source_ports);
+    let destination_ports: Vec<Option<PortRange>> = optional(destination_ports);
+    let mut rules = Vec::new();
+    for &protocol in &protocols {
+        for &source_port in &source_ports {
+            for &destination_port in &destination_ports {
+                let rule = Rule {
+                    id: 0,
+                    name: None,
+                    action,
+                    rate: (action == Action::Limit).then_some(UFW_LIMIT),
+                    direction,
+                    protocol,
+                    source: words.source.flatten(),
+                    destination: words.destination.flatten(),
+                    source_port,
+                    destination_port,
+                    enabled: true,
+                    log: words.log,
+                    comment: words.comment.clone(),
+                    external_id: None,
+                };
+                rule.validate_as("the ufw rule")?;
+                rules.push(rule);
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// Whether two rules filter the same way (ids, names, comments and enabling aside): what
+/// ufw calls an existing rule.
+pub fn same_rule(a: &Rule, b: &Rule) -> bool {
+    let essence = |rule: &Rule| Rule {
+        id: 0,
+        name: None,
+        enabled: true,
+        comment: None,
+        external_id: None,
+        ..rule.clone()
+    };
+    essence(a) == essence(b)
+}
