@@ -54,13 +54,17 @@ impl SideNames {
         } else {
             "is not a side of this SI"
         };
+        let described = |side: Side| match self.interface(side) {
+            name if name == side.as_str() => format!("{side} (no interface yet)"),
+            name => format!("{side} ({name})"),
+        };
         Err(Error::invalid(
             "interface",
             name,
             format!(
-                "{reason}: use the left interface ({}) or the right one ({}), or the words left and right",
-                self.interface(Side::Left),
-                self.interface(Side::Right)
+                "{reason}: use {} or {}, by interface name or side name",
+                described(Side::Left),
+                described(Side::Right)
             ),
         ))
     }

@@ -161,11 +161,9 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
                         !matches
                     });
                     if deleted.is_empty() {
-                        return Err(Error::invalid(
-                            "ufw rule",
-                            &said,
-                            "Could not delete non-existent rule (see `dockwall ufw status`)",
-                        ));
+                        return Err(Error::Vnf(format!(
+                            "Could not delete non-existent rule `{said}` (see `dockwall ufw status`)"
+                        )));
                     }
                     Ok(())
                 })
@@ -177,14 +175,11 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
             let outcome = editor
                 .edit(|set| {
                     if number > set.rules.len() {
-                        return Err(Error::invalid(
-                            "rule number",
-                            number,
-                            format!(
-                                "Could not find rule '{number}': there are {} (see `dockwall ufw status numbered`)",
-                                set.rules.len()
-                            ),
-                        ));
+                        return Err(Error::Vnf(format!(
+                            "Could not find rule '{number}': there are {} (see `dockwall ufw \
+                             status numbered`)",
+                            set.rules.len()
+                        )));
                     }
                     deleted = Some(set.rules.remove(number - 1));
                     Ok(())
@@ -203,11 +198,10 @@ fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Vec<u64
     let count = set.rules.len();
     let mut index = match at {
         Some(position) if position > count + 1 => {
-            return Err(Error::invalid(
-                "insert position",
-                position,
-                format!("Invalid position '{position}': use 1-{}", count + 1),
-            ))
+            return Err(Error::Vnf(format!(
+                "Invalid position '{position}': use 1-{} (see `dockwall ufw status numbered`)",
+                count + 1
+            )))
         }
         Some(position) => position - 1,
         None => count,
@@ -228,12 +222,11 @@ fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Vec<u64
 fn require_active() -> Result<()> {
     match nft::kernel_fingerprint()? {
         Some(_) => Ok(()),
-        None => Err(Error::invalid(
-            "firewall",
-            "inactive",
+        None => Err(Error::Vnf(
             "Firewall not enabled: no `dockwall run` in this network namespace; it enforces the \
              stored rules when it starts (for a container SI run this inside it: `docker exec \
-             <si> dockwall ufw …`)",
+             <si> dockwall ufw …`)"
+                .into(),
         )),
     }
 }

@@ -37,6 +37,15 @@ fn route_sides(direction: Direction) -> Option<(Side, Side)> {
     }
 }
 
+/// An address as ufw writes it: a host without its /32 or /128.
+fn address(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
 /// ufw's address column: the address (`Anywhere`), the port with its protocol, the interface.
 fn endpoint(
     net: Option<IpNet>,
@@ -44,7 +53,7 @@ fn endpoint(
     protocol: Protocol,
     interface: Option<&str>,
 ) -> String {
-    let address = net.map_or("Anywhere".to_owned(), |net| net.to_string());
+    let address = net.map_or("Anywhere".to_owned(), address);
     let mut text = match port {
         Some(port) if net.is_none() => format!("{port}/{protocol}"),
         Some(port) => format!("{address} {port}/{protocol}"),
@@ -164,7 +173,7 @@ pub fn words(rule: &Rule, sides: &SideNames) -> String {
         if rule.protocol != Protocol::Any {
             words.push(format!("proto {}", rule.protocol));
         }
-        let any = |net: Option<IpNet>| net.map_or("any".to_owned(), |net| net.to_string());
+        let any = |net: Option<IpNet>| net.map_or("any".to_owned(), address);
         if rule.source.is_some() || rule.source_port.is_some() {
             words.push(format!("from {}", any(rule.source)));
             if let Some(port) = rule.source_port {

@@ -230,6 +230,8 @@ fn a_rules_ufw_words_make_the_same_rule() {
         "route allow in on eth1 out on eth0 to 10.0.0.0/24 port 80 proto tcp",
         "route deny in on eth0 out on eth1 proto icmp",
         "route reject proto gre",
+        "route insert 1 reject from 198.51.100.7",
+        "allow from fd00::/64 to fd00::1 port 22 proto tcp",
     ];
     for line in lines {
         let UfwCommand::Add { rules, .. } = command(line).unwrap() else {
@@ -281,6 +283,7 @@ fn status_prints_ufws_table() {
         "route deny in on eth0 out on eth1 proto icmp",
         "limit from 10.0.0.0/8 to any port 22 proto tcp comment admins",
         "route allow to 192.0.2.0/24 port 443 proto tcp",
+        "route insert 1 reject from 198.51.100.7",
     ]);
     set.default_policy = Policy::Drop;
     let rows: Vec<_> = set
@@ -295,15 +298,17 @@ fn status_prints_ufws_table() {
 
      To                         Action      From
      --                         ------      ----
-[ 1] 22/tcp                     ALLOW IN    Anywhere
-[ 2] Anywhere/icmp on eth1      DENY FWD    Anywhere on eth0
-[ 3] 22/tcp                     LIMIT IN    10.0.0.0/8  # admins
-[ 4] 192.0.2.0/24 443/tcp       ALLOW FWD   Anywhere
+[ 1] Anywhere                   REJECT FWD  198.51.100.7
+[ 2] 22/tcp                     ALLOW IN    Anywhere
+[ 3] Anywhere/icmp on eth1      DENY FWD    Anywhere on eth0
+[ 4] 22/tcp                     LIMIT IN    10.0.0.0/8  # admins
+[ 5] 192.0.2.0/24 443/tcp       ALLOW FWD   Anywhere
 "
     );
     let plain: Vec<_> = set
         .rules
         .iter()
+        .skip(1)
         .take(1)
         .map(|rule| status::row(rule, 1, &sides(), StatusView::Verbose))
         .collect();
