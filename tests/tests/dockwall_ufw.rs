@@ -59,10 +59,24 @@ fn ufw_route_deny_icmp_blocks_ping_left_to_right_until_deleted() {
 [ 2] 22/tcp                     ALLOW IN    Anywhere
 "
     );
-    let listed: serde_json::Value =
-        serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
-    assert_eq!(listed["rules"][0]["direction"], "left-to-right");
-    assert_eq!(listed["rules"][1]["direction"], "local");
+    let status: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["ufw", "status", "--json"])).unwrap();
+    assert_eq!(status["status"], "active");
+    assert_eq!(
+        status["rules"][0]["ufw"],
+        "route deny in on eth0 out on eth1 proto icmp"
+    );
+    assert_eq!(status["rules"][0]["rule"]["direction"], "left-to-right");
+    assert_eq!(status["rules"][1]["rule"]["direction"], "local");
+    assert_eq!(
+        dockwall.ok(&["ufw", "enable"]),
+        "Firewall is active and enabled on system startup\n"
+    );
+    assert_eq!(dockwall.ok(&["ufw", "reload"]), "Firewall reloaded\n");
+    assert!(
+        !ping(&chain.left_host, RIGHT_HOST),
+        "reloaded, the rule still blocks"
+    );
 
     let delete = [&["ufw", "route", "delete"][..], &rule[1..]].concat();
     assert_eq!(dockwall.ok(&delete), "Rule deleted\n");
