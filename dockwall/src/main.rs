@@ -6,7 +6,6 @@ mod commands;
 mod fwaas;
 mod metrics;
 mod ufw;
-mod ufw_words;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -321,7 +320,7 @@ fn with_ufw_hint(mut error: clap::Error) -> clap::Error {
         _ => return error,
     };
     let args: Vec<String> = std::env::args().collect();
-    if let Some(hint) = ufw_words::did_you_mean(&args, &unexpected) {
+    if let Some(hint) = ufw::did_you_mean(&args, &unexpected) {
         error.insert(
             ContextKind::Suggested,
             ContextValue::StyledStrs(vec![hint.into()]),

@@ -413,7 +413,7 @@ fn parse_address(word: &str) -> Result<Option<IpNet>> {
 
 /// `22`, `22/tcp`, `8000:8100/udp`, `80,443/tcp`, `ssh`: the ports and the protocol after
 /// the slash (a service name brings its own).
-fn parse_ports(word: &str) -> Result<(Vec<PortRange>, Option<Protocol>)> {
+pub fn parse_ports(word: &str) -> Result<(Vec<PortRange>, Option<Protocol>)> {
     let (ports, protocol) = match word.split_once('/') {
         Some((ports, protocol)) => (ports, Some(parse_protocol(protocol)?)),
         None => (word, None),

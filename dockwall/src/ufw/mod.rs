@@ -2,6 +2,7 @@
 //! edit goes through the same locked edit as `dockwall rule`; the answers are ufw's words.
 
 mod grammar;
+mod hint;
 mod status;
 
 use std::process::ExitCode;
@@ -17,6 +18,7 @@ use vnf_core::{Error, Result};
 use crate::commands::{explain_not_applied, Editor};
 use crate::EditArgs;
 use grammar::{same_rule, SideNames, UfwCommand};
+pub use hint::did_you_mean;
 
 pub const HELP: &str = "\
 ufw's grammar, for what Dockwall's rule model has:
