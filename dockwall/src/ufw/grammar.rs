@@ -262,6 +262,8 @@ struct Words {
     destination: Option<Option<IpNet>>,
     source_ports: Option<Vec<PortRange>>,
     destination_ports: Option<Vec<PortRange>>,
+    /// The protocol a service name after `port` brings (`to any port ssh`).
+    implied_protocol: Option<Protocol>,
     /// The short form `PORT[/PROTO]` or a service name.
     short: Option<(Vec<PortRange>, Option<Protocol>)>,
     comment: Option<String>,
@@ -269,61 +271,47 @@ struct Words {
 
 fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> Result<Vec<Rule>> {
     let mut words = Words::default();
-    let mut rest = tail.iter().copied();
-    let mut next = |after: &str, what: &str| rest_next(&mut rest, after, what);
-    // A closure cannot lend `rest` to the loop and itself; the loop reads through `next`.
-    let mut pending: Option<&str> = None;
-    loop {
-        let word = match pending.take() {
-            Some(word) => word,
-            None => match next("", "") {
-                Ok(word) => word,
-                Err(_) => break,
-            },
-        };
+    let mut rest = tail.iter().copied().peekable();
+    while let Some(word) = rest.next() {
         match word {
-            "in" | "out" => {
-                let on = next(word, "`on INTERFACE`").ok();
-                match on {
-                    Some("on") => {
-                        let name = next("on", "an interface name")?.to_owned();
-                        if !route {
-                            return Err(refused(
-                                "on",
-                                format!(
-                                    "Dockwall's rules for traffic to the SI match every interface; \
-                                     for traffic crossing the SI write `route {} {word} on {name} …`",
-                                    action_word(action)
-                                ),
-                            ));
-                        }
-                        let slot = if word == "in" {
-                            &mut words.interface_in
-                        } else {
-                            &mut words.interface_out
-                        };
-                        if slot.replace(name).is_some() {
-                            return Err(refused(word, format!("`{word} on` is given twice")));
-                        }
+            "in" | "out" => match rest.next_if_eq(&"on") {
+                Some(_) => {
+                    let name = next(&mut rest, "on", "an interface name")?.to_owned();
+                    if !route {
+                        return Err(refused(
+                            "on",
+                            format!(
+                                "Dockwall's rules for traffic to the SI match every interface; \
+                                 for traffic crossing the SI write `route {} {word} on {name} …`",
+                                action_word(action)
+                            ),
+                        ));
                     }
-                    other => {
-                        if route {
-                            return Err(refused(
-                                word,
-                                format!("route rules name the interface: `{word} on IF`"),
-                            ));
-                        }
-                        if word == "out" {
-                            return Err(refused(
-                                "out",
-                                "Dockwall does not filter the SI's own outgoing traffic; for traffic \
-                                 crossing the SI use `route … out on IF`",
-                            ));
-                        }
-                        pending = other;
+                    let slot = if word == "in" {
+                        &mut words.interface_in
+                    } else {
+                        &mut words.interface_out
+                    };
+                    if slot.replace(name).is_some() {
+                        return Err(refused(word, format!("`{word} on` is given twice")));
                     }
                 }
-            }
+                None if route => {
+                    return Err(refused(
+                        word,
+                        format!("route rules name the interface: `{word} on IF`"),
+                    ))
+                }
+                None if word == "out" => {
+                    return Err(refused(
+                        "out",
+                        "Dockwall does not filter the SI's own outgoing traffic; for traffic \
+                         crossing the SI use `route … out on IF`",
+                    ))
+                }
+                // ufw's `in` is what a rule without `route` means anyway.
+                None => {}
+            },
             "log" => words.log = true,
             "log-all" => {
                 return Err(refused(
@@ -336,16 +324,20 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
                 if words.protocol.is_some() {
                     return Err(refused("proto", "`proto` is given twice"));
                 }
-                words.protocol = Some(parse_protocol(next("proto", "a protocol")?)?);
+                words.protocol = Some(parse_protocol(next(&mut rest, "proto", "a protocol")?)?);
             }
             "from" | "to" => {
-                let address = parse_address(next(word, "an address, a CIDR or any")?)?;
-                let mut ports = None;
-                match next(word, "").ok() {
-                    Some("port") => ports = Some(parse_ports(next("port", "a port")?)?.0),
+                let address = parse_address(next(&mut rest, word, "an address, a CIDR or any")?)?;
+                let ports = match rest.next_if(|w| *w == "port" || *w == "app") {
                     Some("app") => return Err(app_refused()),
-                    other => pending = other,
-                }
+                    Some(_) => {
+                        let (ports, implied) = parse_ports(next(&mut rest, "port", "a port")?)?;
+                        // `port ssh` brings its protocol, as in the short form.
+                        words.implied_protocol = words.implied_protocol.or(implied);
+                        Some(ports)
+                    }
+                    None => None,
+                };
                 let (slot, port_slot) = if word == "from" {
                     (&mut words.source, &mut words.source_ports)
                 } else {
@@ -363,7 +355,9 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
                 ))
             }
             "app" => return Err(app_refused()),
-            "comment" => words.comment = Some(next("comment", "the comment text")?.to_owned()),
+            "comment" => {
+                words.comment = Some(next(&mut rest, "comment", "the comment text")?.to_owned())
+            }
             other if words.short.is_none() => words.short = Some(parse_ports(other)?),
             other => return Err(refused(other, "unexpected word after the port")),
         }
@@ -371,11 +365,8 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
     into_rules(action, words, route, sides)
 }
 
-fn rest_next<'a>(
-    rest: &mut impl Iterator<Item = &'a str>,
-    after: &str,
-    what: &str,
-) -> Result<&'a str> {
+/// The word after `after`, which must be `what`.
+fn next<'a>(rest: &mut impl Iterator<Item = &'a str>, after: &str, what: &str) -> Result<&'a str> {
     rest.next().ok_or_else(|| missing(after, what))
 }
 
@@ -471,7 +462,7 @@ fn into_rules(action: Action, words: Words, route: bool, sides: &SideNames) -> R
         None => (None, None),
     };
     let destination_ports = short_ports.or(words.destination_ports);
-    let protocol = short_protocol.or(words.protocol);
+    let protocol = short_protocol.or(words.protocol).or(words.implied_protocol);
     let has_ports = destination_ports.is_some() || words.source_ports.is_some();
     // ufw means tcp and udp by a port without a protocol; a Dockwall rule has one protocol.
     let protocols = match protocol {
