@@ -136,20 +136,21 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
             )
         }
         UfwCommand::Add { rules, at } => {
-            let mut added = Vec::new();
+            let mut added = Added::default();
             let outcome = editor
                 .edit(|set| {
                     added = add(set, rules, at)?;
                     Ok(())
                 })
                 .await?;
-            let message = match (at.is_some(), added.is_empty()) {
-                (false, false) => "Rule added",
-                (true, false) => "Rule inserted",
-                (false, true) => "Skipping adding existing rule",
-                (true, true) => "Skipping inserting existing rule",
+            let message = match (at.is_some(), added.ids.is_empty(), added.updated) {
+                (false, false, _) => "Rule added",
+                (true, false, _) => "Rule inserted",
+                (_, true, 1..) => "Rule updated",
+                (false, true, 0) => "Skipping adding existing rule",
+                (true, true, 0) => "Skipping inserting existing rule",
             };
-            answer(message, &outcome, &added)
+            answer(message, &outcome, &added.ids)
         }
         UfwCommand::Delete(rules) => {
             let mut deleted = Vec::new();
@@ -194,9 +195,18 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
     }
 }
 
-/// Adds the rules not already in the set, at the 1-based position `at` or at the end; the
-/// ids of those added.
-fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Vec<u64>> {
+/// What an add did, in ufw's terms.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Added {
+    /// The ids of the rules added.
+    ids: Vec<u64>,
+    /// Existing rules whose comment changed (ufw's "Rule updated").
+    updated: usize,
+}
+
+/// Adds the rules not already in the set, at the 1-based position `at` or at the end; an
+/// existing rule given a new comment keeps its place and takes the comment.
+fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Added> {
     let count = set.rules.len();
     let mut index = match at {
         Some(position) if position > count + 1 => {
@@ -208,13 +218,17 @@ fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Vec<u64
         Some(position) => position - 1,
         None => count,
     };
-    let mut added = Vec::new();
+    let mut added = Added::default();
     for mut rule in rules {
-        if set.rules.iter().any(|existing| same_rule(existing, &rule)) {
+        if let Some(existing) = set.rules.iter_mut().find(|e| same_rule(e, &rule)) {
+            if rule.comment.is_some() && existing.comment != rule.comment {
+                existing.comment = rule.comment;
+                added.updated += 1;
+            }
             continue;
         }
         rule.id = set.allocate_id();
-        added.push(rule.id);
+        added.ids.push(rule.id);
         set.rules.insert(index, rule);
         index += 1;
     }

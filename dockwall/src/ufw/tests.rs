@@ -3,7 +3,7 @@
 use vnf_core::firewall::{Policy, RuleSet};
 
 use super::grammar::{parse, SideNames, StatusView, UfwCommand};
-use super::{add, status};
+use super::{add, status, Added};
 use crate::commands::describe;
 
 fn sides() -> SideNames {
@@ -265,8 +265,23 @@ fn existing_rules_are_skipped_and_positions_checked() {
         panic!()
     };
     let added = add(&mut set, rules.clone(), at).unwrap();
-    assert_eq!(added.len(), 1, "22/tcp exists, 22/udp is new");
-    assert!(add(&mut set, rules.clone(), at).unwrap().is_empty());
+    assert_eq!(added.ids.len(), 1, "22/tcp exists, 22/udp is new");
+    assert_eq!(add(&mut set, rules.clone(), at).unwrap(), Added::default());
+    let UfwCommand::Add {
+        rules: commented, ..
+    } = command("allow 22/tcp comment ssh").unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        add(&mut set, commented, None).unwrap(),
+        Added {
+            ids: vec![],
+            updated: 1
+        },
+        "a new comment updates the existing rule"
+    );
+    assert_eq!(set.rules[0].comment.as_deref(), Some("ssh"));
     let error = add(&mut set, rules, Some(5)).unwrap_err().to_string();
     assert!(error.contains("Invalid position '5': use 1-4"), "{error}");
     let UfwCommand::Add { rules, at } = command("insert 1 deny from 10.9.0.0/16").unwrap() else {
