@@ -88,6 +88,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             editor.report(
                 &outcome,
                 &format!("imported {count} FWaaS rules from {}", file.display()),
+                Answer::Dockwall,
             )
         }
         Command::Export { .. } => {
@@ -142,7 +143,7 @@ impl Editor<'_> {
         change: impl FnOnce(&mut RuleSet) -> Result<()>,
     ) -> Result<ExitCode> {
         let outcome = self.edit(change).await?;
-        self.report(&outcome, &message)
+        self.report(&outcome, &message, Answer::Dockwall)
     }
 }
 
@@ -194,7 +195,7 @@ async fn rule<'a>(
                     Ok(())
                 })
                 .await?;
-            editor.report(&outcome, &message)
+            editor.report(&outcome, &message, Answer::Dockwall)
         }
         RuleCommand::Enable(SelectedEdit { selector, edit }) => {
             editor(&edit).set_enabled(&selector, true).await
@@ -222,7 +223,7 @@ impl Editor<'_> {
                 Ok(())
             })
             .await?;
-        self.report(&outcome, &message)
+        self.report(&outcome, &message, Answer::Dockwall)
     }
 }
 
@@ -297,7 +298,7 @@ async fn nat<'a>(
             ))
         }
     };
-    editor.report(&outcome, &message)
+    editor.report(&outcome, &message, Answer::Dockwall)
 }
 
 /// Adds the rule `spec` describes at the index `place` picks in the current rule set.
@@ -317,7 +318,7 @@ async fn add_rule(
             Ok(())
         })
         .await?;
-    editor.report(&outcome, &message)
+    editor.report(&outcome, &message, Answer::Dockwall)
 }
 
 /// The rule `spec` describes, checked as the user typed it; errors name it by the position
@@ -396,15 +397,43 @@ pub(crate) fn to_json(value: &impl Serialize) -> Result<String> {
     })
 }
 
+/// How an edit's result is told.
+#[derive(Clone, Copy)]
+pub(crate) enum Answer<'a> {
+    /// Dockwall's sentence with what the kernel took.
+    Dockwall,
+    /// ufw's words as they are (`Rule added`); with `json`, a document with the ids of the
+    /// rules the edit concerned.
+    Ufw { json: bool, rule_ids: &'a [u64] },
+}
+
 impl Editor<'_> {
-    fn report(&self, outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
-        match &outcome.applied {
-            Applied::DryRun(batch) => println!("{batch}"),
-            Applied::Kernel(kind) => println!("{message} (applied: {})", spelled(kind)),
-            Applied::StoredOnly => {
-                println!("{message} (stored, not applied)");
-                explain_not_applied(self.store);
+    pub(crate) fn report(
+        &self,
+        outcome: &EditOutcome,
+        message: &str,
+        answer: Answer<'_>,
+    ) -> Result<ExitCode> {
+        match (answer, &outcome.applied) {
+            (
+                Answer::Ufw {
+                    json: true,
+                    rule_ids,
+                },
+                applied,
+            ) => {
+                let report = json!({ "result": message, "applied": applied, "rule_ids": rule_ids });
+                println!("{}", to_json(&report)?);
             }
+            (_, Applied::DryRun(batch)) => println!("{batch}"),
+            (Answer::Dockwall, Applied::Kernel(kind)) => {
+                println!("{message} (applied: {})", spelled(kind))
+            }
+            (Answer::Ufw { .. }, Applied::Kernel(_)) => println!("{message}"),
+            (_, Applied::StoredOnly) => println!("{message} (stored, not applied)"),
+        }
+        if matches!(outcome.applied, Applied::StoredOnly) {
+            explain_not_applied(self.store);
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -21,7 +21,8 @@ const SERVICES: [(&str, u16); 3] = [("ssh", 22), ("http", 80), ("https", 443)];
 /// ufw's protocol names that the model knows only by number.
 const PROTOCOL_NUMBERS: [(&str, u8); 3] = [("ipv6", 41), ("igmp", 2), ("vrrp", 112)];
 
-/// ufw caps a port list at 15 entries; so does this (each entry becomes a rule).
+/// ufw caps a port list at 15 ports, a range counting as 2; so does this (each entry becomes
+/// a rule).
 const MAX_PORT_LIST: usize = 15;
 
 /// The interfaces that serve the sides now, as the side assignment sees them.
@@ -88,6 +89,16 @@ pub enum UfwCommand {
     DefaultRouted(Policy),
     Enable,
     Reload,
+}
+
+impl UfwCommand {
+    /// Whether the command edits the rule set (what `--dry-run` can show).
+    pub fn edits(&self) -> bool {
+        !matches!(
+            self,
+            UfwCommand::Status(_) | UfwCommand::Enable | UfwCommand::Reload
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +189,8 @@ fn parse_default(rest: &[&str]) -> Result<UfwCommand> {
 /// `[rule] [route] [delete] [insert N | prepend] ACTION …` and `[route] delete N`.
 fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
     let (mut route, mut delete, mut at) = (false, false, None);
+    // The word that gave the position, for a refusal.
+    let mut at_word = "";
     let mut rest = words;
     loop {
         match rest {
@@ -186,15 +199,26 @@ fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
                 route = true;
                 rest = tail;
             }
+            ["delete", ""] => {
+                return Err(refused(
+                    "",
+                    "delete takes a rule number (see `status numbered`) or the words the rule \
+                     was added with",
+                ))
+            }
             ["delete", number] if number.bytes().all(|b| b.is_ascii_digit()) => {
-                return number
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .map(UfwCommand::DeleteNumber)
-                    .ok_or_else(|| {
-                        refused(number, "rule numbers start at 1; see `status numbered`")
-                    });
+                return match number.parse() {
+                    Ok(0) => Err(refused(
+                        number,
+                        "rule numbers start at 1; see `status numbered`",
+                    )),
+                    Ok(n) => Ok(UfwCommand::DeleteNumber(n)),
+                    // Only digits: too many of them for any rule set.
+                    Err(_) => Err(refused(
+                        number,
+                        "Could not find a rule with this number; see `status numbered`",
+                    )),
+                };
             }
             ["delete", tail @ ..] => {
                 delete = true;
@@ -202,11 +226,13 @@ fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
             }
             ["insert", number, tail @ ..] => {
                 at = Some(position(number)?);
+                at_word = "insert";
                 rest = tail;
             }
             ["insert"] => return Err(missing("insert", "a rule number")),
             ["prepend", tail @ ..] => {
                 at = Some(1);
+                at_word = "prepend";
                 rest = tail;
             }
             _ => break,
@@ -223,7 +249,10 @@ fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
     };
     let rules = parse_rule(action, tail, route, sides)?;
     match (delete, at) {
-        (true, Some(_)) => Err(refused("insert", "delete and insert do not go together")),
+        (true, Some(_)) => Err(refused(
+            at_word,
+            format!("delete and {at_word} do not go together"),
+        )),
         (true, None) => Ok(UfwCommand::Delete(rules)),
         (false, at) => Ok(UfwCommand::Add { rules, at }),
     }
@@ -274,6 +303,13 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
     let mut rest = tail.iter().copied().peekable();
     while let Some(word) = rest.next() {
         match word {
+            "out" if !route => {
+                return Err(refused(
+                    "out",
+                    "Dockwall does not filter the SI's own outgoing traffic; for traffic \
+                     crossing the SI use `route … out on IF`",
+                ))
+            }
             "in" | "out" => match rest.next_if_eq(&"on") {
                 Some(_) => {
                     let name = next(&mut rest, "on", "an interface name")?.to_owned();
@@ -302,13 +338,6 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
                         format!("route rules name the interface: `{word} on IF`"),
                     ))
                 }
-                None if word == "out" => {
-                    return Err(refused(
-                        "out",
-                        "Dockwall does not filter the SI's own outgoing traffic; for traffic \
-                         crossing the SI use `route … out on IF`",
-                    ))
-                }
                 // ufw's `in` is what a rule without `route` means anyway.
                 None => {}
             },
@@ -319,6 +348,9 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
                     "established traffic is accepted before any rule, so only new connections \
                      can be logged: use `log`",
                 ))
+            }
+            "proto" | "from" | "to" if words.short.is_some() => {
+                return Err(short_form_conflict(word))
             }
             "proto" => {
                 if words.protocol.is_some() {
@@ -331,7 +363,15 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
                 let ports = match rest.next_if(|w| *w == "port" || *w == "app") {
                     Some("app") => return Err(app_refused()),
                     Some(_) => {
-                        let (ports, implied) = parse_ports(next(&mut rest, "port", "a port")?)?;
+                        let port = next(&mut rest, "port", "a port")?;
+                        if port.contains('/') {
+                            return Err(refused(
+                                port,
+                                "after `port` the protocol goes in `proto`, as in ufw: \
+                                 `to any port 22 proto tcp`",
+                            ));
+                        }
+                        let (ports, implied) = parse_ports(port)?;
                         // `port ssh` brings its protocol, as in the short form.
                         words.implied_protocol = words.implied_protocol.or(implied);
                         Some(ports)
@@ -358,7 +398,14 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
             "comment" => {
                 words.comment = Some(next(&mut rest, "comment", "the comment text")?.to_owned())
             }
-            other if words.short.is_none() => words.short = Some(parse_ports(other)?),
+            other if words.short.is_none() => {
+                let short = parse_ports(other)?;
+                if words.source.is_some() || words.destination.is_some() || words.protocol.is_some()
+                {
+                    return Err(short_form_conflict(other));
+                }
+                words.short = Some(short);
+            }
             other => return Err(refused(other, "unexpected word after the port")),
         }
     }
@@ -370,6 +417,14 @@ fn next<'a>(rest: &mut impl Iterator<Item = &'a str>, after: &str, what: &str) -
     rest.next().ok_or_else(|| missing(after, what))
 }
 
+/// `word` (from, to, proto or a port) together with ufw's short form `PORT[/PROTO]`.
+fn short_form_conflict(word: &str) -> Error {
+    refused(
+        word,
+        "PORT[/PROTO] is ufw's short form; with from/to/proto write the port as `to any port N`",
+    )
+}
+
 fn app_refused() -> Error {
     refused(
         "app",
@@ -377,7 +432,7 @@ fn app_refused() -> Error {
     )
 }
 
-fn action_word(action: Action) -> &'static str {
+pub fn action_word(action: Action) -> &'static str {
     match action {
         Action::Allow => "allow",
         Action::Deny => "deny",
@@ -406,6 +461,12 @@ fn parse_address(word: &str) -> Result<Option<IpNet>> {
 /// the slash (a service name brings its own).
 pub fn parse_ports(word: &str) -> Result<(Vec<PortRange>, Option<Protocol>)> {
     let (ports, protocol) = match word.split_once('/') {
+        Some((_, "")) => {
+            return Err(refused(
+                word,
+                "give the protocol after the slash, e.g. 22/tcp",
+            ))
+        }
         Some((ports, protocol)) => (ports, Some(parse_protocol(protocol)?)),
         None => (word, None),
     };
@@ -423,13 +484,30 @@ pub fn parse_ports(word: &str) -> Result<(Vec<PortRange>, Option<Protocol>)> {
         ));
     }
     let list: Vec<PortRange> = ports.split(',').map(str::parse).collect::<Result<_>>()?;
-    if list.len() > MAX_PORT_LIST {
+    let counted: usize = list.iter().map(|range| port_count(*range)).sum();
+    if counted > MAX_PORT_LIST {
         return Err(refused(
             word,
-            format!("at most {MAX_PORT_LIST} ports in a list"),
+            format!("at most {MAX_PORT_LIST} ports in a list, a range counting as 2"),
         ));
     }
     Ok((list, protocol))
+}
+
+/// What a list entry counts toward ufw's cap.
+fn port_count(range: PortRange) -> usize {
+    if range.is_single() {
+        1
+    } else {
+        2
+    }
+}
+
+/// More than one port (a list or a range), which ufw takes only with tcp or udp.
+fn several(ports: &Option<Vec<PortRange>>) -> bool {
+    ports
+        .as_ref()
+        .is_some_and(|list| list.iter().map(|range| port_count(*range)).sum::<usize>() > 1)
 }
 
 fn route_direction(words: &Words, sides: &SideNames) -> Result<Direction> {
@@ -452,18 +530,32 @@ fn into_rules(action: Action, words: Words, route: bool, sides: &SideNames) -> R
         Direction::Local
     };
     let (short_ports, short_protocol) = match words.short {
-        Some(_) if words.source.is_some() || words.destination.is_some() || words.protocol.is_some() => {
-            return Err(refused(
-                "from",
-                "PORT[/PROTO] is ufw's short form; with from/to/proto write the port as `to any port N`",
-            ))
-        }
         Some((ports, protocol)) => (Some(ports), protocol),
         None => (None, None),
     };
     let destination_ports = short_ports.or(words.destination_ports);
     let protocol = short_protocol.or(words.protocol).or(words.implied_protocol);
     let has_ports = destination_ports.is_some() || words.source_ports.is_some();
+    if protocol.is_none() && (several(&destination_ports) || several(&words.source_ports)) {
+        let list = |ports: &Option<Vec<PortRange>>| {
+            ports
+                .iter()
+                .flatten()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let named = if several(&destination_ports) {
+            list(&destination_ports)
+        } else {
+            list(&words.source_ports)
+        };
+        return Err(refused(
+            &named,
+            "Must specify 'tcp' or 'udp' with multiple ports, as in ufw: 8000:8100/tcp or \
+             `proto tcp`",
+        ));
+    }
     // ufw means tcp and udp by a port without a protocol; a Dockwall rule has one protocol.
     let protocols = match protocol {
         None if has_ports => vec![Protocol::Tcp, Protocol::Udp],
@@ -504,15 +596,24 @@ fn into_rules(action: Action, words: Words, route: bool, sides: &SideNames) -> R
 }
 
 /// Whether two rules filter the same way (ids, names, comments and enabling aside): what
-/// ufw calls an existing rule.
+/// `delete <rule>` deletes.
 pub fn same_rule(a: &Rule, b: &Rule) -> bool {
-    let essence = |rule: &Rule| Rule {
+    same_traffic(a, b) && (a.action, a.rate, a.log) == (b.action, b.rate, b.log)
+}
+
+/// Whether two rules match the same traffic, whatever they do with it: what ufw updates in
+/// place (its "Rule updated") when only the action, rate, log or comment differ.
+pub fn same_traffic(a: &Rule, b: &Rule) -> bool {
+    let traffic = |rule: &Rule| Rule {
         id: 0,
         name: None,
+        action: Action::Allow,
+        rate: None,
+        log: false,
         enabled: true,
         comment: None,
         external_id: None,
         ..rule.clone()
     };
-    essence(a) == essence(b)
+    traffic(a) == traffic(b)
 }

@@ -38,9 +38,14 @@ pub fn did_you_mean(args: &[String], unexpected: &str) -> Option<String> {
             "proto" => protocol = Some(words.next()?.clone()),
             // ufw's `allow 22/tcp`.
             other if single_port(other).is_some() => {
-                let (number, suffix) = single_port(other)?;
+                let (number, implied) = single_port(other)?;
                 port = Some(number.to_string());
-                protocol = suffix.map(|p| p.to_string()).or(protocol);
+                // The protocol as typed (`22/sctp` → `--proto sctp`), or the one a service
+                // name brings.
+                let typed = other.split_once('/').map(|(_, typed)| typed.to_owned());
+                protocol = typed
+                    .or_else(|| implied.map(|p| p.to_string()))
+                    .or(protocol);
             }
             other => command.push(other.to_owned()),
         }
@@ -98,6 +103,10 @@ mod tests {
             hint("dockwall rule add allow ssh", "ssh").as_deref(),
             Some("did you mean: dockwall rule add allow --dport 22 --proto tcp")
         );
+        assert_eq!(
+            hint("dockwall rule add allow 9899/sctp", "9899/sctp").as_deref(),
+            Some("did you mean: dockwall rule add allow --dport 9899 --proto sctp")
+        );
     }
 
     #[test]
@@ -105,5 +114,6 @@ mod tests {
         assert_eq!(hint("dockwall rule add allow --bogus", "--bogus"), None);
         assert_eq!(hint("dockwall nat add masquerade from x", "from"), None);
         assert_eq!(hint("dockwall rule add allow from", "from"), None);
+        assert_eq!(hint("dockwall rule add allow 22/", "22/"), None);
     }
 }

@@ -11,13 +11,13 @@ use clap::Args;
 use serde_json::json;
 use vnf_core::firewall::nft;
 use vnf_core::firewall::store::Store;
-use vnf_core::firewall::{self, Applied, Policy, Rule, RuleSet};
+use vnf_core::firewall::{self, Action, Rule, RuleSet};
 use vnf_core::side::Side;
 use vnf_core::{Error, Result};
 
-use crate::commands::{explain_not_applied, Editor};
+use crate::commands::{Answer, Editor};
 use crate::EditArgs;
-use grammar::{same_rule, SideNames, UfwCommand};
+use grammar::{same_rule, same_traffic, SideNames, UfwCommand};
 pub use hint::did_you_mean;
 
 pub const HELP: &str = "\
@@ -35,8 +35,10 @@ reverse right-to-left, no interface both ways. A port without a protocol means t
 in ufw: two Dockwall rules. ADDR is any, an address or a CIDR.
 
 limit is ufw's 6 connections in 30 s as the model's rate: 12/minute for all sources together
-(the model has no per-source meter); established traffic passes before any rule, so it counts
-new connections.
+(the model has no per-source meter; adding a limit rule says so on stderr); established traffic
+passes before any rule, so it counts new connections. A rule that matches the same traffic as
+an existing one but differs in action, log, limit or comment replaces it in place (\"Rule
+updated\"), as in ufw; adding a disabled rule again enables it.
 
 Refused, naming what is not supported: `out` and `on IF` without `route` (the SI's own output is
 not filtered; local rules match every interface), `app`/application profiles, log-all, other
@@ -53,6 +55,7 @@ pub struct UfwArgs {
     #[arg(required = true, value_name = "UFW COMMAND")]
     words: Vec<String>,
     /// Accepted for ufw's `--force`; nothing here asks for confirmation
+    // Never read: scripts written for ufw pass --force to skip its prompts; there are none.
     #[arg(long, short = 'f')]
     force: bool,
     /// Machine-readable output (status: the table's rows with the rules; edits: the result)
@@ -72,8 +75,32 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
     };
     let command = grammar::parse(&args.words, &sides)?;
     let said = args.words.join(" ");
+    if args.edit.dry_run && !command.edits() {
+        return Err(Error::invalid(
+            "--dry-run",
+            &said,
+            "only edits (allow, deny, reject, limit, insert, delete, default) have a dry run; \
+             leave --dry-run out",
+        ));
+    }
     let answer = |message: &str, outcome: &firewall::EditOutcome, ids: &[u64]| {
-        report(&editor, args.json, message, &outcome.applied, ids)
+        let answer = Answer::Ufw {
+            json: args.json,
+            rule_ids: ids,
+        };
+        editor.report(outcome, message, answer)
+    };
+    // What enable and reload say, in ufw's words or as JSON.
+    let say = |message: &str| -> Result<ExitCode> {
+        if args.json {
+            println!(
+                "{}",
+                crate::commands::to_json(&json!({ "result": message }))?
+            );
+        } else {
+            println!("{message}");
+        }
+        Ok(ExitCode::SUCCESS)
     };
     match command {
         UfwCommand::Status(view) => {
@@ -86,10 +113,7 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
                 .map(|(index, rule)| status::row(rule, index + 1, &sides, view))
                 .collect();
             if args.json {
-                let routed = match rule_set.default_policy {
-                    Policy::Accept => "allow",
-                    Policy::Drop => "deny",
-                };
+                let routed = status::policy_word(rule_set.default_policy);
                 let report = json!({
                     "status": if active { "active" } else { "inactive" },
                     "default": { "incoming": "allow", "outgoing": "allow", "routed": routed },
@@ -106,14 +130,12 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
         }
         UfwCommand::Enable => {
             require_active()?;
-            println!("Firewall is active and enabled on system startup");
-            Ok(ExitCode::SUCCESS)
+            say("Firewall is active and enabled on system startup")
         }
         UfwCommand::Reload => {
             require_active()?;
             firewall::apply_stored(store, &assignment)?;
-            println!("Firewall reloaded");
-            Ok(ExitCode::SUCCESS)
+            say("Firewall reloaded")
         }
         UfwCommand::DefaultRouted(policy) => {
             let outcome = editor
@@ -122,20 +144,18 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
                     Ok(())
                 })
                 .await?;
-            let word = if policy == Policy::Drop {
-                "deny"
-            } else {
-                "allow"
-            };
             answer(
                 &format!(
-                    "Default routed policy changed to '{word}'\n(be sure to update your rules accordingly)"
+                    "Default routed policy changed to '{}'\n(be sure to update your rules \
+                     accordingly)",
+                    status::policy_word(policy)
                 ),
                 &outcome,
                 &[],
             )
         }
         UfwCommand::Add { rules, at } => {
+            let limit = rules.iter().any(|rule| rule.action == Action::Limit);
             let mut added = Added::default();
             let outcome = editor
                 .edit(|set| {
@@ -143,6 +163,9 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
                     Ok(())
                 })
                 .await?;
+            if limit && (!added.ids.is_empty() || added.updated > 0) {
+                eprintln!("{SHARED_LIMIT}");
+            }
             let message = match (at.is_some(), added.ids.is_empty(), added.updated) {
                 (false, false, _) => "Rule added",
                 (true, false, _) => "Rule inserted",
@@ -156,18 +179,7 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
             let mut deleted = Vec::new();
             let outcome = editor
                 .edit(|set| {
-                    set.rules.retain(|kept| {
-                        let matches = rules.iter().any(|rule| same_rule(rule, kept));
-                        if matches {
-                            deleted.push(kept.id);
-                        }
-                        !matches
-                    });
-                    if deleted.is_empty() {
-                        return Err(Error::Vnf(format!(
-                            "Could not delete non-existent rule `{said}` (see `dockwall ufw status`)"
-                        )));
-                    }
+                    deleted = delete(set, &rules, &said)?;
                     Ok(())
                 })
                 .await?;
@@ -204,8 +216,15 @@ struct Added {
     updated: usize,
 }
 
-/// Adds the rules not already in the set, at the 1-based position `at` or at the end; an
-/// existing rule given a new comment keeps its place and takes the comment.
+/// Said on stderr when a limit rule is added: ufw limits each source, the model all together.
+const SHARED_LIMIT: &str = "dockwall: note: this limit is one rate for all sources together \
+(12 new connections a minute in all), not ufw's 6 in 30 s per source address: Dockwall's rule \
+model has no per-source meter";
+
+/// Adds the rules not already in the set, at the 1-based position `at` or at the end. A rule
+/// matching the same traffic as an existing one replaces it in place when its action, rate,
+/// log or comment differ or the existing one is disabled (ufw's "Rule updated"); a rule given
+/// without a comment keeps the existing one's.
 fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Added> {
     let count = set.rules.len();
     let mut index = match at {
@@ -220,9 +239,20 @@ fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Added> 
     };
     let mut added = Added::default();
     for mut rule in rules {
-        if let Some(existing) = set.rules.iter_mut().find(|e| same_rule(e, &rule)) {
-            if rule.comment.is_some() && existing.comment != rule.comment {
-                existing.comment = rule.comment;
+        if let Some(existing) = set.rules.iter_mut().find(|e| same_traffic(e, &rule)) {
+            if rule.comment.is_none() {
+                rule.comment = existing.comment.clone();
+            }
+            let unchanged =
+                same_rule(existing, &rule) && existing.enabled && existing.comment == rule.comment;
+            if !unchanged {
+                // The rule keeps its place and identity; what it does is the new words'.
+                *existing = Rule {
+                    id: existing.id,
+                    name: existing.name.take(),
+                    external_id: existing.external_id.take(),
+                    ..rule
+                };
                 added.updated += 1;
             }
             continue;
@@ -235,6 +265,26 @@ fn add(set: &mut RuleSet, rules: Vec<Rule>, at: Option<usize>) -> Result<Added> 
     Ok(added)
 }
 
+/// Deletes the rules that `delete <rule>` names, all of which must exist: a line that makes
+/// several rules (`allow 22` is tcp and udp) deletes all or none. The ids deleted.
+fn delete(set: &mut RuleSet, rules: &[Rule], said: &str) -> Result<Vec<u64>> {
+    let exists = |rule: &Rule| set.rules.iter().any(|kept| same_rule(rule, kept));
+    if !rules.iter().all(exists) {
+        return Err(Error::Vnf(format!(
+            "Could not delete non-existent rule `{said}` (see `dockwall ufw status`)"
+        )));
+    }
+    let mut deleted = Vec::new();
+    set.rules.retain(|kept| {
+        let matches = rules.iter().any(|rule| same_rule(rule, kept));
+        if matches {
+            deleted.push(kept.id);
+        }
+        !matches
+    });
+    Ok(deleted)
+}
+
 fn require_active() -> Result<()> {
     match nft::kernel_fingerprint()? {
         Some(_) => Ok(()),
@@ -245,29 +295,6 @@ fn require_active() -> Result<()> {
                 .into(),
         )),
     }
-}
-
-fn report(
-    editor: &Editor<'_>,
-    json: bool,
-    message: &str,
-    applied: &Applied,
-    ids: &[u64],
-) -> Result<ExitCode> {
-    if json {
-        let report = json!({ "result": message, "applied": applied, "rule_ids": ids });
-        println!("{}", crate::commands::to_json(&report)?);
-    } else {
-        match applied {
-            Applied::DryRun(batch) => println!("{batch}"),
-            Applied::Kernel(_) => println!("{message}"),
-            Applied::StoredOnly => println!("{message} (stored, not applied)"),
-        }
-    }
-    if matches!(applied, Applied::StoredOnly) {
-        explain_not_applied(editor.store);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 
 use ipnet::IpNet;
 use serde::Serialize;
-use vnf_core::firewall::{Action, Direction, Policy, PortRange, Protocol, Rule};
+use vnf_core::firewall::{Direction, Policy, PortRange, Protocol, Rule};
 use vnf_core::side::Side;
 
-use super::grammar::{SideNames, StatusView, UFW_LIMIT};
+use super::grammar::{action_word, SideNames, StatusView, UFW_LIMIT};
 
 /// One line of the `status` table.
 #[derive(Debug, Serialize)]
@@ -19,13 +19,17 @@ pub struct Row<'a> {
     pub rule: &'a Rule,
 }
 
-fn action_word(action: Action) -> &'static str {
-    match action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-        Action::Reject => "reject",
-        Action::Limit => "limit",
+/// ufw's word for a default policy.
+pub fn policy_word(policy: Policy) -> &'static str {
+    match policy {
+        Policy::Accept => "allow",
+        Policy::Drop => "deny",
     }
+}
+
+/// `text` in single quotes for a shell, a quote in it as `'\''`.
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// `(in, out)` sides of a route rule, by its direction.
@@ -121,11 +125,10 @@ pub fn render(active: bool, policy: Policy, rows: &[Row<'_>], view: StatusView) 
             .to_owned()
     };
     if view == StatusView::Verbose {
-        let routed = match policy {
-            Policy::Accept => "allow",
-            Policy::Drop => "deny",
-        };
-        text += &format!("Default: allow (incoming), allow (outgoing), {routed} (routed)\n");
+        text += &format!(
+            "Default: allow (incoming), allow (outgoing), {} (routed)\n",
+            policy_word(policy)
+        );
     }
     if rows.is_empty() {
         return text;
@@ -188,7 +191,7 @@ pub fn words(rule: &Rule, sides: &SideNames) -> String {
         }
     }
     if let Some(comment) = &rule.comment {
-        words.push(format!("comment '{comment}'"));
+        words.push(format!("comment {}", quoted(comment)));
     }
     words.join(" ")
 }

@@ -3,7 +3,7 @@
 use vnf_core::firewall::{Policy, RuleSet};
 
 use super::grammar::{parse, SideNames, StatusView, UfwCommand};
-use super::{add, status, Added};
+use super::{add, delete, status, Added};
 use crate::commands::describe;
 
 fn sides() -> SideNames {
@@ -200,7 +200,45 @@ fn what_the_model_lacks_is_refused_by_name() {
             "allow from 10.0.0.0/8 to fd00::1",
             "both be IPv4 or both IPv6",
         ),
-        ("allow 22/tcp from 10.0.0.0/8", "short form"),
+        (
+            "allow 22/tcp from 10.0.0.0/8",
+            "\"from\": PORT[/PROTO] is ufw's short form",
+        ),
+        (
+            "allow 53 proto udp",
+            "\"proto\": PORT[/PROTO] is ufw's short form",
+        ),
+        (
+            "allow 53/udp to any",
+            "\"to\": PORT[/PROTO] is ufw's short form",
+        ),
+        (
+            "allow proto udp 53",
+            "\"53\": PORT[/PROTO] is ufw's short form",
+        ),
+        (
+            "allow out on eth0 to any port 22 proto tcp",
+            "\"out\": Dockwall does not filter the SI's own outgoing traffic",
+        ),
+        (
+            "allow 8000:8100",
+            "\"8000:8100\": Must specify 'tcp' or 'udp'",
+        ),
+        ("allow 80,443", "\"80,443\": Must specify 'tcp' or 'udp'"),
+        ("allow to any port 80,443", "Must specify 'tcp' or 'udp'"),
+        (
+            "route allow from 10.0.0.0/8 port 1000:2000",
+            "Must specify 'tcp' or 'udp'",
+        ),
+        ("allow 22/", "after the slash"),
+        (
+            "allow to any port 22/tcp proto udp",
+            "\"22/tcp\": after `port` the protocol goes in `proto`",
+        ),
+        (
+            "allow from any port 53/udp to any port 53/tcp",
+            "\"53/udp\": after `port`",
+        ),
         ("allow 22/tcp 23/tcp", "unexpected word"),
         ("allow port 22", "follows an address"),
         ("allow proto tcp proto udp", "given twice"),
@@ -208,15 +246,51 @@ fn what_the_model_lacks_is_refused_by_name() {
         ("insert 0 allow 22/tcp", "rule number"),
         ("insert", "must follow"),
         ("delete 0", "start at 1"),
-        ("delete insert 2 allow 22/tcp", "do not go together"),
+        (
+            "delete 99999999999999999999",
+            "Could not find a rule with this number",
+        ),
+        (
+            "delete insert 2 allow 22/tcp",
+            "\"insert\": delete and insert do not go together",
+        ),
+        (
+            "delete prepend allow 22/tcp",
+            "\"prepend\": delete and prepend do not go together",
+        ),
         (
             "allow 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16/tcp",
             "at most 15",
+        ),
+        (
+            "allow 1:2,3:4,5:6,7:8,9:10,11:12,13:14,15:16/tcp",
+            "a range counting as 2",
         ),
     ];
     for (line, needle) in table {
         let error = command(line).expect_err(line).to_string();
         assert!(error.contains(needle), "{line}: {error}");
+    }
+    // Ranges count 2 toward ufw's 15: seven ranges and a port are 15.
+    assert!(command("allow 1:2,3:4,5:6,7:8,9:10,11:12,13:14,15/tcp").is_ok());
+    let empty = parse(&["delete".to_owned(), String::new()], &sides())
+        .unwrap_err()
+        .to_string();
+    assert!(empty.contains("delete takes a rule number"), "{empty}");
+}
+
+#[test]
+fn only_edits_have_a_dry_run() {
+    for (line, edits) in [
+        ("allow 22/tcp", true),
+        ("delete allow 22/tcp", true),
+        ("delete 1", true),
+        ("default deny routed", true),
+        ("status", false),
+        ("enable", false),
+        ("reload", false),
+    ] {
+        assert_eq!(command(line).unwrap().edits(), edits, "{line}");
     }
 }
 
@@ -245,6 +319,116 @@ fn a_rules_ufw_words_make_the_same_rule() {
             assert_eq!(again, vec![rule], "{line} → {words}");
         }
     }
+}
+
+fn rules(line: &str) -> Vec<vnf_core::firewall::Rule> {
+    match command(line).unwrap() {
+        UfwCommand::Add { rules, .. } | UfwCommand::Delete(rules) => rules,
+        other => panic!("{line}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_new_action_log_or_limit_updates_the_rule_in_place() {
+    let mut set = rule_set(&["allow 22/tcp comment ssh", "deny 53/udp"]);
+    let id = set.rules[0].id;
+    // (line, updated, what rule 1 then is)
+    let table = [
+        (
+            "deny 22/tcp",
+            1,
+            "deny local proto tcp dport 22 comment ssh",
+        ),
+        (
+            "deny 22/tcp",
+            0,
+            "deny local proto tcp dport 22 comment ssh",
+        ),
+        (
+            "limit 22/tcp",
+            1,
+            "limit local rate 12/minute proto tcp dport 22 comment ssh",
+        ),
+        (
+            "allow log 22/tcp",
+            1,
+            "allow local proto tcp dport 22 comment ssh log",
+        ),
+        (
+            "allow 22/tcp comment admins",
+            1,
+            "allow local proto tcp dport 22 comment admins",
+        ),
+        (
+            "insert 2 reject 22/tcp",
+            1,
+            "reject local proto tcp dport 22 comment admins",
+        ),
+    ];
+    for (line, updated, rule) in table {
+        let UfwCommand::Add { rules, at } = command(line).unwrap() else {
+            panic!("{line}")
+        };
+        let added = add(&mut set, rules, at).unwrap();
+        assert_eq!(
+            added,
+            Added {
+                ids: vec![],
+                updated
+            },
+            "{line}"
+        );
+        assert_eq!(set.rules.len(), 2, "{line}: replaced, not appended");
+        assert_eq!(describe(&set.rules[0]), rule, "{line}");
+        assert_eq!(set.rules[0].id, id, "{line}: the rule keeps its id");
+    }
+    // A disabled rule added again is enabled again.
+    set.rules[1].enabled = false;
+    let added = add(&mut set, rules("deny 53/udp"), None).unwrap();
+    assert_eq!(added.updated, 1);
+    assert!(set.rules[1].enabled);
+    assert_eq!(
+        add(&mut set, rules("deny 53/udp"), None).unwrap(),
+        Added::default()
+    );
+}
+
+#[test]
+fn delete_needs_every_rule_of_the_line() {
+    let mut set = rule_set(&["allow 22/tcp"]);
+    for line in [
+        "delete allow 22",
+        "delete deny 22/tcp",
+        "delete allow log 22/tcp",
+    ] {
+        let error = delete(&mut set, &rules(line), line)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("Could not delete non-existent rule"),
+            "{line}: {error}"
+        );
+        assert_eq!(set.rules.len(), 1, "{line}: nothing deleted");
+    }
+    let id = set.rules[0].id;
+    assert_eq!(
+        delete(&mut set, &rules("delete allow 22/tcp"), "").unwrap(),
+        vec![id]
+    );
+    let mut set = rule_set(&["allow 22", "deny 53/udp"]);
+    let both = delete(&mut set, &rules("delete allow 22"), "").unwrap();
+    assert_eq!(both.len(), 2);
+    assert_eq!(describe(&set.rules[0]), "deny local proto udp dport 53");
+}
+
+#[test]
+fn a_comment_with_a_quote_is_quoted_for_the_shell() {
+    let mut rule = rules("allow 22/tcp").remove(0);
+    rule.comment = Some("bob's".into());
+    assert_eq!(
+        status::words(&rule, &sides()),
+        r"allow 22/tcp comment 'bob'\''s'"
+    );
 }
 
 fn rule_set(lines: &[&str]) -> RuleSet {
