@@ -109,4 +109,29 @@ To                         Action      From
 22/tcp                     ALLOW       Anywhere
 "
     );
+
+    // Another action for the same traffic replaces the rule in place, as in ufw.
+    assert_eq!(dockwall.ok(&["ufw", "deny", "22/tcp"]), "Rule updated\n");
+    let status: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["ufw", "status", "--json"])).unwrap();
+    assert_eq!(status["rules"].as_array().map(Vec::len), Some(1));
+    assert_eq!(status["rules"][0]["ufw"], "deny 22/tcp");
+    // Only the tcp half exists: `delete deny 22` (tcp and udp) deletes nothing.
+    let partial = dockwall.cli(&["ufw", "delete", "deny", "22"]);
+    assert!(
+        !partial.status.success(),
+        "a line's rules are deleted all or none"
+    );
+    let after: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["ufw", "status", "--json"])).unwrap();
+    assert_eq!(after, status, "nothing deleted");
+    let reloaded: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["ufw", "reload", "--json"])).unwrap();
+    assert_eq!(reloaded["result"], "Firewall reloaded");
+    let dry = dockwall.cli(&["ufw", "enable", "--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&dry.stderr).contains("only edits"),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
 }

@@ -116,9 +116,64 @@ fn missing(after: &str, what: &str) -> Error {
     Error::invalid("ufw command", after, format!("{what} must follow"))
 }
 
-pub fn parse(words: &[String], sides: &SideNames) -> Result<UfwCommand> {
+/// A command line read, its route interfaces (`in on IF`, `out on IF`) not yet known as
+/// sides: reading needs no kernel, so a mistake in the words is told before the sides are
+/// looked up.
+#[derive(Debug)]
+pub struct ReadCommand {
+    command: UfwCommand,
+    interfaces: Interfaces,
+}
+
+impl ReadCommand {
+    fn without_interfaces(command: UfwCommand) -> Self {
+        ReadCommand {
+            command,
+            interfaces: Interfaces::default(),
+        }
+    }
+
+    /// The command, its route rules' direction given by the interfaces they name.
+    pub fn resolve(mut self, sides: &SideNames) -> Result<UfwCommand> {
+        if let UfwCommand::Add { rules, .. } | UfwCommand::Delete(rules) = &mut self.command {
+            if let Some(direction) = self.interfaces.direction(sides)? {
+                for rule in rules {
+                    rule.direction = direction;
+                }
+            }
+        }
+        Ok(self.command)
+    }
+}
+
+/// The interfaces a route rule names.
+#[derive(Debug, Default)]
+struct Interfaces {
+    inbound: Option<String>,
+    outbound: Option<String>,
+}
+
+impl Interfaces {
+    /// The direction of a route rule naming these interfaces; None when it names none.
+    fn direction(&self, sides: &SideNames) -> Result<Option<Direction>> {
+        let side = |name: &Option<String>| name.as_deref().map(|n| sides.side_of(n)).transpose();
+        match (side(&self.inbound)?, side(&self.outbound)?) {
+            (Some(a), Some(b)) if a == b => Err(refused(
+                self.outbound.as_deref().unwrap_or_default(),
+                "in and out are the same side; Dockwall filters what crosses from one side to \
+                 the other",
+            )),
+            (Some(Side::Left), _) | (None, Some(Side::Right)) => Ok(Some(Direction::LeftToRight)),
+            (Some(_), _) | (None, Some(_)) => Ok(Some(Direction::RightToLeft)),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Reads a ufw command line; [`ReadCommand::resolve`] then gives what it asks for.
+pub fn read(words: &[String]) -> Result<ReadCommand> {
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    match words.as_slice() {
+    let command = match words.as_slice() {
         [] => Err(Error::invalid(
             "ufw command",
             "",
@@ -144,8 +199,9 @@ pub fn parse(words: &[String], sides: &SideNames) -> Result<UfwCommand> {
             "this ufw command is not supported by Dockwall (rules, status, default routed, \
              enable and reload are)",
         )),
-        _ => parse_rule_command(&words, sides),
-    }
+        _ => return parse_rule_command(&words),
+    }?;
+    Ok(ReadCommand::without_interfaces(command))
 }
 
 fn parse_default(rest: &[&str]) -> Result<UfwCommand> {
@@ -187,7 +243,7 @@ fn parse_default(rest: &[&str]) -> Result<UfwCommand> {
 }
 
 /// `[rule] [route] [delete] [insert N | prepend] ACTION …` and `[route] delete N`.
-fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
+fn parse_rule_command(words: &[&str]) -> Result<ReadCommand> {
     let (mut route, mut delete, mut at) = (false, false, None);
     // The word that gave the position, for a refusal.
     let mut at_word = "";
@@ -212,7 +268,7 @@ fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
                         number,
                         "rule numbers start at 1; see `status numbered`",
                     )),
-                    Ok(n) => Ok(UfwCommand::DeleteNumber(n)),
+                    Ok(n) => Ok(ReadCommand::without_interfaces(UfwCommand::DeleteNumber(n))),
                     // Only digits: too many of them for any rule set.
                     Err(_) => Err(refused(
                         number,
@@ -247,15 +303,21 @@ fn parse_rule_command(words: &[&str], sides: &SideNames) -> Result<UfwCommand> {
             ))
         }
     };
-    let rules = parse_rule(action, tail, route, sides)?;
-    match (delete, at) {
-        (true, Some(_)) => Err(refused(
-            at_word,
-            format!("delete and {at_word} do not go together"),
-        )),
-        (true, None) => Ok(UfwCommand::Delete(rules)),
-        (false, at) => Ok(UfwCommand::Add { rules, at }),
-    }
+    let (rules, interfaces) = parse_rule(action, tail, route)?;
+    let command = match (delete, at) {
+        (true, Some(_)) => {
+            return Err(refused(
+                at_word,
+                format!("delete and {at_word} do not go together"),
+            ))
+        }
+        (true, None) => UfwCommand::Delete(rules),
+        (false, at) => UfwCommand::Add { rules, at },
+    };
+    Ok(ReadCommand {
+        command,
+        interfaces,
+    })
 }
 
 fn position(word: &str) -> Result<usize> {
@@ -283,8 +345,7 @@ fn parse_action(word: &str) -> Result<Action> {
 /// The words after the action, gathered before they become rules.
 #[derive(Default)]
 struct Words {
-    interface_in: Option<String>,
-    interface_out: Option<String>,
+    interfaces: Interfaces,
     log: bool,
     protocol: Option<Protocol>,
     source: Option<Option<IpNet>>,
@@ -298,7 +359,7 @@ struct Words {
     comment: Option<String>,
 }
 
-fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> Result<Vec<Rule>> {
+fn parse_rule(action: Action, tail: &[&str], route: bool) -> Result<(Vec<Rule>, Interfaces)> {
     let mut words = Words::default();
     let mut rest = tail.iter().copied().peekable();
     while let Some(word) = rest.next() {
@@ -324,9 +385,9 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
                         ));
                     }
                     let slot = if word == "in" {
-                        &mut words.interface_in
+                        &mut words.interfaces.inbound
                     } else {
-                        &mut words.interface_out
+                        &mut words.interfaces.outbound
                     };
                     if slot.replace(name).is_some() {
                         return Err(refused(word, format!("`{word} on` is given twice")));
@@ -409,7 +470,8 @@ fn parse_rule(action: Action, tail: &[&str], route: bool, sides: &SideNames) -> 
             other => return Err(refused(other, "unexpected word after the port")),
         }
     }
-    into_rules(action, words, route, sides)
+    let interfaces = std::mem::take(&mut words.interfaces);
+    Ok((into_rules(action, words, route)?, interfaces))
 }
 
 /// The word after `after`, which must be `what`.
@@ -510,22 +572,11 @@ fn several(ports: &Option<Vec<PortRange>>) -> bool {
         .is_some_and(|list| list.iter().map(|range| port_count(*range)).sum::<usize>() > 1)
 }
 
-fn route_direction(words: &Words, sides: &SideNames) -> Result<Direction> {
-    let side = |name: &Option<String>| name.as_deref().map(|n| sides.side_of(n)).transpose();
-    match (side(&words.interface_in)?, side(&words.interface_out)?) {
-        (Some(a), Some(b)) if a == b => Err(refused(
-            words.interface_out.as_deref().unwrap_or_default(),
-            "in and out are the same side; Dockwall filters what crosses from one side to the other",
-        )),
-        (Some(Side::Left), _) | (None, Some(Side::Right)) => Ok(Direction::LeftToRight),
-        (Some(_), _) | (None, Some(_)) => Ok(Direction::RightToLeft),
-        (None, None) => Ok(Direction::Both),
-    }
-}
-
-fn into_rules(action: Action, words: Words, route: bool, sides: &SideNames) -> Result<Vec<Rule>> {
+/// The rules the words make; a route rule goes both ways until [`ReadCommand::resolve`] gives it the
+/// direction of the interfaces it names.
+fn into_rules(action: Action, words: Words, route: bool) -> Result<Vec<Rule>> {
     let direction = if route {
-        route_direction(&words, sides)?
+        Direction::Both
     } else {
         Direction::Local
     };

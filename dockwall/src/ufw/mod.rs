@@ -66,6 +66,7 @@ pub struct UfwArgs {
 }
 
 pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<ExitCode> {
+    let read = grammar::read(&args.words)?;
     let assignment = firewall::current_assignment(&editor.selectors).await?;
     let name = |side| assignment.interface(side).map(|i| i.name.clone());
     let sides = SideNames {
@@ -73,7 +74,7 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
         right: name(Side::Right),
         mgmt: name(Side::Management),
     };
-    let command = grammar::parse(&args.words, &sides)?;
+    let command = read.resolve(&sides)?;
     let said = args.words.join(" ");
     if args.edit.dry_run && !command.edits() {
         return Err(Error::invalid(

@@ -2,7 +2,7 @@
 
 use vnf_core::firewall::{Policy, RuleSet};
 
-use super::grammar::{parse, SideNames, StatusView, UfwCommand};
+use super::grammar::{read, SideNames, StatusView, UfwCommand};
 use super::{add, delete, status, Added};
 use crate::commands::describe;
 
@@ -16,7 +16,7 @@ fn sides() -> SideNames {
 
 fn command(line: &str) -> vnf_core::Result<UfwCommand> {
     let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    parse(&words, &sides())
+    read(&words)?.resolve(&sides())
 }
 
 /// The rules a line adds, as `dockwall rule list` describes them, joined by " | ".
@@ -273,10 +273,20 @@ fn what_the_model_lacks_is_refused_by_name() {
     }
     // Ranges count 2 toward ufw's 15: seven ranges and a port are 15.
     assert!(command("allow 1:2,3:4,5:6,7:8,9:10,11:12,13:14,15/tcp").is_ok());
-    let empty = parse(&["delete".to_owned(), String::new()], &sides())
+    let empty = read(&["delete".to_owned(), String::new()])
         .unwrap_err()
         .to_string();
     assert!(empty.contains("delete takes a rule number"), "{empty}");
+}
+
+#[test]
+fn reading_needs_no_sides() {
+    let words: Vec<String> = ["route", "allow", "in", "on", "eth9"]
+        .map(str::to_owned)
+        .to_vec();
+    let read = read(&words).expect("the words alone are right");
+    let error = read.resolve(&sides()).unwrap_err().to_string();
+    assert!(error.contains("\"eth9\": is not a side"), "{error}");
 }
 
 #[test]
