@@ -134,6 +134,10 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ufw(args) => {
+            let editor = editor(&args.edit);
+            crate::ufw::run(&store, editor, args).await
+        }
         Command::Apply { file, edit } => {
             let new = read_rule_set(&file)?;
             editor(&edit)
@@ -150,7 +154,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
 }
 
 pub(crate) struct Editor<'a> {
-    store: &'a Store,
+    pub(crate) store: &'a Store,
     pub(crate) selectors: SideSelectors,
     dry_run: bool,
 }
@@ -173,7 +177,7 @@ impl Editor<'_> {
         change: impl FnOnce(&mut RuleSet) -> Result<()>,
     ) -> Result<ExitCode> {
         let outcome = self.edit(change).await?;
-        self.report(&outcome, &message)
+        self.report(&outcome, &message, Answer::Dockwall)
     }
 
     /// Like `run`, with the message written by the change from the set it left.
@@ -188,7 +192,7 @@ impl Editor<'_> {
                 Ok(())
             })
             .await?;
-        self.report(&outcome, &message)
+        self.report(&outcome, &message, Answer::Dockwall)
     }
 }
 
@@ -272,7 +276,7 @@ async fn rule<'a>(
                     Ok(())
                 })
                 .await?;
-            editor.report(&outcome, &message)
+            editor.report(&outcome, &message, Answer::Dockwall)
         }
         RuleCommand::Enable(SelectedEdit { selector, edit }) => {
             editor(&edit).set_enabled(&selector, true).await
@@ -300,7 +304,7 @@ impl Editor<'_> {
                 Ok(())
             })
             .await?;
-        self.report(&outcome, &message)
+        self.report(&outcome, &message, Answer::Dockwall)
     }
 }
 
@@ -375,7 +379,7 @@ async fn nat<'a>(
             ))
         }
     };
-    editor.report(&outcome, &message)
+    editor.report(&outcome, &message, Answer::Dockwall)
 }
 
 /// Adds the rule `spec` describes at the index `place` picks in the current rule set.
@@ -395,7 +399,7 @@ async fn add_rule(
             Ok(())
         })
         .await?;
-    editor.report(&outcome, &message)
+    editor.report(&outcome, &message, Answer::Dockwall)
 }
 
 /// The rule `spec` describes, checked as the user typed it; errors name it by the position
@@ -475,26 +479,59 @@ pub(crate) fn to_json(value: &impl Serialize) -> Result<String> {
     })
 }
 
+/// How an edit's result is told.
+#[derive(Clone, Copy)]
+pub(crate) enum Answer<'a> {
+    /// Dockwall's sentence with what the kernel took.
+    Dockwall,
+    /// ufw's words as they are (`Rule added`); with `json`, a document with the ids of the
+    /// rules the edit concerned.
+    Ufw { json: bool, rule_ids: &'a [u64] },
+}
+
 impl Editor<'_> {
-    pub(crate) fn report(&self, outcome: &EditOutcome, message: &str) -> Result<ExitCode> {
-        match &outcome.applied {
-            Applied::DryRun(batch) => println!("{batch}"),
-            Applied::Kernel(kind) => println!("{message} (applied: {})", spelled(kind)),
-            Applied::StoredOnly => {
-                println!("{message} (stored, not applied)");
-                eprintln!(
-                    "dockwall: not applied: this network namespace has no Dockwall table (nft \
-                 inet {table}), so no `dockwall run` enforces rules here. Is this the SI's \
-                 namespace? For a container SI run the command inside it: `docker exec <si> \
-                 dockwall …`. Is `dockwall run` running? The rules are stored in {file} and \
-                 apply when `dockwall run` starts with that state directory.",
-                    table = compile::TABLE,
-                    file = self.store.rules_path().display(),
-                );
+    pub(crate) fn report(
+        &self,
+        outcome: &EditOutcome,
+        message: &str,
+        answer: Answer<'_>,
+    ) -> Result<ExitCode> {
+        match (answer, &outcome.applied) {
+            (
+                Answer::Ufw {
+                    json: true,
+                    rule_ids,
+                },
+                applied,
+            ) => {
+                let report = json!({ "result": message, "applied": applied, "rule_ids": rule_ids });
+                println!("{}", to_json(&report)?);
             }
+            (_, Applied::DryRun(batch)) => println!("{batch}"),
+            (Answer::Dockwall, Applied::Kernel(kind)) => {
+                println!("{message} (applied: {})", spelled(kind))
+            }
+            (Answer::Ufw { .. }, Applied::Kernel(_)) => println!("{message}"),
+            (_, Applied::StoredOnly) => println!("{message} (stored, not applied)"),
+        }
+        if matches!(outcome.applied, Applied::StoredOnly) {
+            explain_not_applied(self.store);
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Why an edit was only stored, and what to check (stderr).
+pub(crate) fn explain_not_applied(store: &Store) {
+    eprintln!(
+        "dockwall: not applied: this network namespace has no Dockwall table (nft inet {table}), \
+         so no `dockwall run` enforces rules here. Is this the SI's namespace? For a container \
+         SI run the command inside it: `docker exec <si> dockwall …`. Is `dockwall run` \
+         running? The rules are stored in {file} and apply when `dockwall run` starts with \
+         that state directory.",
+        table = compile::TABLE,
+        file = store.rules_path().display(),
+    );
 }
 
 fn counter_of(counters: &Counters, comment: String) -> (u64, u64) {
@@ -535,7 +572,7 @@ pub(crate) fn spelled<T: Serialize>(value: &T) -> String {
         .unwrap_or_default()
 }
 
-fn describe(rule: &Rule) -> String {
+pub(crate) fn describe(rule: &Rule) -> String {
     let mut text = format!("{} {}", spelled(&rule.action), spelled(&rule.direction));
     if let Some(rate) = rule.rate {
         text += &format!(" rate {}", String::from(rate));

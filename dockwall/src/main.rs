@@ -6,7 +6,7 @@ mod commands;
 mod fwaas;
 mod metrics;
 mod mirror;
-mod ufw_words;
+mod ufw;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -152,6 +152,10 @@ pub enum Command {
         #[arg(long = "fwaas", required = true)]
         fwaas: bool,
     },
+    /// ufw's grammar for the rules: `ufw allow 22/tcp`, `ufw route deny in on eth0 out on
+    /// eth1 proto icmp`, `ufw status numbered`, `ufw delete 3` (answers in ufw's words)
+    #[command(after_long_help = ufw::HELP)]
+    Ufw(ufw::UfwArgs),
     /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
     /// file use)
     Apply {
@@ -354,7 +358,7 @@ fn with_ufw_hint(mut error: clap::Error) -> clap::Error {
         _ => return error,
     };
     let args: Vec<String> = std::env::args().collect();
-    if let Some(hint) = ufw_words::did_you_mean(&args, &unexpected) {
+    if let Some(hint) = ufw::did_you_mean(&args, &unexpected) {
         error.insert(
             ContextKind::Suggested,
             ContextValue::StyledStrs(vec![hint.into()]),

@@ -16,7 +16,7 @@ use vnf_core::firewall::{self, RuleSet};
 use vnf_core::side::{Assignment, Side};
 use vnf_core::{Error, Result};
 
-use crate::commands::{spelled, to_json, Editor};
+use crate::commands::{spelled, to_json, Answer, Editor};
 use crate::EditArgs;
 
 #[derive(Subcommand, Debug)]
@@ -115,7 +115,7 @@ pub async fn run<'a>(
                     Ok(())
                 })
                 .await?;
-            editor.report(&outcome, &message)
+            editor.report(&outcome, &message, Answer::Dockwall)
         }
         MirrorCommand::Delete { mirror, id, edit } => {
             let id = id.or(mirror).unwrap_or_default();
@@ -133,7 +133,7 @@ pub async fn run<'a>(
                     Ok(())
                 })
                 .await?;
-            editor.report(&outcome, &format!("mirror {id} deleted"))
+            editor.report(&outcome, &format!("mirror {id} deleted"), Answer::Dockwall)
         }
         MirrorCommand::List { output, sides } => {
             let assignment = firewall::current_assignment(&sides.selectors(state_dir)).await?;

@@ -1,5 +1,10 @@
 //! ufw's positional syntax (`allow from 10.0.0.0/8 to any port 22`) is what many operators
-//! type first; a parse error over it comes with the same rule written with Dockwall's flags.
+//! type first, also after `dockwall rule add`; a parse error over it there comes with the same
+//! rule written with Dockwall's flags (ports read by the ufw grammar's own parser).
+
+use vnf_core::firewall::{PortRange, Protocol};
+
+use super::grammar::parse_ports;
 
 /// The words ufw takes where Dockwall takes a flag.
 const UFW_WORDS: [&str; 4] = ["from", "to", "port", "proto"];
@@ -10,7 +15,7 @@ pub fn did_you_mean(args: &[String], unexpected: &str) -> Option<String> {
     let edit = args
         .windows(2)
         .position(|pair| pair[0] == "rule" && (pair[1] == "add" || pair[1] == "insert"))?;
-    if !UFW_WORDS.contains(&unexpected) && split_port(unexpected).is_none() {
+    if !UFW_WORDS.contains(&unexpected) && single_port(unexpected).is_none() {
         return None;
     }
     // `rule insert` takes a position first; it stays where it is.
@@ -32,10 +37,15 @@ pub fn did_you_mean(args: &[String], unexpected: &str) -> Option<String> {
             "port" => port = Some(words.next()?.clone()),
             "proto" => protocol = Some(words.next()?.clone()),
             // ufw's `allow 22/tcp`.
-            other if split_port(other).is_some() => {
-                let (number, suffix) = split_port(other)?;
-                port = Some(number.to_owned());
-                protocol = suffix.map(str::to_owned).or(protocol);
+            other if single_port(other).is_some() => {
+                let (number, implied) = single_port(other)?;
+                port = Some(number.to_string());
+                // The protocol as typed (`22/sctp` → `--proto sctp`), or the one a service
+                // name brings.
+                let typed = other.split_once('/').map(|(_, typed)| typed.to_owned());
+                protocol = typed
+                    .or_else(|| implied.map(|p| p.to_string()))
+                    .or(protocol);
             }
             other => command.push(other.to_owned()),
         }
@@ -53,17 +63,13 @@ pub fn did_you_mean(args: &[String], unexpected: &str) -> Option<String> {
     Some(format!("did you mean: {}", command.join(" ")))
 }
 
-/// `22`, `1000:2000` or `22/tcp`: the port and the protocol after the slash.
-fn split_port(word: &str) -> Option<(&str, Option<&str>)> {
-    let (number, protocol) = match word.split_once('/') {
-        Some((number, protocol)) => (number, Some(protocol)),
-        None => (word, None),
-    };
-    let is_port = !number.is_empty()
-        && number
-            .split(':')
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
-    is_port.then_some((number, protocol))
+/// `22`, `1000:2000`, `22/tcp` or `ssh` as ufw's grammar reads it, when it is one port or range
+/// (a `--dport` takes one).
+fn single_port(word: &str) -> Option<(PortRange, Option<Protocol>)> {
+    match parse_ports(word).ok()? {
+        (ports, protocol) if ports.len() == 1 => Some((ports[0], protocol)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +99,14 @@ mod tests {
             hint("dockwall rule add deny to 192.0.2.0/24 proto icmp", "to").as_deref(),
             Some("did you mean: dockwall rule add deny --to 192.0.2.0/24 --proto icmp")
         );
+        assert_eq!(
+            hint("dockwall rule add allow ssh", "ssh").as_deref(),
+            Some("did you mean: dockwall rule add allow --dport 22 --proto tcp")
+        );
+        assert_eq!(
+            hint("dockwall rule add allow 9899/sctp", "9899/sctp").as_deref(),
+            Some("did you mean: dockwall rule add allow --dport 9899 --proto sctp")
+        );
     }
 
     #[test]
@@ -100,5 +114,6 @@ mod tests {
         assert_eq!(hint("dockwall rule add allow --bogus", "--bogus"), None);
         assert_eq!(hint("dockwall nat add masquerade from x", "from"), None);
         assert_eq!(hint("dockwall rule add allow from", "from"), None);
+        assert_eq!(hint("dockwall rule add allow 22/", "22/"), None);
     }
 }
