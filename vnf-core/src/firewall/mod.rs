@@ -2,10 +2,12 @@
 //! table, the atomic apply, and the persistent store.
 
 pub mod compile;
+pub mod mode;
 pub mod model;
 pub mod nft;
 pub mod store;
 
+pub use mode::ServiceMode;
 pub use model::{
     Action, Direction, NatKind, NatRule, Policy, PortRange, Protocol, Rate, Rule, RuleSet,
 };

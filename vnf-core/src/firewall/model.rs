@@ -9,6 +9,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::mode::ServiceMode;
 use crate::error::{Error, Result};
 use crate::side::Side;
 
@@ -30,6 +31,9 @@ pub struct RuleSet {
     /// The id the next new rule or NAT rule gets; ids are never reused.
     #[serde(default = "first_id")]
     pub next_id: u64,
+    /// The service mode `dockwall run` last started in: edits compile for it.
+    #[serde(default, skip_serializing_if = "ServiceMode::is_default")]
+    pub mode: ServiceMode,
 }
 
 fn first_id() -> u64 {
@@ -44,6 +48,7 @@ impl Default for RuleSet {
             rules: Vec::new(),
             nat: Vec::new(),
             next_id: first_id(),
+            mode: ServiceMode::default(),
         }
     }
 }
@@ -578,6 +583,21 @@ impl RuleSet {
                     "id",
                     nat.id,
                     "a NAT rule shares this id with another rule",
+                ));
+            }
+        }
+        if self.mode == ServiceMode::Transparent {
+            if let Some(nat) = self.nat.first() {
+                return Err(Error::invalid(
+                    "mode",
+                    self.mode,
+                    format!(
+                        "NAT rule {} (and every NAT rule) cannot apply: in transparent mode the \
+                         SI bridges one subnet and owns no address on its data legs to translate \
+                         to or from; delete the NAT rules (`dockwall nat delete --id ID`) or run \
+                         in-network or in-network-nat",
+                        nat.id
+                    ),
                 ));
             }
         }
