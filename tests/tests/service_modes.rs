@@ -3,11 +3,12 @@
 
 use std::process::Output;
 
-use docknfv_tests::chain::{link, LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::StateDir;
-use docknfv_tests::prereq::{require_chain_tools, require_command};
+use docknfv_tests::prereq::require_command;
 use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
 use docknfv_tests::vnf::binary;
+use docknfv_tests::wire::{Wire, SI_LEFT_LEG, SI_MGMT, SI_RIGHT_LEG, WIRE_LEFT, WIRE_RIGHT};
 use docknfv_tests::{Chain, Netns, Vnf};
 
 /// `dockwall run --mode MODE` in `si` on `state`, waited on until it forwards.
@@ -158,66 +159,6 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
     assert!(dockwall.terminate().success(), "{}", dockwall.log());
 }
 
-/// left host ── SI eth0 ═ bridge ═ eth1 ── right host, one subnet 10.50.0.0/24; the SI's
-/// legs start with addresses (as Docker gives them) that transparent mode takes off, and a
-/// management leg (eth2) stays routed.
-struct Wire {
-    left_host: Netns,
-    si: Netns,
-    right_host: Netns,
-    mgmt: Netns,
-}
-
-const WIRE_LEFT: &str = "10.50.0.1";
-const WIRE_RIGHT: &str = "10.50.0.2";
-const SI_MGMT: &str = "10.60.0.2";
-
-impl Wire {
-    fn new() -> Wire {
-        require_chain_tools();
-        let wire = Wire {
-            left_host: Netns::new("tl"),
-            si: Netns::new("ts"),
-            right_host: Netns::new("tr"),
-            mgmt: Netns::new("tm"),
-        };
-        link(
-            &wire.left_host,
-            "eth0",
-            &format!("{WIRE_LEFT}/24"),
-            &wire.si,
-            "eth0",
-            "10.50.0.250/24",
-        );
-        link(
-            &wire.si,
-            "eth1",
-            "10.50.0.251/24",
-            &wire.right_host,
-            "eth0",
-            &format!("{WIRE_RIGHT}/24"),
-        );
-        link(
-            &wire.si,
-            "eth2",
-            &format!("{SI_MGMT}/24"),
-            &wire.mgmt,
-            "eth0",
-            "10.60.0.1/24",
-        );
-        wire
-    }
-
-    fn leg_addresses(&self, leg: &str) -> Vec<String> {
-        self.si
-            .link(leg)
-            .addresses
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
-    }
-}
-
 #[test]
 fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     let wire = Wire::new();
@@ -318,8 +259,8 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
 
     assert!(dockwall.terminate().success(), "{}", dockwall.log());
-    assert_eq!(wire.leg_addresses("eth0"), ["10.50.0.250/24"], "restored");
-    assert_eq!(wire.leg_addresses("eth1"), ["10.50.0.251/24"], "restored");
+    assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "restored");
+    assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
     let links = wire.si.ip(&["-o", "link", "show"]);
     assert!(!links.contains("dockwall0"), "bridge removed: {links}");
     let tables = wire.si.exec("nft", &["list", "tables"]);
@@ -352,9 +293,5 @@ fn transparent_run_refuses_stored_nat_rules() {
         log.contains("transparent mode") && log.contains("NAT rule 1"),
         "the refusal names the NAT rule and why: {log}"
     );
-    assert_eq!(
-        wire.leg_addresses("eth0"),
-        ["10.50.0.250/24"],
-        "nothing changed"
-    );
+    assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "nothing changed");
 }
