@@ -46,6 +46,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             let exporter = FirewallExporter {
                 store: &store,
                 config: config.clone(),
+                mode: routing.mode,
             };
             let mut observer = FirewallObserver { store: &store };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;

@@ -143,3 +143,101 @@ pub fn bridge_marks(left: &str, right: &str) -> String {
 
 /// The chain of the bridge table.
 pub const BRIDGE_CHAIN: &str = "mark_leg";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::compile::compile;
+    use crate::firewall::model::{NatKind, NatRule, RuleSet};
+    use crate::side::{ReadySide, Side};
+
+    fn side(side: Side, name: &str, address: &str) -> ReadySide {
+        ReadySide {
+            side,
+            index: 2,
+            name: name.into(),
+            address: address.parse().unwrap(),
+        }
+    }
+
+    /// The compiled table as the nft JSON text it is sent as.
+    fn compiled_text(mode: ServiceMode) -> String {
+        let (left, right) = (
+            side(Side::Left, "eth0", "10.0.1.2/24"),
+            side(Side::Right, "eth1", "10.0.2.2/24"),
+        );
+        let rule_set = RuleSet {
+            mode,
+            ..RuleSet::default()
+        };
+        let sides = Sides {
+            left: Some(&left),
+            right: Some(&right),
+        };
+        serde_json::to_string(&compile(&rule_set, sides).chains).unwrap()
+    }
+
+    #[test]
+    fn in_network_nat_masquerades_out_of_the_right_and_drops_undnatted_right_to_left() {
+        let text = compiled_text(ServiceMode::InNetworkNat);
+        assert!(text.contains("mode in-network-nat: masquerade out of the right side"));
+        assert!(text.contains("mode in-network-nat: right-to-left only through DNAT"));
+        let plain = compiled_text(ServiceMode::InNetwork);
+        assert!(!plain.contains("masquerade"), "in-network adds nothing");
+        assert!(!plain.contains("mode "), "in-network adds nothing");
+    }
+
+    #[test]
+    fn transparent_dispatches_by_mark_and_names_no_interface() {
+        let text = compiled_text(ServiceMode::Transparent);
+        assert!(!text.contains("eth0") && !text.contains("eth1"), "{text}");
+        assert!(text.contains(&LEFT_INGRESS_MARK.to_string()), "{text}");
+        assert!(text.contains(&RIGHT_INGRESS_MARK.to_string()), "{text}");
+        let marks = bridge_marks("eth0", "eth1");
+        assert!(marks.starts_with("table bridge dockwall"), "{marks}");
+        assert!(
+            marks.contains("iifname \"eth1\" meta mark set 0xd0c0002"),
+            "{marks}"
+        );
+    }
+
+    #[test]
+    fn transparent_mode_refuses_nat_rules_naming_why() {
+        let mut rule_set = RuleSet {
+            mode: ServiceMode::Transparent,
+            ..RuleSet::default()
+        };
+        rule_set.validate().unwrap();
+        let id = rule_set.allocate_id();
+        rule_set.nat.push(NatRule {
+            id,
+            kind: NatKind::Masquerade {
+                out: Side::Right,
+                source: None,
+            },
+            comment: None,
+        });
+        let error = rule_set.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("transparent") && error.contains("NAT rule 1"),
+            "{error}"
+        );
+        rule_set.mode = ServiceMode::InNetworkNat;
+        rule_set.validate().unwrap();
+    }
+
+    #[test]
+    fn state_files_without_a_mode_load_as_in_network_and_stay_unchanged() {
+        let old = r#"{"version":1,"default_policy":"accept","rules":[],"nat":[],"next_id":1}"#;
+        let rule_set = RuleSet::from_json(old, "old state").unwrap();
+        assert_eq!(rule_set.mode, ServiceMode::InNetwork);
+        assert_eq!(serde_json::to_string(&rule_set).unwrap(), old);
+        let nat = RuleSet {
+            mode: ServiceMode::InNetworkNat,
+            ..RuleSet::default()
+        };
+        assert!(serde_json::to_string(&nat)
+            .unwrap()
+            .contains(r#""mode":"in-network-nat""#));
+    }
+}
