@@ -85,9 +85,7 @@ pub async fn run(
     if let Err(error) = &outcome {
         error!(%error, "stopping");
     }
-    if let Err(error) = observer.shutdown(config.on_exit) {
-        error!(%error, "shutdown incomplete");
-    }
+    // The bridge goes first: without it nothing is forwarded while the firewall goes.
     match config.on_exit {
         OnExit::Remove => {
             if let Err(error) = unbridge(&handle, &legs).await {
@@ -95,6 +93,9 @@ pub async fn run(
             }
         }
         OnExit::Keep => info!("bridge left in place (--on-exit keep)"),
+    }
+    if let Err(error) = observer.shutdown(config.on_exit) {
+        error!(%error, "shutdown incomplete");
     }
     outcome
 }
