@@ -628,7 +628,7 @@ async fn status(
             "NOT converged (is `run` running?)"
         };
         println!(
-            "firewall (nft table inet {}, mode {mode}): {state}; default {}; {} rules, {} NAT rules",
+            "firewall (nft table inet {}): {state}; mode {mode}; default {}; {} rules, {} NAT rules",
             compile::TABLE,
             spelled(&rule_set.default_policy),
             rule_set.rules.len(),
