@@ -13,11 +13,12 @@ use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::{read_rule_set, Store};
 use vnf_core::firewall::{
     self, compile, Applied, Direction, EditOutcome, NatKind, NatRule, Policy, Protocol, Rule,
-    RuleSet,
+    RuleSet, ServiceMode,
 };
 use vnf_core::metrics::MetricsListener;
 use vnf_core::runtime::{OnExit, SidesObserver};
 use vnf_core::side::{Assignment, SideSelectors};
+use vnf_core::transparent;
 use vnf_core::{Error, Result};
 
 use crate::fwaas;
@@ -42,18 +43,34 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
+            adopt_mode(&store, routing.mode)?;
             let exporter = FirewallExporter {
                 store: &store,
                 config: config.clone(),
+                mode: routing.mode,
             };
             let mut observer = FirewallObserver { store: &store };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
-            let run = vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer);
+            let shutdown = shutdown_signal();
+            let run = async {
+                match routing.mode {
+                    ServiceMode::Transparent => {
+                        transparent::run(config, started, shutdown, &mut observer).await
+                    }
+                    _ => vnf_core::runtime::run(config, started, shutdown, &mut observer).await,
+                }
+            };
             listener.serve_while(&exporter, run).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { routing, output } => {
-            status(&routing.runtime_config(&cli.state_dir), &store, output.json).await
+            status(
+                &routing.runtime_config(&cli.state_dir),
+                routing.mode,
+                &store,
+                output.json,
+            )
+            .await
         }
         Command::Rule(RuleCommand::List(output)) => list_rules(&store, output.json),
         Command::Rule(command) => rule(&editor, command).await,
@@ -144,7 +161,11 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 .run(
                     format!("applied {} ({} rules)", file.display(), new.rules.len()),
                     move |set| {
-                        *set = new;
+                        // The mode is `run`'s, not the file's.
+                        *set = RuleSet {
+                            mode: set.mode,
+                            ..new
+                        };
                         Ok(())
                     },
                 )
@@ -676,20 +697,45 @@ fn describe_nat(kind: &NatKind) -> String {
     }
 }
 
+/// Records the mode `run` starts in with the rule set, so edits compile for it; refuses a
+/// mode the stored rules cannot apply in (NAT rules in transparent mode).
+fn adopt_mode(store: &Store, mode: ServiceMode) -> Result<()> {
+    let locked = store.lock()?;
+    let mut rule_set = locked.load()?;
+    if rule_set.mode == mode {
+        return Ok(());
+    }
+    rule_set.mode = mode;
+    rule_set.validate()?;
+    locked.save(&rule_set)
+}
+
 async fn status(
     config: &vnf_core::runtime::RuntimeConfig,
+    mode: ServiceMode,
     store: &Store,
     json: bool,
 ) -> Result<ExitCode> {
-    let routing = vnf_core::status::collect(config).await?;
+    let (routing, routing_text, routing_converged) = match mode {
+        ServiceMode::Transparent => {
+            let bridge = transparent::status(config).await?;
+            (json!(bridge), bridge.render(), bridge.converged)
+        }
+        _ => {
+            let routing = vnf_core::status::collect(config).await?;
+            (json!(routing), routing.render(), routing.converged)
+        }
+    };
     let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
-    let firewall_converged = firewall::is_converged(&rule_set, &assignment)?;
+    let firewall_converged =
+        rule_set.mode == mode && firewall::is_converged(&rule_set, &assignment)?;
     let counters = nft::counters()?;
-    let healthy = routing.converged && firewall_converged;
+    let healthy = routing_converged && firewall_converged;
     if json {
         let report = json!({
             "healthy": healthy,
+            "mode": mode,
             "routing": routing,
             "firewall": {
                 "converged": firewall_converged,
@@ -703,14 +749,16 @@ async fn status(
         });
         println!("{}", to_json(&report)?);
     } else {
-        print!("{}", routing.render());
+        print!("{routing_text}");
         let state = if firewall_converged {
             "converged"
+        } else if rule_set.mode != mode {
+            "NOT converged (the stored rules are for another --mode; give status the mode `run` got)"
         } else {
             "NOT converged (is `run` running?)"
         };
         println!(
-            "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules, {} mirrors",
+            "firewall (nft table inet {}): {state}; mode {mode}; default {}; {} rules, {} NAT rules, {} mirrors",
             compile::TABLE,
             describe_defaults(&rule_set),
             rule_set.rules.len(),

@@ -18,7 +18,7 @@ use vnf_core::cli::{
     execute, CrossTableArgs, JsonArgs, LifecycleArgs, LogArgs, NetworkArgs, SideArgs, OUTPUT,
     SELECTOR_HELP,
 };
-use vnf_core::firewall::{Action, Direction, PortRange, Protocol, Rate};
+use vnf_core::firewall::{Action, Direction, PortRange, Protocol, Rate, ServiceMode};
 use vnf_core::metrics::MetricsArgs;
 use vnf_core::side::Side;
 
@@ -55,6 +55,24 @@ pub struct RoutingArgs {
 
     #[command(flatten)]
     tables: CrossTableArgs,
+
+    /// Service mode, as OpenContrail names them. in-network: route between the sides (a
+    /// table per side), both networks route each other's prefixes via the SI. in-network-nat:
+    /// route the same way and masquerade everything leaving the right side to the SI's right
+    /// address, so the right network needs no route back; new right-to-left connections are
+    /// dropped unless a `nat add dnat` rule forwards them (ct status dnat). transparent: one
+    /// IP subnet on both sides; the SI bridges its legs (bridge dockwall0, legs' IPv4
+    /// addresses taken off and restored on exit; pin the sides by name or MAC), filters the
+    /// bridged traffic with the same rules and conntrack, and refuses NAT rules; management
+    /// stays routed
+    #[arg(
+        long,
+        env = "DOCKWALL_MODE",
+        value_enum,
+        default_value_t = ServiceMode::InNetwork,
+        help_heading = vnf_core::cli::ROUTING
+    )]
+    mode: ServiceMode,
 }
 
 impl RoutingArgs {
@@ -78,7 +96,8 @@ pub struct EditArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Find the sides, apply the stored firewall, route between the sides (cross mode) and
-    /// keep both converged as interfaces come and go, until SIGTERM/SIGINT.
+    /// keep both converged as interfaces come and go, until SIGTERM/SIGINT. What follows is
+    /// the in-network modes; --mode transparent bridges the sides instead (see --mode).
     ///
     /// Installs a table per side (its subnet and a default via its gateway) and the rules
     /// `iif left lookup <right table>`, `iif right lookup <left table>` at priorities

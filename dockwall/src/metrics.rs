@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::Store;
-use vnf_core::firewall::{self, compile, Action, Direction, NatKind};
+use vnf_core::firewall::{self, compile, Action, Direction, NatKind, ServiceMode};
 use vnf_core::metrics::{duration_histogram, routing_health, Exporter};
 use vnf_core::runtime::RuntimeConfig;
+use vnf_core::transparent;
 use vnf_core::Result;
 
 /// How long applying the stored firewall took, from `run`'s side changes.
@@ -104,6 +105,7 @@ fn nat_kind_label(kind: &NatKind) -> &'static str {
 pub struct FirewallExporter<'a> {
     pub store: &'a Store,
     pub config: RuntimeConfig,
+    pub mode: ServiceMode,
 }
 
 impl Exporter for FirewallExporter<'_> {
@@ -195,7 +197,17 @@ impl Exporter for FirewallExporter<'_> {
     }
 
     async fn health(&self) -> std::result::Result<(), String> {
-        routing_health(&self.config).await?;
+        match self.mode {
+            ServiceMode::Transparent => {
+                let bridge = transparent::status(&self.config)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                if !bridge.converged {
+                    return Err(bridge.render());
+                }
+            }
+            _ => routing_health(&self.config).await?,
+        }
         let converged = async {
             let rule_set = self.store.lock()?.load()?;
             let assignment = firewall::current_assignment(&self.config.selectors).await?;

@@ -15,6 +15,7 @@ pub mod openvpn;
 pub mod prereq;
 pub mod traffic;
 pub mod vnf;
+pub mod wire;
 pub mod wireguard;
 
 pub use chain::Chain;

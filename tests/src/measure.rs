@@ -1,6 +1,8 @@
 //! Measurements the benchmark binaries share.
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::chain::{Chain, RIGHT_HOST};
 use crate::Netns;
@@ -116,4 +118,37 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let ticks: u64 =
         fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     ticks as f64 / 100.0
+}
+
+/// New TCP connections per second from `client` to `address:port` served in `server`: 1000
+/// connections or 20 s, whichever ends first.
+pub fn new_connections_per_second(client: &Netns, server: &Netns, address: &str, port: u16) -> f64 {
+    const CONNECTIONS: usize = 1000;
+    let address: std::net::SocketAddr = format!("{address}:{port}").parse().expect("address");
+    let listener = server
+        .run(|| std::net::TcpListener::bind(address))
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if listener.accept().is_err() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        let rate = client.run(|| {
+            let started = Instant::now();
+            let mut made = 0;
+            while made < CONNECTIONS && started.elapsed() < Duration::from_secs(20) {
+                if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok() {
+                    made += 1;
+                }
+            }
+            made as f64 / started.elapsed().as_secs_f64()
+        });
+        done.store(true, Ordering::Relaxed);
+        rate
+    })
 }

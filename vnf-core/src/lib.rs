@@ -23,5 +23,6 @@ pub mod side;
 pub mod side_memory;
 pub mod status;
 pub mod sysctl;
+pub mod transparent;
 
 pub use error::{Error, Result};

@@ -279,7 +279,7 @@ fn lease_gateways_outside(
 
 /// Routes, rules, addresses and nftables all need CAP_NET_ADMIN; without it every change
 /// fails with EPERM, which looks transient. Say so once and stop.
-fn require_net_admin() -> Result<()> {
+pub fn require_net_admin() -> Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     let status = std::fs::read_to_string("/proc/self/status").map_err(|source| Error::Io {
         context: "read /proc/self/status".into(),

@@ -62,6 +62,7 @@ fn main() {
                 "scrape-bench",
                 "dhcp-bench",
                 "route-change-bench",
+                "modes-bench",
                 "vpn-bench",
                 "docker-bench",
             ] {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall};
-use docknfv_tests::measure::{iperf_gbps, median, min_max, round_order, rss_kib, IPERF_SECONDS};
+use docknfv_tests::measure::{
+    iperf_gbps, median, min_max, new_connections_per_second, round_order, rss_kib, IPERF_SECONDS,
+};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
 
@@ -47,37 +49,9 @@ fn iptables_restore_input() -> String {
 }
 
 /// New TCP connections per second from the left host to the right host: each SYN walks the
-/// rule set, where established packets skip it. Bounded by count and time.
+/// rule set, where established packets skip it.
 fn connection_rate(chain: &Chain, port: u16) -> f64 {
-    const CONNECTIONS: usize = 1000;
-    let address: std::net::SocketAddr = format!("{RIGHT_HOST}:{port}").parse().expect("address");
-    let listener = chain
-        .right_host
-        .run(|| std::net::TcpListener::bind(address))
-        .expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if listener.accept().is_err() {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-        });
-        let rate = chain.left_host.run(|| {
-            let started = Instant::now();
-            let mut made = 0;
-            while made < CONNECTIONS && started.elapsed() < Duration::from_secs(20) {
-                if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok() {
-                    made += 1;
-                }
-            }
-            made as f64 / started.elapsed().as_secs_f64()
-        });
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        rate
-    })
+    new_connections_per_second(&chain.left_host, &chain.right_host, RIGHT_HOST, port)
 }
 
 fn timed(dockwall: &Dockwall, args: &[&str]) -> f64 {

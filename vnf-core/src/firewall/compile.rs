@@ -23,6 +23,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 
 use super::mirror::compile_mirrors;
+use super::mode;
 use super::model::{Action, Direction, NatKind, Policy, PortRange, Protocol, Rule, RuleSet};
 use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
 use crate::side::{Assignment, ReadySide, Side};
@@ -125,6 +126,7 @@ fn fingerprint(rule_set: &RuleSet, sides: Sides<'_>) -> String {
 }
 
 pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
+    let sides = mode::sides_for(rule_set.mode, sides);
     let mut compiled = Compiled {
         chains: Vec::new(),
         sets: BTreeMap::new(),
@@ -169,10 +171,7 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         conntrack_rule(&["invalid"], Statement::Drop(None)),
     ];
     forward.extend(dnat_allowances(rule_set, sides));
-    if let (Some(left), Some(right)) = (sides.left, sides.right) {
-        forward.push(jump_between(&left.name, &right.name, CHAIN_FROM_LEFT));
-        forward.push(jump_between(&right.name, &left.name, CHAIN_FROM_RIGHT));
-    }
+    forward.extend(mode::forward_dispatch(rule_set.mode, sides));
     compiled.chains.push(base_chain(
         CHAIN_FORWARD,
         NfHook::Forward,
@@ -247,7 +246,8 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         });
     }
 
-    let (prerouting, postrouting) = nat_rules(rule_set, sides);
+    let (prerouting, mut postrouting) = nat_rules(rule_set, sides);
+    postrouting.extend(mode::implicit_nat(rule_set.mode, sides));
     compiled.chains.push(base_chain(
         CHAIN_PREROUTING,
         NfHook::Prerouting,
@@ -886,7 +886,7 @@ fn conntrack_rule(states: &[&str], verdict: Statement<'static>) -> NftRule<'stat
     )
 }
 
-fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
+pub(super) fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
     rule(
         vec![
             matches(meta(MetaKey::Iifname), string(from)),

@@ -3,10 +3,12 @@
 
 pub mod compile;
 pub mod mirror;
+pub mod mode;
 pub mod model;
 pub mod nft;
 pub mod store;
 
+pub use mode::ServiceMode;
 pub use model::{
     Action, Direction, NatKind, NatRule, Policy, PortRange, Protocol, Rate, Rule, RuleSet,
 };

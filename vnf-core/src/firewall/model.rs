@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::mirror::Mirror;
+use super::mode::ServiceMode;
 use crate::error::{Error, Result};
 use crate::side::Side;
 
@@ -42,6 +43,9 @@ pub struct RuleSet {
     /// The id the next new rule, NAT rule or mirror gets; ids are never reused.
     #[serde(default = "first_id")]
     pub next_id: u64,
+    /// The service mode `dockwall run` last started in: edits compile for it.
+    #[serde(default, skip_serializing_if = "ServiceMode::is_default")]
+    pub mode: ServiceMode,
 }
 
 fn first_id() -> u64 {
@@ -59,6 +63,7 @@ impl Default for RuleSet {
             nat: Vec::new(),
             mirrors: Vec::new(),
             next_id: first_id(),
+            mode: ServiceMode::default(),
         }
     }
 }
@@ -623,6 +628,21 @@ impl RuleSet {
                     "id",
                     mirror.id,
                     "a mirror shares this id with a rule or another mirror",
+                ));
+            }
+        }
+        if self.mode == ServiceMode::Transparent {
+            if let Some(nat) = self.nat.first() {
+                return Err(Error::invalid(
+                    "mode",
+                    self.mode,
+                    format!(
+                        "NAT rule {} (and every NAT rule) cannot apply: in transparent mode the \
+                         SI bridges one subnet and owns no address on its data legs to translate \
+                         to or from; delete the NAT rules (`dockwall nat delete --id ID`) or run \
+                         in-network or in-network-nat",
+                        nat.id
+                    ),
                 ));
             }
         }

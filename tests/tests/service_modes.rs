@@ -1,0 +1,297 @@
+//! Dockwall's service modes in namespace chains: in-network-nat (masquerade out of the
+//! right side, right-to-left only through DNAT) and transparent (a bump in the wire).
+
+use std::process::Output;
+
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
+use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::prereq::require_command;
+use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
+use docknfv_tests::vnf::binary;
+use docknfv_tests::wire::{Wire, SI_LEFT_LEG, SI_MGMT, SI_RIGHT_LEG, WIRE_LEFT, WIRE_RIGHT};
+use docknfv_tests::{Chain, Netns, Vnf};
+
+/// `dockwall run --mode MODE` in `si` on `state`, waited on until it forwards.
+fn start(si: &Netns, state: &StateDir, mode: &str) -> Vnf {
+    require_command("nft", "nftables");
+    let path = state.path().to_str().expect("utf-8 path");
+    let dockwall = Vnf::start(
+        si,
+        "dockwall",
+        &[
+            "--state-dir",
+            path,
+            "run",
+            "--mode",
+            mode,
+            "--side-timeout",
+            "30",
+        ],
+    );
+    dockwall.wait_ready();
+    dockwall
+}
+
+/// `dockwall --state-dir STATE ARGS` in `si`, as `docker exec` runs it.
+fn cli(si: &Netns, state: &StateDir, args: &[&str]) -> Output {
+    si.command(binary("dockwall").to_str().expect("utf-8 path"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run dockwall")
+}
+
+fn ok(si: &Netns, state: &StateDir, args: &[&str]) -> String {
+    let output = cli(si, state, args);
+    assert!(
+        output.status.success(),
+        "dockwall {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
+    let chain = Chain::new();
+    // In this mode the right network needs no route back to the left hosts.
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let unreachable = chain.right_gateway.exec("ip", &["route", "get", LEFT_HOST]);
+    assert!(
+        !unreachable.status.success(),
+        "the right gateway must have no route to the left network: {}",
+        String::from_utf8_lossy(&unreachable.stdout)
+    );
+    let state = StateDir::new();
+    let mut dockwall = start(&chain.si, &state, "in-network-nat");
+
+    let (probe, peer) = tcp_probe(
+        &chain.left_host,
+        &chain.right_host,
+        RIGHT_HOST,
+        RIGHT_HOST,
+        7101,
+        7101,
+    );
+    assert_eq!(
+        probe,
+        Probe::Passed,
+        "left reaches right without a route back"
+    );
+    assert_eq!(
+        peer.map(|p| p.ip().to_string()),
+        Some(SI_RIGHT.to_string()),
+        "the right host sees the SI's right address as the source"
+    );
+    assert!(
+        ping(&chain.left_host, RIGHT_HOST),
+        "ICMP is masqueraded too"
+    );
+
+    // A right network that does route the left prefixes via the SI still gets no new
+    // connection through: the mode lets right-to-left in only through DNAT.
+    chain
+        .right_gateway
+        .ip(&["route", "add", LEFT_HOST_NET, "via", SI_RIGHT]);
+    let (probe, _) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        LEFT_HOST,
+        7102,
+        7102,
+    );
+    assert_eq!(
+        probe,
+        Probe::TimedOut,
+        "right-to-left without DNAT is dropped"
+    );
+    chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
+    let (probe, _) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        SI_RIGHT,
+        7103,
+        8080,
+    );
+    assert_ne!(probe, Probe::Passed, "no DNAT rule yet: nothing forwards");
+
+    ok(
+        &chain.si,
+        &state,
+        &[
+            "nat",
+            "add",
+            "dnat",
+            "--port",
+            "8080",
+            "--to",
+            &format!("{LEFT_HOST}:7103"),
+        ],
+    );
+    let (probe, peer) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        SI_RIGHT,
+        7103,
+        8080,
+    );
+    assert_eq!(probe, Probe::Passed, "the DNAT rule lets the connection in");
+    assert_eq!(
+        peer.map(|p| p.ip().to_string()),
+        Some(RIGHT_HOST.to_string()),
+        "DNAT keeps the right host's address"
+    );
+
+    let status = cli(&chain.si, &state, &["status", "--mode", "in-network-nat"]);
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "status healthy:\n{report}");
+    assert!(report.contains("mode in-network-nat"), "{report}");
+    assert!(
+        !cli(&chain.si, &state, &["status"]).status.success(),
+        "status for another mode than run's is not healthy"
+    );
+    assert!(dockwall.terminate().success(), "{}", dockwall.log());
+}
+
+#[test]
+fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    let mut dockwall = start(&wire.si, &state, "transparent");
+
+    for leg in ["eth0", "eth1"] {
+        assert_eq!(
+            wire.leg_addresses(leg),
+            Vec::<String>::new(),
+            "{leg} carries no IP"
+        );
+    }
+    let bridged = wire.si.ip(&["-o", "link", "show", "master", "dockwall0"]);
+    assert!(
+        bridged.contains("eth0") && bridged.contains("eth1") && !bridged.contains("eth2"),
+        "both data legs and only they are bridged: {bridged}"
+    );
+    assert!(
+        ping_eventually(&wire.left_host, WIRE_RIGHT, 3),
+        "left pings right"
+    );
+    assert!(ping(&wire.right_host, WIRE_LEFT), "right pings left");
+    assert!(ping(&wire.mgmt, SI_MGMT), "management stays routed");
+    let status = cli(&wire.si, &state, &["status", "--mode", "transparent"]);
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "status healthy:\n{report}");
+    assert!(report.contains("left: eth0, bridged, no IPv4"), "{report}");
+
+    // The rule grammar unchanged: a deny rule blocks one TCP port across the bridge.
+    ok(
+        &wire.si,
+        &state,
+        &["rule", "add", "deny", "--proto", "tcp", "--dport", "7201"],
+    );
+    let across = |from: &Netns, to: &Netns, address: &str, port: u16| {
+        tcp_probe(from, to, address, address, port, port).0
+    };
+    assert_eq!(
+        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7201),
+        Probe::TimedOut,
+        "the denied port is blocked"
+    );
+    assert_eq!(
+        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7202),
+        Probe::Passed,
+        "other ports pass"
+    );
+
+    // Conntrack: only left-to-right tcp/80 is allowed, yet its answers come back.
+    ok(&wire.si, &state, &["default", "deny"]);
+    ok(
+        &wire.si,
+        &state,
+        &[
+            "rule",
+            "add",
+            "allow",
+            "--direction",
+            "left-to-right",
+            "--proto",
+            "tcp",
+            "--dport",
+            "80",
+        ],
+    );
+    assert_eq!(
+        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 80),
+        Probe::Passed,
+        "the allowed connection and its return traffic pass"
+    );
+    assert_eq!(
+        across(&wire.right_host, &wire.left_host, WIRE_LEFT, 80),
+        Probe::TimedOut,
+        "right-to-left is not allowed"
+    );
+    assert_eq!(
+        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 81),
+        Probe::TimedOut,
+        "default deny drops other ports"
+    );
+    let list = ok(&wire.si, &state, &["rule", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&list).expect("rule list JSON");
+    assert!(
+        listed["rules"][1]["packets"].as_u64().unwrap_or(0) > 0,
+        "the allow rule counts bridged packets: {list}"
+    );
+
+    let refused = cli(
+        &wire.si,
+        &state,
+        &["nat", "add", "masquerade", "--out", "right"],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("transparent mode"),
+        "NAT is refused naming why: {stderr}"
+    );
+
+    assert!(dockwall.terminate().success(), "{}", dockwall.log());
+    assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "restored");
+    assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
+    let links = wire.si.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("dockwall0"), "bridge removed: {links}");
+    let tables = wire.si.exec("nft", &["list", "tables"]);
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stdout).trim(),
+        "",
+        "both tables removed"
+    );
+}
+
+#[test]
+fn transparent_run_refuses_stored_nat_rules() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    ok(
+        &wire.si,
+        &state,
+        &["nat", "add", "masquerade", "--out", "right"],
+    );
+    let path = state.path().to_str().expect("utf-8 path");
+    let mut run = Vnf::start(
+        &wire.si,
+        "dockwall",
+        &["--state-dir", path, "run", "--mode", "transparent"],
+    );
+    let status = run.wait_exit(std::time::Duration::from_secs(10));
+    assert!(!status.success(), "run must refuse");
+    let log = run.log();
+    assert!(
+        log.contains("transparent mode") && log.contains("NAT rule 1"),
+        "the refusal names the NAT rule and why: {log}"
+    );
+    assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "nothing changed");
+}

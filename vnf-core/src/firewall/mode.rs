@@ -1,0 +1,243 @@
+//! The service modes of OpenContrail / Tungsten Fabric service chains, and what each adds to
+//! the compiled table. `in-network` is Dockwall's original behaviour and adds nothing.
+
+use std::fmt;
+
+use nftables::expr::{Expression, MetaKey};
+use nftables::stmt::{JumpTarget, Statement};
+use serde::{Deserialize, Serialize};
+
+use super::compile::{
+    counter, jump_between, matches, meta, rule, string, Sides, CHAIN_FROM_LEFT, CHAIN_FROM_RIGHT,
+};
+use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
+use nftables::schema::Rule as NftRule;
+
+/// How the SI sits between its two networks.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceMode {
+    /// Routes between the sides with a table per side (cross mode); both networks route each
+    /// other's prefixes via the SI.
+    #[default]
+    InNetwork,
+    /// Routes like in-network, and masquerades left traffic leaving the right side, so the
+    /// right network needs no route back; right-initiated connections reach the left only
+    /// through `dockwall nat add dnat` rules.
+    InNetworkNat,
+    /// A bump in the wire: one IP subnet on both sides, bridged by the SI, whose data legs
+    /// carry no IP; no NAT.
+    Transparent,
+}
+
+impl ServiceMode {
+    pub fn is_default(&self) -> bool {
+        *self == ServiceMode::InNetwork
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceMode::InNetwork => "in-network",
+            ServiceMode::InNetworkNat => "in-network-nat",
+            ServiceMode::Transparent => "transparent",
+        }
+    }
+}
+
+impl fmt::Display for ServiceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The comment on the rules a mode adds, so `nft list` says where they come from.
+fn mode_comment(mode: ServiceMode, what: &str) -> Option<String> {
+    Some(format!("mode {mode}: {what}"))
+}
+
+/// The sides the compiled table refers to. Transparent mode tells the sides apart by the
+/// mark the bridge table sets (see [`bridge_marks`]), so its inet table depends on no
+/// interface or address: edits and `status` compile it alike whatever the legs hold.
+pub fn sides_for(mode: ServiceMode, sides: Sides<'_>) -> Sides<'_> {
+    match mode {
+        ServiceMode::Transparent => Sides::default(),
+        _ => sides,
+    }
+}
+
+/// The forward chain's dispatch into the per-direction chains, after the conntrack and DNAT
+/// rules. In in-network-nat mode a new connection from the right to the left that no DNAT
+/// rule let through (those are accepted before this) is dropped before any filter rule.
+pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
+    if mode == ServiceMode::Transparent {
+        // Bridged packets reach the inet hooks (br_netfilter) with the bridge as both
+        // iif and oif: the mark says which leg they came in on.
+        return [
+            (LEFT_INGRESS_MARK, CHAIN_FROM_LEFT),
+            (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
+        ]
+        .into_iter()
+        .map(|(mark, chain)| {
+            rule(
+                vec![
+                    matches(meta(MetaKey::Mark), Expression::Number(mark)),
+                    Statement::Jump(JumpTarget {
+                        target: chain.into(),
+                    }),
+                ],
+                None,
+            )
+        })
+        .collect();
+    }
+    let (Some(left), Some(right)) = (sides.left, sides.right) else {
+        return Vec::new();
+    };
+    let mut rules = Vec::new();
+    if mode == ServiceMode::InNetworkNat {
+        rules.push(rule(
+            vec![
+                matches(meta(MetaKey::Iifname), string(&right.name)),
+                matches(meta(MetaKey::Oifname), string(&left.name)),
+                counter(),
+                Statement::Drop(None),
+            ],
+            mode_comment(mode, "right-to-left only through DNAT"),
+        ));
+    }
+    rules.push(jump_between(&left.name, &right.name, CHAIN_FROM_LEFT));
+    rules.push(jump_between(&right.name, &left.name, CHAIN_FROM_RIGHT));
+    rules
+}
+
+/// The postrouting rules a mode adds after the operator's NAT rules (which match first):
+/// in-network-nat masquerades everything leaving the right side.
+pub fn implicit_nat(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
+    match (mode, sides.right) {
+        (ServiceMode::InNetworkNat, Some(right)) => vec![rule(
+            vec![
+                matches(meta(MetaKey::Oifname), string(&right.name)),
+                counter(),
+                Statement::Masquerade(None),
+            ],
+            mode_comment(mode, "masquerade out of the right side"),
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// The `bridge` family table of transparent mode: it marks each frame with the leg it came
+/// in on, for the inet table's forward chain. The filtering itself happens there, not here:
+/// this kernel family has connection tracking only where the kernel was built with
+/// nf_conntrack_bridge, while br_netfilter (which the SI's bridge turns on) hands bridged
+/// IP packets to the inet hooks with full conntrack everywhere.
+pub fn bridge_marks(left: &str, right: &str) -> String {
+    format!(
+        "table bridge {table} {{\n  chain {chain} {{\n    type filter hook prerouting priority -200; policy accept;\n    iifname \"{left}\" meta mark set {LEFT_INGRESS_MARK:#x}\n    iifname \"{right}\" meta mark set {RIGHT_INGRESS_MARK:#x}\n  }}\n}}\n",
+        table = super::compile::TABLE,
+        chain = BRIDGE_CHAIN,
+    )
+}
+
+/// The chain of the bridge table.
+pub const BRIDGE_CHAIN: &str = "mark_leg";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::compile::compile;
+    use crate::firewall::model::{NatKind, NatRule, RuleSet};
+    use crate::side::{ReadySide, Side};
+
+    fn side(side: Side, name: &str, address: &str) -> ReadySide {
+        ReadySide {
+            side,
+            index: 2,
+            name: name.into(),
+            address: address.parse().unwrap(),
+        }
+    }
+
+    /// The compiled table as the nft JSON text it is sent as.
+    fn compiled_text(mode: ServiceMode) -> String {
+        let (left, right) = (
+            side(Side::Left, "eth0", "10.0.1.2/24"),
+            side(Side::Right, "eth1", "10.0.2.2/24"),
+        );
+        let rule_set = RuleSet {
+            mode,
+            ..RuleSet::default()
+        };
+        let sides = Sides {
+            left: Some(&left),
+            right: Some(&right),
+        };
+        serde_json::to_string(&compile(&rule_set, sides).chains).unwrap()
+    }
+
+    #[test]
+    fn in_network_nat_masquerades_out_of_the_right_and_drops_undnatted_right_to_left() {
+        let text = compiled_text(ServiceMode::InNetworkNat);
+        assert!(text.contains("mode in-network-nat: masquerade out of the right side"));
+        assert!(text.contains("mode in-network-nat: right-to-left only through DNAT"));
+        let plain = compiled_text(ServiceMode::InNetwork);
+        assert!(!plain.contains("masquerade"), "in-network adds nothing");
+        assert!(!plain.contains("mode "), "in-network adds nothing");
+    }
+
+    #[test]
+    fn transparent_dispatches_by_mark_and_names_no_interface() {
+        let text = compiled_text(ServiceMode::Transparent);
+        assert!(!text.contains("eth0") && !text.contains("eth1"), "{text}");
+        assert!(text.contains(&LEFT_INGRESS_MARK.to_string()), "{text}");
+        assert!(text.contains(&RIGHT_INGRESS_MARK.to_string()), "{text}");
+        let marks = bridge_marks("eth0", "eth1");
+        assert!(marks.starts_with("table bridge dockwall"), "{marks}");
+        assert!(
+            marks.contains("iifname \"eth1\" meta mark set 0xd0c0002"),
+            "{marks}"
+        );
+    }
+
+    #[test]
+    fn transparent_mode_refuses_nat_rules_naming_why() {
+        let mut rule_set = RuleSet {
+            mode: ServiceMode::Transparent,
+            ..RuleSet::default()
+        };
+        rule_set.validate().unwrap();
+        let id = rule_set.allocate_id();
+        rule_set.nat.push(NatRule {
+            id,
+            kind: NatKind::Masquerade {
+                out: Side::Right,
+                source: None,
+            },
+            comment: None,
+        });
+        let error = rule_set.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("transparent") && error.contains("NAT rule 1"),
+            "{error}"
+        );
+        rule_set.mode = ServiceMode::InNetworkNat;
+        rule_set.validate().unwrap();
+    }
+
+    #[test]
+    fn state_files_without_a_mode_load_as_in_network_and_stay_unchanged() {
+        let old = r#"{"version":1,"default_policy":"accept","rules":[],"nat":[],"next_id":1}"#;
+        let rule_set = RuleSet::from_json(old, "old state").unwrap();
+        assert_eq!(rule_set.mode, ServiceMode::InNetwork);
+        assert_eq!(serde_json::to_string(&rule_set).unwrap(), old);
+        let nat = RuleSet {
+            mode: ServiceMode::InNetworkNat,
+            ..RuleSet::default()
+        };
+        assert!(serde_json::to_string(&nat)
+            .unwrap()
+            .contains(r#""mode":"in-network-nat""#));
+    }
+}
