@@ -173,6 +173,7 @@ mod tests {
         let sides = Sides {
             left: Some(&left),
             right: Some(&right),
+            management: None,
         };
         serde_json::to_string(&compile(&rule_set, sides).chains).unwrap()
     }
