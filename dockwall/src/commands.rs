@@ -91,28 +91,31 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 .iter()
                 .map(|file| read_source(file))
                 .collect::<Result<Vec<_>>>()?;
-            editor(&edit)
+            let mut notes = Vec::new();
+            let code = editor(&edit)
                 .run_described(|set| {
                     let imported = fwaas::import(set, &sources, role)?;
+                    notes = imported.notes;
                     let names: Vec<&str> = sources.iter().map(|(name, _)| name.as_str()).collect();
-                    let mut text = format!(
+                    Ok(format!(
                         "imported {} FWaaS rules from {}; default forward policy is now {}",
                         imported.rules,
                         names.join(", "),
                         describe_defaults(set)
-                    );
-                    for note in &imported.notes {
-                        text += &format!("\nnote: {note}");
-                    }
-                    Ok(text)
+                    ))
                 })
-                .await
+                .await?;
+            // After the import's own line, and only when it succeeded.
+            for note in notes {
+                eprintln!("dockwall: note: {note}");
+            }
+            Ok(code)
         }
         Command::Export { .. } => {
             let rule_set = store.lock()?.load()?;
             let (documents, notes) = fwaas::export(&rule_set);
             for note in notes {
-                eprintln!("dockwall: {note}");
+                eprintln!("dockwall: note: {note}");
             }
             let mut out = std::io::stdout().lock();
             for document in &documents {

@@ -137,7 +137,9 @@ pub enum Command {
     /// {"firewall_rule": …} or {"firewall_rules": […]}, or one object with several of these
     /// keys. The group's ingress policy filters right → left (into the left side), its egress
     /// policy left → right. As in Neutron, a direction with a policy ends in an implicit deny
-    /// and a direction without one is not filtered. Remote firewall groups are not supported.
+    /// and a direction without one is not filtered. A group with admin_state_up false drops
+    /// new connections in both directions; established flows continue until they end. Remote
+    /// firewall groups are not supported.
     Import {
         /// FWaaS v2 response bodies (JSON); `-` reads standard input
         #[arg(long = "fwaas", value_name = "FILE", num_args = 1.., required = true)]
