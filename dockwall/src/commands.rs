@@ -24,8 +24,8 @@ use vnf_core::{Error, Result};
 use crate::fwaas;
 use crate::metrics::{count_edit, FirewallExporter, APPLY_SECONDS};
 use crate::{
-    Cli, Command, DefaultDirection, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand,
-    RuleSelector, RuleSpec, SelectedEdit,
+    Cli, Command, DefaultPolicy, EditArgs, NatCommand, NatSpec, RuleCommand, RuleSelector,
+    RuleSpec, SelectedEdit,
 };
 
 pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
@@ -90,7 +90,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             };
             editor(&edit)
                 .run_described(|set| {
-                    match direction.map(DefaultDirection::direction) {
+                    match direction {
                         Some(Direction::LeftToRight) => set.left_to_right_policy = Some(policy),
                         Some(_) => set.right_to_left_policy = Some(policy),
                         None => {
@@ -111,29 +111,31 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 .iter()
                 .map(|file| read_source(file))
                 .collect::<Result<Vec<_>>>()?;
-            editor(&edit)
+            let mut notes = Vec::new();
+            let code = editor(&edit)
                 .run_described(|set| {
                     let imported = fwaas::import(set, &sources, role)?;
+                    notes = imported.notes;
                     let names: Vec<&str> = sources.iter().map(|(name, _)| name.as_str()).collect();
-                    let mut text = format!(
+                    Ok(format!(
                         "imported {} FWaaS rules from {}; default forward policy is now {}",
                         imported.rules,
                         names.join(", "),
                         describe_defaults(set)
-                    );
-                    if imported.admin_down {
-                        text += " (the firewall group has admin_state_up false: Neutron \
-                                 blocks all its traffic, and so does this SI)";
-                    }
-                    Ok(text)
+                    ))
                 })
-                .await
+                .await?;
+            // After the import's own line, and only when it succeeded.
+            for note in notes {
+                eprintln!("dockwall: note: {note}");
+            }
+            Ok(code)
         }
         Command::Export { .. } => {
             let rule_set = store.lock()?.load()?;
-            let (documents, skipped) = fwaas::export(&rule_set);
-            for reason in skipped {
-                eprintln!("dockwall: not exported: {reason}");
+            let (documents, notes) = fwaas::export(&rule_set);
+            for note in notes {
+                eprintln!("dockwall: note: {note}");
             }
             let mut out = std::io::stdout().lock();
             for document in &documents {
@@ -623,6 +625,32 @@ pub(crate) fn describe(rule: &Rule) -> String {
     text
 }
 
+/// A direction's effective default policy with the counter of its verdict (after an FWaaS
+/// import, the policy's implicit deny). `default_policy` in the JSON is only the policy of
+/// directions without an override.
+#[derive(Serialize)]
+struct DirectionDefault {
+    direction: Direction,
+    policy: Policy,
+    packets: u64,
+    bytes: u64,
+}
+
+fn direction_defaults(rule_set: &RuleSet, counters: &Counters) -> Vec<DirectionDefault> {
+    [Direction::LeftToRight, Direction::RightToLeft]
+        .into_iter()
+        .map(|direction| {
+            let (packets, bytes) = counter_of(counters, compile::default_comment(direction));
+            DirectionDefault {
+                direction,
+                policy: rule_set.policy_for(direction),
+                packets,
+                bytes,
+            }
+        })
+        .collect()
+}
+
 fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
     let rule_set = store.lock()?.load()?;
     let counters = nft::counters()?;
@@ -634,6 +662,7 @@ fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
                 "default_policy": rule_set.default_policy,
                 "left_to_right_policy": rule_set.policy_for(Direction::LeftToRight),
                 "right_to_left_policy": rule_set.policy_for(Direction::RightToLeft),
+                "defaults": direction_defaults(&rule_set, &counters),
                 "rules": listed
             }))?
         );
@@ -647,6 +676,19 @@ fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
                 describe(entry.rule),
                 entry.packets,
                 entry.bytes
+            );
+        }
+        for default in direction_defaults(&rule_set, &counters) {
+            println!(
+                "{:>4}  {:<78} {:>10} pkts {:>12} bytes",
+                "-",
+                format!(
+                    "default {} {}",
+                    spelled(&default.direction),
+                    spelled(&default.policy)
+                ),
+                default.packets,
+                default.bytes
             );
         }
     }
@@ -742,6 +784,7 @@ async fn status(
                 "default_policy": rule_set.default_policy,
                 "left_to_right_policy": rule_set.policy_for(Direction::LeftToRight),
                 "right_to_left_policy": rule_set.policy_for(Direction::RightToLeft),
+                "defaults": direction_defaults(&rule_set, &counters),
                 "rules": listed_rules(&rule_set, &counters),
                 "nat": rule_set.nat,
                 "mirrors": rule_set.mirrors,
@@ -765,6 +808,15 @@ async fn status(
             rule_set.nat.len(),
             rule_set.mirrors.len()
         );
+        for default in direction_defaults(&rule_set, &counters) {
+            println!(
+                "  no rule decided {}: {} ({} pkts, {} bytes)",
+                spelled(&default.direction),
+                spelled(&default.policy),
+                default.packets,
+                default.bytes
+            );
+        }
     }
     Ok(if healthy {
         ExitCode::SUCCESS

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use vnf_core::cli::{
     execute, CrossTableArgs, JsonArgs, LifecycleArgs, LogArgs, NetworkArgs, SideArgs, OUTPUT,
@@ -140,8 +141,14 @@ pub enum Command {
         #[arg(value_enum)]
         policy: DefaultPolicy,
         /// Only this direction; without it both directions get POLICY and lose overrides
-        #[arg(long, short = 'd', value_enum, value_name = "DIRECTION")]
-        direction: Option<DefaultDirection>,
+        #[arg(
+            long,
+            short = 'd',
+            value_name = "DIRECTION",
+            value_parser = PossibleValuesParser::new(["left-to-right", "right-to-left"])
+                .try_map(|name| Direction::from_str(&name, false))
+        )]
+        direction: Option<Direction>,
         #[command(flatten)]
         edit: EditArgs,
     },
@@ -153,7 +160,9 @@ pub enum Command {
     /// {"firewall_rule": …} or {"firewall_rules": […]}, or one object with several of these
     /// keys. The group's ingress policy filters right → left (into the left side), its egress
     /// policy left → right. As in Neutron, a direction with a policy ends in an implicit deny
-    /// and a direction without one is not filtered. Remote firewall groups are not supported.
+    /// and a direction without one is not filtered. A group with admin_state_up false drops
+    /// new connections in both directions; established flows continue until they end. Remote
+    /// firewall groups are not supported.
     Import {
         /// FWaaS v2 response bodies (JSON); `-` reads standard input
         #[arg(long = "fwaas", value_name = "FILE", num_args = 1.., required = true)]
@@ -190,21 +199,6 @@ pub enum DefaultPolicy {
     Allow,
     #[value(alias = "drop")]
     Deny,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum DefaultDirection {
-    LeftToRight,
-    RightToLeft,
-}
-
-impl DefaultDirection {
-    fn direction(self) -> Direction {
-        match self {
-            DefaultDirection::LeftToRight => Direction::LeftToRight,
-            DefaultDirection::RightToLeft => Direction::RightToLeft,
-        }
-    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,7 +265,11 @@ pub struct RuleSpec {
     #[arg(long = "proto")]
     pub protocol: Option<Protocol>,
     /// Match only IPv4 or only IPv6 (addresses given with --from/--to imply it)
-    #[arg(long, value_name = "4|6")]
+    #[arg(
+        long,
+        value_name = "4|6",
+        value_parser = PossibleValuesParser::new(["4", "6"]).try_map(|v| v.parse::<u8>())
+    )]
     pub ip_version: Option<u8>,
     /// Source address or CIDR
     #[arg(long = "from", value_name = "CIDR", value_parser = parse_net)]

@@ -124,6 +124,20 @@ fn an_ingress_policy_allowing_only_http_drops_other_right_to_left_and_leaves_lef
         status.contains("default left-to-right accept, right-to-left drop"),
         "{status}"
     );
+    assert!(
+        status.contains("no rule decided right-to-left: drop ("),
+        "the implicit deny, with its counter: {status}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["status", "--json"])).unwrap();
+    let defaults = &report["firewall"]["defaults"];
+    assert_eq!(defaults[1]["direction"], "right-to-left");
+    assert_eq!(defaults[1]["policy"], "drop");
+    assert!(
+        defaults[1]["packets"].as_u64().unwrap() >= 3,
+        "tcp, udp and ping were dropped by the implicit deny: {defaults}"
+    );
+    assert_eq!(defaults[0]["policy"], "accept");
 
     // One direction's default, by hand.
     dockwall.ok(&["default", "accept", "--direction", "right-to-left"]);

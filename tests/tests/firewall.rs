@@ -348,6 +348,29 @@ fn dnat_port_forward_is_reachable_from_the_right_even_with_default_deny() {
         Probe::TimedOut,
         "only the forwarded port is open"
     );
+    // An explicit deny comes before the port-forward's allowance, as in Neutron.
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "right-to-left",
+        "--from",
+        &format!("{RIGHT_HOST}/32"),
+    ]);
+    let (probe, _) = tcp_probe(
+        &chain.right_host,
+        &chain.left_host,
+        LEFT_HOST,
+        SI_RIGHT,
+        7401,
+        8080,
+    );
+    assert_eq!(
+        probe,
+        Probe::TimedOut,
+        "a deny from the right host also stops its port-forwarded traffic"
+    );
 }
 
 #[test]

@@ -115,6 +115,9 @@ pub struct FirewallGroup {
 pub struct Document {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall_group: Option<FirewallGroup>,
+    /// `GET /v2.0/fwaas/firewall_groups`: accepted when it lists one group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall_groups: Option<Vec<FirewallGroup>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall_policy: Option<FirewallPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,6 +222,7 @@ impl Gathered {
             })?;
             let Document {
                 firewall_group,
+                firewall_groups,
                 firewall_policy,
                 firewall_policies,
                 firewall_rule,
@@ -227,6 +231,10 @@ impl Gathered {
             let many = |name: &'static str| move |index| at(&format!("{name}[{index}]"));
             self.groups
                 .extend(located(firewall_group, |_| at("firewall_group")));
+            self.groups.extend(located(
+                firewall_groups.into_iter().flatten(),
+                many("firewall_groups"),
+            ));
             self.policies
                 .extend(located(firewall_policy, |_| at("firewall_policy")));
             self.policies.extend(located(
@@ -292,7 +300,7 @@ fn resource_at(document: &Value, path: &serde_path_to_error::Path) -> (&'static 
 
 fn kind_of(key: &str) -> Option<&'static str> {
     match key {
-        "firewall_group" => Some("firewall_group"),
+        "firewall_group" | "firewall_groups" => Some("firewall_group"),
         "firewall_policy" | "firewall_policies" => Some("firewall_policy"),
         "firewall_rule" | "firewall_rules" => Some("firewall_rule"),
         _ => None,

@@ -35,8 +35,9 @@ impl PolicyRole {
 #[derive(Debug)]
 pub struct Imported {
     pub rules: usize,
-    /// The group is administratively down: everything is dropped, as Neutron does.
-    pub admin_down: bool,
+    /// What the operator may not expect: a group administratively down, a policy that drops
+    /// everything.
+    pub notes: Vec<String>,
 }
 
 /// Replaces the filter rules of `rule_set` with the policies of the FWaaS documents in
@@ -52,8 +53,13 @@ pub fn import(
     for (source, text) in sources {
         gathered.read(source, text)?;
     }
-    let rules = distinct(&gathered.rules, "firewall_rule", |r| &r.id)?;
-    let policies = distinct(&gathered.policies, "firewall_policy", |p| &p.id)?;
+    let rules = distinct(&gathered.rules, "firewall_rule", |r| &r.id, filtering_rule)?;
+    let policies = distinct(
+        &gathered.policies,
+        "firewall_policy",
+        |p| &p.id,
+        |p| p.firewall_rules.clone(),
+    )?;
     let group = match gathered.groups.as_slice() {
         [] => None,
         [one] => Some(one),
@@ -62,7 +68,8 @@ pub fn import(
                 "firewall_group",
                 &second.resource.id,
                 None,
-                "a second firewall group; import one group at a time",
+                "a second firewall group; import one group at a time (the body of \
+                 GET /v2.0/fwaas/firewall_groups/{id})",
             ))
         }
     };
@@ -71,7 +78,9 @@ pub fn import(
     let by_id: HashMap<&str, &Located<FirewallRule>> =
         rules.iter().map(|r| (r.resource.id.as_str(), *r)).collect();
     let mut imported = Vec::new();
+    let mut notes = Vec::new();
     for (policy, direction) in &chosen {
+        let before = imported.len();
         for (index, rule_id) in policy.resource.firewall_rules.iter().enumerate() {
             let rule = by_id.get(rule_id.as_str()).ok_or_else(|| {
                 policy.origin.error(
@@ -85,6 +94,16 @@ pub fn import(
                 )
             })?;
             imported.push(to_model(rule, *direction)?);
+        }
+        if !admin_down && !imported[before..].iter().any(|r| r.enabled) {
+            let (role, traffic) = match direction {
+                Direction::RightToLeft => ("ingress", "right→left"),
+                _ => ("egress", "left→right"),
+            };
+            notes.push(format!(
+                "{role} policy {:?} has no enabled rules: all {traffic} traffic is dropped",
+                policy.resource.id
+            ));
         }
     }
     let filtered = [Direction::LeftToRight, Direction::RightToLeft]
@@ -100,6 +119,11 @@ pub fn import(
     rule_set.right_to_left_policy = policy(filtered[1]);
     if admin_down {
         imported.clear();
+        notes.push(
+            "the firewall group has admin_state_up false: new connections in both directions \
+             are dropped; established flows continue until they end"
+                .into(),
+        );
     }
     for rule in &mut imported {
         rule.id = rule_set.allocate_id();
@@ -108,29 +132,32 @@ pub fn import(
     rule_set.rules = imported;
     Ok(Imported {
         rules: count,
-        admin_down,
+        notes,
     })
 }
 
-/// The resources with distinct ids, in order; the same id twice is fine when both say the
-/// same (a policy in a group's document and in its own), an error otherwise.
-fn distinct<'a, T: PartialEq>(
+/// The resources with distinct ids, in order; the same id twice is fine when both filter the
+/// same (`filtering` picks what does: a rule's match and action, a policy's rules), whatever
+/// their names, descriptions or sharing say; the first one is kept.
+fn distinct<'a, T, F: PartialEq>(
     all: &'a [Located<T>],
     resource: &str,
     id: impl Fn(&T) -> &String,
+    filtering: impl Fn(&T) -> F,
 ) -> Result<Vec<&'a Located<T>>> {
     let mut seen: HashMap<&String, &Located<T>> = HashMap::new();
     let mut kept = Vec::new();
     for item in all {
         match seen.get(id(&item.resource)) {
-            Some(first) if first.resource == item.resource => {}
+            Some(first) if filtering(&first.resource) == filtering(&item.resource) => {}
             Some(first) => {
                 return Err(item.origin.error(
                     resource,
                     id(&item.resource),
                     None,
                     format!(
-                        "differs from the {resource} with this id at {}, {}; give one version",
+                        "filters differently from the {resource} with this id at {}, {}; give \
+                         one version",
                         first.origin.source, first.origin.path
                     ),
                 ))
@@ -142,6 +169,24 @@ fn distinct<'a, T: PartialEq>(
         }
     }
     Ok(kept)
+}
+
+/// The fields of a rule that decide what it does to traffic.
+fn filtering_rule(rule: &FirewallRule) -> FirewallRule {
+    FirewallRule {
+        id: rule.id.clone(),
+        protocol: rule.protocol.clone(),
+        ip_version: rule.ip_version,
+        source_ip_address: rule.source_ip_address.clone(),
+        destination_ip_address: rule.destination_ip_address.clone(),
+        source_port: rule.source_port.clone(),
+        destination_port: rule.destination_port.clone(),
+        source_firewall_group_id: rule.source_firewall_group_id.clone(),
+        destination_firewall_group_id: rule.destination_firewall_group_id.clone(),
+        action: rule.action.clone(),
+        enabled: rule.enabled,
+        ..FirewallRule::default()
+    }
 }
 
 /// The policies to import with the direction each filters.
@@ -224,10 +269,8 @@ fn to_model(located: &Located<FirewallRule>, direction: Direction) -> Result<Rul
             ));
         }
     }
+    // Neutron's default; the model checks it against 4/6 and the addresses.
     let ip_version = rule.ip_version.unwrap_or(4);
-    if ip_version != 4 && ip_version != 6 {
-        return Err(fail("ip_version", format!("{ip_version}: use 4 or 6")));
-    }
     let address = |field: &str, value: &Option<String>| -> Result<Option<IpNet>> {
         let Some(text) = value else { return Ok(None) };
         let net = text
@@ -239,13 +282,6 @@ fn to_model(located: &Located<FirewallRule>, direction: Direction) -> Result<Rul
                     format!("{text:?} is not an address or CIDR such as 192.0.2.0/24"),
                 )
             })?;
-        let family = if net.addr().is_ipv4() { 4 } else { 6 };
-        if family != ip_version {
-            return Err(fail(
-                field,
-                format!("{text:?} is IPv{family} but the rule says ip_version {ip_version}"),
-            ));
-        }
         Ok(Some(net.trunc()))
     };
     let port = |field: &str, value: &Option<String>| -> Result<Option<PortRange>> {
@@ -295,10 +331,41 @@ fn to_model(located: &Located<FirewallRule>, direction: Direction) -> Result<Rul
         comment: non_empty(&rule.description),
         external_id: Some(rule.id.clone()),
     };
-    model
-        .validate_as("the rule")
-        .map_err(|e| located.origin.error("firewall_rule", &rule.id, None, e))?;
+    model.validate_as(VALIDATED_AS).map_err(|e| match e {
+        Error::InvalidArgument {
+            field,
+            value,
+            reason,
+        } => {
+            let reason = reason.strip_prefix(VALIDATED_AS).unwrap_or(&reason);
+            let reason = reason.trim_start_matches(": ");
+            located.origin.error(
+                "firewall_rule",
+                &rule.id,
+                fwaas_field(field),
+                format!("{value}: {reason}"),
+            )
+        }
+        other => located.origin.error("firewall_rule", &rule.id, None, other),
+    })?;
     Ok(model)
+}
+
+/// How `to_model` names the rule to [`Rule::validate_as`]; its errors name the rule already.
+const VALIDATED_AS: &str = "the rule";
+
+/// The FWaaS field a rule model field comes from, for an error's JSON path.
+fn fwaas_field(model_field: &str) -> Option<&'static str> {
+    Some(match model_field {
+        "ip_version" => "ip_version",
+        "protocol" => "protocol",
+        "source" => "source_ip_address",
+        "destination" => "destination_ip_address",
+        "source_port" => "source_port",
+        "destination_port" => "destination_port",
+        "action" => "action",
+        _ => return None,
+    })
 }
 
 const INGRESS_ID: &str = "dockwall-ingress";
@@ -312,32 +379,45 @@ struct Exporter {
 
 impl Exporter {
     /// Adds `rule` to `policy` and returns its id: a rule with the same id and match is
-    /// shared (its firewall_policy_id lists both policies), a different one gets a new id.
+    /// shared (its firewall_policy_id lists both policies), a different one (or the same one
+    /// again in one policy) gets `fallback_id`, suffixed -2, -3… until no rule has it.
     fn add(&mut self, mut rule: FirewallRule, fallback_id: String, policy: &str) -> String {
         if let Some(&at) = self.index.get(&rule.id) {
             let existing = &mut self.rules[at];
+            let in_policy = existing.firewall_policy_id.iter().any(|p| p == policy);
             let same = FirewallRule {
                 firewall_policy_id: existing.firewall_policy_id.clone(),
                 ..rule.clone()
             } == *existing;
-            if same {
-                if !existing.firewall_policy_id.iter().any(|p| p == policy) {
-                    existing.firewall_policy_id.push(policy.to_string());
-                }
+            if same && !in_policy {
+                existing.firewall_policy_id.push(policy.to_string());
                 return rule.id;
             }
-            rule.id = fallback_id;
+            rule.id = self.unused_id(fallback_id);
         }
         rule.firewall_policy_id = vec![policy.to_string()];
         self.index.insert(rule.id.clone(), self.rules.len());
         self.rules.push(rule.clone());
         rule.id
     }
+
+    /// `wanted`, or `wanted-N` with the smallest N ≥ 2 that no rule has (found within as
+    /// many tries as there are rules).
+    fn unused_id(&self, wanted: String) -> String {
+        let mut candidate = wanted.clone();
+        let mut n = 1;
+        while self.index.contains_key(&candidate) {
+            n += 1;
+            candidate = format!("{wanted}-{n}");
+        }
+        candidate
+    }
 }
 
 /// The rule set as the three response bodies Neutron would give for it: the firewall group,
-/// its policies and their rules. Rules FWaaS cannot express (to the SI itself, rate limits,
-/// logging) are left out and named in the returned list. A rule bound to no IP version
+/// its policies and their rules, with notes for the operator. Rules FWaaS cannot express (to
+/// the SI itself, rate limits) are left out, a logging rule is exported without its logging;
+/// the notes say which. A rule bound to no IP version
 /// becomes an IPv4 and an IPv6 rule; a direction whose default is accept but has rules ends
 /// in allow-all rules, since FWaaS policies end in deny.
 pub fn export(rule_set: &RuleSet) -> (Vec<Document>, Vec<String>) {
@@ -347,26 +427,32 @@ pub fn export(rule_set: &RuleSet) -> (Vec<Document>, Vec<String>) {
     };
     let mut ingress = policy(INGRESS_ID, "ingress");
     let mut egress = policy(EGRESS_ID, "egress");
-    let mut skipped = Vec::new();
+    let mut notes = Vec::new();
     for rule in &rule_set.rules {
         let policies: Vec<&mut FirewallPolicy> = match rule.direction {
             Direction::RightToLeft => vec![&mut ingress],
             Direction::LeftToRight => vec![&mut egress],
             Direction::Both => vec![&mut ingress, &mut egress],
             Direction::Local => {
-                skipped.push(format!(
-                    "rule {}: traffic to the SI itself has no FWaaS form",
+                notes.push(format!(
+                    "rule {} not exported: traffic to the SI itself has no FWaaS form",
                     rule.id
                 ));
                 continue;
             }
         };
-        if rule.action == Action::Limit || rule.log {
-            skipped.push(format!(
-                "rule {}: rate limits and logging have no FWaaS form",
+        if rule.action == Action::Limit {
+            notes.push(format!(
+                "rule {} not exported: rate limits have no FWaaS form",
                 rule.id
             ));
             continue;
+        }
+        if rule.log {
+            notes.push(format!(
+                "rule {} exported without its logging: FWaaS rules do not log",
+                rule.id
+            ));
         }
         let versions = match rule.bound_ip_version() {
             Some(version) => vec![version],
@@ -442,7 +528,7 @@ pub fn export(rule_set: &RuleSet) -> (Vec<Document>, Vec<String>) {
             ..Document::default()
         },
     ];
-    (documents, skipped)
+    (documents, notes)
 }
 
 fn policy(id: &str, name: &str) -> FirewallPolicy {
@@ -653,9 +739,22 @@ mod tests {
             ),
             (
                 one_rule(r#", "source_ip_address": "fd00::1""#),
-                "firewall_rules[1].source_ip_address: firewall_rule \"a\": \"fd00::1\" is IPv6 but the rule says ip_version 4",
+                r#"firewall_rules[1].ip_version: firewall_rule "a": 4: the addresses are IPv6"#,
             ),
-            (one_rule(r#", "ip_version": 5"#), "ip_version: firewall_rule \"a\": 5: use 4 or 6"),
+            (
+                one_rule(r#", "ip_version": 5"#),
+                r#"p, document 2, firewall_rules[1].ip_version: firewall_rule "a": 5: use 4 or 6"#,
+            ),
+            (
+                one_rule(r#", "source_ip_address": "10.0.0.1", "destination_ip_address": "fd00::1""#),
+                r#"firewall_rules[1].destination_ip_address: firewall_rule "a": fd00::1/128: source and destination must both be IPv4"#,
+            ),
+            (
+                r#"{"firewall_policy": {"id": "p", "firewall_rules": ["a"]},
+                    "firewall_rules": [{"id": "a", "protocol": "icmpv6"}]}"#
+                    .into(),
+                r#"firewall_rules[0].protocol: firewall_rule "a": icmpv6: icmpv6 is IPv6"#,
+            ),
             (
                 r#"{"firewall_policy": {"id": "p", "firewall_rules": ["b"]}, "firewall_rules": []}"#.into(),
                 r#"firewall_policy.firewall_rules[0]: firewall_policy "p": rule "b" is not among the documents"#,
@@ -675,7 +774,11 @@ mod tests {
             (r#"{"firewall_rules": []}"#.into(), "no firewall_group and no firewall_policy"),
             (r#"{"firewall_rules": [}"#.into(), "not JSON"),
             (String::new(), "empty"),
-            (r#"{"firewall_groups": []}"#.into(), "unknown field `firewall_groups`"),
+            (r#"{"firewall_groups": []}"#.into(), "no firewall_group and no firewall_policy"),
+            (
+                r#"{"firewall_groups": [{"id": "g1"}, {"id": "g2"}]}"#.into(),
+                r#"firewall_groups[1]: firewall_group "g2": a second firewall group; import one group at a time (the body of GET /v2.0/fwaas/firewall_groups/{id})"#,
+            ),
         ];
         for (text, needle) in cases {
             let error = error_of(&[("p", &text)]);
@@ -684,16 +787,64 @@ mod tests {
     }
 
     #[test]
-    fn the_same_id_twice_is_one_resource_unless_they_differ() {
-        let rule = r#"{"firewall_rule": {"id": "a", "action": "allow"}}"#;
+    fn the_same_id_twice_is_one_resource_unless_they_filter_differently() {
+        let rule = r#"{"firewall_rule": {"id": "a", "action": "allow", "name": "web"}}"#;
         let policy = r#"{"firewall_policy": {"id": "p", "firewall_rules": ["a"]}}"#;
         let set = imported(&[("1", policy), ("2", rule), ("3", rule)]).unwrap();
         assert_eq!(set.rules.len(), 1);
+        // As a rule's own body and as listed with its policy: names, sharing and positions
+        // may differ.
+        let listed = r#"{"firewall_rules": [{"id": "a", "action": "allow", "name": "www",
+            "description": "d", "shared": true, "position": 1, "firewall_policy_id": ["p"]}]}"#;
+        let set = imported(&[("1", policy), ("2", rule), ("3", listed)]).unwrap();
+        assert_eq!(
+            set.rules[0].name.as_deref(),
+            Some("web"),
+            "the first is kept"
+        );
+        let renamed = r#"{"firewall_policy": {"id": "p", "firewall_rules": ["a"],
+            "name": "other", "audited": true}}"#;
+        imported(&[("1", policy), ("2", rule), ("3", renamed)]).unwrap();
+
         let other = r#"{"firewall_rule": {"id": "a", "action": "deny"}}"#;
         let error = error_of(&[("1", policy), ("2", rule), ("3", other)]);
         assert!(
-            error.contains("differs from the firewall_rule with this id at 2"),
+            error.contains("filters differently from the firewall_rule with this id at 2"),
             "{error}"
+        );
+        let reordered = r#"{"firewall_policy": {"id": "p", "firewall_rules": []}}"#;
+        let error = error_of(&[("1", policy), ("2", rule), ("3", reordered)]);
+        assert!(error.contains("filters differently"), "{error}");
+    }
+
+    #[test]
+    fn a_list_of_one_firewall_group_imports_like_the_group() {
+        let mut texts = FIXTURES.to_vec();
+        let group = serde_json::from_str::<serde_json::Value>(FIXTURES[0].1).unwrap();
+        let listed = serde_json::json!({"firewall_groups": [group["firewall_group"]]}).to_string();
+        texts[0] = ("groups.json", &listed);
+        assert_eq!(imported(&texts).unwrap(), imported(&FIXTURES).unwrap());
+    }
+
+    #[test]
+    fn a_policy_with_no_enabled_rules_is_named_in_the_notes() {
+        let disabled = r#"{"firewall_policy": {"id": "p", "firewall_rules": ["a"]}}
+            {"firewall_rule": {"id": "a", "action": "allow", "enabled": false}}"#;
+        let mut set = RuleSet::default();
+        let imported = import(&mut set, &sources(&[("p", disabled)]), PolicyRole::Egress).unwrap();
+        assert_eq!(
+            imported.notes,
+            [r#"egress policy "p" has no enabled rules: all left→right traffic is dropped"#]
+        );
+        let empty = r#"{"firewall_group": {"id": "g", "ingress_firewall_policy_id": "q",
+            "egress_firewall_policy_id": "p"}}
+            {"firewall_policies": [{"id": "q", "firewall_rules": []},
+                                   {"id": "p", "firewall_rules": ["a"]}]}
+            {"firewall_rule": {"id": "a", "action": "allow"}}"#;
+        let imported = import(&mut set, &sources(&[("g", empty)]), PolicyRole::Ingress).unwrap();
+        assert_eq!(
+            imported.notes,
+            [r#"ingress policy "q" has no enabled rules: all right→left traffic is dropped"#]
         );
     }
 
@@ -704,7 +855,15 @@ mod tests {
             .1
             .replace(r#""admin_state_up": true"#, r#""admin_state_up": false"#);
         texts[0] = ("down.json", &down);
-        let set = imported(&texts).unwrap();
+        let mut set = RuleSet::default();
+        let result = import(&mut set, &sources(&texts), PolicyRole::Ingress).unwrap();
+        assert_eq!(
+            result.notes.len(),
+            1,
+            "only the group's state: {:?}",
+            result.notes
+        );
+        assert!(result.notes[0].contains("new connections in both directions are dropped"));
         assert!(set.rules.is_empty());
         assert_eq!(set.policy_for(Direction::LeftToRight), Policy::Drop);
         assert_eq!(set.policy_for(Direction::RightToLeft), Policy::Drop);
@@ -794,5 +953,80 @@ mod tests {
         let group = documents[0].firewall_group.as_ref().unwrap();
         assert_eq!(group.ingress_firewall_policy_id, None);
         assert_eq!(group.egress_firewall_policy_id, None);
+    }
+
+    fn native_rule(set: &mut RuleSet, action: Action, port: u16) -> &mut Rule {
+        let id = set.allocate_id();
+        set.rules.push(Rule {
+            id,
+            name: None,
+            action,
+            rate: None,
+            direction: Direction::RightToLeft,
+            protocol: Protocol::Tcp,
+            ip_version: Some(4),
+            source: None,
+            destination: None,
+            source_port: None,
+            destination_port: Some(PortRange::single(port)),
+            enabled: true,
+            log: false,
+            comment: None,
+            external_id: None,
+        });
+        set.rules.last_mut().unwrap()
+    }
+
+    #[test]
+    fn export_never_writes_one_id_for_two_rules() {
+        // An imported rule whose FWaaS id is what native rule 2 would get, and one whose id
+        // is what the first fallback would be.
+        let mut set = RuleSet::default();
+        native_rule(&mut set, Action::Allow, 80).external_id = Some("dockwall-rule-2".into());
+        native_rule(&mut set, Action::Deny, 25);
+        native_rule(&mut set, Action::Allow, 443).external_id = Some("dockwall-rule-2-2".into());
+        let (documents, _) = export(&set);
+        let ids: Vec<&str> = documents[2]
+            .firewall_rules
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(
+            ids[..3],
+            ["dockwall-rule-2", "dockwall-rule-2-2", "dockwall-rule-3"],
+            "then the allow-all rules of default accept"
+        );
+        let again = round_trip(&set);
+        let ports: Vec<_> = again.rules.iter().map(|r| r.destination_port).collect();
+        assert_eq!(
+            ports[..3],
+            [80, 25, 443].map(|p| Some(PortRange::single(p))),
+            "all three, in order"
+        );
+    }
+
+    #[test]
+    fn export_keeps_a_logging_rule_without_its_logging_and_leaves_limits_out() {
+        let mut set = RuleSet::default();
+        native_rule(&mut set, Action::Deny, 25).log = true;
+        let limit = native_rule(&mut set, Action::Limit, 22);
+        limit.rate = Some("10/second".parse().unwrap());
+        let (documents, notes) = export(&set);
+        assert_eq!(
+            notes,
+            [
+                "rule 1 exported without its logging: FWaaS rules do not log",
+                "rule 2 not exported: rate limits have no FWaaS form"
+            ]
+        );
+        let rules = documents[2].firewall_rules.as_ref().unwrap();
+        assert_eq!(rules[0].destination_port.as_deref(), Some("25"));
+        assert_eq!(rules[0].action.as_deref(), Some("deny"));
+        assert!(
+            rules[1..].iter().all(|r| r.id.contains("-accept-")),
+            "no other rule: {rules:?}"
+        );
     }
 }

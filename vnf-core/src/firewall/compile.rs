@@ -87,7 +87,7 @@ pub struct Compiled {
 }
 
 /// Bump when the compiler's output for the same input changes.
-const COMPILER_REVISION: u32 = 4;
+const COMPILER_REVISION: u32 = 5;
 
 /// A 64-bit FNV-1a hasher: deterministic across runs, unlike std's randomly keyed SipHash.
 struct Fnv(u64);
@@ -170,7 +170,6 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         conntrack_rule(&["established", "related"], Statement::Accept(None)),
         conntrack_rule(&["invalid"], Statement::Drop(None)),
     ];
-    forward.extend(dnat_allowances(rule_set, sides));
     forward.extend(mode::forward_dispatch(rule_set.mode, sides));
     compiled.chains.push(base_chain(
         CHAIN_FORWARD,
@@ -209,23 +208,15 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
 
     // Which rule ids each set holds, to share a set between the two forward chains.
     let mut set_members = HashMap::new();
-    for (chain, set_prefix, directions) in [
-        (
-            CHAIN_FROM_LEFT,
-            "fl",
-            [Direction::LeftToRight, Direction::Both],
-        ),
-        (
-            CHAIN_FROM_RIGHT,
-            "fr",
-            [Direction::RightToLeft, Direction::Both],
-        ),
-        (CHAIN_TO_SI, "si", [Direction::Local, Direction::Local]),
-    ] {
+    let forward_chains = [
+        (CHAIN_FROM_LEFT, "fl", Direction::LeftToRight, Side::Left),
+        (CHAIN_FROM_RIGHT, "fr", Direction::RightToLeft, Side::Right),
+    ];
+    for (chain, set_prefix, direction, inbound) in forward_chains {
         let selected: Vec<&Rule> = rule_set
             .rules
             .iter()
-            .filter(|r| r.enabled && directions.contains(&r.direction))
+            .filter(|r| r.enabled && (r.direction == direction || r.direction == Direction::Both))
             .collect();
         let mut rules = compile_filter_chain(
             &selected,
@@ -234,17 +225,25 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
             &mut compiled.sets,
             &mut set_members,
         );
-        rules.extend(direction_default(rule_set, directions[0]).map(|r| r.with_chain(chain)));
-        compiled.chains.push(CompiledChain {
-            chain: Chain {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: chain.into(),
-                ..Chain::default()
-            },
-            rules,
-        });
+        // After the rules, so an explicit deny also stops port-forwarded traffic (as in
+        // Neutron), and before the direction's default, so an implicit deny does not.
+        rules.extend(dnat_allowances(rule_set, sides, inbound, chain));
+        rules.push(direction_default(rule_set, direction).with_chain(chain));
+        compiled.chains.push(regular_chain(chain, rules));
     }
+    let local: Vec<&Rule> = rule_set
+        .rules
+        .iter()
+        .filter(|r| r.enabled && r.direction == Direction::Local)
+        .collect();
+    let rules = compile_filter_chain(
+        &local,
+        CHAIN_TO_SI,
+        "si",
+        &mut compiled.sets,
+        &mut set_members,
+    );
+    compiled.chains.push(regular_chain(CHAIN_TO_SI, rules));
 
     let (prerouting, mut postrouting) = nat_rules(rule_set, sides);
     postrouting.extend(mode::implicit_nat(rule_set.mode, sides));
@@ -270,30 +269,35 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
     compiled
 }
 
-/// The verdict at the end of a direction's chain when that direction overrides the forward
-/// chain's policy (FWaaS: a direction with a policy ends in its implicit deny).
-fn direction_default(rule_set: &RuleSet, direction: Direction) -> Option<NftRule<'static>> {
-    let policy = rule_set.policy_for(direction);
-    if direction == Direction::Local || policy == rule_set.default_policy {
-        return None;
+fn regular_chain(name: &'static str, rules: Vec<NftRule<'static>>) -> CompiledChain {
+    CompiledChain {
+        chain: Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.into(),
+            ..Chain::default()
+        },
+        rules,
     }
-    let verdict = match policy {
+}
+
+/// The verdict, with a counter, for the traffic of `direction` (left-to-right or
+/// right-to-left) that no rule decides: FWaaS's implicit deny when a policy applies.
+fn direction_default(rule_set: &RuleSet, direction: Direction) -> NftRule<'static> {
+    let verdict = match rule_set.policy_for(direction) {
         Policy::Accept => Statement::Accept(None),
         Policy::Drop => Statement::Drop(None),
     };
-    Some(rule(
-        vec![counter(), verdict],
-        Some(format!("default {}", direction_name(direction))),
-    ))
+    rule(vec![counter(), verdict], Some(default_comment(direction)))
 }
 
-fn direction_name(direction: Direction) -> &'static str {
-    match direction {
-        Direction::LeftToRight => "left-to-right",
-        Direction::RightToLeft => "right-to-left",
-        Direction::Both => "both",
-        Direction::Local => "local",
-    }
+/// The comment of a direction's default verdict, for its counter.
+pub fn default_comment(direction: Direction) -> String {
+    let name = serde_json::to_value(direction)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    format!("default {name}")
 }
 
 /// The comment that ties nft objects to a model rule, for counters.
@@ -699,19 +703,28 @@ fn protocol_match(protocol: Protocol) -> Vec<Statement<'static>> {
     }
 }
 
-fn dnat_allowances(rule_set: &RuleSet, sides: Sides<'_>) -> Vec<NftRule<'static>> {
+/// Accepts for the port-forwards into `inbound`'s side, in `chain`.
+fn dnat_allowances(
+    rule_set: &RuleSet,
+    sides: Sides<'_>,
+    inbound: Side,
+    chain: &'static str,
+) -> Vec<NftRule<'static>> {
     let mut rules = Vec::new();
     for nat in &rule_set.nat {
         let NatKind::Dnat {
             protocol,
             to,
-            inbound,
+            inbound: nat_inbound,
             ..
         } = &nat.kind
         else {
             continue;
         };
-        let (Some(inside), Some(outside)) = (sides.get(other_side(*inbound)), sides.get(*inbound))
+        if *nat_inbound != inbound {
+            continue;
+        }
+        let (Some(inside), Some(outside)) = (sides.get(other_side(inbound)), sides.get(inbound))
         else {
             continue;
         };
@@ -739,7 +752,7 @@ fn dnat_allowances(rule_set: &RuleSet, sides: Sides<'_>) -> Vec<NftRule<'static>
         }));
         statements.push(counter());
         statements.push(Statement::Accept(None));
-        rules.push(rule(statements, Some(nat_comment(nat.id))).with_chain(CHAIN_FORWARD));
+        rules.push(rule(statements, Some(nat_comment(nat.id))).with_chain(chain));
     }
     rules
 }
@@ -942,7 +955,7 @@ pub(super) fn counter() -> Statement<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::model::Rate;
+    use crate::firewall::model::{NatRule, Rate};
 
     fn side(side: Side, name: &str, address: &str) -> ReadySide {
         ReadySide {
@@ -973,6 +986,14 @@ mod tests {
             external_id: None,
         });
         id
+    }
+
+    fn comments(chain: &CompiledChain) -> Vec<&str> {
+        chain
+            .rules
+            .iter()
+            .map(|r| r.comment.as_deref().unwrap_or_default())
+            .collect()
     }
 
     fn chain<'c>(compiled: &'c Compiled, name: &str) -> &'c CompiledChain {
@@ -1009,10 +1030,16 @@ mod tests {
             );
         }
         let compiled = compile_with_both_sides(&set);
-        assert_eq!(chain(&compiled, CHAIN_FROM_LEFT).rules.len(), 1);
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_LEFT)),
+            ["set fl1", "default left-to-right"]
+        );
         let lookup = &compiled.sets["fl1"];
         assert_eq!(lookup.elem.as_ref().unwrap().len(), 100);
-        assert!(chain(&compiled, CHAIN_FROM_RIGHT).rules.is_empty());
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_RIGHT)),
+            ["default right-to-left"]
+        );
     }
 
     #[test]
@@ -1026,7 +1053,10 @@ mod tests {
             rule.destination_port = None;
         }
         let compiled = compile_with_both_sides(&set);
-        assert_eq!(chain(&compiled, CHAIN_FROM_LEFT).rules.len(), 2);
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_LEFT)),
+            ["set fl1", "set fl2", "default left-to-right"]
+        );
         assert_eq!(compiled.sets.len(), 2);
         assert!(compiled
             .sets
@@ -1044,12 +1074,15 @@ mod tests {
         let allow = deny_tcp_from(&mut set, "198.51.100.7/32", 22);
         set.rules.last_mut().unwrap().action = Action::Allow;
         let compiled = compile_with_both_sides(&set);
-        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules;
-        let comments: Vec<_> = rules
-            .iter()
-            .map(|r| r.comment.as_deref().unwrap_or_default())
-            .collect();
-        assert_eq!(comments, ["set fl1", "rule 3", &*rule_comment(allow)]);
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_LEFT)),
+            [
+                "set fl1",
+                "rule 3",
+                &*rule_comment(allow),
+                "default left-to-right"
+            ]
+        );
     }
 
     #[test]
@@ -1059,8 +1092,7 @@ mod tests {
         set.rules[0].action = Action::Limit;
         set.rules[0].rate = Some("10/second".parse::<Rate>().unwrap());
         let compiled = compile_with_both_sides(&set);
-        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules;
-        assert_eq!(rules.len(), 2);
+        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules[..2];
         assert!(rules
             .iter()
             .all(|r| r.comment.as_deref() == Some(&*rule_comment(id))));
@@ -1092,26 +1124,68 @@ mod tests {
     }
 
     #[test]
-    fn a_direction_overriding_the_default_ends_its_chain_in_that_verdict() {
+    fn each_direction_ends_in_its_own_counted_default() {
         let set = RuleSet {
             right_to_left_policy: Some(Policy::Drop),
-            left_to_right_policy: Some(Policy::Accept),
             ..RuleSet::default()
         };
         let compiled = compile_with_both_sides(&set);
         let from_right = &chain(&compiled, CHAIN_FROM_RIGHT).rules;
-        assert_eq!(from_right.len(), 1);
         assert_eq!(
-            from_right[0].comment.as_deref(),
-            Some("default right-to-left")
+            comments(chain(&compiled, CHAIN_FROM_RIGHT)),
+            ["default right-to-left"]
         );
+        assert!(matches!(from_right[0].expr[0], Statement::Counter(_)));
         assert!(matches!(
             from_right[0].expr.last(),
             Some(Statement::Drop(_))
         ));
+        let from_left = &chain(&compiled, CHAIN_FROM_LEFT).rules;
+        assert!(matches!(
+            from_left[0].expr.last(),
+            Some(Statement::Accept(_))
+        ));
+    }
+
+    #[test]
+    fn port_forwards_come_after_the_rules_and_before_the_default() {
+        let mut set = RuleSet {
+            right_to_left_policy: Some(Policy::Drop),
+            ..RuleSet::default()
+        };
+        let deny = deny_tcp_from(&mut set, "192.0.2.0/24", 7401);
+        set.rules[0].direction = Direction::RightToLeft;
+        let nat = set.allocate_id();
+        set.nat.push(NatRule {
+            id: nat,
+            kind: NatKind::Dnat {
+                protocol: Protocol::Tcp,
+                port: 8080,
+                to: "10.0.1.9:7401".parse().unwrap(),
+                inbound: Side::Right,
+            },
+            comment: None,
+        });
+        let compiled = compile_with_both_sides(&set);
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_RIGHT)),
+            [
+                &*rule_comment(deny),
+                &*nat_comment(nat),
+                "default right-to-left"
+            ]
+        );
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_LEFT)),
+            ["default left-to-right"],
+            "a port-forward into the right side only"
+        );
         assert!(
-            chain(&compiled, CHAIN_FROM_LEFT).rules.is_empty(),
-            "the same as the forward chain's policy: nothing to add"
+            chain(&compiled, CHAIN_FORWARD)
+                .rules
+                .iter()
+                .all(|r| r.comment.is_none()),
+            "nothing ahead of the direction chains"
         );
     }
 
