@@ -37,9 +37,13 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             routing,
             lifecycle,
             metrics,
+            api,
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
+            if let Some(address) = api.api_listen {
+                crate::api::spawn(address, &cli.state_dir, config.clone()).await?;
+            }
             let exporter = FirewallExporter {
                 store: &store,
                 config: config.clone(),
@@ -97,6 +101,10 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 eprintln!("dockwall: not exported: {reason}");
             }
             println!("{}", to_json(&document)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Api(command) => {
+            crate::api::command(&cli.state_dir, command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Apply { file, edit } => {
