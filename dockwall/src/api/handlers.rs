@@ -28,11 +28,15 @@ pub const LOGIN_PAGE: &str = include_str!("login.html");
 /// The body as JSON, or 400 (413 when too large) in Neutron's error shape.
 fn body<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(value)| value).map_err(|rejection| {
-        let status = rejection.status();
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "RequestEntityTooLarge"
-        } else {
-            "BadRequest"
+        // Neutron answers 400 to a body it cannot use, where axum says 422.
+        let (status, kind) = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge")
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
+            }
+            _ => (StatusCode::BAD_REQUEST, "BadRequest"),
         };
         ApiError::new(status, kind, rejection.body_text())
     })

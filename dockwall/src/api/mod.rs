@@ -140,14 +140,14 @@ fn router(state: AppState) -> Router {
         )
         .route("/v2.0/dockwall/status", get(status))
         .route("/", get(page))
-        .route_layer(axum::middleware::from_fn_with_state(
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require,
         ));
     Router::new()
         .route("/login", get(login))
         .merge(api)
-        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
