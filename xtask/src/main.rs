@@ -27,6 +27,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "docker-compose",
     "prometheus",
+    // The web page's test: headless Chromium driven over WebDriver.
+    "chromium",
+    "chromium-driver",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
