@@ -61,6 +61,7 @@ fn main() {
             for bench in [
                 "chain-bench",
                 "firewall-bench",
+                "api-bench",
                 "scrape-bench",
                 "dhcp-bench",
                 "route-change-bench",
