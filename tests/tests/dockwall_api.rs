@@ -5,7 +5,10 @@
 use std::os::unix::fs::PermissionsExt;
 
 use docknfv_tests::chain::RIGHT_HOST;
-use docknfv_tests::dockwall_api::{call, request, start_with_api, token, Reply};
+use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::dockwall_api::{
+    call, request, request_tls, start_with_api, start_with_api_in, token, Reply,
+};
 use docknfv_tests::traffic::{ping, ping_eventually};
 use docknfv_tests::Chain;
 use serde_json::{json, Value};
@@ -458,4 +461,55 @@ fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
         None,
     );
     expect(&stale, 401, "an unknown session");
+}
+
+#[test]
+fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
+    let chain = Chain::new();
+    let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+        .expect("a self-signed certificate");
+    let certificate = issued.cert.pem();
+    let state = StateDir::new();
+    std::fs::create_dir_all(state.path()).expect("state dir");
+    std::fs::write(state.path().join("api.crt"), &certificate).expect("api.crt");
+    std::fs::write(
+        state.path().join("api.key"),
+        issued.signing_key.serialize_pem(),
+    )
+    .expect("api.key");
+    let dockwall = start_with_api_in(&chain, state);
+    let token = token(&dockwall);
+    let bearer = format!("Bearer {token}");
+    let path = "/v2.0/fwaas/firewall_rules";
+    let listed = request_tls(
+        &chain.si,
+        &certificate,
+        "GET",
+        path,
+        &[("Authorization", &bearer)],
+    );
+    expect(&listed, 200, "GET over HTTPS with the token");
+    assert_eq!(listed.json()["firewall_rules"], json!([]));
+    expect(
+        &request_tls(&chain.si, &certificate, "GET", path, &[]),
+        401,
+        "GET over HTTPS without the token",
+    );
+    let login = request_tls(
+        &chain.si,
+        &certificate,
+        "GET",
+        &format!("/login?token={token}"),
+        &[],
+    );
+    let cookie = login.header("set-cookie").expect("a session cookie");
+    assert!(
+        cookie.contains("; Secure"),
+        "over HTTPS the cookie is Secure: {cookie}"
+    );
+    let plain = std::panic::catch_unwind(|| call(&chain.si, Some(&token), "GET", path, None));
+    assert!(
+        plain.map(|reply| reply.status == 0).unwrap_or(true),
+        "plain HTTP gets no HTTP reply from the HTTPS listener"
+    );
 }

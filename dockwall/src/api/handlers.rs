@@ -482,6 +482,7 @@ pub async fn login(State(state): State<AppState>, Query(query): Query<LoginQuery
         return Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response());
     }
     let (session, _) = state.sessions.open();
-    let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict");
+    let secure = if state.https { "; Secure" } else { "" };
+    let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict{secure}");
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
 }

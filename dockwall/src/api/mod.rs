@@ -10,6 +10,7 @@
 mod auth;
 mod handlers;
 mod resources;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct ApiArgs {
     /// Serve the REST API and the web page on this address (the management side's, e.g.
     /// 192.0.2.5:8443) [default: off]. Clients authenticate with the token `dockwall api
-    /// token` prints
+    /// token` prints. HTTPS when the state directory holds api.crt and api.key (PEM)
     #[arg(
         long,
         env = "DOCKWALL_API_LISTEN",
@@ -73,6 +74,8 @@ pub struct Shared {
     pub store: Store,
     pub config: RuntimeConfig,
     pub sessions: auth::Sessions,
+    /// Served over TLS (`api.crt` and `api.key` in the state directory): cookies are Secure.
+    pub https: bool,
 }
 
 impl std::ops::Deref for AppState {
@@ -92,16 +95,22 @@ pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig)
             context: format!("listen on --api-listen {address} (is the port taken?)"),
             source,
         })?;
+    let acceptor = tls::acceptor(state_dir)?;
     let state = AppState(Arc::new(Shared {
         state_dir: state_dir.to_path_buf(),
         store: Store::new(state_dir),
         config,
         sessions: auth::Sessions::default(),
+        https: acceptor.is_some(),
     }));
-    info!(%address, "API and web page listening");
+    info!(%address, https = acceptor.is_some(), "API and web page listening");
     let app = router(state);
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
+        let served = match acceptor {
+            Some(acceptor) => tls::serve(listener, acceptor, app).await,
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(error) = served {
             warn!(%error, "the API server stopped");
         }
     });
