@@ -461,6 +461,9 @@ fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
         None,
     );
     expect(&stale, 401, "an unknown session");
+    dockwall.ok(&["api", "token", "--rotate"]);
+    let rotated = request(si, "GET", path, &[("Cookie", &session)], None);
+    expect(&rotated, 401, "a session after the token was rotated");
 }
 
 #[test]

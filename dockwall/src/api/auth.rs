@@ -64,29 +64,42 @@ pub fn ensure_token(state_dir: &Path, rotate: bool) -> Result<String> {
     Ok(token)
 }
 
-/// Logged-in browser sessions: session id → its CSRF token, oldest first.
+/// A logged-in browser session.
+struct Session {
+    id: String,
+    csrf: String,
+    /// The API token it logged in with: rotating the token ends the session.
+    token: String,
+}
+
+/// Logged-in browser sessions, oldest first.
 #[derive(Default)]
-pub struct Sessions(Mutex<Vec<(String, String)>>);
+pub struct Sessions(Mutex<Vec<Session>>);
 
 impl Sessions {
-    /// A new session; returns (session id, CSRF token).
-    pub fn open(&self) -> (String, String) {
-        let session = (random_hex(), random_hex());
+    /// A new session for a login with `token`; returns its id.
+    pub fn open(&self, token: &str) -> String {
+        let session = Session {
+            id: random_hex(),
+            csrf: random_hex(),
+            token: token.to_string(),
+        };
+        let id = session.id.clone();
         let mut sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if sessions.len() >= MAX_SESSIONS {
             sessions.remove(0);
         }
-        sessions.push(session.clone());
-        session
+        sessions.push(session);
+        id
     }
 
-    /// The CSRF token of a session, when the session exists.
-    pub fn csrf_of(&self, session: &str) -> Option<String> {
+    /// The CSRF token of a session, when it exists and logged in with the current token.
+    fn csrf_of(&self, session: &str, token: &str) -> Option<String> {
         let sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
         sessions
             .iter()
-            .find(|(id, _)| equal(id, session))
-            .map(|(_, csrf)| csrf.clone())
+            .find(|s| equal(&s.id, session) && equal(&s.token, token))
+            .map(|s| s.csrf.clone())
     }
 }
 
@@ -125,7 +138,7 @@ pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>> {
     }
     Ok(cookies(headers)
         .get(SESSION_COOKIE)
-        .and_then(|session| state.sessions.csrf_of(session))
+        .and_then(|session| state.sessions.csrf_of(session, &token))
         .map(|csrf| Caller::Session { csrf }))
 }
 

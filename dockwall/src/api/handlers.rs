@@ -209,24 +209,17 @@ pub async fn update_rule(
         )
         .into());
     }
-    let index = edit(&state, move |set| {
+    let mut updated = edit(&state, move |set| {
         let index = rule_index(set, &id)?;
         fields.apply_to(&mut set.rules[index])?;
         set.rules[index].validate()?;
-        Ok(index)
+        Ok(FirewallRuleView::new(&set.rules[index], index + 1, (0, 0)))
     })
     .await?;
-    let (set, counters) = snapshot(&state).await?;
-    // Another edit may have moved it since; show the rule wherever it is now.
-    let index = set
-        .rules
-        .get(index)
-        .map(|_| index)
-        .unwrap_or(set.rules.len().saturating_sub(1));
-    reply(
-        StatusCode::OK,
-        json!({ "firewall_rule": set.rules.get(index).map(|_| view(&set, index, &counters)) }),
-    )
+    let counters = blocking(|| Ok(nft::counters()?)).await?;
+    let comment = compile::rule_comment(updated.id.parse().unwrap_or_default());
+    (updated.packets, updated.bytes) = counters.get(&comment).copied().unwrap_or_default();
+    reply(StatusCode::OK, json!({ "firewall_rule": updated }))
 }
 
 pub async fn delete_rule(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
@@ -481,7 +474,7 @@ pub async fn login(State(state): State<AppState>, Query(query): Query<LoginQuery
         let page = LOGIN_PAGE.replace("{{error}}", "<p class=error>Wrong token.</p>");
         return Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response());
     }
-    let (session, _) = state.sessions.open();
+    let session = state.sessions.open(&token);
     let secure = if state.https { "; Secure" } else { "" };
     let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict{secure}");
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
