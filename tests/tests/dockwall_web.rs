@@ -115,6 +115,23 @@ fn the_page_adds_a_deny_rule_that_blocks_traffic_shows_its_counter_and_deletes_i
             .await
             .expect("the new rule appears in the table");
 
+        // On a phone's width the page fits without sideways scrolling, the buttons in reach.
+        browser.set_window_size(390, 844).await.expect("phone size");
+        let overflow = browser
+            .execute(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
+                vec![],
+            )
+            .await
+            .expect("measure the page");
+        assert_eq!(overflow, json!(0), "the page scrolls sideways on a phone");
+        let delete = browser
+            .find(Locator::XPath(&format!("{}//button[.='Delete']", row_of("icmp"))))
+            .await
+            .expect("the delete button on a phone");
+        assert!(delete.is_displayed().await.expect("displayed"), "the delete button shows on a phone");
+        browser.set_window_size(1000, 720).await.expect("desktop size");
+
         // Blocking this thread is fine: the page and the SI run in other processes.
         for _ in 0..3 {
             assert!(!ping(&chain.left_host, RIGHT_HOST), "the page's deny rule drops ping");
