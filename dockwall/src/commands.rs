@@ -40,10 +40,14 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             routing,
             lifecycle,
             metrics,
+            api,
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
             adopt_mode(&store, routing.mode)?;
+            if let Some(address) = api.api_listen {
+                crate::api::spawn(address, &cli.state_dir, config.clone()).await?;
+            }
             let exporter = FirewallExporter {
                 store: &store,
                 config: config.clone(),
@@ -156,6 +160,10 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Ufw(args) => {
             let editor = editor(&args.edit);
             crate::ufw::run(&store, editor, args).await
+        }
+        Command::Api(command) => {
+            crate::api::command(&cli.state_dir, command)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Apply { file, edit } => {
             let new = read_rule_set(&file)?;

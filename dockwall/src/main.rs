@@ -2,6 +2,7 @@
 //! (cross mode: a routing table per side and `ip rule` policy between them); operators edit
 //! nftables filter and NAT rules with `docker exec <si> dockwall rule …`.
 
+mod api;
 mod commands;
 mod fwaas;
 mod metrics;
@@ -115,6 +116,8 @@ pub enum Command {
         lifecycle: LifecycleArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
+        #[command(flatten)]
+        api: api::ApiArgs,
     },
     /// Sides, routing, and the rules with their packet/byte counters; exits 1 unless both
     /// sides are ready and routing and firewall are converged (a health check). Give it the
@@ -184,6 +187,9 @@ pub enum Command {
     /// eth1 proto icmp`, `ufw status numbered`, `ufw delete 3` (answers in ufw's words)
     #[command(after_long_help = ufw::HELP)]
     Ufw(ufw::UfwArgs),
+    /// The REST API and web page that `run --api-listen` serves
+    #[command(subcommand)]
+    Api(api::ApiCommand),
     /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
     /// file use)
     Apply {

@@ -9,6 +9,7 @@ pub mod dhcp_server;
 pub mod dnsmasq;
 pub mod docker;
 pub mod dockwall;
+pub mod dockwall_api;
 pub mod measure;
 pub mod netns;
 pub mod openvpn;

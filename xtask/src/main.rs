@@ -28,6 +28,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "docker-compose",
     "prometheus",
     "tcpdump",
+    // The web page's test: headless Chromium driven over WebDriver.
+    "chromium",
+    "chromium-driver",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -59,6 +62,7 @@ fn main() {
             for bench in [
                 "chain-bench",
                 "firewall-bench",
+                "api-bench",
                 "scrape-bench",
                 "dhcp-bench",
                 "route-change-bench",

@@ -1,0 +1,482 @@
+//! The endpoints. Reads load the stored rule set and the kernel's counters; changes are one
+//! `firewall::edit` each. Both block (file lock, nft), so they run on blocking threads.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use vnf_core::firewall::nft::{self, Counters};
+use vnf_core::firewall::{self, compile, Direction, NatRule, Protocol, Rule, RuleSet};
+use vnf_core::Error;
+
+use super::auth::{self, Caller, CSRF_HEADER, SESSION_COOKIE};
+use super::resources::{
+    DefaultPolicyBody, FirewallRuleBody, FirewallRuleView, InsertRule, NatRuleBody, RemoveRule,
+};
+use super::{ApiError, AppState};
+use crate::metrics::count_edit;
+
+type Reply = Result<Response, ApiError>;
+
+const PAGE: &str = include_str!("page.html");
+pub const LOGIN_PAGE: &str = include_str!("login.html");
+
+/// The body as JSON, or 400 (413 when too large) in Neutron's error shape.
+fn body<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(value)| value).map_err(|rejection| {
+        // Neutron answers 400 to a body it cannot use, where axum says 422.
+        let (status, kind) = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge")
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
+            }
+            _ => (StatusCode::BAD_REQUEST, "BadRequest"),
+        };
+        ApiError::new(status, kind, rejection.body_text())
+    })
+}
+
+/// Runs blocking work (file lock, nft) off the async executor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("the request's worker failed: {error}"),
+        )
+    })?
+}
+
+/// The stored rule set and the kernel's counters.
+async fn snapshot(state: &AppState) -> Result<(RuleSet, Counters), ApiError> {
+    let state = state.clone();
+    blocking(move || {
+        let rule_set = state.store.lock()?.load()?;
+        Ok((rule_set, nft::counters()?))
+    })
+    .await
+}
+
+/// One edit through the same store, lock and atomic apply as the CLI. `change` returns what
+/// the response needs; its ApiError (a 404, say) aborts the edit with nothing changed.
+async fn edit<T: Send + 'static>(
+    state: &AppState,
+    change: impl FnOnce(&mut RuleSet) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    let runtime = tokio::runtime::Handle::current();
+    blocking(move || {
+        let mut result = None;
+        let outcome = runtime.block_on(firewall::edit(
+            &state.store,
+            &state.config.selectors,
+            false,
+            |set| {
+                let value = change(set);
+                let failed = value.is_err();
+                result = Some(value);
+                if failed {
+                    return Err(Error::Vnf("aborted by the API request".into()));
+                }
+                Ok(())
+            },
+        ));
+        count_edit(&state.store, outcome.is_ok());
+        match (outcome, result) {
+            (_, Some(Err(error))) => Err(error),
+            (Err(error), _) => Err(error.into()),
+            (Ok(_), Some(Ok(value))) => Ok(value),
+            (Ok(_), None) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "the edit did not run",
+            )),
+        }
+    })
+    .await
+}
+
+fn rule_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::not_found("firewall rule", id))
+}
+
+fn rule_index(set: &RuleSet, id: &str) -> Result<usize, ApiError> {
+    set.position_of(rule_id(id)?)
+        .ok_or_else(|| ApiError::not_found("firewall rule", id))
+}
+
+fn view(set: &RuleSet, index: usize, counters: &Counters) -> FirewallRuleView {
+    let rule = &set.rules[index];
+    let counted = counters
+        .get(&compile::rule_comment(rule.id))
+        .copied()
+        .unwrap_or_default();
+    FirewallRuleView::new(rule, index + 1, counted)
+}
+
+fn views(set: &RuleSet, counters: &Counters) -> Vec<FirewallRuleView> {
+    (0..set.rules.len())
+        .map(|index| view(set, index, counters))
+        .collect()
+}
+
+fn reply(status: StatusCode, value: Value) -> Reply {
+    Ok((status, Json(value)).into_response())
+}
+
+pub async fn list_rules(State(state): State<AppState>) -> Reply {
+    let (set, counters) = snapshot(&state).await?;
+    reply(
+        StatusCode::OK,
+        json!({ "firewall_rules": views(&set, &counters) }),
+    )
+}
+
+pub async fn show_rule(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
+    let (set, counters) = snapshot(&state).await?;
+    let index = rule_index(&set, &id)?;
+    reply(
+        StatusCode::OK,
+        json!({ "firewall_rule": view(&set, index, &counters) }),
+    )
+}
+
+pub async fn create_rule(
+    State(state): State<AppState>,
+    request: Result<Json<FirewallRuleBody>, JsonRejection>,
+) -> Reply {
+    let mut fields = body(request)?.firewall_rule;
+    let Some(action) = fields.action else {
+        return Err(Error::invalid("action", "none", "give allow, deny, reject or limit").into());
+    };
+    let position = fields.position.take();
+    let created = edit(&state, move |set| {
+        let last = set.rules.len() + 1;
+        let position = position.unwrap_or(last);
+        if position == 0 || position > last {
+            return Err(Error::invalid("position", position, format!("use 1-{last}")).into());
+        }
+        let id = set.allocate_id();
+        let mut rule = Rule {
+            id,
+            name: None,
+            action,
+            rate: None,
+            direction: Direction::Both,
+            protocol: Protocol::Any,
+            source: None,
+            destination: None,
+            source_port: None,
+            destination_port: None,
+            enabled: true,
+            log: false,
+            comment: None,
+            external_id: None,
+            ip_version: None,
+        };
+        fields.apply_to(&mut rule)?;
+        rule.validate_as(&format!("the new rule (position {position}, id {id})"))?;
+        set.rules.insert(position - 1, rule);
+        Ok(FirewallRuleView::new(
+            &set.rules[position - 1],
+            position,
+            (0, 0),
+        ))
+    })
+    .await?;
+    reply(StatusCode::CREATED, json!({ "firewall_rule": created }))
+}
+
+pub async fn update_rule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<FirewallRuleBody>, JsonRejection>,
+) -> Reply {
+    let fields = body(request)?.firewall_rule;
+    if fields.position.is_some() {
+        return Err(Error::invalid(
+            "position",
+            "given",
+            "move a rule with the policy's insert_rule",
+        )
+        .into());
+    }
+    let mut updated = edit(&state, move |set| {
+        let index = rule_index(set, &id)?;
+        fields.apply_to(&mut set.rules[index])?;
+        set.rules[index].validate()?;
+        Ok(FirewallRuleView::new(&set.rules[index], index + 1, (0, 0)))
+    })
+    .await?;
+    let counters = blocking(|| Ok(nft::counters()?)).await?;
+    let comment = compile::rule_comment(updated.id.parse().unwrap_or_default());
+    (updated.packets, updated.bytes) = counters.get(&comment).copied().unwrap_or_default();
+    reply(StatusCode::OK, json!({ "firewall_rule": updated }))
+}
+
+pub async fn delete_rule(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
+    edit(&state, move |set| {
+        let index = rule_index(set, &id)?;
+        set.rules.remove(index);
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A policy id: a direction, or FWaaS's ingress (into the left side) and egress.
+fn policy_direction(id: &str) -> Result<Direction, ApiError> {
+    match id {
+        "ingress" => Ok(Direction::RightToLeft),
+        "egress" => Ok(Direction::LeftToRight),
+        other => serde_json::from_value(Value::String(other.to_string()))
+            .map_err(|_| ApiError::not_found("firewall policy", id)),
+    }
+}
+
+fn policy(set: &RuleSet, direction: Direction) -> Value {
+    let rules: Vec<String> = set
+        .rules
+        .iter()
+        .filter(|rule| rule.direction == direction)
+        .map(|rule| rule.id.to_string())
+        .collect();
+    json!({
+        "id": direction,
+        "name": direction,
+        "description": "the rules of this direction, in evaluation order",
+        "firewall_rules": rules,
+        "audited": false,
+        "shared": false,
+    })
+}
+
+const DIRECTIONS: [Direction; 4] = [
+    Direction::LeftToRight,
+    Direction::RightToLeft,
+    Direction::Both,
+    Direction::Local,
+];
+
+pub async fn list_policies(State(state): State<AppState>) -> Reply {
+    let (set, _) = snapshot(&state).await?;
+    let policies: Vec<Value> = DIRECTIONS.iter().map(|&d| policy(&set, d)).collect();
+    reply(StatusCode::OK, json!({ "firewall_policies": policies }))
+}
+
+pub async fn show_policy(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
+    let direction = policy_direction(&id)?;
+    let (set, _) = snapshot(&state).await?;
+    reply(
+        StatusCode::OK,
+        json!({ "firewall_policy": policy(&set, direction) }),
+    )
+}
+
+/// Moves a rule into this direction's policy: before or after a rule, or first when neither
+/// is given (as FWaaS does).
+pub async fn insert_rule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<InsertRule>, JsonRejection>,
+) -> Reply {
+    let direction = policy_direction(&id)?;
+    let request = body(request)?;
+    let set = edit(&state, move |set| {
+        let index = rule_index(set, &request.firewall_rule_id)?;
+        let mut rule = set.rules.remove(index);
+        rule.direction = direction;
+        let target = match (&request.insert_before, &request.insert_after) {
+            (Some(before), _) if !before.is_empty() => rule_index(set, before)?,
+            (_, Some(after)) if !after.is_empty() => rule_index(set, after)? + 1,
+            _ => 0,
+        };
+        set.rules.insert(target, rule);
+        Ok(set.clone())
+    })
+    .await?;
+    reply(StatusCode::OK, policy(&set, direction))
+}
+
+/// Dockwall has no rules outside a policy: removing a rule from its policy deletes it.
+pub async fn remove_rule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<RemoveRule>, JsonRejection>,
+) -> Reply {
+    let direction = policy_direction(&id)?;
+    let request = body(request)?;
+    let set = edit(&state, move |set| {
+        let index = rule_index(set, &request.firewall_rule_id)?;
+        if set.rules[index].direction != direction {
+            return Err(ApiError::not_found(
+                "firewall rule in this policy",
+                &request.firewall_rule_id,
+            ));
+        }
+        set.rules.remove(index);
+        Ok(set.clone())
+    })
+    .await?;
+    reply(StatusCode::OK, policy(&set, direction))
+}
+
+fn nat_view(nat: &NatRule, position: usize, counters: &Counters) -> Value {
+    let (packets, bytes) = counters
+        .get(&compile::nat_comment(nat.id))
+        .copied()
+        .unwrap_or_default();
+    json!({
+        "id": nat.id.to_string(), "position": position, "kind": nat.kind,
+        "comment": nat.comment, "packets": packets, "bytes": bytes,
+    })
+}
+
+fn nat_index(set: &RuleSet, id: &str) -> Result<usize, ApiError> {
+    id.parse::<u64>()
+        .ok()
+        .and_then(|id| set.nat.iter().position(|nat| nat.id == id))
+        .ok_or_else(|| ApiError::not_found("NAT rule", id))
+}
+
+pub async fn list_nat(State(state): State<AppState>) -> Reply {
+    let (set, counters) = snapshot(&state).await?;
+    let listed: Vec<Value> = (set.nat.iter().enumerate())
+        .map(|(index, nat)| nat_view(nat, index + 1, &counters))
+        .collect();
+    reply(StatusCode::OK, json!({ "nat_rules": listed }))
+}
+
+pub async fn show_nat(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
+    let (set, counters) = snapshot(&state).await?;
+    let index = nat_index(&set, &id)?;
+    reply(
+        StatusCode::OK,
+        json!({ "nat_rule": nat_view(&set.nat[index], index + 1, &counters) }),
+    )
+}
+
+pub async fn create_nat(
+    State(state): State<AppState>,
+    request: Result<Json<NatRuleBody>, JsonRejection>,
+) -> Reply {
+    let fields = body(request)?.nat_rule;
+    let created = edit(&state, move |set| {
+        let id = set.allocate_id();
+        let position = set.nat.len() + 1;
+        let nat = NatRule {
+            id,
+            kind: fields.kind,
+            comment: fields.comment,
+        };
+        nat.validate_as(&format!("the new NAT rule (position {position}, id {id})"))?;
+        let shown = nat_view(&nat, position, &Counters::new());
+        set.nat.push(nat);
+        Ok(shown)
+    })
+    .await?;
+    reply(StatusCode::CREATED, json!({ "nat_rule": created }))
+}
+
+pub async fn delete_nat(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
+    edit(&state, move |set| {
+        let index = nat_index(set, &id)?;
+        set.nat.remove(index);
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn show_default(State(state): State<AppState>) -> Reply {
+    let (set, _) = snapshot(&state).await?;
+    reply(
+        StatusCode::OK,
+        json!({ "default_policy": set.default_policy }),
+    )
+}
+
+pub async fn set_default(
+    State(state): State<AppState>,
+    request: Result<Json<DefaultPolicyBody>, JsonRejection>,
+) -> Reply {
+    let policy = body(request)?.default_policy;
+    edit(&state, move |set| {
+        set.default_policy = policy;
+        Ok(())
+    })
+    .await?;
+    reply(StatusCode::OK, json!({ "default_policy": policy }))
+}
+
+/// What `dockwall status --json` reports: the sides, routing, and the firewall with counters.
+pub async fn status(State(state): State<AppState>) -> Reply {
+    let routing = vnf_core::status::collect(&state.config).await?;
+    let assignment = firewall::current_assignment(&state.config.selectors).await?;
+    let worker = state.clone();
+    let (set, counters, converged) = blocking(move || {
+        let set = worker.store.lock()?.load()?;
+        let converged = firewall::is_converged(&set, &assignment)?;
+        Ok((set, nft::counters()?, converged))
+    })
+    .await?;
+    let nat: Vec<Value> = (set.nat.iter().enumerate())
+        .map(|(index, nat)| nat_view(nat, index + 1, &counters))
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({
+            "healthy": routing.converged && converged,
+            "routing": routing,
+            "firewall": {
+                "converged": converged,
+                "default_policy": set.default_policy,
+                "firewall_rules": views(&set, &counters),
+                "nat_rules": nat,
+            }
+        }),
+    )
+}
+
+/// The web page, with this browser session's CSRF token for its changes.
+pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Reply {
+    let csrf = match auth::caller(&state, &headers)? {
+        Some(Caller::Session { csrf }) => csrf,
+        _ => String::new(),
+    };
+    Ok(Html(
+        PAGE.replace("{{csrf}}", &csrf)
+            .replace("{{csrf_header}}", CSRF_HEADER),
+    )
+    .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct LoginQuery {
+    token: Option<String>,
+}
+
+/// The login form (`GET /login`), or with `?token=` a new browser session and back to the page.
+pub async fn login(State(state): State<AppState>, Query(query): Query<LoginQuery>) -> Reply {
+    let Some(given) = query.token else {
+        return Ok(Html(LOGIN_PAGE.replace("{{error}}", "")).into_response());
+    };
+    let token = auth::ensure_token(&state.state_dir, false)?;
+    if !auth::equal(given.trim(), &token) {
+        let page = LOGIN_PAGE.replace("{{error}}", "<p class=error>Wrong token.</p>");
+        return Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response());
+    }
+    let session = state.sessions.open(&token);
+    let secure = if state.https { "; Secure" } else { "" };
+    let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict{secure}");
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+}

@@ -1,0 +1,235 @@
+//! The REST API and the web page, served by `dockwall run --api-listen ADDR:PORT`.
+//!
+//! Firewall rules are FWaaS v2 resources under `/v2.0/fwaas/`; there is one implicit
+//! firewall policy per Dockwall direction, whose id is the direction (`left-to-right`, also
+//! `egress`; `right-to-left`, also `ingress`; `both`; `local`). NAT rules, the default policy
+//! and the status are Dockwall's own, under `/v2.0/dockwall/`. Every change is one
+//! `vnf_core::firewall::edit`, the same locked load → change → apply → save as the CLI, run on
+//! a blocking thread so the server keeps answering while nft works.
+
+mod auth;
+mod handlers;
+mod resources;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tracing::{info, warn};
+use vnf_core::firewall::store::Store;
+use vnf_core::runtime::RuntimeConfig;
+use vnf_core::{Error, Result};
+
+pub use auth::ensure_token;
+
+/// A request body larger than this gets 413: a rule is a few hundred bytes.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Serve the REST API and the web page on this address (the management side's, e.g.
+    /// 192.0.2.5:8443) [default: off]. Clients authenticate with the token `dockwall api
+    /// token` prints. HTTPS when the state directory holds api.crt and api.key (PEM)
+    #[arg(
+        long,
+        env = "DOCKWALL_API_LISTEN",
+        value_name = "ADDR:PORT",
+        help_heading = vnf_core::cli::OUTPUT
+    )]
+    pub api_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApiCommand {
+    /// Print the API's bearer token (created in the state directory, mode 0600, when there
+    /// is none yet)
+    Token {
+        /// Replace the token with a new one; clients and browser sessions must log in again
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+pub fn command(state_dir: &Path, command: ApiCommand) -> Result<()> {
+    match command {
+        ApiCommand::Token { rotate } => println!("{}", ensure_token(state_dir, rotate)?),
+    }
+    Ok(())
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub state_dir: PathBuf,
+    pub store: Store,
+    pub config: RuntimeConfig,
+    pub sessions: auth::Sessions,
+    /// Served over TLS (`api.crt` and `api.key` in the state directory): cookies are Secure.
+    pub https: bool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Binds `address` and serves the API from a task of its own until the process exits.
+/// Binding happens now, so a taken port fails `run` at start.
+pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig) -> Result<()> {
+    ensure_token(state_dir, false)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("listen on --api-listen {address} (is the port taken?)"),
+            source,
+        })?;
+    let acceptor = tls::acceptor(state_dir)?;
+    let state = AppState(Arc::new(Shared {
+        state_dir: state_dir.to_path_buf(),
+        store: Store::new(state_dir),
+        config,
+        sessions: auth::Sessions::default(),
+        https: acceptor.is_some(),
+    }));
+    info!(%address, https = acceptor.is_some(), "API and web page listening");
+    let app = router(state);
+    tokio::spawn(async move {
+        let served = match acceptor {
+            Some(acceptor) => tls::serve(listener, acceptor, app).await,
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(error) = served {
+            warn!(%error, "the API server stopped");
+        }
+    });
+    Ok(())
+}
+
+fn router(state: AppState) -> Router {
+    use handlers::*;
+    let api = Router::new()
+        .route(
+            "/v2.0/fwaas/firewall_rules",
+            get(list_rules).post(create_rule),
+        )
+        .route(
+            "/v2.0/fwaas/firewall_rules/{id}",
+            get(show_rule).put(update_rule).delete(delete_rule),
+        )
+        .route("/v2.0/fwaas/firewall_policies", get(list_policies))
+        .route("/v2.0/fwaas/firewall_policies/{id}", get(show_policy))
+        .route(
+            "/v2.0/fwaas/firewall_policies/{id}/insert_rule",
+            put(insert_rule),
+        )
+        .route(
+            "/v2.0/fwaas/firewall_policies/{id}/remove_rule",
+            put(remove_rule),
+        )
+        .route("/v2.0/dockwall/nat_rules", get(list_nat).post(create_nat))
+        .route(
+            "/v2.0/dockwall/nat_rules/{id}",
+            get(show_nat).delete(delete_nat),
+        )
+        .route(
+            "/v2.0/dockwall/default_policy",
+            get(show_default).put(set_default),
+        )
+        .route("/v2.0/dockwall/status", get(status))
+        .route("/", get(page))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ));
+    Router::new()
+        .route("/login", get(login))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error as Neutron words it: `{"NeutronError": {"type", "message", "detail"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "NotAuthenticated",
+            "send Authorization: Bearer TOKEN (the token `dockwall api token` prints in the SI)",
+        )
+    }
+
+    pub fn not_found(what: &str, id: &str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no {what} has the id {id:?}"),
+        )
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::InvalidArgument { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", error.to_string())
+            }
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "NeutronError": { "type": self.kind, "message": self.message, "detail": "" }
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "no such resource; see the API section of the README",
+    )
+}

@@ -1,0 +1,207 @@
+//! The API's documents: FWaaS v2 firewall rules (with Dockwall's extra fields `direction`,
+//! `rate` and `log`), and Dockwall's own NAT rules and default policy.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+use vnf_core::firewall::{Action, Direction, NatKind, PortRange, Protocol, Rate, Rule};
+use vnf_core::{Error, Result};
+
+/// A firewall rule as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct FirewallRuleView {
+    pub id: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub protocol: Option<String>,
+    pub ip_version: Option<u8>,
+    pub source_ip_address: Option<String>,
+    pub destination_ip_address: Option<String>,
+    pub source_port: Option<String>,
+    pub destination_port: Option<String>,
+    pub action: Action,
+    pub enabled: bool,
+    /// The implicit policy the rule is in: its direction.
+    pub firewall_policy_id: Direction,
+    /// 1 = evaluated first, across all directions.
+    pub position: usize,
+    pub direction: Direction,
+    pub rate: Option<Rate>,
+    pub log: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl FirewallRuleView {
+    pub fn new(rule: &Rule, position: usize, (packets, bytes): (u64, u64)) -> Self {
+        FirewallRuleView {
+            id: rule.id.to_string(),
+            name: rule.name.clone(),
+            description: rule.comment.clone(),
+            protocol: (rule.protocol != Protocol::Any).then(|| rule.protocol.to_string()),
+            ip_version: rule.ip_version.or(rule.bound_ip_version()),
+            source_ip_address: rule.source.map(|n| n.to_string()),
+            destination_ip_address: rule.destination.map(|n| n.to_string()),
+            source_port: rule.source_port.map(String::from),
+            destination_port: rule.destination_port.map(String::from),
+            action: rule.action,
+            enabled: rule.enabled,
+            firewall_policy_id: rule.direction,
+            position,
+            direction: rule.direction,
+            rate: rule.rate,
+            log: rule.log,
+            packets,
+            bytes,
+        }
+    }
+}
+
+/// A present JSON `null` is `Some(None)`: "clear this field", unlike an absent field.
+fn nullable<'de, D, T>(deserializer: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// The fields of a POST (all of them) or a PUT (those to change). Read-only fields such as
+/// `id` and the counters are refused, like any unknown field.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallRuleFields {
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub protocol: Option<Option<Protocol>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ip_version: Option<Option<u8>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub source_ip_address: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub destination_ip_address: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub source_port: Option<Option<PortRange>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub destination_port: Option<Option<PortRange>>,
+    pub action: Option<Action>,
+    pub enabled: Option<bool>,
+    pub direction: Option<Direction>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rate: Option<Option<Rate>>,
+    pub log: Option<bool>,
+    /// POST only: where the new rule goes (1 = first) instead of the end.
+    pub position: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallRuleBody {
+    pub firewall_rule: FirewallRuleFields,
+}
+
+fn address(field: &'static str, text: &str) -> Result<IpNet> {
+    text.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            Error::invalid(
+                field,
+                text,
+                "not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)",
+            )
+        })
+}
+
+impl FirewallRuleFields {
+    /// Writes the given fields into `rule` (a null `ip_version` unbinds the rule from one IP
+    /// version).
+    pub fn apply_to(self, rule: &mut Rule) -> Result<()> {
+        if let Some(value) = self.name {
+            rule.name = value;
+        }
+        if let Some(value) = self.description {
+            rule.comment = value;
+        }
+        if let Some(value) = self.protocol {
+            rule.protocol = value.unwrap_or(Protocol::Any);
+        }
+        if let Some(value) = self.source_ip_address {
+            rule.source = value
+                .map(|text| address("source_ip_address", &text))
+                .transpose()?;
+        }
+        if let Some(value) = self.destination_ip_address {
+            rule.destination = value
+                .map(|text| address("destination_ip_address", &text))
+                .transpose()?;
+        }
+        if let Some(value) = self.source_port {
+            rule.source_port = value;
+        }
+        if let Some(value) = self.destination_port {
+            rule.destination_port = value;
+        }
+        if let Some(value) = self.action {
+            rule.action = value;
+        }
+        if let Some(value) = self.enabled {
+            rule.enabled = value;
+        }
+        if let Some(value) = self.direction {
+            rule.direction = value;
+        }
+        if let Some(value) = self.rate {
+            rule.rate = value;
+        }
+        if let Some(value) = self.log {
+            rule.log = value;
+        }
+        // Kept as Neutron keeps it; the rule's own validation checks it against the
+        // addresses and the protocol.
+        if let Some(version) = self.ip_version {
+            rule.ip_version = version;
+        }
+        Ok(())
+    }
+}
+
+/// `PUT /v2.0/fwaas/firewall_policies/{id}/insert_rule`, as FWaaS has it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsertRule {
+    pub firewall_rule_id: String,
+    #[serde(default)]
+    pub insert_before: Option<String>,
+    #[serde(default)]
+    pub insert_after: Option<String>,
+}
+
+/// `PUT /v2.0/fwaas/firewall_policies/{id}/remove_rule`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRule {
+    pub firewall_rule_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatRuleFields {
+    pub kind: NatKind,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatRuleBody {
+    pub nat_rule: NatRuleFields,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultPolicyBody {
+    pub default_policy: vnf_core::firewall::Policy,
+}

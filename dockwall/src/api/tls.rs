@@ -1,0 +1,96 @@
+//! Optional TLS for the API: when the state directory holds `api.crt` (PEM, the chain) and
+//! `api.key` (PEM), the API speaks HTTPS only, with rustls.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+use vnf_core::{Error, Result};
+
+pub const CERTIFICATE_FILE: &str = "api.crt";
+pub const KEY_FILE: &str = "api.key";
+/// A client must finish its handshake within this time, so a silent one holds no task long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS configuration from the state directory; None when it holds neither file.
+pub fn acceptor(state_dir: &Path) -> Result<Option<TlsAcceptor>> {
+    let (certificate, key) = (state_dir.join(CERTIFICATE_FILE), state_dir.join(KEY_FILE));
+    let invalid = |path: &Path, reason: String| Error::invalid("TLS file", path.display(), reason);
+    match (certificate.exists(), key.exists()) {
+        (false, false) => return Ok(None),
+        (true, true) => {}
+        (has_certificate, _) => {
+            let (present, missing) = if has_certificate {
+                (&certificate, &key)
+            } else {
+                (&key, &certificate)
+            };
+            return Err(invalid(
+                present,
+                format!(
+                    "{} is missing: give both (PEM) for HTTPS, or neither for plain HTTP",
+                    missing.display()
+                ),
+            ));
+        }
+    }
+    let chain = CertificateDer::pem_file_iter(&certificate)
+        .and_then(|certificates| certificates.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| invalid(&certificate, format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid(&certificate, "holds no certificate".into()));
+    }
+    let private_key = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| invalid(&key, format!("not a PEM private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(chain, private_key)
+        })
+        .map_err(|e| {
+            invalid(
+                &key,
+                format!("does not go with {}: {e}", certificate.display()),
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Serves `app` over TLS: each connection's handshake and requests in a task of their own.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                };
+            let service = TowerToHyperService::new(app);
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, %error, "API connection ended");
+            }
+        });
+    }
+}

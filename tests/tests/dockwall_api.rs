@@ -1,0 +1,518 @@
+//! Dockwall's REST API in the namespace chain: the token on every endpoint, API edits racing
+//! CLI edits, a rule added over the API filtering real traffic, bad bodies changing nothing,
+//! and the web page's session and CSRF checks.
+
+use std::os::unix::fs::PermissionsExt;
+
+use docknfv_tests::chain::RIGHT_HOST;
+use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::dockwall_api::{
+    call, request, request_tls, start_with_api, start_with_api_in, token, Reply,
+};
+use docknfv_tests::traffic::{ping, ping_eventually};
+use docknfv_tests::Chain;
+use serde_json::{json, Value};
+
+fn expect(reply: &Reply, status: u16, what: &str) {
+    assert_eq!(reply.status, status, "{what}: {reply:?}");
+}
+
+#[test]
+fn every_endpoint_needs_the_token_and_works_with_it() {
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    let mode = std::fs::metadata(dockwall.state.path().join("api.token"))
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the token file is the owner's only");
+    assert_eq!(
+        token,
+        self::token(&dockwall),
+        "the token stays until rotated"
+    );
+    let si = &chain.si;
+    let rule = r#"{"firewall_rule": {"action": "deny", "protocol": "tcp", "destination_port": "2525", "direction": "left-to-right", "name": "smtp"}}"#;
+    let nat = r#"{"nat_rule": {"kind": {"masquerade": {"out": "right"}}}}"#;
+    // Each endpoint: refused without the token and with a wrong one, then answered.
+    let check = |method: &str, path: &str, body: Option<&str>, status: u16| -> Reply {
+        for wrong in [None, Some("0".repeat(token.len())), Some(String::new())] {
+            let refused = call(si, wrong.as_deref(), method, path, body);
+            expect(
+                &refused,
+                401,
+                &format!("{method} {path} with token {wrong:?}"),
+            );
+            assert!(
+                refused.body.contains("dockwall api token"),
+                "401 says how to authenticate: {refused:?}"
+            );
+        }
+        let reply = call(si, Some(&token), method, path, body);
+        expect(&reply, status, &format!("{method} {path}"));
+        reply
+    };
+    let created = check("POST", "/v2.0/fwaas/firewall_rules", Some(rule), 201).json();
+    let id = created["firewall_rule"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(created["firewall_rule"]["position"], 1);
+    let listed = check("GET", "/v2.0/fwaas/firewall_rules", None, 200).json();
+    assert_eq!(listed["firewall_rules"][0]["destination_port"], "2525");
+    let path = format!("/v2.0/fwaas/firewall_rules/{id}");
+    let shown = check("GET", &path, None, 200).json();
+    assert_eq!(shown["firewall_rule"]["name"], "smtp");
+    let updated = check(
+        "PUT",
+        &path,
+        Some(r#"{"firewall_rule": {"destination_port": "2526", "enabled": false}}"#),
+        200,
+    )
+    .json();
+    assert_eq!(updated["firewall_rule"]["destination_port"], "2526");
+    assert_eq!(updated["firewall_rule"]["enabled"], false);
+    let policies = check("GET", "/v2.0/fwaas/firewall_policies", None, 200).json();
+    assert_eq!(
+        policies["firewall_policies"].as_array().map(Vec::len),
+        Some(4)
+    );
+    let egress = check("GET", "/v2.0/fwaas/firewall_policies/egress", None, 200).json();
+    assert_eq!(egress["firewall_policy"]["firewall_rules"], json!([id]));
+    let second = call(
+        si,
+        Some(&token),
+        "POST",
+        "/v2.0/fwaas/firewall_rules",
+        Some(rule),
+    )
+    .json();
+    let second_id = second["firewall_rule"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let inserted = check(
+        "PUT",
+        "/v2.0/fwaas/firewall_policies/ingress/insert_rule",
+        Some(&format!(
+            r#"{{"firewall_rule_id": "{second_id}", "insert_before": "{id}"}}"#
+        )),
+        200,
+    )
+    .json();
+    assert_eq!(inserted["firewall_rules"], json!([second_id]));
+    let cli = dockwall.ok(&["rule", "list", "--json"]);
+    let cli: Value = serde_json::from_str(&cli).expect("rule list --json");
+    assert_eq!(
+        cli["rules"][0]["direction"], "right-to-left",
+        "insert_rule moved it first"
+    );
+    assert_eq!(
+        cli["rules"][1]["enabled"], false,
+        "the PUT reached the store"
+    );
+    check(
+        "PUT",
+        "/v2.0/fwaas/firewall_policies/ingress/remove_rule",
+        Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
+        200,
+    );
+    let nat_id = check("POST", "/v2.0/dockwall/nat_rules", Some(nat), 201).json()["nat_rule"]["id"]
+        .as_str()
+        .expect("nat id")
+        .to_string();
+    check("GET", "/v2.0/dockwall/nat_rules", None, 200);
+    check(
+        "GET",
+        &format!("/v2.0/dockwall/nat_rules/{nat_id}"),
+        None,
+        200,
+    );
+    assert!(
+        dockwall.table().contains("masquerade"),
+        "the NAT rule is in the kernel"
+    );
+    check(
+        "DELETE",
+        &format!("/v2.0/dockwall/nat_rules/{nat_id}"),
+        None,
+        204,
+    );
+    check("GET", "/v2.0/dockwall/default_policy", None, 200);
+    let set = check(
+        "PUT",
+        "/v2.0/dockwall/default_policy",
+        Some(r#"{"default_policy": "drop"}"#),
+        200,
+    );
+    assert_eq!(set.json()["default_policy"], "drop");
+    let status = check("GET", "/v2.0/dockwall/status", None, 200).json();
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(status["firewall"]["default_policy"], "drop");
+    check("DELETE", &path, None, 204);
+    check("GET", &path, None, 404);
+    let page = check("GET", "/", None, 200);
+    assert!(page.body.contains("<title>Dockwall</title>"));
+    check("GET", "/v2.0/no/such/thing", None, 404);
+    let cli: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    assert_eq!(cli["rules"], json!([]), "every rule the API made is gone");
+    assert!(dockwall.ok(&["status"]).contains("converged"));
+
+    let rotated = dockwall
+        .ok(&["api", "token", "--rotate"])
+        .trim()
+        .to_string();
+    assert_ne!(rotated, token);
+    expect(
+        &call(si, Some(&token), "GET", "/v2.0/fwaas/firewall_rules", None),
+        401,
+        "the old token after rotation",
+    );
+    expect(
+        &call(
+            si,
+            Some(&rotated),
+            "GET",
+            "/v2.0/fwaas/firewall_rules",
+            None,
+        ),
+        200,
+        "the new token",
+    );
+}
+
+#[test]
+fn a_rule_added_over_the_api_blocks_traffic_and_counts_it() {
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    let si = &chain.si;
+    assert!(
+        ping_eventually(&chain.left_host, RIGHT_HOST, 5),
+        "no rules: ping passes"
+    );
+    let created = call(
+        si,
+        Some(&token),
+        "POST",
+        "/v2.0/fwaas/firewall_rules",
+        Some(
+            r#"{"firewall_rule": {"action": "deny", "protocol": "icmp", "direction": "left-to-right"}}"#,
+        ),
+    );
+    expect(&created, 201, "create");
+    let id = created.json()["firewall_rule"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..3 {
+        assert!(
+            !ping(&chain.left_host, RIGHT_HOST),
+            "the API's deny drops ping"
+        );
+    }
+    let rules = call(si, Some(&token), "GET", "/v2.0/fwaas/firewall_rules", None).json();
+    assert!(
+        rules["firewall_rules"][0]["packets"].as_u64().unwrap_or(0) >= 3,
+        "the counter saw the dropped pings: {rules}"
+    );
+    assert!(
+        ping(&chain.right_host, "192.168.10.2"),
+        "the other direction passes"
+    );
+    let deleted = call(
+        si,
+        Some(&token),
+        "DELETE",
+        &format!("/v2.0/fwaas/firewall_rules/{id}"),
+        None,
+    );
+    expect(&deleted, 204, "delete");
+    assert!(
+        ping(&chain.left_host, RIGHT_HOST),
+        "deleted: ping passes again"
+    );
+}
+
+#[test]
+fn concurrent_api_and_cli_edits_lose_none() {
+    const EACH: u16 = 20;
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    std::thread::scope(|scope| {
+        let api: Vec<_> = (0..EACH)
+            .map(|n| {
+                let (si, token) = (&chain.si, &token);
+                scope.spawn(move || {
+                    let body = format!(
+                        r#"{{"firewall_rule": {{"action": "deny", "protocol": "tcp", "destination_port": "{}", "name": "api-{n}"}}}}"#,
+                        10000 + n
+                    );
+                    call(si, Some(token), "POST", "/v2.0/fwaas/firewall_rules", Some(&body))
+                })
+            })
+            .collect();
+        let cli: Vec<_> = (0..EACH)
+            .map(|n| {
+                let port = (20000 + n).to_string();
+                let name = format!("cli-{n}");
+                dockwall
+                    .command(&[
+                        "rule", "add", "deny", "--proto", "tcp", "--dport", &port, "--name", &name,
+                    ])
+                    .output()
+            })
+            .collect::<Vec<_>>();
+        for (n, reply) in api.into_iter().enumerate() {
+            let reply = reply.join().expect("API thread");
+            expect(&reply, 201, &format!("API edit {n}"));
+        }
+        for (n, output) in cli.into_iter().enumerate() {
+            let output = output.expect("run dockwall");
+            assert!(output.status.success(), "CLI edit {n}: {output:?}");
+        }
+    });
+    let listed: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    let mut names: Vec<String> = listed["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|rule| rule["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..EACH)
+        .flat_map(|n| [format!("api-{n}"), format!("cli-{n}")])
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected, "every edit is stored, none twice");
+    assert!(
+        dockwall.ok(&["status"]).contains("converged"),
+        "and all are in the kernel"
+    );
+}
+
+#[test]
+fn bad_bodies_get_4xx_and_change_nothing() {
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    let si = &chain.si;
+    let seed =
+        r#"{"firewall_rule": {"action": "allow", "protocol": "udp", "destination_port": "53"}}"#;
+    expect(
+        &call(
+            si,
+            Some(&token),
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            Some(seed),
+        ),
+        201,
+        "seed",
+    );
+    let stored = std::fs::read_to_string(dockwall.state.rules_file()).expect("rules.json");
+    let table = dockwall.table();
+    let huge = format!(
+        r#"{{"firewall_rule": {{"action": "deny", "name": "{}"}}}}"#,
+        "x".repeat(200_000)
+    );
+    let cases: [(&str, &str, &str, u16, &str); 7] = [
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            r#"{"firewall_rule": {"action": "deny""#,
+            400,
+            "EOF",
+        ),
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            r#"{"firewall_rule": {"action": "deny", "colour": "red"}}"#,
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            r#"{"firewall_rule": {"action": "deny", "protocol": "tcp", "destination_port": "70000"}}"#,
+            400,
+            "70000 is outside 1-65535",
+        ),
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            r#"{"firewall_rule": {"action": "deny", "destination_port": "22"}}"#,
+            400,
+            "needs protocol tcp",
+        ),
+        (
+            "PUT",
+            "/v2.0/fwaas/firewall_rules/1",
+            r#"{"firewall_rule": {"source_ip_address": "10.0.0.300"}}"#,
+            400,
+            "source_ip_address",
+        ),
+        (
+            "PUT",
+            "/v2.0/dockwall/default_policy",
+            r#"{"default_policy": "maybe"}"#,
+            400,
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            &huge,
+            413,
+            "length limit",
+        ),
+    ];
+    for (method, path, body, status, needle) in cases {
+        let reply = call(si, Some(&token), method, path, Some(body));
+        expect(&reply, status, &format!("{method} {path} {:.80}", body));
+        let message = reply.json()["NeutronError"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.contains(needle),
+            "{method} {path}: {message:?} lacks {needle:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dockwall.state.rules_file()).unwrap(),
+            stored,
+            "{method} {path} changed the stored rules"
+        );
+    }
+    assert_eq!(dockwall.table(), table, "and the kernel's table");
+}
+
+#[test]
+fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    let si = &chain.si;
+    let login_form = request(si, "GET", "/", &[], None);
+    expect(&login_form, 401, "the page without a session");
+    assert!(login_form.body.contains("<form"), "is the login form");
+    expect(
+        &request(si, "GET", "/login?token=wrong", &[], None),
+        401,
+        "a wrong token",
+    );
+    let redirected = request(si, "GET", &format!("/?token={token}"), &[], None);
+    expect(&redirected, 303, "/?token= logs in");
+    let login = request(si, "GET", &format!("/login?token={token}"), &[], None);
+    expect(&login, 303, "login");
+    let cookie = login
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let page = request(si, "GET", "/", &[("Cookie", &session)], None);
+    expect(&page, 200, "the page with the session");
+    let csrf = page
+        .body
+        .split(r#"<meta name="csrf" content=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page carries its CSRF token")
+        .to_string();
+    assert_eq!(csrf.len(), 64, "{csrf:?}");
+    let rule = br#"{"firewall_rule": {"action": "deny", "protocol": "icmp"}}"#;
+    let path = "/v2.0/fwaas/firewall_rules";
+    expect(
+        &request(si, "GET", path, &[("Cookie", &session)], None),
+        200,
+        "a read with the session",
+    );
+    let forged = request(si, "POST", path, &[("Cookie", &session)], Some(rule));
+    expect(&forged, 403, "a change without the CSRF token");
+    let wrong = request(
+        si,
+        "POST",
+        path,
+        &[("Cookie", &session), ("X-CSRF-Token", &"0".repeat(64))],
+        Some(rule),
+    );
+    expect(&wrong, 403, "a change with another CSRF token");
+    let rules: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    assert_eq!(rules["rules"], json!([]), "refused changes changed nothing");
+    let made = request(
+        si,
+        "POST",
+        path,
+        &[("Cookie", &session), ("X-CSRF-Token", &csrf)],
+        Some(rule),
+    );
+    expect(&made, 201, "a change with the session's CSRF token");
+    let stale = request(
+        si,
+        "GET",
+        path,
+        &[("Cookie", "dockwall_session=feed")],
+        None,
+    );
+    expect(&stale, 401, "an unknown session");
+    dockwall.ok(&["api", "token", "--rotate"]);
+    let rotated = request(si, "GET", path, &[("Cookie", &session)], None);
+    expect(&rotated, 401, "a session after the token was rotated");
+}
+
+#[test]
+fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
+    let chain = Chain::new();
+    let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+        .expect("a self-signed certificate");
+    let certificate = issued.cert.pem();
+    let state = StateDir::new();
+    std::fs::create_dir_all(state.path()).expect("state dir");
+    std::fs::write(state.path().join("api.crt"), &certificate).expect("api.crt");
+    std::fs::write(
+        state.path().join("api.key"),
+        issued.signing_key.serialize_pem(),
+    )
+    .expect("api.key");
+    let dockwall = start_with_api_in(&chain, state);
+    let token = token(&dockwall);
+    let bearer = format!("Bearer {token}");
+    let path = "/v2.0/fwaas/firewall_rules";
+    let listed = request_tls(
+        &chain.si,
+        &certificate,
+        "GET",
+        path,
+        &[("Authorization", &bearer)],
+    );
+    expect(&listed, 200, "GET over HTTPS with the token");
+    assert_eq!(listed.json()["firewall_rules"], json!([]));
+    expect(
+        &request_tls(&chain.si, &certificate, "GET", path, &[]),
+        401,
+        "GET over HTTPS without the token",
+    );
+    let login = request_tls(
+        &chain.si,
+        &certificate,
+        "GET",
+        &format!("/login?token={token}"),
+        &[],
+    );
+    let cookie = login.header("set-cookie").expect("a session cookie");
+    assert!(
+        cookie.contains("; Secure"),
+        "over HTTPS the cookie is Secure: {cookie}"
+    );
+    let plain = std::panic::catch_unwind(|| call(&chain.si, Some(&token), "GET", path, None));
+    assert!(
+        plain.map(|reply| reply.status == 0).unwrap_or(true),
+        "plain HTTP gets no HTTP reply from the HTTPS listener"
+    );
+}
