@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 use vnf_core::cli::shutdown_signal;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::{read_rule_set, Store};
@@ -37,6 +37,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             routing,
             lifecycle,
             metrics,
+            verify_every,
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
@@ -46,8 +47,16 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             };
             let mut observer = FirewallObserver { store: &store };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
-            let run = vnf_core::runtime::run(config, started, shutdown_signal(), &mut observer);
-            listener.serve_while(&exporter, run).await?;
+            let stopping = std::cell::Cell::new(false);
+            let shutdown = async {
+                shutdown_signal().await;
+                stopping.set(true);
+            };
+            let selectors = config.selectors.clone();
+            let run = vnf_core::runtime::run(config, started, shutdown, &mut observer);
+            let every = std::time::Duration::from_secs(verify_every);
+            let repairing = repairing(&store, &selectors, every, &stopping, run);
+            listener.serve_while(&exporter, repairing).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { routing, output } => {
@@ -556,7 +565,8 @@ async fn status(
     let routing = vnf_core::status::collect(config).await?;
     let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
-    let firewall_converged = firewall::is_converged(&rule_set, &assignment)?;
+    let differences = firewall::kernel_differences(&rule_set, &assignment)?;
+    let firewall_converged = differences.is_empty();
     let counters = nft::counters()?;
     let healthy = routing.converged && firewall_converged;
     if json {
@@ -565,6 +575,7 @@ async fn status(
             "routing": routing,
             "firewall": {
                 "converged": firewall_converged,
+                "differences": differences,
                 "default_policy": rule_set.default_policy,
                 "rules": listed_rules(&rule_set, &counters),
                 "nat": rule_set.nat,
@@ -576,7 +587,8 @@ async fn status(
         let state = if firewall_converged {
             "converged"
         } else {
-            "NOT converged (is `run` running?)"
+            "NOT converged (is `run` running? It replaces a table that differs within \
+             --verify-every)"
         };
         println!(
             "firewall (nft table inet {}): {state}; default {}; {} rules, {} NAT rules",
@@ -585,6 +597,9 @@ async fn status(
             rule_set.rules.len(),
             rule_set.nat.len()
         );
+        for difference in &differences {
+            println!("  differs: {difference}");
+        }
     }
     Ok(if healthy {
         ExitCode::SUCCESS
@@ -613,5 +628,44 @@ impl SidesObserver for FirewallObserver<'_> {
             info!("firewall table removed");
         }
         Ok(())
+    }
+}
+
+/// Runs `run`, checking every `every` that the kernel's table holds the stored rules and
+/// replacing it when not (a flush or a hand edit with `nft`). The check runs on this thread
+/// between `run`'s steps, so it never races `run`'s own applies; once shutdown began
+/// (`stopping`) it stops, so the table `run` removes on exit stays removed.
+async fn repairing<T>(
+    store: &Store,
+    selectors: &SideSelectors,
+    every: std::time::Duration,
+    stopping: &std::cell::Cell<bool>,
+    run: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(run);
+    let mut check = tokio::time::interval(every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // `run` applies the rules at start; the first check is one interval later.
+    check.reset();
+    loop {
+        tokio::select! {
+            outcome = &mut run => return outcome,
+            _ = check.tick() => {
+                let Ok(assignment) = firewall::current_assignment(selectors).await else {
+                    continue;
+                };
+                if stopping.get() {
+                    continue;
+                }
+                match firewall::repair(store, &assignment) {
+                    Ok(differences) if differences.is_empty() => {}
+                    Ok(differences) => warn!(
+                        differences = %differences.join("; "),
+                        "the kernel's firewall differed from the stored rules; table replaced"
+                    ),
+                    Err(error) => warn!(%error, "could not check the kernel's firewall"),
+                }
+            }
+        }
     }
 }

@@ -77,12 +77,15 @@ impl<'c> Dockwall<'c> {
 
     /// Starts `dockwall run` again on the same state directory and waits until it forwards.
     pub fn run(&mut self) {
+        self.run_with(&[]);
+    }
+
+    /// Like `run`, with more options for `run` (`--verify-every 1`).
+    pub fn run_with(&mut self, run_args: &[&str]) {
         let path = self.state.path().to_str().expect("utf-8 path").to_string();
-        self.process = Some(Vnf::start(
-            &self.chain.si,
-            "dockwall",
-            &["--state-dir", &path, "run"],
-        ));
+        let mut args = vec!["--state-dir", &path, "run"];
+        args.extend_from_slice(run_args);
+        self.process = Some(Vnf::start(&self.chain.si, "dockwall", &args));
         self.wait_ready();
     }
 

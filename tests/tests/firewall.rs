@@ -655,3 +655,107 @@ fn fwaas_import_export_round_trip_through_the_cli() {
     assert_eq!(strip(&before), strip(&after));
     assert_eq!(dockwall.ok(&["export", "--fwaas"]), exported);
 }
+
+/// `nft -j list table inet dockwall`, parsed.
+fn table_json(chain: &Chain) -> serde_json::Value {
+    let output = chain
+        .si
+        .exec("nft", &["-j", "list", "table", "inet", "dockwall"]);
+    assert!(output.status.success(), "nft list failed");
+    serde_json::from_slice(&output.stdout).expect("nft JSON")
+}
+
+fn nft_ok(chain: &Chain, args: &[&str]) {
+    let output = chain.si.exec("nft", args);
+    assert!(
+        output.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `status` exits 1 and its output names `difference`.
+fn assert_status_names(dockwall: &Dockwall, difference: &str) {
+    let status = dockwall.cli(&["status"]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(difference), "{difference:?} not in:\n{stdout}");
+}
+
+#[test]
+fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
+    let chain = Chain::new();
+    let mut dockwall = Dockwall::start(&chain);
+    dockwall.ok(&["rule", "add", "deny", "-d", "left-to-right", "--proto", "icmp"]);
+    for source in ["10.9.0.1", "10.9.0.2"] {
+        dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--from", source, "--dport", "22"]);
+    }
+    dockwall.stop();
+    // A check interval longer than the test: only `status` looks at first.
+    dockwall.run_with(&["--verify-every", "3600", "--on-exit", "keep"]);
+    assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny holds");
+    assert!(dockwall.cli(&["status"]).status.success());
+
+    // One set element deleted by hand.
+    let table = table_json(&chain);
+    let objects = table["nftables"].as_array().expect("nftables array");
+    let set = objects
+        .iter()
+        .filter_map(|o| o.get("set"))
+        .find(|s| s["elem"].as_array().is_some_and(|e| e.len() == 2))
+        .expect("a set holding the two tcp sources");
+    let element = &set["elem"][0];
+    let value = element["elem"].get("val").unwrap_or(element);
+    let name = set["name"].as_str().expect("set name");
+    let delete = serde_json::json!({"nftables": [{"delete": {"element": {
+        "family": "inet", "table": "dockwall", "name": name, "elem": [value]}}}]});
+    nft_ok(&chain, &["-j", &delete.to_string()]);
+    assert_status_names(
+        &dockwall,
+        &format!("set {name} holds 1 elements, the stored rules compile to 2"),
+    );
+
+    // One rule deleted by hand.
+    let rule = objects
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .find(|r| r["comment"] == "rule 1")
+        .expect("the icmp deny, commented rule 1");
+    let (rule_chain, handle) = (
+        rule["chain"].as_str().expect("chain").to_string(),
+        rule["handle"].to_string(),
+    );
+    nft_ok(
+        &chain,
+        &["delete", "rule", "inet", "dockwall", &rule_chain, "handle", &handle],
+    );
+    assert_status_names(&dockwall, &format!("chain {rule_chain} holds "));
+
+    // The whole table flushed: the marker chain survives, the rules do not.
+    nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
+    assert_status_names(&dockwall, "holds 0 rules");
+    assert!(ping(&chain.left_host, RIGHT_HOST), "the flush opened the way");
+
+    // A restart finds the marker but not the rules, and replaces the table.
+    dockwall.stop();
+    dockwall.run_with(&["--verify-every", "1"]);
+    assert!(dockwall.cli(&["status"]).status.success(), "restart repaired");
+    assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny is back");
+
+    // Flushed under a running `run`: its next check repairs it (bounded wait).
+    nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !dockwall.cli(&["status"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run did not repair the flushed table within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny is back");
+    let log = dockwall.process.as_ref().expect("running").log();
+    assert!(
+        log.contains("differed from the stored rules; table replaced"),
+        "{log}"
+    );
+}

@@ -5,6 +5,7 @@ pub mod compile;
 pub mod model;
 pub mod nft;
 pub mod store;
+pub mod verify;
 
 pub use model::{
     Action, Direction, NatKind, NatRule, Policy, PortRange, Protocol, Rate, Rule, RuleSet,
@@ -140,6 +141,40 @@ fn release_freed_memory() {
 
 /// Whether the kernel holds exactly what the stored rules compile to for these sides.
 pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool> {
-    let expected = compile(rule_set, Sides::from_assignment(assignment)).fingerprint;
-    Ok(nft::kernel_fingerprint()? == Some(expected))
+    Ok(kernel_differences(rule_set, assignment)?.is_empty())
+}
+
+/// How the kernel's table differs from what the stored rules compile to for these sides, one
+/// sentence each (see `verify`); empty when it holds exactly that.
+pub fn kernel_differences(rule_set: &RuleSet, assignment: &Assignment) -> Result<Vec<String>> {
+    let compiled = compile(rule_set, Sides::from_assignment(assignment));
+    let differences = verify::kernel_differences(&compiled);
+    drop(compiled);
+    release_freed_memory();
+    differences
+}
+
+/// `run`'s periodic check: when the kernel's table differs from the stored rules (flushed or
+/// edited by hand with `nft`), replaces it whole. Returns what differed, empty when nothing
+/// did. Checked first without the store's lock, so edits are not held up; a difference is
+/// checked again under the lock (an edit between its apply and its save looks like one).
+pub fn repair(store: &Store, assignment: &Assignment) -> Result<Vec<String>> {
+    let sides = Sides::from_assignment(assignment);
+    let unlocked = {
+        let compiled = compile(&store.lock()?.load()?, sides);
+        verify::kernel_differences(&compiled)?
+    };
+    let repaired = if unlocked.is_empty() {
+        unlocked
+    } else {
+        let locked = store.lock()?;
+        let compiled = compile(&locked.load()?, sides);
+        let differences = verify::kernel_differences(&compiled)?;
+        if !differences.is_empty() {
+            nft::replace(&compiled)?;
+        }
+        differences
+    };
+    release_freed_memory();
+    Ok(repaired)
 }

@@ -21,7 +21,12 @@ use tracing::debug;
 use super::compile::{Compiled, TABLE};
 use crate::error::{Error, Result};
 
-const MARKER_PREFIX: &str = "applied_";
+pub(super) const MARKER_PREFIX: &str = "applied_";
+
+/// The empty chain whose name says which compile the table was applied from.
+pub fn marker_chain_name(fingerprint: &str) -> String {
+    format!("{MARKER_PREFIX}{fingerprint}")
+}
 
 /// How a change reached the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -83,9 +88,8 @@ pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
                 .map(|r| add(NfListObject::Rule(r.clone()))),
         );
     }
-    batch.push(add(NfListObject::Chain(plain_chain(&format!(
-        "{MARKER_PREFIX}{}",
-        compiled.fingerprint
+    batch.push(add(NfListObject::Chain(plain_chain(&marker_chain_name(
+        &compiled.fingerprint,
     )))));
     batch
 }
@@ -221,7 +225,7 @@ pub fn incremental_batch<'a>(
     }
     // First: fails the whole transaction unless the kernel holds the old compile.
     let mut batch = vec![NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
-        plain_chain(&format!("{MARKER_PREFIX}{}", old.fingerprint)),
+        plain_chain(&marker_chain_name(&old.fingerprint)),
     )))];
     for (name, set) in &new.sets {
         match old.sets.get(name) {
@@ -272,9 +276,8 @@ pub fn incremental_batch<'a>(
             ))));
         }
     }
-    batch.push(add(NfListObject::Chain(plain_chain(&format!(
-        "{MARKER_PREFIX}{}",
-        new.fingerprint
+    batch.push(add(NfListObject::Chain(plain_chain(&marker_chain_name(
+        &new.fingerprint,
     )))));
     Ok(Some(batch))
 }
@@ -416,15 +419,21 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
             replace(new)
         }
         // A (re)start or a side change: keep the table when it already holds this compile, so
-        // its counters survive.
-        None if kernel_fingerprint()?.as_ref() == Some(&new.fingerprint) => {
-            Ok(ApplyKind::Unchanged)
+        // its counters survive; by content, not by the marker's name (a flushed table keeps
+        // its marker).
+        None => {
+            let differences = super::verify::kernel_differences(new)?;
+            if differences.is_empty() {
+                return Ok(ApplyKind::Unchanged);
+            }
+            debug!(?differences, "the kernel differs from the compile; replacing the table");
+            replace(new)
         }
-        None => replace(new),
     }
 }
 
-fn replace(new: &Compiled) -> Result<ApplyKind> {
+/// Replaces the whole table with `new` in one transaction.
+pub fn replace(new: &Compiled) -> Result<ApplyKind> {
     nft(&["-j", "-f", "-"], Some(&render(full_batch(new))?))?;
     Ok(ApplyKind::Full)
 }
