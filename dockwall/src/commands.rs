@@ -565,9 +565,11 @@ async fn status(
     let routing = vnf_core::status::collect(config).await?;
     let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
-    let differences = firewall::kernel_differences(&rule_set, &assignment)?;
+    // One listing for both: at 100,000 rules each costs about as much as the rest of status.
+    let listing = nft::list_table()?;
+    let differences = firewall::differences_in(listing.as_deref(), &rule_set, &assignment)?;
     let firewall_converged = differences.is_empty();
-    let counters = nft::counters()?;
+    let counters = nft::counters_in(listing.as_deref())?;
     let healthy = routing.converged && firewall_converged;
     if json {
         let report = json!({

@@ -159,7 +159,7 @@ impl<'c> Dockwall<'c> {
 
 /// A `dockwall apply` file of `count` distinct deny rules in two shapes, none matching the
 /// benchmark flows (TCP to port 5201 from 192.168.10.2): TCP from 10.x addresses to port 22,
-/// and UDP to 100.64.x.0/24.
+/// and UDP to 100.64.x.0/24 (past 98,304 rules wrapping round to 100.0.x.0/24).
 pub fn deny_rule_set_json(count: usize, default_policy: &str) -> String {
     let rules: Vec<serde_json::Value> = (0..count)
         .map(|i| {
@@ -170,7 +170,7 @@ pub fn deny_rule_set_json(count: usize, default_policy: &str) -> String {
             } else {
                 let j = i / 2;
                 serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "udp",
-                    "destination": format!("100.{}.{}.0/24", 64 + (j >> 8), j & 255)})
+                    "destination": format!("100.{}.{}.0/24", (64 + (j >> 8)) & 255, j & 255)})
             }
         })
         .collect();

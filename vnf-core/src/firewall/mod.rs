@@ -147,8 +147,17 @@ pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool>
 /// How the kernel's table differs from what the stored rules compile to for these sides, one
 /// sentence each (see `verify`); empty when it holds exactly that.
 pub fn kernel_differences(rule_set: &RuleSet, assignment: &Assignment) -> Result<Vec<String>> {
+    differences_in(nft::list_table()?.as_deref(), rule_set, assignment)
+}
+
+/// The same, in a listing from [`nft::list_table`] (`status` reads counters from it too).
+pub fn differences_in(
+    listing: Option<&str>,
+    rule_set: &RuleSet,
+    assignment: &Assignment,
+) -> Result<Vec<String>> {
     let compiled = compile(rule_set, Sides::from_assignment(assignment));
-    let differences = verify::kernel_differences(&compiled);
+    let differences = verify::differences_in(listing, &compiled);
     drop(compiled);
     release_freed_memory();
     differences

@@ -485,12 +485,24 @@ pub fn delete_table() -> Result<()> {
 /// Per-rule counters read from our table only (the crate cannot parse every construct other
 /// tables may hold, and we never look at them).
 pub fn counters() -> Result<Counters> {
-    let listing = match nft(&["-j", "list", "table", "inet", TABLE], None) {
-        Ok(listing) => listing,
-        Err(Error::Nft(message)) if message.contains("No such file") => return Ok(Counters::new()),
-        Err(error) => return Err(error),
+    counters_in(list_table()?.as_deref())
+}
+
+/// `nft -j list table inet dockwall`, or None when the table is absent.
+pub fn list_table() -> Result<Option<String>> {
+    match nft(&["-j", "list", "table", "inet", TABLE], None) {
+        Ok(listing) => Ok(Some(listing)),
+        Err(Error::Nft(message)) if message.contains("No such file") => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Per-rule counters in a listing from [`list_table`] (none without the table).
+pub fn counters_in(listing: Option<&str>) -> Result<Counters> {
+    let Some(listing) = listing else {
+        return Ok(Counters::new());
     };
-    let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
+    let value: Value = serde_json::from_str(listing).map_err(json_error)?;
     let mut counters = Counters::new();
     let mut add_up = |comment: Option<&str>, counter: &Value| {
         if let Some(comment) = comment {

@@ -14,7 +14,7 @@ use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::compile::{Compiled, TABLE};
-use super::nft::{marker_chain_name, nft};
+use super::nft::{list_table, marker_chain_name};
 use crate::error::{Error, Result};
 
 /// What the kernel's table holds, reduced to names and counts.
@@ -151,14 +151,15 @@ fn differences(held: &Shape, wanted: &Shape) -> Vec<String> {
 /// How the kernel's table differs from `compiled`, one sentence per difference; empty when
 /// it holds exactly the compile's chains, sets, rule counts and element counts.
 pub fn kernel_differences(compiled: &Compiled) -> Result<Vec<String>> {
-    let listing = match nft(&["-j", "list", "table", "inet", TABLE], None) {
-        Ok(listing) => listing,
-        Err(Error::Nft(message)) if message.contains("No such file") => {
-            return Ok(vec![format!("table inet {TABLE} is missing")]);
-        }
-        Err(error) => return Err(error),
-    };
-    Ok(differences(&parse(&listing)?, &expected(compiled)))
+    differences_in(list_table()?.as_deref(), compiled)
+}
+
+/// The same, in a listing from [`list_table`] (None: the table is absent).
+pub fn differences_in(listing: Option<&str>, compiled: &Compiled) -> Result<Vec<String>> {
+    match listing {
+        None => Ok(vec![format!("table inet {TABLE} is missing")]),
+        Some(listing) => Ok(differences(&parse(listing)?, &expected(compiled))),
+    }
 }
 
 #[cfg(test)]
