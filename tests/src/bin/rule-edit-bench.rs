@@ -5,7 +5,9 @@
 //! - `dockwall rule add` as a whole process (what `docker exec … dockwall rule add` costs),
 //!   median, and its peak RSS (`/usr/bin/time`);
 //! - `dockwall apply` of the whole rule set (a full table replace), median, and its peak RSS;
-//! - `dockwall status`, which now checks the kernel's table by content, median.
+//! - `dockwall status`, which now checks the kernel's table by content, median;
+//! - an add in process through `vnf_core::firewall::Session` (what the daemon's API calls):
+//!   the first (loads and compiles the old rule set) and the median of the next ones (cached).
 
 use std::process::Output;
 use std::time::Instant;
@@ -14,11 +16,15 @@ use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall};
 use docknfv_tests::measure::median;
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
+use vnf_core::cli::SideArgs;
+use vnf_core::firewall::store::Store;
+use vnf_core::firewall::{current_assignment, Rule, Session};
 
 const SIZES: [usize; 2] = [10_000, 100_000];
 const RULE_ADDS: usize = 10;
 const APPLIES: usize = 3;
 const STATUSES: usize = 5;
+const SESSION_ADDS: usize = 10;
 
 /// Runs `dockwall ARGS` under `/usr/bin/time`: (wall ms, peak RSS KiB).
 fn timed(dockwall: &Dockwall, args: &[&str]) -> (f64, u64) {
@@ -49,6 +55,47 @@ fn medians(samples: &[(f64, u64)]) -> (f64, u64) {
     let mut times: Vec<f64> = samples.iter().map(|s| s.0).collect();
     let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
     (median(&mut times), peak)
+}
+
+/// Adds through one `Session` inside the SI, as the daemon would: (first add ms, next adds ms).
+fn session_adds(dockwall: &Dockwall) -> (f64, Vec<f64>) {
+    let state = dockwall.state.path();
+    dockwall.chain.si.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let selectors = SideArgs {
+            left: None,
+            right: None,
+            mgmt: None,
+        }
+        .selectors(state);
+        let assignment = runtime
+            .block_on(current_assignment(&selectors))
+            .expect("the sides");
+        let store = Store::new(state);
+        let mut session = Session::default();
+        let mut times: Vec<f64> = (0..=SESSION_ADDS)
+            .map(|i| {
+                let started = Instant::now();
+                session
+                    .edit(&store, &assignment, false, |set| {
+                        let rule: Rule = serde_json::from_value(serde_json::json!({
+                            "id": set.allocate_id(), "action": "deny", "direction": "both",
+                            "protocol": "tcp", "source": format!("10.201.0.{}/32", i + 1),
+                            "destination_port": "22"}))
+                        .expect("a rule");
+                        set.rules.push(rule);
+                        Ok(())
+                    })
+                    .expect("session edit");
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        let first = times.remove(0);
+        (first, times)
+    })
 }
 
 fn main() {
@@ -96,6 +143,9 @@ fn main() {
             .output()
             .expect("dockwall rule add");
         eprintln!("stages of one add with {rules} rules:\n{}", String::from_utf8_lossy(&stages.stderr));
+        let (first, mut next) = session_adds(&dockwall);
+        println!("| {rules} | in-process add through `Session`, first (loads, compiles the old set) | {first:.0} ms | |");
+        println!("| {rules} | in-process add through `Session`, median of the next {SESSION_ADDS} (cached) | {:.1} ms | |", median(&mut next));
         for (label, samples) in [
             (format!("`dockwall apply` (full replace), median of {APPLIES}"), &applies),
             (format!("`dockwall rule add` (whole process), median of {RULE_ADDS}"), &adds),
