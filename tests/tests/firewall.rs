@@ -759,3 +759,68 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
         "{log}"
     );
 }
+
+/// Adds a deny rule for TCP from `source` through `session` inside the SI.
+fn session_add(dockwall: &Dockwall, session: &mut vnf_core::firewall::Session, source: &str) {
+    let state = dockwall.state.path();
+    dockwall.chain.si.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let selectors = vnf_core::cli::SideArgs {
+            left: None,
+            right: None,
+            mgmt: None,
+        }
+        .selectors(state);
+        let assignment = runtime
+            .block_on(vnf_core::firewall::current_assignment(&selectors))
+            .expect("the sides");
+        let store = vnf_core::firewall::store::Store::new(state);
+        session
+            .edit(&store, &assignment, false, |set| {
+                let rule = serde_json::from_value(serde_json::json!({
+                    "id": set.allocate_id(), "action": "deny", "direction": "both",
+                    "protocol": "tcp", "source": source, "destination_port": "22"}))
+                .expect("a rule");
+                set.rules.push(rule);
+                Ok(())
+            })
+            .expect("session edit");
+    });
+}
+
+#[test]
+fn a_session_sees_cli_edits_made_between_its_own() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    let mut session = vnf_core::firewall::Session::default();
+    session_add(&dockwall, &mut session, "10.7.0.1/32");
+    dockwall.ok(&["rule", "add", "deny", "--proto", "udp", "--dport", "53"]);
+    session_add(&dockwall, &mut session, "10.7.0.2/32");
+    session_add(&dockwall, &mut session, "10.7.0.3/32");
+    let listing: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    let described: Vec<String> = listing["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r["protocol"], r["source"]))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            r#""tcp" "10.7.0.1/32""#,
+            r#""udp" null"#,
+            r#""tcp" "10.7.0.2/32""#,
+            r#""tcp" "10.7.0.3/32""#
+        ]
+    );
+    let status = dockwall.cli(&["status"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+}
