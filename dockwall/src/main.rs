@@ -96,7 +96,8 @@ pub enum Command {
         metrics: MetricsArgs,
         /// How often to check that the kernel's table still holds the stored rules (rule and
         /// element counts per chain and set) and replace it when not, e.g. after
-        /// `nft flush table inet dockwall`
+        /// `nft flush table inet dockwall`. A slow check (a big table) spaces the next one
+        /// out to 20 times its duration
         #[arg(
             long,
             env = "DOCKWALL_VERIFY_EVERY",

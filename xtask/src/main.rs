@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "docker-compose",
     "prometheus",
+    "time",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -58,6 +59,7 @@ fn main() {
             for bench in [
                 "chain-bench",
                 "firewall-bench",
+                "rule-edit-bench",
                 "scrape-bench",
                 "dhcp-bench",
                 "route-change-bench",
