@@ -679,16 +679,29 @@ fn assert_status_names(dockwall: &Dockwall, difference: &str) {
     let status = dockwall.cli(&["status"]);
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert_eq!(status.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains(difference), "{difference:?} not in:\n{stdout}");
+    assert!(
+        stdout.contains(difference),
+        "{difference:?} not in:\n{stdout}"
+    );
 }
 
 #[test]
 fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     let chain = Chain::new();
     let mut dockwall = Dockwall::start(&chain);
-    dockwall.ok(&["rule", "add", "deny", "-d", "left-to-right", "--proto", "icmp"]);
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "icmp",
+    ]);
     for source in ["10.9.0.1", "10.9.0.2"] {
-        dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--from", source, "--dport", "22"]);
+        dockwall.ok(&[
+            "rule", "add", "deny", "--proto", "tcp", "--from", source, "--dport", "22",
+        ]);
     }
     dockwall.stop();
     // A check interval longer than the test: only `status` looks at first.
@@ -727,19 +740,33 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     );
     nft_ok(
         &chain,
-        &["delete", "rule", "inet", "dockwall", &rule_chain, "handle", &handle],
+        &[
+            "delete",
+            "rule",
+            "inet",
+            "dockwall",
+            &rule_chain,
+            "handle",
+            &handle,
+        ],
     );
     assert_status_names(&dockwall, &format!("chain {rule_chain} holds "));
 
     // The whole table flushed: the marker chain survives, the rules do not.
     nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
     assert_status_names(&dockwall, "holds 0 rules");
-    assert!(ping(&chain.left_host, RIGHT_HOST), "the flush opened the way");
+    assert!(
+        ping(&chain.left_host, RIGHT_HOST),
+        "the flush opened the way"
+    );
 
     // A restart finds the marker but not the rules, and replaces the table.
     dockwall.stop();
     dockwall.run_with(&["--verify-every", "1"]);
-    assert!(dockwall.cli(&["status"]).status.success(), "restart repaired");
+    assert!(
+        dockwall.cli(&["status"]).status.success(),
+        "restart repaired"
+    );
     assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny is back");
 
     // Flushed under a running `run`: its next check repairs it (bounded wait).

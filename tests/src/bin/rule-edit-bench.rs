@@ -28,10 +28,7 @@ const SESSION_ADDS: usize = 10;
 
 /// Runs `dockwall ARGS` under `/usr/bin/time`: (wall ms, peak RSS KiB).
 fn timed(dockwall: &Dockwall, args: &[&str]) -> (f64, u64) {
-    let mut command = dockwall
-        .chain
-        .si
-        .command("/usr/bin/time");
+    let mut command = dockwall.chain.si.command("/usr/bin/time");
     command.arg("-f").arg("peak-rss-kib %M");
     let inner = dockwall.command(args);
     command.arg(inner.get_program()).args(inner.get_args());
@@ -129,7 +126,9 @@ fn main() {
                 let source = format!("10.200.0.{}", i + 1);
                 timed(
                     &dockwall,
-                    &["rule", "add", "deny", "--proto", "tcp", "--from", &source, "--dport", "22"],
+                    &[
+                        "rule", "add", "deny", "--proto", "tcp", "--from", &source, "--dport", "22",
+                    ],
                 )
             })
             .collect();
@@ -142,17 +141,32 @@ fn main() {
             .env("RUST_LOG", "vnf_core::firewall=debug")
             .output()
             .expect("dockwall rule add");
-        eprintln!("stages of one add with {rules} rules:\n{}", String::from_utf8_lossy(&stages.stderr));
+        eprintln!(
+            "stages of one add with {rules} rules:\n{}",
+            String::from_utf8_lossy(&stages.stderr)
+        );
         let (first, mut next) = session_adds(&dockwall);
         println!("| {rules} | in-process add through `Session`, first (loads, compiles the old set) | {first:.0} ms | |");
         println!("| {rules} | in-process add through `Session`, median of the next {SESSION_ADDS} (cached) | {:.1} ms | |", median(&mut next));
         for (label, samples) in [
-            (format!("`dockwall apply` (full replace), median of {APPLIES}"), &applies),
-            (format!("`dockwall rule add` (whole process), median of {RULE_ADDS}"), &adds),
-            (format!("`dockwall status` (checks the table's content), median of {STATUSES}"), &statuses),
+            (
+                format!("`dockwall apply` (full replace), median of {APPLIES}"),
+                &applies,
+            ),
+            (
+                format!("`dockwall rule add` (whole process), median of {RULE_ADDS}"),
+                &adds,
+            ),
+            (
+                format!("`dockwall status` (checks the table's content), median of {STATUSES}"),
+                &statuses,
+            ),
         ] {
             let (time, rss) = medians(samples);
-            println!("| {rules} | {label} | {time:.0} ms | {:.1} MiB |", rss as f64 / 1024.0);
+            println!(
+                "| {rules} | {label} | {time:.0} ms | {:.1} MiB |",
+                rss as f64 / 1024.0
+            );
         }
     }
 }

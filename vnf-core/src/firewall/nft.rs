@@ -427,7 +427,10 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
             if differences.is_empty() {
                 return Ok(ApplyKind::Unchanged);
             }
-            debug!(?differences, "the kernel differs from the compile; replacing the table");
+            debug!(
+                ?differences,
+                "the kernel differs from the compile; replacing the table"
+            );
             replace(new)
         }
     }

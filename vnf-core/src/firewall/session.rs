@@ -96,9 +96,8 @@ impl Session {
                     let old_compiled = scope.spawn(|| compile(old, sides));
                     (old_compiled.join(), compile(&new, sides))
                 });
-                computed_old = old_compiled.map_err(|_| {
-                    Error::Nft("compiling the previous rule set failed".into())
-                })?;
+                computed_old = old_compiled
+                    .map_err(|_| Error::Nft("compiling the previous rule set failed".into()))?;
                 (&computed_old, compiled)
             }
         };
@@ -121,7 +120,11 @@ impl Session {
         } else {
             Applied::Kernel(nft::apply(Some(old_compiled), &compiled)?)
         };
-        debug!(elapsed_ms = started.elapsed().as_millis() as u64, ?applied, "applied");
+        debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ?applied,
+            "applied"
+        );
         if changed {
             locked.save(&new)?;
         }

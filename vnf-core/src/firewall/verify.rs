@@ -126,7 +126,10 @@ fn expected(compiled: &Compiled) -> Shape {
 /// How `held` differs from `wanted`, one line per chain or set, in words.
 fn differences(held: &Shape, wanted: &Shape) -> Vec<String> {
     let mut found = Vec::new();
-    let mut compare = |kind: &str, items: &str, held: &BTreeMap<String, usize>, wanted: &BTreeMap<String, usize>| {
+    let mut compare = |kind: &str,
+                       items: &str,
+                       held: &BTreeMap<String, usize>,
+                       wanted: &BTreeMap<String, usize>| {
         for (name, &count) in wanted {
             match held.get(name) {
                 None if name.starts_with(super::nft::MARKER_PREFIX) => found.push(format!(
@@ -140,7 +143,9 @@ fn differences(held: &Shape, wanted: &Shape) -> Vec<String> {
             }
         }
         for name in held.keys().filter(|name| !wanted.contains_key(*name)) {
-            found.push(format!("{kind} {name} is not in the compile of the stored rules"));
+            found.push(format!(
+                "{kind} {name} is not in the compile of the stored rules"
+            ));
         }
     };
     compare("chain", "rules", &held.chains, &wanted.chains);
