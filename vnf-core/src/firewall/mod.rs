@@ -115,8 +115,9 @@ pub fn differences_in(
 
 /// `run`'s periodic check: when the kernel's table differs from the stored rules (flushed or
 /// edited by hand with `nft`), replaces it whole. Returns what differed, empty when nothing
-/// did. Checked first without the store's lock, so edits are not held up; a difference is
-/// checked again under the lock (an edit between its apply and its save looks like one).
+/// did. The table is listed first without holding the store's lock, so edits are not held
+/// up; a difference is checked again under the lock (an edit between its apply and its save
+/// looks like one).
 pub fn repair(store: &Store, assignment: &Assignment) -> Result<Vec<String>> {
     let sides = Sides::from_assignment(assignment);
     let unlocked = {
