@@ -442,8 +442,9 @@ pub fn replace(new: &Compiled) -> Result<ApplyKind> {
     Ok(ApplyKind::Full)
 }
 
-/// The counters of one of our chains, read without touching sets: `-t` (terse) keeps nft
-/// from fetching the named sets' elements, which at 100,000 rules took seconds.
+/// The counters of one of our chains. `-t` (terse) leaves the named sets' elements out of
+/// the output; nft 1.0.6 still loads them into its cache first, which is most of an edit's
+/// time at 100,000 rules (see BENCHMARKS.md).
 fn chain_counters(chain: &str) -> Result<ChainCounters> {
     let listing = nft(&["-j", "-t", "list", "chain", "inet", TABLE, chain], None)?;
     let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
