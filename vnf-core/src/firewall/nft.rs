@@ -251,7 +251,14 @@ pub fn incremental_batch<'a>(
         }
     }
     for (chain_old, chain_new) in old.chains.iter().zip(&new.chains) {
-        if chain_old.rules != chain_new.rules {
+        if chain_old.rules == chain_new.rules {
+            continue;
+        }
+        // Rules only appended (what `rule add` does): add them, and the chain's counters
+        // need not be read (nft loads every set element to list a chain).
+        if let Some(appended) = chain_new.rules.strip_prefix(chain_old.rules.as_slice()) {
+            batch.extend(appended.iter().map(|r| add(NfListObject::Rule(r.clone()))));
+        } else {
             let counts = counts(&chain_new.chain.name)?;
             batch.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
                 chain_new.chain.clone(),
