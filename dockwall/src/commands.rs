@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 use vnf_core::cli::shutdown_signal;
 use vnf_core::firewall::nft::{self, Counters};
 use vnf_core::firewall::store::{read_rule_set, Store};
@@ -41,6 +41,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             lifecycle,
             metrics,
             api,
+            verify_every,
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
@@ -55,7 +56,12 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             };
             let mut observer = FirewallObserver { store: &store };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
-            let shutdown = shutdown_signal();
+            let stopping = std::cell::Cell::new(false);
+            let shutdown = async {
+                shutdown_signal().await;
+                stopping.set(true);
+            };
+            let selectors = config.selectors.clone();
             let run = async {
                 match routing.mode {
                     ServiceMode::Transparent => {
@@ -64,7 +70,9 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                     _ => vnf_core::runtime::run(config, started, shutdown, &mut observer).await,
                 }
             };
-            listener.serve_while(&exporter, run).await?;
+            let every = std::time::Duration::from_secs(verify_every);
+            let repairing = repairing(&store, &selectors, every, &stopping, run);
+            listener.serve_while(&exporter, repairing).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { routing, output } => {
@@ -778,9 +786,12 @@ async fn status(
     };
     let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
-    let firewall_converged =
-        rule_set.mode == mode && firewall::is_converged(&rule_set, &assignment)?;
-    let counters = nft::counters()?;
+    // One listing for both: at 100,000 rules each costs about as much as the rest of status.
+    let listing = nft::list_table()?;
+    let differences = firewall::differences_in(listing.as_deref(), &rule_set, &assignment)?;
+    let firewall_converged = rule_set.mode == mode && differences.is_empty();
+    let mut counters = nft::counters_in(listing.as_deref())?;
+    counters.extend(nft::counters_in(nft::list_mirror_table()?.as_deref())?);
     let healthy = routing_converged && firewall_converged;
     if json {
         let report = json!({
@@ -789,6 +800,7 @@ async fn status(
             "routing": routing,
             "firewall": {
                 "converged": firewall_converged,
+                "differences": differences,
                 "default_policy": rule_set.default_policy,
                 "left_to_right_policy": rule_set.policy_for(Direction::LeftToRight),
                 "right_to_left_policy": rule_set.policy_for(Direction::RightToLeft),
@@ -806,7 +818,8 @@ async fn status(
         } else if rule_set.mode != mode {
             "NOT converged (the stored rules are for another --mode; give status the mode `run` got)"
         } else {
-            "NOT converged (is `run` running?)"
+            "NOT converged (is `run` running? It replaces a table that differs within \
+             --verify-every)"
         };
         println!(
             "firewall (nft table inet {}): {state}; mode {mode}; default {}; {} rules, {} NAT rules, {} mirrors",
@@ -824,6 +837,9 @@ async fn status(
                 default.packets,
                 default.bytes
             );
+        }
+        for difference in &differences {
+            println!("  differs: {difference}");
         }
     }
     Ok(if healthy {
@@ -853,5 +869,46 @@ impl SidesObserver for FirewallObserver<'_> {
             info!("firewall table removed");
         }
         Ok(())
+    }
+}
+
+/// Runs `run`, checking every `every` that the kernel's table holds the stored rules and
+/// replacing it when not (a flush or a hand edit with `nft`). The check runs on this thread
+/// between `run`'s steps, so it never races `run`'s own applies; once shutdown began
+/// (`stopping`) it stops, so the table `run` removes on exit stays removed. A check lists the
+/// whole table, which nft makes slow with big interval sets (seconds at 100,000 rules), so
+/// the next one waits at least `CHECK_SHARE` times as long as the last took: at most about 5 %
+/// of a core.
+async fn repairing<T>(
+    store: &Store,
+    selectors: &SideSelectors,
+    every: std::time::Duration,
+    stopping: &std::cell::Cell<bool>,
+    run: impl std::future::Future<Output = T>,
+) -> T {
+    const CHECK_SHARE: u32 = 20;
+    tokio::pin!(run);
+    // `run` applies the rules at start; the first check is one interval later.
+    let mut next = tokio::time::Instant::now() + every;
+    loop {
+        tokio::select! {
+            outcome = &mut run => return outcome,
+            () = tokio::time::sleep_until(next) => {
+                let started = Instant::now();
+                if let Ok(assignment) = firewall::current_assignment(selectors).await {
+                    if !stopping.get() {
+                        match firewall::repair(store, &assignment) {
+                            Ok(differences) if differences.is_empty() => {}
+                            Ok(differences) => warn!(
+                                differences = %differences.join("; "),
+                                "the kernel's firewall differed from the stored rules; table replaced"
+                            ),
+                            Err(error) => warn!(%error, "could not check the kernel's firewall"),
+                        }
+                    }
+                }
+                next = tokio::time::Instant::now() + every.max(started.elapsed() * CHECK_SHARE);
+            }
+        }
     }
 }

@@ -118,6 +118,18 @@ pub enum Command {
         metrics: MetricsArgs,
         #[command(flatten)]
         api: api::ApiArgs,
+        /// How often to check that the kernel's table still holds the stored rules (rule and
+        /// element counts per chain and set) and replace it when not, e.g. after
+        /// `nft flush table inet dockwall`. A slow check (a big table) spaces the next one
+        /// out to 20 times its duration
+        #[arg(
+            long,
+            env = "DOCKWALL_VERIFY_EVERY",
+            default_value = "10",
+            value_name = "SECONDS",
+            value_parser = clap::value_parser!(u64).range(1..=86_400)
+        )]
+        verify_every: u64,
     },
     /// Sides, routing, and the rules with their packet/byte counters; exits 1 unless both
     /// sides are ready and routing and firewall are converged (a health check). Give it the

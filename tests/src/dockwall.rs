@@ -77,12 +77,15 @@ impl<'c> Dockwall<'c> {
 
     /// Starts `dockwall run` again on the same state directory and waits until it forwards.
     pub fn run(&mut self) {
+        self.run_with(&[]);
+    }
+
+    /// Like `run`, with more options for `run` (`--verify-every 1`).
+    pub fn run_with(&mut self, run_args: &[&str]) {
         let path = self.state.path().to_str().expect("utf-8 path").to_string();
-        self.process = Some(Vnf::start(
-            &self.chain.si,
-            "dockwall",
-            &["--state-dir", &path, "run"],
-        ));
+        let mut args = vec!["--state-dir", &path, "run"];
+        args.extend_from_slice(run_args);
+        self.process = Some(Vnf::start(&self.chain.si, "dockwall", &args));
         self.wait_ready();
     }
 
@@ -156,7 +159,7 @@ impl<'c> Dockwall<'c> {
 
 /// A `dockwall apply` file of `count` distinct deny rules in two shapes, none matching the
 /// benchmark flows (TCP to port 5201 from 192.168.10.2): TCP from 10.x addresses to port 22,
-/// and UDP to 100.64.x.0/24.
+/// and UDP to 100.64.x.0/24 (past 98,304 rules wrapping round to 100.0.x.0/24).
 pub fn deny_rule_set_json(count: usize, default_policy: &str) -> String {
     let rules: Vec<serde_json::Value> = (0..count)
         .map(|i| {
@@ -167,7 +170,7 @@ pub fn deny_rule_set_json(count: usize, default_policy: &str) -> String {
             } else {
                 let j = i / 2;
                 serde_json::json!({"id": id, "action": "deny", "direction": "both", "protocol": "udp",
-                    "destination": format!("100.{}.{}.0/24", 64 + (j >> 8), j & 255)})
+                    "destination": format!("100.{}.{}.0/24", (64 + (j >> 8)) & 255, j & 255)})
             }
         })
         .collect();

@@ -641,3 +641,199 @@ fn corrupt_state_file_at_start_refuses_to_run() {
         process.log()
     );
 }
+
+/// `nft -j list table inet dockwall`, parsed.
+fn table_json(chain: &Chain) -> serde_json::Value {
+    let output = chain
+        .si
+        .exec("nft", &["-j", "list", "table", "inet", "dockwall"]);
+    assert!(output.status.success(), "nft list failed");
+    serde_json::from_slice(&output.stdout).expect("nft JSON")
+}
+
+fn nft_ok(chain: &Chain, args: &[&str]) {
+    let output = chain.si.exec("nft", args);
+    assert!(
+        output.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `status` exits 1 and its output names `difference`.
+fn assert_status_names(dockwall: &Dockwall, difference: &str) {
+    let status = dockwall.cli(&["status"]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(difference),
+        "{difference:?} not in:\n{stdout}"
+    );
+}
+
+#[test]
+fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
+    let chain = Chain::new();
+    let mut dockwall = Dockwall::start(&chain);
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "deny",
+        "-d",
+        "left-to-right",
+        "--proto",
+        "icmp",
+    ]);
+    for source in ["10.9.0.1", "10.9.0.2"] {
+        dockwall.ok(&[
+            "rule", "add", "deny", "--proto", "tcp", "--from", source, "--dport", "22",
+        ]);
+    }
+    dockwall.stop();
+    // A check interval longer than the test: only `status` looks at first.
+    dockwall.run_with(&["--verify-every", "3600", "--on-exit", "keep"]);
+    assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny holds");
+    assert!(dockwall.cli(&["status"]).status.success());
+
+    // One set element deleted by hand.
+    let table = table_json(&chain);
+    let objects = table["nftables"].as_array().expect("nftables array");
+    let set = objects
+        .iter()
+        .filter_map(|o| o.get("set"))
+        .find(|s| s["elem"].as_array().is_some_and(|e| e.len() == 2))
+        .expect("a set holding the two tcp sources");
+    let element = &set["elem"][0];
+    let value = element["elem"].get("val").unwrap_or(element);
+    let name = set["name"].as_str().expect("set name");
+    let delete = serde_json::json!({"nftables": [{"delete": {"element": {
+        "family": "inet", "table": "dockwall", "name": name, "elem": [value]}}}]});
+    nft_ok(&chain, &["-j", &delete.to_string()]);
+    assert_status_names(
+        &dockwall,
+        &format!("set {name} holds 1 elements, the stored rules compile to 2"),
+    );
+
+    // One rule deleted by hand.
+    let rule = objects
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .find(|r| r["comment"] == "rule 1")
+        .expect("the icmp deny, commented rule 1");
+    let (rule_chain, handle) = (
+        rule["chain"].as_str().expect("chain").to_string(),
+        rule["handle"].to_string(),
+    );
+    nft_ok(
+        &chain,
+        &[
+            "delete",
+            "rule",
+            "inet",
+            "dockwall",
+            &rule_chain,
+            "handle",
+            &handle,
+        ],
+    );
+    assert_status_names(&dockwall, &format!("chain {rule_chain} holds "));
+
+    // The whole table flushed: the marker chain survives, the rules do not.
+    nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
+    assert_status_names(&dockwall, "holds 0 rules");
+    assert!(
+        ping(&chain.left_host, RIGHT_HOST),
+        "the flush opened the way"
+    );
+
+    // A restart finds the marker but not the rules, and replaces the table.
+    dockwall.stop();
+    dockwall.run_with(&["--verify-every", "1"]);
+    assert!(
+        dockwall.cli(&["status"]).status.success(),
+        "restart repaired"
+    );
+    assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny is back");
+
+    // Flushed under a running `run`: its next check repairs it (bounded wait).
+    nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !dockwall.cli(&["status"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run did not repair the flushed table within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny is back");
+    let log = dockwall.process.as_ref().expect("running").log();
+    assert!(
+        log.contains("differed from the stored rules; table replaced"),
+        "{log}"
+    );
+}
+
+/// Adds a deny rule for TCP from `source` through `session` inside the SI.
+fn session_add(dockwall: &Dockwall, session: &mut vnf_core::firewall::Session, source: &str) {
+    let state = dockwall.state.path();
+    dockwall.chain.si.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let selectors = vnf_core::cli::SideArgs {
+            left: None,
+            right: None,
+            mgmt: None,
+        }
+        .selectors(state);
+        let assignment = runtime
+            .block_on(vnf_core::firewall::current_assignment(&selectors))
+            .expect("the sides");
+        let store = vnf_core::firewall::store::Store::new(state);
+        session
+            .edit(&store, &assignment, false, |set| {
+                let rule = serde_json::from_value(serde_json::json!({
+                    "id": set.allocate_id(), "action": "deny", "direction": "both",
+                    "protocol": "tcp", "source": source, "destination_port": "22"}))
+                .expect("a rule");
+                set.rules.push(rule);
+                Ok(())
+            })
+            .expect("session edit");
+    });
+}
+
+#[test]
+fn a_session_sees_cli_edits_made_between_its_own() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    let mut session = vnf_core::firewall::Session::default();
+    session_add(&dockwall, &mut session, "10.7.0.1/32");
+    dockwall.ok(&["rule", "add", "deny", "--proto", "udp", "--dport", "53"]);
+    session_add(&dockwall, &mut session, "10.7.0.2/32");
+    session_add(&dockwall, &mut session, "10.7.0.3/32");
+    let listing: serde_json::Value =
+        serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    let described: Vec<String> = listing["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r["protocol"], r["source"]))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            r#""tcp" "10.7.0.1/32""#,
+            r#""udp" null"#,
+            r#""tcp" "10.7.0.2/32""#,
+            r#""tcp" "10.7.0.3/32""#
+        ]
+    );
+    let status = dockwall.cli(&["status"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+}

@@ -31,6 +31,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The web page's test: headless Chromium driven over WebDriver.
     "chromium",
     "chromium-driver",
+    "time",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -63,6 +64,7 @@ fn main() {
                 "chain-bench",
                 "firewall-bench",
                 "api-bench",
+                "rule-edit-bench",
                 "scrape-bench",
                 "dhcp-bench",
                 "route-change-bench",

@@ -6,7 +6,9 @@ pub mod mirror;
 pub mod mode;
 pub mod model;
 pub mod nft;
+pub mod session;
 pub mod store;
+pub mod verify;
 
 pub use mode::ServiceMode;
 pub use model::{
@@ -14,13 +16,13 @@ pub use model::{
 };
 
 use serde::Serialize;
-use tracing::debug;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernel::Kernel;
 use crate::side::{assign, Assignment, SideSelectors};
 use compile::{compile, Sides};
 use nft::ApplyKind;
+pub use session::Session;
 use store::Store;
 
 /// What an edit did.
@@ -51,69 +53,18 @@ pub async fn current_assignment(selectors: &SideSelectors) -> Result<Assignment>
     assign(selectors, &kernel.interfaces().await?)
 }
 
-/// One edit, under the store's lock: load, change, validate, apply to the kernel, then save.
-/// Any error leaves both the kernel (nft transactions are atomic) and the file as they were.
+/// One edit for the sides as they are now (a CLI edit): under the store's lock, load,
+/// change, validate, apply to the kernel, then save. Any error leaves both the kernel (nft
+/// transactions are atomic) and the file as they were. A process that edits again and again
+/// keeps a [`Session`] instead, which skips the load and the old compile.
 pub async fn edit(
     store: &Store,
     selectors: &SideSelectors,
     dry_run: bool,
     change: impl FnOnce(&mut RuleSet) -> Result<()>,
 ) -> Result<EditOutcome> {
-    let started = std::time::Instant::now();
-    let locked = store.lock()?;
-    let old = locked.load()?;
-    let mut new = old.clone();
-    change(&mut new)?;
-    new.validate()?;
-    debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        rules = new.rules.len(),
-        "rule set loaded and changed"
-    );
     let assignment = current_assignment(selectors).await?;
-    let sides = Sides::from_assignment(&assignment);
-    // The old compile is the base of the difference sent to the kernel; both at once.
-    let (old_compiled, compiled) = std::thread::scope(|scope| {
-        let old_compiled = scope.spawn(|| compile(&old, sides));
-        let compiled = compile(&new, sides);
-        (old_compiled.join(), compiled)
-    });
-    let old_compiled =
-        old_compiled.map_err(|_| Error::Nft("compiling the previous rule set failed".into()))?;
-    debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "compiled"
-    );
-    if dry_run {
-        return Ok(EditOutcome {
-            applied: Applied::DryRun(nft::render(nft::full_batch(&compiled))?),
-            rule_set: new,
-        });
-    }
-    // Checked under the store's lock: a `run` starting now applies what is saved here.
-    if nft::kernel_fingerprint()?.is_none() {
-        if new != old {
-            locked.save(&new)?;
-        }
-        return Ok(EditOutcome {
-            rule_set: new,
-            applied: Applied::StoredOnly,
-        });
-    }
-    let applied = nft::apply(Some(&old_compiled), &compiled)?;
-    debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        ?applied,
-        "applied"
-    );
-    if new != old {
-        locked.save(&new)?;
-    }
-    debug!(elapsed_ms = started.elapsed().as_millis() as u64, "saved");
-    Ok(EditOutcome {
-        rule_set: new,
-        applied: Applied::Kernel(applied),
-    })
+    Session::default().edit(store, &assignment, dry_run, change)
 }
 
 /// Loads the stored rule set and applies it for the given sides (what `run` does at start
@@ -143,6 +94,50 @@ fn release_freed_memory() {
 
 /// Whether the kernel holds exactly what the stored rules compile to for these sides.
 pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool> {
-    let expected = compile(rule_set, Sides::from_assignment(assignment)).fingerprint;
-    Ok(nft::kernel_fingerprint()? == Some(expected))
+    Ok(kernel_differences(rule_set, assignment)?.is_empty())
+}
+
+/// How the kernel's table differs from what the stored rules compile to for these sides, one
+/// sentence each (see `verify`); empty when it holds exactly that.
+pub fn kernel_differences(rule_set: &RuleSet, assignment: &Assignment) -> Result<Vec<String>> {
+    differences_in(nft::list_table()?.as_deref(), rule_set, assignment)
+}
+
+/// The same, in a listing from [`nft::list_table`] (`status` reads counters from it too).
+pub fn differences_in(
+    listing: Option<&str>,
+    rule_set: &RuleSet,
+    assignment: &Assignment,
+) -> Result<Vec<String>> {
+    let compiled = compile(rule_set, Sides::from_assignment(assignment));
+    let differences = verify::differences_in(listing, &compiled);
+    drop(compiled);
+    release_freed_memory();
+    differences
+}
+
+/// `run`'s periodic check: when the kernel's table differs from the stored rules (flushed or
+/// edited by hand with `nft`), replaces it whole. Returns what differed, empty when nothing
+/// did. The table is listed first without holding the store's lock, so edits are not held
+/// up; a difference is checked again under the lock (an edit between its apply and its save
+/// looks like one).
+pub fn repair(store: &Store, assignment: &Assignment) -> Result<Vec<String>> {
+    let sides = Sides::from_assignment(assignment);
+    let unlocked = {
+        let compiled = compile(&store.lock()?.load()?, sides);
+        verify::kernel_differences(&compiled)?
+    };
+    let repaired = if unlocked.is_empty() {
+        unlocked
+    } else {
+        let locked = store.lock()?;
+        let compiled = compile(&locked.load()?, sides);
+        let differences = verify::kernel_differences(&compiled)?;
+        if !differences.is_empty() {
+            nft::replace(&compiled)?;
+        }
+        differences
+    };
+    release_freed_memory();
+    Ok(repaired)
 }

@@ -14,7 +14,8 @@ use nftables::schema::{
 };
 use nftables::stmt::{AnonymousCounter, Counter, Statement};
 use nftables::types::NfFamily;
-use serde::Serialize;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::debug;
 
@@ -22,7 +23,12 @@ use super::compile::{Compiled, TABLE};
 use super::mirror::MIRROR_TABLE;
 use crate::error::{Error, Result};
 
-const MARKER_PREFIX: &str = "applied_";
+pub(super) const MARKER_PREFIX: &str = "applied_";
+
+/// The empty chain whose name says which compile the table was applied from.
+pub fn marker_chain_name(fingerprint: &str) -> String {
+    format!("{MARKER_PREFIX}{fingerprint}")
+}
 
 /// How a change reached the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -111,9 +117,8 @@ pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
                 .map(|r| add(NfListObject::Rule(r.clone()))),
         );
     }
-    batch.push(add(NfListObject::Chain(plain_chain(&format!(
-        "{MARKER_PREFIX}{}",
-        compiled.fingerprint
+    batch.push(add(NfListObject::Chain(plain_chain(&marker_chain_name(
+        &compiled.fingerprint,
     )))));
     batch
 }
@@ -249,7 +254,7 @@ pub fn incremental_batch<'a>(
     }
     // First: fails the whole transaction unless the kernel holds the old compile.
     let mut batch = vec![NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
-        plain_chain(&format!("{MARKER_PREFIX}{}", old.fingerprint)),
+        plain_chain(&marker_chain_name(&old.fingerprint)),
     )))];
     for (name, set) in &new.sets {
         match old.sets.get(name) {
@@ -274,7 +279,14 @@ pub fn incremental_batch<'a>(
         }
     }
     for (chain_old, chain_new) in old.chains.iter().zip(&new.chains) {
-        if chain_old.rules != chain_new.rules {
+        if chain_old.rules == chain_new.rules {
+            continue;
+        }
+        // Rules only appended (what `rule add` does): add them, and the chain's counters
+        // need not be read (nft loads every set element to list a chain).
+        if let Some(appended) = chain_new.rules.strip_prefix(chain_old.rules.as_slice()) {
+            batch.extend(appended.iter().map(|r| add(NfListObject::Rule(r.clone()))));
+        } else {
             let counts = counts(&chain_new.chain)?;
             batch.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
                 chain_new.chain.clone(),
@@ -300,9 +312,8 @@ pub fn incremental_batch<'a>(
             ))));
         }
     }
-    batch.push(add(NfListObject::Chain(plain_chain(&format!(
-        "{MARKER_PREFIX}{}",
-        new.fingerprint
+    batch.push(add(NfListObject::Chain(plain_chain(&marker_chain_name(
+        &new.fingerprint,
     )))));
     Ok(Some(batch))
 }
@@ -444,24 +455,36 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
             replace(new)
         }
         // A (re)start or a side change: keep the table when it already holds this compile, so
-        // its counters survive.
-        None if kernel_fingerprint()?.as_ref() == Some(&new.fingerprint) => {
-            Ok(ApplyKind::Unchanged)
+        // its counters survive; by content, not by the marker's name (a flushed table keeps
+        // its marker).
+        None => {
+            let differences = super::verify::kernel_differences(new)?;
+            if differences.is_empty() {
+                return Ok(ApplyKind::Unchanged);
+            }
+            debug!(
+                ?differences,
+                "the kernel differs from the compile; replacing the table"
+            );
+            replace(new)
         }
-        None => replace(new),
     }
 }
 
-fn replace(new: &Compiled) -> Result<ApplyKind> {
+/// Replaces the whole table with `new` in one transaction.
+pub fn replace(new: &Compiled) -> Result<ApplyKind> {
     nft(&["-j", "-f", "-"], Some(&render(full_batch(new))?))?;
     Ok(ApplyKind::Full)
 }
 
-/// The counters of one of our chains, read without touching sets (cheap with big sets).
+/// The counters of one of our chains. `-t` (terse) leaves the named sets' elements out of
+/// the output; nft 1.0.6 still loads them into its cache first, which is most of an edit's
+/// time at 100,000 rules (see BENCHMARKS.md).
 fn chain_counters(chain: &Chain<'static>) -> Result<ChainCounters> {
     let listing = nft(
         &[
             "-j",
+            "-t",
             "list",
             "chain",
             family_word(chain.family),
@@ -517,53 +540,100 @@ pub fn delete_table() -> Result<()> {
 /// Per-rule (and per-mirror) counters read from our tables only (the crate cannot parse
 /// every construct other tables may hold, and we never look at them).
 pub fn counters() -> Result<Counters> {
-    let mut counters = Counters::new();
-    for table in tables() {
-        add_counters(&table, &mut counters)?;
-    }
+    let mut counters = counters_in(list_table()?.as_deref())?;
+    counters.extend(counters_in(list_mirror_table()?.as_deref())?);
     Ok(counters)
 }
 
-fn add_counters(table: &Table<'static>, counters: &mut Counters) -> Result<()> {
-    let listing = match nft(
-        &[
-            "-j",
-            "list",
-            "table",
-            family_word(table.family),
-            &table.name,
-        ],
-        None,
-    ) {
-        Ok(listing) => listing,
-        Err(Error::Nft(message)) if message.contains("No such file") => return Ok(()),
-        Err(error) => return Err(error),
+/// `nft -j list table inet dockwall`, or None when the table is absent.
+pub fn list_table() -> Result<Option<String>> {
+    list(&table())
+}
+
+/// `nft -j list table ip dockwall_mirror`, or None when the table is absent.
+pub fn list_mirror_table() -> Result<Option<String>> {
+    let [_, mirror] = tables();
+    list(&mirror)
+}
+
+fn list(table: &Table<'static>) -> Result<Option<String>> {
+    let family = family_word(table.family);
+    match nft(&["-j", "list", "table", family, &table.name], None) {
+        Ok(listing) => Ok(Some(listing)),
+        Err(Error::Nft(message)) if message.contains("No such file") => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Per-rule counters in a listing from [`list_table`] (none without the table). Read into
+/// just comments and counts, never a JSON tree of the whole table (at 100,000 rules that tree
+/// took hundreds of MB).
+pub fn counters_in(listing: Option<&str>) -> Result<Counters> {
+    #[derive(Deserialize)]
+    struct Listing {
+        nftables: Vec<Listed>,
+    }
+    #[derive(Deserialize)]
+    struct Listed {
+        rule: Option<CountedRule>,
+        set: Option<CountedSet>,
+    }
+    #[derive(Deserialize)]
+    struct CountedRule {
+        comment: Option<String>,
+        #[serde(default)]
+        expr: Vec<Statement>,
+    }
+    #[derive(Deserialize)]
+    struct Statement {
+        counter: Option<Count>,
+    }
+    #[derive(Deserialize)]
+    struct CountedSet {
+        #[serde(default)]
+        elem: Vec<Element>,
+    }
+    /// A set element with a comment and counter, or a bare value (no counter to read).
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Element {
+        Counted { elem: CountedElement },
+        Bare(IgnoredAny),
+    }
+    #[derive(Deserialize)]
+    struct CountedElement {
+        comment: Option<String>,
+        counter: Option<Count>,
+    }
+    #[derive(Deserialize, Default, Clone, Copy)]
+    struct Count {
+        #[serde(default)]
+        packets: u64,
+        #[serde(default)]
+        bytes: u64,
+    }
+
+    let Some(listing) = listing else {
+        return Ok(Counters::new());
     };
-    let value: Value = serde_json::from_str(&listing).map_err(json_error)?;
-    let mut add_up = |comment: Option<&str>, counter: &Value| {
-        if let Some(comment) = comment {
-            let entry = counters.entry(comment.to_string()).or_default();
-            entry.0 += counter["packets"].as_u64().unwrap_or(0);
-            entry.1 += counter["bytes"].as_u64().unwrap_or(0);
+    let listing: Listing = serde_json::from_str(listing).map_err(json_error)?;
+    let mut counters = Counters::new();
+    let mut add_up = |comment: Option<String>, count: Option<Count>| {
+        if let (Some(comment), Some(count)) = (comment, count) {
+            let entry = counters.entry(comment).or_default();
+            entry.0 += count.packets;
+            entry.1 += count.bytes;
         }
     };
-    for object in value["nftables"].as_array().into_iter().flatten() {
-        if let Some(rule) = object.get("rule") {
-            let counter = rule["expr"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find_map(|s| s.get("counter"));
-            if let Some(counter) = counter {
-                add_up(rule["comment"].as_str(), counter);
-            }
+    for object in listing.nftables {
+        if let Some(rule) = object.rule {
+            add_up(rule.comment, rule.expr.iter().find_map(|s| s.counter));
         }
-        if let Some(set) = object.get("set") {
-            for element in set["elem"].as_array().into_iter().flatten() {
-                let elem = &element["elem"];
-                add_up(elem["comment"].as_str(), &elem["counter"]);
+        for element in object.set.into_iter().flat_map(|set| set.elem) {
+            if let Element::Counted { elem } = element {
+                add_up(elem.comment, elem.counter);
             }
         }
     }
-    Ok(())
+    Ok(counters)
 }
