@@ -43,17 +43,22 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
-            adopt_mode(&store, routing.mode)?;
+            let mode = routing.mode.unwrap_or_default();
+            if mode == ServiceMode::Transparent {
+                transparent::validate(&config)?;
+            }
+            adopt_mode(&store, mode)?;
+            transparent::recover(&config.state_dir).await?;
             let exporter = FirewallExporter {
                 store: &store,
                 config: config.clone(),
-                mode: routing.mode,
+                mode,
             };
             let mut observer = FirewallObserver { store: &store };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
             let shutdown = shutdown_signal();
             let run = async {
-                match routing.mode {
+                match mode {
                     ServiceMode::Transparent => {
                         transparent::run(config, started, shutdown, &mut observer).await
                     }
@@ -712,10 +717,12 @@ fn adopt_mode(store: &Store, mode: ServiceMode) -> Result<()> {
 
 async fn status(
     config: &vnf_core::runtime::RuntimeConfig,
-    mode: ServiceMode,
+    mode: Option<ServiceMode>,
     store: &Store,
     json: bool,
 ) -> Result<ExitCode> {
+    let rule_set = store.lock()?.load()?;
+    let mode = mode.unwrap_or(rule_set.mode);
     let (routing, routing_text, routing_converged) = match mode {
         ServiceMode::Transparent => {
             let bridge = transparent::status(config).await?;
@@ -726,7 +733,6 @@ async fn status(
             (json!(routing), routing.render(), routing.converged)
         }
     };
-    let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
     let firewall_converged =
         rule_set.mode == mode && firewall::is_converged(&rule_set, &assignment)?;

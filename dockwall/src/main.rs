@@ -64,15 +64,15 @@ pub struct RoutingArgs {
     /// IP subnet on both sides; the SI bridges its legs (bridge dockwall0, legs' IPv4
     /// addresses taken off and restored on exit; pin the sides by name or MAC), filters the
     /// bridged traffic with the same rules and conntrack, and refuses NAT rules; management
-    /// stays routed
+    /// stays routed. Default: in-network for `run`; for `status`, the mode `run` recorded
+    /// with the rules
     #[arg(
         long,
         env = "DOCKWALL_MODE",
         value_enum,
-        default_value_t = ServiceMode::InNetwork,
         help_heading = vnf_core::cli::ROUTING
     )]
-    mode: ServiceMode,
+    mode: Option<ServiceMode>,
 }
 
 impl RoutingArgs {

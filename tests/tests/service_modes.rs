@@ -2,6 +2,10 @@
 //! right side, right-to-left only through DNAT) and transparent (a bump in the wire).
 
 use std::process::Output;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::StateDir;
@@ -148,12 +152,17 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "DNAT keeps the right host's address"
     );
 
-    let status = cli(&chain.si, &state, &["status", "--mode", "in-network-nat"]);
-    let report = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "status healthy:\n{report}");
-    assert!(report.contains("mode in-network-nat"), "{report}");
+    // Without --mode, status checks the mode `run` recorded with the rules.
+    for args in [&["status"][..], &["status", "--mode", "in-network-nat"]] {
+        let status = cli(&chain.si, &state, args);
+        let report = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{args:?} healthy:\n{report}");
+        assert!(report.contains("mode in-network-nat"), "{report}");
+    }
     assert!(
-        !cli(&chain.si, &state, &["status"]).status.success(),
+        !cli(&chain.si, &state, &["status", "--mode", "in-network"])
+            .status
+            .success(),
         "status for another mode than run's is not healthy"
     );
     assert!(dockwall.terminate().success(), "{}", dockwall.log());
@@ -183,9 +192,12 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
     assert!(ping(&wire.right_host, WIRE_LEFT), "right pings left");
     assert!(ping(&wire.mgmt, SI_MGMT), "management stays routed");
-    let status = cli(&wire.si, &state, &["status", "--mode", "transparent"]);
+    let status = cli(&wire.si, &state, &["status"]);
     let report = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "status healthy:\n{report}");
+    assert!(
+        status.status.success(),
+        "status without --mode follows run's mode:\n{report}"
+    );
     assert!(report.contains("left: eth0, bridged, no IPv4"), "{report}");
 
     // The rule grammar unchanged: a deny rule blocks one TCP port across the bridge.
@@ -286,7 +298,7 @@ fn transparent_run_refuses_stored_nat_rules() {
         "dockwall",
         &["--state-dir", path, "run", "--mode", "transparent"],
     );
-    let status = run.wait_exit(std::time::Duration::from_secs(10));
+    let status = run.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "run must refuse");
     let log = run.log();
     assert!(
@@ -294,4 +306,54 @@ fn transparent_run_refuses_stored_nat_rules() {
         "the refusal names the NAT rule and why: {log}"
     );
     assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "nothing changed");
+}
+
+#[test]
+fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    let kill_hard = |vnf: &mut Vnf| {
+        kill(Pid::from_raw(vnf.pid() as i32), Signal::SIGKILL).expect("kill -9");
+        assert!(!vnf.wait_exit(Duration::from_secs(10)).success());
+        assert_eq!(wire.leg_addresses("eth0"), Vec::<String>::new(), "no cleanup");
+        let links = wire.si.ip(&["-o", "link", "show"]);
+        assert!(links.contains("dockwall0"), "kill -9 leaves the bridge: {links}");
+    };
+    let mut first = start(&wire.si, &state, "transparent");
+    kill_hard(&mut first);
+
+    // A transparent restart bridges afresh and, stopped cleanly, gives back the addresses
+    // the legs had before the first run.
+    let mut second = start(&wire.si, &state, "transparent");
+    assert!(
+        ping_eventually(&wire.left_host, WIRE_RIGHT, 3),
+        "the restarted bridge forwards"
+    );
+    kill_hard(&mut second);
+
+    // An in-network start cleans up the same way before it looks for its sides.
+    let path = state.path().to_str().expect("utf-8 path");
+    let mut routed = Vnf::start(
+        &wire.si,
+        "dockwall",
+        &["--state-dir", path, "run", "--side-timeout", "30"],
+    );
+    if let Err(error) = routed.wait_for_log("legs restored", Duration::from_secs(10)) {
+        panic!("{error}");
+    }
+    assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "restored");
+    assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
+    let links = wire.si.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("dockwall0"), "stale bridge removed: {links}");
+    let tables = wire.si.exec("nft", &["list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("bridge"),
+        "stale bridge table removed: {}",
+        String::from_utf8_lossy(&tables.stdout)
+    );
+    assert!(
+        !state.path().join("transparent-legs.json").exists(),
+        "the record of the legs goes once they are restored"
+    );
+    routed.terminate();
 }
