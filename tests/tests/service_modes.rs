@@ -357,3 +357,29 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
     );
     routed.terminate();
 }
+
+#[test]
+fn a_refused_transparent_run_keeps_the_recorded_mode() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    let path = state.path().to_str().expect("utf-8 path");
+    let mut run = Vnf::start(
+        &wire.si,
+        "dockwall",
+        &[
+            "--state-dir",
+            path,
+            "run",
+            "--mode",
+            "transparent",
+            "--left",
+            "cidr:10.50.0.0/24",
+        ],
+    );
+    assert!(!run.wait_exit(Duration::from_secs(10)).success());
+    assert!(run.log().contains("pin the side by name"), "{}", run.log());
+    let status = cli(&wire.si, &state, &["status", "--json"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(report["mode"], "in-network", "the refused mode is not recorded");
+}
