@@ -114,15 +114,22 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "right-to-left without DNAT is dropped"
     );
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let (probe, _) = tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        SI_RIGHT,
-        7103,
-        8080,
+    // The same probe before and after each change: the left host listens behind the DNAT.
+    let through_dnat = || {
+        tcp_probe(
+            &chain.right_host,
+            &chain.left_host,
+            LEFT_HOST,
+            SI_RIGHT,
+            7103,
+            8080,
+        )
+    };
+    let (probe, peer) = through_dnat();
+    assert!(
+        probe != Probe::Passed && peer.is_none(),
+        "no DNAT rule yet: nothing reaches the left host"
     );
-    assert_ne!(probe, Probe::Passed, "no DNAT rule yet: nothing forwards");
 
     ok(
         &chain.si,
@@ -137,19 +144,51 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
             &format!("{LEFT_HOST}:7103"),
         ],
     );
-    let (probe, peer) = tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        SI_RIGHT,
-        7103,
-        8080,
-    );
+    let (probe, peer) = through_dnat();
     assert_eq!(probe, Probe::Passed, "the DNAT rule lets the connection in");
     assert_eq!(
         peer.map(|p| p.ip().to_string()),
         Some(RIGHT_HOST.to_string()),
         "DNAT keeps the right host's address"
+    );
+
+    // Right-to-left rules and policy apply to the DNAT'd connections.
+    let deny = [
+        "rule",
+        "add",
+        "deny",
+        "--direction",
+        "right-to-left",
+        "--proto",
+        "tcp",
+        "--dport",
+        "7103",
+    ];
+    ok(&chain.si, &state, &deny);
+    assert_eq!(
+        through_dnat().0,
+        Probe::TimedOut,
+        "a right-to-left deny rule blocks the DNAT'd connection"
+    );
+    ok(&chain.si, &state, &["rule", "delete", "1"]);
+    assert_eq!(through_dnat().0, Probe::Passed, "rule deleted: passes again");
+    ok(
+        &chain.si,
+        &state,
+        &["default", "deny", "--direction", "right-to-left"],
+    );
+    assert_eq!(
+        through_dnat().0,
+        Probe::TimedOut,
+        "the right-to-left default policy (FWaaS) covers the DNAT'd connection"
+    );
+    let mut allow = deny;
+    allow[2] = "allow";
+    ok(&chain.si, &state, &allow);
+    assert_eq!(
+        through_dnat().0,
+        Probe::Passed,
+        "an allow rule lets it in under the deny policy"
     );
 
     // Without --mode, status checks the mode `run` recorded with the rules.
