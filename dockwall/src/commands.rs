@@ -167,6 +167,17 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                     format!("applied {} ({} rules)", file.display(), new.rules.len()),
                     move |set| {
                         // The mode is `run`'s, not the file's.
+                        if new.mode != set.mode {
+                            eprintln!(
+                                "dockwall: warning: the mode in {} ({}; in-network when it names \
+                                 none) is ignored: the rules compile for the mode `run` recorded \
+                                 ({}); restart `run --mode {}` to change it",
+                                file.display(),
+                                new.mode,
+                                set.mode,
+                                new.mode
+                            );
+                        }
                         *set = RuleSet {
                             mode: set.mode,
                             ..new

@@ -176,7 +176,7 @@ pub enum Command {
     #[command(after_long_help = ufw::HELP)]
     Ufw(ufw::UfwArgs),
     /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
-    /// file use)
+    /// file use). A `mode` in FILE is ignored with a warning: the mode is `run`'s
     Apply {
         file: PathBuf,
         #[command(flatten)]

@@ -291,6 +291,21 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
         Probe::TimedOut,
         "default deny drops other ports"
     );
+    // IPv6 neighbour discovery crosses the bridge under the default deny (the echo itself
+    // is denied): the left host learns the right host's MAC.
+    wire.left_host
+        .ip(&["addr", "add", "fd50::1/64", "dev", "eth0", "nodad"]);
+    wire.right_host
+        .ip(&["addr", "add", "fd50::2/64", "dev", "eth0", "nodad"]);
+    let resolved = (0..3).any(|_| {
+        wire.left_host
+            .exec("ping", &["-6", "-c", "1", "-W", "1", "fd50::2"]);
+        let neighbour = wire.left_host.ip(&["-6", "neigh", "show", "fd50::2"]);
+        ["REACHABLE", "STALE", "DELAY", "PROBE"]
+            .iter()
+            .any(|state| neighbour.contains(state))
+    });
+    assert!(resolved, "IPv6 neighbour discovery crosses the bridge");
     let list = ok(&wire.si, &state, &["rule", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&list).expect("rule list JSON");
     assert!(
@@ -307,6 +322,24 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     assert!(
         !refused.status.success() && stderr.contains("transparent mode"),
         "NAT is refused naming why: {stderr}"
+    );
+
+    // `apply` keeps run's mode and says so.
+    let file = state.path().join("plain.json");
+    std::fs::write(
+        &file,
+        r#"{"version":1,"default_policy":"accept","rules":[],"nat":[],"next_id":1}"#,
+    )
+    .expect("write the rule file");
+    let applied = cli(&wire.si, &state, &["apply", file.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&applied.stderr);
+    assert!(
+        applied.status.success() && stderr.contains("is ignored"),
+        "apply warns that the file's mode is ignored: {stderr}"
+    );
+    assert!(
+        cli(&wire.si, &state, &["status"]).status.success(),
+        "still transparent after apply"
     );
 
     assert!(dockwall.terminate().success(), "{}", dockwall.log());

@@ -3,12 +3,12 @@
 
 use std::fmt;
 
-use nftables::expr::{Expression, MetaKey};
+use nftables::expr::{Expression, MetaKey, Range};
 use nftables::stmt::{JumpTarget, Match, Operator, Statement};
 use serde::{Deserialize, Serialize};
 
 use super::compile::{
-    counter, ct, jump_between, matches, meta, rule, string, Sides, CHAIN_FROM_LEFT,
+    counter, ct, jump_between, matches, meta, payload, rule, string, Sides, CHAIN_FROM_LEFT,
     CHAIN_FROM_RIGHT,
 };
 use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
@@ -52,6 +52,12 @@ impl fmt::Display for ServiceMode {
         f.write_str(self.as_str())
     }
 }
+
+/// IPPROTO_ICMPV6, and the ICMPv6 types of router solicitation (133) up to neighbour
+/// advertisement (136): RS, RA, NS, NA; redirects (137) are left to the rules.
+const ICMPV6: u32 = 58;
+const ROUTER_SOLICITATION: u32 = 133;
+const NEIGHBOR_ADVERTISEMENT: u32 = 136;
 
 /// The comment on the rules a mode adds, so `nft list` says where they come from.
 fn mode_comment(mode: ServiceMode, what: &str) -> Option<String> {
@@ -101,9 +107,28 @@ pub fn dnat_filter(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>>
 /// [`dnat_filter`]).
 pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
     if mode == ServiceMode::Transparent {
+        // IPv6 neighbour and router discovery is what ARP is for IPv4, which the bridge
+        // passes unfiltered: without it a default deny would cut IPv6 across the bridge.
+        let discovery = rule(
+            vec![
+                matches(meta(MetaKey::L4proto), Expression::Number(ICMPV6)),
+                matches(
+                    payload("icmpv6", "type"),
+                    Expression::Range(Box::new(Range {
+                        range: [
+                            Expression::Number(ROUTER_SOLICITATION),
+                            Expression::Number(NEIGHBOR_ADVERTISEMENT),
+                        ],
+                    })),
+                ),
+                counter(),
+                Statement::Accept(None),
+            ],
+            mode_comment(mode, "IPv6 neighbour discovery across the bridge"),
+        );
         // Bridged packets reach the inet hooks (br_netfilter) with the bridge as both
         // iif and oif: the mark says which leg they came in on.
-        return [
+        return std::iter::once(discovery).chain([
             (LEFT_INGRESS_MARK, CHAIN_FROM_LEFT),
             (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
         ]
@@ -118,7 +143,7 @@ pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'sta
                 ],
                 None,
             )
-        })
+        }))
         .collect();
     }
     let (Some(left), Some(right)) = (sides.left, sides.right) else {
@@ -227,6 +252,10 @@ mod tests {
         assert!(!text.contains("eth0") && !text.contains("eth1"), "{text}");
         assert!(text.contains(&LEFT_INGRESS_MARK.to_string()), "{text}");
         assert!(text.contains(&RIGHT_INGRESS_MARK.to_string()), "{text}");
+        assert!(
+            text.contains("mode transparent: IPv6 neighbour discovery across the bridge"),
+            "{text}"
+        );
         let marks = bridge_marks("eth0", "eth1");
         assert!(marks.starts_with("table bridge dockwall"), "{marks}");
         assert!(
