@@ -171,7 +171,11 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "a right-to-left deny rule blocks the DNAT'd connection"
     );
     ok(&chain.si, &state, &["rule", "delete", "1"]);
-    assert_eq!(through_dnat().0, Probe::Passed, "rule deleted: passes again");
+    assert_eq!(
+        through_dnat().0,
+        Probe::Passed,
+        "rule deleted: passes again"
+    );
     ok(
         &chain.si,
         &state,
@@ -387,9 +391,16 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
     let kill_hard = |vnf: &mut Vnf| {
         kill(Pid::from_raw(vnf.pid() as i32), Signal::SIGKILL).expect("kill -9");
         assert!(!vnf.wait_exit(Duration::from_secs(10)).success());
-        assert_eq!(wire.leg_addresses("eth0"), Vec::<String>::new(), "no cleanup");
+        assert_eq!(
+            wire.leg_addresses("eth0"),
+            Vec::<String>::new(),
+            "no cleanup"
+        );
         let links = wire.si.ip(&["-o", "link", "show"]);
-        assert!(links.contains("dockwall0"), "kill -9 leaves the bridge: {links}");
+        assert!(
+            links.contains("dockwall0"),
+            "kill -9 leaves the bridge: {links}"
+        );
     };
     let mut first = start(&wire.si, &state, "transparent");
     kill_hard(&mut first);
@@ -416,7 +427,10 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
     assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "restored");
     assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
     let links = wire.si.ip(&["-o", "link", "show"]);
-    assert!(!links.contains("dockwall0"), "stale bridge removed: {links}");
+    assert!(
+        !links.contains("dockwall0"),
+        "stale bridge removed: {links}"
+    );
     let tables = wire.si.exec("nft", &["list", "tables"]);
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains("bridge"),
@@ -451,7 +465,9 @@ fn a_refused_transparent_run_keeps_the_recorded_mode() {
     assert!(!run.wait_exit(Duration::from_secs(10)).success());
     assert!(run.log().contains("pin the side by name"), "{}", run.log());
     let status = cli(&wire.si, &state, &["status", "--json"]);
-    let report: serde_json::Value =
-        serde_json::from_slice(&status.stdout).expect("status JSON");
-    assert_eq!(report["mode"], "in-network", "the refused mode is not recorded");
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(
+        report["mode"], "in-network",
+        "the refused mode is not recorded"
+    );
 }

@@ -128,23 +128,26 @@ pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'sta
         );
         // Bridged packets reach the inet hooks (br_netfilter) with the bridge as both
         // iif and oif: the mark says which leg they came in on.
-        return std::iter::once(discovery).chain([
-            (LEFT_INGRESS_MARK, CHAIN_FROM_LEFT),
-            (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
-        ]
-        .into_iter()
-        .map(|(mark, chain)| {
-            rule(
-                vec![
-                    matches(meta(MetaKey::Mark), Expression::Number(mark)),
-                    Statement::Jump(JumpTarget {
-                        target: chain.into(),
-                    }),
-                ],
-                None,
+        return std::iter::once(discovery)
+            .chain(
+                [
+                    (LEFT_INGRESS_MARK, CHAIN_FROM_LEFT),
+                    (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
+                ]
+                .into_iter()
+                .map(|(mark, chain)| {
+                    rule(
+                        vec![
+                            matches(meta(MetaKey::Mark), Expression::Number(mark)),
+                            Statement::Jump(JumpTarget {
+                                target: chain.into(),
+                            }),
+                        ],
+                        None,
+                    )
+                }),
             )
-        }))
-        .collect();
+            .collect();
     }
     let (Some(left), Some(right)) = (sides.left, sides.right) else {
         return Vec::new();
@@ -238,9 +241,12 @@ mod tests {
     #[test]
     fn in_network_nat_masquerades_out_of_the_right_and_drops_undnatted_right_to_left() {
         let text = compiled_text(ServiceMode::InNetworkNat);
-        assert!(text.contains("mode in-network-nat: masquerade left-to-right out of the right side"));
+        assert!(
+            text.contains("mode in-network-nat: masquerade left-to-right out of the right side")
+        );
         assert!(text.contains("mode in-network-nat: right-to-left only through DNAT"));
-        assert!(text.contains("mode in-network-nat: DNAT'd right-to-left through the right-to-left rules"));
+        assert!(text
+            .contains("mode in-network-nat: DNAT'd right-to-left through the right-to-left rules"));
         let plain = compiled_text(ServiceMode::InNetwork);
         assert!(!plain.contains("masquerade"), "in-network adds nothing");
         assert!(!plain.contains("mode "), "in-network adds nothing");
