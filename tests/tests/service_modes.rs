@@ -413,6 +413,8 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
         "the restarted bridge forwards"
     );
     kill_hard(&mut second);
+    // An address someone already put back is no failure for the restore.
+    wire.si.ip(&["addr", "add", SI_LEFT_LEG, "dev", "eth0"]);
 
     // An in-network start cleans up the same way before it looks for its sides.
     let path = state.path().to_str().expect("utf-8 path");
