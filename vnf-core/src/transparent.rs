@@ -56,7 +56,8 @@ pub async fn run(
 ) -> Result<()> {
     validate(&config)?;
     require_net_admin()?;
-    let handle = connect()?;
+    let kernel = Kernel::connect()?;
+    let handle = kernel.handle();
     tokio::pin!(shutdown);
     info!(
         left = %config.selectors.describe(Side::Left),
@@ -85,7 +86,7 @@ pub async fn run(
         let (left, right) = leg_names(&assignment)?;
         save_legs(&config.state_dir, &legs)?;
         nft(&["-f", "-"], Some(&replace_bridge_table(&left, &right)))?;
-        bridge_legs(&handle, &assignment).await?;
+        bridge_legs(handle, &assignment).await?;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             bridge = BRIDGE,
@@ -111,7 +112,7 @@ pub async fn run(
     // The bridge goes first: without it nothing is forwarded while the firewall goes.
     match on_exit {
         OnExit::Remove => {
-            if let Err(error) = restore(&handle, &config.state_dir, &legs).await {
+            if let Err(error) = restore(handle, &config.state_dir, &legs).await {
                 error!(%error, "could not restore the legs");
             }
         }
@@ -131,8 +132,9 @@ pub async fn run(
 /// finds its legs addressed.
 pub async fn recover(state_dir: &Path) -> Result<()> {
     let legs = load_legs(state_dir)?;
-    let handle = connect()?;
-    let stale_bridge = link_index(&handle, BRIDGE).await?.is_some();
+    let kernel = Kernel::connect()?;
+    let handle = kernel.handle();
+    let stale_bridge = link_index(handle, BRIDGE).await?.is_some();
     let stale_table = nft(&["list", "table", "bridge", TABLE], None).is_ok();
     if legs.is_none() && !stale_bridge && !stale_table {
         return Ok(());
@@ -142,7 +144,7 @@ pub async fn recover(state_dir: &Path) -> Result<()> {
         legs = ?legs,
         "an earlier transparent run left its bridge or legs behind (killed, or --on-exit keep); undoing it"
     );
-    restore(&handle, state_dir, legs.as_deref().unwrap_or_default()).await
+    restore(handle, state_dir, legs.as_deref().unwrap_or_default()).await
 }
 
 /// What transparent mode cannot do, refused before anything changes (and before `run`
@@ -172,15 +174,6 @@ pub fn validate(config: &RuntimeConfig) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn connect() -> Result<Handle> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Netlink {
-        operation: "open socket".into(),
-        source,
-    })?;
-    tokio::spawn(connection);
-    Ok(handle)
 }
 
 /// Keeps the kernel's errno, so callers can tell EEXIST from a failure.
@@ -491,9 +484,8 @@ pub struct Status {
 }
 
 pub async fn status(config: &RuntimeConfig) -> Result<Status> {
-    let handle = connect()?;
     let kernel = Kernel::connect()?;
-    let links = links(&handle).await?;
+    let links = links(kernel.handle()).await?;
     let bridge = links.iter().find(|link| link.name == BRIDGE);
     let assignment = assign(&config.selectors, &legs_and_others(&kernel).await?)?;
     let legs: Vec<LegStatus> = [Side::Left, Side::Right]
