@@ -45,14 +45,19 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
         } => {
             let mut config = routing.runtime_config(&cli.state_dir);
             lifecycle.apply(&mut config);
-            adopt_mode(&store, routing.mode)?;
+            let mode = routing.mode.unwrap_or_default();
+            if mode == ServiceMode::Transparent {
+                transparent::validate(&config)?;
+            }
+            adopt_mode(&store, mode)?;
+            transparent::recover(&config.state_dir).await?;
             if let Some(address) = api.api_listen {
                 crate::api::spawn(address, &cli.state_dir, config.clone()).await?;
             }
             let exporter = FirewallExporter {
                 store: &store,
                 config: config.clone(),
-                mode: routing.mode,
+                mode,
             };
             let mut observer = FirewallObserver { store: &store };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
@@ -63,7 +68,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             };
             let selectors = config.selectors.clone();
             let run = async {
-                match routing.mode {
+                match mode {
                     ServiceMode::Transparent => {
                         transparent::run(config, started, shutdown, &mut observer).await
                     }
@@ -180,6 +185,17 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                     format!("applied {} ({} rules)", file.display(), new.rules.len()),
                     move |set| {
                         // The mode is `run`'s, not the file's.
+                        if new.mode != set.mode {
+                            eprintln!(
+                                "dockwall: warning: the mode in {} ({}; in-network when it names \
+                                 none) is ignored: the rules compile for the mode `run` recorded \
+                                 ({}); restart `run --mode {}` to change it",
+                                file.display(),
+                                new.mode,
+                                set.mode,
+                                new.mode
+                            );
+                        }
                         *set = RuleSet {
                             mode: set.mode,
                             ..new
@@ -770,10 +786,12 @@ fn adopt_mode(store: &Store, mode: ServiceMode) -> Result<()> {
 
 async fn status(
     config: &vnf_core::runtime::RuntimeConfig,
-    mode: ServiceMode,
+    mode: Option<ServiceMode>,
     store: &Store,
     json: bool,
 ) -> Result<ExitCode> {
+    let rule_set = store.lock()?.load()?;
+    let mode = mode.unwrap_or(rule_set.mode);
     let (routing, routing_text, routing_converged) = match mode {
         ServiceMode::Transparent => {
             let bridge = transparent::status(config).await?;
@@ -784,7 +802,6 @@ async fn status(
             (json!(routing), routing.render(), routing.converged)
         }
     };
-    let rule_set = store.lock()?.load()?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
     // One listing for both: at 100,000 rules each costs about as much as the rest of status.
     let listing = nft::list_table()?;

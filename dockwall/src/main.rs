@@ -60,21 +60,23 @@ pub struct RoutingArgs {
 
     /// Service mode, as OpenContrail names them. in-network: route between the sides (a
     /// table per side), both networks route each other's prefixes via the SI. in-network-nat:
-    /// route the same way and masquerade everything leaving the right side to the SI's right
-    /// address, so the right network needs no route back; new right-to-left connections are
-    /// dropped unless a `nat add dnat` rule forwards them (ct status dnat). transparent: one
-    /// IP subnet on both sides; the SI bridges its legs (bridge dockwall0, legs' IPv4
-    /// addresses taken off and restored on exit; pin the sides by name or MAC), filters the
-    /// bridged traffic with the same rules and conntrack, and refuses NAT rules; management
-    /// stays routed
+    /// route the same way and masquerade IPv4 forwarded from the left out of the right side
+    /// to the SI's right address, so the right network needs no route back; new right-to-left
+    /// connections are dropped unless a `nat add dnat` rule forwards them (ct status dnat),
+    /// and those go through the right-to-left rules first. transparent: one IP subnet on both
+    /// sides; the SI bridges its legs (bridge dockwall0; needs br_netfilter; the legs' IPv4
+    /// addresses are recorded in the state dir, taken off, and restored on exit or by the
+    /// next `run` after a kill; pin the sides by name or MAC; legs are not followed after
+    /// start), filters the bridged traffic with the same rules and conntrack, and refuses NAT
+    /// rules; management stays routed. Default: in-network for `run`; for `status`, the mode
+    /// `run` recorded with the rules
     #[arg(
         long,
         env = "DOCKWALL_MODE",
         value_enum,
-        default_value_t = ServiceMode::InNetwork,
         help_heading = vnf_core::cli::ROUTING
     )]
-    mode: ServiceMode,
+    mode: Option<ServiceMode>,
 }
 
 impl RoutingArgs {
@@ -203,7 +205,7 @@ pub enum Command {
     #[command(subcommand)]
     Api(api::ApiCommand),
     /// Replace the whole rule set with FILE (the JSON that `rule list --json` and the state
-    /// file use)
+    /// file use). A `mode` in FILE is ignored with a warning: the mode is `run`'s
     Apply {
         file: PathBuf,
         #[command(flatten)]

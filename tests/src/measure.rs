@@ -123,6 +123,18 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// New TCP connections per second from `client` to `address:port` served in `server`: 1000
 /// connections or 20 s, whichever ends first.
 pub fn new_connections_per_second(client: &Netns, server: &Netns, address: &str, port: u16) -> f64 {
+    new_connections(client, server, address, port).per_second
+}
+
+/// What [`new_connections`] measured: the rate, and how many attempts failed on the way.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionRate {
+    pub per_second: f64,
+    pub failed: usize,
+}
+
+/// [`new_connections_per_second`], counting the attempts that failed.
+pub fn new_connections(client: &Netns, server: &Netns, address: &str, port: u16) -> ConnectionRate {
     const CONNECTIONS: usize = 1000;
     let address: std::net::SocketAddr = format!("{address}:{port}").parse().expect("address");
     let listener = server
@@ -140,13 +152,18 @@ pub fn new_connections_per_second(client: &Netns, server: &Netns, address: &str,
         });
         let rate = client.run(|| {
             let started = Instant::now();
-            let mut made = 0;
+            let (mut made, mut failed) = (0, 0);
             while made < CONNECTIONS && started.elapsed() < Duration::from_secs(20) {
                 if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok() {
                     made += 1;
+                } else {
+                    failed += 1;
                 }
             }
-            made as f64 / started.elapsed().as_secs_f64()
+            ConnectionRate {
+                per_second: made as f64 / started.elapsed().as_secs_f64(),
+                failed,
+            }
         });
         done.store(true, Ordering::Relaxed);
         rate

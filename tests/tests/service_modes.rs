@@ -2,6 +2,10 @@
 //! right side, right-to-left only through DNAT) and transparent (a bump in the wire).
 
 use std::process::Output;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::StateDir;
@@ -110,15 +114,22 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "right-to-left without DNAT is dropped"
     );
     chain.right_gateway.ip(&["route", "del", LEFT_HOST_NET]);
-    let (probe, _) = tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        SI_RIGHT,
-        7103,
-        8080,
+    // The same probe before and after each change: the left host listens behind the DNAT.
+    let through_dnat = || {
+        tcp_probe(
+            &chain.right_host,
+            &chain.left_host,
+            LEFT_HOST,
+            SI_RIGHT,
+            7103,
+            8080,
+        )
+    };
+    let (probe, peer) = through_dnat();
+    assert!(
+        probe != Probe::Passed && peer.is_none(),
+        "no DNAT rule yet: nothing reaches the left host"
     );
-    assert_ne!(probe, Probe::Passed, "no DNAT rule yet: nothing forwards");
 
     ok(
         &chain.si,
@@ -133,14 +144,7 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
             &format!("{LEFT_HOST}:7103"),
         ],
     );
-    let (probe, peer) = tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        SI_RIGHT,
-        7103,
-        8080,
-    );
+    let (probe, peer) = through_dnat();
     assert_eq!(probe, Probe::Passed, "the DNAT rule lets the connection in");
     assert_eq!(
         peer.map(|p| p.ip().to_string()),
@@ -148,12 +152,60 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "DNAT keeps the right host's address"
     );
 
-    let status = cli(&chain.si, &state, &["status", "--mode", "in-network-nat"]);
-    let report = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "status healthy:\n{report}");
-    assert!(report.contains("mode in-network-nat"), "{report}");
+    // Right-to-left rules and policy apply to the DNAT'd connections.
+    let deny = [
+        "rule",
+        "add",
+        "deny",
+        "--direction",
+        "right-to-left",
+        "--proto",
+        "tcp",
+        "--dport",
+        "7103",
+    ];
+    ok(&chain.si, &state, &deny);
+    assert_eq!(
+        through_dnat().0,
+        Probe::TimedOut,
+        "a right-to-left deny rule blocks the DNAT'd connection"
+    );
+    ok(&chain.si, &state, &["rule", "delete", "1"]);
+    assert_eq!(
+        through_dnat().0,
+        Probe::Passed,
+        "rule deleted: passes again"
+    );
+    ok(
+        &chain.si,
+        &state,
+        &["default", "deny", "--direction", "right-to-left"],
+    );
+    assert_eq!(
+        through_dnat().0,
+        Probe::TimedOut,
+        "the right-to-left default policy (FWaaS) covers the DNAT'd connection"
+    );
+    let mut allow = deny;
+    allow[2] = "allow";
+    ok(&chain.si, &state, &allow);
+    assert_eq!(
+        through_dnat().0,
+        Probe::Passed,
+        "an allow rule lets it in under the deny policy"
+    );
+
+    // Without --mode, status checks the mode `run` recorded with the rules.
+    for args in [&["status"][..], &["status", "--mode", "in-network-nat"]] {
+        let status = cli(&chain.si, &state, args);
+        let report = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{args:?} healthy:\n{report}");
+        assert!(report.contains("mode in-network-nat"), "{report}");
+    }
     assert!(
-        !cli(&chain.si, &state, &["status"]).status.success(),
+        !cli(&chain.si, &state, &["status", "--mode", "in-network"])
+            .status
+            .success(),
         "status for another mode than run's is not healthy"
     );
     assert!(dockwall.terminate().success(), "{}", dockwall.log());
@@ -183,9 +235,12 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
     assert!(ping(&wire.right_host, WIRE_LEFT), "right pings left");
     assert!(ping(&wire.mgmt, SI_MGMT), "management stays routed");
-    let status = cli(&wire.si, &state, &["status", "--mode", "transparent"]);
+    let status = cli(&wire.si, &state, &["status"]);
     let report = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "status healthy:\n{report}");
+    assert!(
+        status.status.success(),
+        "status without --mode follows run's mode:\n{report}"
+    );
     assert!(report.contains("left: eth0, bridged, no IPv4"), "{report}");
 
     // The rule grammar unchanged: a deny rule blocks one TCP port across the bridge.
@@ -240,6 +295,21 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
         Probe::TimedOut,
         "default deny drops other ports"
     );
+    // IPv6 neighbour discovery crosses the bridge under the default deny (the echo itself
+    // is denied): the left host learns the right host's MAC.
+    wire.left_host
+        .ip(&["addr", "add", "fd50::1/64", "dev", "eth0", "nodad"]);
+    wire.right_host
+        .ip(&["addr", "add", "fd50::2/64", "dev", "eth0", "nodad"]);
+    let resolved = (0..3).any(|_| {
+        wire.left_host
+            .exec("ping", &["-6", "-c", "1", "-W", "1", "fd50::2"]);
+        let neighbour = wire.left_host.ip(&["-6", "neigh", "show", "fd50::2"]);
+        ["REACHABLE", "STALE", "DELAY", "PROBE"]
+            .iter()
+            .any(|state| neighbour.contains(state))
+    });
+    assert!(resolved, "IPv6 neighbour discovery crosses the bridge");
     let list = ok(&wire.si, &state, &["rule", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&list).expect("rule list JSON");
     assert!(
@@ -256,6 +326,24 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     assert!(
         !refused.status.success() && stderr.contains("transparent mode"),
         "NAT is refused naming why: {stderr}"
+    );
+
+    // `apply` keeps run's mode and says so.
+    let file = state.path().join("plain.json");
+    std::fs::write(
+        &file,
+        r#"{"version":1,"default_policy":"accept","rules":[],"nat":[],"next_id":1}"#,
+    )
+    .expect("write the rule file");
+    let applied = cli(&wire.si, &state, &["apply", file.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&applied.stderr);
+    assert!(
+        applied.status.success() && stderr.contains("is ignored"),
+        "apply warns that the file's mode is ignored: {stderr}"
+    );
+    assert!(
+        cli(&wire.si, &state, &["status"]).status.success(),
+        "still transparent after apply"
     );
 
     assert!(dockwall.terminate().success(), "{}", dockwall.log());
@@ -286,7 +374,7 @@ fn transparent_run_refuses_stored_nat_rules() {
         "dockwall",
         &["--state-dir", path, "run", "--mode", "transparent"],
     );
-    let status = run.wait_exit(std::time::Duration::from_secs(10));
+    let status = run.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "run must refuse");
     let log = run.log();
     assert!(
@@ -294,4 +382,94 @@ fn transparent_run_refuses_stored_nat_rules() {
         "the refusal names the NAT rule and why: {log}"
     );
     assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "nothing changed");
+}
+
+#[test]
+fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    let kill_hard = |vnf: &mut Vnf| {
+        kill(Pid::from_raw(vnf.pid() as i32), Signal::SIGKILL).expect("kill -9");
+        assert!(!vnf.wait_exit(Duration::from_secs(10)).success());
+        assert_eq!(
+            wire.leg_addresses("eth0"),
+            Vec::<String>::new(),
+            "no cleanup"
+        );
+        let links = wire.si.ip(&["-o", "link", "show"]);
+        assert!(
+            links.contains("dockwall0"),
+            "kill -9 leaves the bridge: {links}"
+        );
+    };
+    let mut first = start(&wire.si, &state, "transparent");
+    kill_hard(&mut first);
+
+    // A transparent restart bridges afresh and, stopped cleanly, gives back the addresses
+    // the legs had before the first run.
+    let mut second = start(&wire.si, &state, "transparent");
+    assert!(
+        ping_eventually(&wire.left_host, WIRE_RIGHT, 3),
+        "the restarted bridge forwards"
+    );
+    kill_hard(&mut second);
+    // An address someone already put back is no failure for the restore.
+    wire.si.ip(&["addr", "add", SI_LEFT_LEG, "dev", "eth0"]);
+
+    // An in-network start cleans up the same way before it looks for its sides.
+    let path = state.path().to_str().expect("utf-8 path");
+    let mut routed = Vnf::start(
+        &wire.si,
+        "dockwall",
+        &["--state-dir", path, "run", "--side-timeout", "30"],
+    );
+    if let Err(error) = routed.wait_for_log("legs restored", Duration::from_secs(10)) {
+        panic!("{error}");
+    }
+    assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "restored");
+    assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
+    let links = wire.si.ip(&["-o", "link", "show"]);
+    assert!(
+        !links.contains("dockwall0"),
+        "stale bridge removed: {links}"
+    );
+    let tables = wire.si.exec("nft", &["list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("bridge"),
+        "stale bridge table removed: {}",
+        String::from_utf8_lossy(&tables.stdout)
+    );
+    assert!(
+        !state.path().join("transparent-legs.json").exists(),
+        "the record of the legs goes once they are restored"
+    );
+    routed.terminate();
+}
+
+#[test]
+fn a_refused_transparent_run_keeps_the_recorded_mode() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    let path = state.path().to_str().expect("utf-8 path");
+    let mut run = Vnf::start(
+        &wire.si,
+        "dockwall",
+        &[
+            "--state-dir",
+            path,
+            "run",
+            "--mode",
+            "transparent",
+            "--left",
+            "cidr:10.50.0.0/24",
+        ],
+    );
+    assert!(!run.wait_exit(Duration::from_secs(10)).success());
+    assert!(run.log().contains("pin the side by name"), "{}", run.log());
+    let status = cli(&wire.si, &state, &["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(
+        report["mode"], "in-network",
+        "the refused mode is not recorded"
+    );
 }

@@ -42,6 +42,11 @@ impl Kernel {
         Ok(Kernel { handle })
     }
 
+    /// The rtnetlink handle, for the requests this type has no method for.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// Subscribes to link and IPv4 address changes. Subscribe before the first dump so that
     /// no change between the dump and the subscription is missed.
     pub fn watch() -> Result<KernelEvents> {

@@ -6,34 +6,43 @@
 //!
 //! Without addresses the sides are found by selector (name or MAC: a CIDR selector cannot
 //! match an unaddressed leg) or by order of appearance; the SI's own bridge never counts as
-//! a leg. The legs' IPv4 addresses are taken off while bridged and put back on exit.
+//! a leg. The legs' IPv4 addresses are taken off while bridged and put back on exit; they
+//! are written to the state dir first, so the next start (in any mode) puts them back after
+//! a run that could not (kill -9, --on-exit keep).
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::firewall::compile::TABLE;
 use crate::firewall::mode::bridge_marks;
 use crate::firewall::nft::nft;
-use crate::kernel::Kernel;
+use crate::kernel::{is_errno, Kernel};
 use crate::runtime::{require_net_admin, sleep_until, OnExit, RuntimeConfig, SidesObserver};
 use crate::side::{assign, Assignment, Interface, Side, SideSelector};
 
 /// The bridge the SI creates between its legs.
 pub const BRIDGE: &str = "dockwall0";
 
-/// A leg as it was before the SI bridged it, to put back on exit.
-#[derive(Debug, Clone)]
+/// Where br_netfilter's per-namespace switches live; without them the bridge forwards
+/// without ever reaching the inet hooks, so nothing would be filtered.
+const BR_NETFILTER: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+/// The file in the state dir recording the legs before they are bridged.
+const LEGS_FILE: &str = "transparent-legs.json";
+
+/// A leg as it was before the SI bridged it, to put back on exit or on the next start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Leg {
-    index: u32,
     name: String,
     addresses: Vec<Ipv4Net>,
 }
@@ -47,7 +56,8 @@ pub async fn run(
 ) -> Result<()> {
     validate(&config)?;
     require_net_admin()?;
-    let handle = connect()?;
+    let kernel = Kernel::connect()?;
+    let handle = kernel.handle();
     tokio::pin!(shutdown);
     info!(
         left = %config.selectors.describe(Side::Left),
@@ -55,7 +65,6 @@ pub async fn run(
         bridge = BRIDGE,
         "starting in transparent mode"
     );
-    remove_stale_bridge(&handle).await?;
     let assignment = tokio::select! {
         found = wait_for_legs(&config, started) => found?,
         () = &mut shutdown => {
@@ -63,13 +72,21 @@ pub async fn run(
             return Ok(());
         }
     };
-    let mut legs = Vec::new();
-    let outcome = async {
+    let legs: Vec<Leg> = [Side::Left, Side::Right]
+        .into_iter()
+        .filter_map(|side| assignment.interface(side))
+        .map(|interface| Leg {
+            name: interface.name.clone(),
+            addresses: interface.addresses.clone(),
+        })
+        .collect();
+    let setup = async {
         // The firewall is in place before the bridge forwards anything.
         observer.sides_changed(&assignment)?;
         let (left, right) = leg_names(&assignment)?;
+        save_legs(&config.state_dir, &legs)?;
         nft(&["-f", "-"], Some(&replace_bridge_table(&left, &right)))?;
-        bridge_legs(&handle, &assignment, &mut legs).await?;
+        bridge_legs(handle, &assignment).await?;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             bridge = BRIDGE,
@@ -77,32 +94,69 @@ pub async fn run(
             %right,
             "forwarding ready"
         );
-        shutdown.await;
-        info!("shutdown requested");
         Ok(())
     }
     .await;
-    if let Err(error) = &outcome {
-        error!(%error, "stopping");
-    }
+    // A setup that failed half-way is always undone, whatever --on-exit says.
+    let on_exit = match &setup {
+        Ok(()) => {
+            shutdown.await;
+            info!("shutdown requested");
+            config.on_exit
+        }
+        Err(error) => {
+            error!(%error, "stopping; undoing the setup");
+            OnExit::Remove
+        }
+    };
     // The bridge goes first: without it nothing is forwarded while the firewall goes.
-    match config.on_exit {
+    match on_exit {
         OnExit::Remove => {
-            if let Err(error) = unbridge(&handle, &legs).await {
+            if let Err(error) = restore(handle, &config.state_dir, &legs).await {
                 error!(%error, "could not restore the legs");
             }
         }
-        OnExit::Keep => info!("bridge left in place (--on-exit keep)"),
+        OnExit::Keep => info!(
+            "bridge left in place (--on-exit keep); the next start puts the legs' addresses back"
+        ),
     }
-    if let Err(error) = observer.shutdown(config.on_exit) {
+    if let Err(error) = observer.shutdown(on_exit) {
         error!(%error, "shutdown incomplete");
     }
-    outcome
+    setup
 }
 
-/// What transparent mode cannot do, refused before anything changes.
-fn validate(config: &RuntimeConfig) -> Result<()> {
+/// Undoes what a transparent run left behind (killed, or --on-exit keep): removes the
+/// bridge and the bridge table and gives the recorded legs their addresses back. Every
+/// `run` calls it first, whatever its mode, so an in-network run after a transparent one
+/// finds its legs addressed.
+pub async fn recover(state_dir: &Path) -> Result<()> {
+    let legs = load_legs(state_dir)?;
+    let kernel = Kernel::connect()?;
+    let handle = kernel.handle();
+    let stale_bridge = link_index(handle, BRIDGE).await?.is_some();
+    let stale_table = nft(&["list", "table", "bridge", TABLE], None).is_ok();
+    if legs.is_none() && !stale_bridge && !stale_table {
+        return Ok(());
+    }
+    warn!(
+        bridge = BRIDGE,
+        legs = ?legs,
+        "an earlier transparent run left its bridge or legs behind (killed, or --on-exit keep); undoing it"
+    );
+    restore(handle, state_dir, legs.as_deref().unwrap_or_default()).await
+}
+
+/// What transparent mode cannot do, refused before anything changes (and before `run`
+/// records the mode with the rules).
+pub fn validate(config: &RuntimeConfig) -> Result<()> {
     config.selectors.validate()?;
+    if !Path::new(BR_NETFILTER).exists() {
+        return Err(Error::Vnf(format!(
+            "transparent mode needs br_netfilter ({BR_NETFILTER} is missing): without it the \
+             bridge forwards without filtering; run `modprobe br_netfilter` on the host"
+        )));
+    }
     if !config.dhcp.sides.is_empty() {
         return Err(Error::invalid(
             "dhcp",
@@ -122,20 +176,54 @@ fn validate(config: &RuntimeConfig) -> Result<()> {
     Ok(())
 }
 
-fn connect() -> Result<Handle> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Netlink {
-        operation: "open socket".into(),
-        source,
-    })?;
-    tokio::spawn(connection);
-    Ok(handle)
-}
-
+/// Keeps the kernel's errno, so callers can tell EEXIST from a failure.
 fn netlink_error(operation: String) -> impl FnOnce(rtnetlink::Error) -> Error {
     move |error| Error::Netlink {
         operation,
-        source: std::io::Error::other(error.to_string()),
+        source: match &error {
+            rtnetlink::Error::NetlinkError(message) => message.to_io(),
+            _ => std::io::Error::other(error.to_string()),
+        },
     }
+}
+
+fn legs_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(LEGS_FILE)
+}
+
+/// Records the legs (written whole, then renamed) before anything about them changes.
+fn save_legs(state_dir: &Path, legs: &[Leg]) -> Result<()> {
+    let path = legs_path(state_dir);
+    let io = |source| Error::Io {
+        context: format!("record the legs in {}", path.display()),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    let text = serde_json::to_string_pretty(legs)
+        .map_err(|error| Error::Vnf(format!("serialize the legs: {error}")))?;
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, text).map_err(io)?;
+    std::fs::rename(&partial, &path).map_err(io)
+}
+
+fn load_legs(state_dir: &Path) -> Result<Option<Vec<Leg>>> {
+    let path = legs_path(state_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Io {
+                context: format!("read the recorded legs {}", path.display()),
+                source,
+            })
+        }
+    };
+    serde_json::from_str(&text).map(Some).map_err(|error| {
+        Error::Vnf(format!(
+            "{} is unreadable ({error}); give the legs their addresses back by hand and delete it",
+            path.display()
+        ))
+    })
 }
 
 /// The namespace's interfaces without the SI's own bridge, which is no leg.
@@ -200,24 +288,6 @@ fn replace_bridge_table(left: &str, right: &str) -> String {
     )
 }
 
-/// A bridge a killed run left behind would hold the legs: remove it, so they can be
-/// bridged afresh. Their addresses are gone with that run; say so.
-async fn remove_stale_bridge(handle: &Handle) -> Result<()> {
-    if let Some(bridge) = link_index(handle, BRIDGE).await? {
-        warn!(
-            bridge = BRIDGE,
-            "a bridge from an earlier run is here (killed without cleanup?); removing it: the legs' old addresses cannot be restored"
-        );
-        handle
-            .link()
-            .del(bridge)
-            .execute()
-            .await
-            .map_err(netlink_error(format!("delete the stale bridge {BRIDGE}")))?;
-    }
-    Ok(())
-}
-
 async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
     Ok(links(handle)
         .await?
@@ -226,9 +296,8 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
         .map(|link| link.index))
 }
 
-/// Takes the legs' IPv4 addresses off, creates the bridge and enslaves both legs. `legs`
-/// records each leg before it is changed, so a failure half-way is undone on exit.
-async fn bridge_legs(handle: &Handle, assignment: &Assignment, legs: &mut Vec<Leg>) -> Result<()> {
+/// Takes the legs' IPv4 addresses off, creates the bridge and enslaves both legs.
+async fn bridge_legs(handle: &Handle, assignment: &Assignment) -> Result<()> {
     let bridge_message = LinkBridge::new(BRIDGE)
         .nf_call_iptables(true)
         .nf_call_ip6tables(true)
@@ -246,11 +315,6 @@ async fn bridge_legs(handle: &Handle, assignment: &Assignment, legs: &mut Vec<Le
         let Some(interface) = assignment.interface(side) else {
             continue;
         };
-        legs.push(Leg {
-            index: interface.index,
-            name: interface.name.clone(),
-            addresses: interface.addresses.clone(),
-        });
         for address in &interface.addresses {
             delete_address(handle, interface.index, address).await?;
         }
@@ -295,34 +359,63 @@ async fn delete_address(handle: &Handle, index: u32, address: &Ipv4Net) -> Resul
     Ok(())
 }
 
-/// Removes the bridge and the bridge table and gives the legs their addresses back.
-async fn unbridge(handle: &Handle, legs: &[Leg]) -> Result<()> {
-    if let Some(bridge) = link_index(handle, BRIDGE).await? {
-        handle
+/// Removes the bridge and the bridge table and gives the legs their addresses back, each
+/// step tried whatever the others did (an address already back is no failure); the record
+/// of the legs goes only once all of it worked, so a later start can try again.
+async fn restore(handle: &Handle, state_dir: &Path, legs: &[Leg]) -> Result<()> {
+    let mut failures: Vec<String> = Vec::new();
+    let links = links(handle).await?;
+    if let Some(bridge) = links.iter().find(|link| link.name == BRIDGE) {
+        if let Err(error) = handle
             .link()
-            .del(bridge)
+            .del(bridge.index)
             .execute()
             .await
-            .map_err(netlink_error(format!("delete the bridge {BRIDGE}")))?;
+            .map_err(netlink_error(format!("delete the bridge {BRIDGE}")))
+        {
+            failures.push(error.to_string());
+        }
     }
-    nft(
+    if let Err(error) = nft(
         &["-f", "-"],
         Some(&format!(
             "add table bridge {TABLE}\ndelete table bridge {TABLE}\n"
         )),
-    )?;
+    ) {
+        failures.push(error.to_string());
+    }
     for leg in legs {
+        let Some(link) = links.iter().find(|link| link.name == leg.name) else {
+            warn!(leg = %leg.name, addresses = ?leg.addresses, "the leg is gone; nothing to give back");
+            continue;
+        };
         for address in &leg.addresses {
-            handle
+            let added = handle
                 .address()
-                .add(leg.index, IpAddr::V4(address.addr()), address.prefix_len())
+                .add(link.index, IpAddr::V4(address.addr()), address.prefix_len())
                 .execute()
                 .await
                 .map_err(netlink_error(format!(
                     "give {} its address {address} back",
                     leg.name
-                )))?;
+                )));
+            match added {
+                Err(error) if !is_errno(&error, libc::EEXIST) => failures.push(error.to_string()),
+                _ => {}
+            }
         }
+    }
+    if !failures.is_empty() {
+        return Err(Error::Vnf(format!(
+            "restoring the legs failed: {}",
+            failures.join("; ")
+        )));
+    }
+    match std::fs::remove_file(legs_path(state_dir)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            warn!(%error, "could not delete the record of the legs");
+        }
+        _ => {}
     }
     info!(bridge = BRIDGE, "bridge removed, legs restored");
     Ok(())
@@ -379,18 +472,20 @@ pub struct LegStatus {
 /// Transparent mode's half of `status`: the bridge, the legs, the bridge table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    /// br_netfilter present: without it the bridge forwards unfiltered.
+    pub br_netfilter: bool,
     pub bridge: String,
     pub bridge_up: bool,
     pub legs: Vec<LegStatus>,
     pub bridge_table: bool,
-    /// Bridge up, both legs in it without IPv4 addresses, the bridge table present.
+    /// br_netfilter present, bridge up, both legs in it without IPv4 addresses, the bridge
+    /// table present.
     pub converged: bool,
 }
 
 pub async fn status(config: &RuntimeConfig) -> Result<Status> {
-    let handle = connect()?;
     let kernel = Kernel::connect()?;
-    let links = links(&handle).await?;
+    let links = links(kernel.handle()).await?;
     let bridge = links.iter().find(|link| link.name == BRIDGE);
     let assignment = assign(&config.selectors, &legs_and_others(&kernel).await?)?;
     let legs: Vec<LegStatus> = [Side::Left, Side::Right]
@@ -413,12 +508,15 @@ pub async fn status(config: &RuntimeConfig) -> Result<Status> {
         .collect();
     let bridge_table = nft(&["list", "table", "bridge", TABLE], None).is_ok();
     let bridge_up = bridge.is_some_and(|b| b.up);
-    let converged = bridge_up
+    let br_netfilter = Path::new(BR_NETFILTER).exists();
+    let converged = br_netfilter
+        && bridge_up
         && bridge_table
         && legs
             .iter()
             .all(|leg| leg.bridged && leg.addresses.is_empty());
     Ok(Status {
+        br_netfilter,
         bridge: BRIDGE.into(),
         bridge_up,
         legs,
@@ -443,6 +541,11 @@ impl Status {
                 "MISSING"
             }
         );
+        if !self.br_netfilter {
+            text += &format!(
+                "  br_netfilter MISSING ({BR_NETFILTER}): bridged traffic is NOT filtered; run `modprobe br_netfilter` on the host\n"
+            );
+        }
         for leg in &self.legs {
             let state = match (&leg.interface, leg.bridged) {
                 (None, _) => "no interface".to_string(),

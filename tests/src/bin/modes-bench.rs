@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::measure::{
-    iperf_tcp_gbps, median, min_max, new_connections_per_second, round_order, IPERF_SECONDS,
+    iperf_tcp_gbps, median, min_max, new_connections, round_order, IPERF_SECONDS,
 };
 use docknfv_tests::netns::Netns;
 use docknfv_tests::prereq::require_command;
@@ -111,6 +111,7 @@ fn main() {
         },
     ];
     let (mut throughput, mut rate): ([Vec<f64>; 3], [Vec<f64>; 3]) = Default::default();
+    let mut failed = [0usize; 3];
     for round in 0..ROUNDS {
         for contender in round_order(round, paths.len()) {
             let path = &paths[contender];
@@ -124,12 +125,9 @@ fn main() {
         let port = 6100 + round as u16;
         for contender in round_order(round, paths.len()) {
             let path = &paths[contender];
-            rate[contender].push(new_connections_per_second(
-                path.client,
-                path.server,
-                path.address,
-                port,
-            ));
+            let measured = new_connections(path.client, path.server, path.address, port);
+            rate[contender].push(measured.per_second);
+            failed[contender] += measured.failed;
         }
     }
     let spread = |values: &[f64], digits: usize| {
@@ -144,6 +142,7 @@ fn main() {
     let throughput_spread = throughput.each_ref().map(|v| spread(v, 2));
     let rate_spread = rate.each_ref().map(|v| spread(v, 0));
     let throughput_samples = format!("{throughput:.2?}");
+    let rate_samples = format!("{rate:.0?}");
     let gbps = throughput.each_mut().map(|v| median(v));
     let per_second = rate.each_mut().map(|v| median(v));
     println!("| measure | {} | {} | {} |", names[0], names[1], names[2]);
@@ -167,10 +166,15 @@ fn main() {
         per_second[2] / per_second[0]
     );
     println!(
-        "\n{} cores, benchmark took {:.0} s; throughput samples (Gbit/s, in the columns' order): {throughput_samples}",
+        "\n{} cores, benchmark took {:.0} s. Samples in the columns' order, throughput (Gbit/s): \
+         {throughput_samples}; connections/s: {rate_samples}; failed connection attempts: {failed:?}",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         started.elapsed().as_secs_f64()
+    );
+    println!(
+        "The in-network path crosses two more routers (the gateways) than the bridged ones: \
+         its ratio is not hop for hop."
     );
 }

@@ -170,6 +170,7 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         conntrack_rule(&["established", "related"], Statement::Accept(None)),
         conntrack_rule(&["invalid"], Statement::Drop(None)),
     ];
+    forward.extend(mode::dnat_filter(rule_set.mode, sides));
     forward.extend(mode::forward_dispatch(rule_set.mode, sides));
     compiled.chains.push(base_chain(
         CHAIN_FORWARD,

@@ -3,12 +3,13 @@
 
 use std::fmt;
 
-use nftables::expr::{Expression, MetaKey};
-use nftables::stmt::{JumpTarget, Statement};
+use nftables::expr::{Expression, MetaKey, Range};
+use nftables::stmt::{JumpTarget, Match, Operator, Statement};
 use serde::{Deserialize, Serialize};
 
 use super::compile::{
-    counter, jump_between, matches, meta, rule, string, Sides, CHAIN_FROM_LEFT, CHAIN_FROM_RIGHT,
+    counter, ct, jump_between, matches, meta, payload, rule, string, Sides, CHAIN_FROM_LEFT,
+    CHAIN_FROM_RIGHT,
 };
 use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
 use nftables::schema::Rule as NftRule;
@@ -52,6 +53,12 @@ impl fmt::Display for ServiceMode {
     }
 }
 
+/// IPPROTO_ICMPV6, and the ICMPv6 types of router solicitation (133) up to neighbour
+/// advertisement (136): RS, RA, NS, NA; redirects (137) are left to the rules.
+const ICMPV6: u32 = 58;
+const ROUTER_SOLICITATION: u32 = 133;
+const NEIGHBOR_ADVERTISEMENT: u32 = 136;
+
 /// The comment on the rules a mode adds, so `nft list` says where they come from.
 fn mode_comment(mode: ServiceMode, what: &str) -> Option<String> {
     Some(format!("mode {mode}: {what}"))
@@ -67,30 +74,80 @@ pub fn sides_for(mode: ServiceMode, sides: Sides<'_>) -> Sides<'_> {
     }
 }
 
+/// In in-network-nat mode, the forward chain's rule before the DNAT allowances: a new
+/// connection DNAT forwards from the right to the left goes through the right-to-left rules
+/// first (their verdicts and FWaaS's right-to-left policy decide); one they leave undecided
+/// is accepted by its DNAT allowance.
+pub fn dnat_filter(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
+    let (ServiceMode::InNetworkNat, Some(left), Some(right)) = (mode, sides.left, sides.right)
+    else {
+        return Vec::new();
+    };
+    vec![rule(
+        vec![
+            matches(meta(MetaKey::Iifname), string(&right.name)),
+            matches(meta(MetaKey::Oifname), string(&left.name)),
+            // A bit test: `==` would demand that dnat is the only status bit set.
+            Statement::Match(Match {
+                left: ct("status"),
+                right: string("dnat"),
+                op: Operator::IN,
+            }),
+            Statement::Jump(JumpTarget {
+                target: CHAIN_FROM_RIGHT.into(),
+            }),
+        ],
+        mode_comment(mode, "DNAT'd right-to-left through the right-to-left rules"),
+    )]
+}
+
 /// The forward chain's dispatch into the per-direction chains, after the conntrack and DNAT
 /// rules. In in-network-nat mode a new connection from the right to the left that no DNAT
-/// rule let through (those are accepted before this) is dropped before any filter rule.
+/// rule let through is dropped (the right-to-left rules apply to the DNAT'd ones, see
+/// [`dnat_filter`]).
 pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
     if mode == ServiceMode::Transparent {
+        // IPv6 neighbour and router discovery is what ARP is for IPv4, which the bridge
+        // passes unfiltered: without it a default deny would cut IPv6 across the bridge.
+        let discovery = rule(
+            vec![
+                matches(meta(MetaKey::L4proto), Expression::Number(ICMPV6)),
+                matches(
+                    payload("icmpv6", "type"),
+                    Expression::Range(Box::new(Range {
+                        range: [
+                            Expression::Number(ROUTER_SOLICITATION),
+                            Expression::Number(NEIGHBOR_ADVERTISEMENT),
+                        ],
+                    })),
+                ),
+                counter(),
+                Statement::Accept(None),
+            ],
+            mode_comment(mode, "IPv6 neighbour discovery across the bridge"),
+        );
         // Bridged packets reach the inet hooks (br_netfilter) with the bridge as both
         // iif and oif: the mark says which leg they came in on.
-        return [
-            (LEFT_INGRESS_MARK, CHAIN_FROM_LEFT),
-            (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
-        ]
-        .into_iter()
-        .map(|(mark, chain)| {
-            rule(
-                vec![
-                    matches(meta(MetaKey::Mark), Expression::Number(mark)),
-                    Statement::Jump(JumpTarget {
-                        target: chain.into(),
-                    }),
-                ],
-                None,
+        return std::iter::once(discovery)
+            .chain(
+                [
+                    (LEFT_INGRESS_MARK, CHAIN_FROM_LEFT),
+                    (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
+                ]
+                .into_iter()
+                .map(|(mark, chain)| {
+                    rule(
+                        vec![
+                            matches(meta(MetaKey::Mark), Expression::Number(mark)),
+                            Statement::Jump(JumpTarget {
+                                target: chain.into(),
+                            }),
+                        ],
+                        None,
+                    )
+                }),
             )
-        })
-        .collect();
+            .collect();
     }
     let (Some(left), Some(right)) = (sides.left, sides.right) else {
         return Vec::new();
@@ -113,16 +170,19 @@ pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'sta
 }
 
 /// The postrouting rules a mode adds after the operator's NAT rules (which match first):
-/// in-network-nat masquerades everything leaving the right side.
+/// in-network-nat masquerades IPv4 forwarded from the left out of the right side (not the
+/// SI's own traffic, nor management's).
 pub fn implicit_nat(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
-    match (mode, sides.right) {
-        (ServiceMode::InNetworkNat, Some(right)) => vec![rule(
+    match (mode, sides.left, sides.right) {
+        (ServiceMode::InNetworkNat, Some(left), Some(right)) => vec![rule(
             vec![
+                matches(meta(MetaKey::Iifname), string(&left.name)),
                 matches(meta(MetaKey::Oifname), string(&right.name)),
+                matches(meta(MetaKey::Nfproto), string("ipv4")),
                 counter(),
                 Statement::Masquerade(None),
             ],
-            mode_comment(mode, "masquerade out of the right side"),
+            mode_comment(mode, "masquerade left-to-right out of the right side"),
         )],
         _ => Vec::new(),
     }
@@ -181,8 +241,12 @@ mod tests {
     #[test]
     fn in_network_nat_masquerades_out_of_the_right_and_drops_undnatted_right_to_left() {
         let text = compiled_text(ServiceMode::InNetworkNat);
-        assert!(text.contains("mode in-network-nat: masquerade out of the right side"));
+        assert!(
+            text.contains("mode in-network-nat: masquerade left-to-right out of the right side")
+        );
         assert!(text.contains("mode in-network-nat: right-to-left only through DNAT"));
+        assert!(text
+            .contains("mode in-network-nat: DNAT'd right-to-left through the right-to-left rules"));
         let plain = compiled_text(ServiceMode::InNetwork);
         assert!(!plain.contains("masquerade"), "in-network adds nothing");
         assert!(!plain.contains("mode "), "in-network adds nothing");
@@ -194,6 +258,10 @@ mod tests {
         assert!(!text.contains("eth0") && !text.contains("eth1"), "{text}");
         assert!(text.contains(&LEFT_INGRESS_MARK.to_string()), "{text}");
         assert!(text.contains(&RIGHT_INGRESS_MARK.to_string()), "{text}");
+        assert!(
+            text.contains("mode transparent: IPv6 neighbour discovery across the bridge"),
+            "{text}"
+        );
         let marks = bridge_marks("eth0", "eth1");
         assert!(marks.starts_with("table bridge dockwall"), "{marks}");
         assert!(
