@@ -135,7 +135,9 @@ fn check_network_attachment(object: &Value) -> Result<(), String> {
         .and_then(Value::as_mapping)
         .ok_or("no spec")?;
     if let Some(key) = spec.keys().find(|key| key.as_str() != Some("config")) {
-        return Err(format!("spec.{key:?}: a NetworkAttachmentDefinition's spec has only `config`"));
+        return Err(format!(
+            "spec.{key:?}: a NetworkAttachmentDefinition's spec has only `config`"
+        ));
     }
     let config = spec
         .get("config")
@@ -160,7 +162,9 @@ fn check_cni_config(config: &serde_json::Value) -> Result<(), String> {
     const CNI_VERSIONS: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "0.2.0"];
     let version = config["cniVersion"].as_str().ok_or("no cniVersion")?;
     if !CNI_VERSIONS.contains(&version) {
-        return Err(format!("cniVersion {version:?} is not one of {CNI_VERSIONS:?}"));
+        return Err(format!(
+            "cniVersion {version:?} is not one of {CNI_VERSIONS:?}"
+        ));
     }
     config["name"].as_str().ok_or("no name")?;
     let plugins: Vec<&serde_json::Value> = match (&config["type"], &config["plugins"]) {
@@ -309,7 +313,11 @@ fn service_instances_pin_their_multus_legs_as_sides() {
             interfaces.insert(interface.to_owned(), network.to_owned());
         }
         let container = &template["spec"]["containers"][0];
-        let pins = [("VNF_LEFT", "net1"), ("VNF_RIGHT", "net2"), ("VNF_MGMT", "eth0")];
+        let pins = [
+            ("VNF_LEFT", "net1"),
+            ("VNF_RIGHT", "net2"),
+            ("VNF_MGMT", "eth0"),
+        ];
         for (variable, interface) in pins {
             assert_eq!(
                 env_value(container, variable),
@@ -377,5 +385,378 @@ fn the_kustomization_lists_every_manifest() {
         .filter_map(|(path, _)| Some(path.file_name()?.to_str()?.to_owned()))
         .filter(|file| file != "kustomization.yaml")
         .collect();
-    assert_eq!(listed, files, "the kustomization must list exactly the manifests");
+    assert_eq!(
+        listed, files,
+        "the kustomization must list exactly the manifests"
+    );
+}
+
+/// Heat's template versions (the dated ones and the release names that alias them).
+const HEAT_TEMPLATE_VERSIONS: [&str; 17] = [
+    "2013-05-23",
+    "2014-10-16",
+    "2015-04-30",
+    "2015-10-15",
+    "2016-04-08",
+    "2016-10-14",
+    "2017-02-24",
+    "2017-09-01",
+    "2018-03-02",
+    "2018-08-31",
+    "2021-04-16",
+    "newton",
+    "ocata",
+    "pike",
+    "queens",
+    "rocky",
+    "wallaby",
+];
+
+/// Parameters Heat defines for every stack.
+const HEAT_PSEUDO_PARAMETERS: [&str; 4] = [
+    "OS::stack_name",
+    "OS::stack_id",
+    "OS::project_id",
+    "OS::region_name",
+];
+
+/// One reference an intrinsic function or a resource attribute makes.
+#[derive(Debug)]
+enum HeatReference {
+    Resource(String),
+    Parameter(String),
+    Condition(String),
+}
+
+/// The references in `value`: `get_resource`, `get_attr`, `get_param`, and the condition
+/// names of `if`.
+fn heat_references(value: &Value, found: &mut Vec<HeatReference>) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, argument) in map {
+                let first = || match argument {
+                    Value::Sequence(list) => list.first().and_then(Value::as_str),
+                    other => other.as_str(),
+                };
+                let name = first().unwrap_or_default().to_owned();
+                match key.as_str() {
+                    Some("get_resource" | "get_attr") => found.push(HeatReference::Resource(name)),
+                    Some("get_param") => found.push(HeatReference::Parameter(name)),
+                    Some("if") => found.push(HeatReference::Condition(name)),
+                    _ => {}
+                }
+                heat_references(argument, found);
+            }
+        }
+        Value::Sequence(list) => list.iter().for_each(|item| heat_references(item, found)),
+        _ => {}
+    }
+}
+
+fn names_in(list: &Value) -> Vec<String> {
+    match list {
+        Value::String(name) => vec![name.clone()],
+        Value::Sequence(names) => names
+            .iter()
+            .filter_map(|name| name.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The names a Heat template defines, for resolving its references.
+struct HeatNames {
+    parameters: BTreeSet<String>,
+    resources: BTreeSet<String>,
+    conditions: BTreeSet<String>,
+}
+
+impl HeatNames {
+    /// Reports the references in `value` that resolve to nothing; records the parameters
+    /// used and, for a resource, the resources it depends on.
+    fn check(
+        &self,
+        place: &str,
+        value: &Value,
+        problems: &mut Vec<String>,
+        used_parameters: &mut BTreeSet<String>,
+        mut depends: Option<&mut BTreeSet<String>>,
+    ) {
+        let mut found = Vec::new();
+        heat_references(value, &mut found);
+        for reference in found {
+            match reference {
+                HeatReference::Resource(name) if self.resources.contains(&name) => {
+                    if let Some(depends) = depends.as_deref_mut() {
+                        depends.insert(name);
+                    }
+                }
+                HeatReference::Resource(name) => problems.push(format!(
+                    "{place}: get_resource/get_attr {name:?}: no such resource"
+                )),
+                HeatReference::Parameter(name) => {
+                    if self.parameters.contains(&name) {
+                        used_parameters.insert(name);
+                    } else if !HEAT_PSEUDO_PARAMETERS.contains(&name.as_str()) {
+                        problems.push(format!("{place}: get_param {name:?}: no such parameter"));
+                    }
+                }
+                HeatReference::Condition(name) if self.conditions.contains(&name) => {}
+                HeatReference::Condition(name) => {
+                    problems.push(format!("{place}: if {name:?}: no such condition"))
+                }
+            }
+        }
+    }
+}
+
+/// What is wrong with a Heat template: its version, its sections, every reference, unused
+/// parameters, defaults outside their allowed values, and dependency cycles.
+fn heat_template_problems(template: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let sections: BTreeSet<&str> = [
+        "heat_template_version",
+        "description",
+        "parameter_groups",
+        "parameters",
+        "resources",
+        "outputs",
+        "conditions",
+    ]
+    .into();
+    let Some(top) = template.as_mapping() else {
+        return vec!["not a mapping".into()];
+    };
+    for key in top.keys() {
+        let key = key.as_str().unwrap_or_default();
+        if !sections.contains(key) {
+            problems.push(format!("unknown section {key:?}"));
+        }
+    }
+    let version = match &template["heat_template_version"] {
+        Value::String(text) => text.clone(),
+        // An unquoted date parses as a string in YAML 1.2; keep other scalars readable.
+        other => format!("{other:?}"),
+    };
+    if !HEAT_TEMPLATE_VERSIONS.contains(&version.as_str()) {
+        problems.push(format!(
+            "heat_template_version {version} is not one of {HEAT_TEMPLATE_VERSIONS:?}"
+        ));
+    }
+    let keys = |section: &str| -> BTreeSet<String> {
+        template[section]
+            .as_mapping()
+            .map(|map| {
+                map.keys()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let parameters = keys("parameters");
+    let resources = keys("resources");
+    let conditions = keys("conditions");
+    if resources.is_empty() {
+        problems.push("no resources".into());
+    }
+    let resource_keys: BTreeSet<&str> = [
+        "type",
+        "properties",
+        "metadata",
+        "depends_on",
+        "update_policy",
+        "deletion_policy",
+        "external_id",
+        "condition",
+    ]
+    .into();
+    let names = HeatNames {
+        parameters,
+        resources,
+        conditions,
+    };
+    let mut used_parameters = BTreeSet::new();
+    let mut dependencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (name, resource) in template["resources"].as_mapping().into_iter().flatten() {
+        let name = name.as_str().unwrap_or_default().to_owned();
+        let place = format!("resource {name}");
+        let mut depends = BTreeSet::new();
+        for key in resource.as_mapping().into_iter().flat_map(|map| map.keys()) {
+            let key = key.as_str().unwrap_or_default();
+            if !resource_keys.contains(key) {
+                problems.push(format!("{place}: unknown key {key:?}"));
+            }
+        }
+        if resource["type"].as_str().is_none_or(str::is_empty) {
+            problems.push(format!("{place}: no type"));
+        }
+        for dependency in names_in(&resource["depends_on"]) {
+            if names.resources.contains(&dependency) {
+                depends.insert(dependency);
+            } else {
+                problems.push(format!(
+                    "{place}: depends_on {dependency:?}: no such resource"
+                ));
+            }
+        }
+        for condition in names_in(&resource["condition"]) {
+            if !names.conditions.contains(&condition) {
+                problems.push(format!(
+                    "{place}: condition {condition:?}: no such condition"
+                ));
+            }
+        }
+        names.check(
+            &place,
+            &resource["properties"],
+            &mut problems,
+            &mut used_parameters,
+            Some(&mut depends),
+        );
+        dependencies.insert(name, depends);
+    }
+    for (name, output) in template["outputs"].as_mapping().into_iter().flatten() {
+        let place = format!("output {}", name.as_str().unwrap_or_default());
+        names.check(&place, output, &mut problems, &mut used_parameters, None);
+    }
+    names.check(
+        "conditions",
+        &template["conditions"],
+        &mut problems,
+        &mut used_parameters,
+        None,
+    );
+    for unused in names.parameters.difference(&used_parameters) {
+        problems.push(format!(
+            "parameter {unused} is never used (a misspelt get_param?)"
+        ));
+    }
+    for (name, parameter) in template["parameters"].as_mapping().into_iter().flatten() {
+        let allowed = parameter["constraints"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find_map(|constraint| constraint["allowed_values"].as_sequence());
+        if let (Some(allowed), Some(default)) = (allowed, parameter.get("default")) {
+            if !allowed.contains(default) {
+                problems.push(format!(
+                    "parameter {}: default {default:?} is not an allowed value",
+                    name.as_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    if let Some(cycle) = dependency_cycle(&dependencies) {
+        problems.push(format!("circular dependency: {}", cycle.join(" → ")));
+    }
+    problems
+}
+
+/// A cycle among the resources' dependencies, if any (Heat refuses such a template).
+fn dependency_cycle(dependencies: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        dependencies: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in dependencies.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, dependencies, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    dependencies
+        .keys()
+        .find_map(|node| visit(node, dependencies, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn heat_templates_parse_and_every_reference_resolves() {
+    let mut failures = Vec::new();
+    for (path, text) in yaml_files(&deploy_dir("openstack")) {
+        let template: Value = match serde_yaml::from_str(&text) {
+            Ok(template) => template,
+            Err(error) => {
+                failures.push(format!("{}: not YAML: {error}", path.display()));
+                continue;
+            }
+        };
+        for problem in heat_template_problems(&template) {
+            failures.push(format!("{}: {problem}", path.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_service_mode_parameter_offers_exactly_dockwalls_modes() {
+    let path = deploy_dir("openstack").join("service-chain.yaml");
+    let template: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).expect("service-chain.yaml"))
+            .expect("YAML");
+    let allowed = &template["parameters"]["service_mode"]["constraints"][0]["allowed_values"];
+    assert_eq!(
+        *allowed,
+        serde_yaml::to_value(["in-network", "in-network-nat", "transparent"]).expect("YAML"),
+        "Contrail's service modes are Dockwall's --mode values"
+    );
+    let environment = &template["resources"]["dockwall"]["properties"]["environment"];
+    assert_eq!(
+        environment["DOCKWALL_MODE"]["get_param"].as_str(),
+        Some("service_mode"),
+        "Dockwall's mode must follow the service template's"
+    );
+}
+
+#[test]
+fn the_heat_check_catches_broken_references() {
+    let template: Value = serde_yaml::from_str(
+        "heat_template_version: 2018-08-31
+parameters:
+  unused: {type: string}
+resources:
+  a:
+    type: OS::Neutron::Net
+    properties: {name: {get_param: missing}}
+    depends_on: [b]
+  b:
+    type: OS::Neutron::Port
+    properties: {network: {get_resource: a}, x: {get_attr: [nowhere, id]}}
+",
+    )
+    .expect("YAML");
+    let problems = heat_template_problems(&template).join("\n");
+    for expected in [
+        "get_param \"missing\"",
+        "\"nowhere\": no such resource",
+        "parameter unused is never used",
+        "circular dependency",
+    ] {
+        assert!(
+            problems.contains(expected),
+            "{expected} not reported in:\n{problems}"
+        );
+    }
+    let dated: Value =
+        serde_yaml::from_str("heat_template_version: 2019-01-01\nresources: {}").expect("YAML");
+    assert!(
+        heat_template_problems(&dated)
+            .join("\n")
+            .contains("heat_template_version"),
+        "an unknown version passes"
+    );
 }
