@@ -4,11 +4,13 @@
 //! parallel.
 
 pub mod chain;
+pub mod compose;
 pub mod demo;
 pub mod dhcp_server;
 pub mod dnsmasq;
 pub mod docker;
 pub mod dockwall;
+pub mod graph;
 pub mod measure;
 pub mod netns;
 pub mod openvpn;
