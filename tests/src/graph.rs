@@ -270,10 +270,9 @@ fn read_container(docker: &DockerClient, id: &str) -> Result<ContainerNode, Stri
         .network_settings
         .and_then(|settings| settings.networks)
         .unwrap_or_default();
-    let sides_by_mac = match &binary {
-        Some(binary) => Some(sides_by_mac(docker, id, binary)),
-        None => None,
-    };
+    let sides_by_mac = binary
+        .as_ref()
+        .map(|binary| sides_by_mac(docker, id, binary));
     let mut legs: Vec<Leg> = endpoints
         .into_iter()
         .map(|(network, endpoint)| {
