@@ -109,23 +109,34 @@ impl std::ops::Deref for DockerChain {
 impl DockerClient {
     /// Panics unless a Docker daemon answers and the chain images exist.
     pub fn connect() -> DockerClient {
-        let docker = Docker::connect_with_local_defaults()
-            .unwrap_or_else(|e| panic!("no Docker client: {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            if let Err(error) = docker.ping().await {
-                panic!("the Docker daemon does not answer ({error}): install docker.io and start dockerd (cargo xtask test does both)");
-            }
+        let client = DockerClient::connect_daemon().unwrap_or_else(|error| panic!("{error}"));
+        client.block_on(async {
             for image in [DOCKWALL_IMAGE, DOCKVPN_IMAGE, DNSMASQ_IMAGE, HOST_IMAGE] {
-                if docker.inspect_image(image).await.is_err() {
+                if client.docker.inspect_image(image).await.is_err() {
                     panic!("image {image} is missing: run `cargo xtask images` (cargo xtask test does)");
                 }
             }
         });
-        DockerClient { runtime, docker }
+        client
+    }
+
+    /// A client of the local Docker daemon, once it answers (no images needed).
+    pub fn connect_daemon() -> Result<DockerClient, String> {
+        let docker =
+            Docker::connect_with_local_defaults().map_err(|e| format!("no Docker client: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        runtime.block_on(docker.ping()).map_err(|error| {
+            format!("the Docker daemon does not answer ({error}): install docker.io and start dockerd (cargo xtask test does both)")
+        })?;
+        Ok(DockerClient { runtime, docker })
+    }
+
+    /// The bollard client, for queries the helpers here do not cover.
+    pub fn api(&self) -> &Docker {
+        &self.docker
     }
 
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
@@ -134,6 +145,21 @@ impl DockerClient {
 
     /// `docker exec CONTAINER CMD…`: exit code and combined output.
     pub fn exec(&self, container: &str, cmd: &[&str]) -> (i64, String) {
+        self.run_exec(container, cmd, true)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// `docker exec CONTAINER CMD…`: exit code and standard output, or why it could not run.
+    pub fn exec_stdout(&self, container: &str, cmd: &[&str]) -> Result<(i64, String), String> {
+        self.run_exec(container, cmd, false)
+    }
+
+    fn run_exec(
+        &self,
+        container: &str,
+        cmd: &[&str],
+        with_stderr: bool,
+    ) -> Result<(i64, String), String> {
         self.block_on(async {
             let exec = self
                 .docker
@@ -142,18 +168,18 @@ impl DockerClient {
                     ExecConfig {
                         cmd: Some(cmd.iter().map(|s| s.to_string()).collect()),
                         attach_stdout: Some(true),
-                        attach_stderr: Some(true),
+                        attach_stderr: Some(with_stderr),
                         ..Default::default()
                     },
                 )
                 .await
-                .unwrap_or_else(|e| panic!("exec {cmd:?} in {container}: {e}"));
+                .map_err(|e| format!("exec {cmd:?} in {container}: {e}"))?;
             let mut text = String::new();
             if let bollard::exec::StartExecResults::Attached { mut output, .. } = self
                 .docker
                 .start_exec(&exec.id, None)
                 .await
-                .unwrap_or_else(|e| panic!("start exec: {e}"))
+                .map_err(|e| format!("start exec {cmd:?} in {container}: {e}"))?
             {
                 while let Some(Ok(chunk)) = output.next().await {
                     text.push_str(&chunk.to_string());
@@ -166,7 +192,7 @@ impl DockerClient {
                 .ok()
                 .and_then(|i| i.exit_code)
                 .unwrap_or(-1);
-            (code, text)
+            Ok((code, text))
         })
     }
 

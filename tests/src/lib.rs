@@ -4,12 +4,14 @@
 //! parallel.
 
 pub mod chain;
+pub mod compose;
 pub mod demo;
 pub mod dhcp_server;
 pub mod dnsmasq;
 pub mod docker;
 pub mod dockwall;
 pub mod dockwall_api;
+pub mod graph;
 pub mod measure;
 pub mod netns;
 pub mod openvpn;

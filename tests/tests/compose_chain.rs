@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use docknfv_tests::compose::ComposeChain;
 use docknfv_tests::docker::{DockerClient, HOST_IMAGE};
 use docknfv_tests::netns::run_checked;
 use docknfv_tests::openvpn::CONNECTED;
-use docknfv_tests::prereq::require_command;
 
 /// Without dashes: docker-compose 1.29 strips them from project names, Compose v2 keeps them.
 const PROJECT: &str = "docknfvcomposetest";
@@ -33,86 +33,58 @@ fn docker_cli(args: &[&str]) -> String {
     run_checked(Command::new("docker").args(args))
 }
 
-/// The compose chain of this test's project; `down` on drop, also when the test fails.
-struct ComposeChain {
-    docker: DockerClient,
-    script: PathBuf,
+/// The compose chain of this test's project with the VPN clients' profiles; the clients
+/// and profiles are removed on drop, then the chain is taken down.
+struct ComposeTest {
+    chain: ComposeChain,
     /// Where the VPN client's profile is written for its bind mount.
     profile: PathBuf,
     /// Where the WireGuard client's wg-quick profile is written for its bind mount.
     wireguard_profile: PathBuf,
 }
 
-impl ComposeChain {
-    fn up() -> ComposeChain {
-        require_command("docker", "docker.io");
-        let docker = DockerClient::connect();
-        let compose_v2 = Command::new("docker")
-            .args(["compose", "version"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if compose_v2 {
-            eprintln!("using Compose v2 (docker compose)");
-        } else {
-            require_command("docker-compose", "docker-compose");
-            eprintln!("using docker-compose");
+impl ComposeTest {
+    fn up() -> ComposeTest {
+        let profile =
+            std::env::temp_dir().join(format!("docknfv-compose-{}.ovpn", std::process::id()));
+        let wireguard_profile =
+            std::env::temp_dir().join(format!("docknfv-compose-{}-wg0.conf", std::process::id()));
+        // Clients a killed run left on the chain's network would keep it from going down.
+        remove_clients(&profile, &wireguard_profile);
+        ComposeTest {
+            chain: ComposeChain::up(PROJECT),
+            profile,
+            wireguard_profile,
         }
-        let chain = ComposeChain {
-            docker,
-            script: Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/chain.sh"),
-            profile: std::env::temp_dir()
-                .join(format!("docknfv-compose-{}.ovpn", std::process::id())),
-            wireguard_profile: std::env::temp_dir()
-                .join(format!("docknfv-compose-{}-wg0.conf", std::process::id())),
-        };
-        // A run killed before its teardown left the same project behind.
-        chain.down();
-        run_checked(&mut chain.chain_sh("up"));
-        chain
-    }
-
-    /// `compose/chain.sh ACTION` for this test's project.
-    fn chain_sh(&self, action: &str) -> Command {
-        let mut command = Command::new(&self.script);
-        command.arg(action).env("COMPOSE_PROJECT_NAME", PROJECT);
-        command
-    }
-
-    /// Best effort: it also runs before `up`, when there may be nothing to remove.
-    fn down(&self) {
-        let _ = Command::new("docker")
-            .args(["rm", "--force", VPN_CLIENT, WIREGUARD_CLIENT])
-            .output();
-        let _ = self.chain_sh("down").output();
-        let _ = std::fs::remove_file(&self.profile);
-        let _ = std::fs::remove_file(&self.wireguard_profile);
-    }
-
-    /// The container of `service`, found by the labels both Compose versions set.
-    fn container(&self, service: &str) -> String {
-        let ps = docker_cli(&[
-            "ps",
-            "--quiet",
-            "--filter",
-            &format!("label=com.docker.compose.project={PROJECT}"),
-            "--filter",
-            &format!("label=com.docker.compose.service={service}"),
-        ]);
-        let id = ps.trim().to_owned();
-        assert!(!id.is_empty(), "no running {service} container");
-        id
     }
 }
 
-impl Drop for ComposeChain {
+/// Best effort: it also runs before the clients exist.
+fn remove_clients(profile: &Path, wireguard_profile: &Path) {
+    let _ = Command::new("docker")
+        .args(["rm", "--force", VPN_CLIENT, WIREGUARD_CLIENT])
+        .output();
+    let _ = std::fs::remove_file(profile);
+    let _ = std::fs::remove_file(wireguard_profile);
+}
+
+impl std::ops::Deref for ComposeTest {
+    type Target = ComposeChain;
+
+    fn deref(&self) -> &ComposeChain {
+        &self.chain
+    }
+}
+
+impl Drop for ComposeTest {
     fn drop(&mut self) {
-        self.down();
+        remove_clients(&self.profile, &self.wireguard_profile);
     }
 }
 
 #[test]
 fn compose_chain_routes_through_dockwall_and_dockvpn_serves_its_learned_route() {
-    let chain = ComposeChain::up();
+    let chain = ComposeTest::up();
     let docker = &chain.docker;
     let dockwall = chain.container("dockwall");
     let dockvpn = chain.container("dockvpn");

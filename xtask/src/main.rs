@@ -1,6 +1,7 @@
 //! `cargo xtask demo | test | bench | deps`: the README's commands. Each installs the Debian
 //! packages it needs first (idempotent: apt runs only when something is missing).
 
+mod graph;
 mod images;
 mod suites;
 
@@ -32,6 +33,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "chromium-driver",
     "time",
+    "graphviz",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -47,6 +49,9 @@ commands:
   images  build the container images (docknfv/dockwall, dockvpn, dnsmasq, host, prometheus);
           without registry access the base is bootstrapped with debootstrap
   bench   the benchmarks recorded in BENCHMARKS.md (release build, about 15 minutes)
+  graph   [--out DIR] [--project NAME] [--json]: a picture of the running chain — the
+          networks, service instances (their left/right/mgmt legs, health, mirrors) and
+          hosts Docker runs — as DIR/chain.dot, chain.svg and chain.png (Graphviz)
   deps    only install the Debian packages
 
 All commands need root (network namespaces) and a Debian 12 machine with Rust >= 1.85.";
@@ -84,6 +89,10 @@ fn main() {
             }
             Ok(())
         }),
+        "graph" => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            install_debian_packages().and_then(|()| graph::run(&args))
+        }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
