@@ -182,7 +182,15 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             let new = read_rule_set(&file)?;
             editor(&edit)
                 .run(
-                    format!("applied {} ({} rules)", file.display(), new.rules.len()),
+                    // The file replaces the whole set: say what it holds, mirrors too (a
+                    // file without any drops the stored ones).
+                    format!(
+                        "applied {} ({} rules, {} NAT rules, {} mirrors)",
+                        file.display(),
+                        new.rules.len(),
+                        new.nat.len(),
+                        new.mirrors.len()
+                    ),
                     move |set| {
                         // The mode is `run`'s, not the file's.
                         if new.mode != set.mode {

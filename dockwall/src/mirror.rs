@@ -9,7 +9,9 @@ use clap::Subcommand;
 use serde::Serialize;
 use vnf_core::cli::{JsonArgs, SideArgs};
 use vnf_core::firewall::compile::Sides;
-use vnf_core::firewall::mirror::{mirror_comment, side_reaching, Mirror, MirrorMatch, MirrorSide};
+use vnf_core::firewall::mirror::{
+    mirror_comment, side_reaching, Mirror, MirrorMatch, MirrorSide, Readiness,
+};
 use vnf_core::firewall::nft;
 use vnf_core::firewall::store::Store;
 use vnf_core::firewall::{self, RuleSet};
@@ -23,11 +25,13 @@ use crate::EditArgs;
 pub enum MirrorCommand {
     /// Copy the IPv4 packets arriving on a side to a collector (nftables `dup`)
     ///
-    /// Every matching packet that arrives on --side to be forwarded is copied once, unchanged,
-    /// as it arrived: in prerouting (table `ip dockwall_mirror`, priority raw), before
-    /// conntrack, NAT and the filter, so packets the rules then drop are copied too. Packets
-    /// to the SI itself (DNAT port-forwards too), broadcasts and multicasts are not copied;
-    /// `--side both` copies both directions, each packet once.
+    /// Every matching packet that arrives on --side to be forwarded is copied once, as it
+    /// arrived: in prerouting (table `ip dockwall_mirror`, priority raw), before conntrack,
+    /// NAT and the filter, so packets the rules then drop are copied too. Packets to the SI
+    /// itself (DNAT port-forwards too), broadcasts and multicasts are not copied; `--side
+    /// both` copies both directions, each packet once. The kernel lowers a copy's TTL by one
+    /// and sets Don't Fragment: a copy larger than the --via leg's MTU is dropped. Not in
+    /// transparent mode.
     ///
     /// The copy goes to the collector as next hop, so the collector must be on the --via
     /// side's subnet (an off-link one is refused). Packets from or to the collector are never
@@ -90,7 +94,6 @@ pub async fn run<'a>(
             edit,
         } => {
             let matching = matching.unwrap_or_default();
-            matching.validate_as("the new mirror")?;
             let editor = editor(&edit);
             let assignment = firewall::current_assignment(&editor.selectors).await?;
             let via = via_side(to, via, &assignment)?;
@@ -171,7 +174,7 @@ fn via_side(collector: Ipv4Addr, via: Option<Side>, assignment: &Assignment) -> 
                 collector,
                 format!(
                     "on no side's subnet ({}): a copy goes to the collector as next hop, \
-                     unchanged, so it must be on-link; put it on a side's or the mgmt leg's \
+                     so it must be on-link; put it on a side's or the mgmt leg's \
                      subnet, or give --via for a side that is not up yet",
                     if subnets.is_empty() {
                         "no side is up".to_string()
@@ -196,14 +199,14 @@ struct ListedMirror<'a> {
 
 /// Whether the mirror compiles for the sides as they are now (see `compile_mirrors`).
 fn state(mirror: &Mirror, sides: Sides<'_>) -> String {
-    let mirrored = mirror.side.sides().iter().any(|&s| sides.get(s).is_some());
-    match sides.get(mirror.via) {
-        None => format!("waiting for the {} side", mirror.via),
-        Some(via) => match mirror.check_collector(via) {
-            Err(error) => format!("not copying: {error}"),
-            Ok(()) if !mirrored => format!("waiting for the {} side", spelled(&mirror.side)),
-            Ok(()) => "copying".to_string(),
+    match mirror.readiness(sides) {
+        Readiness::Copying { .. } => "copying".to_string(),
+        Readiness::WaitingForVia => format!("waiting for the {} side", mirror.via),
+        Readiness::WaitingForMirrored => match mirror.side {
+            MirrorSide::Both => "waiting for the left or right side".to_string(),
+            side => format!("waiting for the {} side", spelled(&side)),
         },
+        Readiness::NotCopying(error) => format!("not copying: {error}"),
     }
 }
 

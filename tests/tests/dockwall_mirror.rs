@@ -16,10 +16,13 @@ use docknfv_tests::netns::Netns;
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::traffic::ping;
 use docknfv_tests::Chain;
+use vnf_core::firewall::mirror::MIRROR_TABLE;
 
 /// The collector on the SI's management leg (eth2).
 const COLLECTOR: &str = "10.0.3.9";
 const SI_MGMT: &str = "10.0.3.2";
+/// The broadcast address of the left subnet (`LEFT_NET`) between the left gateway and the SI.
+const LEFT_BROADCAST: &str = "10.0.1.255";
 /// The datagrams the mirrors match go to this port on the right host, the sentinel's to the
 /// next one.
 const MIRRORED_PORT: u16 = 5000;
@@ -96,6 +99,8 @@ impl Drop for Capture {
 fn send_datagrams(from: &Netns, address: &str, port: u16, count: usize) {
     from.run(|| {
         let socket = UdpSocket::bind("0.0.0.0:0").expect("UDP socket");
+        // Some rounds go to a subnet's broadcast address.
+        socket.set_broadcast(true).expect("SO_BROADCAST");
         for _ in 0..count {
             // An unreachable answer makes the next send on a connected socket fail: not connected.
             socket
@@ -177,16 +182,29 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         "mgmt",
     ]);
     dockwall.stop();
+    assert!(
+        !chain
+            .si
+            .exec("nft", &["list", "table", "ip", MIRROR_TABLE])
+            .status
+            .success(),
+        "run removes the mirror table when it stops"
+    );
     dockwall.run();
 
     let capture = Capture::start(&collector, "c0");
-    // Not mirrored: another port, another protocol, the other direction, the SI itself.
+    // Not mirrored: another port, another protocol, the other direction, and datagrams to the
+    // mirrored port that are not forwarded: to the SI itself and to the left subnet's
+    // broadcast address.
     send_datagrams(&chain.left_host, RIGHT_HOST, MIRRORED_PORT + 1, DATAGRAMS);
     assert!(ping(&chain.left_host, RIGHT_HOST), "left reaches right");
     send_datagrams(&chain.right_host, LEFT_HOST, MIRRORED_PORT, DATAGRAMS);
-    assert!(
-        ping(&chain.left_gateway, SI_LEFT),
-        "the left gateway reaches the SI"
+    send_datagrams(&chain.left_host, SI_LEFT, MIRRORED_PORT, DATAGRAMS);
+    send_datagrams(
+        &chain.left_gateway,
+        LEFT_BROADCAST,
+        MIRRORED_PORT,
+        DATAGRAMS,
     );
     // Mirrored: left→right UDP to the port.
     send_datagrams(&chain.left_host, RIGHT_HOST, MIRRORED_PORT, DATAGRAMS);
@@ -246,6 +264,28 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         copies_to(&capture.lines(), RIGHT_HOST, MIRRORED_PORT),
         DATAGRAMS,
         "no copies after `mirror delete`"
+    );
+
+    // A mirror table deleted by hand does not block the next edit: it replaces the tables.
+    let deleted = chain
+        .si
+        .exec("nft", &["delete", "table", "ip", MIRROR_TABLE]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    let added = dockwall.ok(&[
+        "mirror",
+        "add",
+        "--side",
+        "left",
+        "--match",
+        &format!("proto udp dport {MIRRORED_PORT}"),
+        "--to",
+        COLLECTOR,
+    ]);
+    let listed = chain.si.exec("nft", &["list", "table", "ip", MIRROR_TABLE]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && table.contains(&format!("mirror {}", mirror_id(&added))),
+        "the mirror table is back with the new mirror ({added}):\n{table}"
     );
 }
 

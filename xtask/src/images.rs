@@ -35,6 +35,26 @@ pub(crate) fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory as `cargo metadata` reports it, so `CARGO_TARGET_DIR` (and a
+/// configured `build.target-dir`) is honoured: the release binaries are where cargo put them.
+fn target_dir() -> Result<PathBuf, String> {
+    let output = Command::new(crate::cargo_program())
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(workspace())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("cargo metadata failed: {}", output.status));
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("cargo metadata printed no JSON: {e}"))?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| "cargo metadata names no target_directory".to_string())
+}
+
 fn succeeds(command: &mut Command) -> bool {
     command
         .stdout(Stdio::null())
@@ -90,7 +110,7 @@ fn base_image() -> Result<String, String> {
         return Ok(UPSTREAM_BASE.into());
     }
     eprintln!("{UPSTREAM_BASE} cannot be pulled (no registry access); bootstrapping {LOCAL_BASE} with debootstrap");
-    let rootfs = workspace().join("target/docker-base/rootfs");
+    let rootfs = target_dir()?.join("docker-base/rootfs");
     let _ = std::fs::remove_dir_all(&rootfs);
     std::fs::create_dir_all(&rootfs).map_err(|e| format!("create {}: {e}", rootfs.display()))?;
     run(Command::new("debootstrap")
@@ -146,8 +166,9 @@ pub fn build() -> Result<(), String> {
     ])?;
     let base = base_image()?;
     let root = workspace();
+    let target = target_dir()?;
     for &(name, ships_binary) in IMAGES {
-        let context = root.join("target/images").join(name);
+        let context = target.join("images").join(name);
         let _ = std::fs::remove_dir_all(&context);
         std::fs::create_dir_all(&context)
             .map_err(|e| format!("create {}: {e}", context.display()))?;
@@ -162,7 +183,7 @@ pub fn build() -> Result<(), String> {
             ),
         ];
         if ships_binary {
-            files.push((root.join("target/release").join(name), name));
+            files.push((target.join("release").join(name), name));
         }
         for (source, file) in files {
             std::fs::copy(&source, context.join(file)).map_err(|e| {

@@ -1,6 +1,10 @@
 //! Traffic mirroring: a copy of every IPv4 packet that arrives on a side to be forwarded
-//! (optionally only those a rule-style match selects) goes, unchanged, to a collector with
-//! nftables `dup to COLLECTOR device DEV`.
+//! (optionally only those a rule-style match selects) goes to a collector with nftables
+//! `dup to COLLECTOR device DEV`.
+//!
+//! - The copy: the packet as it arrived (addresses, ports, payload), except that the kernel
+//!   (nf_dup_ipv4) lowers its TTL by one in prerouting and sets Don't Fragment, so a copy
+//!   larger than the `via` interface's MTU is dropped, not fragmented. Copies are untracked.
 //!
 //! - Where: `dup` exists only in the `ip`/`ip6`/`netdev` families, not in `inet`, so mirrors
 //!   live in their own table `ip dockwall_mirror`, written in the same nft transaction as
@@ -11,13 +15,17 @@
 //!   SI itself, broadcasts and multicasts: only traffic to forward is copied (DNAT
 //!   port-forwards, addressed to the SI as they arrive, are not). `--side both`
 //!   copies both directions of a conversation, each packet once.
-//! - No loops: `dup` sends the unchanged packet with the collector as next hop, so the
+//! - No loops: `dup` sends the copy with the collector as next hop, so the
 //!   collector must be on the `via` interface's subnet. Behind a gateway the copy would be
 //!   routed to its real destination (a duplicate) or back through the SI. A mirror whose
 //!   collector is off that subnet is refused when added and not compiled when the subnet
 //!   changes. Packets from or to the collector are never copied, so its own traffic across
-//!   the SI cannot feed back, and the kernel marks copies so none is copied again in the SI.
-//!   The collector must not route (ip_forward=0), or it forwards what it receives.
+//!   the SI cannot feed back, and the kernel copies nothing while it sends a copy, so no
+//!   copy is copied again in the SI. The collector must not route (ip_forward=0), or it
+//!   forwards what it receives.
+//! - Transparent mode is refused (see `RuleSet::validate`): bridged frames reach these hooks
+//!   only through br_netfilter with the bridge as input interface, and the data legs carry no
+//!   address for a collector's subnet.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -141,6 +149,7 @@ impl FromStr for MirrorMatch {
     fn from_str(text: &str) -> Result<Self> {
         let mut matching = MirrorMatch::default();
         let words: Vec<&str> = text.split_whitespace().collect();
+        let mut seen: Vec<&str> = Vec::new();
         for pair in words.chunks(2) {
             let [key, value] = *pair else {
                 return Err(Error::invalid(
@@ -149,6 +158,14 @@ impl FromStr for MirrorMatch {
                     format!("`{}` needs a value; {MATCH_WORDS}", pair[0]),
                 ));
             };
+            if seen.contains(&key) {
+                return Err(Error::invalid(
+                    "match",
+                    text,
+                    format!("`{key}` given twice; a match takes each word once"),
+                ));
+            }
+            seen.push(key);
             let net = |value: &str| {
                 value
                     .parse::<IpNet>()
@@ -226,13 +243,27 @@ impl Mirror {
                 ),
             ));
         }
-        if !via.subnet().contains(&self.to) {
+        let subnet = via.subnet();
+        if subnet.prefix_len() < 31
+            && (self.to == subnet.network() || self.to == subnet.broadcast())
+        {
+            return Err(Error::invalid(
+                "to",
+                self.to,
+                format!(
+                    "that is the {} subnet {subnet}'s network or broadcast address, no host's; \
+                     give the collector's own address",
+                    via.side
+                ),
+            ));
+        }
+        if !subnet.contains(&self.to) {
             return Err(Error::invalid(
                 "to",
                 self.to,
                 format!(
                     "not on the {} subnet {} ({}): a copy goes to the collector as next hop, \
-                     unchanged, so it must be on-link there (behind a gateway the copy would go \
+                     so it must be on-link there (behind a gateway the copy would go \
                      to its real destination); put the collector on that subnet or pick \
                      another --via",
                     via.side,
@@ -259,26 +290,56 @@ pub fn mirror_comment(id: u64) -> String {
     format!("mirror {id}")
 }
 
-/// The mirror chain: for each mirror whose sides and `via` are up, one rule per mirrored
-/// side. A mirror whose collector is no longer on `via`'s subnet is left out, never sent
-/// through a gateway.
-pub fn compile_mirrors(mirrors: &[Mirror], sides: Sides<'_>) -> CompiledChain {
-    let mut rules = Vec::new();
-    for mirror in mirrors {
-        let Some(via) = sides.get(mirror.via) else {
-            continue;
+/// Whether a mirror copies with the sides as they are now, and if not, why.
+#[derive(Debug)]
+pub enum Readiness<'a> {
+    /// Copies the packets arriving on `inputs` out of `via`.
+    Copying {
+        via: &'a ReadySide,
+        inputs: Vec<&'a str>,
+    },
+    /// The side the copies leave by is not up.
+    WaitingForVia,
+    /// No side the mirror copies from is up.
+    WaitingForMirrored,
+    /// The collector is not on-link on `via` as it is now (or is the SI itself): the mirror
+    /// is left out, never sent through a gateway.
+    NotCopying(Error),
+}
+
+impl Mirror {
+    /// What [`compile_mirrors`] does with this mirror; `mirror list` shows the same.
+    pub fn readiness<'a>(&self, sides: Sides<'a>) -> Readiness<'a> {
+        let Some(via) = sides.get(self.via) else {
+            return Readiness::WaitingForVia;
         };
-        if mirror.check_collector(via).is_err() {
-            continue;
+        if let Err(error) = self.check_collector(via) {
+            return Readiness::NotCopying(error);
         }
         let mut inputs: Vec<&str> = Vec::new();
-        for &side in mirror.side.sides() {
-            // One-armed, left and right are one interface: one copy per packet still.
+        for &side in self.side.sides() {
+            // Dockwall waits for its second leg, so left and right are two interfaces; were
+            // they ever one, each packet would still be copied once.
             match sides.get(side) {
                 Some(ready) if !inputs.contains(&ready.name.as_str()) => inputs.push(&ready.name),
                 _ => {}
             }
         }
+        if inputs.is_empty() {
+            return Readiness::WaitingForMirrored;
+        }
+        Readiness::Copying { via, inputs }
+    }
+}
+
+/// The mirror chain: one rule per mirrored side of each mirror that is
+/// [`Readiness::Copying`].
+pub fn compile_mirrors(mirrors: &[Mirror], sides: Sides<'_>) -> CompiledChain {
+    let mut rules = Vec::new();
+    for mirror in mirrors {
+        let Readiness::Copying { via, inputs } = mirror.readiness(sides) else {
+            continue;
+        };
         let collector = mirror.to.to_string();
         for input in inputs {
             let mut statements = vec![
@@ -366,6 +427,7 @@ mod tests {
             ("colour red", "unknown word `colour`"),
             ("from 10.0.0.300", "not a CIDR"),
             ("proto tpc", "unknown protocol name"),
+            ("proto udp dport 1 dport 2", "`dport` given twice"),
         ] {
             let error = bad.parse::<MirrorMatch>().unwrap_err().to_string();
             assert!(error.contains(needle), "{bad}: {error}");
@@ -440,5 +502,71 @@ mod tests {
         assert!(compile_mirrors(&[off_link], sides).rules.is_empty());
         let own_address = mirror(MirrorSide::Left, "10.0.3.2", Side::Management);
         assert!(own_address.check_collector(&mgmt).is_err());
+        for no_host in ["10.0.3.0", "10.0.3.255"] {
+            let error = mirror(MirrorSide::Left, no_host, Side::Management)
+                .check_collector(&mgmt)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("network or broadcast address"), "{error}");
+        }
+        // On a /31 both addresses are hosts.
+        let point_to_point = ready(Side::Management, "eth2", "10.0.4.0/31");
+        mirror(MirrorSide::Left, "10.0.4.1", Side::Management)
+            .check_collector(&point_to_point)
+            .unwrap();
+    }
+
+    #[test]
+    fn readiness_says_what_a_mirror_waits_for() {
+        let (left, mgmt) = (
+            ready(Side::Left, "eth0", "10.0.1.2/24"),
+            ready(Side::Management, "eth2", "10.0.3.2/24"),
+        );
+        let only_mgmt = Sides {
+            management: Some(&mgmt),
+            ..Sides::default()
+        };
+        let right = mirror(MirrorSide::Right, "10.0.3.9", Side::Management);
+        assert!(matches!(
+            right.readiness(only_mgmt),
+            Readiness::WaitingForMirrored
+        ));
+        assert!(compile_mirrors(std::slice::from_ref(&right), only_mgmt)
+            .rules
+            .is_empty());
+        let left_up = Sides {
+            left: Some(&left),
+            ..only_mgmt
+        };
+        let both = mirror(MirrorSide::Both, "10.0.3.9", Side::Management);
+        match both.readiness(left_up) {
+            Readiness::Copying { via, inputs } => {
+                assert_eq!((via.name.as_str(), inputs), ("eth2", vec!["eth0"]))
+            }
+            other => panic!("{other:?}"),
+        }
+        let via_left = mirror(MirrorSide::Both, "10.0.1.9", Side::Left);
+        assert!(matches!(
+            via_left.readiness(only_mgmt),
+            Readiness::WaitingForVia
+        ));
+    }
+
+    #[test]
+    fn transparent_mode_refuses_mirrors_naming_why() {
+        let mut set = crate::firewall::RuleSet {
+            mode: crate::firewall::mode::ServiceMode::Transparent,
+            ..crate::firewall::RuleSet::default()
+        };
+        let mut copy = mirror(MirrorSide::Left, "10.0.3.9", Side::Management);
+        copy.id = set.allocate_id();
+        set.mirrors.push(copy);
+        let error = set.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("transparent") && error.contains("mirror 1") && error.contains("bridge"),
+            "{error}"
+        );
+        set.mode = crate::firewall::mode::ServiceMode::InNetwork;
+        set.validate().unwrap();
     }
 }

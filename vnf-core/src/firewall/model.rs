@@ -645,6 +645,20 @@ impl RuleSet {
                     ),
                 ));
             }
+            if let Some(mirror) = self.mirrors.first() {
+                return Err(Error::invalid(
+                    "mode",
+                    self.mode,
+                    format!(
+                        "mirror {} (and every mirror) cannot apply: in transparent mode bridged \
+                         frames reach the `ip` hook mirrors use only through br_netfilter, with \
+                         the bridge as input interface, and the data legs carry no address for a \
+                         collector's subnet; delete the mirrors (`dockwall mirror delete ID`) or \
+                         run in-network or in-network-nat",
+                        mirror.id
+                    ),
+                ));
+            }
         }
         if let Some(&max) = ids.iter().max() {
             if self.next_id <= max {

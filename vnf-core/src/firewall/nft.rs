@@ -440,17 +440,25 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
         Some(old) if old.fingerprint == new.fingerprint => Ok(ApplyKind::Unchanged),
         Some(old) => {
             let started = std::time::Instant::now();
-            if let Some(batch) = incremental_batch(old, new, &chain_counters)? {
-                let text = render(batch)?;
-                debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    bytes = text.len(),
-                    "difference rendered"
-                );
-                match nft(&["-j", "-f", "-"], Some(&text)) {
-                    Ok(_) => return Ok(ApplyKind::Incremental),
-                    Err(error) => debug!(%error, "difference not applicable; replacing the table"),
+            // A chain whose counters cannot be read (a table deleted by hand) means the
+            // kernel does not hold `old`: replace, as when the difference fails.
+            match incremental_batch(old, new, &chain_counters) {
+                Ok(Some(batch)) => {
+                    let text = render(batch)?;
+                    debug!(
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        bytes = text.len(),
+                        "difference rendered"
+                    );
+                    match nft(&["-j", "-f", "-"], Some(&text)) {
+                        Ok(_) => return Ok(ApplyKind::Incremental),
+                        Err(error) => {
+                            debug!(%error, "difference not applicable; replacing the tables")
+                        }
+                    }
                 }
+                Ok(None) => {}
+                Err(error) => debug!(%error, "counters unreadable; replacing the tables"),
             }
             replace(new)
         }
