@@ -86,6 +86,75 @@ fn dockwall_chain_routes_filters_keeps_rules_across_restart_and_waits_for_the_ri
     );
 }
 
+/// `DOCKWALL_MODE=in-network-nat` in `docker run`: the right host, which has no route to the
+/// left network, sees left traffic come from the SI's right address, and new connections
+/// from the right to the left are dropped even once it has that route.
+#[test]
+fn dockwall_in_network_nat_from_the_environment_masquerades_left_traffic_and_drops_right_to_left() {
+    let chain = DockerChain::new();
+    let (left_net, right_net) = (chain.left_net.clone(), chain.right_net.clone());
+    let left_host = chain.host("left-host", &chain.left, &left_net, &right_net);
+    // A TCP listener that logs each connection's source; no route to the left network.
+    let mut listener = Spec::new(
+        "right-host",
+        HOST_IMAGE,
+        &chain.right,
+        &format!("{right_net}.10"),
+    )
+    .with_cmd(&["nc", "-l", "-n", "-v", "-k", "7000"]);
+    listener.cap_add = vec!["NET_ADMIN".into()];
+    let right_host = chain.run(listener);
+    let mut spec = chain.service_instance("si", DOCKWALL_IMAGE);
+    spec.env.push("DOCKWALL_MODE=in-network-nat".into());
+    let si = chain.run(spec);
+    chain.connect(&si, &chain.right, &format!("{right_net}.2"));
+    chain.wait_healthy(&si, HEALTHY_WITHIN);
+    let status = chain.exec_ok(&si, &["dockwall", "status", "--json"]);
+    assert!(
+        status.contains("in-network-nat"),
+        "the mode comes from DOCKWALL_MODE: {status}"
+    );
+
+    chain
+        .wait_for_log(&right_host, "Listening on", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let right_ip = format!("{right_net}.10");
+    let (code, output) = chain.exec(
+        &left_host,
+        &["nc", "-z", "-n", "-w", "3", &right_ip, "7000"],
+    );
+    assert_eq!(code, 0, "left → right through the SI: {output}");
+    chain
+        .wait_for_log(
+            &right_host,
+            &format!("Connection received on {right_net}.2 "),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("the right host must see the SI's right address: {e}"));
+
+    chain.exec_ok(
+        &right_host,
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{left_net}.0/24"),
+            "via",
+            &format!("{right_net}.2"),
+        ],
+    );
+    let left_ip = format!("{left_net}.10");
+    assert!(
+        !chain.ping(&right_host, &left_ip),
+        "a new right-to-left flow crossed the SI\n{}",
+        chain.exec(&si, &["nft", "list", "ruleset"]).1
+    );
+    assert!(
+        chain.ping(&left_host, &right_ip),
+        "while left-to-right, and its replies, pass"
+    );
+}
+
 #[test]
 fn an_si_without_net_admin_exits_with_a_clear_message() {
     let chain = DockerChain::new();
