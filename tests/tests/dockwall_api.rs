@@ -516,3 +516,47 @@ fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
         "plain HTTP gets no HTTP reply from the HTTPS listener"
     );
 }
+
+#[test]
+fn idle_connections_are_closed_and_do_not_starve_the_api() {
+    use docknfv_tests::dockwall_api::API_ADDRESS;
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    // More than the server's 256 connections, none sending a byte.
+    const IDLE: usize = 300;
+    // The server's header timeout is 10 s: the first 256 close after it, the rest (queued in
+    // the backlog until then) after twice it; give both a margin.
+    let bound = Duration::from_secs(28);
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    let idle: Vec<TcpStream> = chain.si.run(|| {
+        (0..IDLE)
+            .map(|n| {
+                TcpStream::connect(API_ADDRESS)
+                    .unwrap_or_else(|e| panic!("idle connection {n}: {e}"))
+            })
+            .collect()
+    });
+    let started = Instant::now();
+    let reply = call(&chain.si, Some(&token), "GET", "/v2.0/dockwall/status", None);
+    expect(&reply, 200, "a request behind the idle connections");
+    assert!(
+        started.elapsed() < bound,
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    for (n, mut stream) in idle.into_iter().enumerate() {
+        let left = bound.saturating_sub(started.elapsed());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("read timeout");
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("idle connection {n} still open after {:?}: {e}", started.elapsed()),
+        }
+    }
+}

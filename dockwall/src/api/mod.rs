@@ -10,6 +10,7 @@
 mod auth;
 mod handlers;
 mod resources;
+mod server;
 mod tls;
 
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 use vnf_core::firewall::store::Store;
 use vnf_core::runtime::RuntimeConfig;
 use vnf_core::{Error, Result};
@@ -105,15 +106,7 @@ pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig)
     }));
     info!(%address, https = acceptor.is_some(), "API and web page listening");
     let app = router(state);
-    tokio::spawn(async move {
-        let served = match acceptor {
-            Some(acceptor) => tls::serve(listener, acceptor, app).await,
-            None => axum::serve(listener, app).await,
-        };
-        if let Err(error) = served {
-            warn!(%error, "the API server stopped");
-        }
-    });
+    tokio::spawn(server::serve(listener, acceptor, app));
     Ok(())
 }
 
