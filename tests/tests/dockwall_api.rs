@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::dockwall_api::{
-    call, request, request_tls, start_with_api, start_with_api_in, token, Reply,
+    call, request, request_tls, start_with_api, start_with_api_in, token, Reply, API_ADDRESS,
 };
 use docknfv_tests::traffic::{ping, ping_eventually};
 use docknfv_tests::Chain;
@@ -398,14 +398,41 @@ fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
     let login_form = request(si, "GET", "/", &[], None);
     expect(&login_form, 401, "the page without a session");
     assert!(login_form.body.contains("<form"), "is the login form");
+    for header in [
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+    ] {
+        assert_eq!(
+            login_form.header(header.0),
+            Some(header.1),
+            "{login_form:?}"
+        );
+    }
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let post_login = |headers: &[(&str, &str)], token: &str| {
+        let body = format!("token={token}");
+        request(si, "POST", "/login", headers, Some(body.as_bytes()))
+    };
+    expect(&post_login(&form, "wrong"), 401, "a wrong token");
     expect(
-        &request(si, "GET", "/login?token=wrong", &[], None),
-        401,
-        "a wrong token",
+        &request(si, "GET", &format!("/login?token={token}"), &[], None),
+        200,
+        "a token in the URL only gets the form",
     );
-    let redirected = request(si, "GET", &format!("/?token={token}"), &[], None);
-    expect(&redirected, 303, "/?token= logs in");
-    let login = request(si, "GET", &format!("/login?token={token}"), &[], None);
+    let no_cookie = request(si, "GET", &format!("/?token={token}"), &[], None);
+    expect(&no_cookie, 401, "/?token= logs nobody in");
+    assert!(no_cookie.header("set-cookie").is_none(), "{no_cookie:?}");
+    for cross_site in [
+        ("Origin", "http://evil.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+    ] {
+        let refused = post_login(&[form[0], cross_site], &token);
+        expect(&refused, 403, &format!("a login POST with {cross_site:?}"));
+        assert!(refused.header("set-cookie").is_none(), "{refused:?}");
+    }
+    let login = post_login(&[form[0], ("Sec-Fetch-Site", "same-origin")], &token);
     expect(&login, 303, "login");
     let cookie = login
         .header("set-cookie")
@@ -461,6 +488,55 @@ fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
         None,
     );
     expect(&stale, 401, "an unknown session");
+    let other = post_login(&form, &token);
+    expect(&other, 303, "a login without browser headers (curl)");
+    let other = other.header("set-cookie").expect("cookie");
+    assert!(
+        other.contains("Max-Age=43200"),
+        "sessions last 12 h: {other}"
+    );
+    let other = other.split(';').next().unwrap().to_string();
+    expect(
+        &request(si, "POST", "/logout", &[("Cookie", &other)], None),
+        403,
+        "a logout without the CSRF token",
+    );
+    let other_page = request(si, "GET", "/", &[("Cookie", &other)], None);
+    let other_csrf = other_page
+        .body
+        .split(r#"<meta name="csrf" content=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("CSRF token")
+        .to_string();
+    let logout = request(
+        si,
+        "POST",
+        "/logout",
+        &[("Cookie", &other), ("X-CSRF-Token", &other_csrf)],
+        None,
+    );
+    expect(&logout, 204, "logout");
+    expect(
+        &request(si, "GET", path, &[("Cookie", &other)], None),
+        401,
+        "a logged-out session",
+    );
+    expect(
+        &request(si, "GET", path, &[("Cookie", &session)], None),
+        200,
+        "another session stays",
+    );
+    std::fs::remove_file(dockwall.state.path().join("api.token")).expect("delete the token file");
+    expect(
+        &call(si, Some(&token), "GET", path, None),
+        200,
+        "a deleted token file keeps the token read before",
+    );
+    assert!(
+        !dockwall.state.path().join("api.token").exists(),
+        "requests never create the token file"
+    );
     dockwall.ok(&["api", "token", "--rotate"]);
     let rotated = request(si, "GET", path, &[("Cookie", &session)], None);
     expect(&rotated, 401, "a session after the token was rotated");
@@ -490,20 +566,22 @@ fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
         "GET",
         path,
         &[("Authorization", &bearer)],
+        None,
     );
     expect(&listed, 200, "GET over HTTPS with the token");
     assert_eq!(listed.json()["firewall_rules"], json!([]));
     expect(
-        &request_tls(&chain.si, &certificate, "GET", path, &[]),
+        &request_tls(&chain.si, &certificate, "GET", path, &[], None),
         401,
         "GET over HTTPS without the token",
     );
     let login = request_tls(
         &chain.si,
         &certificate,
-        "GET",
-        &format!("/login?token={token}"),
-        &[],
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(format!("token={token}").as_bytes()),
     );
     let cookie = login.header("set-cookie").expect("a session cookie");
     assert!(
@@ -519,7 +597,6 @@ fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
 
 #[test]
 fn idle_connections_are_closed_and_do_not_starve_the_api() {
-    use docknfv_tests::dockwall_api::API_ADDRESS;
     use std::io::Read;
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
@@ -540,7 +617,13 @@ fn idle_connections_are_closed_and_do_not_starve_the_api() {
             .collect()
     });
     let started = Instant::now();
-    let reply = call(&chain.si, Some(&token), "GET", "/v2.0/dockwall/status", None);
+    let reply = call(
+        &chain.si,
+        Some(&token),
+        "GET",
+        "/v2.0/dockwall/status",
+        None,
+    );
     expect(&reply, 200, "a request behind the idle connections");
     assert!(
         started.elapsed() < bound,
@@ -556,7 +639,10 @@ fn idle_connections_are_closed_and_do_not_starve_the_api() {
         match stream.read(&mut byte) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("idle connection {n} still open after {:?}: {e}", started.elapsed()),
+            Err(e) => panic!(
+                "idle connection {n} still open after {:?}: {e}",
+                started.elapsed()
+            ),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! The endpoints. Reads load the stored rule set and the kernel's counters; changes are one
 //! `firewall::edit` each. Both block (file lock, nft), so they run on blocking threads.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{FormRejection, JsonRejection};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::Json;
+use axum::{Form, Json};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -449,7 +449,7 @@ pub async fn status(State(state): State<AppState>) -> Reply {
 
 /// The web page, with this browser session's CSRF token for its changes.
 pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Reply {
-    let csrf = match auth::caller(&state, &headers)? {
+    let csrf = match auth::caller(&state, &headers) {
         Some(Caller::Session { csrf }) => csrf,
         _ => String::new(),
     };
@@ -460,23 +460,55 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Reply {
     .into_response())
 }
 
-#[derive(Deserialize)]
-pub struct LoginQuery {
-    token: Option<String>,
+/// The login form (`GET /login`).
+pub async fn login_form() -> Response {
+    Html(LOGIN_PAGE.replace("{{error}}", "")).into_response()
 }
 
-/// The login form (`GET /login`), or with `?token=` a new browser session and back to the page.
-pub async fn login(State(state): State<AppState>, Query(query): Query<LoginQuery>) -> Reply {
-    let Some(given) = query.token else {
-        return Ok(Html(LOGIN_PAGE.replace("{{error}}", "")).into_response());
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: String,
+}
+
+/// `POST /login` with the form's `token`: a new browser session and back to the page. The
+/// token travels in the body only, never in a URL that logs, history or a Referer keep.
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: Result<Form<LoginForm>, FormRejection>,
+) -> Reply {
+    if !auth::same_origin(&headers, state.https) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "CrossOriginLogin",
+            "log in from Dockwall's own login form (Origin or Sec-Fetch-Site names another site)",
+        ));
+    }
+    let wrong = |message: &str| {
+        let page = LOGIN_PAGE.replace("{{error}}", &format!("<p class=error>{message}</p>"));
+        Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response())
     };
-    let token = auth::ensure_token(&state.state_dir, false)?;
-    if !auth::equal(given.trim(), &token) {
-        let page = LOGIN_PAGE.replace("{{error}}", "<p class=error>Wrong token.</p>");
-        return Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response());
+    let Ok(Form(form)) = form else {
+        return wrong("Send the token as the form field token.");
+    };
+    let token = state.token.get();
+    if !auth::equal(form.token.trim(), &token) {
+        return wrong("Wrong token.");
     }
     let session = state.sessions.open(&token);
     let secure = if state.https { "; Secure" } else { "" };
-    let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict{secure}");
+    let cookie = format!(
+        "{SESSION_COOKIE}={session}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+        auth::SESSION_LIFETIME.as_secs()
+    );
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+}
+
+/// `POST /logout` (a session change, so with its CSRF token): ends the browser session.
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(session) = auth::cookies(&headers).get(SESSION_COOKIE) {
+        state.sessions.close(session);
+    }
+    let expired = format!("{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, expired)]).into_response()
 }

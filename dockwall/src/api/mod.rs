@@ -14,13 +14,13 @@ mod server;
 mod tls;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -71,9 +71,9 @@ pub fn command(state_dir: &Path, command: ApiCommand) -> Result<()> {
 pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
-    pub state_dir: PathBuf,
     pub store: Store,
     pub config: RuntimeConfig,
+    pub token: auth::TokenCache,
     pub sessions: auth::Sessions,
     /// Served over TLS (`api.crt` and `api.key` in the state directory): cookies are Secure.
     pub https: bool,
@@ -89,7 +89,7 @@ impl std::ops::Deref for AppState {
 /// Binds `address` and serves the API from a task of its own until the process exits.
 /// Binding happens now, so a taken port fails `run` at start.
 pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig) -> Result<()> {
-    ensure_token(state_dir, false)?;
+    let token = auth::TokenCache::load(state_dir)?;
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|source| Error::Io {
@@ -98,9 +98,9 @@ pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig)
         })?;
     let acceptor = tls::acceptor(state_dir)?;
     let state = AppState(Arc::new(Shared {
-        state_dir: state_dir.to_path_buf(),
         store: Store::new(state_dir),
         config,
+        token,
         sessions: auth::Sessions::default(),
         https: acceptor.is_some(),
     }));
@@ -142,16 +142,38 @@ fn router(state: AppState) -> Router {
         )
         .route("/v2.0/dockwall/status", get(status))
         .route("/", get(page))
+        .route("/logout", post(logout))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require,
         ));
     Router::new()
-        .route("/login", get(login))
+        .route("/login", get(login_form).post(login))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(protective_headers))
         .with_state(state)
+}
+
+/// Headers on every response: no caching of the page or the rules, no Referer that could
+/// carry a URL, no framing (clickjacking) and no content sniffing.
+async fn protective_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::{header, HeaderValue};
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// An error as Neutron words it: `{"NeutronError": {"type", "message", "detail"}}`.

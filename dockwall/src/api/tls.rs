@@ -1,10 +1,10 @@
 //! Optional TLS for the API: when the state directory holds `api.crt` (PEM, the chain) and
 //! `api.key` (PEM), the API speaks HTTPS only, with rustls.
 
-use std::path::Path;
-use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 use vnf_core::{Error, Result};
 
