@@ -95,9 +95,7 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
     let inserted = check(
         "PUT",
         "/v2.0/fwaas/firewall_policies/ingress/insert_rule",
-        Some(&format!(
-            r#"{{"firewall_rule_id": "{second_id}", "insert_before": "{id}"}}"#
-        )),
+        Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
         200,
     )
     .json();
@@ -112,11 +110,60 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
         cli["rules"][1]["enabled"], false,
         "the PUT reached the store"
     );
-    check(
+    // Dockwall keeps no rule outside a policy: remove_rule refuses and says what to do.
+    let refused = check(
         "PUT",
         "/v2.0/fwaas/firewall_policies/ingress/remove_rule",
         Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
-        200,
+        409,
+    );
+    assert!(
+        refused.body.contains("DELETE /v2.0/fwaas/firewall_rules/")
+            && refused.body.contains("insert_rule"),
+        "{refused:?}"
+    );
+    expect(
+        &call(
+            si,
+            Some(&token),
+            "PUT",
+            "/v2.0/fwaas/firewall_policies/egress/remove_rule",
+            Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
+        ),
+        404,
+        "remove_rule from a policy the rule is not in",
+    );
+    // insert_before must name a rule of the target policy.
+    expect(
+        &call(
+            si,
+            Some(&token),
+            "PUT",
+            "/v2.0/fwaas/firewall_policies/local/insert_rule",
+            Some(&format!(
+                r#"{{"firewall_rule_id": "{id}", "insert_before": "{second_id}"}}"#
+            )),
+        ),
+        409,
+        "insert_before a rule of another policy",
+    );
+    let cli: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    assert_eq!(
+        (
+            cli["rules"][0]["id"]
+                .to_string()
+                .trim_matches('"')
+                .to_string(),
+            cli["rules"][1]["direction"].clone()
+        ),
+        (second_id.clone(), json!("left-to-right")),
+        "the refused remove_rule and insert_rule changed nothing"
+    );
+    check(
+        "DELETE",
+        &format!("/v2.0/fwaas/firewall_rules/{second_id}"),
+        None,
+        204,
     );
     let nat_id = check("POST", "/v2.0/dockwall/nat_rules", Some(nat), 201).json()["nat_rule"]["id"]
         .as_str()

@@ -282,8 +282,8 @@ pub async fn show_policy(State(state): State<AppState>, Path(id): Path<String>) 
     )
 }
 
-/// Moves a rule into this direction's policy: before or after a rule, or first when neither
-/// is given (as FWaaS does).
+/// Moves a rule into this direction's policy: before or after a rule of that policy, or first
+/// when neither is given (as FWaaS does).
 pub async fn insert_rule(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -295,9 +295,24 @@ pub async fn insert_rule(
         let index = rule_index(set, &request.firewall_rule_id)?;
         let mut rule = set.rules.remove(index);
         rule.direction = direction;
+        let in_policy = |set: &RuleSet, field: &str, reference: &str| {
+            let at = rule_index(set, reference)?;
+            if set.rules[at].direction != direction {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "FirewallRuleNotInPolicy",
+                    format!(
+                        "{field} {reference:?} is a rule of the policy {}, not of {id:?}: \
+                         name a rule of {id:?}, or leave {field} out",
+                        json!(set.rules[at].direction)
+                    ),
+                ));
+            }
+            Ok(at)
+        };
         let target = match (&request.insert_before, &request.insert_after) {
-            (Some(before), _) if !before.is_empty() => rule_index(set, before)?,
-            (_, Some(after)) if !after.is_empty() => rule_index(set, after)? + 1,
+            (Some(before), _) if !before.is_empty() => in_policy(set, "insert_before", before)?,
+            (_, Some(after)) if !after.is_empty() => in_policy(set, "insert_after", after)? + 1,
             _ => 0,
         };
         set.rules.insert(target, rule);
@@ -307,7 +322,8 @@ pub async fn insert_rule(
     reply(StatusCode::OK, policy(&set, direction))
 }
 
-/// Dockwall has no rules outside a policy: removing a rule from its policy deletes it.
+/// Dockwall keeps no rule outside a policy, so unlike Neutron it cannot take a rule out of
+/// one and keep it: this changes nothing and says what to do instead.
 pub async fn remove_rule(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -315,19 +331,24 @@ pub async fn remove_rule(
 ) -> Reply {
     let direction = policy_direction(&id)?;
     let request = body(request)?;
-    let set = edit(&state, move |set| {
-        let index = rule_index(set, &request.firewall_rule_id)?;
-        if set.rules[index].direction != direction {
-            return Err(ApiError::not_found(
-                "firewall rule in this policy",
-                &request.firewall_rule_id,
-            ));
-        }
-        set.rules.remove(index);
-        Ok(set.clone())
-    })
-    .await?;
-    reply(StatusCode::OK, policy(&set, direction))
+    let (set, _) = snapshot(&state).await?;
+    let index = rule_index(&set, &request.firewall_rule_id)?;
+    if set.rules[index].direction != direction {
+        return Err(ApiError::not_found(
+            "firewall rule in this policy",
+            &request.firewall_rule_id,
+        ));
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "FirewallRuleInUse",
+        format!(
+            "Dockwall keeps no rule outside a policy: DELETE /v2.0/fwaas/firewall_rules/{0} \
+             to delete it, or PUT /v2.0/fwaas/firewall_policies/POLICY/insert_rule with \
+             {{\"firewall_rule_id\": \"{0}\"}} to move it into another policy",
+            request.firewall_rule_id
+        ),
+    ))
 }
 
 fn nat_view(nat: &NatRule, position: usize, counters: &Counters) -> Value {
