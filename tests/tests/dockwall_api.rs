@@ -53,6 +53,26 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
         expect(&reply, status, &format!("{method} {path}"));
         reply
     };
+    let neutron = r#"{"firewall_rule": {"protocol": "udp", "shared": false, "project_id": "p", "tenant_id": "p", "firewall_policy_id": null, "source_firewall_group_id": null, "destination_firewall_group_id": null}}"#;
+    let defaulted = check("POST", "/v2.0/fwaas/firewall_rules", Some(neutron), 201).json();
+    assert_eq!(
+        defaulted["firewall_rule"]["action"], "deny",
+        "Neutron's default action"
+    );
+    assert_eq!(
+        defaulted["firewall_rule"]["firewall_policy_id"],
+        json!(["both"])
+    );
+    let defaulted_id = defaulted["firewall_rule"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    check(
+        "DELETE",
+        &format!("/v2.0/fwaas/firewall_rules/{defaulted_id}"),
+        None,
+        204,
+    );
     let created = check("POST", "/v2.0/fwaas/firewall_rules", Some(rule), 201).json();
     let id = created["firewall_rule"]["id"]
         .as_str()
@@ -365,7 +385,14 @@ fn bad_bodies_get_4xx_and_change_nothing() {
         r#"{{"firewall_rule": {{"action": "deny", "name": "{}"}}}}"#,
         "x".repeat(200_000)
     );
-    let cases: [(&str, &str, &str, u16, &str); 7] = [
+    let cases: [(&str, &str, &str, u16, &str); 8] = [
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            r#"{"firewall_rule": {"protocol": "tcp", "source_firewall_group_id": "g1"}}"#,
+            400,
+            "remote firewall groups are not supported",
+        ),
         (
             "POST",
             "/v2.0/fwaas/firewall_rules",

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vnf_core::firewall::nft::{self, Counters};
-use vnf_core::firewall::{self, compile, Direction, NatRule, Protocol, Rule, RuleSet};
+use vnf_core::firewall::{self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet};
 use vnf_core::Error;
 
 use super::auth::{self, Caller, CSRF_HEADER, SESSION_COOKIE};
@@ -155,9 +155,8 @@ pub async fn create_rule(
     request: Result<Json<FirewallRuleBody>, JsonRejection>,
 ) -> Reply {
     let mut fields = body(request)?.firewall_rule;
-    let Some(action) = fields.action else {
-        return Err(Error::invalid("action", "none", "give allow, deny, reject or limit").into());
-    };
+    // Neutron's default.
+    let action = fields.action.unwrap_or(Action::Deny);
     let position = fields.position.take();
     let created = edit(&state, move |set| {
         let last = set.rules.len() + 1;
