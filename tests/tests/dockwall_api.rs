@@ -222,6 +222,18 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
     let page = check("GET", "/", None, 200);
     assert!(page.body.contains("<title>Dockwall</title>"));
     check("GET", "/v2.0/no/such/thing", None, 404);
+    let not_allowed = check("PATCH", "/v2.0/fwaas/firewall_rules", None, 405).json();
+    assert_eq!(
+        not_allowed["NeutronError"]["type"], "HTTPMethodNotAllowed",
+        "405 in Neutron's shape: {not_allowed}"
+    );
+    assert!(
+        not_allowed["NeutronError"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not take this method"),
+        "says what is wrong: {not_allowed}"
+    );
     let cli: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
     assert_eq!(cli["rules"], json!([]), "every rule the API made is gone");
     assert!(dockwall.ok(&["status"]).contains("converged"));

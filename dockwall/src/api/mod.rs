@@ -152,6 +152,7 @@ fn router(state: AppState) -> Router {
         .route("/login", get(login_form).post(login))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(neutron_errors))
         .layer(axum::middleware::from_fn(protective_headers))
         .with_state(state)
 }
@@ -172,6 +173,53 @@ async fn protective_headers(
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Axum's own refusals (405, a path or extractor rejection) are plain text: this rewrites
+/// them in Neutron's error shape, as every other error already is.
+async fn neutron_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if !(status.is_client_error() || status.is_server_error())
+        || content_type.starts_with("application/json")
+        || content_type.starts_with("text/html")
+    {
+        return response;
+    }
+    let (status, kind) = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+            (StatusCode::BAD_REQUEST, "BadRequest")
+        }
+        StatusCode::NOT_FOUND => (status, "NotFound"),
+        StatusCode::METHOD_NOT_ALLOWED => (status, "HTTPMethodNotAllowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => (status, "RequestEntityTooLarge"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (status, "UnsupportedMediaType"),
+        _ => (status, "HTTPError"),
+    };
+    let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "this resource does not take this method; see the API section of the README".into()
+        }
+        _ if text.is_empty() => status.canonical_reason().unwrap_or_default().to_string(),
+        _ => text,
+    };
+    let mut response = ApiError::new(status, kind, message).into_response();
+    if let Some(allow) = allow {
+        response
+            .headers_mut()
+            .insert(axum::http::header::ALLOW, allow);
     }
     response
 }
