@@ -320,7 +320,13 @@ fn concurrent_api_and_cli_edits_lose_none() {
     let chain = Chain::new();
     let dockwall = start_with_api(&chain);
     let token = token(&dockwall);
-    std::thread::scope(|scope| {
+    // Each edit's time window, to show API and CLI edits really ran at the same time.
+    let timed = |run: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        let ok = run();
+        (ok, start, std::time::Instant::now())
+    };
+    let (api, cli) = std::thread::scope(|scope| {
         let api: Vec<_> = (0..EACH)
             .map(|n| {
                 let (si, token) = (&chain.si, &token);
@@ -329,30 +335,49 @@ fn concurrent_api_and_cli_edits_lose_none() {
                         r#"{{"firewall_rule": {{"action": "deny", "protocol": "tcp", "destination_port": "{}", "name": "api-{n}"}}}}"#,
                         10000 + n
                     );
-                    call(si, Some(token), "POST", "/v2.0/fwaas/firewall_rules", Some(&body))
+                    timed(&|| {
+                        let reply = call(si, Some(token), "POST", "/v2.0/fwaas/firewall_rules", Some(&body));
+                        reply.status == 201
+                    })
                 })
             })
             .collect();
         let cli: Vec<_> = (0..EACH)
             .map(|n| {
-                let port = (20000 + n).to_string();
-                let name = format!("cli-{n}");
-                dockwall
-                    .command(&[
-                        "rule", "add", "deny", "--proto", "tcp", "--dport", &port, "--name", &name,
-                    ])
-                    .output()
+                let dockwall = &dockwall;
+                scope.spawn(move || {
+                    let port = (20000 + n).to_string();
+                    let name = format!("cli-{n}");
+                    timed(&|| {
+                        dockwall
+                            .command(&[
+                                "rule", "add", "deny", "--proto", "tcp", "--dport", &port,
+                                "--name", &name,
+                            ])
+                            .output()
+                            .is_ok_and(|output| output.status.success())
+                    })
+                })
             })
-            .collect::<Vec<_>>();
-        for (n, reply) in api.into_iter().enumerate() {
-            let reply = reply.join().expect("API thread");
-            expect(&reply, 201, &format!("API edit {n}"));
-        }
-        for (n, output) in cli.into_iter().enumerate() {
-            let output = output.expect("run dockwall");
-            assert!(output.status.success(), "CLI edit {n}: {output:?}");
-        }
+            .collect();
+        let join = |threads: Vec<std::thread::ScopedJoinHandle<'_, _>>| -> Vec<_> {
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("edit thread"))
+                .collect()
+        };
+        (join(api), join(cli))
     });
+    for (what, results) in [("API", &api), ("CLI", &cli)] {
+        for (n, (ok, _, _)) in results.iter().enumerate() {
+            assert!(ok, "{what} edit {n} failed");
+        }
+    }
+    let overlapping = api.iter().any(|(_, api_start, api_end)| {
+        cli.iter()
+            .any(|(_, cli_start, cli_end)| api_start < cli_end && cli_start < api_end)
+    });
+    assert!(overlapping, "no API edit ran while a CLI edit did");
     let listed: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
     let mut names: Vec<String> = listed["rules"]
         .as_array()
