@@ -84,10 +84,14 @@ fn request_bytes(
         head += &format!("{name}: {value}\r\n");
     }
     if let Some(body) = body {
-        head += &format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
+        // JSON unless the caller names another type (a login form, say).
+        if !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        {
+            head += "Content-Type: application/json\r\n";
+        }
+        head += &format!("Content-Length: {}\r\n", body.len());
     }
     head += "\r\n";
     let mut bytes = head.into_bytes();
@@ -137,6 +141,7 @@ pub fn request_tls(
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: Option<&[u8]>,
 ) -> Reply {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -154,7 +159,7 @@ pub fn request_tls(
     .with_root_certificates(roots)
     .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
-    let bytes = request_bytes(method, path, headers, None);
+    let bytes = request_bytes(method, path, headers, body);
     let raw = ns.run(|| {
         let connection =
             rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");

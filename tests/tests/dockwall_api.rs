@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::dockwall::StateDir;
 use docknfv_tests::dockwall_api::{
-    call, request, request_tls, start_with_api, start_with_api_in, token, Reply,
+    call, request, request_tls, start_with_api, start_with_api_in, token, Reply, API_ADDRESS,
 };
 use docknfv_tests::traffic::{ping, ping_eventually};
 use docknfv_tests::Chain;
@@ -53,6 +53,26 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
         expect(&reply, status, &format!("{method} {path}"));
         reply
     };
+    let neutron = r#"{"firewall_rule": {"protocol": "udp", "shared": false, "project_id": "p", "tenant_id": "p", "firewall_policy_id": null, "source_firewall_group_id": null, "destination_firewall_group_id": null}}"#;
+    let defaulted = check("POST", "/v2.0/fwaas/firewall_rules", Some(neutron), 201).json();
+    assert_eq!(
+        defaulted["firewall_rule"]["action"], "deny",
+        "Neutron's default action"
+    );
+    assert_eq!(
+        defaulted["firewall_rule"]["firewall_policy_id"],
+        json!(["both"])
+    );
+    let defaulted_id = defaulted["firewall_rule"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    check(
+        "DELETE",
+        &format!("/v2.0/fwaas/firewall_rules/{defaulted_id}"),
+        None,
+        204,
+    );
     let created = check("POST", "/v2.0/fwaas/firewall_rules", Some(rule), 201).json();
     let id = created["firewall_rule"]["id"]
         .as_str()
@@ -95,9 +115,7 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
     let inserted = check(
         "PUT",
         "/v2.0/fwaas/firewall_policies/ingress/insert_rule",
-        Some(&format!(
-            r#"{{"firewall_rule_id": "{second_id}", "insert_before": "{id}"}}"#
-        )),
+        Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
         200,
     )
     .json();
@@ -112,11 +130,60 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
         cli["rules"][1]["enabled"], false,
         "the PUT reached the store"
     );
-    check(
+    // Dockwall keeps no rule outside a policy: remove_rule refuses and says what to do.
+    let refused = check(
         "PUT",
         "/v2.0/fwaas/firewall_policies/ingress/remove_rule",
         Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
-        200,
+        409,
+    );
+    assert!(
+        refused.body.contains("DELETE /v2.0/fwaas/firewall_rules/")
+            && refused.body.contains("insert_rule"),
+        "{refused:?}"
+    );
+    expect(
+        &call(
+            si,
+            Some(&token),
+            "PUT",
+            "/v2.0/fwaas/firewall_policies/egress/remove_rule",
+            Some(&format!(r#"{{"firewall_rule_id": "{second_id}"}}"#)),
+        ),
+        404,
+        "remove_rule from a policy the rule is not in",
+    );
+    // insert_before must name a rule of the target policy.
+    expect(
+        &call(
+            si,
+            Some(&token),
+            "PUT",
+            "/v2.0/fwaas/firewall_policies/local/insert_rule",
+            Some(&format!(
+                r#"{{"firewall_rule_id": "{id}", "insert_before": "{second_id}"}}"#
+            )),
+        ),
+        409,
+        "insert_before a rule of another policy",
+    );
+    let cli: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
+    assert_eq!(
+        (
+            cli["rules"][0]["id"]
+                .to_string()
+                .trim_matches('"')
+                .to_string(),
+            cli["rules"][1]["direction"].clone()
+        ),
+        (second_id.clone(), json!("left-to-right")),
+        "the refused remove_rule and insert_rule changed nothing"
+    );
+    check(
+        "DELETE",
+        &format!("/v2.0/fwaas/firewall_rules/{second_id}"),
+        None,
+        204,
     );
     let nat_id = check("POST", "/v2.0/dockwall/nat_rules", Some(nat), 201).json()["nat_rule"]["id"]
         .as_str()
@@ -155,6 +222,18 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
     let page = check("GET", "/", None, 200);
     assert!(page.body.contains("<title>Dockwall</title>"));
     check("GET", "/v2.0/no/such/thing", None, 404);
+    let not_allowed = check("PATCH", "/v2.0/fwaas/firewall_rules", None, 405).json();
+    assert_eq!(
+        not_allowed["NeutronError"]["type"], "HTTPMethodNotAllowed",
+        "405 in Neutron's shape: {not_allowed}"
+    );
+    assert!(
+        not_allowed["NeutronError"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not take this method"),
+        "says what is wrong: {not_allowed}"
+    );
     let cli: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
     assert_eq!(cli["rules"], json!([]), "every rule the API made is gone");
     assert!(dockwall.ok(&["status"]).contains("converged"));
@@ -241,7 +320,13 @@ fn concurrent_api_and_cli_edits_lose_none() {
     let chain = Chain::new();
     let dockwall = start_with_api(&chain);
     let token = token(&dockwall);
-    std::thread::scope(|scope| {
+    // Each edit's time window, to show API and CLI edits really ran at the same time.
+    let timed = |run: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        let ok = run();
+        (ok, start, std::time::Instant::now())
+    };
+    let (api, cli) = std::thread::scope(|scope| {
         let api: Vec<_> = (0..EACH)
             .map(|n| {
                 let (si, token) = (&chain.si, &token);
@@ -250,30 +335,49 @@ fn concurrent_api_and_cli_edits_lose_none() {
                         r#"{{"firewall_rule": {{"action": "deny", "protocol": "tcp", "destination_port": "{}", "name": "api-{n}"}}}}"#,
                         10000 + n
                     );
-                    call(si, Some(token), "POST", "/v2.0/fwaas/firewall_rules", Some(&body))
+                    timed(&|| {
+                        let reply = call(si, Some(token), "POST", "/v2.0/fwaas/firewall_rules", Some(&body));
+                        reply.status == 201
+                    })
                 })
             })
             .collect();
         let cli: Vec<_> = (0..EACH)
             .map(|n| {
-                let port = (20000 + n).to_string();
-                let name = format!("cli-{n}");
-                dockwall
-                    .command(&[
-                        "rule", "add", "deny", "--proto", "tcp", "--dport", &port, "--name", &name,
-                    ])
-                    .output()
+                let dockwall = &dockwall;
+                scope.spawn(move || {
+                    let port = (20000 + n).to_string();
+                    let name = format!("cli-{n}");
+                    timed(&|| {
+                        dockwall
+                            .command(&[
+                                "rule", "add", "deny", "--proto", "tcp", "--dport", &port,
+                                "--name", &name,
+                            ])
+                            .output()
+                            .is_ok_and(|output| output.status.success())
+                    })
+                })
             })
-            .collect::<Vec<_>>();
-        for (n, reply) in api.into_iter().enumerate() {
-            let reply = reply.join().expect("API thread");
-            expect(&reply, 201, &format!("API edit {n}"));
-        }
-        for (n, output) in cli.into_iter().enumerate() {
-            let output = output.expect("run dockwall");
-            assert!(output.status.success(), "CLI edit {n}: {output:?}");
-        }
+            .collect();
+        let join = |threads: Vec<std::thread::ScopedJoinHandle<'_, _>>| -> Vec<_> {
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("edit thread"))
+                .collect()
+        };
+        (join(api), join(cli))
     });
+    for (what, results) in [("API", &api), ("CLI", &cli)] {
+        for (n, (ok, _, _)) in results.iter().enumerate() {
+            assert!(ok, "{what} edit {n} failed");
+        }
+    }
+    let overlapping = api.iter().any(|(_, api_start, api_end)| {
+        cli.iter()
+            .any(|(_, cli_start, cli_end)| api_start < cli_end && cli_start < api_end)
+    });
+    assert!(overlapping, "no API edit ran while a CLI edit did");
     let listed: Value = serde_json::from_str(&dockwall.ok(&["rule", "list", "--json"])).unwrap();
     let mut names: Vec<String> = listed["rules"]
         .as_array()
@@ -318,7 +422,14 @@ fn bad_bodies_get_4xx_and_change_nothing() {
         r#"{{"firewall_rule": {{"action": "deny", "name": "{}"}}}}"#,
         "x".repeat(200_000)
     );
-    let cases: [(&str, &str, &str, u16, &str); 7] = [
+    let cases: [(&str, &str, &str, u16, &str); 8] = [
+        (
+            "POST",
+            "/v2.0/fwaas/firewall_rules",
+            r#"{"firewall_rule": {"protocol": "tcp", "source_firewall_group_id": "g1"}}"#,
+            400,
+            "remote firewall groups are not supported",
+        ),
         (
             "POST",
             "/v2.0/fwaas/firewall_rules",
@@ -398,14 +509,41 @@ fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
     let login_form = request(si, "GET", "/", &[], None);
     expect(&login_form, 401, "the page without a session");
     assert!(login_form.body.contains("<form"), "is the login form");
+    for header in [
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+    ] {
+        assert_eq!(
+            login_form.header(header.0),
+            Some(header.1),
+            "{login_form:?}"
+        );
+    }
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let post_login = |headers: &[(&str, &str)], token: &str| {
+        let body = format!("token={token}");
+        request(si, "POST", "/login", headers, Some(body.as_bytes()))
+    };
+    expect(&post_login(&form, "wrong"), 401, "a wrong token");
     expect(
-        &request(si, "GET", "/login?token=wrong", &[], None),
-        401,
-        "a wrong token",
+        &request(si, "GET", &format!("/login?token={token}"), &[], None),
+        200,
+        "a token in the URL only gets the form",
     );
-    let redirected = request(si, "GET", &format!("/?token={token}"), &[], None);
-    expect(&redirected, 303, "/?token= logs in");
-    let login = request(si, "GET", &format!("/login?token={token}"), &[], None);
+    let no_cookie = request(si, "GET", &format!("/?token={token}"), &[], None);
+    expect(&no_cookie, 401, "/?token= logs nobody in");
+    assert!(no_cookie.header("set-cookie").is_none(), "{no_cookie:?}");
+    for cross_site in [
+        ("Origin", "http://evil.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+    ] {
+        let refused = post_login(&[form[0], cross_site], &token);
+        expect(&refused, 403, &format!("a login POST with {cross_site:?}"));
+        assert!(refused.header("set-cookie").is_none(), "{refused:?}");
+    }
+    let login = post_login(&[form[0], ("Sec-Fetch-Site", "same-origin")], &token);
     expect(&login, 303, "login");
     let cookie = login
         .header("set-cookie")
@@ -461,6 +599,55 @@ fn the_page_logs_in_with_the_token_and_changes_need_the_csrf_token() {
         None,
     );
     expect(&stale, 401, "an unknown session");
+    let other = post_login(&form, &token);
+    expect(&other, 303, "a login without browser headers (curl)");
+    let other = other.header("set-cookie").expect("cookie");
+    assert!(
+        other.contains("Max-Age=43200"),
+        "sessions last 12 h: {other}"
+    );
+    let other = other.split(';').next().unwrap().to_string();
+    expect(
+        &request(si, "POST", "/logout", &[("Cookie", &other)], None),
+        403,
+        "a logout without the CSRF token",
+    );
+    let other_page = request(si, "GET", "/", &[("Cookie", &other)], None);
+    let other_csrf = other_page
+        .body
+        .split(r#"<meta name="csrf" content=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("CSRF token")
+        .to_string();
+    let logout = request(
+        si,
+        "POST",
+        "/logout",
+        &[("Cookie", &other), ("X-CSRF-Token", &other_csrf)],
+        None,
+    );
+    expect(&logout, 204, "logout");
+    expect(
+        &request(si, "GET", path, &[("Cookie", &other)], None),
+        401,
+        "a logged-out session",
+    );
+    expect(
+        &request(si, "GET", path, &[("Cookie", &session)], None),
+        200,
+        "another session stays",
+    );
+    std::fs::remove_file(dockwall.state.path().join("api.token")).expect("delete the token file");
+    expect(
+        &call(si, Some(&token), "GET", path, None),
+        200,
+        "a deleted token file keeps the token read before",
+    );
+    assert!(
+        !dockwall.state.path().join("api.token").exists(),
+        "requests never create the token file"
+    );
     dockwall.ok(&["api", "token", "--rotate"]);
     let rotated = request(si, "GET", path, &[("Cookie", &session)], None);
     expect(&rotated, 401, "a session after the token was rotated");
@@ -490,20 +677,22 @@ fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
         "GET",
         path,
         &[("Authorization", &bearer)],
+        None,
     );
     expect(&listed, 200, "GET over HTTPS with the token");
     assert_eq!(listed.json()["firewall_rules"], json!([]));
     expect(
-        &request_tls(&chain.si, &certificate, "GET", path, &[]),
+        &request_tls(&chain.si, &certificate, "GET", path, &[], None),
         401,
         "GET over HTTPS without the token",
     );
     let login = request_tls(
         &chain.si,
         &certificate,
-        "GET",
-        &format!("/login?token={token}"),
-        &[],
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(format!("token={token}").as_bytes()),
     );
     let cookie = login.header("set-cookie").expect("a session cookie");
     assert!(
@@ -515,4 +704,56 @@ fn with_a_certificate_in_the_state_directory_the_api_speaks_https_only() {
         plain.map(|reply| reply.status == 0).unwrap_or(true),
         "plain HTTP gets no HTTP reply from the HTTPS listener"
     );
+}
+
+#[test]
+fn idle_connections_are_closed_and_do_not_starve_the_api() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    // More than the server's 256 connections, none sending a byte.
+    const IDLE: usize = 300;
+    // The server's header timeout is 10 s: the first 256 close after it, the rest (queued in
+    // the backlog until then) after twice it; give both a margin.
+    let bound = Duration::from_secs(28);
+    let chain = Chain::new();
+    let dockwall = start_with_api(&chain);
+    let token = token(&dockwall);
+    let idle: Vec<TcpStream> = chain.si.run(|| {
+        (0..IDLE)
+            .map(|n| {
+                TcpStream::connect(API_ADDRESS)
+                    .unwrap_or_else(|e| panic!("idle connection {n}: {e}"))
+            })
+            .collect()
+    });
+    let started = Instant::now();
+    let reply = call(
+        &chain.si,
+        Some(&token),
+        "GET",
+        "/v2.0/dockwall/status",
+        None,
+    );
+    expect(&reply, 200, "a request behind the idle connections");
+    assert!(
+        started.elapsed() < bound,
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    for (n, mut stream) in idle.into_iter().enumerate() {
+        let left = bound.saturating_sub(started.elapsed());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("read timeout");
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!(
+                "idle connection {n} still open after {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+    }
 }

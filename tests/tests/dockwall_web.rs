@@ -76,15 +76,19 @@ fn the_page_adds_a_deny_rule_that_blocks_traffic_shows_its_counter_and_deletes_i
             .await
             .expect("a WebDriver session with headless Chromium");
         browser
-            .goto(&format!("http://{API_ADDRESS}/?token={token}"))
+            .goto(&format!("http://{API_ADDRESS}/#token={token}"))
             .await
             .expect("load the page with the token");
         let health = browser
             .wait()
             .at_most(PAGE_WAIT)
             .for_element(Locator::XPath("//header/span[@id='health'][normalize-space(.)='healthy']"))
-            .await
-            .expect("the logged-in page shows the SI healthy");
+            .await;
+        let Ok(health) = health else {
+            let url = browser.current_url().await.map(|u| u.to_string());
+            let source = browser.source().await.unwrap_or_default();
+            panic!("the logged-in page shows the SI healthy ({health:?}); at {url:?}:\n{source}");
+        };
         assert_eq!(health.text().await.unwrap(), "healthy");
 
         let form = browser.find(Locator::Id("add")).await.expect("the add form");
@@ -153,11 +157,21 @@ fn the_page_adds_a_deny_rule_that_blocks_traffic_shows_its_counter_and_deletes_i
             .click()
             .await
             .expect("delete");
+        let question = browser.get_alert_text().await.expect("Delete asks first");
+        assert!(question.contains("Delete rule"), "{question}");
+        browser.accept_alert().await.expect("confirm the delete");
         let deadline = std::time::Instant::now() + PAGE_WAIT;
         while !browser.find_all(Locator::XPath(&row_of("icmp"))).await.unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "the deleted rule stays on the page");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        browser.find(Locator::Id("logout")).await.expect("the log out button").click().await.expect("log out");
+        browser
+            .wait()
+            .at_most(PAGE_WAIT)
+            .for_element(Locator::Css("form[action='/login']"))
+            .await
+            .expect("logged out: the login form");
         browser.close().await.expect("end the session");
     });
     assert!(

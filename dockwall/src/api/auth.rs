@@ -2,15 +2,19 @@
 //! web page — a session cookie got with that token, plus a CSRF token on every change.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
+use tracing::warn;
+use vnf_core::firewall::store::Store;
 use vnf_core::{Error, Result};
 
 use super::{ApiError, AppState};
@@ -20,6 +24,8 @@ pub const SESSION_COOKIE: &str = "dockwall_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Sessions kept at once; the oldest goes first, so a login loop cannot grow memory.
 const MAX_SESSIONS: usize = 64;
+/// A browser session ends this long after its login (the cookie's Max-Age says the same).
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
 
 pub fn token_path(state_dir: &Path) -> PathBuf {
     state_dir.join(TOKEN_FILE)
@@ -31,29 +37,16 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The API token, created (mode 0600) when there is none yet, or replaced when `rotate`.
+/// The API token, created (mode 0600) when there is none yet, or replaced when `rotate`;
+/// under the state directory's lock, so two first runs cannot create two different tokens.
 pub fn ensure_token(state_dir: &Path, rotate: bool) -> Result<String> {
     let path = token_path(state_dir);
+    let _locked = Store::new(state_dir).lock()?;
     if !rotate {
-        match std::fs::read_to_string(&path) {
-            Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
-            Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    context: format!("read {}", path.display()),
-                    source,
-                })
-            }
+        if let Some(token) = read_token(&path)? {
+            return Ok(token);
         }
     }
-    std::fs::create_dir_all(state_dir).map_err(|source| Error::Io {
-        context: format!(
-            "create the state directory {} (pass --state-dir or DOCKWALL_STATE_DIR)",
-            state_dir.display()
-        ),
-        source,
-    })?;
     let token = random_hex();
     vnf_core::fs::write_atomically(&path, format!("{token}\n").as_bytes(), 0o600).map_err(
         |source| Error::Io {
@@ -64,12 +57,65 @@ pub fn ensure_token(state_dir: &Path, rotate: bool) -> Result<String> {
     Ok(token)
 }
 
+/// The token in `path`; None when the file is missing or empty.
+fn read_token(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_string())),
+        Ok(_) => Ok(None),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io {
+            context: format!("read {}", path.display()),
+            source,
+        }),
+    }
+}
+
+/// The server's copy of the token: re-read only when the file changes (`api token --rotate`
+/// replaces it, so its inode and mtime change), never created on a request. While the file
+/// is missing or unreadable the last token read stays valid.
+pub struct TokenCache {
+    path: PathBuf,
+    current: Mutex<(Option<(u64, SystemTime)>, String)>,
+}
+
+impl TokenCache {
+    /// Creates the token when there is none yet.
+    pub fn load(state_dir: &Path) -> Result<Self> {
+        let token = ensure_token(state_dir, false)?;
+        let path = token_path(state_dir);
+        Ok(TokenCache {
+            current: Mutex::new((file_version(&path), token)),
+            path,
+        })
+    }
+
+    pub fn get(&self) -> String {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let version = file_version(&self.path);
+        if version.is_some() && version != current.0 {
+            match read_token(&self.path) {
+                Ok(Some(token)) => *current = (version, token),
+                Ok(None) => {}
+                Err(error) => warn!(%error, "keeping the API token read before"),
+            }
+        }
+        current.1.clone()
+    }
+}
+
+/// What identifies one version of the token file: its inode and mtime.
+fn file_version(path: &Path) -> Option<(u64, SystemTime)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.ino(), metadata.modified().ok()?))
+}
+
 /// A logged-in browser session.
 struct Session {
     id: String,
     csrf: String,
     /// The API token it logged in with: rotating the token ends the session.
     token: String,
+    opened: Instant,
 }
 
 /// Logged-in browser sessions, oldest first.
@@ -83,9 +129,11 @@ impl Sessions {
             id: random_hex(),
             csrf: random_hex(),
             token: token.to_string(),
+            opened: Instant::now(),
         };
         let id = session.id.clone();
         let mut sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.retain(|s| s.opened.elapsed() < SESSION_LIFETIME);
         if sessions.len() >= MAX_SESSIONS {
             sessions.remove(0);
         }
@@ -98,8 +146,18 @@ impl Sessions {
         let sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
         sessions
             .iter()
-            .find(|s| equal(&s.id, session) && equal(&s.token, token))
+            .find(|s| {
+                equal(&s.id, session)
+                    && equal(&s.token, token)
+                    && s.opened.elapsed() < SESSION_LIFETIME
+            })
             .map(|s| s.csrf.clone())
+    }
+
+    /// Ends the session `session` (logout).
+    pub fn close(&self, session: &str) {
+        let mut sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.retain(|s| !equal(&s.id, session));
     }
 }
 
@@ -127,30 +185,29 @@ pub enum Caller {
     Session { csrf: String },
 }
 
-pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>> {
-    let token = ensure_token(&state.state_dir, false)?;
+pub fn caller(state: &AppState, headers: &HeaderMap) -> Option<Caller> {
+    let token = state.token.get();
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
     if let Some(given) = bearer {
-        return Ok(equal(given.trim(), &token).then_some(Caller::Bearer));
+        return equal(given.trim(), &token).then_some(Caller::Bearer);
     }
-    Ok(cookies(headers)
+    cookies(headers)
         .get(SESSION_COOKIE)
         .and_then(|session| state.sessions.csrf_of(session, &token))
-        .map(|csrf| Caller::Session { csrf }))
+        .map(|csrf| Caller::Session { csrf })
 }
 
 /// Lets through requests with the bearer token, and browser sessions whose changes carry
 /// their CSRF token; everything else gets 401 (403 for a session change without CSRF).
 pub async fn require(State(state): State<AppState>, request: Request, next: Next) -> Response {
     match caller(&state, request.headers()) {
-        Err(error) => ApiError::from(error).into_response(),
-        Ok(None) if request.uri().path() == "/" => login_instead(request.uri().query()),
-        Ok(None) => ApiError::unauthorized().into_response(),
-        Ok(Some(Caller::Bearer)) => next.run(request).await,
-        Ok(Some(Caller::Session { csrf })) => {
+        None if request.uri().path() == "/" => login_instead(),
+        None => ApiError::unauthorized().into_response(),
+        Some(Caller::Bearer) => next.run(request).await,
+        Some(Caller::Session { csrf }) => {
             let safe = matches!(*request.method(), Method::GET | Method::HEAD);
             let given = request
                 .headers()
@@ -171,16 +228,34 @@ pub async fn require(State(state): State<AppState>, request: Request, next: Next
     }
 }
 
-/// A browser at `/` without a session: `/?token=…` logs in, anything else gets the login form.
-fn login_instead(query: Option<&str>) -> Response {
-    match query {
-        Some(query) if query.starts_with("token=") => {
-            Redirect::to(&format!("/login?{query}")).into_response()
+/// A browser at `/` without a session gets the login form (which also logs in with
+/// `/#token=TOKEN`).
+fn login_instead() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Html(super::handlers::LOGIN_PAGE.replace("{{error}}", "")),
+    )
+        .into_response()
+}
+
+/// Whether a login POST comes from this server's own page: browsers say so in
+/// `Sec-Fetch-Site`, or else in `Origin`; a client that sends neither is no browser, so
+/// no other site can have made it post.
+pub fn same_origin(headers: &HeaderMap, https: bool) -> bool {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|value: &HeaderValue| value.to_str().ok())
+    };
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
+        return site == "same-origin";
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => {
+            let scheme = if https { "https" } else { "http" };
+            origin == format!("{scheme}://{host}")
         }
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            Html(super::handlers::LOGIN_PAGE.replace("{{error}}", "")),
-        )
-            .into_response(),
+        (Some(_), None) => false,
     }
 }

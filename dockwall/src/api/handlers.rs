@@ -1,16 +1,16 @@
 //! The endpoints. Reads load the stored rule set and the kernel's counters; changes are one
 //! `firewall::edit` each. Both block (file lock, nft), so they run on blocking threads.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{FormRejection, JsonRejection};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::Json;
+use axum::{Form, Json};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vnf_core::firewall::nft::{self, Counters};
-use vnf_core::firewall::{self, compile, Direction, NatRule, Protocol, Rule, RuleSet};
+use vnf_core::firewall::{self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet};
 use vnf_core::Error;
 
 use super::auth::{self, Caller, CSRF_HEADER, SESSION_COOKIE};
@@ -155,9 +155,8 @@ pub async fn create_rule(
     request: Result<Json<FirewallRuleBody>, JsonRejection>,
 ) -> Reply {
     let mut fields = body(request)?.firewall_rule;
-    let Some(action) = fields.action else {
-        return Err(Error::invalid("action", "none", "give allow, deny, reject or limit").into());
-    };
+    // Neutron's default.
+    let action = fields.action.unwrap_or(Action::Deny);
     let position = fields.position.take();
     let created = edit(&state, move |set| {
         let last = set.rules.len() + 1;
@@ -282,8 +281,8 @@ pub async fn show_policy(State(state): State<AppState>, Path(id): Path<String>) 
     )
 }
 
-/// Moves a rule into this direction's policy: before or after a rule, or first when neither
-/// is given (as FWaaS does).
+/// Moves a rule into this direction's policy: before or after a rule of that policy, or first
+/// when neither is given (as FWaaS does).
 pub async fn insert_rule(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -295,9 +294,24 @@ pub async fn insert_rule(
         let index = rule_index(set, &request.firewall_rule_id)?;
         let mut rule = set.rules.remove(index);
         rule.direction = direction;
+        let in_policy = |set: &RuleSet, field: &str, reference: &str| {
+            let at = rule_index(set, reference)?;
+            if set.rules[at].direction != direction {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "FirewallRuleNotInPolicy",
+                    format!(
+                        "{field} {reference:?} is a rule of the policy {}, not of {id:?}: \
+                         name a rule of {id:?}, or leave {field} out",
+                        json!(set.rules[at].direction)
+                    ),
+                ));
+            }
+            Ok(at)
+        };
         let target = match (&request.insert_before, &request.insert_after) {
-            (Some(before), _) if !before.is_empty() => rule_index(set, before)?,
-            (_, Some(after)) if !after.is_empty() => rule_index(set, after)? + 1,
+            (Some(before), _) if !before.is_empty() => in_policy(set, "insert_before", before)?,
+            (_, Some(after)) if !after.is_empty() => in_policy(set, "insert_after", after)? + 1,
             _ => 0,
         };
         set.rules.insert(target, rule);
@@ -307,7 +321,8 @@ pub async fn insert_rule(
     reply(StatusCode::OK, policy(&set, direction))
 }
 
-/// Dockwall has no rules outside a policy: removing a rule from its policy deletes it.
+/// Dockwall keeps no rule outside a policy, so unlike Neutron it cannot take a rule out of
+/// one and keep it: this changes nothing and says what to do instead.
 pub async fn remove_rule(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -315,19 +330,24 @@ pub async fn remove_rule(
 ) -> Reply {
     let direction = policy_direction(&id)?;
     let request = body(request)?;
-    let set = edit(&state, move |set| {
-        let index = rule_index(set, &request.firewall_rule_id)?;
-        if set.rules[index].direction != direction {
-            return Err(ApiError::not_found(
-                "firewall rule in this policy",
-                &request.firewall_rule_id,
-            ));
-        }
-        set.rules.remove(index);
-        Ok(set.clone())
-    })
-    .await?;
-    reply(StatusCode::OK, policy(&set, direction))
+    let (set, _) = snapshot(&state).await?;
+    let index = rule_index(&set, &request.firewall_rule_id)?;
+    if set.rules[index].direction != direction {
+        return Err(ApiError::not_found(
+            "firewall rule in this policy",
+            &request.firewall_rule_id,
+        ));
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "FirewallRuleInUse",
+        format!(
+            "Dockwall keeps no rule outside a policy: DELETE /v2.0/fwaas/firewall_rules/{0} \
+             to delete it, or PUT /v2.0/fwaas/firewall_policies/POLICY/insert_rule with \
+             {{\"firewall_rule_id\": \"{0}\"}} to move it into another policy",
+            request.firewall_rule_id
+        ),
+    ))
 }
 
 fn nat_view(nat: &NatRule, position: usize, counters: &Counters) -> Value {
@@ -449,7 +469,7 @@ pub async fn status(State(state): State<AppState>) -> Reply {
 
 /// The web page, with this browser session's CSRF token for its changes.
 pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Reply {
-    let csrf = match auth::caller(&state, &headers)? {
+    let csrf = match auth::caller(&state, &headers) {
         Some(Caller::Session { csrf }) => csrf,
         _ => String::new(),
     };
@@ -460,23 +480,55 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Reply {
     .into_response())
 }
 
-#[derive(Deserialize)]
-pub struct LoginQuery {
-    token: Option<String>,
+/// The login form (`GET /login`).
+pub async fn login_form() -> Response {
+    Html(LOGIN_PAGE.replace("{{error}}", "")).into_response()
 }
 
-/// The login form (`GET /login`), or with `?token=` a new browser session and back to the page.
-pub async fn login(State(state): State<AppState>, Query(query): Query<LoginQuery>) -> Reply {
-    let Some(given) = query.token else {
-        return Ok(Html(LOGIN_PAGE.replace("{{error}}", "")).into_response());
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: String,
+}
+
+/// `POST /login` with the form's `token`: a new browser session and back to the page. The
+/// token travels in the body only, never in a URL that logs, history or a Referer keep.
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: Result<Form<LoginForm>, FormRejection>,
+) -> Reply {
+    if !auth::same_origin(&headers, state.https) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "CrossOriginLogin",
+            "log in from Dockwall's own login form (Origin or Sec-Fetch-Site names another site)",
+        ));
+    }
+    let wrong = |message: &str| {
+        let page = LOGIN_PAGE.replace("{{error}}", &format!("<p class=error>{message}</p>"));
+        Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response())
     };
-    let token = auth::ensure_token(&state.state_dir, false)?;
-    if !auth::equal(given.trim(), &token) {
-        let page = LOGIN_PAGE.replace("{{error}}", "<p class=error>Wrong token.</p>");
-        return Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response());
+    let Ok(Form(form)) = form else {
+        return wrong("Send the token as the form field token.");
+    };
+    let token = state.token.get();
+    if !auth::equal(form.token.trim(), &token) {
+        return wrong("Wrong token.");
     }
     let session = state.sessions.open(&token);
     let secure = if state.https { "; Secure" } else { "" };
-    let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict{secure}");
+    let cookie = format!(
+        "{SESSION_COOKIE}={session}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+        auth::SESSION_LIFETIME.as_secs()
+    );
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+}
+
+/// `POST /logout` (a session change, so with its CSRF token): ends the browser session.
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(session) = auth::cookies(&headers).get(SESSION_COOKIE) {
+        state.sessions.close(session);
+    }
+    let expired = format!("{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, expired)]).into_response()
 }

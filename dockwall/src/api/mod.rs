@@ -10,20 +10,21 @@
 mod auth;
 mod handlers;
 mod resources;
+mod server;
 mod tls;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 use vnf_core::firewall::store::Store;
 use vnf_core::runtime::RuntimeConfig;
 use vnf_core::{Error, Result};
@@ -70,9 +71,9 @@ pub fn command(state_dir: &Path, command: ApiCommand) -> Result<()> {
 pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
-    pub state_dir: PathBuf,
     pub store: Store,
     pub config: RuntimeConfig,
+    pub token: auth::TokenCache,
     pub sessions: auth::Sessions,
     /// Served over TLS (`api.crt` and `api.key` in the state directory): cookies are Secure.
     pub https: bool,
@@ -88,7 +89,7 @@ impl std::ops::Deref for AppState {
 /// Binds `address` and serves the API from a task of its own until the process exits.
 /// Binding happens now, so a taken port fails `run` at start.
 pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig) -> Result<()> {
-    ensure_token(state_dir, false)?;
+    let token = auth::TokenCache::load(state_dir)?;
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|source| Error::Io {
@@ -97,23 +98,15 @@ pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig)
         })?;
     let acceptor = tls::acceptor(state_dir)?;
     let state = AppState(Arc::new(Shared {
-        state_dir: state_dir.to_path_buf(),
         store: Store::new(state_dir),
         config,
+        token,
         sessions: auth::Sessions::default(),
         https: acceptor.is_some(),
     }));
     info!(%address, https = acceptor.is_some(), "API and web page listening");
     let app = router(state);
-    tokio::spawn(async move {
-        let served = match acceptor {
-            Some(acceptor) => tls::serve(listener, acceptor, app).await,
-            None => axum::serve(listener, app).await,
-        };
-        if let Err(error) = served {
-            warn!(%error, "the API server stopped");
-        }
-    });
+    tokio::spawn(server::serve(listener, acceptor, app));
     Ok(())
 }
 
@@ -149,16 +142,86 @@ fn router(state: AppState) -> Router {
         )
         .route("/v2.0/dockwall/status", get(status))
         .route("/", get(page))
+        .route("/logout", post(logout))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require,
         ));
     Router::new()
-        .route("/login", get(login))
+        .route("/login", get(login_form).post(login))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(neutron_errors))
+        .layer(axum::middleware::from_fn(protective_headers))
         .with_state(state)
+}
+
+/// Headers on every response: no caching of the page or the rules, no Referer that could
+/// carry a URL, no framing (clickjacking) and no content sniffing.
+async fn protective_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::{header, HeaderValue};
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Axum's own refusals (405, a path or extractor rejection) are plain text: this rewrites
+/// them in Neutron's error shape, as every other error already is.
+async fn neutron_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if !(status.is_client_error() || status.is_server_error())
+        || content_type.starts_with("application/json")
+        || content_type.starts_with("text/html")
+    {
+        return response;
+    }
+    let (status, kind) = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+            (StatusCode::BAD_REQUEST, "BadRequest")
+        }
+        StatusCode::NOT_FOUND => (status, "NotFound"),
+        StatusCode::METHOD_NOT_ALLOWED => (status, "HTTPMethodNotAllowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => (status, "RequestEntityTooLarge"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (status, "UnsupportedMediaType"),
+        _ => (status, "HTTPError"),
+    };
+    let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "this resource does not take this method; see the API section of the README".into()
+        }
+        _ if text.is_empty() => status.canonical_reason().unwrap_or_default().to_string(),
+        _ => text,
+    };
+    let mut response = ApiError::new(status, kind, message).into_response();
+    if let Some(allow) = allow {
+        response
+            .headers_mut()
+            .insert(axum::http::header::ALLOW, allow);
+    }
+    response
 }
 
 /// An error as Neutron words it: `{"NeutronError": {"type", "message", "detail"}}`.

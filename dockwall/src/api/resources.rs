@@ -2,6 +2,7 @@
 //! `rate` and `log`), and Dockwall's own NAT rules and default policy.
 
 use ipnet::IpNet;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer, Serialize};
 use vnf_core::firewall::{Action, Direction, NatKind, PortRange, Protocol, Rate, Rule};
 use vnf_core::{Error, Result};
@@ -20,8 +21,8 @@ pub struct FirewallRuleView {
     pub destination_port: Option<String>,
     pub action: Action,
     pub enabled: bool,
-    /// The implicit policy the rule is in: its direction.
-    pub firewall_policy_id: Direction,
+    /// The implicit policies the rule is in (Neutron's list): its direction's.
+    pub firewall_policy_id: Vec<Direction>,
     /// 1 = evaluated first, across all directions.
     pub position: usize,
     pub direction: Direction,
@@ -45,7 +46,7 @@ impl FirewallRuleView {
             destination_port: rule.destination_port.map(String::from),
             action: rule.action,
             enabled: rule.enabled,
-            firewall_policy_id: rule.direction,
+            firewall_policy_id: vec![rule.direction],
             position,
             direction: rule.direction,
             rate: rule.rate,
@@ -94,6 +95,19 @@ pub struct FirewallRuleFields {
     pub log: Option<bool>,
     /// POST only: where the new rule goes (1 = first) instead of the end.
     pub position: Option<usize>,
+    /// Neutron's, accepted and ignored: Dockwall has one project and nothing to share.
+    #[serde(rename = "shared")]
+    _shared: Option<bool>,
+    #[serde(rename = "project_id")]
+    _project_id: Option<String>,
+    #[serde(rename = "tenant_id")]
+    _tenant_id: Option<String>,
+    /// Neutron's, ignored: a rule's policy is its direction (`direction`, or `insert_rule`).
+    #[serde(rename = "firewall_policy_id")]
+    _firewall_policy_id: Option<IgnoredAny>,
+    /// Neutron's remote groups: only null (none) is accepted.
+    pub source_firewall_group_id: Option<String>,
+    pub destination_firewall_group_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +133,22 @@ impl FirewallRuleFields {
     /// Writes the given fields into `rule` (a null `ip_version` unbinds the rule from one IP
     /// version).
     pub fn apply_to(self, rule: &mut Rule) -> Result<()> {
+        for (field, remote) in [
+            ("source_firewall_group_id", &self.source_firewall_group_id),
+            (
+                "destination_firewall_group_id",
+                &self.destination_firewall_group_id,
+            ),
+        ] {
+            if let Some(group) = remote {
+                return Err(Error::invalid(
+                    field,
+                    group,
+                    "remote firewall groups are not supported; match addresses with \
+                     source_ip_address / destination_ip_address",
+                ));
+            }
+        }
         if let Some(value) = self.name {
             rule.name = value;
         }

@@ -1,24 +1,15 @@
 //! Optional TLS for the API: when the state directory holds `api.crt` (PEM, the chain) and
 //! `api.key` (PEM), the API speaks HTTPS only, with rustls.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-
-use axum::Router;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
 use vnf_core::{Error, Result};
 
 pub const CERTIFICATE_FILE: &str = "api.crt";
 pub const KEY_FILE: &str = "api.key";
-/// A client must finish its handshake within this time, so a silent one holds no task long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS configuration from the state directory; None when it holds neither file.
 pub fn acceptor(state_dir: &Path) -> Result<Option<TlsAcceptor>> {
@@ -66,31 +57,4 @@ pub fn acceptor(state_dir: &Path) -> Result<Option<TlsAcceptor>> {
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
-}
-
-/// Serves `app` over TLS: each connection's handshake and requests in a task of their own.
-pub async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-) -> std::io::Result<()> {
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
-                };
-            let service = TowerToHyperService::new(app);
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, %error, "API connection ended");
-            }
-        });
-    }
 }
