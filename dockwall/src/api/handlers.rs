@@ -75,11 +75,14 @@ async fn edit<T: Send + 'static>(
     let runtime = tokio::runtime::Handle::current();
     blocking(move || {
         let mut result = None;
-        let outcome = runtime.block_on(firewall::edit(
-            &state.store,
-            &state.config.selectors,
-            false,
-            |set| {
+        let assignment = runtime.block_on(firewall::current_assignment(&state.config.selectors));
+        // A poisoned lock only means an earlier edit panicked; its cache is checked anyway.
+        let mut session = state
+            .edits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let outcome = assignment.and_then(|assignment| {
+            session.edit(&state.store, &assignment, false, |set| {
                 let value = change(set);
                 let failed = value.is_err();
                 result = Some(value);
@@ -87,8 +90,8 @@ async fn edit<T: Send + 'static>(
                     return Err(Error::Vnf("aborted by the API request".into()));
                 }
                 Ok(())
-            },
-        ));
+            })
+        });
         count_edit(&state.store, outcome.is_ok());
         match (outcome, result) {
             (_, Some(Err(error))) => Err(error),

@@ -26,6 +26,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tracing::info;
 use vnf_core::firewall::store::Store;
+use vnf_core::firewall::Session;
 use vnf_core::runtime::RuntimeConfig;
 use vnf_core::{Error, Result};
 
@@ -75,6 +76,9 @@ pub struct Shared {
     pub config: RuntimeConfig,
     pub token: auth::TokenCache,
     pub sessions: auth::Sessions,
+    /// The rule set and compile of the API's last edit: the next one skips loading the state
+    /// file and compiling the old set while no CLI edit came between.
+    pub edits: std::sync::Mutex<Session>,
     /// Served over TLS (`api.crt` and `api.key` in the state directory): cookies are Secure.
     pub https: bool,
 }
@@ -102,6 +106,7 @@ pub async fn spawn(address: SocketAddr, state_dir: &Path, config: RuntimeConfig)
         config,
         token,
         sessions: auth::Sessions::default(),
+        edits: std::sync::Mutex::default(),
         https: acceptor.is_some(),
     }));
     info!(%address, https = acceptor.is_some(), "API and web page listening");
