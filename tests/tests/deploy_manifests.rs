@@ -1117,6 +1117,45 @@ fn the_service_mode_parameter_offers_exactly_dockwalls_modes() {
 }
 
 #[test]
+fn heat_starts_no_container_unless_asked() {
+    let path = deploy_dir("openstack").join("service-chain.yaml");
+    let template: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).expect("service-chain.yaml"))
+            .expect("YAML");
+    // OS::Zun::Container cannot ask for a privileged container, without which the SIs
+    // crash-loop: they are created only when the operator says so.
+    assert_eq!(
+        template["parameters"]["create_containers"]["default"],
+        Value::Bool(false)
+    );
+    assert_eq!(
+        template["conditions"]["containers"]["get_param"].as_str(),
+        Some("create_containers")
+    );
+    for (name, resource) in template["resources"].as_mapping().expect("resources") {
+        if resource["type"].as_str() == Some("OS::Zun::Container") {
+            assert_eq!(
+                resource["condition"].as_str(),
+                Some("containers"),
+                "{name:?}: a Zun container without the create_containers condition"
+            );
+        }
+    }
+    for port in [
+        "dockwall_left_port",
+        "dockwall_right_port",
+        "dockvpn_left_port",
+        "dockvpn_right_port",
+    ] {
+        assert_eq!(
+            template["outputs"][port]["value"]["get_resource"].as_str(),
+            Some(port),
+            "output {port}: the port `appcontainer run --net port=…` needs"
+        );
+    }
+}
+
+#[test]
 fn the_heat_check_catches_broken_references() {
     let template: Value = serde_yaml::from_str(
         "heat_template_version: 2018-08-31
