@@ -385,7 +385,8 @@ pub fn mirrors_from_listing(listing: &serde_json::Value) -> Vec<Mirror> {
                     serde_json::Value::Null => None,
                     serde_json::Value::String(text) => Some(format!("{key} {text}")),
                     serde_json::Value::Object(fields) if *key == "match" => {
-                        Some(describe_mirror_match(fields)).filter(|text| !text.is_empty())
+                        let words = describe_mirror_match(fields);
+                        (!words.is_empty()).then(|| format!("match {words}"))
                     }
                     other => Some(format!("{key} {other}")),
                 })
