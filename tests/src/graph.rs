@@ -384,6 +384,10 @@ pub fn mirrors_from_listing(listing: &serde_json::Value) -> Vec<Mirror> {
                 .filter_map(|key| match &entry[*key] {
                     serde_json::Value::Null => None,
                     serde_json::Value::String(text) => Some(format!("{key} {text}")),
+                    serde_json::Value::Object(fields) if *key == "match" => {
+                        let words = describe_mirror_match(fields);
+                        (!words.is_empty()).then(|| format!("match {words}"))
+                    }
                     other => Some(format!("{key} {other}")),
                 })
                 .collect::<Vec<_>>()
@@ -391,6 +395,26 @@ pub fn mirrors_from_listing(listing: &serde_json::Value) -> Vec<Mirror> {
             Some(Mirror { to, what })
         })
         .collect()
+}
+
+/// A mirror's `match` in the words `mirror add --match` takes (`proto udp to CIDR dport
+/// 5000:5010`); the protocol `any` is what no match says, so it is left out.
+fn describe_mirror_match(fields: &serde_json::Map<String, serde_json::Value>) -> String {
+    [
+        ("protocol", "proto"),
+        ("source", "from"),
+        ("destination", "to"),
+        ("source_port", "sport"),
+        ("destination_port", "dport"),
+    ]
+    .iter()
+    .filter_map(|(field, word)| match fields.get(*field)? {
+        serde_json::Value::String(text) if *field == "protocol" && text == "any" => None,
+        serde_json::Value::String(text) => Some(format!("{word} {text}")),
+        other => Some(format!("{word} {other}")),
+    })
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 fn network_id(name: &str) -> String {
@@ -513,5 +537,21 @@ mod tests {
         assert_eq!(mirrors.len(), 1);
         assert_eq!(mirrors[0].to, "10.0.3.9");
         assert_eq!(mirrors[0].what, "side both");
+    }
+
+    #[test]
+    fn a_mirrors_match_reads_as_the_mirror_add_words() {
+        let listing = serde_json::json!([
+            {"id": 1, "side": "left", "to": "10.0.3.9", "via": "right",
+             "match": {"protocol": "udp", "destination": "192.168.20.0/24",
+                       "destination_port": "5000:5010"}},
+            {"id": 2, "side": "both", "to": "10.0.3.9", "match": {"protocol": "any"}}
+        ]);
+        let mirrors = mirrors_from_listing(&listing);
+        assert_eq!(
+            mirrors[0].what,
+            "side left, match proto udp to 192.168.20.0/24 dport 5000:5010, via right"
+        );
+        assert_eq!(mirrors[1].what, "side both");
     }
 }

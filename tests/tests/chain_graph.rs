@@ -13,7 +13,10 @@ use docknfv_tests::netns::run_checked;
 use docknfv_tests::prereq::require_command;
 
 /// Without dashes (docker-compose 1.29 strips them); not compose_chain.rs's project, so
-/// the two suites can run one after the other without sharing containers.
+/// the two suites can run one after the other without sharing containers. They cannot run
+/// at the same time: compose/ gives its networks fixed bridge names and subnets, so the
+/// second `up` fails on them. `cargo test` (and so `cargo xtask test`) runs test binaries
+/// one after another, which keeps them apart; do not start both by hand in parallel.
 const PROJECT: &str = "docknfvgraphtest";
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
 

@@ -192,7 +192,16 @@ fn check_cni_config(config: &serde_json::Value) -> Result<(), String> {
 
 /// Every object in deploy/kubernetes, by file, except the kustomization.
 fn kubernetes_objects() -> Vec<(PathBuf, Value)> {
-    yaml_files(&deploy_dir("kubernetes"))
+    objects_in(&deploy_dir("kubernetes"))
+}
+
+/// The transparent overlay's objects: its networks and its patch of Dockwall's Deployment.
+fn transparent_objects() -> Vec<(PathBuf, Value)> {
+    objects_in(&deploy_dir("kubernetes").join("transparent"))
+}
+
+fn objects_in(dir: &Path) -> Vec<(PathBuf, Value)> {
+    yaml_files(dir)
         .into_iter()
         .filter(|(path, _)| !path.ends_with("kustomization.yaml"))
         .flat_map(|(path, text)| {
@@ -207,9 +216,14 @@ fn kubernetes_objects() -> Vec<(PathBuf, Value)> {
 #[test]
 fn kubernetes_objects_round_trip_through_their_types() {
     let objects = kubernetes_objects();
+    let mut everything = objects.clone();
+    everything.extend(transparent_objects());
     let mut failures = Vec::new();
-    for (path, object) in &objects {
+    for (path, object) in &everything {
         let name = object["metadata"]["name"].as_str().unwrap_or("?");
+        for problem in enum_value_problems(object, "", "") {
+            failures.push(format!("{} {name}: {problem}", path.display()));
+        }
         match check_kubernetes_object(object) {
             Ok(lost) if lost.is_empty() => {}
             Ok(lost) => failures.push(format!(
@@ -348,13 +362,393 @@ fn service_instances_pin_their_multus_legs_as_sides() {
         ] {
             assert!(sysctls.contains(sysctl), "{name}: sysctl {sysctl} not set");
         }
-        for probe in ["livenessProbe", "readinessProbe"] {
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
             assert_eq!(
                 container[probe]["exec"]["command"],
                 serde_yaml::to_value([name, "status"]).expect("YAML"),
                 "{name}: {probe} must exec `{name} status`"
             );
         }
+        assert!(
+            failing_time(&container["livenessProbe"]) > failing_time(&container["readinessProbe"]),
+            "{name}: liveness must tolerate longer failures than readiness"
+        );
+    }
+}
+
+/// How long a probe fails in a row before it gives up on the container, in seconds
+/// (Kubernetes' defaults: every 10 s, 3 failures).
+fn failing_time(probe: &Value) -> u64 {
+    let field = |key: &str, default: u64| probe[key].as_u64().unwrap_or(default);
+    field("periodSeconds", 10) * field("failureThreshold", 3)
+}
+
+/// The values Kubernetes accepts for the enum-like string fields the manifests use: k8s-openapi
+/// types them as plain strings, so a typo (`protocol: udp`) survives the round trip.
+fn enum_value_problems(value: &Value, parent: &str, path: &str) -> Vec<String> {
+    const ALLOWED: [(&str, &str, &[&str]); 8] = [
+        ("", "protocol", &["TCP", "UDP", "SCTP"]),
+        ("", "imagePullPolicy", &["Always", "IfNotPresent", "Never"]),
+        ("", "restartPolicy", &["Always", "OnFailure", "Never"]),
+        (
+            "",
+            "accessModes",
+            &[
+                "ReadWriteOnce",
+                "ReadOnlyMany",
+                "ReadWriteMany",
+                "ReadWriteOncePod",
+            ],
+        ),
+        ("", "externalTrafficPolicy", &["Cluster", "Local"]),
+        ("strategy", "type", &["Recreate", "RollingUpdate"]),
+        (
+            "hostPath",
+            "type",
+            &[
+                "",
+                "DirectoryOrCreate",
+                "Directory",
+                "FileOrCreate",
+                "File",
+                "Socket",
+                "CharDevice",
+                "BlockDevice",
+            ],
+        ),
+        (
+            "spec",
+            "type",
+            &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+        ),
+    ];
+    let mut problems = Vec::new();
+    match value {
+        Value::Mapping(map) => {
+            for (key, child) in map {
+                let key = key.as_str().unwrap_or_default();
+                let child_path = format!("{path}.{key}");
+                let allowed = ALLOWED
+                    .iter()
+                    .find(|(on, field, _)| *field == key && (on.is_empty() || *on == parent));
+                // A Service's `spec.type`; a Deployment's spec has no `type`.
+                let values: Vec<&Value> = match child {
+                    Value::Sequence(list) => list.iter().collect(),
+                    other => vec![other],
+                };
+                if let Some((_, _, allowed)) = allowed {
+                    for value in values {
+                        if !value.as_str().is_some_and(|text| allowed.contains(&text)) {
+                            problems
+                                .push(format!("{child_path}: {value:?} is not one of {allowed:?}"));
+                        }
+                    }
+                } else {
+                    problems.extend(enum_value_problems(child, key, &child_path));
+                }
+            }
+        }
+        Value::Sequence(list) => {
+            for (index, item) in list.iter().enumerate() {
+                problems.extend(enum_value_problems(
+                    item,
+                    parent,
+                    &format!("{path}[{index}]"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    problems
+}
+
+#[test]
+fn enum_like_values_outside_their_allowlist_are_refused() {
+    let service: Value = serde_yaml::from_str(
+        "spec:\n  type: LoadBalancer\n  ports: [{port: 1, protocol: udp}]\n  strategy: {type: Recreate}\n",
+    )
+    .expect("YAML");
+    let problems = enum_value_problems(&service, "", "");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with(".spec.ports[0].protocol"),
+        "{problems:?}"
+    );
+}
+
+/// A NetworkAttachmentDefinition's CNI config, by name.
+fn cni_configs(objects: &[(PathBuf, Value)]) -> BTreeMap<String, serde_json::Value> {
+    objects
+        .iter()
+        .filter(|(_, object)| text_at(object, "kind") == Some("NetworkAttachmentDefinition"))
+        .filter_map(|(_, object)| {
+            let name = object["metadata"]["name"].as_str()?.to_owned();
+            let config = serde_json::from_str(object["spec"]["config"].as_str()?).ok()?;
+            Some((name, config))
+        })
+        .collect()
+}
+
+/// The plugins of a CNI config (one plugin, or a `plugins` list).
+fn cni_plugins(config: &serde_json::Value) -> Vec<&serde_json::Value> {
+    match config["plugins"].as_array() {
+        Some(list) => list.iter().collect(),
+        None => vec![config],
+    }
+}
+
+/// Why the legs of a Deployment do not fit the networks they are on: a leg the SI leases
+/// itself (VNF_DHCP) or bridges (transparent Dockwall) needs a network without CNI IPAM, and
+/// (for DHCP) a pinned MAC the network lets the pod set; every other leg needs IPAM, and
+/// static IPAM needs the leg's `ips`, which the network must accept (`capabilities.ips`).
+/// Records the networks without IPAM that a leg may use in `unaddressed_uses`.
+fn leg_problems(
+    deployment: &Value,
+    networks: &BTreeMap<String, serde_json::Value>,
+    unaddressed_uses: &mut BTreeSet<String>,
+) -> Vec<String> {
+    let name = deployment["metadata"]["name"].as_str().unwrap_or("?");
+    let template = &deployment["spec"]["template"];
+    let container = &template["spec"]["containers"][0];
+    let mut problems = Vec::new();
+    let Some(annotation) =
+        template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"].as_str()
+    else {
+        return vec![format!("{name}: no k8s.v1.cni.cncf.io/networks annotation")];
+    };
+    let legs: Vec<serde_json::Value> = match serde_json::from_str(annotation) {
+        Ok(legs) => legs,
+        Err(error) => return vec![format!("{name}: networks annotation: {error}")],
+    };
+    let dhcp_side = env_value(container, "VNF_DHCP");
+    let transparent = env_value(container, "DOCKWALL_MODE") == Some("transparent");
+    for leg in &legs {
+        let network = leg["name"].as_str().unwrap_or("?");
+        let interface = leg["interface"].as_str().unwrap_or("?");
+        let place = format!("{name} leg {interface} on {network}");
+        let Some(config) = networks.get(network) else {
+            problems.push(format!("{place}: no such NetworkAttachmentDefinition"));
+            continue;
+        };
+        let plugins = cni_plugins(config);
+        let ipam_type = plugins
+            .iter()
+            .find_map(|plugin| plugin["ipam"]["type"].as_str());
+        let capability = |key: &str| {
+            plugins
+                .iter()
+                .any(|plugin| plugin["capabilities"][key].as_bool() == Some(true))
+        };
+        let side = ["left", "right"].into_iter().find(|side| {
+            env_value(container, &format!("VNF_{}", side.to_uppercase()))
+                == Some(format!("name:{interface}").as_str())
+        });
+        let leased_by_the_si = side.is_some() && side == dhcp_side;
+        let bridged = transparent && side.is_some();
+        if leased_by_the_si || bridged {
+            unaddressed_uses.insert(network.to_owned());
+            if let Some(ipam) = ipam_type {
+                problems.push(format!(
+                    "{place}: the SI {} this leg itself, so the network must have no CNI ipam (has {ipam:?})",
+                    if bridged { "bridges" } else { "leases (VNF_DHCP)" }
+                ));
+            }
+            if leg.get("ips").is_some() {
+                problems.push(format!("{place}: `ips` on a leg that CNI does not address"));
+            }
+        }
+        if leased_by_the_si && !(leg["mac"].is_string() && capability("mac")) {
+            problems.push(format!(
+                "{place}: a DHCP leg needs a pinned \"mac\" (and capabilities.mac on the network) for the server's host reservation"
+            ));
+        }
+        if bridged
+            && !plugins
+                .iter()
+                .all(|plugin| matches!(plugin["type"].as_str(), Some("bridge" | "host-device")))
+        {
+            problems.push(format!(
+                "{place}: a transparent leg must be a bridge or host-device port (a macvlan receives only its own MAC's frames)"
+            ));
+        }
+        if !(leased_by_the_si || bridged) {
+            match ipam_type {
+                None => problems.push(format!(
+                    "{place}: the network has no ipam, so the leg gets no address"
+                )),
+                Some("static") => {
+                    let ips: Vec<&str> = leg["ips"]
+                        .as_array()
+                        .map(|list| list.iter().filter_map(|ip| ip.as_str()).collect())
+                        .unwrap_or_default();
+                    if ips.is_empty() {
+                        problems.push(format!(
+                            "{place}: static ipam needs a non-empty \"ips\" list"
+                        ));
+                    }
+                    for ip in ips {
+                        if !is_cidr(ip) {
+                            problems
+                                .push(format!("{place}: ips {ip:?} is not an address/prefix CIDR"));
+                        }
+                    }
+                    if !capability("ips") {
+                        problems.push(format!("{place}: the network lacks capabilities.ips, so the leg's ips are ignored"));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    problems
+}
+
+/// `address/prefix`, IPv4 or IPv6, with the prefix inside the address's length.
+fn is_cidr(text: &str) -> bool {
+    let Some((address, prefix)) = text.split_once('/') else {
+        return false;
+    };
+    let bits = match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return false,
+    };
+    prefix.parse::<u8>().is_ok_and(|prefix| prefix <= bits)
+}
+
+/// The Deployment `base` with the transparent overlay's patch applied as kustomize would:
+/// the networks annotation replaced, env entries replaced by name.
+fn patched(base: &Value, patch: &Value) -> Value {
+    let mut deployment = base.clone();
+    let annotation = "k8s.v1.cni.cncf.io/networks";
+    deployment["spec"]["template"]["metadata"]["annotations"][annotation] =
+        patch["spec"]["template"]["metadata"]["annotations"][annotation].clone();
+    let patched_env = patch["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .cloned()
+        .unwrap_or_default();
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence_mut()
+        .expect("the base Deployment has env");
+    for entry in patched_env {
+        env.retain(|old| old["name"] != entry["name"]);
+        env.push(entry);
+    }
+    deployment
+}
+
+#[test]
+fn every_leg_fits_its_network() {
+    let objects = kubernetes_objects();
+    let transparent = transparent_objects();
+    let mut all = objects.clone();
+    all.extend(transparent.iter().cloned());
+    let networks = cni_configs(&all);
+    let deployments = |objects: &[(PathBuf, Value)]| -> Vec<Value> {
+        objects
+            .iter()
+            .filter(|(_, object)| text_at(object, "kind") == Some("Deployment"))
+            .map(|(_, object)| object.clone())
+            .collect()
+    };
+    let base = deployments(&objects);
+    let patch = deployments(&transparent);
+    assert_eq!(
+        patch.len(),
+        1,
+        "the transparent overlay patches one Deployment"
+    );
+    let patch_name = &patch[0]["metadata"]["name"];
+    let dockwall = base
+        .iter()
+        .find(|deployment| &deployment["metadata"]["name"] == patch_name)
+        .expect("the patched Deployment exists in deploy/kubernetes");
+    let transparent_dockwall = patched(dockwall, &patch[0]);
+    assert_eq!(
+        env_value(
+            &transparent_dockwall["spec"]["template"]["spec"]["containers"][0],
+            "DOCKWALL_MODE"
+        ),
+        Some("transparent")
+    );
+    let mut unaddressed_uses = BTreeSet::new();
+    let mut problems = Vec::new();
+    for deployment in base.iter().chain([&transparent_dockwall]) {
+        problems.extend(leg_problems(deployment, &networks, &mut unaddressed_uses));
+    }
+    // A missing ipam is right only for networks whose legs the SI leases or bridges itself.
+    for (name, config) in &networks {
+        let has_ipam = cni_plugins(config)
+            .iter()
+            .any(|plugin| !plugin["ipam"].is_null());
+        if !has_ipam && !unaddressed_uses.contains(name) {
+            problems.push(format!(
+                "network {name}: no ipam, but no leg on it is leased (VNF_DHCP) or bridged (transparent) by its SI"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let overlay: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(deploy_dir("kubernetes").join("transparent/kustomization.yaml"))
+            .expect("transparent/kustomization.yaml"),
+    )
+    .expect("YAML");
+    assert_eq!(
+        overlay["resources"],
+        serde_yaml::to_value(["..", "networks.yaml"]).expect("YAML"),
+        "the transparent overlay builds on deploy/kubernetes and adds its networks"
+    );
+    assert_eq!(
+        overlay["patches"][0]["path"].as_str(),
+        Some("dockwall-transparent.yaml")
+    );
+}
+
+#[test]
+fn legs_that_do_not_fit_their_network_are_reported() {
+    let networks: BTreeMap<String, serde_json::Value> = [
+        (
+            "dhcp",
+            r#"{"type": "macvlan", "capabilities": {"mac": true}, "ipam": {"type": "dhcp"}}"#,
+        ),
+        (
+            "static",
+            r#"{"type": "macvlan", "ipam": {"type": "static"}}"#,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, config)| (name.to_owned(), serde_json::from_str(config).expect("JSON")))
+    .collect();
+    let deployment: Value = serde_yaml::from_str(
+        r#"metadata: {name: vpn}
+spec:
+  template:
+    metadata:
+      annotations:
+        k8s.v1.cni.cncf.io/networks: '[{"name": "dhcp", "interface": "net1", "mac": "02:00:00:00:00:01"}, {"name": "static", "interface": "net2", "ips": ["10.0.0.300/24"]}]'
+    spec:
+      containers:
+        - env:
+            - {name: VNF_LEFT, value: "name:net1"}
+            - {name: VNF_RIGHT, value: "name:net2"}
+            - {name: VNF_DHCP, value: left}
+"#,
+    )
+    .expect("YAML");
+    let problems = leg_problems(&deployment, &networks, &mut BTreeSet::new()).join(
+        "
+",
+    );
+    for expected in [
+        "must have no CNI ipam",
+        "is not an address/prefix CIDR",
+        "lacks capabilities.ips",
+    ] {
+        assert!(
+            problems.contains(expected),
+            "{expected} not reported in:
+{problems}"
+        );
     }
 }
 
@@ -720,6 +1114,45 @@ fn the_service_mode_parameter_offers_exactly_dockwalls_modes() {
         Some("service_mode"),
         "Dockwall's mode must follow the service template's"
     );
+}
+
+#[test]
+fn heat_starts_no_container_unless_asked() {
+    let path = deploy_dir("openstack").join("service-chain.yaml");
+    let template: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).expect("service-chain.yaml"))
+            .expect("YAML");
+    // OS::Zun::Container cannot ask for a privileged container, without which the SIs
+    // crash-loop: they are created only when the operator says so.
+    assert_eq!(
+        template["parameters"]["create_containers"]["default"],
+        Value::Bool(false)
+    );
+    assert_eq!(
+        template["conditions"]["containers"]["get_param"].as_str(),
+        Some("create_containers")
+    );
+    for (name, resource) in template["resources"].as_mapping().expect("resources") {
+        if resource["type"].as_str() == Some("OS::Zun::Container") {
+            assert_eq!(
+                resource["condition"].as_str(),
+                Some("containers"),
+                "{name:?}: a Zun container without the create_containers condition"
+            );
+        }
+    }
+    for port in [
+        "dockwall_left_port",
+        "dockwall_right_port",
+        "dockvpn_left_port",
+        "dockvpn_right_port",
+    ] {
+        assert_eq!(
+            template["outputs"][port]["value"]["get_resource"].as_str(),
+            Some(port),
+            "output {port}: the port `appcontainer run --net port=…` needs"
+        );
+    }
 }
 
 #[test]
