@@ -59,14 +59,16 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 config: config.clone(),
                 mode,
             };
-            let mut observer = FirewallObserver { store: &store };
+            let applied = std::sync::Arc::new(AppliedSides::default());
+            let mut observer = FirewallObserver {
+                store: &store,
+                applied: applied.clone(),
+            };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
-            let stopping = std::cell::Cell::new(false);
             let shutdown = async {
                 shutdown_signal().await;
-                stopping.set(true);
+                applied.stop();
             };
-            let selectors = config.selectors.clone();
             let run = async {
                 match mode {
                     ServiceMode::Transparent => {
@@ -76,7 +78,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 }
             };
             let every = std::time::Duration::from_secs(verify_every);
-            let repairing = repairing(&store, &selectors, every, &stopping, run);
+            let repairing = repairing(&store, mode, &applied, every, run);
             listener.serve_while(&exporter, repairing).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -811,12 +813,10 @@ async fn status(
         }
     };
     let assignment = firewall::current_assignment(&config.selectors).await?;
-    // One listing for both: at 100,000 rules each costs about as much as the rest of status.
-    let listing = nft::list_table()?;
-    let differences = firewall::differences_in(listing.as_deref(), &rule_set, &assignment)?;
+    let listings = firewall::Listings::read()?;
+    let differences = firewall::differences_in(&listings, &rule_set, &assignment)?;
     let firewall_converged = rule_set.mode == mode && differences.is_empty();
-    let mut counters = nft::counters_in(listing.as_deref())?;
-    counters.extend(nft::counters_in(nft::list_mirror_table()?.as_deref())?);
+    let counters = listings.counters()?;
     let healthy = routing_converged && firewall_converged;
     if json {
         let report = json!({
@@ -843,8 +843,8 @@ async fn status(
         } else if rule_set.mode != mode {
             "NOT converged (the stored rules are for another --mode; give status the mode `run` got)"
         } else {
-            "NOT converged (is `run` running? It replaces a table that differs within \
-             --verify-every)"
+            "NOT converged (is `run` running? Its periodic check replaces a table that differs: \
+             every --verify-every, spaced further at large tables)"
         };
         println!(
             "firewall (nft table inet {}): {state}; mode {mode}; default {}; {} rules, {} NAT rules, {} mirrors",
@@ -874,9 +874,46 @@ async fn status(
     })
 }
 
+/// What `run`'s periodic check learns from the observer: the sides the firewall was last
+/// applied for (none before the first apply: nothing to check yet), and whether teardown began
+/// (for any reason: the signal, or an error that ends `run`), after which nothing is repaired.
+#[derive(Default)]
+struct AppliedSides {
+    /// The assignment last applied, with a count of applies to tell a newer one apart.
+    last: std::sync::Mutex<Option<(u64, Assignment)>>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl AppliedSides {
+    fn record(&self, assignment: &Assignment) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let count = last.as_ref().map_or(0, |(count, _)| count + 1);
+        *last = Some((count, assignment.clone()));
+    }
+
+    fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The assignment to check against, unless teardown began.
+    fn current(&self) -> Option<(u64, Assignment)> {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether `count` is still the last apply and teardown has not begun.
+    fn is_current(&self, count: u64) -> bool {
+        self.current().is_some_and(|(last, _)| last == count)
+    }
+}
+
 /// Keeps the firewall applied for the current sides while `run` runs.
 struct FirewallObserver<'a> {
     store: &'a Store,
+    applied: std::sync::Arc<AppliedSides>,
 }
 
 impl SidesObserver for FirewallObserver<'_> {
@@ -885,10 +922,15 @@ impl SidesObserver for FirewallObserver<'_> {
         let kind = firewall::apply_stored(self.store, assignment)?;
         APPLY_SECONDS.observe(started.elapsed().as_secs_f64());
         info!(applied = ?kind, "firewall applied");
+        self.applied.record(assignment);
         Ok(())
     }
 
     fn shutdown(&mut self, on_exit: OnExit) -> Result<()> {
+        self.applied.stop();
+        // A repair replaces the table only under the store's lock after seeing `stop` unset:
+        // taking the lock waits out one in flight, so the table removed here stays removed.
+        let _no_repair_in_flight = self.store.lock()?;
         if on_exit == OnExit::Remove {
             nft::delete_table()?;
             info!("firewall table removed");
@@ -897,43 +939,86 @@ impl SidesObserver for FirewallObserver<'_> {
     }
 }
 
-/// Runs `run`, checking every `every` that the kernel's table holds the stored rules and
-/// replacing it when not (a flush or a hand edit with `nft`). The check runs on this thread
-/// between `run`'s steps, so it never races `run`'s own applies; once shutdown began
-/// (`stopping`) it stops, so the table `run` removes on exit stays removed. A check lists the
-/// whole table, which nft makes slow with big interval sets (seconds at 100,000 rules), so
-/// the next one waits at least `CHECK_SHARE` times as long as the last took: at most about 5 %
-/// of a core.
+/// Runs `run`, checking every `every` that the kernel's tables hold the stored rules (and in
+/// transparent mode that the bridge table marks the legs), and replacing them when not (a
+/// flush or a hand edit with `nft`). The check starts after the first apply, checks against
+/// the sides that apply used, and runs on a blocking thread so signals and side changes are
+/// never held up; it stops once teardown began. A check lists the whole table, which nft
+/// makes slow with big interval sets (seconds at 100,000 rules), so the next one waits at
+/// least `CHECK_SHARE` times as long as the last took (at most about 5 % of a core), and
+/// twice as long again after each failure in a row.
 async fn repairing<T>(
     store: &Store,
-    selectors: &SideSelectors,
+    mode: ServiceMode,
+    applied: &std::sync::Arc<AppliedSides>,
     every: std::time::Duration,
-    stopping: &std::cell::Cell<bool>,
     run: impl std::future::Future<Output = T>,
 ) -> T {
     const CHECK_SHARE: u32 = 20;
+    const MAX_DOUBLINGS: u32 = 6;
     tokio::pin!(run);
-    // `run` applies the rules at start; the first check is one interval later.
     let mut next = tokio::time::Instant::now() + every;
+    let mut check = None;
+    let mut started = Instant::now();
+    let mut failures = 0;
     loop {
         tokio::select! {
             outcome = &mut run => return outcome,
-            () = tokio::time::sleep_until(next) => {
-                let started = Instant::now();
-                if let Ok(assignment) = firewall::current_assignment(selectors).await {
-                    if !stopping.get() {
-                        match firewall::repair(store, &assignment) {
-                            Ok(differences) if differences.is_empty() => {}
-                            Ok(differences) => warn!(
-                                differences = %differences.join("; "),
-                                "the kernel's firewall differed from the stored rules; table replaced"
-                            ),
-                            Err(error) => warn!(%error, "could not check the kernel's firewall"),
-                        }
+            () = tokio::time::sleep_until(next), if check.is_none() => {
+                match applied.current() {
+                    Some((count, assignment)) => {
+                        started = Instant::now();
+                        let (store, applied) = (store.clone(), applied.clone());
+                        check = Some(tokio::task::spawn_blocking(move || {
+                            check_and_repair(&store, mode, &applied, count, &assignment)
+                        }));
+                    }
+                    None => next = tokio::time::Instant::now() + every,
+                }
+            }
+            finished = async { check.as_mut().expect("polled only while a check runs").await },
+                if check.is_some() => {
+                check = None;
+                let outcome = finished.unwrap_or_else(|error| {
+                    Err(Error::Vnf(format!("the firewall check stopped: {error}")))
+                });
+                match outcome {
+                    Ok(None) => {}
+                    Ok(Some(differences)) if differences.is_empty() => failures = 0,
+                    Ok(Some(differences)) => {
+                        failures = 0;
+                        warn!(
+                            differences = %differences.join("; "),
+                            "the kernel's firewall differed from the stored rules; table replaced"
+                        );
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        warn!(%error, failures, "could not check or repair the kernel's firewall");
                     }
                 }
-                next = tokio::time::Instant::now() + every.max(started.elapsed() * CHECK_SHARE);
+                let spacing = every.max(started.elapsed() * CHECK_SHARE);
+                next = tokio::time::Instant::now() + spacing * 2u32.pow(failures.min(MAX_DOUBLINGS));
             }
         }
     }
+}
+
+/// One check (see [`repairing`]); None when it was skipped (an edit held the lock, the sides
+/// changed, or teardown began).
+fn check_and_repair(
+    store: &Store,
+    mode: ServiceMode,
+    applied: &AppliedSides,
+    count: u64,
+    assignment: &Assignment,
+) -> Result<Option<Vec<String>>> {
+    let still_current = || applied.is_current(count);
+    let Some(mut differences) = firewall::repair(store, assignment, still_current)? else {
+        return Ok(None);
+    };
+    if mode == ServiceMode::Transparent && still_current() {
+        differences.extend(transparent::repair_bridge_table(assignment)?);
+    }
+    Ok(Some(differences))
 }

@@ -209,9 +209,16 @@ impl Exporter for FirewallExporter<'_> {
             _ => routing_health(&self.config).await?,
         }
         let converged = async {
-            let rule_set = self.store.lock()?.load()?;
             let assignment = firewall::current_assignment(&self.config.selectors).await?;
-            firewall::is_converged(&rule_set, &assignment)
+            // Compiling and listing the table take seconds at 100,000 rules: off `run`'s
+            // task, which must stay free for signals and side changes.
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                let rule_set = store.lock()?.load()?;
+                firewall::is_converged(&rule_set, &assignment)
+            })
+            .await
+            .map_err(|error| vnf_core::Error::Vnf(format!("the firewall check failed: {error}")))?
         };
         match converged.await {
             Ok(true) => Ok(()),

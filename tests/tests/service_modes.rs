@@ -17,21 +17,24 @@ use docknfv_tests::{Chain, Netns, Vnf};
 
 /// `dockwall run --mode MODE` in `si` on `state`, waited on until it forwards.
 fn start(si: &Netns, state: &StateDir, mode: &str) -> Vnf {
+    start_with(si, state, mode, &[])
+}
+
+/// The same, with more `run` options.
+fn start_with(si: &Netns, state: &StateDir, mode: &str, run_args: &[&str]) -> Vnf {
     require_command("nft", "nftables");
     let path = state.path().to_str().expect("utf-8 path");
-    let dockwall = Vnf::start(
-        si,
-        "dockwall",
-        &[
-            "--state-dir",
-            path,
-            "run",
-            "--mode",
-            mode,
-            "--side-timeout",
-            "30",
-        ],
-    );
+    let mut args = vec![
+        "--state-dir",
+        path,
+        "run",
+        "--mode",
+        mode,
+        "--side-timeout",
+        "30",
+    ];
+    args.extend(run_args);
+    let dockwall = Vnf::start(si, "dockwall", &args);
     dockwall.wait_ready();
     dockwall
 }
@@ -357,6 +360,75 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
         "",
         "both tables removed"
     );
+}
+
+#[test]
+fn a_flushed_bridge_table_fails_status_and_run_repairs_it() {
+    let wire = Wire::new();
+    let state = StateDir::new();
+    let mut dockwall = start_with(&wire.si, &state, "transparent", &["--verify-every", "1"]);
+    ok(
+        &wire.si,
+        &state,
+        &["rule", "add", "deny", "--proto", "tcp", "--dport", "7301"],
+    );
+    let denied = || {
+        tcp_probe(
+            &wire.left_host,
+            &wire.right_host,
+            WIRE_RIGHT,
+            WIRE_RIGHT,
+            7301,
+            7301,
+        )
+        .0
+    };
+    assert_eq!(
+        denied(),
+        Probe::TimedOut,
+        "the deny holds across the bridge"
+    );
+
+    // Frozen, `run` cannot repair: status alone must see the flush, and traffic bypasses
+    // the rules (no leg mark, so no per-direction chain).
+    let pid = Pid::from_raw(dockwall.pid() as i32);
+    kill(pid, Signal::SIGSTOP).expect("stop run");
+    let flush = wire
+        .si
+        .exec("nft", &["flush", "table", "bridge", "dockwall"]);
+    assert!(flush.status.success(), "{flush:?}");
+    let status = cli(&wire.si, &state, &["status"]);
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        !status.status.success(),
+        "status fails after the flush:\n{report}"
+    );
+    assert!(
+        report.contains("table bridge dockwall: chain mark_leg holds 0 rules"),
+        "{report}"
+    );
+    assert_eq!(denied(), Probe::Passed, "the flush opened the way");
+
+    // Running again: its next check re-creates the table (bounded wait).
+    kill(pid, Signal::SIGCONT).expect("continue run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !cli(&wire.si, &state, &["status"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run did not repair the bridge table within 15 s:\n{}",
+            dockwall.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(denied(), Probe::TimedOut, "the deny holds again");
+    assert!(
+        dockwall
+            .log()
+            .contains("table bridge dockwall: chain mark_leg holds 0 rules"),
+        "{}",
+        dockwall.log()
+    );
+    assert!(dockwall.terminate().success(), "{}", dockwall.log());
 }
 
 #[test]

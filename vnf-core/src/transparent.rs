@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::firewall::compile::TABLE;
 use crate::firewall::mode::bridge_marks;
 use crate::firewall::nft::nft;
+use crate::firewall::verify;
 use crate::kernel::{is_errno, Kernel};
 use crate::runtime::{require_net_admin, sleep_until, OnExit, RuntimeConfig, SidesObserver};
 use crate::side::{assign, Assignment, Interface, Side, SideSelector};
@@ -280,6 +281,28 @@ fn leg_names(assignment: &Assignment) -> Result<(String, String)> {
     Ok((name(Side::Left)?, name(Side::Right)?))
 }
 
+/// How the bridge table differs from its chain with a mark rule per leg (flushed or edited
+/// by hand), one sentence each; empty when it holds exactly that.
+pub fn bridge_table_differences() -> Result<Vec<String>> {
+    let listing = match nft(&["-j", "list", "table", "bridge", TABLE], None) {
+        Ok(listing) => Some(listing),
+        Err(Error::Nft(message)) if message.contains("No such file") => None,
+        Err(error) => return Err(error),
+    };
+    verify::bridge_differences(listing.as_deref())
+}
+
+/// `run`'s periodic check of the bridge table: re-creates it for the legs of `assignment`
+/// (the one `run` applied) when it differs. Returns what differed, empty when nothing did.
+pub fn repair_bridge_table(assignment: &Assignment) -> Result<Vec<String>> {
+    let differences = bridge_table_differences()?;
+    if !differences.is_empty() {
+        let (left, right) = leg_names(assignment)?;
+        nft(&["-f", "-"], Some(&replace_bridge_table(&left, &right)))?;
+    }
+    Ok(differences)
+}
+
 /// One nft transaction that replaces the bridge table whole.
 fn replace_bridge_table(left: &str, right: &str) -> String {
     format!(
@@ -477,9 +500,12 @@ pub struct Status {
     pub bridge: String,
     pub bridge_up: bool,
     pub legs: Vec<LegStatus>,
+    /// The bridge table holds its chain and a mark rule per leg.
     pub bridge_table: bool,
+    /// How it differs when not.
+    pub bridge_table_differences: Vec<String>,
     /// br_netfilter present, bridge up, both legs in it without IPv4 addresses, the bridge
-    /// table present.
+    /// table complete.
     pub converged: bool,
 }
 
@@ -506,7 +532,8 @@ pub async fn status(config: &RuntimeConfig) -> Result<Status> {
             }
         })
         .collect();
-    let bridge_table = nft(&["list", "table", "bridge", TABLE], None).is_ok();
+    let bridge_table_differences = bridge_table_differences()?;
+    let bridge_table = bridge_table_differences.is_empty();
     let bridge_up = bridge.is_some_and(|b| b.up);
     let br_netfilter = Path::new(BR_NETFILTER).exists();
     let converged = br_netfilter
@@ -521,6 +548,7 @@ pub async fn status(config: &RuntimeConfig) -> Result<Status> {
         bridge_up,
         legs,
         bridge_table,
+        bridge_table_differences,
         converged,
     })
 }
@@ -538,9 +566,12 @@ impl Status {
             if self.bridge_table {
                 "present"
             } else {
-                "MISSING"
+                "MISSING or altered (no leg marks: traffic bypasses the per-direction rules)"
             }
         );
+        for difference in &self.bridge_table_differences {
+            text += &format!("  differs: {difference}\n");
+        }
         if !self.br_netfilter {
             text += &format!(
                 "  br_netfilter MISSING ({BR_NETFILTER}): bridged traffic is NOT filtered; run `modprobe br_netfilter` on the host\n"

@@ -34,6 +34,10 @@ pub const CHAIN_FORWARD: &str = "filter_forward";
 pub const CHAIN_INPUT: &str = "filter_input";
 pub const CHAIN_FROM_LEFT: &str = "from_left";
 pub const CHAIN_FROM_RIGHT: &str = "from_right";
+/// What follows a direction's rules (port-forward allowances, the direction's default), in a
+/// chain of its own so that a new rule is an append to the rules chain.
+pub const CHAIN_FROM_LEFT_END: &str = "from_left_end";
+pub const CHAIN_FROM_RIGHT_END: &str = "from_right_end";
 pub const CHAIN_TO_SI: &str = "to_si";
 pub const CHAIN_PREROUTING: &str = "nat_prerouting";
 pub const CHAIN_MARK_INGRESS: &str = "mark_ingress";
@@ -87,7 +91,7 @@ pub struct Compiled {
 }
 
 /// Bump when the compiler's output for the same input changes.
-const COMPILER_REVISION: u32 = 5;
+const COMPILER_REVISION: u32 = 6;
 
 /// A 64-bit FNV-1a hasher: deterministic across runs, unlike std's randomly keyed SipHash.
 struct Fnv(u64);
@@ -213,25 +217,29 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         (CHAIN_FROM_LEFT, "fl", Direction::LeftToRight, Side::Left),
         (CHAIN_FROM_RIGHT, "fr", Direction::RightToLeft, Side::Right),
     ];
+    let mut ends = Vec::new();
     for (chain, set_prefix, direction, inbound) in forward_chains {
         let selected: Vec<&Rule> = rule_set
             .rules
             .iter()
             .filter(|r| r.enabled && (r.direction == direction || r.direction == Direction::Both))
             .collect();
-        let mut rules = compile_filter_chain(
+        let rules = compile_filter_chain(
             &selected,
             chain,
             set_prefix,
             &mut compiled.sets,
             &mut set_members,
         );
+        compiled.chains.push(regular_chain(chain, rules));
         // After the rules, so an explicit deny also stops port-forwarded traffic (as in
         // Neutron), and before the direction's default, so an implicit deny does not.
-        rules.extend(dnat_allowances(rule_set, sides, inbound, chain));
-        rules.push(direction_default(rule_set, direction).with_chain(chain));
-        compiled.chains.push(regular_chain(chain, rules));
+        let end = end_of(chain);
+        let mut end_rules = dnat_allowances(rule_set, sides, inbound, end);
+        end_rules.push(direction_default(rule_set, direction).with_chain(end));
+        ends.push(regular_chain(end, end_rules));
     }
+    compiled.chains.extend(ends);
     let local: Vec<&Rule> = rule_set
         .rules
         .iter()
@@ -900,15 +908,39 @@ fn conntrack_rule(states: &[&str], verdict: Statement<'static>) -> NftRule<'stat
     )
 }
 
-pub(super) fn jump_between(from: &str, to: &str, chain: &str) -> NftRule<'static> {
-    rule(
+/// The chain after a direction's rules chain.
+fn end_of(chain: &str) -> &'static str {
+    if chain == CHAIN_FROM_LEFT {
+        CHAIN_FROM_LEFT_END
+    } else {
+        CHAIN_FROM_RIGHT_END
+    }
+}
+
+/// For packets matching `conditions`: a jump to a direction's rules chain, then (when they
+/// return without a verdict) a jump to the chain after it (see [`CHAIN_FROM_LEFT_END`]).
+pub(super) fn direction_jumps(
+    conditions: Vec<Statement<'static>>,
+    chain: &str,
+    comment: Option<String>,
+) -> [NftRule<'static>; 2] {
+    let jump = |target: &str, comment: Option<String>| {
+        let mut statements = conditions.clone();
+        statements.push(Statement::Jump(JumpTarget {
+            target: target.to_string().into(),
+        }));
+        rule(statements, comment)
+    };
+    [jump(chain, comment.clone()), jump(end_of(chain), comment)]
+}
+
+pub(super) fn jump_between(from: &str, to: &str, chain: &str) -> [NftRule<'static>; 2] {
+    direction_jumps(
         vec![
             matches(meta(MetaKey::Iifname), string(from)),
             matches(meta(MetaKey::Oifname), string(to)),
-            Statement::Jump(JumpTarget {
-                target: chain.to_string().into(),
-            }),
         ],
+        chain,
         None,
     )
 }
@@ -1031,16 +1063,10 @@ mod tests {
             );
         }
         let compiled = compile_with_both_sides(&set);
-        assert_eq!(
-            comments(chain(&compiled, CHAIN_FROM_LEFT)),
-            ["set fl1", "default left-to-right"]
-        );
+        assert_eq!(comments(chain(&compiled, CHAIN_FROM_LEFT)), ["set fl1"]);
         let lookup = &compiled.sets["fl1"];
         assert_eq!(lookup.elem.as_ref().unwrap().len(), 100);
-        assert_eq!(
-            comments(chain(&compiled, CHAIN_FROM_RIGHT)),
-            ["default right-to-left"]
-        );
+        assert!(chain(&compiled, CHAIN_FROM_RIGHT).rules.is_empty());
     }
 
     #[test]
@@ -1056,7 +1082,7 @@ mod tests {
         let compiled = compile_with_both_sides(&set);
         assert_eq!(
             comments(chain(&compiled, CHAIN_FROM_LEFT)),
-            ["set fl1", "set fl2", "default left-to-right"]
+            ["set fl1", "set fl2"]
         );
         assert_eq!(compiled.sets.len(), 2);
         assert!(compiled
@@ -1077,12 +1103,7 @@ mod tests {
         let compiled = compile_with_both_sides(&set);
         assert_eq!(
             comments(chain(&compiled, CHAIN_FROM_LEFT)),
-            [
-                "set fl1",
-                "rule 3",
-                &*rule_comment(allow),
-                "default left-to-right"
-            ]
+            ["set fl1", "rule 3", &*rule_comment(allow),]
         );
     }
 
@@ -1131,9 +1152,10 @@ mod tests {
             ..RuleSet::default()
         };
         let compiled = compile_with_both_sides(&set);
-        let from_right = &chain(&compiled, CHAIN_FROM_RIGHT).rules;
+        assert!(chain(&compiled, CHAIN_FROM_RIGHT).rules.is_empty());
+        let from_right = &chain(&compiled, CHAIN_FROM_RIGHT_END).rules;
         assert_eq!(
-            comments(chain(&compiled, CHAIN_FROM_RIGHT)),
+            comments(chain(&compiled, CHAIN_FROM_RIGHT_END)),
             ["default right-to-left"]
         );
         assert!(matches!(from_right[0].expr[0], Statement::Counter(_)));
@@ -1141,7 +1163,7 @@ mod tests {
             from_right[0].expr.last(),
             Some(Statement::Drop(_))
         ));
-        let from_left = &chain(&compiled, CHAIN_FROM_LEFT).rules;
+        let from_left = &chain(&compiled, CHAIN_FROM_LEFT_END).rules;
         assert!(matches!(
             from_left[0].expr.last(),
             Some(Statement::Accept(_))
@@ -1170,14 +1192,14 @@ mod tests {
         let compiled = compile_with_both_sides(&set);
         assert_eq!(
             comments(chain(&compiled, CHAIN_FROM_RIGHT)),
-            [
-                &*rule_comment(deny),
-                &*nat_comment(nat),
-                "default right-to-left"
-            ]
+            [&*rule_comment(deny)]
         );
         assert_eq!(
-            comments(chain(&compiled, CHAIN_FROM_LEFT)),
+            comments(chain(&compiled, CHAIN_FROM_RIGHT_END)),
+            [&*nat_comment(nat), "default right-to-left"]
+        );
+        assert_eq!(
+            comments(chain(&compiled, CHAIN_FROM_LEFT_END)),
             ["default left-to-right"],
             "a port-forward into the right side only"
         );
@@ -1227,6 +1249,27 @@ mod tests {
             .unwrap();
         let text = crate::firewall::nft::render(batch).unwrap();
         assert!(text.contains(r#"{"add":{"element""#), "{text}");
+        assert!(!text.contains("flush"), "no chain rewritten: {text}");
+
+        // A rule of a new shape is a rule appended to its direction's chain: the port-forward
+        // allowances and the default live in the chain after it, so nothing is rewritten
+        // and no counter is read (reading them lists the whole table).
+        let with_new_shape = {
+            let mut set = set.clone();
+            let id = deny_tcp_from(&mut set, "10.9.0.4/32", 22);
+            let rule = set.rules.iter_mut().find(|r| r.id == id).unwrap();
+            rule.protocol = Protocol::Udp;
+            rule.source = None;
+            compile_with_both_sides(&set)
+        };
+        let counters_read = |chain: &nftables::schema::Chain<'static>| -> crate::Result<_> {
+            panic!("counters of {} read: the chain is rewritten", chain.name)
+        };
+        let batch = crate::firewall::nft::incremental_batch(&new, &with_new_shape, &counters_read)
+            .unwrap()
+            .unwrap();
+        let text = crate::firewall::nft::render(batch).unwrap();
+        assert!(text.contains(r#"{"add":{"rule""#), "{text}");
         assert!(!text.contains("flush"), "no chain rewritten: {text}");
 
         set.default_policy = Policy::Drop;

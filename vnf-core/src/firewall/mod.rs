@@ -24,6 +24,7 @@ use compile::{compile, Sides};
 use nft::ApplyKind;
 pub use session::Session;
 use store::Store;
+pub use verify::Listings;
 
 /// What an edit did.
 #[derive(Debug, Serialize)]
@@ -100,17 +101,17 @@ pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool>
 /// How the kernel's table differs from what the stored rules compile to for these sides, one
 /// sentence each (see `verify`); empty when it holds exactly that.
 pub fn kernel_differences(rule_set: &RuleSet, assignment: &Assignment) -> Result<Vec<String>> {
-    differences_in(nft::list_table()?.as_deref(), rule_set, assignment)
+    differences_in(&Listings::read()?, rule_set, assignment)
 }
 
-/// The same, in a listing from [`nft::list_table`] (`status` reads counters from it too).
+/// The same, in listings read before (`status` reads counters from them too).
 pub fn differences_in(
-    listing: Option<&str>,
+    listings: &Listings,
     rule_set: &RuleSet,
     assignment: &Assignment,
 ) -> Result<Vec<String>> {
     let compiled = compile(rule_set, Sides::from_assignment(assignment));
-    let differences = verify::differences_in(listing, &compiled);
+    let differences = verify::differences_in(listings, &compiled);
     drop(compiled);
     release_freed_memory();
     differences
@@ -118,25 +119,36 @@ pub fn differences_in(
 
 /// `run`'s periodic check: when the kernel's table differs from the stored rules (flushed or
 /// edited by hand with `nft`), replaces it whole. Returns what differed, empty when nothing
-/// did. The table is listed first without holding the store's lock, so edits are not held
-/// up; a difference is checked again under the lock (an edit between its apply and its save
-/// looks like one).
-pub fn repair(store: &Store, assignment: &Assignment) -> Result<Vec<String>> {
+/// did, or None when the check was skipped: the store's lock was busy (an edit or an apply is
+/// under way; the next check comes soon enough) or `still_current` said no under the lock
+/// (the sides changed, or `run` is stopping). The table is listed without holding the lock,
+/// so edits are not held up; a difference is checked again under it (an edit between its
+/// apply and its save looks like one).
+pub fn repair(
+    store: &Store,
+    assignment: &Assignment,
+    still_current: impl Fn() -> bool,
+) -> Result<Option<Vec<String>>> {
     let sides = Sides::from_assignment(assignment);
-    let unlocked = {
-        let compiled = compile(&store.lock()?.load()?, sides);
-        verify::kernel_differences(&compiled)?
+    let Some(rule_set) = store.try_lock()?.map(|locked| locked.load()).transpose()? else {
+        return Ok(None);
     };
+    let unlocked = verify::kernel_differences(&compile(&rule_set, sides))?;
+    drop(rule_set);
     let repaired = if unlocked.is_empty() {
-        unlocked
+        Some(unlocked)
     } else {
-        let locked = store.lock()?;
-        let compiled = compile(&locked.load()?, sides);
-        let differences = verify::kernel_differences(&compiled)?;
-        if !differences.is_empty() {
-            nft::replace(&compiled)?;
+        match store.try_lock()? {
+            Some(locked) if still_current() => {
+                let compiled = compile(&locked.load()?, sides);
+                let differences = verify::kernel_differences(&compiled)?;
+                if !differences.is_empty() {
+                    nft::replace(&compiled)?;
+                }
+                Some(differences)
+            }
+            _ => None,
         }
-        differences
     };
     release_freed_memory();
     Ok(repaired)

@@ -4,12 +4,12 @@
 use std::fmt;
 
 use nftables::expr::{Expression, MetaKey, Range};
-use nftables::stmt::{JumpTarget, Match, Operator, Statement};
+use nftables::stmt::{Match, Operator, Statement};
 use serde::{Deserialize, Serialize};
 
 use super::compile::{
-    counter, ct, jump_between, matches, meta, payload, rule, string, Sides, CHAIN_FROM_LEFT,
-    CHAIN_FROM_RIGHT,
+    counter, ct, direction_jumps, jump_between, matches, meta, payload, rule, string, Sides,
+    CHAIN_FROM_LEFT, CHAIN_FROM_RIGHT,
 };
 use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
 use nftables::schema::Rule as NftRule;
@@ -74,16 +74,16 @@ pub fn sides_for(mode: ServiceMode, sides: Sides<'_>) -> Sides<'_> {
     }
 }
 
-/// In in-network-nat mode, the forward chain's rule before the DNAT allowances: a new
+/// In in-network-nat mode, the forward chain's rules before its early drop: a new
 /// connection DNAT forwards from the right to the left goes through the right-to-left rules
-/// first (their verdicts and FWaaS's right-to-left policy decide); one they leave undecided
-/// is accepted by its DNAT allowance.
+/// first (their verdicts decide); one they leave undecided goes on to the chain after them,
+/// where its DNAT allowance accepts it (or FWaaS's right-to-left policy decides).
 pub fn dnat_filter(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
     let (ServiceMode::InNetworkNat, Some(left), Some(right)) = (mode, sides.left, sides.right)
     else {
         return Vec::new();
     };
-    vec![rule(
+    direction_jumps(
         vec![
             matches(meta(MetaKey::Iifname), string(&right.name)),
             matches(meta(MetaKey::Oifname), string(&left.name)),
@@ -93,12 +93,11 @@ pub fn dnat_filter(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>>
                 right: string("dnat"),
                 op: Operator::IN,
             }),
-            Statement::Jump(JumpTarget {
-                target: CHAIN_FROM_RIGHT.into(),
-            }),
         ],
+        CHAIN_FROM_RIGHT,
         mode_comment(mode, "DNAT'd right-to-left through the right-to-left rules"),
-    )]
+    )
+    .into()
 }
 
 /// The forward chain's dispatch into the per-direction chains, after the conntrack and DNAT
@@ -135,14 +134,10 @@ pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'sta
                     (RIGHT_INGRESS_MARK, CHAIN_FROM_RIGHT),
                 ]
                 .into_iter()
-                .map(|(mark, chain)| {
-                    rule(
-                        vec![
-                            matches(meta(MetaKey::Mark), Expression::Number(mark)),
-                            Statement::Jump(JumpTarget {
-                                target: chain.into(),
-                            }),
-                        ],
+                .flat_map(|(mark, chain)| {
+                    direction_jumps(
+                        vec![matches(meta(MetaKey::Mark), Expression::Number(mark))],
+                        chain,
                         None,
                     )
                 }),
@@ -164,8 +159,8 @@ pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'sta
             mode_comment(mode, "right-to-left only through DNAT"),
         ));
     }
-    rules.push(jump_between(&left.name, &right.name, CHAIN_FROM_LEFT));
-    rules.push(jump_between(&right.name, &left.name, CHAIN_FROM_RIGHT));
+    rules.extend(jump_between(&left.name, &right.name, CHAIN_FROM_LEFT));
+    rules.extend(jump_between(&right.name, &left.name, CHAIN_FROM_RIGHT));
     rules
 }
 

@@ -37,7 +37,9 @@ struct Stamp {
     device: u64,
     inode: u64,
     size: u64,
-    modified_ns: i64,
+    /// The modification time as seconds and nanoseconds (as one i64 of nanoseconds it would
+    /// overflow for far-off times).
+    modified: (i64, i64),
 }
 
 fn stamp(store: &Store) -> Result<Option<Stamp>> {
@@ -47,7 +49,7 @@ fn stamp(store: &Store) -> Result<Option<Stamp>> {
             device: meta.dev(),
             inode: meta.ino(),
             size: meta.size(),
-            modified_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
         })),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::Io {
@@ -129,7 +131,9 @@ impl Session {
             locked.save(&new)?;
         }
         debug!(elapsed_ms = started.elapsed().as_millis() as u64, "saved");
-        self.cached = stamp(store)?.map(|stamp| Cached {
+        // The edit is done (kernel and file): a file we cannot stat now only means no cache,
+        // the next edit loads and compiles afresh.
+        self.cached = stamp(store).ok().flatten().map(|stamp| Cached {
             stamp,
             assignment: assignment.clone(),
             rule_set: new.clone(),
@@ -139,5 +143,26 @@ impl Session {
             rule_set: new,
             applied,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_state_file_modified_far_in_the_future_still_has_a_stamp() {
+        let dir = std::env::temp_dir().join(format!("session-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::new(&dir);
+        assert_eq!(stamp(&store).unwrap(), None, "no file, no stamp");
+        let file = std::fs::File::create(store.rules_path()).unwrap();
+        // Past what i64 nanoseconds hold (year 2262).
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000_000_000);
+        file.set_modified(far).unwrap();
+        let stamped = stamp(&store).unwrap().expect("a stamp");
+        assert_eq!(stamped.modified, (10_000_000_000, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

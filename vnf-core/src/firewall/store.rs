@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 pub const RULES_FILE: &str = "rules.json";
 const LOCK_FILE: &str = "lock";
 
+#[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
 }
@@ -38,6 +39,16 @@ impl Store {
 
     /// Waits for the exclusive lock on the state directory, creating it if needed.
     pub fn lock(&self) -> Result<Locked<'_>> {
+        self.flock(FlockArg::LockExclusive)
+            .map(|locked| locked.expect("a blocking flock returns locked or an error"))
+    }
+
+    /// The lock if no one holds it now; None when someone does.
+    pub fn try_lock(&self) -> Result<Option<Locked<'_>>> {
+        self.flock(FlockArg::LockExclusiveNonblock)
+    }
+
+    fn flock(&self, how: FlockArg) -> Result<Option<Locked<'_>>> {
         fs::create_dir_all(&self.dir).map_err(io_error(format!(
             "create the state directory {} (pass --state-dir or DOCKWALL_STATE_DIR)",
             self.dir.display()
@@ -49,14 +60,20 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io_error(format!("open {}", path.display())))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| Error::Io {
-            context: format!("lock {}", path.display()),
-            source: errno.into(),
-        })?;
-        Ok(Locked {
+        let lock = match Flock::lock(file, how) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, errno)) => {
+                return Err(Error::Io {
+                    context: format!("lock {}", path.display()),
+                    source: errno.into(),
+                })
+            }
+        };
+        Ok(Some(Locked {
             store: self,
             _lock: lock,
-        })
+        }))
     }
 }
 

@@ -15,8 +15,35 @@ use serde::Deserialize;
 
 use super::compile::{Compiled, TABLE};
 use super::mirror::MIRROR_TABLE;
-use super::nft::{list_mirror_table, list_table, marker_chain_name};
+use super::mode::BRIDGE_CHAIN;
+use super::nft::{counters_in, list_mirror_table, list_table, marker_chain_name, Counters};
 use crate::error::{Error, Result};
+
+/// Dockwall's tables as nft lists them, read once for both the check and the counters (at
+/// 100,000 rules a listing costs about as much as the rest of `status`).
+#[derive(Debug, Default)]
+pub struct Listings {
+    /// `table inet dockwall`; None when absent.
+    pub firewall: Option<String>,
+    /// `table ip dockwall_mirror`; None when absent.
+    pub mirror: Option<String>,
+}
+
+impl Listings {
+    pub fn read() -> Result<Self> {
+        Ok(Listings {
+            firewall: list_table()?,
+            mirror: list_mirror_table()?,
+        })
+    }
+
+    /// Per-rule and per-mirror counters.
+    pub fn counters(&self) -> Result<Counters> {
+        let mut counters = counters_in(self.firewall.as_deref())?;
+        counters.extend(counters_in(self.mirror.as_deref())?);
+        Ok(counters)
+    }
+}
 
 /// What the kernel's table holds, reduced to names and counts.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -87,7 +114,7 @@ impl<'de> Deserialize<'de> for Count {
 fn parse(listing: &str) -> Result<Shape> {
     let listing: Listing = serde_json::from_str(listing).map_err(|error| {
         Error::Nft(format!(
-            "cannot read `nft -j list table inet {TABLE}`: {error}"
+            "cannot read an `nft -j list table` of Dockwall's: {error}"
         ))
     })?;
     let mut shape = Shape::default();
@@ -163,25 +190,40 @@ fn differences(held: &Shape, wanted: &Shape) -> Vec<String> {
 /// How the kernel's table differs from `compiled`, one sentence per difference; empty when
 /// it holds exactly the compile's chains, sets, rule counts and element counts.
 pub fn kernel_differences(compiled: &Compiled) -> Result<Vec<String>> {
-    differences_in(list_table()?.as_deref(), compiled)
+    differences_in(&Listings::read()?, compiled)
 }
 
-/// The same, in a listing from [`list_table`] (None: the table is absent).
-pub fn differences_in(listing: Option<&str>, compiled: &Compiled) -> Result<Vec<String>> {
-    let mut found = match listing {
+/// The same, in listings read before.
+pub fn differences_in(listings: &Listings, compiled: &Compiled) -> Result<Vec<String>> {
+    let mut found = match &listings.firewall {
         None => vec![format!("table inet {TABLE} is missing")],
         Some(listing) => differences(&parse(listing)?, &expected(compiled)),
     };
-    // The mirrors' table is small (a rule per mirror and side): listed here, not by the caller.
     let wanted = Shape {
         chains: expected_chains(compiled, MIRROR_TABLE),
         sets: BTreeMap::new(),
     };
-    match list_mirror_table()? {
+    match &listings.mirror {
         None => found.push(format!("table ip {MIRROR_TABLE} is missing")),
-        Some(listing) => found.extend(differences(&parse(&listing)?, &wanted)),
+        Some(listing) => found.extend(differences(&parse(listing)?, &wanted)),
     }
     Ok(found)
+}
+
+/// How transparent mode's `table bridge dockwall` (listed with `nft -j`; None: absent)
+/// differs from what it must hold: its one chain, marking the frames of each of the two legs.
+pub fn bridge_differences(listing: Option<&str>) -> Result<Vec<String>> {
+    let Some(listing) = listing else {
+        return Ok(vec![format!("table bridge {TABLE} is missing")]);
+    };
+    let wanted = Shape {
+        chains: BTreeMap::from([(BRIDGE_CHAIN.to_string(), 2)]),
+        sets: BTreeMap::new(),
+    };
+    Ok(differences(&parse(listing)?, &wanted)
+        .into_iter()
+        .map(|difference| format!("table bridge {TABLE}: {difference}"))
+        .collect())
 }
 
 #[cfg(test)]
