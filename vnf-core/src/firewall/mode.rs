@@ -77,7 +77,8 @@ pub fn sides_for(mode: ServiceMode, sides: Sides<'_>) -> Sides<'_> {
 /// In in-network-nat mode, the forward chain's rules before its early drop: a new
 /// connection DNAT forwards from the right to the left goes through the right-to-left rules
 /// first (their verdicts decide); one they leave undecided goes on to the chain after them,
-/// where its DNAT allowance accepts it (or FWaaS's right-to-left policy decides).
+/// where its DNAT allowance accepts it ahead of the direction's default, as in in-network
+/// mode.
 pub fn dnat_filter(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
     let (ServiceMode::InNetworkNat, Some(left), Some(right)) = (mode, sides.left, sides.right)
     else {
