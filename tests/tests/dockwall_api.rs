@@ -214,9 +214,36 @@ fn every_endpoint_needs_the_token_and_works_with_it() {
         200,
     );
     assert_eq!(set.json()["default_policy"], "drop");
+    let one_way = check(
+        "PUT",
+        "/v2.0/dockwall/default_policy",
+        Some(r#"{"default_policy": "accept", "direction": "left-to-right"}"#),
+        200,
+    )
+    .json();
+    assert_eq!(
+        (
+            &one_way["default_policy"],
+            &one_way["left_to_right_policy"],
+            &one_way["right_to_left_policy"]
+        ),
+        (&"drop".into(), &"accept".into(), &"drop".into()),
+        "a direction's default overrides only that direction: {one_way}"
+    );
     let status = check("GET", "/v2.0/dockwall/status", None, 200).json();
     assert_eq!(status["healthy"], true, "{status}");
-    assert_eq!(status["firewall"]["default_policy"], "drop");
+    assert_eq!(
+        status["firewall"]["defaults"]["left_to_right_policy"],
+        "accept"
+    );
+    let both = check(
+        "PUT",
+        "/v2.0/dockwall/default_policy",
+        Some(r#"{"default_policy": "drop"}"#),
+        200,
+    )
+    .json();
+    assert_eq!(both["left_to_right_policy"], "drop", "no direction: both");
     check("DELETE", &path, None, 204);
     check("GET", &path, None, 404);
     let page = check("GET", "/", None, 200);

@@ -422,23 +422,49 @@ pub async fn delete_nat(State(state): State<AppState>, Path(id): Path<String>) -
 
 pub async fn show_default(State(state): State<AppState>) -> Reply {
     let (set, _) = snapshot(&state).await?;
-    reply(
-        StatusCode::OK,
-        json!({ "default_policy": set.default_policy }),
-    )
+    reply(StatusCode::OK, defaults(&set))
+}
+
+/// The default policy and what each forwarded direction gets (an FWaaS import or a
+/// `direction` sets them apart).
+fn defaults(set: &RuleSet) -> Value {
+    json!({
+        "default_policy": set.default_policy,
+        "left_to_right_policy": set.policy_for(Direction::LeftToRight),
+        "right_to_left_policy": set.policy_for(Direction::RightToLeft),
+    })
 }
 
 pub async fn set_default(
     State(state): State<AppState>,
     request: Result<Json<DefaultPolicyBody>, JsonRejection>,
 ) -> Reply {
-    let policy = body(request)?.default_policy;
-    edit(&state, move |set| {
-        set.default_policy = policy;
-        Ok(())
+    let DefaultPolicyBody {
+        default_policy: policy,
+        direction,
+    } = body(request)?;
+    let set = edit(&state, move |set| {
+        match direction {
+            None => {
+                set.default_policy = policy;
+                set.left_to_right_policy = None;
+                set.right_to_left_policy = None;
+            }
+            Some(Direction::LeftToRight) => set.left_to_right_policy = Some(policy),
+            Some(Direction::RightToLeft) => set.right_to_left_policy = Some(policy),
+            Some(other) => {
+                return Err(ApiError::from(Error::invalid(
+                    "direction",
+                    format!("{other:?}").to_lowercase(),
+                    "a default applies to left-to-right or right-to-left (or, without \
+                     direction, to both)",
+                )))
+            }
+        }
+        Ok(set.clone())
     })
     .await?;
-    reply(StatusCode::OK, json!({ "default_policy": policy }))
+    reply(StatusCode::OK, defaults(&set))
 }
 
 /// What `dockwall status --json` reports: the sides, routing, and the firewall with counters.
@@ -462,7 +488,7 @@ pub async fn status(State(state): State<AppState>) -> Reply {
             "routing": routing,
             "firewall": {
                 "converged": converged,
-                "default_policy": set.default_policy,
+                "defaults": defaults(&set),
                 "firewall_rules": views(&set, &counters),
                 "nat_rules": nat,
             }

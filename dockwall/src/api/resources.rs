@@ -234,4 +234,8 @@ pub struct NatRuleBody {
 #[serde(deny_unknown_fields)]
 pub struct DefaultPolicyBody {
     pub default_policy: vnf_core::firewall::Policy,
+    /// `left-to-right` or `right-to-left` sets that direction only, as
+    /// `dockwall default --direction` does; absent: both, clearing per-direction overrides.
+    #[serde(default)]
+    pub direction: Option<Direction>,
 }
