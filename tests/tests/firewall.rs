@@ -6,6 +6,10 @@ use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::Dockwall;
 use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, udp_probe, Probe};
 use docknfv_tests::Chain;
+use vnf_core::firewall::compile::{compile, Sides};
+use vnf_core::firewall::nft::{replace, ApplyKind};
+use vnf_core::firewall::store::Store;
+use vnf_core::firewall::{Applied, RuleSet, Session};
 
 fn tcp_left_to_right(chain: &Chain, port: u16) -> Probe {
     tcp_probe(
@@ -776,42 +780,59 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     );
 }
 
-/// Adds a deny rule for TCP from `source` through `session` inside the SI.
-fn session_add(dockwall: &Dockwall, session: &mut vnf_core::firewall::Session, source: &str) {
+/// The sides as they are now, and the store, inside the SI.
+fn sides_and_store(dockwall: &Dockwall) -> (vnf_core::side::Assignment, Store) {
     let state = dockwall.state.path();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let selectors = vnf_core::cli::SideArgs {
+        left: None,
+        right: None,
+        mgmt: None,
+    }
+    .selectors(state);
+    let assignment = runtime
+        .block_on(vnf_core::firewall::current_assignment(&selectors))
+        .expect("the sides");
+    (assignment, Store::new(state))
+}
+
+/// One edit through `session` inside the SI; where it went.
+fn session_edit(
+    dockwall: &Dockwall,
+    session: &mut Session,
+    change: impl FnOnce(&mut RuleSet) + Send,
+) -> Applied {
     dockwall.chain.si.run(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let selectors = vnf_core::cli::SideArgs {
-            left: None,
-            right: None,
-            mgmt: None,
-        }
-        .selectors(state);
-        let assignment = runtime
-            .block_on(vnf_core::firewall::current_assignment(&selectors))
-            .expect("the sides");
-        let store = vnf_core::firewall::store::Store::new(state);
+        let (assignment, store) = sides_and_store(dockwall);
         session
             .edit(&store, &assignment, false, |set| {
-                let rule = serde_json::from_value(serde_json::json!({
-                    "id": set.allocate_id(), "action": "deny", "direction": "both",
-                    "protocol": "tcp", "source": source, "destination_port": "22"}))
-                .expect("a rule");
-                set.rules.push(rule);
+                change(set);
                 Ok(())
             })
-            .expect("session edit");
-    });
+            .expect("session edit")
+            .applied
+    })
+}
+
+/// Adds a deny rule for TCP to port 22 from `source` through `session` inside the SI.
+fn session_add(dockwall: &Dockwall, session: &mut Session, source: &str) -> Applied {
+    session_edit(dockwall, session, |set| {
+        let rule = serde_json::from_value(serde_json::json!({
+            "id": set.allocate_id(), "action": "deny", "direction": "both",
+            "protocol": "tcp", "source": source, "destination_port": "22"}))
+        .expect("a rule");
+        set.rules.push(rule);
+    })
 }
 
 #[test]
 fn a_session_sees_cli_edits_made_between_its_own() {
     let chain = Chain::new();
     let dockwall = Dockwall::start(&chain);
-    let mut session = vnf_core::firewall::Session::default();
+    let mut session = Session::default();
     session_add(&dockwall, &mut session, "10.7.0.1/32");
     dockwall.ok(&["rule", "add", "deny", "--proto", "udp", "--dport", "53"]);
     session_add(&dockwall, &mut session, "10.7.0.2/32");
@@ -839,4 +860,99 @@ fn a_session_sees_cli_edits_made_between_its_own() {
         "{}",
         String::from_utf8_lossy(&status.stdout)
     );
+}
+
+/// The table as nft lists it, comparable across how it was built: no handles, counters
+/// zeroed, set elements sorted (a hash set lists in bucket order).
+fn comparable_table(chain: &Chain) -> serde_json::Value {
+    fn normalize(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(object) => {
+                object.remove("handle");
+                object.remove("metainfo");
+                if let Some(counter) = object.get_mut("counter") {
+                    *counter = serde_json::json!({"packets": 0, "bytes": 0});
+                }
+                object.values_mut().for_each(normalize);
+                if let Some(serde_json::Value::Array(elements)) = object.get_mut("elem") {
+                    elements.sort_by_key(|e| e.to_string());
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(normalize),
+            _ => {}
+        }
+    }
+    let mut table = table_json(chain);
+    normalize(&mut table);
+    table
+}
+
+/// The counter of the set element commented `comment`: (packets, bytes).
+fn element_counter(chain: &Chain, comment: &str) -> (u64, u64) {
+    let table = table_json(chain);
+    let element = table["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .find(|e| e["elem"]["comment"] == comment)
+        .unwrap_or_else(|| panic!("no element commented {comment:?}"));
+    let counter = &element["elem"]["counter"];
+    (
+        counter["packets"].as_u64().expect("packets"),
+        counter["bytes"].as_u64().expect("bytes"),
+    )
+}
+
+#[test]
+fn element_edits_go_over_nfnetlink_and_match_what_nft_builds() {
+    let chain = Chain::new();
+    let dockwall = Dockwall::start(&chain);
+    let mut session = Session::default();
+    // Two rules of one shape make a new set (through nft); more of that shape are elements.
+    session_add(&dockwall, &mut session, "10.7.0.1/32");
+    session_add(&dockwall, &mut session, "10.7.0.2/32");
+    let added = session_add(&dockwall, &mut session, &format!("{LEFT_HOST}/32"));
+    assert!(
+        matches!(added, Applied::Kernel(ApplyKind::Netlink)),
+        "an element add goes over nfnetlink: {added:?}"
+    );
+    assert_eq!(tcp_left_to_right(&chain, 22), Probe::TimedOut, "denied");
+    assert_eq!(tcp_left_to_right(&chain, 23), Probe::Passed, "not denied");
+    let counted = element_counter(&chain, "rule 3");
+    assert!(counted.0 > 0, "the new element counts: {counted:?}");
+
+    let added = session_add(&dockwall, &mut session, "10.7.0.4/32");
+    let removed = session_edit(&dockwall, &mut session, |set| {
+        set.rules
+            .retain(|r| r.source != Some("10.7.0.2/32".parse().expect("a net")));
+    });
+    for applied in [added, removed] {
+        assert!(
+            matches!(applied, Applied::Kernel(ApplyKind::Netlink)),
+            "{applied:?}"
+        );
+    }
+    assert_eq!(element_counter(&chain, "rule 3"), counted, "counter kept");
+    assert_eq!(
+        tcp_left_to_right(&chain, 22),
+        Probe::TimedOut,
+        "still denied"
+    );
+    let status = dockwall.cli(&["status"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+
+    // What nft builds from the same rules, from scratch.
+    let incremental = comparable_table(&chain);
+    dockwall.chain.si.run(|| {
+        let (assignment, store) = sides_and_store(&dockwall);
+        let rules = store.lock().and_then(|l| l.load()).expect("stored rules");
+        replace(&compile(&rules, Sides::from_assignment(&assignment))).expect("replace");
+    });
+    assert_eq!(incremental, comparable_table(&chain));
 }

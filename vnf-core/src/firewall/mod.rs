@@ -5,6 +5,7 @@ pub mod compile;
 pub mod mirror;
 pub mod mode;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod session;
 pub mod store;

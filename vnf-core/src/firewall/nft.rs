@@ -36,6 +36,8 @@ pub fn marker_chain_name(fingerprint: &str) -> String {
 pub enum ApplyKind {
     Unchanged,
     Incremental,
+    /// The difference went to the kernel over nfnetlink, without `nft` (see `netlink`).
+    Netlink,
     Full,
 }
 
@@ -74,7 +76,7 @@ fn family_word(family: NfFamily) -> &'static str {
     }
 }
 
-fn plain_chain(name: &str) -> Chain<'static> {
+pub(super) fn plain_chain(name: &str) -> Chain<'static> {
     Chain {
         family: NfFamily::INet,
         table: TABLE.into(),
@@ -444,6 +446,20 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
             // kernel does not hold `old`: replace, as when the difference fails.
             match incremental_batch(old, new, &chain_counters) {
                 Ok(Some(batch)) => {
+                    if let Some(message) = super::netlink::encode(&batch, new) {
+                        match super::netlink::send(&message) {
+                            Ok(()) => {
+                                debug!(
+                                    elapsed_ms = started.elapsed().as_millis() as u64,
+                                    "difference applied over nfnetlink"
+                                );
+                                return Ok(ApplyKind::Netlink);
+                            }
+                            Err(error) => {
+                                debug!(%error, "nfnetlink refused the difference; trying nft")
+                            }
+                        }
+                    }
                     let text = render(batch)?;
                     debug!(
                         elapsed_ms = started.elapsed().as_millis() as u64,
