@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::dockwall_api;
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
 use docknfv_tests::vnf::binary;
@@ -211,7 +212,12 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
 fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     let wire = Wire::new();
     let state = StateDir::new();
-    let mut dockwall = start(&wire.si, &state, "transparent");
+    let mut dockwall = start_with(
+        &wire.si,
+        &state,
+        "transparent",
+        &["--api-listen", dockwall_api::API_ADDRESS],
+    );
 
     for leg in ["eth0", "eth1"] {
         assert_eq!(
@@ -238,6 +244,15 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
         "status without --mode follows run's mode:\n{report}"
     );
     assert!(report.contains("left: eth0, bridged, no IPv4"), "{report}");
+    // The API's status (what the web page shows) judges the bridge too, not routing.
+    let token = cli(&wire.si, &state, &["api", "token"]);
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let api =
+        dockwall_api::call(&wire.si, Some(&token), "GET", "/v2.0/dockwall/status", None).json();
+    assert_eq!(
+        api["healthy"], true,
+        "the API's status in transparent mode: {api}"
+    );
 
     // The rule grammar unchanged: a deny rule blocks one TCP port across the bridge.
     ok(

@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vnf_core::firewall::nft::{self, Counters};
-use vnf_core::firewall::{self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet};
+use vnf_core::firewall::{
+    self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet, ServiceMode,
+};
 use vnf_core::Error;
 
 use super::auth::{self, Caller, CSRF_HEADER, SESSION_COOKIE};
@@ -469,11 +471,20 @@ pub async fn set_default(
 
 /// What `dockwall status --json` reports: the sides, routing, and the firewall with counters.
 pub async fn status(State(state): State<AppState>) -> Reply {
-    let routing = vnf_core::status::collect(&state.config).await?;
-    let assignment = firewall::current_assignment(&state.config.selectors).await?;
     let worker = state.clone();
+    let set = blocking(move || Ok(worker.store.lock()?.load()?)).await?;
+    // As `dockwall status` does: transparent mode has a bridge where the others route.
+    let (routing, routing_converged) = if set.mode == ServiceMode::Transparent {
+        let bridge = vnf_core::transparent::status(&state.config).await?;
+        let converged = bridge.converged;
+        (json!(bridge), converged)
+    } else {
+        let routing = vnf_core::status::collect(&state.config).await?;
+        let converged = routing.converged;
+        (json!(routing), converged)
+    };
+    let assignment = firewall::current_assignment(&state.config.selectors).await?;
     let (set, counters, converged) = blocking(move || {
-        let set = worker.store.lock()?.load()?;
         let converged = firewall::is_converged(&set, &assignment)?;
         Ok((set, nft::counters()?, converged))
     })
@@ -484,7 +495,7 @@ pub async fn status(State(state): State<AppState>) -> Reply {
     reply(
         StatusCode::OK,
         json!({
-            "healthy": routing.converged && converged,
+            "healthy": routing_converged && converged,
             "routing": routing,
             "firewall": {
                 "converged": converged,
