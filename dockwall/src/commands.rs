@@ -65,8 +65,11 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
                 applied: applied.clone(),
             };
             let listener = MetricsListener::bind(metrics.metrics_listen).await?;
+            // Handlers installed now, not when `run` first polls: a SIGTERM right after
+            // start must not kill the process with the default action.
+            let signal = shutdown_signal();
             let shutdown = async {
-                shutdown_signal().await;
+                signal.await;
                 applied.stop();
             };
             let run = async {

@@ -44,7 +44,7 @@ fn on_exit_keep_leaves_forwarding_in_place() {
     let chain = Chain::new();
     let mut dockwall = Vnf::start(&chain.si, "dockwall", &["run", "--on-exit", "keep"]);
     dockwall.wait_ready();
-    assert!(dockwall.terminate().success());
+    assert!(dockwall.terminate().success(), "{}", dockwall.log());
     assert!(
         ping(&chain.left_host, RIGHT_HOST),
         "forwarding stopped although --on-exit keep"
