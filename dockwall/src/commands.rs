@@ -112,15 +112,7 @@ pub async fn dispatch(cli: Cli, started: Instant) -> Result<ExitCode> {
             };
             editor(&edit)
                 .run_described(|set| {
-                    match direction {
-                        Some(Direction::LeftToRight) => set.left_to_right_policy = Some(policy),
-                        Some(_) => set.right_to_left_policy = Some(policy),
-                        None => {
-                            set.default_policy = policy;
-                            set.left_to_right_policy = None;
-                            set.right_to_left_policy = None;
-                        }
-                    }
+                    set.set_default_policy(policy, direction)?;
                     Ok(format!(
                         "default forward policy is now {}",
                         describe_defaults(set)
@@ -232,11 +224,36 @@ impl Editor<'_> {
         &self,
         change: impl FnOnce(&mut RuleSet) -> Result<()>,
     ) -> Result<EditOutcome> {
-        let outcome = firewall::edit(self.store, &self.selectors, self.dry_run, change).await;
-        if !self.dry_run {
-            count_edit(self.store, outcome.is_ok());
+        let assignment = self.assignment().await?;
+        self.edit_for(&assignment, change)
+    }
+
+    /// The sides as they are now (a failure to read them counts as a failed edit).
+    pub(crate) async fn assignment(&self) -> Result<Assignment> {
+        let assignment = firewall::current_assignment(&self.selectors).await;
+        if assignment.is_err() {
+            self.count(false);
         }
+        assignment
+    }
+
+    /// An edit for sides the caller already read, so its own checks and the apply see the
+    /// same sides.
+    pub(crate) fn edit_for(
+        &self,
+        assignment: &Assignment,
+        change: impl FnOnce(&mut RuleSet) -> Result<()>,
+    ) -> Result<EditOutcome> {
+        let outcome =
+            firewall::Session::default().edit(self.store, assignment, self.dry_run, change);
+        self.count(outcome.is_ok());
         outcome
+    }
+
+    fn count(&self, succeeded: bool) {
+        if !self.dry_run {
+            count_edit(self.store, succeeded);
+        }
     }
 
     async fn run(
@@ -244,8 +261,8 @@ impl Editor<'_> {
         message: String,
         change: impl FnOnce(&mut RuleSet) -> Result<()>,
     ) -> Result<ExitCode> {
-        let outcome = self.edit(change).await?;
-        self.report(&outcome, &message, Answer::Dockwall)
+        self.run_described(|set| change(set).map(|()| message))
+            .await
     }
 
     /// Like `run`, with the message written by the change from the set it left.
@@ -253,13 +270,20 @@ impl Editor<'_> {
         &self,
         change: impl FnOnce(&mut RuleSet) -> Result<String>,
     ) -> Result<ExitCode> {
+        let assignment = self.assignment().await?;
+        self.run_described_for(&assignment, change)
+    }
+
+    pub(crate) fn run_described_for(
+        &self,
+        assignment: &Assignment,
+        change: impl FnOnce(&mut RuleSet) -> Result<String>,
+    ) -> Result<ExitCode> {
         let mut message = String::new();
-        let outcome = self
-            .edit(|set| {
-                message = change(set)?;
-                Ok(())
-            })
-            .await?;
+        let outcome = self.edit_for(assignment, |set| {
+            message = change(set)?;
+            Ok(())
+        })?;
         self.report(&outcome, &message, Answer::Dockwall)
     }
 }
@@ -602,10 +626,6 @@ pub(crate) fn explain_not_applied(store: &Store) {
     );
 }
 
-fn counter_of(counters: &Counters, comment: String) -> (u64, u64) {
-    counters.get(&comment).copied().unwrap_or_default()
-}
-
 #[derive(Serialize)]
 struct ListedRule<'a> {
     position: usize,
@@ -621,7 +641,7 @@ fn listed_rules<'a>(rule_set: &'a RuleSet, counters: &Counters) -> Vec<ListedRul
         .iter()
         .enumerate()
         .map(|(index, rule)| {
-            let (packets, bytes) = counter_of(counters, compile::rule_comment(rule.id));
+            let (packets, bytes) = nft::counted(counters, &compile::rule_comment(rule.id));
             ListedRule {
                 position: index + 1,
                 rule,
@@ -685,7 +705,7 @@ fn direction_defaults(rule_set: &RuleSet, counters: &Counters) -> Vec<DirectionD
     [Direction::LeftToRight, Direction::RightToLeft]
         .into_iter()
         .map(|direction| {
-            let (packets, bytes) = counter_of(counters, compile::default_comment(direction));
+            let (packets, bytes) = nft::counted(counters, &compile::default_comment(direction));
             DirectionDefault {
                 direction,
                 policy: rule_set.policy_for(direction),
@@ -698,7 +718,7 @@ fn direction_defaults(rule_set: &RuleSet, counters: &Counters) -> Vec<DirectionD
 
 fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
     let rule_set = store.lock()?.load()?;
-    let counters = nft::counters()?;
+    let counters = nft::rule_counters()?;
     let listed = listed_rules(&rule_set, &counters);
     if json {
         println!(
@@ -742,13 +762,13 @@ fn list_rules(store: &Store, json: bool) -> Result<ExitCode> {
 
 fn list_nat(store: &Store, json: bool) -> Result<ExitCode> {
     let rule_set = store.lock()?.load()?;
-    let counters = nft::counters()?;
+    let counters = nft::rule_counters()?;
     let listed: Vec<_> = rule_set
         .nat
         .iter()
         .enumerate()
         .map(|(index, nat)| {
-            let (packets, bytes) = counter_of(&counters, compile::nat_comment(nat.id));
+            let (packets, bytes) = nft::counted(&counters, &compile::nat_comment(nat.id));
             json!({ "position": index + 1, "id": nat.id, "kind": nat.kind, "packets": packets, "bytes": bytes })
         })
         .collect();
@@ -797,6 +817,38 @@ fn adopt_mode(store: &Store, mode: ServiceMode) -> Result<()> {
     locked.save(&rule_set)
 }
 
+/// The routing half of `status` (the CLI's and the API's): in transparent mode the bridge
+/// and its legs, otherwise the sides and cross routing.
+pub(crate) struct RoutingReport {
+    pub json: serde_json::Value,
+    pub text: String,
+    pub converged: bool,
+}
+
+pub(crate) async fn routing_report(
+    config: &vnf_core::runtime::RuntimeConfig,
+    mode: ServiceMode,
+) -> Result<RoutingReport> {
+    Ok(match mode {
+        ServiceMode::Transparent => {
+            let bridge = transparent::status(config).await?;
+            RoutingReport {
+                json: json!(bridge),
+                text: bridge.render(),
+                converged: bridge.converged,
+            }
+        }
+        _ => {
+            let routing = vnf_core::status::collect(config).await?;
+            RoutingReport {
+                json: json!(routing),
+                text: routing.render(),
+                converged: routing.converged,
+            }
+        }
+    })
+}
+
 async fn status(
     config: &vnf_core::runtime::RuntimeConfig,
     mode: Option<ServiceMode>,
@@ -805,16 +857,11 @@ async fn status(
 ) -> Result<ExitCode> {
     let rule_set = store.lock()?.load()?;
     let mode = mode.unwrap_or(rule_set.mode);
-    let (routing, routing_text, routing_converged) = match mode {
-        ServiceMode::Transparent => {
-            let bridge = transparent::status(config).await?;
-            (json!(bridge), bridge.render(), bridge.converged)
-        }
-        _ => {
-            let routing = vnf_core::status::collect(config).await?;
-            (json!(routing), routing.render(), routing.converged)
-        }
-    };
+    let RoutingReport {
+        json: routing,
+        text: routing_text,
+        converged: routing_converged,
+    } = routing_report(config, mode).await?;
     let assignment = firewall::current_assignment(&config.selectors).await?;
     let listings = firewall::Listings::read()?;
     let differences = firewall::differences_in(&listings, &rule_set, &assignment)?;

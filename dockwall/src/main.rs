@@ -321,12 +321,9 @@ pub struct RuleSpec {
 }
 
 fn parse_net(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>()
-        .map(|net| net.trunc())
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| {
-            format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)")
-        })
+    vnf_core::firewall::model::parse_net(text).ok_or_else(|| {
+        format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)")
+    })
 }
 
 #[derive(Subcommand, Debug)]

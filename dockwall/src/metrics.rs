@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
-use vnf_core::firewall::nft::{self, Counters};
+use vnf_core::firewall::nft;
 use vnf_core::firewall::store::Store;
 use vnf_core::firewall::{self, compile, Action, Direction, NatKind, ServiceMode};
 use vnf_core::metrics::{duration_histogram, routing_health, Exporter};
@@ -76,15 +76,6 @@ struct ActionLabels {
     action: &'static str,
 }
 
-fn action_label(action: Action) -> &'static str {
-    match action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-        Action::Reject => "reject",
-        Action::Limit => "limit",
-    }
-}
-
 fn direction_label(direction: Direction) -> &'static str {
     match direction {
         Direction::LeftToRight => "left_to_right",
@@ -111,10 +102,7 @@ pub struct FirewallExporter<'a> {
 impl Exporter for FirewallExporter<'_> {
     async fn register(&self, registry: &mut Registry) -> Result<()> {
         let rule_set = self.store.lock()?.load()?;
-        let counters = nft::counters()?;
-        let counted = |counters: &Counters, comment: String| {
-            counters.get(&comment).copied().unwrap_or_default()
-        };
+        let counters = nft::rule_counters()?;
         let (rule_packets, rule_bytes) = (
             Family::<RuleLabels, Counter>::default(),
             Family::<RuleLabels, Counter>::default(),
@@ -124,22 +112,22 @@ impl Exporter for FirewallExporter<'_> {
             // Every action gets a series, 0 when no rule has it.
             by_action
                 .get_or_create(&ActionLabels {
-                    action: action_label(action),
+                    action: action.as_str(),
                 })
                 .set(0);
         }
         for rule in &rule_set.rules {
             let labels = RuleLabels {
                 rule_id: rule.id,
-                action: action_label(rule.action),
+                action: rule.action.as_str(),
                 direction: direction_label(rule.direction),
             };
-            let (packets, bytes) = counted(&counters, compile::rule_comment(rule.id));
+            let (packets, bytes) = nft::counted(&counters, &compile::rule_comment(rule.id));
             rule_packets.get_or_create(&labels).inc_by(packets);
             rule_bytes.get_or_create(&labels).inc_by(bytes);
             by_action
                 .get_or_create(&ActionLabels {
-                    action: action_label(rule.action),
+                    action: rule.action.as_str(),
                 })
                 .inc();
         }
@@ -152,7 +140,7 @@ impl Exporter for FirewallExporter<'_> {
                 nat_id: nat.id,
                 kind: nat_kind_label(&nat.kind),
             };
-            let (packets, bytes) = counted(&counters, compile::nat_comment(nat.id));
+            let (packets, bytes) = nft::counted(&counters, &compile::nat_comment(nat.id));
             nat_packets.get_or_create(&labels).inc_by(packets);
             nat_bytes.get_or_create(&labels).inc_by(bytes);
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use vnf_core::cli::{JsonArgs, SideArgs};
 use vnf_core::firewall::compile::Sides;
 use vnf_core::firewall::mirror::{
-    mirror_comment, side_reaching, Mirror, MirrorMatch, MirrorSide, Readiness,
+    check_collector, mirror_comment, side_reaching, Mirror, MirrorMatch, MirrorSide, Readiness,
 };
 use vnf_core::firewall::nft;
 use vnf_core::firewall::store::Store;
@@ -95,30 +95,26 @@ pub async fn run<'a>(
         } => {
             let matching = matching.unwrap_or_default();
             let editor = editor(&edit);
-            let assignment = firewall::current_assignment(&editor.selectors).await?;
+            let assignment = editor.assignment().await?;
             let via = via_side(to, via, &assignment)?;
-            let mut message = String::new();
-            let outcome = editor
-                .edit(|set| {
-                    let mirror = Mirror {
-                        id: set.allocate_id(),
-                        side,
-                        matching,
-                        to,
-                        via,
-                    };
-                    mirror.validate_as(&format!("the new mirror (id {})", mirror.id))?;
-                    message = format!(
-                        "mirror {} added: {} arriving on {} copied to {to} via {via}",
-                        mirror.id,
-                        mirror.matching,
-                        spelled(&side)
-                    );
-                    set.mirrors.push(mirror);
-                    Ok(())
-                })
-                .await?;
-            editor.report(&outcome, &message, Answer::Dockwall)
+            editor.run_described_for(&assignment, |set| {
+                let mirror = Mirror {
+                    id: set.allocate_id(),
+                    side,
+                    matching,
+                    to,
+                    via,
+                };
+                mirror.validate_as(&format!("the new mirror (id {})", mirror.id))?;
+                let message = format!(
+                    "mirror {} added: {} arriving on {} copied to {to} via {via}",
+                    mirror.id,
+                    mirror.matching,
+                    spelled(&side)
+                );
+                set.mirrors.push(mirror);
+                Ok(message)
+            })
         }
         MirrorCommand::Delete { mirror, id, edit } => {
             let id = id.or(mirror).unwrap_or_default();
@@ -153,14 +149,7 @@ fn via_side(collector: Ipv4Addr, via: Option<Side>, assignment: &Assignment) -> 
     match via {
         Some(side) => {
             if let Some(ready) = sides.get(side) {
-                let probe = Mirror {
-                    id: 0,
-                    side: MirrorSide::Both,
-                    matching: MirrorMatch::default(),
-                    to: collector,
-                    via: side,
-                };
-                probe.check_collector(ready)?;
+                check_collector(collector, ready)?;
             }
             Ok(side)
         }
@@ -213,15 +202,12 @@ fn state(mirror: &Mirror, sides: Sides<'_>) -> String {
 fn list(store: &Store, assignment: &Assignment, json: bool) -> Result<ExitCode> {
     let sides = Sides::from_assignment(assignment);
     let rule_set: RuleSet = store.lock()?.load()?;
-    let counters = nft::counters()?;
+    let counters = nft::mirror_counters()?;
     let listed: Vec<ListedMirror> = rule_set
         .mirrors
         .iter()
         .map(|mirror| {
-            let (packets, bytes) = counters
-                .get(&mirror_comment(mirror.id))
-                .copied()
-                .unwrap_or_default();
+            let (packets, bytes) = nft::counted(&counters, &mirror_comment(mirror.id));
             ListedMirror {
                 mirror,
                 state: state(mirror, sides),

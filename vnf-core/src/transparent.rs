@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::error::{Error, Result};
 use crate::firewall::compile::TABLE;
 use crate::firewall::mode::bridge_marks;
-use crate::firewall::nft::nft;
+use crate::firewall::nft::{self, nft};
 use crate::firewall::verify;
 use crate::kernel::{is_errno, Kernel};
 use crate::runtime::{require_net_admin, sleep_until, OnExit, RuntimeConfig, SidesObserver};
@@ -192,19 +192,14 @@ fn legs_path(state_dir: &Path) -> PathBuf {
     state_dir.join(LEGS_FILE)
 }
 
-/// Records the legs (written whole, then renamed) before anything about them changes.
+/// Records the legs (written whole, then renamed, synced: it must survive a crash) before
+/// anything about them changes.
 fn save_legs(state_dir: &Path, legs: &[Leg]) -> Result<()> {
     let path = legs_path(state_dir);
-    let io = |source| Error::Io {
+    crate::fs::write_json(&path, &legs, true).map_err(|source| Error::Io {
         context: format!("record the legs in {}", path.display()),
         source,
-    };
-    std::fs::create_dir_all(state_dir).map_err(io)?;
-    let text = serde_json::to_string_pretty(legs)
-        .map_err(|error| Error::Vnf(format!("serialize the legs: {error}")))?;
-    let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, text).map_err(io)?;
-    std::fs::rename(&partial, &path).map_err(io)
+    })
 }
 
 fn load_legs(state_dir: &Path) -> Result<Option<Vec<Leg>>> {
@@ -283,13 +278,13 @@ fn leg_names(assignment: &Assignment) -> Result<(String, String)> {
 
 /// How the bridge table differs from its chain with a mark rule per leg (flushed or edited
 /// by hand), one sentence each; empty when it holds exactly that.
-pub fn bridge_table_differences() -> Result<Vec<String>> {
-    let listing = match nft(&["-j", "list", "table", "bridge", TABLE], None) {
-        Ok(listing) => Some(listing),
-        Err(Error::Nft(message)) if message.contains("No such file") => None,
-        Err(error) => return Err(error),
+fn bridge_table_differences() -> Result<Vec<String>> {
+    let table = nftables::schema::Table {
+        family: nftables::types::NfFamily::Bridge,
+        name: TABLE.into(),
+        handle: None,
     };
-    verify::bridge_differences(listing.as_deref())
+    verify::bridge_differences(nft::list(&table)?.as_deref())
 }
 
 /// `run`'s periodic check of the bridge table: re-creates it for the legs of `assignment`
@@ -305,10 +300,12 @@ pub fn repair_bridge_table(assignment: &Assignment) -> Result<Vec<String>> {
 
 /// One nft transaction that replaces the bridge table whole.
 fn replace_bridge_table(left: &str, right: &str) -> String {
-    format!(
-        "add table bridge {TABLE}\ndelete table bridge {TABLE}\n{}",
-        bridge_marks(left, right)
-    )
+    drop_bridge_table() + &bridge_marks(left, right)
+}
+
+/// The bridge table's removal, whether or not it exists.
+fn drop_bridge_table() -> String {
+    format!("add table bridge {TABLE}\ndelete table bridge {TABLE}\n")
 }
 
 async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
@@ -399,12 +396,7 @@ async fn restore(handle: &Handle, state_dir: &Path, legs: &[Leg]) -> Result<()> 
             failures.push(error.to_string());
         }
     }
-    if let Err(error) = nft(
-        &["-f", "-"],
-        Some(&format!(
-            "add table bridge {TABLE}\ndelete table bridge {TABLE}\n"
-        )),
-    ) {
+    if let Err(error) = nft(&["-f", "-"], Some(&drop_bridge_table())) {
         failures.push(error.to_string());
     }
     for leg in legs {

@@ -10,9 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vnf_core::firewall::nft::{self, Counters};
-use vnf_core::firewall::{
-    self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet, ServiceMode,
-};
+use vnf_core::firewall::{self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet};
 use vnf_core::Error;
 
 use super::auth::{self, Caller, CSRF_HEADER, SESSION_COOKIE};
@@ -20,6 +18,7 @@ use super::resources::{
     DefaultPolicyBody, FirewallRuleBody, FirewallRuleView, InsertRule, NatRuleBody, RemoveRule,
 };
 use super::{ApiError, AppState};
+use crate::commands::routing_report;
 use crate::metrics::count_edit;
 
 type Reply = Result<Response, ApiError>;
@@ -57,12 +56,18 @@ async fn blocking<T: Send + 'static>(
     })?
 }
 
+/// The stored rule set.
+async fn load(state: &AppState) -> Result<RuleSet, ApiError> {
+    let state = state.clone();
+    blocking(move || Ok(state.store.lock()?.load()?)).await
+}
+
 /// The stored rule set and the kernel's counters.
 async fn snapshot(state: &AppState) -> Result<(RuleSet, Counters), ApiError> {
     let state = state.clone();
     blocking(move || {
         let rule_set = state.store.lock()?.load()?;
-        Ok((rule_set, nft::counters()?))
+        Ok((rule_set, nft::rule_counters()?))
     })
     .await
 }
@@ -74,10 +79,9 @@ async fn edit<T: Send + 'static>(
     change: impl FnOnce(&mut RuleSet) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = state.clone();
-    let runtime = tokio::runtime::Handle::current();
+    let assignment = firewall::current_assignment(&state.config.selectors).await;
     blocking(move || {
         let mut result = None;
-        let assignment = runtime.block_on(firewall::current_assignment(&state.config.selectors));
         // A poisoned lock only means an earlier edit panicked; its cache is checked anyway.
         let mut session = state
             .edits
@@ -121,10 +125,7 @@ fn rule_index(set: &RuleSet, id: &str) -> Result<usize, ApiError> {
 
 fn view(set: &RuleSet, index: usize, counters: &Counters) -> FirewallRuleView {
     let rule = &set.rules[index];
-    let counted = counters
-        .get(&compile::rule_comment(rule.id))
-        .copied()
-        .unwrap_or_default();
+    let counted = nft::counted(counters, &compile::rule_comment(rule.id));
     FirewallRuleView::new(rule, index + 1, counted)
 }
 
@@ -214,16 +215,16 @@ pub async fn update_rule(
         )
         .into());
     }
-    let mut updated = edit(&state, move |set| {
+    let (rule, index) = edit(&state, move |set| {
         let index = rule_index(set, &id)?;
         fields.apply_to(&mut set.rules[index])?;
         set.rules[index].validate()?;
-        Ok(FirewallRuleView::new(&set.rules[index], index + 1, (0, 0)))
+        Ok((set.rules[index].clone(), index))
     })
     .await?;
-    let counters = blocking(|| Ok(nft::counters()?)).await?;
-    let comment = compile::rule_comment(updated.id.parse().unwrap_or_default());
-    (updated.packets, updated.bytes) = counters.get(&comment).copied().unwrap_or_default();
+    let counters = blocking(|| Ok(nft::rule_counters()?)).await?;
+    let counted = nft::counted(&counters, &compile::rule_comment(rule.id));
+    let updated = FirewallRuleView::new(&rule, index + 1, counted);
     reply(StatusCode::OK, json!({ "firewall_rule": updated }))
 }
 
@@ -272,14 +273,14 @@ const DIRECTIONS: [Direction; 4] = [
 ];
 
 pub async fn list_policies(State(state): State<AppState>) -> Reply {
-    let (set, _) = snapshot(&state).await?;
+    let set = load(&state).await?;
     let policies: Vec<Value> = DIRECTIONS.iter().map(|&d| policy(&set, d)).collect();
     reply(StatusCode::OK, json!({ "firewall_policies": policies }))
 }
 
 pub async fn show_policy(State(state): State<AppState>, Path(id): Path<String>) -> Reply {
     let direction = policy_direction(&id)?;
-    let (set, _) = snapshot(&state).await?;
+    let set = load(&state).await?;
     reply(
         StatusCode::OK,
         json!({ "firewall_policy": policy(&set, direction) }),
@@ -295,7 +296,7 @@ pub async fn insert_rule(
 ) -> Reply {
     let direction = policy_direction(&id)?;
     let request = body(request)?;
-    let set = edit(&state, move |set| {
+    let updated = edit(&state, move |set| {
         let index = rule_index(set, &request.firewall_rule_id)?;
         let mut rule = set.rules.remove(index);
         rule.direction = direction;
@@ -320,10 +321,10 @@ pub async fn insert_rule(
             _ => 0,
         };
         set.rules.insert(target, rule);
-        Ok(set.clone())
+        Ok(policy(set, direction))
     })
     .await?;
-    reply(StatusCode::OK, policy(&set, direction))
+    reply(StatusCode::OK, updated)
 }
 
 /// Dockwall keeps no rule outside a policy, so unlike Neutron it cannot take a rule out of
@@ -335,7 +336,7 @@ pub async fn remove_rule(
 ) -> Reply {
     let direction = policy_direction(&id)?;
     let request = body(request)?;
-    let (set, _) = snapshot(&state).await?;
+    let set = load(&state).await?;
     let index = rule_index(&set, &request.firewall_rule_id)?;
     if set.rules[index].direction != direction {
         return Err(ApiError::not_found(
@@ -356,10 +357,7 @@ pub async fn remove_rule(
 }
 
 fn nat_view(nat: &NatRule, position: usize, counters: &Counters) -> Value {
-    let (packets, bytes) = counters
-        .get(&compile::nat_comment(nat.id))
-        .copied()
-        .unwrap_or_default();
+    let (packets, bytes) = nft::counted(counters, &compile::nat_comment(nat.id));
     json!({
         "id": nat.id.to_string(), "position": position, "kind": nat.kind,
         "comment": nat.comment, "packets": packets, "bytes": bytes,
@@ -423,7 +421,7 @@ pub async fn delete_nat(State(state): State<AppState>, Path(id): Path<String>) -
 }
 
 pub async fn show_default(State(state): State<AppState>) -> Reply {
-    let (set, _) = snapshot(&state).await?;
+    let set = load(&state).await?;
     reply(StatusCode::OK, defaults(&set))
 }
 
@@ -445,48 +443,25 @@ pub async fn set_default(
         default_policy: policy,
         direction,
     } = body(request)?;
-    let set = edit(&state, move |set| {
-        match direction {
-            None => {
-                set.default_policy = policy;
-                set.left_to_right_policy = None;
-                set.right_to_left_policy = None;
-            }
-            Some(Direction::LeftToRight) => set.left_to_right_policy = Some(policy),
-            Some(Direction::RightToLeft) => set.right_to_left_policy = Some(policy),
-            Some(other) => {
-                return Err(ApiError::from(Error::invalid(
-                    "direction",
-                    format!("{other:?}").to_lowercase(),
-                    "a default applies to left-to-right or right-to-left (or, without \
-                     direction, to both)",
-                )))
-            }
-        }
-        Ok(set.clone())
+    let updated = edit(&state, move |set| {
+        set.set_default_policy(policy, direction)?;
+        Ok(defaults(set))
     })
     .await?;
-    reply(StatusCode::OK, defaults(&set))
+    reply(StatusCode::OK, updated)
 }
 
-/// What `dockwall status --json` reports: the sides, routing, and the firewall with counters.
+/// The sides, routing (or the bridge in transparent mode), and the firewall with counters:
+/// what `dockwall status --json` gathers, in the API's shape.
 pub async fn status(State(state): State<AppState>) -> Reply {
-    let worker = state.clone();
-    let set = blocking(move || Ok(worker.store.lock()?.load()?)).await?;
-    // As `dockwall status` does: transparent mode has a bridge where the others route.
-    let (routing, routing_converged) = if set.mode == ServiceMode::Transparent {
-        let bridge = vnf_core::transparent::status(&state.config).await?;
-        let converged = bridge.converged;
-        (json!(bridge), converged)
-    } else {
-        let routing = vnf_core::status::collect(&state.config).await?;
-        let converged = routing.converged;
-        (json!(routing), converged)
-    };
+    let set = load(&state).await?;
+    let routing = routing_report(&state.config, set.mode).await?;
     let assignment = firewall::current_assignment(&state.config.selectors).await?;
+    // One listing of the tables for both the check and the counters, as `dockwall status`.
     let (set, counters, converged) = blocking(move || {
-        let converged = firewall::is_converged(&set, &assignment)?;
-        Ok((set, nft::counters()?, converged))
+        let listings = firewall::Listings::read()?;
+        let converged = firewall::differences_in(&listings, &set, &assignment)?.is_empty();
+        Ok((set, listings.counters()?, converged))
     })
     .await?;
     let nat: Vec<Value> = (set.nat.iter().enumerate())
@@ -495,8 +470,8 @@ pub async fn status(State(state): State<AppState>) -> Reply {
     reply(
         StatusCode::OK,
         json!({
-            "healthy": routing_converged && converged,
-            "routing": routing,
+            "healthy": routing.converged && converged,
+            "routing": routing.json,
             "firewall": {
                 "converged": converged,
                 "defaults": defaults(&set),

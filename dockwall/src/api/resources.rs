@@ -1,6 +1,7 @@
 //! The API's documents: FWaaS v2 firewall rules (with Dockwall's extra fields `direction`,
 //! `rate` and `log`), and Dockwall's own NAT rules and default policy.
 
+use crate::fwaas;
 use ipnet::IpNet;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -117,83 +118,60 @@ pub struct FirewallRuleBody {
 }
 
 fn address(field: &'static str, text: &str) -> Result<IpNet> {
-    text.parse::<IpNet>()
-        .map(|net| net.trunc())
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| {
-            Error::invalid(
-                field,
-                text,
-                "not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)",
-            )
-        })
+    vnf_core::firewall::model::parse_net(text).ok_or_else(|| {
+        Error::invalid(
+            field,
+            text,
+            "not an IP address or CIDR (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/64)",
+        )
+    })
 }
 
 impl FirewallRuleFields {
     /// Writes the given fields into `rule` (a null `ip_version` unbinds the rule from one IP
     /// version).
     pub fn apply_to(self, rule: &mut Rule) -> Result<()> {
-        for (field, remote) in [
-            ("source_firewall_group_id", &self.source_firewall_group_id),
-            (
-                "destination_firewall_group_id",
-                &self.destination_firewall_group_id,
-            ),
-        ] {
-            if let Some(group) = remote {
-                return Err(Error::invalid(
-                    field,
-                    group,
-                    "remote firewall groups are not supported; match addresses with \
-                     source_ip_address / destination_ip_address",
-                ));
+        if let Some((field, group)) = fwaas::remote_group(
+            &self.source_firewall_group_id,
+            &self.destination_firewall_group_id,
+        ) {
+            return Err(Error::invalid(field, group, fwaas::REMOTE_GROUPS_REFUSED));
+        }
+        // A field left out keeps its value; a null clears the optional ones.
+        fn set<T>(slot: &mut T, given: Option<T>) {
+            if let Some(value) = given {
+                *slot = value;
             }
         }
-        if let Some(value) = self.name {
-            rule.name = value;
-        }
-        if let Some(value) = self.description {
-            rule.comment = value;
-        }
-        if let Some(value) = self.protocol {
-            rule.protocol = value.unwrap_or(Protocol::Any);
-        }
-        if let Some(value) = self.source_ip_address {
-            rule.source = value
-                .map(|text| address("source_ip_address", &text))
-                .transpose()?;
-        }
-        if let Some(value) = self.destination_ip_address {
-            rule.destination = value
-                .map(|text| address("destination_ip_address", &text))
-                .transpose()?;
-        }
-        if let Some(value) = self.source_port {
-            rule.source_port = value;
-        }
-        if let Some(value) = self.destination_port {
-            rule.destination_port = value;
-        }
-        if let Some(value) = self.action {
-            rule.action = value;
-        }
-        if let Some(value) = self.enabled {
-            rule.enabled = value;
-        }
-        if let Some(value) = self.direction {
-            rule.direction = value;
-        }
-        if let Some(value) = self.rate {
-            rule.rate = value;
-        }
-        if let Some(value) = self.log {
-            rule.log = value;
-        }
+        let net = |field, given: Option<Option<String>>| {
+            given
+                .map(|value| value.map(|text| address(field, &text)).transpose())
+                .transpose()
+        };
+        set(
+            &mut rule.source,
+            net("source_ip_address", self.source_ip_address)?,
+        );
+        set(
+            &mut rule.destination,
+            net("destination_ip_address", self.destination_ip_address)?,
+        );
+        set(&mut rule.name, self.name);
+        set(&mut rule.comment, self.description);
+        set(
+            &mut rule.protocol,
+            self.protocol.map(|value| value.unwrap_or(Protocol::Any)),
+        );
+        set(&mut rule.source_port, self.source_port);
+        set(&mut rule.destination_port, self.destination_port);
+        set(&mut rule.action, self.action);
+        set(&mut rule.enabled, self.enabled);
+        set(&mut rule.direction, self.direction);
+        set(&mut rule.rate, self.rate);
+        set(&mut rule.log, self.log);
         // Kept as Neutron keeps it; the rule's own validation checks it against the
         // addresses and the protocol.
-        if let Some(version) = self.ip_version {
-            rule.ip_version = version;
-        }
+        set(&mut rule.ip_version, self.ip_version);
         Ok(())
     }
 }

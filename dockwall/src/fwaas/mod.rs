@@ -106,17 +106,18 @@ pub fn import(
             ));
         }
     }
-    let filtered = [Direction::LeftToRight, Direction::RightToLeft]
-        .map(|direction| admin_down || chosen.iter().any(|(_, d)| *d == direction));
-    let policy = |filtered: bool| {
-        Some(if filtered {
-            Policy::Drop
-        } else {
-            Policy::Accept
-        })
+    // Neutron's implicit deny where a policy filters; open where none does.
+    let policy = |direction| {
+        Some(
+            if admin_down || chosen.iter().any(|(_, d)| *d == direction) {
+                Policy::Drop
+            } else {
+                Policy::Accept
+            },
+        )
     };
-    rule_set.left_to_right_policy = policy(filtered[0]);
-    rule_set.right_to_left_policy = policy(filtered[1]);
+    rule_set.left_to_right_policy = policy(Direction::LeftToRight);
+    rule_set.right_to_left_policy = policy(Direction::RightToLeft);
     if admin_down {
         imported.clear();
         notes.push(
@@ -245,6 +246,24 @@ fn chosen_policies<'a>(
     Ok(chosen)
 }
 
+/// Why a rule with a remote firewall group is refused (by the import and by the API).
+pub const REMOTE_GROUPS_REFUSED: &str = "remote firewall groups are not supported; match \
+     addresses with source_ip_address / destination_ip_address";
+
+/// The first remote firewall group a rule names (source, then destination), with its field;
+/// None when both are null, the only form Dockwall takes.
+pub fn remote_group<'a>(
+    source: &'a Option<String>,
+    destination: &'a Option<String>,
+) -> Option<(&'static str, &'a String)> {
+    [
+        ("source_firewall_group_id", source),
+        ("destination_firewall_group_id", destination),
+    ]
+    .into_iter()
+    .find_map(|(field, group)| group.as_ref().map(|group| (field, group)))
+}
+
 fn to_model(located: &Located<FirewallRule>, direction: Direction) -> Result<Rule> {
     let rule = &located.resource;
     let fail = |field: &str, reason: String| {
@@ -252,37 +271,23 @@ fn to_model(located: &Located<FirewallRule>, direction: Direction) -> Result<Rul
             .origin
             .error("firewall_rule", &rule.id, Some(field), reason)
     };
-    for (field, remote) in [
-        ("source_firewall_group_id", &rule.source_firewall_group_id),
-        (
-            "destination_firewall_group_id",
-            &rule.destination_firewall_group_id,
-        ),
-    ] {
-        if let Some(group) = remote {
-            return Err(fail(
-                field,
-                format!(
-                    "{group:?}: remote firewall groups are not supported; match addresses \
-                     with source_ip_address / destination_ip_address"
-                ),
-            ));
-        }
+    if let Some((field, group)) = remote_group(
+        &rule.source_firewall_group_id,
+        &rule.destination_firewall_group_id,
+    ) {
+        return Err(fail(field, format!("{group:?}: {REMOTE_GROUPS_REFUSED}")));
     }
     // Neutron's default; the model checks it against 4/6 and the addresses.
     let ip_version = rule.ip_version.unwrap_or(4);
     let address = |field: &str, value: &Option<String>| -> Result<Option<IpNet>> {
         let Some(text) = value else { return Ok(None) };
-        let net = text
-            .parse::<IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                fail(
-                    field,
-                    format!("{text:?} is not an address or CIDR such as 192.0.2.0/24"),
-                )
-            })?;
-        Ok(Some(net.trunc()))
+        let net = vnf_core::firewall::model::parse_net(text).ok_or_else(|| {
+            fail(
+                field,
+                format!("{text:?} is not an address or CIDR such as 192.0.2.0/24"),
+            )
+        })?;
+        Ok(Some(net))
     };
     let port = |field: &str, value: &Option<String>| -> Result<Option<PortRange>> {
         let Some(text) = value else { return Ok(None) };

@@ -380,7 +380,7 @@ fn parse_rule(action: Action, tail: &[&str], route: bool) -> Result<(Vec<Rule>, 
                             format!(
                                 "Dockwall's rules for traffic to the SI match every interface; \
                                  for traffic crossing the SI write `route {} {word} on {name} …`",
-                                action_word(action)
+                                action.as_str()
                             ),
                         ));
                     }
@@ -492,15 +492,6 @@ fn app_refused() -> Error {
         "app",
         "ufw application profiles are not supported; give the port, e.g. `to any port 22 proto tcp`",
     )
-}
-
-pub fn action_word(action: Action) -> &'static str {
-    match action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-        Action::Reject => "reject",
-        Action::Limit => "limit",
-    }
 }
 
 fn parse_protocol(word: &str) -> Result<Protocol> {

@@ -139,14 +139,8 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
             say("Firewall reloaded")
         }
         UfwCommand::DefaultRouted(policy) => {
-            let outcome = editor
-                .edit(|set| {
-                    set.default_policy = policy;
-                    set.left_to_right_policy = None;
-                    set.right_to_left_policy = None;
-                    Ok(())
-                })
-                .await?;
+            let outcome =
+                editor.edit_for(&assignment, |set| set.set_default_policy(policy, None))?;
             answer(
                 &format!(
                     "Default routed policy changed to '{}'\n(be sure to update your rules \
@@ -160,12 +154,10 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
         UfwCommand::Add { rules, at } => {
             let limit = rules.iter().any(|rule| rule.action == Action::Limit);
             let mut added = Added::default();
-            let outcome = editor
-                .edit(|set| {
-                    added = add(set, rules, at)?;
-                    Ok(())
-                })
-                .await?;
+            let outcome = editor.edit_for(&assignment, |set| {
+                added = add(set, rules, at)?;
+                Ok(())
+            })?;
             if limit && (!added.ids.is_empty() || added.updated > 0) {
                 eprintln!("{SHARED_LIMIT}");
             }
@@ -180,29 +172,25 @@ pub async fn run(store: &Store, editor: Editor<'_>, args: UfwArgs) -> Result<Exi
         }
         UfwCommand::Delete(rules) => {
             let mut deleted = Vec::new();
-            let outcome = editor
-                .edit(|set| {
-                    deleted = delete(set, &rules, &said)?;
-                    Ok(())
-                })
-                .await?;
+            let outcome = editor.edit_for(&assignment, |set| {
+                deleted = delete(set, &rules, &said)?;
+                Ok(())
+            })?;
             answer("Rule deleted", &outcome, &deleted)
         }
         UfwCommand::DeleteNumber(number) => {
             let mut deleted: Option<Rule> = None;
-            let outcome = editor
-                .edit(|set| {
-                    if number > set.rules.len() {
-                        return Err(Error::Vnf(format!(
-                            "Could not find rule '{number}': there are {} (see `dockwall ufw \
+            let outcome = editor.edit_for(&assignment, |set| {
+                if number > set.rules.len() {
+                    return Err(Error::Vnf(format!(
+                        "Could not find rule '{number}': there are {} (see `dockwall ufw \
                              status numbered`)",
-                            set.rules.len()
-                        )));
-                    }
-                    deleted = Some(set.rules.remove(number - 1));
-                    Ok(())
-                })
-                .await?;
+                        set.rules.len()
+                    )));
+                }
+                deleted = Some(set.rules.remove(number - 1));
+                Ok(())
+            })?;
             let rule = deleted.expect("the edit removed the rule");
             let message = format!("Deleting:\n {}\nRule deleted", status::words(&rule, &sides));
             answer(&message, &outcome, &[rule.id])

@@ -5,7 +5,7 @@ use serde::Serialize;
 use vnf_core::firewall::{Direction, Policy, PortRange, Protocol, Rule, RuleSet};
 use vnf_core::side::Side;
 
-use super::grammar::{action_word, SideNames, StatusView, UFW_LIMIT};
+use super::grammar::{SideNames, StatusView, UFW_LIMIT};
 
 /// One line of the `status` table.
 #[derive(Debug, Serialize)]
@@ -91,7 +91,7 @@ fn endpoint(
 pub fn row<'a>(rule: &'a Rule, number: usize, sides: &SideNames, view: StatusView) -> Row<'a> {
     let interfaces =
         route_sides(rule.direction).map(|(i, o)| (sides.interface(i), sides.interface(o)));
-    let mut action = action_word(rule.action).to_ascii_uppercase();
+    let mut action = rule.action.as_str().to_ascii_uppercase();
     if rule.direction != Direction::Local {
         action += " FWD";
     } else if view != StatusView::Plain {
@@ -171,7 +171,7 @@ pub fn words(rule: &Rule, sides: &SideNames) -> String {
     if rule.direction != Direction::Local {
         words.push("route".into());
     }
-    words.push(action_word(rule.action).into());
+    words.push(rule.action.as_str().into());
     if let Some((inbound, outbound)) = route_sides(rule.direction) {
         words.push(format!("in on {}", sides.interface(inbound)));
         words.push(format!("out on {}", sides.interface(outbound)));

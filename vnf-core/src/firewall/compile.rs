@@ -174,7 +174,6 @@ pub fn compile(rule_set: &RuleSet, sides: Sides<'_>) -> Compiled {
         conntrack_rule(&["established", "related"], Statement::Accept(None)),
         conntrack_rule(&["invalid"], Statement::Drop(None)),
     ];
-    forward.extend(mode::dnat_filter(rule_set.mode, sides));
     forward.extend(mode::forward_dispatch(rule_set.mode, sides));
     compiled.chains.push(base_chain(
         CHAIN_FORWARD,
@@ -753,17 +752,22 @@ fn dnat_allowances(
             payload("th", "dport"),
             Expression::Number(u32::from(to.port())),
         ));
-        // A bit test: `==` would demand that dnat is the only status bit set.
-        statements.push(Statement::Match(Match {
-            left: ct("status"),
-            right: string("dnat"),
-            op: Operator::IN,
-        }));
+        statements.push(dnatted());
         statements.push(counter());
         statements.push(Statement::Accept(None));
         rules.push(rule(statements, Some(nat_comment(nat.id))).with_chain(chain));
     }
     rules
+}
+
+/// Matches a connection a DNAT rule translated.
+pub(super) fn dnatted() -> Statement<'static> {
+    // A bit test: `==` would demand that dnat is the only status bit set.
+    Statement::Match(Match {
+        left: ct("status"),
+        right: string("dnat"),
+        op: Operator::IN,
+    })
 }
 
 fn other_side(side: Side) -> Side {
@@ -986,11 +990,12 @@ pub(super) fn counter() -> Statement<'static> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::firewall::model::{NatRule, Rate};
 
-    fn side(side: Side, name: &str, address: &str) -> ReadySide {
+    /// A side that is up, for the firewall's unit tests.
+    pub(in crate::firewall) fn side(side: Side, name: &str, address: &str) -> ReadySide {
         ReadySide {
             side,
             index: 2,
@@ -1037,7 +1042,7 @@ mod tests {
             .unwrap()
     }
 
-    fn compile_with_both_sides(set: &RuleSet) -> Compiled {
+    pub(in crate::firewall) fn compile_with_both_sides(set: &RuleSet) -> Compiled {
         let (left, right) = (
             side(Side::Left, "eth0", "10.0.1.2/24"),
             side(Side::Right, "eth1", "10.0.2.2/24"),
@@ -1114,7 +1119,8 @@ mod tests {
         set.rules[0].action = Action::Limit;
         set.rules[0].rate = Some("10/second".parse::<Rate>().unwrap());
         let compiled = compile_with_both_sides(&set);
-        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules[..2];
+        let rules = &chain(&compiled, CHAIN_FROM_LEFT).rules;
+        assert_eq!(rules.len(), 2);
         assert!(rules
             .iter()
             .all(|r| r.comment.as_deref() == Some(&*rule_comment(id))));

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::compile::{
     counter, match_statements, matches, meta, payload, rule, string, CompiledChain, Sides,
 };
-use super::model::{Action, Direction, PortRange, Protocol, Rule};
+use super::model::{parse_net, Action, Direction, PortRange, Protocol, Rule};
 use crate::error::{Error, Result};
 use crate::side::{ReadySide, Side};
 
@@ -167,13 +167,9 @@ impl FromStr for MirrorMatch {
             }
             seen.push(key);
             let net = |value: &str| {
-                value
-                    .parse::<IpNet>()
-                    .map(|net| net.trunc())
-                    .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        Error::invalid("match", text, format!("`{key} {value}`: not a CIDR"))
-                    })
+                parse_net(value).ok_or_else(|| {
+                    Error::invalid("match", text, format!("`{key} {value}`: not a CIDR"))
+                })
             };
             match key {
                 "proto" => matching.protocol = value.parse()?,
@@ -229,51 +225,49 @@ impl Mirror {
         }
         Ok(())
     }
+}
 
-    /// Whether the collector is on-link on `via` (as this side is now) and not the SI itself:
-    /// the one case where a copy reaches it and nothing else. Err says why not.
-    pub fn check_collector(&self, via: &ReadySide) -> Result<()> {
-        if via.address.addr() == self.to {
-            return Err(Error::invalid(
-                "to",
-                self.to,
-                format!(
-                    "that is the SI's own {} address; give the collector's",
-                    via.side
-                ),
-            ));
-        }
-        let subnet = via.subnet();
-        if subnet.prefix_len() < 31
-            && (self.to == subnet.network() || self.to == subnet.broadcast())
-        {
-            return Err(Error::invalid(
-                "to",
-                self.to,
-                format!(
-                    "that is the {} subnet {subnet}'s network or broadcast address, no host's; \
-                     give the collector's own address",
-                    via.side
-                ),
-            ));
-        }
-        if !subnet.contains(&self.to) {
-            return Err(Error::invalid(
-                "to",
-                self.to,
-                format!(
-                    "not on the {} subnet {} ({}): a copy goes to the collector as next hop, \
-                     so it must be on-link there (behind a gateway the copy would go \
-                     to its real destination); put the collector on that subnet or pick \
-                     another --via",
-                    via.side,
-                    via.subnet(),
-                    via.name
-                ),
-            ));
-        }
-        Ok(())
+/// Whether the collector `to` is on-link on `via` (as this side is now) and not the SI itself:
+/// the one case where a copy reaches it and nothing else. Err says why not.
+pub fn check_collector(to: Ipv4Addr, via: &ReadySide) -> Result<()> {
+    if via.address.addr() == to {
+        return Err(Error::invalid(
+            "to",
+            to,
+            format!(
+                "that is the SI's own {} address; give the collector's",
+                via.side
+            ),
+        ));
     }
+    let subnet = via.subnet();
+    if subnet.prefix_len() < 31 && (to == subnet.network() || to == subnet.broadcast()) {
+        return Err(Error::invalid(
+            "to",
+            to,
+            format!(
+                "that is the {} subnet {subnet}'s network or broadcast address, no host's; \
+                 give the collector's own address",
+                via.side
+            ),
+        ));
+    }
+    if !subnet.contains(&to) {
+        return Err(Error::invalid(
+            "to",
+            to,
+            format!(
+                "not on the {} subnet {} ({}): a copy goes to the collector as next hop, \
+                 so it must be on-link there (behind a gateway the copy would go \
+                 to its real destination); put the collector on that subnet or pick \
+                 another --via",
+                via.side,
+                via.subnet(),
+                via.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The side whose subnet holds `collector`, for a mirror given no `--via`.
@@ -313,7 +307,7 @@ impl Mirror {
         let Some(via) = sides.get(self.via) else {
             return Readiness::WaitingForVia;
         };
-        if let Err(error) = self.check_collector(via) {
+        if let Err(error) = check_collector(self.to, via) {
             return Readiness::NotCopying(error);
         }
         let mut inputs: Vec<&str> = Vec::new();
@@ -394,15 +388,7 @@ fn differs(left: Expression<'static>, right: Expression<'static>) -> Statement<'
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ready(side: Side, name: &str, address: &str) -> ReadySide {
-        ReadySide {
-            side,
-            index: 2,
-            name: name.into(),
-            address: address.parse().unwrap(),
-        }
-    }
+    use crate::firewall::compile::tests::side;
 
     fn mirror(side: MirrorSide, to: &str, via: Side) -> Mirror {
         Mirror {
@@ -470,9 +456,9 @@ mod tests {
     #[test]
     fn one_rule_per_mirrored_side_and_only_to_an_on_link_collector() {
         let (left, right, mgmt) = (
-            ready(Side::Left, "eth0", "10.0.1.2/24"),
-            ready(Side::Right, "eth1", "10.0.2.2/24"),
-            ready(Side::Management, "eth2", "10.0.3.2/24"),
+            side(Side::Left, "eth0", "10.0.1.2/24"),
+            side(Side::Right, "eth1", "10.0.2.2/24"),
+            side(Side::Management, "eth2", "10.0.3.2/24"),
         );
         let sides = Sides {
             left: Some(&left),
@@ -494,33 +480,29 @@ mod tests {
         );
         // Off-link: via the right side, 10.0.3.9 is behind a gateway.
         let off_link = mirror(MirrorSide::Left, "10.0.3.9", Side::Right);
-        assert!(off_link
-            .check_collector(&right)
+        assert!(check_collector(off_link.to, &right)
             .unwrap_err()
             .to_string()
             .contains("must be on-link"));
         assert!(compile_mirrors(&[off_link], sides).rules.is_empty());
         let own_address = mirror(MirrorSide::Left, "10.0.3.2", Side::Management);
-        assert!(own_address.check_collector(&mgmt).is_err());
+        assert!(check_collector(own_address.to, &mgmt).is_err());
         for no_host in ["10.0.3.0", "10.0.3.255"] {
-            let error = mirror(MirrorSide::Left, no_host, Side::Management)
-                .check_collector(&mgmt)
+            let error = check_collector(no_host.parse().unwrap(), &mgmt)
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("network or broadcast address"), "{error}");
         }
         // On a /31 both addresses are hosts.
-        let point_to_point = ready(Side::Management, "eth2", "10.0.4.0/31");
-        mirror(MirrorSide::Left, "10.0.4.1", Side::Management)
-            .check_collector(&point_to_point)
-            .unwrap();
+        let point_to_point = side(Side::Management, "eth2", "10.0.4.0/31");
+        check_collector("10.0.4.1".parse().unwrap(), &point_to_point).unwrap();
     }
 
     #[test]
     fn readiness_says_what_a_mirror_waits_for() {
         let (left, mgmt) = (
-            ready(Side::Left, "eth0", "10.0.1.2/24"),
-            ready(Side::Management, "eth2", "10.0.3.2/24"),
+            side(Side::Left, "eth0", "10.0.1.2/24"),
+            side(Side::Management, "eth2", "10.0.3.2/24"),
         );
         let only_mgmt = Sides {
             management: Some(&mgmt),

@@ -96,16 +96,12 @@ fn release_freed_memory() {
 
 /// Whether the kernel holds exactly what the stored rules compile to for these sides.
 pub fn is_converged(rule_set: &RuleSet, assignment: &Assignment) -> Result<bool> {
-    Ok(kernel_differences(rule_set, assignment)?.is_empty())
+    Ok(differences_in(&Listings::read()?, rule_set, assignment)?.is_empty())
 }
 
-/// How the kernel's table differs from what the stored rules compile to for these sides, one
-/// sentence each (see `verify`); empty when it holds exactly that.
-pub fn kernel_differences(rule_set: &RuleSet, assignment: &Assignment) -> Result<Vec<String>> {
-    differences_in(&Listings::read()?, rule_set, assignment)
-}
-
-/// The same, in listings read before (`status` reads counters from them too).
+/// How the kernel's tables, as `listings` read them (`status` reads counters from them too),
+/// differ from what the stored rules compile to for these sides, one sentence each (see
+/// `verify`); empty when they hold exactly that.
 pub fn differences_in(
     listings: &Listings,
     rule_set: &RuleSet,

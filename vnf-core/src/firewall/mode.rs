@@ -4,11 +4,11 @@
 use std::fmt;
 
 use nftables::expr::{Expression, MetaKey, Range};
-use nftables::stmt::{Match, Operator, Statement};
+use nftables::stmt::Statement;
 use serde::{Deserialize, Serialize};
 
 use super::compile::{
-    counter, ct, direction_jumps, jump_between, matches, meta, payload, rule, string, Sides,
+    counter, direction_jumps, dnatted, jump_between, matches, meta, payload, rule, string, Sides,
     CHAIN_FROM_LEFT, CHAIN_FROM_RIGHT,
 };
 use crate::routing::{LEFT_INGRESS_MARK, RIGHT_INGRESS_MARK};
@@ -74,37 +74,11 @@ pub fn sides_for(mode: ServiceMode, sides: Sides<'_>) -> Sides<'_> {
     }
 }
 
-/// In in-network-nat mode, the forward chain's rules before its early drop: a new
-/// connection DNAT forwards from the right to the left goes through the right-to-left rules
-/// first (their verdicts decide); one they leave undecided goes on to the chain after them,
-/// where its DNAT allowance accepts it ahead of the direction's default, as in in-network
-/// mode.
-pub fn dnat_filter(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
-    let (ServiceMode::InNetworkNat, Some(left), Some(right)) = (mode, sides.left, sides.right)
-    else {
-        return Vec::new();
-    };
-    direction_jumps(
-        vec![
-            matches(meta(MetaKey::Iifname), string(&right.name)),
-            matches(meta(MetaKey::Oifname), string(&left.name)),
-            // A bit test: `==` would demand that dnat is the only status bit set.
-            Statement::Match(Match {
-                left: ct("status"),
-                right: string("dnat"),
-                op: Operator::IN,
-            }),
-        ],
-        CHAIN_FROM_RIGHT,
-        mode_comment(mode, "DNAT'd right-to-left through the right-to-left rules"),
-    )
-    .into()
-}
-
-/// The forward chain's dispatch into the per-direction chains, after the conntrack and DNAT
-/// rules. In in-network-nat mode a new connection from the right to the left that no DNAT
-/// rule let through is dropped (the right-to-left rules apply to the DNAT'd ones, see
-/// [`dnat_filter`]).
+/// The forward chain's dispatch into the per-direction chains, after the conntrack rules. In
+/// in-network-nat mode a new connection DNAT forwards from the right to the left goes through
+/// the right-to-left rules first (their verdicts decide; one they leave undecided is accepted
+/// by its DNAT allowance ahead of the direction's default, as in in-network mode), and every
+/// other new right-to-left connection is dropped.
 pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'static>> {
     if mode == ServiceMode::Transparent {
         // IPv6 neighbour and router discovery is what ARP is for IPv4, which the bridge
@@ -150,6 +124,15 @@ pub fn forward_dispatch(mode: ServiceMode, sides: Sides<'_>) -> Vec<NftRule<'sta
     };
     let mut rules = Vec::new();
     if mode == ServiceMode::InNetworkNat {
+        rules.extend(direction_jumps(
+            vec![
+                matches(meta(MetaKey::Iifname), string(&right.name)),
+                matches(meta(MetaKey::Oifname), string(&left.name)),
+                dnatted(),
+            ],
+            CHAIN_FROM_RIGHT,
+            mode_comment(mode, "DNAT'd right-to-left through the right-to-left rules"),
+        ));
         rules.push(rule(
             vec![
                 matches(meta(MetaKey::Iifname), string(&right.name)),
@@ -203,35 +186,16 @@ pub const BRIDGE_CHAIN: &str = "mark_leg";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::compile::compile;
+    use crate::firewall::compile::tests::compile_with_both_sides;
     use crate::firewall::model::{NatKind, NatRule, RuleSet};
-    use crate::side::{ReadySide, Side};
+    use crate::side::Side;
 
-    fn side(side: Side, name: &str, address: &str) -> ReadySide {
-        ReadySide {
-            side,
-            index: 2,
-            name: name.into(),
-            address: address.parse().unwrap(),
-        }
-    }
-
-    /// The compiled table as the nft JSON text it is sent as.
     fn compiled_text(mode: ServiceMode) -> String {
-        let (left, right) = (
-            side(Side::Left, "eth0", "10.0.1.2/24"),
-            side(Side::Right, "eth1", "10.0.2.2/24"),
-        );
         let rule_set = RuleSet {
             mode,
             ..RuleSet::default()
         };
-        let sides = Sides {
-            left: Some(&left),
-            right: Some(&right),
-            management: None,
-        };
-        serde_json::to_string(&compile(&rule_set, sides).chains).unwrap()
+        serde_json::to_string(&compile_with_both_sides(&rule_set).chains).unwrap()
     }
 
     #[test]

@@ -16,6 +16,15 @@ use crate::side::Side;
 
 pub const FORMAT_VERSION: u32 = 1;
 
+/// A CIDR or a bare address (a host prefix), with the host bits cleared: how every front
+/// end (flags, ufw, FWaaS, the API, mirror matches) reads an address; None when it is neither.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .ok()
+}
+
 /// The whole firewall configuration of one SI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +137,18 @@ pub enum Action {
     Reject,
     /// Allow up to a rate, drop above it.
     Limit,
+}
+
+impl Action {
+    /// The action's word, as the state file, the CLI, ufw and metrics labels spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Reject => "reject",
+            Action::Limit => "limit",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -681,6 +702,33 @@ impl RuleSet {
             Direction::Both | Direction::Local => None,
         };
         overridden.unwrap_or(self.default_policy)
+    }
+
+    /// Sets what traffic no rule decides gets: in one forwarded direction (an override), or
+    /// with no direction in both, clearing the overrides.
+    pub fn set_default_policy(
+        &mut self,
+        policy: Policy,
+        direction: Option<Direction>,
+    ) -> Result<()> {
+        match direction {
+            None => {
+                self.default_policy = policy;
+                self.left_to_right_policy = None;
+                self.right_to_left_policy = None;
+            }
+            Some(Direction::LeftToRight) => self.left_to_right_policy = Some(policy),
+            Some(Direction::RightToLeft) => self.right_to_left_policy = Some(policy),
+            Some(other) => {
+                return Err(Error::invalid(
+                    "direction",
+                    format!("{other:?}").to_lowercase(),
+                    "a default applies to left-to-right or right-to-left (or, without \
+                     direction, to both)",
+                ))
+            }
+        }
+        Ok(())
     }
 
     pub fn allocate_id(&mut self) -> u64 {

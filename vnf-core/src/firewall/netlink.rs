@@ -20,15 +20,13 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
+use netlink_packet_core::{NLA_F_NESTED, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+
 use super::compile::{Compiled, TABLE};
 use crate::error::{Error, Result};
 
-// Netlink and nf_tables message constants (linux/netlink.h, linux/netfilter/nf_tables.h).
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLA_F_NESTED: u16 = 0x8000;
+// nf_tables message constants (linux/netfilter/nfnetlink.h, nf_tables.h); the netlink ones
+// come from netlink-packet-core.
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;

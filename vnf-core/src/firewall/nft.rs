@@ -44,6 +44,11 @@ pub enum ApplyKind {
 /// Packet and byte counts per rule comment ("rule 7", "nat 3").
 pub type Counters = BTreeMap<String, (u64, u64)>;
 
+/// The packets and bytes counted under `comment`; zero when the kernel has none (yet).
+pub fn counted(counters: &Counters, comment: &str) -> (u64, u64) {
+    counters.get(comment).copied().unwrap_or_default()
+}
+
 fn table() -> Table<'static> {
     Table {
         family: NfFamily::INet,
@@ -91,14 +96,8 @@ fn add(object: NfListObject<'static>) -> NfObject<'static> {
 
 /// The transaction that replaces the whole tables: create each if missing, delete it, build it.
 pub fn full_batch(compiled: &Compiled) -> Vec<NfObject<'static>> {
-    let mut batch = Vec::new();
-    for table in tables() {
-        batch.extend([
-            add(NfListObject::Table(table.clone())),
-            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table.clone()))),
-            add(NfListObject::Table(table)),
-        ]);
-    }
+    let mut batch = drop_tables();
+    batch.extend(tables().map(|table| add(NfListObject::Table(table))));
     batch.extend(
         compiled
             .sets
@@ -480,7 +479,9 @@ pub fn apply(old: Option<&Compiled>, new: &Compiled) -> Result<ApplyKind> {
         }
         // A (re)start or a side change: keep the table when it already holds this compile, so
         // its counters survive; by content, not by the marker's name (a flushed table keeps
-        // its marker).
+        // its marker). Without this compile's marker it differs for sure: no listing (seconds
+        // at 100,000 rules) on the way to forwarding.
+        None if kernel_fingerprint()?.as_ref() != Some(&new.fingerprint) => replace(new),
         None => {
             let differences = super::verify::kernel_differences(new)?;
             if differences.is_empty() {
@@ -551,22 +552,31 @@ fn chain_counters(chain: &Chain<'static>) -> Result<ChainCounters> {
 
 /// Removes our tables, if present.
 pub fn delete_table() -> Result<()> {
-    let mut batch = Vec::new();
-    for table in tables() {
-        batch.extend([
-            add(NfListObject::Table(table.clone())),
-            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table))),
-        ]);
-    }
-    nft(&["-j", "-f", "-"], Some(&render(batch)?)).map(drop)
+    nft(&["-j", "-f", "-"], Some(&render(drop_tables())?)).map(drop)
 }
 
-/// Per-rule (and per-mirror) counters read from our tables only (the crate cannot parse
-/// every construct other tables may hold, and we never look at them).
-pub fn counters() -> Result<Counters> {
-    let mut counters = counters_in(list_table()?.as_deref())?;
-    counters.extend(counters_in(list_mirror_table()?.as_deref())?);
-    Ok(counters)
+/// Our tables' removal, whether or not they exist (an add first makes the delete valid).
+fn drop_tables() -> Vec<NfObject<'static>> {
+    tables()
+        .into_iter()
+        .flat_map(|table| {
+            [
+                add(NfListObject::Table(table.clone())),
+                NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table))),
+            ]
+        })
+        .collect()
+}
+
+/// Per-rule, per-NAT-rule and per-direction-default counters, read from our table only (the
+/// crate cannot parse every construct other tables may hold, and we never look at them).
+pub fn rule_counters() -> Result<Counters> {
+    counters_in(list_table()?.as_deref())
+}
+
+/// Per-mirror counters, from the mirrors' table only (small: the firewall table is not read).
+pub fn mirror_counters() -> Result<Counters> {
+    counters_in(list_mirror_table()?.as_deref())
 }
 
 /// `nft -j list table inet dockwall`, or None when the table is absent.
@@ -580,7 +590,8 @@ pub fn list_mirror_table() -> Result<Option<String>> {
     list(&mirror)
 }
 
-fn list(table: &Table<'static>) -> Result<Option<String>> {
+/// `nft -j list table FAMILY NAME`, or None when the table is absent.
+pub(crate) fn list(table: &Table<'static>) -> Result<Option<String>> {
     let family = family_word(table.family);
     match nft(&["-j", "list", "table", family, &table.name], None) {
         Ok(listing) => Ok(Some(listing)),

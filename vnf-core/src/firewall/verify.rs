@@ -8,9 +8,8 @@
 //! an addition; a rule replaced by hand with a different one of the same count is not caught.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::compile::{Compiled, TABLE};
@@ -75,40 +74,14 @@ struct Named {
 #[derive(Deserialize)]
 struct ListedSet {
     name: String,
+    /// Only counted: `IgnoredAny` is zero-sized, so the elements are never kept.
     #[serde(default)]
-    elem: Count,
+    elem: Vec<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
 struct ListedRule {
     chain: String,
-}
-
-/// The length of a JSON array, counted without keeping its items.
-#[derive(Default)]
-struct Count(usize);
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        struct Counter;
-        impl<'de> Visitor<'de> for Counter {
-            type Value = Count;
-            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-                formatter.write_str("an array of set elements")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(
-                self,
-                mut items: A,
-            ) -> std::result::Result<Count, A::Error> {
-                let mut count = 0;
-                while items.next_element::<IgnoredAny>()?.is_some() {
-                    count += 1;
-                }
-                Ok(Count(count))
-            }
-        }
-        deserializer.deserialize_seq(Counter)
-    }
 }
 
 fn parse(listing: &str) -> Result<Shape> {
@@ -123,7 +96,7 @@ fn parse(listing: &str) -> Result<Shape> {
             shape.chains.entry(chain.name).or_default();
         }
         if let Some(set) = object.set {
-            shape.sets.insert(set.name, set.elem.0);
+            shape.sets.insert(set.name, set.elem.len());
         }
         if let Some(rule) = object.rule {
             *shape.chains.entry(rule.chain).or_default() += 1;
