@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vnf_core::firewall::nft::{self, Counters};
-use vnf_core::firewall::{self, compile, Action, Direction, NatRule, Protocol, Rule, RuleSet};
+use vnf_core::firewall::{self, compile, Action, Direction, NatRule, Rule, RuleSet};
 use vnf_core::Error;
 
 use super::auth::{self, Caller, CSRF_HEADER, SESSION_COOKIE};
@@ -171,23 +171,7 @@ pub async fn create_rule(
             return Err(Error::invalid("position", position, format!("use 1-{last}")).into());
         }
         let id = set.allocate_id();
-        let mut rule = Rule {
-            id,
-            name: None,
-            action,
-            rate: None,
-            direction: Direction::Both,
-            protocol: Protocol::Any,
-            source: None,
-            destination: None,
-            source_port: None,
-            destination_port: None,
-            enabled: true,
-            log: false,
-            comment: None,
-            external_id: None,
-            ip_version: None,
-        };
+        let mut rule = Rule::new(id, action, Direction::Both);
         fields.apply_to(&mut rule)?;
         rule.validate_as(&format!("the new rule (position {position}, id {id})"))?;
         set.rules.insert(position - 1, rule);

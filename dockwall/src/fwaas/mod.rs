@@ -913,21 +913,9 @@ mod tests {
         let mut set = RuleSet::default();
         let id = set.allocate_id();
         set.rules.push(Rule {
-            id,
-            name: None,
-            action: Action::Deny,
-            rate: None,
-            direction: Direction::Both,
             protocol: Protocol::Tcp,
-            ip_version: None,
-            source: None,
-            destination: None,
-            source_port: None,
             destination_port: Some(PortRange::single(25)),
-            enabled: true,
-            log: false,
-            comment: None,
-            external_id: None,
+            ..Rule::new(id, Action::Deny, Direction::Both)
         });
         let (documents, _) = export(&set);
         let rules = documents[2].firewall_rules.as_ref().unwrap();

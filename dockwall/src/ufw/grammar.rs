@@ -614,21 +614,15 @@ fn into_rules(action: Action, words: Words, route: bool) -> Result<Vec<Rule>> {
         for &source_port in &source_ports {
             for &destination_port in &destination_ports {
                 let rule = Rule {
-                    id: 0,
-                    name: None,
-                    action,
                     rate: (action == Action::Limit).then_some(UFW_LIMIT),
-                    direction,
                     protocol,
                     source: words.source.flatten(),
                     destination: words.destination.flatten(),
                     source_port,
                     destination_port,
-                    enabled: true,
                     log: words.log,
                     comment: words.comment.clone(),
-                    external_id: None,
-                    ip_version: None,
+                    ..Rule::new(0, action, direction)
                 };
                 rule.validate_as("the ufw rule")?;
                 rules.push(rule);

@@ -1007,21 +1007,10 @@ pub(super) mod tests {
     fn deny_tcp_from(set: &mut RuleSet, source: &str, port: u16) -> u64 {
         let id = set.allocate_id();
         set.rules.push(Rule {
-            id,
-            name: None,
-            action: Action::Deny,
-            rate: None,
-            direction: Direction::LeftToRight,
             protocol: Protocol::Tcp,
-            ip_version: None,
             source: Some(source.parse().unwrap()),
-            destination: None,
-            source_port: None,
             destination_port: Some(PortRange::single(port)),
-            enabled: true,
-            log: false,
-            comment: None,
-            external_id: None,
+            ..Rule::new(id, Action::Deny, Direction::LeftToRight)
         });
         id
     }

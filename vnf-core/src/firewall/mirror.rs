@@ -110,21 +110,12 @@ impl MirrorMatch {
     /// The match as an allow rule: rules and mirrors check and compile a match one way.
     fn as_rule(&self, id: u64) -> Rule {
         Rule {
-            id,
-            name: None,
-            action: Action::Allow,
-            rate: None,
-            direction: Direction::Both,
             protocol: self.protocol,
             source: self.source,
             destination: self.destination,
             source_port: self.source_port,
             destination_port: self.destination_port,
-            enabled: true,
-            log: false,
-            comment: None,
-            external_id: None,
-            ip_version: None,
+            ..Rule::new(id, Action::Allow, Direction::Both)
         }
     }
 

@@ -454,6 +454,28 @@ fn family_of(net: &IpNet) -> u8 {
 }
 
 impl Rule {
+    /// A rule that matches all traffic of `direction`, enabled, with no name, log or comment:
+    /// what every front end starts from before it sets the match.
+    pub fn new(id: u64, action: Action, direction: Direction) -> Rule {
+        Rule {
+            id,
+            name: None,
+            action,
+            rate: None,
+            direction,
+            protocol: Protocol::Any,
+            source: None,
+            destination: None,
+            source_port: None,
+            destination_port: None,
+            enabled: true,
+            log: false,
+            comment: None,
+            external_id: None,
+            ip_version: None,
+        }
+    }
+
     /// The IP version the rule is bound to by its addresses, its `ip_version` or its
     /// protocol, if any.
     pub fn bound_ip_version(&self) -> Option<u8> {
