@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::chain::Chain;
+use crate::netns::Netns;
 use crate::vnf::{binary, Vnf};
 
 /// A state directory removed on drop.
@@ -44,10 +45,13 @@ impl Drop for StateDir {
     }
 }
 
+/// Dockwall in one namespace on its own state directory: the CLI as an operator runs it,
+/// and `dockwall run` when started.
 pub struct Dockwall<'c> {
-    pub chain: &'c Chain,
-    pub state: StateDir,
+    pub si: &'c Netns,
+    /// Before `state`, so the process ends before its state directory goes.
     pub process: Option<Vnf>,
+    pub state: StateDir,
 }
 
 impl<'c> Dockwall<'c> {
@@ -60,19 +64,36 @@ impl<'c> Dockwall<'c> {
 
     /// Starts `dockwall run` without waiting for both sides.
     pub fn launch(chain: &'c Chain) -> Dockwall<'c> {
+        Dockwall::launch_in(&chain.si, StateDir::new(), &[])
+    }
+
+    /// Starts `dockwall --state-dir STATE run --side-timeout 30 RUN_ARGS` in `si` without
+    /// waiting for both sides.
+    pub fn launch_in(si: &'c Netns, state: StateDir, run_args: &[&str]) -> Dockwall<'c> {
         crate::prereq::require_command("nft", "nftables");
-        let state = StateDir::new();
-        let path = state.path().to_str().expect("utf-8 path").to_string();
-        let process = Vnf::start(
-            &chain.si,
-            "dockwall",
-            &["--state-dir", &path, "run", "--side-timeout", "30"],
-        );
+        let mut dockwall = Dockwall::idle(si, state);
+        let mut args = vec!["--side-timeout", "30"];
+        args.extend_from_slice(run_args);
+        dockwall.process = Some(dockwall.spawn(&args));
+        dockwall
+    }
+
+    /// Dockwall in `si` on `state` with no `run`: only the CLI.
+    pub fn idle(si: &'c Netns, state: StateDir) -> Dockwall<'c> {
         Dockwall {
-            chain,
+            si,
+            process: None,
             state,
-            process: Some(process),
         }
+    }
+
+    /// Starts `dockwall --state-dir STATE run RUN_ARGS` in the SI, exactly those arguments;
+    /// neither waits nor keeps the process.
+    pub fn spawn(&self, run_args: &[&str]) -> Vnf {
+        let path = self.state.path().to_str().expect("utf-8 path");
+        let mut args = vec!["--state-dir", path, "run"];
+        args.extend_from_slice(run_args);
+        Vnf::start(self.si, "dockwall", &args)
     }
 
     /// Starts `dockwall run` again on the same state directory and waits until it forwards.
@@ -82,11 +103,13 @@ impl<'c> Dockwall<'c> {
 
     /// Like `run`, with more options for `run` (`--verify-every 1`).
     pub fn run_with(&mut self, run_args: &[&str]) {
-        let path = self.state.path().to_str().expect("utf-8 path").to_string();
-        let mut args = vec!["--state-dir", &path, "run"];
-        args.extend_from_slice(run_args);
-        self.process = Some(Vnf::start(&self.chain.si, "dockwall", &args));
+        self.process = Some(self.spawn(run_args));
         self.wait_ready();
+    }
+
+    /// The running `dockwall run`.
+    pub fn running(&self) -> &Vnf {
+        self.process.as_ref().expect("dockwall run started")
     }
 
     pub fn wait_ready(&mut self) {
@@ -109,7 +132,6 @@ impl<'c> Dockwall<'c> {
     /// `dockwall --state-dir … ARGS` in the SI.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = self
-            .chain
             .si
             .command(binary("dockwall").to_str().expect("utf-8 path"));
         command
@@ -139,10 +161,7 @@ impl<'c> Dockwall<'c> {
     /// The nft table as the kernel holds it (empty when absent); panics when nft fails for
     /// any other reason, so an unreadable table never passes for a missing one.
     pub fn table(&self) -> String {
-        let output = self
-            .chain
-            .si
-            .exec("nft", &["list", "table", "inet", "dockwall"]);
+        let output = self.si.exec("nft", &["list", "table", "inet", "dockwall"]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         if output.status.success() {
             String::from_utf8_lossy(&output.stdout).into_owned()

@@ -8,7 +8,6 @@ use std::time::Duration;
 use crate::chain::Chain;
 use crate::dockwall::{Dockwall, StateDir};
 use crate::netns::Netns;
-use crate::vnf::Vnf;
 
 /// Where the SI's API listens, inside the SI's namespace.
 pub const API_ADDRESS: &str = "127.0.0.1:8080";
@@ -21,26 +20,7 @@ pub fn start_with_api(chain: &Chain) -> Dockwall<'_> {
 
 /// The same with a state directory the caller prepared (a certificate for HTTPS, say).
 pub fn start_with_api_in(chain: &Chain, state: StateDir) -> Dockwall<'_> {
-    crate::prereq::require_command("nft", "nftables");
-    let path = state.path().to_str().expect("utf-8 path").to_string();
-    let process = Vnf::start(
-        &chain.si,
-        "dockwall",
-        &[
-            "--state-dir",
-            &path,
-            "run",
-            "--side-timeout",
-            "30",
-            "--api-listen",
-            API_ADDRESS,
-        ],
-    );
-    let mut dockwall = Dockwall {
-        chain,
-        state,
-        process: Some(process),
-    };
+    let mut dockwall = Dockwall::launch_in(&chain.si, state, &["--api-listen", API_ADDRESS]);
     dockwall.wait_ready();
     dockwall
 }

@@ -805,7 +805,7 @@ fn session_edit(
     session: &mut Session,
     change: impl FnOnce(&mut RuleSet) + Send,
 ) -> Applied {
-    dockwall.chain.si.run(|| {
+    dockwall.si.run(|| {
         let (assignment, store) = sides_and_store(dockwall);
         session
             .edit(&store, &assignment, false, |set| {
@@ -949,7 +949,7 @@ fn element_edits_go_over_nfnetlink_and_match_what_nft_builds() {
 
     // What nft builds from the same rules, from scratch.
     let incremental = comparable_table(&chain);
-    dockwall.chain.si.run(|| {
+    dockwall.si.run(|| {
         let (assignment, store) = sides_and_store(&dockwall);
         let rules = store.lock().and_then(|l| l.load()).expect("stored rules");
         replace(&compile(&rules, Sides::from_assignment(&assignment))).expect("replace");

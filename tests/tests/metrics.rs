@@ -94,27 +94,7 @@ fn promtool_check(metrics: &str) {
 
 /// `dockwall run --metrics-listen METRICS` in the chain's SI, not waiting for the sides.
 fn launch_dockwall(chain: &Chain) -> Dockwall<'_> {
-    require_command("nft", "nftables");
-    let state = StateDir::new();
-    let path = state.path().to_str().expect("utf-8 path").to_string();
-    let process = Vnf::start(
-        &chain.si,
-        "dockwall",
-        &[
-            "--state-dir",
-            &path,
-            "run",
-            "--side-timeout",
-            "30",
-            "--metrics-listen",
-            METRICS,
-        ],
-    );
-    Dockwall {
-        chain,
-        state,
-        process: Some(process),
-    }
+    Dockwall::launch_in(&chain.si, StateDir::new(), &["--metrics-listen", METRICS])
 }
 
 #[test]

@@ -28,7 +28,7 @@ const SESSION_ADDS: usize = 10;
 
 /// Runs `dockwall ARGS` under `/usr/bin/time`: (wall ms, peak RSS KiB).
 fn timed(dockwall: &Dockwall, args: &[&str]) -> (f64, u64) {
-    let mut command = dockwall.chain.si.command("/usr/bin/time");
+    let mut command = dockwall.si.command("/usr/bin/time");
     command.arg("-f").arg("peak-rss-kib %M");
     let inner = dockwall.command(args);
     command.arg(inner.get_program()).args(inner.get_args());
@@ -57,7 +57,7 @@ fn medians(samples: &[(f64, u64)]) -> (f64, u64) {
 /// Adds through one `Session` inside the SI, as the daemon would: (first add ms, next adds ms).
 fn session_adds(dockwall: &Dockwall) -> (f64, Vec<f64>) {
     let state = dockwall.state.path();
-    dockwall.chain.si.run(|| {
+    dockwall.si.run(|| {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -19,13 +19,8 @@ const METRICS: &str = "127.0.0.1:9100";
 
 /// `dockwall --state-dir STATE run --metrics-listen METRICS` in the SI, once it forwards and
 /// serves metrics.
-fn run_with_metrics(chain: &Chain, state: &StateDir) -> Vnf {
-    let path = state.path().to_str().expect("utf-8 path");
-    let dockwall = Vnf::start(
-        &chain.si,
-        "dockwall",
-        &["--state-dir", path, "run", "--metrics-listen", METRICS],
-    );
+fn run_with_metrics(dockwall: &Dockwall) -> Vnf {
+    let dockwall = dockwall.spawn(&["--metrics-listen", METRICS]);
     dockwall.wait_ready();
     dockwall
         .wait_for_log("serving /metrics", Duration::from_secs(10))
@@ -78,13 +73,9 @@ fn main() {
     require_command("nft", "nftables");
 
     let chain = Chain::new();
-    let mut dockwall = Dockwall {
-        chain: &chain,
-        state: StateDir::new(),
-        process: None,
-    };
+    let mut dockwall = Dockwall::idle(&chain.si, StateDir::new());
     std::fs::create_dir_all(dockwall.state.path()).expect("state dir");
-    let empty = run_with_metrics(&chain, &dockwall.state);
+    let empty = run_with_metrics(&dockwall);
     let rss_without_rules = rss_kib(empty.pid());
     dockwall.process = Some(empty);
 
@@ -93,7 +84,7 @@ fn main() {
     dockwall.ok(&["apply", file.to_str().expect("utf-8 path")]);
     dockwall.stop();
     // A restart reads the 10,000 rules from the state directory, as after a container restart.
-    let loaded = run_with_metrics(&chain, &dockwall.state);
+    let loaded = run_with_metrics(&dockwall);
     let rss_with_rules = rss_kib(loaded.pid());
 
     let (bytes, first) = checked_scrape(&chain.si, &loaded);
