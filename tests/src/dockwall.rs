@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::chain::Chain;
-use crate::netns::Netns;
+use crate::netns::{run_checked, Netns};
 use crate::vnf::{binary, Vnf};
 
 /// A state directory removed on drop.
@@ -112,6 +113,21 @@ impl<'c> Dockwall<'c> {
         self.process.as_ref().expect("dockwall run started")
     }
 
+    /// Waits until `dockwall status` succeeds; after `timeout` panics with `failure` and
+    /// what `run` logged.
+    pub fn wait_healthy(&self, timeout: Duration, failure: &str) {
+        let deadline = Instant::now() + timeout;
+        while !self.cli(&["status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "{failure} within {} s:\n{}",
+                timeout.as_secs(),
+                self.process.as_ref().map(Vnf::log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     pub fn wait_ready(&mut self) {
         self.process
             .as_ref()
@@ -158,10 +174,15 @@ impl<'c> Dockwall<'c> {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// The nft table as the kernel holds it (empty when absent); panics when nft fails for
-    /// any other reason, so an unreadable table never passes for a missing one.
+    /// The nft table `inet dockwall` as the kernel holds it (empty when absent).
     pub fn table(&self) -> String {
-        let output = self.si.exec("nft", &["list", "table", "inet", "dockwall"]);
+        self.nft_table("inet", "dockwall")
+    }
+
+    /// `nft list table FAMILY NAME` in the SI (empty when absent); panics when nft fails for
+    /// any other reason, so an unreadable table never passes for a missing one.
+    pub fn nft_table(&self, family: &str, name: &str) -> String {
+        let output = self.si.exec("nft", &["list", "table", family, name]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         if output.status.success() {
             String::from_utf8_lossy(&output.stdout).into_owned()
@@ -169,10 +190,20 @@ impl<'c> Dockwall<'c> {
             String::new()
         } else {
             panic!(
-                "nft list table inet dockwall failed ({}): {stderr}",
+                "nft list table {family} {name} failed ({}): {stderr}",
                 output.status
             );
         }
+    }
+
+    /// `nft -j list table inet dockwall`, parsed; panics when nft fails.
+    pub fn table_json(&self) -> serde_json::Value {
+        let json = run_checked(
+            self.si
+                .command("nft")
+                .args(["-j", "list", "table", "inet", "dockwall"]),
+        );
+        serde_json::from_str(&json).expect("nft JSON")
     }
 }
 

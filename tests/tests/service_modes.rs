@@ -353,15 +353,10 @@ fn a_flushed_bridge_table_fails_status_and_run_repairs_it() {
 
     // Running again: its next check re-creates the table (bounded wait).
     kill(pid, Signal::SIGCONT).expect("continue run");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !dockwall.cli(&["status"]).status.success() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "run did not repair the bridge table within 15 s:\n{}",
-            dockwall.running().log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    dockwall.wait_healthy(
+        Duration::from_secs(15),
+        "run did not repair the bridge table",
+    );
     assert_eq!(denied(), Probe::TimedOut, "the deny holds again");
     let log = dockwall.running().log();
     assert!(
