@@ -196,6 +196,21 @@ impl<'c> Dockwall<'c> {
         }
     }
 
+    /// The sides as `dockwall` finds them now in the SI, with no side options.
+    pub fn assignment(&self) -> vnf_core::side::Assignment {
+        let selectors = vnf_core::cli::SideArgs {
+            left: None,
+            right: None,
+            mgmt: None,
+        }
+        .selectors(self.state.path());
+        self.si.block_on(async {
+            vnf_core::firewall::current_assignment(&selectors)
+                .await
+                .expect("the sides")
+        })
+    }
+
     /// `nft -j list table inet dockwall`, parsed; panics when nft fails.
     pub fn table_json(&self) -> serde_json::Value {
         let json = run_checked(

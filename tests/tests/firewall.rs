@@ -766,33 +766,15 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     );
 }
 
-/// The sides as they are now, and the store, inside the SI.
-fn sides_and_store(dockwall: &Dockwall) -> (vnf_core::side::Assignment, Store) {
-    let state = dockwall.state.path();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let selectors = vnf_core::cli::SideArgs {
-        left: None,
-        right: None,
-        mgmt: None,
-    }
-    .selectors(state);
-    let assignment = runtime
-        .block_on(vnf_core::firewall::current_assignment(&selectors))
-        .expect("the sides");
-    (assignment, Store::new(state))
-}
-
 /// One edit through `session` inside the SI; where it went.
 fn session_edit(
     dockwall: &Dockwall,
     session: &mut Session,
     change: impl FnOnce(&mut RuleSet) + Send,
 ) -> Applied {
+    let assignment = dockwall.assignment();
+    let store = Store::new(dockwall.state.path());
     dockwall.si.run(|| {
-        let (assignment, store) = sides_and_store(dockwall);
         session
             .edit(&store, &assignment, false, |set| {
                 change(set);
@@ -939,8 +921,9 @@ fn element_edits_go_over_nfnetlink_and_match_what_nft_builds() {
 
     // What nft builds from the same rules, from scratch.
     let incremental = comparable_table(&dockwall);
+    let assignment = dockwall.assignment();
+    let store = Store::new(dockwall.state.path());
     dockwall.si.run(|| {
-        let (assignment, store) = sides_and_store(&dockwall);
         let rules = store.lock().and_then(|l| l.load()).expect("stored rules");
         replace(&compile(&rules, Sides::from_assignment(&assignment))).expect("replace");
     });
