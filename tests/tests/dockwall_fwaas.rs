@@ -3,12 +3,12 @@
 //! without is open, `ip_version` binds a rule without addresses), errors that name the JSON
 //! path, and export → import giving the same rules.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST};
 use docknfv_tests::dockwall::{Dockwall, StateDir};
+use docknfv_tests::netns::output_with_stdin;
 use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, udp_probe, Probe};
 use docknfv_tests::{Chain, Netns};
 
@@ -99,7 +99,7 @@ fn an_ingress_policy_allowing_only_http_drops_other_right_to_left_and_leaves_lef
         policy.to_str().unwrap(),
         "-",
     ]);
-    let output = with_stdin(
+    let output = output_with_stdin(
         &mut command,
         r#"{"firewall_rule": {"id": "http", "protocol": "tcp", "destination_port": "80",
             "action": "allow", "ip_version": 4}}"#,
@@ -222,22 +222,6 @@ fn an_ip_version_4_rule_without_addresses_does_not_match_ipv6() {
     );
 }
 
-fn with_stdin(command: &mut Command, input: &str) -> Output {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dockwall");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("dockwall output")
-}
-
 fn assert_success(output: &Output) {
     assert!(
         output.status.success(),
@@ -284,7 +268,7 @@ fn remote_groups_unknown_fields_and_bad_ports_are_refused_naming_their_json_path
         ),
     ];
     for (document, needle) in cases {
-        let output = with_stdin(
+        let output = output_with_stdin(
             &mut dockwall.command(&["import", "--fwaas", "-"]),
             &document,
         );
@@ -297,7 +281,7 @@ fn remote_groups_unknown_fields_and_bad_ports_are_refused_naming_their_json_path
         );
     }
     // The same rule with the remote groups null, as Neutron returns them, is accepted.
-    let output = with_stdin(
+    let output = output_with_stdin(
         &mut dockwall.command(&["import", "--fwaas", "-"]),
         &rule(r#", "source_firewall_group_id": null, "destination_firewall_group_id": null"#),
     );
@@ -326,7 +310,7 @@ fn export_then_import_gives_the_same_rules() {
     let exported = stdout_of(&mut dockwall.command(&["export", "--fwaas"]));
 
     let again = Dockwall::idle(&ns, StateDir::new());
-    let output = with_stdin(&mut again.command(&["import", "--fwaas", "-"]), &exported);
+    let output = output_with_stdin(&mut again.command(&["import", "--fwaas", "-"]), &exported);
     assert_success(&output);
     assert_eq!(list(&again), before);
     assert_eq!(

@@ -8,7 +8,6 @@
 //!   whole process with them present, medians;
 //! - RSS of an idle `dockwall run` holding them.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::RIGHT_HOST;
@@ -16,6 +15,7 @@ use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall};
 use docknfv_tests::measure::{
     iperf_gbps, median, min_max, new_connections_per_second, round_order, rss_kib, IPERF_SECONDS,
 };
+use docknfv_tests::netns::output_with_stdin;
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
 
@@ -111,19 +111,15 @@ fn main() {
     let _empty = Dockwall::start(&empty_chain);
     let iptables_chain = Chain::new();
     iptables_chain.route_si_statically();
-    let mut restore = iptables_chain
-        .si
-        .command("iptables-restore")
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("iptables-restore");
-    std::io::Write::write_all(
-        restore.stdin.as_mut().expect("stdin"),
-        iptables_restore_input().as_bytes(),
-    )
-    .expect("feed iptables-restore");
-    drop(restore.stdin.take());
-    assert!(restore.wait().expect("iptables-restore").success());
+    let restore = output_with_stdin(
+        &mut iptables_chain.si.command("iptables-restore"),
+        &iptables_restore_input(),
+    );
+    assert!(
+        restore.status.success(),
+        "iptables-restore: {}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
 
     let chains = [&loaded_chain, &empty_chain, &iptables_chain];
     let (mut throughput, mut setup): ([Vec<f64>; 3], [Vec<f64>; 3]) = Default::default();
