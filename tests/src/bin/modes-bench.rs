@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::measure::{
-    iperf_tcp_gbps, median, min_max, new_connections, round_order, IPERF_SECONDS,
+    iperf_tcp_gbps, median, new_connections, round_order, spread, IPERF_SECONDS,
 };
 use docknfv_tests::netns::{output_with_stdin, Netns};
 use docknfv_tests::prereq::require_command;
@@ -122,10 +122,6 @@ fn main() {
             failed[contender] += measured.failed;
         }
     }
-    let spread = |values: &[f64], digits: usize| {
-        let (min, max) = min_max(values);
-        format!("{min:.digits$}–{max:.digits$}")
-    };
     let names = [
         "Dockwall transparent (bridge)",
         "Dockwall in-network (cross routing)",

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall, StateDir};
-use docknfv_tests::measure::{median, min_max, rss_kib};
+use docknfv_tests::measure::{median, rss_kib, spread};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -93,7 +93,7 @@ fn main() {
         .map(|_| checked_scrape(&chain.si, &loaded).1.as_secs_f64() * 1000.0)
         .collect();
     let rss_after_scrapes = rss_kib(loaded.pid());
-    let (min, max) = min_max(&times);
+    let spread = spread(&times, 1);
     let median_ms = median(&mut times);
 
     println!("| measure | value |");
@@ -103,9 +103,7 @@ fn main() {
         first.as_secs_f64() * 1000.0,
         bytes as f64 / 1024.0
     );
-    println!(
-        "| following scrapes, median of {SCRAPES} | {median_ms:.1} ms (spread {min:.1}–{max:.1}) |"
-    );
+    println!("| following scrapes, median of {SCRAPES} | {median_ms:.1} ms (spread {spread}) |");
     println!("| RSS of `dockwall run --metrics-listen`, no rules | {rss_without_rules} KiB |");
     println!(
         "| same after a restart that loads the {RULES} rules | {rss_with_rules} KiB (+{} KiB) |",
