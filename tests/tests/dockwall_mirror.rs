@@ -181,13 +181,14 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         "--via",
         "mgmt",
     ]);
-    dockwall.stop();
     assert!(
-        !chain
-            .si
-            .exec("nft", &["list", "table", "ip", MIRROR_TABLE])
-            .status
-            .success(),
+        !dockwall.nft_table("ip", MIRROR_TABLE).is_empty(),
+        "the mirror table is there while run runs"
+    );
+    dockwall.stop();
+    assert_eq!(
+        dockwall.nft_table("ip", MIRROR_TABLE),
+        "",
         "run removes the mirror table when it stops"
     );
     dockwall.run();

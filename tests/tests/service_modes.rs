@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::{Dockwall, StateDir};
 use docknfv_tests::dockwall_api;
+use docknfv_tests::netns::run_checked;
 use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
 use docknfv_tests::wire::{Wire, SI_LEFT_LEG, SI_MGMT, SI_RIGHT_LEG, WIRE_LEFT, WIRE_RIGHT};
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -196,8 +197,7 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
     assert!(report.contains("left: eth0, bridged, no IPv4"), "{report}");
     // The API's status (what the web page shows) judges the bridge too, not routing.
-    let token = dockwall.cli(&["api", "token"]);
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let token = dockwall_api::token(&dockwall);
     let api =
         dockwall_api::call(&wire.si, Some(&token), "GET", "/v2.0/dockwall/status", None).json();
     assert_eq!(
@@ -301,12 +301,8 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
     let links = wire.si.ip(&["-o", "link", "show"]);
     assert!(!links.contains("dockwall0"), "bridge removed: {links}");
-    let tables = wire.si.exec("nft", &["list", "tables"]);
-    assert_eq!(
-        String::from_utf8_lossy(&tables.stdout).trim(),
-        "",
-        "both tables removed"
-    );
+    let tables = run_checked(wire.si.command("nft").args(["list", "tables"]));
+    assert_eq!(tables.trim(), "", "both tables removed");
 }
 
 #[test]
@@ -431,11 +427,10 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
         !links.contains("dockwall0"),
         "stale bridge removed: {links}"
     );
-    let tables = wire.si.exec("nft", &["list", "tables"]);
+    let tables = run_checked(wire.si.command("nft").args(["list", "tables"]));
     assert!(
-        !String::from_utf8_lossy(&tables.stdout).contains("bridge"),
-        "stale bridge table removed: {}",
-        String::from_utf8_lossy(&tables.stdout)
+        !tables.contains("bridge"),
+        "stale bridge table removed: {tables}"
     );
     assert!(
         !dockwall.state.path().join("transparent-legs.json").exists(),
