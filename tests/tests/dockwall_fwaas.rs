@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST};
 use docknfv_tests::dockwall::{Dockwall, StateDir};
 use docknfv_tests::netns::output_with_stdin;
-use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, udp_probe, Probe};
+use docknfv_tests::traffic::{ping, ping_eventually, tcp, udp_probe, Probe};
 use docknfv_tests::{Chain, Netns};
 
 /// The three response bodies written from the API reference: `GET firewall_groups/{id}`,
@@ -30,10 +30,6 @@ fn import_args(files: &[PathBuf]) -> Vec<&str> {
     let mut args = vec!["import", "--fwaas"];
     args.extend(files.iter().map(|f| f.to_str().expect("utf-8 path")));
     args
-}
-
-fn tcp(from: &Netns, to: &Netns, address: &str, port: u16) -> Probe {
-    tcp_probe(from, to, address, address, port, port).0
 }
 
 #[test]

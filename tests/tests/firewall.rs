@@ -5,7 +5,9 @@ use std::time::Duration;
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::Dockwall;
 use docknfv_tests::netns::run_checked;
-use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, udp_probe, Probe};
+use docknfv_tests::traffic::{
+    ping, ping_eventually, ping_output, tcp, tcp_probe, udp_probe, Probe,
+};
 use docknfv_tests::Chain;
 use vnf_core::firewall::compile::{compile, Sides};
 use vnf_core::firewall::nft::{replace, ApplyKind};
@@ -13,27 +15,11 @@ use vnf_core::firewall::store::Store;
 use vnf_core::firewall::{Applied, RuleSet, Session};
 
 fn tcp_left_to_right(chain: &Chain, port: u16) -> Probe {
-    tcp_probe(
-        &chain.left_host,
-        &chain.right_host,
-        RIGHT_HOST,
-        RIGHT_HOST,
-        port,
-        port,
-    )
-    .0
+    tcp(&chain.left_host, &chain.right_host, RIGHT_HOST, port)
 }
 
 fn tcp_right_to_left(chain: &Chain, port: u16) -> Probe {
-    tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        LEFT_HOST,
-        port,
-        port,
-    )
-    .0
+    tcp(&chain.right_host, &chain.left_host, LEFT_HOST, port)
 }
 
 #[test]

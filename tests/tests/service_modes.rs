@@ -10,7 +10,7 @@ use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::{Dockwall, StateDir};
 use docknfv_tests::dockwall_api;
 use docknfv_tests::netns::run_checked;
-use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
+use docknfv_tests::traffic::{ping, ping_eventually, tcp, tcp_probe, Probe};
 use docknfv_tests::wire::{Wire, SI_LEFT_LEG, SI_MGMT, SI_RIGHT_LEG, WIRE_LEFT, WIRE_RIGHT};
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -207,16 +207,13 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
 
     // The rule grammar unchanged: a deny rule blocks one TCP port across the bridge.
     dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--dport", "7201"]);
-    let across = |from: &Netns, to: &Netns, address: &str, port: u16| {
-        tcp_probe(from, to, address, address, port, port).0
-    };
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7201),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7201),
         Probe::TimedOut,
         "the denied port is blocked"
     );
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7202),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7202),
         Probe::Passed,
         "other ports pass"
     );
@@ -235,17 +232,17 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
         "80",
     ]);
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 80),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 80),
         Probe::Passed,
         "the allowed connection and its return traffic pass"
     );
     assert_eq!(
-        across(&wire.right_host, &wire.left_host, WIRE_LEFT, 80),
+        tcp(&wire.right_host, &wire.left_host, WIRE_LEFT, 80),
         Probe::TimedOut,
         "right-to-left is not allowed"
     );
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 81),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 81),
         Probe::TimedOut,
         "default deny drops other ports"
     );
@@ -310,17 +307,7 @@ fn a_flushed_bridge_table_fails_status_and_run_repairs_it() {
     let wire = Wire::new();
     let mut dockwall = start(&wire.si, "transparent", &["--verify-every", "1"]);
     dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--dport", "7301"]);
-    let denied = || {
-        tcp_probe(
-            &wire.left_host,
-            &wire.right_host,
-            WIRE_RIGHT,
-            WIRE_RIGHT,
-            7301,
-            7301,
-        )
-        .0
-    };
+    let denied = || tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7301);
     assert_eq!(
         denied(),
         Probe::TimedOut,
