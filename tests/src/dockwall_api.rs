@@ -109,9 +109,19 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Reply {
+    parse(&request_raw(ns, method, path, headers, body), method, path)
+}
+
+/// The same, returning the bytes the server sent, whatever they are.
+pub fn request_raw(
+    ns: &Netns,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
     let bytes = request_bytes(method, path, headers, body);
-    let raw = ns.run(|| exchange(&mut connect(), &bytes));
-    parse(&raw, method, path)
+    ns.run(|| exchange(&mut connect(), &bytes))
 }
 
 /// The same over HTTPS, trusting only `certificate_pem` (issued for 127.0.0.1).
@@ -170,6 +180,11 @@ fn parse(raw: &[u8], method: &str, path: &str) -> Reply {
     }
 }
 
+/// The `Authorization` header's value for `token`.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
 /// A request with the bearer token (None: without one) and an optional JSON body.
 pub fn call(
     ns: &Netns,
@@ -178,7 +193,7 @@ pub fn call(
     path: &str,
     body: Option<&str>,
 ) -> Reply {
-    let bearer = token.map(|t| format!("Bearer {t}"));
+    let bearer = token.map(bearer);
     let headers: Vec<(&str, &str)> = bearer
         .as_deref()
         .map(|b| vec![("Authorization", b)])
