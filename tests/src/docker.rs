@@ -30,6 +30,8 @@ pub const DOCKWALL_IMAGE: &str = "docknfv/dockwall:latest";
 pub const DOCKVPN_IMAGE: &str = "docknfv/dockvpn:latest";
 pub const DNSMASQ_IMAGE: &str = "docknfv/dnsmasq:latest";
 pub const HOST_IMAGE: &str = "docknfv/host:latest";
+/// Prometheus, as the compose chain runs it.
+pub const PROMETHEUS_IMAGE: &str = "docknfv/prometheus:latest";
 
 /// What to start: `docker run` with these settings on one network.
 #[derive(Debug, Clone, Default)]
@@ -111,7 +113,13 @@ impl DockerClient {
     pub fn connect() -> DockerClient {
         let client = DockerClient::connect_daemon().unwrap_or_else(|error| panic!("{error}"));
         client.block_on(async {
-            for image in [DOCKWALL_IMAGE, DOCKVPN_IMAGE, DNSMASQ_IMAGE, HOST_IMAGE] {
+            for image in [
+                DOCKWALL_IMAGE,
+                DOCKVPN_IMAGE,
+                DNSMASQ_IMAGE,
+                HOST_IMAGE,
+                PROMETHEUS_IMAGE,
+            ] {
                 if client.docker.inspect_image(image).await.is_err() {
                     panic!("image {image} is missing: run `cargo xtask images` (cargo xtask test does)");
                 }

@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::chain::Chain;
+use crate::netns::{run_checked, Netns};
 use crate::vnf::{binary, Vnf};
 
 /// A state directory removed on drop.
@@ -44,10 +46,13 @@ impl Drop for StateDir {
     }
 }
 
+/// Dockwall in one namespace on its own state directory: the CLI as an operator runs it,
+/// and `dockwall run` when started.
 pub struct Dockwall<'c> {
-    pub chain: &'c Chain,
-    pub state: StateDir,
+    pub si: &'c Netns,
+    /// Before `state`, so the process ends before its state directory goes.
     pub process: Option<Vnf>,
+    pub state: StateDir,
 }
 
 impl<'c> Dockwall<'c> {
@@ -60,19 +65,36 @@ impl<'c> Dockwall<'c> {
 
     /// Starts `dockwall run` without waiting for both sides.
     pub fn launch(chain: &'c Chain) -> Dockwall<'c> {
+        Dockwall::launch_in(&chain.si, StateDir::new(), &[])
+    }
+
+    /// Starts `dockwall --state-dir STATE run --side-timeout 30 RUN_ARGS` in `si` without
+    /// waiting for both sides.
+    pub fn launch_in(si: &'c Netns, state: StateDir, run_args: &[&str]) -> Dockwall<'c> {
         crate::prereq::require_command("nft", "nftables");
-        let state = StateDir::new();
-        let path = state.path().to_str().expect("utf-8 path").to_string();
-        let process = Vnf::start(
-            &chain.si,
-            "dockwall",
-            &["--state-dir", &path, "run", "--side-timeout", "30"],
-        );
+        let mut dockwall = Dockwall::idle(si, state);
+        let mut args = vec!["--side-timeout", "30"];
+        args.extend_from_slice(run_args);
+        dockwall.process = Some(dockwall.spawn(&args));
+        dockwall
+    }
+
+    /// Dockwall in `si` on `state` with no `run`: only the CLI.
+    pub fn idle(si: &'c Netns, state: StateDir) -> Dockwall<'c> {
         Dockwall {
-            chain,
+            si,
+            process: None,
             state,
-            process: Some(process),
         }
+    }
+
+    /// Starts `dockwall --state-dir STATE run RUN_ARGS` in the SI, exactly those arguments;
+    /// neither waits nor keeps the process.
+    pub fn spawn(&self, run_args: &[&str]) -> Vnf {
+        let path = self.state.path().to_str().expect("utf-8 path");
+        let mut args = vec!["--state-dir", path, "run"];
+        args.extend_from_slice(run_args);
+        Vnf::start(self.si, "dockwall", &args)
     }
 
     /// Starts `dockwall run` again on the same state directory and waits until it forwards.
@@ -82,11 +104,28 @@ impl<'c> Dockwall<'c> {
 
     /// Like `run`, with more options for `run` (`--verify-every 1`).
     pub fn run_with(&mut self, run_args: &[&str]) {
-        let path = self.state.path().to_str().expect("utf-8 path").to_string();
-        let mut args = vec!["--state-dir", &path, "run"];
-        args.extend_from_slice(run_args);
-        self.process = Some(Vnf::start(&self.chain.si, "dockwall", &args));
+        self.process = Some(self.spawn(run_args));
         self.wait_ready();
+    }
+
+    /// The running `dockwall run`.
+    pub fn running(&self) -> &Vnf {
+        self.process.as_ref().expect("dockwall run started")
+    }
+
+    /// Waits until `dockwall status` succeeds; after `timeout` panics with `failure` and
+    /// what `run` logged.
+    pub fn wait_healthy(&self, timeout: Duration, failure: &str) {
+        let deadline = Instant::now() + timeout;
+        while !self.cli(&["status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "{failure} within {} s:\n{}",
+                timeout.as_secs(),
+                self.process.as_ref().map(Vnf::log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     pub fn wait_ready(&mut self) {
@@ -109,7 +148,6 @@ impl<'c> Dockwall<'c> {
     /// `dockwall --state-dir … ARGS` in the SI.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = self
-            .chain
             .si
             .command(binary("dockwall").to_str().expect("utf-8 path"));
         command
@@ -136,13 +174,15 @@ impl<'c> Dockwall<'c> {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// The nft table as the kernel holds it (empty when absent); panics when nft fails for
-    /// any other reason, so an unreadable table never passes for a missing one.
+    /// The nft table `inet dockwall` as the kernel holds it (empty when absent).
     pub fn table(&self) -> String {
-        let output = self
-            .chain
-            .si
-            .exec("nft", &["list", "table", "inet", "dockwall"]);
+        self.nft_table("inet", "dockwall")
+    }
+
+    /// `nft list table FAMILY NAME` in the SI (empty when absent); panics when nft fails for
+    /// any other reason, so an unreadable table never passes for a missing one.
+    pub fn nft_table(&self, family: &str, name: &str) -> String {
+        let output = self.si.exec("nft", &["list", "table", family, name]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         if output.status.success() {
             String::from_utf8_lossy(&output.stdout).into_owned()
@@ -150,10 +190,35 @@ impl<'c> Dockwall<'c> {
             String::new()
         } else {
             panic!(
-                "nft list table inet dockwall failed ({}): {stderr}",
+                "nft list table {family} {name} failed ({}): {stderr}",
                 output.status
             );
         }
+    }
+
+    /// The sides as `dockwall` finds them now in the SI, with no side options.
+    pub fn assignment(&self) -> vnf_core::side::Assignment {
+        let selectors = vnf_core::cli::SideArgs {
+            left: None,
+            right: None,
+            mgmt: None,
+        }
+        .selectors(self.state.path());
+        self.si.block_on(async {
+            vnf_core::firewall::current_assignment(&selectors)
+                .await
+                .expect("the sides")
+        })
+    }
+
+    /// `nft -j list table inet dockwall`, parsed; panics when nft fails.
+    pub fn table_json(&self) -> serde_json::Value {
+        let json = run_checked(
+            self.si
+                .command("nft")
+                .args(["-j", "list", "table", "inet", "dockwall"]),
+        );
+        serde_json::from_str(&json).expect("nft JSON")
     }
 }
 

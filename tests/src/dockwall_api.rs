@@ -8,7 +8,6 @@ use std::time::Duration;
 use crate::chain::Chain;
 use crate::dockwall::{Dockwall, StateDir};
 use crate::netns::Netns;
-use crate::vnf::Vnf;
 
 /// Where the SI's API listens, inside the SI's namespace.
 pub const API_ADDRESS: &str = "127.0.0.1:8080";
@@ -21,26 +20,7 @@ pub fn start_with_api(chain: &Chain) -> Dockwall<'_> {
 
 /// The same with a state directory the caller prepared (a certificate for HTTPS, say).
 pub fn start_with_api_in(chain: &Chain, state: StateDir) -> Dockwall<'_> {
-    crate::prereq::require_command("nft", "nftables");
-    let path = state.path().to_str().expect("utf-8 path").to_string();
-    let process = Vnf::start(
-        &chain.si,
-        "dockwall",
-        &[
-            "--state-dir",
-            &path,
-            "run",
-            "--side-timeout",
-            "30",
-            "--api-listen",
-            API_ADDRESS,
-        ],
-    );
-    let mut dockwall = Dockwall {
-        chain,
-        state,
-        process: Some(process),
-    };
+    let mut dockwall = Dockwall::launch_in(&chain.si, state, &["--api-listen", API_ADDRESS]);
     dockwall.wait_ready();
     dockwall
 }
@@ -129,9 +109,19 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Reply {
+    parse(&request_raw(ns, method, path, headers, body), method, path)
+}
+
+/// The same, returning the bytes the server sent, whatever they are.
+pub fn request_raw(
+    ns: &Netns,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
     let bytes = request_bytes(method, path, headers, body);
-    let raw = ns.run(|| exchange(&mut connect(), &bytes));
-    parse(&raw, method, path)
+    ns.run(|| exchange(&mut connect(), &bytes))
 }
 
 /// The same over HTTPS, trusting only `certificate_pem` (issued for 127.0.0.1).
@@ -190,6 +180,11 @@ fn parse(raw: &[u8], method: &str, path: &str) -> Reply {
     }
 }
 
+/// The `Authorization` header's value for `token`.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
 /// A request with the bearer token (None: without one) and an optional JSON body.
 pub fn call(
     ns: &Netns,
@@ -198,7 +193,7 @@ pub fn call(
     path: &str,
     body: Option<&str>,
 ) -> Reply {
-    let bearer = token.map(|t| format!("Bearer {t}"));
+    let bearer = token.map(bearer);
     let headers: Vec<(&str, &str)> = bearer
         .as_deref()
         .map(|b| vec![("Authorization", b)])

@@ -270,9 +270,11 @@ fn read_container(docker: &DockerClient, id: &str) -> Result<ContainerNode, Stri
         .network_settings
         .and_then(|settings| settings.networks)
         .unwrap_or_default();
-    let sides_by_mac = binary
+    // Outer `None`: a host; inner `None`: an SI whose status could not be read.
+    let status = binary.as_ref().map(|binary| si_status(docker, id, binary));
+    let sides_by_mac = status
         .as_ref()
-        .map(|binary| sides_by_mac(docker, id, binary));
+        .map(|status| status.as_ref().map(sides_from_status));
     let mut legs: Vec<Leg> = endpoints
         .into_iter()
         .map(|(network, endpoint)| {
@@ -299,10 +301,9 @@ fn read_container(docker: &DockerClient, id: &str) -> Result<ContainerNode, Stri
         })
         .collect();
     legs.sort_by(|a, b| a.network.cmp(&b.network));
-    let mirrors = if binary.as_deref() == Some("dockwall") {
-        mirrors(docker, id)
-    } else {
-        Vec::new()
+    let mirrors = match (binary.as_deref(), &status) {
+        (Some("dockwall"), Some(Some(status))) => mirrors_from_status(status),
+        _ => Vec::new(),
     };
     Ok(ContainerNode {
         name,
@@ -314,24 +315,19 @@ fn read_container(docker: &DockerClient, id: &str) -> Result<ContainerNode, Stri
     })
 }
 
-/// The SI's sides by the MAC of the interface it took for each, from its `status --json`
-/// (which prints the JSON also while it is not converged, exiting 1); `None` when the
-/// status cannot be read.
-fn sides_by_mac(
-    docker: &DockerClient,
-    id: &str,
-    binary: &str,
-) -> Option<BTreeMap<String, Vec<String>>> {
+/// The SI's `status --json` (which it prints also while it is not converged, exiting 1);
+/// `None` when it cannot be read.
+fn si_status(docker: &DockerClient, id: &str, binary: &str) -> Option<serde_json::Value> {
     let (_, output) = docker.exec_stdout(id, &[binary, "status", "--json"]).ok()?;
-    let status: serde_json::Value = serde_json::from_str(&output).ok()?;
-    Some(sides_from_status(&status))
+    serde_json::from_str(&output).ok()
 }
 
-/// `{mac: [side, …]}` from a status document: its `sides` array (wherever it sits) holds
-/// `{"side": "left", "interface": {"mac": "…"}}` entries.
+/// `{mac: [side, …]}` from a status document: `routing.sides` holds
+/// `{"side": "left", "interface": {"mac": "…"}}` entries (`interface` null for a side not
+/// found).
 pub fn sides_from_status(status: &serde_json::Value) -> BTreeMap<String, Vec<String>> {
     let mut by_mac: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for entry in find_array(status, "sides").into_iter().flatten() {
+    for entry in status["routing"]["sides"].as_array().into_iter().flatten() {
         if let (Some(side), Some(mac)) =
             (entry["side"].as_str(), entry["interface"]["mac"].as_str())
         {
@@ -344,41 +340,13 @@ pub fn sides_from_status(status: &serde_json::Value) -> BTreeMap<String, Vec<Str
     by_mac
 }
 
-/// The first array under `key`, searching the document depth first.
-fn find_array<'a>(value: &'a serde_json::Value, key: &str) -> Option<&'a Vec<serde_json::Value>> {
-    match value {
-        serde_json::Value::Object(map) => map
-            .get(key)
-            .and_then(serde_json::Value::as_array)
-            .or_else(|| map.values().find_map(|child| find_array(child, key))),
-        serde_json::Value::Array(list) => list.iter().find_map(|child| find_array(child, key)),
-        _ => None,
-    }
-}
-
-/// Dockwall's mirrors from `dockwall mirror list --json`; none when that command does not
-/// exist in the SI's version (or fails): the picture then simply has no mirrors.
-fn mirrors(docker: &DockerClient, id: &str) -> Vec<Mirror> {
-    let Ok((0, output)) = docker.exec_stdout(id, &["dockwall", "mirror", "list", "--json"]) else {
-        return Vec::new();
-    };
-    serde_json::from_str::<serde_json::Value>(&output)
-        .map(|listing| mirrors_from_listing(&listing))
-        .unwrap_or_default()
-}
-
-/// The mirrors in a `mirror list --json` document: a list (or a `mirrors` list) of entries
-/// with the collector in `to`.
-pub fn mirrors_from_listing(listing: &serde_json::Value) -> Vec<Mirror> {
-    let entries = match listing {
-        serde_json::Value::Array(list) => Some(list),
-        other => find_array(other, "mirrors"),
-    };
-    entries
+/// Dockwall's mirrors from its status document's `firewall.mirrors`.
+pub fn mirrors_from_status(status: &serde_json::Value) -> Vec<Mirror> {
+    status["firewall"]["mirrors"]
+        .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|entry| {
-            let to = entry["to"].as_str()?.to_owned();
+        .map(|entry| {
             let what = ["side", "match", "via"]
                 .iter()
                 .filter_map(|key| match &entry[*key] {
@@ -392,7 +360,10 @@ pub fn mirrors_from_listing(listing: &serde_json::Value) -> Vec<Mirror> {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            Some(Mirror { to, what })
+            Mirror {
+                to: entry["to"].as_str().unwrap_or_default().to_owned(),
+                what,
+            }
         })
         .collect()
 }
@@ -515,7 +486,7 @@ mod tests {
     #[test]
     fn sides_come_from_the_status_interfaces_by_mac() {
         let status = serde_json::json!({
-            "network": {"sides": [
+            "routing": {"sides": [
                 {"side": "left", "interface": {"mac": "02:42:0A:0B:01:02"}},
                 {"side": "right", "interface": {"mac": "02:42:0a:0b:02:02"}},
                 {"side": "mgmt", "interface": null}
@@ -528,30 +499,19 @@ mod tests {
     }
 
     #[test]
-    fn mirror_listings_without_a_collector_are_skipped() {
-        let listing = serde_json::json!({"mirrors": [
-            {"id": 1, "side": "both", "to": "10.0.3.9"},
-            {"id": 2, "side": "left"}
-        ]});
-        let mirrors = mirrors_from_listing(&listing);
-        assert_eq!(mirrors.len(), 1);
-        assert_eq!(mirrors[0].to, "10.0.3.9");
-        assert_eq!(mirrors[0].what, "side both");
-    }
-
-    #[test]
     fn a_mirrors_match_reads_as_the_mirror_add_words() {
-        let listing = serde_json::json!([
+        let status = serde_json::json!({"firewall": {"mirrors": [
             {"id": 1, "side": "left", "to": "10.0.3.9", "via": "right",
              "match": {"protocol": "udp", "destination": "192.168.20.0/24",
                        "destination_port": "5000:5010"}},
-            {"id": 2, "side": "both", "to": "10.0.3.9", "match": {"protocol": "any"}}
-        ]);
-        let mirrors = mirrors_from_listing(&listing);
+            {"id": 2, "side": "both", "to": "10.0.3.9", "via": "mgmt", "match": {"protocol": "any"}}
+        ]}});
+        let mirrors = mirrors_from_status(&status);
         assert_eq!(
             mirrors[0].what,
             "side left, match proto udp to 192.168.20.0/24 dport 5000:5010, via right"
         );
-        assert_eq!(mirrors[1].what, "side both");
+        assert_eq!(mirrors[1].what, "side both, via mgmt");
+        assert_eq!(mirrors[1].to, "10.0.3.9");
     }
 }

@@ -27,6 +27,12 @@ pub fn min_max(values: &[f64]) -> (f64, f64) {
         })
 }
 
+/// "min–max" of the samples, each with `digits` decimals.
+pub fn spread(values: &[f64], digits: usize) -> String {
+    let (min, max) = min_max(values);
+    format!("{min:.digits$}–{max:.digits$}")
+}
+
 /// The order in which `count` interleaved contenders run in `round`: rotated every round,
 /// so each runs first (and after each other one) equally often and none always meets the
 /// machine in the state the same neighbour left it in.
@@ -120,12 +126,6 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-/// New TCP connections per second from `client` to `address:port` served in `server`: 1000
-/// connections or 20 s, whichever ends first.
-pub fn new_connections_per_second(client: &Netns, server: &Netns, address: &str, port: u16) -> f64 {
-    new_connections(client, server, address, port).per_second
-}
-
 /// What [`new_connections`] measured: the rate, and how many attempts failed on the way.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionRate {
@@ -133,7 +133,8 @@ pub struct ConnectionRate {
     pub failed: usize,
 }
 
-/// [`new_connections_per_second`], counting the attempts that failed.
+/// New TCP connections per second from `client` to `address:port` served in `server`: 1000
+/// connections or 20 s, whichever ends first; and how many attempts failed.
 pub fn new_connections(client: &Netns, server: &Netns, address: &str, port: u16) -> ConnectionRate {
     const CONNECTIONS: usize = 1000;
     let address: std::net::SocketAddr = format!("{address}:{port}").parse().expect("address");

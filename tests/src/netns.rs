@@ -1,7 +1,8 @@
 //! One network namespace, deleted on drop.
 
 use std::fs::File;
-use std::process::{Child, Command, Output};
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -168,6 +169,26 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Runs `command` with `input` on its stdin, capturing stdout and stderr, whatever the exit
+/// status.
+pub fn output_with_stdin(command: &mut Command, input: &str) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .unwrap_or_else(|e| panic!("write the stdin of {command:?}: {e}"));
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {command:?}: {e}"))
 }
 
 pub fn run_checked(command: &mut Command) -> String {

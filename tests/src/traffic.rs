@@ -92,6 +92,12 @@ pub enum Probe {
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// A TCP connection from `from` to `address:port`, served on that same address and port in
+/// `to`: how it went.
+pub fn tcp(from: &Netns, to: &Netns, address: &str, port: u16) -> Probe {
+    tcp_probe(from, to, address, address, port, port).0
+}
+
 /// A TCP connection from `client` to `address:port`, served in `server`; also returns the
 /// peer address the server saw (to observe NAT).
 pub fn tcp_probe(

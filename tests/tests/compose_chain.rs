@@ -249,7 +249,9 @@ fn prometheus_query(
         })
         .collect();
     let url = format!("http://127.0.0.1:9090/api/v1/query?query={encoded}");
-    let (code, answer) = docker.exec(prometheus, &["wget", "-q", "-O", "-", &url]);
+    let (code, answer) = docker
+        .exec_stdout(prometheus, &["wget", "-q", "-O", "-", &url])
+        .unwrap_or_else(|e| panic!("{e}"));
     if code != 0 {
         return Vec::new();
     }

@@ -109,9 +109,13 @@ fn dockwall_in_network_nat_from_the_environment_masquerades_left_traffic_and_dro
     let si = chain.run(spec);
     chain.connect(&si, &chain.right, &format!("{right_net}.2"));
     chain.wait_healthy(&si, HEALTHY_WITHIN);
-    let status = chain.exec_ok(&si, &["dockwall", "status", "--json"]);
-    assert!(
-        status.contains("in-network-nat"),
+    let (code, status) = chain
+        .exec_stdout(&si, &["dockwall", "status", "--json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code, 0, "dockwall status --json in {si}: {status}");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert_eq!(
+        status["mode"], "in-network-nat",
         "the mode comes from DOCKWALL_MODE: {status}"
     );
 

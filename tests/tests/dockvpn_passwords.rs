@@ -2,12 +2,11 @@
 //! from a file: the right password connects, a wrong one gets AUTH_FAILED and is counted;
 //! `client passwd` takes the password on stdin and refuses one on the command line.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use docknfv_tests::chain::LEFT_HOST;
+use docknfv_tests::netns::output_with_stdin;
 use docknfv_tests::openvpn::{
     issue_profile, text, vpn_chain, wait_for_status, OpenvpnClient, CONNECTED,
 };
@@ -16,17 +15,12 @@ use docknfv_tests::{Netns, Vnf};
 
 /// `dockvpn client passwd NAME` with `password` on its stdin.
 fn set_password(si: &Netns, dockvpn: &Vnf, name: &str, password: &str) {
-    let mut child = si
-        .command(docknfv_tests::vnf::binary("dockvpn").to_str().unwrap())
-        .args(["client", "passwd", name])
-        .env("DOCKVPN_STATE_DIR", dockvpn.state_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dockvpn client passwd");
-    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write the password");
-    let output = child.wait_with_output().expect("dockvpn client passwd");
+    let output = output_with_stdin(
+        si.command(docknfv_tests::vnf::binary("dockvpn").to_str().unwrap())
+            .args(["client", "passwd", name])
+            .env("DOCKVPN_STATE_DIR", dockvpn.state_dir()),
+        &format!("{password}\n"),
+    );
     assert!(output.status.success(), "{}", text(&output));
 }
 

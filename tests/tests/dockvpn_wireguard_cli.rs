@@ -4,13 +4,13 @@
 //! the pushed routes changed is marked stale until it is issued again.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use base64::Engine;
 use docknfv_tests::chain::{LEFT_HOST_NET, SI_RIGHT};
 use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::netns::output_with_stdin;
 use docknfv_tests::openvpn::{dockvpn_cli, dockvpn_output, start_on_state, text};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Netns};
@@ -52,14 +52,10 @@ fn assert_key(key: &str, what: &str) {
 /// `wg pubkey` of a private key.
 fn wg_pubkey(private_key: &str) -> String {
     require_command("wg", "wireguard-tools");
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run wg pubkey");
-    writeln!(child.stdin.take().expect("stdin"), "{private_key}").expect("write the key");
-    let output = child.wait_with_output().expect("wg pubkey");
+    let output = output_with_stdin(
+        Command::new("wg").arg("pubkey"),
+        &format!("{private_key}\n"),
+    );
     assert!(output.status.success(), "wg pubkey: {}", text(&output));
     String::from_utf8(output.stdout)
         .expect("utf-8")

@@ -3,14 +3,13 @@
 //! without is open, `ip_version` binds a rule without addresses), errors that name the JSON
 //! path, and export → import giving the same rules.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST};
 use docknfv_tests::dockwall::{Dockwall, StateDir};
-use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, udp_probe, Probe};
-use docknfv_tests::vnf::binary;
+use docknfv_tests::netns::output_with_stdin;
+use docknfv_tests::traffic::{ping, ping_eventually, tcp, udp_probe, Probe};
 use docknfv_tests::{Chain, Netns};
 
 /// The three response bodies written from the API reference: `GET firewall_groups/{id}`,
@@ -31,10 +30,6 @@ fn import_args(files: &[PathBuf]) -> Vec<&str> {
     let mut args = vec!["import", "--fwaas"];
     args.extend(files.iter().map(|f| f.to_str().expect("utf-8 path")));
     args
-}
-
-fn tcp(from: &Netns, to: &Netns, address: &str, port: u16) -> Probe {
-    tcp_probe(from, to, address, address, port, port).0
 }
 
 #[test]
@@ -100,7 +95,7 @@ fn an_ingress_policy_allowing_only_http_drops_other_right_to_left_and_leaves_lef
         policy.to_str().unwrap(),
         "-",
     ]);
-    let output = with_stdin(
+    let output = output_with_stdin(
         &mut command,
         r#"{"firewall_rule": {"id": "http", "protocol": "tcp", "destination_port": "80",
             "action": "allow", "ip_version": 4}}"#,
@@ -223,32 +218,6 @@ fn an_ip_version_4_rule_without_addresses_does_not_match_ipv6() {
     );
 }
 
-fn cli(state: &StateDir, args: &[&str]) -> Command {
-    let mut command = Command::new(binary("dockwall"));
-    command
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(args)
-        .env_remove("RUST_LOG");
-    command
-}
-
-fn with_stdin(command: &mut Command, input: &str) -> Output {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dockwall");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("dockwall output")
-}
-
 fn assert_success(output: &Output) {
     assert!(
         output.status.success(),
@@ -266,7 +235,8 @@ fn stdout_of(command: &mut Command) -> String {
 
 #[test]
 fn remote_groups_unknown_fields_and_bad_ports_are_refused_naming_their_json_path() {
-    let state = StateDir::new();
+    let ns = Netns::new("fwaas");
+    let dockwall = Dockwall::idle(&ns, StateDir::new());
     let rule = |extra: &str| {
         format!(
             r#"{{"firewall_policy": {{"id": "p", "firewall_rules": ["r1", "r2"]}}}}
@@ -294,18 +264,21 @@ fn remote_groups_unknown_fields_and_bad_ports_are_refused_naming_their_json_path
         ),
     ];
     for (document, needle) in cases {
-        let output = with_stdin(&mut cli(&state, &["import", "--fwaas", "-"]), &document);
+        let output = output_with_stdin(
+            &mut dockwall.command(&["import", "--fwaas", "-"]),
+            &document,
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{document} was accepted");
         assert!(stderr.contains(needle), "{stderr}\nwants {needle}");
         assert!(
-            !state.rules_file().exists(),
+            !dockwall.state.rules_file().exists(),
             "a refused import stores nothing"
         );
     }
     // The same rule with the remote groups null, as Neutron returns them, is accepted.
-    let output = with_stdin(
-        &mut cli(&state, &["import", "--fwaas", "-"]),
+    let output = output_with_stdin(
+        &mut dockwall.command(&["import", "--fwaas", "-"]),
         &rule(r#", "source_firewall_group_id": null, "destination_firewall_group_id": null"#),
     );
     assert_success(&output);
@@ -313,11 +286,14 @@ fn remote_groups_unknown_fields_and_bad_ports_are_refused_naming_their_json_path
 
 #[test]
 fn export_then_import_gives_the_same_rules() {
-    let state = StateDir::new();
-    stdout_of(&mut cli(&state, &import_args(&fixtures())));
-    let list = |state: &StateDir| {
-        let mut listed: serde_json::Value =
-            serde_json::from_str(&stdout_of(&mut cli(state, &["rule", "list", "--json"]))).unwrap();
+    let ns = Netns::new("fwaas");
+    let dockwall = Dockwall::idle(&ns, StateDir::new());
+    stdout_of(&mut dockwall.command(&import_args(&fixtures())));
+    let list = |dockwall: &Dockwall| {
+        let mut listed: serde_json::Value = serde_json::from_str(&stdout_of(
+            &mut dockwall.command(&["rule", "list", "--json"]),
+        ))
+        .unwrap();
         for rule in listed["rules"].as_array_mut().unwrap() {
             for volatile in ["position", "id", "packets", "bytes"] {
                 rule.as_object_mut().unwrap().remove(volatile);
@@ -325,16 +301,16 @@ fn export_then_import_gives_the_same_rules() {
         }
         listed
     };
-    let before = list(&state);
+    let before = list(&dockwall);
     assert_eq!(before["rules"].as_array().unwrap().len(), 5);
-    let exported = stdout_of(&mut cli(&state, &["export", "--fwaas"]));
+    let exported = stdout_of(&mut dockwall.command(&["export", "--fwaas"]));
 
-    let again = StateDir::new();
-    let output = with_stdin(&mut cli(&again, &["import", "--fwaas", "-"]), &exported);
+    let again = Dockwall::idle(&ns, StateDir::new());
+    let output = output_with_stdin(&mut again.command(&["import", "--fwaas", "-"]), &exported);
     assert_success(&output);
     assert_eq!(list(&again), before);
     assert_eq!(
-        stdout_of(&mut cli(&again, &["export", "--fwaas"])),
+        stdout_of(&mut again.command(&["export", "--fwaas"])),
         exported
     );
 }

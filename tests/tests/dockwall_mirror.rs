@@ -75,11 +75,17 @@ impl Capture {
 
     /// Waits (bounded) until a captured packet contains `needle`.
     fn wait_for(&self, needle: &str) {
+        self.wait_for_count(needle, 1);
+    }
+
+    /// Waits (bounded) until `count` captured packets contain `needle`.
+    fn wait_for_count(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + CAPTURE_TIMEOUT;
-        while !self.lines().iter().any(|l| l.contains(needle)) {
+        while self.lines().iter().filter(|l| l.contains(needle)).count() < count {
             assert!(
                 Instant::now() < deadline,
-                "the collector saw no packet with {needle:?} in {CAPTURE_TIMEOUT:?}; it saw:\n{}",
+                "the collector saw fewer than {count} packets with {needle:?} in \
+                 {CAPTURE_TIMEOUT:?}; it saw:\n{}",
                 self.lines().join("\n")
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -152,16 +158,11 @@ fn mirror_id(added: &str) -> String {
 fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted() {
     let (chain, collector) = chain_with_collector_on_mgmt();
     let mut dockwall = Dockwall::start(&chain);
-    let added = dockwall.ok(&[
-        "mirror",
-        "add",
-        "--side",
-        "left",
-        "--match",
-        &format!("proto udp dport {MIRRORED_PORT}"),
-        "--to",
-        COLLECTOR,
-    ]);
+    let mirrored = format!("proto udp dport {MIRRORED_PORT}");
+    let add_mirrored = [
+        "mirror", "add", "--side", "left", "--match", &mirrored, "--to", COLLECTOR,
+    ];
+    let added = dockwall.ok(&add_mirrored);
     let mirror = mirror_id(&added);
     assert!(
         added.contains("(applied: incremental)"),
@@ -181,13 +182,14 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         "--via",
         "mgmt",
     ]);
-    dockwall.stop();
     assert!(
-        !chain
-            .si
-            .exec("nft", &["list", "table", "ip", MIRROR_TABLE])
-            .status
-            .success(),
+        !dockwall.nft_table("ip", MIRROR_TABLE).is_empty(),
+        "the mirror table is there while run runs"
+    );
+    dockwall.stop();
+    assert_eq!(
+        dockwall.nft_table("ip", MIRROR_TABLE),
+        "",
         "run removes the mirror table when it stops"
     );
     dockwall.run();
@@ -245,21 +247,8 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
     dockwall.ok(&["mirror", "delete", &mirror]);
     send_datagrams(&chain.left_host, RIGHT_HOST, MIRRORED_PORT, DATAGRAMS);
     send_datagrams(&chain.left_host, RIGHT_HOST, SENTINEL_PORT, 1);
-    let sentinel = format!("> {RIGHT_HOST}.{SENTINEL_PORT}: UDP");
-    let deadline = Instant::now() + CAPTURE_TIMEOUT;
-    while capture
-        .lines()
-        .iter()
-        .filter(|l| l.contains(&sentinel))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the sentinel's second copy never came"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The sentinel's second copy.
+    capture.wait_for_count(&format!("> {RIGHT_HOST}.{SENTINEL_PORT}: UDP"), 2);
     assert_eq!(
         copies_to(&capture.lines(), RIGHT_HOST, MIRRORED_PORT),
         DATAGRAMS,
@@ -271,20 +260,10 @@ fn the_collector_sees_exactly_the_mirrored_packets_until_the_mirror_is_deleted()
         .si
         .exec("nft", &["delete", "table", "ip", MIRROR_TABLE]);
     assert!(deleted.status.success(), "{deleted:?}");
-    let added = dockwall.ok(&[
-        "mirror",
-        "add",
-        "--side",
-        "left",
-        "--match",
-        &format!("proto udp dport {MIRRORED_PORT}"),
-        "--to",
-        COLLECTOR,
-    ]);
-    let listed = chain.si.exec("nft", &["list", "table", "ip", MIRROR_TABLE]);
-    let table = String::from_utf8_lossy(&listed.stdout);
+    let added = dockwall.ok(&add_mirrored);
+    let table = dockwall.nft_table("ip", MIRROR_TABLE);
     assert!(
-        listed.status.success() && table.contains(&format!("mirror {}", mirror_id(&added))),
+        table.contains(&format!("mirror {}", mirror_id(&added))),
         "the mirror table is back with the new mirror ({added}):\n{table}"
     );
 }

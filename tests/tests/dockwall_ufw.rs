@@ -3,20 +3,8 @@
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST};
 use docknfv_tests::dockwall::Dockwall;
-use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
+use docknfv_tests::traffic::{ping, ping_eventually, tcp, Probe};
 use docknfv_tests::Chain;
-
-fn tcp_left_to_right(chain: &Chain, port: u16) -> Probe {
-    tcp_probe(
-        &chain.left_host,
-        &chain.right_host,
-        RIGHT_HOST,
-        RIGHT_HOST,
-        port,
-        port,
-    )
-    .0
-}
 
 #[test]
 fn ufw_route_deny_icmp_blocks_ping_left_to_right_until_deleted() {
@@ -43,7 +31,7 @@ fn ufw_route_deny_icmp_blocks_ping_left_to_right_until_deleted() {
         "right→left is another direction"
     );
     assert_eq!(
-        tcp_left_to_right(&chain, 7401),
+        tcp(&chain.left_host, &chain.right_host, RIGHT_HOST, 7401),
         Probe::Passed,
         "TCP left→right still passes"
     );

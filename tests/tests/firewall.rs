@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use docknfv_tests::chain::{LEFT_HOST, RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dockwall::Dockwall;
-use docknfv_tests::traffic::{ping, ping_eventually, ping_output, tcp_probe, udp_probe, Probe};
+use docknfv_tests::netns::run_checked;
+use docknfv_tests::traffic::{
+    ping, ping_eventually, ping_output, tcp, tcp_probe, udp_probe, Probe,
+};
 use docknfv_tests::Chain;
 use vnf_core::firewall::compile::{compile, Sides};
 use vnf_core::firewall::nft::{replace, ApplyKind};
@@ -12,27 +15,11 @@ use vnf_core::firewall::store::Store;
 use vnf_core::firewall::{Applied, RuleSet, Session};
 
 fn tcp_left_to_right(chain: &Chain, port: u16) -> Probe {
-    tcp_probe(
-        &chain.left_host,
-        &chain.right_host,
-        RIGHT_HOST,
-        RIGHT_HOST,
-        port,
-        port,
-    )
-    .0
+    tcp(&chain.left_host, &chain.right_host, RIGHT_HOST, port)
 }
 
 fn tcp_right_to_left(chain: &Chain, port: u16) -> Probe {
-    tcp_probe(
-        &chain.right_host,
-        &chain.left_host,
-        LEFT_HOST,
-        LEFT_HOST,
-        port,
-        port,
-    )
-    .0
+    tcp(&chain.right_host, &chain.left_host, LEFT_HOST, port)
 }
 
 #[test]
@@ -646,24 +633,6 @@ fn corrupt_state_file_at_start_refuses_to_run() {
     );
 }
 
-/// `nft -j list table inet dockwall`, parsed.
-fn table_json(chain: &Chain) -> serde_json::Value {
-    let output = chain
-        .si
-        .exec("nft", &["-j", "list", "table", "inet", "dockwall"]);
-    assert!(output.status.success(), "nft list failed");
-    serde_json::from_slice(&output.stdout).expect("nft JSON")
-}
-
-fn nft_ok(chain: &Chain, args: &[&str]) {
-    let output = chain.si.exec("nft", args);
-    assert!(
-        output.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// `status` exits 1 and its output names `difference`.
 fn assert_status_names(dockwall: &Dockwall, difference: &str) {
     let status = dockwall.cli(&["status"]);
@@ -700,7 +669,7 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     assert!(dockwall.cli(&["status"]).status.success());
 
     // One set element deleted by hand.
-    let table = table_json(&chain);
+    let table = dockwall.table_json();
     let objects = table["nftables"].as_array().expect("nftables array");
     let set = objects
         .iter()
@@ -712,7 +681,7 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     let name = set["name"].as_str().expect("set name");
     let delete = serde_json::json!({"nftables": [{"delete": {"element": {
         "family": "inet", "table": "dockwall", "name": name, "elem": [value]}}}]});
-    nft_ok(&chain, &["-j", &delete.to_string()]);
+    run_checked(dockwall.si.command("nft").args(["-j", &delete.to_string()]));
     assert_status_names(
         &dockwall,
         &format!("set {name} holds 1 elements, the stored rules compile to 2"),
@@ -728,22 +697,24 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
         rule["chain"].as_str().expect("chain").to_string(),
         rule["handle"].to_string(),
     );
-    nft_ok(
-        &chain,
-        &[
-            "delete",
-            "rule",
-            "inet",
-            "dockwall",
-            &rule_chain,
-            "handle",
-            &handle,
-        ],
-    );
+    run_checked(dockwall.si.command("nft").args([
+        "delete",
+        "rule",
+        "inet",
+        "dockwall",
+        &rule_chain,
+        "handle",
+        &handle,
+    ]));
     assert_status_names(&dockwall, &format!("chain {rule_chain} holds "));
 
     // The whole table flushed: the marker chain survives, the rules do not.
-    nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
+    run_checked(
+        dockwall
+            .si
+            .command("nft")
+            .args(["flush", "table", "inet", "dockwall"]),
+    );
     assert_status_names(&dockwall, "holds 0 rules");
     assert!(
         ping(&chain.left_host, RIGHT_HOST),
@@ -763,40 +734,22 @@ fn a_table_flushed_or_edited_by_hand_fails_status_and_run_repairs_it() {
     // Flushed under a running `run`: its next check repairs it (bounded wait).
     dockwall.stop();
     dockwall.run_with(&["--verify-every", "1"]);
-    nft_ok(&chain, &["flush", "table", "inet", "dockwall"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !dockwall.cli(&["status"]).status.success() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "run did not repair the flushed table within 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    run_checked(
+        dockwall
+            .si
+            .command("nft")
+            .args(["flush", "table", "inet", "dockwall"]),
+    );
+    dockwall.wait_healthy(
+        Duration::from_secs(15),
+        "run did not repair the flushed table",
+    );
     assert!(!ping(&chain.left_host, RIGHT_HOST), "the deny is back");
-    let log = dockwall.process.as_ref().expect("running").log();
+    let log = dockwall.running().log();
     assert!(
         log.contains("differed from the stored rules; table replaced"),
         "{log}"
     );
-}
-
-/// The sides as they are now, and the store, inside the SI.
-fn sides_and_store(dockwall: &Dockwall) -> (vnf_core::side::Assignment, Store) {
-    let state = dockwall.state.path();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let selectors = vnf_core::cli::SideArgs {
-        left: None,
-        right: None,
-        mgmt: None,
-    }
-    .selectors(state);
-    let assignment = runtime
-        .block_on(vnf_core::firewall::current_assignment(&selectors))
-        .expect("the sides");
-    (assignment, Store::new(state))
 }
 
 /// One edit through `session` inside the SI; where it went.
@@ -805,8 +758,9 @@ fn session_edit(
     session: &mut Session,
     change: impl FnOnce(&mut RuleSet) + Send,
 ) -> Applied {
-    dockwall.chain.si.run(|| {
-        let (assignment, store) = sides_and_store(dockwall);
+    let assignment = dockwall.assignment();
+    let store = Store::new(dockwall.state.path());
+    dockwall.si.run(|| {
         session
             .edit(&store, &assignment, false, |set| {
                 change(set);
@@ -864,7 +818,7 @@ fn a_session_sees_cli_edits_made_between_its_own() {
 
 /// The table as nft lists it, comparable across how it was built: no handles, counters
 /// zeroed, set elements sorted (a hash set lists in bucket order).
-fn comparable_table(chain: &Chain) -> serde_json::Value {
+fn comparable_table(dockwall: &Dockwall) -> serde_json::Value {
     fn normalize(value: &mut serde_json::Value) {
         match value {
             serde_json::Value::Object(object) => {
@@ -882,14 +836,14 @@ fn comparable_table(chain: &Chain) -> serde_json::Value {
             _ => {}
         }
     }
-    let mut table = table_json(chain);
+    let mut table = dockwall.table_json();
     normalize(&mut table);
     table
 }
 
 /// The counter of the set element commented `comment`: (packets, bytes).
-fn element_counter(chain: &Chain, comment: &str) -> (u64, u64) {
-    let table = table_json(chain);
+fn element_counter(dockwall: &Dockwall, comment: &str) -> (u64, u64) {
+    let table = dockwall.table_json();
     let element = table["nftables"]
         .as_array()
         .expect("nftables array")
@@ -920,7 +874,7 @@ fn element_edits_go_over_nfnetlink_and_match_what_nft_builds() {
     );
     assert_eq!(tcp_left_to_right(&chain, 22), Probe::TimedOut, "denied");
     assert_eq!(tcp_left_to_right(&chain, 23), Probe::Passed, "not denied");
-    let counted = element_counter(&chain, "rule 3");
+    let counted = element_counter(&dockwall, "rule 3");
     assert!(counted.0 > 0, "the new element counts: {counted:?}");
 
     let added = session_add(&dockwall, &mut session, "10.7.0.4/32");
@@ -934,7 +888,11 @@ fn element_edits_go_over_nfnetlink_and_match_what_nft_builds() {
             "{applied:?}"
         );
     }
-    assert_eq!(element_counter(&chain, "rule 3"), counted, "counter kept");
+    assert_eq!(
+        element_counter(&dockwall, "rule 3"),
+        counted,
+        "counter kept"
+    );
     assert_eq!(
         tcp_left_to_right(&chain, 22),
         Probe::TimedOut,
@@ -948,11 +906,12 @@ fn element_edits_go_over_nfnetlink_and_match_what_nft_builds() {
     );
 
     // What nft builds from the same rules, from scratch.
-    let incremental = comparable_table(&chain);
-    dockwall.chain.si.run(|| {
-        let (assignment, store) = sides_and_store(&dockwall);
+    let incremental = comparable_table(&dockwall);
+    let assignment = dockwall.assignment();
+    let store = Store::new(dockwall.state.path());
+    dockwall.si.run(|| {
         let rules = store.lock().and_then(|l| l.load()).expect("stored rules");
         replace(&compile(&rules, Sides::from_assignment(&assignment))).expect("replace");
     });
-    assert_eq!(incremental, comparable_table(&chain));
+    assert_eq!(incremental, comparable_table(&dockwall));
 }

@@ -3,13 +3,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::{RIGHT_HOST, SI_RIGHT};
 use docknfv_tests::dnsmasq::Dnsmasq;
 use docknfv_tests::dockwall::{Dockwall, StateDir};
-use docknfv_tests::netns::Netns;
+use docknfv_tests::netns::{output_with_stdin, Netns};
 use docknfv_tests::openvpn::{issue_profile, vpn_chain, OpenvpnClient};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Vnf};
@@ -69,20 +68,10 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 
 fn promtool_check(metrics: &str) {
     require_command("promtool", "prometheus");
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    promtool
-        .stdin
-        .take()
-        .expect("promtool stdin")
-        .write_all(body(metrics).as_bytes())
-        .expect("feed promtool");
-    let output = promtool.wait_with_output().expect("promtool result");
+    let output = output_with_stdin(
+        std::process::Command::new("promtool").args(["check", "metrics"]),
+        body(metrics),
+    );
     assert!(
         output.status.success(),
         "promtool check metrics failed:\n{}{}\nexposition:\n{}",
@@ -94,27 +83,7 @@ fn promtool_check(metrics: &str) {
 
 /// `dockwall run --metrics-listen METRICS` in the chain's SI, not waiting for the sides.
 fn launch_dockwall(chain: &Chain) -> Dockwall<'_> {
-    require_command("nft", "nftables");
-    let state = StateDir::new();
-    let path = state.path().to_str().expect("utf-8 path").to_string();
-    let process = Vnf::start(
-        &chain.si,
-        "dockwall",
-        &[
-            "--state-dir",
-            &path,
-            "run",
-            "--side-timeout",
-            "30",
-            "--metrics-listen",
-            METRICS,
-        ],
-    );
-    Dockwall {
-        chain,
-        state,
-        process: Some(process),
-    }
+    Dockwall::launch_in(&chain.si, StateDir::new(), &["--metrics-listen", METRICS])
 }
 
 #[test]

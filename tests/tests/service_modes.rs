@@ -1,65 +1,27 @@
 //! Dockwall's service modes in namespace chains: in-network-nat (masquerade out of the
 //! right side, right-to-left only through DNAT) and transparent (a bump in the wire).
 
-use std::process::Output;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, RIGHT_HOST, SI_RIGHT};
-use docknfv_tests::dockwall::StateDir;
+use docknfv_tests::dockwall::{Dockwall, StateDir};
 use docknfv_tests::dockwall_api;
-use docknfv_tests::prereq::require_command;
-use docknfv_tests::traffic::{ping, ping_eventually, tcp_probe, Probe};
-use docknfv_tests::vnf::binary;
+use docknfv_tests::netns::run_checked;
+use docknfv_tests::traffic::{ping, ping_eventually, tcp, tcp_probe, Probe};
 use docknfv_tests::wire::{Wire, SI_LEFT_LEG, SI_MGMT, SI_RIGHT_LEG, WIRE_LEFT, WIRE_RIGHT};
 use docknfv_tests::{Chain, Netns, Vnf};
 
-/// `dockwall run --mode MODE` in `si` on `state`, waited on until it forwards.
-fn start(si: &Netns, state: &StateDir, mode: &str) -> Vnf {
-    start_with(si, state, mode, &[])
-}
-
-/// The same, with more `run` options.
-fn start_with(si: &Netns, state: &StateDir, mode: &str, run_args: &[&str]) -> Vnf {
-    require_command("nft", "nftables");
-    let path = state.path().to_str().expect("utf-8 path");
-    let mut args = vec![
-        "--state-dir",
-        path,
-        "run",
-        "--mode",
-        mode,
-        "--side-timeout",
-        "30",
-    ];
-    args.extend(run_args);
-    let dockwall = Vnf::start(si, "dockwall", &args);
+/// `dockwall run --mode MODE RUN_ARGS` in `si` on a fresh state directory, waited on until
+/// it forwards.
+fn start<'s>(si: &'s Netns, mode: &str, run_args: &[&str]) -> Dockwall<'s> {
+    let mut args = vec!["--mode", mode];
+    args.extend_from_slice(run_args);
+    let mut dockwall = Dockwall::launch_in(si, StateDir::new(), &args);
     dockwall.wait_ready();
     dockwall
-}
-
-/// `dockwall --state-dir STATE ARGS` in `si`, as `docker exec` runs it.
-fn cli(si: &Netns, state: &StateDir, args: &[&str]) -> Output {
-    si.command(binary("dockwall").to_str().expect("utf-8 path"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run dockwall")
-}
-
-fn ok(si: &Netns, state: &StateDir, args: &[&str]) -> String {
-    let output = cli(si, state, args);
-    assert!(
-        output.status.success(),
-        "dockwall {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -73,8 +35,7 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "the right gateway must have no route to the left network: {}",
         String::from_utf8_lossy(&unreachable.stdout)
     );
-    let state = StateDir::new();
-    let mut dockwall = start(&chain.si, &state, "in-network-nat");
+    let mut dockwall = start(&chain.si, "in-network-nat", &[]);
 
     let (probe, peer) = tcp_probe(
         &chain.left_host,
@@ -135,19 +96,15 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "no DNAT rule yet: nothing reaches the left host"
     );
 
-    ok(
-        &chain.si,
-        &state,
-        &[
-            "nat",
-            "add",
-            "dnat",
-            "--port",
-            "8080",
-            "--to",
-            &format!("{LEFT_HOST}:7103"),
-        ],
-    );
+    dockwall.ok(&[
+        "nat",
+        "add",
+        "dnat",
+        "--port",
+        "8080",
+        "--to",
+        &format!("{LEFT_HOST}:7103"),
+    ]);
     let (probe, peer) = through_dnat();
     assert_eq!(probe, Probe::Passed, "the DNAT rule lets the connection in");
     assert_eq!(
@@ -168,23 +125,19 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
         "--dport",
         "7103",
     ];
-    ok(&chain.si, &state, &deny);
+    dockwall.ok(&deny);
     assert_eq!(
         through_dnat().0,
         Probe::TimedOut,
         "a right-to-left deny rule blocks the DNAT'd connection"
     );
-    ok(&chain.si, &state, &["rule", "delete", "1"]);
+    dockwall.ok(&["rule", "delete", "1"]);
     assert_eq!(
         through_dnat().0,
         Probe::Passed,
         "rule deleted: passes again"
     );
-    ok(
-        &chain.si,
-        &state,
-        &["default", "deny", "--direction", "right-to-left"],
-    );
+    dockwall.ok(&["default", "deny", "--direction", "right-to-left"]);
     assert_eq!(
         through_dnat().0,
         Probe::Passed,
@@ -194,27 +147,26 @@ fn in_network_nat_masquerades_out_of_the_right_side_and_lets_in_only_dnat() {
 
     // Without --mode, status checks the mode `run` recorded with the rules.
     for args in [&["status"][..], &["status", "--mode", "in-network-nat"]] {
-        let status = cli(&chain.si, &state, args);
+        let status = dockwall.cli(args);
         let report = String::from_utf8_lossy(&status.stdout);
         assert!(status.status.success(), "{args:?} healthy:\n{report}");
         assert!(report.contains("mode in-network-nat"), "{report}");
     }
     assert!(
-        !cli(&chain.si, &state, &["status", "--mode", "in-network"])
+        !dockwall
+            .cli(&["status", "--mode", "in-network"])
             .status
             .success(),
         "status for another mode than run's is not healthy"
     );
-    assert!(dockwall.terminate().success(), "{}", dockwall.log());
+    dockwall.stop();
 }
 
 #[test]
 fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     let wire = Wire::new();
-    let state = StateDir::new();
-    let mut dockwall = start_with(
+    let mut dockwall = start(
         &wire.si,
-        &state,
         "transparent",
         &["--api-listen", dockwall_api::API_ADDRESS],
     );
@@ -237,7 +189,7 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
     assert!(ping(&wire.right_host, WIRE_LEFT), "right pings left");
     assert!(ping(&wire.mgmt, SI_MGMT), "management stays routed");
-    let status = cli(&wire.si, &state, &["status"]);
+    let status = dockwall.cli(&["status"]);
     let report = String::from_utf8_lossy(&status.stdout);
     assert!(
         status.status.success(),
@@ -245,8 +197,7 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
     assert!(report.contains("left: eth0, bridged, no IPv4"), "{report}");
     // The API's status (what the web page shows) judges the bridge too, not routing.
-    let token = cli(&wire.si, &state, &["api", "token"]);
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let token = dockwall_api::token(&dockwall);
     let api =
         dockwall_api::call(&wire.si, Some(&token), "GET", "/v2.0/dockwall/status", None).json();
     assert_eq!(
@@ -255,54 +206,43 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
 
     // The rule grammar unchanged: a deny rule blocks one TCP port across the bridge.
-    ok(
-        &wire.si,
-        &state,
-        &["rule", "add", "deny", "--proto", "tcp", "--dport", "7201"],
-    );
-    let across = |from: &Netns, to: &Netns, address: &str, port: u16| {
-        tcp_probe(from, to, address, address, port, port).0
-    };
+    dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--dport", "7201"]);
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7201),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7201),
         Probe::TimedOut,
         "the denied port is blocked"
     );
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7202),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7202),
         Probe::Passed,
         "other ports pass"
     );
 
     // Conntrack: only left-to-right tcp/80 is allowed, yet its answers come back.
-    ok(&wire.si, &state, &["default", "deny"]);
-    ok(
-        &wire.si,
-        &state,
-        &[
-            "rule",
-            "add",
-            "allow",
-            "--direction",
-            "left-to-right",
-            "--proto",
-            "tcp",
-            "--dport",
-            "80",
-        ],
-    );
+    dockwall.ok(&["default", "deny"]);
+    dockwall.ok(&[
+        "rule",
+        "add",
+        "allow",
+        "--direction",
+        "left-to-right",
+        "--proto",
+        "tcp",
+        "--dport",
+        "80",
+    ]);
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 80),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 80),
         Probe::Passed,
         "the allowed connection and its return traffic pass"
     );
     assert_eq!(
-        across(&wire.right_host, &wire.left_host, WIRE_LEFT, 80),
+        tcp(&wire.right_host, &wire.left_host, WIRE_LEFT, 80),
         Probe::TimedOut,
         "right-to-left is not allowed"
     );
     assert_eq!(
-        across(&wire.left_host, &wire.right_host, WIRE_RIGHT, 81),
+        tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 81),
         Probe::TimedOut,
         "default deny drops other ports"
     );
@@ -321,18 +261,14 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
             .any(|state| neighbour.contains(state))
     });
     assert!(resolved, "IPv6 neighbour discovery crosses the bridge");
-    let list = ok(&wire.si, &state, &["rule", "list", "--json"]);
+    let list = dockwall.ok(&["rule", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&list).expect("rule list JSON");
     assert!(
         listed["rules"][1]["packets"].as_u64().unwrap_or(0) > 0,
         "the allow rule counts bridged packets: {list}"
     );
 
-    let refused = cli(
-        &wire.si,
-        &state,
-        &["nat", "add", "masquerade", "--out", "right"],
-    );
+    let refused = dockwall.cli(&["nat", "add", "masquerade", "--out", "right"]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && stderr.contains("transparent mode"),
@@ -340,57 +276,38 @@ fn transparent_bridges_one_subnet_and_filters_with_conntrack() {
     );
 
     // `apply` keeps run's mode and says so.
-    let file = state.path().join("plain.json");
+    let file = dockwall.state.path().join("plain.json");
     std::fs::write(
         &file,
         r#"{"version":1,"default_policy":"accept","rules":[],"nat":[],"next_id":1}"#,
     )
     .expect("write the rule file");
-    let applied = cli(&wire.si, &state, &["apply", file.to_str().expect("utf-8")]);
+    let applied = dockwall.cli(&["apply", file.to_str().expect("utf-8")]);
     let stderr = String::from_utf8_lossy(&applied.stderr);
     assert!(
         applied.status.success() && stderr.contains("is ignored"),
         "apply warns that the file's mode is ignored: {stderr}"
     );
     assert!(
-        cli(&wire.si, &state, &["status"]).status.success(),
+        dockwall.cli(&["status"]).status.success(),
         "still transparent after apply"
     );
 
-    assert!(dockwall.terminate().success(), "{}", dockwall.log());
+    dockwall.stop();
     assert_eq!(wire.leg_addresses("eth0"), [SI_LEFT_LEG], "restored");
     assert_eq!(wire.leg_addresses("eth1"), [SI_RIGHT_LEG], "restored");
     let links = wire.si.ip(&["-o", "link", "show"]);
     assert!(!links.contains("dockwall0"), "bridge removed: {links}");
-    let tables = wire.si.exec("nft", &["list", "tables"]);
-    assert_eq!(
-        String::from_utf8_lossy(&tables.stdout).trim(),
-        "",
-        "both tables removed"
-    );
+    let tables = run_checked(wire.si.command("nft").args(["list", "tables"]));
+    assert_eq!(tables.trim(), "", "both tables removed");
 }
 
 #[test]
 fn a_flushed_bridge_table_fails_status_and_run_repairs_it() {
     let wire = Wire::new();
-    let state = StateDir::new();
-    let mut dockwall = start_with(&wire.si, &state, "transparent", &["--verify-every", "1"]);
-    ok(
-        &wire.si,
-        &state,
-        &["rule", "add", "deny", "--proto", "tcp", "--dport", "7301"],
-    );
-    let denied = || {
-        tcp_probe(
-            &wire.left_host,
-            &wire.right_host,
-            WIRE_RIGHT,
-            WIRE_RIGHT,
-            7301,
-            7301,
-        )
-        .0
-    };
+    let mut dockwall = start(&wire.si, "transparent", &["--verify-every", "1"]);
+    dockwall.ok(&["rule", "add", "deny", "--proto", "tcp", "--dport", "7301"]);
+    let denied = || tcp(&wire.left_host, &wire.right_host, WIRE_RIGHT, 7301);
     assert_eq!(
         denied(),
         Probe::TimedOut,
@@ -399,13 +316,13 @@ fn a_flushed_bridge_table_fails_status_and_run_repairs_it() {
 
     // Frozen, `run` cannot repair: status alone must see the flush, and traffic bypasses
     // the rules (no leg mark, so no per-direction chain).
-    let pid = Pid::from_raw(dockwall.pid() as i32);
+    let pid = Pid::from_raw(dockwall.running().pid() as i32);
     kill(pid, Signal::SIGSTOP).expect("stop run");
     let flush = wire
         .si
         .exec("nft", &["flush", "table", "bridge", "dockwall"]);
     assert!(flush.status.success(), "{flush:?}");
-    let status = cli(&wire.si, &state, &["status"]);
+    let status = dockwall.cli(&["status"]);
     let report = String::from_utf8_lossy(&status.stdout);
     assert!(
         !status.status.success(),
@@ -419,41 +336,25 @@ fn a_flushed_bridge_table_fails_status_and_run_repairs_it() {
 
     // Running again: its next check re-creates the table (bounded wait).
     kill(pid, Signal::SIGCONT).expect("continue run");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !cli(&wire.si, &state, &["status"]).status.success() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "run did not repair the bridge table within 15 s:\n{}",
-            dockwall.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(denied(), Probe::TimedOut, "the deny holds again");
-    assert!(
-        dockwall
-            .log()
-            .contains("table bridge dockwall: chain mark_leg holds 0 rules"),
-        "{}",
-        dockwall.log()
+    dockwall.wait_healthy(
+        Duration::from_secs(15),
+        "run did not repair the bridge table",
     );
-    assert!(dockwall.terminate().success(), "{}", dockwall.log());
+    assert_eq!(denied(), Probe::TimedOut, "the deny holds again");
+    let log = dockwall.running().log();
+    assert!(
+        log.contains("table bridge dockwall: chain mark_leg holds 0 rules"),
+        "{log}"
+    );
+    dockwall.stop();
 }
 
 #[test]
 fn transparent_run_refuses_stored_nat_rules() {
     let wire = Wire::new();
-    let state = StateDir::new();
-    ok(
-        &wire.si,
-        &state,
-        &["nat", "add", "masquerade", "--out", "right"],
-    );
-    let path = state.path().to_str().expect("utf-8 path");
-    let mut run = Vnf::start(
-        &wire.si,
-        "dockwall",
-        &["--state-dir", path, "run", "--mode", "transparent"],
-    );
+    let dockwall = Dockwall::idle(&wire.si, StateDir::new());
+    dockwall.ok(&["nat", "add", "masquerade", "--out", "right"]);
+    let mut run = dockwall.spawn(&["--mode", "transparent"]);
     let status = run.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "run must refuse");
     let log = run.log();
@@ -467,7 +368,12 @@ fn transparent_run_refuses_stored_nat_rules() {
 #[test]
 fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
     let wire = Wire::new();
-    let state = StateDir::new();
+    let dockwall = Dockwall::idle(&wire.si, StateDir::new());
+    let start_transparent = || {
+        let run = dockwall.spawn(&["--mode", "transparent", "--side-timeout", "30"]);
+        run.wait_ready();
+        run
+    };
     let kill_hard = |vnf: &mut Vnf| {
         kill(Pid::from_raw(vnf.pid() as i32), Signal::SIGKILL).expect("kill -9");
         assert!(!vnf.wait_exit(Duration::from_secs(10)).success());
@@ -482,12 +388,12 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
             "kill -9 leaves the bridge: {links}"
         );
     };
-    let mut first = start(&wire.si, &state, "transparent");
+    let mut first = start_transparent();
     kill_hard(&mut first);
 
     // A transparent restart bridges afresh and, stopped cleanly, gives back the addresses
     // the legs had before the first run.
-    let mut second = start(&wire.si, &state, "transparent");
+    let mut second = start_transparent();
     assert!(
         ping_eventually(&wire.left_host, WIRE_RIGHT, 3),
         "the restarted bridge forwards"
@@ -497,12 +403,7 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
     wire.si.ip(&["addr", "add", SI_LEFT_LEG, "dev", "eth0"]);
 
     // An in-network start cleans up the same way before it looks for its sides.
-    let path = state.path().to_str().expect("utf-8 path");
-    let mut routed = Vnf::start(
-        &wire.si,
-        "dockwall",
-        &["--state-dir", path, "run", "--side-timeout", "30"],
-    );
+    let mut routed = dockwall.spawn(&["--side-timeout", "30"]);
     if let Err(error) = routed.wait_for_log("legs restored", Duration::from_secs(10)) {
         panic!("{error}");
     }
@@ -513,14 +414,13 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
         !links.contains("dockwall0"),
         "stale bridge removed: {links}"
     );
-    let tables = wire.si.exec("nft", &["list", "tables"]);
+    let tables = run_checked(wire.si.command("nft").args(["list", "tables"]));
     assert!(
-        !String::from_utf8_lossy(&tables.stdout).contains("bridge"),
-        "stale bridge table removed: {}",
-        String::from_utf8_lossy(&tables.stdout)
+        !tables.contains("bridge"),
+        "stale bridge table removed: {tables}"
     );
     assert!(
-        !state.path().join("transparent-legs.json").exists(),
+        !dockwall.state.path().join("transparent-legs.json").exists(),
         "the record of the legs goes once they are restored"
     );
     routed.terminate();
@@ -529,24 +429,11 @@ fn a_killed_transparent_run_is_undone_by_the_next_start_in_any_mode() {
 #[test]
 fn a_refused_transparent_run_keeps_the_recorded_mode() {
     let wire = Wire::new();
-    let state = StateDir::new();
-    let path = state.path().to_str().expect("utf-8 path");
-    let mut run = Vnf::start(
-        &wire.si,
-        "dockwall",
-        &[
-            "--state-dir",
-            path,
-            "run",
-            "--mode",
-            "transparent",
-            "--left",
-            "cidr:10.50.0.0/24",
-        ],
-    );
+    let dockwall = Dockwall::idle(&wire.si, StateDir::new());
+    let mut run = dockwall.spawn(&["--mode", "transparent", "--left", "cidr:10.50.0.0/24"]);
     assert!(!run.wait_exit(Duration::from_secs(10)).success());
     assert!(run.log().contains("pin the side by name"), "{}", run.log());
-    let status = cli(&wire.si, &state, &["status", "--json"]);
+    let status = dockwall.cli(&["status", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
     assert_eq!(
         report["mode"], "in-network",

@@ -325,17 +325,9 @@ fn run_only_environment_is_ignored_by_status_and_rule_edits_and_mgmt_is_optional
 fn rule_errors_name_what_was_typed_and_the_position_and_id_the_rule_would_get() {
     docknfv_tests::prereq::require_command("nft", "nftables");
     let ns = docknfv_tests::Netns::new("wording");
-    let state = docknfv_tests::dockwall::StateDir::new();
-    let dockwall_bin = docknfv_tests::vnf::binary("dockwall");
-    let dockwall = |args: &[&str]| {
-        ns.command(dockwall_bin.to_str().unwrap())
-            .arg("--state-dir")
-            .arg(state.path())
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run dockwall")
-    };
+    let cli =
+        docknfv_tests::dockwall::Dockwall::idle(&ns, docknfv_tests::dockwall::StateDir::new());
+    let dockwall = |args: &[&str]| cli.cli(args);
     let refused = |args: &[&str], needle: &str| {
         let output = dockwall(args);
         let text = output_text(&output);

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use docknfv_tests::dockwall::deny_rule_set_json;
 use docknfv_tests::dockwall_api::{call, start_with_api, token, Reply};
-use docknfv_tests::measure::{median, min_max, round_order};
+use docknfv_tests::measure::{median, round_order, spread};
 use docknfv_tests::Chain;
 
 const RULES: usize = 10_000;
@@ -22,9 +22,10 @@ fn timed<T>(work: impl FnOnce() -> T) -> (f64, T) {
     (started.elapsed().as_secs_f64() * 1000.0, value)
 }
 
-fn spread(values: &mut [f64]) -> String {
-    let (min, max) = min_max(values);
-    format!("{:.1} ms ({min:.1}–{max:.1})", median(values))
+/// "median ms (min–max)"; also returns the median.
+fn median_and_spread(values: &mut [f64]) -> (f64, String) {
+    let median = median(values);
+    (median, format!("{median:.1} ms ({})", spread(values, 1)))
 }
 
 fn main() {
@@ -84,18 +85,12 @@ fn main() {
         status_ms.push(ms);
         status_bytes = status.body.len();
     }
-    let api_median = median(&mut api.clone());
-    let cli_median = median(&mut cli.clone());
+    let (api_median, api_spread) = median_and_spread(&mut api);
+    let (cli_median, cli_spread) = median_and_spread(&mut cli);
     println!("| measure ({RULES} rules present) | value |");
     println!("|---|---|");
-    println!(
-        "| API rule add (one HTTP request), median of {ROUNDS} (min–max) | {} |",
-        spread(&mut api)
-    );
-    println!(
-        "| `dockwall rule add` (whole process), interleaved | {} |",
-        spread(&mut cli)
-    );
+    println!("| API rule add (one HTTP request), median of {ROUNDS} (min–max) | {api_spread} |");
+    println!("| `dockwall rule add` (whole process), interleaved | {cli_spread} |");
     println!(
         "| **ratio API / CLI** | **{:.2}** |",
         api_median / cli_median
@@ -103,11 +98,11 @@ fn main() {
     println!("| web page: size | {page_bytes} bytes |");
     println!(
         "| web page: fetch, median of {FETCHES} (min–max) | {} |",
-        spread(&mut page_ms)
+        median_and_spread(&mut page_ms).1
     );
     println!("| status document the page loads and polls: size | {status_bytes} bytes |");
     println!(
         "| status document: fetch, median of {FETCHES} (min–max) | {} |",
-        spread(&mut status_ms)
+        median_and_spread(&mut status_ms).1
     );
 }

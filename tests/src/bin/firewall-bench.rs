@@ -8,14 +8,14 @@
 //!   whole process with them present, medians;
 //! - RSS of an idle `dockwall run` holding them.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall};
 use docknfv_tests::measure::{
-    iperf_gbps, median, min_max, new_connections_per_second, round_order, rss_kib, IPERF_SECONDS,
+    iperf_gbps, median, new_connections, round_order, rss_kib, spread, IPERF_SECONDS,
 };
+use docknfv_tests::netns::output_with_stdin;
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
 
@@ -46,12 +46,6 @@ fn iptables_restore_input() -> String {
         }
     }
     text + "COMMIT\n"
-}
-
-/// New TCP connections per second from the left host to the right host: each SYN walks the
-/// rule set, where established packets skip it.
-fn connection_rate(chain: &Chain, port: u16) -> f64 {
-    new_connections_per_second(&chain.left_host, &chain.right_host, RIGHT_HOST, port)
 }
 
 fn timed(dockwall: &Dockwall, args: &[&str]) -> f64 {
@@ -111,19 +105,15 @@ fn main() {
     let _empty = Dockwall::start(&empty_chain);
     let iptables_chain = Chain::new();
     iptables_chain.route_si_statically();
-    let mut restore = iptables_chain
-        .si
-        .command("iptables-restore")
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("iptables-restore");
-    std::io::Write::write_all(
-        restore.stdin.as_mut().expect("stdin"),
-        iptables_restore_input().as_bytes(),
-    )
-    .expect("feed iptables-restore");
-    drop(restore.stdin.take());
-    assert!(restore.wait().expect("iptables-restore").success());
+    let restore = output_with_stdin(
+        &mut iptables_chain.si.command("iptables-restore"),
+        &iptables_restore_input(),
+    );
+    assert!(
+        restore.status.success(),
+        "iptables-restore: {}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
 
     let chains = [&loaded_chain, &empty_chain, &iptables_chain];
     let (mut throughput, mut setup): ([Vec<f64>; 3], [Vec<f64>; 3]) = Default::default();
@@ -133,17 +123,20 @@ fn main() {
         }
         let port = 6000 + round as u16;
         for contender in round_order(round, chains.len()) {
-            setup[contender].push(connection_rate(chains[contender], port));
+            // New connections: each SYN walks the rule set, where established packets skip it.
+            let chain = chains[contender];
+            setup[contender].push(
+                new_connections(&chain.left_host, &chain.right_host, RIGHT_HOST, port).per_second,
+            );
         }
     }
     let [mut with_rules, mut without, mut linear] = throughput;
     let [mut setup_with, mut setup_without, mut setup_linear] = setup;
-    let spread = |values: &[f64]| {
-        let (min, max) = min_max(values);
-        format!("{min:.2}–{max:.2}")
-    };
-    let (with_rules_spread, without_spread, linear_spread) =
-        (spread(&with_rules), spread(&without), spread(&linear));
+    let (with_rules_spread, without_spread, linear_spread) = (
+        spread(&with_rules, 2),
+        spread(&without, 2),
+        spread(&linear, 2),
+    );
     let (with_rules_median, without_median, linear_median) = (
         median(&mut with_rules),
         median(&mut without),
@@ -158,14 +151,10 @@ fn main() {
         with_rules_median / without_median
     );
     println!("| plain SI with the {RULES} rules as a linear iptables FORWARD chain, interleaved | {linear_median:.2} Gbit/s ({:.3} of no rules; spread {linear_spread}) |", linear_median / without_median);
-    let rate_spread = |values: &[f64]| {
-        let (min, max) = min_max(values);
-        format!("{min:.0}–{max:.0}")
-    };
     let (setup_with_spread, setup_without_spread, setup_linear_spread) = (
-        rate_spread(&setup_with),
-        rate_spread(&setup_without),
-        rate_spread(&setup_linear),
+        spread(&setup_with, 0),
+        spread(&setup_without, 0),
+        spread(&setup_linear, 0),
     );
     let (setup_with, setup_without, setup_linear) = (
         median(&mut setup_with),

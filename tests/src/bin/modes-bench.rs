@@ -7,14 +7,13 @@
 //! all with the same policy: default deny, allow TCP left→right, answers by conntrack.
 //! Interleaved in one run, the order rotating every round; medians with their spread.
 
-use std::process::Stdio;
 use std::time::Instant;
 
 use docknfv_tests::chain::RIGHT_HOST;
 use docknfv_tests::measure::{
-    iperf_tcp_gbps, median, min_max, new_connections, round_order, IPERF_SECONDS,
+    iperf_tcp_gbps, median, new_connections, round_order, spread, IPERF_SECONDS,
 };
-use docknfv_tests::netns::Netns;
+use docknfv_tests::netns::{output_with_stdin, Netns};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::wire::{Wire, WIRE_RIGHT};
 use docknfv_tests::{Chain, Vnf};
@@ -79,19 +78,12 @@ fn main() {
 
     let bridge = Wire::new();
     bridge.bridge_plainly();
-    let mut restore = bridge
-        .si
-        .command("iptables-restore")
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("iptables-restore");
-    std::io::Write::write_all(
-        restore.stdin.as_mut().expect("stdin"),
-        PHYSDEV_RULES.as_bytes(),
-    )
-    .expect("feed iptables-restore");
-    drop(restore.stdin.take());
-    assert!(restore.wait().expect("iptables-restore").success());
+    let restore = output_with_stdin(&mut bridge.si.command("iptables-restore"), PHYSDEV_RULES);
+    assert!(
+        restore.status.success(),
+        "iptables-restore: {}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
 
     let paths = [
         Path {
@@ -130,10 +122,6 @@ fn main() {
             failed[contender] += measured.failed;
         }
     }
-    let spread = |values: &[f64], digits: usize| {
-        let (min, max) = min_max(values);
-        format!("{min:.digits$}–{max:.digits$}")
-    };
     let names = [
         "Dockwall transparent (bridge)",
         "Dockwall in-network (cross routing)",

@@ -16,9 +16,8 @@ use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall};
 use docknfv_tests::measure::median;
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::Chain;
-use vnf_core::cli::SideArgs;
 use vnf_core::firewall::store::Store;
-use vnf_core::firewall::{current_assignment, Rule, Session};
+use vnf_core::firewall::{Rule, Session};
 
 const SIZES: [usize; 2] = [10_000, 100_000];
 const RULE_ADDS: usize = 10;
@@ -28,7 +27,7 @@ const SESSION_ADDS: usize = 10;
 
 /// Runs `dockwall ARGS` under `/usr/bin/time`: (wall ms, peak RSS KiB).
 fn timed(dockwall: &Dockwall, args: &[&str]) -> (f64, u64) {
-    let mut command = dockwall.chain.si.command("/usr/bin/time");
+    let mut command = dockwall.si.command("/usr/bin/time");
     command.arg("-f").arg("peak-rss-kib %M");
     let inner = dockwall.command(args);
     command.arg(inner.get_program()).args(inner.get_args());
@@ -57,20 +56,8 @@ fn medians(samples: &[(f64, u64)]) -> (f64, u64) {
 /// Adds through one `Session` inside the SI, as the daemon would: (first add ms, next adds ms).
 fn session_adds(dockwall: &Dockwall) -> (f64, Vec<f64>) {
     let state = dockwall.state.path();
-    dockwall.chain.si.run(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let selectors = SideArgs {
-            left: None,
-            right: None,
-            mgmt: None,
-        }
-        .selectors(state);
-        let assignment = runtime
-            .block_on(current_assignment(&selectors))
-            .expect("the sides");
+    let assignment = dockwall.assignment();
+    dockwall.si.run(|| {
         let store = Store::new(state);
         let mut session = Session::default();
         let mut times: Vec<f64> = (0..=SESSION_ADDS)

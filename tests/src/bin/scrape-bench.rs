@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use docknfv_tests::dockwall::{deny_rule_set_json, Dockwall, StateDir};
-use docknfv_tests::measure::{median, min_max, rss_kib};
+use docknfv_tests::measure::{median, rss_kib, spread};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::{Chain, Netns, Vnf};
 
@@ -19,13 +19,8 @@ const METRICS: &str = "127.0.0.1:9100";
 
 /// `dockwall --state-dir STATE run --metrics-listen METRICS` in the SI, once it forwards and
 /// serves metrics.
-fn run_with_metrics(chain: &Chain, state: &StateDir) -> Vnf {
-    let path = state.path().to_str().expect("utf-8 path");
-    let dockwall = Vnf::start(
-        &chain.si,
-        "dockwall",
-        &["--state-dir", path, "run", "--metrics-listen", METRICS],
-    );
+fn run_with_metrics(dockwall: &Dockwall) -> Vnf {
+    let dockwall = dockwall.spawn(&["--metrics-listen", METRICS]);
     dockwall.wait_ready();
     dockwall
         .wait_for_log("serving /metrics", Duration::from_secs(10))
@@ -78,13 +73,9 @@ fn main() {
     require_command("nft", "nftables");
 
     let chain = Chain::new();
-    let mut dockwall = Dockwall {
-        chain: &chain,
-        state: StateDir::new(),
-        process: None,
-    };
+    let mut dockwall = Dockwall::idle(&chain.si, StateDir::new());
     std::fs::create_dir_all(dockwall.state.path()).expect("state dir");
-    let empty = run_with_metrics(&chain, &dockwall.state);
+    let empty = run_with_metrics(&dockwall);
     let rss_without_rules = rss_kib(empty.pid());
     dockwall.process = Some(empty);
 
@@ -93,7 +84,7 @@ fn main() {
     dockwall.ok(&["apply", file.to_str().expect("utf-8 path")]);
     dockwall.stop();
     // A restart reads the 10,000 rules from the state directory, as after a container restart.
-    let loaded = run_with_metrics(&chain, &dockwall.state);
+    let loaded = run_with_metrics(&dockwall);
     let rss_with_rules = rss_kib(loaded.pid());
 
     let (bytes, first) = checked_scrape(&chain.si, &loaded);
@@ -102,7 +93,7 @@ fn main() {
         .map(|_| checked_scrape(&chain.si, &loaded).1.as_secs_f64() * 1000.0)
         .collect();
     let rss_after_scrapes = rss_kib(loaded.pid());
-    let (min, max) = min_max(&times);
+    let spread = spread(&times, 1);
     let median_ms = median(&mut times);
 
     println!("| measure | value |");
@@ -112,9 +103,7 @@ fn main() {
         first.as_secs_f64() * 1000.0,
         bytes as f64 / 1024.0
     );
-    println!(
-        "| following scrapes, median of {SCRAPES} | {median_ms:.1} ms (spread {min:.1}–{max:.1}) |"
-    );
+    println!("| following scrapes, median of {SCRAPES} | {median_ms:.1} ms (spread {spread}) |");
     println!("| RSS of `dockwall run --metrics-listen`, no rules | {rss_without_rules} KiB |");
     println!(
         "| same after a restart that loads the {RULES} rules | {rss_with_rules} KiB (+{} KiB) |",
