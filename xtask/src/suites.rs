@@ -9,6 +9,18 @@ use std::process::{Command, Stdio};
 
 const TEST: &[&str] = &["test", "--workspace", "--all-targets", "--no-fail-fast"];
 
+/// The Dockvpn data-path suites, run a second time with the data path on one thread: the
+/// first pass runs them with the default (one thread per CPU the machine gives us).
+const ONE_THREAD_SUITES: &[&str] = &[
+    "openvpn",
+    "openvpn_protocol",
+    "openvpn_tcp",
+    "openvpn_tls_crypt",
+    "openvpn_under_load",
+    "wireguard",
+];
+const ONE_THREAD: (&str, &str) = ("DOCKVPN_THREADS", "1");
+
 /// One test binary cargo builds for `cargo test --workspace --all-targets`.
 struct Suite {
     /// Its source file, relative to the workspace: `tests/tests/dhcp.rs`.
@@ -83,7 +95,37 @@ pub fn run() -> Result<bool, String> {
         println!("tests: 0 passed, 0 failed");
         return Ok(false);
     };
-    let succeeded = run_and_tally(&mut suites)?;
+    let mut succeeded = run_and_tally(&mut suites, TEST, None)?;
+    let mut one_thread: Vec<Suite> = suites
+        .iter()
+        .filter(|s| {
+            ONE_THREAD_SUITES
+                .iter()
+                .any(|name| s.source == format!("tests/tests/{name}.rs"))
+        })
+        .map(|s| Suite {
+            source: format!("{} ({}={})", s.source, ONE_THREAD.0, ONE_THREAD.1),
+            executable: s.executable.clone(),
+            expected: s.expected,
+            started: false,
+            finished: false,
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+        })
+        .collect();
+    if one_thread.len() != ONE_THREAD_SUITES.len() {
+        return Err(format!(
+            "the one-thread pass names {ONE_THREAD_SUITES:?} but cargo built {} of them",
+            one_thread.len()
+        ));
+    }
+    let mut args = vec!["test", "-p", "docknfv-tests", "--no-fail-fast"];
+    for name in ONE_THREAD_SUITES {
+        args.extend(["--test", name]);
+    }
+    succeeded &= run_and_tally(&mut one_thread, &args, Some(ONE_THREAD))?;
+    suites.append(&mut one_thread);
 
     println!("\nsuites (cargo {}):", TEST.join(" "));
     for suite in &suites {
@@ -162,17 +204,24 @@ fn build() -> Result<Option<Vec<Suite>>, String> {
     Ok(Some(suites))
 }
 
-/// Runs the tests, echoing every line and tallying them per suite. Whether cargo succeeded.
-fn run_and_tally(suites: &mut [Suite]) -> Result<bool, String> {
+/// Runs `cargo ARGS` (with `env` set), echoing every line and tallying them per suite.
+/// Whether cargo succeeded.
+fn run_and_tally(
+    suites: &mut [Suite],
+    args: &[&str],
+    env: Option<(&str, &str)>,
+) -> Result<bool, String> {
     // One stream for cargo's "Running" lines (stderr) and the tests' output (stdout), so
     // each result line follows the suite it belongs to.
     let mut command = Command::new("sh");
     command
         .args(["-c", "exec \"$0\" \"$@\" 2>&1"])
         .arg(crate::cargo_program())
-        .args(TEST)
+        .args(args)
+        .envs(env)
         .stdout(Stdio::piped());
-    eprintln!("+ cargo {}", TEST.join(" "));
+    let prefix = env.map_or(String::new(), |(name, value)| format!("{name}={value} "));
+    eprintln!("+ {prefix}cargo {}", args.join(" "));
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run {command:?}: {e}"))?;
