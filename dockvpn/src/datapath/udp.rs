@@ -223,7 +223,7 @@ impl BatchSocket {
         }
     }
 
-    /// A receive batch sized for this socket.
+    /// A receive batch of the default size.
     pub fn rx_batch(&self) -> io::Result<RxBatch> {
         RxBatch::new(RxBatch::DEFAULT_SLOTS)
     }
@@ -434,14 +434,21 @@ impl BatchSocket {
                 iov_base: unsafe { base.add(slot * SLOT_BYTES) }.cast(),
                 iov_len: SLOT_BYTES,
             };
-            let header = &mut batch.headers[slot];
+        }
+        // The pointers are taken once, after the last write through a reference, so no
+        // later reborrow of these arrays invalidates them before the kernel uses them.
+        let names = batch.names.as_mut_ptr();
+        let iovecs = batch.iovecs.as_mut_ptr();
+        let controls = batch.controls.as_mut_ptr();
+        for (slot, header) in batch.headers.iter_mut().enumerate() {
             header.msg_len = 0;
             let message = &mut header.msg_hdr;
-            message.msg_name = (&mut batch.names[slot] as *mut libc::sockaddr_in).cast();
+            // SAFETY (the three `add`s): slot < slots, the length of each array.
+            message.msg_name = unsafe { names.add(slot) }.cast();
             message.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            message.msg_iov = &mut batch.iovecs[slot];
+            message.msg_iov = unsafe { iovecs.add(slot) };
             message.msg_iovlen = 1;
-            message.msg_control = batch.controls[slot].0.as_mut_ptr().cast();
+            message.msg_control = unsafe { controls.add(slot) }.cast();
             message.msg_controllen = CONTROL_BYTES as _;
             message.msg_flags = 0;
         }
@@ -724,18 +731,22 @@ impl TxBatch {
     /// Plans and lays out the messages for the unsent entries, at most one call's worth;
     /// returns how many.
     fn prepare(&mut self, gso_max_segment: usize) -> usize {
+        // Raw pointers taken once (see recv_batch): the arena is not touched through a
+        // reference again before the kernel reads it.
+        let arena = self.arena.as_mut_ptr();
         let mut next = self.sent;
         let mut messages = 0;
         while next < self.entry_count && messages < self.headers.len() {
             let (entries, segment) = self.run_at(next, gso_max_segment);
             let first = self.entries[next];
             let last = self.entries[next + entries - 1];
-            let bytes = last.start + last.length - first.start;
             self.plan[messages] = PlannedMessage { entries, segment };
             self.names[messages] = sockaddr_in(first.to);
             self.iovecs[messages] = libc::iovec {
-                iov_base: self.arena[first.start..].as_mut_ptr().cast(),
-                iov_len: bytes,
+                // SAFETY: push put every entry inside the arena.
+                iov_base: unsafe { arena.add(first.start) }.cast(),
+                // Consecutive entries are adjacent in the arena: one iovec covers the run.
+                iov_len: last.start + last.length - first.start,
             };
             let control = &mut self.controls[messages].0;
             let mut control_length = 0;
@@ -766,22 +777,27 @@ impl TxBatch {
                     &(segment as u16).to_ne_bytes(),
                 );
             }
-            let header = &mut self.headers[messages];
-            header.msg_len = 0;
-            let message = &mut header.msg_hdr;
-            message.msg_name = (&mut self.names[messages] as *mut libc::sockaddr_in).cast();
-            message.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            message.msg_iov = &mut self.iovecs[messages];
-            message.msg_iovlen = 1;
-            message.msg_control = if control_length == 0 {
-                std::ptr::null_mut()
-            } else {
-                control.as_mut_ptr().cast()
-            };
+            let message = &mut self.headers[messages].msg_hdr;
             message.msg_controllen = control_length as _;
-            message.msg_flags = 0;
             next += entries;
             messages += 1;
+        }
+        let names = self.names.as_mut_ptr();
+        let iovecs = self.iovecs.as_mut_ptr();
+        let controls = self.controls.as_mut_ptr();
+        for (index, header) in self.headers[..messages].iter_mut().enumerate() {
+            header.msg_len = 0;
+            let message = &mut header.msg_hdr;
+            // SAFETY (the three `add`s): index < messages ≤ the length of each array.
+            message.msg_name = unsafe { names.add(index) }.cast();
+            message.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            message.msg_iov = unsafe { iovecs.add(index) };
+            message.msg_iovlen = 1;
+            message.msg_control = match message.msg_controllen {
+                0 => std::ptr::null_mut(),
+                _ => unsafe { controls.add(index) }.cast(),
+            };
+            message.msg_flags = 0;
         }
         messages
     }
