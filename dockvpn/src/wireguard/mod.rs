@@ -40,8 +40,8 @@ const IPV4_HEADER: usize = 20;
 const BUFFER: usize = 65536 + 32;
 /// What a data packet adds to the IP packet it carries: type, index, counter and tag.
 const DATA_OVERHEAD: usize = 32;
-/// boringtun panics when the buffer it writes into is shorter than what it may write there,
-/// and that may be a handshake initiation, the longest message, whatever it was given.
+/// boringtun panics when its output buffer is shorter than what it may write, and whatever
+/// it is given it may answer with a handshake message: an initiation, the longest, is this.
 const TUNN_OUTPUT_MIN: usize = 148;
 
 /// A registered client, as the registry gives it.
@@ -446,7 +446,7 @@ impl WireguardServer {
             let why = format!("WireGuard client {id} is not connected");
             return self.drop_input(|c| &mut c.no_client_for_destination, why);
         };
-        if packet.len() + 32 > self.scratch.len() {
+        if packet.len() + DATA_OVERHEAD > BUFFER {
             return self.drop_input(|c| &mut c.malformed, "an oversized tun packet".to_owned());
         }
         // Sealed in place in the buffer the datagram goes out in.
