@@ -5,8 +5,6 @@
 //! `comp-lzo` and `compress` variant to `stubv2`), and keeps only the stub's framing. A
 //! payload the client compressed anyway is refused (`Unframed::Compressed`).
 
-use std::borrow::Cow;
-
 use super::keymethod::PeerInfo;
 
 /// `comp-lzo` framing: a leading byte says whether the payload is compressed.
@@ -27,10 +25,11 @@ pub enum Framing {
     V2,
 }
 
-/// A data payload without its framing, or the framing byte of one the client compressed.
+/// What a framed payload turned out to be: plain (`unframe` left it in its buffer), or
+/// compressed by the client, with the framing byte that says so.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unframed {
-    Plain(Vec<u8>),
+    Plain,
     Compressed(u8),
 }
 
@@ -49,34 +48,34 @@ impl Framing {
         }
     }
 
-    /// `payload` as the client expects it.
-    pub fn frame<'a>(self, payload: &'a [u8]) -> Cow<'a, [u8]> {
-        match (self, payload.split_first()) {
-            (Framing::None, _) | (_, None) => Cow::Borrowed(payload),
-            (Framing::Lzo, Some(_)) => Cow::Owned([&[LZO_UNCOMPRESSED], payload].concat()),
-            (Framing::V2, Some((&V2_INDICATOR, _))) => {
-                Cow::Owned([&[V2_INDICATOR, V2_UNCOMPRESSED], payload].concat())
-            }
-            (Framing::V2, Some(_)) => Cow::Borrowed(payload),
+    /// What goes before `payload` on the wire so that the client reads it as uncompressed;
+    /// the sealer writes it and the payload straight into the datagram.
+    pub fn prefix(self, payload: &[u8]) -> &'static [u8] {
+        match (self, payload.first()) {
+            (Framing::None, _) | (_, None) => &[],
+            (Framing::Lzo, Some(_)) => &[LZO_UNCOMPRESSED],
+            (Framing::V2, Some(&V2_INDICATOR)) => &[V2_INDICATOR, V2_UNCOMPRESSED],
+            (Framing::V2, Some(_)) => &[],
         }
     }
 
-    /// The payload the client framed, or the byte that says it compressed it.
-    pub fn unframe(self, mut framed: Vec<u8>) -> Unframed {
+    /// Takes the framing off the payload in `framed`, in place; or says the client
+    /// compressed it.
+    pub fn unframe(self, framed: &mut Vec<u8>) -> Unframed {
         match (self, framed.first().copied()) {
-            (Framing::None, _) | (_, None) => Unframed::Plain(framed),
+            (Framing::None, _) | (_, None) => Unframed::Plain,
             (Framing::Lzo, Some(LZO_UNCOMPRESSED)) => {
                 framed.remove(0);
-                Unframed::Plain(framed)
+                Unframed::Plain
             }
             (Framing::V2, Some(V2_INDICATOR)) => match framed.get(1) {
                 Some(&V2_UNCOMPRESSED) => {
                     framed.drain(..2);
-                    Unframed::Plain(framed)
+                    Unframed::Plain
                 }
                 _ => Unframed::Compressed(V2_INDICATOR),
             },
-            (Framing::V2, Some(_)) => Unframed::Plain(framed),
+            (Framing::V2, Some(_)) => Unframed::Plain,
             (Framing::Lzo, Some(byte)) => Unframed::Compressed(byte),
         }
     }
@@ -97,27 +96,27 @@ mod tests {
             (Framing::V2, &[0x50, 1], &[0x50, 0, 0x50, 1]),
         ];
         for (framing, payload, wire) in cases {
-            let framed = framing.frame(payload);
-            assert_eq!(&*framed, wire, "{framing:?}");
-            assert_eq!(
-                framing.unframe(framed.into_owned()),
-                Unframed::Plain(payload.to_vec()),
-                "{framing:?}"
-            );
+            let mut framed = [framing.prefix(payload), payload].concat();
+            assert_eq!(framed, wire, "{framing:?}");
+            assert_eq!(framing.unframe(&mut framed), Unframed::Plain, "{framing:?}");
+            assert_eq!(framed, payload, "{framing:?}");
         }
     }
 
     #[test]
     fn compressed_payloads_are_refused() {
         assert_eq!(
-            Framing::Lzo.unframe(vec![0x66, 1, 2]),
+            Framing::Lzo.unframe(&mut vec![0x66, 1, 2]),
             Unframed::Compressed(0x66)
         );
         assert_eq!(
-            Framing::V2.unframe(vec![0x50, 1, 2]),
+            Framing::V2.unframe(&mut vec![0x50, 1, 2]),
             Unframed::Compressed(0x50)
         );
-        assert_eq!(Framing::V2.unframe(vec![0x50]), Unframed::Compressed(0x50));
+        assert_eq!(
+            Framing::V2.unframe(&mut vec![0x50]),
+            Unframed::Compressed(0x50)
+        );
     }
 
     #[test]

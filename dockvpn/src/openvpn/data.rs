@@ -7,7 +7,7 @@
 //! with the second.
 
 use ring::aead::{
-    Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
+    Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
 };
 use thiserror::Error;
 
@@ -205,17 +205,22 @@ impl DataChannel {
         self.next_packet_id >= 0xff00_0000
     }
 
-    pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, DataError> {
+    /// Seals the concatenation of `plaintext` (a framing byte and a payload need no copy
+    /// into one slice first) as one DATA_V2 datagram in `out`, whose earlier contents go;
+    /// the datagram is sealed in place, so a reused `out` costs no allocation.
+    pub fn seal_into(&mut self, plaintext: &[&[u8]], out: &mut Vec<u8>) -> Result<(), DataError> {
         let packet_id = self.next_packet_id;
         self.next_packet_id = packet_id
             .checked_add(1)
             .ok_or(DataError::PacketIdExhausted)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + TAG_LEN + plaintext.len());
+        out.clear();
         out.push(Opcode::DataV2.wire() << 3 | self.key_id);
         out.extend_from_slice(&self.peer_id.to_be_bytes()[1..]);
         out.extend_from_slice(&packet_id.to_be_bytes());
         out.extend_from_slice(&[0; TAG_LEN]);
-        out.extend_from_slice(plaintext);
+        for part in plaintext {
+            out.extend_from_slice(part);
+        }
         let (header, rest) = out.split_at_mut(HEADER_LEN);
         let (tag_slot, body) = rest.split_at_mut(TAG_LEN);
         let tag = self
@@ -224,11 +229,20 @@ impl DataChannel {
             .seal_in_place_separate_tag(self.send.nonce(packet_id), Aad::from(&*header), body)
             .map_err(|_| DataError::Unauthenticated)?;
         tag_slot.copy_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// `seal_into` a new buffer: for a client or a test, not the server's data path.
+    pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, DataError> {
+        let mut out = Vec::with_capacity(HEADER_LEN + TAG_LEN + plaintext.len());
+        self.seal_into(&[plaintext], &mut out)?;
         Ok(out)
     }
 
-    /// Authenticates and decrypts a whole DATA_V2 datagram; replays are refused.
-    pub fn open(&mut self, datagram: &[u8]) -> Result<Vec<u8>, DataError> {
+    /// Authenticates and decrypts a whole DATA_V2 datagram into `out` (its earlier contents
+    /// go; on an error it holds garbage); replays are refused. The ciphertext is copied into
+    /// `out` and opened there, the tag checked where it lies in `datagram`.
+    pub fn open_into(&mut self, datagram: &[u8], out: &mut Vec<u8>) -> Result<(), DataError> {
         if datagram.len() < HEADER_LEN + TAG_LEN {
             return Err(DataError::Truncated);
         }
@@ -236,22 +250,28 @@ impl DataChannel {
         let packet_id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         self.replay.check(packet_id)?;
         let (tag, ciphertext) = rest.split_at(TAG_LEN);
-        let mut buffer = Vec::with_capacity(ciphertext.len() + TAG_LEN);
-        buffer.extend_from_slice(ciphertext);
-        buffer.extend_from_slice(tag);
-        let plaintext_len = self
-            .receive
+        let tag = Tag::try_from(tag).map_err(|_| DataError::Truncated)?;
+        out.clear();
+        out.extend_from_slice(ciphertext);
+        self.receive
             .key
-            .open_in_place(
+            .open_in_place_separate_tag(
                 self.receive.nonce(packet_id),
                 Aad::from(header),
-                &mut buffer,
+                tag,
+                out,
+                0..,
             )
-            .map_err(|_| DataError::Unauthenticated)?
-            .len();
-        buffer.truncate(plaintext_len);
+            .map_err(|_| DataError::Unauthenticated)?;
         self.replay.commit(packet_id);
-        Ok(buffer)
+        Ok(())
+    }
+
+    /// `open_into` a new buffer: for a client or a test, not the server's data path.
+    pub fn open(&mut self, datagram: &[u8]) -> Result<Vec<u8>, DataError> {
+        let mut out = Vec::with_capacity(datagram.len());
+        self.open_into(datagram, &mut out)?;
+        Ok(out)
     }
 }
 
@@ -297,6 +317,28 @@ mod tests {
             let own = server.seal(b"x").unwrap();
             assert_eq!(server.open(&own), Err(DataError::Unauthenticated));
         }
+    }
+
+    #[test]
+    fn sealing_and_opening_reuse_the_buffer_they_are_given() {
+        let mut server = DataChannel::new(Cipher::Aes256Gcm, &material(), true, 0, 5);
+        let mut twin = DataChannel::new(Cipher::Aes256Gcm, &material(), true, 0, 5);
+        let mut client = DataChannel::new(Cipher::Aes256Gcm, &material(), false, 0, 5);
+        let mut reused = Vec::with_capacity(2048);
+        reused.extend_from_slice(&[0xee; 300]);
+        let address = reused.as_ptr();
+        server
+            .seal_into(&[b"\xfa", b"payload"], &mut reused)
+            .unwrap();
+        assert_eq!(
+            reused,
+            twin.seal(b"\xfapayload").unwrap(),
+            "the parts, concatenated"
+        );
+        let sealed = reused.clone();
+        client.open_into(&sealed, &mut reused).unwrap();
+        assert_eq!(reused, b"\xfapayload");
+        assert_eq!(reused.as_ptr(), address, "no new buffer");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::session::{DataKeys, Fingerprint, KeyDerivation, Session, OPTIONS_STRI
 use super::tls_crypt::{ControlKey, WrapState};
 use super::wrap::{ControlWrap, Opened, Unwrapped};
 use crate::access::client_networks;
+use crate::engine::BufferPool;
 use vnf_core::clock::WallClock;
 
 /// How long after a wrong password a client's next password is refused unchecked.
@@ -196,6 +197,8 @@ pub struct Server {
     by_address: HashMap<Ipv4Addr, Link>,
     next_peer_id: u32,
     outputs: VecDeque<Output>,
+    /// What `Transmit` and `Tun` outputs are made in; the driver hands them back.
+    buffers: BufferPool,
     pub counters: Counters,
     /// Refused clients, by reason.
     pub refusals: Refusals,
@@ -229,6 +232,7 @@ impl Server {
             by_address: HashMap::new(),
             next_peer_id: 0,
             outputs: VecDeque::new(),
+            buffers: BufferPool::new(),
             counters: Counters::default(),
             refusals: Refusals::default(),
             handshakes: 0,
@@ -354,6 +358,12 @@ impl Server {
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
+    }
+
+    /// Hands back the buffer of a `Transmit` or `Tun` output once it is sent or written:
+    /// the engine seals and opens the next packets in it instead of a new allocation.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        self.buffers.recycle(buffer);
     }
 
     pub fn connected(&self) -> Vec<ClientStatus> {
@@ -721,6 +731,25 @@ impl Server {
     }
 
     fn handle_data(&mut self, now: Instant, from: Link, peer_id: u32, key_id: u8, datagram: &[u8]) {
+        let mut payload = self.buffers.take();
+        if self.open_data(now, from, peer_id, key_id, datagram, &mut payload) {
+            self.outputs.push_back(Output::Tun(payload));
+        } else {
+            self.buffers.recycle(payload);
+        }
+    }
+
+    /// Opens a data packet into `payload` and acts on what it carries; true when that is an
+    /// IP packet for tun, left in `payload`.
+    fn open_data(
+        &mut self,
+        now: Instant,
+        from: Link,
+        peer_id: u32,
+        key_id: u8,
+        datagram: &[u8],
+        payload: &mut Vec<u8>,
+    ) -> bool {
         let peer = self.by_peer_id.get(&peer_id).copied();
         let session = match peer {
             Some(peer) => self.sessions.get_mut(&peer),
@@ -728,26 +757,30 @@ impl Server {
         };
         let Some(session) = session.filter(|s| s.is_active()) else {
             let why = format!("from {from}: data before the session is up");
-            return self.drop_input(|c| &mut c.unknown_session, why);
+            self.drop_input(|c| &mut c.unknown_session, why);
+            return false;
         };
         let renegotiated = session.renegotiations;
-        let opened = session.open(key_id, datagram);
+        let opened = session.open(key_id, datagram, payload);
         self.handshakes += session.renegotiations - renegotiated;
-        let plaintext = match opened {
-            Ok(Unframed::Plain(plaintext)) => plaintext,
+        match opened {
+            Ok(Unframed::Plain) => {}
             Ok(Unframed::Compressed(byte)) => {
                 let why = format!("from {from}: compressed data (framing byte {byte:#04x}); the client must drop comp-lzo/compress from its profile");
-                return self.drop_input(|c| &mut c.compressed_data, why);
+                self.drop_input(|c| &mut c.compressed_data, why);
+                return false;
             }
             Err(DataError::Replayed(id)) => {
                 let why = format!("from {from}: replayed data packet id {id}");
-                return self.drop_input(|c| &mut c.replayed_data, why);
+                self.drop_input(|c| &mut c.replayed_data, why);
+                return false;
             }
             Err(error) => {
                 let why = format!("from {from}: data packet {error}");
-                return self.drop_input(|c| &mut c.unauthenticated_data, why);
+                self.drop_input(|c| &mut c.unauthenticated_data, why);
+                return false;
             }
-        };
+        }
         session.last_received = now;
         session.bytes_in += datagram.len() as u64;
         // Authenticated traffic from a new address: the client moved (NAT rebinding), unless
@@ -759,14 +792,15 @@ impl Server {
             None if self.unpark(peer_id, from) => from,
             None => {
                 let why = format!("from {from}: a moved client's data from an address in use");
-                return self.drop_input(|c| &mut c.unknown_session, why);
+                self.drop_input(|c| &mut c.unknown_session, why);
+                return false;
             }
         };
         let session = self
             .sessions
             .get_mut(&at)
             .expect("the session of this peer id");
-        match classify(&plaintext) {
+        match classify(payload) {
             Payload::Ping => {}
             Payload::Occ(OCC_EXIT) => session.close("the client exited"),
             Payload::Occ(OCC_REQUEST) => {
@@ -788,23 +822,20 @@ impl Server {
             Payload::Ip(packet) => {
                 let source = ipv4_source(packet);
                 if source.is_some() && source == session.address {
-                    // `open` returned the packet as its own buffer: hand that over.
-                    self.outputs.push_back(Output::Tun(plaintext));
-                } else {
-                    let source = source.map_or_else(
-                        || "a packet that is not IPv4".to_owned(),
-                        |source| format!("a packet with source {source}"),
-                    );
-                    let why = match session.address {
-                        Some(address) => {
-                            format!("from {from}: {source} from the client at {address}")
-                        }
-                        None => format!("from {from}: {source} from a client without an address"),
-                    };
-                    self.drop_input(|c| &mut c.spoofed_source, why);
+                    return true;
                 }
+                let source = source.map_or_else(
+                    || "a packet that is not IPv4".to_owned(),
+                    |source| format!("a packet with source {source}"),
+                );
+                let why = match session.address {
+                    Some(address) => format!("from {from}: {source} from the client at {address}"),
+                    None => format!("from {from}: {source} from a client without an address"),
+                };
+                self.drop_input(|c| &mut c.spoofed_source, why);
             }
         }
+        false
     }
 
     /// Moves a UDP session to a new address; false when another session holds that address
@@ -901,14 +932,18 @@ impl Server {
         let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.is_active()) else {
             return;
         };
-        match session.seal(payload) {
-            Ok(datagram) => {
+        let mut datagram = self.buffers.take();
+        match session.seal(payload, &mut datagram) {
+            Ok(()) => {
                 session.last_sent = now;
                 session.bytes_out += datagram.len() as u64;
                 self.outputs
                     .push_back(Output::Transmit { to: peer, datagram });
             }
-            Err(error) => session.close(format!("data channel: {error}")),
+            Err(error) => {
+                self.buffers.recycle(datagram);
+                session.close(format!("data channel: {error}"));
+            }
         }
     }
 

@@ -541,26 +541,31 @@ impl Session {
     }
 
     /// Seals a data payload (in the client's compression framing) with the newest key the
-    /// client holds.
-    pub fn seal(&mut self, payload: &[u8]) -> Result<Vec<u8>, DataError> {
+    /// client holds, into `datagram`.
+    pub fn seal(&mut self, payload: &[u8], datagram: &mut Vec<u8>) -> Result<(), DataError> {
         let data = if self.key.confirmed {
             self.key.data.as_mut()
         } else {
             self.lame_duck.as_mut().and_then(|l| l.slot.data.as_mut())
         };
+        let framing = self.framing.prefix(payload);
         data.ok_or(DataError::NoKey)?
-            .seal(&self.framing.frame(payload))
+            .seal_into(&[framing, payload], datagram)
     }
 
-    /// Opens a data packet with the key its key id names (the current one or the lame
-    /// duck), and takes off the client's compression framing.
-    pub fn open(&mut self, key_id: u8, datagram: &[u8]) -> Result<Unframed, DataError> {
-        let plaintext = if self.key.key_id == key_id {
+    /// Opens a data packet into `payload` with the key its key id names (the current one or
+    /// the lame duck), and takes off the client's compression framing.
+    pub fn open(
+        &mut self,
+        key_id: u8,
+        datagram: &[u8],
+        payload: &mut Vec<u8>,
+    ) -> Result<Unframed, DataError> {
+        if self.key.key_id == key_id {
             let data = self.key.data.as_mut().ok_or(DataError::NoKey)?;
-            let plaintext = data.open(datagram)?;
+            data.open_into(datagram, payload)?;
             // The client sends with the new key: it has derived it.
             self.confirm_key();
-            plaintext
         } else {
             match self.lame_duck.as_mut() {
                 Some(lame_duck) if lame_duck.slot.key_id == key_id => lame_duck
@@ -568,11 +573,11 @@ impl Session {
                     .data
                     .as_mut()
                     .ok_or(DataError::NoKey)?
-                    .open(datagram)?,
+                    .open_into(datagram, payload)?,
                 _ => return Err(DataError::NoKey),
             }
-        };
-        Ok(self.framing.unframe(plaintext))
+        }
+        Ok(self.framing.unframe(payload))
     }
 
     /// The client holds the renegotiated key: the server sends with it from now on.

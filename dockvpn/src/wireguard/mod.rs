@@ -19,6 +19,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::dropped::Counters;
+use crate::engine::BufferPool;
 
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,11 @@ const COOKIE_REPLY: u8 = 3;
 const IPV4_HEADER: usize = 20;
 /// Room for any datagram or packet plus WireGuard's 32 bytes.
 const BUFFER: usize = 65536 + 32;
+/// What a data packet adds to the IP packet it carries: type, index, counter and tag.
+const DATA_OVERHEAD: usize = 32;
+/// boringtun panics when its output buffer is shorter than what it may write, and whatever
+/// it is given it may answer with a handshake message: an initiation, the longest, is this.
+const TUNN_OUTPUT_MIN: usize = 148;
 
 /// A registered client, as the registry gives it.
 #[derive(Clone, PartialEq, Eq)]
@@ -136,7 +142,10 @@ pub struct WireguardServer {
     by_key: HashMap<[u8; 32], PeerId>,
     next_tick: Instant,
     outputs: VecDeque<Output>,
-    /// boringtun writes its results here.
+    /// What `Transmit` and `Tun` outputs are made in; the driver hands them back.
+    buffers: BufferPool,
+    /// boringtun writes here what is not sealed or opened in place in an output buffer
+    /// (cookie replies, held packets, timer messages).
     scratch: Vec<u8>,
     pub counters: Counters,
     /// Handshakes completed since the server started: connects and rekeys.
@@ -156,6 +165,7 @@ impl WireguardServer {
             by_key: HashMap::new(),
             next_tick: now + TICK,
             outputs: VecDeque::new(),
+            buffers: BufferPool::new(),
             scratch: vec![0; BUFFER],
             counters: Counters::default(),
             handshakes: 0,
@@ -238,6 +248,12 @@ impl WireguardServer {
         self.outputs.pop_front()
     }
 
+    /// Hands back the buffer of a `Transmit` or `Tun` output once it is sent or written:
+    /// the engine seals and opens the next packets in it instead of a new allocation.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        self.buffers.recycle(buffer);
+    }
+
     fn drop_input(&mut self, counter: fn(&mut Counters) -> &mut u64, why: String) {
         *counter(&mut self.counters) += 1;
         self.last_drop = Some(why);
@@ -273,7 +289,7 @@ impl WireguardServer {
         {
             Ok(packet) => packet,
             Err(TunnResult::WriteToNetwork(cookie_reply)) => {
-                let reply = cookie_reply.to_vec();
+                let reply = self.buffers.copy_of(cookie_reply);
                 self.outputs.push_back(Output::Transmit {
                     to: from,
                     datagram: reply,
@@ -307,14 +323,21 @@ impl WireguardServer {
             let why = format!("WireGuard packet from {from} for no session");
             return self.drop_input(|c| &mut c.unknown_session, why);
         };
-        // Checked again inside, against the same limiter (so with the same cookie secret).
-        match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+        // Opened (or answered) in place in the buffer the output goes out in; checked again
+        // inside, against the same limiter (so with the same cookie secret).
+        let mut output = self.buffers.take_len(datagram.len().max(TUNN_OUTPUT_MIN));
+        let start = output.as_ptr();
+        match peer
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut output)
+        {
             TunnResult::WriteToNetwork(reply) => {
                 let reply_type = reply.first().copied();
-                let reply = reply.to_vec();
+                let len = written(reply, start);
+                output.truncate(len);
                 self.outputs.push_back(Output::Transmit {
                     to: from,
-                    datagram: reply,
+                    datagram: output,
                 });
                 // A cookie reply means the limiter wants proof of address, not that the
                 // handshake went through.
@@ -337,6 +360,7 @@ impl WireguardServer {
                 // boringtun cuts the packet to its header's total length, which may claim
                 // less than the header itself.
                 if packet.len() < IPV4_HEADER {
+                    self.buffers.recycle(output);
                     let why = format!(
                         "WireGuard client {}: a truncated IPv4 packet",
                         peer.config.name
@@ -344,27 +368,34 @@ impl WireguardServer {
                     return self.drop_input(|c| &mut c.malformed, why);
                 }
                 if source != peer.config.address {
+                    self.buffers.recycle(output);
                     let why = format!(
                         "WireGuard client {} sent from {source}, not its address {}",
                         peer.config.name, peer.config.address
                     );
                     return self.drop_input(|c| &mut c.spoofed_source, why);
                 }
-                let packet = packet.to_vec();
-                self.outputs.push_back(Output::Tun(packet));
+                let len = written(packet, start);
+                output.truncate(len);
+                self.outputs.push_back(Output::Tun(output));
                 self.confirmed(now, id, from, scratch);
             }
             TunnResult::WriteToTunnelV6(..) => {
+                self.buffers.recycle(output);
                 self.counters.ipv6_from_client += 1;
                 self.confirmed(now, id, from, scratch);
             }
             // A keepalive that authenticated (or a cookie reply the tunnel took).
             TunnResult::Done => {
+                self.buffers.recycle(output);
                 if kind == Kind::Data {
                     self.confirmed(now, id, from, scratch);
                 }
             }
-            TunnResult::Err(error) => self.drop_error(from, error),
+            TunnResult::Err(error) => {
+                self.buffers.recycle(output);
+                self.drop_error(from, error);
+            }
         }
     }
 
@@ -403,7 +434,7 @@ impl WireguardServer {
         while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], scratch) {
             self.outputs.push_back(Output::Transmit {
                 to: endpoint,
-                datagram: datagram.to_vec(),
+                datagram: self.buffers.copy_of(datagram),
             });
         }
     }
@@ -415,20 +446,29 @@ impl WireguardServer {
             let why = format!("WireGuard client {id} is not connected");
             return self.drop_input(|c| &mut c.no_client_for_destination, why);
         };
-        if packet.len() + 32 > self.scratch.len() {
+        if packet.len() + DATA_OVERHEAD > BUFFER {
             return self.drop_input(|c| &mut c.malformed, "an oversized tun packet".to_owned());
         }
-        match peer.tunn.encapsulate(packet, &mut self.scratch) {
-            TunnResult::WriteToNetwork(datagram) => self.outputs.push_back(Output::Transmit {
-                to: endpoint,
-                datagram: datagram.to_vec(),
-            }),
+        // Sealed in place in the buffer the datagram goes out in.
+        let room = (packet.len() + DATA_OVERHEAD).max(TUNN_OUTPUT_MIN);
+        let mut datagram = self.buffers.take_len(room);
+        let start = datagram.as_ptr();
+        match peer.tunn.encapsulate(packet, &mut datagram) {
+            TunnResult::WriteToNetwork(sealed) => {
+                let len = written(sealed, start);
+                datagram.truncate(len);
+                self.outputs.push_back(Output::Transmit {
+                    to: endpoint,
+                    datagram,
+                });
+            }
             TunnResult::Err(error) => {
+                self.buffers.recycle(datagram);
                 let why = format!("WireGuard to {}: {error:?}", peer.config.name);
                 self.drop_input(|c| &mut c.no_client_for_destination, why)
             }
             // Held until a handshake gives the tunnel a session.
-            _ => {}
+            _ => self.buffers.recycle(datagram),
         }
     }
 
@@ -469,7 +509,7 @@ impl WireguardServer {
                     if let Some(endpoint) = peer.endpoint {
                         self.outputs.push_back(Output::Transmit {
                             to: endpoint,
-                            datagram: datagram.to_vec(),
+                            datagram: self.buffers.copy_of(datagram),
                         });
                     }
                 }
@@ -543,4 +583,15 @@ impl WireguardServer {
             .filter(|p| p.connected_at.is_some())
             .count()
     }
+}
+
+/// The length of what boringtun wrote into the buffer starting at `start`: it writes its
+/// result at the start, so the buffer is cut to that length.
+fn written(result: &[u8], start: *const u8) -> usize {
+    debug_assert_eq!(
+        result.as_ptr(),
+        start,
+        "boringtun wrote its result at the start"
+    );
+    result.len()
 }
