@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod address_book;
+pub mod datapath;
 pub mod dropped;
 pub mod engine;
 pub mod fuzzing;
