@@ -3,3 +3,4 @@
 //! moves packets between them and the engines in reused buffers.
 
 pub mod offload;
+pub mod tun;
