@@ -7,6 +7,9 @@
 //! with complete checksums: that is [`segment`], which never trusts the header or the
 //! packet (typed [`OffloadError`]s, no panics, loops bounded by the packet's length).
 //!
+//! The other way, [`TunWriteBatch`] joins consecutive TCP segments of a flow into one
+//! super-packet with a `GSO_TCPV4` header, so the kernel takes a burst in one write.
+//!
 //! Byte order: the header's 16-bit fields are little-endian. A tun uses the host's order for
 //! these legacy headers unless `TUNSETVNETLE` is set; [`super::tun::Tun`] sets it, so
 //! little-endian holds on every host (x86 and arm64 are little-endian anyway).
@@ -273,6 +276,15 @@ impl Packets {
             data: &self.data,
             spans: self.spans.iter(),
         }
+    }
+
+    /// Appends `bytes` to the last packet (none: nothing happens), returned for changes.
+    fn extend_last(&mut self, bytes: &[u8]) -> Option<&mut [u8]> {
+        let last = self.spans.last_mut()?;
+        self.data.extend_from_slice(bytes);
+        last.end = self.data.len();
+        let span = last.clone();
+        self.data.get_mut(span)
     }
 }
 
@@ -584,6 +596,183 @@ fn transport_checksum(folded: u16) -> u16 {
         0 => 0xffff,
         checksum => checksum,
     }
+}
+
+/// Packets for the tun, with consecutive in-order TCP/IPv4 segments of one flow coalesced
+/// into super-packets (GRO done in userspace): the kernel then takes a burst of a TCP stream
+/// in one write and one pass through its stack instead of one per segment. Only a segment
+/// that continues the batch's last packet joins it (no flow table), which is what a batch
+/// from one peer mostly is. Needs a tun with the virtio-net header and TSO4.
+#[derive(Debug, Default)]
+pub struct TunWriteBatch {
+    packets: Packets,
+    headers: Vec<VirtioNetHdr>,
+    /// The last packet, while further TCP segments may still join it.
+    open_run: Option<TcpRun>,
+}
+
+/// A super-packet under construction: the segments after the first must match it.
+#[derive(Debug, Clone, Copy)]
+struct TcpRun {
+    headers_len: usize,
+    gso_size: usize,
+    next_sequence: u32,
+}
+
+/// What coalescing needs of a TCP segment that may take part in it.
+#[derive(Debug, Clone, Copy)]
+struct TcpSegment {
+    headers_len: usize,
+    payload_len: usize,
+    sequence: u32,
+    push: bool,
+}
+
+impl TunWriteBatch {
+    pub fn new() -> TunWriteBatch {
+        TunWriteBatch::default()
+    }
+
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.packets.clear();
+        self.headers.clear();
+        self.open_run = None;
+    }
+
+    /// How many tun writes the batch holds.
+    pub fn len(&self) -> usize {
+        self.headers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty()
+    }
+
+    /// Adds one complete packet (checksums done), joining it to the previous one where it
+    /// continues the same TCP flow.
+    pub fn push(&mut self, packet: &[u8]) {
+        let segment = coalescable_tcp_segment(packet);
+        if let (Some(segment), Some(run)) = (segment, self.open_run) {
+            if self.continues_run(&run, packet, &segment) {
+                self.join(run, packet, segment);
+                return;
+            }
+        }
+        self.packets.push(packet);
+        self.headers.push(VirtioNetHdr::PLAIN);
+        self.open_run = segment
+            .filter(|segment| !segment.push)
+            .map(|segment| TcpRun {
+                headers_len: segment.headers_len,
+                gso_size: segment.payload_len,
+                next_sequence: segment.sequence.wrapping_add(segment.payload_len as u32),
+            });
+    }
+
+    /// The write at `index`: the header to put in front, then the packet.
+    pub fn get(&self, index: usize) -> Option<(&VirtioNetHdr, &[u8])> {
+        Some((self.headers.get(index)?, self.packets.get(index)?))
+    }
+
+    /// The writes in order: each header to put in front of its packet.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&VirtioNetHdr, &[u8])> + '_ {
+        self.headers.iter().zip(self.packets.iter())
+    }
+
+    fn continues_run(&self, run: &TcpRun, packet: &[u8], segment: &TcpSegment) -> bool {
+        let Some(last) = self.packets.get(self.packets.len().wrapping_sub(1)) else {
+            return false;
+        };
+        let headers_len = run.headers_len;
+        segment.headers_len == headers_len
+            && segment.sequence == run.next_sequence
+            && segment.payload_len <= run.gso_size
+            && last.len() + segment.payload_len <= usize::from(u16::MAX)
+            // Version, TOS; DF, TTL, protocol; addresses.
+            && last[..2] == packet[..2]
+            && last[6..10] == packet[6..10]
+            && last[12..20] == packet[12..20]
+            // Ports; acknowledgement; data offset, window (flags were checked); options.
+            && last[20..24] == packet[20..24]
+            && last[28..33] == packet[28..33]
+            && last[34..36] == packet[34..36]
+            && last[40..headers_len] == packet[40..headers_len]
+    }
+
+    fn join(&mut self, mut run: TcpRun, packet: &[u8], segment: TcpSegment) {
+        let Some(joined) = self.packets.extend_last(&packet[segment.headers_len..]) else {
+            return;
+        };
+        // Within u16: `continues_run` checked the sum.
+        let total_len = joined.len() as u16;
+        joined[2..4].copy_from_slice(&total_len.to_be_bytes());
+        joined[10..12].fill(0);
+        let ip_checksum = !fold(sum_be_words(&joined[..IPV4_MIN_HEADER_LEN]));
+        joined[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+        if segment.push {
+            joined[IPV4_MIN_HEADER_LEN + 13] |= TCP_FLAG_PSH;
+        }
+        // The kernel completes the checksum (NEEDS_CSUM) from the pseudo-header sum.
+        let pseudo = pseudo_header_sum(
+            &joined[12..20],
+            IPPROTO_TCP,
+            total_len - IPV4_MIN_HEADER_LEN as u16,
+        );
+        let checksum_at = IPV4_MIN_HEADER_LEN + usize::from(TCP_CHECKSUM_OFFSET);
+        joined[checksum_at..checksum_at + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
+        if let Some(header) = self.headers.last_mut() {
+            *header = VirtioNetHdr {
+                flags: NEEDS_CSUM,
+                gso_type: GSO_TCPV4,
+                hdr_len: run.headers_len as u16,
+                gso_size: run.gso_size as u16,
+                csum_start: IPV4_MIN_HEADER_LEN as u16,
+                csum_offset: TCP_CHECKSUM_OFFSET,
+            };
+        }
+        run.next_sequence = run.next_sequence.wrapping_add(segment.payload_len as u32);
+        // A short or pushed segment ends the burst, as it ends a kernel super-packet.
+        let ends_run = segment.push || segment.payload_len < run.gso_size;
+        self.open_run = (!ends_run).then_some(run);
+    }
+}
+
+/// A TCP/IPv4 data segment that may be coalesced: no IP options, no fragment, only ACK
+/// (and PSH) set, some payload, and both checksums right, since the kernel will recompute
+/// the joined checksum rather than verify each segment's.
+fn coalescable_tcp_segment(packet: &[u8]) -> Option<TcpSegment> {
+    const TCP_FLAG_ACK: u8 = 0x10;
+    let ip = packet.get(..IPV4_MIN_HEADER_LEN)?;
+    let plain_ipv4_tcp = ip[0] == 0x45
+        && usize::from(u16::from_be_bytes([ip[2], ip[3]])) == packet.len()
+        && u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0
+        && ip[9] == IPPROTO_TCP;
+    if !plain_ipv4_tcp {
+        return None;
+    }
+    let headers_len = IPV4_MIN_HEADER_LEN + tcp_header_len(packet, IPV4_MIN_HEADER_LEN).ok()?;
+    let payload_len = packet.len() - headers_len;
+    let flags = packet[IPV4_MIN_HEADER_LEN + 13];
+    if payload_len == 0 || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH) != 0 || flags & TCP_FLAG_ACK == 0
+    {
+        return None;
+    }
+    let transport = &packet[IPV4_MIN_HEADER_LEN..];
+    let checksums_verify = fold(sum_be_words(ip)) == 0xffff
+        && fold(
+            pseudo_header_sum(&ip[12..20], IPPROTO_TCP, transport.len() as u16)
+                + sum_be_words(transport),
+        ) == 0xffff;
+    if !checksums_verify {
+        return None;
+    }
+    Some(TcpSegment {
+        headers_len,
+        payload_len,
+        sequence: u32::from_be_bytes([transport[4], transport[5], transport[6], transport[7]]),
+        push: flags & TCP_FLAG_PSH != 0,
+    })
 }
 
 #[cfg(test)]
@@ -1211,5 +1400,253 @@ mod tests {
             }
         }
         assert!(segmented > 1000, "the mutations left enough valid inputs");
+    }
+
+    /// A TCP segment as a client sends it: both checksums complete.
+    fn wire_tcp_segment(id: u16, sequence: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let packet = tcp_super_packet(&TcpSuper {
+            ip_options: vec![],
+            tcp_options: vec![1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 9],
+            id,
+            sequence,
+            flags,
+            payload: payload.to_vec(),
+        });
+        resealed(&packet, &|_| {})
+    }
+
+    /// `packet` changed by `change`, with both checksums (IPv4 without options) recomputed.
+    fn resealed(packet: &[u8], change: &dyn Fn(&mut Vec<u8>)) -> Vec<u8> {
+        let mut packet = packet.to_vec();
+        change(&mut packet);
+        reseal_tcp(&mut packet);
+        assert!(ipv4_checksum_verifies(&packet) && transport_checksum_verifies(&packet));
+        packet
+    }
+
+    /// Recomputes both checksums of what is taken for TCP/IPv4 without IP options.
+    fn reseal_tcp(packet: &mut [u8]) {
+        packet[10..12].fill(0);
+        let ip_checksum = !ones_complement_sum(&[&packet[..20]]);
+        packet[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+        packet[36..38].fill(0);
+        let length = ((packet.len() - 20) as u16).to_be_bytes();
+        let pseudo = [0, IPPROTO_TCP, length[0], length[1]];
+        let tcp_checksum = !ones_complement_sum(&[&packet[12..20], &pseudo, &packet[20..]]);
+        packet[36..38].copy_from_slice(&tcp_checksum.to_be_bytes());
+    }
+
+    const ACK: u8 = 0x10;
+
+    /// A burst of one flow as the peer's stack sends it: MSS-sized segments, consecutive
+    /// ids and sequence numbers, PSH and a short payload at the end.
+    fn burst(first_id: u16, first_sequence: u32, payload_lens: &[usize]) -> Vec<Vec<u8>> {
+        let mut sequence = first_sequence;
+        payload_lens
+            .iter()
+            .enumerate()
+            .map(|(index, &len)| {
+                let last = index + 1 == payload_lens.len();
+                let flags = if last { ACK | TCP_FLAG_PSH } else { ACK };
+                let packet = wire_tcp_segment(
+                    first_id.wrapping_add(index as u16),
+                    sequence,
+                    flags,
+                    &pattern(len + index)[index..],
+                );
+                sequence = sequence.wrapping_add(len as u32);
+                packet
+            })
+            .collect()
+    }
+
+    /// Segments what the batch would write, as the kernel would.
+    fn resegment(batch: &TunWriteBatch) -> Vec<Vec<u8>> {
+        let mut out = Packets::new();
+        for (hdr, packet) in batch.iter() {
+            segment(hdr, packet, &mut out).expect("the kernel would take it");
+        }
+        out.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    #[test]
+    fn a_burst_of_one_flow_becomes_one_super_packet_that_segments_back_exactly() {
+        let segments = burst(0xfffe, 0xffff_fa00, &[1448, 1448, 1448, 700]);
+        let mut batch = TunWriteBatch::new();
+        for packet in &segments {
+            batch.push(packet);
+        }
+
+        assert_eq!(batch.len(), 1);
+        let (hdr, joined) = batch.get(0).expect("one write");
+        assert_eq!(
+            *hdr,
+            VirtioNetHdr {
+                flags: NEEDS_CSUM,
+                gso_type: GSO_TCPV4,
+                hdr_len: 52,
+                gso_size: 1448,
+                csum_start: 20,
+                csum_offset: 16,
+            }
+        );
+        assert_eq!(joined.len(), 52 + 3 * 1448 + 700);
+        assert!(
+            ipv4_checksum_verifies(joined),
+            "ip_rcv checks the joined header"
+        );
+        // Completed from csum_start as the kernel would, the partial sum gives a valid one.
+        let mut completed = Packets::new();
+        let as_plain = VirtioNetHdr {
+            gso_type: GSO_NONE,
+            ..*hdr
+        };
+        assert_eq!(segment(&as_plain, joined, &mut completed), Ok(1));
+        assert!(completed.iter().all(transport_checksum_verifies));
+        assert_eq!(joined[33], ACK | TCP_FLAG_PSH, "the burst's PSH");
+        assert!(
+            resegment(&batch) == segments,
+            "segmenting gives back the original packets"
+        );
+
+        batch.clear();
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn only_the_continuation_of_the_last_packet_joins_it() {
+        let flow_a = burst(1, 1000, &[1000, 1000, 1000, 1000]);
+        // Same sequence numbers as A's third segment, another source port.
+        let flow_b = [resealed(&flow_a[2], &|packet| packet[21] ^= 1)];
+        let order = [&flow_a[0], &flow_a[1], &flow_b[0], &flow_a[2], &flow_a[3]];
+        let mut batch = TunWriteBatch::new();
+        for packet in order {
+            batch.push(packet);
+        }
+
+        let gso: Vec<u8> = batch.iter().map(|(hdr, _)| hdr.gso_type).collect();
+        assert_eq!(gso, [GSO_TCPV4, GSO_NONE, GSO_TCPV4], "A1+A2, B1, A3+A4");
+        assert_eq!(resegment(&batch), order.map(|packet| packet.clone()));
+    }
+
+    #[test]
+    fn segments_that_must_not_join_stay_separate_and_unchanged() {
+        let [first, second] = <[Vec<u8>; 2]>::try_from(burst(1, 1, &[1000, 1000])).expect("two");
+        let broken = |change: &dyn Fn(&mut Vec<u8>)| {
+            let mut packet = second.clone();
+            change(&mut packet);
+            packet
+        };
+        let changed = |change: &dyn Fn(&mut Vec<u8>)| resealed(&second, change);
+        let reseal = |id: u16, sequence: u32, flags: u8, len: usize| {
+            wire_tcp_segment(id, sequence, flags, &pattern(len))
+        };
+        let cases = [
+            ("a bad TCP checksum", broken(&|packet| packet[100] ^= 1)),
+            ("a bad IPv4 checksum", broken(&|packet| packet[8] ^= 1)),
+            ("a sequence gap", reseal(2, 1 + 1001, ACK, 1000)),
+            ("a larger payload", reseal(2, 1001, ACK, 1001)),
+            ("SYN", reseal(2, 1001, ACK | 0x02, 1000)),
+            ("FIN", reseal(2, 1001, ACK | TCP_FLAG_FIN, 1000)),
+            ("no payload", reseal(2, 1001, ACK, 0)),
+            ("another ack", changed(&|packet| packet[31] ^= 1)),
+            ("another window", changed(&|packet| packet[35] ^= 1)),
+            ("another TTL", changed(&|packet| packet[8] = 1)),
+            ("another destination", changed(&|packet| packet[19] ^= 1)),
+            ("another port", changed(&|packet| packet[23] ^= 1)),
+            ("other TCP options", changed(&|packet| packet[51] ^= 1)),
+            ("UDP", udp_super_packet(2, &pattern(1000))),
+        ];
+        for (why, second) in cases {
+            let mut batch = TunWriteBatch::new();
+            batch.push(&first);
+            batch.push(&second);
+            assert_eq!(batch.len(), 2, "{why}");
+            assert!(
+                batch.iter().all(|(hdr, _)| *hdr == VirtioNetHdr::PLAIN),
+                "{why}"
+            );
+            assert_eq!(
+                batch.get(0).map(|(_, packet)| packet),
+                Some(&first[..]),
+                "{why}"
+            );
+            assert_eq!(
+                batch.get(1).map(|(_, packet)| packet),
+                Some(&second[..]),
+                "{why}"
+            );
+        }
+
+        let mut batch = TunWriteBatch::new();
+        for packet in burst(1, 1, &[1000, 500])
+            .iter()
+            .chain(&burst(3, 1501, &[500]))
+        {
+            batch.push(packet);
+        }
+        assert_eq!(batch.len(), 2, "a short segment ends the burst");
+    }
+
+    #[test]
+    fn super_packets_stay_within_the_ipv4_limit() {
+        let segments = burst(1, 1, &[1448; 100]);
+        let mut batch = TunWriteBatch::new();
+        for packet in &segments {
+            batch.push(packet);
+        }
+        assert!(batch.len() >= 3);
+        assert!(batch
+            .iter()
+            .all(|(_, packet)| packet.len() <= usize::from(u16::MAX)));
+        assert!(resegment(&batch) == segments);
+    }
+
+    #[test]
+    fn hostile_packets_pushed_for_coalescing_never_panic_and_always_resegment() {
+        let mut rng = Rng(0x00c0_a1e5_ce00_0001);
+        let originals = burst(1, 1, &[1000, 1000, 1000, 1000, 1000, 400]);
+        let mut batch = TunWriteBatch::new();
+        let mut out = Packets::new();
+        let mut joined_writes = 0;
+        for _ in 0..2_000 {
+            batch.clear();
+            let mut pushed_bytes = 0;
+            for original in &originals {
+                let mut packet = original.clone();
+                for _ in 0..rng.below(3) {
+                    let at = rng.below(packet.len());
+                    packet[at] = rng.next() as u8;
+                }
+                if rng.below(2) == 0 && packet.len() >= 40 && packet[0] == 0x45 {
+                    // Valid checksums over hostile headers reach the comparisons.
+                    let total_len = (packet.len() as u16).to_be_bytes();
+                    packet[2..4].copy_from_slice(&total_len);
+                    reseal_tcp(&mut packet);
+                }
+                if rng.below(8) == 0 {
+                    packet.truncate(rng.below(packet.len()));
+                }
+                pushed_bytes += packet.len();
+                batch.push(&packet);
+            }
+            assert!(batch.len() <= originals.len());
+            let written: usize = batch.iter().map(|(_, packet)| packet.len()).sum();
+            assert!(
+                written <= pushed_bytes,
+                "joining only drops repeated headers"
+            );
+            for (hdr, packet) in batch.iter() {
+                if hdr.gso_type == GSO_TCPV4 {
+                    joined_writes += 1;
+                    out.clear();
+                    assert!(segment(hdr, packet, &mut out).is_ok(), "{hdr:?}");
+                    assert!(out.iter().all(|wire| {
+                        ipv4_checksum_verifies(wire) && transport_checksum_verifies(wire)
+                    }));
+                }
+            }
+        }
+        assert!(joined_writes > 100, "enough inputs stayed joinable");
     }
 }

@@ -423,6 +423,7 @@ fn expect_all_written(written: usize, expected: usize) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::offload::TunWriteBatch;
     use std::io::Write;
     use std::net::{SocketAddrV4, TcpStream, UdpSocket};
     use std::time::{Duration, Instant};
@@ -675,16 +676,43 @@ mod tests {
     const TCP_FLAG_SYN: u8 = 0x02;
     const TCP_FLAG_ACK: u8 = 0x10;
 
-    /// The peer's answer to the SYN: MSS 1460, a 64 KiB window, nothing else.
-    fn syn_ack(client_port: u16, client_isn: u32) -> Vec<u8> {
-        let mut packet = ipv4_header(44, 6, PEER, TUN_ADDRESS);
-        packet.extend_from_slice(&80u16.to_be_bytes());
-        packet.extend_from_slice(&client_port.to_be_bytes());
-        packet.extend_from_slice(&SERVER_ISN.to_be_bytes());
-        packet.extend_from_slice(&client_isn.wrapping_add(1).to_be_bytes());
-        packet.extend_from_slice(&[6 << 4, TCP_FLAG_SYN | TCP_FLAG_ACK, 0xff, 0xff, 0, 0, 0, 0]);
-        packet.extend_from_slice(&[2, 4, 0x05, 0xb4]);
+    /// A TCP packet from the peer to the tun's address, checksums complete.
+    struct FromPeer<'a> {
+        ports: (u16, u16),
+        sequence: u32,
+        ack: u32,
+        flags: u8,
+        options: &'a [u8],
+        payload: &'a [u8],
+    }
+
+    fn tcp_from_peer(spec: FromPeer<'_>) -> Vec<u8> {
+        let tcp_len = 20 + spec.options.len() + spec.payload.len();
+        let mut packet = ipv4_header(20 + tcp_len, 6, PEER, TUN_ADDRESS);
+        packet.extend_from_slice(&spec.ports.0.to_be_bytes());
+        packet.extend_from_slice(&spec.ports.1.to_be_bytes());
+        packet.extend_from_slice(&spec.sequence.to_be_bytes());
+        packet.extend_from_slice(&spec.ack.to_be_bytes());
+        let data_offset = ((20 + spec.options.len()) / 4) as u8;
+        packet.extend_from_slice(&[data_offset << 4, spec.flags, 0xff, 0xff, 0, 0, 0, 0]);
+        packet.extend_from_slice(spec.options);
+        packet.extend_from_slice(spec.payload);
         with_checksums(packet, 36)
+    }
+
+    /// MSS 1460, nothing else.
+    const MSS_OPTION: [u8; 4] = [2, 4, 0x05, 0xb4];
+
+    /// The peer's answer to the SYN: MSS 1460, a 64 KiB window.
+    fn syn_ack(client_port: u16, client_isn: u32) -> Vec<u8> {
+        tcp_from_peer(FromPeer {
+            ports: (80, client_port),
+            sequence: SERVER_ISN,
+            ack: client_isn.wrapping_add(1),
+            flags: TCP_FLAG_SYN | TCP_FLAG_ACK,
+            options: &MSS_OPTION,
+            payload: &[],
+        })
     }
 
     /// (client port, sequence number, flags, payload) of a TCP packet to the peer's port 80.
@@ -860,5 +888,87 @@ mod tests {
         }) else {
             return;
         };
+    }
+
+    #[test]
+    fn the_kernel_takes_a_coalesced_tcp_super_packet_written_to_the_tun() {
+        in_new_network_namespace("coalesced_write", || {
+            let tun = open_configured(Offload::Auto);
+            assert!(tun.offloads().tso4, "{}", tun.offloads());
+            let listener = std::net::TcpListener::bind((TUN_ADDRESS, 5000)).expect("listen");
+            let mut scratch = vec![0; READ_SCRATCH_LEN];
+            let mut out = Packets::new();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let ports = (40000, 5000);
+            let client_isn = 0x7000_0000u32;
+
+            // Play the client: SYN, read the SYN-ACK, ACK.
+            tun.write(&tcp_from_peer(FromPeer {
+                ports,
+                sequence: client_isn,
+                ack: 0,
+                flags: TCP_FLAG_SYN,
+                options: &MSS_OPTION,
+                payload: &[],
+            }))
+            .expect("write the SYN");
+            let server_isn = loop {
+                out.clear();
+                next_read(&tun, &mut scratch, &mut out, deadline);
+                let syn_ack = out.iter().find(|packet| {
+                    packet.len() >= 40
+                        && packet[9] == 6
+                        && packet[16..20] == PEER.octets()
+                        && packet[33] == TCP_FLAG_SYN | TCP_FLAG_ACK
+                });
+                if let Some(packet) = syn_ack {
+                    break u32::from_be_bytes([packet[24], packet[25], packet[26], packet[27]]);
+                }
+            };
+            let data = pattern(4 * 1400 + 321);
+            let segment = |index: usize, flags: u8| {
+                let start = index * 1400;
+                tcp_from_peer(FromPeer {
+                    ports,
+                    sequence: client_isn.wrapping_add(1 + start as u32),
+                    ack: server_isn.wrapping_add(1),
+                    flags,
+                    options: &[],
+                    payload: &data[start..data.len().min(start + 1400)],
+                })
+            };
+            tun.write(&tcp_from_peer(FromPeer {
+                ports,
+                sequence: client_isn.wrapping_add(1),
+                ack: server_isn.wrapping_add(1),
+                flags: TCP_FLAG_ACK,
+                options: &[],
+                payload: &[],
+            }))
+            .expect("write the ACK");
+            let mut batch = TunWriteBatch::new();
+            for index in 0..5 {
+                let flags = if index == 4 {
+                    TCP_FLAG_ACK | 0x08
+                } else {
+                    TCP_FLAG_ACK
+                };
+                batch.push(&segment(index, flags));
+            }
+            assert_eq!(batch.len(), 1, "one super-packet");
+            let (hdr, super_packet) = batch.get(0).expect("one write");
+            assert_eq!(hdr.gso_type, crate::datapath::offload::GSO_TCPV4);
+            tun.write_with_header(hdr, super_packet)
+                .expect("the kernel takes the super-packet");
+
+            listener.set_nonblocking(false).expect("blocking");
+            let (mut accepted, _) = listener.accept().expect("the handshake completed");
+            accepted
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut received = vec![0; data.len()];
+            std::io::Read::read_exact(&mut accepted, &mut received).expect("the stream arrives");
+            assert!(received == data, "the stream arrives whole and in order");
+        });
     }
 }
