@@ -330,14 +330,14 @@ pub fn segment(
     out: &mut Packets,
 ) -> Result<usize, OffloadError> {
     let before = out.len();
-    let result = segment_unchecked_out(hdr, packet, out);
+    let result = segment_into(hdr, packet, out);
     if result.is_err() {
         out.truncate(before);
     }
     result
 }
 
-fn segment_unchecked_out(
+fn segment_into(
     hdr: &VirtioNetHdr,
     packet: &[u8],
     out: &mut Packets,
