@@ -23,8 +23,10 @@ impl BufferPool {
     /// bounds what the pool holds to about half a MiB of full-datagram buffers.
     pub const MAX_FREE: usize = 256;
     /// A new buffer holds a whole datagram: a 1500-byte packet and either protocol's
-    /// overhead. Larger packets grow their buffer once, and it stays grown.
+    /// overhead. A larger packet grows its buffer, which is kept up to MAX_KEPT_CAPACITY.
     pub const CAPACITY: usize = 2048;
+    /// Larger buffers are dropped: 256 kept ones stay under 2 MiB.
+    pub const MAX_KEPT_CAPACITY: usize = 8192;
 
     pub fn new() -> BufferPool {
         // Reserved up front, so that filling the list never allocates either.
@@ -56,10 +58,14 @@ impl BufferPool {
         buffer
     }
 
-    /// Keeps `buffer` for reuse, unless the list is full or the buffer is too small to hold a
-    /// datagram without growing (the driver may hand back buffers it did not get from here).
+    /// Keeps `buffer` for reuse, unless the list is full, or the buffer is too small to hold
+    /// a datagram without growing (the driver may hand back buffers it did not get from
+    /// here), or grew for one rare large packet (kept, it would hold its memory for good).
     pub fn recycle(&mut self, buffer: Vec<u8>) {
-        if self.free.len() < Self::MAX_FREE && buffer.capacity() >= Self::CAPACITY {
+        let capacity = buffer.capacity();
+        if self.free.len() < Self::MAX_FREE
+            && (Self::CAPACITY..=Self::MAX_KEPT_CAPACITY).contains(&capacity)
+        {
             self.free.push(buffer);
         }
     }

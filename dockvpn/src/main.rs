@@ -6,6 +6,7 @@
 //! --right it runs one-armed: the leg is both sides.
 
 mod metrics;
+mod reception;
 mod tcp;
 mod udp;
 mod vpn;
@@ -34,6 +35,7 @@ use vnf_core::side::{Assignment, Side, SideSelectors, SingleLeg};
 use vnf_core::{Error, Result};
 
 use dockvpn::access::{Access, AccessTable};
+use dockvpn::datapath::tun::Offload;
 use dockvpn::password::Auth;
 use dockvpn::refusal::Refusal;
 use dockvpn::{openvpn, pki};
@@ -240,6 +242,30 @@ struct ServeArgs {
     /// Name of the tun device
     #[arg(long, default_value = "dockvpn0", value_name = "NAME", help_heading = VPN)]
     tun: String,
+
+    /// Threads for the data path: 1 receives, opens, seals and sends on one; 2 or more
+    /// receive (sockets and tun, batched) on a thread of their own beside the engines'.
+    /// Default: the CPUs this container may use (its cgroup quota)
+    #[arg(
+        long,
+        env = "DOCKVPN_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..),
+        help_heading = VPN
+    )]
+    threads: Option<u16>,
+
+    /// Kernel offloads on the data path: `auto` uses UDP GSO/GRO and the tun's TCP/UDP
+    /// segmentation where the kernel has them; `off` moves one datagram and one packet per
+    /// call (for a kernel or a path that misbehaves with them)
+    #[arg(
+        long,
+        env = "DOCKVPN_OFFLOAD",
+        value_enum,
+        default_value_t = Offload::Auto,
+        help_heading = VPN
+    )]
+    offload: Offload,
 
     /// Most clients connected (or connecting) at once
     #[arg(long, default_value_t = 1024, value_name = "N", help_heading = VPN)]
@@ -488,6 +514,19 @@ enum ProfileFormat {
     /// A wg-quick configuration: its AllowedIPs are the routes the server pushes when it is
     /// printed (WireGuard has no push: issue it again when they change; `client list` says when)
     Wireguard,
+}
+
+/// `--threads`, else the CPUs this process may use (std reads the cgroup quota and the
+/// affinity mask). The data path uses at most two (a receive thread and the engines').
+fn data_path_threads(asked: Option<u16>) -> usize {
+    let threads = asked.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    if threads > 2 {
+        info!(threads, "the data path uses 2 threads: one receives, one runs the engines");
+    }
+    threads.min(2)
 }
 
 fn main() -> ExitCode {
@@ -826,6 +865,8 @@ async fn run(state_dir: &Path, args: &RunArgs, started: Instant) -> Result<ExitC
         wireguard,
         access,
         on_route_change: serve.on_route_change,
+        threads: data_path_threads(serve.threads),
+        offload: serve.offload,
     };
     let metrics_listener = MetricsListener::bind(args.metrics.metrics_listen).await?;
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());

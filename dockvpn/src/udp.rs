@@ -1,73 +1,94 @@
-//! The UDP listener. Bound to 0.0.0.0 it answers each peer from the address that peer's
+//! A UDP port of the VPN: the batched socket, what each peer last sent to, and the datagrams
+//! waiting to go. Bound to 0.0.0.0 it answers each peer from the address that peer's
 //! datagrams came to (IP_PKTINFO). Left to itself the kernel picks the source by `main`,
 //! where a learned left route may cover the client: the reply would leave from the left
 //! address, and vnf-core's `from <right address>` rule could not send it right.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
-use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn,
-};
+use dockvpn::datapath::udp::{BatchSocket, PushError, TxBatch};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tracing::warn;
 
 /// Peers remembered beyond this are pruned to those with a session.
 const MAX_REMEMBERED_PEERS: usize = 4096;
 
 pub struct Listener {
-    socket: UdpSocket,
+    /// Registered for writability always, and for reading when the engine task receives.
+    socket: AsyncFd<Arc<BatchSocket>>,
     /// The local address each peer last sent to: its replies' source.
     local_address: HashMap<SocketAddr, Ipv4Addr>,
+    outgoing: TxBatch,
 }
 
 impl Listener {
-    pub fn bind(address: SocketAddr) -> io::Result<Listener> {
-        let socket = std::net::UdpSocket::bind(address)?;
-        socket.set_nonblocking(true)?;
-        setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+    /// `receives`: whether the engine task reads this socket (else a receive thread does).
+    pub fn bind(address: SocketAddr, offload: bool, receives: bool) -> io::Result<Listener> {
+        let socket = Arc::new(BatchSocket::bind(address, offload)?);
+        let interest = match receives {
+            true => Interest::READABLE | Interest::WRITABLE,
+            false => Interest::WRITABLE,
+        };
         Ok(Listener {
-            socket: UdpSocket::from_std(socket)?,
+            // SAFETY: the Arc inside the AsyncFd keeps the socket, and so its descriptor,
+            // open for as long as the registration lives.
+            socket: unsafe { AsyncFd::register_with_interest(socket, interest)? },
             local_address: HashMap::new(),
+            outgoing: TxBatch::new(TxBatch::DEFAULT_DATAGRAMS),
         })
     }
 
-    /// The next datagram into `buffer`: its length and sender.
-    pub async fn recv(&mut self, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        loop {
-            self.socket.readable().await?;
-            let received = self.socket.try_io(Interest::READABLE, || {
-                receive_with_local_address(self.socket.as_raw_fd(), buffer)
-            });
-            match received {
-                Ok((length, from, local)) => {
-                    if let Some(local) = local {
-                        self.local_address.insert(from, local);
-                    }
-                    return Ok((length, from));
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
+    pub fn socket(&self) -> &AsyncFd<Arc<BatchSocket>> {
+        &self.socket
+    }
+
+    pub fn shared(&self) -> Arc<BatchSocket> {
+        self.socket.get_ref().clone()
+    }
+
+    /// Remembers where `from`'s datagram came to, for the replies.
+    pub fn received(&mut self, from: SocketAddr, local: Option<Ipv4Addr>) {
+        if let Some(local) = local {
+            if self.local_address.get(&from) != Some(&local) {
+                self.local_address.insert(from, local);
             }
         }
     }
 
-    /// Sends `datagram` to `to` from the address `to` last sent to.
-    pub async fn send(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-        let (SocketAddr::V4(peer), Some(&local)) = (to, self.local_address.get(&to)) else {
-            return self.socket.send_to(datagram, to).await.map(drop);
-        };
-        loop {
-            self.socket.writable().await?;
-            let sent = self.socket.try_io(Interest::WRITABLE, || {
-                send_from(self.socket.as_raw_fd(), datagram, peer, local)
-            });
-            match sent {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
+    /// Queues `datagram` for `to`, from the address `to` last sent to; a full queue is sent
+    /// first.
+    pub async fn queue(&mut self, datagram: &[u8], to: SocketAddr) {
+        let local = self.local_address.get(&to).copied();
+        let mut pushed = self.outgoing.push(to, local, datagram);
+        if matches!(pushed, Err(PushError::Full)) {
+            self.send_queued().await;
+            pushed = self.outgoing.push(to, local, datagram);
+        }
+        if let Err(error) = pushed {
+            warn!(%to, %error, "datagram not sent");
+        }
+    }
+
+    /// Sends everything queued, waiting while the socket's buffer is full.
+    pub async fn send_queued(&mut self) {
+        while !self.outgoing.is_empty() {
+            match self.socket.get_ref().send_batch(&mut self.outgoing) {
+                Ok(()) => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    match self.socket.writable().await {
+                        Ok(mut ready) => ready.clear_ready(),
+                        Err(error) => {
+                            warn!(%error, "UDP socket unusable; queued datagrams dropped");
+                            self.outgoing.clear();
+                        }
+                    }
+                }
+                // The batch went out but for the datagrams the kernel refused.
+                Err(error) => warn!(%error, "UDP send refused"),
             }
         }
     }
@@ -79,42 +100,4 @@ impl Listener {
             self.local_address.retain(|peer, _| has_session(peer));
         }
     }
-}
-
-fn receive_with_local_address(
-    fd: i32,
-    buffer: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<Ipv4Addr>)> {
-    let mut iov = [IoSliceMut::new(buffer)];
-    let mut control = nix::cmsg_space!(libc::in_pktinfo);
-    let message = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
-    let from = message
-        .address
-        .map(|a| SocketAddr::V4(SocketAddrV4::from(a)))
-        .ok_or_else(|| io::Error::other("a datagram without a sender address"))?;
-    let local = message.cmsgs()?.find_map(|cmsg| match cmsg {
-        ControlMessageOwned::Ipv4PacketInfo(info) => {
-            Some(Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr)))
-        }
-        _ => None,
-    });
-    Ok((message.bytes, from, local))
-}
-
-fn send_from(fd: i32, datagram: &[u8], to: SocketAddrV4, local: Ipv4Addr) -> io::Result<()> {
-    let info = libc::in_pktinfo {
-        ipi_ifindex: 0,
-        ipi_spec_dst: libc::in_addr {
-            s_addr: u32::from(local).to_be(),
-        },
-        ipi_addr: libc::in_addr { s_addr: 0 },
-    };
-    sendmsg(
-        fd,
-        &[IoSlice::new(datagram)],
-        &[ControlMessage::Ipv4PacketInfo(&info)],
-        MsgFlags::empty(),
-        Some(&SockaddrIn::from(to)),
-    )?;
-    Ok(())
 }

@@ -7,22 +7,26 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use vnf_core::clock::WallClock;
 use vnf_core::runtime::sleep_until;
 use vnf_core::{Error, Result};
 
+use crate::reception::{Endpoints, Inbound, Reception};
 use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
 use dockvpn::access::AccessTable;
 use dockvpn::address_book::{ipv4_destination, AddressBook, Tunnel};
+use dockvpn::datapath::tun::{Offload, Tun};
 use dockvpn::dropped::Counters;
 use dockvpn::openvpn::link::Link;
 pub use dockvpn::openvpn::link::Proto;
@@ -33,6 +37,8 @@ use dockvpn::pki::{Pki, TlsCryptMode};
 use dockvpn::refusal::Refusals;
 use dockvpn::wireguard::{self, WireguardServer};
 
+/// The tun's MTU: OpenVPN's default tun-mtu, which clients' profiles expect.
+const TUN_MTU: u32 = 1500;
 /// How often status.json is rewritten while nothing happens.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the client registry is re-read (a `client add`/`remove` from `docker exec`).
@@ -52,6 +58,10 @@ pub struct VpnConfig {
     /// The kernel's filter of what clients reach, kept in step with the registry.
     pub access: AccessTable,
     pub on_route_change: OnRouteChange,
+    /// 1: one thread receives, opens, seals and sends; 2 or more: receiving runs on a
+    /// thread of its own.
+    pub threads: usize,
+    pub offload: Offload,
 }
 
 /// What connected OpenVPN clients do when the pushed routes change.
@@ -109,6 +119,19 @@ pub struct VpnStatus {
     /// count to rise).
     #[serde(default)]
     pub reloads: u64,
+    /// How packets move (a server from before batching did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<DataPathStatus>,
+}
+
+/// The data path's threads and the kernel offloads it got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataPathStatus {
+    pub threads: usize,
+    /// e.g. `gro,gso`, or `none`.
+    pub udp_offloads: String,
+    /// e.g. `csum,tso4,uso4`, or `none`.
+    pub tun_offloads: String,
 }
 
 /// Completed handshakes per transport: OpenVPN connects and data-key renegotiations,
@@ -181,9 +204,6 @@ pub async fn serve(
 ) -> Result<()> {
     let initial_routes = routes.borrow_and_update().clone();
     let mut driver = Driver::start(&config, initial_routes).await?;
-    let mut datagram = vec![0u8; 65536];
-    let mut wireguard_datagram = vec![0u8; 65536];
-    let mut packet = vec![0u8; 65536];
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
     let mut clients_tick = tokio::time::interval(CLIENTS_EVERY);
     let mut dropped_logged = Counters::default();
@@ -198,20 +218,14 @@ pub async fn serve(
     loop {
         let deadline = driver.next_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            received = receive_udp(driver.udp.as_mut(), &mut datagram) => match received {
-                Ok((len, from)) => {
-                    driver.openvpn.handle_datagram(Instant::now(), Link::Udp(from), &datagram[..len])
-                }
-                Err(error) => warn!(%error, "UDP receive failed"),
-            },
-            received = receive_udp(driver.wireguard_socket.as_mut(), &mut wireguard_datagram) => match received {
-                Ok((len, from)) => {
-                    if let Some(wireguard) = driver.wireguard.as_mut() {
-                        wireguard.handle_datagram(Instant::now(), from, &wireguard_datagram[..len]);
-                    }
-                }
-                Err(error) => warn!(%error, "WireGuard receive failed"),
-            },
+            inbound = driver.reception.next(Endpoints {
+                openvpn: driver.udp.as_ref().map(Listener::socket),
+                wireguard: driver.wireguard_socket.as_ref().map(Listener::socket),
+                tun: &driver.tun,
+            }) => {
+                driver.take_in(Instant::now(), &inbound);
+                driver.reception.give_back(inbound);
+            }
             event = next_tcp_event(driver.tcp.as_mut()) => match event {
                 TcpEvent::Packet { link, packet } => {
                     driver.openvpn.handle_datagram(Instant::now(), link, &packet)
@@ -219,10 +233,6 @@ pub async fn serve(
                 TcpEvent::Closed { link, reason } => {
                     driver.openvpn.close_link(Instant::now(), link, &reason)
                 }
-            },
-            read = driver.tun.recv(&mut packet) => match read {
-                Ok(len) => driver.route_from_tun(Instant::now(), &packet[..len]),
-                Err(error) => warn!(%error, "tun read failed"),
             },
             () = sleep_until(deadline) => driver.handle_timeout(Instant::now()),
             changed = routes.changed() => {
@@ -285,7 +295,10 @@ struct Driver {
     udp: Option<Listener>,
     tcp: Option<TcpServer>,
     wireguard_socket: Option<Listener>,
-    tun: tokio_tun::Tun,
+    tun: AsyncFd<Arc<Tun>>,
+    /// Where the sockets' datagrams and the tun's packets come from, in batches.
+    reception: Reception,
+    data_path: DataPathStatus,
     addresses: AddressBook,
     registry: Pki,
     access: AccessTable,
@@ -303,12 +316,17 @@ impl Driver {
             move |source| Error::Io { context, source }
         };
         let openvpn_fix = "pass --listen, or --proto to serve one protocol";
+        let offload = config.offload == Offload::Auto;
+        // With two threads or more, a receive thread reads the sockets and the tun.
+        let inline = config.threads <= 1;
         let udp = match config.proto.serves_udp() {
-            true => Some(Listener::bind(config.listen).map_err(listen_error(
-                "UDP",
-                config.listen,
-                openvpn_fix,
-            ))?),
+            true => Some(
+                Listener::bind(config.listen, offload, inline).map_err(listen_error(
+                    "UDP",
+                    config.listen,
+                    openvpn_fix,
+                ))?,
+            ),
             false => None,
         };
         // Room for every client and every handshake slot; more connections are refused at once.
@@ -322,28 +340,40 @@ impl Driver {
             false => None,
         };
         let wireguard_socket = match &config.wireguard {
-            Some(wireguard) => Some(Listener::bind(wireguard.listen).map_err(listen_error(
+            Some(wireguard) => Some(Listener::bind(wireguard.listen, offload, inline).map_err(listen_error(
                 "WireGuard UDP",
                 wireguard.listen,
                 "pass --wireguard-listen ADDR:PORT, or off",
             ))?),
             None => None,
         };
-        let tun = tokio_tun::Tun::builder()
-            .name(&config.tun_name)
-            .address(config.engine.server_address())
-            .netmask(config.engine.pool.netmask())
-            .mtu(1500)
-            .up()
-            .build()
-            .map_err(|error| {
-                Error::Vnf(format!(
-                    "create the tun device {}: {error} (the container needs --cap-add NET_ADMIN and --device /dev/net/tun)",
-                    config.tun_name
-                ))
-            })?
-            .pop()
-            .expect("one queue");
+        let tun = open_tun(config).map_err(|error| {
+            Error::Vnf(format!(
+                "create the tun device {}: {error} (the container needs --cap-add NET_ADMIN and --device /dev/net/tun)",
+                config.tun_name
+            ))
+        })?;
+        let reception = match inline {
+            true => Reception::inline(),
+            false => Reception::threaded(
+                udp.as_ref().map(Listener::shared),
+                wireguard_socket.as_ref().map(Listener::shared),
+                tun.get_ref().clone(),
+            ),
+        }
+        .map_err(|source| Error::Io {
+            context: "set up the data path's receiving".to_owned(),
+            source,
+        })?;
+        let data_path = DataPathStatus {
+            threads: reception.threads(),
+            udp_offloads: udp
+                .iter()
+                .chain(&wireguard_socket)
+                .next()
+                .map_or_else(|| "none".to_owned(), |l| l.socket().get_ref().offloads().to_string()),
+            tun_offloads: tun.get_ref().offloads().to_string(),
+        };
         let mut openvpn = Server::new(config.engine.clone());
         openvpn.set_routes(routes);
         let registry = Pki::new(&config.state_dir);
@@ -380,6 +410,8 @@ impl Driver {
             tcp,
             wireguard_socket,
             tun,
+            reception,
+            data_path,
             addresses: AddressBook::default(),
             registry,
             access: config.access.clone(),
@@ -395,6 +427,9 @@ impl Driver {
             wireguard = config.wireguard.as_ref().map(|w| tracing::field::display(w.listen)),
             tun = %config.tun_name,
             pool = %config.engine.pool,
+            threads = driver.data_path.threads,
+            udp_offloads = %driver.data_path.udp_offloads,
+            tun_offloads = %driver.data_path.tun_offloads,
             ciphers = ?config.engine.ciphers.iter().map(|c| c.name()).collect::<Vec<_>>(),
             routes = ?driver.openvpn.routes(),
             "VPN server listening"
@@ -447,6 +482,37 @@ impl Driver {
         }
     }
 
+    /// One batch of input to the engines it is for.
+    fn take_in(&mut self, now: Instant, inbound: &Inbound) {
+        match inbound {
+            Inbound::OpenVpn(batch) => {
+                for received in batch.iter() {
+                    if let Some(udp) = self.udp.as_mut() {
+                        udp.received(received.from, received.local);
+                    }
+                    self.openvpn
+                        .handle_datagram(now, Link::Udp(received.from), received.datagram);
+                }
+            }
+            Inbound::WireGuard(batch) => {
+                let (Some(socket), Some(wireguard)) =
+                    (self.wireguard_socket.as_mut(), self.wireguard.as_mut())
+                else {
+                    return;
+                };
+                for received in batch.iter() {
+                    socket.received(received.from, received.local);
+                    wireguard.handle_datagram(now, received.from, received.datagram);
+                }
+            }
+            Inbound::Tun(packets) => {
+                for packet in packets.iter() {
+                    self.route_from_tun(now, packet);
+                }
+            }
+        }
+    }
+
     /// A packet from the kernel for a client: to the engine the address book names.
     fn route_from_tun(&mut self, now: Instant, packet: &[u8]) {
         let Some(destination) = ipv4_destination(packet) else {
@@ -469,6 +535,7 @@ impl Driver {
     /// The named drop counters of both engines and the driver, added up.
     fn dropped(&self) -> Counters {
         let mut dropped = self.counters;
+        dropped.malformed += self.reception.malformed_from_tun();
         dropped += self.openvpn.counters;
         if let Some(wireguard) = &self.wireguard {
             dropped += wireguard.counters;
@@ -488,7 +555,8 @@ impl Driver {
         self.last_drop.as_deref()
     }
 
-    /// Sends what the engines queued; true when a client connected or left.
+    /// Sends what the engines queued; true when a client connected or left. Every buffer
+    /// goes back to its engine once sent, so the data path allocates nothing per packet.
     async fn flush(&mut self) -> bool {
         let mut changed = false;
         while let Some(output) = self.openvpn.poll_output() {
@@ -496,16 +564,24 @@ impl Driver {
                 server::Output::Transmit {
                     to: Link::Udp(to),
                     datagram,
-                } => send_udp(self.udp.as_ref(), &datagram, to).await,
-                server::Output::Transmit { to, datagram } => {
-                    let Some(tcp) = self.tcp.as_mut() else {
-                        continue;
-                    };
-                    if let Err(reason) = tcp.send(&to, &datagram) {
-                        self.openvpn.close_link(Instant::now(), to, &reason);
+                } => {
+                    if let Some(udp) = self.udp.as_mut() {
+                        udp.queue(&datagram, to).await;
                     }
+                    self.openvpn.recycle(datagram);
                 }
-                server::Output::Tun(packet) => write_tun(&self.tun, &packet).await,
+                server::Output::Transmit { to, datagram } => {
+                    if let Some(tcp) = self.tcp.as_mut() {
+                        if let Err(reason) = tcp.send(&to, &datagram) {
+                            self.openvpn.close_link(Instant::now(), to, &reason);
+                        }
+                    }
+                    self.openvpn.recycle(datagram);
+                }
+                server::Output::Tun(packet) => {
+                    write_tun(&self.tun, &packet);
+                    self.openvpn.recycle(packet);
+                }
                 server::Output::Event(event) => {
                     changed = true;
                     self.openvpn_event(event);
@@ -515,14 +591,26 @@ impl Driver {
         while let Some(output) = self.wireguard.as_mut().and_then(|w| w.poll_output()) {
             match output {
                 wireguard::Output::Transmit { to, datagram } => {
-                    send_udp(self.wireguard_socket.as_ref(), &datagram, to).await
+                    if let Some(socket) = self.wireguard_socket.as_mut() {
+                        socket.queue(&datagram, to).await;
+                    }
+                    self.recycle_wireguard(datagram);
                 }
-                wireguard::Output::Tun(packet) => write_tun(&self.tun, &packet).await,
+                wireguard::Output::Tun(packet) => {
+                    write_tun(&self.tun, &packet);
+                    self.recycle_wireguard(packet);
+                }
                 wireguard::Output::Event(event) => {
                     changed = true;
                     self.wireguard_event(event);
                 }
             }
+        }
+        for socket in [self.udp.as_mut(), self.wireguard_socket.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            socket.send_queued().await;
         }
         // A client that reconnects from the same address keeps its entry: it has a session again.
         if let Some(socket) = self.udp.as_mut() {
@@ -533,6 +621,12 @@ impl Driver {
             socket.prune(|peer| wireguard.is_endpoint(peer));
         }
         changed
+    }
+
+    fn recycle_wireguard(&mut self, buffer: Vec<u8>) {
+        if let Some(wireguard) = self.wireguard.as_mut() {
+            wireguard.recycle(buffer);
+        }
     }
 
     fn openvpn_event(&mut self, event: server::Event) {
@@ -633,28 +727,30 @@ impl Driver {
     }
 }
 
-async fn write_tun(tun: &tokio_tun::Tun, packet: &[u8]) {
-    if let Err(error) = tun.send(packet).await {
-        warn!(%error, "tun write failed");
-    }
-}
-
-async fn send_udp(socket: Option<&Listener>, datagram: &[u8], to: SocketAddr) {
-    let Some(socket) = socket else {
-        return;
+/// Opens and configures the tun; with offloads, TCP from the left reaches the driver as
+/// large segments it splits only when sealing.
+fn open_tun(config: &VpnConfig) -> std::io::Result<AsyncFd<Arc<Tun>>> {
+    let tun = Tun::open(&config.tun_name, config.offload)?;
+    tun.configure(
+        config.engine.server_address(),
+        config.engine.pool.netmask(),
+        TUN_MTU,
+    )?;
+    tun.set_nonblocking(true)?;
+    let interest = match config.threads <= 1 {
+        true => tokio::io::Interest::READABLE,
+        // The receive thread reads; writes to a tun do not wait.
+        false => tokio::io::Interest::WRITABLE,
     };
-    if let Err(error) = socket.send(datagram, to).await {
-        warn!(%to, %error, "UDP send failed");
-    }
+    // SAFETY: the Arc inside the AsyncFd keeps the tun, and so its descriptor, open for as
+    // long as the registration lives.
+    Ok(unsafe { AsyncFd::register_with_interest(Arc::new(tun), interest)? })
 }
 
-async fn receive_udp(
-    socket: Option<&mut Listener>,
-    datagram: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
-    match socket {
-        Some(socket) => socket.recv(datagram).await,
-        None => std::future::pending().await,
+/// A tun write does not block: the kernel takes the packet or drops it.
+fn write_tun(tun: &AsyncFd<Arc<Tun>>, packet: &[u8]) {
+    if let Err(error) = tun.get_ref().write(packet) {
+        warn!(%error, "tun write failed");
     }
 }
 
@@ -735,6 +831,7 @@ fn write_status(config: &VpnConfig, driver: &Driver) {
         proto: config.proto,
         tcp: driver.tcp.as_ref().map(TcpServer::counters),
         reloads: driver.reloads,
+        data_path: Some(driver.data_path.clone()),
         wireguard: driver
             .wireguard
             .as_ref()
