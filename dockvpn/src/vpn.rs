@@ -26,6 +26,7 @@ use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
 use dockvpn::access::AccessTable;
 use dockvpn::address_book::{ipv4_destination, AddressBook, Tunnel};
+use dockvpn::datapath::offload::TunWriteBatch;
 use dockvpn::datapath::tun::{Offload, Tun};
 use dockvpn::dropped::Counters;
 use dockvpn::openvpn::link::Link;
@@ -39,6 +40,8 @@ use dockvpn::wireguard::{self, WireguardServer};
 
 /// The tun's MTU: OpenVPN's default tun-mtu, which clients' profiles expect.
 const TUN_MTU: u32 = 1500;
+/// Tun writes queued at most before they are written (each up to a 64 KiB super-packet).
+const TUN_WRITES_QUEUED: usize = 32;
 /// How often status.json is rewritten while nothing happens.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the client registry is re-read (a `client add`/`remove` from `docker exec`).
@@ -296,6 +299,9 @@ struct Driver {
     tcp: Option<TcpServer>,
     wireguard_socket: Option<Listener>,
     tun: AsyncFd<Arc<Tun>>,
+    /// Packets for the tun, a TCP stream's segments joined into super-packets when the tun
+    /// takes them (TSO): one write and one pass through the kernel's stack per burst.
+    tun_writes: Option<TunWriteBatch>,
     /// Where the sockets' datagrams and the tun's packets come from, in batches.
     reception: Reception,
     data_path: DataPathStatus,
@@ -409,6 +415,7 @@ impl Driver {
             udp,
             tcp,
             wireguard_socket,
+            tun_writes: tun.get_ref().offloads().tso4.then(TunWriteBatch::new),
             tun,
             reception,
             data_path,
@@ -579,7 +586,7 @@ impl Driver {
                     self.openvpn.recycle(datagram);
                 }
                 server::Output::Tun(packet) => {
-                    write_tun(&self.tun, &packet);
+                    self.queue_for_tun(&packet);
                     self.openvpn.recycle(packet);
                 }
                 server::Output::Event(event) => {
@@ -597,7 +604,7 @@ impl Driver {
                     self.recycle_wireguard(datagram);
                 }
                 wireguard::Output::Tun(packet) => {
-                    write_tun(&self.tun, &packet);
+                    self.queue_for_tun(&packet);
                     self.recycle_wireguard(packet);
                 }
                 wireguard::Output::Event(event) => {
@@ -606,6 +613,7 @@ impl Driver {
                 }
             }
         }
+        self.write_queued_to_tun();
         for socket in [self.udp.as_mut(), self.wireguard_socket.as_mut()]
             .into_iter()
             .flatten()
@@ -621,6 +629,29 @@ impl Driver {
             socket.prune(|peer| wireguard.is_endpoint(peer));
         }
         changed
+    }
+
+    /// A packet for the kernel: written now, or queued to join a super-packet.
+    fn queue_for_tun(&mut self, packet: &[u8]) {
+        let Some(writes) = self.tun_writes.as_mut() else {
+            return write_tun(&self.tun, packet);
+        };
+        writes.push(packet);
+        if writes.len() >= TUN_WRITES_QUEUED {
+            self.write_queued_to_tun();
+        }
+    }
+
+    fn write_queued_to_tun(&mut self) {
+        let Some(writes) = self.tun_writes.as_mut() else {
+            return;
+        };
+        for (header, packet) in writes.iter() {
+            if let Err(error) = self.tun.get_ref().write_with_header(header, packet) {
+                warn!(%error, "tun write failed");
+            }
+        }
+        writes.clear();
     }
 
     fn recycle_wireguard(&mut self, buffer: Vec<u8>) {
