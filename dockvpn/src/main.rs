@@ -1274,6 +1274,15 @@ fn render_vpn(vpn: &vpn::VpnStatus) -> String {
             wireguard.listen, wireguard.public_key
         ));
     }
+    if let Some(data_path) = &vpn.data_path {
+        out.push_str(&format!(
+            "  data path: {} thread{}, UDP offloads {}, tun offloads {}\n",
+            data_path.threads,
+            if data_path.threads == 1 { "" } else { "s" },
+            data_path.udp_offloads,
+            data_path.tun_offloads
+        ));
+    }
     if vpn.handshaking > 0 {
         out.push_str(&format!("  handshakes in progress: {}\n", vpn.handshaking));
     }
