@@ -112,14 +112,11 @@ impl Reception {
         })
     }
 
-    /// The next batch with something in it.
-    pub async fn next(&mut self, endpoints: Endpoints<'_>) -> Inbound {
+    /// The next batch with something in it; None when the receive thread has ended (it
+    /// logged why), and so nothing will arrive any more.
+    pub async fn next(&mut self, endpoints: Endpoints<'_>) -> Option<Inbound> {
         match self {
-            Reception::Threaded { batches, .. } => match batches.recv().await {
-                Some(inbound) => inbound,
-                // The thread ended (it logged why): nothing more arrives.
-                None => std::future::pending().await,
-            },
+            Reception::Threaded { batches, .. } => batches.recv().await,
             Reception::Inline(batches) => {
                 let InlineBatches {
                     openvpn,
@@ -132,11 +129,11 @@ impl Reception {
                     scratch: tun_scratch,
                     malformed,
                 };
-                tokio::select! {
+                Some(tokio::select! {
                     batch = receive_when_ready(endpoints.openvpn, openvpn) => Inbound::OpenVpn(batch),
                     batch = receive_when_ready(endpoints.wireguard, wireguard) => Inbound::WireGuard(batch),
                     packets = read_tun_when_ready(endpoints.tun, tun, tun_reader) => Inbound::Tun(packets),
-                }
+                })
             }
         }
     }
@@ -174,8 +171,16 @@ impl Reception {
 
 impl Drop for Reception {
     fn drop(&mut self) {
-        if let Reception::Threaded { stop, thread, .. } = self {
+        if let Reception::Threaded {
+            stop,
+            thread,
+            batches,
+            ..
+        } = self
+        {
             stop.store(true, Ordering::Relaxed);
+            // Wakes the thread if it waits to hand over a batch nobody will take.
+            batches.close();
             if let Some(thread) = thread.take() {
                 let _ = thread.join();
             }

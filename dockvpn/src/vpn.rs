@@ -199,7 +199,8 @@ pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("status.json")
 }
 
-/// Serves until `stop` turns true. Errors only at start-up (sockets, tun, PKI).
+/// Serves until `stop` turns true. Errors at start-up (sockets, tun, PKI), or when the data
+/// path's receive thread has stopped.
 pub async fn serve(
     config: VpnConfig,
     mut routes: watch::Receiver<BTreeSet<Ipv4Net>>,
@@ -226,6 +227,11 @@ pub async fn serve(
                 wireguard: driver.wireguard_socket.as_ref().map(Listener::socket),
                 tun: &driver.tun,
             }) => {
+                let Some(inbound) = inbound else {
+                    return Err(Error::Vnf(
+                        "the data path's receive thread stopped (its reason is logged above); the server stops so that it can be restarted".to_owned(),
+                    ));
+                };
                 driver.take_in(Instant::now(), &inbound);
                 driver.reception.give_back(inbound);
             }
