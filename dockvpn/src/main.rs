@@ -523,8 +523,11 @@ fn data_path_threads(asked: Option<u16>) -> usize {
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
     );
-    if threads > 2 {
-        info!(threads, "the data path uses 2 threads: one receives, one runs the engines");
+    if asked.is_some_and(|asked| asked > 2) {
+        info!(
+            threads,
+            "the data path uses 2 threads: one receives, one runs the engines"
+        );
     }
     threads.min(2)
 }

@@ -26,6 +26,11 @@ const TUN_PACKETS_PER_BATCH: usize = 64;
 const BATCHES_IN_FLIGHT: usize = 2;
 /// How often the receive thread looks at its stop flag when nothing arrives.
 const STOP_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// The pause after a failed read: an error that persists costs a log line per pause, not a
+/// busy core.
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Spent batches on their way back: more than ever exist, so handing one back never waits.
+const SPENT_SLOTS: usize = 3 * (BATCHES_IN_FLIGHT + 2);
 
 /// One batch of input for the engines.
 pub enum Inbound {
@@ -56,7 +61,7 @@ pub enum Reception {
     /// A receive thread reads and sends full batches over `batches`; spent ones go back.
     Threaded {
         batches: mpsc::Receiver<Inbound>,
-        spent: std_mpsc::Sender<Inbound>,
+        spent: std_mpsc::SyncSender<Inbound>,
         stop: Arc<AtomicBool>,
         thread: Option<JoinHandle<()>>,
         malformed: Arc<AtomicU64>,
@@ -80,7 +85,8 @@ impl Reception {
         tun: Arc<Tun>,
     ) -> io::Result<Reception> {
         let (to_engines, batches) = mpsc::channel(BATCHES_IN_FLIGHT);
-        let (spent, returned) = std_mpsc::channel();
+        // Bounded, so that handing batches back allocates nothing.
+        let (spent, returned) = std_mpsc::sync_channel(SPENT_SLOTS);
         let stop = Arc::new(AtomicBool::new(false));
         let malformed = Arc::new(AtomicU64::new(0));
         let thread = std::thread::Builder::new()
@@ -142,8 +148,8 @@ impl Reception {
     pub fn give_back(&mut self, inbound: Inbound) {
         match self {
             Reception::Threaded { spent, .. } => {
-                // The thread may have ended; the batch is then simply dropped.
-                let _ = spent.send(inbound);
+                // Never full (SPENT_SLOTS); if the thread has ended, the batch is dropped.
+                let _ = spent.try_send(inbound);
             }
             Reception::Inline(batches) => match inbound {
                 Inbound::OpenVpn(batch) => batches.openvpn = Some(batch),
@@ -208,7 +214,11 @@ async fn receive_when_ready(
             Ok(0) => continue,
             Ok(_) => return slot.take().expect("checked above"),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-            Err(error) => warn!(%error, "UDP receive failed"),
+            Err(error) => {
+                warn!(%error, "UDP receive failed");
+                ready.clear_ready();
+                tokio::time::sleep(ERROR_PAUSE).await;
+            }
         }
     }
 }
@@ -230,7 +240,11 @@ async fn read_tun_when_ready(
         match reader.fill(tun.get_ref(), packets) {
             Ok(()) if !packets.is_empty() => return slot.take().expect("checked above"),
             Ok(()) => ready.clear_ready(),
-            Err(error) => warn!(%error, "tun read failed"),
+            Err(error) => {
+                warn!(%error, "tun read failed");
+                ready.clear_ready();
+                tokio::time::sleep(ERROR_PAUSE).await;
+            }
         }
     }
 }
@@ -376,10 +390,11 @@ impl ReceiveThread {
                 true
             }
             Err(error) => {
+                spare.push(batch);
                 if error.kind() != io::ErrorKind::WouldBlock {
                     warn!(%error, "UDP receive failed");
+                    std::thread::sleep(ERROR_PAUSE);
                 }
-                spare.push(batch);
                 true
             }
         }
@@ -394,6 +409,7 @@ impl ReceiveThread {
         };
         if let Err(error) = reader.fill(&self.tun, &mut packets) {
             warn!(%error, "tun read failed");
+            std::thread::sleep(ERROR_PAUSE);
         }
         if packets.is_empty() {
             self.spare.tun.push(packets);

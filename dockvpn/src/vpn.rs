@@ -26,7 +26,7 @@ use crate::tcp::{TcpCounters, TcpEvent, TcpServer};
 use crate::udp::Listener;
 use dockvpn::access::AccessTable;
 use dockvpn::address_book::{ipv4_destination, AddressBook, Tunnel};
-use dockvpn::datapath::offload::TunWriteBatch;
+use dockvpn::datapath::offload::{segment, Packets, TunWriteBatch, VirtioNetHdr, GSO_NONE};
 use dockvpn::datapath::tun::{Offload, Tun};
 use dockvpn::dropped::Counters;
 use dockvpn::openvpn::link::Link;
@@ -40,6 +40,9 @@ use dockvpn::wireguard::{self, WireguardServer};
 
 /// The tun's MTU: OpenVPN's default tun-mtu, which clients' profiles expect.
 const TUN_MTU: u32 = 1500;
+/// Inputs handed to the engines between two flushes of their outputs: well inside the
+/// engines' pools (BufferPool::MAX_FREE), so that no output needs a new buffer.
+const INPUTS_PER_FLUSH: usize = 64;
 /// Tun writes queued at most before they are written (each up to a 64 KiB super-packet).
 const TUN_WRITES_QUEUED: usize = 32;
 /// How often status.json is rewritten while nothing happens.
@@ -232,7 +235,7 @@ pub async fn serve(
                         "the data path's receive thread stopped (its reason is logged above); the server stops so that it can be restarted".to_owned(),
                     ));
                 };
-                driver.take_in(Instant::now(), &inbound);
+                status_dirty |= driver.take_in(Instant::now(), &inbound).await;
                 driver.reception.give_back(inbound);
             }
             event = next_tcp_event(driver.tcp.as_mut()) => match event {
@@ -308,6 +311,8 @@ struct Driver {
     /// Packets for the tun, a TCP stream's segments joined into super-packets when the tun
     /// takes them (TSO): one write and one pass through the kernel's stack per burst.
     tun_writes: Option<TunWriteBatch>,
+    /// Room to split a super-packet the tun refused.
+    tun_segments: Packets,
     /// Where the sockets' datagrams and the tun's packets come from, in batches.
     reception: Reception,
     data_path: DataPathStatus,
@@ -352,11 +357,13 @@ impl Driver {
             false => None,
         };
         let wireguard_socket = match &config.wireguard {
-            Some(wireguard) => Some(Listener::bind(wireguard.listen, offload, inline).map_err(listen_error(
-                "WireGuard UDP",
-                wireguard.listen,
-                "pass --wireguard-listen ADDR:PORT, or off",
-            ))?),
+            Some(wireguard) => Some(Listener::bind(wireguard.listen, offload, inline).map_err(
+                listen_error(
+                    "WireGuard UDP",
+                    wireguard.listen,
+                    "pass --wireguard-listen ADDR:PORT, or off",
+                ),
+            )?),
             None => None,
         };
         let tun = open_tun(config).map_err(|error| {
@@ -379,11 +386,10 @@ impl Driver {
         })?;
         let data_path = DataPathStatus {
             threads: reception.threads(),
-            udp_offloads: udp
-                .iter()
-                .chain(&wireguard_socket)
-                .next()
-                .map_or_else(|| "none".to_owned(), |l| l.socket().get_ref().offloads().to_string()),
+            udp_offloads: udp.iter().chain(&wireguard_socket).next().map_or_else(
+                || "none".to_owned(),
+                |l| l.socket().get_ref().offloads().to_string(),
+            ),
             tun_offloads: tun.get_ref().offloads().to_string(),
         };
         let mut openvpn = Server::new(config.engine.clone());
@@ -422,6 +428,7 @@ impl Driver {
             tcp,
             wireguard_socket,
             tun_writes: tun.get_ref().offloads().tso4.then(TunWriteBatch::new),
+            tun_segments: Packets::new(),
             tun,
             reception,
             data_path,
@@ -495,8 +502,12 @@ impl Driver {
         }
     }
 
-    /// One batch of input to the engines it is for.
-    fn take_in(&mut self, now: Instant, inbound: &Inbound) {
+    /// One batch of input to the engines it is for; true when a client connected or left.
+    /// Outputs are sent every INPUTS_PER_FLUSH inputs: a GRO batch holds up to a thousand
+    /// datagrams, and their outputs all at once would outgrow the engines' buffer pools.
+    async fn take_in(&mut self, now: Instant, inbound: &Inbound) -> bool {
+        let mut changed = false;
+        let mut taken = 0;
         match inbound {
             Inbound::OpenVpn(batch) => {
                 for received in batch.iter() {
@@ -505,25 +516,36 @@ impl Driver {
                     }
                     self.openvpn
                         .handle_datagram(now, Link::Udp(received.from), received.datagram);
+                    changed |= self.count_input(&mut taken).await;
                 }
             }
             Inbound::WireGuard(batch) => {
-                let (Some(socket), Some(wireguard)) =
-                    (self.wireguard_socket.as_mut(), self.wireguard.as_mut())
-                else {
-                    return;
-                };
                 for received in batch.iter() {
+                    let (Some(socket), Some(wireguard)) =
+                        (self.wireguard_socket.as_mut(), self.wireguard.as_mut())
+                    else {
+                        break;
+                    };
                     socket.received(received.from, received.local);
                     wireguard.handle_datagram(now, received.from, received.datagram);
+                    changed |= self.count_input(&mut taken).await;
                 }
             }
             Inbound::Tun(packets) => {
                 for packet in packets.iter() {
                     self.route_from_tun(now, packet);
+                    changed |= self.count_input(&mut taken).await;
                 }
             }
         }
+        changed
+    }
+
+    /// Counts one input; every INPUTS_PER_FLUSH, sends what the engines queued (true when
+    /// a client connected or left).
+    async fn count_input(&mut self, taken: &mut usize) -> bool {
+        *taken += 1;
+        *taken % INPUTS_PER_FLUSH == 0 && self.flush().await
     }
 
     /// A packet from the kernel for a client: to the engine the address book names.
@@ -652,12 +674,24 @@ impl Driver {
         let Some(writes) = self.tun_writes.as_mut() else {
             return;
         };
+        let tun = self.tun.get_ref();
+        let mut refused = false;
         for (header, packet) in writes.iter() {
-            if let Err(error) = self.tun.get_ref().write_with_header(header, packet) {
-                warn!(%error, "tun write failed");
+            match tun.write_with_header(header, packet) {
+                Ok(()) => {}
+                // A kernel that refuses the super-packet gets its segments one by one.
+                Err(error) if header.gso_type != GSO_NONE => {
+                    refused |= error.raw_os_error() == Some(libc::EINVAL);
+                    write_segments(tun, header, packet, &mut self.tun_segments);
+                }
+                Err(error) => warn!(%error, "tun write failed"),
             }
         }
         writes.clear();
+        if refused {
+            warn!("the tun refused a TCP super-packet: packets for the kernel are written one by one from now on");
+            self.tun_writes = None;
+        }
     }
 
     fn recycle_wireguard(&mut self, buffer: Vec<u8>) {
@@ -782,6 +816,19 @@ fn open_tun(config: &VpnConfig) -> std::io::Result<AsyncFd<Arc<Tun>>> {
     // SAFETY: the Arc inside the AsyncFd keeps the tun, and so its descriptor, open for as
     // long as the registration lives.
     Ok(unsafe { AsyncFd::register_with_interest(Arc::new(tun), interest)? })
+}
+
+/// Splits a super-packet the tun refused and writes the pieces.
+fn write_segments(tun: &Tun, header: &VirtioNetHdr, packet: &[u8], segments: &mut Packets) {
+    segments.clear();
+    if let Err(error) = segment(header, packet, segments) {
+        return warn!(%error, "a refused tun super-packet could not be split; dropped");
+    }
+    for segment in segments.iter() {
+        if let Err(error) = tun.write(segment) {
+            warn!(%error, "tun write failed");
+        }
+    }
 }
 
 /// A tun write does not block: the kernel takes the packet or drops it.

@@ -195,14 +195,6 @@ impl Packets {
         Packets::default()
     }
 
-    /// A batch that holds `packets` packets of `bytes` bytes in all before it grows.
-    pub fn with_capacity(bytes: usize, packets: usize) -> Packets {
-        Packets {
-            data: Vec::with_capacity(bytes),
-            spans: Vec::with_capacity(packets),
-        }
-    }
-
     /// Empties the batch, keeping its memory.
     pub fn clear(&mut self) {
         self.data.clear();
@@ -219,6 +211,7 @@ impl Packets {
     }
 
     /// The packets' bytes in all.
+    #[cfg(test)]
     pub fn byte_len(&self) -> usize {
         self.data.len()
     }
@@ -235,6 +228,7 @@ impl Packets {
     }
 
     /// Appends a packet of `len` zero bytes to be built in place.
+    #[cfg(test)]
     pub fn push_zeroed(&mut self, len: usize) -> &mut [u8] {
         let start = self.data.len();
         self.data.resize(start + len, 0);
@@ -266,6 +260,7 @@ impl Packets {
     }
 
     /// The packet at `index`, to seal or rewrite in place.
+    #[cfg(test)]
     pub fn get_mut(&mut self, index: usize) -> Option<&mut [u8]> {
         let span = self.spans.get(index)?;
         self.data.get_mut(span.clone())
@@ -738,7 +733,7 @@ impl TunWriteBatch {
     }
 }
 
-/// A TCP/IPv4 data segment that may be coalesced: no IP options, no fragment, only ACK
+/// A TCP/IPv4 data segment that may be coalesced: no IP options, no fragment, DF set, only ACK
 /// (and PSH) set, some payload, and both checksums right, since the kernel will recompute
 /// the joined checksum rather than verify each segment's.
 fn coalescable_tcp_segment(packet: &[u8]) -> Option<TcpSegment> {
@@ -747,6 +742,9 @@ fn coalescable_tcp_segment(packet: &[u8]) -> Option<TcpSegment> {
     let plain_ipv4_tcp = ip[0] == 0x45
         && usize::from(u16::from_be_bytes([ip[2], ip[3]])) == packet.len()
         && u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0
+        // Don't-fragment: the kernel numbers the IP ids of a split super-packet itself,
+        // which only matters to a packet that may be fragmented.
+        && ip[6] & 0x40 != 0
         && ip[9] == IPPROTO_TCP;
     if !plain_ipv4_tcp {
         return None;
@@ -1577,6 +1575,13 @@ mod tests {
                 "{why}"
             );
         }
+
+        // Segments that may be fragmented keep their own IP ids: not joined.
+        let without_df = |packet: &Vec<u8>| resealed(packet, &|packet| packet[6] &= !0x40);
+        let mut batch = TunWriteBatch::new();
+        batch.push(&without_df(&first));
+        batch.push(&without_df(&second));
+        assert_eq!(batch.len(), 2, "no DF");
 
         let mut batch = TunWriteBatch::new();
         for packet in burst(1, 1, &[1000, 500])

@@ -27,7 +27,6 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 
@@ -187,15 +186,10 @@ impl BatchSocket {
         self.socket.set_nonblocking(nonblocking)
     }
 
-    /// When blocking, how long `recv_batch` waits before returning `WouldBlock`, so a
-    /// receive thread can wake up to check its stop flag.
-    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+    /// When blocking, how long `recv_batch` waits before returning `WouldBlock`.
+    #[cfg(test)]
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         self.socket.set_read_timeout(timeout)
-    }
-
-    /// When blocking, how long `send_batch` waits for buffer space before `WouldBlock`.
-    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.socket.set_write_timeout(timeout)
     }
 
     pub fn offloads(&self) -> Offloads {
@@ -224,6 +218,7 @@ impl BatchSocket {
     }
 
     /// A receive batch of the default size.
+    #[cfg(test)]
     pub fn rx_batch(&self) -> io::Result<RxBatch> {
         RxBatch::new(RxBatch::DEFAULT_SLOTS)
     }
@@ -321,7 +316,10 @@ pub struct RxBatch {
 
 // SAFETY: the raw pointers in `headers` / `iovecs` point into this batch's own arrays and
 // pages; they are rewritten by every `recv_batch` (which takes `&mut self`) before use.
+// Shared references only read the received datagrams (`iter`), never through those
+// pointers, so sharing one between threads is sound too.
 unsafe impl Send for RxBatch {}
+unsafe impl Sync for RxBatch {}
 
 impl RxBatch {
     pub const DEFAULT_SLOTS: usize = 32;
@@ -347,11 +345,6 @@ impl RxBatch {
             info: vec![empty; slots].into_boxed_slice(),
             filled: 0,
         })
-    }
-
-    /// Messages the last `recv_batch` received (a GRO super-datagram is one).
-    pub fn messages(&self) -> usize {
-        self.filled
     }
 
     pub fn is_empty(&self) -> bool {
@@ -421,7 +414,8 @@ impl<'a> Iterator for RxIter<'a> {
 
 impl BatchSocket {
     /// Receives up to `batch`'s slot count of messages with one `recvmmsg` and returns how
-    /// many (≥ 1); read them with `batch.iter()`. Nonblocking: `WouldBlock` when nothing
+    /// many it kept (0 when every one was a truncated datagram, dropped and counted); read
+    /// them with `batch.iter()`. Nonblocking: `WouldBlock` when nothing
     /// is queued. Blocking: waits for the first message (MSG_WAITFORONE), then takes what
     /// else is queued, or returns `WouldBlock` after the read timeout. On error the batch
     /// is empty.
@@ -918,8 +912,24 @@ impl BatchSocket {
                     if refused.segment > 0
                         && matches!(errno, Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE))
                     {
-                        self.gso_refused(refused.segment, &error);
-                        continue;
+                        // The kernel answers EINVAL for a source address that is no longer
+                        // ours too: only when the run's first datagram goes out on its own
+                        // was it GSO that was refused.
+                        batch.prepare(0);
+                        match self.sendmmsg(batch, 1) {
+                            Ok(_) => {
+                                batch.sent += 1;
+                                add(&self.counters.send_calls, 1);
+                                add(&self.counters.messages_sent, 1);
+                                add(&self.counters.datagrams_sent, 1);
+                                self.gso_refused(refused.segment, &error);
+                                continue;
+                            }
+                            Err(plain) if plain.kind() == io::ErrorKind::WouldBlock => {
+                                return Err(plain)
+                            }
+                            Err(_) => {}
+                        }
                     }
                     batch.sent += refused.entries;
                     add(&self.counters.send_dropped, refused.entries);
@@ -1004,7 +1014,7 @@ mod tests {
     use super::*;
     use std::net::UdpSocket;
     use std::process::Command;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
     const WAIT: Duration = Duration::from_secs(5);
@@ -1373,6 +1383,34 @@ mod tests {
             );
             let error = BatchSocket::bind(v6, true).err().unwrap();
             assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        });
+    }
+
+    #[test]
+    fn a_run_from_an_address_no_longer_ours_is_dropped_and_gso_stays_on() {
+        in_fresh_netns(|| {
+            let sender = bind(true);
+            let receiver = plain_receiver();
+            let to = receiver.local_addr().unwrap();
+            let limit = sender.offloads().gso_max_segment;
+            let mut batch = TxBatch::new(128);
+            // The address a peer once sent to, gone since (a side's address changed).
+            let gone = Some(Ipv4Addr::new(192, 0, 2, 7));
+            for i in 0..10 {
+                batch.push(to, gone, &payload(2, i, 1400)).unwrap();
+            }
+            batch.push(to, None, b"after").unwrap();
+            // Older kernels answer such a source with EINVAL, which also means "segment too
+            // large" for GSO; this one says ENETUNREACH, so the EINVAL is simulated.
+            sender.simulate_gso_refusal(libc::EINVAL);
+            let error = sender.send_batch(&mut batch).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+            let stats = sender.stats();
+            assert_eq!((stats.send_dropped, stats.gso_refusals), (10, 0));
+            assert_eq!(sender.offloads().gso_max_segment, limit, "GSO limit kept");
+            assert!(sender.offloads().gso);
+            let received = receive_plain(&receiver, 1);
+            assert_eq!(received[0].1, b"after");
         });
     }
 

@@ -333,8 +333,8 @@ impl WireguardServer {
         {
             TunnResult::WriteToNetwork(reply) => {
                 let reply_type = reply.first().copied();
-                let len = written(reply, start);
-                output.truncate(len);
+                let range = written(reply, start);
+                keep_written(&mut output, range);
                 self.outputs.push_back(Output::Transmit {
                     to: from,
                     datagram: output,
@@ -375,8 +375,8 @@ impl WireguardServer {
                     );
                     return self.drop_input(|c| &mut c.spoofed_source, why);
                 }
-                let len = written(packet, start);
-                output.truncate(len);
+                let range = written(packet, start);
+                keep_written(&mut output, range);
                 self.outputs.push_back(Output::Tun(output));
                 self.confirmed(now, id, from, scratch);
             }
@@ -455,8 +455,8 @@ impl WireguardServer {
         let start = datagram.as_ptr();
         match peer.tunn.encapsulate(packet, &mut datagram) {
             TunnResult::WriteToNetwork(sealed) => {
-                let len = written(sealed, start);
-                datagram.truncate(len);
+                let range = written(sealed, start);
+                keep_written(&mut datagram, range);
                 self.outputs.push_back(Output::Transmit {
                     to: endpoint,
                     datagram,
@@ -585,13 +585,17 @@ impl WireguardServer {
     }
 }
 
-/// The length of what boringtun wrote into the buffer starting at `start`: it writes its
-/// result at the start, so the buffer is cut to that length.
-fn written(result: &[u8], start: *const u8) -> usize {
-    debug_assert_eq!(
-        result.as_ptr(),
-        start,
-        "boringtun wrote its result at the start"
-    );
-    result.len()
+/// Where in the buffer starting at `start` boringtun wrote `result` (a slice of it).
+fn written(result: &[u8], start: *const u8) -> std::ops::Range<usize> {
+    let offset = (result.as_ptr() as usize).saturating_sub(start as usize);
+    offset..offset + result.len()
+}
+
+/// Cuts `buffer` to what boringtun wrote. Version 0.7 writes at the start, so this is a
+/// truncation; a version that did not would still give the right bytes.
+fn keep_written(buffer: &mut Vec<u8>, written: std::ops::Range<usize>) {
+    if written.start > 0 {
+        buffer.copy_within(written.clone(), 0);
+    }
+    buffer.truncate(written.len());
 }
