@@ -39,20 +39,20 @@ const STREAMS: usize = 4;
 
 /// Each stream's rate (iperf3's `-b` is per stream), over the tunnel and the plain veth
 /// alike: the same offered load on both paths, so their counters compare. 4 × 25 Mbit/s
-/// keeps a debug build busy on this machine without leaving the other suites no CPU;
-/// unlimited, the plain veth runs at tens of Gbit/s and reorders there by itself (30
-/// SACK reordering events in one run), which would say nothing about the tunnel.
+/// keeps the debug build busy and leaves the shared machine some CPU; unlimited, the plain
+/// veth runs at tens of Gbit/s and reorders there by itself (30 SACK reordering events in
+/// one run), which would say nothing about the tunnel.
 const STREAM_RATE: &str = "25M";
 
 /// Reordering events the tunnel may show above the plain veth's in one run. Packets of one
 /// peer keep their order through Dockvpn by design, so this is not a budget for the data
-/// path: it absorbs a rare event the kernel counts after a spurious retransmission (the
-/// original, delayed on a busy CPU, arrives after its copy).
+/// path: it absorbs the rare event the kernel infers when a retransmission proves
+/// spurious (the original, delayed on a busy CPU, arrives after its copy was sent).
 const REORDER_TOLERANCE: u64 = 2;
 
 /// A stream that got less than this fraction of an even share of the bytes counts as
-/// starved; TCP streams sharing one bottleneck are far from even over 4 s, but none may
-/// stand still.
+/// starved. At the capped rate each stream gets about its share; where the client drops
+/// datagrams a stream can fall behind for a second (RTO backoff), but none may stand still.
 const LEAST_SHARE: f64 = 0.1;
 
 /// Bytes each hashed transfer carries, each way.
