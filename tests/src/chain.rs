@@ -127,6 +127,24 @@ impl Chain {
             .ip(&["route", "add", RIGHT_HOST_NET, "via", SI_LEFT]);
     }
 
+    /// One more remote site on the right: a namespace at 172.17.`n`.2/24 wired to the right
+    /// gateway (its `site<n>` at 172.17.`n`.1), default route via the gateway. The SI reaches
+    /// it by its right-side default route; nothing routes it to the left.
+    pub fn add_right_site(&self, n: u8) -> (Netns, String) {
+        let site = Netns::new(&format!("rs{n}"));
+        let (address, gateway) = (format!("172.17.{n}.2"), format!("172.17.{n}.1"));
+        link(
+            &site,
+            "eth0",
+            &format!("{address}/24"),
+            &self.right_gateway,
+            &format!("site{n}"),
+            &format!("{gateway}/24"),
+        );
+        site.ip(&["route", "add", "default", "via", &gateway]);
+        (site, address)
+    }
+
     /// The baseline the benchmark compares against: the SI as a plain router with two
     /// static routes in `main`, no extra tables or rules.
     pub fn route_si_statically(&self) {
@@ -136,6 +154,26 @@ impl Chain {
         self.si
             .ip(&["route", "add", RIGHT_HOST_NET, "via", RIGHT_GATEWAY]);
     }
+}
+
+/// Where the hosts of [`plain_path`] sit.
+pub const PLAIN_PATH_CLIENT: &str = "10.9.0.1";
+pub const PLAIN_PATH_SERVER: &str = "10.9.0.2";
+
+/// Two namespaces joined by one veth pair, (client at PLAIN_PATH_CLIENT, server at
+/// PLAIN_PATH_SERVER): the baseline a tunnel's behaviour is compared against.
+pub fn plain_path() -> (Netns, Netns) {
+    require_chain_tools();
+    let (client, server) = (Netns::new("ppc"), Netns::new("pps"));
+    link(
+        &client,
+        "eth0",
+        &format!("{PLAIN_PATH_CLIENT}/24"),
+        &server,
+        "eth0",
+        &format!("{PLAIN_PATH_SERVER}/24"),
+    );
+    (client, server)
 }
 
 impl Default for Chain {

@@ -1,5 +1,6 @@
 //! Measurements the benchmark binaries share.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -68,16 +69,37 @@ pub fn iperf_tcp_report(
     address: &str,
     options: &[&str],
 ) -> serde_json::Value {
+    iperf_tcp_report_on(client, server_ns, address, IPERF_PORT, options)
+}
+
+/// [`iperf_tcp_report`] with the server on `port`, so several runs can share a server's
+/// namespace at once.
+pub fn iperf_tcp_report_on(
+    client: &Netns,
+    server_ns: &Netns,
+    address: &str,
+    port: u16,
+    options: &[&str],
+) -> serde_json::Value {
     // `ip netns exec` starts even when iperf3 is missing; name the package instead.
     crate::prereq::require_command("iperf3", "iperf3");
+    let port_text = port.to_string();
     let mut server = server_ns
         .command("iperf3")
-        .args(["-s", "-1", "-B", address])
+        .args(["-s", "-1", "-B", address, "-p", &port_text])
         .stdout(Stdio::null())
         .spawn()
         .expect("iperf3 server (apt-get install iperf3)");
-    server_ns.wait_listening(&mut server, "-ltn", IPERF_PORT);
-    let mut args = vec!["-c", address, "-J", "--connect-timeout", "3000"];
+    server_ns.wait_listening(&mut server, "-ltn", port);
+    let mut args = vec![
+        "-c",
+        address,
+        "-p",
+        &port_text,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
     args.extend(options);
     let output = client.exec("iperf3", &args);
     let _ = server.wait();
@@ -87,6 +109,72 @@ pub fn iperf_tcp_report(
         String::from_utf8_lossy(&output.stdout)
     );
     serde_json::from_slice(&output.stdout).expect("iperf3 JSON")
+}
+
+/// The bytes each stream of an iperf3 JSON report delivered to its receiver.
+pub fn iperf_stream_bytes(report: &serde_json::Value) -> Vec<u64> {
+    report["end"]["streams"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no streams in the iperf3 report: {report}"))
+        .iter()
+        .map(|stream| {
+            stream["receiver"]["bytes"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no receiver bytes in {stream}"))
+        })
+        .collect()
+}
+
+/// The segments the sending side retransmitted, as iperf3 reports it (with `-R` too: the
+/// server's count comes back in the client's report).
+pub fn iperf_retransmits(report: &serde_json::Value) -> u64 {
+    report["end"]["sum_sent"]["retransmits"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no retransmit count in the iperf3 report: {report}"))
+}
+
+/// The kernel's SNMP and TcpExt counters of one namespace (`nstat -asz`: absolute values,
+/// the history file left alone), by name.
+pub fn kernel_counters(ns: &Netns) -> BTreeMap<String, u64> {
+    crate::prereq::require_command("nstat", "iproute2");
+    let output = ns.exec("nstat", &["-asz"]);
+    assert!(
+        output.status.success(),
+        "nstat -asz in {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let name = fields.next()?;
+            let value = fields.next()?.parse().ok()?;
+            Some((name.to_owned(), value))
+        })
+        .collect()
+}
+
+/// How much each of the kernel's TCP reordering counters (`TcpExt…Reorder…`: reordering a
+/// sender detected from SACKs, timestamps or duplicate ACKs) grew between two snapshots of
+/// [`kernel_counters`].
+pub fn tcp_reordering_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    let reordering: BTreeMap<String, u64> = after
+        .iter()
+        .filter(|(name, _)| name.starts_with("TcpExt") && name.contains("Reorder"))
+        .map(|(name, &value)| {
+            let grown = value.saturating_sub(before.get(name).copied().unwrap_or(0));
+            (name.clone(), grown)
+        })
+        .collect();
+    assert!(
+        !reordering.is_empty(),
+        "this kernel shows no TcpExt…Reorder counters: {after:?}"
+    );
+    reordering
 }
 
 /// The bytes each reporting interval (1 s by default) of an iperf3 JSON report carried.

@@ -207,3 +207,115 @@ pub fn ping_output(from: &Netns, to: &str) -> String {
     let output = from.exec("ping", &["-c", "1", "-W", "1", to]);
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Which way the bytes of a [`tcp_transfer`] flow; the client connects either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    ClientToServer,
+    ServerToClient,
+}
+
+/// The longest a [`tcp_transfer`] waits for the next bytes, or to hand bytes to the kernel.
+const TRANSFER_STALL: Duration = Duration::from_secs(10);
+
+/// A TCP connection from `client` to `address:port` served in `server` carries `bytes` of
+/// pseudo-random data one way (`flow`), and the far end must receive exactly those bytes:
+/// as many, with the same SHA-256, then the sender's close. Err says what differed. Bounded:
+/// no read or write waits longer than 10 s.
+pub fn tcp_transfer(
+    client: &Netns,
+    server: &Netns,
+    address: &str,
+    port: u16,
+    bytes: u64,
+    flow: Flow,
+) -> Result<(), String> {
+    let bind: SocketAddr = format!("{address}:{port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let listener = server
+        .run(|| TcpListener::bind(bind))
+        .map_err(|e| format!("bind {bind}: {e}"))?;
+    let connected = client
+        .run(|| TcpStream::connect_timeout(&bind, PROBE_TIMEOUT * 2))
+        .map_err(|e| format!("connect to {bind}: {e}"))?;
+    // The handshake completed, so the connection already waits in the backlog.
+    let (accepted, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let (sending, receiving) = match flow {
+        Flow::ClientToServer => (connected, accepted),
+        Flow::ServerToClient => (accepted, connected),
+    };
+    for stream in [&sending, &receiving] {
+        stream
+            .set_read_timeout(Some(TRANSFER_STALL))
+            .and_then(|()| stream.set_write_timeout(Some(TRANSFER_STALL)))
+            .map_err(|e| e.to_string())?;
+    }
+    let (sent, received) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| send_pattern(sending, bytes));
+        let received = receive_all(receiving);
+        (
+            sender
+                .join()
+                .unwrap_or_else(|_| Err("the sender panicked".into())),
+            received,
+        )
+    });
+    let sent = sent?;
+    let (count, received) = received?;
+    if count != bytes {
+        return Err(format!("{count} of {bytes} bytes arrived ({flow:?})"));
+    }
+    if sent.as_ref() != received.as_ref() {
+        return Err(format!(
+            "{bytes} bytes arrived but not the ones sent: SHA-256 differs ({flow:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` of a pseudo-random pattern (no period a reordering could hide in), then
+/// closes the writing half; the SHA-256 of what it wrote.
+fn send_pattern(mut stream: TcpStream, bytes: u64) -> Result<ring::digest::Digest, String> {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let len = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        for word in chunk[..len].chunks_mut(8) {
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+        stream
+            .write_all(&chunk[..len])
+            .map_err(|e| format!("send after {} bytes: {e}", bytes - left))?;
+        digest.update(&chunk[..len]);
+        left -= len as u64;
+    }
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("close after sending: {e}"))?;
+    Ok(digest.finish())
+}
+
+/// Reads until the sender closes: how many bytes came, and their SHA-256.
+fn receive_all(mut stream: TcpStream) -> Result<(u64, ring::digest::Digest), String> {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut count = 0u64;
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return Ok((count, digest.finish())),
+            Ok(len) => {
+                digest.update(&buffer[..len]);
+                count += len as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("receive after {count} bytes: {e}")),
+        }
+    }
+}

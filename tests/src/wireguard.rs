@@ -11,9 +11,14 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use crate::chain::SI_RIGHT;
 use crate::netns::run_checked;
+use crate::openvpn::{issue_profile, issue_profile_with, OpenvpnClient};
 use crate::prereq::require_command;
-use crate::{Netns, Vnf};
+use crate::{Chain, Netns, Vnf};
+
+/// Dockvpn's default WireGuard port.
+pub const WIREGUARD_PORT: u16 = 51820;
 
 /// How long a first handshake may take: one initiation, or a second one after a cookie
 /// reply (REKEY_TIMEOUT is 5 s), on a shared machine.
@@ -127,6 +132,43 @@ impl Profile {
         }
         config
     }
+}
+
+/// The SI's right address and Dockvpn's WireGuard port: the Endpoint a client on the right
+/// uses.
+pub fn endpoint() -> String {
+    format!("{SI_RIGHT}:{WIREGUARD_PORT}")
+}
+
+/// `dockvpn client add NAME`, then its wg-quick profile.
+pub fn wireguard_profile(si: &Netns, dockvpn: &Vnf, name: &str) -> String {
+    issue_profile_with(si, dockvpn, name, &["--format", "wireguard"])
+}
+
+/// A wireguard-go client in `ns` with a fresh profile for `name`, once its first handshake
+/// completed.
+pub fn connected_client(ns: &Netns, si: &Netns, dockvpn: &Vnf, name: &str) -> WireguardClient {
+    let profile = wireguard_profile(si, dockvpn, name);
+    let client = WireguardClient::start(ns, &profile, Some(&endpoint()));
+    client.assert_handshake(&dockvpn.log());
+    client
+}
+
+/// One client of each transport, both connected: a stock OpenVPN client ("olga") in the
+/// right host, and a wireguard-go client ("wanda") in the right gateway, a second remote
+/// site (`vpn_chain` removed its direct route to the left too).
+pub fn clients_of_both_transports(
+    chain: &Chain,
+    dockvpn: &Vnf,
+) -> (OpenvpnClient, WireguardClient) {
+    let openvpn = OpenvpnClient::start(
+        &chain.right_host,
+        &issue_profile(&chain.si, dockvpn, "olga", None),
+        &[],
+    );
+    openvpn.assert_connected(dockvpn);
+    let wireguard = connected_client(&chain.right_gateway, &chain.si, dockvpn, "wanda");
+    (openvpn, wireguard)
 }
 
 /// A key pair from the stock tool: (private, public), base64.

@@ -5,15 +5,15 @@
 
 use std::time::Duration;
 
-use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, RIGHT_HOST, SI_RIGHT};
+use docknfv_tests::chain::{LEFT_HOST, LEFT_HOST_NET, LEFT_NET, RIGHT_HOST};
 use docknfv_tests::measure::{iperf_interval_bytes, iperf_tcp_gbps, iperf_tcp_report};
 use docknfv_tests::openvpn::{
-    issue_profile, issue_profile_with, learned_routes_chain, status_json, text, vpn_chain,
-    wait_for_status, OpenvpnClient, LEARNED_NETWORK,
+    learned_routes_chain, status_json, text, vpn_chain, wait_for_status, LEARNED_NETWORK,
 };
 use docknfv_tests::traffic::{ping, ping_eventually};
 use docknfv_tests::wireguard::{
-    flood_forged_initiations, genkey, Profile, WireguardClient, HANDSHAKE_WITHIN,
+    clients_of_both_transports, connected_client, endpoint, flood_forged_initiations, genkey,
+    wireguard_profile, Profile, WireguardClient, HANDSHAKE_WITHIN, WIREGUARD_PORT,
 };
 use docknfv_tests::{Netns, Vnf};
 
@@ -21,30 +21,8 @@ use docknfv_tests::{Netns, Vnf};
 /// and the machine is shared, so one lost second must not fail the test.
 const TUNNEL_PING_ATTEMPTS: u32 = 5;
 
-/// Dockvpn's default WireGuard port.
-const WIREGUARD_PORT: u16 = 51820;
-
 /// The server's address inside the tunnel, which every profile routes as a /32.
 const SERVER_TUNNEL_ADDRESS: &str = "10.8.0.1";
-
-/// The SI's right address and WireGuard port: the Endpoint a client on the right uses.
-fn endpoint() -> String {
-    format!("{SI_RIGHT}:{WIREGUARD_PORT}")
-}
-
-/// `client add NAME`, then its wg-quick profile.
-fn wireguard_profile(si: &Netns, dockvpn: &Vnf, name: &str) -> String {
-    issue_profile_with(si, dockvpn, name, &["--format", "wireguard"])
-}
-
-/// A wireguard-go client in `ns` with a fresh profile for `name`, once its first handshake
-/// completed.
-fn connected_client(ns: &Netns, si: &Netns, dockvpn: &Vnf, name: &str) -> WireguardClient {
-    let profile = wireguard_profile(si, dockvpn, name);
-    let client = WireguardClient::start(ns, &profile, Some(&endpoint()));
-    client.assert_handshake(&dockvpn.log());
-    client
-}
 
 /// The status entry of the connected client `name`, once `ready` holds for it.
 fn client_status(
@@ -169,14 +147,7 @@ fn a_profile_from_client_config_handshakes_gets_exactly_the_learned_routes_and_c
 fn an_openvpn_and_a_wireguard_client_at_once_each_reach_the_left_host_and_see_only_their_own_traffic(
 ) {
     let (chain, dockvpn) = vpn_chain(&[]);
-    let openvpn = OpenvpnClient::start(
-        &chain.right_host,
-        &issue_profile(&chain.si, &dockvpn, "olga", None),
-        &[],
-    );
-    openvpn.assert_connected(&dockvpn);
-    // The right gateway is a second remote site; its direct route to the left is gone too.
-    let wireguard = connected_client(&chain.right_gateway, &chain.si, &dockvpn, "wanda");
+    let (_openvpn, wireguard) = clients_of_both_transports(&chain, &dockvpn);
     for ns in [&chain.right_host, &chain.right_gateway] {
         assert!(
             ping_eventually(ns, LEFT_HOST, TUNNEL_PING_ATTEMPTS),
