@@ -840,7 +840,7 @@ fn report(
         // The targets are the default data path's: two threads on this 2-core machine.
         let verdict = |ratio: f64, met: bool, target: String| {
             format!(
-                "{target} → {ratio:.2}× {}",
+                "{target} → {ratio:.3}× {}",
                 if met { "met" } else { "NOT met" }
             )
         };
