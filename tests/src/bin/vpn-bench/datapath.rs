@@ -185,6 +185,15 @@ const ROWS: [Row; 5] = [
 ];
 
 impl Row {
+    /// The index in ROWS of the row for these streams.
+    fn index(transport: Transport, clients: usize, direction: Direction) -> usize {
+        ROWS.iter()
+            .position(|row| {
+                row.transport == transport && row.clients == clients && row.direction == direction
+            })
+            .expect("a row in ROWS")
+    }
+
     fn label(self) -> String {
         let transport = match self.transport {
             Transport::Openvpn => "OpenVPN UDP",
@@ -294,7 +303,10 @@ fn start_dockvpn(chain: &Chain, state: &Path, variant: Variant) -> (Vnf, String)
         let status: serde_json::Value = serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
         let data_path = &status["vpn"]["data_path"];
-        if data_path.is_object() {
+        // The previous variant's status stays in the state directory until this one
+        // rewrites it.
+        let current = status["vpn"]["pid"].as_u64() == Some(u64::from(dockvpn.pid()));
+        if current && data_path.is_object() {
             break format!(
                 "threads {}, udp {}, tun {}",
                 data_path["threads"], data_path["udp_offloads"], data_path["tun_offloads"]
@@ -353,7 +365,7 @@ struct Setup {
 }
 
 impl Setup {
-    /// Which server process carries `row` for `contender`, and its profile's role.
+    /// The server process that carries `transport`'s streams for `contender`.
     fn server_pid(&self, contender: Contender, transport: Transport, dockvpn: &Vnf) -> u32 {
         match (contender, transport) {
             (Contender::Dockvpn(_), _) => dockvpn.pid(),
@@ -370,14 +382,14 @@ impl Setup {
     }
 }
 
-/// Every row's transfers for `contender`, while `dockvpn` (the variant's, or an idle one
-/// beside the stock servers) runs.
+/// Every row's transfer for `contender`, each with its index in ROWS, while `dockvpn` (the
+/// variant's, or an idle one beside the stock servers) runs.
 fn contender_transfers(
     chain: &Chain,
     setup: &Setup,
     contender: Contender,
     dockvpn: &Vnf,
-) -> Vec<Carried> {
+) -> Vec<(usize, Carried)> {
     let mut samples = Vec::new();
     let openvpn_log_server = match contender {
         Contender::Dockvpn(_) => dockvpn,
@@ -388,7 +400,10 @@ fn contender_transfers(
     let client = connect_openvpn(&[(&chain.right_host, &profile)], &[], openvpn_log_server);
     let pid = setup.server_pid(contender, Transport::Openvpn, dockvpn);
     for direction in [Direction::ToLeft, Direction::FromLeft] {
-        samples.push(carried(chain, &[&chain.right_host], pid, direction));
+        samples.push((
+            Row::index(Transport::Openvpn, 1, direction),
+            carried(chain, &[&chain.right_host], pid, direction),
+        ));
     }
     drop(client);
     // CLIENTS_AT_ONCE OpenVPN clients, one stream each.
@@ -402,7 +417,10 @@ fn contender_transfers(
         .zip(profiles.iter().map(String::as_str))
         .collect();
     let clients = connect_openvpn(&pairs, &[], openvpn_log_server);
-    samples.push(carried(chain, &hosts, pid, Direction::ToLeft));
+    samples.push((
+        Row::index(Transport::Openvpn, CLIENTS_AT_ONCE, Direction::ToLeft),
+        carried(chain, &hosts, pid, Direction::ToLeft),
+    ));
     drop(clients);
     // One WireGuard client, both directions.
     let (profile, wireguard_server) = match contender {
@@ -415,7 +433,10 @@ fn contender_transfers(
     let client = start_client(&chain.right_host, profile, wireguard_server);
     let pid = setup.server_pid(contender, Transport::Wireguard, dockvpn);
     for direction in [Direction::ToLeft, Direction::FromLeft] {
-        samples.push(carried(chain, &[&chain.right_host], pid, direction));
+        samples.push((
+            Row::index(Transport::Wireguard, 1, direction),
+            carried(chain, &[&chain.right_host], pid, direction),
+        ));
     }
     drop(client);
     // Let the servers forget the clients before the next contender.
@@ -704,8 +725,9 @@ pub fn rows(chain: &Chain) {
     let mut samples: Vec<Vec<Vec<Carried>>> = vec![vec![Vec::new(); CONTENDERS.len()]; ROWS.len()];
     let mut data_paths: Vec<String> = vec![String::new(); CONTENDERS.len()];
     let mut loads = Vec::new();
-    // The stock servers need a Dockvpn running beside them: the SI's side routing is
-    // its; the last variant stays up, idle, while they carry their streams.
+    // The SI's routes back to the clients are Dockvpn's (removed when it exits), so the
+    // stock servers run beside a Dockvpn, as in the other rows: the last variant stays up,
+    // idle, while they carry their streams.
     let mut running: Option<Vnf> = None;
     let started = Instant::now();
     for round in 0..ROUNDS {
@@ -723,7 +745,7 @@ pub fn rows(chain: &Chain) {
             }
             let dockvpn = running.as_ref().expect("a Dockvpn runs");
             let carried = contender_transfers(chain, &setup, contender, dockvpn);
-            for (row, sample) in carried.into_iter().enumerate() {
+            for (row, sample) in carried {
                 samples[row][k].push(sample);
             }
         }
