@@ -449,7 +449,8 @@ struct Profile {
     direction: Direction,
     /// The stream's rate while profiled (perf record's sampling costs a little).
     gbps: f64,
-    /// Per thread: name, user and system seconds during the perf record window.
+    /// How long perf record ran, and per thread: name, user and system seconds meanwhile.
+    seconds: f64,
     threads: Vec<(String, CpuTime)>,
     /// The stock openvpn client's CPU seconds in the same window: when it nears the whole
     /// window, the client, not the server, sets the rate.
@@ -464,6 +465,8 @@ struct Profile {
 /// client's CPU time while the profiler ran, and the profiler's output (or why none).
 struct Watched {
     gbps: f64,
+    /// How long the profiler ran: its sampling time plus its own start and finish.
+    seconds: f64,
     threads: Vec<(String, CpuTime)>,
     client_cpu: f64,
     output: Result<String, String>,
@@ -483,7 +486,9 @@ fn during_transfer(
         let stream = scope.spawn(|| carried(chain, &[&chain.right_host], pid, direction));
         std::thread::sleep(PROFILE_WARM_UP);
         let (before, client_before) = (thread_cpu_times(pid), cpu_seconds(client_pid));
+        let profiler_started = Instant::now();
         let output = profiler.output();
+        let seconds = profiler_started.elapsed().as_secs_f64();
         let (after, client_cpu) = (
             thread_cpu_times(pid),
             cpu_seconds(client_pid) - client_before,
@@ -511,6 +516,7 @@ fn during_transfer(
         let gbps = stream.join().expect("the profiled stream").gbps;
         Watched {
             gbps,
+            seconds,
             threads,
             client_cpu,
             output,
@@ -563,6 +569,7 @@ fn profile(chain: &Chain, dockvpn: &Vnf, client: &OpenvpnClient, direction: Dire
     Profile {
         direction,
         gbps: recorded.gbps,
+        seconds: recorded.seconds,
         threads: recorded.threads,
         client_cpu: recorded.client_cpu,
         perf_report,
@@ -917,9 +924,10 @@ fn report(
     println!("\nWhere Dockvpn's time goes: --threads 2 ({profiled_data_path}), one OpenVPN client");
     for profile in profiles {
         println!(
-            "\n{} ({:.2} Gbit/s while recorded); CPU seconds per thread in {PROFILE_SECONDS} s (user / system):",
+            "\n{} ({:.2} Gbit/s while recorded); CPU seconds per thread in the {:.1} s perf record ran (user / system):",
             profile.direction.label(),
-            profile.gbps
+            profile.gbps,
+            profile.seconds
         );
         for (name, time) in &profile.threads {
             if time.user + time.system > 0.0 {
@@ -933,7 +941,7 @@ fn report(
         // The AEAD's share, from ring's rate on this core: each byte is opened or sealed
         // once by the server, and opening costs what sealing does.
         let busy: f64 = profile.threads.iter().map(|(_, t)| t.user + t.system).sum();
-        let gigabytes = profile.gbps / 8.0 * PROFILE_SECONDS as f64;
+        let gigabytes = profile.gbps / 8.0 * profile.seconds;
         let crypto = gigabytes / median(&mut aes_gcm.to_vec());
         println!(
             "  AES-256-GCM at ring's rate for the {gigabytes:.2} GB carried: {crypto:.3} s, {:.0} % of the {busy:.2} s",
