@@ -111,6 +111,30 @@ pub fn iperf_tcp_report_on(
     serde_json::from_slice(&output.stdout).expect("iperf3 JSON")
 }
 
+/// iperf3 TCP runs at the same time, one from each of `clients` to its own iperf3 server in
+/// `server_ns` on `address` (ports 5201, 5202, …), each with the clients' `options`;
+/// iperf3's JSON reports in the order of `clients`.
+pub fn iperf_tcp_reports_at_once(
+    clients: &[&Netns],
+    server_ns: &Netns,
+    address: &str,
+    options: &[&str],
+) -> Vec<serde_json::Value> {
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(k, client)| {
+                let port = IPERF_PORT + k as u16;
+                scope.spawn(move || iperf_tcp_report_on(client, server_ns, address, port, options))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|run| run.join().expect("an iperf3 run"))
+            .collect()
+    })
+}
+
 /// The bytes each stream of an iperf3 JSON report delivered to its receiver.
 pub fn iperf_stream_bytes(report: &serde_json::Value) -> Vec<u64> {
     report["end"]["streams"]
@@ -199,19 +223,89 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// CPU time (user + system, all threads) a process has used so far, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("/proc/PID/stat has a command name")
-        .1
-        .split_whitespace()
+    let time = cpu_time(&format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    time.user + time.system
+}
+
+/// CPU time of a process or thread, in seconds, split as the kernel accounts it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = CpuTime;
+    fn sub(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// Each thread of process `pid` by name (`comm`) with the CPU time it has used so far,
+/// sorted by thread id. Threads that end while being read are left out.
+pub fn thread_cpu_times(pid: u32) -> Vec<(String, CpuTime)> {
+    let mut threads: Vec<(u32, String, CpuTime)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc/PID/task")
+        .filter_map(|entry| {
+            let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let time = cpu_time(&format!("/proc/{pid}/task/{tid}/stat"))?;
+            Some((tid, name.trim().to_owned(), time))
+        })
         .collect();
+    threads.sort_by_key(|(tid, _, _)| *tid);
+    threads
+        .into_iter()
+        .map(|(_, name, time)| (name, time))
+        .collect()
+}
+
+/// utime and stime of a `/proc/…/stat` file; None when it cannot be read.
+fn cpu_time(path: &str) -> Option<CpuTime> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are the 14th and 15th fields of the line (the 12th and 13th after the
     // name), in USER_HZ ticks: 100 a second on Linux.
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    ticks as f64 / 100.0
+    let seconds = |field: &str| field.parse::<u64>().ok().map(|ticks| ticks as f64 / 100.0);
+    Some(CpuTime {
+        user: seconds(fields.get(11)?)?,
+        system: seconds(fields.get(12)?)?,
+    })
+}
+
+/// Seal throughput of one core for `algorithm` (ring), GB/s: `packet`-byte packets sealed
+/// in place, one after another, for `sample`. The ceiling a tunnel's crypto sets.
+pub fn aead_seal_gbps(
+    algorithm: &'static ring::aead::Algorithm,
+    packet: usize,
+    sample: Duration,
+) -> f64 {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+    let key_bytes = vec![0x42; algorithm.key_len()];
+    let key = LessSafeKey::new(UnboundKey::new(algorithm, &key_bytes).expect("a key"));
+    let mut plaintext = vec![0u8; packet];
+    let mut counter = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < sample {
+        for _ in 0..1024 {
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&counter.to_le_bytes());
+            counter += 1;
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut plaintext,
+                )
+                .expect("seal");
+            std::hint::black_box(&tag);
+        }
+    }
+    (counter as f64 * packet as f64) / started.elapsed().as_secs_f64() / 1e9
 }
 
 /// What [`new_connections`] measured: the rate, and how many attempts failed on the way.

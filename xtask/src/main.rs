@@ -34,6 +34,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium-driver",
     "time",
     "graphviz",
+    // vpn-bench's data-path profile: perf record/trace, strace where perf cannot record.
+    "linux-perf",
+    "strace",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

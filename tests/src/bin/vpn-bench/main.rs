@@ -6,8 +6,9 @@
 //! (an `openvpn` server serves one protocol per process, so a second one serves TCP), with
 //! each server's CPU seconds per GB carried, interleaved; each server's RSS; then the
 //! throughput dip while the client renegotiates its data keys every few seconds under load.
-//! Before all that, the WireGuard rows (`wireguard.rs`). `vpn-bench openvpn` or `vpn-bench
-//! wireguard` runs one part.
+//! Before all that, the WireGuard rows (`wireguard.rs`); after it, the data-path rows of
+//! issue 18 (`datapath.rs`). `vpn-bench openvpn`, `vpn-bench wireguard` or `vpn-bench
+//! datapath` runs one part.
 
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,11 @@ use docknfv_tests::openvpn::{issue_profile_with, text, vpn_chain, OpenvpnClient,
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Vnf};
 
+mod datapath;
 mod wireguard;
 
 const ROUNDS: usize = 5;
-const OPENVPN_PORT: u16 = 1195;
+pub const OPENVPN_PORT: u16 = 1195;
 const OPENVPN_TCP_PORT: u16 = 1196;
 /// Transfers through each tunnel per protocol, and how long each lasts.
 pub const TRANSFER_ROUNDS: usize = 3;
@@ -99,7 +101,7 @@ pub fn tunnel_transfer(chain: &Chain, server_pid: u32) -> (f64, f64) {
 }
 
 /// An `openvpn` 2.6 server in the SI with Dockvpn's PKI and the equivalent config.
-fn start_openvpn_server(
+pub fn start_openvpn_server(
     chain: &Chain,
     pki: &std::path::Path,
     proto: &str,
@@ -119,9 +121,10 @@ fn start_openvpn_server(
         std::env::temp_dir().join(format!("vpn-bench-{}-{n}.conf", std::process::id()));
     std::fs::write(&config_path, server_config).expect("write server config");
     // It does not masquerade: the left gateway routes its pool back.
+    // `replace`: the datapath part starts one again after the openvpn part's.
     chain.left_gateway.ip(&[
         "route",
-        "add",
+        "replace",
         &format!("10.{}.0.0/24", 9 + n),
         "via",
         SI_LEFT,
@@ -148,23 +151,29 @@ fn connect_ms(chain: &Chain, profile: &str) -> (f64, OpenvpnClient) {
 
 fn main() {
     let part = std::env::args().nth(1);
-    let (openvpn, wireguard) = match part.as_deref() {
-        None => (true, true),
-        Some("openvpn") => (true, false),
-        Some("wireguard") => (false, true),
+    let (openvpn, wireguard, datapath) = match part.as_deref() {
+        None => (true, true, true),
+        Some("openvpn") => (true, false, false),
+        Some("wireguard") => (false, true, false),
+        Some("datapath") => (false, false, true),
         Some(other) => {
-            panic!("unknown part {other:?}: vpn-bench [openvpn|wireguard] (default both)")
+            panic!("unknown part {other:?}: vpn-bench [openvpn|wireguard|datapath] (default all)")
         }
     };
     // SAFETY: single-threaded here; the harness reads it when it builds the binaries.
     unsafe { std::env::set_var("DOCKNFV_PROFILE", "release") };
-    let (chain, dockvpn) = vpn_chain(&[]);
+    let (chain, mut dockvpn) = vpn_chain(&[]);
     // First, so its idle RSS row meets a server that has carried nothing yet.
     if wireguard {
         wireguard::rows(&chain, &dockvpn);
     }
     if openvpn {
         openvpn_rows(&chain, &dockvpn);
+    }
+    if datapath {
+        // It restarts Dockvpn with other flags on its own state directory, on the same ports.
+        dockvpn.terminate();
+        datapath::rows(&chain);
     }
 }
 

@@ -6,7 +6,7 @@
 //! ChaCha20-Poly1305 seal throughput on one core (ring), to read the tunnel's cost against.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -16,8 +16,8 @@ use base64::Engine as _;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use docknfv_tests::chain::{LEFT_HOST, SI_LEFT, SI_RIGHT};
-use docknfv_tests::measure::{median, min_max, round_order, rss_kib};
-use docknfv_tests::openvpn::{text, wait_for_status};
+use docknfv_tests::measure::{aead_seal_gbps, median, min_max, round_order, rss_kib};
+use docknfv_tests::openvpn::{dockvpn_cli, text, wait_for_status};
 use docknfv_tests::prereq::require_command;
 use docknfv_tests::traffic::ping;
 use docknfv_tests::{Chain, Netns, Vnf};
@@ -35,17 +35,17 @@ const WIREGUARD_GO_SERVER: &str = "10.20.0.1";
 /// Client starts (process start → completed handshake) per server.
 const HANDSHAKE_ROUNDS: usize = 5;
 /// Registered peers with completed handshakes in the RSS row.
-const PEERS: usize = 20;
+pub(super) const PEERS: usize = 20;
 /// How long a server has to answer a peer's handshake (Dockvpn reads new clients every 2 s).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The plaintext size of one sealed packet in the ring row, and how long one sample seals.
-const SEAL_PACKET: usize = 1400;
-const SEAL_SAMPLE: Duration = Duration::from_secs(1);
+pub(super) const SEAL_PACKET: usize = 1400;
+pub(super) const SEAL_SAMPLE: Duration = Duration::from_secs(1);
 
 /// The fields of a wg-quick profile a client needs; everything `wg setconf` takes, plus the
 /// wg-quick keys (Address, AllowedIPs as routes) this harness applies with `ip`.
 #[derive(Clone)]
-struct Profile {
+pub(super) struct Profile {
     private_key: String,
     address: String,
     server_public_key: String,
@@ -126,8 +126,8 @@ fn key_bytes(base64: &str) -> [u8; 32] {
 
 /// One `wireguard-go` interface in a namespace, the process in the foreground (stopped on
 /// drop, which removes the interface and its routes).
-struct WireguardGo {
-    process: Vnf,
+pub(super) struct WireguardGo {
+    pub process: Vnf,
     interface: String,
 }
 
@@ -220,7 +220,7 @@ impl Drop for WireguardGo {
 
 /// A `wireguard-go` client in `ns` configured from `profile`, with a route through the
 /// tunnel per AllowedIPs entry; returns once its handshake completed.
-fn start_client(ns: &Netns, profile: &Profile, server: &Vnf) -> WireguardGo {
+pub(super) fn start_client(ns: &Netns, profile: &Profile, server: &Vnf) -> WireguardGo {
     let client = WireguardGo::start(ns);
     client.set_config(&profile.setconf());
     client.up(ns, &profile.address);
@@ -245,7 +245,7 @@ fn start_client(ns: &Netns, profile: &Profile, server: &Vnf) -> WireguardGo {
 /// `Tunn` as a client: an initiation, the server's response, and the first (keepalive)
 /// data packet, after which the server holds a session for the peer. Returns each answered
 /// initiation's round trip in ms (sent → response).
-fn handshake_peers(ns: &Netns, peers: &[Profile]) -> Vec<f64> {
+pub(super) fn handshake_peers(ns: &Netns, peers: &[Profile]) -> Vec<f64> {
     ns.run(|| {
         let mut round_trips = Vec::new();
         for (index, peer) in peers.iter().enumerate() {
@@ -295,10 +295,10 @@ fn handshake_peers(ns: &Netns, peers: &[Profile]) -> Vec<f64> {
     })
 }
 
-/// The wg-quick profile of a new Dockvpn client NAME, its Endpoint the SI's right address.
-fn issue_profile(chain: &Chain, dockvpn: &Vnf, name: &str) -> Profile {
-    let added = dockvpn.cli(&chain.si, "dockvpn", &["client", "add", name]);
-    assert!(added.status.success(), "client add: {}", text(&added));
+/// The wg-quick profile of a new client NAME of the Dockvpn serving the state directory
+/// `state`, its Endpoint the SI's right address.
+fn issue_profile(chain: &Chain, state: &Path, name: &str) -> Profile {
+    dockvpn_cli(&chain.si, state, &["client", "add", name]);
     let remote = format!("{SI_RIGHT}:{DOCKVPN_PORT}");
     let args = [
         "client",
@@ -309,9 +309,7 @@ fn issue_profile(chain: &Chain, dockvpn: &Vnf, name: &str) -> Profile {
         "--remote",
         &remote,
     ];
-    let config = dockvpn.cli(&chain.si, "dockvpn", &args);
-    assert!(config.status.success(), "client config: {}", text(&config));
-    Profile::parse(&String::from_utf8_lossy(&config.stdout))
+    Profile::parse(&dockvpn_cli(&chain.si, state, &args))
 }
 
 /// `wg genkey` and its `wg pubkey`.
@@ -360,12 +358,12 @@ fn start_wireguard_go_server(chain: &Chain, private_key: &str, clients: &[Profil
     chain.si.set_sysctl("net.ipv4.ip_forward", 1);
     chain
         .left_gateway
-        .ip(&["route", "add", WIREGUARD_GO_NET, "via", SI_LEFT]);
+        .ip(&["route", "replace", WIREGUARD_GO_NET, "via", SI_LEFT]);
     server
 }
 
 /// How many of Dockvpn's WireGuard clients have completed a handshake, from `status --json`.
-fn dockvpn_peers_handshaken(status: &serde_json::Value) -> usize {
+pub(super) fn dockvpn_peers_handshaken(status: &serde_json::Value) -> usize {
     status["vpn"]["clients"].as_array().map_or(0, |clients| {
         clients
             .iter()
@@ -374,31 +372,9 @@ fn dockvpn_peers_handshaken(status: &serde_json::Value) -> usize {
     })
 }
 
-/// ChaCha20-Poly1305 seal throughput of one core, GB/s: SEAL_PACKET-byte packets sealed in
-/// place with ring for SEAL_SAMPLE.
-fn chacha20_poly1305_seal_gbps() -> f64 {
-    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-    let key =
-        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[0x42; 32]).expect("a 32-byte key"));
-    let mut packet = vec![0u8; SEAL_PACKET];
-    let mut counter = 0u64;
-    let started = Instant::now();
-    while started.elapsed() < SEAL_SAMPLE {
-        for _ in 0..1024 {
-            let mut nonce = [0u8; 12];
-            nonce[4..].copy_from_slice(&counter.to_le_bytes());
-            counter += 1;
-            let tag = key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::empty(),
-                    &mut packet,
-                )
-                .expect("seal");
-            std::hint::black_box(&tag);
-        }
-    }
-    (counter as f64 * SEAL_PACKET as f64) / started.elapsed().as_secs_f64() / 1e9
+/// ChaCha20-Poly1305 seal throughput of one core, GB/s (ring, SEAL_PACKET-byte packets).
+pub(super) fn chacha20_poly1305_seal_gbps() -> f64 {
+    aead_seal_gbps(&ring::aead::CHACHA20_POLY1305, SEAL_PACKET, SEAL_SAMPLE)
 }
 
 /// `median (min-max)` of `values`, two decimals.
@@ -407,28 +383,57 @@ fn spread(values: &[f64]) -> String {
     format!("{:.2} ({min:.2}-{max:.2})", median(&mut values.to_vec()))
 }
 
+/// The WireGuard contenders: one client and PEERS more of the Dockvpn serving `state`, and
+/// a `wireguard-go` server in the SI that knows the same clients (their keys and preshared
+/// keys) under its own key and tunnel network, with the profiles that reach it.
+pub(super) struct Contenders {
+    pub client: Profile,
+    pub peers: Vec<Profile>,
+    pub go_client: Profile,
+    pub go_peers: Vec<Profile>,
+    pub go_server: WireguardGo,
+}
+
+impl Contenders {
+    pub fn start(chain: &Chain, state: &Path) -> Contenders {
+        let client = issue_profile(chain, state, "wgbench");
+        let peers: Vec<Profile> = (1..=PEERS)
+            .map(|k| issue_profile(chain, state, &format!("wgpeer{k}")))
+            .collect();
+        let (server_private, server_public) = key_pair();
+        let go_address = |k: usize| format!("10.20.0.{}/32", k + 2);
+        let mut go_client = client.for_server(&server_public, WIREGUARD_GO_PORT, &go_address(0));
+        // As in Dockvpn's profile: the server's own tunnel address is reached through the tunnel.
+        go_client
+            .allowed_ips
+            .push(format!("{WIREGUARD_GO_SERVER}/32"));
+        let go_peers: Vec<Profile> = peers
+            .iter()
+            .enumerate()
+            .map(|(k, p)| p.for_server(&server_public, WIREGUARD_GO_PORT, &go_address(k + 1)))
+            .collect();
+        let all_go_clients: Vec<Profile> = std::iter::once(go_client.clone())
+            .chain(go_peers.iter().cloned())
+            .collect();
+        let go_server = start_wireguard_go_server(chain, &server_private, &all_go_clients);
+        Contenders {
+            client,
+            peers,
+            go_client,
+            go_peers,
+            go_server,
+        }
+    }
+}
+
 pub fn rows(chain: &Chain, dockvpn: &Vnf) {
-    let client = issue_profile(chain, dockvpn, "wgbench");
-    let peers: Vec<Profile> = (1..=PEERS)
-        .map(|k| issue_profile(chain, dockvpn, &format!("wgpeer{k}")))
-        .collect();
-    // Its own key and tunnel network; the same client keys and preshared keys as Dockvpn's.
-    let (server_private, server_public) = key_pair();
-    let go_address = |k: usize| format!("10.20.0.{}/32", k + 2);
-    let mut go_client = client.for_server(&server_public, WIREGUARD_GO_PORT, &go_address(0));
-    // As in Dockvpn's profile: the server's own tunnel address is reached through the tunnel.
-    go_client
-        .allowed_ips
-        .push(format!("{WIREGUARD_GO_SERVER}/32"));
-    let go_peers: Vec<Profile> = peers
-        .iter()
-        .enumerate()
-        .map(|(k, p)| p.for_server(&server_public, WIREGUARD_GO_PORT, &go_address(k + 1)))
-        .collect();
-    let all_go_clients: Vec<Profile> = std::iter::once(go_client.clone())
-        .chain(go_peers.iter().cloned())
-        .collect();
-    let go_server = start_wireguard_go_server(chain, &server_private, &all_go_clients);
+    let Contenders {
+        client,
+        peers,
+        go_client,
+        go_peers,
+        go_server,
+    } = Contenders::start(chain, dockvpn.state_dir());
 
     let idle_rss = [rss_kib(dockvpn.pid()), rss_kib(go_server.process.pid())];
     let dockvpn_round_trips = handshake_peers(&chain.right_host, &peers);
