@@ -214,12 +214,13 @@ fn connected_since(si: &Netns, dockvpn: &Vnf) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The stock client's socket buffers for the streams from the left. At the kernel's default
-/// (208 KiB) the client drops thousands of the datagrams Dockvpn sends in GSO bursts, and
-/// TCP's SACK reordering detection then sees false positives: with more holes than one ACK
-/// has SACK blocks for, a lower range is reported after a higher one (2-3 events a run).
-/// With no loss, any reordering left is the tunnel's.
-const CLIENT_SOCKET_BUFFERS: [&str; 4] = ["--rcvbuf", "4194304", "--sndbuf", "4194304"];
+/// Datagrams the stock client (with the profile as issued) may drop for a full receive
+/// buffer in one stream run from the left. Dockvpn sends in GSO bursts and pushes `rcvbuf` /
+/// `sndbuf`; without that push the client dropped 7,555 datagrams in one such run (and TCP's
+/// SACK reordering detection then sees false positives: with more holes than one ACK has
+/// SACK blocks for, a lower range is reported after a higher one). With it: 0. The limit
+/// leaves room for a client descheduled for a moment on a busy machine.
+const CLIENT_DROP_LIMIT: u64 = 500;
 
 /// Four streams from the right host to the left host through one stock OpenVPN client, and
 /// back with `-R`, with the server's data path on `threads` threads.
@@ -235,7 +236,7 @@ fn four_streams_through_one_client(threads: &str) {
     let client = OpenvpnClient::start(
         &chain.right_host,
         &issue_profile(&chain.si, &dockvpn, "streams", None),
-        &CLIENT_SOCKET_BUFFERS,
+        &[],
     );
     client.assert_connected(&dockvpn);
     let streams = STREAMS.to_string();
@@ -258,6 +259,10 @@ fn four_streams_through_one_client(threads: &str) {
         let client_drops = receive_buffer_drops(&chain.right_host) - drops_before[1];
         eprintln!(
             "{what}: full receive buffers dropped {server_drops} datagrams at Dockvpn, {client_drops} at the client"
+        );
+        assert!(
+            client_drops <= CLIENT_DROP_LIMIT,
+            "{what}: the client dropped {client_drops} datagrams for a full receive buffer: are rcvbuf/sndbuf still pushed?"
         );
         assert_in_order_and_none_starved(&what, &tunnel, plain, &dockvpn);
     }

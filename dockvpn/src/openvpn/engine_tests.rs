@@ -478,6 +478,8 @@ fn a_client_connects_and_exchanges_data_both_ways() {
         "cipher AES-256-GCM",
         "protocol-flags cc-exit tls-ekm",
         "peer-id 0",
+        "rcvbuf 4194304",
+        "sndbuf 4194304",
     ] {
         assert!(
             reply.split(',').any(|o| o == option),
@@ -890,7 +892,7 @@ fn push_reply_variants() {
         cc_exit: false,
         compression: None,
     };
-    let old_client = push_messages(&config, &Default::default(), 3, &admission);
+    let old_client = push_messages(&config, &Default::default(), 3, &admission, true);
     assert_eq!(old_client.len(), 1);
     assert!(
         old_client[0].contains(",key-derivation tls-ekm"),
@@ -899,10 +901,10 @@ fn push_reply_variants() {
     assert!(!old_client[0].contains("protocol-flags"));
     // On the PRF path nothing names tls-ekm, so the client derives with the PRF.
     admission.keys.derivation = KeyDerivation::Prf;
-    let prf = push_messages(&config, &Default::default(), 3, &admission);
+    let prf = push_messages(&config, &Default::default(), 3, &admission, true);
     assert!(!prf[0].contains("tls-ekm"), "{prf:?}");
     admission.cc_exit = true;
-    let prf = push_messages(&config, &Default::default(), 3, &admission);
+    let prf = push_messages(&config, &Default::default(), 3, &admission, true);
     assert!(prf[0].ends_with(",protocol-flags cc-exit"), "{prf:?}");
     admission.keys.derivation = KeyDerivation::TlsEkm;
 
@@ -913,7 +915,7 @@ fn push_reply_variants() {
         &std::collections::BTreeSet::from(["172.16.0.0/16".parse().unwrap()]),
         config.redirect_gateway,
     );
-    let limited = push_messages(&config, &limited, 3, &admission).join(",");
+    let limited = push_messages(&config, &limited, 3, &admission, true).join(",");
     assert!(
         limited.contains(",route 172.16.0.0 255.255.255.0"),
         "{limited}"
@@ -925,7 +927,7 @@ fn push_reply_variants() {
         .map(|i| Ipv4Net::new(Ipv4Addr::new(172, 16, i, 0), 24).unwrap())
         .chain([Ipv4Net::default()])
         .collect();
-    let messages = push_messages(&config, &routes, 3, &admission);
+    let messages = push_messages(&config, &routes, 3, &admission, true);
     assert!(messages.len() > 1);
     for (i, message) in messages.iter().enumerate() {
         assert!(
@@ -1837,6 +1839,13 @@ fn a_tcp_session_connects_never_floats_and_ends_with_its_connection() {
     while server.poll_output().is_some() {}
     let status = server.connected();
     assert_eq!(status[0].link, tcp_link(1));
+    // Socket buffers are pushed to UDP clients only: over TCP they would stop the kernel's
+    // own buffer sizing.
+    let reply = client.push_reply.clone().unwrap();
+    assert!(
+        !reply.contains("rcvbuf") && !reply.contains("sndbuf"),
+        "{reply}"
+    );
     // The same client's data on another connection (or over UDP) is opened by its peer id
     // but does not move the session there.
     let left_host = Ipv4Addr::new(192, 168, 10, 2);

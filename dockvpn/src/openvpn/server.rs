@@ -708,7 +708,8 @@ impl Server {
             &self.routes,
             self.config.redirect_gateway,
         );
-        for message in push_messages(&self.config, &routes, peer_id, &admission) {
+        let over_udp = !from.is_reliable();
+        for message in push_messages(&self.config, &routes, peer_id, &admission, over_udp) {
             session.send_text(&message);
         }
         if let Some(previous) = self.by_address.insert(address, from) {
@@ -1232,11 +1233,16 @@ fn admit(
 
 /// The PUSH_REPLY message(s): one unless the options exceed the bundle size, then several
 /// with `push-continuation 2` on all but the last (`push-continuation 1`).
+/// The socket buffer size pushed to clients (the kernel caps it at `net.core.rmem_max` /
+/// `wmem_max` for a client without CAP_NET_ADMIN, which still doubles the default).
+const CLIENT_SOCKET_BUFFER: u32 = 4 * 1024 * 1024;
+
 pub fn push_messages(
     config: &EngineConfig,
     routes: &BTreeSet<Ipv4Net>,
     peer_id: u32,
     admission: &Admission,
+    over_udp: bool,
 ) -> Vec<String> {
     let address = admission.address;
     let tls_ekm = admission.keys.derivation == KeyDerivation::TlsEkm;
@@ -1249,6 +1255,13 @@ pub fn push_messages(
         format!("peer-id {peer_id}"),
         format!("cipher {}", admission.keys.cipher.name()),
     ];
+    // The server sends a UDP client's packets in bursts (GSO): at the kernel's default socket
+    // buffers (208 KiB) a stock client drops part of each one. Not over TCP, where a set
+    // buffer would turn off the kernel's own sizing.
+    if over_udp {
+        options.push(format!("rcvbuf {CLIENT_SOCKET_BUFFER}"));
+        options.push(format!("sndbuf {CLIENT_SOCKET_BUFFER}"));
+    }
     // Without tls-ekm pushed, the client derives its keys with the PRF.
     match (admission.cc_exit, tls_ekm) {
         (true, true) => options.push("protocol-flags cc-exit tls-ekm".to_owned()),
