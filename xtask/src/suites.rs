@@ -120,7 +120,9 @@ pub fn run() -> Result<bool, String> {
             one_thread.len()
         ));
     }
-    let mut args = vec!["test", "-p", "docknfv-tests", "--no-fail-fast"];
+    // `--workspace`, as the first pass: with `-p` cargo unifies other features, builds other
+    // executables, and their "Running" lines would name no suite.
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     for name in ONE_THREAD_SUITES {
         args.extend(["--test", name]);
     }
