@@ -776,25 +776,10 @@ fn coalescable_tcp_segment(packet: &[u8]) -> Option<TcpSegment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::test_support::ones_complement_sum;
 
     const SOURCE: [u8; 4] = [10, 99, 0, 1];
     const DESTINATION: [u8; 4] = [10, 99, 0, 2];
-
-    /// An independent checker: sums 16-bit words one at a time, as RFC 1071 spells it.
-    fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
-        let mut sum: u32 = 0;
-        for chunk in chunks {
-            let mut index = 0;
-            while index < chunk.len() {
-                let high = u32::from(chunk[index]) << 8;
-                let low = chunk.get(index + 1).map_or(0, |&byte| u32::from(byte));
-                sum += high | low;
-                sum = (sum & 0xffff) + (sum >> 16);
-                index += 2;
-            }
-        }
-        sum as u16
-    }
 
     fn ipv4_checksum_verifies(packet: &[u8]) -> bool {
         let header_len = usize::from(packet[0] & 0x0f) * 4;

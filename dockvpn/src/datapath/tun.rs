@@ -424,11 +424,11 @@ fn expect_all_written(written: usize, expected: usize) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::datapath::offload::TunWriteBatch;
+    use crate::datapath::test_support::{in_new_network_namespace, ones_complement_sum};
     use std::io::Write;
     use std::net::{SocketAddrV4, TcpStream, UdpSocket};
     use std::time::{Duration, Instant};
 
-    use nix::sched::CloneFlags;
     use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 
     const TUN_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -437,26 +437,6 @@ mod tests {
     const PEER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
     const PEER_PORT: u16 = 9999;
     const MTU: usize = 1500;
-
-    /// Runs `test` on a thread of its own in a new network namespace (unshare moves only
-    /// the calling thread), so the tun, its routes and sockets never touch the test
-    /// process's namespace and vanish with the thread. Without root the test fails: a
-    /// skipped check would pass silently.
-    fn in_new_network_namespace<T: Send + 'static>(
-        test_name: &str,
-        test: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "{test_name}: creating a network namespace and a tun device needs root: run the tests as root (cargo xtask test does)"
-        );
-        std::thread::spawn(move || {
-            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-            test()
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
 
     fn open_configured(offload: Offload) -> Tun {
         let tun = Tun::open("dvtest%d", offload).expect("open the tun");
@@ -490,17 +470,6 @@ mod tests {
                 Err(error) => panic!("tun read: {error}"),
             }
         }
-    }
-
-    fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
-        let mut sum: u32 = 0;
-        for chunk in chunks {
-            for pair in chunk.chunks(2) {
-                sum += u32::from(pair[0]) << 8 | u32::from(pair.get(1).copied().unwrap_or(0));
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-        }
-        sum as u16
     }
 
     fn pseudo_header(packet: &[u8]) -> [u8; 12] {

@@ -1029,6 +1029,7 @@ mod tests {
     //! Each test runs in a thread of its own in a fresh network namespace (we run as root),
     //! so the loopback it uses, and its MTU, are its own.
     use super::*;
+    use crate::datapath::test_support::in_new_network_namespace;
     use std::net::UdpSocket;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -1036,18 +1037,13 @@ mod tests {
     const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
     const WAIT: Duration = Duration::from_secs(5);
 
+    /// A namespace of its own with `lo` up: the loopback it uses, and its MTU, are its own.
     fn in_fresh_netns<T: Send + 'static>(test: impl FnOnce() -> T + Send + 'static) -> T {
-        let thread = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare(CLONE_NEWNET) needs root: run the tests as root");
+        in_new_network_namespace("a batched-socket test", || {
             ip(&["link", "set", "lo", "up"]);
             test()
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
-
     /// Runs `ip` in the calling thread's namespace (a child inherits it).
     fn ip(args: &[&str]) {
         let status = Command::new("ip")
@@ -1112,6 +1108,14 @@ mod tests {
         }
         assert_eq!(received.len(), count, "datagrams received within {WAIT:?}");
         received
+    }
+
+    /// The payloads of the next `count` datagrams at a plain socket.
+    fn receive_payloads(socket: &UdpSocket, count: usize) -> Vec<Vec<u8>> {
+        receive_plain(socket, count)
+            .into_iter()
+            .map(|(_, datagram)| datagram)
+            .collect()
     }
 
     fn receive_plain(socket: &UdpSocket, count: usize) -> Vec<(SocketAddr, Vec<u8>)> {
@@ -1265,10 +1269,7 @@ mod tests {
                 (stats.send_calls, stats.messages_sent, stats.datagrams_sent),
                 (1, 41, 41)
             );
-            let received: Vec<Vec<u8>> = receive_plain(&receiver, 41)
-                .into_iter()
-                .map(|(_, d)| d)
-                .collect();
+            let received = receive_payloads(&receiver, 41);
             assert_eq!(received, sent);
         });
     }
@@ -1308,10 +1309,7 @@ mod tests {
             let mut batch = TxBatch::new(128);
             let sent = push_run(&mut batch, to, 0);
             sender.send_batch(&mut batch).unwrap();
-            let received: Vec<Vec<u8>> = receive_plain(&receiver, 41)
-                .into_iter()
-                .map(|(_, d)| d)
-                .collect();
+            let received = receive_payloads(&receiver, 41);
             assert_eq!(received, sent);
             let stats = sender.stats();
             assert_eq!(stats.gso_refusals, 1);
@@ -1341,10 +1339,7 @@ mod tests {
             let mut batch = TxBatch::new(128);
             let sent = push_run(&mut batch, to, 0);
             sender.send_batch(&mut batch).unwrap();
-            let received: Vec<Vec<u8>> = receive_plain(&receiver, 41)
-                .into_iter()
-                .map(|(_, d)| d)
-                .collect();
+            let received = receive_payloads(&receiver, 41);
             assert_eq!(received, sent);
             assert!(!sender.offloads().gso);
             assert_eq!(sender.offloads().to_string(), "gro");
@@ -1474,10 +1469,7 @@ mod tests {
             let error = sender.send_batch(&mut tx).unwrap_err();
             assert_eq!(error.raw_os_error(), Some(libc::ENETUNREACH));
             assert!(tx.is_empty());
-            let received: Vec<Vec<u8>> = receive_plain(&receiver, 2)
-                .into_iter()
-                .map(|(_, d)| d)
-                .collect();
+            let received = receive_payloads(&receiver, 2);
             assert_eq!(received, [b"before".to_vec(), b"after".to_vec()]);
             assert_eq!(sender.stats().send_dropped, 1);
         });
