@@ -366,7 +366,7 @@ impl Driver {
             )?),
             None => None,
         };
-        let tun = open_tun(config).map_err(|error| {
+        let tun = open_tun(config, inline).map_err(|error| {
             Error::Vnf(format!(
                 "create the tun device {}: {error} (the container needs --cap-add NET_ADMIN and --device /dev/net/tun)",
                 config.tun_name
@@ -800,7 +800,8 @@ impl Driver {
 
 /// Opens and configures the tun; with offloads, TCP from the left reaches the driver as
 /// large segments it splits only when sealing.
-fn open_tun(config: &VpnConfig) -> std::io::Result<AsyncFd<Arc<Tun>>> {
+/// `inline`: the engines' task reads the tun (else the receive thread does).
+fn open_tun(config: &VpnConfig, inline: bool) -> std::io::Result<AsyncFd<Arc<Tun>>> {
     let tun = Tun::open(&config.tun_name, config.offload)?;
     tun.configure(
         config.engine.server_address(),
@@ -808,7 +809,7 @@ fn open_tun(config: &VpnConfig) -> std::io::Result<AsyncFd<Arc<Tun>>> {
         TUN_MTU,
     )?;
     tun.set_nonblocking(true)?;
-    let interest = match config.threads <= 1 {
+    let interest = match inline {
         true => tokio::io::Interest::READABLE,
         // The receive thread reads; writes to a tun do not wait.
         false => tokio::io::Interest::WRITABLE,

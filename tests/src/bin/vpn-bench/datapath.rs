@@ -868,10 +868,7 @@ fn report(
         }
         // The targets are the default data path's: two threads on this 2-core machine.
         let verdict = |ratio: f64, met: bool, target: String| {
-            format!(
-                "{target} → {ratio:.3}× {}",
-                if met { "met" } else { "NOT met" }
-            )
+            format!("{target} → {ratio:.3}× {}", met_or_not(met))
         };
         let mut targets = Vec::new();
         if let Some(target) = row.gbps_target {
@@ -965,20 +962,12 @@ fn report(
     println!(
         "  Dockvpn, {RSS_CLIENTS} OpenVPN clients                   {:.1} ({})",
         mib(memory.dockvpn_openvpn),
-        if mib(memory.dockvpn_openvpn) <= RSS_LIMIT_MIB {
-            "met"
-        } else {
-            "NOT met"
-        }
+        met_or_not(mib(memory.dockvpn_openvpn) <= RSS_LIMIT_MIB)
     );
     println!(
         "  Dockvpn, {RSS_CLIENTS} OpenVPN + {RSS_CLIENTS} WireGuard clients   {:.1} ({})",
         mib(memory.dockvpn_both),
-        if mib(memory.dockvpn_both) <= RSS_LIMIT_MIB {
-            "met"
-        } else {
-            "NOT met"
-        }
+        met_or_not(mib(memory.dockvpn_both) <= RSS_LIMIT_MIB)
     );
     println!(
         "  openvpn server, {RSS_CLIENTS} clients                   {:.1}",
@@ -989,4 +978,13 @@ fn report(
         mib(memory.wireguard_go)
     );
     println!("load average at the end: {end_load}");
+}
+
+/// How a target reads in the report.
+fn met_or_not(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
 }
